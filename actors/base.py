@@ -1,0 +1,275 @@
+"""The actor model every component is written in, independent of any transport.
+
+An actor is a state machine with one handler per message kind (`on_<kind>`). A handler
+either returns the reply body at once, or is a generator that yields `Call` / `Gather` to
+send requests and is resumed with their replies: that keeps a multi-step kernel flow (the
+vmm's trap -> host bind -> notifier acks -> wait completion) readable top to bottom, in one
+function, like the kernel function it models.
+
+The runtime drives an actor through four entry points only: `start`, `deliver`, `expire`
+and `peer_down`; each returns the envelopes to send. Both runtimes (ZeroMQ processes and
+the deterministic scheduler) use exactly these, so the actor code is the same in both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator
+
+from actors import errno as E
+from actors.messages import Envelope, check_body
+
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass
+class Call:
+    """A request to another actor; the yielding handler resumes with its reply body."""
+
+    dst: str
+    kind: str
+    body: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    flow: str | None = None  # tag this request (and what it causes) with a flow id, e.g. "F2#1"
+
+
+@dataclass
+class Gather:
+    """Several requests sent at once; the handler resumes with the list of reply bodies."""
+
+    calls: list[Call]
+
+
+def failed(ret: int, indefinite: bool = False, **extra: Any) -> dict[str, Any]:
+    """A reply body for an error; `indefinite` marks outcomes the caller cannot know."""
+    body: dict[str, Any] = {"ret": ret, **extra}
+    if indefinite:
+        body["indefinite"] = True
+    return body
+
+
+@dataclass
+class ActorEnv:
+    """What a runtime gives an actor: its configuration, memory and a random stream."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    mem: Any = None  # actors.memory.PhysMem when the actor touches simulated memory
+    seed: int = 0
+    log: Callable[[str], None] = lambda line: None
+
+
+Handler = Generator[Any, Any, Any]
+
+
+@dataclass
+class _Task:
+    """A running handler: the generator, the request it answers and what it waits for."""
+
+    gen: Handler
+    request: Envelope | None
+    flow: str
+    waiting: dict[int, int] = field(default_factory=dict)  # request id -> slot
+    results: list[Any] = field(default_factory=list)
+    gather: bool = False
+
+
+class Actor:
+    """Base class: message dispatch, request/reply bookkeeping, clocks and ids."""
+
+    def __init__(self, name: str, env: ActorEnv):
+        self.name = name
+        self.env = env
+        self.config = env.config
+        self.mem = env.mem
+        self.rng = random.Random(f"{env.seed}:{name}")
+        self.now = 0.0
+        self.clock = 0
+        self.stopping = False
+        self.dropped_replies = 0
+        self._next_id = 0
+        self._out: list[Envelope] = []
+        self._tasks: dict[int, tuple[_Task, float]] = {}  # request id -> (task, deadline)
+        self._dst_of: dict[int, str] = {}  # request id -> peer it went to
+        self._flow = ""
+        self._log_times: dict[str, list[float]] = {}
+
+    # ---- runtime entry points -------------------------------------------------------
+    def start(self, now: float) -> list[Envelope]:
+        """Called once before any message; runs `on_start` if the actor has one."""
+        self.now = now
+        starter = getattr(self, "on_start", None)
+        if starter is not None:
+            self._run(starter, None, "")
+        return self._drain()
+
+    def deliver(self, msg: Envelope, now: float) -> list[Envelope]:
+        """Handle one incoming envelope (request, one-way message or reply)."""
+        self.now = now
+        self.clock = max(self.clock, msg.clock) + 1
+        if msg.is_reply:
+            self._resume_with(msg.corr, msg.body)
+        else:
+            self._dispatch(msg)
+        return self._drain()
+
+    def expire(self, now: float) -> list[Envelope]:
+        """Fail every request whose deadline has passed with an indefinite -ETIMEDOUT."""
+        self.now = now
+        for req_id in [r for r, (_, deadline) in self._tasks.items() if deadline <= now]:
+            self._resume_with(req_id, failed(-E.ETIMEDOUT, indefinite=True))
+        return self._drain()
+
+    def peer_down(self, peer: str, now: float, sent: bool = True) -> list[Envelope]:
+        """Fail requests in flight to a dead peer: indefinite if they were sent, else definite."""
+        self.now = now
+        for req_id in [r for r, (task, _) in self._tasks.items() if self._dst_of.get(r) == peer]:
+            self._resume_with(req_id, failed(-E.EHOSTDOWN, indefinite=sent))
+        on_down = getattr(self, "on_peer_down", None)
+        if on_down is not None:
+            self._run(lambda: on_down(peer), None, "")
+        return self._drain()
+
+    def send_failed(self, env: Envelope, now: float) -> list[Envelope]:
+        """The runtime could not hand `env` to its peer: a request fails definitely."""
+        self.now = now
+        if not env.is_reply and env.id in self._tasks:
+            self._resume_with(env.id, failed(-E.EHOSTDOWN))
+        return self._drain()
+
+    def next_deadline(self) -> float | None:
+        return min((d for _, d in self._tasks.values()), default=None)
+
+    @property
+    def busy(self) -> bool:
+        """True while any handler waits for a reply."""
+        return bool(self._tasks)
+
+    # ---- what handlers use ------------------------------------------------------------
+    def send(self, dst: str, kind: str, body: dict[str, Any]) -> None:
+        """A one-way message (no reply expected)."""
+        self._emit(dst, kind, body, rr=False)
+
+    def log(self, key: str, line: str, per_second: int = 5) -> None:
+        """Rate-limited log line (requests come from untrusted parties, like dev_err_ratelimited)."""
+        wall = time.monotonic()
+        recent = [t for t in self._log_times.get(key, []) if wall - t < 1.0]
+        if len(recent) < per_second:
+            recent.append(wall)
+            self.env.log(f"{self.name}: {line}")
+        self._log_times[key] = recent
+
+    def snapshot(self) -> dict[str, Any]:
+        """The actor's state for the audit; actors extend it."""
+        return {"name": self.name, "pending": len(self._tasks), "dropped_replies": self.dropped_replies}
+
+    def on_snapshot(self, msg: Envelope) -> dict[str, Any]:
+        return {"ret": 0, "state": self.snapshot()}
+
+    def on_ping(self, msg: Envelope) -> dict[str, Any]:
+        return {"ret": 0}
+
+    def on_shutdown(self, msg: Envelope) -> dict[str, Any]:
+        self.stopping = True
+        return {"ret": 0}
+
+    # ---- internals ----------------------------------------------------------------------
+    def _dispatch(self, msg: Envelope) -> None:
+        handler = getattr(self, f"on_{msg.kind}", None)
+        why = check_body(msg.kind, msg.body)
+        if handler is None or why is not None:
+            ret = -E.EOPNOTSUPP if handler is None else -E.EINVAL
+            self.log(f"bad:{msg.kind}", f"refused {msg.kind} from {msg.src}: "
+                     f"{why or 'no handler'} ({E.name(ret)})")
+            if msg.rr:
+                self._reply(msg, failed(ret, error=why or f"{self.name} does not handle {msg.kind}"))
+            return
+        self._run(lambda: handler(msg), msg, msg.flow)
+
+    def _run(self, fn: Callable[[], Any], request: Envelope | None, flow: str) -> None:
+        previous, self._flow = self._flow, flow
+        try:
+            result = fn()
+        except Exception as exc:  # a handler bug must not kill the actor
+            self._crashed(request, exc)
+            return
+        finally:
+            self._flow = previous
+        if inspect.isgenerator(result):
+            self._step(_Task(result, request, flow or (request.flow if request else "")), None)
+        elif request is not None and request.rr:
+            self._reply(request, result if result is not None else {"ret": 0})
+
+    def _step(self, task: _Task, value: Any) -> None:
+        """Advance a handler generator until it waits or finishes."""
+        previous, self._flow = self._flow, task.flow
+        try:
+            yielded = task.gen.send(value)
+        except StopIteration as stop:
+            if task.request is not None and task.request.rr:
+                self._reply(task.request, stop.value if stop.value is not None else {"ret": 0})
+            return
+        except Exception as exc:
+            self._crashed(task.request, exc)
+            return
+        finally:
+            self._flow = previous
+        self._wait(task, yielded)
+
+    def _wait(self, task: _Task, yielded: Any) -> None:
+        calls = yielded.calls if isinstance(yielded, Gather) else [yielded]
+        if not all(isinstance(c, Call) for c in calls):
+            self._crashed(task.request, TypeError(f"handler yielded {yielded!r}"))
+            return
+        task.gather = isinstance(yielded, Gather)
+        task.results = [None] * len(calls)
+        task.waiting = {}
+        if not calls:
+            self._step(task, [])
+            return
+        previous, self._flow = self._flow, task.flow
+        try:
+            for slot, call in enumerate(calls):
+                req_id = self._emit(call.dst, call.kind, call.body, rr=True, flow=call.flow)
+                task.waiting[req_id] = slot
+                deadline = self.now + (call.timeout if call.timeout is not None else
+                                       self.config.get("request_timeout", DEFAULT_TIMEOUT))
+                self._tasks[req_id] = (task, deadline)
+                self._dst_of[req_id] = call.dst
+        finally:
+            self._flow = previous
+
+    def _resume_with(self, req_id: int | None, body: dict[str, Any]) -> None:
+        entry = self._tasks.pop(req_id, None) if req_id is not None else None
+        if entry is None:
+            self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
+            return
+        self._dst_of.pop(req_id, None)
+        task, _ = entry
+        task.results[task.waiting.pop(req_id)] = body if isinstance(body, dict) else failed(-E.EBADMSG)
+        if not task.waiting:
+            self._step(task, task.results if task.gather else task.results[0])
+
+    def _crashed(self, request: Envelope | None, exc: Exception) -> None:
+        self.log("crash", f"handler for {request.kind if request else 'start'} failed: {exc!r}")
+        if request is not None and request.rr:
+            self._reply(request, failed(-E.EIO, error=f"{type(exc).__name__}: {exc}"))
+
+    def _reply(self, request: Envelope, body: dict[str, Any]) -> None:
+        self._emit(request.src, request.kind, body, rr=False, corr=request.id, flow=request.flow)
+
+    def _emit(self, dst: str, kind: str, body: dict[str, Any], *, rr: bool,
+              corr: int | None = None, flow: str | None = None) -> int:
+        self._next_id += 1
+        self.clock += 1
+        self._out.append(Envelope(src=self.name, dst=dst, kind=kind, body=body, id=self._next_id,
+                                  corr=corr, rr=rr, clock=self.clock,
+                                  flow=self._flow if flow is None else flow))
+        return self._next_id
+
+    def _drain(self) -> list[Envelope]:
+        out, self._out = self._out, []
+        return out
+

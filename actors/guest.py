@@ -1,0 +1,295 @@
+"""The guest kernel: processes with first-level page tables in guest RAM, and the vIOMMU driver.
+
+Everything the guest does to the IOMMU goes through what a real guest has: it writes its
+PASID tables and page tables as bytes in its own RAM, then queues invalidation descriptors
+and a wait to the virtual IOMMU (the vmm traps them). Devices get work through their
+portals: the passthrough function's directly (it runs on the host), an mdev's through vdcm.
+
+The demo workload (`run_demo`) walks flows F1-F5 and F7 and checks every DMA by reading the
+bytes back through the process's own page tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+from actors import errno as E
+from actors.base import Actor, Call, failed
+from actors.memory import FL_LINK, FL_PRESENT, FrameAllocator, GuestRam, PasidDirectory, RadixTable
+from actors.messages import Envelope
+from hotpath.layout import (
+    ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY,
+    encode_pasid_entry,
+)
+
+
+@dataclass
+class Process:
+    """A guest process: its mm (CR3 and first-level tables) and what it holds."""
+
+    pid: int
+    pt: RadixTable
+    pasids: dict[str, int] = field(default_factory=dict)  # dev -> guest PASID
+
+    @property
+    def cr3(self) -> int:
+        return self.pt.root
+
+
+class GuestKernel:
+    """Guest memory management: the page allocator, process address spaces, CPU accesses."""
+
+    def __init__(self, ram: GuestRam):
+        self.ram = ram
+        self.pages = FrameAllocator(range(len(ram.frames) - 1, PASID_DIR_FRAMES * 4, -1))
+        self.contiguous_next = 1  # low GPA frames are kept for PASID directories
+        self.procs: dict[int, Process] = {}
+
+    def alloc_page(self) -> int:
+        """A zeroed guest page; returns its GPA."""
+        gfn = self.pages.alloc()
+        self.ram.zero_frame(gfn)
+        return gfn << PAGE_SHIFT
+
+    def alloc_contiguous(self, count: int) -> int:
+        """`count` guest-contiguous pages (a PASID directory); returns the GPA of the first."""
+        first = self.contiguous_next
+        if first + count > PASID_DIR_FRAMES * 4:
+            raise MemoryError("no room for another PASID directory")
+        self.contiguous_next += count
+        for gfn in range(first, first + count):
+            self.ram.zero_frame(gfn)
+        return first << PAGE_SHIFT
+
+    def spawn(self, pid: int) -> Process:
+        proc = Process(pid, RadixTable(self.ram, self.alloc_page(), self.alloc_page, link=FL_LINK,
+                                       present=FL_PRESENT))
+        self.procs[pid] = proc
+        return proc
+
+    def mmap(self, proc: Process, va: int, pages: int, populate: bool = True) -> None:
+        """Map anonymous memory; with populate, every page gets a frame now (MAP_POPULATE)."""
+        if populate:
+            for i in range(pages):
+                proc.pt.map(va + i * PAGE_SIZE, self.alloc_page(), FL_P | FL_RW | FL_US)
+
+    def migrate(self, proc: Process, va: int) -> tuple[int, int]:
+        """Move one page to a new frame (page migration): copy, then switch the PTE."""
+        old = proc.pt.lookup(va) & ADDR_MASK
+        new = self.alloc_page()
+        self.ram.write(new, self.ram.read(old, PAGE_SIZE))
+        proc.pt.map(va, new, FL_P | FL_RW | FL_US)
+        return old, new
+
+    def gpa(self, proc: Process, va: int) -> int:
+        entry = proc.pt.lookup(va)
+        if not entry & FL_P:
+            raise MemoryError(f"pid {proc.pid}: segfault at {va:#x}")
+        return (entry & ADDR_MASK) | (va & (PAGE_SIZE - 1))
+
+    def read(self, proc: Process, va: int, length: int) -> bytes:
+        """What the process reads at `va` (the CPU walks the same first-level tables)."""
+        out = bytearray()
+        while length:
+            n = min(length, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            out += self.ram.read(self.gpa(proc, va), n)
+            va, length = va + n, length - n
+        return bytes(out)
+
+    def write(self, proc: Process, va: int, data: bytes) -> None:
+        offset = 0
+        while offset < len(data):
+            n = min(len(data) - offset, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            self.ram.write(self.gpa(proc, va), data[offset:offset + n])
+            va, offset = va + n, offset + n
+
+
+class Guest(Actor):
+    """One per VM: runs a workload when the orchestrator asks (`start_workload`)."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.vm: int = self.config["vm"]
+        self.vmm: str = self.config["vmm"]
+        self.host: str = self.config["host"]
+        self.vdcm: str = self.config["vdcm"]
+        self.mdevs: set[str] = set(self.config.get("mdevs", []))
+        self.kernel: GuestKernel | None = None
+        self.pasid_dirs: dict[str, PasidDirectory] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.flow_seq: dict[str, int] = {}
+        self.running = False
+
+    # ---- the vIOMMU driver -------------------------------------------------------------------
+    def flow_tag(self, flow: str) -> str:
+        self.flow_seq[flow] = self.flow_seq.get(flow, 0) + 1
+        return f"{flow}:vm{self.vm}.{self.flow_seq[flow]}"
+
+    def step(self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any) -> bool:
+        """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'."""
+        ok = reply.get("ret", 0) == 0 if ok is None else ok
+        self.steps.append({"flow": flow, "what": what, "ok": ok, "ret": reply.get("ret", 0),
+                           "error": reply.get("error", ""), **detail})
+        return ok
+
+    def boot(self) -> Generator[Any, Any, int]:
+        """Read the firmware tables, set up memory and one PASID directory per device."""
+        info = yield Call(self.vmm, "vm_info", {}, flow=self.flow_tag("boot"))
+        if info["ret"]:
+            return info["ret"]
+        self.kernel = GuestKernel(GuestRam(self.mem, info["ram_frames"]))
+        for dev in info["devices"]:
+            pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
+            self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
+            reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "cc", "dev": dev, "pdir": pdir},
+                                                                  {"type": "wait"}]}, flow=self.flow_tag("boot"))
+            if reply["ret"]:
+                return reply["ret"]
+        return 0
+
+    def alloc_pasid(self, proc: Process, dev: str) -> Generator[Any, Any, int]:
+        """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
+        reply = yield Call(self.vmm, "vcmd_alloc", {"dev": dev}, flow=self.flow_tag("F1"))
+        if self.step("F1", f"pid {proc.pid} alloc PASID for {dev}", reply, pasid=reply.get("pasid"),
+                     hpasid=reply.get("hpasid")):
+            proc.pasids[dev] = reply["pasid"]
+            return reply["pasid"]
+        return 0
+
+    def bind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
+        """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait."""
+        self.pasid_dirs[dev].write_entry(pasid, encode_pasid_entry(
+            flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
+        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "pc", "dev": dev, "pasid": pasid},
+                                                              {"type": "wait"}]}, flow=self.flow_tag("F2"))
+        users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
+        self.step("F2", f"pid {proc.pid} bind {dev} PASID {pasid}", reply, users=users)
+        return {**reply, "users": users}
+
+    def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
+        """F4: clear the PASID entry, PASID-cache invalidation, wait."""
+        self.pasid_dirs[dev].clear_entry(pasid)
+        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "pc", "dev": dev, "pasid": pasid},
+                                                              {"type": "wait"}]}, flow=self.flow_tag("F4"))
+        self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
+        return reply
+
+    def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0):
+        """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
+        base = {"dev": dev, "pasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
+        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "piotlb", **base},
+                                                              {"type": "dev_iotlb", **base},
+                                                              {"type": "wait"}]}, flow=self.flow_tag("F3"))
+        self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
+        return reply
+
+    def free(self, proc: Process, dev: str, pasid: int):
+        """F5: the virtual command 'free PASID'."""
+        reply = yield Call(self.vmm, "vcmd_free", {"pasid": pasid}, flow=self.flow_tag("F5"))
+        self.step("F5", f"pid {proc.pid} free PASID {pasid}", reply)
+        proc.pasids.pop(dev, None)
+        return reply
+
+    def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
+               pattern: int = 0):
+        """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
+        body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
+        if dev in self.mdevs:
+            return (yield Call(self.vdcm, "mdev_submit", body, flow=self.flow_tag("F7")))
+        return (yield Call(self.host, "dev_submit", body, flow=self.flow_tag("F7")))
+
+    # ---- workloads ------------------------------------------------------------------------------
+    def on_start_workload(self, msg: Envelope):
+        if self.running:
+            return failed(-E.EBUSY, error="workload already running")
+        self.running = True
+        ret = yield from self.boot()
+        if ret:
+            return failed(ret, error="boot failed", steps=self.steps)
+        yield from WORKLOADS[self.config.get("workload", "demo")](self)
+        ok = all(s["ok"] for s in self.steps)
+        return {"ret": 0 if ok else -E.EIO, "ok": ok, "steps": self.steps}
+
+    def snapshot(self) -> dict[str, Any]:
+        procs = self.kernel.procs.values() if self.kernel else []
+        return {**super().snapshot(), "vm": self.vm,
+                "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
+                "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps)}
+
+
+def _pattern(seed: int, length: int) -> bytes:
+    return bytes((seed * 31 + i * 7) & 0xFF for i in range(length))
+
+
+def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Generator[Any, Any, int]:
+    """One process on the passthrough function: bind, copy, migrate a page + flush, re-DMA."""
+    k = g.kernel
+    src, dst, pages = base, base + 0x100000, 4
+    k.mmap(proc, src, pages)
+    k.mmap(proc, dst, pages)
+    data = _pattern(proc.pid, pages * PAGE_SIZE)
+    k.write(proc, src, data)
+    pasid = yield from g.alloc_pasid(proc, dev)
+    if not pasid:
+        return 0
+    yield from g.bind(proc, dev, pasid)
+    reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
+    g.step("F7", f"pid {proc.pid} DMA copy {len(data)} B via {dev}", reply,
+           ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data, verified=True)
+    # F3: migrate the first destination page, flush, and DMA again: the device must write the
+    # new frame, never the old one (a stale IOTLB entry would).
+    old, new = k.migrate(proc, dst)
+    old_bytes = k.ram.read(old, PAGE_SIZE)
+    yield from g.flush(proc, dev, pasid, dst)
+    reply = yield from g.submit(dev, pasid, "fill", dst=dst, length=PAGE_SIZE, pattern=0x5A)
+    g.step("F7", f"pid {proc.pid} DMA fill of migrated page via {dev}", reply,
+           ok=reply["ret"] == 0 and k.read(proc, dst, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+           and k.ram.read(old, PAGE_SIZE) == old_bytes, old_gpa=old, new_gpa=new, verified=True)
+    return pasid
+
+
+def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Generator[Any, Any, None]:
+    """Two mdevs of one parent bound to one guest PASID: users == 2, then two unbinds."""
+    k = g.kernel
+    k.mmap(proc, base, 2)
+    pasid = yield from g.alloc_pasid(proc, mdevs[0])
+    if not pasid:
+        return
+    proc.pasids[mdevs[1]] = pasid
+    first = yield from g.bind(proc, mdevs[0], pasid)
+    second = yield from g.bind(proc, mdevs[1], pasid)
+    g.step("F2", f"pid {proc.pid} second bind shares the parent's sdev", second,
+           ok=first.get("users") == 1 and second.get("users") == 2, users=second.get("users"), check=True)
+    for i, dev in enumerate(mdevs):
+        reply = yield from g.submit(dev, pasid, "fill", dst=base, length=2 * PAGE_SIZE, pattern=0x11 + i)
+        g.step("F7", f"pid {proc.pid} DMA fill via {dev} (guest PASID {pasid})", reply,
+               ok=reply["ret"] == 0 and k.read(proc, base, 2 * PAGE_SIZE) == bytes([0x11 + i]) * 2 * PAGE_SIZE,
+               verified=True)
+    yield from g.unbind(proc, mdevs[0], pasid)
+    reply = yield from g.submit(mdevs[1], pasid, "fill", dst=base, length=PAGE_SIZE, pattern=0x33)
+    g.step("F7", f"pid {proc.pid} {mdevs[1]} still works after {mdevs[0]} unbound", reply,
+           ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE, verified=True)
+    yield from g.unbind(proc, mdevs[1], pasid)
+    reply = yield from g.submit(mdevs[1], pasid, "fill", dst=base, length=PAGE_SIZE, pattern=0x44)
+    g.step("F7", f"pid {proc.pid} DMA after the last unbind is refused", reply,
+           ok=reply["ret"] != 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE, expected_error=True)
+    yield from g.free(proc, mdevs[0], pasid)
+    proc.pasids.pop(mdevs[1], None)
+
+
+def run_demo(g: Guest) -> Generator[Any, Any, None]:
+    """The demo: two processes share the passthrough function, one uses a pair of mdevs."""
+    k = g.kernel
+    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    p1, p2, p3 = k.spawn(1), k.spawn(2), k.spawn(3)
+    pasid1 = yield from demo_passthrough(g, p1, pf, 0x4000_0000)
+    pasid2 = yield from demo_passthrough(g, p2, pf, 0x7f00_0000_0000)
+    yield from demo_mdev_pair(g, p3, sorted(g.mdevs)[:2], 0x5000_0000)
+    for proc, pasid in ((p1, pasid1), (p2, pasid2)):
+        if pasid:
+            yield from g.unbind(proc, pf, pasid)
+            yield from g.free(proc, pf, pasid)
+
+
+WORKLOADS = {"demo": run_demo}

@@ -1,0 +1,492 @@
+"""The host: IOMMU driver (intel-svm), IOASID core, VFIO kernel side, and the devices.
+
+The handlers follow the kernel functions they model:
+    on_vfio_open          VFIO container/group setup: domain, second-level table, devices
+    on_ioasid_alloc/free  the VCMD path into ioasid_alloc()/ioasid_free() of the VM's set
+    on_bind_gpasid        intel_svm_bind_gpasid(), checks in the kernel's order and codes
+    on_unbind_gpasid      intel_svm_unbind_gpasid(), with the review's flushes and PRQ drain
+    on_cache_invalidate   intel_iommu_sva_invalidate() for the uapi invalidation info
+    on_dev_submit         a device's DMA engine running a work descriptor
+Translation itself runs in the hot path (`hotpath.Iommu`) over the shared memory bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import hotpath
+from actors import errno as E
+from actors.base import Actor, Call, Gather, failed
+from actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
+from actors.messages import (
+    EV_BIND, EV_FREE, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
+    IOMMU_CACHE_INV_TYPE_PASID, IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF,
+    IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN, IOMMU_INV_GRANU_PASID,
+    IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
+    VTD_FLAGS_LAST, Envelope,
+)
+from hotpath.layout import (
+    PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, SL_R, SL_W, describe_fault, encode_pasid_entry,
+)
+
+BIND_DATA_MINSZ = 48  # argsz must cover the fields up to the vendor union
+SUPPORTED_ADDR_WIDTH = 48  # 4-level first level (5-level is a later step)
+SVM_FLAG_GUEST_MODE = 1 << 2
+SVM_FLAG_GUEST_PASID = 1 << 3
+
+# Which caches accept which granularity (uapi table; kernel-semantics.md §5).
+_INV_GRANU_OK = {
+    IOMMU_INV_GRANU_DOMAIN: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_PASID,
+    IOMMU_INV_GRANU_PASID: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB
+    | IOMMU_CACHE_INV_TYPE_PASID,
+    IOMMU_INV_GRANU_ADDR: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+}
+_INV_CACHE_ALL = IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB | IOMMU_CACHE_INV_TYPE_PASID
+
+
+@dataclass
+class Sdev:
+    """intel_svm_dev: one physical device bound to an svm, with its bind count."""
+
+    dev: str
+    users: int = 1
+
+
+@dataclass
+class Svm:
+    """intel_svm for a guest PASID: the host PASID, the guest PASID and the bound devices."""
+
+    pasid: int
+    vm: int
+    gpasid: int = -1
+    flags: int = 0
+    devs: dict[str, Sdev] = field(default_factory=dict)
+
+
+@dataclass
+class Ioasid:
+    """An allocated IOASID: its set (the VM) and private data (the svm once bound)."""
+
+    pasid: int
+    vm: int
+    svm: Svm | None = None
+
+
+@dataclass
+class VmDomain:
+    """What VFIO set up for one VM: its vmm, domain (second level), RAM and devices."""
+
+    vm: int
+    vmm: str
+    guest: str
+    sl: RadixTable
+    ram_frames: list[int]
+    devices: list[str]
+    quota: int
+    ioasids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class PhysDevice:
+    """A physical PCI function: its context entry (PASID directory) and capabilities."""
+
+    name: str
+    id: int
+    pci: bool
+    max_pasids: int
+    ats: bool
+    pasid_dir: PasidDirectory | None = None
+    pasid_enabled: bool = False
+
+
+class Host(Actor):
+    """The host kernel's IOMMU side: one per host."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.devices_cfg: dict[str, dict] = self.config["devices"]
+        self.subscribers: list[str] = list(self.config.get("subscribers", []))
+        self.vm_names: dict[int, dict] = {int(k): v for k, v in self.config.get("vms", {}).items()}
+        self.frames = FrameAllocator(range(self.mem.nframes - 1, 0, -1))
+        self.owners = np.zeros(self.mem.nframes, dtype=np.int32)
+        self.iommu = hotpath.Iommu(self.mem.buf, self.owners)
+        self.phys: dict[str, PhysDevice] = {}
+        self.domains: dict[int, VmDomain] = {}
+        self.vmm_of: dict[str, int] = {}  # vmm actor name -> vm id (the open VFIO fds)
+        self.ioasids: dict[int, Ioasid] = {}
+        self.free_pasids: list[int] = []  # reuse-first pool (LIFO) of freed PASIDs
+        self.next_pasid = 1
+        self.prq: list[dict] = []
+        self.dma_done = 0
+        self.dma_faults = 0
+        for dev_name, cfg in self.devices_cfg.items():
+            if "parent" not in cfg:
+                self.phys[dev_name] = self._probe(dev_name, cfg)
+
+    # ---- setup: devices and VFIO -------------------------------------------------------
+    def _probe(self, name: str, cfg: dict) -> PhysDevice:
+        """Give a physical device its context entry: a PASID directory in host memory."""
+        dev = PhysDevice(name, cfg["id"], cfg.get("pci", True), cfg.get("max_pasids", PASID_MAX),
+                         cfg.get("ats", True))
+        base = self._alloc_contiguous(PASID_DIR_FRAMES) << PAGE_SHIFT
+        dev.pasid_dir = PasidDirectory(self.mem, base, self._alloc_table)
+        self.iommu.attach_device(dev.id, base, dev.ats)
+        return dev
+
+    def _alloc_table(self, owner: int = 0) -> int:
+        frame = self.frames.alloc()
+        self.mem.zero_frame(frame)
+        self.owners[frame] = owner
+        return frame << PAGE_SHIFT
+
+    def _alloc_contiguous(self, count: int) -> int:
+        """Frames for a PASID directory: taken from the top of the pool, contiguous."""
+        run = sorted(self.frames.free)[-count:]
+        if len(run) < count or run[-1] - run[0] != count - 1:
+            raise MemoryError("no contiguous frames for a PASID directory")
+        for frame in run:
+            self.frames.free.remove(frame)
+            self.frames.used.add(frame)
+            self.mem.zero_frame(frame)
+        return run[0]
+
+    def physical(self, dev: str) -> PhysDevice | None:
+        """The physical device behind `dev` (an mdev's parent, as mdev_get_iommu_device)."""
+        cfg = self.devices_cfg.get(dev)
+        if cfg is None:
+            return None
+        return self.phys.get(cfg.get("parent", dev))
+
+    def on_vfio_open(self, msg: Envelope) -> dict:
+        """A VMM opens its VM's devices: domain, second level over shuffled RAM frames, IOASID set."""
+        body, vm = msg.body, msg.body["vm"]
+        names = self.vm_names.get(vm)
+        if names is None or names["vmm"] != msg.src:
+            return failed(-E.EPERM, error=f"{msg.src} is not the VMM of VM {vm}")
+        if vm in self.domains:
+            return failed(-E.EBUSY, error=f"VM {vm} is already open")
+        assigned = [d for d in body["devices"] if self.devices_cfg.get(d, {}).get("vm") == vm]
+        if len(assigned) != len(body["devices"]):
+            return failed(-E.ENODEV, error="a device is not assigned to this VM")
+        pages, quota = body["ram_pages"], body["quota"]
+        if not 16 <= pages <= len(self.frames) - 64 or not 0 < quota < PASID_MAX:
+            return failed(-E.EINVAL, error="ram_pages or quota out of range")
+        ram = [self.frames.alloc() for _ in range(pages)]
+        self.rng.shuffle(ram)
+        for frame in ram:
+            self.mem.zero_frame(frame)
+            self.owners[frame] = vm
+        sl = RadixTable(self.mem, self._alloc_table(), self._alloc_table, link=SL_LINK, present=SL_PRESENT)
+        for gfn, frame in enumerate(ram):
+            sl.map(gfn << PAGE_SHIFT, frame << PAGE_SHIFT, SL_R | SL_W)
+        self.domains[vm] = VmDomain(vm, msg.src, names["guest"], sl, ram, list(body["devices"]), quota)
+        self.vmm_of[msg.src] = vm
+        return {"ret": 0, "ram_frames": ram}
+
+    def caller_vm(self, msg: Envelope) -> VmDomain | None:
+        """The VM whose VFIO fd the request came through (None: not a VMM of an open VM)."""
+        vm = self.vmm_of.get(msg.src)
+        return None if vm is None else self.domains.get(vm)
+
+    # ---- F1 / F5: the IOASID allocator --------------------------------------------------
+    def on_ioasid_alloc(self, msg: Envelope) -> dict:
+        """ioasid_alloc() in the caller VM's set, bounded by the set's quota."""
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        if len(dom.ioasids) >= dom.quota:
+            return failed(-E.ENOSPC, error=f"VM {dom.vm} IOASID quota {dom.quota} reached")
+        pasid = self._pool_take()
+        if pasid is None:
+            return failed(-E.ENOSPC, error="system PASID space exhausted")
+        self.ioasids[pasid] = Ioasid(pasid, dom.vm)
+        dom.ioasids.add(pasid)
+        return {"ret": 0, "pasid": pasid}
+
+    def _pool_take(self) -> int | None:
+        if self.free_pasids:
+            return self.free_pasids.pop()
+        if self.next_pasid >= PASID_MAX:
+            return None
+        self.next_pasid += 1
+        return self.next_pasid - 1
+
+    def on_ioasid_free(self, msg: Envelope):
+        """ioasid_free(): if still bound, the notifier's cleanup runs first (free before unbind)."""
+        dom = self.caller_vm(msg)
+        ioasid = self.ioasids.get(msg.body["pasid"])
+        if dom is None or ioasid is None:
+            return failed(-E.EINVAL if dom else -E.EPERM, error="no such IOASID")
+        if ioasid.vm != dom.vm:
+            return failed(-E.EACCES, error=f"IOASID {ioasid.pasid} belongs to another VM")
+        if ioasid.svm is not None:
+            yield from self.ioasid_free_notify(ioasid)
+        del self.ioasids[ioasid.pasid]
+        dom.ioasids.discard(ioasid.pasid)
+        self.free_pasids.append(ioasid.pasid)
+        return {"ret": 0}
+
+    def ioasid_free_notify(self, ioasid: Ioasid):
+        """The IOMMU driver's FREE notifier: tear down every device's entry, then tell kvm/vdcm."""
+        svm = ioasid.svm
+        for sdev in list(svm.devs.values()):
+            self._teardown_entry(sdev.dev, svm.pasid)
+        svm.devs.clear()
+        ioasid.svm = None
+        yield from self.notify(EV_FREE, svm, "")
+
+    # ---- F2: intel_svm_bind_gpasid --------------------------------------------------------
+    def on_bind_gpasid(self, msg: Envelope):
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        if msg.body["dev"] not in dom.devices:  # VFIO: the device is not in this container
+            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
+        pdev, data = self.physical(msg.body["dev"]), msg.body["data"]
+        ret = self._bind_checks(pdev, data)
+        if ret:
+            return failed(ret, error="bind record refused")
+        hpasid = data["hpasid"]
+        # ioasid_find(set, hpasid): not allocated -> -ENOENT, another set -> -EACCES.
+        ioasid = self.ioasids.get(hpasid)
+        if ioasid is None:
+            return failed(-E.ENOENT, error=f"IOASID {hpasid} not allocated")
+        if ioasid.vm != dom.vm:
+            return failed(-E.EACCES, error=f"IOASID {hpasid} belongs to another VM")
+        svm = ioasid.svm
+        if svm is not None:
+            if not svm.devs:
+                return failed(-E.EINVAL, error="svm with an empty device list")
+            if pdev.name in svm.devs:
+                svm.devs[pdev.name].users += 1
+                yield from self.notify(EV_BIND, svm, msg.body["dev"])
+                return {"ret": 0, "users": svm.devs[pdev.name].users}
+        else:
+            svm = Svm(hpasid, dom.vm)
+            if data["flags"] & IOMMU_SVA_GPASID_VAL:
+                svm.gpasid = data["gpasid"]
+                svm.flags |= SVM_FLAG_GUEST_PASID
+            ioasid.svm = svm
+        pdev.pasid_enabled = True  # intel_iommu_enable_pasid(): the context entry allows PASIDs
+        ret = self._setup_nested(pdev, dom, data)
+        if ret:
+            self._free_if_empty(ioasid)
+            return failed(ret, error="nested PASID entry setup failed")
+        svm.flags |= SVM_FLAG_GUEST_MODE
+        svm.devs[pdev.name] = Sdev(pdev.name)
+        yield from self.notify(EV_BIND, svm, msg.body["dev"])
+        return {"ret": 0, "users": 1}
+
+    def _bind_checks(self, pdev: PhysDevice | None, data: dict) -> int:
+        """Steps 1-4 of intel_svm_bind_gpasid: 0 or the kernel's error code."""
+        if pdev is None or not data:
+            return -E.EINVAL
+        fields = ("argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd", "addr_width")
+        if any(not isinstance(data.get(f), int) or isinstance(data.get(f), bool) for f in fields):
+            return -E.EINVAL
+        if data["argsz"] < BIND_DATA_MINSZ:
+            return -E.EINVAL
+        if data["version"] != IOMMU_GPASID_BIND_VERSION_1 or data["format"] != IOMMU_PASID_FORMAT_INTEL_VTD:
+            return -E.EINVAL
+        if not pdev.pci:
+            return -E.ENOTSUPP
+        if pdev.max_pasids != PASID_MAX:
+            return -E.EINVAL
+        if data["hpasid"] <= 0 or data["hpasid"] >= PASID_MAX:
+            return -E.EINVAL
+        return 0
+
+    def _setup_nested(self, pdev: PhysDevice, dom: VmDomain, data: dict) -> int:
+        """intel_pasid_setup_nested(): validate the guest's paging mode and flags, write the entry."""
+        vtd = data.get("vtd_flags", 0)
+        if not isinstance(vtd, int) or vtd & ~(VTD_FLAGS_LAST - 1):
+            return -E.EINVAL
+        if data["addr_width"] != SUPPORTED_ADDR_WIDTH:
+            return -E.EINVAL
+        if data["gpgd"] & (PAGE_SIZE - 1) or data["gpgd"] < 0:
+            return -E.EINVAL
+        pdev.pasid_dir.write_entry(data["hpasid"], encode_pasid_entry(
+            flptr=data["gpgd"], slptr=dom.sl.root, did=dom.vm, sre=bool(vtd & VTD_FLAG_SRE),
+            wpe=bool(vtd & VTD_FLAG_WPE), eafe=bool(vtd & VTD_FLAG_EAFE)))
+        self.iommu.inv_pasid_cache("pasid", did=dom.vm, pasid=data["hpasid"])
+        return 0
+
+    def notify(self, event: str, svm: Svm, dev: str):
+        """The IOASID notifier chain: every subscriber must acknowledge before we go on.
+
+        BIND and UNBIND go out for every bind and unbind of a (virtual) device, so that
+        subscribers can keep per-device translations (two mdevs of one parent share an sdev);
+        FREE goes out once per PASID, with no device.
+        """
+        body = {"event": event, "vm": svm.vm, "hpasid": svm.pasid,
+                "gpasid": svm.gpasid if svm.gpasid >= 0 else svm.pasid, "dev": dev}
+        replies = yield Gather([Call(s, "ioasid_notify", body) for s in self.subscribers])
+        for sub, reply in zip(self.subscribers, replies):
+            if reply.get("ret", 0):
+                self.log(f"notify:{sub}", f"{sub} answered {event} of PASID {svm.pasid} with "
+                         f"{E.name(reply['ret'])}")
+        return replies
+
+    # ---- F4: intel_svm_unbind_gpasid --------------------------------------------------------
+    def on_unbind_gpasid(self, msg: Envelope):
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        if msg.body["dev"] not in dom.devices:
+            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
+        pdev, pasid = self.physical(msg.body["dev"]), msg.body["pasid"]
+        if pdev is None:
+            return failed(-E.EINVAL)
+        ioasid = self.ioasids.get(pasid)
+        if ioasid is not None and ioasid.vm != dom.vm:
+            return failed(-E.EACCES, error=f"IOASID {pasid} belongs to another VM")
+        svm = ioasid.svm if ioasid else None
+        if svm is None or pdev.name not in svm.devs:
+            return failed(-E.EINVAL, error=f"{pdev.name} is not bound to PASID {pasid}")
+        sdev = svm.devs[pdev.name]
+        sdev.users -= 1
+        if sdev.users:
+            yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
+            return {"ret": 0, "users": sdev.users}
+        del svm.devs[pdev.name]
+        self._teardown_entry(pdev.name, pasid)
+        self._free_if_empty(ioasid)
+        yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
+        return {"ret": 0, "users": 0}
+
+    def _teardown_entry(self, dev: str, pasid: int) -> None:
+        """intel_pasid_tear_down_entry() plus the flushes and PRQ drain the review asked for."""
+        pdev = self.phys[dev]
+        pdev.pasid_dir.clear_entry(pasid)
+        did = self.ioasids[pasid].vm if pasid in self.ioasids else 0
+        self.iommu.inv_pasid_cache("pasid", did=did, pasid=pasid)
+        self.iommu.inv_iotlb("pasid", did=did, pasid=pasid)
+        self.iommu.inv_devtlb(pdev.id, pasid=pasid)
+        self.drain_prq(dev, pasid)
+
+    def drain_prq(self, dev: str, pasid: int) -> int:
+        """intel_svm_drain_prq(): no page request of this PASID may outlive the entry."""
+        before = len(self.prq)
+        self.prq = [r for r in self.prq if not (r["dev"] == dev and r["pasid"] == pasid)]
+        return before - len(self.prq)
+
+    def _free_if_empty(self, ioasid: Ioasid) -> None:
+        """intel_svm_free_if_empty(): detach the svm from the IOASID once no device is left."""
+        if ioasid.svm is not None and not ioasid.svm.devs:
+            ioasid.svm = None
+
+    # ---- F3: cache invalidation passed down -------------------------------------------------
+    def on_cache_invalidate(self, msg: Envelope) -> dict:
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        if msg.body["dev"] not in dom.devices:
+            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
+        info, pdev = msg.body["info"], self.physical(msg.body["dev"])
+        ret, why = self._inv_checks(info, dom)
+        if ret:
+            return failed(ret, error=why)
+        granu, cache, pasid = info["granularity"], info["cache"], info.get("pasid", 0)
+        if granu == IOMMU_INV_GRANU_ADDR:
+            order = max(0, (info["granule_size"] * info["nb_granules"] - 1).bit_length() - PAGE_SHIFT)
+            if cache & IOMMU_CACHE_INV_TYPE_IOTLB:
+                self.iommu.inv_iotlb("addr", did=dom.vm, pasid=pasid, addr=info["addr"], size_order=order,
+                                     ih=bool(info.get("flags", 0) & IOMMU_INV_ADDR_FLAGS_LEAF))
+            if cache & IOMMU_CACHE_INV_TYPE_DEV_IOTLB:
+                self.iommu.inv_devtlb(pdev.id, pasid=pasid, addr=info["addr"], size_order=order)
+            return {"ret": 0}
+        scope = "pasid" if granu == IOMMU_INV_GRANU_PASID else "domain"
+        if cache & IOMMU_CACHE_INV_TYPE_IOTLB:
+            self.iommu.inv_iotlb(scope, did=dom.vm, pasid=pasid)
+        if cache & IOMMU_CACHE_INV_TYPE_PASID:
+            self.iommu.inv_pasid_cache(scope, did=dom.vm, pasid=pasid)
+        if cache & IOMMU_CACHE_INV_TYPE_DEV_IOTLB:
+            self.iommu.inv_devtlb(pdev.id, pasid=pasid)
+        return {"ret": 0}
+
+    def _inv_checks(self, info: dict, dom: VmDomain) -> tuple[int, str]:
+        """The uapi rules: known version, cache bits, a granularity every named cache supports."""
+        if info.get("version") != 1:
+            return -E.EINVAL, "invalidation info version"
+        cache, granu = info.get("cache"), info.get("granularity")
+        if not isinstance(cache, int) or not cache or cache & ~_INV_CACHE_ALL or granu not in _INV_GRANU_OK:
+            return -E.EINVAL, "cache type or granularity"
+        if cache & ~_INV_GRANU_OK[granu]:
+            return -E.EINVAL, "a named cache does not support this granularity"
+        if granu != IOMMU_INV_GRANU_DOMAIN:
+            pasid = info.get("pasid")
+            if not isinstance(pasid, int) or not 0 < pasid < PASID_MAX:
+                return -E.EINVAL, "PASID out of range"
+            if pasid not in dom.ioasids:
+                return -E.EACCES, f"PASID {pasid} is not in VM {dom.vm}'s IOASID set"
+        if granu == IOMMU_INV_GRANU_ADDR:
+            if not info.get("flags", 0) & IOMMU_INV_ADDR_FLAGS_PASID:
+                return -E.EINVAL, "address invalidation without a PASID"
+            size, count, addr = info.get("granule_size"), info.get("nb_granules"), info.get("addr")
+            if size != PAGE_SIZE or not isinstance(count, int) or not 0 < count <= 1 << 18 \
+                    or not isinstance(addr, int) or addr & (PAGE_SIZE - 1) or not 0 <= addr < 1 << 48:
+                return -E.EINVAL, "address range"
+        return 0, ""
+
+    # ---- F7: a device's DMA engine ------------------------------------------------------------
+    def on_dev_submit(self, msg: Envelope) -> dict:
+        """Run a work descriptor. Passthrough: the guest's own portal; mdev: submitted by vdcm."""
+        body = msg.body
+        cfg = self.devices_cfg.get(body["dev"])
+        if cfg is None:
+            return failed(-E.ENODEV, error=f"no device {body['dev']}")
+        vm = cfg.get("vm", 0)
+        portal_owner = self.config.get("vdcm", "vdcm") if "parent" in cfg else self.vm_names.get(vm, {}).get("guest")
+        if msg.src != portal_owner:
+            return failed(-E.EPERM, error=f"{msg.src} may not submit to {body['dev']}")
+        pasid = body["pasid"]
+        if not 0 < pasid < PASID_MAX or not 0 <= body["len"] <= 1 << 24:
+            return failed(-E.EINVAL, error="PASID or length out of range")
+        pdev = self.physical(body["dev"])
+        status, fault_va = self._run_descriptor(pdev, body)
+        if status:
+            self.dma_faults += 1
+            return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va}
+        self.dma_done += 1
+        return {"ret": 0, "status": 0}
+
+    def _run_descriptor(self, pdev: PhysDevice, body: dict) -> tuple[int, int]:
+        op, pasid, n = body["op"], body["pasid"], body["len"]
+        if op == "copy":
+            status, va = self.iommu.dma_copy(pdev.id, pasid, body["src"], body["dst"], n)[:2]
+        elif op == "fill":
+            status, va = self.iommu.dma_fill(pdev.id, pasid, body["dst"], n, body["pattern"] & 0xFF)[:2]
+        else:
+            return -E.EINVAL, 0
+        return status, va
+
+    # ---- audit ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        entries = {name: dev.pasid_dir.present_pasids() for name, dev in self.phys.items()}
+        return {
+            **super().snapshot(),
+            "ioasids": {str(p): {"vm": a.vm, "bound": a.svm is not None} for p, a in self.ioasids.items()},
+            "svms": {str(a.pasid): {"vm": a.svm.vm, "gpasid": a.svm.gpasid, "flags": a.svm.flags,
+                                    "devs": {d: s.users for d, s in a.svm.devs.items()}}
+                     for a in self.ioasids.values() if a.svm is not None},
+            "pasid_entries": entries,
+            "vms": {str(d.vm): {"vmm": d.vmm, "ioasids": sorted(d.ioasids), "quota": d.quota,
+                                "ram_frames": len(d.ram_frames)} for d in self.domains.values()},
+            "prq": list(self.prq),
+            "caches": _wire_safe(self.iommu.cache_dump()),
+            "counters": self.iommu.counters(),
+            "dma": {"done": self.dma_done, "faults": self.dma_faults},
+            "hotpath": hotpath.IMPLEMENTATION,
+        }
+
+
+def _wire_safe(value: Any) -> Any:
+    """Make a cache dump msgpack-safe: map keys as strings, tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): _wire_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wire_safe(v) for v in value]
+    return value

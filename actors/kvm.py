@@ -1,0 +1,72 @@
+"""KVM: the per-VM PASID translation table used by ENQCMD-style work submission.
+
+It subscribes to the IOASID notifier: BIND installs guest PASID -> host PASID for the VM,
+the last UNBIND of it and FREE remove it. A translation exists only while the host has the
+PASID bound to at least one of the VM's devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors import errno as E
+from actors.base import Actor, failed
+from actors.messages import EV_BIND, EV_FREE, EV_UNBIND, Envelope
+
+
+class PasidMap:
+    """guest PASID -> host PASID per VM, with the devices each mapping is bound through."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, dict[int, tuple[int, set[str]]]] = {}
+
+    def apply(self, body: dict[str, Any], devices: set[str] | None = None) -> int:
+        """Apply one notifier event; `devices` limits which devices this subscriber tracks."""
+        event, vm, gpasid, hpasid, dev = body["event"], body["vm"], body["gpasid"], body["hpasid"], body["dev"]
+        table = self.maps.setdefault(vm, {})
+        if event == EV_FREE:
+            if gpasid in table and table[gpasid][0] == hpasid:
+                del table[gpasid]
+            return 0
+        if event not in (EV_BIND, EV_UNBIND):
+            return -E.EINVAL
+        if devices is not None and dev not in devices:
+            return 0
+        current = table.get(gpasid)
+        if event == EV_BIND:
+            if current is not None and current[0] != hpasid:
+                return -E.EEXIST
+            table.setdefault(gpasid, (hpasid, set()))[1].add(dev)
+        elif current is not None and current[0] == hpasid:
+            current[1].discard(dev)
+            if not current[1]:
+                del table[gpasid]
+        return 0
+
+    def lookup(self, vm: int, gpasid: int, dev: str | None = None) -> int | None:
+        entry = self.maps.get(vm, {}).get(gpasid)
+        if entry is None or (dev is not None and dev not in entry[1]):
+            return None
+        return entry[0]
+
+    def dump(self) -> dict[str, dict[str, dict]]:
+        return {str(vm): {str(g): {"hpasid": h, "devs": sorted(d)} for g, (h, d) in t.items()}
+                for vm, t in self.maps.items() if t}
+
+
+class Kvm(Actor):
+    """One per host: each VM's VMCS PASID translation table."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.host: str = self.config.get("host", "host")
+        self.pasids = PasidMap()
+
+    def on_ioasid_notify(self, msg: Envelope) -> dict:
+        if msg.src != self.host:
+            return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
+        ret = self.pasids.apply(msg.body)
+        return failed(ret, error=f"cannot apply {msg.body['event']}") if ret else {"ret": 0}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**super().snapshot(), "tables": self.pasids.dump()}

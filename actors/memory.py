@@ -1,0 +1,283 @@
+"""Simulated physical memory as real bytes, and the writers of the tables that live in it.
+
+Host memory is one shared-memory file that every process maps (the host, and the VMM and
+guest for the VM's RAM, as QEMU maps guest RAM). A VM's RAM is a list of host frames in no
+particular order: GPA frame i is host frame `ram_frames[i]`. The tables are written in the
+formats of hotpath.layout so the hot path walks exactly these bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Callable, Iterable, Protocol
+
+from hotpath.layout import (
+    ADDR_MASK, ENTRIES_PER_TABLE, FL_P, FL_RW, FL_US, LEVELS, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
+    PASID_ENTRY_SIZE, PDE_PRESENT, SL_R, SL_W, SL_X, pasid_dir_index, pasid_table_index, table_index,
+)
+
+
+class Space(Protocol):
+    """An address space whose 8-byte words can be read and written (host or guest physical)."""
+
+    def read_u64(self, addr: int) -> int: ...
+    def write_u64(self, addr: int, value: int) -> None: ...
+
+
+class PhysMem:
+    """Host physical memory over a writable buffer (an mmap of the run's shared-memory file)."""
+
+    def __init__(self, buf: mmap.mmap | bytearray, path: str | None = None):
+        self.buf = buf
+        self.path = path
+        self.view = memoryview(buf)
+        self.words = self.view.cast("Q")
+        self.nframes = len(buf) // PAGE_SIZE
+
+    @classmethod
+    def create(cls, path: str, nframes: int) -> "PhysMem":
+        """Create the shared-memory file (zero-filled) and map it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nframes * PAGE_SIZE)
+            return cls(mmap.mmap(fd, nframes * PAGE_SIZE), path)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, path: str) -> "PhysMem":
+        """Map an existing shared-memory file (another process created it)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(mmap.mmap(fd, os.fstat(fd).st_size), path)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def anonymous(cls, nframes: int) -> "PhysMem":
+        """Memory private to one process: the deterministic runtime and unit tests."""
+        return cls(mmap.mmap(-1, nframes * PAGE_SIZE))
+
+    def read_u64(self, addr: int) -> int:
+        return self.words[addr >> 3]
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.words[addr >> 3] = value
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes(self.view[addr:addr + length])
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.view[addr:addr + len(data)] = data
+
+    def zero_frame(self, frame: int) -> None:
+        base = frame << PAGE_SHIFT
+        self.view[base:base + PAGE_SIZE] = bytes(PAGE_SIZE)
+
+    def close(self) -> None:
+        """Release the mapping (views first: mmap refuses to close while exported)."""
+        self.words.release()
+        self.view.release()
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+
+
+class GuestRam:
+    """A VM's RAM seen at guest physical addresses: GPA frame i is host frame ram_frames[i]."""
+
+    def __init__(self, mem: PhysMem, ram_frames: list[int]):
+        self.mem = mem
+        self.frames = list(ram_frames)
+
+    def hpa(self, gpa: int) -> int:
+        index = gpa >> PAGE_SHIFT
+        if not 0 <= index < len(self.frames):
+            raise ValueError(f"GPA {gpa:#x} outside guest RAM")
+        return (self.frames[index] << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1))
+
+    def read_u64(self, gpa: int) -> int:
+        return self.mem.read_u64(self.hpa(gpa))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.mem.write_u64(self.hpa(gpa), value)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return b"".join(self.mem.read(self.hpa(a), n) for a, n in _page_chunks(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        offset = 0
+        for addr, n in _page_chunks(gpa, len(data)):
+            self.mem.write(self.hpa(addr), data[offset:offset + n])
+            offset += n
+
+    def zero_frame(self, gpa_frame: int) -> None:
+        self.mem.zero_frame(self.frames[gpa_frame])
+
+
+def _page_chunks(addr: int, length: int) -> Iterable[tuple[int, int]]:
+    """Split [addr, addr+length) at page boundaries."""
+    end = addr + length
+    while addr < end:
+        n = min(end, (addr | (PAGE_SIZE - 1)) + 1) - addr
+        yield addr, n
+        addr += n
+
+
+class FrameAllocator:
+    """Hands out frame numbers from a pool; `order` shuffles it so RAM is not contiguous."""
+
+    def __init__(self, frames: Iterable[int]):
+        self.free = list(frames)
+        self.used: set[int] = set()
+
+    def alloc(self) -> int:
+        if not self.free:
+            raise MemoryError("out of frames")
+        frame = self.free.pop()
+        self.used.add(frame)
+        return frame
+
+    def release(self, frame: int) -> None:
+        self.used.discard(frame)
+        self.free.append(frame)
+
+    def __len__(self) -> int:
+        return len(self.free)
+
+
+class RadixTable:
+    """A 4-level radix page table in some address space (x86-64 first level or VT-d second level).
+
+    `alloc_table` returns the address (in the same space) of a zeroed 4 KiB table; `link`
+    are the bits of non-leaf entries, `present` the bits that make an entry present.
+    """
+
+    def __init__(self, space: Space, root: int, alloc_table: Callable[[], int], *, link: int,
+                 present: int):
+        self.space = space
+        self.root = root
+        self.alloc_table = alloc_table
+        self.link = link
+        self.present = present
+
+    def _entry_addr(self, va: int, create: bool) -> int | None:
+        table = self.root
+        for level in range(LEVELS, 1, -1):
+            addr = table + 8 * table_index(va, level)
+            entry = self.space.read_u64(addr)
+            if not entry & self.present:
+                if not create:
+                    return None
+                entry = self.alloc_table() | self.link
+                self.space.write_u64(addr, entry)
+            table = entry & ADDR_MASK
+        return table + 8 * table_index(va, 1)
+
+    def map(self, va: int, target: int, flags: int) -> None:
+        """Map the 4 KiB page at `va` to `target` with leaf `flags`."""
+        self.space.write_u64(self._entry_addr(va, True), (target & ADDR_MASK) | flags)
+
+    def unmap(self, va: int) -> int:
+        """Clear the leaf entry for `va`; return what it held (0 if nothing)."""
+        addr = self._entry_addr(va, False)
+        if addr is None:
+            return 0
+        old = self.space.read_u64(addr)
+        self.space.write_u64(addr, 0)
+        return old
+
+    def set_flags(self, va: int, set_bits: int = 0, clear_bits: int = 0) -> int:
+        """Change a present leaf's flags (e.g. mprotect); return the new entry, 0 if absent."""
+        addr = self._entry_addr(va, False)
+        if addr is None or not self.space.read_u64(addr) & self.present:
+            return 0
+        entry = (self.space.read_u64(addr) | set_bits) & ~clear_bits
+        self.space.write_u64(addr, entry)
+        return entry
+
+    def lookup(self, va: int) -> int:
+        """The leaf entry for `va` (0 if not mapped)."""
+        addr = self._entry_addr(va, False)
+        return 0 if addr is None else self.space.read_u64(addr)
+
+    def tables(self) -> list[int]:
+        """Addresses of every table of this radix tree, root first (to free them)."""
+        found, stack = [], [(self.root, LEVELS)]
+        while stack:
+            table, level = stack.pop()
+            found.append(table)
+            if level == 1:
+                continue
+            for i in range(ENTRIES_PER_TABLE):
+                entry = self.space.read_u64(table + 8 * i)
+                if entry & self.present:
+                    stack.append((entry & ADDR_MASK, level - 1))
+        return found
+
+
+FL_LINK = FL_P | FL_RW | FL_US
+SL_LINK = SL_R | SL_W | SL_X
+FL_PRESENT = FL_P
+SL_PRESENT = SL_R | SL_W | SL_X
+
+
+class PasidDirectory:
+    """A scalable-mode PASID directory and its PASID tables (64 entries x 64 bytes each).
+
+    The directory itself is PASID_DIR_FRAMES contiguous frames at `base`; tables are
+    allocated on first use of a directory slot by `alloc_table` (returns a zeroed table's
+    address in the same space).
+    """
+
+    def __init__(self, space: Space, base: int, alloc_table: Callable[[], int]):
+        self.space = space
+        self.base = base
+        self.alloc_table = alloc_table
+
+    def _entry_addr(self, pasid: int, create: bool) -> int | None:
+        pde_addr = self.base + 8 * pasid_dir_index(pasid)
+        pde = self.space.read_u64(pde_addr)
+        if not pde & PDE_PRESENT:
+            if not create:
+                return None
+            pde = self.alloc_table() | PDE_PRESENT
+            self.space.write_u64(pde_addr, pde)
+        return (pde & ADDR_MASK) + PASID_ENTRY_SIZE * pasid_table_index(pasid)
+
+    def write_entry(self, pasid: int, words: list[int]) -> None:
+        """Write a PASID entry; word 0 (with the present bit) last, as a driver must."""
+        addr = self._entry_addr(pasid, True)
+        for i in range(7, -1, -1):
+            self.space.write_u64(addr + 8 * i, words[i])
+
+    def read_entry(self, pasid: int) -> list[int] | None:
+        addr = self._entry_addr(pasid, False)
+        return None if addr is None else [self.space.read_u64(addr + 8 * i) for i in range(8)]
+
+    def clear_entry(self, pasid: int) -> bool:
+        """Tear the entry down (present bit first); True if it was present."""
+        addr = self._entry_addr(pasid, False)
+        if addr is None:
+            return False
+        was_present = bool(self.space.read_u64(addr) & 1)
+        for i in range(8):
+            self.space.write_u64(addr + 8 * i, 0)
+        return was_present
+
+    def present_pasids(self) -> list[int]:
+        """Every PASID with a present entry (the audit walks the real bytes)."""
+        found = []
+        for d in range(PASID_DIR_FRAMES * PAGE_SIZE // 8):
+            pde = self.space.read_u64(self.base + 8 * d)
+            if pde & PDE_PRESENT:
+                table = pde & ADDR_MASK
+                found += [d * 64 + i for i in range(64)
+                          if self.space.read_u64(table + PASID_ENTRY_SIZE * i) & 1]
+        return found
+
+    def tables(self) -> list[int]:
+        """Addresses of the allocated PASID tables (to free them)."""
+        return [self.space.read_u64(self.base + 8 * d) & ADDR_MASK
+                for d in range(PASID_DIR_FRAMES * PAGE_SIZE // 8)
+                if self.space.read_u64(self.base + 8 * d) & PDE_PRESENT]

@@ -1,0 +1,53 @@
+"""VDCM: the virtual device composition module that carves mediated devices from an accelerator.
+
+The guest programs its mdev with *guest* PASIDs (virtual registers); vdcm translates them to
+host PASIDs, learned from the IOASID notifier, before it programs the real device. A
+submission whose guest PASID has no host PASID for that mdev fails back to the guest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors import errno as E
+from actors.base import Actor, Call, failed
+from actors.kvm import PasidMap
+from actors.messages import Envelope
+
+
+class Vdcm(Actor):
+    """One per host, serving every mdev of the accelerator."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.host: str = self.config.get("host", "host")
+        self.mdevs: dict[str, int] = {d: c["vm"] for d, c in self.config["devices"].items() if "parent" in c}
+        self.guests: dict[int, str] = {int(vm): n["guest"] for vm, n in self.config.get("vms", {}).items()}
+        self.pasids = PasidMap()
+        self.submitted = 0
+        self.refused = 0
+
+    def on_ioasid_notify(self, msg: Envelope) -> dict:
+        if msg.src != self.host:
+            return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
+        ret = self.pasids.apply(msg.body, set(self.mdevs))
+        return failed(ret, error=f"cannot apply {msg.body['event']}") if ret else {"ret": 0}
+
+    def on_mdev_submit(self, msg: Envelope):
+        """A guest wrote a descriptor into its mdev's virtual portal (F7, mdev path)."""
+        body = msg.body
+        vm = self.mdevs.get(body["dev"])
+        if vm is None or self.guests.get(vm) != msg.src:
+            self.refused += 1
+            return failed(-E.EPERM, error=f"{msg.src} does not own mdev {body['dev']}")
+        hpasid = self.pasids.lookup(vm, body["pasid"], body["dev"])
+        if hpasid is None:
+            self.refused += 1
+            return failed(-E.EINVAL, error=f"guest PASID {body['pasid']} has no host PASID on {body['dev']}")
+        self.submitted += 1
+        reply = yield Call(self.host, "dev_submit", {**body, "pasid": hpasid})
+        return reply
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**super().snapshot(), "tables": self.pasids.dump(), "submitted": self.submitted,
+                "refused": self.refused}

@@ -1,0 +1,218 @@
+"""The VMM: the emulated virtual IOMMU in front of the guest and the VFIO user API behind it.
+
+Its handlers model what QEMU's vIOMMU does on a trap:
+    on_vm_start     open the VM's devices through VFIO, get guest RAM (its host frames)
+    on_vcmd_alloc   the virtual command "allocate PASID": host IOASID, then a guest PASID
+                    (identity for passthrough devices, vmm-chosen for mediated devices)
+    on_qi_submit    the guest's invalidation queue: context-cache, PASID-cache, PASID-based
+                    IOTLB and device-TLB descriptors, then the wait descriptor's completion.
+                    A PASID-cache invalidation makes the vmm read the guest's PASID entry in
+                    guest RAM and bind or unbind it on the host (the shadow of the table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actors import errno as E
+from actors.base import Actor, Call, failed
+from actors.memory import GuestRam, PasidDirectory
+from actors.messages import (
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
+    IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID,
+    IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL,
+    VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
+)
+from hotpath.layout import PAGE_SIZE, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
+
+GUEST_PASID_BASE = 0x100  # first guest PASID handed out for mediated devices (non-identity)
+BIND_ARGSZ = 64
+
+
+@dataclass
+class Shadow:
+    """The vmm's copy of one bound guest PASID entry (what it last told the host)."""
+
+    gpgd: int
+    hpasid: int
+
+
+class Vmm(Actor):
+    """One per VM."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.vm: int = self.config["vm"]
+        self.host: str = self.config["host"]
+        self.guest: str = self.config["guest"]
+        self.devices: list[str] = list(self.config["devices"])
+        self.mdevs: set[str] = set(self.config.get("mdevs", []))
+        self.ram: GuestRam | None = None
+        self.g2h: dict[int, int] = {}  # guest PASID -> host PASID
+        self.pasid_dirs: dict[str, PasidDirectory] = {}  # dev -> guest PASID directory (GPA)
+        self.shadow: dict[tuple[str, int], Shadow] = {}  # (dev, gpasid) -> bound entry
+        self.next_gpasid = GUEST_PASID_BASE
+
+    def on_vm_start(self, msg: Envelope):
+        """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
+        if self.ram is not None:
+            return failed(-E.EBUSY, error="VM already started")
+        reply = yield Call(self.host, "vfio_open", {
+            "vm": self.vm, "ram_pages": self.config["ram_pages"], "devices": self.devices,
+            "quota": self.config["quota"]})
+        if reply["ret"]:
+            return reply
+        self.ram = GuestRam(self.mem, reply["ram_frames"])
+        return {"ret": 0, "ram_frames": reply["ram_frames"]}
+
+    def on_vm_info(self, msg: Envelope) -> dict:
+        """What the guest's firmware tables say: its RAM (as host frames it maps) and devices."""
+        if msg.src != self.guest:
+            return failed(-E.EPERM)
+        if self.ram is None:
+            return failed(-E.ENODEV, error="VM not started")
+        return {"ret": 0, "ram_frames": self.ram.frames, "devices": self.devices,
+                "mdevs": sorted(self.mdevs)}
+
+    # ---- F1 / F5: virtual commands --------------------------------------------------------------
+    def on_vcmd_alloc(self, msg: Envelope):
+        if msg.src != self.guest or msg.body["dev"] not in self.devices:
+            return failed(-E.EPERM if msg.src != self.guest else -E.ENODEV)
+        reply = yield Call(self.host, "ioasid_alloc", {})
+        if reply["ret"]:
+            return reply
+        hpasid = reply["pasid"]
+        gpasid = self._guest_pasid_for(msg.body["dev"], hpasid)
+        self.g2h[gpasid] = hpasid
+        return {"ret": 0, "pasid": gpasid, "hpasid": hpasid}
+
+    def _guest_pasid_for(self, dev: str, hpasid: int) -> int:
+        """Passthrough devices are programmed with host PASIDs: identity. mdevs may differ."""
+        if dev not in self.mdevs or not self.config.get("non_identity", True):
+            return hpasid
+        while self.next_gpasid in self.g2h or self.next_gpasid >= PASID_MAX:
+            self.next_gpasid = GUEST_PASID_BASE if self.next_gpasid >= PASID_MAX else self.next_gpasid + 1
+        gpasid, self.next_gpasid = self.next_gpasid, self.next_gpasid + 1
+        return gpasid
+
+    def on_vcmd_free(self, msg: Envelope):
+        if msg.src != self.guest:
+            return failed(-E.EPERM)
+        gpasid = msg.body["pasid"]
+        hpasid = self.g2h.get(gpasid)
+        if hpasid is None:
+            return failed(-E.EINVAL, error=f"guest PASID {gpasid} not allocated")
+        reply = yield Call(self.host, "ioasid_free", {"pasid": hpasid})
+        if reply["ret"] == 0:
+            del self.g2h[gpasid]
+            for key in [k for k in self.shadow if k[1] == gpasid]:
+                del self.shadow[key]
+        return reply
+
+    # ---- F2 / F3 / F4: the invalidation queue ---------------------------------------------------
+    def on_qi_submit(self, msg: Envelope):
+        """Process descriptors in order; the reply is the wait descriptor's completion."""
+        if msg.src != self.guest:
+            return failed(-E.EPERM)
+        done = []
+        for desc in msg.body["descs"]:
+            if not isinstance(desc, dict) or desc.get("type") not in _DESC_HANDLERS:
+                return failed(-E.EINVAL, error=f"bad descriptor {desc!r}", done=done)
+            result = yield from getattr(self, _DESC_HANDLERS[desc["type"]])(desc)
+            done.append(result)
+            if result["ret"]:
+                return {"ret": result["ret"], "error": result.get("error", ""), "done": done}
+        return {"ret": 0, "done": done}
+
+    def qi_context(self, desc: dict):
+        """Context-cache invalidation: the guest (re)programmed a device's PASID directory pointer."""
+        dev, pdir = desc.get("dev"), desc.get("pdir")
+        if dev not in self.devices or not isinstance(pdir, int) or pdir & (PAGE_SIZE - 1):
+            return failed(-E.EINVAL, error="context descriptor")
+        self.pasid_dirs[dev] = PasidDirectory(self.ram, pdir, self._no_alloc)
+        return {"ret": 0, "type": "cc"}
+        yield  # a generator like its siblings
+
+    @staticmethod
+    def _no_alloc() -> int:
+        raise PermissionError("the vmm never allocates in the guest's PASID table")
+
+    def qi_pasid_cache(self, desc: dict):
+        """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
+        dev, gpasid = desc.get("dev"), desc.get("pasid")
+        if dev not in self.pasid_dirs or not isinstance(gpasid, int) or not 0 < gpasid < PASID_MAX:
+            return failed(-E.EINVAL, error="PASID-cache descriptor")
+        words = self.pasid_dirs[dev].read_entry(gpasid)
+        entry = decode_pasid_entry(words) if words else {"present": False}
+        bound = self.shadow.get((dev, gpasid))
+        if bound is not None and (not entry["present"] or entry["flptr"] != bound.gpgd):
+            reply = yield Call(self.host, "unbind_gpasid", {"dev": dev, "pasid": bound.hpasid})
+            if reply["ret"]:
+                return reply
+            del self.shadow[(dev, gpasid)]
+        if entry["present"] and (dev, gpasid) not in self.shadow:
+            return (yield from self._bind(dev, gpasid, entry))
+        return {"ret": 0, "type": "pc", "action": "unbind" if bound else "none"}
+
+    def _bind(self, dev: str, gpasid: int, entry: dict):
+        """Check the guest's first-level entry and pass it down as a bind record."""
+        hpasid = self.g2h.get(gpasid)
+        if hpasid is None:
+            return failed(-E.EINVAL, error=f"guest PASID {gpasid} was never allocated")
+        if entry["pgtt"] != PGTT_FIRST_ONLY or entry["flpm"] != 0:
+            return failed(-E.EINVAL, error="guest entry is not a 4-level first-level entry")
+        data = {
+            "argsz": BIND_ARGSZ, "version": IOMMU_GPASID_BIND_VERSION_1,
+            "format": IOMMU_PASID_FORMAT_INTEL_VTD, "flags": 0, "gpgd": entry["flptr"],
+            "hpasid": hpasid, "gpasid": gpasid, "addr_width": 48,
+            "vtd_flags": (VTD_FLAG_SRE if entry["sre"] else 0) | (VTD_FLAG_WPE if entry["wpe"] else 0)
+            | (VTD_FLAG_EAFE if entry["eafe"] else 0),
+        }
+        if gpasid != hpasid:
+            data["flags"] |= IOMMU_SVA_GPASID_VAL
+        reply = yield Call(self.host, "bind_gpasid", {"dev": dev, "data": data})
+        if reply["ret"] == 0:
+            self.shadow[(dev, gpasid)] = Shadow(entry["flptr"], hpasid)
+        return {**reply, "type": "pc", "action": "bind", "hpasid": hpasid}
+
+    def qi_piotlb(self, desc: dict):
+        """PASID-based IOTLB invalidation (address range or whole PASID) -> cache_invalidate."""
+        return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_IOTLB))
+
+    def qi_dev_iotlb(self, desc: dict):
+        """PASID-based device-TLB invalidation -> cache_invalidate."""
+        return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_DEV_IOTLB))
+
+    def qi_pasid_flush(self, desc: dict):
+        """A whole-PASID PASID-cache flush passed down (used after an entry change in place)."""
+        return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_PASID))
+
+    def _invalidate(self, desc: dict, cache: int):
+        dev, gpasid = desc.get("dev"), desc.get("pasid")
+        hpasid = self.g2h.get(gpasid) if isinstance(gpasid, int) else None
+        if dev not in self.devices or hpasid is None:
+            return failed(-E.EINVAL, error="invalidation of an unknown device or PASID")
+        info: dict[str, Any] = {"version": 1, "cache": cache, "pasid": hpasid}
+        if "addr" in desc:
+            info.update(granularity=IOMMU_INV_GRANU_ADDR, addr=desc["addr"], granule_size=PAGE_SIZE,
+                        nb_granules=1 << int(desc.get("size_order", 0)),
+                        flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0))
+        else:
+            info.update(granularity=IOMMU_INV_GRANU_PASID)
+        reply = yield Call(self.host, "cache_invalidate", {"dev": dev, "info": info})
+        return {**reply, "type": desc["type"]}
+
+    def qi_wait(self, desc: dict):
+        """The wait descriptor: everything before it has completed once we get here."""
+        return {"ret": 0, "type": "wait"}
+        yield  # a generator like its siblings
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**super().snapshot(), "vm": self.vm,
+                "g2h": {str(g): h for g, h in self.g2h.items()},
+                "bound": [{"dev": d, "gpasid": g, "hpasid": s.hpasid} for (d, g), s in self.shadow.items()]}
+
+
+_DESC_HANDLERS = {"cc": "qi_context", "pc": "qi_pasid_cache", "piotlb": "qi_piotlb",
+                  "dev_iotlb": "qi_dev_iotlb", "pasid_flush": "qi_pasid_flush", "wait": "qi_wait"}

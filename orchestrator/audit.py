@@ -1,0 +1,126 @@
+"""The audit: invariants checked across every actor's snapshot at a quiescent point (SPEC §5).
+
+Each check reads the snapshots only (the host's PASID entries come from the real bytes of
+its PASID tables), so the same audit runs after a deterministic run and on a live topology.
+A violation names the invariant, the actors, the VM and the PASID involved.
+
+Checked here: I3 lifecycle (PASID states agree across host, vmm, kvm, vdcm; a free PASID has
+no entry, cache entry or page request anywhere), I5 users counts, I7 ownership.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.topology import HOST, KVM, VDCM, Topology
+
+Violation = dict[str, Any]
+
+
+def _v(inv: str, what: str, actors: list[str], vm: int | None = None, pasid: int | None = None) -> Violation:
+    return {"invariant": inv, "what": what, "actors": actors, "vm": vm, "pasid": pasid}
+
+
+def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violation]:
+    """Every violation found; an empty list means the run is clean."""
+    host = snaps.get(HOST)
+    if not host or "ioasids" not in host:
+        return [_v("audit", "no host snapshot", [HOST])]
+    devices = topology.spec(HOST).config["devices"]
+    phys = {d: c.get("parent", d) for d, c in devices.items()}
+    out: list[Violation] = []
+    out += _check_host_entries(host)
+    vmm_binds = {}
+    for name in topology.names("vmm"):
+        snap = snaps.get(name, {})
+        if "g2h" not in snap:
+            out.append(_v("audit", "no snapshot", [name]))
+            continue
+        out += _check_vmm(name, snap, host)
+        vmm_binds[name] = snap
+    out += _check_users(host, vmm_binds, phys)
+    for sub in (KVM, VDCM):
+        if sub in snaps and "tables" in snaps[sub]:
+            out += _check_subscriber(sub, snaps[sub]["tables"], host, vmm_binds)
+    return out
+
+
+def _check_host_entries(host: dict) -> list[Violation]:
+    """I3/I7 inside the host: entries, caches and page requests only for bound, owned PASIDs."""
+    out = []
+    ioasids, svms = host["ioasids"], host["svms"]
+    for dev, pasids in host["pasid_entries"].items():
+        for pasid in pasids:
+            svm = svms.get(str(pasid))
+            if svm is None or dev not in svm["devs"]:
+                out.append(_v("I3", f"PASID entry on {dev} without a bound svm", [HOST], pasid=pasid))
+    for pasid, svm in svms.items():
+        for dev in svm["devs"]:
+            if int(pasid) not in host["pasid_entries"].get(dev, []):
+                out.append(_v("I3", f"svm bound to {dev} but no PASID entry", [HOST], svm["vm"], int(pasid)))
+        if ioasids.get(pasid, {}).get("vm") != svm["vm"]:
+            out.append(_v("I7", "svm's VM differs from its IOASID's set", [HOST], svm["vm"], int(pasid)))
+    for did, pasid, *_ in host["caches"]["iotlb"]:
+        owner = ioasids.get(str(pasid), {}).get("vm")
+        if owner is None:
+            out.append(_v("I3", "IOTLB entry for a free PASID", [HOST], did, pasid))
+        elif owner != did:
+            out.append(_v("I7", f"IOTLB entry of domain {did} for VM {owner}'s PASID", [HOST], did, pasid))
+    for dev, entries in host["caches"]["devtlb"].items():
+        for pasid, *_ in entries:
+            if str(pasid) not in ioasids:
+                out.append(_v("I3", f"device-TLB entry on device {dev} for a free PASID", [HOST], pasid=pasid))
+    for req in host["prq"]:
+        if str(req["pasid"]) not in svms:
+            out.append(_v("I3", "page request queued for an unbound PASID", [HOST], pasid=req["pasid"]))
+    for vm, dom in host["vms"].items():
+        for pasid in dom["ioasids"]:
+            if ioasids.get(str(pasid), {}).get("vm") != int(vm):
+                out.append(_v("I7", "VM's IOASID set holds a PASID of another set", [HOST], int(vm), pasid))
+    return out
+
+
+def _check_vmm(name: str, snap: dict, host: dict) -> list[Violation]:
+    """The vmm's guest->host map and shadow agree with the host's IOASIDs and binds."""
+    out, vm = [], snap["vm"]
+    allocated = set(host["vms"].get(str(vm), {}).get("ioasids", []))
+    for gpasid, hpasid in snap["g2h"].items():
+        if hpasid not in allocated:
+            out.append(_v("I3", f"vmm maps guest PASID {gpasid} to a PASID its VM does not hold",
+                          [name, HOST], vm, hpasid))
+    mapped = set(snap["g2h"].values())
+    for hpasid in allocated - mapped:
+        out.append(_v("I3", "host PASID of the VM unknown to its vmm (leaked)", [name, HOST], vm, hpasid))
+    for bind in snap["bound"]:
+        if str(bind["hpasid"]) not in host["svms"]:
+            out.append(_v("I3", f"vmm believes {bind['dev']} bound, host has no svm", [name, HOST], vm, bind["hpasid"]))
+    return out
+
+
+def _check_users(host: dict, vmms: dict[str, dict], phys: dict[str, str]) -> list[Violation]:
+    """I5: each (PASID, physical device) users count equals the binds the vmms hold."""
+    expected: dict[tuple[int, str], int] = {}
+    for snap in vmms.values():
+        for bind in snap["bound"]:
+            key = (bind["hpasid"], phys.get(bind["dev"], bind["dev"]))
+            expected[key] = expected.get(key, 0) + 1
+    actual = {(int(p), d): u for p, svm in host["svms"].items() for d, u in svm["devs"].items()}
+    return [_v("I5", f"users of {dev} = {actual.get((pasid, dev), 0)}, binds outstanding = "
+                     f"{expected.get((pasid, dev), 0)}", [HOST], pasid=pasid)
+            for pasid, dev in sorted(set(expected) | set(actual))
+            if expected.get((pasid, dev), 0) != actual.get((pasid, dev), 0)]
+
+
+def _check_subscriber(name: str, tables: dict, host: dict, vmms: dict[str, dict]) -> list[Violation]:
+    """kvm/vdcm translations exist exactly for bound PASIDs, with the host's gpasid and VM."""
+    out = []
+    for vm, table in tables.items():
+        for gpasid, entry in table.items():
+            svm = host["svms"].get(str(entry["hpasid"]))
+            if svm is None:
+                out.append(_v("I3", f"{name} translates guest PASID {gpasid} to an unbound PASID",
+                              [name, HOST], int(vm), entry["hpasid"]))
+            elif svm["vm"] != int(vm):
+                out.append(_v("I7", f"{name} maps VM {vm} to VM {svm['vm']}'s PASID", [name, HOST],
+                              int(vm), entry["hpasid"]))
+    return out

@@ -1,0 +1,51 @@
+"""The orchestrator's own actor: powers the VMs on, runs the workloads, snapshots and audits.
+
+It is not part of the modelled system; it lives in the launching process (ZeroMQ runtime)
+or beside the actors (deterministic runtime) and drives a run through ordinary messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.base import Actor, ActorEnv, Call, Gather
+from orchestrator.audit import audit
+from orchestrator.topology import ORCH, Topology
+
+WORKLOAD_TIMEOUT = 120.0
+
+
+class Controller(Actor):
+    """Runs one scripted session: vm_start, start_workload, snapshot + audit, shutdown."""
+
+    def __init__(self, topology: Topology, *, shutdown: bool = True, env: Any = None):
+
+        super().__init__(ORCH, env or ActorEnv(config={"request_timeout": topology.request_timeout},
+                                               seed=topology.seed))
+        self.topology = topology
+        self.shutdown_at_end = shutdown
+        self.result: dict[str, Any] | None = None
+
+    def on_start(self):
+        vmms, guests = self.topology.names("vmm"), self.topology.names("guest")
+        started = yield Gather([Call(v, "vm_start", {}, flow="boot") for v in vmms])
+        runs = yield Gather([Call(g, "start_workload", {}, timeout=WORKLOAD_TIMEOUT) for g, s
+                             in zip(guests, started) if s["ret"] == 0])
+        snapshots = yield from self.snapshot_all()
+        self.result = {
+            "vm_start": dict(zip(vmms, started)),
+            "workloads": dict(zip([g for g, s in zip(guests, started) if s["ret"] == 0], runs)),
+            "snapshots": snapshots,
+            "violations": audit(snapshots, self.topology),
+        }
+        if self.shutdown_at_end:
+            yield from self.shutdown_all()
+
+    def snapshot_all(self):
+        """Every actor's state at a quiescent point (no workload is running any more)."""
+        names = self.topology.names()
+        replies = yield Gather([Call(n, "snapshot", {}) for n in names])
+        return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")}) for n, r in zip(names, replies)}
+
+    def shutdown_all(self):
+        yield Gather([Call(n, "shutdown", {}, timeout=2.0) for n in self.topology.names()])
