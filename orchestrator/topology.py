@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotpath.layout import PASID_MAX
+from hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 
 HOST = "host"
 KVM = "kvm"
@@ -80,7 +80,7 @@ def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
 
 
 def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quota: int = 64,
-                     workload: str = "demo", non_identity: bool = True,
+                     workload: str = "demo", iterations: int = 100, non_identity: bool = True,
                      request_timeout: float = 5.0, extra_devices: dict[str, dict] | None = None,
                      ) -> Topology:
     """One host (host, kvm, vdcm) and `vms` VMs (guest + vmm each), as `vsva demo` runs it."""
@@ -102,6 +102,9 @@ def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quot
             "mdevs": [d for d in mine if "parent" in devices[d]]}))
         actors.append(ActorSpec(guest_name(vm), "guest", {
             **common, "vm": vm, "vmm": vmm_name(vm), "host": HOST, "vdcm": VDCM, "devices": mine,
-            "mdevs": [d for d in mine if "parent" in devices[d]], "workload": workload}))
-    frames = 1 + vms * (ram_pages + 64) + 64 * (len(devices) + 1) * 40 + 256
+            "mdevs": [d for d in mine if "parent" in devices[d]], "workload": workload,
+            "iterations": iterations}))
+    physical = sum(1 for d in devices.values() if "parent" not in d)
+    # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
+    frames = 1 + vms * (ram_pages + 16) + physical * (PASID_DIR_FRAMES + vms + 8) + 256
     return Topology(actors=actors, mem_frames=frames, seed=seed, request_timeout=request_timeout)

@@ -35,8 +35,12 @@ class TraceWriter:
 
 
 def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Order records by logical clock, then wall time, then sender (a total, stable order)."""
-    return sorted(records, key=lambda r: (r["clock"], r["t"], r["src"], r["id"]))
+    """Order records by send time, then Lamport clock, then sender (a total, stable order).
+
+    All actors of a run share one host clock, so send time already respects happens-before
+    (a reply is sent after its request); the Lamport clock only breaks ties.
+    """
+    return sorted(records, key=lambda r: (r["t"], r["clock"], r["src"], r["id"]))
 
 
 def load(run_dir: str) -> list[dict[str, Any]]:
