@@ -302,11 +302,13 @@ class Host(Actor):
     def _setup_nested(self, pdev: PhysDevice, dom: VmDomain, data: dict) -> int:
         """intel_pasid_setup_nested(): validate the guest's paging mode and flags, write the entry."""
         vtd = data.get("vtd_flags", 0)
-        if not isinstance(vtd, int) or vtd & ~(VTD_FLAGS_LAST - 1):
+        if not isinstance(vtd, int) or isinstance(vtd, bool) or vtd & ~(VTD_FLAGS_LAST - 1):
             return -E.EINVAL
         if data["addr_width"] != SUPPORTED_ADDR_WIDTH:
             return -E.EINVAL
-        if data["gpgd"] & (PAGE_SIZE - 1) or data["gpgd"] < 0:
+        # The first-level root is a GPA: it must be supported by the second level
+        # (intel_pasid_setup_nested: gpgd > domain->max_addr -> -EINVAL), never truncated.
+        if data["gpgd"] & (PAGE_SIZE - 1) or not 0 <= data["gpgd"] < len(dom.ram_frames) << PAGE_SHIFT:
             return -E.EINVAL
         pdev.pasid_dir.write_entry(data["hpasid"], encode_pasid_entry(
             flptr=data["gpgd"], slptr=dom.sl.root, did=dom.vm, sre=bool(vtd & VTD_FLAG_SRE),
@@ -412,8 +414,9 @@ class Host(Actor):
         if info.get("version") != 1:
             return -E.EINVAL, "invalidation info version"
         cache, granu = info.get("cache"), info.get("granularity")
-        if not isinstance(cache, int) or not cache or cache & ~_INV_CACHE_ALL or granu not in _INV_GRANU_OK:
-            return -E.EINVAL, "cache type or granularity"
+        if not isinstance(cache, int) or not cache or cache & ~_INV_CACHE_ALL or not isinstance(granu, int) \
+                or granu not in _INV_GRANU_OK or not isinstance(info.get("flags", 0), int):
+            return -E.EINVAL, "cache type, granularity or flags"
         if cache & ~_INV_GRANU_OK[granu]:
             return -E.EINVAL, "a named cache does not support this granularity"
         if granu != IOMMU_INV_GRANU_DOMAIN:
@@ -443,8 +446,9 @@ class Host(Actor):
         if msg.src != portal_owner:
             return failed(-E.EPERM, error=f"{msg.src} may not submit to {body['dev']}")
         pasid = body["pasid"]
-        if not 0 < pasid < PASID_MAX or not 0 <= body["len"] <= 1 << 24:
-            return failed(-E.EINVAL, error="PASID or length out of range")
+        if not 0 < pasid < PASID_MAX or not 0 <= body["len"] <= 1 << 24 or body["op"] not in ("copy", "fill") \
+                or not 0 <= body["src"] < 1 << 64 or not 0 <= body["dst"] < 1 << 64:
+            return failed(-E.EINVAL, error="operation, PASID, address or length out of range")
         pdev = self.physical(body["dev"])
         status, fault_va = self._run_descriptor(pdev, body)
         if status:

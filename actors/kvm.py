@@ -15,10 +15,15 @@ from actors.messages import EV_BIND, EV_FREE, EV_UNBIND, Envelope
 
 
 class PasidMap:
-    """guest PASID -> host PASID per VM, with the devices each mapping is bound through."""
+    """guest PASID -> host PASID per VM, with the devices each mapping is bound through.
+
+    Each device carries its number of outstanding binds: the host notifies BIND for every
+    bind (users++ included) and UNBIND for every unbind, so the mapping must outlive all
+    but the last UNBIND of a device bound several times.
+    """
 
     def __init__(self) -> None:
-        self.maps: dict[int, dict[int, tuple[int, set[str]]]] = {}
+        self.maps: dict[int, dict[int, tuple[int, dict[str, int]]]] = {}
 
     def apply(self, body: dict[str, Any], devices: set[str] | None = None) -> int:
         """Apply one notifier event; `devices` limits which devices this subscriber tracks."""
@@ -36,9 +41,12 @@ class PasidMap:
         if event == EV_BIND:
             if current is not None and current[0] != hpasid:
                 return -E.EEXIST
-            table.setdefault(gpasid, (hpasid, set()))[1].add(dev)
-        elif current is not None and current[0] == hpasid:
-            current[1].discard(dev)
+            devs = table.setdefault(gpasid, (hpasid, {}))[1]
+            devs[dev] = devs.get(dev, 0) + 1
+        elif current is not None and current[0] == hpasid and dev in current[1]:
+            current[1][dev] -= 1
+            if not current[1][dev]:
+                del current[1][dev]
             if not current[1]:
                 del table[gpasid]
         return 0

@@ -24,7 +24,7 @@ from actors.messages import (
     IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL,
     VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
 )
-from hotpath.layout import PAGE_SIZE, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
+from hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 
 GUEST_PASID_BASE = 0x100  # first guest PASID handed out for mediated devices (non-identity)
 BIND_ARGSZ = 64
@@ -117,7 +117,8 @@ class Vmm(Actor):
             return failed(-E.EPERM)
         done = []
         for desc in msg.body["descs"]:
-            if not isinstance(desc, dict) or desc.get("type") not in _DESC_HANDLERS:
+            if not isinstance(desc, dict) or not isinstance(desc.get("type"), str) \
+                    or desc["type"] not in _DESC_HANDLERS:
                 return failed(-E.EINVAL, error=f"bad descriptor {desc!r}", done=done)
             result = yield from getattr(self, _DESC_HANDLERS[desc["type"]])(desc)
             done.append(result)
@@ -128,7 +129,10 @@ class Vmm(Actor):
     def qi_context(self, desc: dict):
         """Context-cache invalidation: the guest (re)programmed a device's PASID directory pointer."""
         dev, pdir = desc.get("dev"), desc.get("pdir")
-        if dev not in self.devices or not isinstance(pdir, int) or pdir & (PAGE_SIZE - 1):
+        if self.ram is None:
+            return failed(-E.ENODEV, error="VM not started")
+        if dev not in self.devices or not isinstance(pdir, int) or pdir & (PAGE_SIZE - 1) \
+                or not 0 <= pdir <= (len(self.ram.frames) - PASID_DIR_FRAMES) * PAGE_SIZE:
             return failed(-E.EINVAL, error="context descriptor")
         self.pasid_dirs[dev] = PasidDirectory(self.ram, pdir, self._no_alloc)
         return {"ret": 0, "type": "cc"}
@@ -141,9 +145,13 @@ class Vmm(Actor):
     def qi_pasid_cache(self, desc: dict):
         """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
         dev, gpasid = desc.get("dev"), desc.get("pasid")
-        if dev not in self.pasid_dirs or not isinstance(gpasid, int) or not 0 < gpasid < PASID_MAX:
+        if not isinstance(dev, str) or dev not in self.pasid_dirs or not isinstance(gpasid, int) \
+                or not 0 < gpasid < PASID_MAX:
             return failed(-E.EINVAL, error="PASID-cache descriptor")
-        words = self.pasid_dirs[dev].read_entry(gpasid)
+        try:
+            words = self.pasid_dirs[dev].read_entry(gpasid)
+        except ValueError:  # the guest's directory entry points outside guest RAM
+            return failed(-E.EFAULT, error=f"PASID table of {dev} for PASID {gpasid} outside guest RAM")
         entry = decode_pasid_entry(words) if words else {"present": False}
         bound = self.shadow.get((dev, gpasid))
         if bound is not None and (not entry["present"] or entry["flptr"] != bound.gpgd):
@@ -195,8 +203,11 @@ class Vmm(Actor):
             return failed(-E.EINVAL, error="invalidation of an unknown device or PASID")
         info: dict[str, Any] = {"version": 1, "cache": cache, "pasid": hpasid}
         if "addr" in desc:
+            order = desc.get("size_order", 0)
+            if not isinstance(order, int) or not 0 <= order <= 52:
+                return failed(-E.EINVAL, error="invalidation size order")
             info.update(granularity=IOMMU_INV_GRANU_ADDR, addr=desc["addr"], granule_size=PAGE_SIZE,
-                        nb_granules=1 << int(desc.get("size_order", 0)),
+                        nb_granules=1 << order,
                         flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0))
         else:
             info.update(granularity=IOMMU_INV_GRANU_PASID)

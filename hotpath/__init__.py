@@ -1,0 +1,68 @@
+"""vsva hot path: DMA translation (PASID cache, IOTLB, device TLB, nested walk) and DMA engine.
+
+``Iommu`` is the compiled implementation (hotpath._translate, Cython) when it is built and
+the pure-Python twin (hotpath._pure) otherwise; ``IMPLEMENTATION`` says which
+("compiled" | "python"). Setting the environment variable ``VSVA_PUREPYTHON=1`` forces the
+twin. ``PureIommu`` is always the twin, so both can be compared in one process.
+
+Conventions shared by both implementations:
+
+* translate results: a physical address and a fault code; fault codes are
+  ``reason | level << 8`` (layout.fault_code), 0 = success, and a faulting request yields
+  pa 0. Checks in order: device attached (FAULT_NO_CONTEXT), PASID < 2^20
+  (FAULT_PASID_INVALID), PASID defunct (FAULT_DEFUNCT, counted in ``defunct_drops``),
+  va < 2^48 (FAULT_OOR_ADDRESS@0), device TLB, PASID cache (PDE/PE not present, bad entry),
+  supervisor request without SRE (FAULT_FL_PERMISSION@0), IOTLB, nested walk (faults carry
+  the FL level for first-level faults and the SL level for second-level faults), and the
+  I1 owner check of the final frame on every translation, cache hits included
+  (FAULT_OWNER@0, counted in ``owner_violations``).
+* DMA results: copy/fill return (status, fault_va, done), compare returns
+  (status, fault_va, result, done); status 0 or the fault code that stopped the descriptor,
+  fault_va the exact VA whose translation failed, done the bytes completed before it (a
+  page-request retry can resume at offset done). compare's result is 0 when equal, else
+  the offset of the first differing byte + 1.
+* Caches: set-associative, true LRU within a set (per-cache clock stamps). Page-selective
+  invalidation probes only the set of each page in the range unless the range has at least
+  as many pages as the cache has sets, in which case it scans the whole cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hotpath import layout
+from hotpath._pure import COUNTER_NAMES
+from hotpath._pure import Iommu as PureIommu
+from hotpath.layout import (  # noqa: F401  (re-exported)
+    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_NAMES, INV_DOMAIN, INV_GLOBAL,
+    INV_PAGE, INV_PASID, PAGE_SHIFT, PAGE_SIZE, PASID_MAX, describe_fault, fault_code,
+    fault_level, fault_reason,
+)
+from hotpath.layout import *  # noqa: F401,F403
+
+CompiledIommu = None
+if os.environ.get("VSVA_PUREPYTHON", "") not in ("", "0"):
+    Iommu = PureIommu
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from hotpath._translate import Iommu as CompiledIommu
+    except ImportError:
+        Iommu = PureIommu
+        IMPLEMENTATION = "python"
+    else:
+        Iommu = CompiledIommu
+        IMPLEMENTATION = "compiled"
+
+
+def compiled_available() -> bool:
+    """True when the compiled extension can be imported (regardless of VSVA_PUREPYTHON)."""
+    try:
+        import hotpath._translate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES",
+           "compiled_available", "layout"]

@@ -1,0 +1,477 @@
+"""Start a topology as one OS process per actor, supervise it, and take it all down again.
+
+    with Launcher(topology) as launcher:          # all actors bound, started, ready
+        launcher.processes()                      # [{name, pid, state, exitcode}, ...]
+        launcher.run_actor(controller, timeout=60)  # the orchestrator's actor, named "orch"
+        launcher.kill("kvm")                      # SIGKILL; death seen through a pidfd
+        launcher.poll_deaths(timeout=1.0)         # [("kvm", -9)]
+        records = launcher.trace()
+    # here: no child process, socket file, shared-memory file or run directory remains
+
+Run directory (`tempfile.mkdtemp(prefix="vsva-")`, mode 0700): `topology.json`
+(dataclasses.asdict of the Topology), `run.json` (t0 = run start epoch, shm path, run id,
+launcher pid), `<name>.sock` (each actor's ROUTER; `orch.sock` is the controller's, bound by
+the launcher before any child starts so early messages to "orch" queue there),
+`orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
+stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`.
+
+Readiness: every child, once its ROUTER is bound and its actor built, sends {"ready": name,
+"pid": pid} on a DEALER (routing id = its name) to `orch-ctl.sock`; when all children of
+the run are ready the launcher answers each with {"go": true} and only then does the child
+run `actor.start`. Waiting is bounded (`ready_timeout`); a child that exits first, or a
+timeout, aborts the launch with `LaunchError` (the child's log tail in the message) after
+tearing everything down.
+
+Children die with the launcher: each child sets `PR_SET_PDEATHSIG = SIGKILL` as its first
+act and exits if the launcher is already gone; children run in their own session so a
+terminal Ctrl-C reaches only the launcher, which then shuts them down in order. (PDEATHSIG
+follows the *thread* that spawned the child: create the Launcher in a long-lived thread.)
+
+Shutdown (`close`, idempotent, also run from `__exit__` on exceptions/KeyboardInterrupt and
+at interpreter exit): SIGTERM to every live child (each flushes, closes its sockets with a
+100 ms linger and exits 0), wait up to `term_timeout` s, SIGKILL the rest, reap all; close the
+launcher's sockets; read the merged trace and the logs (`trace()`, `logs()` still work after
+close); unmap and unlink the shared memory; delete the socket files, then the run directory
+unless `keep=True`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import msgpack
+import zmq
+
+from actors.base import Actor
+from actors.memory import PhysMem
+from orchestrator import trace as tracefile
+from orchestrator.topology import ORCH, ActorSpec, Topology
+from orchestrator.zmq_runtime import ZmqRuntime, control_endpoint, valid_name
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESERVED = {ORCH, "orch-ctl"}
+
+
+class LaunchError(RuntimeError):
+    """A child died or did not report ready during launch."""
+
+
+@dataclass
+class _Proc:
+    spec: ActorSpec
+    popen: subprocess.Popen
+    pidfd: int | None
+    started: float
+    ready_at: float | None = None
+    killed_by_us: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.returncode
+
+
+class Launcher:
+    """Runs a Topology as processes; see the module docstring."""
+
+    def __init__(self, topology: Topology, *, keep: bool = False, ready_timeout: float = 20.0,
+                 term_timeout: float = 2.0, extra_path: Sequence[str] = (),
+                 base_dir: str | None = None, log: Callable[[str], None] | None = None,
+                 python: str = sys.executable):
+        self.topology = topology
+        self.keep = keep
+        self.ready_timeout = ready_timeout
+        self.term_timeout = term_timeout
+        self.extra_path = list(extra_path)
+        self.base_dir = base_dir
+        self.python = python
+        self.messages: list[str] = []
+        self._log_fn = log
+        self.run_dir: str | None = None
+        self.run_id: str | None = None
+        self.shm_path: str | None = None
+        self.mem: PhysMem | None = None
+        self.t0: float | None = None
+        self.ctx: zmq.Context | None = None
+        self.ctl: zmq.Socket | None = None
+        self.runtime: ZmqRuntime | None = None
+        self.procs: dict[str, _Proc] = {}
+        self.deaths: list[tuple[str, int]] = []  # every (name, exitcode), in order seen
+        self.on_death: list[Callable[[str, int], None]] = []
+        self._death_cursor = 0
+        self._trace: list[dict[str, Any]] | None = None
+        self._logs: dict[str, str] | None = None
+        self.closed = False
+        self.started = False
+        self.ready_seconds: float | None = None  # first spawn -> all ready
+
+    # ---- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "Launcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.close()
+        return False
+
+    def log(self, line: str) -> None:
+        line = f"launcher: {line}"
+        self.messages.append(line)
+        if self._log_fn is not None:
+            self._log_fn(line)
+
+    # ---- start -------------------------------------------------------------------------------
+    def start(self) -> "Launcher":
+        if self.started:
+            return self
+        self.started = True
+        names = [a.name for a in self.topology.actors]
+        bad = [n for n in names if not valid_name(n) or n in RESERVED]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"invalid or duplicate actor names: {bad or names}")
+        atexit.register(self.close)
+        try:
+            self._prepare()
+            t_spawn = time.monotonic()
+            for spec in self.topology.actors:
+                self._spawn(spec)
+            self._await_ready(names, self.ready_timeout)
+            self.runtime.expect(names)
+            self.ready_seconds = time.monotonic() - t_spawn
+            self.log(f"{len(names)} actors ready in {self.ready_seconds * 1000:.0f} ms "
+                     f"(run dir {self.run_dir})")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        self.t0 = time.time()
+        self.run_dir = tempfile.mkdtemp(prefix="vsva-", dir=self.base_dir)
+        os.chmod(self.run_dir, 0o700)
+        self.run_id = os.path.basename(self.run_dir)[len("vsva-"):]
+        self.shm_path = f"/dev/shm/vsva-{self.run_id}.mem"
+        self.mem = PhysMem.create(self.shm_path, self.topology.mem_frames)
+        with open(os.path.join(self.run_dir, "topology.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.topology), f, indent=1)
+        with open(os.path.join(self.run_dir, "run.json"), "w") as f:
+            json.dump({"t0": self.t0, "shm": self.shm_path, "run_id": self.run_id,
+                       "launcher_pid": os.getpid()}, f)
+        self.ctx = zmq.Context()
+        self.ctl = self.ctx.socket(zmq.ROUTER)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.ctl.bind(control_endpoint(self.run_dir))
+        self.runtime = ZmqRuntime(ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [PROJECT_ROOT, *self.extra_path]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
+    def _spawn(self, spec: ActorSpec) -> _Proc:
+        cmd = [self.python, "-m", "orchestrator.actor_process", "--run-dir", self.run_dir,
+               "--name", spec.name, "--parent-pid", str(os.getpid())]
+        with open(os.path.join(self.run_dir, f"{spec.name}.log"), "ab") as logf:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT, env=self._child_env(),
+                                     cwd=self.run_dir, start_new_session=True, close_fds=True)
+        pidfd = os.pidfd_open(popen.pid)
+        proc = _Proc(spec, popen, pidfd, time.monotonic())
+        self.procs[spec.name] = proc
+        self.runtime.watch(pidfd, lambda name=spec.name: self._reap(name) and [])
+        self.runtime.peer_restarted(spec.name)
+        return proc
+
+    def _await_ready(self, names: list[str], timeout: float) -> None:
+        """Collect the ready messages of `names` (bounded), then send each its go."""
+        waiting = set(names)
+        end = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        for name in names:
+            poller.register(self.procs[name].pidfd, zmq.POLLIN)
+        while waiting:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise LaunchError(f"not ready within {timeout:.1f} s: {sorted(waiting)}"
+                                  + self._tails(sorted(waiting)))
+            for sock, _ in poller.poll(int(min(left, 0.1) * 1000) + 1):
+                if sock is self.ctl:
+                    self._on_ready_messages(waiting)
+                    continue
+                for name in names:
+                    proc = self.procs[name]
+                    if proc.pidfd == sock and self._reap(name):
+                        raise LaunchError(f"{name} exited with {proc.exitcode} before ready"
+                                          + self._tails([name]))
+        for name in names:
+            try:
+                self.ctl.send_multipart([name.encode(), msgpack.packb({"go": True})],
+                                        zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                raise LaunchError(f"cannot send go to {name}: {exc}") from None
+
+    def _on_ready_messages(self, waiting: set[str]) -> None:
+        while True:
+            try:
+                frames = self.ctl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                rid = frames[0].decode()
+                msg = msgpack.unpackb(frames[-1], raw=False)
+            except Exception:
+                self.log("ignored a malformed control frame")
+                continue
+            proc = self.procs.get(rid)
+            if (len(frames) != 2 or not isinstance(msg, dict) or msg.get("ready") != rid
+                    or proc is None or msg.get("pid") != proc.popen.pid):
+                self.log(f"ignored control frame from {rid!r}: {msg!r}")
+                continue
+            proc.ready_at = time.monotonic()
+            waiting.discard(rid)
+
+    def _tails(self, names: list[str], lines: int = 15) -> str:
+        out = []
+        for name in names:
+            text = self._read_log(name).splitlines()[-lines:]
+            out.append(f"\n--- {name}.log ---\n" + "\n".join(text))
+        return "".join(out)
+
+    def _read_log(self, name: str) -> str:
+        if self._logs is not None:
+            return self._logs.get(name, "")
+        try:
+            with open(os.path.join(self.run_dir, f"{name}.log"), errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ""
+
+    # ---- supervision -------------------------------------------------------------------------
+    def _reap(self, name: str) -> list[str]:
+        """If `name` has exited, reap it, record the death and return [name]; else []."""
+        proc = self.procs.get(name)
+        if proc is None or proc.pidfd is None:
+            return []
+        if proc.popen.poll() is None:
+            return []
+        if self.runtime is not None:
+            self.runtime.unwatch(proc.pidfd)
+        os.close(proc.pidfd)
+        proc.pidfd = None
+        code = proc.popen.returncode
+        self.deaths.append((name, code))
+        if self.runtime is not None and not self.runtime.closed:
+            self.runtime.peer_exited(name)
+        self.log(f"{name} (pid {proc.popen.pid}) exited with {code}")
+        for callback in list(self.on_death):
+            try:
+                callback(name, code)
+            except Exception as exc:
+                self.log(f"death callback failed: {exc!r}")
+        return [name]
+
+    def poll_deaths(self, timeout: float = 0.0) -> list[tuple[str, int]]:
+        """Deaths not yet returned by this method, waiting up to `timeout` s for one."""
+        end = time.monotonic() + timeout
+        while True:
+            fds = {p.pidfd: n for n, p in self.procs.items() if p.pidfd is not None}
+            ready = []
+            if fds:
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                left = max(0.0, end - time.monotonic())
+                if self._death_cursor < len(self.deaths):
+                    left = 0.0
+                ready = poller.poll(int(left * 1000))
+            for fd, _ in ready:
+                self._reap(fds[fd])
+            if self._death_cursor < len(self.deaths) or time.monotonic() >= end or not fds:
+                break
+        new = self.deaths[self._death_cursor:]
+        self._death_cursor = len(self.deaths)
+        return new
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The process table: name, pid, state ("running"/"exited"/"killed"), exit code."""
+        rows = []
+        for name, proc in self.procs.items():
+            if proc.pidfd is not None:
+                code = proc.popen.poll()
+                if code is not None:
+                    self._reap(name)
+            code = proc.popen.returncode
+            state = "running" if code is None else "killed" if code < 0 else "exited"
+            rows.append({"name": name, "kind": proc.spec.kind, "pid": proc.popen.pid,
+                         "state": state, "exitcode": code})
+        return rows
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].popen.pid
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs[name]
+        return proc.pidfd is not None and proc.popen.poll() is None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> bool:
+        """Send `sig` to actor `name` through its pidfd (no pid-reuse race). False if gone."""
+        proc = self.procs[name]
+        if proc.pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(proc.pidfd, sig)
+        except ProcessLookupError:
+            return False
+        proc.killed_by_us = sig
+        self.log(f"sent signal {sig} to {name} (pid {proc.popen.pid})")
+        return True
+
+    def wait_exit(self, name: str, timeout: float) -> int | None:
+        """Wait (bounded) for `name` to exit; its exit code, or None if still running."""
+        proc = self.procs[name]
+        if proc.pidfd is not None:
+            poller = select.poll()
+            poller.register(proc.pidfd, select.POLLIN)
+            if poller.poll(int(timeout * 1000)):
+                self._reap(name)
+        return proc.popen.returncode
+
+    def restart(self, name: str, timeout: float | None = None) -> int:
+        """Start a dead actor again (same name, config, endpoint); returns its new pid."""
+        proc = self.procs[name]
+        if proc.pidfd is not None and proc.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._reap(name)
+        self._spawn(proc.spec)
+        self._await_ready([name], self.ready_timeout if timeout is None else timeout)
+        self.runtime.expect([name])
+        return self.procs[name].popen.pid
+
+    def run_actor(self, actor: Actor, timeout: float = 60.0,
+                  until: Callable[[Actor], bool] | None = None) -> bool:
+        """Run the orchestrator's own actor (named "orch") on this process's runtime; child
+        deaths reach it as `peer_down(name, now)`. See ZmqRuntime.run_actor."""
+        if self.runtime is None or self.closed:
+            raise RuntimeError("launcher is not running")
+        return self.runtime.run_actor(actor, timeout=timeout, until=until)
+
+    # ---- results -----------------------------------------------------------------------------
+    def trace(self) -> list[dict[str, Any]]:
+        """Every actor's trace merged by logical clock (kept after close)."""
+        if self._trace is not None:
+            return self._trace
+        return tracefile.load(self.run_dir) if self.run_dir else []
+
+    def logs(self) -> dict[str, str]:
+        """Each child's log text (kept after close)."""
+        if self._logs is not None:
+            return self._logs
+        return {name: self._read_log(name) for name in self.procs}
+
+    # ---- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop everything and remove every trace of the run from the system (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            atexit.unregister(self.close)
+        except Exception:
+            pass
+        steps = (self._stop_children, self._close_sockets, self._collect, self._drop_memory,
+                 self._remove_files)
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except BaseException as exc:  # keep cleaning up; re-raise the first at the end
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _stop_children(self) -> None:
+        live = [n for n, p in self.procs.items() if p.pidfd is not None]
+        for name in live:
+            self.kill(name, signal.SIGTERM)
+        self._wait_all(live, self.term_timeout)
+        rest = [n for n in live if self.procs[n].pidfd is not None]
+        for name in rest:
+            self.log(f"{name} ignored SIGTERM; SIGKILL")
+            self.kill(name, signal.SIGKILL)
+        self._wait_all(rest, 5.0)
+        for proc in self.procs.values():  # anything left (should be nothing): block-reap
+            if proc.popen.returncode is None:
+                try:
+                    proc.popen.kill()
+                except OSError:
+                    pass
+                proc.popen.wait(5.0)
+            if proc.pidfd is not None:
+                self._reap(proc.spec.name)
+
+    def _wait_all(self, names: list[str], timeout: float) -> None:
+        end = time.monotonic() + timeout
+        pending = [n for n in names if self.procs[n].pidfd is not None]
+        while pending and time.monotonic() < end:
+            poller = select.poll()
+            fds = {self.procs[n].pidfd: n for n in pending}
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                self._reap(fds[fd])
+            pending = [n for n in pending if self.procs[n].pidfd is not None]
+
+    def _close_sockets(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+        if self.ctl is not None:
+            self.ctl.close(0)
+        if self.ctx is not None:
+            self.ctx.destroy(linger=100)  # closes any socket still open on it: bounded
+
+    def _collect(self) -> None:
+        if self.run_dir and os.path.isdir(self.run_dir):
+            self._logs = {name: self._read_log(name) for name in self.procs}
+            self._trace = tracefile.load(self.run_dir)
+
+    def _drop_memory(self) -> None:
+        if self.mem is not None:
+            try:
+                self.mem.close()
+            except BufferError:  # a caller still holds a view; the unlink still happens
+                pass
+            self.mem = None
+        if self.shm_path:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
+
+    def _remove_files(self) -> None:
+        if not self.run_dir or not os.path.isdir(self.run_dir):
+            return
+        for entry in os.listdir(self.run_dir):
+            if entry.endswith(".sock"):
+                try:
+                    os.unlink(os.path.join(self.run_dir, entry))
+                except FileNotFoundError:
+                    pass
+        if not self.keep:
+            shutil.rmtree(self.run_dir, ignore_errors=True)

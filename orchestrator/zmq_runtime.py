@@ -1,0 +1,641 @@
+"""The ZeroMQ runtime: one actor, one process loop, direct sockets to its peers.
+
+The same `ZmqRuntime` runs every child actor (`python -m orchestrator.actor_process`) and the
+orchestrator's own controller inside the launcher process; there is no other copy of the loop.
+
+Sockets of one actor named N (endpoints are a function of (run_dir, name), see `endpoint`):
+
+- one ROUTER bound at `ipc://<run_dir>/N.sock`: *all* inbound traffic (requests, one-way
+  messages, replies) arrives there as `[routing_id, payload]`;
+- one DEALER per peer, created on first use, `routing_id = N`, `IMMEDIATE=1` (a message is only
+  queued on a live connection), short `LINGER`, connected to the peer's ROUTER. Replies go
+  the same way as requests: through the replier's DEALER to the requester's ROUTER.
+
+Inbound checks, in order, before anything reaches the actor (SPEC §9):
+  frame shape / `decode` (-EBADMSG, -EPROTONOSUPPORT, -EMSGSIZE),
+  `src` == the ZeroMQ routing id of the connection (-EPERM), `dst` == this actor (-EINVAL).
+A refused message is answered by the *runtime* (not the actor, whose state is untouched)
+with an error envelope sent back over the ROUTER to the routing id of the offending
+connection, so it lands on the sender's DEALER: kind = the request's kind (or "error"),
+corr = the request's id when it had one, body {"ret": -errno, "error": why}, id negative
+(runtime-originated ids never collide with the actor's own positive ids). Messages that are
+themselves replies (corr set) are never answered, so two runtimes cannot ping-pong errors.
+Anything arriving on a DEALER (only such error answers) is checked the same way, with the
+peer's name as identity, and then delivered to the actor like any reply.
+
+The routing id is set by the runtime from the actor's name and the actor API cannot change
+it, so `src` is authenticated the way a file descriptor authenticates a caller: by the
+channel, not by a claim in the message. (Only processes that can open the private 0700 run
+directory can connect at all.)
+
+Sending never blocks and never loses a message silently. A peer's connection is tracked with
+a socket monitor: *connecting* (fresh DEALER) -> *up* (ZMTP handshake done) -> *down*
+(disconnected, or connect refused). A send to an *up* peer goes straight out; when it cannot
+(connecting, or the send queue is full) it waits in a per-peer queue for at most
+`send_grace` seconds (POLLOUT flushes it); a send to a *down* peer, an unknown name, or a
+queued message whose grace expired goes to `actor.send_failed(env, now)` at once. When a
+connection that was up drops, the queued messages fail (definite: never sent) and the actor
+gets `peer_down(peer, now, sent=True)` (requests already handed over become indefinite)
+`SETTLE` s later, after what the peer sent before dying has been delivered. The launcher
+also feeds process deaths (pidfds: `peer_exited`); a peer reported down by both sources is
+reported once until it connects again (or the launcher restarts it: `peer_restarted`).
+
+Time: `now` given to the actor is `time.monotonic()` minus the runtime's creation time; the
+trace time is wall time since the run's start epoch `t0`. Every envelope handed to ZeroMQ is
+written to `<run_dir>/trace-N.jsonl` just *before* the hand-over (so a receiver never acts on
+a message missing from its sender's trace); a send that fails is logged, not traced (except in
+the rare case where the connection dropped between the writability check and the send: the
+log line then says "already traced").
+
+Every wait is bounded: the poll timeout is the time to the actor's next deadline, the next
+send-queue expiry, or the run's end, capped at `MAX_POLL`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from actors import errno as E
+from actors.base import Actor
+from actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
+from orchestrator.trace import TraceWriter, record
+
+MAX_POLL = 0.1  # seconds: the longest a loop iteration sleeps
+LINGER_MS = 100
+RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
+SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
+SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
+MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
+MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def valid_name(name: str) -> bool:
+    """Actor names double as file names in the run directory: keep them boring."""
+    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
+
+
+def socket_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, f"{name}.sock")
+
+
+def endpoint(run_dir: str, name: str) -> str:
+    """The ROUTER endpoint of actor `name` (ipc in the private run directory)."""
+    return f"ipc://{socket_path(run_dir, name)}"
+
+
+def control_endpoint(run_dir: str) -> str:
+    """The launcher's control ROUTER (readiness handshake), separate from the data path."""
+    return f"ipc://{os.path.join(run_dir, 'orch-ctl.sock')}"
+
+
+UP, CONNECTING, DOWN = "up", "connecting", "down"
+
+
+@dataclass
+class _Peer:
+    name: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    state: str = CONNECTING
+    hold_until: float = 0.0  # restarted: connect failures before this do not mean down
+    queue: deque = field(default_factory=deque)  # (env, frame, deadline, traced)
+
+
+class ZmqRuntime:
+    """Runs one actor over ZeroMQ: binds its ROUTER at creation, drives it in `run_actor`."""
+
+    def __init__(self, name: str, run_dir: str, *, t0: float | None = None,
+                 ctx: zmq.Context | None = None, log: Callable[[str], None] | None = None,
+                 trace: bool = True, send_grace: float = SEND_GRACE,
+                 endpoint_of: Callable[[str], str | None] | None = None):
+        if not valid_name(name):
+            raise ValueError(f"invalid actor name {name!r}")
+        self.name = name
+        self.run_dir = run_dir
+        self.t0 = time.time() if t0 is None else t0
+        self.mono0 = time.monotonic()
+        self._own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
+        self._log = log or (lambda line: None)
+        self.send_grace = send_grace
+        self._endpoint_of = endpoint_of or self._default_endpoint
+        self.endpoint = endpoint(run_dir, name)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        for opt, val in ((zmq.LINGER, LINGER_MS), (zmq.ROUTER_MANDATORY, 1),
+                         (zmq.ROUTER_HANDOVER, 1), (zmq.MAXMSGSIZE, MAX_WIRE)):
+            self.router.setsockopt(opt, val)
+        try:
+            self.router.bind(self.endpoint)
+        except zmq.ZMQError:
+            self.router.close(0)
+            if self._own_ctx:
+                self.ctx.term()
+            raise
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.peers: dict[str, _Peer] = {}
+        self._by_sock: dict[Any, _Peer] = {}
+        self._watch: dict[int, Callable[[], Iterable[str]]] = {}
+        self._down_reported: set[str] = set()
+        self._dying: list[tuple[float, str]] = []  # (report time, peer): see _peer_gone
+        self._trace = TraceWriter(run_dir, name) if trace else None
+        self._runtime_id = 0
+        self._stop = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.actor: Actor | None = None
+        self._started: Actor | None = None
+        self.closed = False
+        self.stats = {"sent": 0, "received": 0, "send_failed": 0, "rejected": 0, "peer_down": 0}
+
+    # ---- clocks --------------------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic() - self.mono0
+
+    def wall(self) -> float:
+        return time.time() - self.t0
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def watch(self, fd: int, on_ready: Callable[[], Iterable[str]]) -> None:
+        """Poll `fd` too; when readable, `on_ready()` returns the names of peers now dead."""
+        self._watch[fd] = on_ready
+        self.poller.register(fd, zmq.POLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        if self._watch.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def peer_exited(self, name: str) -> None:
+        """The launcher saw process `name` die: its connection is down now, and the actor
+        hears `peer_down` once (even if the socket says so too), `SETTLE` s later."""
+        self._peer_gone(name, f"{name} exited")
+
+    def peer_restarted(self, name: str) -> None:
+        """Process `name` runs again (bound and ready): a later death is news again, and
+        sends wait for the reconnection (up to `send_grace`) instead of failing."""
+        peer = self.peers.get(name)
+        if peer is not None:
+            self._on_monitor(peer)  # the old connection's last events first
+        self._report_now(name)  # the old incarnation's death, before anything reaches the new
+        if peer is not None and peer.state != UP:
+            peer.state = CONNECTING
+            peer.hold_until = self.now() + self.send_grace
+        self._down_reported.discard(name)
+
+    def request_stop(self) -> None:
+        """Ask the loop to return soon (safe from a signal handler)."""
+        self._stop = True
+
+    def install_signal_wakeup(self) -> None:
+        """Wake the poll at once when a signal arrives (main thread only)."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def log(self, line: str) -> None:
+        self._log(f"{self.name}: {line}")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run_actor(self, actor: Actor, timeout: float | None = None,
+                  until: Callable[[Actor], bool] | None = None) -> bool:
+        """Drive `actor` until `until(actor)` holds (default: it is stopping, or has a true
+        `done`, or a non-None `result` and nothing pending), a stop is requested, or
+        `timeout` passes.
+
+        The actor's `start` runs once, on the first call with that actor. Returns True when
+        the condition held, False on timeout or stop request. Outgoing messages are flushed
+        before returning; sockets stay open (call `close`).
+        """
+        if actor.name != self.name:
+            raise ValueError(f"actor {actor.name!r} cannot run on {self.name!r}'s sockets")
+        self.actor = actor
+        cond = until or _default_until
+        end = None if timeout is None else time.monotonic() + timeout
+        self._sync()
+        if self._started is not actor:
+            self._started = actor
+            self._send_all(actor.start(self.now()))
+        while True:
+            if cond(actor):
+                self.flush(self.send_grace)
+                return True
+            if self._stop:
+                self.flush(self.send_grace)
+                return False
+            mono = time.monotonic()
+            if end is not None and mono >= end:
+                return False
+            self._round(MAX_POLL if end is None else min(MAX_POLL, end - mono))
+
+    def _sync(self) -> None:
+        """Take in what happened while no loop ran: connection events, process deaths."""
+        for peer in list(self.peers.values()):
+            if peer.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                self._on_monitor(peer)
+        for fd in [fd for fd in self._watch if fd >= 0]:
+            if select.select([fd], [], [], 0)[0]:
+                self._on_fd(fd)
+
+    def _peer_gone(self, name: str, why: str) -> None:
+        """Peer `name` died or dropped its connection: new sends fail from now on, queued
+        ones fail now (never sent: definite), and the actor hears `peer_down` after
+        `SETTLE` s, so messages the peer sent before dying (already in our socket buffers)
+        are delivered first: a reply that made it is not turned into an indefinite outcome."""
+        peer = self.peers.get(name)
+        if peer is not None:
+            peer.state = DOWN
+            self._fail_queue(peer, why)
+        self._dying.append((self.now() + SETTLE, name))
+
+    def _report_now(self, name: str) -> None:
+        """Report a pending death of `name` at once (it is back: what is sent from now on
+        goes to a new incarnation and must not be failed by the old one's death)."""
+        if any(n == name for _, n in self._dying):
+            self._dying = [(t, n) for t, n in self._dying if n != name]
+            self._report_down(name)
+
+    def _report_exits(self) -> None:
+        now = self.now()
+        while self._dying and self._dying[0][0] <= now:
+            self._report_down(self._dying.pop(0)[1])
+
+    def _round(self, cap: float) -> None:
+        """One poll round: wait (bounded), then handle everything that is ready, inbound
+        messages first (before deaths and connection events)."""
+        self._report_exits()
+        actor = self.actor
+        now = self.now()
+        deadline = actor.next_deadline() if actor is not None else None
+        if deadline is not None and deadline <= now:
+            self._send_all(actor.expire(now))
+            return
+        wait = cap
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        if self._dying:
+            wait = min(wait, self._dying[0][0] - now)
+        for peer in self.peers.values():
+            if peer.queue:
+                wait = min(wait, peer.queue[0][2] - now)
+        events = dict(self.poller.poll(max(0, int(wait * 1000 + 0.999))))
+        if self.router in events:
+            self._drain_router()
+        later = []
+        for sock, flags in events.items():
+            peer = self._by_sock.get(sock) if not isinstance(sock, int) else None
+            if peer is not None and sock is peer.sock:
+                if flags & zmq.POLLIN:
+                    self._drain_dealer(peer)
+                if flags & zmq.POLLOUT:
+                    self._flush_queue(peer)
+            elif sock is not self.router:
+                later.append((sock, peer))
+        for sock, peer in later:
+            if isinstance(sock, int):
+                self._on_fd(sock)
+            elif peer is not None:
+                self._on_monitor(peer)
+        self._expire_queues()
+
+    def flush(self, timeout: float) -> None:
+        """Give queued outgoing messages up to `timeout` seconds to leave (bounded); any
+        still queued then fail loudly (send_failed)."""
+        end = time.monotonic() + timeout
+        while any(p.queue for p in self.peers.values()) and time.monotonic() < end:
+            self._round(min(MAX_POLL, end - time.monotonic()))
+        for peer in list(self.peers.values()):
+            self._fail_queue(peer, f"not sent to {peer.name} within {timeout:.3f} s")
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Connect to these peers now (before the first message needs it) and, for
+        `send_grace`, treat a refused connection as "not there yet" rather than "down"."""
+        now = self.now()
+        for name in names:
+            if name == self.name:
+                continue
+            peer = self._peer(name)
+            if peer is None:
+                continue
+            self._on_monitor(peer)
+            if peer.state != UP:
+                peer.state = CONNECTING
+                peer.hold_until = now + self.send_grace
+
+    # ---- inbound -------------------------------------------------------------------------
+    def _drain_router(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.stats["received"] += 1
+            rid = frames[0]
+            try:
+                sender = rid.decode("utf-8")
+            except UnicodeDecodeError:
+                sender = None
+            if len(frames) != 2:
+                err = ProtocolError(-E.EBADMSG, f"{len(frames) - 1} payload frames, want 1")
+                self._reject(rid, sender, err, b"".join(frames[1:2]))
+                continue
+            try:
+                env = decode(frames[1])
+            except ProtocolError as err:
+                self._reject(rid, sender, err, frames[1])
+                continue
+            why = self._check_route(env, sender)
+            if why is not None:
+                self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
+                continue
+            self._deliver(env)
+
+    def _drain_dealer(self, peer: _Peer) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = peer.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats["received"] += 1
+            try:
+                if len(frames) != 1:
+                    raise ProtocolError(-E.EBADMSG, "multi-part frame")
+                env = decode(frames[0])
+                why = self._check_route(env, peer.name)
+                if why is not None:
+                    raise ProtocolError(why[0], why[1])
+            except ProtocolError as err:
+                self.stats["rejected"] += 1
+                self._ratelog("dealer-in", f"dropped bad frame from {peer.name}: {err.why} "
+                              f"({E.name(err.ret)})")
+                continue
+            self._deliver(env)
+
+    def _check_route(self, env: Envelope, sender: str | None) -> tuple[int, str] | None:
+        if sender is None or env.src != sender:
+            return -E.EPERM, f"src {env.src!r} is not the sender {sender!r}"
+        if env.dst != self.name:
+            return -E.EINVAL, f"dst {env.dst!r} is not {self.name!r}"
+        return None
+
+    def _deliver(self, env: Envelope) -> None:
+        if self.actor is None:
+            return
+        self._send_all(self.actor.deliver(env, self.now()))
+
+    def _reject(self, rid: bytes, sender: str | None, err: ProtocolError, frame: bytes) -> None:
+        """Answer a refused frame to the connection it came on, unless it was a reply."""
+        self.stats["rejected"] += 1
+        partial = err.partial if isinstance(err.partial, dict) else {}
+        who = sender if sender is not None else rid.hex()
+        self._ratelog(f"reject:{err.ret}", f"refused frame from {who!r} ({len(frame)} B): "
+                      f"{err.why} ({E.name(err.ret)})")
+        if partial.get("corr") is not None:
+            return  # never answer a reply
+        kind = partial.get("kind")
+        req_id = partial.get("id")
+        flow = partial.get("flow")
+        self._runtime_id -= 1
+        answer = Envelope(src=self.name, dst=sender if sender is not None else "?",
+                          kind=kind if isinstance(kind, str) and len(kind) <= 64 else "error",
+                          body={"ret": err.ret, "error": err.why}, id=self._runtime_id,
+                          corr=req_id if isinstance(req_id, int) and not isinstance(req_id, bool)
+                          else None,
+                          rr=False, clock=self.actor.clock if self.actor is not None else 0,
+                          flow=flow if isinstance(flow, str) and len(flow) <= 64 else "")
+        try:
+            self.router.send_multipart([rid, encode(answer)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # EHOSTUNREACH (gone), EAGAIN (its queue is full): give up
+            return
+        self._record(answer)
+
+    # ---- outbound ------------------------------------------------------------------------
+    def send(self, envs: Iterable[Envelope]) -> None:
+        """Send envelopes produced outside the loop (e.g. by a test harness)."""
+        self._send_all(envs)
+
+    def _send_all(self, envs: Iterable[Envelope]) -> None:
+        work = deque(envs)
+        while work:
+            work.extend(self._send_one(work.popleft()))
+
+    def _send_one(self, env: Envelope) -> list[Envelope]:
+        try:
+            frame = encode(env)
+        except Exception as exc:  # an unencodable body is the sender's bug: fail loudly
+            return self._failed(env, f"cannot encode: {exc!r}")
+        if len(frame) > MAX_FRAME:
+            return self._failed(env, f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+        peer = self._peer(env.dst)
+        if peer is None:
+            return self._failed(env, f"no endpoint for {env.dst!r}")
+        if peer.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            self._on_monitor(peer)  # the connection's state must be current, not stale
+        if peer.state == DOWN:
+            return self._failed(env, f"{env.dst} is down")
+        if peer.queue or not peer.sock.get(zmq.EVENTS) & zmq.POLLOUT:
+            peer.queue.append((env, frame, self.now() + self.send_grace, False))
+            self.poller.register(peer.sock, zmq.POLLIN | zmq.POLLOUT)
+            return []
+        return self._transmit(peer, env, frame, False)
+
+    def _transmit(self, peer: _Peer, env: Envelope, frame: bytes, traced: bool
+                  ) -> list[Envelope] | None:
+        """Hand one frame to ZeroMQ, tracing it first (so a receiver never acts on a message
+        its sender's trace does not have yet). None: it must wait (queue full again)."""
+        if not traced:
+            self._record(env)
+        try:
+            peer.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # writable a moment ago: rare (a connection dropping)
+            peer.queue.appendleft((env, frame, self.now() + self.send_grace, True))
+            self.poller.register(peer.sock, zmq.POLLIN | zmq.POLLOUT)
+            return None
+        except zmq.ZMQError as exc:
+            return self._failed(env, f"send error {exc} (already traced)")
+        self.stats["sent"] += 1
+        return []
+
+    def _record(self, env: Envelope) -> None:
+        if self._trace is not None:
+            self._trace.write(record(env, self.wall()))
+
+    def _failed(self, env: Envelope, why: str) -> list[Envelope]:
+        self.stats["send_failed"] += 1
+        self._ratelog(f"sendfail:{env.dst}", f"send {env.kind} #{env.id} to {env.dst} failed: {why}")
+        if self.actor is None:
+            return []
+        return self.actor.send_failed(env, self.now())
+
+    def _flush_queue(self, peer: _Peer) -> None:
+        while peer.queue and peer.sock.get(zmq.EVENTS) & zmq.POLLOUT:
+            env, frame, _, traced = peer.queue.popleft()
+            more = self._transmit(peer, env, frame, traced)
+            if more is None:
+                return
+            self._send_all(more)
+        if not peer.queue:
+            self.poller.register(peer.sock, zmq.POLLIN)
+
+    def _expire_queues(self) -> None:
+        now = self.now()
+        for peer in list(self.peers.values()):
+            if not peer.queue or peer.queue[0][2] > now:
+                continue
+            while peer.queue and peer.queue[0][2] <= now:
+                env, _, _, traced = peer.queue.popleft()
+                self._send_all(self._failed(env, f"no connection to {peer.name} within "
+                                                 f"{self.send_grace:.3f} s"
+                                                 + (" (already traced)" if traced else "")))
+            if not peer.queue:
+                self.poller.register(peer.sock, zmq.POLLIN)
+
+    def _fail_queue(self, peer: _Peer, why: str) -> None:
+        while peer.queue:
+            env, _, _, traced = peer.queue.popleft()
+            self._send_all(self._failed(env, why + (" (already traced)" if traced else "")))
+        self.poller.register(peer.sock, zmq.POLLIN)
+
+    # ---- peers ---------------------------------------------------------------------------
+    def _default_endpoint(self, name: str) -> str | None:
+        """ipc peers exist when their socket file does (a name of this run)."""
+        if not valid_name(name) or not os.path.exists(socket_path(self.run_dir, name)):
+            return None
+        return endpoint(self.run_dir, name)
+
+    def _peer(self, name: str) -> _Peer | None:
+        peer = self.peers.get(name)
+        if peer is not None:
+            return peer
+        ep = self._endpoint_of(name) if valid_name(name) else None
+        if ep is None:
+            return None
+        sock = self.ctx.socket(zmq.DEALER)
+        for opt, val in ((zmq.ROUTING_ID, self.name.encode()), (zmq.IMMEDIATE, 1),
+                         (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
+                         (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
+            sock.setsockopt(opt, val)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        sock.connect(ep)
+        peer = _Peer(name, sock, monitor)
+        self.peers[name] = peer
+        self._by_sock[sock] = peer
+        self._by_sock[monitor] = peer
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
+        return peer
+
+    def _on_monitor(self, peer: _Peer) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.state = UP
+                self._report_now(peer.name)
+                self._down_reported.discard(peer.name)
+                if peer.queue:
+                    self.poller.register(peer.sock, zmq.POLLIN | zmq.POLLOUT)
+            elif event == zmq.EVENT_DISCONNECTED:
+                if peer.state == UP:
+                    self._peer_gone(peer.name, f"{peer.name} disconnected")
+                else:
+                    peer.state = DOWN
+                    self._fail_queue(peer, f"{peer.name} disconnected")
+            elif event != zmq.EVENT_CONNECTED and peer.state != UP:
+                # connect refused / retried, or a failed handshake: nobody is serving there
+                if self.now() < peer.hold_until:
+                    continue
+                peer.state = DOWN
+                self._fail_queue(peer, f"{peer.name} is not accepting connections")
+
+    def _on_fd(self, fd: int) -> None:
+        if self._wake_r is not None and fd == self._wake_r.fileno():
+            try:
+                while self._wake_r.recv(512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+            return
+        on_ready = self._watch.get(fd)
+        if on_ready is None:
+            return
+        for name in on_ready():
+            self.peer_exited(name)
+
+    def _report_down(self, name: str) -> None:
+        if name in self._down_reported:
+            return
+        self._down_reported.add(name)
+        self.stats["peer_down"] += 1
+        self.log(f"peer {name} is down")
+        if self.actor is not None:
+            self._send_all(self.actor.peer_down(name, self.now(), sent=True))
+
+    def _ratelog(self, key: str, line: str) -> None:
+        if self.actor is not None:
+            self.actor.log(key, line)
+        else:
+            self.log(line)
+
+    # ---- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every socket with a short linger (idempotent); remove our socket file."""
+        if self.closed:
+            return
+        for peer in list(self.peers.values()):
+            self._fail_queue(peer, "runtime closing")
+        self.closed = True
+        for peer in self.peers.values():
+            try:
+                peer.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            peer.monitor.close(0)
+            peer.sock.close(LINGER_MS)
+        self.peers.clear()
+        self._by_sock.clear()
+        self.router.close(LINGER_MS)
+        if self._wake_r is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            self._wake_r.close()
+            self._wake_w.close()
+        if self._trace is not None:
+            self._trace.close()
+        if self._own_ctx:
+            self.ctx.destroy(linger=LINGER_MS)  # closes anything left too: bounded
+        try:
+            os.unlink(socket_path(self.run_dir, self.name))
+        except FileNotFoundError:
+            pass
+
+
+def _default_until(actor: Actor) -> bool:
+    """Stopping, or done: a true `done`, or a `result` set and no request still pending (so
+    a controller's closing requests, e.g. shutdown, get their replies)."""
+    return bool(actor.stopping or getattr(actor, "done", False)
+                or (getattr(actor, "result", None) is not None and not actor.busy))

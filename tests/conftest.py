@@ -1,0 +1,181 @@
+"""Shared fixtures for the actor and orchestrator tests (deterministic runtime only).
+
+`vsva` (a fixture) gives the helpers: `world(...)` builds a started system with its VMs
+powered on, `ask(rt, dst, kind, body, src=...)` sends one request from any name (a live
+actor's included: the transport authenticates the sender, so this is how a test acts *as*
+the vmm or the guest) and returns the reply body, `HandGuest` is a guest driven by hand
+(its pages, PASID table and invalidation queue are written here, as bytes in guest RAM),
+`session(...)` runs the Controller's whole demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from actors.guest import GuestKernel, Process
+from actors.memory import GuestRam, PasidDirectory
+from actors.messages import (
+    IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, Envelope,
+)
+from hotpath.layout import (
+    ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
+)
+from orchestrator.control import Controller
+from orchestrator.sim import SimRuntime
+from orchestrator.topology import default_topology, guest_name, vmm_name
+
+_IDS = itertools.count(1 << 40)
+
+
+def ask(rt: SimRuntime, dst: str, kind: str, body: dict | None = None, src: str = "orch") -> dict:
+    """Put one request from `src` on the wire, run until `dst` answers it, drain, return the body."""
+    rid = next(_IDS)
+    pos = [len(rt.trace)]
+    rt.inject(Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body, id=rid,
+                       rr=True, clock=0))
+    box: list[dict] = []
+
+    def answered() -> bool:
+        trace = rt.trace
+        for i in range(pos[0], len(trace)):
+            r = trace[i]
+            if r["corr"] == rid and r["src"] == dst and r["dst"] == src:
+                box.append(r["body"])
+                return True
+        pos[0] = len(trace)
+        return False
+
+    rt.run(until=answered)
+    assert box, f"{dst} never answered {kind} from {src}"
+    rt.run()  # deliver what is still in flight (the reply itself, acks)
+    return box[0]
+
+
+def notifies(rt: SimRuntime, since: int = 0) -> list[dict]:
+    """ioasid_notify requests in the trace from index `since` on."""
+    return [r for r in rt.trace[since:] if r["kind"] == "ioasid_notify" and r["corr"] is None]
+
+
+def host_state(host) -> dict:
+    """The host's snapshot without counters and bookkeeping that any request moves."""
+    snap = copy.deepcopy(host.snapshot())
+    for key in ("counters", "pending", "dropped_replies", "dma"):
+        snap.pop(key, None)
+    return snap
+
+
+def bind_record(hpasid: int, /, **over: Any) -> dict:
+    """A valid bind record (uapi iommu_gpasid_bind_data) for an identity-mapped PASID."""
+    rec = {"argsz": 64, "version": IOMMU_GPASID_BIND_VERSION_1, "format": IOMMU_PASID_FORMAT_INTEL_VTD,
+           "flags": 0, "hpasid": hpasid, "gpasid": hpasid, "gpgd": 0x10000, "addr_width": 48,
+           "vtd_flags": 0}
+    rec.update(over)
+    return rec
+
+
+class HandGuest:
+    """A guest kernel driven by the test: real bytes in guest RAM, requests sent as the guest."""
+
+    def __init__(self, rt: SimRuntime, vm: int, devices: list[str] | None = None):
+        self.rt, self.vm = rt, vm
+        self.name, self.vmm = guest_name(vm), vmm_name(vm)
+        info = self.ask(self.vmm, "vm_info")
+        assert info["ret"] == 0, info
+        self.kernel = GuestKernel(GuestRam(rt.mem, info["ram_frames"]))
+        self.devices, self.mdevs = info["devices"], set(info["mdevs"])
+        self.dirs: dict[str, PasidDirectory] = {}
+        for dev in devices if devices is not None else self.devices:
+            pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
+            self.dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
+            reply = self.qi([{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}])
+            assert reply["ret"] == 0, reply
+
+    def ask(self, dst: str, kind: str, body: dict | None = None) -> dict:
+        return ask(self.rt, dst, kind, body, src=self.name)
+
+    def qi(self, descs: list) -> dict:
+        return self.ask(self.vmm, "qi_submit", {"descs": descs})
+
+    def spawn(self, pid: int, va: int = 0x4000_0000, pages: int = 4) -> Process:
+        proc = self.kernel.spawn(pid)
+        self.kernel.mmap(proc, va, pages)
+        return proc
+
+    def alloc(self, dev: str) -> dict:
+        return self.ask(self.vmm, "vcmd_alloc", {"dev": dev})
+
+    def bind(self, proc: Process, dev: str, gpasid: int) -> dict:
+        self.dirs[dev].write_entry(gpasid, encode_pasid_entry(
+            flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
+        return self.qi([{"type": "pc", "dev": dev, "pasid": gpasid}, {"type": "wait"}])
+
+    def unbind(self, dev: str, gpasid: int) -> dict:
+        self.dirs[dev].clear_entry(gpasid)
+        return self.qi([{"type": "pc", "dev": dev, "pasid": gpasid}, {"type": "wait"}])
+
+    def flush(self, dev: str, gpasid: int, va: int, size_order: int = 0, devtlb: bool = True) -> dict:
+        base = {"dev": dev, "pasid": gpasid, "addr": va, "size_order": size_order}
+        descs = [{"type": "piotlb", **base}] + ([{"type": "dev_iotlb", **base}] if devtlb else [])
+        return self.qi(descs + [{"type": "wait"}])
+
+    def free(self, gpasid: int) -> dict:
+        return self.ask(self.vmm, "vcmd_free", {"pasid": gpasid})
+
+    def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
+               pattern: int = 0) -> dict:
+        body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length,
+                "pattern": pattern}
+        if dev in self.mdevs:
+            return self.ask("vdcm", "mdev_submit", body)
+        return self.ask("host", "dev_submit", body)
+
+    def frame_of(self, proc: Process, va: int) -> int:
+        """The host frame behind `va` in the process's own tables (the CPU's view)."""
+        gpa = proc.pt.lookup(va) & ADDR_MASK
+        return self.kernel.ram.hpa(gpa) >> 12
+
+    def remap(self, proc: Process, va: int) -> tuple[int, int]:
+        """Point `va` at a fresh guest page (no invalidation yet); returns (old GPA, new GPA)."""
+        old = proc.pt.lookup(va) & ADDR_MASK
+        new = self.kernel.alloc_page()
+        proc.pt.map(va, new, FL_P | FL_RW | FL_US)
+        return old, new
+
+
+def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple[int, ...] = (),
+          **topo: Any) -> SimpleNamespace:
+    """A started system with every VM powered on; the guests of VMs in `hand` are removed
+    (the test speaks for them)."""
+    t = default_topology(vms, seed=seed, extra_devices=extra, **topo)
+    rt = SimRuntime(t)
+    for vm in hand:
+        rt.actors.pop(guest_name(vm))
+    rt.start()
+    started = {vm: ask(rt, vmm_name(vm), "vm_start", {}, src="orch") for vm in range(1, vms + 1)}
+    for vm, reply in started.items():
+        assert reply["ret"] == 0, (vm, reply)
+    return SimpleNamespace(t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"],
+                           vdcm=rt.actors["vdcm"], started=started)
+
+
+def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, **topo: Any):
+    """Run the Controller's whole session; returns (runtime, controller)."""
+    t = default_topology(vms, seed=seed, **topo)
+    rt = SimRuntime(t)
+    c = rt.add(Controller(t, shutdown=shutdown, env=rt.env({"request_timeout": t.request_timeout})))
+    rt.start()
+    rt.run(until=lambda: c.result is not None)
+    assert c.result is not None, "session did not finish"
+    rt.run()
+    return rt, c
+
+
+@pytest.fixture(scope="session")
+def vsva() -> SimpleNamespace:
+    return SimpleNamespace(ask=ask, world=world, session=session, HandGuest=HandGuest,
+                           host_state=host_state, notifies=notifies, bind_record=bind_record)

@@ -1,0 +1,222 @@
+"""Differential test: the compiled module and the pure twin agree on random workloads.
+
+Both run the same operations on two copies of the same memory. After every operation the
+results, counters, cache dumps and the memory bytes (A/D bit writes, DMA data) must agree.
+Caches are tiny so evictions and set conflicts happen all the time.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hotpath
+from hotpath.layout import (
+    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, FL_P, FL_RW, FL_US,
+    PAGE_SIZE, SL_R, SL_W,
+)
+from hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
+
+pytestmark = pytest.mark.skipif(not hotpath.compiled_available(),
+                                reason="compiled module not built")
+
+VA = 0x7F00_0000_0000
+PAGES = [VA + i * PAGE_SIZE for i in range(10)] + [VA + (1 << 21), VA + (1 << 30) + 0x5000,
+                                                  0x40_0000_0000]
+R, W, X, PRIV = ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC, ACCESS_PRIV
+PASIDS = [5, 6, 9]
+KW = dict(iotlb_sets=4, iotlb_ways=2, devtlb_entries=4, devtlb_ways=2, pasid_cache_entries=4)
+
+page = st.integers(0, len(PAGES) - 1)
+proc = st.integers(0, 2)
+pasid_any = st.sampled_from([5, 6, 9, 7, 1 << 20])
+did = st.sampled_from([1, 2])
+access = st.sampled_from([R, W, R | W, X, R | PRIV, W | PRIV, 0, R | X])
+size_order = st.sampled_from([0, 1, 3, 9])
+op = st.one_of(
+    st.tuples(st.just("x"), st.integers(0, 2), pasid_any, page,
+              st.sampled_from([0, 8, 0xFFF]), access),
+    st.tuples(st.just("xb"), st.integers(0, 1), st.lists(st.tuples(pasid_any, page, access),
+                                                         min_size=1, max_size=12)),
+    st.tuples(st.just("map"), proc, page, st.booleans(), st.booleans(), st.booleans(),
+              st.booleans()),
+    st.tuples(st.just("unmap"), proc, page),
+    st.tuples(st.just("upper"), proc, page, st.sampled_from([2, 3, 4]),
+              st.sampled_from([FL_US, FL_RW, FL_P])),
+    st.tuples(st.just("sl"), proc, page, st.sampled_from([0, SL_R, SL_R | SL_W])),
+    st.tuples(st.just("own"), proc, page, st.integers(0, 2)),
+    st.tuples(st.just("ii"), st.integers(0, 3), did, st.sampled_from(PASIDS), page, size_order),
+    st.tuples(st.just("ip"), st.integers(0, 2), did, st.sampled_from(PASIDS)),
+    st.tuples(st.just("id"), st.integers(0, 2), st.integers(0, 2), st.sampled_from(PASIDS),
+              page, size_order),
+    st.tuples(st.just("df"), st.sampled_from(PASIDS), st.booleans(),
+              st.sampled_from([None, 0, 1])),
+    st.tuples(st.just("pe"), st.integers(0, 2), st.booleans(), st.booleans(), st.booleans()),
+    st.tuples(st.just("dma"), st.integers(0, 2), st.integers(0, 1), st.sampled_from(PASIDS),
+              page, st.integers(0, 4095), page, st.integers(0, 4095), st.integers(0, 9000),
+              st.integers(0, 255)),
+    st.tuples(st.just("att"), st.integers(0, 1), st.booleans()),
+    st.tuples(st.just("det"), st.integers(0, 1)),
+)
+
+
+class Pair:
+    def __init__(self, seed):
+        self.host = host = HostMemory(768, seed=seed)
+        vm1, vm2 = GuestVM(host, 1), GuestVM(host, 2)
+        self.procs = [GuestProcess(vm1), GuestProcess(vm1), GuestProcess(vm2)]
+        self.dir = make_pasid_dir(host)
+        for pasid, p in zip(PASIDS, self.procs):
+            install_pasid(host, self.dir, pasid, flptr=p.cr3, slptr=p.vm.sl_root,
+                          did=p.vm.vm_id)
+            for va in PAGES[:8]:
+                p.map(va)
+        self.mem_b = bytearray(host.mem)
+        self.own_b = host.owners.copy()
+        self.a = hotpath.CompiledIommu(host.mem, host.owners, **KW)
+        self.b = hotpath.PureIommu(self.mem_b, self.own_b, **KW)
+        for io in (self.a, self.b):
+            io.attach_device(0, self.dir, ats=False)
+            io.attach_device(1, self.dir, ats=True)
+
+    def sync(self):
+        self.mem_b[:] = self.host.mem
+        self.own_b[:] = self.host.owners
+
+    def both(self, name, *args, **kw):
+        ra = getattr(self.a, name)(*args, **kw)
+        rb = getattr(self.b, name)(*args, **kw)
+        assert ra == rb, (name, args, kw)
+        return ra
+
+    def check(self):
+        assert self.a.counters() == self.b.counters()
+        assert self.a.cache_dump() == self.b.cache_dump()
+        assert self.host.mem == self.mem_b
+
+    def apply(self, o):
+        kind = o[0]
+        if kind == "x":
+            _, dev, pasid, pg, off, acc = o
+            self.both("translate_one", dev, pasid, PAGES[pg] + off, acc)
+        elif kind == "xb":
+            _, dev, items = o
+            n = len(items)
+            pas = np.array([i[0] for i in items], np.uint32)
+            vas = np.array([PAGES[i[1]] + 16 * k for k, i in enumerate(items)], np.uint64)
+            acc = np.array([i[2] for i in items], np.uint8)
+            outs = []
+            for io in (self.a, self.b):
+                pa, fl = np.zeros(n, np.uint64), np.zeros(n, np.int32)
+                nf = io.translate(dev, pas, vas, acc, pa, fl)
+                outs.append((nf, pa.tolist(), fl.tolist()))
+            assert outs[0] == outs[1]
+        elif kind in ("map", "unmap", "upper", "sl", "own", "pe"):
+            self.mutate(o)
+            self.sync()
+        elif kind == "ii":
+            _, g, d, pasid, pg, so = o
+            self.both("inv_iotlb", g, did=d, pasid=pasid, addr=PAGES[pg], size_order=so)
+        elif kind == "ip":
+            _, g, d, pasid = o
+            self.both("inv_pasid_cache", g, did=d, pasid=pasid)
+        elif kind == "id":
+            _, dev, k, pasid, pg, so = o
+            if k == 0:
+                self.both("inv_devtlb", dev)
+            elif k == 1:
+                self.both("inv_devtlb", dev, pasid=pasid)
+            else:
+                self.both("inv_devtlb", dev, pasid=pasid, addr=PAGES[pg], size_order=so)
+        elif kind == "df":
+            _, pasid, flag, dev = o
+            self.both("set_defunct", pasid, flag, dev=dev)
+        elif kind == "dma":
+            _, k, dev, pasid, pa_, oa, pb, ob, length, pat = o
+            a, b = PAGES[pa_] + oa, PAGES[pb] + ob
+            if k == 0:
+                self.both("dma_copy", dev, pasid, a, b, length)
+            elif k == 1:
+                self.both("dma_fill", dev, pasid, b, length, pat)
+            else:
+                self.both("dma_compare", dev, pasid, a, b, length)
+        elif kind == "att":
+            self.both("attach_device", o[1], self.dir, ats=o[2])
+        elif kind == "det":
+            self.both("detach_device", o[1])
+        self.check()
+
+    def mutate(self, o):
+        kind = o[0]
+        if kind == "pe":
+            _, i, sre, wpe, eafe = o
+            p = self.procs[i]
+            install_pasid(self.host, self.dir, PASIDS[i], flptr=p.cr3, slptr=p.vm.sl_root,
+                          did=p.vm.vm_id, sre=sre, wpe=wpe, eafe=eafe)
+            return
+        p = self.procs[o[1]]
+        va = PAGES[o[2]]
+        if kind == "map":
+            _, _, _, rw, us, xd, fresh = o
+            old = p.va_to_gpa(va)
+            gpa_page = None if fresh or old is None else old >> 12
+            if len(self.host.free) < 8:
+                return
+            p.map(va, gpa_page, rw=rw, us=us, xd=xd)
+        elif kind == "unmap":
+            if p.entry_addr(va, 1, create=False) is not None:
+                p.unmap(va)
+        elif kind == "upper":
+            _, _, _, level, bit = o
+            ea = p.entry_addr(va, level, create=False)
+            if ea is not None:
+                self.host.write_u64(ea, self.host.read_u64(ea) & ~bit)
+        elif kind == "sl":
+            gpa = p.va_to_gpa(va)
+            if gpa is not None and (gpa >> 12) in p.vm.gpa_frames:
+                frame = p.vm.gpa_frames[gpa >> 12]
+                p.vm.sl_set(gpa >> 12, (frame << 12) | o[3] if o[3] else 0)
+        elif kind == "own":
+            h = p.va_to_hpa(va)
+            if h is not None:
+                self.host.owners[h >> 12] = o[3]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 3), ops=st.lists(op, max_size=40))
+def test_compiled_and_twin_agree(seed, ops):
+    pair = Pair(seed)
+    for o in ops:
+        pair.apply(o)
+
+
+def test_agree_on_a_long_random_run():
+    """A longer fixed-seed run (no shrinking) mixing everything with many lookups."""
+    rng = np.random.default_rng(2024)
+    pair = Pair(1)
+    for step in range(600):
+        r = rng.random()
+        if r < 0.6:
+            pair.apply(("x", int(rng.integers(0, 2)), int(rng.choice([5, 6, 9])),
+                        int(rng.integers(0, len(PAGES))), 0,
+                        int(rng.choice([R, W, R | W, X, R | PRIV]))))
+        elif r < 0.7:
+            pair.apply(("map", int(rng.integers(0, 3)), int(rng.integers(0, len(PAGES))),
+                        bool(rng.random() < 0.8), bool(rng.random() < 0.9), False,
+                        bool(rng.random() < 0.5)))
+        elif r < 0.8:
+            pair.apply(("ii", int(rng.integers(0, 4)), int(rng.integers(1, 3)),
+                        int(rng.choice([5, 6, 9])), int(rng.integers(0, len(PAGES))),
+                        int(rng.choice([0, 1, 3]))))
+        elif r < 0.85:
+            pair.apply(("unmap", int(rng.integers(0, 3)), int(rng.integers(0, len(PAGES)))))
+        elif r < 0.9:
+            pair.apply(("id", 1, int(rng.integers(0, 3)), int(rng.choice([5, 6, 9])),
+                        int(rng.integers(0, len(PAGES))), 0))
+        else:
+            pair.apply(("dma", int(rng.integers(0, 3)), 1, int(rng.choice([5, 6, 9])),
+                        int(rng.integers(0, 8)), int(rng.integers(0, 4096)),
+                        int(rng.integers(0, 8)), int(rng.integers(0, 4096)),
+                        int(rng.integers(0, 6000)), 7))
+    c = pair.a.counters()
+    assert c["iotlb_hits"] > 0 and c["iotlb_evictions"] > 0 and c["walks"] > 0

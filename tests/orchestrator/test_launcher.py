@@ -1,0 +1,225 @@
+"""The launcher: process table, kill -9 detection through pidfds, in-flight requests to a
+killed actor, restart, launcher death, and complete cleanup on every exit path."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from actors import errno as E
+from actors.base import Call, Gather
+from orchestrator.launcher import Launcher, LaunchError
+from orchestrator.topology import ActorSpec, Topology
+
+from zmqrt_toys import TOYS, Script
+
+ROOT = os.path.dirname(os.path.dirname(TOYS))
+
+
+def toy(name, cls, **config):
+    return ActorSpec(name, f"zmqrt_toys:{cls}", config)
+
+
+def topology(*extra):
+    return Topology(actors=[toy("echo", "Echo"), toy("mute", "Mute"),
+                            toy("proxy_m", "Proxy", target="mute", targets=[]), *extra],
+                    mem_frames=16)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); count it as dead
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_gone(run_dir, shm_path, pids):
+    assert not any(pid_alive(p) for p in pids)
+    assert not os.path.exists(run_dir)
+    assert not os.path.exists(shm_path)
+    assert not glob.glob(os.path.join(run_dir, "*.sock"))
+
+
+def test_processes_ready_and_close_removes_everything():
+    launcher = Launcher(topology(), extra_path=[TOYS])
+    with launcher:
+        rows = launcher.processes()
+        assert [r["name"] for r in rows] == ["echo", "mute", "proxy_m"]
+        assert all(r["state"] == "running" and r["exitcode"] is None for r in rows)
+        pids = [r["pid"] for r in rows]
+        assert len(set(pids)) == 3 and all(pid_alive(p) for p in pids)
+        run_dir, shm = launcher.run_dir, launcher.shm_path
+        assert os.stat(run_dir).st_mode & 0o777 == 0o700
+        assert os.path.getsize(shm) == 16 * 4096
+        assert {os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.sock"))} == {
+            "echo.sock", "mute.sock", "proxy_m.sock", "orch.sock", "orch-ctl.sock"}
+        with open(os.path.join(run_dir, "topology.json")) as f:
+            assert [a["name"] for a in json.load(f)["actors"]] == ["echo", "mute", "proxy_m"]
+        actor = Script(steps=[Call("echo", "ping", {"x": 1}), Call("mute", "ping", {}, timeout=0.2)])
+        assert launcher.run_actor(actor, timeout=10)
+        # a "shutdown" request: the actor replies, stops and its process exits 0 by itself
+        bye = Script(steps=[Call("proxy_m", "shutdown", {})])
+        assert launcher.run_actor(bye, timeout=5) and bye.result == [{"ret": 0}]
+        assert bye.downs in ([], ["proxy_m"])  # its exit may be seen before we return
+        assert launcher.wait_exit("proxy_m", 2.0) == 0
+    assert_gone(run_dir, shm, pids)
+    # SIGTERM made the others exit cleanly too
+    assert [(r["state"], r["exitcode"]) for r in launcher.processes()] == [("exited", 0)] * 3
+    assert any(r["dst"] == "echo" and r["kind"] == "ping" for r in launcher.trace())
+    assert "exiting" in launcher.logs()["echo"]
+    launcher.close()  # idempotent
+
+
+def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
+    with Launcher(topology(), extra_path=[TOYS]) as launcher:
+        actor = Script(steps=[
+            Gather([Call("mute", "ping", {}, timeout=10.0),
+                    Call("proxy_m", "gpasid_lookup", {"vm": 1, "gpasid": 3, "timeout": 10.0},
+                         timeout=10.0)]),
+            Call("mute", "ping", {}, timeout=10.0),
+        ])
+        assert not launcher.run_actor(actor, timeout=0.3)  # both requests now in flight
+        assert actor.busy
+        proxy_trace = os.path.join(launcher.run_dir, "trace-proxy_m.jsonl")
+        end = time.monotonic() + 5
+        while time.monotonic() < end:  # wait until the proxy has forwarded to mute
+            if os.path.exists(proxy_trace) and '"dst": "mute"' in open(proxy_trace).read():
+                break
+            time.sleep(0.01)
+        t_kill = time.monotonic()
+        assert launcher.kill("mute")
+        assert launcher.poll_deaths(timeout=2.0) == [("mute", -signal.SIGKILL)]
+        detected = time.monotonic() - t_kill
+        assert detected < 0.5
+        row = next(r for r in launcher.processes() if r["name"] == "mute")
+        assert (row["state"], row["exitcode"]) == ("killed", -9)
+        t = time.monotonic()
+        assert launcher.run_actor(actor, timeout=5.0)
+        resolved = time.monotonic() - t
+        (direct, via_proxy), after = actor.result
+        # in flight when the peer died: indefinite (the orchestrator got the pidfd event, the
+        # proxy saw its connection drop)
+        assert direct == {"ret": -E.EHOSTDOWN, "indefinite": True}
+        assert via_proxy["ret"] == -E.EHOSTDOWN and via_proxy["indefinite"] is True
+        assert via_proxy["via"] == "proxy_m"
+        # a new send to the dead peer fails at once and definitely (send_failed)
+        assert after == {"ret": -E.EHOSTDOWN}
+        assert resolved < 1.0
+        assert actor.downs == ["mute"]
+        assert launcher.runtime.stats["send_failed"] >= 1
+        with capsys.disabled():
+            print(f"\n  kill -9 -> pidfd death seen in {detected * 1000:.1f} ms; "
+                  f"in-flight requests resolved in {resolved * 1000:.1f} ms")
+        # the survivors still serve
+        ok = Script(steps=[Call("proxy_m", "ping", {"x": 2})])
+        assert launcher.run_actor(ok, timeout=5.0) and ok.result[0]["ret"] == 0
+
+
+def test_restart_after_kill_serves_again():
+    with Launcher(topology(), extra_path=[TOYS]) as launcher:
+        first = Script(steps=[Call("echo", "ioasid_alloc", {})])
+        assert launcher.run_actor(first, timeout=5.0) and first.result[0]["count"] == 1
+        old = launcher.pid("echo")
+        launcher.kill("echo")
+        assert launcher.wait_exit("echo", 2.0) == -9
+        assert launcher.restart("echo") != old
+        second = Script(steps=[Call("echo", "ioasid_alloc", {})])
+        assert launcher.run_actor(second, timeout=5.0)
+        # a restarted actor starts from its initial state (resync is the actor's contract)
+        assert second.result == [{"ret": 0, "count": 1}]
+        assert [d for d in launcher.deaths] == [("echo", -9)]
+
+
+def test_launch_failure_reports_log_and_cleans_up():
+    before = set(glob.glob("/dev/shm/vsva-*.mem"))
+    bad = Topology(actors=[toy("echo", "Echo"), ActorSpec("broken", "zmqrt_toys:NoSuchActor")],
+                   mem_frames=4)
+    launcher = Launcher(bad, extra_path=[TOYS], ready_timeout=10)
+    with pytest.raises(LaunchError, match="NoSuchActor"):
+        launcher.start()
+    assert not os.path.exists(launcher.run_dir)
+    assert set(glob.glob("/dev/shm/vsva-*.mem")) == before
+    assert not any(pid_alive(p.popen.pid) for p in launcher.procs.values())
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_cleanup_on_exception_and_ctrl_c(exc):
+    with pytest.raises(exc):
+        with Launcher(topology(), extra_path=[TOYS]) as launcher:
+            pids = [r["pid"] for r in launcher.processes()]
+            run_dir, shm = launcher.run_dir, launcher.shm_path
+            raise exc("boom")
+    assert_gone(run_dir, shm, pids)
+
+
+def test_children_die_with_the_launcher():
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        sys.path[:0] = [{ROOT!r}, {TOYS!r}]
+        from orchestrator.launcher import Launcher
+        from orchestrator.topology import ActorSpec, Topology
+        topo = Topology(actors=[ActorSpec("a", "zmqrt_toys:Echo"),
+                                ActorSpec("b", "zmqrt_toys:Mute")], mem_frames=4)
+        launcher = Launcher(topo, extra_path=[{TOYS!r}]).start()
+        print(json.dumps({{"pids": [r["pid"] for r in launcher.processes()],
+                          "run_dir": launcher.run_dir, "shm": launcher.shm_path}}), flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(parent.stdout.readline())
+        assert all(pid_alive(p) for p in info["pids"])
+        parent.kill()
+        parent.wait(5)
+        end = time.monotonic() + 3
+        while any(pid_alive(p) for p in info["pids"]) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not any(pid_alive(p) for p in info["pids"])
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
+        # a launcher killed -9 cannot clean up after itself: the test does
+        import shutil
+        if "info" in locals():
+            shutil.rmtree(info["run_dir"], ignore_errors=True)
+            if os.path.exists(info["shm"]):
+                os.unlink(info["shm"])
+
+
+def test_seven_actor_start_to_all_ready(capsys):
+    """The default 2-VM topology when the lead's actors exist, else seven toy actors."""
+    from orchestrator.topology import default_topology
+    topo = default_topology(2)
+    try:
+        from actors import actor_class
+        for spec in topo.actors:
+            actor_class(spec.kind)
+        label = "default 2-VM topology"
+    except (ImportError, AttributeError, KeyError):
+        topo = Topology(actors=[toy(f"toy{i}", "Echo") for i in range(7)], mem_frames=16)
+        label = "7 toy actors"
+    t = time.monotonic()
+    with Launcher(topo, extra_path=[TOYS]) as launcher:
+        ready = time.monotonic() - t
+        assert len(launcher.processes()) == 7
+        assert all(r["state"] == "running" for r in launcher.processes())
+    total = time.monotonic() - t
+    with capsys.disabled():
+        print(f"\n  {label}: start to all-ready {ready * 1000:.0f} ms (spawn to ready "
+              f"{launcher.ready_seconds * 1000:.0f} ms), up+down {total * 1000:.0f} ms")
+    assert ready < 15.0

@@ -1,0 +1,91 @@
+"""Toy actors for the ZeroMQ runtime and launcher tests.
+
+They run in real actor processes: a topology names them by kind "zmqrt_toys:Class" and the
+launcher puts this directory on the children's PYTHONPATH (`extra_path`). Only message kinds
+of actors.messages.SCHEMAS are used, because the actor checks bodies against them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from actors.base import Actor, Call, Gather
+
+TOYS = os.path.dirname(os.path.abspath(__file__))
+
+
+class Echo(Actor):
+    """ping -> {"ret": 0, "echo": body.x, "pid": its pid}; ioasid_alloc counts (state)."""
+
+    def __init__(self, name, env):
+        super().__init__(name, env)
+        self.count = 0
+
+    def on_ping(self, msg):
+        return {"ret": 0, "echo": msg.body.get("x"), "pid": os.getpid(), "count": self.count}
+
+    def on_ioasid_alloc(self, msg):
+        self.count += 1
+        return {"ret": 0, "count": self.count}
+
+    def on_ioasid_free(self, msg):  # schema {"pasid": int}: a body check target
+        return {"ret": 0, "count": self.count}
+
+    def snapshot(self):
+        return {**super().snapshot(), "count": self.count}
+
+
+class Mute(Actor):
+    """Swallows everything: requests to it can only time out (or fail when it dies)."""
+
+    def deliver(self, msg, now):
+        self.now = now
+        return []
+
+
+class Proxy(Actor):
+    """Forwards: gpasid_lookup -> one Call to config["target"]; vcmd_alloc -> Gather over
+    config["targets"]; start_workload -> `n` sequential pings to config["target"], timed."""
+
+    def on_gpasid_lookup(self, msg):
+        reply = yield Call(self.config["target"], "ping", {"x": msg.body["gpasid"]},
+                           timeout=msg.body.get("timeout"))
+        return {**reply, "via": self.name}
+
+    def on_vcmd_alloc(self, msg):
+        replies = yield Gather([Call(t, "ping", {"x": t}) for t in self.config["targets"]])
+        return {"ret": 0, "replies": replies}
+
+    def on_start_workload(self, msg):
+        rtts = []
+        for i in range(int(msg.body.get("n", 100))):
+            t = time.perf_counter()
+            reply = yield Call(self.config["target"], "ping", {"x": i})
+            rtts.append(time.perf_counter() - t)
+            if reply.get("ret") != 0 or reply.get("echo") != i:
+                return {"ret": -5, "bad": reply}
+        return {"ret": 0, "median_us": statistics.median(rtts) * 1e6,
+                "p90_us": sorted(rtts)[int(len(rtts) * 0.9)] * 1e6, "n": len(rtts)}
+
+
+class Script(Actor):
+    """The test's controller ("orch"): runs a list of Calls in order, or one Gather, and
+    stores the replies in `result`. `steps` items: Call, Gather, or a callable(actor)."""
+
+    def __init__(self, name="orch", env=None, steps=()):
+        from actors.base import ActorEnv
+        super().__init__(name, env or ActorEnv())
+        self.steps = list(steps)
+        self.result = None
+        self.replies = []
+        self.downs = []
+
+    def on_start(self):
+        for step in self.steps:
+            self.replies.append((yield step))
+        self.result = self.replies
+
+    def on_peer_down(self, peer):
+        self.downs.append(peer)
