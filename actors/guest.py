@@ -120,6 +120,7 @@ class Guest(Actor):
         self.steps: list[dict[str, Any]] = []
         self.flow_seq: dict[str, int] = {}
         self.running = False
+        self.dma = {"submitted": 0, "completed": 0, "failed": 0, "aborted": 0, "indefinite": 0}
 
     # ---- the vIOMMU driver -------------------------------------------------------------------
     def flow_tag(self, flow: str) -> str:
@@ -196,9 +197,14 @@ class Guest(Actor):
                pattern: int = 0):
         """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
         body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
-        if dev in self.mdevs:
-            return (yield Call(self.vdcm, "mdev_submit", body, flow=self.flow_tag("F7")))
-        return (yield Call(self.host, "dev_submit", body, flow=self.flow_tag("F7")))
+        portal = self.vdcm if dev in self.mdevs else self.host
+        self.dma["submitted"] += 1
+        reply = yield Call(portal, "mdev_submit" if dev in self.mdevs else "dev_submit", body,
+                           flow=self.flow_tag("F7"))
+        outcome = "indefinite" if reply.get("indefinite") else "aborted" if reply.get("aborted") else \
+            "failed" if reply["ret"] else "completed"
+        self.dma[outcome] += 1
+        return reply
 
     # ---- workloads ------------------------------------------------------------------------------
     def on_start_workload(self, msg: Envelope):
@@ -216,7 +222,8 @@ class Guest(Actor):
         procs = self.kernel.procs.values() if self.kernel else []
         return {**super().snapshot(), "vm": self.vm,
                 "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
-                "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps)}
+                "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps),
+                "dma": dict(self.dma)}
 
 
 def _pattern(seed: int, length: int) -> bytes:
@@ -312,4 +319,15 @@ def bind_latency(g: Guest) -> Generator[Any, Any, None]:
                     "latencies": latencies})
 
 
-WORKLOADS = {"demo": run_demo, "bind_latency": bind_latency}
+def bind_many(g: Guest) -> Generator[Any, Any, None]:
+    """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them."""
+    proc = g.kernel.spawn(1)
+    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    for _ in range(int(g.config.get("iterations", 16))):
+        pasid = yield from g.alloc_pasid(proc, pf)
+        if not pasid:
+            return
+        yield from g.bind(proc, pf, pasid)
+
+
+WORKLOADS = {"demo": run_demo, "bind_latency": bind_latency, "bind_many": bind_many}

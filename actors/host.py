@@ -22,7 +22,7 @@ from actors import errno as E
 from actors.base import Actor, Call, Gather, failed
 from actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
 from actors.messages import (
-    EV_BIND, EV_FREE, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
+    EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
     IOMMU_CACHE_INV_TYPE_PASID, IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF,
     IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN, IOMMU_INV_GRANU_PASID,
     IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
@@ -117,11 +117,18 @@ class Host(Actor):
         self.domains: dict[int, VmDomain] = {}
         self.vmm_of: dict[str, int] = {}  # vmm actor name -> vm id (the open VFIO fds)
         self.ioasids: dict[int, Ioasid] = {}
-        self.free_pasids: list[int] = []  # reuse-first pool (LIFO) of freed PASIDs
+        self.free_pasids: list[int] = []  # freed PASIDs, handed out again last-freed-first
         self.next_pasid = 1
+        self.policy: str = self.config.get("policy", "reclaim")
+        self.allocator: str = self.config.get("allocator", "reuse-first")
+        self.reclaiming: dict[int, int] = {}  # PASID -> VM, defunct until subscribers acknowledge
+        self.quarantined: dict[int, int] = {}  # PASID -> VM whose FREE was never acknowledged
+        self.teardowns: list[dict[str, Any]] = []
+        self.notify_failures = 0
         self.prq: list[dict] = []
         self.dma_done = 0
         self.dma_faults = 0
+        self.foreign_dma: list[dict[str, int]] = []  # DMA that used a PASID another VM now owns
         for dev_name, cfg in self.devices_cfg.items():
             if "parent" not in cfg:
                 self.phys[dev_name] = self._probe(dev_name, cfg)
@@ -168,7 +175,7 @@ class Host(Actor):
             return failed(-E.EPERM, error=f"{msg.src} is not the VMM of VM {vm}")
         if vm in self.domains:
             return failed(-E.EBUSY, error=f"VM {vm} is already open")
-        assigned = [d for d in body["devices"] if self.devices_cfg.get(d, {}).get("vm") == vm]
+        assigned = [d for d in body["devices"] if isinstance(d, str) and self.devices_cfg.get(d, {}).get("vm") == vm]
         if len(assigned) != len(body["devices"]):
             return failed(-E.ENODEV, error="a device is not assigned to this VM")
         pages, quota = body["ram_pages"], body["quota"]
@@ -202,12 +209,14 @@ class Host(Actor):
         pasid = self._pool_take()
         if pasid is None:
             return failed(-E.ENOSPC, error="system PASID space exhausted")
+        self.iommu.set_defunct(pasid, False)
         self.ioasids[pasid] = Ioasid(pasid, dom.vm)
         dom.ioasids.add(pasid)
         return {"ret": 0, "pasid": pasid}
 
     def _pool_take(self) -> int | None:
-        if self.free_pasids:
+        """Reuse-first hands out the last freed PASID (so reuse hazards show); fresh counts up."""
+        if self.free_pasids and (self.allocator == "reuse-first" or self.next_pasid >= PASID_MAX):
             return self.free_pasids.pop()
         if self.next_pasid >= PASID_MAX:
             return None
@@ -215,28 +224,158 @@ class Host(Actor):
         return self.next_pasid - 1
 
     def on_ioasid_free(self, msg: Envelope):
-        """ioasid_free(): if still bound, the notifier's cleanup runs first (free before unbind)."""
+        """ioasid_free() from the VCMD path; a still-bound PASID goes through the FREE notifier."""
         dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
         ioasid = self.ioasids.get(msg.body["pasid"])
-        if dom is None or ioasid is None:
-            return failed(-E.EINVAL if dom else -E.EPERM, error="no such IOASID")
+        if ioasid is None:
+            return failed(-E.EINVAL, error=f"IOASID {msg.body['pasid']} is not allocated")
         if ioasid.vm != dom.vm:
             return failed(-E.EACCES, error=f"IOASID {ioasid.pasid} belongs to another VM")
-        if ioasid.svm is not None:
-            yield from self.ioasid_free_notify(ioasid)
-        del self.ioasids[ioasid.pasid]
-        dom.ioasids.discard(ioasid.pasid)
-        self.free_pasids.append(ioasid.pasid)
+        if ioasid.svm is not None and self.policy == "ordered":
+            return failed(-E.EBUSY, error=f"IOASID {ioasid.pasid} is still bound; policy 'ordered' "
+                          "requires unbind before free")
+        yield from self.ioasid_free(dom, [ioasid], EV_FREE, wait=False)
+        return {"ret": 0, "state": self.pasid_state(ioasid.pasid)}
+
+    # ---- F5 / F8: the IOASID notifier and the cleanup policies ----------------------------------
+    def ioasid_free(self, dom: VmDomain, ioasids: list[Ioasid], event: str, *, wait: bool):
+        """Free IOASIDs of one VM's set; bound ones are cleaned up as the run's policy says.
+
+        naive:   every PASID is back in the pool at once; the subscribers are told without
+                 waiting and the IOMMU driver's own cleanup is deferred work that runs later.
+        ordered: only unbound PASIDs reach here (free of a bound one is refused; VM teardown
+                 unbinds first), so they go back to the pool at once.
+        reclaim: bound PASIDs are torn down now and marked defunct (their DMA and page
+                 requests are dropped); they return to the pool only after every subscriber
+                 has acknowledged FREE. A subscriber that never answers leaves them
+                 quarantined: a leak, never a reuse.
+        """
+        for ioasid in ioasids:
+            del self.ioasids[ioasid.pasid]
+            dom.ioasids.discard(ioasid.pasid)
+        bound = [a for a in ioasids if a.svm is not None]
+        self.free_pasids += [a.pasid for a in ioasids if a.svm is None]
+        if not bound and event == EV_FREE:
+            return
+        events = self._free_events(dom.vm, bound, event)
+        if self.policy == "naive":
+            self.free_pasids += [a.pasid for a in bound]
+            for ioasid in bound:
+                self.send(self.name, "ioasid_cleanup", {"pasid": ioasid.pasid, "vm": dom.vm,
+                                                        "devs": sorted(ioasid.svm.devs)})
+            for body in events:
+                for sub in self.subscribers:
+                    self.send(sub, "ioasid_notify", body)
+            return
+        for ioasid in bound:
+            if self.policy == "reclaim":
+                self.iommu.set_defunct(ioasid.pasid, True)
+                self.reclaiming[ioasid.pasid] = dom.vm
+            for dev in list(ioasid.svm.devs):
+                self._teardown_entry(dev, ioasid.pasid, dom.vm)
+            ioasid.svm = None
+        acks = self._await_free_acks(dom.vm, [a.pasid for a in bound], events)
+        if wait:
+            yield from acks
+        else:
+            self._run(lambda: acks, None, self._flow)
+
+    def _free_events(self, vm: int, bound: list[Ioasid], event: str) -> list[dict[str, Any]]:
+        """FREE per bound PASID, or one FREE_SET for a whole set (subscribers drop the VM)."""
+        if event == EV_FREE_SET:
+            return [{"event": EV_FREE_SET, "vm": vm, "hpasid": 0, "gpasid": 0, "dev": ""}]
+        return [{"event": EV_FREE, "vm": vm, "hpasid": a.pasid,
+                 "gpasid": a.svm.gpasid if a.svm.gpasid >= 0 else a.pasid, "dev": ""} for a in bound]
+
+    def _await_free_acks(self, vm: int, pasids: list[int], events: list[dict[str, Any]]):
+        """Wait (bounded) for every subscriber's FREE acknowledgement, then release the PASIDs."""
+        timeout = self.config.get("notify_timeout", 2.0)
+        replies = yield Gather([Call(s, "ioasid_notify", body, timeout=timeout)
+                                for body in events for s in self.subscribers])
+        refused = [r for r in replies if r.get("ret", 0)]
+        for pasid in pasids:
+            self.reclaiming.pop(pasid, None)
+            if refused:
+                self.quarantined[pasid] = vm
+                continue
+            self.iommu.set_defunct(pasid, False)
+            self.free_pasids.append(pasid)
+        if refused:
+            self.notify_failures += len(refused)
+            self.log("quarantine", f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
+                     f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined")
+
+    def on_ioasid_cleanup(self, msg: Envelope) -> dict | None:
+        """The naive policy's deferred work: the IOMMU driver's teardown, whenever it runs."""
+        if msg.src != self.name:
+            return failed(-E.EPERM, error="deferred cleanup is the host's own work")
+        for dev in msg.body["devs"]:
+            if dev in self.phys:
+                self._teardown_entry(dev, msg.body["pasid"], msg.body["vm"])
+        return None
+
+    def pasid_state(self, pasid: int) -> str:
+        """The PASID's lifecycle state (I3): free, allocated, bound, reclaiming or quarantined."""
+        if pasid in self.ioasids:
+            return "bound" if self.ioasids[pasid].svm is not None else "allocated"
+        if pasid in self.reclaiming:
+            return "reclaiming"
+        return "quarantined" if pasid in self.quarantined else "free"
+
+    def on_pool_status(self, msg: Envelope) -> dict:
+        """A cheap view of the allocator and teardowns (for experiments polling a live host)."""
+        return {"ret": 0, "free_pool": len(self.free_pasids), "reclaiming": len(self.reclaiming),
+                "quarantined": len(self.quarantined), "vms": sorted(self.domains),
+                "teardowns": [dict(t) for t in self.teardowns]}
+
+    def on_vfio_close(self, msg: Envelope):
+        """The VMM closes its VFIO fd: the same teardown as its death, without detection."""
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        yield from self.vm_teardown(dom, "vfio_close")
         return {"ret": 0}
 
-    def ioasid_free_notify(self, ioasid: Ioasid):
-        """The IOMMU driver's FREE notifier: tear down every device's entry, then tell kvm/vdcm."""
-        svm = ioasid.svm
-        for sdev in list(svm.devs.values()):
-            self._teardown_entry(sdev.dev, svm.pasid)
-        svm.devs.clear()
+    def on_peer_down(self, peer: str):
+        """A VMM's connection is gone (its process died): the kernel sees its VFIO fd close."""
+        vm = self.vmm_of.get(peer)
+        if vm is not None:
+            yield from self.vm_teardown(self.domains[vm], f"{peer} died")
+
+    def vm_teardown(self, dom: VmDomain, why: str):
+        """F8: ioasid_free_set() on the VM's set, then its domain, frames and devices go."""
+        del self.vmm_of[dom.vmm]  # no further request through this fd
+        record = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
+        self.teardowns.append(record)
+        ioasids = [self.ioasids[p] for p in sorted(dom.ioasids)]
+        if self.policy == "ordered":  # VFIO unbinds everything first, then frees
+            for ioasid in ioasids:
+                self._unbind_all(dom.vm, ioasid)
+        yield from self.ioasid_free(dom, ioasids, EV_FREE_SET, wait=True)
+        self._release_domain(dom)
+        record["finished"] = self.now
+
+    def _unbind_all(self, vm: int, ioasid: Ioasid) -> None:
+        """Drop every device's binds of one PASID (the users counts go to zero)."""
+        if ioasid.svm is None:
+            return
+        for dev in list(ioasid.svm.devs):
+            self._teardown_entry(dev, ioasid.pasid, vm)
         ioasid.svm = None
-        yield from self.notify(EV_FREE, svm, "")
+
+    def _release_domain(self, dom: VmDomain) -> None:
+        """Give the VM's frames and second-level tables back and flush what its domain cached."""
+        for table in dom.sl.tables():
+            self.frames.release(table >> PAGE_SHIFT)
+            self.owners[table >> PAGE_SHIFT] = 0
+        for frame in dom.ram_frames:
+            self.owners[frame] = 0
+            self.frames.release(frame)
+        self.iommu.inv_iotlb("domain", did=dom.vm)
+        self.iommu.inv_pasid_cache("domain", did=dom.vm)
+        del self.domains[dom.vm]
 
     # ---- F2: intel_svm_bind_gpasid --------------------------------------------------------
     def on_bind_gpasid(self, msg: Envelope):
@@ -345,6 +484,8 @@ class Host(Actor):
         ioasid = self.ioasids.get(pasid)
         if ioasid is not None and ioasid.vm != dom.vm:
             return failed(-E.EACCES, error=f"IOASID {pasid} belongs to another VM")
+        if ioasid is None and self.reclaiming.get(pasid) == dom.vm:
+            return {"ret": 0, "users": 0, "defunct": True}  # freed first: nothing is left to undo
         svm = ioasid.svm if ioasid else None
         if svm is None or pdev.name not in svm.devs:
             return failed(-E.EINVAL, error=f"{pdev.name} is not bound to PASID {pasid}")
@@ -354,16 +495,15 @@ class Host(Actor):
             yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
             return {"ret": 0, "users": sdev.users}
         del svm.devs[pdev.name]
-        self._teardown_entry(pdev.name, pasid)
+        self._teardown_entry(pdev.name, pasid, dom.vm)
         self._free_if_empty(ioasid)
         yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
         return {"ret": 0, "users": 0}
 
-    def _teardown_entry(self, dev: str, pasid: int) -> None:
+    def _teardown_entry(self, dev: str, pasid: int, did: int) -> None:
         """intel_pasid_tear_down_entry() plus the flushes and PRQ drain the review asked for."""
         pdev = self.phys[dev]
         pdev.pasid_dir.clear_entry(pasid)
-        did = self.ioasids[pasid].vm if pasid in self.ioasids else 0
         self.iommu.inv_pasid_cache("pasid", did=did, pasid=pasid)
         self.iommu.inv_iotlb("pasid", did=did, pasid=pasid)
         self.iommu.inv_devtlb(pdev.id, pasid=pasid)
@@ -442,6 +582,8 @@ class Host(Actor):
         if cfg is None:
             return failed(-E.ENODEV, error=f"no device {body['dev']}")
         vm = cfg.get("vm", 0)
+        if vm and vm not in self.domains:
+            return failed(-E.ENODEV, error=f"{body['dev']} belongs to no running VM")
         portal_owner = self.config.get("vdcm", "vdcm") if "parent" in cfg else self.vm_names.get(vm, {}).get("guest")
         if msg.src != portal_owner:
             return failed(-E.EPERM, error=f"{msg.src} may not submit to {body['dev']}")
@@ -451,6 +593,9 @@ class Host(Actor):
             return failed(-E.EINVAL, error="operation, PASID, address or length out of range")
         pdev = self.physical(body["dev"])
         status, fault_va = self._run_descriptor(pdev, body)
+        owner = self.ioasids[pasid].vm if pasid in self.ioasids else None
+        if not status and owner is not None and owner != vm:
+            self.foreign_dma.append({"pasid": pasid, "device_vm": vm, "owner_vm": owner})
         if status:
             self.dma_faults += 1
             return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va}
@@ -480,9 +625,16 @@ class Host(Actor):
             "vms": {str(d.vm): {"vmm": d.vmm, "ioasids": sorted(d.ioasids), "quota": d.quota,
                                 "ram_frames": len(d.ram_frames)} for d in self.domains.values()},
             "prq": list(self.prq),
+            "policy": self.policy,
+            "reclaiming": {str(p): vm for p, vm in self.reclaiming.items()},
+            "quarantined": {str(p): vm for p, vm in self.quarantined.items()},
+            "free_pool": len(self.free_pasids),
+            "teardowns": list(self.teardowns),
+            "notify_failures": self.notify_failures,
+            "owned_frames": {str(vm): int(n) for vm, n in zip(*np.unique(self.owners, return_counts=True)) if vm},
             "caches": _wire_safe(self.iommu.cache_dump()),
             "counters": self.iommu.counters(),
-            "dma": {"done": self.dma_done, "faults": self.dma_faults},
+            "dma": {"done": self.dma_done, "faults": self.dma_faults, "foreign": list(self.foreign_dma)},
             "hotpath": hotpath.IMPLEMENTATION,
         }
 

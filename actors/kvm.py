@@ -11,7 +11,7 @@ from typing import Any
 
 from actors import errno as E
 from actors.base import Actor, failed
-from actors.messages import EV_BIND, EV_FREE, EV_UNBIND, Envelope
+from actors.messages import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, Envelope
 
 
 class PasidMap:
@@ -28,6 +28,9 @@ class PasidMap:
     def apply(self, body: dict[str, Any], devices: set[str] | None = None) -> int:
         """Apply one notifier event; `devices` limits which devices this subscriber tracks."""
         event, vm, gpasid, hpasid, dev = body["event"], body["vm"], body["gpasid"], body["hpasid"], body["dev"]
+        if event == EV_FREE_SET:
+            self.maps.pop(vm, None)
+            return 0
         table = self.maps.setdefault(vm, {})
         if event == EV_FREE:
             if gpasid in table and table[gpasid][0] == hpasid:
@@ -50,6 +53,10 @@ class PasidMap:
             if not current[1]:
                 del table[gpasid]
         return 0
+
+    def hpasids(self, vm: int) -> list[int]:
+        """Every host PASID the VM's table maps to."""
+        return [h for h, _ in self.maps.get(vm, {}).values()]
 
     def lookup(self, vm: int, gpasid: int, dev: str | None = None) -> int | None:
         entry = self.maps.get(vm, {}).get(gpasid)

@@ -49,6 +49,7 @@ IOMMU_INV_ADDR_FLAGS_LEAF = 1 << 2
 EV_BIND = "bind"
 EV_UNBIND = "unbind"
 EV_FREE = "free"
+EV_FREE_SET = "free_set"  # ioasid_free_set(): every PASID of one VM's set
 
 # Body schemas: field -> accepted Python types. Replies are not checked beyond "ret".
 _INT = (int,)
@@ -70,6 +71,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                     "pattern": _INT},
     # orchestrator -> vmm: power the VM on
     "vm_start": {},
+    "vm_stop": {},
     # vmm -> host: the VFIO user API
     "vfio_open": {"vm": _INT, "ram_pages": _INT, "devices": _LIST, "quota": _INT},
     "vfio_close": {},
@@ -78,12 +80,15 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "bind_gpasid": {"dev": _STR, "data": _DICT},
     "unbind_gpasid": {"dev": _STR, "pasid": _INT},
     "cache_invalidate": {"dev": _STR, "info": _DICT},
+    # host -> host: deferred IOMMU cleanup (naive policy's work item)
+    "ioasid_cleanup": {"pasid": _INT, "vm": _INT, "devs": _LIST},
     # host -> kvm, vdcm: the IOASID notifier
     "ioasid_notify": {"event": _STR, "vm": _INT, "hpasid": _INT, "gpasid": _INT, "dev": _STR},
     # vdcm -> host: queries for (re)building its tables
     "gpasid_lookup": {"vm": _INT, "gpasid": _INT},
     # orchestrator -> anyone
     "snapshot": {},
+    "pool_status": {},
     "ping": {},
     "shutdown": {},
     "start_workload": {},

@@ -12,7 +12,7 @@ from typing import Any
 from actors import errno as E
 from actors.base import Actor, Call, failed
 from actors.kvm import PasidMap
-from actors.messages import Envelope
+from actors.messages import EV_FREE, EV_FREE_SET, Envelope
 
 
 class Vdcm(Actor):
@@ -26,11 +26,19 @@ class Vdcm(Actor):
         self.pasids = PasidMap()
         self.submitted = 0
         self.refused = 0
+        self.aborted = 0
+        self.epoch: dict[int, int] = {}  # host PASID -> how many times it was freed under us
 
     def on_ioasid_notify(self, msg: Envelope) -> dict:
         if msg.src != self.host:
             return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
-        ret = self.pasids.apply(msg.body, set(self.mdevs))
+        body = msg.body
+        if body["event"] == EV_FREE_SET:
+            for hpasid in self.pasids.hpasids(body["vm"]):
+                self.epoch[hpasid] = self.epoch.get(hpasid, 0) + 1
+        elif body["event"] == EV_FREE:
+            self.epoch[body["hpasid"]] = self.epoch.get(body["hpasid"], 0) + 1
+        ret = self.pasids.apply(body, set(self.mdevs))
         return failed(ret, error=f"cannot apply {msg.body['event']}") if ret else {"ret": 0}
 
     def on_mdev_submit(self, msg: Envelope):
@@ -45,9 +53,14 @@ class Vdcm(Actor):
             self.refused += 1
             return failed(-E.EINVAL, error=f"guest PASID {body['pasid']} has no host PASID on {body['dev']}")
         self.submitted += 1
+        epoch = self.epoch.get(hpasid, 0)
         reply = yield Call(self.host, "dev_submit", {**body, "pasid": hpasid})
+        if self.epoch.get(hpasid, 0) != epoch:  # the PASID was freed while the descriptor ran
+            self.aborted += 1
+            return failed(-E.ECANCELED, error=f"host PASID {hpasid} freed while the descriptor was in flight",
+                          aborted=True)
         return reply
 
     def snapshot(self) -> dict[str, Any]:
         return {**super().snapshot(), "tables": self.pasids.dump(), "submitted": self.submitted,
-                "refused": self.refused}
+                "refused": self.refused, "aborted": self.aborted}

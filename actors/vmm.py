@@ -26,7 +26,9 @@ from actors.messages import (
 )
 from hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 
-GUEST_PASID_BASE = 0x100  # first guest PASID handed out for mediated devices (non-identity)
+# Guest PASIDs the vmm chooses for mediated devices (non-identity) count down from the top of
+# the space, while host PASIDs (identity for passthrough devices) count up from 1.
+GUEST_PASID_TOP = PASID_MAX - 1
 BIND_ARGSZ = 64
 
 
@@ -52,7 +54,7 @@ class Vmm(Actor):
         self.g2h: dict[int, int] = {}  # guest PASID -> host PASID
         self.pasid_dirs: dict[str, PasidDirectory] = {}  # dev -> guest PASID directory (GPA)
         self.shadow: dict[tuple[str, int], Shadow] = {}  # (dev, gpasid) -> bound entry
-        self.next_gpasid = GUEST_PASID_BASE
+        self.next_gpasid = GUEST_PASID_TOP
 
     def on_vm_start(self, msg: Envelope):
         """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
@@ -65,6 +67,19 @@ class Vmm(Actor):
             return reply
         self.ram = GuestRam(self.mem, reply["ram_frames"])
         return {"ret": 0, "ram_frames": reply["ram_frames"]}
+
+    def on_vm_stop(self, msg: Envelope):
+        """Normal shutdown: close the VFIO fd; the host frees the whole IOASID set (F8)."""
+        if self.ram is None:
+            return failed(-E.ENODEV, error="VM not started")
+        reply = yield Call(self.host, "vfio_close", {}, flow=msg.flow or f"F8:vm{self.vm}.1",
+                           timeout=self.config.get("teardown_timeout", 30.0))
+        if reply["ret"] == 0:
+            self.ram = None
+            self.g2h.clear()
+            self.shadow.clear()
+            self.pasid_dirs.clear()
+        return reply
 
     def on_vm_info(self, msg: Envelope) -> dict:
         """What the guest's firmware tables say: its RAM (as host frames it maps) and devices."""
@@ -79,21 +94,29 @@ class Vmm(Actor):
     def on_vcmd_alloc(self, msg: Envelope):
         if msg.src != self.guest or msg.body["dev"] not in self.devices:
             return failed(-E.EPERM if msg.src != self.guest else -E.ENODEV)
+        identity = self._identity(msg.body["dev"])
         reply = yield Call(self.host, "ioasid_alloc", {})
-        if reply["ret"]:
-            return reply
+        colliding = []  # host PASIDs equal to guest PASIDs this vmm chose for mdevs
+        while identity and reply["ret"] == 0 and reply["pasid"] in self.g2h and len(colliding) < 8:
+            colliding.append(reply["pasid"])
+            reply = yield Call(self.host, "ioasid_alloc", {})
+        for hpasid in colliding:  # given back only now, so the allocator cannot hand them out again
+            yield Call(self.host, "ioasid_free", {"pasid": hpasid})
+        if reply["ret"] or reply["pasid"] in self.g2h:
+            return reply if reply["ret"] else failed(-E.EBUSY, error="no host PASID free of collisions")
         hpasid = reply["pasid"]
-        gpasid = self._guest_pasid_for(msg.body["dev"], hpasid)
+        gpasid = hpasid if identity else self._choose_guest_pasid()
         self.g2h[gpasid] = hpasid
         return {"ret": 0, "pasid": gpasid, "hpasid": hpasid}
 
-    def _guest_pasid_for(self, dev: str, hpasid: int) -> int:
+    def _identity(self, dev: str) -> bool:
         """Passthrough devices are programmed with host PASIDs: identity. mdevs may differ."""
-        if dev not in self.mdevs or not self.config.get("non_identity", True):
-            return hpasid
-        while self.next_gpasid in self.g2h or self.next_gpasid >= PASID_MAX:
-            self.next_gpasid = GUEST_PASID_BASE if self.next_gpasid >= PASID_MAX else self.next_gpasid + 1
-        gpasid, self.next_gpasid = self.next_gpasid, self.next_gpasid + 1
+        return dev not in self.mdevs or not self.config.get("non_identity", True)
+
+    def _choose_guest_pasid(self) -> int:
+        while self.next_gpasid in self.g2h or self.next_gpasid <= 0:
+            self.next_gpasid = GUEST_PASID_TOP if self.next_gpasid <= 0 else self.next_gpasid - 1
+        gpasid, self.next_gpasid = self.next_gpasid, self.next_gpasid - 1
         return gpasid
 
     def on_vcmd_free(self, msg: Envelope):

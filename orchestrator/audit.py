@@ -4,8 +4,11 @@ Each check reads the snapshots only (the host's PASID entries come from the real
 its PASID tables), so the same audit runs after a deterministic run and on a live topology.
 A violation names the invariant, the actors, the VM and the PASID involved.
 
-Checked here: I3 lifecycle (PASID states agree across host, vmm, kvm, vdcm; a free PASID has
-no entry, cache entry or page request anywhere), I5 users counts, I7 ownership.
+Checked here: I1 isolation (the hot path's inline owner check, counted), I3 lifecycle (PASID
+states agree across host, vmm, kvm, vdcm; a free PASID has no entry, cache entry or page
+request anywhere), I4 no leaks (nothing of a torn-down VM remains), I5 users counts, I6 no
+lost work (every descriptor a live VM submitted was answered definitely), I7 ownership.
+I2 (cache coherence) is checked by the hot path's tests, not here.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violatio
     for name in topology.names("vmm"):
         snap = snaps.get(name, {})
         if "g2h" not in snap:
+            if str(topology.spec(name).config["vm"]) not in host["vms"]:
+                continue  # a dead VM's vmm cannot answer; I4 (_check_gone) checks what it left
             out.append(_v("audit", "no snapshot", [name]))
             continue
         out += _check_vmm(name, snap, host)
@@ -42,6 +47,55 @@ def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violatio
     for sub in (KVM, VDCM):
         if sub in snaps and "tables" in snaps[sub]:
             out += _check_subscriber(sub, snaps[sub]["tables"], host, vmm_binds)
+    out += _check_isolation(host)
+    out += _check_gone(host, snaps, topology)
+    out += _check_work(host, snaps, topology)
+    return out
+
+
+def _check_isolation(host: dict) -> list[Violation]:
+    """I1 from the hot path's counter; I7 for DMA and page requests under a PASID's old owner."""
+    out = []
+    if host["counters"].get("owner_violations", 0):
+        out.append(_v("I1", f"{host['counters']['owner_violations']} translation(s) reached a frame "
+                            "the PASID's VM does not own", [HOST]))
+    for dma in host["dma"].get("foreign", []):
+        out.append(_v("I7", f"DMA by VM {dma['device_vm']}'s device with a PASID VM {dma['owner_vm']} "
+                            "now owns", [HOST], dma["device_vm"], dma["pasid"]))
+    for req in host["prq"]:
+        owner = host["ioasids"].get(str(req["pasid"]), {}).get("vm")
+        if owner is not None and req.get("vm") not in (None, owner):
+            out.append(_v("I7", f"page request of VM {req['vm']} queued under VM {owner}'s PASID",
+                          [HOST], req["vm"], req["pasid"]))
+    return out
+
+
+def _check_gone(host: dict, snaps: dict[str, dict], topology: Topology) -> list[Violation]:
+    """I4: a VM without a domain on the host has nothing left anywhere."""
+    out = []
+    gone = [vm for vm in topology.vms if str(vm) not in host["vms"]]
+    for vm in gone:
+        if host["owned_frames"].get(str(vm)):
+            out.append(_v("I4", f"{host['owned_frames'][str(vm)]} frame(s) still owned", [HOST], vm))
+        out += [_v("I4", "IOASID still allocated", [HOST], vm, int(p))
+                for p, a in host["ioasids"].items() if a["vm"] == vm]
+        out += [_v("I4", "IOTLB entry left", [HOST], vm, pasid) for did, pasid, *_ in host["caches"]["iotlb"]
+                if did == vm]
+        out += [_v("I4", "page request left", [HOST], vm, r["pasid"]) for r in host["prq"] if r.get("vm") == vm]
+        for sub in (KVM, VDCM):
+            if str(vm) in snaps.get(sub, {}).get("tables", {}):
+                out.append(_v("I4", "PASID translations left", [sub], vm))
+    return out
+
+
+def _check_work(host: dict, snaps: dict[str, dict], topology: Topology) -> list[Violation]:
+    """I6: a live VM's descriptors all got a definite answer (done, failed or aborted)."""
+    out = []
+    for name in topology.names("guest"):
+        vm = topology.spec(name).config["vm"]
+        dma = snaps.get(name, {}).get("dma", {})
+        if dma.get("indefinite") and str(vm) in host["vms"]:
+            out.append(_v("I6", f"{dma['indefinite']} descriptor(s) without a definite outcome", [name], vm))
     return out
 
 

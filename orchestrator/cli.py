@@ -14,6 +14,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 RUNTIMES = ("processes", "sim")
 
 
+def _check_policy(policy: str) -> str:
+    from orchestrator.topology import POLICIES
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
+    return policy
+
+
 def _check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise typer.BadParameter(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
@@ -29,12 +37,14 @@ def demo(
                                 help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process."),
     trace_out: Optional[str] = typer.Option(None, "--trace-out", help="Also write trace.jsonl, "
                                             "trace.perfetto.json and sequence.mmd into this directory."),
+    policy: str = typer.Option("reclaim", "--policy", callback=_check_policy,
+                               help="Free-before-unbind cleanup policy: naive, ordered or reclaim."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from orchestrator.demo import demo as run_demo, render
     from orchestrator.export import write_all
 
-    session, rep = run_demo(vms, seed, runtime)
+    session, rep = run_demo(vms, seed, runtime, policy)
     if trace_out:
         rep["trace_files"] = write_all(session["trace"], trace_out)
     if as_json:

@@ -18,12 +18,13 @@ WORKLOAD_TIMEOUT = 120.0
 class Controller(Actor):
     """Runs one scripted session: vm_start, start_workload, snapshot + audit, shutdown."""
 
-    def __init__(self, topology: Topology, *, shutdown: bool = True, env: Any = None):
+    def __init__(self, topology: Topology, *, shutdown: bool = True, stop_vms: bool = True, env: Any = None):
 
         super().__init__(ORCH, env or ActorEnv(config={"request_timeout": topology.request_timeout},
                                                seed=topology.seed))
         self.topology = topology
         self.shutdown_at_end = shutdown
+        self.stop_vms = stop_vms
         self.result: dict[str, Any] | None = None
 
     def on_start(self):
@@ -31,12 +32,20 @@ class Controller(Actor):
         started = yield Gather([Call(v, "vm_start", {}, flow="boot") for v in vmms])
         runs = yield Gather([Call(g, "start_workload", {}, timeout=WORKLOAD_TIMEOUT) for g, s
                              in zip(guests, started) if s["ret"] == 0])
-        snapshots = yield from self.snapshot_all()
+        live = yield from self.snapshot_all()
+        violations = audit(live, self.topology)
+        stopped = []
+        if self.stop_vms:
+            stopped = yield Gather([Call(v, "vm_stop", {}, flow=f"F8:vm{self.topology.spec(v).config['vm']}.1",
+                                         timeout=60.0) for v in vmms])
+            after = yield from self.snapshot_all()
+            violations += [v for v in audit(after, self.topology) if v not in violations]
         self.result = {
             "vm_start": dict(zip(vmms, started)),
             "workloads": dict(zip([g for g, s in zip(guests, started) if s["ret"] == 0], runs)),
-            "snapshots": snapshots,
-            "violations": audit(snapshots, self.topology),
+            "vm_stop": dict(zip(vmms, stopped)),
+            "snapshots": live,
+            "violations": violations,
         }
         if self.shutdown_at_end:
             yield from self.shutdown_all()

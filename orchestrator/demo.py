@@ -40,7 +40,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
 
 
 def _no_result(why: str) -> dict[str, Any]:
-    return {"vm_start": {}, "workloads": {}, "snapshots": {},
+    return {"vm_start": {}, "workloads": {}, "vm_stop": {}, "snapshots": {},
             "violations": [{"invariant": "run", "what": why, "actors": [], "vm": None, "pasid": None}]}
 
 
@@ -51,6 +51,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
     for s in steps:
         if s["ok"] and not s.get("check") and s["flow"] in flows:
             flows[s["flow"]] += 1
+    flows["F8"] += sum(1 for r in session.get("vm_stop", {}).values() if r.get("ret") == 0)
     vm_ok = len(session["workloads"]) == len(topology.vms) and all(
         w.get("ret") == 0 for w in session["workloads"].values())
     failed = [s for s in steps if not s["ok"]]
@@ -61,7 +62,8 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
         "runtime": runtime,
         "hotpath": hotpath.IMPLEMENTATION,
         "flows": flows,
-        "audit": {"violations": session["violations"], "checked": ["I3", "I5", "I7"]},
+        "policy": topology.spec("host").config.get("policy"),
+        "audit": {"violations": session["violations"], "checked": ["I1", "I3", "I4", "I5", "I6", "I7"]},
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
         "messages": len(session["trace"]),
@@ -72,7 +74,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
 
 def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     """The human view: the timeline grouped by flow, each VM's steps, then the audit verdict."""
-    echo(f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, {rep['runtime']} runtime, "
+    echo(f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime, "
          f"hot path {rep['hotpath']}, {rep['messages']} messages")
     for title, lines in timeline(session["trace"]):
         echo(f"\n== {title}")
@@ -96,7 +98,8 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
     echo(f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'} ({rep['elapsed_s']} s, ready after {rep['ready_s']} s)")
 
 
-def demo(vms: int = 2, seed: int = 1, runtime: str = "processes") -> tuple[dict[str, Any], dict[str, Any]]:
-    topology = default_topology(vms, seed=seed)
+def demo(vms: int = 2, seed: int = 1, runtime: str = "processes", policy: str = "reclaim",
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    topology = default_topology(vms, seed=seed, policy=policy)
     session = run_session(topology, runtime)
     return session, report(session, topology, runtime)

@@ -40,6 +40,7 @@ class SimRuntime:
         self.now = 0.0
         self.delivered = 0
         self.dead: set[str] = set()
+        self.held: set[tuple[str, str]] = set()
         for spec in topology.actors:
             self.add(actor_class(spec.kind)(spec.name, self.env(spec.config)))
 
@@ -72,7 +73,7 @@ class SimRuntime:
 
     def step(self) -> bool:
         """Deliver one message; False when nothing is in flight."""
-        ready = sorted(k for k, q in self.links.items() if q)
+        ready = sorted(k for k, q in self.links.items() if q and k not in self.held)
         if not ready:
             return False
         link = ready[self.rng.randrange(len(ready))]
@@ -110,6 +111,13 @@ class SimRuntime:
         return self.delivered - before
 
     # ---- faults ------------------------------------------------------------------------------
+    def hold(self, src: str, dst: str) -> None:
+        """Stop delivering src -> dst (a slow link, a stalled work queue) until `release`."""
+        self.held.add((src, dst))
+
+    def release(self, src: str, dst: str) -> None:
+        self.held.discard((src, dst))
+
     def kill(self, name: str) -> None:
         """The actor's process dies: its queues vanish, its peers see it go."""
         self.actors.pop(name, None)

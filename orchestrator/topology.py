@@ -11,6 +11,7 @@ from typing import Any
 
 from hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 
+POLICIES = ("naive", "ordered", "reclaim")
 HOST = "host"
 KVM = "kvm"
 VDCM = "vdcm"
@@ -81,6 +82,7 @@ def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
 
 def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quota: int = 64,
                      workload: str = "demo", iterations: int = 100, non_identity: bool = True,
+                     policy: str = "reclaim", allocator: str = "reuse-first",
                      request_timeout: float = 5.0, extra_devices: dict[str, dict] | None = None,
                      ) -> Topology:
     """One host (host, kvm, vdcm) and `vms` VMs (guest + vmm each), as `vsva demo` runs it."""
@@ -90,7 +92,7 @@ def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quot
     vm_names = {vm: {"guest": guest_name(vm), "vmm": vmm_name(vm)} for vm in vm_ids}
     actors = [
         ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
-                                 "vms": vm_names}),
+                                 "vms": vm_names, "policy": policy, "allocator": allocator}),
         ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
         ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
     ]

@@ -163,11 +163,14 @@ def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple
                            vdcm=rt.actors["vdcm"], started=started)
 
 
-def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, **topo: Any):
-    """Run the Controller's whole session; returns (runtime, controller)."""
+def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: bool | None = None, **topo: Any):
+    """Run the Controller's whole session; returns (runtime, controller). With shutdown=False
+    the VMs are left running too (unless stop_vms says otherwise)."""
     t = default_topology(vms, seed=seed, **topo)
     rt = SimRuntime(t)
-    c = rt.add(Controller(t, shutdown=shutdown, env=rt.env({"request_timeout": t.request_timeout})))
+    stop = shutdown if stop_vms is None else stop_vms
+    kw = {"stop_vms": stop} if "stop_vms" in Controller.__init__.__code__.co_varnames else {}
+    c = rt.add(Controller(t, shutdown=shutdown, env=rt.env({"request_timeout": t.request_timeout}), **kw))
     rt.start()
     rt.run(until=lambda: c.result is not None)
     assert c.result is not None, "session did not finish"

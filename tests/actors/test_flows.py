@@ -78,7 +78,10 @@ def test_flow_shapes(run):
         guest, vmm = f"vm{vm}.guest", f"vm{vm}.vmm"
         kinds = _kinds(recs)
         last = recs[-1]
-        if f != "F7":
+        if f == "F8":  # the orchestrator stops the VM: vm_stop -> vfio_close -> notifier
+            assert kinds[:2] == [("orch", vmm, "vm_stop", False), (vmm, "host", "vfio_close", False)]
+            assert last["dst"] == "orch" and last["corr"] is not None and last["body"]["ret"] == 0, (tag, kinds)
+        elif f != "F7":
             assert last["dst"] == guest and last["corr"] is not None, (tag, kinds)
         if f == "F1":
             assert kinds == [(guest, vmm, "vcmd_alloc", False), (vmm, "host", "ioasid_alloc", False),
@@ -130,3 +133,19 @@ def test_non_identity_gpasids_for_mdevs(run):
     binds = [r["body"] for r in rt.trace if r["kind"] == "ioasid_notify" and r["corr"] is None
              and r["body"]["event"] == "bind" and r["body"]["gpasid"] != r["body"]["hpasid"]]
     assert {(b["gpasid"], b["hpasid"]) for b in binds} == {(m["pasid"], m["hpasid"]) for m in mixed}
+
+
+def test_identity_and_non_identity_guest_pasids_never_collide(vsva):
+    """A host PASID handed out for a passthrough device (identity) that equals a guest PASID
+    the vmm chose for an mdev is refused and given back: g2h is never overwritten, nothing leaks."""
+    w = vsva.world(1, hand=(1,), quota=400)
+    g = vsva.HandGuest(w.rt, 1, devices=[])
+    first = g.alloc("vm1.mdev0")
+    assert first["ret"] == 0 and first["pasid"] != first["hpasid"]
+    w.rt.actors["host"].free_pasids.append(first["pasid"])  # the host's next PASID equals the chosen one
+    for _ in range(2):  # the colliding PASID goes back to the pool first in line, twice
+        reply = g.alloc("pf1")
+        assert reply["ret"] == 0 and reply["pasid"] == reply["hpasid"] != first["pasid"]
+    vmm = w.rt.actors["vm1.vmm"]
+    assert vmm.g2h[first["pasid"]] == first["hpasid"] and len(vmm.g2h) == 3
+    assert sorted(w.rt.actors["host"].domains[1].ioasids) == sorted(vmm.g2h.values())
