@@ -25,7 +25,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
         rt.run(until=lambda: ctl.result is not None)
         rt.run()  # let the shutdown replies land
         return {**(ctl.result or _no_result("the deterministic run went quiescent without a result")),
-                "trace": merge(rt.trace), "processes": [], "ready_s": 0.0,
+                "trace": merge(rt.trace), "processes": [], "ready_s": 0.0, "files": [],
                 "elapsed_s": time.monotonic() - started}
     from orchestrator.launcher import Launcher
 
@@ -36,6 +36,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
         launcher.close()
         return {**(ctl.result or _no_result(f"no result within {timeout:.0f} s")),
                 "trace": launcher.trace(), "processes": launcher.processes(), "ready_s": ready,
+                "files": [launcher.run_dir, launcher.shm_path],
                 "elapsed_s": time.monotonic() - started}
 
 
@@ -66,6 +67,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
         "audit": {"violations": session["violations"], "checked": ["I1", "I3", "I4", "I5", "I6", "I7"]},
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
+        "run_files": session["files"],
         "messages": len(session["trace"]),
         "ready_s": round(session["ready_s"], 3),
         "elapsed_s": round(session["elapsed_s"], 3),
