@@ -319,6 +319,31 @@ def bind_latency(g: Guest) -> Generator[Any, Any, None]:
                     "latencies": latencies})
 
 
+def dma_loop(g: Guest) -> Generator[Any, Any, None]:
+    """Bind one PASID on the passthrough function and one on an mdev, then DMA through both
+    for `iterations` rounds, each round's bytes read back; stop at the first failure (the VM
+    may be dying under it); unbind and free at the end."""
+    k, proc, bound = g.kernel, g.kernel.spawn(1), []
+    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    for i, dev in enumerate([pf] + sorted(g.mdevs)[:1]):
+        base = 0x4000_0000 + i * 0x100000
+        k.mmap(proc, base, 2)
+        pasid = yield from g.alloc_pasid(proc, dev)
+        if not pasid or (yield from g.bind(proc, dev, pasid))["ret"]:
+            return
+        bound.append((dev, pasid, base))
+    for n in range(int(g.config.get("iterations", 100))):
+        for i, (dev, pasid, base) in enumerate(bound):
+            pattern, size = (n * 7 + i * 3 + 1) & 0xFF, 2 * PAGE_SIZE
+            reply = yield from g.submit(dev, pasid, "fill", dst=base, length=size, pattern=pattern)
+            if not g.step("F7", f"round {n} DMA fill via {dev}", reply, verified=True,
+                          ok=reply["ret"] == 0 and k.read(proc, base, size) == bytes([pattern]) * size):
+                return
+    for dev, pasid, _ in bound:
+        yield from g.unbind(proc, dev, pasid)
+        yield from g.free(proc, dev, pasid)
+
+
 def bind_many(g: Guest) -> Generator[Any, Any, None]:
     """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them."""
     proc = g.kernel.spawn(1)
@@ -330,4 +355,4 @@ def bind_many(g: Guest) -> Generator[Any, Any, None]:
         yield from g.bind(proc, pf, pasid)
 
 
-WORKLOADS = {"demo": run_demo, "bind_latency": bind_latency, "bind_many": bind_many}
+WORKLOADS = {"demo": run_demo, "bind_latency": bind_latency, "dma_loop": dma_loop, "bind_many": bind_many}

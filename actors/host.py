@@ -245,8 +245,12 @@ class Host(Actor):
 
         naive:   every PASID is back in the pool at once; the subscribers are told without
                  waiting and the IOMMU driver's own cleanup is deferred work that runs later.
-        ordered: only unbound PASIDs reach here (free of a bound one is refused; VM teardown
-                 unbinds first), so they go back to the pool at once.
+        ordered: a free of a bound PASID is refused, so the VCMD path brings only unbound
+                 ones, back to the pool at once; VM teardown unbinds the bound ones here
+                 (entries torn down, not defunct) and, like reclaim, gives them back only
+                 after every subscriber acknowledged: an ack travels behind the work that
+                 subscriber sent before it (vdcm's descriptors), so none of it can run under
+                 the PASID's next owner.
         reclaim: bound PASIDs are torn down now and marked defunct (their DMA and page
                  requests are dropped); they return to the pool only after every subscriber
                  has acknowledged FREE. A subscriber that never answers leaves them
@@ -270,9 +274,9 @@ class Host(Actor):
                     self.send(sub, "ioasid_notify", body)
             return
         for ioasid in bound:
+            self.reclaiming[ioasid.pasid] = dom.vm  # out of the pool until every ack
             if self.policy == "reclaim":
                 self.iommu.set_defunct(ioasid.pasid, True)
-                self.reclaiming[ioasid.pasid] = dom.vm
             for dev in list(ioasid.svm.devs):
                 self._teardown_entry(dev, ioasid.pasid, dom.vm)
             ioasid.svm = None
@@ -350,20 +354,11 @@ class Host(Actor):
         record = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
         self.teardowns.append(record)
         ioasids = [self.ioasids[p] for p in sorted(dom.ioasids)]
-        if self.policy == "ordered":  # VFIO unbinds everything first, then frees
-            for ioasid in ioasids:
-                self._unbind_all(dom.vm, ioasid)
+        # ordered: VFIO unbinds everything, then frees -- ioasid_free tears the bound ones down
+        # and returns them only once the subscribers acknowledged (see its docstring)
         yield from self.ioasid_free(dom, ioasids, EV_FREE_SET, wait=True)
         self._release_domain(dom)
         record["finished"] = self.now
-
-    def _unbind_all(self, vm: int, ioasid: Ioasid) -> None:
-        """Drop every device's binds of one PASID (the users counts go to zero)."""
-        if ioasid.svm is None:
-            return
-        for dev in list(ioasid.svm.devs):
-            self._teardown_entry(dev, ioasid.pasid, vm)
-        ioasid.svm = None
 
     def _release_domain(self, dom: VmDomain) -> None:
         """Give the VM's frames and second-level tables back and flush what its domain cached."""

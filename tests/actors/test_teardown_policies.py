@@ -1,0 +1,502 @@
+"""F5 and the free-before-unbind policies (SPEC §3 F5, §4): naive, ordered, reclaim side by side.
+
+The guests of both VMs are driven by hand (real page tables and PASID tables in guest RAM,
+requests sent as the guest). A DMA "in flight" is a dev_submit put on the guest -> host link
+while that link is held; a slow subscriber is a held host -> kvm / host -> vdcm link; the
+naive policy's deferred IOMMU cleanup is the host's own (held) host -> host link.
+
+While links are held nothing here runs the system to quiescence: the deterministic runtime
+fires timeouts when nothing else can move, so every step waits for exactly the reply it needs
+(`Wire.send` / `Wire.wait`) instead of using `vsva.ask`.
+
+Page requests (F6) are a later issue: a queued page request is appended to `host.prq` by hand,
+in the shape the host's drain and the audit read.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from actors import errno as E
+from actors.messages import Envelope
+from hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
+from orchestrator.audit import audit
+
+VA, PAGES = 0x4000_0000, 4
+VA2 = 0x7000_0000
+NOTIFY_LINKS = (("host", "kvm"), ("host", "vdcm"))
+_IDS = itertools.count(1 << 48)
+
+
+class Wire:
+    """Requests sent from any name without running to quiescence (no timeout fires early)."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self._pos = 0
+        self._replies: dict[int, dict] = {}
+
+    def send(self, src: str, dst: str, kind: str, body: dict | None = None) -> tuple[int, str, str]:
+        rid = next(_IDS)
+        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body=body or {}, id=rid, rr=True))
+        return rid, src, dst
+
+    def reply(self, handle) -> dict | None:
+        rid, src, dst = handle
+        trace = self.rt.trace
+        for r in trace[self._pos:]:
+            if r["corr"] is not None and r["dst"] != r["src"]:
+                self._replies[(r["corr"], r["src"], r["dst"])] = r["body"]
+        self._pos = len(trace)
+        return self._replies.get((rid, dst, src))
+
+    def wait(self, handle) -> dict:
+        self.rt.run(until=lambda: self.reply(handle) is not None)
+        body = self.reply(handle)
+        assert body is not None, f"no reply to {handle}"
+        return body
+
+    def call(self, src, dst, kind, body=None) -> dict:
+        return self.wait(self.send(src, dst, kind, body))
+
+
+def snapshots(w) -> dict:
+    """Every live actor's snapshot (what the audit collects at a quiescent point)."""
+    names = set(w.t.names())
+    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
+
+
+def violations(w) -> list[dict]:
+    return audit(snapshots(w), w.t)
+
+
+def has(found: list[dict], inv: str, what: str, pasid: int) -> bool:
+    return any(v["invariant"] == inv and what in v["what"] and v["pasid"] == pasid for v in found)
+
+
+def dma_desc(dev, pasid, pattern, va=VA, pages=1):
+    return {"dev": dev, "pasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
+            "pattern": pattern}
+
+
+def tables(w):
+    return w.kvm.snapshot()["tables"], w.vdcm.snapshot()["tables"]
+
+
+class Scene:
+    """VM 1 holds PASID P bound to pf1 (DMA done); VM 2's guest is booted with one process."""
+
+    def __init__(self, vsva, policy):
+        self.vsva = vsva
+        self.w = w = vsva.world(2, hand=(1, 2), policy=policy)
+        self.rt, self.host, self.wire = w.rt, w.host, Wire(w.rt)
+        self.g1 = vsva.HandGuest(w.rt, 1, devices=["pf1"])
+        self.g2 = vsva.HandGuest(w.rt, 2, devices=["pf2"])
+        self.p1 = self.g1.spawn(1, VA, PAGES)
+        self.p2 = self.g2.spawn(1, VA2, PAGES)
+        reply = self.g1.alloc("pf1")
+        assert reply["ret"] == 0
+        self.P = reply["pasid"]
+        assert self.g1.bind(self.p1, "pf1", self.P)["ret"] == 0
+        assert self.g1.submit("pf1", self.P, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
+        assert self.host.pasid_state(self.P) == "bound"
+
+    def dma_in_flight(self):
+        """A descriptor for P on pf1 on the wire from vm1's guest; returns its handle."""
+        self.rt.hold("vm1.guest", "host")
+        return self.wire.send("vm1.guest", "host", "dev_submit", dma_desc("pf1", self.P, 0x22))
+
+    def queue_page_request(self):
+        # Page requests are a later issue (F6): queue one by hand, as the PRQ would hold it.
+        self.host.prq.append({"dev": "pf1", "pasid": self.P, "vm": 1, "addr": VA, "grpid": 0})
+
+    def free1(self, pasid=None):
+        return self.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": pasid or self.P})
+
+    def alloc2(self):
+        return self.wire.call("vm2.guest", "vm2.vmm", "vcmd_alloc", {"dev": "pf2"})
+
+    def vm1_bytes(self):
+        return self.g1.kernel.read(self.p1, VA, PAGE_SIZE)
+
+    def vm2_dma_ok(self, pasid, pattern=0x5A):
+        """vm2's DMA through `pasid` (bound on pf2 by the caller) lands, every byte checked."""
+        reply = self.g2.submit("pf2", pasid, "fill", dst=VA2, length=PAGES * PAGE_SIZE, pattern=pattern)
+        assert reply["ret"] == 0, reply
+        assert self.g2.kernel.read(self.p2, VA2, PAGES * PAGE_SIZE) == bytes([pattern]) * PAGES * PAGE_SIZE
+
+
+# ---- 1. free before unbind, with a DMA in flight and a page request queued -------------------
+
+def test_naive_reuse_hazard_is_detected(vsva):
+    """naive: P goes back to the pool at once; the deferred cleanup (host -> host) and the
+    notifications (host -> kvm/vdcm) have not run when vm2 gets P and binds it. The audit
+    must see every trace of vm1 still attached to what is now vm2's PASID."""
+    s = Scene(vsva, "naive")
+    P, rt, host = s.P, s.rt, s.host
+    dma = s.dma_in_flight()
+    s.queue_page_request()
+    for link in (("host", "host"), *NOTIFY_LINKS):
+        rt.hold(*link)
+    reply = s.free1()
+    assert reply["ret"] == 0 and reply["state"] == "free"
+    assert host.pasid_state(P) == "free" and P in host.free_pasids
+    alloc = s.alloc2()
+    assert alloc["ret"] == 0 and alloc["hpasid"] == P  # reuse-first: the PASID vm1 just freed
+    # vm2 binds P on its own device; the bind waits for the (held) notifier acks.
+    s.g2.dirs["pf2"].write_entry(P, encode_pasid_entry(flptr=s.p2.cr3, slptr=0, did=2, eafe=True,
+                                                      pgtt=PGTT_FIRST_ONLY))
+    bind = s.wire.send("vm2.guest", "vm2.vmm", "qi_submit",
+                       {"descs": [{"type": "pc", "dev": "pf2", "pasid": P}, {"type": "wait"}]})
+    rt.run(until=lambda: P in host.ioasids and host.ioasids[P].svm is not None
+           and "pf2" in host.ioasids[P].svm.devs)
+    assert host.ioasids[P].vm == 2
+    rt.release("vm1.guest", "host")
+    done = s.wire.wait(dma)
+    assert done["ret"] == 0  # vm1's descriptor ran through its stale PASID entry
+    assert s.vm1_bytes() == b"\x22" * PAGE_SIZE
+    found = violations(s.w)
+    assert has(found, "I3", "PASID entry on pf1 without a bound svm", P)
+    assert has(found, "I7", "kvm maps VM 1 to VM 2's PASID", P)
+    assert has(found, "I7", "DMA by VM 1's device with a PASID VM 2 now owns", P)
+    assert has(found, "I7", "page request of VM 1 queued under VM 2's PASID", P)
+    assert has(found, "I7", "IOTLB entry of domain 1 for VM 2's PASID", P)
+    assert host.foreign_dma == [{"pasid": P, "device_vm": 1, "owner_vm": 2}]
+    # Once the deferred work runs, vm1's leftovers go; the foreign DMA stays on record.
+    for link in (("host", "host"), *NOTIFY_LINKS):
+        rt.release(*link)
+    assert s.wire.wait(bind)["ret"] == 0
+    rt.run()
+    assert host.prq == [] and P not in host.phys["pf1"].pasid_dir.present_pasids()
+    assert [v["invariant"] for v in violations(s.w)] == ["I7"]
+
+
+def test_ordered_refuses_free_of_bound_then_clean_reuse(vsva):
+    s = Scene(vsva, "ordered")
+    P, rt, host, w = s.P, s.rt, s.host, s.w
+    dma = s.dma_in_flight()
+    s.queue_page_request()
+    before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
+    reply = s.free1()
+    assert reply["ret"] == -E.EBUSY, reply
+    assert vsva.host_state(host) == before and tables(w) == subs
+    assert vsva.notifies(rt, trace_len) == []
+    assert host.pasid_state(P) == "bound" and rt.actors["vm1.vmm"].g2h == {P: P}
+    # The normal order: unbind (drains P's page requests), then free.
+    assert s.g1.unbind("pf1", P)["ret"] == 0
+    assert host.prq == [] and host.pasid_state(P) == "allocated"
+    assert s.free1()["ret"] == 0 and host.pasid_state(P) == "free"
+    alloc = s.alloc2()
+    assert alloc["hpasid"] == P
+    assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
+    rt.release("vm1.guest", "host")
+    late = s.wire.wait(dma)
+    assert late["ret"] == -E.EFAULT  # pf1 has no entry for P any more
+    assert s.vm1_bytes() == b"\x11" * PAGE_SIZE
+    s.vm2_dma_ok(P)
+    rt.run()
+    assert violations(w) == []
+    assert host.foreign_dma == []
+
+
+@pytest.mark.parametrize("dma_at", ["reclaiming", "after_reuse"])
+def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
+    s = Scene(vsva, "reclaim")
+    P, rt, host, w = s.P, s.rt, s.host, s.w
+    dma = s.dma_in_flight()
+    s.queue_page_request()
+    for link in NOTIFY_LINKS:
+        rt.hold(*link)
+    reply = s.free1()
+    assert reply == {"ret": 0, "state": "reclaiming"}
+    assert host.pasid_state(P) == "reclaiming" and host.iommu.is_defunct(P)
+    # torn down at once: no entry, no cache entry, no page request of P is left
+    assert P not in host.phys["pf1"].pasid_dir.present_pasids()
+    assert host.prq == []
+    assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
+    # not allocatable while kvm and vdcm have not acknowledged (nor with only one of them)
+    other = s.alloc2()
+    assert other["ret"] == 0 and other["hpasid"] != P
+    rt.release("host", "kvm")
+    rt.run(until=lambda: w.kvm.snapshot()["tables"] == {})
+    assert host.pasid_state(P) == "reclaiming"
+    if dma_at == "reclaiming":
+        drops = host.iommu.counters()["defunct_drops"]
+        rt.release("vm1.guest", "host")
+        late = s.wire.wait(dma)
+        assert late["ret"] == -E.EFAULT and late["fault"] == "defunct", late
+        assert host.iommu.counters()["defunct_drops"] == drops + 1
+    rt.release("host", "vdcm")
+    rt.run()
+    assert host.pasid_state(P) == "free" and not host.iommu.is_defunct(P)
+    assert host.reclaiming == {} and host.quarantined == {} and host.notify_failures == 0
+    again = s.alloc2()
+    assert again["hpasid"] == P
+    assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
+    if dma_at == "after_reuse":
+        rt.release("vm1.guest", "host")
+        late = s.wire.wait(dma)
+        assert late["ret"] == -E.EFAULT and late["fault"] != "defunct", late
+    s.vm2_dma_ok(P)
+    assert s.vm1_bytes() == b"\x11" * PAGE_SIZE
+    rt.run()
+    assert host.foreign_dma == [] and host.iommu.counters()["owner_violations"] == 0
+    assert violations(w) == []
+
+
+# ---- 2. the normal order and the misuses -----------------------------------------------------
+
+POLICIES = ["naive", "ordered", "reclaim"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_normal_order_is_clean(vsva, policy):
+    s = Scene(vsva, policy)
+    P, host, w = s.P, s.host, s.w
+    assert violations(w) == []
+    assert s.g1.unbind("pf1", P)["ret"] == 0
+    assert host.pasid_state(P) == "allocated" and tables(w) == ({}, {})
+    assert P not in host.phys["pf1"].pasid_dir.present_pasids()
+    reply = s.g1.free(P)
+    assert reply == {"ret": 0, "state": "free"}
+    assert host.pasid_state(P) == "free" and host.reclaiming == {} and host.quarantined == {}
+    assert violations(w) == []
+    # the PASID is reusable at once (nothing of it was bound any more) and reused cleanly
+    assert s.g2.alloc("pf2")["hpasid"] == P
+    assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
+    s.vm2_dma_ok(P)
+    assert violations(w) == [] and host.foreign_dma == []
+
+
+def _as_vmm(vsva, s, kind, body, vm=1):
+    return vsva.ask(s.rt, "host", kind, body, src=f"vm{vm}.vmm")
+
+
+def test_unbind_after_free_reclaim_is_defunct_noop(vsva):
+    """reclaim: while P is reclaiming, the vmm's late unbind finds nothing and returns 0."""
+    s = Scene(vsva, "reclaim")
+    P, rt, host, w = s.P, s.rt, s.host, s.w
+    for link in NOTIFY_LINKS:
+        rt.hold(*link)
+    assert s.free1()["state"] == "reclaiming"
+    before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
+    late = s.wire.call("vm1.vmm", "host", "unbind_gpasid", {"dev": "pf1", "pasid": P})
+    assert late == {"ret": 0, "users": 0, "defunct": True}
+    assert vsva.host_state(host) == before and tables(w) == subs
+    assert vsva.notifies(rt, trace_len) == []
+    # the guest's own unbind after its free: the vmm's shadow is gone, nothing reaches the host
+    trace_len = len(rt.trace)
+    s.g1.dirs["pf1"].clear_entry(P)
+    reply = s.wire.call("vm1.guest", "vm1.vmm", "qi_submit",
+                        {"descs": [{"type": "pc", "dev": "pf1", "pasid": P}, {"type": "wait"}]})
+    assert reply["ret"] == 0
+    assert not [r for r in rt.trace[trace_len:] if r["kind"] == "unbind_gpasid"]
+    # another VM cannot use the defunct path to probe P
+    assert s.wire.call("vm2.vmm", "host", "unbind_gpasid", {"dev": "pf2", "pasid": P})["ret"] == -E.EINVAL
+    for link in NOTIFY_LINKS:
+        rt.release(*link)
+    rt.run()
+    assert host.pasid_state(P) == "free" and violations(w) == []
+
+
+@pytest.mark.parametrize("policy", ["naive", "reclaim"])
+def test_unbind_after_completed_free_finds_nothing(vsva, policy):
+    """After the free has completed (reclaim acked, or naive), the PASID is free: -EINVAL."""
+    s = Scene(vsva, policy)
+    assert s.g1.free(s.P)["ret"] == 0
+    s.rt.run()
+    assert s.host.pasid_state(s.P) == "free"
+    before = vsva.host_state(s.host)
+    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "pasid": s.P})["ret"] == -E.EINVAL
+    assert vsva.host_state(s.host) == before
+    assert violations(s.w) == []
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_unbind_twice_and_free_twice(vsva, policy):
+    s = Scene(vsva, policy)
+    P, host, w, rt = s.P, s.host, s.w, s.rt
+    assert s.g1.unbind("pf1", P)["ret"] == 0
+    before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
+    # the host refuses a second unbind (the vmm would not send one: its shadow is gone)
+    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "pasid": P})["ret"] == -E.EINVAL
+    assert vsva.host_state(host) == before and tables(w) == subs
+    assert vsva.notifies(rt, trace_len) == []
+    assert s.g1.free(P)["ret"] == 0
+    before = vsva.host_state(host)
+    assert s.g1.free(P)["ret"] == -E.EINVAL  # the vmm's map no longer has it
+    assert _as_vmm(vsva, s, "ioasid_free", {"pasid": P})["ret"] == -E.EINVAL  # nor the host's set
+    assert vsva.host_state(host) == before and host.pasid_state(P) == "free"
+    assert violations(w) == []
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "unbound"])
+def test_free_of_another_vms_pasid_is_eacces(vsva, policy, bound):
+    s = Scene(vsva, policy)
+    P, host, w, rt = s.P, s.host, s.w, s.rt
+    if not bound:
+        assert s.g1.unbind("pf1", P)["ret"] == 0
+    before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
+    assert _as_vmm(vsva, s, "ioasid_free", {"pasid": P}, vm=2)["ret"] == -E.EACCES
+    assert vsva.host_state(host) == before and tables(w) == subs
+    assert vsva.notifies(rt, trace_len) == []
+    assert host.pasid_state(P) == ("bound" if bound else "allocated")
+    # and it is still vm1's: its DMA still works when bound
+    if bound:
+        assert s.g1.submit("pf1", P, "fill", dst=VA, length=PAGE_SIZE, pattern=0x33)["ret"] == 0
+        assert s.vm1_bytes() == b"\x33" * PAGE_SIZE
+    assert violations(w) == []
+
+
+# ---- 4. a subscriber that never acknowledges --------------------------------------------------
+
+@pytest.mark.parametrize("how", ["kill", "hold"])
+def test_reclaim_unacked_free_quarantines(vsva, how):
+    """reclaim's docstring: a subscriber that never answers leaves the PASID quarantined:
+    a leak, never a reuse. The free itself does not wait, and nothing stays pending."""
+    s = Scene(vsva, "reclaim")
+    P, rt, host = s.P, s.rt, s.host
+    timeout = host.config.get("notify_timeout", 2.0)
+    if how == "kill":
+        rt.kill("kvm")
+    else:
+        rt.hold("host", "kvm")
+    t0 = rt.now
+    reply = s.free1()
+    assert reply["ret"] == 0 and rt.now - t0 < timeout  # answered before any timeout
+    rt.run(until=lambda: host.pasid_state(P) != "reclaiming")
+    assert host.pasid_state(P) == "quarantined" and host.quarantined == {P: 1}
+    if how == "hold":
+        assert rt.now - t0 >= timeout  # the bounded wait ran out, it did not end early
+    assert host.notify_failures == 1 and host.iommu.is_defunct(P)
+    assert not host.busy  # nothing hangs
+    rt.release("host", "kvm")
+    rt.run()
+    assert host.pasid_state(P) == "quarantined"  # a late ack does not bring it back
+    got = [s.alloc2()["hpasid"] for _ in range(5)]
+    assert P not in got and P not in host.free_pasids
+    assert host.snapshot()["quarantined"] == {str(P): 1}
+
+
+@pytest.mark.parametrize("how", ["kill", "hold"])
+def test_naive_unacked_free_reuses_at_once(vsva, how):
+    """naive's docstring: back in the pool at once, subscribers told without waiting."""
+    s = Scene(vsva, "naive")
+    P, rt, host = s.P, s.rt, s.host
+    if how == "kill":
+        rt.kill("kvm")
+    else:
+        rt.hold("host", "kvm")
+    reply = s.free1()
+    assert reply == {"ret": 0, "state": "free"}
+    assert s.alloc2()["hpasid"] == P
+    assert host.notify_failures == 0 and host.quarantined == {} and not host.busy
+
+
+@pytest.mark.parametrize("how", ["kill", "hold"])
+def test_ordered_unacked_does_not_affect_free_of_unbound(vsva, how):
+    """ordered's docstring: only unbound PASIDs reach the free, so they go back at once."""
+    s = Scene(vsva, "ordered")
+    P, rt, host = s.P, s.rt, s.host
+    assert s.g1.unbind("pf1", P)["ret"] == 0
+    if how == "kill":
+        rt.kill("kvm")
+    else:
+        rt.hold("host", "kvm")
+    trace_len = len(rt.trace)
+    reply = s.free1()
+    assert reply == {"ret": 0, "state": "free"}
+    assert vsva.notifies(rt, trace_len) == []  # nothing to tell anyone about an unbound PASID
+    assert s.alloc2()["hpasid"] == P
+    assert host.notify_failures == 0 and host.quarantined == {} and not host.busy
+
+
+# ---- 5. vdcm aborts an mdev descriptor whose PASID was freed under it ---------------------------
+
+@pytest.mark.parametrize("policy", ["naive", "reclaim"])
+@pytest.mark.parametrize("how", ["free", "vm_stop"])
+def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
+    w = vsva.world(2, hand=(1,), policy=policy)
+    rt, host, vdcm, wire = w.rt, w.host, w.vdcm, Wire(w.rt)
+    g = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
+    proc = g.spawn(1, VA, PAGES)
+    alloc = g.alloc("vm1.mdev0")
+    gp, hp = alloc["pasid"], alloc["hpasid"]
+    assert gp != hp  # non-identity for mdevs: the translation is vdcm's
+    assert g.bind(proc, "vm1.mdev0", gp)["ret"] == 0
+    assert g.submit("vm1.mdev0", gp, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
+    rt.hold("vdcm", "host")  # vdcm's request to the device is stalled
+    sub = wire.send("vm1.guest", "vdcm", "mdev_submit", dma_desc("vm1.mdev0", gp, 0x66))
+    rt.run(until=lambda: vdcm.submitted == 2)
+    if how == "free":
+        assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": gp})["ret"] == 0
+    else:
+        stop = wire.send("orch", "vm1.vmm", "vm_stop", {})
+        rt.run(until=lambda: 1 not in host.vmm_of)  # the host has begun the teardown
+    rt.run(until=lambda: vdcm.epoch.get(hp, 0) == 1)
+    rt.release("vdcm", "host")
+    reply = wire.wait(sub)
+    assert reply["ret"] == -E.ECANCELED and reply["aborted"] is True, reply
+    assert vdcm.aborted == 1
+    if how == "vm_stop":
+        assert wire.wait(stop)["ret"] == 0
+    else:
+        assert g.kernel.read(proc, VA, PAGE_SIZE) == b"\x11" * PAGE_SIZE  # never ran
+    rt.run()
+    assert violations(w) == []
+
+
+def test_naive_deferred_cleanup_clobbers_next_owner_on_shared_parent(vsva):
+    """naive, the other half of the hazard: both VMs' mdevs share one parent (dsa0), so the
+    PASID entry vm2 writes for the reused PASID is the very entry vm1's late cleanup clears.
+    The audit sees vm2's bind without an entry, and vm2's DMA fails."""
+    w = vsva.world(2, hand=(1, 2), policy="naive")
+    rt, host = w.rt, w.host
+    g1 = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
+    g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
+    p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA2, PAGES)
+    a1 = g1.alloc("vm1.mdev0")
+    assert g1.bind(p1, "vm1.mdev0", a1["pasid"])["ret"] == 0
+    P = a1["hpasid"]
+    rt.hold("host", "host")  # the deferred cleanup has not run yet
+    assert g1.free(a1["pasid"])["ret"] == 0
+    a2 = g2.alloc("vm2.mdev0")
+    assert a2["hpasid"] == P
+    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    assert P in host.phys["dsa0"].pasid_dir.present_pasids()
+    rt.release("host", "host")
+    rt.run()
+    assert P not in host.phys["dsa0"].pasid_dir.present_pasids()  # vm2's entry is gone
+    assert has(violations(w), "I3", "svm bound to dsa0 but no PASID entry", P)
+    reply = g2.submit("vm2.mdev0", a2["pasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
+    assert reply["ret"] != 0
+    assert g2.kernel.read(p2, VA2, PAGE_SIZE) == bytes(PAGE_SIZE)
+
+
+@pytest.mark.parametrize("policy", ["reclaim", "ordered"])
+def test_free_of_bound_pasid_under_reclaim_and_ordered_never_clobbers(vsva, policy):
+    """The same sequence under reclaim (teardown done at free, reuse after the acks) and
+    ordered (unbind first): vm2's entry on the shared parent survives and its DMA works."""
+    w = vsva.world(2, hand=(1, 2), policy=policy)
+    rt = w.rt
+    g1 = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
+    g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
+    p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA2, PAGES)
+    a1 = g1.alloc("vm1.mdev0")
+    assert g1.bind(p1, "vm1.mdev0", a1["pasid"])["ret"] == 0
+    P = a1["hpasid"]
+    if policy == "ordered":
+        assert g1.free(a1["pasid"])["ret"] == -E.EBUSY
+        assert g1.unbind("vm1.mdev0", a1["pasid"])["ret"] == 0
+    assert g1.free(a1["pasid"])["ret"] == 0
+    a2 = g2.alloc("vm2.mdev0")
+    assert a2["hpasid"] == P
+    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    rt.run()
+    reply = g2.submit("vm2.mdev0", a2["pasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
+    assert reply["ret"] == 0
+    assert g2.kernel.read(p2, VA2, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+    assert violations(w) == []

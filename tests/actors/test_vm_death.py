@@ -1,0 +1,256 @@
+"""F8 on a VM's death (deterministic runtime): the host notices the dead vmm on its own.
+
+VM 1 is driven by hand (one process, PASID bound to pf1, DMA done); VM 2 runs the real demo
+workload and is killed part way, once it holds PASIDs bound on its passthrough function and
+on its mdevs (so kvm and vdcm both translate for it), or while one of its binds is still in
+the host's notifier. `rt.kill` makes every surviving actor see the peer go (peer_down): for
+the host that is the VFIO fd closing, and it must tear the VM down by itself (SPEC §3 F8).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from actors.messages import Envelope
+from hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
+from orchestrator.audit import audit
+
+POLICIES = ["naive", "ordered", "reclaim"]
+VA, PAGES = 0x4000_0000, 4
+_IDS = itertools.count(1 << 47)
+
+
+class Wire:
+    """Requests from any name that wait for their own reply only (no run to quiescence, so no
+    timeout fires while a link is held). The same helper as in test_teardown_policies."""
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def send(self, src, dst, kind, body=None):
+        rid = next(_IDS)
+        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body=body or {}, id=rid, rr=True))
+        return rid, src, dst
+
+    def reply(self, handle):
+        rid, src, dst = handle
+        return next((r["body"] for r in reversed(self.rt.trace)
+                     if r["corr"] == rid and r["src"] == dst and r["dst"] == src), None)
+
+    def wait(self, handle):
+        self.rt.run(until=lambda: self.reply(handle) is not None)
+        body = self.reply(handle)
+        assert body is not None, f"no reply to {handle}"
+        return body
+
+    def call(self, src, dst, kind, body=None):
+        return self.wait(self.send(src, dst, kind, body))
+
+
+def surviving_snapshots(w) -> dict:
+    names = set(w.t.names())
+    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
+
+
+def vm_gone_everywhere(w, vm: int) -> None:
+    host, snap = w.host, w.host.snapshot()
+    assert vm not in host.domains and str(vm) not in snap["vms"]
+    assert [p for p, a in host.ioasids.items() if a.vm == vm] == []
+    assert [a for a in host.ioasids.values() if a.svm is not None and a.svm.vm == vm] == []
+    assert str(vm) not in snap["owned_frames"]
+    assert [r for r in host.prq if r.get("vm") == vm] == []
+    assert [e for e in host.iommu.cache_dump()["iotlb"] if e[0] == vm] == []
+    assert [e for e in host.iommu.cache_dump()["pasid_cache"] if e[2] == vm] == []
+    assert host.phys[f"pf{vm}"].pasid_dir.present_pasids() == []
+    assert str(vm) not in w.kvm.snapshot()["tables"]
+    assert str(vm) not in w.vdcm.snapshot()["tables"]
+    assert host.reclaiming == {} and host.quarantined == {}
+    assert not host.busy and not w.kvm.busy and not w.vdcm.busy
+
+
+def vm1_dma(g, proc, pasid, pattern):
+    reply = g.submit("pf1", pasid, "fill", dst=VA, length=PAGES * PAGE_SIZE, pattern=pattern)
+    assert reply["ret"] == 0, reply
+    assert g.kernel.read(proc, VA, PAGES * PAGE_SIZE) == bytes([pattern]) * PAGES * PAGE_SIZE
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request):
+    return request.param
+
+
+def start(vsva, policy):
+    w = vsva.world(2, hand=(1,), policy=policy)
+    w.g1 = vsva.HandGuest(w.rt, 1, devices=["pf1"])
+    w.p1 = w.g1.spawn(1, VA, PAGES)
+    w.P1 = w.g1.alloc("pf1")["pasid"]
+    assert w.g1.bind(w.p1, "pf1", w.P1)["ret"] == 0
+    vm1_dma(w.g1, w.p1, w.P1, 0x11)
+    # VM 2's demo workload, run only part of the way
+    w.rt.inject(Envelope(src="orch", dst="vm2.guest", kind="start_workload", body={}, id=next(_IDS), rr=True))
+    return w
+
+
+def vm2_bound_everywhere(w) -> bool:
+    host = w.host
+    pf_bound = [a for a in host.ioasids.values() if a.vm == 2 and a.svm and "pf2" in a.svm.devs]
+    return len(pf_bound) >= 2 and "2" in w.vdcm.snapshot()["tables"] and "2" in w.kvm.snapshot()["tables"]
+
+
+def vm2_bind_in_notifier(w) -> bool:
+    """A bind of VM 2 has written its entry and its BIND notification is out, not yet acked."""
+    trace = w.rt.trace
+    sent = sum(1 for r in trace if r["kind"] == "ioasid_notify" and r["corr"] is None and r["dst"] == "kvm"
+               and r["body"]["event"] == "bind" and r["body"]["vm"] == 2)
+    answered = sum(1 for r in trace if r["kind"] == "bind_gpasid" and r["corr"] is not None
+                   and r["dst"] == "vm2.vmm")
+    return sent > answered
+
+
+@pytest.mark.parametrize("when", ["bound", "mid_bind"])
+@pytest.mark.parametrize("order", [("vm2.vmm", "vm2.guest"), ("vm2.guest", "vm2.vmm")],
+                         ids=["vmm_first", "guest_first"])
+def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
+    w = start(vsva, policy)
+    rt, host = w.rt, w.host
+    rt.run(until=(lambda: vm2_bound_everywhere(w)) if when == "bound" else (lambda: vm2_bind_in_notifier(w)))
+    vm2_pasids = sorted(p for p, a in host.ioasids.items() if a.vm == 2)
+    assert vm2_pasids and any(host.ioasids[p].svm for p in vm2_pasids)
+    assert host.snapshot()["owned_frames"].get("2")
+    assert host.teardowns == []
+    if when == "mid_bind":
+        assert host.busy  # the host still waits for the subscribers' acks of VM 2's bind
+    for name in order:
+        rt.kill(name)
+    rt.run()
+    assert [(t["vm"], t["why"]) for t in host.teardowns] == [(2, "vm2.vmm died")]
+    assert host.teardowns[0]["pasids"] == len(vm2_pasids) and "finished" in host.teardowns[0]
+    vm_gone_everywhere(w, 2)
+    assert audit(surviving_snapshots(w), w.t) == []
+    # VM 1 is untouched: its PASID still bound and translating, and it binds anew
+    assert host.pasid_state(w.P1) == "bound"
+    assert str(1) in w.kvm.snapshot()["tables"]
+    vm1_dma(w.g1, w.p1, w.P1, 0x22)
+    p2 = w.g1.spawn(2, VA, PAGES)
+    new = w.g1.alloc("pf1")["pasid"]
+    assert w.g1.bind(p2, "pf1", new)["ret"] == 0
+    vm1_dma(w.g1, p2, new, 0x33)
+    assert w.g1.kernel.read(w.p1, VA, PAGES * PAGE_SIZE) == b"\x22" * PAGES * PAGE_SIZE
+    assert audit(surviving_snapshots(w), w.t) == []
+    assert host.iommu.counters()["owner_violations"] == 0 and host.foreign_dma == []
+
+
+def test_freed_vm_pasids_are_reused_cleanly(vsva, policy):
+    """After the teardown, VM 2's PASIDs (reuse-first) go to VM 1: nothing stale follows them."""
+    w = start(vsva, policy)
+    rt, host = w.rt, w.host
+    rt.run(until=lambda: vm2_bound_everywhere(w))
+    vm2_pasids = {p for p, a in host.ioasids.items() if a.vm == 2}
+    rt.kill("vm2.vmm")
+    rt.kill("vm2.guest")
+    rt.run()
+    procs, got = [], []
+    for pid in range(10, 10 + len(vm2_pasids)):
+        proc = w.g1.spawn(pid, VA, PAGES)
+        pasid = w.g1.alloc("pf1")["pasid"]
+        assert w.g1.bind(proc, "pf1", pasid)["ret"] == 0
+        procs.append(proc)
+        got.append(pasid)
+    assert set(got) == vm2_pasids
+    for i, (proc, pasid) in enumerate(zip(procs, got)):
+        vm1_dma(w.g1, proc, pasid, 0x40 + i)
+    assert audit(surviving_snapshots(w), w.t) == []
+
+
+def test_kill_during_dma_loops_vm1_unaffected(vsva, policy):
+    """Both guests run the `dma_loop` workload (real guest actors); VM 2 dies part way.
+    VM 1's loop completes with every step ok; VM 2 is gone everywhere; the audit is clean."""
+    w = vsva.world(2, policy=policy, workload="dma_loop", iterations=40)
+    rt, host = w.rt, w.host
+    ids = {vm: next(_IDS) for vm in (1, 2)}
+    for vm, rid in ids.items():
+        rt.inject(Envelope(src="orch", dst=f"vm{vm}.guest", kind="start_workload", body={}, id=rid, rr=True))
+    guests = {vm: rt.actors[f"vm{vm}.guest"] for vm in (1, 2)}
+    rt.run(until=lambda: all(g.dma["completed"] >= 6 for g in guests.values()))
+    assert "2" in w.vdcm.snapshot()["tables"] and "2" in w.kvm.snapshot()["tables"]
+    rt.kill("vm2.vmm")
+    rt.kill("vm2.guest")
+    rt.run()
+    done = [r["body"] for r in rt.trace if r["corr"] == ids[1] and r["src"] == "vm1.guest"]
+    assert len(done) == 1 and done[0]["ret"] == 0 and done[0]["ok"], done
+    assert sum(1 for s in done[0]["steps"] if s["flow"] == "F7" and s["ok"]) == 2 * 40
+    assert [t["vm"] for t in host.teardowns] == [2]
+    vm_gone_everywhere(w, 2)
+    assert audit(surviving_snapshots(w), w.t) == []
+    assert host.iommu.counters()["owner_violations"] == 0 and host.foreign_dma == []
+
+
+@pytest.mark.parametrize("policy", ["ordered", "reclaim"])
+def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, policy):
+    """VM 2's guest had a descriptor in vdcm, on its way to the shared accelerator, when VM 2
+    died. Its PASID may go to VM 1 only after vdcm acknowledged FREE_SET: vdcm's ack travels
+    behind that descriptor, so the descriptor reaches the device while the PASID is still
+    VM 2's (torn down: it faults) and can never run under VM 1's entry on the same parent."""
+    w = vsva.world(2, hand=(1, 2), policy=policy)
+    rt, host, vdcm = w.rt, w.host, w.vdcm
+    wire = Wire(rt)
+    g1 = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
+    g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
+    p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA, PAGES)
+    a2 = g2.alloc("vm2.mdev0")
+    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    P2 = a2["hpasid"]
+    rt.hold("vdcm", "host")  # the descriptor is on its way to the device
+    wire.send("vm2.guest", "vdcm", "mdev_submit", {"dev": "vm2.mdev0", "pasid": a2["pasid"], "op": "fill",
+                                                  "src": 0, "dst": VA, "len": PAGE_SIZE, "pattern": 0x99})
+    rt.run(until=lambda: vdcm.submitted == 1)
+    rt.kill("vm2.vmm")
+    rt.kill("vm2.guest")
+    rt.run(until=lambda: "2" not in vdcm.snapshot()["tables"])  # vdcm got FREE_SET; its ack waits
+    # VM 1 allocates (reuse-first: VM 2's PASID if it is in the pool) and binds on its mdev
+    a1 = wire.call("vm1.guest", "vm1.vmm", "vcmd_alloc", {"dev": "vm1.mdev0"})
+    assert a1["ret"] == 0
+    g1.dirs["vm1.mdev0"].write_entry(a1["pasid"], encode_pasid_entry(
+        flptr=p1.cr3, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY))
+    bind = wire.send("vm1.guest", "vm1.vmm", "qi_submit",
+                     {"descs": [{"type": "pc", "dev": "vm1.mdev0", "pasid": a1["pasid"]}, {"type": "wait"}]})
+    rt.run(until=lambda: a1["hpasid"] in host.phys["dsa0"].pasid_dir.present_pasids())
+    rt.release("vdcm", "host")
+    assert wire.wait(bind)["ret"] == 0
+    rt.run()
+    # VM 2's descriptor never ran under VM 1's entry: VM 1's memory is untouched
+    assert host.foreign_dma == []
+    assert g1.kernel.read(p1, VA, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert a1["hpasid"] != P2  # VM 2's PASID was not handed out before vdcm's acknowledgement
+    assert host.teardowns and "finished" in host.teardowns[0]
+    assert host.pasid_state(P2) == "free" and P2 in host.free_pasids
+    vm_gone_everywhere(w, 2)
+    assert audit(surviving_snapshots(w), w.t) == []
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_teardown_with_a_dead_subscriber(vsva, policy):
+    """kvm is dead when VM 2 dies: the teardown still finishes (bounded, nothing hangs).
+    reclaim and ordered: the PASIDs that were bound are quarantined (never reused), the
+    unbound one is free; naive: everything is back in the pool at once."""
+    w = vsva.world(2, hand=(2,), policy=policy)
+    rt, host = w.rt, w.host
+    g2 = vsva.HandGuest(rt, 2, devices=["pf2"])
+    proc = g2.spawn(1, VA, PAGES)
+    bound, unbound = g2.alloc("pf2")["pasid"], g2.alloc("pf2")["pasid"]
+    assert g2.bind(proc, "pf2", bound)["ret"] == 0
+    rt.kill("kvm")
+    rt.kill("vm2.vmm")
+    rt.run()
+    assert [t["vm"] for t in host.teardowns] == [2] and "finished" in host.teardowns[0]
+    assert not host.busy
+    assert host.pasid_state(unbound) == "free" and unbound in host.free_pasids
+    if policy == "naive":
+        assert host.pasid_state(bound) == "free" and host.notify_failures == 0
+    else:
+        assert host.pasid_state(bound) == "quarantined" and bound not in host.free_pasids
+        assert host.notify_failures == 1
+    assert 2 not in host.domains and "2" not in host.snapshot()["owned_frames"]
+    assert host.phys["pf2"].pasid_dir.present_pasids() == []
