@@ -21,9 +21,11 @@ Conventions shared by both implementations:
   fault_va the exact VA whose translation failed, done the bytes completed before it (a
   page-request retry can resume at offset done). compare's result is 0 when equal, else
   the offset of the first differing byte + 1.
-* Caches: set-associative, true LRU within a set (per-cache clock stamps). Page-selective
-  invalidation probes only the set of each page in the range unless the range has at least
-  as many pages as the cache has sets, in which case it scans the whole cache.
+* Caches: set-associative (1, 2, 4 or 8 ways, power-of-two sets), tree-PLRU replacement
+  within a set (hotpath._pure._Cache documents the exact rule); a fill takes the first
+  invalid way, else the PLRU victim. Page-selective invalidation probes only the set of
+  each page in the range unless the range has at least as many pages as the cache has
+  sets, in which case it scans the whole cache (same result, cheaper).
 """
 
 from __future__ import annotations
@@ -31,38 +33,56 @@ from __future__ import annotations
 import os
 
 from hotpath import layout
-from hotpath._pure import COUNTER_NAMES
-from hotpath._pure import Iommu as PureIommu
-from hotpath.layout import (  # noqa: F401  (re-exported)
+from hotpath.layout import (
     ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_NAMES, INV_DOMAIN, INV_GLOBAL,
     INV_PAGE, INV_PASID, PAGE_SHIFT, PAGE_SIZE, PASID_MAX, describe_fault, fault_code,
     fault_level, fault_reason,
 )
-from hotpath.layout import *  # noqa: F401,F403
 
-CompiledIommu = None
-if os.environ.get("VSVA_PUREPYTHON", "") not in ("", "0"):
-    Iommu = PureIommu
-    IMPLEMENTATION = "python"
-else:
-    try:
-        from hotpath._translate import Iommu as CompiledIommu
-    except ImportError:
-        Iommu = PureIommu
-        IMPLEMENTATION = "python"
+# The implementations (numpy, the compiled module) load on first use of one of these names
+# (PEP 562), so `import hotpath.layout` stays pure Python: actors that never translate do
+# not pay for numpy. VSVA_PUREPYTHON is read then.
+_LAZY = ("Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES")
+
+
+def _load_implementations() -> None:
+    from hotpath._pure import COUNTER_NAMES
+    from hotpath._pure import Iommu as PureIommu
+
+    compiled = None
+    if os.environ.get("VSVA_PUREPYTHON", "") not in ("", "0"):
+        iommu, implementation = PureIommu, "python"
     else:
-        Iommu = CompiledIommu
-        IMPLEMENTATION = "compiled"
+        try:
+            from hotpath._translate import Iommu as compiled
+        except ImportError:
+            iommu, implementation = PureIommu, "python"
+        else:
+            iommu, implementation = compiled, "compiled"
+    globals().update(Iommu=iommu, PureIommu=PureIommu, CompiledIommu=compiled,
+                     IMPLEMENTATION=implementation, COUNTER_NAMES=COUNTER_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        _load_implementations()
+        return globals()[name]
+    raise AttributeError(f"module 'hotpath' has no attribute {name!r}")
 
 
 def compiled_available() -> bool:
     """True when the compiled extension can be imported (regardless of VSVA_PUREPYTHON)."""
     try:
-        import hotpath._translate  # noqa: F401
+        import hotpath._translate as _t  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-__all__ = ["Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES",
-           "compiled_available", "layout"]
+__all__ = [
+    "Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES",
+    "compiled_available", "layout",
+    "ACCESS_EXEC", "ACCESS_PRIV", "ACCESS_READ", "ACCESS_WRITE", "FAULT_NAMES", "INV_DOMAIN",
+    "INV_GLOBAL", "INV_PAGE", "INV_PASID", "PAGE_SHIFT", "PAGE_SIZE", "PASID_MAX",
+    "describe_fault", "fault_code", "fault_level", "fault_reason",
+]

@@ -29,14 +29,14 @@ import struct
 import numpy as np
 
 from hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, AW_48, ENTRIES_PER_TABLE,
+    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, AW_48,
     FAULT_BAD_PASID_ENTRY, FAULT_DEFUNCT, FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION,
     FAULT_NAMES, FAULT_NO_CONTEXT, FAULT_OOR_ADDRESS, FAULT_OWNER, FAULT_PASID_INVALID,
     FAULT_PDE_NOT_PRESENT, FAULT_PE_NOT_PRESENT, FAULT_SL_NOT_PRESENT, FAULT_SL_PERMISSION,
-    FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, FL_XD, INV_DOMAIN, INV_GLOBAL, INV_PAGE, INV_PASID,
+    FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, FL_XD, INV_DOMAIN, INV_GLOBAL, INV_PASID,
     PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PASID_ENTRY_SIZE, PASID_MAX, PDE_PRESENT,
     PE_EAFE, PE_PRESENT, PE_SRE, PE_WPE, PERM_FL_D, PERM_FL_RW, PERM_FL_US, PERM_FL_X,
-    PERM_SL_R, PERM_SL_W, PGTT_NESTED, SL_PS, SL_R, SL_W, SL_X, VA_LIMIT, inv_granularity,
+    PGTT_NESTED, SL_PS, SL_R, SL_W, SL_X, VA_LIMIT, inv_granularity,
     required_perms,
 )
 
@@ -176,7 +176,7 @@ class _Cache:
         n = 0
         tags = self.tags
         if count >= self.sets:
-            lo, hi = hi_key | first, hi_key | (first + count)
+            lo, hi = hi_key + first, hi_key + first + count
             for i in range(len(tags)):
                 t = tags[i]
                 if t and lo <= (t & ~VALID) < hi and extra_ok(self.extra[i], self.data[i]):
@@ -712,9 +712,12 @@ class Iommu:
 
 
 def _page_range(addr, size_order) -> tuple[int, int]:
+    # size_order beyond the 2^36 pages of a 48-bit space is clamped (over-invalidating is
+    # always safe); a negative one is an error.
     size_order = int(size_order)
-    if not 0 <= size_order <= 36:
-        raise ValueError("size_order must be in [0, 36]")
+    if size_order < 0:
+        raise ValueError("size_order must be >= 0")
+    size_order = min(size_order, 36)
     count = 1 << size_order
     first = (int(addr) >> PAGE_SHIFT) & ~(count - 1) & ((1 << 36) - 1)
     return first, count

@@ -9,7 +9,13 @@ describe the model. Here everything the translation loop touches is a C structur
   128-byte block; replacement is tree-PLRU per set (hotpath._pure._Cache explains it);
 * set index = ((key * 0x9E3779B97F4A7C15) mod 2^64 >> 32) & (sets - 1);
 * host memory and the owner table are raw pointers into the caller's buffers (held alive by
-  typed memoryviews); the batch loop and the DMA engine run without the GIL.
+  typed memoryviews); the batch loop and the DMA engine run without the GIL;
+* the batch loop prefetches the IOTLB set of the request PREFETCH_AHEAD places ahead and
+  tries a side-effect-free fast path (fast_hit: PASID-cache + IOTLB or device-TLB hit,
+  permissions, owner) before the full translate1; counters and PLRU updates come out exactly
+  as translate1 would make them, so the twin stays the reference;
+* the walk counts memory references in a register and the second-level walk is unrolled
+  C (vs_sl_walk); big caches sit on transparent huge pages.
 
 The object is not thread-safe: do not call its methods concurrently. Host byte order must be
 little-endian (x86). First-level A/D updates use a locked compare-and-exchange, as hardware.
@@ -21,6 +27,8 @@ cimport cython
 from libc.stdint cimport uint64_t, uint32_t, uint16_t, uint8_t, int32_t, int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memmove, memcmp
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
 
 import numpy as np
 
@@ -52,12 +60,8 @@ cdef extern from *:
     static inline void vs_prefetch(const void *p) {
         __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const char *)p));
     }
-    static inline void vs_prefetchw(const void *p) {
-        __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const char *)p));
-    }
     #else
     static inline void vs_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-    static inline void vs_prefetchw(const void *p) { __builtin_prefetch(p, 1, 3); }
     #endif
     #include <sys/mman.h>
     static inline void vs_hugepage(void *p, size_t n) {
@@ -82,7 +86,6 @@ cdef extern from *:
     uint64_t vs_load64(const unsigned char *p) noexcept nogil
     void vs_store64(unsigned char *p, uint64_t v) noexcept nogil
     void vs_prefetch(const void *p) noexcept nogil
-    void vs_prefetchw(const void *p) noexcept nogil
     uint32_t vs_ctz(uint32_t m) noexcept nogil
     void vs_hugepage(void *p, size_t n) noexcept nogil
     int vs_cas64(unsigned char *p, uint64_t expect, uint64_t val) noexcept nogil
@@ -130,7 +133,7 @@ cdef enum:
     P_FL_D = 32
     NDEV = 256
     NREASONS = 16
-    PREFETCH_AHEAD = 8
+    PREFETCH_AHEAD = 16
     HUGE_PAGE = 2 * 1024 * 1024
 
 # Counter indices: same order as hotpath._pure.COUNTER_NAMES.
@@ -195,10 +198,147 @@ ctypedef struct State:
 cdef extern from *:
     """
     #define VS_FRAME_MASK ((1ULL << 36) - 1)
+    /* Set lookup over the tag words of one set block: a branch-free match mask (the hit
+       way is random, a compare-and-exit loop would mispredict on most lookups), then the
+       payload check of the matching way(s). Returns the way or -1. */
+    static inline __attribute__((always_inline)) int
+    vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask, uint64_t xval) {
+        uint32_t w;
+        for (w = 0; w < ways; w++)
+            if ((blk[w] & ~(0x7FULL << 56)) == tag && (blk[ways + w] & xmask) == xval)
+                return (int)w;
+        return -1;
+    }
+    /* Second-level walk of one GPA (4 levels unrolled; 2 MiB / 1 GiB leaves). Returns 0 or
+       a fault code (reason | level << 8) that the caller counts; adds the entries read to
+       *refs. Same checks, in the same order, as hotpath._pure.Iommu._sl. */
+    static inline __attribute__((always_inline)) int32_t
+    vs_sl_walk(const unsigned char *mem, uint64_t mem_size, uint64_t slptr, uint64_t gpa,
+               uint32_t need, uint64_t *hpa, uint32_t *perms, int *leaf, uint64_t *refs) {
+        uint64_t table = slptr, e, ea, mask;
+        uint32_t p = 3;
+        int level;
+        if (gpa >= (1ULL << 48)) return 10;
+        #pragma GCC unroll 4
+        for (level = 4; level >= 1; level--) {
+            unsigned sh = 12 + 9 * (unsigned)(level - 1);
+            ea = table + ((gpa >> sh) & 511) * 8;
+            if (ea + 8 > mem_size) return 10 | (level << 8);
+            (*refs)++;
+            e = vs_load64(mem + ea);
+            if (!(e & 7)) return 7 | (level << 8);
+            if (need & ~(uint32_t)e & 3) return 9 | (level << 8);
+            p &= (uint32_t)e;
+            if (level == 1 || (level <= 3 && (e & 0x80))) {
+                mask = (1ULL << sh) - 1;
+                *hpa = (e & 0x000FFFFFFFFFF000ULL & ~mask) | (gpa & mask);
+                *perms = p & 3;
+                *leaf = level;
+                return 0;
+            }
+            table = e & 0x000FFFFFFFFFF000ULL;
+        }
+        return 10;
+    }
+    /* Nested walk (first level over second level), the checks and their order exactly as
+       hotpath._pure.Iommu._walk: per first-level level, the table's GPA through the second
+       level (SL_R), then the entry: P, R/W (writes; supervisor only with WPE), U/S (user),
+       XD (exec), then A (and D on a written leaf) under EAFE with a locked cmpxchg (needs
+       SL_W on the table page). Returns 0 or an uncounted fault code; counts entries read
+       in *refs and A/D updates in *adw. */
+    static inline __attribute__((always_inline)) int32_t
+    vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t flptr,
+                   uint64_t slptr, uint32_t flags, uint64_t va, uint32_t access,
+                   uint64_t *frame_out, uint32_t *perms_out, uint64_t *refs, uint64_t *adw) {
+        const uint64_t AM = 0x000FFFFFFFFFF000ULL;
+        int user = !(access & 8), write = (access & 2) != 0, exe = (access & 4) != 0;
+        int eafe = (flags & 0x80) != 0;
+        int need_rw = write && (user || (flags & 0x10));
+        uint64_t all_rw = 2, all_us = 4, any_xd = 0, table_gpa = flptr, gpa = 0, leaf_e = 0;
+        uint64_t table_hpa, ea, e, bits, mask, hpa;
+        uint32_t tperms, sperms, sl_need, perms;
+        int sl_level, level, leaf;
+        unsigned sh;
+        int32_t f;
+        for (level = 4; level >= 1; level--) {
+            f = vs_sl_walk(mem, mem_size, slptr, table_gpa, 1, &table_hpa, &tperms, &sl_level,
+                           refs);
+            if (f) return f;
+            sh = 12 + 9 * (unsigned)(level - 1);
+            ea = table_hpa + ((va >> sh) & 511) * 8;
+            if (ea + 8 > mem_size) return 10 | (level << 8);
+            (*refs)++;
+            e = vs_load64(mem + ea);
+            if (!(e & 1)) return 6 | (level << 8);
+            if ((need_rw && !(e & 2)) || (user && !(e & 4)) || (exe && (e >> 63)))
+                return 8 | (level << 8);
+            leaf = level == 1 || (level <= 3 && (e & 0x80));
+            if (eafe) {
+                bits = (e & 0x20) ? 0 : 0x20;
+                if (leaf && write && !(e & 0x40)) bits |= 0x40;
+                if (bits) {
+                    if (!(tperms & 2)) return 9 | (sl_level << 8);
+                    if (atomic_ok) {
+                        if (vs_cas64(mem + ea, e, e | bits)) (*adw)++;
+                    } else if (vs_load64(mem + ea) == e) {
+                        vs_store64(mem + ea, e | bits);
+                        (*adw)++;
+                    }
+                    e |= bits;
+                }
+            }
+            all_rw &= e;
+            all_us &= e;
+            any_xd |= e & (1ULL << 63);
+            if (leaf) {
+                mask = (1ULL << sh) - 1;
+                gpa = (e & AM & ~mask) | (va & mask);
+                leaf_e = e;
+                break;
+            }
+            table_gpa = e & AM;
+        }
+        sl_need = 0;
+        if (write) sl_need |= 2;
+        if ((access & 5) || !write) sl_need |= 1;
+        f = vs_sl_walk(mem, mem_size, slptr, gpa, sl_need, &hpa, &sperms, &sl_level, refs);
+        if (f) return f;
+        perms = sperms;
+        if (all_rw) perms |= 4;
+        if (all_us) perms |= 8;
+        if (!any_xd) perms |= 16;
+        if (leaf_e & 0x40) perms |= 32;
+        *frame_out = hpa >> 12;
+        *perms_out = perms;
+        return 0;
+    }
+    /* Tree-PLRU update of an access to way w; the bits live in 62:56 of the way-0 tag. */
+    static inline __attribute__((always_inline)) void
+    vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) {
+        uint64_t bits = (*t0 >> 56) & 0x7F;
+        uint32_t node = 1, b;
+        int l;
+        for (l = (int)lg - 1; l >= 0; l--) {
+            b = (w >> l) & 1;
+            bits = (bits & ~(1ULL << node)) | ((uint64_t)(b ^ 1) << node);
+            node = 2 * node + b;
+        }
+        *t0 = (*t0 & ~(0x7FULL << 56)) | (bits << 56);
+    }
     #define VS_DID_SHIFT 48
     #define VS_PERM_SHIFT 36
     """
     const uint64_t VS_FRAME_MASK
+    int vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask,
+                    uint64_t xval) noexcept nogil
+    void vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) noexcept nogil
+    int32_t vs_sl_walk(const unsigned char *mem, uint64_t mem_size, uint64_t slptr,
+                       uint64_t gpa, uint32_t need, uint64_t *hpa, uint32_t *perms,
+                       int *leaf, uint64_t *refs) noexcept nogil
+    int32_t vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok,
+                           uint64_t flptr, uint64_t slptr, uint32_t flags, uint64_t va,
+                           uint32_t access, uint64_t *frame_out, uint32_t *perms_out,
+                           uint64_t *refs, uint64_t *adw) noexcept nogil
     const int VS_DID_SHIFT
     const int VS_PERM_SHIFT
 
@@ -252,56 +392,21 @@ cdef inline void prefetch_set(Cache *c, uint64_t key) noexcept nogil:
     cdef uint64_t st = set_of(key, c.mask)
     cdef uint64_t *blk = c.blk + st * 2 * c.ways
     vs_prefetch(blk)
-    if c.ways > 4:
-        vs_prefetch(blk + 8)
-
-cdef inline void prefetch_owner(State *s, uint64_t key) noexcept nogil:
-    """Second prefetch stage: if the (already prefetched) IOTLB set holds the key, start
-    loading the owner-table entry of its frame. Read-only: no counters, no PLRU."""
-    cdef int64_t i = cache_peek(&s.iotlb, key)
-    cdef uint64_t frame
-    if i >= 0:
-        frame = pay_at(&s.iotlb, <uint64_t>i)[0] & VS_FRAME_MASK
-        if frame < s.nframes:
-            vs_prefetch(&s.owners[frame])
+    vs_prefetch(blk + 8)  # payload line of an 8-way set (harmless extra line otherwise)
 
 cdef inline int64_t cache_find(Cache *c, uint64_t key, uint64_t xmask,
                                uint64_t xval) noexcept nogil:
-    """Slot whose tag is key and whose payload matches xval under xmask, or -1.
-    Branch-free over the ways (a match mask), so a random hit way costs no mispredict."""
+    """Slot whose tag is key and whose payload matches xval under xmask, or -1."""
     cdef uint64_t st = set_of(key, c.mask)
-    cdef uint64_t *blk = c.blk + st * 2 * c.ways
-    cdef uint64_t tag = key | VS_VALID
-    cdef uint32_t w
-    for w in range(c.ways):
-        if (blk[w] & ~VS_PLRU_MASK) == tag and (blk[c.ways + w] & xmask) == xval:
-            return <int64_t>(st * c.ways + w)
-    return -1
-
-cdef inline int64_t cache_peek(Cache *c, uint64_t key) noexcept nogil:
-    """Read-only probe ignoring the payload match (used only to prefetch)."""
-    cdef uint64_t st = set_of(key, c.mask)
-    cdef uint64_t *blk = c.blk + st * 2 * c.ways
-    cdef uint64_t tag = key | VS_VALID
-    cdef uint32_t w
-    for w in range(c.ways):
-        if (blk[w] & ~VS_PLRU_MASK) == tag:
-            return <int64_t>(st * c.ways + w)
-    return -1
+    cdef int w = vs_set_find(c.blk + st * 2 * c.ways, c.ways, key | VS_VALID, xmask, xval)
+    if w < 0:
+        return -1
+    return <int64_t>(st * c.ways + <uint64_t>w)
 
 cdef inline void cache_touch(Cache *c, uint64_t slot) noexcept nogil:
-    """Tree-PLRU update for an access to `slot` (branch-free per level)."""
+    """Tree-PLRU update for an access to `slot`."""
     cdef uint64_t st = slot >> c.lg
-    cdef uint32_t w = <uint32_t>(slot & (c.ways - 1))
-    cdef uint64_t *t0 = c.blk + st * 2 * c.ways
-    cdef uint32_t bits = <uint32_t>((t0[0] >> 56) & 0x7F), node = 1, b
-    cdef int lvl = <int>c.lg - 1
-    while lvl >= 0:
-        b = (w >> lvl) & 1
-        bits = (bits & ~(1u << node)) | ((b ^ 1u) << node)
-        node = 2 * node + b
-        lvl -= 1
-    t0[0] = (t0[0] & ~VS_PLRU_MASK) | ((<uint64_t>bits) << 56)
+    vs_plru_touch(c.blk + st * 2 * c.ways, <uint32_t>(slot & (c.ways - 1)), c.lg)
 
 cdef int64_t cache_fill(Cache *c, uint64_t key, uint64_t xmask, uint64_t xval,
                         uint64_t payload, int *evicted) noexcept nogil:
@@ -311,16 +416,16 @@ cdef int64_t cache_fill(Cache *c, uint64_t key, uint64_t xmask, uint64_t xval,
     cdef uint64_t tag = key | VS_VALID
     cdef int64_t w = -1
     cdef uint32_t i, bits, node
+    cdef int64_t free_w = -1
     evicted[0] = 0
     for i in range(c.ways):
         if (blk[i] & ~VS_PLRU_MASK) == tag and (blk[c.ways + i] & xmask) == xval:
             w = i
             break
+        if free_w < 0 and not (blk[i] >> 63):
+            free_w = i
     if w < 0:
-        for i in range(c.ways):
-            if not (blk[i] >> 63):
-                w = i
-                break
+        w = free_w
     if w < 0:
         bits = <uint32_t>((blk[0] >> 56) & 0x7F)
         node = 1
@@ -384,8 +489,8 @@ cdef uint64_t cache_remove_range(Cache *c, uint64_t hi_key, uint64_t first, uint
     cdef uint64_t *blk
     cdef uint32_t w
     if count >= c.sets:
-        lo = hi_key | first
-        hi = hi_key | (first + count)
+        lo = hi_key + first
+        hi = hi_key + first + count
         for i in range(total):
             t = tag_at(c, i)
             if t[0] >> 63:
@@ -437,106 +542,20 @@ cdef inline int32_t owner_check(State *s, uint64_t frame, uint32_t did) noexcept
         return fault(s, F_OWNER)
     return 0
 
-cdef int32_t sl_xlate(State *s, uint64_t slptr, uint64_t gpa, uint32_t need,
-                      uint64_t *hpa, uint32_t *perms, int *leaf_level) noexcept nogil:
-    cdef uint64_t table = slptr, ea, e, mask
-    cdef uint32_t p = SLR | SLW
-    cdef int level = 4
-    if gpa >= VS_VA_LIMIT:
-        return fault(s, F_OOR)
-    while level >= 1:
-        ea = table + ((gpa >> (PG_SHIFT + 9 * (level - 1))) & 511) * 8
-        if ea + 8 > s.mem_size:
-            return fault(s, F_OOR | (level << 8))
-        s.cnt[C_MEMORY_REFS] += 1
-        e = vs_load64(s.mem + ea)
-        if (e & (SLR | SLW | SLX)) == 0:
-            return fault(s, F_SL_NOT_PRESENT | (level << 8))
-        if need & ~e & (SLR | SLW):
-            return fault(s, F_SL_PERMISSION | (level << 8))
-        p &= <uint32_t>e
-        if level == 1 or (level <= 3 and (e & SLPS)):
-            mask = (1ULL << (PG_SHIFT + 9 * (level - 1))) - 1
-            hpa[0] = (e & VS_ADDR_MASK & ~mask) | (gpa & mask)
-            perms[0] = p & (SLR | SLW)
-            leaf_level[0] = level
-            return 0
-        table = e & VS_ADDR_MASK
-        level -= 1
-    return fault(s, F_OOR)  # unreachable
-
 cdef int32_t walk(State *s, uint64_t flptr, uint64_t slptr, uint32_t flags, uint64_t va,
                   uint32_t access, uint64_t *frame_out, uint32_t *perms_out) noexcept nogil:
-    cdef bint user = not (access & ACC_PRIV)
-    cdef bint write = (access & ACC_W) != 0
-    cdef bint exe = (access & ACC_X) != 0
-    cdef bint eafe = (flags & PE_EAFE_) != 0
-    cdef bint need_rw = write and (user or (flags & PE_WPE_) != 0)
-    cdef uint64_t all_rw = FLRW, all_us = FLUS, any_xd = 0
-    cdef uint64_t table_gpa = flptr, gpa = 0, leaf_e = 0, table_hpa, ea, e, bits, mask, hpa
-    cdef uint32_t tperms, sperms, sl_need, perms
-    cdef int sl_level, level = 4
+    """Nested walk (C: vs_nested_walk); counters added once at the end."""
+    cdef uint64_t refs = 0, adw = 0
     cdef int32_t f
-    cdef bint leaf
     s.cnt[C_WALKS] += 1
-    while level >= 1:
-        f = sl_xlate(s, slptr, table_gpa, SLR, &table_hpa, &tperms, &sl_level)
-        if f:
-            return f
-        ea = table_hpa + ((va >> (PG_SHIFT + 9 * (level - 1))) & 511) * 8
-        if ea + 8 > s.mem_size:
-            return fault(s, F_OOR | (level << 8))
-        s.cnt[C_MEMORY_REFS] += 1
-        e = vs_load64(s.mem + ea)
-        if not (e & FLP):
-            return fault(s, F_FL_NOT_PRESENT | (level << 8))
-        if (need_rw and not (e & FLRW)) or (user and not (e & FLUS)) or (exe and (e & VS_FL_XD)):
-            return fault(s, F_FL_PERMISSION | (level << 8))
-        leaf = level == 1 or (level <= 3 and (e & FLPS) != 0)
-        if eafe:
-            bits = 0 if (e & FLA) else FLA
-            if leaf and write and not (e & FLD):
-                bits |= FLD
-            if bits:
-                if not (tperms & SLW):
-                    return fault(s, F_SL_PERMISSION | (sl_level << 8))
-                if s.atomic_ok:
-                    if vs_cas64(s.mem + ea, e, e | bits):
-                        s.cnt[C_AD_WRITES] += 1
-                elif vs_load64(s.mem + ea) == e:
-                    vs_store64(s.mem + ea, e | bits)
-                    s.cnt[C_AD_WRITES] += 1
-                e |= bits
-        all_rw &= e
-        all_us &= e
-        any_xd |= e & VS_FL_XD
-        if leaf:
-            mask = (1ULL << (PG_SHIFT + 9 * (level - 1))) - 1
-            gpa = (e & VS_ADDR_MASK & ~mask) | (va & mask)
-            leaf_e = e
-            break
-        table_gpa = e & VS_ADDR_MASK
-        level -= 1
-    sl_need = 0
-    if write:
-        sl_need |= SLW
-    if (access & (ACC_R | ACC_X)) or not write:
-        sl_need |= SLR
-    f = sl_xlate(s, slptr, gpa, sl_need, &hpa, &sperms, &sl_level)
+    f = vs_nested_walk(s.mem, s.mem_size, s.atomic_ok, flptr, slptr, flags, va, access,
+                       frame_out, perms_out, &refs, &adw)
+    s.cnt[C_MEMORY_REFS] += refs
+    s.cnt[C_AD_WRITES] += adw
     if f:
-        return f
-    perms = sperms
-    if all_rw:
-        perms |= P_FL_RW
-    if all_us:
-        perms |= P_FL_US
-    if not any_xd:
-        perms |= P_FL_X
-    if leaf_e & FLD:
-        perms |= P_FL_D
-    frame_out[0] = hpa >> PG_SHIFT
-    perms_out[0] = perms
+        return fault(s, f)
     return 0
+
 
 cdef int32_t pasid_miss(State *s, uint32_t dev, uint64_t dir_hpa, uint64_t pasid,
                        uint64_t key, int64_t *slot) noexcept nogil:
@@ -699,20 +718,23 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     """The common case of translate1 without side effects until it is sure: an attached
     device, a live PASID, a PASID-cache hit and an IOTLB hit (no ATS) or a device-TLB hit
     (ATS) whose permissions cover the request and whose frame the domain owns. Returns 1
-    after applying exactly the PLRU updates translate1 would make (the caller adds the
-    counters: translations, and pasid_cache/iotlb or devtlb lookups + hits), else 0 and
-    changes nothing, so the caller runs translate1."""
-    cdef uint64_t tkey, p, frame, pcpay
-    cdef int64_t pi, i
+    (IOTLB) or 2 (device TLB) after applying exactly the PLRU updates translate1 would make
+    (the caller adds the matching counters), else 0 having changed nothing, and the caller
+    runs translate1."""
+    cdef uint64_t tkey, p, frame, pcpay, key
+    cdef uint64_t *pblk
+    cdef uint64_t *iblk
+    cdef int pw, iw
     cdef uint32_t did, flags, need, perms
     if va >= VS_VA_LIMIT or pasid >= PASID_LIMIT or is_defunct(s, dev, pasid):
         return 0
     tkey = (pasid << 36) | (va >> PG_SHIFT)
     if d.ats:
-        i = cache_find(&d.tlb, tkey, 0, 0)
-        if i < 0:
+        iblk = d.tlb.blk + <uint64_t>set_of(tkey, d.tlb.mask) * 2 * d.tlb.ways
+        iw = vs_set_find(iblk, d.tlb.ways, tkey | VS_VALID, 0, 0)
+        if iw < 0:
             return 0
-        p = pay_at(&d.tlb, <uint64_t>i)[0]
+        p = iblk[d.tlb.ways + iw]
         perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
         flags = dev_perm_flags(perms)
         need = required(access, flags)
@@ -721,28 +743,32 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
         frame = p & VS_FRAME_MASK
         if frame >= s.nframes or s.owners[frame] != <int32_t>(p >> VS_DID_SHIFT):
             return 0
-        cache_touch(&d.tlb, <uint64_t>i)
+        vs_plru_touch(iblk, <uint32_t>iw, d.tlb.lg)
         pa[0] = (frame << PG_SHIFT) | (va & (PG_SIZE - 1))
         return 2
-    pi = cache_find(&s.pc, (<uint64_t>dev << 20) | pasid, 0, 0)
-    if pi < 0:
+    key = (<uint64_t>dev << 20) | pasid
+    pblk = s.pc.blk + <uint64_t>set_of(key, s.pc.mask) * 2 * s.pc.ways
+    pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
+    if pw < 0:
         return 0
-    pcpay = pay_at(&s.pc, <uint64_t>pi)[0]
+    pcpay = pblk[s.pc.ways + pw]
     did = <uint32_t>(pcpay & 0xFFFF)
     flags = <uint32_t>(pcpay >> 16) & 0xFF
     if (access & ACC_PRIV) and not (flags & PE_SRE_):
         return 0
     need = required(access, flags)
-    i = cache_find(&s.iotlb, tkey, 0xFFFFULL << VS_DID_SHIFT, (<uint64_t>did) << VS_DID_SHIFT)
-    if i < 0:
+    iblk = s.iotlb.blk + <uint64_t>set_of(tkey, s.iotlb.mask) * 2 * s.iotlb.ways
+    iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
+                     (<uint64_t>did) << VS_DID_SHIFT)
+    if iw < 0:
         return 0
-    p = pay_at(&s.iotlb, <uint64_t>i)[0]
+    p = iblk[s.iotlb.ways + iw]
     perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
     frame = p & VS_FRAME_MASK
     if (perms & need) != need or frame >= s.nframes or s.owners[frame] != <int32_t>did:
         return 0
-    cache_touch(&s.pc, <uint64_t>pi)
-    cache_touch(&s.iotlb, <uint64_t>i)
+    vs_plru_touch(pblk, <uint32_t>pw, s.pc.lg)
+    vs_plru_touch(iblk, <uint32_t>iw, s.iotlb.lg)
     pa[0] = (frame << PG_SHIFT) | (va & (PG_SIZE - 1))
     return 1
 
@@ -755,10 +781,107 @@ cdef inline uint64_t min3(uint64_t a, uint64_t b, uint64_t c) noexcept nogil:
     return a
 
 
+cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint64_t *v,
+                         const uint32_t *pv, uint64_t pscalar, const uint8_t *av,
+                         uint32_t ascalar, uint64_t *opa, int32_t *ofl) noexcept nogil:
+    """The batch: fast hit path, else translate1; returns the number of faults."""
+    cdef Py_ssize_t k
+    cdef uint64_t nf = 0, pasid, hits_before
+    cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0
+    cdef uint32_t acc
+    cdef int hitk
+    cdef bint last_slow = False
+    cdef bint pasid_arr = pv != NULL, acc_arr = av != NULL
+    for k in range(n):
+        # Software prefetch: start loading the IOTLB set of request k + D now (the set
+        # does not depend on the domain, so no PASID-cache lookup is needed).
+        if k + PREFETCH_AHEAD < n:
+            pasid = pv[k + PREFETCH_AHEAD] if pasid_arr else pscalar
+            prefetch_set(&s.iotlb, ((pasid & (PASID_LIMIT - 1)) << 36)
+                         | ((v[k + PREFETCH_AHEAD] >> PG_SHIFT) & VS_VPN_MASK))
+        pasid = pv[k] if pasid_arr else pscalar
+        acc = av[k] if acc_arr else ascalar
+        # Fast path, unless the previous request went the full way and was no cache hit
+        # there either: then a run of misses (cold walks) does not pay for the fast
+        # path's lookups twice. Purely a speed choice; results are the same.
+        if d != NULL and not last_slow:
+            hitk = fast_hit(s, d, dv, pasid, v[k], acc, &opa[k])
+            if hitk == 1:
+                n_iotlb_fast += 1
+                ofl[k] = 0
+                continue
+            if hitk == 2:
+                n_dev_fast += 1
+                ofl[k] = 0
+                continue
+        hits_before = s.cnt[C_IOTLB_HITS] + s.cnt[C_DEVTLB_HITS]
+        ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k])
+        last_slow = s.cnt[C_IOTLB_HITS] + s.cnt[C_DEVTLB_HITS] == hits_before
+        if ofl[k]:
+            nf += 1
+    # counters of the fast hits, exactly as translate1 would have counted them
+    s.cnt[C_TRANSLATIONS] += n_iotlb_fast + n_dev_fast
+    s.cnt[C_PC_LOOKUPS] += n_iotlb_fast
+    s.cnt[C_PC_HITS] += n_iotlb_fast
+    s.cnt[C_IOTLB_LOOKUPS] += n_iotlb_fast
+    s.cnt[C_IOTLB_HITS] += n_iotlb_fast
+    s.cnt[C_DEVTLB_LOOKUPS] += n_dev_fast
+    s.cnt[C_DEVTLB_HITS] += n_dev_fast
+    return nf
+
+
+cdef bint _fmt_ok(Py_buffer *b, Py_ssize_t itemsize, bint signed):
+    cdef const char *f = b.format
+    cdef char c
+    if b.ndim != 1 or b.itemsize != itemsize:
+        return False
+    if f == NULL:
+        return itemsize == 1 and not signed
+    while f[0] == b'<' or f[0] == b'=' or f[0] == b'@':
+        f += 1
+    c = f[0]
+    if c == 0 or f[1] != 0:
+        return False
+    if signed:
+        return c == b'b' or c == b'h' or c == b'i' or c == b'l' or c == b'q' or c == b'n'
+    return c == b'B' or c == b'H' or c == b'I' or c == b'L' or c == b'Q' or c == b'N'
+
+
+cdef int _acquire(object obj, Py_buffer *b, Py_ssize_t itemsize, bint signed,
+                  bint writable) except -1:
+    """0 with the buffer held, or 1 (nothing held) if obj is no 1-d C-contiguous array of
+    `itemsize`-byte (un)signed integers. Much cheaper than a typed memoryview."""
+    cdef int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS
+    if writable:
+        flags |= PyBUF_WRITABLE
+    try:
+        PyObject_GetBuffer(obj, b, flags)
+    except (BufferError, TypeError, ValueError):
+        return 1
+    if not _fmt_ok(b, itemsize, signed):
+        PyBuffer_Release(b)
+        return 1
+    return 0
+
+
+cdef int _acquire_in(object obj, Py_buffer *b, Py_ssize_t itemsize, object dtype) except -1:
+    if _acquire(obj, b, itemsize, False, False) == 0:
+        return 0
+    obj = np.ascontiguousarray(obj, dtype=dtype)
+    if obj.ndim != 1:
+        raise ValueError("expected a 1-d array")
+    if _acquire(obj, b, itemsize, False, False) == 0:
+        return 0
+    raise ValueError("unusable input array")
+
+
 def _page_range(addr, size_order):
+    # size_order beyond the 2^36 pages of a 48-bit space is clamped (over-invalidating is
+    # always safe); a negative one is an error.
     size_order = int(size_order)
-    if not 0 <= size_order <= 36:
-        raise ValueError("size_order must be in [0, 36]")
+    if size_order < 0:
+        raise ValueError("size_order must be >= 0")
+    size_order = min(size_order, 36)
     count = 1 << size_order
     first = (int(addr) >> PG_SHIFT) & ~(count - 1) & ((1 << 36) - 1)
     return first, count
@@ -917,13 +1040,16 @@ cdef class Iommu:
 
     def translate(self, dev, pasids, vas, access, out_pa, out_fault):
         """Batch translate (runs without the GIL). vas uint64[n]; pasids uint32[n] or a
-        scalar; access uint8[n] or a scalar; out_pa uint64[>=n]; out_fault int32[>=n].
+        scalar; access uint8[n] or a scalar; out_pa uint64[>=n]; out_fault int32[>=n]
+        (C-contiguous, writable). Inputs of another dtype are converted (a copy).
         Returns the number of faults."""
-        cdef const uint64_t[::1] v
-        cdef const uint32_t[::1] pv
-        cdef const uint8_t[::1] av
-        cdef uint64_t[::1] opa
-        cdef int32_t[::1] ofl
+        cdef Py_buffer bv, bp, ba, bo, bf
+        cdef bint hv = False, hp = False, ha = False, ho = False, hf = False
+        cdef const uint64_t *v = NULL
+        cdef const uint32_t *pv = NULL
+        cdef const uint8_t *av = NULL
+        cdef uint64_t *opa = NULL
+        cdef int32_t *ofl = NULL
         cdef uint64_t pscalar = 0
         cdef uint32_t ascalar = 0
         cdef bint pasid_arr = False, acc_arr = False
@@ -931,79 +1057,64 @@ cdef class Iommu:
         cdef uint64_t nf = 0
         cdef int64_t dv = dev
         cdef State *s = &self.st
+        cdef Dev *d
         cdef uint64_t pasid
         cdef uint32_t acc
-        try:
-            v = vas
-        except (ValueError, TypeError):
-            v = np.ascontiguousarray(vas, dtype=np.uint64)
-        n = v.shape[0]
-        if isinstance(pasids, (int, np.integer)):
-            pscalar = <uint64_t>pasids if pasids >= 0 else PASID_LIMIT
-        else:
-            try:
-                pv = pasids
-            except (ValueError, TypeError):
-                pv = np.ascontiguousarray(pasids, dtype=np.uint32)
-            pasid_arr = True
-            if pv.shape[0] != n:
-                raise ValueError("pasids and vas differ in length")
-        if isinstance(access, (int, np.integer)):
-            ascalar = <uint32_t>access
-        else:
-            try:
-                av = access
-            except (ValueError, TypeError):
-                av = np.ascontiguousarray(access, dtype=np.uint8)
-            acc_arr = True
-            if av.shape[0] != n:
-                raise ValueError("access and vas differ in length")
-        opa = out_pa
-        ofl = out_fault
-        if opa.shape[0] < n or ofl.shape[0] < n:
-            raise ValueError("output arrays too short")
-        if dv < 0 or dv >= NDEV:
-            dv = NDEV
-        cdef Dev *d = &s.devs[dv] if dv < NDEV and s.devs[dv].attached else NULL
         cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0
         cdef int hitk
-        with nogil:
-            for k in range(n):
-                # Software pipelining: start loading the IOTLB set of request k + 2D, and
-                # the owner entry of request k + D (its set is in cache by now). Set choice
-                # does not depend on the domain, so no PASID-cache lookup is needed.
-                if k + 2 * PREFETCH_AHEAD < n:
-                    pasid = pv[k + 2 * PREFETCH_AHEAD] if pasid_arr else pscalar
-                    prefetch_set(&s.iotlb, ((pasid & (PASID_LIMIT - 1)) << 36)
-                                 | ((v[k + 2 * PREFETCH_AHEAD] >> PG_SHIFT) & VS_VPN_MASK))
-                if k + PREFETCH_AHEAD < n:
-                    pasid = pv[k + PREFETCH_AHEAD] if pasid_arr else pscalar
-                    prefetch_owner(s, ((pasid & (PASID_LIMIT - 1)) << 36)
-                                   | ((v[k + PREFETCH_AHEAD] >> PG_SHIFT) & VS_VPN_MASK))
-                pasid = pv[k] if pasid_arr else pscalar
-                acc = av[k] if acc_arr else ascalar
-                if d != NULL:
-                    hitk = fast_hit(s, d, <uint32_t>dv, pasid, v[k], acc, &opa[k])
-                    if hitk == 1:
-                        n_iotlb_fast += 1
-                        ofl[k] = 0
-                        continue
-                    if hitk == 2:
-                        n_dev_fast += 1
-                        ofl[k] = 0
-                        continue
-                ofl[k] = translate1(s, <uint32_t>dv, pasid, v[k], acc, &opa[k])
-                if ofl[k]:
-                    nf += 1
-        # counters of the fast hits, exactly as translate1 would have counted them
-        s.cnt[C_TRANSLATIONS] += n_iotlb_fast + n_dev_fast
-        s.cnt[C_PC_LOOKUPS] += n_iotlb_fast
-        s.cnt[C_PC_HITS] += n_iotlb_fast
-        s.cnt[C_IOTLB_LOOKUPS] += n_iotlb_fast
-        s.cnt[C_IOTLB_HITS] += n_iotlb_fast
-        s.cnt[C_DEVTLB_LOOKUPS] += n_dev_fast
-        s.cnt[C_DEVTLB_HITS] += n_dev_fast
+        cdef bint last_slow = False
+        cdef uint64_t hits_before
+        try:
+            _acquire_in(vas, &bv, 8, np.uint64)
+            hv = True
+            v = <const uint64_t *>bv.buf
+            n = bv.len // 8
+            if isinstance(pasids, (int, np.integer)):
+                pscalar = <uint64_t>pasids if pasids >= 0 else PASID_LIMIT
+            else:
+                _acquire_in(pasids, &bp, 4, np.uint32)
+                hp = True
+                pv = <const uint32_t *>bp.buf
+                pasid_arr = True
+                if bp.len // 4 != n:
+                    raise ValueError("pasids and vas differ in length")
+            if isinstance(access, (int, np.integer)):
+                ascalar = <uint32_t>access
+            else:
+                _acquire_in(access, &ba, 1, np.uint8)
+                ha = True
+                av = <const uint8_t *>ba.buf
+                acc_arr = True
+                if ba.len != n:
+                    raise ValueError("access and vas differ in length")
+            if _acquire(out_pa, &bo, 8, False, True):
+                raise ValueError("out_pa must be a writable C-contiguous uint64 array")
+            ho = True
+            if _acquire(out_fault, &bf, 4, True, True):
+                raise ValueError("out_fault must be a writable C-contiguous int32 array")
+            hf = True
+            opa = <uint64_t *>bo.buf
+            ofl = <int32_t *>bf.buf
+            if bo.len // 8 < n or bf.len // 4 < n:
+                raise ValueError("output arrays too short")
+            if dv < 0 or dv >= NDEV:
+                dv = NDEV
+            d = &s.devs[dv] if dv < NDEV and s.devs[dv].attached else NULL
+            with nogil:
+                nf = batch_loop(s, d, <uint32_t>dv, n, v, pv, pscalar, av, ascalar, opa, ofl)
+        finally:
+            if hv:
+                PyBuffer_Release(&bv)
+            if hp:
+                PyBuffer_Release(&bp)
+            if ha:
+                PyBuffer_Release(&ba)
+            if ho:
+                PyBuffer_Release(&bo)
+            if hf:
+                PyBuffer_Release(&bf)
         return nf
+
 
     # ------------------------------------------------------------------ invalidation
     def inv_iotlb(self, granularity, did=0, pasid=0, addr=0, size_order=0, ih=False):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import hotpath
 from hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, FL_P, FL_RW, FL_US,
+    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FL_P, FL_RW, FL_US,
     PAGE_SIZE, SL_R, SL_W,
 )
 from hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
@@ -32,7 +32,7 @@ proc = st.integers(0, 2)
 pasid_any = st.sampled_from([5, 6, 9, 7, 1 << 20])
 did = st.sampled_from([1, 2])
 access = st.sampled_from([R, W, R | W, X, R | PRIV, W | PRIV, 0, R | X])
-size_order = st.sampled_from([0, 1, 3, 9])
+size_order = st.sampled_from([0, 1, 3, 9, 36])
 op = st.one_of(
     st.tuples(st.just("x"), st.integers(0, 2), pasid_any, page,
               st.sampled_from([0, 8, 0xFFF]), access),
