@@ -58,7 +58,7 @@ from actors.base import Actor
 from actors.memory import PhysMem
 from orchestrator import trace as tracefile
 from orchestrator.topology import ORCH, ActorSpec, Topology
-from orchestrator.zmq_runtime import ZmqRuntime, control_endpoint, valid_name
+from orchestrator.zmq_runtime import TRACE_IDLE, ZmqRuntime, control_endpoint, valid_name
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESERVED = {ORCH, "orch-ctl"}
@@ -374,10 +374,21 @@ class Launcher:
 
     # ---- results -----------------------------------------------------------------------------
     def trace(self) -> list[dict[str, Any]]:
-        """Every actor's trace merged by logical clock (kept after close)."""
+        """Every actor's trace merged by logical clock (kept after close).
+
+        While the run is live, children write their trace records in batches: once idle for
+        `TRACE_IDLE` (and at the latest every `TRACE_MAX_AGE` s), so a live read first
+        writes the orchestrator's own records and waits a little longer than `TRACE_IDLE`;
+        it then has every record of the children that are quiet. After `close` it has all.
+        """
         if self._trace is not None:
             return self._trace
-        return tracefile.load(self.run_dir) if self.run_dir else []
+        if not self.run_dir:
+            return []
+        if not self.closed and self.runtime is not None and not self.runtime.closed:
+            self.runtime.write_trace()
+            time.sleep(TRACE_IDLE + 0.02)
+        return tracefile.load(self.run_dir)
 
     def logs(self) -> dict[str, str]:
         """Each child's log text (kept after close)."""

@@ -89,3 +89,19 @@ class Script(Actor):
 
     def on_peer_down(self, peer):
         self.downs.append(peer)
+
+
+class Watcher(Proxy):
+    """A Proxy that records every `peer_down` it hears as [peer, time.monotonic()] (the
+    monotonic clock is system-wide on Linux: a test compares it with when it killed the
+    peer); `snapshot` returns them under "downs"."""
+
+    def __init__(self, name, env):
+        super().__init__(name, env)
+        self.downs = []
+
+    def on_peer_down(self, peer):
+        self.downs.append([peer, time.monotonic()])
+
+    def snapshot(self):
+        return {**super().snapshot(), "downs": self.downs}
