@@ -620,6 +620,34 @@ class Iommu:
         }
 
     # ------------------------------------------------------------------ DMA engine
+    def _dma(self, dev: int, pasid: int, streams: list[tuple[int, int]], length: int, step):
+        """Run one descriptor over chunks that end at the page boundaries of every stream.
+
+        `streams` are (va, access) pairs, translated in that order for each chunk (so a
+        fault names the first failing stream's VA). `step(pas, n)` moves or checks the
+        chunk's bytes and returns None to go on, or k (bytes of the chunk that count) to
+        stop early. Returns (status, fault_va, done, stopped)."""
+        c = self._cnt
+        c[_C["dma_descriptors"]] += 1
+        done = 0
+        while done < length:
+            vas = [va + done for va, _ in streams]
+            n = min([length - done] + [PAGE_SIZE - (va & (PAGE_SIZE - 1)) for va in vas])
+            pas = []
+            for va, (_, access) in zip(vas, streams):
+                pa, f = self._translate1(dev, pasid, va, access)
+                if f:
+                    c[_C["dma_faults"]] += 1
+                    return f, va, done, False
+                pas.append(pa)
+            stop = step(pas, n)
+            if stop is not None:
+                c[_C["dma_bytes"]] += stop
+                return 0, 0, done + stop, True
+            done += n
+            c[_C["dma_bytes"]] += n
+        return 0, 0, done, False
+
     def dma_copy(self, dev: int, pasid: int, src: int, dst: int, length: int,
                  access_flags: int = 0) -> tuple[int, int, int]:
         """Copy `length` bytes from VA src to VA dst of (dev, pasid).
@@ -629,51 +657,24 @@ class Iommu:
         translated before destination in each chunk), done the bytes copied before it.
         Chunks end at the page boundaries of both streams and are copied in ascending order;
         overlapping ranges get forward-copy semantics."""
-        dev, pasid, src, dst, length = int(dev), int(pasid), int(src), int(dst), int(length)
-        c = self._cnt
-        c[_C["dma_descriptors"]] += 1
-        done = 0
         mv = self._mv
-        ra = ACCESS_READ | access_flags
-        wa = ACCESS_WRITE | access_flags
-        while done < length:
-            s, d = src + done, dst + done
-            n = min(length - done, PAGE_SIZE - (s & (PAGE_SIZE - 1)),
-                    PAGE_SIZE - (d & (PAGE_SIZE - 1)))
-            sp, f = self._translate1(dev, pasid, s, ra)
-            if f:
-                c[_C["dma_faults"]] += 1
-                return f, s, done
-            dp, f = self._translate1(dev, pasid, d, wa)
-            if f:
-                c[_C["dma_faults"]] += 1
-                return f, d, done
-            mv[dp:dp + n] = bytes(mv[sp:sp + n])
-            done += n
-            c[_C["dma_bytes"]] += n
-        return 0, 0, done
+
+        def move(pas, n):
+            mv[pas[1]:pas[1] + n] = bytes(mv[pas[0]:pas[0] + n])
+
+        streams = [(int(src), ACCESS_READ | access_flags), (int(dst), ACCESS_WRITE | access_flags)]
+        return self._dma(int(dev), int(pasid), streams, int(length), move)[:3]
 
     def dma_fill(self, dev: int, pasid: int, dst: int, length: int, pattern: int,
                  access_flags: int = 0) -> tuple[int, int, int]:
         """Fill `length` bytes at VA dst with the byte `pattern`; (status, fault_va, done)."""
-        dev, pasid, dst, length = int(dev), int(pasid), int(dst), int(length)
-        pattern = int(pattern) & 0xFF
-        c = self._cnt
-        c[_C["dma_descriptors"]] += 1
-        done = 0
-        mv = self._mv
-        wa = ACCESS_WRITE | access_flags
-        while done < length:
-            d = dst + done
-            n = min(length - done, PAGE_SIZE - (d & (PAGE_SIZE - 1)))
-            dp, f = self._translate1(dev, pasid, d, wa)
-            if f:
-                c[_C["dma_faults"]] += 1
-                return f, d, done
-            mv[dp:dp + n] = bytes([pattern]) * n
-            done += n
-            c[_C["dma_bytes"]] += n
-        return 0, 0, done
+        mv, byte = self._mv, bytes([int(pattern) & 0xFF])
+
+        def fill(pas, n):
+            mv[pas[0]:pas[0] + n] = byte * n
+
+        streams = [(int(dst), ACCESS_WRITE | access_flags)]
+        return self._dma(int(dev), int(pasid), streams, int(length), fill)[:3]
 
     def dma_compare(self, dev: int, pasid: int, a: int, b: int, length: int,
                     access_flags: int = 0) -> tuple[int, int, int, int]:
@@ -682,33 +683,16 @@ class Iommu:
         result 0 = equal (over the bytes compared), else offset+1 of the first differing
         byte (the compare stops there; done = that offset). On a fault result is 0 and done
         counts the bytes found equal before the faulting chunk."""
-        dev, pasid, a, b, length = int(dev), int(pasid), int(a), int(b), int(length)
-        c = self._cnt
-        c[_C["dma_descriptors"]] += 1
-        done = 0
         mv = self._mv
-        ra = ACCESS_READ | access_flags
-        while done < length:
-            x, y = a + done, b + done
-            n = min(length - done, PAGE_SIZE - (x & (PAGE_SIZE - 1)),
-                    PAGE_SIZE - (y & (PAGE_SIZE - 1)))
-            xp, f = self._translate1(dev, pasid, x, ra)
-            if f:
-                c[_C["dma_faults"]] += 1
-                return f, x, 0, done
-            yp, f = self._translate1(dev, pasid, y, ra)
-            if f:
-                c[_C["dma_faults"]] += 1
-                return f, y, 0, done
-            bx, by = mv[xp:xp + n], mv[yp:yp + n]
-            if bx != by:
-                for k in range(n):
-                    if bx[k] != by[k]:
-                        c[_C["dma_bytes"]] += k
-                        return 0, 0, done + k + 1, done + k
-            done += n
-            c[_C["dma_bytes"]] += n
-        return 0, 0, 0, done
+
+        def differ(pas, n):
+            x, y = mv[pas[0]:pas[0] + n], mv[pas[1]:pas[1] + n]
+            return None if x == y else next(k for k in range(n) if x[k] != y[k])
+
+        access = ACCESS_READ | access_flags
+        status, va, done, stopped = self._dma(int(dev), int(pasid), [(int(a), access), (int(b), access)],
+                                              int(length), differ)
+        return status, va, done + 1 if stopped else 0, done
 
 
 def _page_range(addr, size_order) -> tuple[int, int]:
