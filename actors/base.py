@@ -43,6 +43,16 @@ class Gather:
     calls: list[Call]
 
 
+@dataclass
+class Wait:
+    """Park the handler until another handler calls `self.wake(key, body)` (it resumes with
+    body), or until `timeout` passes (it resumes with an indefinite -ETIMEDOUT). For waits on
+    an event that arrives as a separate message, e.g. a page response matched to its request."""
+
+    key: Any
+    timeout: float
+
+
 def failed(ret: int, indefinite: bool = False, **extra: Any) -> dict[str, Any]:
     """A reply body for an error; `indefinite` marks outcomes the caller cannot know."""
     body: dict[str, Any] = {"ret": ret, **extra}
@@ -95,6 +105,8 @@ class Actor:
         self._dst_of: dict[int, str] = {}  # request id -> peer it went to
         self._flow = ""
         self._log_times: dict[str, list[float]] = {}
+        self._waits: dict[Any, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
+        self._wait_ids = 0
 
     # ---- runtime entry points -------------------------------------------------------
     def start(self, now: float) -> list[Envelope]:
@@ -109,7 +121,9 @@ class Actor:
         """Handle one incoming envelope (request, one-way message or reply)."""
         self.now = now
         self.clock = max(self.clock, msg.clock) + 1
-        if msg.is_reply:
+        if msg.is_reply and msg.corr < 0:  # Wait ids are never on the wire: a forged reply
+            self.dropped_replies += 1
+        elif msg.is_reply:
             self._resume_with(msg.corr, msg.body)
         else:
             self._dispatch(msg)
@@ -148,9 +162,17 @@ class Actor:
         return bool(self._tasks)
 
     # ---- what handlers use ------------------------------------------------------------
-    def send(self, dst: str, kind: str, body: dict[str, Any]) -> None:
-        """A one-way message (no reply expected)."""
-        self._emit(dst, kind, body, rr=False)
+    def send(self, dst: str, kind: str, body: dict[str, Any], flow: str | None = None) -> None:
+        """A one-way message (no reply expected); `flow` tags it (default: the handler's flow)."""
+        self._emit(dst, kind, body, rr=False, flow=flow)
+
+    def wake(self, key: Any, body: dict[str, Any]) -> bool:
+        """Resume the handler parked on `Wait(key)` with `body`; False if none waits (any more)."""
+        req_id = self._waits.pop(key, None)
+        if req_id is None or req_id not in self._tasks:
+            return False
+        self._resume_with(req_id, body)
+        return True
 
     def log(self, key: str, line: str, per_second: int = 5) -> None:
         """Rate-limited log line (requests come from untrusted parties, like dev_err_ratelimited)."""
@@ -219,6 +241,9 @@ class Actor:
         self._wait(task, yielded)
 
     def _wait(self, task: _Task, yielded: Any) -> None:
+        if isinstance(yielded, Wait):
+            self._park(task, yielded)
+            return
         calls = yielded.calls if isinstance(yielded, Gather) else [yielded]
         if not all(isinstance(c, Call) for c in calls):
             self._crashed(task.request, TypeError(f"handler yielded {yielded!r}"))
@@ -241,12 +266,26 @@ class Actor:
         finally:
             self._flow = previous
 
+    def _park(self, task: _Task, wait: Wait) -> None:
+        """A Wait is a request to nobody: a negative id in _tasks, so expire() times it out."""
+        if wait.key in self._waits and self._waits[wait.key] in self._tasks:
+            self._crashed(task.request, ValueError(f"two handlers wait on {wait.key!r}"))
+            return
+        self._wait_ids -= 1
+        req_id = self._wait_ids
+        task.gather, task.results, task.waiting = False, [None], {req_id: 0}
+        self._waits[wait.key] = req_id
+        self._tasks[req_id] = (task, self.now + wait.timeout)
+
     def _resume_with(self, req_id: int | None, body: dict[str, Any]) -> None:
         entry = self._tasks.pop(req_id, None) if req_id is not None else None
         if entry is None:
             self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
             return
         self._dst_of.pop(req_id, None)
+        if req_id < 0:  # a Wait that timed out: forget its key
+            for key in [k for k, r in self._waits.items() if r == req_id]:
+                del self._waits[key]
         task, _ = entry
         task.results[task.waiting.pop(req_id)] = body if isinstance(body, dict) else failed(-E.EBADMSG)
         if not task.waiting:

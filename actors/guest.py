@@ -5,8 +5,12 @@ PASID tables and page tables as bytes in its own RAM, then queues invalidation d
 and a wait to the virtual IOMMU (the vmm traps them). Devices get work through their
 portals: the passthrough function's directly (it runs on the host), an mdev's through vdcm.
 
-The demo workload (`run_demo`) walks flows F1-F5 and F7 and checks every DMA by reading the
-bytes back through the process's own page tables.
+The demo workload (`run_demo`) walks flows F1-F7 and checks every DMA by reading the
+bytes back through the process's own page tables. F6: a process may map memory without
+touching it (`mmap(populate=False)`); a device's DMA into it raises page requests that the
+vmm injects into the guest's virtual page request queue; `on_page_request` makes the page
+present if the address lies in one of the process's VMAs (INVALID otherwise) and answers
+the page group.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generator
 
 from actors import errno as E
-from actors.base import Actor, Call, failed
+from actors.base import Actor, Call, Wait, failed
 from actors.memory import FL_LINK, FL_PRESENT, FrameAllocator, GuestRam, PasidDirectory, RadixTable
-from actors.messages import Envelope
+from actors.messages import (
+    IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_FAILURE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
+    Envelope,
+)
 from hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY,
     encode_pasid_entry,
@@ -31,10 +38,14 @@ class Process:
     pid: int
     pt: RadixTable
     pasids: dict[str, int] = field(default_factory=dict)  # dev -> guest PASID
+    vmas: list[tuple[int, int, bool]] = field(default_factory=list)  # (start, end, writable)
 
     @property
     def cr3(self) -> int:
         return self.pt.root
+
+    def find_vma(self, va: int) -> tuple[int, int, bool] | None:
+        return next((v for v in self.vmas if v[0] <= va < v[1]), None)
 
 
 class GuestKernel:
@@ -68,11 +79,29 @@ class GuestKernel:
         self.procs[pid] = proc
         return proc
 
-    def mmap(self, proc: Process, va: int, pages: int, populate: bool = True) -> None:
-        """Map anonymous memory; with populate, every page gets a frame now (MAP_POPULATE)."""
+    def mmap(self, proc: Process, va: int, pages: int, populate: bool = True, writable: bool = True) -> None:
+        """Map anonymous memory (a VMA); with populate, every page gets a frame now (MAP_POPULATE),
+        without it the pages stay non-present until a CPU or device (F6) fault."""
+        proc.vmas.append((va, va + pages * PAGE_SIZE, writable))
         if populate:
             for i in range(pages):
                 proc.pt.map(va + i * PAGE_SIZE, self.alloc_page(), FL_P | FL_RW | FL_US)
+
+    def fault_in(self, proc: Process, va: int, write: bool) -> int:
+        """handle_mm_fault() for a device's page request: a page response code."""
+        vma = proc.find_vma(va)
+        if vma is None or write and not vma[2]:
+            return IOMMU_PAGE_RESP_INVALID  # outside every VMA, or a write to a read-only one
+        page, entry = va & ~(PAGE_SIZE - 1), proc.pt.lookup(va)
+        flags = FL_P | FL_US | (FL_RW if vma[2] else 0)
+        if entry & FL_P:  # present: a write to a write-protected page the VMA allows (COW-like)
+            proc.pt.map(page, entry & ADDR_MASK, flags)
+            return IOMMU_PAGE_RESP_SUCCESS
+        try:
+            proc.pt.map(page, self.alloc_page(), flags)
+        except MemoryError:
+            return IOMMU_PAGE_RESP_FAILURE
+        return IOMMU_PAGE_RESP_SUCCESS
 
     def migrate(self, proc: Process, va: int) -> tuple[int, int]:
         """Move one page to a new frame (page migration): copy, then switch the PTE."""
@@ -199,12 +228,39 @@ class Guest(Actor):
         body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
         portal = self.vdcm if dev in self.mdevs else self.host
         self.dma["submitted"] += 1
-        reply = yield Call(portal, "mdev_submit" if dev in self.mdevs else "dev_submit", body,
-                           flow=self.flow_tag("F7"))
+        kind, flow = "mdev_submit" if dev in self.mdevs else "dev_submit", self.flow_tag("F7")
+        reply = yield Call(portal, kind, body, flow=flow)
+        # The portal's process died (vdcm restarted by the supervisor): the device was reset
+        # under the descriptor. With `portal_retry` (set by the supervisor) the driver waits
+        # for the device and resubmits, visibly (counted): copy and fill are idempotent.
+        retry_end = self.now + float(self.config.get("portal_retry", 0.0))
+        while reply.get("ret") == -E.EHOSTDOWN and self.now < retry_end:
+            self.dma["resubmitted"] = self.dma.get("resubmitted", 0) + 1
+            self._retry_key = getattr(self, "_retry_key", 0) + 1
+            yield Wait(("portal", self._retry_key), 0.02)
+            reply = yield Call(portal, kind, body, flow=flow)
         outcome = "indefinite" if reply.get("indefinite") else "aborted" if reply.get("aborted") else \
             "failed" if reply["ret"] else "completed"
         self.dma[outcome] += 1
         return reply
+
+    # ---- F6: the virtual page request queue ------------------------------------------------------
+    def on_page_request(self, msg: Envelope):
+        """The vIOMMU's page request interrupt (intel_svm prq handler in the guest): find the
+        process bound to (device, PASID), fault the page in, answer the page group."""
+        if msg.src != self.vmm:
+            return failed(-E.EPERM)
+        body = msg.body
+        procs = self.kernel.procs.values() if self.kernel else []
+        proc = next((p for p in procs if p.pasids.get(body["dev"]) == body["pasid"]), None)
+        write = bool(body["perm"] & IOMMU_FAULT_PERM_WRITE)
+        code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, body["addr"], write)
+        reply = yield Call(self.vmm, "page_response", {"dev": body["dev"], "pasid": body["pasid"],
+                                                        "grpid": body["grpid"], "code": code})
+        self.step("F6", f"pid {proc.pid if proc else '?'} page request {body['dev']} PASID {body['pasid']} "
+                  f"@ {body['addr']:#x} {'write' if write else 'read'} -> "
+                  f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}", reply, code=code, grpid=body["grpid"])
+        return None
 
     # ---- workloads ------------------------------------------------------------------------------
     def on_start_workload(self, msg: Envelope):
@@ -223,7 +279,7 @@ class Guest(Actor):
         return {**super().snapshot(), "vm": self.vm,
                 "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
                 "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps),
-                "dma": dict(self.dma)}
+                "dma": dict(self.dma), "flows": dict(self.flow_seq)}
 
 
 def _pattern(seed: int, length: int) -> bytes:
@@ -286,14 +342,41 @@ def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Gene
     proc.pasids.pop(mdevs[1], None)
 
 
+def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int = 4):
+    """F6: DMA into a buffer the process mapped but never touched: one page request per page,
+    the guest faults each page in; then a DMA to an address outside every VMA fails."""
+    k = g.kernel
+    src, dst, hole = base, base + 0x100000, base + 0x200000
+    k.mmap(proc, src, pages)
+    k.mmap(proc, dst, pages, populate=False)
+    data = _pattern(proc.pid + 11, pages * PAGE_SIZE)
+    k.write(proc, src, data)
+    pasid = yield from g.alloc_pasid(proc, dev)
+    if not pasid:
+        return
+    yield from g.bind(proc, dev, pasid)
+    reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
+    g.step("F7", f"pid {proc.pid} DMA copy into {pages} demand-paged pages via {dev}", reply,
+           ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data, verified=True,
+           page_requests=reply.get("page_requests"))
+    reply = yield from g.submit(dev, pasid, "fill", dst=hole, length=PAGE_SIZE, pattern=0x77)
+    g.step("F7", f"pid {proc.pid} DMA to an unmapped address fails (page response INVALID)", reply,
+           ok=reply["ret"] != 0 and reply.get("page_response") == IOMMU_PAGE_RESP_INVALID
+           and not proc.pt.lookup(hole) & FL_P, expected_error=True)
+    yield from g.unbind(proc, dev, pasid)
+    yield from g.free(proc, dev, pasid)
+
+
 def run_demo(g: Guest) -> Generator[Any, Any, None]:
-    """The demo: two processes share the passthrough function, one uses a pair of mdevs."""
+    """The demo: two processes share the passthrough function, one uses a pair of mdevs, one
+    DMAs into demand-paged memory (F6)."""
     k = g.kernel
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     p1, p2, p3 = k.spawn(1), k.spawn(2), k.spawn(3)
     pasid1 = yield from demo_passthrough(g, p1, pf, 0x4000_0000)
     pasid2 = yield from demo_passthrough(g, p2, pf, 0x7f00_0000_0000)
     yield from demo_mdev_pair(g, p3, sorted(g.mdevs)[:2], 0x5000_0000)
+    yield from demo_demand_paging(g, k.spawn(4), pf, 0x6000_0000)
     for proc, pasid in ((p1, pasid1), (p2, pasid2)):
         if pasid:
             yield from g.unbind(proc, pf, pasid)
@@ -355,4 +438,35 @@ def bind_many(g: Guest) -> Generator[Any, Any, None]:
         yield from g.bind(proc, pf, pasid)
 
 
-WORKLOADS = {"demo": run_demo, "bind_latency": bind_latency, "dma_loop": dma_loop, "bind_many": bind_many}
+def fault_loop(g: Guest) -> Generator[Any, Any, None]:
+    """Bind one PASID, then for `iterations` rounds map `fault_pages` fresh untouched pages and
+    fill them by DMA (one page request each), data checked; the round times are recorded
+    (benchmarks/bench_page_faults.py)."""
+    k, proc = g.kernel, g.kernel.spawn(1)
+    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    pasid = yield from g.alloc_pasid(proc, pf)
+    if not pasid or (yield from g.bind(proc, pf, pasid))["ret"]:
+        return
+    pages, rounds, faults, started = int(g.config.get("fault_pages", 8)), [], 0, g.now
+    order = max(0, (pages - 1).bit_length())
+    for n in range(int(g.config.get("iterations", 100))):
+        base = 0x1_0000_0000 + n * (PAGE_SIZE << order)  # aligned: one flush covers the range
+        k.mmap(proc, base, pages, populate=False)
+        t0 = g.now
+        reply = yield from g.submit(pf, pasid, "fill", dst=base, length=pages * PAGE_SIZE, pattern=n & 0xFF)
+        rounds.append(g.now - t0)
+        faults += reply.get("page_requests", 0)
+        if reply["ret"] or k.read(proc, base, pages * PAGE_SIZE) != bytes([n & 0xFF]) * pages * PAGE_SIZE:
+            g.step("F7", f"round {n} demand-paged fill", reply, ok=False)
+            break
+        for i in range(pages):  # munmap: give the pages back so a long run keeps its RAM
+            k.pages.release((proc.pt.unmap(base + i * PAGE_SIZE) & ADDR_MASK) >> PAGE_SHIFT)
+        proc.vmas.pop()
+        yield from g.flush(proc, pf, pasid, base, size_order=order)
+    g.steps.append({"flow": "bench", "what": "page fault rounds", "ok": True, "ret": 0, "check": True,
+                    "rounds": rounds, "faults": faults, "elapsed": g.now - started})
+    yield from g.unbind(proc, pf, pasid)
+    yield from g.free(proc, pf, pasid)
+
+
+WORKLOADS = {"demo": run_demo, "fault_loop": fault_loop, "bind_latency": bind_latency, "dma_loop": dma_loop, "bind_many": bind_many}

@@ -6,8 +6,40 @@ The handlers follow the kernel functions they model:
     on_bind_gpasid        intel_svm_bind_gpasid(), checks in the kernel's order and codes
     on_unbind_gpasid      intel_svm_unbind_gpasid(), with the review's flushes and PRQ drain
     on_cache_invalidate   intel_iommu_sva_invalidate() for the uapi invalidation info
-    on_dev_submit         a device's DMA engine running a work descriptor
+    on_dev_submit         a device's DMA engine running a work descriptor; a recoverable
+                          first-level fault becomes a page request (F6, `page_request`)
+    on_page_response      intel_svm_page_response(): the VMM's page group response
 Translation itself runs in the hot path (`hotpath.Iommu`) over the shared memory bytes.
+
+Page requests (F6). A device with PRI (`pri`, default on) whose translation stops on a
+non-present first-level entry, or on a first-level permission the guest may grant (a write
+to a read-only page), sends a page request: PASID, page address, read/write, a group index
+(9 bits, per physical device), last-in-group (always set: one page per group). The host
+queues it in its page request queue (`self.prq`, at most `prq_depth` entries, default 32)
+until its response, reports it one-way to the VMM of the VM owning the PASID, and the
+descriptor waits (`Wait`) for the page group response; SUCCESS retries the descriptor from
+the faulting byte, INVALID or FAILURE fail it (-EFAULT; FAILURE is not remembered beyond the
+descriptor). At most `prq_max_faults` (1024) requests per descriptor.
+  Overflow (VT-d's behaviour): a request that finds the queue full sets the overflow flag
+  (PRO) and is auto-responded SUCCESS by the IOMMU without reaching software; while PRO is
+  set every new request is auto-responded the same way; PRO clears when the queue empties.
+  The device retries after a back-off (a round trip through the host) and faults again,
+  which counts against its budget: under a sustained overflow the descriptor fails.
+  Timeout: a request not answered within `prq_timeout` (1.0 s, below the guests' request
+  timeout) is answered INVALID by the host on the guest's behalf; the descriptor fails
+  with -ETIMEDOUT (a definite outcome) and the entry leaves the queue.
+  Drain: `_teardown_entry` (unbind, free under ordered and reclaim, VM teardown, and the
+  naive policy's deferred cleanup) drains the PASID's entries of that device: each waiting
+  descriptor fails at once (-ECANCELED, aborted) and a later response is refused (-EINVAL,
+  unknown group). So under ordered and reclaim no request survives the unbind or free
+  that precedes reuse; under naive the PASID is back in the pool before its deferred
+  cleanup drains it: the audit can catch a request queued under a free or reused PASID.
+  Requests for a PASID that is not bound to the device, defunct, reclaiming, or owned by
+  another VM than the device's are dropped, counted (`prq_stats["dropped"]`), never
+  reported to anyone, and answered INVALID.
+  Responses are matched on (physical device, group index): an unknown group, another VM's
+  request (-EACCES), another device or PASID than the request's (-EINVAL) or a PASID that
+  is no longer bound (-ENODEV) is refused and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,17 +51,18 @@ import numpy as np
 
 import hotpath
 from actors import errno as E
-from actors.base import Actor, Call, Gather, failed
+from actors.base import Actor, Call, Gather, Wait, failed
 from actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
 from actors.messages import (
     EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
     IOMMU_CACHE_INV_TYPE_PASID, IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF,
     IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN, IOMMU_INV_GRANU_PASID,
-    IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
-    VTD_FLAGS_LAST, Envelope,
+    IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
+    IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, PAGE_RESP_CODES, PRQ_GRPID_MAX, VTD_FLAG_EAFE,
+    VTD_FLAG_SRE, VTD_FLAG_WPE, VTD_FLAGS_LAST, Envelope,
 )
 from hotpath.layout import (
-    PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, SL_R, SL_W, describe_fault, encode_pasid_entry,
+    FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION, fault_reason, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, SL_R, SL_W, describe_fault, encode_pasid_entry,
 )
 
 BIND_DATA_MINSZ = 48  # argsz must cover the fields up to the vendor union
@@ -64,6 +97,7 @@ class Svm:
     gpasid: int = -1
     flags: int = 0
     devs: dict[str, Sdev] = field(default_factory=dict)
+    vdevs: dict[str, int] = field(default_factory=dict)  # (virtual) device -> outstanding binds
 
 
 @dataclass
@@ -100,6 +134,7 @@ class PhysDevice:
     ats: bool
     pasid_dir: PasidDirectory | None = None
     pasid_enabled: bool = False
+    pri: bool = True  # Page Request Interface: recoverable faults become page requests
 
 
 class Host(Actor):
@@ -123,9 +158,19 @@ class Host(Actor):
         self.allocator: str = self.config.get("allocator", "reuse-first")
         self.reclaiming: dict[int, int] = {}  # PASID -> VM, defunct until subscribers acknowledge
         self.quarantined: dict[int, int] = {}  # PASID -> VM whose FREE was never acknowledged
+        self.unacked: dict[int, set[str]] = {}  # quarantined PASID -> subscribers that never acked
         self.teardowns: list[dict[str, Any]] = []
         self.notify_failures = 0
-        self.prq: list[dict] = []
+        self.prq: list[dict] = []  # outstanding page requests, oldest first (F6)
+        self.prq_depth: int = max(1, int(self.config.get("prq_depth", 32)))
+        self.prq_timeout: float = float(self.config.get("prq_timeout", 1.0))
+        self.prq_max_faults: int = int(self.config.get("prq_max_faults", 1024))
+        self.prq_overflow = False  # PRO: set when a request found the queue full
+        self.prq_stats = {"requests": 0, "responses": 0, "auto_responses": 0, "timeouts": 0,
+                          "drained": 0, "dropped": 0, "rejected": 0}
+        self.prq_latencies: list[float] = []  # request queued -> response, the last 4096
+        self._prq_grpid: dict[str, int] = {}  # physical device -> next page request group index
+        self._prq_seq: dict[int, int] = {}  # VM -> F6 instance number, for the flow tag
         self.dma_done = 0
         self.dma_faults = 0
         self.foreign_dma: list[dict[str, int]] = []  # DMA that used a PASID another VM now owns
@@ -138,6 +183,7 @@ class Host(Actor):
         """Give a physical device its context entry: a PASID directory in host memory."""
         dev = PhysDevice(name, cfg["id"], cfg.get("pci", True), cfg.get("max_pasids", PASID_MAX),
                          cfg.get("ats", True))
+        dev.pri = bool(cfg.get("pri", True))
         base = self._alloc_contiguous(PASID_DIR_FRAMES) << PAGE_SHIFT
         dev.pasid_dir = PasidDirectory(self.mem, base, self._alloc_table)
         self.iommu.attach_device(dev.id, base, dev.ats)
@@ -299,10 +345,12 @@ class Host(Actor):
         replies = yield Gather([Call(s, "ioasid_notify", body, timeout=timeout)
                                 for body in events for s in self.subscribers])
         refused = [r for r in replies if r.get("ret", 0)]
+        silent = {s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)}
         for pasid in pasids:
             self.reclaiming.pop(pasid, None)
             if refused:
                 self.quarantined[pasid] = vm
+                self.unacked[pasid] = set(silent)  # released when each of these resyncs
                 continue
             self.iommu.set_defunct(pasid, False)
             self.free_pasids.append(pasid)
@@ -333,6 +381,26 @@ class Host(Actor):
         return {"ret": 0, "free_pool": len(self.free_pasids), "reclaiming": len(self.reclaiming),
                 "quarantined": len(self.quarantined), "vms": sorted(self.domains),
                 "teardowns": [dict(t) for t in self.teardowns]}
+
+    def on_pasid_bindings(self, msg: Envelope) -> dict:
+        """Every bound (vm, gpasid, hpasid, dev, users): what a restarted subscriber (kvm, vdcm)
+        rebuilds its translation tables from before it serves (the notifier's current state)."""
+        if msg.src not in self.subscribers:
+            return failed(-E.EPERM, error="only notifier subscribers may list PASID bindings")
+        # A subscriber rebuilding its tables from the current bindings has dropped whatever it
+        # held for PASIDs freed while it was gone: that is its FREE acknowledgement.
+        for pasid in [p for p, subs in self.unacked.items() if msg.src in subs]:
+            self.unacked[pasid].discard(msg.src)
+            if not self.unacked[pasid] and pasid in self.quarantined:
+                del self.unacked[pasid]
+                del self.quarantined[pasid]
+                self.iommu.set_defunct(pasid, False)
+                self.free_pasids.append(pasid)
+        out = [{"vm": a.svm.vm, "gpasid": a.svm.gpasid if a.svm.gpasid >= 0 else a.pasid,
+                "hpasid": a.pasid, "dev": dev, "users": users}
+               for a in self.ioasids.values() if a.svm is not None
+               for dev, users in sorted(a.svm.vdevs.items())]
+        return {"ret": 0, "bindings": out}
 
     def on_vfio_close(self, msg: Envelope):
         """The VMM closes its VFIO fd: the same teardown as its death, without detection."""
@@ -396,6 +464,7 @@ class Host(Actor):
                 return failed(-E.EINVAL, error="svm with an empty device list")
             if pdev.name in svm.devs:
                 svm.devs[pdev.name].users += 1
+                svm.vdevs[msg.body["dev"]] = svm.vdevs.get(msg.body["dev"], 0) + 1
                 yield from self.notify(EV_BIND, svm, msg.body["dev"])
                 return {"ret": 0, "users": svm.devs[pdev.name].users}
         else:
@@ -411,6 +480,7 @@ class Host(Actor):
             return failed(ret, error="nested PASID entry setup failed")
         svm.flags |= SVM_FLAG_GUEST_MODE
         svm.devs[pdev.name] = Sdev(pdev.name)
+        svm.vdevs[msg.body["dev"]] = svm.vdevs.get(msg.body["dev"], 0) + 1
         yield from self.notify(EV_BIND, svm, msg.body["dev"])
         return {"ret": 0, "users": 1}
 
@@ -486,6 +556,11 @@ class Host(Actor):
             return failed(-E.EINVAL, error=f"{pdev.name} is not bound to PASID {pasid}")
         sdev = svm.devs[pdev.name]
         sdev.users -= 1
+        left = svm.vdevs.get(msg.body["dev"], 0) - 1
+        if left > 0:
+            svm.vdevs[msg.body["dev"]] = left
+        else:
+            svm.vdevs.pop(msg.body["dev"], None)
         if sdev.users:
             yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
             return {"ret": 0, "users": sdev.users}
@@ -505,10 +580,16 @@ class Host(Actor):
         self.drain_prq(dev, pasid)
 
     def drain_prq(self, dev: str, pasid: int) -> int:
-        """intel_svm_drain_prq(): no page request of this PASID may outlive the entry."""
-        before = len(self.prq)
-        self.prq = [r for r in self.prq if not (r["dev"] == dev and r["pasid"] == pasid)]
-        return before - len(self.prq)
+        """intel_svm_drain_prq(): no page request of this PASID may outlive the entry.
+
+        Each drained request is answered INVALID: its descriptor fails at once (aborted)."""
+        drained = [r for r in self.prq if r["dev"] == dev and r["pasid"] == pasid]
+        for req in drained:
+            self._prq_remove(req)
+        self.prq_stats["drained"] += len(drained)
+        for req in drained:
+            self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": IOMMU_PAGE_RESP_INVALID, "drained": True})
+        return len(drained)
 
     def _free_if_empty(self, ioasid: Ioasid) -> None:
         """intel_svm_free_if_empty(): detach the svm from the IOASID once no device is left."""
@@ -570,8 +651,12 @@ class Host(Actor):
         return 0, ""
 
     # ---- F7: a device's DMA engine ------------------------------------------------------------
-    def on_dev_submit(self, msg: Envelope) -> dict:
-        """Run a work descriptor. Passthrough: the guest's own portal; mdev: submitted by vdcm."""
+    def on_dev_submit(self, msg: Envelope):
+        """Run a work descriptor. Passthrough: the guest's own portal; mdev: submitted by vdcm.
+
+        F6: a recoverable first-level fault on a device with PRI becomes a page request; the
+        descriptor waits for its page group response and, on SUCCESS, the device retries from
+        the faulting byte (see the module docstring for the queue, overflow and drain)."""
         body = msg.body
         cfg = self.devices_cfg.get(body["dev"])
         if cfg is None:
@@ -587,25 +672,139 @@ class Host(Actor):
                 or not 0 <= body["src"] < 1 << 64 or not 0 <= body["dst"] < 1 << 64:
             return failed(-E.EINVAL, error="operation, PASID, address or length out of range")
         pdev = self.physical(body["dev"])
-        status, fault_va = self._run_descriptor(pdev, body)
+        work, total, faults = dict(body), 0, 0
+        while True:
+            status, fault_va, done = self._run_descriptor(pdev, work)
+            total += done
+            if not status or not self._pri_recoverable(pdev, status):
+                break
+            faults += 1
+            if faults > self.prq_max_faults:
+                self.dma_faults += 1
+                return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
+                        "done": total, "page_requests": faults - 1, "error": "page request budget exhausted"}
+            read = work["op"] == "copy" and fault_va == work["src"] + done
+            perm = IOMMU_FAULT_PERM_READ if read else IOMMU_FAULT_PERM_WRITE
+            code, ret, why = yield from self.page_request(pdev, body["dev"], pasid, vm, fault_va, perm)
+            if code != IOMMU_PAGE_RESP_SUCCESS:
+                self.dma_faults += 1
+                return {"ret": ret, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
+                        "done": total, "page_requests": faults, "page_response": code, "error": why,
+                        **({"aborted": True} if ret == -E.ECANCELED else {})}
+            work = {**work, "src": work["src"] + done, "dst": work["dst"] + done, "len": work["len"] - done}
         owner = self.ioasids[pasid].vm if pasid in self.ioasids else None
         if not status and owner is not None and owner != vm:
             self.foreign_dma.append({"pasid": pasid, "device_vm": vm, "owner_vm": owner})
         if status:
             self.dma_faults += 1
-            return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va}
+            return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
+                    "done": total, "page_requests": faults}
         self.dma_done += 1
-        return {"ret": 0, "status": 0}
+        return {"ret": 0, "status": 0, "page_requests": faults}
 
-    def _run_descriptor(self, pdev: PhysDevice, body: dict) -> tuple[int, int]:
+    # ---- F6: page requests (intel_svm prq_event_thread -> iommu_report_device_fault) ------------
+    @staticmethod
+    def _pri_recoverable(pdev: PhysDevice, status: int) -> bool:
+        """A fault the guest can fix by making the page present (or writable): a page request."""
+        return pdev.pri and fault_reason(status) in (FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION)
+
+    def page_request(self, pdev: PhysDevice, vdev: str, pasid: int, vm: int, addr: int, perm: int):
+        """The device's page request: queue it, report it to the owning VMM, wait for the group
+        response. Returns (response code, errno for a failed descriptor, why)."""
+        ioasid = self.ioasids.get(pasid)
+        if ioasid is None or ioasid.svm is None or pdev.name not in ioasid.svm.devs or ioasid.vm != vm \
+                or self.iommu.is_defunct(pasid) or vm not in self.domains:
+            # prq_event_thread: no svm for this PASID (freed, defunct, another VM's): drop it
+            self.prq_stats["dropped"] += 1
+            self.log("prq:drop", f"page request of {vdev} for PASID {pasid} @ {addr:#x} dropped: not bound to it")
+            return IOMMU_PAGE_RESP_INVALID, -E.EFAULT, f"page request for PASID {pasid} dropped (not bound)"
+        if self.prq_overflow or len(self.prq) >= self.prq_depth:
+            # VT-d: the queue is full: set PRO, the IOMMU auto-responds SUCCESS; the device backs off
+            self.prq_overflow = True
+            self.prq_stats["auto_responses"] += 1
+            yield Call(self.name, "ping", {})
+            return IOMMU_PAGE_RESP_SUCCESS, 0, "auto-responded (page request queue overflow)"
+        grpid = self._next_grpid(pdev.name)
+        seq = self._prq_seq[vm] = self._prq_seq.get(vm, 0) + 1
+        page = addr & ~(PAGE_SIZE - 1)
+        req = {"dev": pdev.name, "vdev": vdev, "pasid": pasid, "vm": vm, "addr": page, "perm": perm,
+               "grpid": grpid, "last": True, "flow": f"F6:vm{vm}.{seq}", "queued": self.now}
+        self.prq.append(req)
+        self.prq_stats["requests"] += 1
+        self.send(self.domains[vm].vmm, "page_request", {"dev": vdev, "pasid": pasid, "grpid": grpid,
+                                                          "addr": page, "perm": perm, "last": True},
+                  flow=req["flow"])
+        reply = yield Wait((pdev.name, grpid), self.prq_timeout)
+        if reply.get("ret"):  # nobody answered in time: the host answers INVALID on the guest's behalf
+            self._prq_remove(req)
+            self.prq_stats["timeouts"] += 1
+            self.log("prq:timeout", f"page request {req['flow']} of VM {vm} unanswered after "
+                     f"{self.prq_timeout} s: answered INVALID")
+            return IOMMU_PAGE_RESP_INVALID, -E.ETIMEDOUT, f"no page response within {self.prq_timeout} s"
+        if reply.get("drained"):
+            return reply["code"], -E.ECANCELED, f"page request drained: PASID {pasid} unbound or freed"
+        self.prq_latencies = self.prq_latencies[-4095:] + [self.now - req["queued"]]
+        return reply["code"], -E.EFAULT, f"page response {reply['code']}"
+
+    def _next_grpid(self, dev: str) -> int:
+        """A 9-bit page request group index not in use on this device."""
+        busy = {r["grpid"] for r in self.prq if r["dev"] == dev}
+        grpid = self._prq_grpid.get(dev, 0)
+        while grpid in busy:
+            grpid = (grpid + 1) % PRQ_GRPID_MAX
+        self._prq_grpid[dev] = (grpid + 1) % PRQ_GRPID_MAX
+        return grpid
+
+    def _prq_remove(self, req: dict) -> None:
+        if req in self.prq:
+            self.prq.remove(req)
+        if not self.prq:
+            self.prq_overflow = False  # the queue drained: clear PRO
+
+    def on_page_response(self, msg: Envelope) -> dict:
+        """intel_svm_page_response(): match the VMM's page group response to its request."""
+        dom = self.caller_vm(msg)
+        if dom is None:
+            return failed(-E.EPERM, error="caller has no open VM")
+        body = msg.body
+        ret, why, req = self._match_response(dom, body)
+        if ret:
+            self.prq_stats["rejected"] += 1
+            self.log("prq:reject", f"page response from {msg.src} refused: {why}")
+            return failed(ret, error=why)
+        self._prq_remove(req)
+        self.prq_stats["responses"] += 1
+        self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": body["code"]})
+        return {"ret": 0}
+
+    def _match_response(self, dom: VmDomain, body: dict) -> tuple[int, str, dict | None]:
+        if body["dev"] not in dom.devices:
+            return -E.ENODEV, f"{body['dev']} is not assigned to VM {dom.vm}", None
+        if body["code"] not in PAGE_RESP_CODES:
+            return -E.EINVAL, f"page response code {body['code']}", None
+        pdev = self.physical(body["dev"])
+        req = next((r for r in self.prq if r["dev"] == pdev.name and r["grpid"] == body["grpid"]), None)
+        if req is None:
+            return -E.EINVAL, f"no outstanding page request group {body['grpid']} on {pdev.name}", None
+        if req["vm"] != dom.vm:
+            return -E.EACCES, f"page request group {body['grpid']} belongs to VM {req['vm']}", None
+        if req["pasid"] != body["pasid"] or req["vdev"] != body["dev"]:
+            return -E.EINVAL, f"group {body['grpid']} was requested by {req['vdev']} PASID {req['pasid']}", None
+        ioasid = self.ioasids.get(req["pasid"])
+        if ioasid is None or ioasid.vm != dom.vm or ioasid.svm is None:
+            return -E.ENODEV, f"PASID {req['pasid']} is no longer bound", None
+        return 0, "", req
+
+    def _run_descriptor(self, pdev: PhysDevice, body: dict) -> tuple[int, int, int]:
+        """(status, fault_va, done): done counts the bytes moved before the fault."""
         op, pasid, n = body["op"], body["pasid"], body["len"]
         if op == "copy":
-            status, va = self.iommu.dma_copy(pdev.id, pasid, body["src"], body["dst"], n)[:2]
+            status, va, done = self.iommu.dma_copy(pdev.id, pasid, body["src"], body["dst"], n)[:3]
         elif op == "fill":
-            status, va = self.iommu.dma_fill(pdev.id, pasid, body["dst"], n, body["pattern"] & 0xFF)[:2]
+            status, va, done = self.iommu.dma_fill(pdev.id, pasid, body["dst"], n, body["pattern"] & 0xFF)[:3]
         else:
-            return -E.EINVAL, 0
-        return status, va
+            return -E.EINVAL, 0, 0
+        return status, va, done
 
     # ---- audit ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -620,6 +819,10 @@ class Host(Actor):
             "vms": {str(d.vm): {"vmm": d.vmm, "ioasids": sorted(d.ioasids), "quota": d.quota,
                                 "ram_frames": len(d.ram_frames)} for d in self.domains.values()},
             "prq": list(self.prq),
+            "prq_depth": self.prq_depth,
+            "prq_overflow": self.prq_overflow,
+            "prq_stats": dict(self.prq_stats),
+            "prq_latencies": list(self.prq_latencies),
             "policy": self.policy,
             "reclaiming": {str(p): vm for p, vm in self.reclaiming.items()},
             "quarantined": {str(p): vm for p, vm in self.quarantined.items()},

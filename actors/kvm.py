@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors import errno as E
-from actors.base import Actor, failed
+from actors.base import Actor, Call, failed
 from actors.messages import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, Envelope
 
 
@@ -54,6 +54,21 @@ class PasidMap:
                 del table[gpasid]
         return 0
 
+    def load(self, bindings: list[dict[str, Any]], devices: set[str] | None = None) -> int:
+        """Merge the host's current bindings (a resync after a restart): each listed
+        (vm, gpasid, dev) takes the host's hpasid and bind count; nothing else changes."""
+        n = 0
+        for b in bindings:
+            if devices is not None and b["dev"] not in devices:
+                continue
+            table = self.maps.setdefault(b["vm"], {})
+            current = table.get(b["gpasid"])
+            if current is None or current[0] != b["hpasid"]:
+                current = table[b["gpasid"]] = (b["hpasid"], {})
+            current[1][b["dev"]] = max(1, int(b.get("users", 1)))
+            n += 1
+        return n
+
     def hpasids(self, vm: int) -> list[int]:
         """Every host PASID the VM's table maps to."""
         return [h for h, _ in self.maps.get(vm, {}).values()]
@@ -76,6 +91,23 @@ class Kvm(Actor):
         super().__init__(name, env)
         self.host: str = self.config.get("host", "host")
         self.pasids = PasidMap()
+        self.synced = not self.config.get("resync_on_start")
+        self.resynced = 0  # bindings taken from the host at the last resync
+
+    def on_start(self):
+        """First start or restart by the supervisor: rebuild the tables from the host's
+        current bindings (the notifier events sent while we were dead are lost)."""
+        if self.config.get("resync_on_start"):  # set by the supervisor (orchestrator/supervisor.py)
+            yield from self.resync()
+
+    def resync(self, devices: set[str] | None = None):
+        reply = yield Call(self.host, "pasid_bindings", {}, flow="resync")
+        if reply.get("ret") == 0:
+            self.resynced = self.pasids.load(reply.get("bindings", []), devices)
+            self.synced = True
+        else:
+            self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
+        return reply
 
     def on_ioasid_notify(self, msg: Envelope) -> dict:
         if msg.src != self.host:
@@ -84,4 +116,5 @@ class Kvm(Actor):
         return failed(ret, error=f"cannot apply {msg.body['event']}") if ret else {"ret": 0}
 
     def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "tables": self.pasids.dump()}
+        return {**super().snapshot(), "tables": self.pasids.dump(), "synced": self.synced,
+                "resynced": self.resynced}

@@ -51,6 +51,17 @@ EV_UNBIND = "unbind"
 EV_FREE = "free"
 EV_FREE_SET = "free_set"  # ioasid_free_set(): every PASID of one VM's set
 
+# I/O page faults (uapi iommu_fault_page_request / iommu_page_response; kernel-semantics §6).
+IOMMU_FAULT_PERM_READ = 1 << 0
+IOMMU_FAULT_PERM_WRITE = 1 << 1
+IOMMU_FAULT_PERM_EXEC = 1 << 2
+IOMMU_FAULT_PERM_PRIV = 1 << 3
+IOMMU_PAGE_RESP_SUCCESS = 0  # page tables populated: retry
+IOMMU_PAGE_RESP_INVALID = 1  # do not retry: the access fails
+IOMMU_PAGE_RESP_FAILURE = 2  # drop further faults from the device
+PAGE_RESP_CODES = (IOMMU_PAGE_RESP_SUCCESS, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_FAILURE)
+PRQ_GRPID_MAX = 1 << 9  # the page request group index is 9 bits
+
 # Body schemas: field -> accepted Python types. Replies are not checked beyond "ret".
 _INT = (int,)
 _STR = (str,)
@@ -86,9 +97,16 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ioasid_notify": {"event": _STR, "vm": _INT, "hpasid": _INT, "gpasid": _INT, "dev": _STR},
     # vdcm -> host: queries for (re)building its tables
     "gpasid_lookup": {"vm": _INT, "gpasid": _INT},
+    # host -> vmm (host PASID) -> guest (guest PASID): a page request (F6), one-way, as the
+    # IOMMU reports it (iommu_report_device_fault) and the vIOMMU injects it into the vPRQ
+    "page_request": {"dev": _STR, "pasid": _INT, "grpid": _INT, "addr": _INT, "perm": _INT, "last": _BOOL},
+    # guest -> vmm (guest PASID) -> host (host PASID): the page group response, matched on the
+    # host to its request by (device, group index, PASID)
+    "page_response": {"dev": _STR, "pasid": _INT, "grpid": _INT, "code": _INT},
     # orchestrator -> anyone
     "snapshot": {},
     "pool_status": {},
+    "pasid_bindings": {},  # kvm/vdcm -> host: every bound (vm, gpasid, hpasid, dev), to resync
     "ping": {},
     "shutdown": {},
     "start_workload": {},

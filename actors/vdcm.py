@@ -28,6 +28,23 @@ class Vdcm(Actor):
         self.refused = 0
         self.aborted = 0
         self.epoch: dict[int, int] = {}  # host PASID -> how many times it was freed under us
+        self.synced = not self.config.get("resync_on_start")
+        self.resynced = 0
+
+    def on_start(self):
+        """First start or restart by the supervisor: rebuild the mdevs' translations from the
+        host's current bindings before serving (see Kvm.on_start)."""
+        if self.config.get("resync_on_start"):  # set by the supervisor (orchestrator/supervisor.py)
+            yield from self.resync()
+
+    def resync(self):
+        reply = yield Call(self.host, "pasid_bindings", {}, flow="resync")
+        if reply.get("ret") == 0:
+            self.resynced = self.pasids.load(reply.get("bindings", []), set(self.mdevs))
+            self.synced = True
+        else:
+            self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
+        return reply
 
     def on_ioasid_notify(self, msg: Envelope) -> dict:
         if msg.src != self.host:
@@ -48,6 +65,8 @@ class Vdcm(Actor):
         if vm is None or self.guests.get(vm) != msg.src:
             self.refused += 1
             return failed(-E.EPERM, error=f"{msg.src} does not own mdev {body['dev']}")
+        if not self.synced:  # a submission that arrived before our resync answered
+            yield from self.resync()
         hpasid = self.pasids.lookup(vm, body["pasid"], body["dev"])
         if hpasid is None:
             self.refused += 1
@@ -63,4 +82,5 @@ class Vdcm(Actor):
 
     def snapshot(self) -> dict[str, Any]:
         return {**super().snapshot(), "tables": self.pasids.dump(), "submitted": self.submitted,
-                "refused": self.refused, "aborted": self.aborted}
+                "refused": self.refused, "aborted": self.aborted, "synced": self.synced,
+                "resynced": self.resynced}

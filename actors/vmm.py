@@ -8,6 +8,9 @@ Its handlers model what QEMU's vIOMMU does on a trap:
                     IOTLB and device-TLB descriptors, then the wait descriptor's completion.
                     A PASID-cache invalidation makes the vmm read the guest's PASID entry in
                     guest RAM and bind or unbind it on the host (the shadow of the table).
+    on_page_request the host reports a page request of this VM (F6): inject it into the
+                    guest's virtual page request queue with the guest PASID
+    on_page_response the guest's page group response, passed down with the host PASID
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from actors.memory import GuestRam, PasidDirectory
 from actors.messages import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
     IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID,
-    IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL,
-    VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
+    IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PAGE_RESP_INVALID, IOMMU_PASID_FORMAT_INTEL_VTD,
+    IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
 )
 from hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 
@@ -55,6 +58,7 @@ class Vmm(Actor):
         self.pasid_dirs: dict[str, PasidDirectory] = {}  # dev -> guest PASID directory (GPA)
         self.shadow: dict[tuple[str, int], Shadow] = {}  # (dev, gpasid) -> bound entry
         self.next_gpasid = GUEST_PASID_TOP
+        self.prq_stats = {"injected": 0, "unmapped": 0, "responses": 0, "refused": 0}
 
     def on_vm_start(self, msg: Envelope):
         """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
@@ -105,6 +109,8 @@ class Vmm(Actor):
         if reply["ret"] or reply["pasid"] in self.g2h:
             return reply if reply["ret"] else failed(-E.EBUSY, error="no host PASID free of collisions")
         hpasid = reply["pasid"]
+        if self.ram is None:  # the VM was stopped while the host allocated: its set is gone
+            return failed(-E.ENODEV, error="VM stopped during the allocation")
         gpasid = hpasid if identity else self._choose_guest_pasid()
         self.g2h[gpasid] = hpasid
         return {"ret": 0, "pasid": gpasid, "hpasid": hpasid}
@@ -203,6 +209,8 @@ class Vmm(Actor):
         if gpasid != hpasid:
             data["flags"] |= IOMMU_SVA_GPASID_VAL
         reply = yield Call(self.host, "bind_gpasid", {"dev": dev, "data": data})
+        if reply["ret"] == 0 and self.ram is None:  # stopped meanwhile: torn down with the VM
+            return failed(-E.ENODEV, error="VM stopped during the bind", type="pc", action="bind")
         if reply["ret"] == 0:
             self.shadow[(dev, gpasid)] = Shadow(entry["flptr"], hpasid)
         return {**reply, "type": "pc", "action": "bind", "hpasid": hpasid}
@@ -242,8 +250,38 @@ class Vmm(Actor):
         return {"ret": 0, "type": "wait"}
         yield  # a generator like its siblings
 
+    # ---- F6: the virtual page request queue ----------------------------------------------------
+    def on_page_request(self, msg: Envelope):
+        """The host reports a page request (host PASID): inject it into the guest's virtual
+        PRQ with the guest PASID. One we cannot map (PASID freed here) is answered INVALID."""
+        if msg.src != self.host:
+            return failed(-E.EPERM)
+        body = msg.body
+        gpasid = next((g for g, h in self.g2h.items() if h == body["pasid"]), None)
+        if gpasid is None or body["dev"] not in self.devices or self.ram is None:
+            self.prq_stats["unmapped"] += 1
+            yield Call(self.host, "page_response", {"dev": body["dev"], "pasid": body["pasid"],
+                                                    "grpid": body["grpid"], "code": IOMMU_PAGE_RESP_INVALID})
+            return None
+        self.prq_stats["injected"] += 1
+        self.send(self.guest, "page_request", {**body, "pasid": gpasid})
+        return None
+
+    def on_page_response(self, msg: Envelope):
+        """The guest's page group response (its vPRQ response descriptor): to the host PASID."""
+        if msg.src != self.guest:
+            return failed(-E.EPERM)
+        body = msg.body
+        hpasid = self.g2h.get(body["pasid"])
+        if hpasid is None or body["dev"] not in self.devices:
+            self.prq_stats["refused"] += 1
+            return failed(-E.EINVAL, error=f"page response for unknown device or guest PASID {body['pasid']}")
+        reply = yield Call(self.host, "page_response", {**body, "pasid": hpasid})
+        self.prq_stats["responses" if reply["ret"] == 0 else "refused"] += 1
+        return reply
+
     def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "vm": self.vm,
+        return {**super().snapshot(), "vm": self.vm, "prq": dict(self.prq_stats),
                 "g2h": {str(g): h for g, h in self.g2h.items()},
                 "bound": [{"dev": d, "gpasid": g, "hpasid": s.hpasid} for (d, g), s in self.shadow.items()]}
 

@@ -127,6 +127,9 @@ def _check_host_entries(host: dict) -> list[Violation]:
     for req in host["prq"]:
         if str(req["pasid"]) not in svms:
             out.append(_v("I3", "page request queued for an unbound PASID", [HOST], pasid=req["pasid"]))
+    depth = host.get("prq_depth")
+    if depth is not None and len(host["prq"]) > depth:  # F6: the queue is bounded (overflow auto-responds)
+        out.append(_v("I3", f"page request queue holds {len(host['prq'])} entries, depth {depth}", [HOST]))
     for vm, dom in host["vms"].items():
         for pasid in dom["ioasids"]:
             if ioasids.get(str(pasid), {}).get("vm") != int(vm):

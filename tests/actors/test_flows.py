@@ -59,7 +59,7 @@ def test_every_flow_in_trace_for_every_vm(run):
     vms, rt, c = run
     tags = {(m.group(1), int(m.group(2))) for t in _flows(rt.trace) if (m := TAG.match(t))}
     for v in range(1, vms + 1):
-        for f in ("F1", "F2", "F3", "F4", "F5", "F7"):
+        for f in ("F1", "F2", "F3", "F4", "F5", "F6", "F7"):
             assert (f, v) in tags, (f, v)
     assert {r["flow"] for r in rt.trace if r["kind"] == "bind_gpasid"} <= {
         t for t in _flows(rt.trace) if t.startswith("F2:")}
@@ -117,10 +117,11 @@ def test_flow_shapes(run):
                 assert len(forwarded) <= 1
             else:
                 assert first["dst"] == "host"
-    # the demo's one expected refusal: DMA through an mdev after its last unbind
+    # the demo's expected refusals: DMA through an mdev after its last unbind (-EINVAL) and
+    # DMA to an address outside every VMA, answered INVALID by the guest (F6, -EFAULT)
     refused = [t for t, recs in flows.items() if t.startswith("F7:") and recs[-1]["body"]["ret"] != 0]
-    assert len(refused) == vms
-    assert all(flows[t][-1]["body"]["ret"] == -E.EINVAL for t in refused)
+    assert len(refused) == 2 * vms
+    assert sorted(flows[t][-1]["body"]["ret"] for t in refused) == sorted([-E.EINVAL, -E.EFAULT] * vms)
 
 
 def test_non_identity_gpasids_for_mdevs(run):

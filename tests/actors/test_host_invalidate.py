@@ -103,6 +103,7 @@ def test_stale_without_flush_then_coherent_after(w, v1):
 
 
 def test_unmap_and_flush_makes_dma_fault(w, v1):
+    w.host.phys["pf1"].pri = False  # no page request (F6): the fault is the descriptor's status
     v1.proc.pt.unmap(VA + PAGE_SIZE)
     assert v1.g.flush("pf1", v1.pasid, VA + PAGE_SIZE)["ret"] == 0
     assert VPNS[1] not in iotlb(w.host, v1.pasid) and VPNS[1] not in devtlb(w.host, "pf1", v1.pasid)

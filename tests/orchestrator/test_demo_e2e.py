@@ -26,9 +26,9 @@ def test_demo_json_passes_and_leaves_nothing(vms: int) -> None:
     assert report["vms"] == vms
     assert report["audit"]["violations"] == []
     assert report["hotpath"] in ("compiled", "python")
-    for flow in ("F1", "F2", "F3", "F4", "F5", "F7"):
+    for flow in ("F1", "F2", "F3", "F4", "F5", "F6", "F7"):
         assert report["flows"][flow] > 0, flow
-    assert report["flows"]["F2"] == 4 * vms  # two pf binds and two mdev binds per VM
+    assert report["flows"]["F2"] == 5 * vms  # three pf binds (one demand-paged) and two mdev binds per VM
     names = {p["name"] for p in report["processes"]}
     assert names == {"host", "kvm", "vdcm"} | {f"vm{i}.{k}" for i in range(1, vms + 1) for k in ("guest", "vmm")}
     pids = [p["pid"] for p in report["processes"]]
