@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -95,6 +96,270 @@ def explore(
     else:
         typer.echo(f"{seeds - len(failing)}/{seeds} seeds passed")
     raise typer.Exit(1 if failing else 0)
+
+
+# ---- live topologies: up / ps / kill / audit / down, and scripted fault runs -----------------
+
+def _state_file(state_dir: Optional[str]) -> str:
+    from orchestrator.supervisor import state_path
+
+    if state_dir:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    return state_path(state_dir)
+
+
+def _read_state(state_dir: Optional[str]) -> dict:
+    path = _state_file(state_dir)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        typer.echo(f"vsva: no topology is running (no state file {path}); start one with `vsva up`", err=True)
+        raise typer.Exit(3)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _ctl(state: dict, op: str, timeout: float = 20.0, **body) -> dict:
+    """One request to the supervisor's control socket; exits with a message on no answer."""
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(state["ctl"])
+        sock.send(msgpack.packb({"op": op, **body}))
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            alive = _pid_alive(state["pid"])
+            typer.echo(f"vsva: the supervisor (pid {state['pid']}) did not answer {op!r} within "
+                       f"{timeout:.0f} s" + ("" if alive else " (it is not running: `vsva down` cleans up)"),
+                       err=True)
+            raise typer.Exit(3)
+        return msgpack.unpackb(sock.recv(), raw=False)
+    finally:
+        sock.close(0)
+
+
+def _load_run(topology: Optional[str]):
+    from orchestrator.topology_file import TopologyError, default_run, load
+
+    try:
+        return load(topology) if topology else default_run()
+    except TopologyError as exc:
+        typer.echo(f"vsva: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+def _ps_table(status: dict):
+    from rich.table import Table
+
+    table = Table(title=f"vsva: {status.get('run_dir')}")
+    for col in ("actor", "kind", "pid", "state", "uptime", "restarts"):
+        table.add_column(col)
+    for p in status["processes"]:
+        up = "-" if p.get("uptime_s") is None else f"{p['uptime_s']:.1f} s"
+        style = {"running": "green", "unresponsive": "yellow"}.get(p["state"], "red")
+        table.add_row(p["name"], p["kind"], str(p["pid"]), f"[{style}]{p['state']}[/{style}]", up,
+                      str(p["restarts"]))
+    vms = ", ".join(f"vm{vm} {v['state']}" + ("" if not v["workload"] else
+                                              f" (workload {'ok' if v['workload']['ok'] else 'ret ' + str(v['workload']['ret'])})")
+                    for vm, v in status.get("vms", {}).items())
+    table.caption = vms + ("  HOST LOST" if status.get("host_lost") else "")
+    return table
+
+
+@app.command()
+def up(
+    topology: Optional[str] = typer.Argument(None, help="Topology TOML file (default: the two-VM demo topology)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR",
+                                            help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID)."),
+    ready_timeout: float = typer.Option(30.0, "--ready-timeout", help="Seconds to wait for the topology to start."),
+) -> None:
+    """Start a topology and keep it running: live status table, or --detach."""
+    import subprocess
+    import time
+
+    _load_run(topology)  # validate here: errors go to this terminal
+    path = _state_file(state_dir)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if _pid_alive(old.get("pid", -1)):
+            typer.echo(f"vsva: a topology is already running (supervisor pid {old['pid']}, {old['run_dir']});"
+                       " `vsva down` first", err=True)
+            raise typer.Exit(1)
+        _cleanup_stale(old, path)
+    log_path = os.path.join(os.path.dirname(path), "supervisor.log")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "orchestrator.supervisor", "--state-file", path]
+    if topology:
+        cmd.append(os.path.abspath(topology))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+    end = time.monotonic() + ready_timeout
+    state = None
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            tail = open(log_path, errors="replace").read().splitlines()[-15:]
+            typer.echo("vsva up: the supervisor exited with %s\n%s" % (proc.returncode, "\n".join(tail)), err=True)
+            raise typer.Exit(1)
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            if state.get("pid") == proc.pid:
+                break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        typer.echo(f"vsva up: not ready within {ready_timeout:.0f} s (log: {log_path})", err=True)
+        raise typer.Exit(1)
+    if detach:
+        typer.echo(f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+                   f"{state['run_dir']}; `vsva ps`, `vsva down`")
+        return
+    import signal as _signal
+    from rich.live import Live
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+    _signal.signal(_signal.SIGTERM, _interrupt)
+    try:
+        with Live(_ps_table(_ctl(state, "ps")), refresh_per_second=4) as live:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if proc.poll() is None:
+                    try:
+                        live.update(_ps_table(_ctl(state, "ps", timeout=5.0)))
+                    except typer.Exit:
+                        pass
+    except KeyboardInterrupt:
+        typer.echo("vsva: stopping ...")
+        _ctl(state, "down")
+        proc.wait(60)
+    if proc.returncode not in (0, None):
+        raise typer.Exit(1)
+
+
+def _cleanup_stale(state: dict, path: str) -> list[str]:
+    """A supervisor that died without cleaning up: its children died with it (PDEATHSIG);
+    remove its shared memory, socket files and run directory, then the state file."""
+    import shutil
+
+    removed = []
+    for p in (state.get("shm"),):
+        if p and os.path.exists(p):
+            os.unlink(p)
+            removed.append(p)
+    run_dir = state.get("run_dir")
+    if run_dir and os.path.isdir(run_dir) and os.path.basename(run_dir).startswith("vsva-"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(run_dir)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return removed
+
+
+@app.command()
+def ps(
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of {name, pid, state, ...}."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+) -> None:
+    """List every actor of the running topology with its PID, state and uptime."""
+    status = _ctl(_read_state(state_dir), "ps")
+    if as_json:
+        typer.echo(json.dumps(status["processes"], indent=1))
+        return
+    from rich.console import Console
+
+    Console().print(_ps_table(status))
+
+
+@app.command()
+def kill(
+    actor: str = typer.Argument(..., help="Actor name, e.g. vm1.vmm, kvm, host."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+) -> None:
+    """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
+    reply = _ctl(_read_state(state_dir), "kill", name=actor)
+    if not reply.get("ok"):
+        typer.echo(f"vsva kill: {reply.get('error')}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"killed {reply['name']} (pid {reply['pid']})")
+
+
+@app.command()
+def audit(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations}."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+) -> None:
+    """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
+    reply = _ctl(_read_state(state_dir), "audit", timeout=30.0)
+    result = reply.get("audit", {"ok": False, "violations": [{"invariant": "run", "what": reply.get("error")}]})
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        typer.echo("audit: clean" if result["ok"] else f"audit: {len(result['violations'])} violation(s)")
+        for v in result["violations"]:
+            typer.echo(f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "
+                       f"pasid {v.get('pasid')})")
+    raise typer.Exit(0 if result["ok"] else 1)
+
+
+@app.command()
+def down(
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the supervisor to finish."),
+) -> None:
+    """Stop the running topology (VMs stopped through F8, then every process) and clean up."""
+    import signal
+    import time
+
+    path = _state_file(state_dir)
+    state = _read_state(state_dir)
+    pid = state["pid"]
+    if _pid_alive(pid):
+        try:
+            _ctl(state, "down", timeout=5.0)
+        except typer.Exit:
+            os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+    left = _cleanup_stale(state, path)
+    typer.echo(f"vsva: stopped (supervisor pid {pid})" + (f"; removed leftovers {left}" if left else ""))
+
+
+@app.command()
+def run(
+    scenario: str = typer.Argument(..., help="Scenario TOML: a topology plus [[faults]]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
+    from orchestrator.scenario import render, run_scenario
+
+    rep = run_scenario(_load_run(scenario))
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1, default=str))
+    else:
+        render(rep, typer.echo)
+    raise typer.Exit(0 if rep["ok"] else 1)
 
 
 def main() -> None:

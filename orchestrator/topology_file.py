@@ -1,0 +1,300 @@
+"""Topologies (and scenarios) described in TOML files: parse, validate, build a Topology.
+
+    [run]                      # every key optional; the values shown are the defaults
+    seed = 1
+    policy = "reclaim"         # naive | ordered | reclaim
+    allocator = "reuse-first"  # reuse-first | fresh
+    request_timeout = 5.0      # s: a request without a reply fails (indefinite) after this
+    dead_peer_interval = 0.5   # s: the supervisor's heartbeat (ping) period and timeout
+    transport = "ipc"          # ipc (private run directory) | tcp (refused: see below)
+
+    [[hosts]]                  # one host for now; the list form leaves room for more
+    name = "host"
+
+    [[vms]]                    # VM ids are 1..N in order
+    id = 1
+    workload = "demo"          # a key of actors.guest.WORKLOADS
+    iterations = 100
+    ram_pages = 1024
+    quota = 64
+    non_identity = true        # mdevs get vmm-chosen guest PASIDs
+    on_guest_death = "stop"    # stop | restart (the supervisor's recovery of a crashed guest)
+    devices = { passthrough = 1, mediated = 2 }
+
+    [[faults]]                 # scenarios only (`vsva run`): see orchestrator/scenario.py
+    kill = "vm2.vmm"
+    at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (from the trace)
+    vm = 2
+    nth = 3
+    # or: at_time = 1.5        # s after the workloads started
+    # or: random = true        # a random actor at a random time in [0, window), from `seed`
+
+Every unknown key, wrong type or out-of-range value is an error naming its place in the
+file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` is parsed
+and refused: the runtime binds each actor's ROUTER at an ipc endpoint in the run directory
+(ZmqRuntime's `endpoint_of` hook only covers the connecting side), so tcp needs a change to
+the runtime first.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotpath.layout import PASID_DIR_FRAMES
+from orchestrator.topology import (
+    ACCEL, HOST, KVM, POLICIES, VDCM, ActorSpec, Topology, guest_name, pf_name, vm_devices,
+    vmm_name,
+)
+from hotpath.layout import PASID_MAX
+
+ALLOCATORS = ("reuse-first", "fresh")
+TRANSPORTS = ("ipc", "tcp")
+GUEST_DEATH = ("stop", "restart")
+MAX_VMS = 64
+
+RUN_KEYS = {"seed": int, "policy": str, "allocator": str, "request_timeout": (int, float),
+            "dead_peer_interval": (int, float), "transport": str, "name": str}
+HOST_KEYS = {"name": str}
+VM_KEYS = {"id": int, "workload": str, "iterations": int, "ram_pages": int, "quota": int,
+           "non_identity": bool, "on_guest_death": str, "devices": dict}
+DEVICE_KEYS = {"passthrough": int, "mediated": int}
+FAULT_KEYS = {"kill": str, "at_flow": str, "vm": int, "nth": int, "at_time": (int, float),
+              "random": bool, "seed": int, "window": (int, float), "signal": str}
+SCENARIO_KEYS = {"timeout": (int, float), "audit": bool}
+TOP_KEYS = {"run", "hosts", "vms", "faults", "scenario"}
+FLOWS = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "boot")
+
+
+class TopologyError(ValueError):
+    """A topology or scenario file that cannot be used; the message says where and why."""
+
+
+@dataclass
+class Fault:
+    kill: str | None  # None with random: the scenario's rng picks the actor
+    at_flow: str | None = None
+    vm: int | None = None
+    nth: int = 1
+    at_time: float | None = None
+    random: bool = False
+    seed: int = 0
+    window: float = 1.0
+    signal: str = "KILL"
+
+
+@dataclass
+class RunFile:
+    """What a file describes: the Topology plus what the supervisor needs beside it."""
+
+    topology: Topology
+    name: str = "vsva"
+    transport: str = "ipc"
+    dead_peer_interval: float = 0.5
+    on_guest_death: dict[int, str] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    timeout: float = 60.0
+    source: str = "<default>"
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return "number"
+    return {int: "integer", str: "string", bool: "boolean", dict: "table", float: "number"}[t]
+
+
+def _check_table(where: str, table: Any, keys: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise TopologyError(f"{where}: expected a table, got {type(table).__name__}")
+    for key, value in table.items():
+        if key not in keys:
+            raise TopologyError(f"{where}: unknown key {key!r}; valid: {', '.join(sorted(keys))}")
+        want = keys[key]
+        ok = isinstance(value, want) and not (isinstance(value, bool) and want in (int, (int, float)))
+        if not ok:
+            raise TopologyError(f"{where}.{key}: expected {_type_name(want)}, got {value!r}")
+    return table
+
+
+def _choice(where: str, value: str, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        raise TopologyError(f"{where}: unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _range(where: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]")
+
+
+def load(path: str) -> RunFile:
+    """Read and validate a topology or scenario file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise TopologyError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        run = parse(data)
+    except TopologyError as exc:
+        raise TopologyError(f"{path}: {exc}") from None
+    run.source = path
+    return run
+
+
+def loads(text: str) -> RunFile:
+    try:
+        return parse(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"not valid TOML: {exc}") from None
+
+
+def parse(data: dict[str, Any]) -> RunFile:
+    from actors.guest import WORKLOADS
+
+    for key in data:
+        if key not in TOP_KEYS:
+            raise TopologyError(f"unknown section {key!r}; valid: {', '.join(sorted(TOP_KEYS))}")
+    run = _check_table("run", data.get("run", {}), RUN_KEYS)
+    seed = run.get("seed", 1)
+    policy = _choice("run.policy", run.get("policy", "reclaim"), POLICIES, "policy")
+    allocator = _choice("run.allocator", run.get("allocator", "reuse-first"), ALLOCATORS, "allocator")
+    timeout = float(run.get("request_timeout", 5.0))
+    _range("run.request_timeout", timeout, 0.01, 3600)
+    interval = float(run.get("dead_peer_interval", 0.5))
+    _range("run.dead_peer_interval", interval, 0.01, 60)
+    transport = _choice("run.transport", run.get("transport", "ipc"), TRANSPORTS, "transport")
+    if transport == "tcp":
+        raise TopologyError("run.transport: 'tcp' is not supported yet: every actor binds its "
+                            "ROUTER at ipc://<run dir>/<name>.sock (the runtime's endpoint_of hook "
+                            "only changes where peers connect); use 'ipc' (the default)")
+
+    hosts = data.get("hosts", [{"name": HOST}])
+    if not isinstance(hosts, list) or not hosts:
+        raise TopologyError("hosts: expected a non-empty array of tables ([[hosts]])")
+    for i, h in enumerate(hosts):
+        _check_table(f"hosts[{i}]", h, HOST_KEYS)
+    if len(hosts) != 1:
+        raise TopologyError(f"hosts: {len(hosts)} hosts given; this version runs exactly one")
+    if hosts[0].get("name", HOST) != HOST:
+        raise TopologyError(f"hosts[0].name: must be {HOST!r} in this version")
+
+    vms = data.get("vms", [{"id": 1}, {"id": 2}])
+    if not isinstance(vms, list) or not vms:
+        raise TopologyError("vms: expected a non-empty array of tables ([[vms]])")
+    if len(vms) > MAX_VMS:
+        raise TopologyError(f"vms: {len(vms)} VMs; at most {MAX_VMS}")
+    per_vm = []
+    guest_death = {}
+    for i, vm in enumerate(vms):
+        where = f"vms[{i}]"
+        _check_table(where, vm, VM_KEYS)
+        vid = vm.get("id", i + 1)
+        if vid != i + 1:
+            raise TopologyError(f"{where}.id: VM ids must be 1..N in order; expected {i + 1}, got {vid}")
+        devs = _check_table(f"{where}.devices", vm.get("devices", {}), DEVICE_KEYS)
+        if devs.get("passthrough", 1) != 1:
+            raise TopologyError(f"{where}.devices.passthrough: exactly 1 passthrough function per VM "
+                                f"in this version, got {devs['passthrough']}")
+        mediated = devs.get("mediated", 2)
+        _range(f"{where}.devices.mediated", mediated, 0, 8)
+        workload = _choice(f"{where}.workload", vm.get("workload", "demo"), tuple(WORKLOADS), "workload")
+        if workload == "demo" and mediated < 2:
+            raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
+        iterations = vm.get("iterations", 100)
+        _range(f"{where}.iterations", iterations, 1, 10_000_000)
+        ram = vm.get("ram_pages", 1024)
+        _range(f"{where}.ram_pages", ram, 128, 1 << 20)
+        quota = vm.get("quota", 64)
+        _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
+        guest_death[vid] = _choice(f"{where}.on_guest_death", vm.get("on_guest_death", "stop"),
+                                   GUEST_DEATH, "on_guest_death")
+        per_vm.append({"vm": vid, "workload": workload, "iterations": iterations, "ram_pages": ram,
+                       "quota": quota, "non_identity": vm.get("non_identity", True),
+                       "mediated": mediated})
+    topology = build(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
+
+    names = set(topology.names())
+    faults = []
+    raw_faults = data.get("faults", [])
+    if not isinstance(raw_faults, list):
+        raise TopologyError("faults: expected an array of tables ([[faults]])")
+    for i, fl in enumerate(raw_faults):
+        where = f"faults[{i}]"
+        _check_table(where, fl, FAULT_KEYS)
+        triggers = [k for k in ("at_flow", "at_time", "random") if fl.get(k) not in (None, False)]
+        if len(triggers) != 1:
+            raise TopologyError(f"{where}: give exactly one trigger of at_flow, at_time, random = true"
+                                f" (got {triggers or 'none'})")
+        kill = fl.get("kill")
+        if kill is None and not fl.get("random"):
+            raise TopologyError(f"{where}.kill: which actor to kill (e.g. 'vm1.vmm')")
+        if kill is not None and kill not in names:
+            raise TopologyError(f"{where}.kill: no actor {kill!r}; actors: {', '.join(sorted(names))}")
+        fault = Fault(kill=kill, nth=fl.get("nth", 1), random=fl.get("random", False),
+                      seed=fl.get("seed", seed), window=float(fl.get("window", 1.0)),
+                      signal=_choice(f"{where}.signal", fl.get("signal", "KILL"), ("KILL", "TERM"), "signal"))
+        if "at_flow" in fl:
+            fault.at_flow = _choice(f"{where}.at_flow", fl["at_flow"], FLOWS, "flow step")
+            vm = fl.get("vm")
+            if vm is None or vm not in guest_death:
+                raise TopologyError(f"{where}.vm: at_flow needs the VM whose flow it is (1..{len(per_vm)})")
+            fault.vm = vm
+            _range(f"{where}.nth", fault.nth, 1, 1_000_000)
+        if "at_time" in fl:
+            fault.at_time = float(fl["at_time"])
+            _range(f"{where}.at_time", fault.at_time, 0, 3600)
+        faults.append(fault)
+    scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
+    return RunFile(topology=topology, name=run.get("name", "vsva"), transport=transport,
+                   dead_peer_interval=interval, on_guest_death=guest_death, faults=faults,
+                   timeout=float(scen.get("timeout", 60.0)))
+
+
+def build(per_vm: list[dict[str, Any]], *, seed: int = 1, policy: str = "reclaim",
+          allocator: str = "reuse-first", request_timeout: float = 5.0) -> Topology:
+    """The Topology of one host and these VMs (default_topology's layout, per-VM settings)."""
+    vm_ids = [v["vm"] for v in per_vm]
+    devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True,
+                                        "vm": 0}}
+    for v in per_vm:
+        vm = v["vm"]
+        devices[pf_name(vm)] = {"id": 1 + vm, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": vm}
+        for i in range(v.get("mediated", 2)):
+            devices[f"vm{vm}.mdev{i}"] = {"parent": ACCEL, "vm": vm}
+    common = {"request_timeout": request_timeout}
+    vm_names = {vm: {"guest": guest_name(vm), "vmm": vmm_name(vm)} for vm in vm_ids}
+    actors = [
+        ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
+                                 "vms": vm_names, "policy": policy, "allocator": allocator}),
+        ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
+        ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
+    ]
+    for v in per_vm:
+        vm = v["vm"]
+        mine = vm_devices(vm, devices)
+        mdevs = [d for d in mine if "parent" in devices[d]]
+        actors.append(ActorSpec(vmm_name(vm), "vmm", {
+            **common, "vm": vm, "host": HOST, "guest": guest_name(vm), "devices": mine,
+            "ram_pages": v.get("ram_pages", 1024), "quota": v.get("quota", 64),
+            "non_identity": v.get("non_identity", True), "mdevs": mdevs}))
+        actors.append(ActorSpec(guest_name(vm), "guest", {
+            **common, "vm": vm, "vmm": vmm_name(vm), "host": HOST, "vdcm": VDCM, "devices": mine,
+            "mdevs": mdevs, "workload": v.get("workload", "demo"),
+            "iterations": v.get("iterations", 100)}))
+    physical = sum(1 for d in devices.values() if "parent" not in d)
+    nvms = len(vm_ids)
+    frames = (1 + sum(v.get("ram_pages", 1024) + 16 for v in per_vm)
+              + physical * (PASID_DIR_FRAMES + nvms + 8) + 256)
+    return Topology(actors=actors, mem_frames=frames, seed=seed, request_timeout=request_timeout)
+
+
+def default_run(vms: int = 2, **kw: Any) -> RunFile:
+    """`vsva up` without a file: default_topology's two VMs (as `vsva demo`)."""
+    from orchestrator.topology import default_topology
+
+    topo = default_topology(vms, **kw)
+    return RunFile(topology=topo, on_guest_death={vm: "stop" for vm in topo.vms})
