@@ -70,11 +70,9 @@ def __getattr__(name: str):
 
 def compiled_available() -> bool:
     """True when the compiled extension can be imported (regardless of VSVA_PUREPYTHON)."""
-    try:
-        import hotpath._translate as _t  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("hotpath._translate") is not None
 
 
 __all__ = [

@@ -326,7 +326,6 @@ def down(
 ) -> None:
     """Stop the running topology (VMs stopped through F8, then every process) and clean up."""
     import signal
-    import time
 
     path = _state_file(state_dir)
     state = _read_state(state_dir)
@@ -336,12 +335,9 @@ def down(
             _ctl(state, "down", timeout=5.0)
         except typer.Exit:
             os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.02)
-        if _pid_alive(pid):
+        if not _wait_exit(pid, timeout):
             os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
+            _wait_exit(pid, 2.0)
     left = _cleanup_stale(state, path)
     typer.echo(f"vsva: stopped (supervisor pid {pid})" + (f"; removed leftovers {left}" if left else ""))
 
@@ -360,6 +356,20 @@ def run(
     else:
         render(rep, typer.echo)
     raise typer.Exit(0 if rep["ok"] else 1)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait (bounded) for any process to exit, through a pidfd: True once it is gone."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from actors.messages import (
     IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, Envelope,
 )
 from hotpath.layout import (
-    ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
+    ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
 )
 from orchestrator.control import Controller
 from orchestrator.sim import SimRuntime
