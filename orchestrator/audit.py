@@ -8,7 +8,9 @@ Checked here: I1 isolation (the hot path's inline owner check, counted), I3 life
 states agree across host, vmm, kvm, vdcm; a free PASID has no entry, cache entry or page
 request anywhere), I4 no leaks (nothing of a torn-down VM remains), I5 users counts, I6 no
 lost work (every descriptor a live VM submitted was answered definitely), I7 ownership.
-I2 (cache coherence) is checked by the hot path's tests, not here.
+I2 coherence: every IOTLB entry agrees with a fresh walk (the host computes it in its snapshot;
+a guest that changed a PTE and has not invalidated yet is reported too: the audit runs at
+quiescent points, where every change of ours has been flushed).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violatio
     for sub in (KVM, VDCM):
         if sub in snaps and "tables" in snaps[sub]:
             out += _check_subscriber(sub, snaps[sub]["tables"], host, vmm_binds)
+    out += [_v("I2", f"IOTLB entry of domain {e['did']} for page {e['vpn']:#x} holds frame {e['cached']:#x}, "
+                     f"a fresh walk gives {e['fresh']:#x}" if e["fresh"] >= 0 else "a fresh walk faults",
+               [HOST], e["did"], e["pasid"]) for e in host.get("stale_iotlb", [])]
     out += _check_isolation(host)
     out += _check_gone(host, snaps, topology)
     out += _check_work(host, snaps, topology)

@@ -19,6 +19,7 @@ from actors.messages import (
     IOMMU_INV_GRANU_DOMAIN as DOMAIN, IOMMU_INV_GRANU_PASID as PASID,
 )
 from hotpath.layout import PAGE_SHIFT, PAGE_SIZE
+from orchestrator.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VPNS = [(VA >> PAGE_SHIFT) + i for i in range(PAGES)]
@@ -252,3 +253,14 @@ def test_session_caches_agree_with_fresh_walks(vsva, monkeypatch):
         for vpn, frame in cached.items():
             gpa = proc.pt.lookup(vpn << PAGE_SHIFT) & ~0xFFF & ((1 << 52) - 1)
             assert g.kernel.ram.hpa(gpa) >> PAGE_SHIFT == frame, hex(vpn)
+    assert host.snapshot()["stale_iotlb"] == []
+    # The audit's I2 check: a page migrated behind the IOTLB's back (no invalidation yet).
+    g = rt.actors["vm1.guest"]
+    proc, pasid = g.held
+    vpn = next(iter(iotlb(host, pasid)))
+    old, new = g.kernel.migrate(proc, vpn << PAGE_SHIFT)
+    stale = host.snapshot()["stale_iotlb"]
+    assert [(e["pasid"], e["vpn"], e["cached"], e["fresh"]) for e in stale] == [
+        (pasid, vpn, g.kernel.ram.hpa(old) >> PAGE_SHIFT, g.kernel.ram.hpa(new) >> PAGE_SHIFT)]
+    snaps = {name: actor.snapshot() for name, actor in rt.actors.items() if name in c.topology.names()}
+    assert any(v["invariant"] == "I2" and v["pasid"] == pasid for v in audit(snaps, c.topology))
