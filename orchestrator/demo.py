@@ -64,7 +64,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
         "hotpath": hotpath.IMPLEMENTATION,
         "flows": flows,
         "policy": topology.spec("host").config.get("policy"),
-        "audit": {"violations": session["violations"], "checked": ["I1", "I3", "I4", "I5", "I6", "I7"]},
+        "audit": {"violations": session["violations"], "checked": ["I1", "I2", "I3", "I4", "I5", "I6", "I7"]},
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
         "run_files": session["files"],

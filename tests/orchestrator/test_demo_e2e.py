@@ -44,7 +44,7 @@ def test_demo_timeline_and_trace_files(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "F2 vm1 #1: bind" in out and "bind_gpasid" in out and "ioasid_notify" in out
-    assert "audit (I1, I3, I4, I5, I6, I7): clean" in out and "verdict: PASS" in out
+    assert "audit (I1, I2, I3, I4, I5, I6, I7): clean" in out and "verdict: PASS" in out
     perfetto = json.loads((tmp_path / "trace.perfetto.json").read_text())
     assert any(e.get("name") == "bind_gpasid" and e["ph"] == "X" for e in perfetto["traceEvents"])
     assert (tmp_path / "sequence.mmd").read_text().startswith("sequenceDiagram")
