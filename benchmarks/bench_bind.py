@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import zmq
 
@@ -93,6 +94,15 @@ def pct(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
+def print_figures(figures: dict[str, Any], as_json: bool) -> None:
+    """One JSON object, or one aligned `name: value` line per figure."""
+    if as_json:
+        print(json.dumps(figures, indent=2))
+    else:
+        for key, value in figures.items():
+            print(f"{key:>32}: {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -112,11 +122,7 @@ def main() -> None:
         "ratio_bind_median_to_raw_rtt": round(statistics.median(latencies) / statistics.median(rtt), 2),
         "demo_ready_s": round(ready, 3),
     }
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        for key, value in figures.items():
-            print(f"{key:>32}: {value}")
+    print_figures(figures, args.json)
 
 
 if __name__ == "__main__":

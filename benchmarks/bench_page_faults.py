@@ -17,7 +17,6 @@ and by four VMs at once (faults / time inside the descriptors, and over the whol
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_bind beside us, the packages above
 
-from bench_bind import pct, raw_rtt  # noqa: E402
+from bench_bind import pct, print_figures, raw_rtt  # noqa: E402
 
 from actors.messages import Envelope, encode  # noqa: E402
 from orchestrator.control import Controller  # noqa: E402
@@ -93,11 +92,7 @@ def main() -> None:
         "fault_rtt_p99_us_4vm": round(pct(lat4, 0.99) * 1e6, 1),
         "prq_stats_4vm": four["prq_stats"],
     }
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        for key, value in figures.items():
-            print(f"{key:>32}: {value}")
+    print_figures(figures, args.json)
 
 
 if __name__ == "__main__":

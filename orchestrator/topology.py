@@ -58,18 +58,19 @@ class Topology:
         return [a.config["vm"] for a in self.actors if a.kind == "vmm"]
 
 
-def host_devices(vms: list[int], extra: dict[str, dict] | None = None) -> dict[str, dict]:
+def host_devices(per_vm: list[dict[str, Any]], extra: dict[str, dict] | None = None) -> dict[str, dict]:
     """Physical devices and mediated devices the host knows, with their assignment.
 
-    Each VM gets a passthrough function (pfN, programmed with host PASIDs) and two mediated
-    devices of the shared accelerator (two mdevs of one parent: binding both to one PASID
-    gives that parent's sdev users == 2, the case the seed's users++ is for).
+    Each VM gets a passthrough function (pfN, programmed with host PASIDs) and `mediated`
+    (default two) mediated devices of the shared accelerator: binding two mdevs of one parent
+    to one PASID gives that parent's sdev users == 2, the case the seed's users++ is for.
     """
     devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True,
                                         "vm": 0}}
-    for vm in vms:
+    for v in per_vm:
+        vm = v["vm"]
         devices[pf_name(vm)] = {"id": 1 + vm, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": vm}
-        for i in range(2):
+        for i in range(v.get("mediated", 2)):
             devices[f"vm{vm}.mdev{i}"] = {"parent": ACCEL, "vm": vm}
     devices.update(extra or {})
     return devices
@@ -80,33 +81,47 @@ def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
     return [name for name, d in devices.items() if d.get("vm") == vm]
 
 
-def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quota: int = 64,
-                     workload: str = "demo", iterations: int = 100, non_identity: bool = True,
-                     policy: str = "reclaim", allocator: str = "reuse-first",
-                     request_timeout: float = 5.0, extra_devices: dict[str, dict] | None = None,
-                     ) -> Topology:
-    """One host (host, kvm, vdcm) and `vms` VMs (guest + vmm each), as `vsva demo` runs it."""
-    vm_ids = list(range(1, vms + 1))
-    devices = host_devices(vm_ids, extra_devices)
+def build_topology(per_vm: list[dict[str, Any]], *, seed: int = 1, policy: str = "reclaim",
+                   allocator: str = "reuse-first", request_timeout: float = 5.0,
+                   extra_devices: dict[str, dict] | None = None) -> Topology:
+    """One host (host, kvm, vdcm) and these VMs (guest + vmm each).
+
+    Each entry of `per_vm` has "vm" (its id) and optionally ram_pages, quota, non_identity,
+    mediated (mdev count), workload and iterations."""
+    devices = host_devices(per_vm, extra_devices)
     common = {"request_timeout": request_timeout}
-    vm_names = {vm: {"guest": guest_name(vm), "vmm": vmm_name(vm)} for vm in vm_ids}
+    vm_names = {v["vm"]: {"guest": guest_name(v["vm"]), "vmm": vmm_name(v["vm"])} for v in per_vm}
     actors = [
         ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
                                  "vms": vm_names, "policy": policy, "allocator": allocator}),
         ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
         ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
     ]
-    for vm in vm_ids:
+    for v in per_vm:
+        vm = v["vm"]
         mine = vm_devices(vm, devices)
+        mdevs = [d for d in mine if "parent" in devices[d]]
         actors.append(ActorSpec(vmm_name(vm), "vmm", {
             **common, "vm": vm, "host": HOST, "guest": guest_name(vm), "devices": mine,
-            "ram_pages": ram_pages, "quota": quota, "non_identity": non_identity,
-            "mdevs": [d for d in mine if "parent" in devices[d]]}))
+            "ram_pages": v.get("ram_pages", 1024), "quota": v.get("quota", 64),
+            "non_identity": v.get("non_identity", True), "mdevs": mdevs}))
         actors.append(ActorSpec(guest_name(vm), "guest", {
             **common, "vm": vm, "vmm": vmm_name(vm), "host": HOST, "vdcm": VDCM, "devices": mine,
-            "mdevs": [d for d in mine if "parent" in devices[d]], "workload": workload,
-            "iterations": iterations}))
+            "mdevs": mdevs, "workload": v.get("workload", "demo"), "iterations": v.get("iterations", 100)}))
     physical = sum(1 for d in devices.values() if "parent" not in d)
     # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
-    frames = 1 + vms * (ram_pages + 16) + physical * (PASID_DIR_FRAMES + vms + 8) + 256
+    frames = (1 + sum(v.get("ram_pages", 1024) + 16 for v in per_vm)
+              + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256)
     return Topology(actors=actors, mem_frames=frames, seed=seed, request_timeout=request_timeout)
+
+
+def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quota: int = 64,
+                     workload: str = "demo", iterations: int = 100, non_identity: bool = True,
+                     policy: str = "reclaim", allocator: str = "reuse-first",
+                     request_timeout: float = 5.0, extra_devices: dict[str, dict] | None = None,
+                     ) -> Topology:
+    """`vms` identical VMs, as `vsva demo` runs them."""
+    per_vm = [{"vm": vm, "ram_pages": ram_pages, "quota": quota, "non_identity": non_identity,
+               "workload": workload, "iterations": iterations} for vm in range(1, vms + 1)]
+    return build_topology(per_vm, seed=seed, policy=policy, allocator=allocator,
+                          request_timeout=request_timeout, extra_devices=extra_devices)

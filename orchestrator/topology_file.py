@@ -42,12 +42,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotpath.layout import PASID_DIR_FRAMES
-from orchestrator.topology import (
-    ACCEL, HOST, KVM, POLICIES, VDCM, ActorSpec, Topology, guest_name, pf_name, vm_devices,
-    vmm_name,
-)
 from hotpath.layout import PASID_MAX
+from orchestrator.topology import HOST, POLICIES, Topology, build_topology
 
 ALLOCATORS = ("reuse-first", "fresh")
 TRANSPORTS = ("ipc", "tcp")
@@ -215,7 +211,7 @@ def parse(data: dict[str, Any]) -> RunFile:
         per_vm.append({"vm": vid, "workload": workload, "iterations": iterations, "ram_pages": ram,
                        "quota": quota, "non_identity": vm.get("non_identity", True),
                        "mediated": mediated})
-    topology = build(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
+    topology = build_topology(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
 
     names = set(topology.names())
     faults = []
@@ -252,44 +248,6 @@ def parse(data: dict[str, Any]) -> RunFile:
     return RunFile(topology=topology, name=run.get("name", "vsva"), transport=transport,
                    dead_peer_interval=interval, on_guest_death=guest_death, faults=faults,
                    timeout=float(scen.get("timeout", 60.0)))
-
-
-def build(per_vm: list[dict[str, Any]], *, seed: int = 1, policy: str = "reclaim",
-          allocator: str = "reuse-first", request_timeout: float = 5.0) -> Topology:
-    """The Topology of one host and these VMs (default_topology's layout, per-VM settings)."""
-    vm_ids = [v["vm"] for v in per_vm]
-    devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True,
-                                        "vm": 0}}
-    for v in per_vm:
-        vm = v["vm"]
-        devices[pf_name(vm)] = {"id": 1 + vm, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": vm}
-        for i in range(v.get("mediated", 2)):
-            devices[f"vm{vm}.mdev{i}"] = {"parent": ACCEL, "vm": vm}
-    common = {"request_timeout": request_timeout}
-    vm_names = {vm: {"guest": guest_name(vm), "vmm": vmm_name(vm)} for vm in vm_ids}
-    actors = [
-        ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
-                                 "vms": vm_names, "policy": policy, "allocator": allocator}),
-        ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
-        ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
-    ]
-    for v in per_vm:
-        vm = v["vm"]
-        mine = vm_devices(vm, devices)
-        mdevs = [d for d in mine if "parent" in devices[d]]
-        actors.append(ActorSpec(vmm_name(vm), "vmm", {
-            **common, "vm": vm, "host": HOST, "guest": guest_name(vm), "devices": mine,
-            "ram_pages": v.get("ram_pages", 1024), "quota": v.get("quota", 64),
-            "non_identity": v.get("non_identity", True), "mdevs": mdevs}))
-        actors.append(ActorSpec(guest_name(vm), "guest", {
-            **common, "vm": vm, "vmm": vmm_name(vm), "host": HOST, "vdcm": VDCM, "devices": mine,
-            "mdevs": mdevs, "workload": v.get("workload", "demo"),
-            "iterations": v.get("iterations", 100)}))
-    physical = sum(1 for d in devices.values() if "parent" not in d)
-    nvms = len(vm_ids)
-    frames = (1 + sum(v.get("ram_pages", 1024) + 16 for v in per_vm)
-              + physical * (PASID_DIR_FRAMES + nvms + 8) + 256)
-    return Topology(actors=actors, mem_frames=frames, seed=seed, request_timeout=request_timeout)
 
 
 def default_run(vms: int = 2, **kw: Any) -> RunFile:
