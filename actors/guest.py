@@ -469,4 +469,34 @@ def fault_loop(g: Guest) -> Generator[Any, Any, None]:
     yield from g.free(proc, pf, pasid)
 
 
-WORKLOADS = {"demo": run_demo, "fault_loop": fault_loop, "bind_latency": bind_latency, "dma_loop": dma_loop, "bind_many": bind_many}
+def churn(g: Guest) -> Generator[Any, Any, None]:
+    """Free before unbind, over and over, on an mdev of the accelerator every VM shares.
+
+    Each round allocates a PASID, binds it, checks a DMA fill through it, then frees it while
+    it is still bound (the order the source thread worries about). Under 'ordered' the free
+    is refused and the guest unbinds first. Run by `vsva explore --workload churn` to let the
+    scheduler interleave the VMs' frees, reuses and the policy's cleanup."""
+    k = g.kernel
+    proc = k.spawn(1)
+    base = 0x6000_0000
+    k.mmap(proc, base, 1)
+    mdev = sorted(g.mdevs)[0]
+    for i in range(int(g.config.get("iterations", 8))):
+        pasid = yield from g.alloc_pasid(proc, mdev)
+        if not pasid:
+            return
+        yield from g.bind(proc, mdev, pasid)
+        pattern = (g.vm * 16 + i) & 0xFF
+        reply = yield from g.submit(mdev, pasid, "fill", dst=base, length=PAGE_SIZE, pattern=pattern)
+        g.step("F7", f"pid 1 round {i} DMA fill via {mdev}", reply, verified=True,
+               ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == bytes([pattern]) * PAGE_SIZE)
+        freed = yield Call(g.vmm, "vcmd_free", {"pasid": pasid}, flow=g.flow_tag("F5"))
+        g.step("F5", f"pid 1 round {i} free PASID {pasid} while bound", freed, ok=freed["ret"] in (0, -E.EBUSY))
+        if freed["ret"] == -E.EBUSY:  # policy 'ordered': unbind, then free
+            yield from g.unbind(proc, mdev, pasid)
+            yield from g.free(proc, mdev, pasid)
+        proc.pasids.pop(mdev, None)
+
+
+WORKLOADS = {"demo": run_demo, "fault_loop": fault_loop, "bind_latency": bind_latency, "dma_loop": dma_loop,
+             "bind_many": bind_many, "churn": churn}

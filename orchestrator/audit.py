@@ -174,11 +174,17 @@ def _check_users(host: dict, vmms: dict[str, dict], phys: dict[str, str]) -> lis
 
 
 def _check_subscriber(name: str, tables: dict, host: dict, vmms: dict[str, dict]) -> list[Violation]:
-    """kvm/vdcm translations exist exactly for bound PASIDs, with the host's gpasid and VM."""
+    """kvm/vdcm translations exist exactly for bound PASIDs, with the host's gpasid and VM.
+
+    A PASID the host is reclaiming for the same VM may still be translated: its FREE has not
+    been acknowledged yet, and the hot path drops its DMA as defunct meanwhile."""
     out = []
+    reclaiming = host.get("reclaiming", {})
     for vm, table in tables.items():
         for gpasid, entry in table.items():
             svm = host["svms"].get(str(entry["hpasid"]))
+            if svm is None and reclaiming.get(str(entry["hpasid"])) == int(vm):
+                continue
             if svm is None:
                 out.append(_v("I3", f"{name} translates guest PASID {gpasid} to an unbound PASID",
                               [name, HOST], int(vm), entry["hpasid"]))

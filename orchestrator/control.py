@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.base import Actor, ActorEnv, Call, Gather
+from actors.base import Actor, ActorEnv, Call, Gather, Wait
 from orchestrator.audit import audit
-from orchestrator.topology import ORCH, Topology
+from orchestrator.topology import HOST, ORCH, Topology
 
 WORKLOAD_TIMEOUT = 120.0
 
@@ -50,8 +50,24 @@ class Controller(Actor):
         if self.shutdown_at_end:
             yield from self.shutdown_all()
 
+    def settle(self, limit: float = 10.0, tick: float = 0.005):
+        """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements.
+
+        Snapshots are taken one actor at a time, not as one atomic cut: while a reclaim is
+        still collecting acknowledgements, kvm may answer before its FREE arrives and the
+        host after the PASID went back to the pool, and the audit would see a translation
+        for a free PASID that never existed at any single moment."""
+        waited = 0.0
+        while waited < limit:
+            status = yield Call(HOST, "pool_status", {})
+            if status.get("ret") != 0 or not status.get("reclaiming"):
+                return
+            yield Wait(("settle", waited), timeout=tick)
+            waited += tick
+
     def snapshot_all(self):
-        """Every actor's state at a quiescent point (no workload is running any more)."""
+        """Every actor's state at a quiescent point (no workload running, no reclaim pending)."""
+        yield from self.settle()
         names = self.topology.names()
         replies = yield Gather([Call(n, "snapshot", {}) for n in names])
         return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")}) for n, r in zip(names, replies)}
