@@ -7,7 +7,8 @@ Start-up, in order:
 3. bind our ROUTER (`ZmqRuntime`), map the shared memory, build the actor
    `actor_class(spec.kind)(N, ActorEnv(config=spec.config, mem=..., seed=topology.seed, log=...))`;
 4. readiness handshake on the launcher's control socket (`orch-ctl.sock`, not the data path):
-   a DEALER with routing id N sends msgpack {"ready": N, "pid": pid} and waits (bounded,
+   a DEALER with routing id N sends msgpack {"ready": N, "pid": pid, "endpoint": its ROUTER's
+   endpoint (tcp: the port the kernel chose)} and waits (bounded,
    `--go-timeout`) for {"go": true}, which the launcher sends once *every* actor of the run is
    bound, so no actor's `start` sends to a peer that has no socket yet;
 5. `actor.start(now)` and the loop (`ZmqRuntime.run_actor`) until the actor sets `stopping`
@@ -58,8 +59,9 @@ def load_run(run_dir: str):
     return run, Topology(**raw)
 
 
-def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped) -> bool:
-    """Tell the launcher we are bound; wait (bounded) for its go."""
+def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped,
+              endpoint: str = "") -> bool:
+    """Tell the launcher we are bound (and where); wait (bounded) for its go."""
     from orchestrator.zmq_runtime import control_endpoint
 
     sock = ctx.socket(zmq.DEALER)
@@ -67,7 +69,7 @@ def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(control_endpoint(run_dir))
-        sock.send(msgpack.packb({"ready": name, "pid": os.getpid()}))
+        sock.send(msgpack.packb({"ready": name, "pid": os.getpid(), "endpoint": endpoint}))
         end = time.monotonic() + timeout
         while time.monotonic() < end and not stopped():
             if sock.poll(100, zmq.POLLIN):
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{args.name}: not in the topology")
         return 2
 
-    runtime = ZmqRuntime(args.name, args.run_dir, t0=t0, log=log)
+    runtime = ZmqRuntime(args.name, args.run_dir, t0=t0, log=log,
+                         transport=getattr(topology, "transport", "ipc"))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = [ORCH, *topology.names()]
         runtime.expect(peers)  # connect to every peer early: first messages need no wait
         if not handshake(runtime.ctx, args.run_dir, args.name, args.go_timeout,
-                         lambda: stop["now"]):
+                         lambda: stop["now"], runtime.endpoint):
             log(f"{args.name}: no go from the launcher" if not stop["now"] else
                 f"{args.name}: stopped before start")
             return 0 if stop["now"] else 3

@@ -15,6 +15,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 RUNTIMES = ("processes", "sim")
 
 
+def _check_workload(workload: str) -> str:
+    from actors.guest import WORKLOADS
+
+    if workload not in WORKLOADS:
+        raise typer.BadParameter(f"unknown workload {workload!r}; valid: {', '.join(sorted(WORKLOADS))}")
+    return workload
+
+
 def _check_policy(policy: str) -> str:
     from orchestrator.topology import POLICIES
 
@@ -29,6 +37,12 @@ def _check_runtime(runtime: str) -> str:
     return runtime
 
 
+def _check_transport(transport: str) -> str:
+    if transport not in ("ipc", "tcp"):
+        raise typer.BadParameter(f"unknown transport {transport!r}; valid: ipc, tcp")
+    return transport
+
+
 @app.command()
 def demo(
     vms: int = typer.Option(2, "--vms", min=1, max=32, help="How many VMs (guest + vmm each)."),
@@ -40,12 +54,18 @@ def demo(
                                             "trace.perfetto.json and sequence.mmd into this directory."),
     policy: str = typer.Option("reclaim", "--policy", callback=_check_policy,
                                help="Free-before-unbind cleanup policy: naive, ordered or reclaim."),
+    transport: str = typer.Option("ipc", "--transport", callback=_check_transport,
+                                  help="processes runtime: ipc (sockets in the private run directory) "
+                                       "or tcp (127.0.0.1 ports only)."),
+    workload: str = typer.Option("demo", "--workload", callback=_check_workload,
+                                 help="Guest workload (demo runs every flow; others replay explore's runs)."),
+    iterations: int = typer.Option(6, "--iterations", min=1, help="Rounds of looping workloads."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from orchestrator.demo import demo as run_demo, render
     from orchestrator.export import write_all
 
-    session, rep = run_demo(vms, seed, runtime, policy)
+    session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
     if trace_out:
         rep["trace_files"] = write_all(session["trace"], trace_out)
     if as_json:
@@ -74,15 +94,23 @@ def explore(
     seeds: int = typer.Option(50, "--seeds", min=1, help="How many seeds to try."),
     first: int = typer.Option(1, "--first", help="The first seed."),
     vms: int = typer.Option(2, "--vms", min=1, max=8),
+    policy: str = typer.Option("reclaim", "--policy", callback=_check_policy,
+                               help="Cleanup policy: naive, ordered or reclaim."),
+    workload: str = typer.Option("demo", "--workload", callback=_check_workload,
+                                 help="Guest workload; 'churn' frees bound PASIDs over and over."),
+    iterations: int = typer.Option(6, "--iterations", min=1, help="Rounds of looping workloads."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Seeded interleavings in the deterministic runtime; prints the seed of every failing run."""
+    """Seeded interleavings in the deterministic runtime; prints the seed of every failing run.
+
+    `vsva explore --policy naive --workload churn` finds the free-before-unbind hazard;
+    the same seeds pass under ordered and reclaim."""
     from orchestrator.demo import report, run_session
     from orchestrator.topology import default_topology
 
     failing = []
     for seed in range(first, first + seeds):
-        topology = default_topology(vms, seed=seed)
+        topology = default_topology(vms, seed=seed, policy=policy, workload=workload, iterations=iterations)
         rep = report(run_session(topology, "sim"), topology, "sim")
         if not rep["ok"]:
             failing.append({"seed": seed, "violations": rep["audit"]["violations"],
@@ -90,9 +118,11 @@ def explore(
             if not as_json:
                 typer.echo(f"seed {seed}: FAIL ({len(rep['audit']['violations'])} violations, "
                            f"{len(rep['steps']['failed'])} failed steps); replay: vsva demo --runtime sim "
-                           f"--seed {seed} --vms {vms}")
+                           f"--seed {seed} --vms {vms} --policy {policy} --workload {workload} "
+                           f"--iterations {iterations}")
     if as_json:
-        typer.echo(json.dumps({"seeds": seeds, "first": first, "failing": failing}, indent=2))
+        typer.echo(json.dumps({"seeds": seeds, "first": first, "policy": policy, "workload": workload,
+                               "failing": failing}, indent=2))
     else:
         typer.echo(f"{seeds - len(failing)}/{seeds} seeds passed")
     raise typer.Exit(1 if failing else 0)

@@ -36,7 +36,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
         launcher.close()
         return {**(ctl.result or _no_result(f"no result within {timeout:.0f} s")),
                 "trace": launcher.trace(), "processes": launcher.processes(), "ready_s": ready,
-                "files": [launcher.run_dir, launcher.shm_path],
+                "files": [launcher.run_dir, launcher.shm_path], "endpoints": launcher.endpoints(),
                 "elapsed_s": time.monotonic() - started}
 
 
@@ -61,6 +61,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
         "vms": len(topology.vms),
         "seed": topology.seed,
         "runtime": runtime,
+        "transport": getattr(topology, "transport", "ipc") if runtime != "sim" else None,
         "hotpath": hotpath.IMPLEMENTATION,
         "flows": flows,
         "policy": topology.spec("host").config.get("policy"),
@@ -76,7 +77,8 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
 
 def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     """The human view: the timeline grouped by flow, each VM's steps, then the audit verdict."""
-    echo(f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime, "
+    echo(f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime"
+         + (f" over {rep['transport']}" if rep.get("transport") else "") + ", "
          f"hot path {rep['hotpath']}, {rep['messages']} messages")
     for title, lines in timeline(session["trace"]):
         echo(f"\n== {title}")
@@ -101,7 +103,9 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
 
 
 def demo(vms: int = 2, seed: int = 1, runtime: str = "processes", policy: str = "reclaim",
+         transport: str = "ipc", workload: str = "demo", iterations: int = 6,
          ) -> tuple[dict[str, Any], dict[str, Any]]:
-    topology = default_topology(vms, seed=seed, policy=policy)
+    topology = default_topology(vms, seed=seed, policy=policy, workload=workload, iterations=iterations)
+    topology.transport = transport
     session = run_session(topology, runtime)
     return session, report(session, topology, runtime)

@@ -11,12 +11,14 @@
 Run directory (`tempfile.mkdtemp(prefix="vsva-")`, mode 0700): `topology.json`
 (dataclasses.asdict of the Topology), `run.json` (t0 = run start epoch, shm path, run id,
 launcher pid), `<name>.sock` (each actor's ROUTER; `orch.sock` is the controller's, bound by
-the launcher before any child starts so early messages to "orch" queue there),
+the launcher before any child starts so early messages to "orch" queue there; with
+`topology.transport == "tcp"` the ROUTERs bind `tcp://127.0.0.1:<kernel-chosen port>` and
+`<name>.ep` holds that endpoint instead, see orchestrator.zmq_runtime),
 `orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
 stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`.
 
 Readiness: every child, once its ROUTER is bound and its actor built, sends {"ready": name,
-"pid": pid} on a DEALER (routing id = its name) to `orch-ctl.sock`; when all children of
+"pid": pid, "endpoint": its ROUTER's endpoint} on a DEALER (routing id = its name) to `orch-ctl.sock`; when all children of
 the run are ready the launcher answers each with {"go": true} and only then does the child
 run `actor.start`. Waiting is bounded (`ready_timeout`); a child that exits first, or a
 timeout, aborts the launch with `LaunchError` (the child's log tail in the message) after
@@ -58,7 +60,8 @@ from actors.base import Actor
 from actors.memory import PhysMem
 from orchestrator import trace as tracefile
 from orchestrator.topology import ORCH, ActorSpec, Topology
-from orchestrator.zmq_runtime import TRACE_IDLE, ZmqRuntime, control_endpoint, valid_name
+from orchestrator.zmq_runtime import (TRACE_IDLE, TRANSPORTS, ZmqRuntime, control_endpoint,
+                                      valid_name)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESERVED = {ORCH, "orch-ctl"}
@@ -115,6 +118,8 @@ class Launcher:
         self.closed = False
         self.started = False
         self.ready_seconds: float | None = None  # first spawn -> all ready
+        self.transport: str = getattr(topology, "transport", "ipc")
+        self._endpoints: dict[str, str] = {}  # name -> ROUTER endpoint (from the ready messages)
 
     # ---- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Launcher":
@@ -140,6 +145,8 @@ class Launcher:
         bad = [n for n in names if not valid_name(n) or n in RESERVED]
         if bad or len(set(names)) != len(names):
             raise ValueError(f"invalid or duplicate actor names: {bad or names}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r}; valid: {', '.join(TRANSPORTS)}")
         atexit.register(self.close)
         try:
             self._prepare()
@@ -174,7 +181,9 @@ class Launcher:
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
         self.ctl.bind(control_endpoint(self.run_dir))
-        self.runtime = ZmqRuntime(ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log)
+        self.runtime = ZmqRuntime(ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log,
+                                  transport=self.transport)
+        self._endpoints[ORCH] = self.runtime.endpoint
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -245,6 +254,8 @@ class Launcher:
                 self.log(f"ignored control frame from {rid!r}: {msg!r}")
                 continue
             proc.ready_at = time.monotonic()
+            if isinstance(msg.get("endpoint"), str):
+                self._endpoints[rid] = msg["endpoint"]
             waiting.discard(rid)
 
     def _tails(self, names: list[str], lines: int = 15) -> str:
@@ -323,6 +334,11 @@ class Launcher:
                          "state": state, "exitcode": code})
         return rows
 
+    def endpoints(self) -> dict[str, str]:
+        """Where each actor's ROUTER (and the orchestrator's, "orch") is bound, as reported
+        by the latest incarnation: `ipc://<run_dir>/<name>.sock` or `tcp://127.0.0.1:<port>`."""
+        return dict(self._endpoints)
+
     def pid(self, name: str) -> int:
         return self.procs[name].popen.pid
 
@@ -354,7 +370,8 @@ class Launcher:
         return proc.popen.returncode
 
     def restart(self, name: str, timeout: float | None = None) -> int:
-        """Start a dead actor again (same name, config, endpoint); returns its new pid."""
+        """Start a dead actor again (same name, config; same ipc endpoint, or with tcp most
+        likely a new port, to which the survivors reconnect); returns its new pid."""
         proc = self.procs[name]
         if proc.pidfd is not None and proc.popen.poll() is None:
             raise RuntimeError(f"{name} is still running")
@@ -479,7 +496,7 @@ class Launcher:
         if not self.run_dir or not os.path.isdir(self.run_dir):
             return
         for entry in os.listdir(self.run_dir):
-            if entry.endswith(".sock"):
+            if entry.endswith((".sock", ".ep")):
                 try:
                     os.unlink(os.path.join(self.run_dir, entry))
                 except FileNotFoundError:

@@ -6,7 +6,7 @@
     allocator = "reuse-first"  # reuse-first | fresh
     request_timeout = 5.0      # s: a request without a reply fails (indefinite) after this
     dead_peer_interval = 0.5   # s: the supervisor's heartbeat (ping) period and timeout
-    transport = "ipc"          # ipc (private run directory) | tcp (refused: see below)
+    transport = "ipc"          # ipc (private run directory) | tcp (127.0.0.1 only)
 
     [[hosts]]                  # one host for now; the list form leaves room for more
     name = "host"
@@ -30,10 +30,9 @@
     # or: random = true        # a random actor at a random time in [0, window), from `seed`
 
 Every unknown key, wrong type or out-of-range value is an error naming its place in the
-file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` is parsed
-and refused: the runtime binds each actor's ROUTER at an ipc endpoint in the run directory
-(ZmqRuntime's `endpoint_of` hook only covers the connecting side), so tcp needs a change to
-the runtime first.
+file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` binds every
+actor's ROUTER at `tcp://127.0.0.1:<port>` (a kernel-chosen free port, published in the run
+directory; see orchestrator.zmq_runtime); nothing listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -163,10 +162,6 @@ def parse(data: dict[str, Any]) -> RunFile:
     interval = float(run.get("dead_peer_interval", 0.5))
     _range("run.dead_peer_interval", interval, 0.01, 60)
     transport = _choice("run.transport", run.get("transport", "ipc"), TRANSPORTS, "transport")
-    if transport == "tcp":
-        raise TopologyError("run.transport: 'tcp' is not supported yet: every actor binds its "
-                            "ROUTER at ipc://<run dir>/<name>.sock (the runtime's endpoint_of hook "
-                            "only changes where peers connect); use 'ipc' (the default)")
 
     hosts = data.get("hosts", [{"name": HOST}])
     if not isinstance(hosts, list) or not hosts:
@@ -212,6 +207,7 @@ def parse(data: dict[str, Any]) -> RunFile:
                        "quota": quota, "non_identity": vm.get("non_identity", True),
                        "mediated": mediated})
     topology = build_topology(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
+    topology.transport = transport
 
     names = set(topology.names())
     faults = []

@@ -3,13 +3,35 @@
 The same `ZmqRuntime` runs every child actor (`python -m orchestrator.actor_process`) and the
 orchestrator's own controller inside the launcher process; there is no other copy of the loop.
 
-Sockets of one actor named N (endpoints are a function of (run_dir, name), see `endpoint`):
+Sockets of one actor named N (endpoints are found from (run_dir, name), see `endpoint`):
 
-- one ROUTER bound at `ipc://<run_dir>/N.sock`: *all* inbound traffic (requests, one-way
-  messages, replies) arrives there as `[routing_id, payload]`;
+- one ROUTER bound at `ipc://<run_dir>/N.sock` (transport "ipc", the default) or at
+  `tcp://127.0.0.1:<port>` (transport "tcp", see below): *all* inbound traffic (requests,
+  one-way messages, replies) arrives there as `[routing_id, payload]`;
 - one DEALER per peer, created on first use, `routing_id = N`, `IMMEDIATE=1` (a message is only
   queued on a live connection), short `LINGER`, connected to the peer's ROUTER. Replies go
   the same way as requests: through the replier's DEALER to the requester's ROUTER.
+
+Transport "tcp" (`[run] transport = "tcp"`): loopback only, never another address. Ports are
+chosen without a race: each runtime binds `tcp://127.0.0.1:*` (the kernel picks a free port
+and nothing can take it between choice and bind), reads the actual endpoint back
+(ZMQ_LAST_ENDPOINT) and publishes it in `<run_dir>/N.ep` (mode 0600, written to a temporary
+name and renamed, so a reader never sees half a file) *before* it reports ready. The
+endpoint file plays the part of the ipc socket file: a peer exists when its file does, and
+the file's identity (inode, ctime) tells incarnations apart. A peer's DEALER connects to the
+endpoint read from the file; when the peer goes down the DEALER is disconnected from that
+port at once (so it never reconnects to a port another process may have been given since),
+and a restarted incarnation, which binds a new port and renames a new file into place, is
+reconnected when it is noticed: by the launcher's `peer_restarted` / `expect`, and in every
+other actor on the first send to the peer that is down (`_rebound`, as for ipc). Monitor
+events are matched to the endpoint they are about, so an old port's last events cannot
+change the new connection's state. The readiness message carries the endpoint too (the
+launcher keeps the name -> endpoint map: `Launcher.endpoints`). The orchestrator's own
+data ROUTER ("orch") follows the topology's transport like every actor; the launcher's
+control socket (readiness handshake) and the supervisor's control socket stay ipc in the
+private run directory: they are not part of the modelled topology. With tcp, every local
+user can connect to the loopback ports: the routing id is then a claim, not a credential
+(ipc's 0700 run directory is what makes it one).
 
 Inbound checks, in order, before anything reaches the actor (SPEC §9):
   frame shape / `decode` (-EBADMSG, -EPROTONOSUPPORT, -EMSGSIZE),
@@ -25,8 +47,8 @@ peer's name as identity, and then delivered to the actor like any reply.
 
 The routing id is set by the runtime from the actor's name and the actor API cannot change
 it, so `src` is authenticated the way a file descriptor authenticates a caller: by the
-channel, not by a claim in the message. (Only processes that can open the private 0700 run
-directory can connect at all.)
+channel, not by a claim in the message. (With ipc, only processes that can open the private
+0700 run directory can connect at all; see the tcp caveat above.)
 
 Sending never blocks and never loses a message silently. A peer's connection is tracked with
 a socket monitor: *connecting* (fresh DEALER) -> *up* (ZMTP handshake done) -> *down*
@@ -129,8 +151,45 @@ def socket_path(run_dir: str, name: str) -> str:
 
 
 def endpoint(run_dir: str, name: str) -> str:
-    """The ROUTER endpoint of actor `name` (ipc in the private run directory)."""
+    """The ipc ROUTER endpoint of actor `name` (in the private run directory)."""
     return f"ipc://{socket_path(run_dir, name)}"
+
+
+TRANSPORTS = ("ipc", "tcp")
+LOOPBACK = "127.0.0.1"
+_TCP_PREFIX = f"tcp://{LOOPBACK}:"
+
+
+def endpoint_file(run_dir: str, name: str) -> str:
+    """tcp: the file in which actor `name` publishes its ROUTER's endpoint."""
+    return os.path.join(run_dir, f"{name}.ep")
+
+
+def presence_path(run_dir: str, name: str, transport: str = "ipc") -> str:
+    """The file whose existence (and identity) says actor `name` is bound: its ipc socket
+    file, or (tcp) its endpoint file."""
+    return endpoint_file(run_dir, name) if transport == "tcp" else socket_path(run_dir, name)
+
+
+def read_endpoint_file(run_dir: str, name: str) -> tuple[str, tuple[int, int]] | None:
+    """tcp: (endpoint, (inode, ctime_ns)) of `name`'s endpoint file, read and identified
+    through one open file (so the identity is the file the endpoint came from); None when
+    there is none or it does not hold a loopback tcp endpoint."""
+    try:
+        fd = os.open(endpoint_file(run_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        text = os.read(fd, 256).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    port = text[len(_TCP_PREFIX):]
+    if not text.startswith(_TCP_PREFIX) or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return text, (st.st_ino, st.st_ctime_ns)
 
 
 def control_endpoint(run_dir: str) -> str:
@@ -212,6 +271,8 @@ class _Peer:
     state: str = CONNECTING
     hold_until: float = 0.0  # restarted: connect failures before this do not mean down
     dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
+    endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
+    ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
     queue: deque = field(default_factory=deque)  # (env, frame, deadline): not yet sent
 
 
@@ -221,9 +282,14 @@ class ZmqRuntime:
     def __init__(self, name: str, run_dir: str, *, t0: float | None = None,
                  ctx: zmq.Context | None = None, log: Callable[[str], None] | None = None,
                  trace: bool = True, send_grace: float = SEND_GRACE,
-                 endpoint_of: Callable[[str], str | None] | None = None):
+                 endpoint_of: Callable[[str], str | None] | None = None,
+                 transport: str = "ipc"):
         if not valid_name(name):
             raise ValueError(f"invalid actor name {name!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; valid: {', '.join(TRANSPORTS)}")
+        self.transport = transport
+        self._tcp = transport == "tcp"
         self.name = name
         self.run_dir = run_dir
         self.t0 = time.time() if t0 is None else t0
@@ -233,14 +299,19 @@ class ZmqRuntime:
         self._log = log or (lambda line: None)
         self.send_grace = send_grace
         self._endpoint_of = endpoint_of or self._default_endpoint
-        self.endpoint = endpoint(run_dir, name)
+        self._own_eps = endpoint_of is None  # endpoints from the run directory's files
+        self.endpoint = f"{_TCP_PREFIX}*" if self._tcp else endpoint(run_dir, name)
+        self._ep_id: tuple[int, int] | None = None  # tcp: our endpoint file
         self.router = self.ctx.socket(zmq.ROUTER)
         for opt, val in ((zmq.LINGER, LINGER_MS), (zmq.ROUTER_MANDATORY, 1),
                          (zmq.ROUTER_HANDOVER, 1), (zmq.MAXMSGSIZE, MAX_WIRE)):
             self.router.setsockopt(opt, val)
         try:
             self.router.bind(self.endpoint)
-        except zmq.ZMQError:
+            if self._tcp:  # the kernel chose a free port: publish it (see the docstring)
+                self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self._ep_id = self._publish_endpoint()
+        except (zmq.ZMQError, OSError):
             self.router.close(0)
             if self._own_ctx:
                 self.ctx.term()
@@ -266,6 +337,20 @@ class ZmqRuntime:
         self._started: Actor | None = None
         self.closed = False
         self.stats = {"sent": 0, "received": 0, "send_failed": 0, "rejected": 0, "peer_down": 0}
+
+    def _publish_endpoint(self) -> tuple[int, int]:
+        """tcp: write our endpoint to `<run_dir>/<name>.ep` atomically (a new file, renamed
+        over any old incarnation's); returns the file's identity."""
+        path = endpoint_file(self.run_dir, self.name)
+        tmp = os.path.join(self.run_dir, f".{self.name}.ep.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (self.endpoint + "\n").encode("ascii"))
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return st.st_ino, st.st_ctime_ns
 
     # ---- clocks --------------------------------------------------------------------------
     def now(self) -> float:
@@ -297,6 +382,8 @@ class ZmqRuntime:
         peer = self.peers.get(name)
         if peer is not None:
             self._on_monitor(peer)  # the old connection's last events first
+            if self._tcp:
+                self._reconnect(peer)  # its new port, if it has published it yet
         self._report_now(name)  # the old incarnation's death, before anything reaches the new
         if peer is not None and peer.state != UP:
             peer.state = CONNECTING
@@ -427,6 +514,7 @@ class ZmqRuntime:
             peer.state = DOWN
             peer.dead_inode = self._inode(name)
             self._fail_queue(peer, why)
+            self._disconnect(peer)
         self._dying.append((self.now() + SETTLE, name))
 
     def _report_now(self, name: str) -> None:
@@ -522,6 +610,8 @@ class ZmqRuntime:
             if peer is None:
                 continue
             self._on_monitor(peer)
+            if self._tcp and self._reconnect(peer):
+                self._report_now(name)
             if peer.state != UP:
                 peer.state = CONNECTING
                 peer.hold_until = now + self.send_grace
@@ -727,8 +817,14 @@ class ZmqRuntime:
 
     # ---- peers ---------------------------------------------------------------------------
     def _default_endpoint(self, name: str) -> str | None:
-        """ipc peers exist when their socket file does (a name of this run)."""
-        if not valid_name(name) or not os.path.exists(socket_path(self.run_dir, name)):
+        """ipc peers exist when their socket file does (a name of this run); tcp peers when
+        their endpoint file does (it holds their loopback port)."""
+        if not valid_name(name):
+            return None
+        if self._tcp:
+            found = read_endpoint_file(self.run_dir, name)
+            return None if found is None else found[0]
+        if not os.path.exists(socket_path(self.run_dir, name)):
             return None
         return endpoint(self.run_dir, name)
 
@@ -736,7 +832,12 @@ class ZmqRuntime:
         peer = self.peers.get(name)
         if peer is not None:
             return peer
-        ep = self._endpoint_of(name) if valid_name(name) else None
+        ep_id = None
+        if self._tcp and self._own_eps:
+            found = read_endpoint_file(self.run_dir, name) if valid_name(name) else None
+            ep, ep_id = found if found is not None else (None, None)
+        else:
+            ep = self._endpoint_of(name) if valid_name(name) else None
         if ep is None:
             return None
         sock = self.ctx.socket(zmq.DEALER)
@@ -746,7 +847,7 @@ class ZmqRuntime:
             sock.setsockopt(opt, val)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(ep)
-        peer = _Peer(name, sock, monitor)
+        peer = _Peer(name, sock, monitor, endpoint=ep, ep_id=ep_id)
         self.peers[name] = peer
         self._by_sock[sock] = peer
         self._by_sock[monitor] = peer
@@ -755,9 +856,10 @@ class ZmqRuntime:
         return peer
 
     def _inode(self, name: str) -> tuple[int, int] | None:
-        """Which file `name`'s ipc socket is (inode numbers alone are reused at once)."""
+        """Which file `name`'s ipc socket (tcp: endpoint file) is (inode numbers alone are
+        reused at once)."""
         try:
-            st = os.stat(socket_path(self.run_dir, name))
+            st = os.stat(presence_path(self.run_dir, name, self.transport))
         except OSError:
             return None
         return st.st_ino, st.st_ctime_ns
@@ -767,11 +869,16 @@ class ZmqRuntime:
         is connecting again: libzmq reconnects within RECONNECT_IVL_MS, so a send waits for
         that (up to `send_grace`) instead of failing. The old incarnation's death is reported
         first, so it cannot fail what goes to the new one."""
-        if self._endpoint_of != self._default_endpoint:
+        if not self._own_eps:
             return False
-        inode = self._inode(peer.name)
-        if inode is None or inode == peer.dead_inode:
-            return False
+        if self._tcp:
+            self._on_monitor(peer)  # the old connection's last events first
+            if not self._reconnect(peer):
+                return False
+        else:
+            inode = self._inode(peer.name)
+            if inode is None or inode == peer.dead_inode:
+                return False
         peer.dead_inode = None
         self._report_now(peer.name)
         self._down_reported.discard(peer.name)
@@ -779,14 +886,44 @@ class ZmqRuntime:
         peer.hold_until = self.now() + self.send_grace
         return True
 
+    def _reconnect(self, peer: _Peer) -> bool:
+        """tcp: if `peer` has published a new endpoint file (a restarted incarnation, most
+        likely on another port), point the DEALER at it; True when it did."""
+        if not self._own_eps:
+            return False
+        found = read_endpoint_file(self.run_dir, peer.name)
+        if found is None or found[1] == peer.ep_id:
+            return False
+        self._disconnect(peer)
+        peer.endpoint, peer.ep_id = found
+        peer.sock.connect(peer.endpoint)
+        self._dirty.add(peer.sock)
+        self._dirty.add(peer.monitor)
+        return True
+
+    def _disconnect(self, peer: _Peer) -> None:
+        """tcp: stop reconnecting to a dead peer's port (another process may get it); the
+        endpoint file of a restarted incarnation reconnects (`_reconnect`)."""
+        if not self._tcp or not peer.endpoint or not self._own_eps:
+            return
+        try:
+            peer.sock.disconnect(peer.endpoint)
+        except zmq.ZMQError:
+            pass
+        peer.endpoint = ""
+
     def _on_monitor(self, peer: _Peer) -> None:
+        tcp = self._tcp and self._own_eps
         while True:
             try:
-                event = _monitor_event(peer.monitor.recv_multipart(_NOBLOCK))
+                frames = peer.monitor.recv_multipart(_NOBLOCK)
             except zmq.ZMQError:  # Again: no more events
                 return
+            event = _monitor_event(frames)
             if event is None:
                 continue
+            if tcp and frames[1] != peer.endpoint.encode():
+                continue  # an old endpoint's connection (before a restart): not this one
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.state = UP
                 self._report_now(peer.name)
@@ -810,6 +947,7 @@ class ZmqRuntime:
         if peer.state != DOWN:
             peer.state = DOWN
             peer.dead_inode = self._inode(peer.name)
+            self._disconnect(peer)
 
     def _on_fd(self, fd: int) -> None:
         if self._wake_r is not None and fd == self._wake_r.fileno():
@@ -875,6 +1013,15 @@ class ZmqRuntime:
                 self.log(f"trace not written: {exc}")
         if self._own_ctx:
             self.ctx.destroy(linger=LINGER_MS)  # closes anything left too: bounded
+        if self._tcp:  # our endpoint file, unless a new incarnation has replaced it
+            path = endpoint_file(self.run_dir, self.name)
+            try:
+                st = os.stat(path)
+                if (st.st_ino, st.st_ctime_ns) == self._ep_id:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
         try:
             os.unlink(socket_path(self.run_dir, self.name))
         except FileNotFoundError:

@@ -50,7 +50,6 @@ def test_examples_parse():
     ('[runn]\n', "unknown section 'runn'"),
     ('[run]\nseed = "x"', "run.seed: expected integer"),
     ('[run]\nseed = true', "run.seed: expected integer"),
-    ('[run]\ntransport = "tcp"', "'tcp' is not supported yet"),
     ('[run]\ntransport = "udp"', "run.transport: unknown transport 'udp'; valid: ipc, tcp"),
     ('[run]\nrequest_timeout = -1', "run.request_timeout: -1.0 out of range"),
     ('[[vms]]\nid = 2', "vms[0].id: VM ids must be 1..N in order"),
