@@ -312,18 +312,44 @@ cdef extern from *:
         *perms_out = perms;
         return 0;
     }
-    /* Tree-PLRU update of an access to way w; the bits live in 62:56 of the way-0 tag. */
+    /* Tree-PLRU (hotpath._pure._Cache): node n (1 .. ways-1, heap order) of a set lives in
+       bit 55 + n of its way-0 tag word, i.e. in bits 62:56 (never in VALID, bit 63). An
+       access to way w rewrites the nodes on w's path: a precomputed clear mask and set mask
+       per (lg, w); the victim is a lookup on the 7 node bits per lg. Built once at import
+       by vs_plru_init with the twin's own loops. */
+    static uint64_t vs_plru_clr[4][8], vs_plru_set[4][8];
+    static uint8_t vs_plru_vic[4][128];
+    static void vs_plru_init(void) {
+        uint32_t lg, w, node, b, bits, i;
+        int l;
+        for (lg = 0; lg < 4; lg++) {
+            for (w = 0; w < (1u << lg); w++) {
+                uint64_t clr = 0, set = 0;
+                node = 1;
+                for (l = (int)lg - 1; l >= 0; l--) {
+                    b = (w >> l) & 1;
+                    clr |= 1ULL << (55 + node);
+                    if (!b) set |= 1ULL << (55 + node);
+                    node = 2 * node + b;
+                }
+                vs_plru_clr[lg][w] = clr;
+                vs_plru_set[lg][w] = set;
+            }
+            for (bits = 0; bits < 128; bits++) {
+                node = 1;
+                for (i = 0; i < lg; i++)
+                    node = 2 * node + (((bits << 1) >> node) & 1);
+                vs_plru_vic[lg][bits] = (uint8_t)(node - (1u << lg));
+            }
+        }
+    }
     static inline __attribute__((always_inline)) void
     vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) {
-        uint64_t bits = (*t0 >> 56) & 0x7F;
-        uint32_t node = 1, b;
-        int l;
-        for (l = (int)lg - 1; l >= 0; l--) {
-            b = (w >> l) & 1;
-            bits = (bits & ~(1ULL << node)) | ((uint64_t)(b ^ 1) << node);
-            node = 2 * node + b;
-        }
-        *t0 = (*t0 & ~(0x7FULL << 56)) | (bits << 56);
+        *t0 = (*t0 & ~vs_plru_clr[lg][w]) | vs_plru_set[lg][w];
+    }
+    static inline __attribute__((always_inline)) uint32_t
+    vs_plru_victim(uint64_t t0, uint32_t lg) {
+        return vs_plru_vic[lg][(t0 >> 56) & 0x7F];
     }
     #define VS_DID_SHIFT 48
     #define VS_PERM_SHIFT 36
@@ -332,6 +358,8 @@ cdef extern from *:
     int vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask,
                     uint64_t xval) noexcept nogil
     void vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) noexcept nogil
+    uint32_t vs_plru_victim(uint64_t t0, uint32_t lg) noexcept nogil
+    void vs_plru_init() noexcept nogil
     int32_t vs_sl_walk(const unsigned char *mem, uint64_t mem_size, uint64_t slptr,
                        uint64_t gpa, uint32_t need, uint64_t *hpa, uint32_t *perms,
                        int *leaf, uint64_t *refs) noexcept nogil
@@ -341,6 +369,9 @@ cdef extern from *:
                            uint64_t *refs, uint64_t *adw) noexcept nogil
     const int VS_DID_SHIFT
     const int VS_PERM_SHIFT
+
+
+vs_plru_init()  # the PLRU tables, before any cache is used
 
 
 # ---------------------------------------------------------------------------- caches
@@ -408,35 +439,33 @@ cdef inline void cache_touch(Cache *c, uint64_t slot) noexcept nogil:
     cdef uint64_t st = slot >> c.lg
     vs_plru_touch(c.blk + st * 2 * c.ways, <uint32_t>(slot & (c.ways - 1)), c.lg)
 
+cdef inline int64_t fill_way(Cache *c, uint64_t *blk, uint64_t st, int w, uint64_t tag,
+                             uint64_t payload, int *evicted) noexcept nogil:
+    """Fill set st (block blk) with tag (key | VALID): way w when the lookup just made on
+    this set found the key there (w >= 0), else the first invalid way, else the PLRU victim
+    (evicted = 1). Returns the slot."""
+    cdef uint32_t i
+    evicted[0] = 0
+    if w < 0:
+        for i in range(c.ways):
+            if not (blk[i] >> 63):
+                w = <int>i
+                break
+        if w < 0:
+            w = <int>vs_plru_victim(blk[0], c.lg)
+            evicted[0] = 1
+    blk[w] = (blk[w] & VS_PLRU_MASK) | tag
+    blk[c.ways + w] = payload
+    vs_plru_touch(blk, <uint32_t>w, c.lg)
+    return <int64_t>(st * c.ways + <uint64_t>w)
+
 cdef int64_t cache_fill(Cache *c, uint64_t key, uint64_t xmask, uint64_t xval,
                         uint64_t payload, int *evicted) noexcept nogil:
     """Insert/overwrite key (existing match, first invalid way, else PLRU victim)."""
     cdef uint64_t st = set_of(key, c.mask)
     cdef uint64_t *blk = c.blk + st * 2 * c.ways
-    cdef uint64_t tag = key | VS_VALID
-    cdef int64_t w = -1
-    cdef uint32_t i, bits, node
-    cdef int64_t free_w = -1
-    evicted[0] = 0
-    for i in range(c.ways):
-        if (blk[i] & ~VS_PLRU_MASK) == tag and (blk[c.ways + i] & xmask) == xval:
-            w = i
-            break
-        if free_w < 0 and not (blk[i] >> 63):
-            free_w = i
-    if w < 0:
-        w = free_w
-    if w < 0:
-        bits = <uint32_t>((blk[0] >> 56) & 0x7F)
-        node = 1
-        for i in range(c.lg):
-            node = 2 * node + ((bits >> node) & 1)
-        w = <int64_t>(node - c.ways)
-        evicted[0] = 1
-    blk[w] = (blk[w] & VS_PLRU_MASK) | tag
-    blk[c.ways + w] = payload
-    cache_touch(c, st * c.ways + <uint64_t>w)
-    return <int64_t>(st * c.ways + <uint64_t>w)
+    cdef int w = vs_set_find(blk, c.ways, key | VS_VALID, xmask, xval)
+    return fill_way(c, blk, st, w, key | VS_VALID, payload, evicted)
 
 cdef uint64_t cache_clear(Cache *c) noexcept nogil:
     cdef uint64_t i, n = 0, total = <uint64_t>c.sets * c.ways
@@ -613,24 +642,27 @@ cdef inline uint32_t dev_perm_pack(uint32_t perms, uint32_t flags) noexcept nogi
 cdef inline uint32_t dev_perm_flags(uint32_t packed) noexcept nogil:
     return ((packed >> 6) & 1) | (((packed >> 7) & 1) << 4) | (((packed >> 8) & 1) << 7)
 
-cdef int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, uint32_t access,
-                        uint64_t *pa) noexcept nogil:
+cdef inline int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, uint32_t access,
+                               uint64_t *pa, int *way) noexcept nogil:
     """Device-TLB lookup: 0 = hit (pa set), fault code on a hit failing the owner check,
-    -1 = miss (including a hit whose permissions do not cover the request)."""
-    cdef int64_t i
+    -1 = miss (including a hit whose permissions do not cover the request). *way = the
+    way holding tkey in its set, or -1 (the fill after a miss reuses it)."""
+    cdef uint64_t *blk = d.tlb.blk + <uint64_t>set_of(tkey, d.tlb.mask) * 2 * d.tlb.ways
+    cdef int w
     cdef uint64_t p
     cdef uint32_t packed, eflags, need
     cdef int32_t f
     s.cnt[C_DEVTLB_LOOKUPS] += 1
-    i = cache_find(&d.tlb, tkey, 0, 0)
-    if i >= 0:
-        p = pay_at(&d.tlb, <uint64_t>i)[0]
+    w = vs_set_find(blk, d.tlb.ways, tkey | VS_VALID, 0, 0)
+    way[0] = w
+    if w >= 0:
+        p = blk[d.tlb.ways + w]
         packed = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
         eflags = dev_perm_flags(packed)
         need = required(access, eflags)
         if (packed & need) == need and (not (access & ACC_PRIV) or (eflags & PE_SRE_)):
             s.cnt[C_DEVTLB_HITS] += 1
-            cache_touch(&d.tlb, <uint64_t>i)
+            vs_plru_touch(blk, <uint32_t>w, d.tlb.lg)
             f = owner_check(s, p & VS_FRAME_MASK, <uint32_t>(p >> VS_DID_SHIFT))
             if f:
                 return f
@@ -642,12 +674,12 @@ cdef int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, uint32_t 
 cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uint32_t access,
                         uint64_t *pa) noexcept nogil:
     cdef Dev *d
-    cdef uint64_t vpn, off, tkey, frame = 0, p, pcpay
+    cdef uint64_t vpn, off, tkey, frame = 0, p, pcpay, iset, dset, tag, didw
+    cdef uint64_t *iblk
     cdef uint32_t need, perms = 0, did, flags
-    cdef int64_t i, pslot
+    cdef int64_t pslot
     cdef int32_t f
-    cdef int ev
-    cdef bint hit = False
+    cdef int ev, iw, dw = -1
     s.cnt[C_TRANSLATIONS] += 1
     pa[0] = 0
     if dev >= NDEV or not s.devs[dev].attached:
@@ -663,8 +695,9 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
     vpn = va >> PG_SHIFT
     off = va & (PG_SIZE - 1)
     tkey = (pasid << 36) | vpn
+    tag = tkey | VS_VALID
     if d.ats:
-        f = devtlb_hit(s, d, tkey, off, access, pa)
+        f = devtlb_hit(s, d, tkey, off, access, pa, &dw)
         if f >= 0:
             return f
     f = pasid_lookup(s, dev, d.dir_hpa, pasid, &pslot)
@@ -676,37 +709,52 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
     if (access & ACC_PRIV) and not (flags & PE_SRE_):
         return fault(s, F_FL_PERMISSION)
     need = required(access, flags)
+    didw = (<uint64_t>did) << VS_DID_SHIFT
     s.cnt[C_IOTLB_LOOKUPS] += 1
-    i = cache_find(&s.iotlb, tkey, 0xFFFFULL << VS_DID_SHIFT, (<uint64_t>did) << VS_DID_SHIFT)
-    if i >= 0:
-        p = pay_at(&s.iotlb, <uint64_t>i)[0]
+    # One set lookup serves both the hit check and, on a miss, the fill (the walk in
+    # between does not touch the IOTLB).
+    iset = set_of(tkey, s.iotlb.mask)
+    iblk = s.iotlb.blk + iset * 2 * s.iotlb.ways
+    iw = vs_set_find(iblk, s.iotlb.ways, tag, 0xFFFFULL << VS_DID_SHIFT, didw)
+    if iw >= 0:
+        p = iblk[s.iotlb.ways + iw]
         perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
         if (perms & need) == need:
-            hit = True
             s.cnt[C_IOTLB_HITS] += 1
-            cache_touch(&s.iotlb, <uint64_t>i)
+            vs_plru_touch(iblk, <uint32_t>iw, s.iotlb.lg)
             frame = p & VS_FRAME_MASK
-    if not hit:
-        s.cnt[C_IOTLB_MISSES] += 1
-        f = walk(s, s.pc.aux[pslot].flptr, s.pc.aux[pslot].slptr, flags, va, access,
-                 &frame, &perms)
-        if f:
-            return f
+            f = owner_check(s, frame, did)
+            if f:
+                return f
+            if d.ats:
+                s.cnt[C_DEVTLB_FILLS] += 1
+                dset = set_of(tkey, d.tlb.mask)
+                fill_way(&d.tlb, d.tlb.blk + dset * 2 * d.tlb.ways, dset, dw, tag,
+                         frame | (<uint64_t>dev_perm_pack(perms, flags) << VS_PERM_SHIFT)
+                         | didw, &ev)
+                if ev:
+                    s.cnt[C_DEVTLB_EVICTIONS] += 1
+            pa[0] = (frame << PG_SHIFT) | off
+            return 0
+    s.cnt[C_IOTLB_MISSES] += 1
+    f = walk(s, s.pc.aux[pslot].flptr, s.pc.aux[pslot].slptr, flags, va, access,
+             &frame, &perms)
+    if f:
+        return f
     f = owner_check(s, frame, did)
     if f:
         return f
-    if not hit:
-        s.cnt[C_IOTLB_FILLS] += 1
-        cache_fill(&s.iotlb, tkey, 0xFFFFULL << VS_DID_SHIFT, (<uint64_t>did) << VS_DID_SHIFT,
-                   frame | (<uint64_t>perms << VS_PERM_SHIFT) | (<uint64_t>did << VS_DID_SHIFT),
-                   &ev)
-        if ev:
-            s.cnt[C_IOTLB_EVICTIONS] += 1
+    s.cnt[C_IOTLB_FILLS] += 1
+    fill_way(&s.iotlb, iblk, iset, iw, tag,
+             frame | (<uint64_t>perms << VS_PERM_SHIFT) | didw, &ev)
+    if ev:
+        s.cnt[C_IOTLB_EVICTIONS] += 1
     if d.ats:
         s.cnt[C_DEVTLB_FILLS] += 1
-        cache_fill(&d.tlb, tkey, 0, 0,
-                   frame | (<uint64_t>dev_perm_pack(perms, flags) << VS_PERM_SHIFT)
-                   | (<uint64_t>did << VS_DID_SHIFT), &ev)
+        dset = set_of(tkey, d.tlb.mask)
+        fill_way(&d.tlb, d.tlb.blk + dset * 2 * d.tlb.ways, dset, dw, tag,
+                 frame | (<uint64_t>dev_perm_pack(perms, flags) << VS_PERM_SHIFT)
+                 | didw, &ev)
         if ev:
             s.cnt[C_DEVTLB_EVICTIONS] += 1
     pa[0] = (frame << PG_SHIFT) | off
