@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from zmqrt_toys import pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = {"F1": ("bind_many", 30, 10), "F2": ("bind_latency", 60, 10), "F7": ("dma_loop", 100, 20)}
@@ -34,14 +35,6 @@ def scenario(kind: str, step: str) -> str:
                   for i in (1, 2))
     return (f"[run]\nseed = {SEED}\n{vms}[[faults]]\nkill = \"{KINDS[kind]}\"\nat_flow = \"{step}\"\n"
             f"vm = 1\nnth = {nth}\n[scenario]\ntimeout = 30\n")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def run_case(tmp_path, kind: str, step: str) -> dict:

@@ -19,7 +19,7 @@ from actors.base import Call, Gather
 from orchestrator.launcher import Launcher, LaunchError
 from orchestrator.topology import ActorSpec, Topology
 
-from zmqrt_toys import TOYS, Script
+from zmqrt_toys import TOYS, Script, pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
 
@@ -32,19 +32,6 @@ def topology(*extra):
     return Topology(actors=[toy("echo", "Echo"), toy("mute", "Mute"),
                             toy("proxy_m", "Proxy", target="mute", targets=[]), *extra],
                     mem_frames=16)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); count it as dead
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def assert_gone(run_dir, shm_path, pids):

@@ -22,8 +22,8 @@ from orchestrator.launcher import Launcher
 from orchestrator.topology import ActorSpec, Topology, default_topology
 from orchestrator.topology_file import load, parse
 
-from test_vm_death_processes import ITERATIONS, DEADLINE, DeathRun, pid_alive
-from zmqrt_toys import TOYS, Script
+from test_vm_death_processes import ITERATIONS, DEADLINE, DeathRun
+from zmqrt_toys import TOYS, Script, pid_alive
 
 TCP_EP = re.compile(r"^tcp://127\.0\.0\.1:(\d+)$")
 

@@ -21,22 +21,11 @@ from actors.base import Actor, ActorEnv, Call, Gather
 from orchestrator.audit import audit
 from orchestrator.launcher import Launcher
 from orchestrator.topology import ORCH, default_topology
+from zmqrt_toys import pid_alive
 
 ITERATIONS = 300  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill
 KILL_AFTER = 5  # DMAs each guest has completed before VM 2 dies
 DEADLINE = 10.0  # seconds any one wait may take
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class DeathRun(Actor):

@@ -105,3 +105,12 @@ class Watcher(Proxy):
 
     def snapshot(self):
         return {**super().snapshot(), "downs": self.downs}
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a zombie still answers kill(0))."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
