@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "hotpath._translate",
+        "vsva.hotpath._translate",
         ["hotpath/_translate.pyx"],
         extra_compile_args=["-O2"],
     )

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from actors.base import Actor
+from vsva.actors.base import Actor
 
 _CLASSES = {"guest": "Guest", "vmm": "Vmm", "host": "Host", "kvm": "Kvm", "vdcm": "Vdcm",
-            "controller": "orchestrator.control:Controller"}
+            "controller": "vsva.control:Controller"}
 
 
 def actor_class(kind: str) -> type[Actor]:
@@ -24,5 +24,5 @@ def actor_class(kind: str) -> type[Actor]:
     toy actors through the real launcher).
     """
     target = kind if ":" in kind else _CLASSES[kind]
-    module, _, cls = target.rpartition(":") if ":" in target else (f"actors.{kind}", ":", target)
+    module, _, cls = target.rpartition(":") if ":" in target else (f"vsva.actors.{kind}", ":", target)
     return getattr(importlib.import_module(module), cls)

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
-from actors import errno as E
-from actors.messages import Envelope, check_body
+from vsva.actors import errno as E
+from vsva.actors.messages import Envelope, check_body
 
 DEFAULT_TIMEOUT = 5.0
 

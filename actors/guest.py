@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generator
 
-from actors import errno as E
-from actors.base import Actor, Call, Wait, failed
-from actors.memory import FL_LINK, FL_PRESENT, FrameAllocator, GuestRam, PasidDirectory, RadixTable
-from actors.messages import (
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, Wait, failed
+from vsva.actors.memory import FL_LINK, FL_PRESENT, FrameAllocator, GuestRam, PasidDirectory, RadixTable
+from vsva.actors.messages import (
     IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_FAILURE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
     Envelope,
 )
-from hotpath.layout import (
+from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY,
     encode_pasid_entry,
 )

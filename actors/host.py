@@ -49,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-import hotpath
-from actors import errno as E
-from actors.base import Actor, Call, Gather, Wait, failed
-from actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
-from actors.messages import (
+from vsva import hotpath
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, Gather, Wait, failed
+from vsva.actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
+from vsva.actors.messages import (
     EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
     IOMMU_CACHE_INV_TYPE_PASID, IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF,
     IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN, IOMMU_INV_GRANU_PASID,
@@ -61,7 +61,7 @@ from actors.messages import (
     IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, PAGE_RESP_CODES, PRQ_GRPID_MAX, VTD_FLAG_EAFE,
     VTD_FLAG_SRE, VTD_FLAG_WPE, VTD_FLAGS_LAST, Envelope,
 )
-from hotpath.layout import (
+from vsva.hotpath.layout import (
     ACCESS_READ, FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
     PASID_MAX, SL_R, SL_W, describe_fault, encode_pasid_entry, fault_reason,
 )

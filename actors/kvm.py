@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors import errno as E
-from actors.base import Actor, Call, failed
-from actors.messages import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, Envelope
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, failed
+from vsva.actors.messages import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, Envelope
 
 
 class PasidMap:

@@ -12,7 +12,7 @@ import mmap
 import os
 from typing import Callable, Iterable, Protocol
 
-from hotpath.layout import (
+from vsva.hotpath.layout import (
     ADDR_MASK, ENTRIES_PER_TABLE, FL_P, FL_RW, FL_US, LEVELS, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
     PASID_ENTRY_SIZE, PDE_PRESENT, SL_R, SL_W, SL_X, pasid_dir_index, pasid_table_index, table_index,
 )

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from actors import errno as E
+from vsva.actors import errno as E
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # larger frames are refused with -EMSGSIZE

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors import errno as E
-from actors.base import Actor, Call, failed
-from actors.kvm import PasidMap
-from actors.messages import EV_FREE, EV_FREE_SET, Envelope
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, failed
+from vsva.actors.kvm import PasidMap
+from vsva.actors.messages import EV_FREE, EV_FREE_SET, Envelope
 
 
 class Vdcm(Actor):

@@ -18,16 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from actors import errno as E
-from actors.base import Actor, Call, failed
-from actors.memory import GuestRam, PasidDirectory
-from actors.messages import (
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, failed
+from vsva.actors.memory import GuestRam, PasidDirectory
+from vsva.actors.messages import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
     IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID,
     IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PAGE_RESP_INVALID, IOMMU_PASID_FORMAT_INTEL_VTD,
     IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
 )
-from hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
+from vsva.hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 
 # Guest PASIDs the vmm chooses for mediated devices (non-identity) count down from the top of
 # the space, while host PASIDs (identity for passthrough devices) count up from 1.

@@ -23,10 +23,10 @@ from typing import Any
 
 import zmq
 
-from actors.messages import Envelope, encode
-from orchestrator.control import Controller
-from orchestrator.launcher import Launcher
-from orchestrator.topology import default_topology
+from vsva.actors.messages import Envelope, encode
+from vsva.control import Controller
+from vsva.launcher import Launcher
+from vsva.topology import default_topology
 
 _ECHO = """
 import sys, zmq

@@ -17,10 +17,10 @@ import statistics
 import time
 from typing import Any
 
-from actors.base import Call, Gather
-from orchestrator.control import Controller
-from orchestrator.launcher import Launcher
-from orchestrator.topology import POLICIES, default_topology
+from vsva.actors.base import Call, Gather
+from vsva.control import Controller
+from vsva.launcher import Launcher
+from vsva.topology import POLICIES, default_topology
 
 POLL_S = 0.002
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import os
 
-from hotpath import layout
-from hotpath.layout import (
+from vsva.hotpath import layout
+from vsva.hotpath.layout import (
     ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_NAMES, INV_DOMAIN, INV_GLOBAL,
     INV_PAGE, INV_PASID, PAGE_SHIFT, PAGE_SIZE, PASID_MAX, describe_fault, fault_code,
     fault_level, fault_reason,
@@ -46,11 +46,11 @@ _LAZY = ("Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES
 
 
 def _load_implementations() -> None:
-    from hotpath._pure import COUNTER_NAMES
-    from hotpath._pure import Iommu as PureIommu
+    from vsva.hotpath._pure import COUNTER_NAMES
+    from vsva.hotpath._pure import Iommu as PureIommu
 
     try:  # the compiled class stays reachable even when the twin is forced (tests compare them)
-        from hotpath._translate import Iommu as compiled
+        from vsva.hotpath._translate import Iommu as compiled
     except ImportError:
         compiled = None
     if compiled is None or os.environ.get("VSVA_PUREPYTHON", "") not in ("", "0"):
@@ -72,7 +72,7 @@ def compiled_available() -> bool:
     """True when the compiled extension can be imported (regardless of VSVA_PUREPYTHON)."""
     import importlib.util
 
-    return importlib.util.find_spec("hotpath._translate") is not None
+    return importlib.util.find_spec("vsva.hotpath._translate") is not None
 
 
 __all__ = [

@@ -32,8 +32,8 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, P
 
 import numpy as np
 
-from hotpath._pure import COUNTER_NAMES, N_FAULT_REASONS, MAX_DEVICES, PASID_CACHE_WAYS
-from hotpath.layout import FAULT_NAMES, PASID_DIR_FRAMES, inv_granularity
+from vsva.hotpath._pure import COUNTER_NAMES, N_FAULT_REASONS, MAX_DEVICES, PASID_CACHE_WAYS
+from vsva.hotpath.layout import FAULT_NAMES, PASID_DIR_FRAMES, inv_granularity
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)

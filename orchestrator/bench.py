@@ -36,8 +36,8 @@ DID = 1
 
 def build_tables(seed: int = 1):
     """Host memory with 65,536 mapped pages; returns a dict of everything the bench needs."""
-    from hotpath.layout import PAGE_SHIFT
-    from hotpath.testing import (GuestProcess, GuestVM, HostMemory, install_pasid,
+    from vsva.hotpath.layout import PAGE_SHIFT
+    from vsva.hotpath.testing import (GuestProcess, GuestVM, HostMemory, install_pasid,
                                  make_pasid_dir)
 
     npages = N_PASIDS * REGIONS * REGION_PAGES
@@ -113,8 +113,8 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
 
     json=False prints a readable table and the ratios; json=True prints nothing (the caller
     prints json.dumps of the result)."""
-    import hotpath
-    from hotpath.layout import ACCESS_READ
+    from vsva import hotpath
+    from vsva.hotpath.layout import ACCESS_READ
 
     batches = tuple(int(b) for b in (batches or ALL_BATCHES))
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
     run_impl(hotpath.PureIommu, "python", min(python_addresses, n))
 
     if compiled:
-        from hotpath._translate import BareHash, bare_walk
+        from vsva.hotpath._translate import BareHash, bare_walk
 
         page_keys = vas >> np.uint64(12)
         bh = BareHash(pasids, page_keys, t["frames"])

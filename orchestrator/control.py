@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.base import Actor, ActorEnv, Call, Gather, Wait
-from orchestrator.audit import audit
-from orchestrator.topology import HOST, ORCH, Topology
+from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
+from vsva.audit import audit
+from vsva.topology import HOST, ORCH, Topology
 
 WORKLOAD_TIMEOUT = 120.0
 

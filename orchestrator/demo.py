@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import hotpath
-from orchestrator.control import Controller
-from orchestrator.export import timeline
-from orchestrator.sim import SimRuntime
-from orchestrator.topology import Topology, default_topology
-from orchestrator.trace import merge
+from vsva import hotpath
+from vsva.control import Controller
+from vsva.export import timeline
+from vsva.sim import SimRuntime
+from vsva.topology import Topology, default_topology
+from vsva.trace import merge
 
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
@@ -27,7 +27,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
         return {**(ctl.result or _no_result("the deterministic run went quiescent without a result")),
                 "trace": merge(rt.trace), "processes": [], "ready_s": 0.0, "files": [],
                 "elapsed_s": time.monotonic() - started}
-    from orchestrator.launcher import Launcher
+    from vsva.launcher import Launcher
 
     with Launcher(topology) as launcher:
         ready = time.monotonic() - started

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from actors import errno as E
+from vsva.actors import errno as E
 
 Record = dict[str, Any]
 _HIDDEN = {"ram_frames", "state", "steps", "done", "devices", "data", "info", "descs"}

@@ -56,11 +56,11 @@ from typing import Any, Callable, Sequence
 import msgpack
 import zmq
 
-from actors.base import Actor
-from actors.memory import PhysMem
-from orchestrator import trace as tracefile
-from orchestrator.topology import ORCH, ActorSpec, Topology
-from orchestrator.zmq_runtime import (TRACE_IDLE, TRANSPORTS, ZmqRuntime, control_endpoint,
+from vsva.actors.base import Actor
+from vsva.actors.memory import PhysMem
+from vsva import trace as tracefile
+from vsva.topology import ORCH, ActorSpec, Topology
+from vsva.zmq_runtime import (TRACE_IDLE, TRANSPORTS, ZmqRuntime, control_endpoint,
                                       valid_name)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +194,7 @@ class Launcher:
         return env
 
     def _spawn(self, spec: ActorSpec) -> _Proc:
-        cmd = [self.python, "-m", "orchestrator.actor_process", "--run-dir", self.run_dir,
+        cmd = [self.python, "-m", "vsva.actor_process", "--run-dir", self.run_dir,
                "--name", spec.name, "--parent-pid", str(os.getpid())]
         with open(os.path.join(self.run_dir, f"{spec.name}.log"), "ab") as logf:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,

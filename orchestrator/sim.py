@@ -12,12 +12,12 @@ import random
 from collections import deque
 from typing import Any, Callable
 
-from actors import actor_class
-from actors.base import Actor, ActorEnv, Call
-from actors.memory import PhysMem
-from actors.messages import Envelope, decode, encode
-from orchestrator.topology import Topology
-from orchestrator.trace import record
+from vsva.actors import actor_class
+from vsva.actors.base import Actor, ActorEnv, Call
+from vsva.actors.memory import PhysMem
+from vsva.actors.messages import Envelope, decode, encode
+from vsva.topology import Topology
+from vsva.trace import record
 
 STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
 

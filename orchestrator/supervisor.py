@@ -42,10 +42,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from actors.base import Actor, ActorEnv, Call, Gather
-from orchestrator.audit import audit
-from orchestrator.topology import HOST, ORCH, guest_name, vmm_name
-from orchestrator.topology_file import Fault, RunFile
+from vsva.actors.base import Actor, ActorEnv, Call, Gather
+from vsva.audit import audit
+from vsva.topology import HOST, ORCH, guest_name, vmm_name
+from vsva.topology_file import Fault, RunFile
 
 RESTARTED = ("kvm", "vdcm")
 WORKLOAD_TIMEOUT = 600.0
@@ -110,7 +110,7 @@ class Supervisor:
 
     def __init__(self, run: RunFile, *, launcher_kw: dict[str, Any] | None = None,
                  log=None, workloads: bool = True):
-        from orchestrator.launcher import Launcher
+        from vsva.launcher import Launcher
 
         self.run = run
         topo = run.topology
@@ -579,9 +579,9 @@ def detach_main(argv: list[str] | None = None) -> int:
     """The detached supervisor process of `vsva up`: `python -m orchestrator.supervisor`."""
     import argparse
 
-    from orchestrator.topology_file import TopologyError, default_run, load
+    from vsva.topology_file import TopologyError, default_run, load
 
-    p = argparse.ArgumentParser(prog="orchestrator.supervisor")
+    p = argparse.ArgumentParser(prog="vsva.supervisor")
     p.add_argument("topology", nargs="?")
     p.add_argument("--state-file", required=True)
     args = p.parse_args(argv)

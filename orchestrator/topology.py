@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
+from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 
 POLICIES = ("naive", "ordered", "reclaim")
 HOST = "host"

@@ -41,8 +41,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotpath.layout import PASID_MAX
-from orchestrator.topology import HOST, POLICIES, Topology, build_topology
+from vsva.hotpath.layout import PASID_MAX
+from vsva.topology import HOST, POLICIES, Topology, build_topology
 
 ALLOCATORS = ("reuse-first", "fresh")
 TRANSPORTS = ("ipc", "tcp")
@@ -148,7 +148,7 @@ def loads(text: str) -> RunFile:
 
 
 def parse(data: dict[str, Any]) -> RunFile:
-    from actors.guest import WORKLOADS
+    from vsva.actors.guest import WORKLOADS
 
     for key in data:
         if key not in TOP_KEYS:
@@ -248,7 +248,7 @@ def parse(data: dict[str, Any]) -> RunFile:
 
 def default_run(vms: int = 2, **kw: Any) -> RunFile:
     """`vsva up` without a file: default_topology's two VMs (as `vsva demo`)."""
-    from orchestrator.topology import default_topology
+    from vsva.topology import default_topology
 
     topo = default_topology(vms, **kw)
     return RunFile(topology=topo, on_guest_death={vm: "stop" for vm in topo.vms})

@@ -11,7 +11,7 @@ import json
 import os
 from typing import IO, Any, Iterable
 
-from actors.messages import Envelope
+from vsva.actors.messages import Envelope
 
 
 def record(env: Envelope, t: float) -> dict[str, Any]:

@@ -103,9 +103,9 @@ from typing import Any, Callable, Iterable
 import msgpack
 import zmq
 
-from actors import errno as E
-from actors.base import Actor
-from actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
+from vsva.actors import errno as E
+from vsva.actors.base import Actor
+from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
 
 MAX_POLL = 0.1  # seconds: the longest a loop iteration sleeps
 LINGER_MS = 100

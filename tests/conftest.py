@@ -17,17 +17,17 @@ from typing import Any
 
 import pytest
 
-from actors.guest import GuestKernel, Process
-from actors.memory import GuestRam, PasidDirectory
-from actors.messages import (
+from vsva.actors.guest import GuestKernel, Process
+from vsva.actors.memory import GuestRam, PasidDirectory
+from vsva.actors.messages import (
     IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, Envelope,
 )
-from hotpath.layout import (
+from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
 )
-from orchestrator.control import Controller
-from orchestrator.sim import SimRuntime
-from orchestrator.topology import default_topology, guest_name, vmm_name
+from vsva.control import Controller
+from vsva.sim import SimRuntime
+from vsva.topology import default_topology, guest_name, vmm_name
 
 _IDS = itertools.count(1 << 40)
 
@@ -182,3 +182,15 @@ def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: boo
 def vsva() -> SimpleNamespace:
     return SimpleNamespace(ask=ask, world=world, session=session, HandGuest=HandGuest,
                            host_state=host_state, notifies=notifies, bind_record=bind_record)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """CI's compiled pass sets VSVA_REQUIRE_COMPILED=1: a missing extension must fail the run,
+    not quietly test the pure twin twice."""
+    import os
+
+    from vsva import hotpath
+
+    if os.environ.get("VSVA_REQUIRE_COMPILED") == "1" and hotpath.IMPLEMENTATION != "compiled":
+        raise pytest.UsageError("VSVA_REQUIRE_COMPILED=1 but the compiled hot path is not in use "
+                                f"(implementation {hotpath.IMPLEMENTATION!r}): was it built?")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors import errno as E
-from actors.messages import MAX_FRAME, SCHEMAS, Envelope, ProtocolError, decode, encode
-from hotpath.layout import PAGE_SIZE
+from vsva.actors import errno as E
+from vsva.actors.messages import MAX_FRAME, SCHEMAS, Envelope, ProtocolError, decode, encode
+from vsva.hotpath.layout import PAGE_SIZE
 
 ACTORS = ["host", "kvm", "vdcm", "vm1.vmm", "vm1.guest"]
 
@@ -164,7 +164,7 @@ def test_qi_pasid_table_pointing_outside_ram(vsva, hw):
 
 
 def test_guest_entry_must_be_first_level(vsva, hw):
-    from hotpath.layout import PGTT_NESTED, encode_pasid_entry
+    from vsva.hotpath.layout import PGTT_NESTED, encode_pasid_entry
     pasid = hw.g1.alloc("pf1")["pasid"]
     proc = hw.g1.spawn(1)
     hw.g1.dirs["pf1"].write_entry(pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0x1000, did=1,

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from actors import errno as E
+from vsva.actors import errno as E
 
 TAG = re.compile(r"^(F\d):vm(\d+)\.(\d+)$")
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors import errno as E
-from hotpath.layout import PAGE_SIZE, PASID_MAX, decode_pasid_entry
+from vsva.actors import errno as E
+from vsva.hotpath.layout import PAGE_SIZE, PASID_MAX, decode_pasid_entry
 
 EXTRA = {"plat1": {"id": 9, "pci": False, "vm": 1},
          "small1": {"id": 10, "pci": True, "max_pasids": 1 << 16, "vm": 1}}
@@ -138,7 +138,7 @@ def test_failed_setup_keeps_existing_binding(vsva, w):
 
 
 def test_gpasid_val_records_guest_pasid(vsva, w):
-    from actors.messages import IOMMU_SVA_GPASID_VAL
+    from vsva.actors.messages import IOMMU_SVA_GPASID_VAL
     trace_len = len(w.rt.trace)
     data = vsva.bind_record(w.mine, gpasid=0x123, flags=IOMMU_SVA_GPASID_VAL)
     assert w.bind("vm1.mdev0", data)["ret"] == 0

@@ -12,14 +12,14 @@ import itertools
 
 import pytest
 
-from actors import errno as E
-from actors.messages import (
+from vsva.actors import errno as E
+from vsva.actors.messages import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB as DEV, IOMMU_CACHE_INV_TYPE_IOTLB as TLB,
     IOMMU_CACHE_INV_TYPE_PASID as PC, IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR as ADDR,
     IOMMU_INV_GRANU_DOMAIN as DOMAIN, IOMMU_INV_GRANU_PASID as PASID,
 )
-from hotpath.layout import PAGE_SHIFT, PAGE_SIZE
-from orchestrator.audit import audit
+from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE
+from vsva.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VPNS = [(VA >> PAGE_SHIFT) + i for i in range(PAGES)]
@@ -232,7 +232,7 @@ def test_non_vmm_and_wrong_device(vsva, w, v1):
 def test_session_caches_agree_with_fresh_walks(vsva, monkeypatch):
     """I2 after a Controller session whose guests stop after the demo's migrate + flush +
     re-DMA: every IOTLB entry of a live PASID maps the frame the process's tables give now."""
-    import actors.guest as guest
+    import vsva.actors.guest as guest
 
     def hold(g):
         proc = g.kernel.spawn(1)

@@ -19,10 +19,10 @@ import itertools
 
 import pytest
 
-from actors import errno as E
-from actors.messages import Envelope
-from hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
-from orchestrator.audit import audit
+from vsva.actors import errno as E
+from vsva.actors.messages import Envelope
+from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
+from vsva.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VA2 = 0x7000_0000

@@ -13,9 +13,9 @@ import itertools
 
 import pytest
 
-from actors.messages import Envelope
-from hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
-from orchestrator.audit import audit
+from vsva.actors.messages import Envelope
+from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
+from vsva.audit import audit
 
 POLICIES = ["naive", "ordered", "reclaim"]
 VA, PAGES = 0x4000_0000, 4

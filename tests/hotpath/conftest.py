@@ -2,13 +2,13 @@
 
 import pytest
 
-import hotpath
-from hotpath.layout import SL_R, SL_W
-from hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
+from vsva import hotpath
+from vsva.hotpath.layout import SL_R, SL_W
+from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
 IMPLS = [("python", hotpath.PureIommu)]
 if hotpath.compiled_available():
-    from hotpath._translate import Iommu as _Compiled
+    from vsva.hotpath._translate import Iommu as _Compiled
 
     IMPLS.insert(0, ("compiled", _Compiled))
 

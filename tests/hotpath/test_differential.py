@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hotpath
-from hotpath.layout import (
+from vsva import hotpath
+from vsva.hotpath.layout import (
     ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FL_P, FL_RW, FL_US,
     PAGE_SIZE, SL_R, SL_W,
 )
-from hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
+from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
 pytestmark = pytest.mark.skipif(not hotpath.compiled_available(),
                                 reason="compiled module not built")

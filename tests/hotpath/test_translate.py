@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from hotpath.layout import (
+from vsva.hotpath.layout import (
     ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_DEFUNCT, FAULT_FL_NOT_PRESENT,
     FAULT_FL_PERMISSION, FAULT_NO_CONTEXT, FAULT_OOR_ADDRESS, FAULT_OWNER,
     FAULT_PASID_INVALID, FAULT_PE_NOT_PRESENT, FAULT_PDE_NOT_PRESENT, FAULT_SL_NOT_PRESENT,
     FAULT_SL_PERMISSION, FL_A, FL_D, FL_US, PAGE_SIZE, SL_R, fault_code,
 )
-from hotpath.testing import clear_pasid
+from vsva.hotpath.testing import clear_pasid
 
 VA = 0x7F00_0000_0000
 R, W, X, PRIV = ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC, ACCESS_PRIV
@@ -385,7 +385,7 @@ def test_dma_fault_stops_descriptor(world):
 
 
 def test_counters_names_match(world):
-    import hotpath
+    from vsva import hotpath
     c = world.iommu.counters()
     assert list(c)[:-1] == list(hotpath.COUNTER_NAMES)
     world.iommu.translate_one(0, 5, VA, R)

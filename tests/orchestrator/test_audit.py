@@ -6,12 +6,12 @@ import copy
 
 import pytest
 
-from orchestrator.audit import audit
+from vsva.audit import audit
 
 
 def _hold(g):
     """A workload that stops with work bound: pf (one process) and both mdevs on one PASID."""
-    from actors.guest import demo_passthrough
+    from vsva.actors.guest import demo_passthrough
 
     k = g.kernel
     p1, p3 = k.spawn(1), k.spawn(3)
@@ -30,7 +30,7 @@ def _hold(g):
 
 @pytest.fixture
 def held(vsva, monkeypatch):
-    import actors.guest as guest
+    import vsva.actors.guest as guest
 
     monkeypatch.setitem(guest.WORKLOADS, "hold", _hold)
     rt, c = vsva.session(2, workload="hold", shutdown=False)

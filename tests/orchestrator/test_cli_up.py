@@ -23,7 +23,7 @@ def vsva(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
     def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "vsva", *args], capture_output=True,
                               text=True, cwd=ROOT, env=env, timeout=timeout)
         if check:
             assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-VSVA = [sys.executable, "-m", "orchestrator.cli"]
+VSVA = [sys.executable, "-m", "vsva"]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

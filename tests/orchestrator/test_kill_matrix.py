@@ -41,7 +41,7 @@ def run_case(tmp_path, kind: str, step: str) -> dict:
     path = tmp_path / f"{kind}-{step}.toml"
     path.write_text(scenario(kind, step))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "--json", str(path)],
+    done = subprocess.run([sys.executable, "-m", "vsva", "run", "--json", str(path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     try:
         rep = json.loads(done.stdout)

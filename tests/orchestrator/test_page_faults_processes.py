@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-VSVA = [sys.executable, "-m", "orchestrator.cli"]
+VSVA = [sys.executable, "-m", "vsva"]
 
 
 def test_demo_json_shows_page_faults() -> None:

@@ -15,12 +15,12 @@ import time
 
 import pytest
 
-from actors.base import Call, Gather
-from orchestrator.control import Controller
-from orchestrator.demo import report
-from orchestrator.launcher import Launcher
-from orchestrator.topology import ActorSpec, Topology, default_topology
-from orchestrator.topology_file import load, parse
+from vsva.actors.base import Call, Gather
+from vsva.control import Controller
+from vsva.demo import report
+from vsva.launcher import Launcher
+from vsva.topology import ActorSpec, Topology, default_topology
+from vsva.topology_file import load, parse
 
 from test_vm_death_processes import ITERATIONS, DEADLINE, DeathRun
 from zmqrt_toys import TOYS, Script, pid_alive

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from orchestrator.topology import default_topology
-from orchestrator.topology_file import TopologyError, load, loads
+from vsva.topology import default_topology
+from vsva.topology_file import TopologyError, load, loads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -89,7 +89,7 @@ def test_cli_up_refuses_a_bad_file(tmp_path):
 
     path = tmp_path / "bad.toml"
     path.write_text('[run]\npolicy = "fifo"\n')
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "up", "--detach", str(path)],
+    done = subprocess.run([sys.executable, "-m", "vsva", "up", "--detach", str(path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")})
     assert done.returncode == 2

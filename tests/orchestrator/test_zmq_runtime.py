@@ -10,12 +10,12 @@ import msgpack
 import pytest
 import zmq
 
-from actors import errno as E
-from actors.base import Call, Gather
-from actors.messages import MAX_FRAME, PROTOCOL_VERSION
-from orchestrator.launcher import Launcher
-from orchestrator.topology import ActorSpec, Topology
-from orchestrator.zmq_runtime import endpoint
+from vsva.actors import errno as E
+from vsva.actors.base import Call, Gather
+from vsva.actors.messages import MAX_FRAME, PROTOCOL_VERSION
+from vsva.launcher import Launcher
+from vsva.topology import ActorSpec, Topology
+from vsva.zmq_runtime import endpoint
 
 from zmqrt_toys import TOYS, Script
 

@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 
-from actors.base import Actor, Call, Gather
+from vsva.actors.base import Actor, Call, Gather
 
 TOYS = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +75,7 @@ class Script(Actor):
     stores the replies in `result`. `steps` items: Call, Gather, or a callable(actor)."""
 
     def __init__(self, name="orch", env=None, steps=()):
-        from actors.base import ActorEnv
+        from vsva.actors.base import ActorEnv
         super().__init__(name, env or ActorEnv())
         self.steps = list(steps)
         self.result = None

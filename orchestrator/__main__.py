@@ -1,0 +1,7 @@
+"""`python -m vsva` runs the same command line as the `vsva` console script."""
+
+import sys
+
+from vsva.cli import main
+
+sys.exit(main())
