@@ -61,6 +61,7 @@ from vsva.actors.messages import (
     IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, PAGE_RESP_CODES, PRQ_GRPID_MAX, VTD_FLAG_EAFE,
     VTD_FLAG_SRE, VTD_FLAG_WPE, VTD_FLAGS_LAST, Envelope,
 )
+from vsva.actors.policy import DEFAULT_POLICY, Policy
 from vsva.hotpath.layout import (
     ACCESS_READ, FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
     PASID_MAX, SL_R, SL_W, describe_fault, encode_pasid_entry, fault_reason,
@@ -155,7 +156,7 @@ class Host(Actor):
         self.ioasids: dict[int, Ioasid] = {}
         self.free_pasids: list[int] = []  # freed PASIDs, handed out again last-freed-first
         self.next_pasid = 1
-        self.policy: str = self.config.get("policy", "reclaim")
+        self.policy = Policy.parse(self.config.get("policy", DEFAULT_POLICY))
         self.allocator: str = self.config.get("allocator", "reuse-first")
         self.reclaiming: dict[int, int] = {}  # PASID -> VM, defunct until subscribers acknowledge
         self.quarantined: dict[int, int] = {}  # PASID -> VM whose FREE was never acknowledged
@@ -280,7 +281,7 @@ class Host(Actor):
             return failed(-E.EINVAL, error=f"IOASID {msg.body['pasid']} is not allocated")
         if ioasid.vm != dom.vm:
             return failed(-E.EACCES, error=f"IOASID {ioasid.pasid} belongs to another VM")
-        if ioasid.svm is not None and self.policy == "ordered":
+        if ioasid.svm is not None and self.policy is Policy.ORDERED:
             return failed(-E.EBUSY, error=f"IOASID {ioasid.pasid} is still bound; policy 'ordered' "
                           "requires unbind before free")
         yield from self.ioasid_free(dom, [ioasid], EV_FREE, wait=False)
@@ -311,7 +312,7 @@ class Host(Actor):
         if not bound and event == EV_FREE:
             return
         events = self._free_events(dom.vm, bound, event)
-        if self.policy == "naive":
+        if self.policy is Policy.NAIVE:
             self.free_pasids += [a.pasid for a in bound]
             for ioasid in bound:
                 self.send(self.name, "ioasid_cleanup", {"pasid": ioasid.pasid, "vm": dom.vm,
@@ -322,7 +323,7 @@ class Host(Actor):
             return
         for ioasid in bound:
             self.reclaiming[ioasid.pasid] = dom.vm  # out of the pool until every ack
-            if self.policy == "reclaim":
+            if self.policy is Policy.RECLAIM:
                 self.iommu.set_defunct(ioasid.pasid, True)
             for dev in list(ioasid.svm.devs):
                 self._teardown_entry(dev, ioasid.pasid, dom.vm)
@@ -845,7 +846,7 @@ class Host(Actor):
             "prq_overflow": self.prq_overflow,
             "prq_stats": dict(self.prq_stats),
             "prq_latencies": list(self.prq_latencies),
-            "policy": self.policy,
+            "policy": self.policy.value,
             "reclaiming": {str(p): vm for p, vm in self.reclaiming.items()},
             "quarantined": {str(p): vm for p, vm in self.quarantined.items()},
             "free_pool": len(self.free_pasids),

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 
-POLICIES = ("naive", "ordered", "reclaim")
+POLICIES = tuple(p.value for p in Policy)
 HOST = "host"
 KVM = "kvm"
 VDCM = "vdcm"

@@ -500,3 +500,13 @@ def test_free_of_bound_pasid_under_reclaim_and_ordered_never_clobbers(vsva, poli
     assert reply["ret"] == 0
     assert g2.kernel.read(p2, VA2, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
     assert violations(w) == []
+
+
+def test_policy_is_validated_where_it_enters():
+    """A policy name from outside is parsed once; an unknown one is a clear ValueError."""
+    from vsva.actors.policy import Policy
+
+    assert Policy.parse("naive") is Policy.NAIVE
+    assert [p.value for p in Policy] == ["naive", "ordered", "reclaim"]
+    with pytest.raises(ValueError, match="unknown policy 'lazy'; valid: naive, ordered, reclaim"):
+        Policy.parse("lazy")
