@@ -24,9 +24,9 @@ from typing import Any
 import zmq
 
 from vsva.actors.messages import Envelope, encode
-from vsva.control import Controller
-from vsva.launcher import Launcher
-from vsva.topology import default_topology
+from vsva.ops.control import Controller
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import default_topology
 
 _ECHO = """
 import sys, zmq

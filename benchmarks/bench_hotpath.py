@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # numpy's OpenBLAS threads spin on the second core after start-up; the bench needs none.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from vsva.bench import ALL_BATCHES, run_bench  # noqa: E402
+from vsva.cli.bench import ALL_BATCHES, run_bench  # noqa: E402
 
 
 def main(argv=None) -> int:

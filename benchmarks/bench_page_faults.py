@@ -27,9 +27,9 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_bind beside us, the pack
 from bench_bind import pct, print_figures, raw_rtt  # noqa: E402
 
 from vsva.actors.messages import Envelope, encode  # noqa: E402
-from vsva.control import Controller  # noqa: E402
-from vsva.launcher import Launcher  # noqa: E402
-from vsva.topology import default_topology  # noqa: E402
+from vsva.ops.control import Controller  # noqa: E402
+from vsva.ops.launcher import Launcher  # noqa: E402
+from vsva.ops.topology import default_topology  # noqa: E402
 
 
 def request_frame_size() -> int:

@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vsva.supervisor import Supervisor  # noqa: E402
-from vsva.topology_file import default_run, loads  # noqa: E402
+from vsva.ops.supervisor import Supervisor  # noqa: E402
+from vsva.ops.topology_file import default_run, loads  # noqa: E402
 
 
 def one_kill(target: str, seed: int) -> float | None:

@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 from vsva.actors.base import Call, Gather
-from vsva.control import Controller
-from vsva.launcher import Launcher
-from vsva.topology import POLICIES, default_topology
+from vsva.ops.control import Controller
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import POLICIES, default_topology
 
 POLL_S = 0.002
 

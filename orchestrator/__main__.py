@@ -2,6 +2,6 @@
 
 import sys
 
-from vsva.cli import main
+from vsva.cli.app import main
 
 sys.exit(main())

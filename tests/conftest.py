@@ -25,9 +25,9 @@ from vsva.actors.messages import (
 from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
 )
-from vsva.control import Controller
-from vsva.sim import SimRuntime
-from vsva.topology import default_topology, guest_name, vmm_name
+from vsva.ops.control import Controller
+from vsva.runtime.sim import SimRuntime
+from vsva.ops.topology import default_topology, guest_name, vmm_name
 
 _IDS = itertools.count(1 << 40)
 

@@ -26,9 +26,9 @@ def test_same_seed_same_trace(vsva):
 def test_scheduler_seed_changes_interleaving(vsva):
     """Same topology, different scheduler seeds: at least one interleaving differs, and every
     interleaving still passes."""
-    from vsva.control import Controller
-    from vsva.sim import SimRuntime
-    from vsva.topology import default_topology
+    from vsva.ops.control import Controller
+    from vsva.runtime.sim import SimRuntime
+    from vsva.ops.topology import default_topology
 
     t = default_topology(2, seed=1)
     orders = []

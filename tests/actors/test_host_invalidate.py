@@ -19,7 +19,7 @@ from vsva.actors.messages import (
     IOMMU_INV_GRANU_DOMAIN as DOMAIN, IOMMU_INV_GRANU_PASID as PASID,
 )
 from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE
-from vsva.audit import audit
+from vsva.analysis.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VPNS = [(VA >> PAGE_SHIFT) + i for i in range(PAGES)]

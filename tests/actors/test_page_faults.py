@@ -22,7 +22,7 @@ from vsva.actors.messages import (
     IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS, Envelope,
 )
 from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
-from vsva.audit import audit
+from vsva.analysis.audit import audit
 
 VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4f00_0000
 _IDS = itertools.count(1 << 50)

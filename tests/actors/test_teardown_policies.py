@@ -22,7 +22,7 @@ import pytest
 from vsva.actors import errno as E
 from vsva.actors.messages import Envelope
 from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
-from vsva.audit import audit
+from vsva.analysis.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VA2 = 0x7000_0000

@@ -15,7 +15,7 @@ import pytest
 
 from vsva.actors.messages import Envelope
 from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
-from vsva.audit import audit
+from vsva.analysis.audit import audit
 
 POLICIES = ["naive", "ordered", "reclaim"]
 VA, PAGES = 0x4000_0000, 4

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from vsva.audit import audit
+from vsva.analysis.audit import audit
 
 
 def _hold(g):

@@ -1,5 +1,5 @@
 """`vsva up --detach` / `ps --json` / `kill` / outside `kill -9` / `audit --json` / `down`, driven
-as a user would: subprocesses of `python -m orchestrator.cli`, with a private state directory.
+as a user would: subprocesses of `python -m vsva`, with a private state directory.
 After `down` nothing of that run remains: no process, socket file, run directory or /dev/shm
 file (checked on the run's own paths: other tests run concurrently)."""
 

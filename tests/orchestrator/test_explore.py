@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vsva.demo import report, run_session
-from vsva.topology import default_topology
+from vsva.ops.demo import report, run_session
+from vsva.ops.topology import default_topology
 
 SEEDS = range(1, 13)
 

@@ -16,8 +16,8 @@ import pytest
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
-from vsva.launcher import Launcher, LaunchError
-from vsva.topology import ActorSpec, Topology
+from vsva.ops.launcher import Launcher, LaunchError
+from vsva.ops.topology import ActorSpec, Topology
 
 from zmqrt_toys import TOYS, Script, pid_alive
 
@@ -208,8 +208,8 @@ def test_children_die_with_the_launcher():
     code = textwrap.dedent(f"""
         import json, sys, time
         sys.path[:0] = [{ROOT!r}, {TOYS!r}]
-        from vsva.launcher import Launcher
-        from vsva.topology import ActorSpec, Topology
+        from vsva.ops.launcher import Launcher
+        from vsva.ops.topology import ActorSpec, Topology
         topo = Topology(actors=[ActorSpec("a", "zmqrt_toys:Echo"),
                                 ActorSpec("b", "zmqrt_toys:Mute")], mem_frames=4)
         launcher = Launcher(topo, extra_path=[{TOYS!r}]).start()
@@ -241,7 +241,7 @@ def test_children_die_with_the_launcher():
 
 def test_seven_actor_start_to_all_ready(capsys):
     """The default 2-VM topology when the lead's actors exist, else seven toy actors."""
-    from vsva.topology import default_topology
+    from vsva.ops.topology import default_topology
     topo = default_topology(2)
     try:
         from vsva.actors import actor_class

@@ -16,11 +16,11 @@ import time
 import pytest
 
 from vsva.actors.base import Call, Gather
-from vsva.control import Controller
-from vsva.demo import report
-from vsva.launcher import Launcher
-from vsva.topology import ActorSpec, Topology, default_topology
-from vsva.topology_file import load, parse
+from vsva.ops.control import Controller
+from vsva.ops.demo import report
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import ActorSpec, Topology, default_topology
+from vsva.ops.topology_file import load, parse
 
 from test_vm_death_processes import ITERATIONS, DEADLINE, DeathRun
 from zmqrt_toys import TOYS, Script, pid_alive

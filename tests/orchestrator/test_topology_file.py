@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from vsva.topology import default_topology
-from vsva.topology_file import TopologyError, load, loads
+from vsva.ops.topology import default_topology
+from vsva.ops.topology_file import TopologyError, load, loads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")

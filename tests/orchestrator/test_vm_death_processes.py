@@ -18,9 +18,9 @@ import pytest
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Call, Gather
-from vsva.audit import audit
-from vsva.launcher import Launcher
-from vsva.topology import ORCH, default_topology
+from vsva.analysis.audit import audit
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import ORCH, default_topology
 from zmqrt_toys import pid_alive
 
 ITERATIONS = 300  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill

@@ -13,9 +13,9 @@ import zmq
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
 from vsva.actors.messages import MAX_FRAME, PROTOCOL_VERSION
-from vsva.launcher import Launcher
-from vsva.topology import ActorSpec, Topology
-from vsva.zmq_runtime import endpoint
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import ActorSpec, Topology
+from vsva.runtime.endpoints import endpoint
 
 from zmqrt_toys import TOYS, Script
 

@@ -1,4 +1,4 @@
-"""Entry point of one actor process: `python -m orchestrator.actor_process --run-dir D --name N`.
+"""Entry point of one actor process: `python -m vsva.runtime.actor_process --run-dir D --name N`.
 
 Start-up, in order:
 1. tie our life to the launcher's: `prctl(PR_SET_PDEATHSIG, SIGKILL)`, then exit at once if
@@ -49,7 +49,7 @@ def die_with_parent(parent_pid: int | None) -> None:
 
 
 def load_run(run_dir: str):
-    from vsva.topology import ActorSpec, Topology
+    from vsva.ops.topology import ActorSpec, Topology
 
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
@@ -62,7 +62,7 @@ def load_run(run_dir: str):
 def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped,
               endpoint: str = "") -> bool:
     """Tell the launcher we are bound (and where); wait (bounded) for its go."""
-    from vsva.zmq_runtime import control_endpoint
+    from vsva.runtime.endpoints import control_endpoint
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
@@ -82,7 +82,7 @@ def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vsva.actor_process")
+    parser = argparse.ArgumentParser(prog="vsva.runtime.actor_process")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from vsva.actors import actor_class
     from vsva.actors.base import ActorEnv
     from vsva.actors.memory import PhysMem
-    from vsva.topology import ORCH
-    from vsva.zmq_runtime import ZmqRuntime
+    from vsva.ops.topology import ORCH
+    from vsva.runtime.loop import ZmqRuntime
 
     run, topology = load_run(args.run_dir)
     t0 = float(run["t0"])

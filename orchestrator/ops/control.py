@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
-from vsva.audit import audit
-from vsva.topology import HOST, ORCH, Topology
+from vsva.analysis.audit import audit
+from vsva.ops.topology import HOST, ORCH, Topology
 
 WORKLOAD_TIMEOUT = 120.0
 

@@ -16,8 +16,8 @@ from vsva.actors import actor_class
 from vsva.actors.base import Actor, ActorEnv, Call
 from vsva.actors.memory import PhysMem
 from vsva.actors.messages import Envelope, decode, encode
-from vsva.topology import Topology
-from vsva.trace import record
+from vsva.ops.topology import Topology
+from vsva.analysis.trace import record
 
 STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
 

@@ -24,7 +24,7 @@ def _check_workload(workload: str) -> str:
 
 
 def _check_policy(policy: str) -> str:
-    from vsva.topology import POLICIES
+    from vsva.ops.topology import POLICIES
 
     if policy not in POLICIES:
         raise typer.BadParameter(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
@@ -62,8 +62,8 @@ def demo(
     iterations: int = typer.Option(6, "--iterations", min=1, help="Rounds of looping workloads."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
-    from vsva.demo import demo as run_demo, render
-    from vsva.export import write_all
+    from vsva.ops.demo import demo as run_demo, render
+    from vsva.analysis.export import write_all
 
     session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
     if trace_out:
@@ -81,7 +81,7 @@ def bench(
     batches: str = typer.Option("1,64,1024,65536", "--batches", help="Comma-separated batch sizes."),
 ) -> None:
     """Throughput of the compiled hot path against the pure-Python twin and bare baselines."""
-    from vsva.bench import run_bench
+    from vsva.cli.bench import run_bench
 
     sizes = [int(b) for b in batches.split(",") if b.strip()]
     result = run_bench(sizes, as_json)
@@ -105,8 +105,8 @@ def explore(
 
     `vsva explore --policy naive --workload churn` finds the free-before-unbind hazard;
     the same seeds pass under ordered and reclaim."""
-    from vsva.demo import report, run_session
-    from vsva.topology import default_topology
+    from vsva.ops.demo import report, run_session
+    from vsva.ops.topology import default_topology
 
     failing = []
     for seed in range(first, first + seeds):
@@ -131,7 +131,7 @@ def explore(
 # ---- live topologies: up / ps / kill / audit / down, and scripted fault runs -----------------
 
 def _state_file(state_dir: Optional[str]) -> str:
-    from vsva.supervisor import state_path
+    from vsva.ops.supervisor import state_path
 
     if state_dir:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -179,7 +179,7 @@ def _ctl(state: dict, op: str, timeout: float = 20.0, **body) -> dict:
 
 
 def _load_run(topology: Optional[str]):
-    from vsva.topology_file import TopologyError, default_run, load
+    from vsva.ops.topology_file import TopologyError, default_run, load
 
     try:
         return load(topology) if topology else default_run()
@@ -229,10 +229,10 @@ def up(
             raise typer.Exit(1)
         _cleanup_stale(old, path)
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "vsva.supervisor", "--state-file", path]
+    cmd = [sys.executable, "-m", "vsva.ops.supervisor", "--state-file", path]
     if topology:
         cmd.append(os.path.abspath(topology))
     with open(log_path, "ab") as log:
@@ -378,7 +378,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
-    from vsva.scenario import render, run_scenario
+    from vsva.ops.scenario import render, run_scenario
 
     rep = run_scenario(_load_run(scenario))
     if as_json:

@@ -32,7 +32,7 @@
 Every unknown key, wrong type or out-of-range value is an error naming its place in the
 file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` binds every
 actor's ROUTER at `tcp://127.0.0.1:<port>` (a kernel-chosen free port, published in the run
-directory; see orchestrator.zmq_runtime); nothing listens beyond loopback.
+directory; see vsva.runtime.loop); nothing listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsva.hotpath.layout import PASID_MAX
-from vsva.topology import HOST, POLICIES, Topology, build_topology
+from vsva.ops.topology import HOST, POLICIES, Topology, build_topology
 
 ALLOCATORS = ("reuse-first", "fresh")
 TRANSPORTS = ("ipc", "tcp")
@@ -248,7 +248,7 @@ def parse(data: dict[str, Any]) -> RunFile:
 
 def default_run(vms: int = 2, **kw: Any) -> RunFile:
     """`vsva up` without a file: default_topology's two VMs (as `vsva demo`)."""
-    from vsva.topology import default_topology
+    from vsva.ops.topology import default_topology
 
     topo = default_topology(vms, **kw)
     return RunFile(topology=topo, on_guest_death={vm: "stop" for vm in topo.vms})

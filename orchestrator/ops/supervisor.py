@@ -43,9 +43,9 @@ import msgpack
 import zmq
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather
-from vsva.audit import audit
-from vsva.topology import HOST, ORCH, guest_name, vmm_name
-from vsva.topology_file import Fault, RunFile
+from vsva.analysis.audit import audit
+from vsva.ops.topology import HOST, ORCH, guest_name, vmm_name
+from vsva.ops.topology_file import Fault, RunFile
 
 RESTARTED = ("kvm", "vdcm")
 WORKLOAD_TIMEOUT = 600.0
@@ -110,7 +110,7 @@ class Supervisor:
 
     def __init__(self, run: RunFile, *, launcher_kw: dict[str, Any] | None = None,
                  log=None, workloads: bool = True):
-        from vsva.launcher import Launcher
+        from vsva.ops.launcher import Launcher
 
         self.run = run
         topo = run.topology
@@ -576,12 +576,12 @@ class Supervisor:
 
 
 def detach_main(argv: list[str] | None = None) -> int:
-    """The detached supervisor process of `vsva up`: `python -m orchestrator.supervisor`."""
+    """The detached supervisor process of `vsva up`: `python -m vsva.ops.supervisor`."""
     import argparse
 
-    from vsva.topology_file import TopologyError, default_run, load
+    from vsva.ops.topology_file import TopologyError, default_run, load
 
-    p = argparse.ArgumentParser(prog="vsva.supervisor")
+    p = argparse.ArgumentParser(prog="vsva.ops.supervisor")
     p.add_argument("topology", nargs="?")
     p.add_argument("--state-file", required=True)
     args = p.parse_args(argv)

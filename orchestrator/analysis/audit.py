@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vsva.topology import HOST, KVM, VDCM, Topology
+from vsva.ops.topology import HOST, KVM, VDCM, Topology
 
 Violation = dict[str, Any]
 

@@ -13,7 +13,7 @@ Run directory (`tempfile.mkdtemp(prefix="vsva-")`, mode 0700): `topology.json`
 launcher pid), `<name>.sock` (each actor's ROUTER; `orch.sock` is the controller's, bound by
 the launcher before any child starts so early messages to "orch" queue there; with
 `topology.transport == "tcp"` the ROUTERs bind `tcp://127.0.0.1:<kernel-chosen port>` and
-`<name>.ep` holds that endpoint instead, see orchestrator.zmq_runtime),
+`<name>.ep` holds that endpoint instead, see vsva.runtime.loop),
 `orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
 stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`.
 
@@ -58,12 +58,13 @@ import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.memory import PhysMem
-from vsva import trace as tracefile
-from vsva.topology import ORCH, ActorSpec, Topology
-from vsva.zmq_runtime import (TRACE_IDLE, TRANSPORTS, ZmqRuntime, control_endpoint,
-                                      valid_name)
+from vsva.analysis import trace as tracefile
+from vsva.ops.topology import ORCH, ActorSpec, Topology
+from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
+from vsva.runtime.loop import ZmqRuntime
+from vsva.runtime.trace_buffer import TRACE_IDLE
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESERVED = {ORCH, "orch-ctl"}
 
 
@@ -194,7 +195,7 @@ class Launcher:
         return env
 
     def _spawn(self, spec: ActorSpec) -> _Proc:
-        cmd = [self.python, "-m", "vsva.actor_process", "--run-dir", self.run_dir,
+        cmd = [self.python, "-m", "vsva.runtime.actor_process", "--run-dir", self.run_dir,
                "--name", spec.name, "--parent-pid", str(os.getpid())]
         with open(os.path.join(self.run_dir, f"{spec.name}.log"), "ab") as logf:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,

@@ -6,11 +6,11 @@ import time
 from typing import Any, Callable
 
 from vsva import hotpath
-from vsva.control import Controller
-from vsva.export import timeline
-from vsva.sim import SimRuntime
-from vsva.topology import Topology, default_topology
-from vsva.trace import merge
+from vsva.ops.control import Controller
+from vsva.analysis.export import timeline
+from vsva.runtime.sim import SimRuntime
+from vsva.ops.topology import Topology, default_topology
+from vsva.analysis.trace import merge
 
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
@@ -27,7 +27,7 @@ def run_session(topology: Topology, runtime: str = "processes", timeout: float =
         return {**(ctl.result or _no_result("the deterministic run went quiescent without a result")),
                 "trace": merge(rt.trace), "processes": [], "ready_s": 0.0, "files": [],
                 "elapsed_s": time.monotonic() - started}
-    from vsva.launcher import Launcher
+    from vsva.ops.launcher import Launcher
 
     with Launcher(topology) as launcher:
         ready = time.monotonic() - started

@@ -47,7 +47,7 @@ class Topology:
     mem_frames: int
     seed: int = 0
     request_timeout: float = 5.0
-    transport: str = "ipc"  # ipc (private run directory) | tcp (127.0.0.1 only): see zmq_runtime
+    transport: str = "ipc"  # ipc (private run directory) | tcp (127.0.0.1 only): see vsva.runtime.endpoints
 
     def spec(self, name: str) -> ActorSpec:
         return next(a for a in self.actors if a.name == name)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from vsva.supervisor import Supervisor
-from vsva.topology import HOST, guest_name
-from vsva.topology_file import RunFile
+from vsva.ops.supervisor import Supervisor
+from vsva.ops.topology import HOST, guest_name
+from vsva.ops.topology_file import RunFile
 
 
 def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The ZeroMQ runtime: one actor, one process loop, direct sockets to its peers.
 
-The same `ZmqRuntime` runs every child actor (`python -m orchestrator.actor_process`) and the
+The same `ZmqRuntime` runs every child actor (`python -m vsva.runtime.actor_process`) and the
 orchestrator's own controller inside the launcher process; there is no other copy of the loop.
 
 Sockets of one actor named N (endpoints are found from (run_dir, name), see `endpoint`):
@@ -12,26 +12,9 @@ Sockets of one actor named N (endpoints are found from (run_dir, name), see `end
   queued on a live connection), short `LINGER`, connected to the peer's ROUTER. Replies go
   the same way as requests: through the replier's DEALER to the requester's ROUTER.
 
-Transport "tcp" (`[run] transport = "tcp"`): loopback only, never another address. Ports are
-chosen without a race: each runtime binds `tcp://127.0.0.1:*` (the kernel picks a free port
-and nothing can take it between choice and bind), reads the actual endpoint back
-(ZMQ_LAST_ENDPOINT) and publishes it in `<run_dir>/N.ep` (mode 0600, written to a temporary
-name and renamed, so a reader never sees half a file) *before* it reports ready. The
-endpoint file plays the part of the ipc socket file: a peer exists when its file does, and
-the file's identity (inode, ctime) tells incarnations apart. A peer's DEALER connects to the
-endpoint read from the file; when the peer goes down the DEALER is disconnected from that
-port at once (so it never reconnects to a port another process may have been given since),
-and a restarted incarnation, which binds a new port and renames a new file into place, is
-reconnected when it is noticed: by the launcher's `peer_restarted` / `expect`, and in every
-other actor on the first send to the peer that is down (`_rebound`, as for ipc). Monitor
-events are matched to the endpoint they are about, so an old port's last events cannot
-change the new connection's state. The readiness message carries the endpoint too (the
-launcher keeps the name -> endpoint map: `Launcher.endpoints`). The orchestrator's own
-data ROUTER ("orch") follows the topology's transport like every actor; the launcher's
-control socket (readiness handshake) and the supervisor's control socket stay ipc in the
-private run directory: they are not part of the modelled topology. With tcp, every local
-user can connect to the loopback ports: the routing id is then a claim, not a credential
-(ipc's 0700 run directory is what makes it one).
+Where N's endpoint is and how the tcp transport publishes it: `vsva.runtime.endpoints`. How
+a peer's connection is tracked, reported down and reconnected: `vsva.runtime.peers`. The
+trace each runtime keeps: `vsva.runtime.trace_buffer`.
 
 Inbound checks, in order, before anything reaches the actor (SPEC §9):
   frame shape / `decode` (-EBADMSG, -EPROTONOSUPPORT, -EMSGSIZE),
@@ -48,32 +31,10 @@ peer's name as identity, and then delivered to the actor like any reply.
 The routing id is set by the runtime from the actor's name and the actor API cannot change
 it, so `src` is authenticated the way a file descriptor authenticates a caller: by the
 channel, not by a claim in the message. (With ipc, only processes that can open the private
-0700 run directory can connect at all; see the tcp caveat above.)
-
-Sending never blocks and never loses a message silently. A peer's connection is tracked with
-a socket monitor: *connecting* (fresh DEALER) -> *up* (ZMTP handshake done) -> *down*
-(disconnected, or connect refused). A send to an *up* peer goes straight out; when it cannot
-(connecting, or the send queue is full) it waits in a per-peer queue for at most
-`send_grace` seconds (POLLOUT flushes it); a send to a *down* peer, an unknown name, or a
-queued message whose grace expired goes to `actor.send_failed(env, now)` at once. When a
-connection that was up drops, the queued messages fail (definite: never sent) and the actor
-gets `peer_down(peer, now, sent=True)` (requests already handed over become indefinite)
-`SETTLE` s later, after what the peer sent before dying has been delivered. The launcher
-also feeds process deaths (pidfds: `peer_exited`); a peer reported down by both sources is
-reported once until it connects again (or the launcher restarts it: `peer_restarted`).
+0700 run directory can connect at all; see the tcp caveat in `vsva.runtime.endpoints`.)
 
 Time: `now` given to the actor is `time.monotonic()` minus the runtime's creation time; the
-trace time is wall time since the run's start epoch `t0`. Every envelope handed to ZeroMQ is
-recorded in the actor's trace `<run_dir>/trace-N.jsonl`: the send keeps only (time, frame) in
-memory (the frame is what went on the wire: a body the actor changes later cannot change the
-record); after the round's sends have left, the records are turned into JSON lines (off the
-hop's critical path), and the lines are written with one `write` when the loop has been idle
-for `TRACE_IDLE`, when the oldest unwritten line is `TRACE_MAX_AGE` old or `TRACE_MAX_BYTES`
-have piled up, and whenever `run_actor` returns or the runtime closes. So a clean exit
-(SIGTERM, shutdown, an exception in the loop) loses nothing, and a reader of a live child's
-trace sees every record of a child that has been quiet for `TRACE_IDLE`; a SIGKILLed process
-loses its unwritten records (at most `TRACE_MAX_AGE` s / `TRACE_MAX_BYTES` of them). A send
-that fails is logged, not traced.
+trace time is wall time since the run's start epoch `t0`.
 
 Every wait is bounded: the poll timeout is the time to the actor's next deadline, the next
 send-queue expiry, the next trace write, or the run's end, capped at `MAX_POLL`. zmq_poll
@@ -88,195 +49,36 @@ processing retires a dead connection before a frame could be queued on it).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import select
 import signal
 import socket
-import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import msgpack
 import zmq
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
+from vsva.runtime.endpoints import (TCP_PREFIX, TRANSPORTS, endpoint, endpoint_file,
+                                    publish_endpoint, socket_path, valid_name)
+from vsva.runtime.peers import EVENTS as _EVENTS
+from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks
+from vsva.runtime.peers import NOBLOCK as _NOBLOCK
+from vsva.runtime.peers import POLLIN as _POLLIN
+from vsva.runtime.peers import POLLOUT as _POLLOUT
+from vsva.runtime.trace_buffer import TRACE_IDLE, TraceBuffer
 
 MAX_POLL = 0.1  # seconds: the longest a loop iteration sleeps
-LINGER_MS = 100
-RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
 SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
-SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
-MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
 
-TRACE_IDLE = 0.005  # s: write the trace once the loop has been idle this long
-TRACE_MAX_AGE = 0.1  # s: ... and at the latest when the oldest unwritten line is this old
-TRACE_MAX_BYTES = 64 * 1024  # ... or when this much is waiting
-
-# pyzmq's enum flags cost an enum construction per use: the hot path uses plain ints
-_POLLIN = int(zmq.POLLIN)
-_POLLOUT = int(zmq.POLLOUT)
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
 _RCVMORE = int(zmq.RCVMORE)
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
-_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-
-
-def _monitor_event(frames: list[bytes]) -> int | None:
-    """The event id of a socket-monitor message (16-bit id, 32-bit value; then the
-    endpoint). Parsed here: zmq.utils.monitor imports asyncio (~20 ms per process start)."""
-    if len(frames) != 2 or len(frames[0]) != 6:
-        return None
-    return struct.unpack("=Hi", frames[0])[0]
-
-
-def valid_name(name: str) -> bool:
-    """Actor names double as file names in the run directory: keep them boring."""
-    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
-
-
-def socket_path(run_dir: str, name: str) -> str:
-    return os.path.join(run_dir, f"{name}.sock")
-
-
-def endpoint(run_dir: str, name: str) -> str:
-    """The ipc ROUTER endpoint of actor `name` (in the private run directory)."""
-    return f"ipc://{socket_path(run_dir, name)}"
-
-
-TRANSPORTS = ("ipc", "tcp")
-LOOPBACK = "127.0.0.1"
-_TCP_PREFIX = f"tcp://{LOOPBACK}:"
-
-
-def endpoint_file(run_dir: str, name: str) -> str:
-    """tcp: the file in which actor `name` publishes its ROUTER's endpoint."""
-    return os.path.join(run_dir, f"{name}.ep")
-
-
-def presence_path(run_dir: str, name: str, transport: str = "ipc") -> str:
-    """The file whose existence (and identity) says actor `name` is bound: its ipc socket
-    file, or (tcp) its endpoint file."""
-    return endpoint_file(run_dir, name) if transport == "tcp" else socket_path(run_dir, name)
-
-
-def read_endpoint_file(run_dir: str, name: str) -> tuple[str, tuple[int, int]] | None:
-    """tcp: (endpoint, (inode, ctime_ns)) of `name`'s endpoint file, read and identified
-    through one open file (so the identity is the file the endpoint came from); None when
-    there is none or it does not hold a loopback tcp endpoint."""
-    try:
-        fd = os.open(endpoint_file(run_dir, name), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        text = os.read(fd, 256).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    port = text[len(_TCP_PREFIX):]
-    if not text.startswith(_TCP_PREFIX) or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return text, (st.st_ino, st.st_ctime_ns)
-
-
-def control_endpoint(run_dir: str) -> str:
-    """The launcher's control ROUTER (readiness handshake), separate from the data path."""
-    return f"ipc://{os.path.join(run_dir, 'orch-ctl.sock')}"
-
-
-UP, CONNECTING, DOWN = "up", "connecting", "down"
-
-
-class TraceBuffer:
-    """One actor's trace file `<run_dir>/trace-<name>.jsonl`, written in batches (the record
-    shape of `orchestrator.trace.record`, one JSON line per message).
-
-    `add` (on the send path) keeps the wall time and the wire frame; `encode` turns them into
-    JSON lines (called after a round's sends); `write` appends the lines with one syscall.
-    """
-
-    def __init__(self, run_dir: str, name: str):
-        self.path = os.path.join(run_dir, f"trace-{name}.jsonl")
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o644)
-        self._frames: list[tuple[float, bytes]] = []
-        self._lines: list[str] = []
-        self._bytes = 0
-        self.since = 0.0  # time.monotonic() of the oldest unwritten record
-
-    def add(self, t: float, frame: bytes) -> None:
-        if not self._frames and not self._lines:
-            self.since = time.monotonic()
-        self._frames.append((t, frame))
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._frames or self._lines)
-
-    def due(self) -> bool:
-        """Unwritten lines that should not wait for the loop to go idle."""
-        return bool(self._lines) and (self._bytes >= TRACE_MAX_BYTES
-                                      or time.monotonic() - self.since >= TRACE_MAX_AGE)
-
-    def encode(self) -> None:
-        frames, self._frames = self._frames, []
-        for t, frame in frames:
-            w = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-            line = json.dumps({"t": round(t, 6), "clock": w.get("clock"), "id": w.get("id"),
-                               "src": w.get("src"), "dst": w.get("dst"),
-                               "kind": w.get("kind"), "corr": w.get("corr"),
-                               "rr": w.get("rr"), "flow": w.get("flow"),
-                               "body": w.get("body")}, default=repr)
-            self._lines.append(line)
-            self._bytes += len(line) + 1
-
-    def write(self) -> None:
-        self.encode()
-        if not self._lines:
-            return
-        data = memoryview(("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace"))
-        self._lines = []
-        self._bytes = 0
-        while data:
-            data = data[os.write(self._fd, data):]
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        try:
-            self.write()
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-
-@dataclass
-class _Peer:
-    name: str
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    state: str = CONNECTING
-    hold_until: float = 0.0  # restarted: connect failures before this do not mean down
-    dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
-    endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
-    ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
-    queue: deque = field(default_factory=deque)  # (env, frame, deadline): not yet sent
-
-
-class ZmqRuntime:
+class ZmqRuntime(PeerLinks):
     """Runs one actor over ZeroMQ: binds its ROUTER at creation, drives it in `run_actor`."""
 
     def __init__(self, name: str, run_dir: str, *, t0: float | None = None,
@@ -300,7 +102,7 @@ class ZmqRuntime:
         self.send_grace = send_grace
         self._endpoint_of = endpoint_of or self._default_endpoint
         self._own_eps = endpoint_of is None  # endpoints from the run directory's files
-        self.endpoint = f"{_TCP_PREFIX}*" if self._tcp else endpoint(run_dir, name)
+        self.endpoint = f"{TCP_PREFIX}*" if self._tcp else endpoint(run_dir, name)
         self._ep_id: tuple[int, int] | None = None  # tcp: our endpoint file
         self.router = self.ctx.socket(zmq.ROUTER)
         for opt, val in ((zmq.LINGER, LINGER_MS), (zmq.ROUTER_MANDATORY, 1),
@@ -310,7 +112,7 @@ class ZmqRuntime:
             self.router.bind(self.endpoint)
             if self._tcp:  # the kernel chose a free port: publish it (see the docstring)
                 self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
-                self._ep_id = self._publish_endpoint()
+                self._ep_id = publish_endpoint(run_dir, name, self.endpoint)
         except (zmq.ZMQError, OSError):
             self.router.close(0)
             if self._own_ctx:
@@ -322,8 +124,8 @@ class ZmqRuntime:
         self._interest: dict[Any, int] = {}  # zmq socket -> the events wanted from it
         self._dirty: set[Any] = set()  # zmq sockets whose EVENTS must be read before a wait
         self._poll_socket(self.router, _POLLIN)
-        self.peers: dict[str, _Peer] = {}
-        self._by_sock: dict[Any, _Peer] = {}
+        self.peers: dict[str, Peer] = {}
+        self._by_sock: dict[Any, Peer] = {}
         self._watch: dict[int, Callable[[], Iterable[str]]] = {}
         self._down_reported: set[str] = set()
         self._dying: list[tuple[float, str]] = []  # (report time, peer): see _peer_gone
@@ -337,20 +139,6 @@ class ZmqRuntime:
         self._started: Actor | None = None
         self.closed = False
         self.stats = {"sent": 0, "received": 0, "send_failed": 0, "rejected": 0, "peer_down": 0}
-
-    def _publish_endpoint(self) -> tuple[int, int]:
-        """tcp: write our endpoint to `<run_dir>/<name>.ep` atomically (a new file, renamed
-        over any old incarnation's); returns the file's identity."""
-        path = endpoint_file(self.run_dir, self.name)
-        tmp = os.path.join(self.run_dir, f".{self.name}.ep.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (self.endpoint + "\n").encode("ascii"))
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        return st.st_ino, st.st_ctime_ns
 
     # ---- clocks --------------------------------------------------------------------------
     def now(self) -> float:
@@ -370,25 +158,6 @@ class ZmqRuntime:
         if self._watch.pop(fd, None) is not None:
             self._os_poll.unregister(fd)
             self._fd_owner.pop(fd, None)
-
-    def peer_exited(self, name: str) -> None:
-        """The launcher saw process `name` die: its connection is down now, and the actor
-        hears `peer_down` once (even if the socket says so too), `SETTLE` s later."""
-        self._peer_gone(name, f"{name} exited")
-
-    def peer_restarted(self, name: str) -> None:
-        """Process `name` runs again (bound and ready): a later death is news again, and
-        sends wait for the reconnection (up to `send_grace`) instead of failing."""
-        peer = self.peers.get(name)
-        if peer is not None:
-            self._on_monitor(peer)  # the old connection's last events first
-            if self._tcp:
-                self._reconnect(peer)  # its new port, if it has published it yet
-        self._report_now(name)  # the old incarnation's death, before anything reaches the new
-        if peer is not None and peer.state != UP:
-            peer.state = CONNECTING
-            peer.hold_until = self.now() + self.send_grace
-        self._down_reported.discard(name)
 
     def request_stop(self) -> None:
         """Ask the loop to return soon (safe from a signal handler)."""
@@ -504,31 +273,6 @@ class ZmqRuntime:
             if select.select([fd], [], [], 0)[0]:
                 self._on_fd(fd)
 
-    def _peer_gone(self, name: str, why: str) -> None:
-        """Peer `name` died or dropped its connection: new sends fail from now on, queued
-        ones fail now (never sent: definite), and the actor hears `peer_down` after
-        `SETTLE` s, so messages the peer sent before dying (already in our socket buffers)
-        are delivered first: a reply that made it is not turned into an indefinite outcome."""
-        peer = self.peers.get(name)
-        if peer is not None:
-            peer.state = DOWN
-            peer.dead_inode = self._inode(name)
-            self._fail_queue(peer, why)
-            self._disconnect(peer)
-        self._dying.append((self.now() + SETTLE, name))
-
-    def _report_now(self, name: str) -> None:
-        """Report a pending death of `name` at once (it is back: what is sent from now on
-        goes to a new incarnation and must not be failed by the old one's death)."""
-        if any(n == name for _, n in self._dying):
-            self._dying = [(t, n) for t, n in self._dying if n != name]
-            self._report_down(name)
-
-    def _report_exits(self) -> None:
-        now = self.now()
-        while self._dying and self._dying[0][0] <= now:
-            self._report_down(self._dying.pop(0)[1])
-
     def _round(self, cap: float) -> None:
         """One poll round: wait (bounded), then handle everything that is ready, inbound
         messages first (before deaths and connection events); then the trace's upkeep."""
@@ -599,23 +343,6 @@ class ZmqRuntime:
         for peer in list(self.peers.values()):
             self._fail_queue(peer, f"not sent to {peer.name} within {timeout:.3f} s")
 
-    def expect(self, names: Iterable[str]) -> None:
-        """Connect to these peers now (before the first message needs it) and, for
-        `send_grace`, treat a refused connection as "not there yet" rather than "down"."""
-        now = self.now()
-        for name in names:
-            if name == self.name:
-                continue
-            peer = self._peer(name)
-            if peer is None:
-                continue
-            self._on_monitor(peer)
-            if self._tcp and self._reconnect(peer):
-                self._report_now(name)
-            if peer.state != UP:
-                peer.state = CONNECTING
-                peer.hold_until = now + self.send_grace
-
     # ---- inbound -------------------------------------------------------------------------
     def _drain_router(self) -> bool:
         """Take in up to MAX_BATCH frames; True when the ROUTER is drained (its EVENTS, read
@@ -653,7 +380,7 @@ class ZmqRuntime:
                 return True
         return False
 
-    def _drain_dealer(self, peer: _Peer) -> None:
+    def _drain_dealer(self, peer: Peer) -> None:
         sock = peer.sock
         for _ in range(MAX_BATCH):
             try:
@@ -747,7 +474,7 @@ class ZmqRuntime:
             return []
         return self._transmit(peer, env, frame)
 
-    def _enqueue(self, peer: _Peer, env: Envelope, frame: bytes, first: bool = False) -> None:
+    def _enqueue(self, peer: Peer, env: Envelope, frame: bytes, first: bool = False) -> None:
         item = (env, frame, self.now() + self.send_grace)
         if first:
             peer.queue.appendleft(item)
@@ -757,14 +484,14 @@ class ZmqRuntime:
             self._queued.add(peer.name)
             self._poll_socket(peer.sock, _POLLIN | _POLLOUT)
 
-    def _dequeued(self, peer: _Peer) -> None:
+    def _dequeued(self, peer: Peer) -> None:
         """`peer`'s queue is empty now: stop polling its DEALER for POLLOUT."""
         if peer.name in self._queued:
             self._queued.discard(peer.name)
             if not self.closed:
                 self._poll_socket(peer.sock, _POLLIN)
 
-    def _transmit(self, peer: _Peer, env: Envelope, frame: bytes) -> list[Envelope] | None:
+    def _transmit(self, peer: Peer, env: Envelope, frame: bytes) -> list[Envelope] | None:
         """Hand one frame to ZeroMQ and trace it. None: it must wait (queue full again)."""
         try:
             peer.sock.send(frame, _NOBLOCK)
@@ -788,7 +515,7 @@ class ZmqRuntime:
             return []
         return self.actor.send_failed(env, self.now())
 
-    def _flush_queue(self, peer: _Peer) -> None:
+    def _flush_queue(self, peer: Peer) -> None:
         while peer.queue and peer.sock.getsockopt(_EVENTS) & _POLLOUT:
             env, frame, _ = peer.queue.popleft()
             more = self._transmit(peer, env, frame)
@@ -809,146 +536,13 @@ class ZmqRuntime:
             if not peer.queue:
                 self._dequeued(peer)
 
-    def _fail_queue(self, peer: _Peer, why: str) -> None:
+    def _fail_queue(self, peer: Peer, why: str) -> None:
         while peer.queue:
             env, _, _ = peer.queue.popleft()
             self._send_all(self._failed(env, why))
         self._dequeued(peer)
 
     # ---- peers ---------------------------------------------------------------------------
-    def _default_endpoint(self, name: str) -> str | None:
-        """ipc peers exist when their socket file does (a name of this run); tcp peers when
-        their endpoint file does (it holds their loopback port)."""
-        if not valid_name(name):
-            return None
-        if self._tcp:
-            found = read_endpoint_file(self.run_dir, name)
-            return None if found is None else found[0]
-        if not os.path.exists(socket_path(self.run_dir, name)):
-            return None
-        return endpoint(self.run_dir, name)
-
-    def _peer(self, name: str) -> _Peer | None:
-        peer = self.peers.get(name)
-        if peer is not None:
-            return peer
-        ep_id = None
-        if self._tcp and self._own_eps:
-            found = read_endpoint_file(self.run_dir, name) if valid_name(name) else None
-            ep, ep_id = found if found is not None else (None, None)
-        else:
-            ep = self._endpoint_of(name) if valid_name(name) else None
-        if ep is None:
-            return None
-        sock = self.ctx.socket(zmq.DEALER)
-        for opt, val in ((zmq.ROUTING_ID, self.name.encode()), (zmq.IMMEDIATE, 1),
-                         (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
-                         (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
-            sock.setsockopt(opt, val)
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        sock.connect(ep)
-        peer = _Peer(name, sock, monitor, endpoint=ep, ep_id=ep_id)
-        self.peers[name] = peer
-        self._by_sock[sock] = peer
-        self._by_sock[monitor] = peer
-        self._poll_socket(sock, _POLLIN)
-        self._poll_socket(monitor, _POLLIN)
-        return peer
-
-    def _inode(self, name: str) -> tuple[int, int] | None:
-        """Which file `name`'s ipc socket (tcp: endpoint file) is (inode numbers alone are
-        reused at once)."""
-        try:
-            st = os.stat(presence_path(self.run_dir, name, self.transport))
-        except OSError:
-            return None
-        return st.st_ino, st.st_ctime_ns
-
-    def _rebound(self, peer: _Peer) -> bool:
-        """A DOWN peer whose ipc socket file is a new one (a restarted incarnation bound it)
-        is connecting again: libzmq reconnects within RECONNECT_IVL_MS, so a send waits for
-        that (up to `send_grace`) instead of failing. The old incarnation's death is reported
-        first, so it cannot fail what goes to the new one."""
-        if not self._own_eps:
-            return False
-        if self._tcp:
-            self._on_monitor(peer)  # the old connection's last events first
-            if not self._reconnect(peer):
-                return False
-        else:
-            inode = self._inode(peer.name)
-            if inode is None or inode == peer.dead_inode:
-                return False
-        peer.dead_inode = None
-        self._report_now(peer.name)
-        self._down_reported.discard(peer.name)
-        peer.state = CONNECTING
-        peer.hold_until = self.now() + self.send_grace
-        return True
-
-    def _reconnect(self, peer: _Peer) -> bool:
-        """tcp: if `peer` has published a new endpoint file (a restarted incarnation, most
-        likely on another port), point the DEALER at it; True when it did."""
-        if not self._own_eps:
-            return False
-        found = read_endpoint_file(self.run_dir, peer.name)
-        if found is None or found[1] == peer.ep_id:
-            return False
-        self._disconnect(peer)
-        peer.endpoint, peer.ep_id = found
-        peer.sock.connect(peer.endpoint)
-        self._dirty.add(peer.sock)
-        self._dirty.add(peer.monitor)
-        return True
-
-    def _disconnect(self, peer: _Peer) -> None:
-        """tcp: stop reconnecting to a dead peer's port (another process may get it); the
-        endpoint file of a restarted incarnation reconnects (`_reconnect`)."""
-        if not self._tcp or not peer.endpoint or not self._own_eps:
-            return
-        try:
-            peer.sock.disconnect(peer.endpoint)
-        except zmq.ZMQError:
-            pass
-        peer.endpoint = ""
-
-    def _on_monitor(self, peer: _Peer) -> None:
-        tcp = self._tcp and self._own_eps
-        while True:
-            try:
-                frames = peer.monitor.recv_multipart(_NOBLOCK)
-            except zmq.ZMQError:  # Again: no more events
-                return
-            event = _monitor_event(frames)
-            if event is None:
-                continue
-            if tcp and frames[1] != peer.endpoint.encode():
-                continue  # an old endpoint's connection (before a restart): not this one
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                peer.state = UP
-                self._report_now(peer.name)
-                self._down_reported.discard(peer.name)
-                if peer.queue:
-                    self._poll_socket(peer.sock, _POLLIN | _POLLOUT)
-            elif event == zmq.EVENT_DISCONNECTED:
-                if peer.state == UP:
-                    self._peer_gone(peer.name, f"{peer.name} disconnected")
-                else:
-                    self._set_down(peer)
-                    self._fail_queue(peer, f"{peer.name} disconnected")
-            elif event != zmq.EVENT_CONNECTED and peer.state != UP:
-                # connect refused / retried, or a failed handshake: nobody is serving there
-                if self.now() < peer.hold_until:
-                    continue
-                self._set_down(peer)
-                self._fail_queue(peer, f"{peer.name} is not accepting connections")
-
-    def _set_down(self, peer: _Peer) -> None:
-        if peer.state != DOWN:
-            peer.state = DOWN
-            peer.dead_inode = self._inode(peer.name)
-            self._disconnect(peer)
-
     def _on_fd(self, fd: int) -> None:
         if self._wake_r is not None and fd == self._wake_r.fileno():
             try:
@@ -962,15 +556,6 @@ class ZmqRuntime:
             return
         for name in on_ready():
             self.peer_exited(name)
-
-    def _report_down(self, name: str) -> None:
-        if name in self._down_reported:
-            return
-        self._down_reported.add(name)
-        self.stats["peer_down"] += 1
-        self.log(f"peer {name} is down")
-        if self.actor is not None:
-            self._send_all(self.actor.peer_down(name, self.now(), sent=True))
 
     def _ratelog(self, key: str, line: str) -> None:
         if self.actor is not None:

@@ -1,0 +1,1 @@
+"""Reading runs afterwards: the invariant audit, trace files and their merge, exports."""

@@ -1,0 +1,303 @@
+"""The runtime's peers: one DEALER per peer, its connection state, its reconnection.
+
+Sending never blocks and never loses a message silently. A peer's connection is tracked with
+a socket monitor: *connecting* (fresh DEALER) -> *up* (ZMTP handshake done) -> *down*
+(disconnected, or connect refused). A send to an *up* peer goes straight out; when it cannot
+(connecting, or the send queue is full) it waits in a per-peer queue for at most
+`send_grace` seconds (POLLOUT flushes it); a send to a *down* peer, an unknown name, or a
+queued message whose grace expired goes to `actor.send_failed(env, now)` at once. When a
+connection that was up drops, the queued messages fail (definite: never sent) and the actor
+gets `peer_down(peer, now, sent=True)` (requests already handed over become indefinite)
+`SETTLE` s later, after what the peer sent before dying has been delivered. The launcher
+also feeds process deaths (pidfds: `peer_exited`); a peer reported down by both sources is
+reported once until it connects again (or the launcher restarts it: `peer_restarted`).
+
+`PeerLinks` holds this logic; `vsva.runtime.loop.ZmqRuntime` inherits it and owns the state
+it works on (declared below), the poll and the send queues.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import zmq
+
+from vsva.actors.base import Actor
+from vsva.actors.messages import MAX_FRAME
+from vsva.runtime.endpoints import endpoint, presence_path, read_endpoint_file, socket_path, valid_name
+
+LINGER_MS = 100
+RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
+SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
+MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
+
+# pyzmq's enum flags cost an enum construction per use: the hot path uses plain ints
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+
+_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _monitor_event(frames: list[bytes]) -> int | None:
+    """The event id of a socket-monitor message (16-bit id, 32-bit value; then the
+    endpoint). Parsed here: zmq.utils.monitor imports asyncio (~20 ms per process start)."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        return None
+    return struct.unpack("=Hi", frames[0])[0]
+
+
+UP, CONNECTING, DOWN = "up", "connecting", "down"
+
+
+@dataclass
+class Peer:
+    name: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    state: str = CONNECTING
+    hold_until: float = 0.0  # restarted: connect failures before this do not mean down
+    dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
+    endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
+    ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
+    queue: deque = field(default_factory=deque)  # (env, frame, deadline): not yet sent
+
+
+class PeerLinks:
+    """Connection tracking for `ZmqRuntime` (see the module docstring)."""
+
+    name: str
+    run_dir: str
+    transport: str
+    ctx: zmq.Context
+    send_grace: float
+    actor: Actor | None
+    peers: dict[str, Peer]
+    stats: dict[str, int]
+    _tcp: bool
+    _own_eps: bool
+    _endpoint_of: Callable[[str], str | None]
+    _by_sock: dict[Any, Peer]
+    _dirty: set[Any]
+    _down_reported: set[str]
+    _dying: list[tuple[float, str]]
+
+    if TYPE_CHECKING:  # provided by ZmqRuntime
+        def now(self) -> float: ...
+        def log(self, line: str) -> None: ...
+        def _poll_socket(self, sock: zmq.Socket, events: int) -> None: ...
+        def _send_all(self, envs: Any) -> None: ...
+        def _fail_queue(self, peer: Peer, why: str) -> None: ...
+
+    # ---- what the launcher tells us ------------------------------------------------------
+    def peer_exited(self, name: str) -> None:
+        """The launcher saw process `name` die: its connection is down now, and the actor
+        hears `peer_down` once (even if the socket says so too), `SETTLE` s later."""
+        self._peer_gone(name, f"{name} exited")
+
+    def peer_restarted(self, name: str) -> None:
+        """Process `name` runs again (bound and ready): a later death is news again, and
+        sends wait for the reconnection (up to `send_grace`) instead of failing."""
+        peer = self.peers.get(name)
+        if peer is not None:
+            self._on_monitor(peer)  # the old connection's last events first
+            if self._tcp:
+                self._reconnect(peer)  # its new port, if it has published it yet
+        self._report_now(name)  # the old incarnation's death, before anything reaches the new
+        if peer is not None and peer.state != UP:
+            peer.state = CONNECTING
+            peer.hold_until = self.now() + self.send_grace
+        self._down_reported.discard(name)
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Connect to these peers now (before the first message needs it) and, for
+        `send_grace`, treat a refused connection as "not there yet" rather than "down"."""
+        now = self.now()
+        for name in names:
+            if name == self.name:
+                continue
+            peer = self._peer(name)
+            if peer is None:
+                continue
+            self._on_monitor(peer)
+            if self._tcp and self._reconnect(peer):
+                self._report_now(name)
+            if peer.state != UP:
+                peer.state = CONNECTING
+                peer.hold_until = now + self.send_grace
+
+    # ---- deaths, reported once -------------------------------------------------------------
+    def _peer_gone(self, name: str, why: str) -> None:
+        """Peer `name` died or dropped its connection: new sends fail from now on, queued
+        ones fail now (never sent: definite), and the actor hears `peer_down` after
+        `SETTLE` s, so messages the peer sent before dying (already in our socket buffers)
+        are delivered first: a reply that made it is not turned into an indefinite outcome."""
+        peer = self.peers.get(name)
+        if peer is not None:
+            peer.state = DOWN
+            peer.dead_inode = self._inode(name)
+            self._fail_queue(peer, why)
+            self._disconnect(peer)
+        self._dying.append((self.now() + SETTLE, name))
+
+    def _report_now(self, name: str) -> None:
+        """Report a pending death of `name` at once (it is back: what is sent from now on
+        goes to a new incarnation and must not be failed by the old one's death)."""
+        if any(n == name for _, n in self._dying):
+            self._dying = [(t, n) for t, n in self._dying if n != name]
+            self._report_down(name)
+
+    def _report_exits(self) -> None:
+        now = self.now()
+        while self._dying and self._dying[0][0] <= now:
+            self._report_down(self._dying.pop(0)[1])
+
+    def _report_down(self, name: str) -> None:
+        if name in self._down_reported:
+            return
+        self._down_reported.add(name)
+        self.stats["peer_down"] += 1
+        self.log(f"peer {name} is down")
+        if self.actor is not None:
+            self._send_all(self.actor.peer_down(name, self.now(), sent=True))
+
+    # ---- connecting ------------------------------------------------------------------------
+    def _default_endpoint(self, name: str) -> str | None:
+        """ipc peers exist when their socket file does (a name of this run); tcp peers when
+        their endpoint file does (it holds their loopback port)."""
+        if not valid_name(name):
+            return None
+        if self._tcp:
+            found = read_endpoint_file(self.run_dir, name)
+            return None if found is None else found[0]
+        if not os.path.exists(socket_path(self.run_dir, name)):
+            return None
+        return endpoint(self.run_dir, name)
+
+    def _peer(self, name: str) -> Peer | None:
+        peer = self.peers.get(name)
+        if peer is not None:
+            return peer
+        ep_id = None
+        if self._tcp and self._own_eps:
+            found = read_endpoint_file(self.run_dir, name) if valid_name(name) else None
+            ep, ep_id = found if found is not None else (None, None)
+        else:
+            ep = self._endpoint_of(name) if valid_name(name) else None
+        if ep is None:
+            return None
+        sock = self.ctx.socket(zmq.DEALER)
+        for opt, val in ((zmq.ROUTING_ID, self.name.encode()), (zmq.IMMEDIATE, 1),
+                         (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
+                         (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
+            sock.setsockopt(opt, val)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        sock.connect(ep)
+        peer = Peer(name, sock, monitor, endpoint=ep, ep_id=ep_id)
+        self.peers[name] = peer
+        self._by_sock[sock] = peer
+        self._by_sock[monitor] = peer
+        self._poll_socket(sock, POLLIN)
+        self._poll_socket(monitor, POLLIN)
+        return peer
+
+    def _inode(self, name: str) -> tuple[int, int] | None:
+        """Which file `name`'s ipc socket (tcp: endpoint file) is (inode numbers alone are
+        reused at once)."""
+        try:
+            st = os.stat(presence_path(self.run_dir, name, self.transport))
+        except OSError:
+            return None
+        return st.st_ino, st.st_ctime_ns
+
+    def _rebound(self, peer: Peer) -> bool:
+        """A DOWN peer whose ipc socket file is a new one (a restarted incarnation bound it)
+        is connecting again: libzmq reconnects within RECONNECT_IVL_MS, so a send waits for
+        that (up to `send_grace`) instead of failing. The old incarnation's death is reported
+        first, so it cannot fail what goes to the new one."""
+        if not self._own_eps:
+            return False
+        if self._tcp:
+            self._on_monitor(peer)  # the old connection's last events first
+            if not self._reconnect(peer):
+                return False
+        else:
+            inode = self._inode(peer.name)
+            if inode is None or inode == peer.dead_inode:
+                return False
+        peer.dead_inode = None
+        self._report_now(peer.name)
+        self._down_reported.discard(peer.name)
+        peer.state = CONNECTING
+        peer.hold_until = self.now() + self.send_grace
+        return True
+
+    def _reconnect(self, peer: Peer) -> bool:
+        """tcp: if `peer` has published a new endpoint file (a restarted incarnation, most
+        likely on another port), point the DEALER at it; True when it did."""
+        if not self._own_eps:
+            return False
+        found = read_endpoint_file(self.run_dir, peer.name)
+        if found is None or found[1] == peer.ep_id:
+            return False
+        self._disconnect(peer)
+        peer.endpoint, peer.ep_id = found
+        peer.sock.connect(peer.endpoint)
+        self._dirty.add(peer.sock)
+        self._dirty.add(peer.monitor)
+        return True
+
+    def _disconnect(self, peer: Peer) -> None:
+        """tcp: stop reconnecting to a dead peer's port (another process may get it); the
+        endpoint file of a restarted incarnation reconnects (`_reconnect`)."""
+        if not self._tcp or not peer.endpoint or not self._own_eps:
+            return
+        try:
+            peer.sock.disconnect(peer.endpoint)
+        except zmq.ZMQError:
+            pass
+        peer.endpoint = ""
+
+    def _on_monitor(self, peer: Peer) -> None:
+        tcp = self._tcp and self._own_eps
+        while True:
+            try:
+                frames = peer.monitor.recv_multipart(NOBLOCK)
+            except zmq.ZMQError:  # Again: no more events
+                return
+            event = _monitor_event(frames)
+            if event is None:
+                continue
+            if tcp and frames[1] != peer.endpoint.encode():
+                continue  # an old endpoint's connection (before a restart): not this one
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.state = UP
+                self._report_now(peer.name)
+                self._down_reported.discard(peer.name)
+                if peer.queue:
+                    self._poll_socket(peer.sock, POLLIN | POLLOUT)
+            elif event == zmq.EVENT_DISCONNECTED:
+                if peer.state == UP:
+                    self._peer_gone(peer.name, f"{peer.name} disconnected")
+                else:
+                    self._set_down(peer)
+                    self._fail_queue(peer, f"{peer.name} disconnected")
+            elif event != zmq.EVENT_CONNECTED and peer.state != UP:
+                # connect refused / retried, or a failed handshake: nobody is serving there
+                if self.now() < peer.hold_until:
+                    continue
+                self._set_down(peer)
+                self._fail_queue(peer, f"{peer.name} is not accepting connections")
+
+    def _set_down(self, peer: Peer) -> None:
+        if peer.state != DOWN:
+            peer.state = DOWN
+            peer.dead_inode = self._inode(peer.name)
+            self._disconnect(peer)
