@@ -58,6 +58,8 @@ import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.memory import PhysMem
+from vsva.ops import forkserver
+from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
 from vsva.analysis import trace as tracefile
 from vsva.ops.topology import ORCH, ActorSpec, Topology
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
@@ -75,15 +77,19 @@ class LaunchError(RuntimeError):
 @dataclass
 class _Proc:
     spec: ActorSpec
-    popen: subprocess.Popen
+    child: subprocess.Popen | ForkedChild  # a child of ours, or one the fork server forked
     pidfd: int | None
     started: float
     ready_at: float | None = None
     killed_by_us: int | None = None
 
     @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
     def exitcode(self) -> int | None:
-        return self.popen.returncode
+        return self.child.returncode
 
 
 class Launcher:
@@ -92,7 +98,7 @@ class Launcher:
     def __init__(self, topology: Topology, *, keep: bool = False, ready_timeout: float = 20.0,
                  term_timeout: float = 2.0, extra_path: Sequence[str] = (),
                  base_dir: str | None = None, log: Callable[[str], None] | None = None,
-                 python: str = sys.executable):
+                 python: str = sys.executable, fork: bool | None = None):
         self.topology = topology
         self.keep = keep
         self.ready_timeout = ready_timeout
@@ -121,6 +127,8 @@ class Launcher:
         self.ready_seconds: float | None = None  # first spawn -> all ready
         self.transport: str = getattr(topology, "transport", "ipc")
         self._endpoints: dict[str, str] = {}  # name -> ROUTER endpoint (from the ready messages)
+        self.fork = _use_fork(fork, self.log)  # start actors through the fork server?
+        self.forkserver: ForkServer | None = None
 
     # ---- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Launcher":
@@ -152,8 +160,7 @@ class Launcher:
         try:
             self._prepare()
             t_spawn = time.monotonic()
-            for spec in self.topology.actors:
-                self._spawn(spec)
+            self._spawn(self.topology.actors)
             self._await_ready(names, self.ready_timeout)
             self.runtime.expect(names)
             self.ready_seconds = time.monotonic() - t_spawn
@@ -176,6 +183,8 @@ class Launcher:
         with open(os.path.join(self.run_dir, "run.json"), "w") as f:
             json.dump({"t0": self.t0, "shm": self.shm_path, "run_id": self.run_id,
                        "launcher_pid": os.getpid()}, f)
+        if self.fork:  # its imports overlap with the rest of the set-up
+            self.forkserver = ForkServer(self._child_env(), self.python)
         self.ctx = zmq.Context()
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.LINGER, 0)
@@ -194,19 +203,31 @@ class Launcher:
         env["PYTHONPATH"] = os.pathsep.join(paths)
         return env
 
-    def _spawn(self, spec: ActorSpec) -> _Proc:
+    def _spawn(self, specs: Sequence[ActorSpec]) -> None:
+        """Start these actors: forked by the fork server (all requests at once), or one
+        interpreter each; then watch each one's pidfd."""
+        started = time.monotonic()
+        if self.forkserver is not None:
+            try:
+                children = self.forkserver.spawn_many([s.name for s in specs], self.run_dir)
+            except ForkServerError as exc:
+                raise LaunchError(str(exc)) from None
+        else:
+            children = [self._exec(spec) for spec in specs]
+        for spec, (child, pidfd) in zip(specs, children):
+            self.procs[spec.name] = _Proc(spec, child, pidfd, started)
+            self.runtime.watch(pidfd, lambda name=spec.name: self._reap(name) and [])
+            self.runtime.peer_restarted(spec.name)
+
+    def _exec(self, spec: ActorSpec) -> tuple[subprocess.Popen, int]:
+        """The fallback: a fresh interpreter running vsva.runtime.actor_process."""
         cmd = [self.python, "-m", "vsva.runtime.actor_process", "--run-dir", self.run_dir,
                "--name", spec.name, "--parent-pid", str(os.getpid())]
         with open(os.path.join(self.run_dir, f"{spec.name}.log"), "ab") as logf:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                      stderr=subprocess.STDOUT, env=self._child_env(),
                                      cwd=self.run_dir, start_new_session=True, close_fds=True)
-        pidfd = os.pidfd_open(popen.pid)
-        proc = _Proc(spec, popen, pidfd, time.monotonic())
-        self.procs[spec.name] = proc
-        self.runtime.watch(pidfd, lambda name=spec.name: self._reap(name) and [])
-        self.runtime.peer_restarted(spec.name)
-        return proc
+        return popen, os.pidfd_open(popen.pid)
 
     def _await_ready(self, names: list[str], timeout: float) -> None:
         """Collect the ready messages of `names` (bounded), then send each its go."""
@@ -251,7 +272,7 @@ class Launcher:
                 continue
             proc = self.procs.get(rid)
             if (len(frames) != 2 or not isinstance(msg, dict) or msg.get("ready") != rid
-                    or proc is None or msg.get("pid") != proc.popen.pid):
+                    or proc is None or msg.get("pid") != proc.pid):
                 self.log(f"ignored control frame from {rid!r}: {msg!r}")
                 continue
             proc.ready_at = time.monotonic()
@@ -281,17 +302,19 @@ class Launcher:
         proc = self.procs.get(name)
         if proc is None or proc.pidfd is None:
             return []
-        if proc.popen.poll() is None:
+        if proc.child.poll() is None:
             return []
         if self.runtime is not None:
             self.runtime.unwatch(proc.pidfd)
         os.close(proc.pidfd)
         proc.pidfd = None
-        code = proc.popen.returncode
+        if self.forkserver is not None:
+            self.forkserver.release(proc.pid)
+        code = proc.child.returncode
         self.deaths.append((name, code))
         if self.runtime is not None and not self.runtime.closed:
             self.runtime.peer_exited(name)
-        self.log(f"{name} (pid {proc.popen.pid}) exited with {code}")
+        self.log(f"{name} (pid {proc.pid}) exited with {code}")
         for callback in list(self.on_death):
             try:
                 callback(name, code)
@@ -326,12 +349,12 @@ class Launcher:
         rows = []
         for name, proc in self.procs.items():
             if proc.pidfd is not None:
-                code = proc.popen.poll()
+                code = proc.child.poll()
                 if code is not None:
                     self._reap(name)
-            code = proc.popen.returncode
+            code = proc.child.returncode
             state = "running" if code is None else "killed" if code < 0 else "exited"
-            rows.append({"name": name, "kind": proc.spec.kind, "pid": proc.popen.pid,
+            rows.append({"name": name, "kind": proc.spec.kind, "pid": proc.pid,
                          "state": state, "exitcode": code})
         return rows
 
@@ -341,11 +364,11 @@ class Launcher:
         return dict(self._endpoints)
 
     def pid(self, name: str) -> int:
-        return self.procs[name].popen.pid
+        return self.procs[name].pid
 
     def alive(self, name: str) -> bool:
         proc = self.procs[name]
-        return proc.pidfd is not None and proc.popen.poll() is None
+        return proc.pidfd is not None and proc.child.poll() is None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> bool:
         """Send `sig` to actor `name` through its pidfd (no pid-reuse race). False if gone."""
@@ -357,7 +380,7 @@ class Launcher:
         except ProcessLookupError:
             return False
         proc.killed_by_us = sig
-        self.log(f"sent signal {sig} to {name} (pid {proc.popen.pid})")
+        self.log(f"sent signal {sig} to {name} (pid {proc.pid})")
         return True
 
     def wait_exit(self, name: str, timeout: float) -> int | None:
@@ -368,19 +391,19 @@ class Launcher:
             poller.register(proc.pidfd, select.POLLIN)
             if poller.poll(int(timeout * 1000)):
                 self._reap(name)
-        return proc.popen.returncode
+        return proc.child.returncode
 
     def restart(self, name: str, timeout: float | None = None) -> int:
         """Start a dead actor again (same name, config; same ipc endpoint, or with tcp most
         likely a new port, to which the survivors reconnect); returns its new pid."""
         proc = self.procs[name]
-        if proc.pidfd is not None and proc.popen.poll() is None:
+        if proc.pidfd is not None and proc.child.poll() is None:
             raise RuntimeError(f"{name} is still running")
         self._reap(name)
-        self._spawn(proc.spec)
+        self._spawn([proc.spec])
         self._await_ready([name], self.ready_timeout if timeout is None else timeout)
         self.runtime.expect([name])
-        return self.procs[name].popen.pid
+        return self.procs[name].pid
 
     def run_actor(self, actor: Actor, timeout: float = 60.0,
                   until: Callable[[Actor], bool] | None = None) -> bool:
@@ -424,8 +447,8 @@ class Launcher:
             atexit.unregister(self.close)
         except Exception:
             pass
-        steps = (self._stop_children, self._close_sockets, self._collect, self._drop_memory,
-                 self._remove_files)
+        steps = (self._stop_children, self._stop_forkserver, self._close_sockets, self._collect,
+                 self._drop_memory, self._remove_files)
         errors = []
         for step in steps:
             try:
@@ -446,14 +469,18 @@ class Launcher:
             self.kill(name, signal.SIGKILL)
         self._wait_all(rest, 5.0)
         for proc in self.procs.values():  # anything left (should be nothing): block-reap
-            if proc.popen.returncode is None:
+            if proc.child.returncode is None:
                 try:
-                    proc.popen.kill()
+                    proc.child.kill()
                 except OSError:
                     pass
-                proc.popen.wait(5.0)
+                proc.child.wait(5.0)
             if proc.pidfd is not None:
                 self._reap(proc.spec.name)
+
+    def _stop_forkserver(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.close()
 
     def _wait_all(self, names: list[str], timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -504,3 +531,21 @@ class Launcher:
                     pass
         if not self.keep:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+_FALLBACK_LOGGED = False
+
+
+def _use_fork(fork: bool | None, log: Callable[[str], None]) -> bool:
+    """Fork actors from the fork server unless told not to or it cannot work here; the
+    fallback (one interpreter per actor) is logged once per process."""
+    global _FALLBACK_LOGGED
+    ok, why = forkserver.available()
+    if fork is False or (fork is None and not ok):
+        if not _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED = True
+            log(f"starting one interpreter per actor ({why or 'fork server disabled'})")
+        return False
+    if not ok:
+        raise ValueError(f"fork server unavailable: {why}")
+    return True

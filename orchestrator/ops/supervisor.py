@@ -291,7 +291,7 @@ class Supervisor:
         if self.launcher.closed:
             return
         kind = self.launcher.procs[name].spec.kind
-        self.event("died", name, exitcode=code, pid=self.launcher.procs[name].popen.pid)
+        self.event("died", name, exitcode=code, pid=self.launcher.procs[name].pid)
         rec: dict[str, Any] = {"actor": name, "kind": kind, "exitcode": code, "t_death_seen": t}
         self.recoveries.append(rec)
         if kind == "host":

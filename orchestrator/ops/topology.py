@@ -55,6 +55,28 @@ class Topology:
     def names(self, kind: str | None = None) -> list[str]:
         return [a.name for a in self.actors if kind is None or a.kind == kind]
 
+    def peers_of(self, name: str) -> list[str]:
+        """The actors `name` talks to: every actor named in its configuration (a guest its
+        vmm, the host and vdcm; the host every VM). Connections to these are made at start;
+        any other peer is connected on first use, so a topology of N VMs costs O(N)
+        connections, not O(N^2)."""
+        known = set(self.names())
+        found: list[str] = []
+
+        def scan(value: Any) -> None:
+            if isinstance(value, str):
+                if value in known and value != name and value not in found:
+                    found.append(value)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    scan(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    scan(item)
+
+        scan(self.spec(name).config)
+        return found
+
     @property
     def vms(self) -> list[int]:
         return [a.config["vm"] for a in self.actors if a.kind == "vmm"]

@@ -88,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--go-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
-    die_with_parent(args.parent_pid)
+    return run_actor_process(args.run_dir, args.name, parent_pid=args.parent_pid,
+                             go_timeout=args.go_timeout)
+
+
+def run_actor_process(run_dir: str, name: str, *, parent_pid: int | None = None,
+                      go_timeout: float = 30.0, loaded=None) -> int:
+    """Steps 1-6 of the module docstring for actor `name`; `loaded` is (run, topology) when
+    the caller (the fork server) has read the run directory already. Returns the exit code."""
+    die_with_parent(parent_pid)
 
     from vsva.actors import actor_class
     from vsva.actors.base import ActorEnv
@@ -96,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     from vsva.ops.topology import ORCH
     from vsva.runtime.loop import ZmqRuntime
 
-    run, topology = load_run(args.run_dir)
+    run, topology = loaded if loaded is not None else load_run(run_dir)
     t0 = float(run["t0"])
 
     def log(line: str) -> None:
         print(f"{time.time() - t0:9.3f} {line}", file=sys.stderr, flush=True)
 
     try:
-        spec = topology.spec(args.name)
+        spec = topology.spec(name)
     except StopIteration:
-        log(f"{args.name}: not in the topology")
+        log(f"{name}: not in the topology")
         return 2
 
-    runtime = ZmqRuntime(args.name, args.run_dir, t0=t0, log=log,
+    runtime = ZmqRuntime(name, run_dir, t0=t0, log=log,
                          transport=getattr(topology, "transport", "ipc"))
     stop = {"now": False}
 
@@ -122,22 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     mem = None
     try:
         mem = PhysMem.open(run["shm"]) if run.get("shm") else None
-        actor = actor_class(spec.kind)(args.name, ActorEnv(config=spec.config, mem=mem,
-                                                           seed=topology.seed, log=log))
-        peers = [ORCH, *topology.names()]
-        runtime.expect(peers)  # connect to every peer early: first messages need no wait
-        if not handshake(runtime.ctx, args.run_dir, args.name, args.go_timeout,
+        actor = actor_class(spec.kind)(name, ActorEnv(config=spec.config, mem=mem,
+                                                      seed=topology.seed, log=log))
+        peers = [ORCH, *topology.peers_of(name)]
+        runtime.expect(peers)  # connect to our peers early: first messages need no wait
+        if not handshake(runtime.ctx, run_dir, name, go_timeout,
                          lambda: stop["now"], runtime.endpoint):
-            log(f"{args.name}: no go from the launcher" if not stop["now"] else
-                f"{args.name}: stopped before start")
+            log(f"{name}: no go from the launcher" if not stop["now"] else
+                f"{name}: stopped before start")
             return 0 if stop["now"] else 3
         runtime.expect(peers)  # all are bound now: a refusal from here on means down
         runtime.run_actor(actor)
-        log(f"{args.name}: exiting ({'stopping' if actor.stopping else 'signal'}), "
+        log(f"{name}: exiting ({'stopping' if actor.stopping else 'signal'}), "
             f"stats {runtime.stats}")
         return 0
     except Exception:
-        log(f"{args.name}: fatal error\n{traceback.format_exc()}")
+        log(f"{name}: fatal error\n{traceback.format_exc()}")
         return 1
     finally:
         runtime.close()

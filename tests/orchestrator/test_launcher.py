@@ -191,7 +191,7 @@ def test_launch_failure_reports_log_and_cleans_up():
         launcher.start()
     assert not os.path.exists(launcher.run_dir)
     assert launcher.shm_path is None or not os.path.exists(launcher.shm_path)
-    assert not any(pid_alive(p.popen.pid) for p in launcher.procs.values())
+    assert not any(pid_alive(p.pid) for p in launcher.procs.values())
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])

@@ -1,0 +1,234 @@
+"""The fork server: one process that has imported everything an actor needs forks the actors.
+
+`python -m vsva.runtime.zygote --fd N --parent-pid P` is started by the launcher
+(`vsva.ops.forkserver.ForkServer`) with one end of a SOCK_SEQPACKET socketpair as fd N. It
+imports zmq, msgpack, numpy, the hot path, every actor module and the runtime *once*, then
+serves requests, one packet each (JSON):
+
+    {"spawn": name, "run_dir": D}                   ->  {"pid": pid} with the child's pidfd
+                                                        attached (SCM_RIGHTS), or {"error": why}
+    (nothing else: end of file on the socket)       ->  SIGKILL every child, reap, exit 0
+
+and reports each child's end, as it reaps it, with {"exit": pid, "code": c} (`code` as
+`subprocess.Popen.returncode`: the exit status, or -signal). The pidfd is opened before the
+child can be reaped, so the launcher's handle can never name a reused pid; the launcher
+waits on it (readable when the child exits: it works for processes that are not its
+children) and signals through it exactly as for a child of its own.
+
+What must not cross a fork: a ZeroMQ context, a socket or a thread (libzmq's I/O threads
+and any Python thread would be missing or half-locked in the child). The zygote never
+creates any, and `check_forkable` proves it before every fork: the process has exactly one
+OS thread (libzmq starts its reaper and I/O threads with a context's first socket, so a
+live context with a socket shows up there) and no global zmq context. A request that
+arrives when the check fails is refused, not forked. Each child builds its own context
+after the fork (`vsva.runtime.actor_process`).
+
+Each child: leaves the zygote's signal set-up, starts its own session, writes stdout and
+stderr to `<run_dir>/<name>.log`, and runs `actor_process.run_actor_process` with the run
+(run.json + topology.json) the zygote parsed once per run directory. Children die with the
+zygote (PR_SET_PDEATHSIG), the zygote with the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+PRELOAD = ("zmq", "msgpack", "numpy", "vsva.hotpath", "vsva.actors.guest", "vsva.actors.vmm",
+           "vsva.actors.host", "vsva.actors.kvm", "vsva.actors.vdcm", "vsva.ops.control",
+           "vsva.ops.topology", "vsva.runtime.loop", "vsva.runtime.actor_process")
+MAX_PACKET = 64 * 1024
+
+
+class ForkUnsafe(RuntimeError):
+    """This process holds something that must not cross a fork (a thread, a zmq context)."""
+
+
+def check_forkable() -> None:
+    """Raise ForkUnsafe unless this process is safe to fork: one OS thread (no libzmq I/O
+    thread, no Python thread) and no global zmq context."""
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = threading.active_count()
+    if threads != 1 or threading.active_count() != 1:
+        raise ForkUnsafe(f"{threads} threads in the fork server (a zmq context or a thread "
+                         f"would cross the fork)")
+    zmq = sys.modules.get("zmq")
+    if zmq is not None and getattr(zmq.Context, "_instance", None) is not None:
+        raise ForkUnsafe("a global zmq context exists in the fork server")
+
+
+def preload() -> None:
+    """Import what every actor imports, then freeze the heap so the children's garbage
+    collector never writes to the shared pages (copy-on-write stays shared)."""
+    import importlib
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    gc.collect()
+    gc.freeze()
+
+
+class _Server:
+    def __init__(self, ctl: socket.socket):
+        self.ctl = ctl
+        self.children: set[int] = set()
+        self.runs: dict[str, Any] = {}  # run_dir -> (run, topology), parsed once
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self._wake_w)
+        poller = select.poll()
+        poller.register(self.ctl.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self._wake_r:
+                        self._drain_wake()
+                    elif not self._on_request():
+                        return
+                self._reap()
+        finally:
+            self._shutdown()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_request(self) -> bool:
+        data = self.ctl.recv(MAX_PACKET)
+        if not data:
+            return False
+        try:
+            req = json.loads(data)
+            name, run_dir = str(req["spawn"]), str(req["run_dir"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._send({"error": f"bad request: {exc!r}"})
+            return True
+        try:
+            check_forkable()
+            run = self._run(run_dir)
+            zygote = os.getpid()
+            pid = os.fork()
+        except (ForkUnsafe, OSError, ValueError, TypeError, KeyError) as exc:
+            self._send({"error": f"{name}: cannot fork: {exc}"})
+            return True
+        if pid == 0:
+            self._child(name, run_dir, zygote, run)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(self.ctl, [json.dumps({"pid": pid}).encode()], [pidfd])
+        finally:
+            os.close(pidfd)
+        return True
+
+    def _run(self, run_dir: str) -> Any:
+        if run_dir not in self.runs:
+            from vsva.runtime.actor_process import load_run
+
+            self.runs[run_dir] = load_run(run_dir)
+            gc.freeze()
+        return self.runs[run_dir]
+
+    def _child(self, name: str, run_dir: str, zygote: int, run: Any) -> None:
+        """In the child: never returns."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.ctl.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            os.setsid()
+            log = os.open(os.path.join(run_dir, f"{name}.log"),
+                          os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(log)
+            os.close(null)
+            os.chdir(run_dir)
+            from vsva.runtime.actor_process import run_actor_process
+
+            code = run_actor_process(run_dir, name, parent_pid=zygote, loaded=run)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.ctl.send(json.dumps(msg).encode())
+        except OSError:  # the launcher is gone: its end of file ends the loop
+            pass
+
+    def _shutdown(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in list(self.children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.clear()
+
+
+def serve(ctl: socket.socket) -> None:
+    """Serve fork requests on `ctl` until its peer closes it (see the module docstring)."""
+    _Server(ctl).serve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vsva.runtime.zygote")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    from vsva.runtime.actor_process import die_with_parent
+
+    die_with_parent(args.parent_pid)
+    ctl = socket.socket(fileno=args.fd)
+    preload()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    serve(ctl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The fork server: actors forked from a zygote are supervised exactly like children of the
+launcher (pidfd death detection, SIGKILL, restart, exit codes, no zombies); nothing that
+must not cross a fork (a zmq context, a thread) can; without it, one interpreter per actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vsva.actors.base import Call
+from vsva.ops import launcher as launcher_mod
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import ActorSpec, Topology
+
+from zmqrt_toys import TOYS, Script, pid_alive
+
+ROOT = os.path.dirname(os.path.dirname(TOYS))
+
+
+def topology():
+    return Topology(actors=[ActorSpec("echo", "zmqrt_toys:Echo"),
+                            ActorSpec("mute", "zmqrt_toys:Mute")], mem_frames=8)
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def state_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+UNSAFE = {
+    "zmq context with a socket": "import zmq; s = zmq.Context().socket(zmq.DEALER)",
+    "python thread": "import threading; threading.Thread(target=threading.Event().wait).start()",
+    "global zmq context": "import zmq; zmq.Context.instance()",
+}
+
+
+@pytest.mark.parametrize("what", sorted(UNSAFE))
+def test_check_forkable_fires_when_something_would_cross_the_fork(what):
+    code = textwrap.dedent(f"""
+        import os, sys
+        from vsva.runtime.zygote import ForkUnsafe, check_forkable
+        check_forkable()  # a fresh interpreter is safe
+        {UNSAFE[what]}
+        try:
+            check_forkable()
+        except ForkUnsafe as exc:
+            print("refused:", exc, flush=True)
+            os._exit(0)
+        os._exit(1)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused" in done.stdout
+
+
+def test_zygote_refuses_a_spawn_while_a_context_is_live():
+    """The serve loop runs the check before every fork: a request is answered with an error
+    and no child appears."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = textwrap.dedent(f"""
+        import socket, zmq
+        sock = zmq.Context().socket(zmq.DEALER)
+        from vsva.runtime.zygote import serve
+        serve(socket.socket(fileno={theirs.fileno()}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        ours.send(json.dumps({"spawn": "a", "run_dir": "/nonexistent"}).encode())
+        reply = json.loads(ours.recv(4096))
+        assert "cannot fork" in reply["error"] and "threads" in reply["error"]
+        ours.send(b"not json")
+        assert "bad request" in json.loads(ours.recv(4096))["error"]
+    finally:
+        ours.close()  # end of file: the zygote exits
+        assert proc.wait(20) == 0
+
+
+def test_forked_actors_are_supervised_as_before():
+    with Launcher(topology(), extra_path=[TOYS], fork=True) as launcher:
+        zygote = launcher.forkserver.pid
+        pids = {r["name"]: r["pid"] for r in launcher.processes()}
+        assert all(parent_of(pid) == zygote for pid in pids.values())
+        assert launcher.run_actor(Script(steps=[Call("echo", "ping", {"x": 1})]), timeout=10)
+        os.kill(pids["mute"], signal.SIGKILL)  # from outside, like `kill -9 PID`
+        assert launcher.poll_deaths(timeout=5.0) == [("mute", -signal.SIGKILL)]
+        assert state_of(pids["mute"]) is None  # reaped by the zygote: no zombie
+        assert launcher.kill("echo", signal.SIGTERM)
+        assert launcher.wait_exit("echo", 5.0) == 0
+        new = launcher.restart("mute")
+        assert new != pids["mute"] and parent_of(new) == zygote
+        assert launcher.processes()[1]["state"] == "running"
+        run_dir, shm = launcher.run_dir, launcher.shm_path
+    assert not pid_alive(new) and not pid_alive(zygote)
+    assert not os.path.exists(run_dir) and not os.path.exists(shm)
+
+
+def test_fallback_starts_interpreters_and_logs_once(monkeypatch):
+    monkeypatch.setenv("VSVA_NO_FORKSERVER", "1")
+    monkeypatch.setattr(launcher_mod, "_FALLBACK_LOGGED", False)
+    first, second = Launcher(topology(), extra_path=[TOYS]), Launcher(topology(), extra_path=[TOYS])
+    assert not first.fork and not second.fork
+    assert any("one interpreter per actor" in m for m in first.messages)
+    assert not any("one interpreter per actor" in m for m in second.messages)
+    with first:
+        assert first.forkserver is None
+        pids = {r["name"]: r["pid"] for r in first.processes()}
+        assert all(parent_of(pid) == os.getpid() for pid in pids.values())
+        os.kill(pids["echo"], signal.SIGKILL)
+        assert first.poll_deaths(timeout=5.0) == [("echo", -signal.SIGKILL)]
+        assert parent_of(first.restart("echo")) == os.getpid()
