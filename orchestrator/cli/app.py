@@ -1,46 +1,80 @@
-"""The `vsva` command line."""
+"""The `vsva` command line.
+
+Errors are one line on stderr (`vsva COMMAND: what went wrong`) and an exit code from
+EXIT_CODES; nothing is started or changed by a refused command.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from enum import StrEnum
 from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it.")
+try:  # recent typer releases carry their own copy of click; its exceptions are the ones raised
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
 
-RUNTIMES = ("processes", "sim")
+import vsva
+from vsva.actors.guest import WORKLOADS
+from vsva.actors.policy import Policy
+
+EXIT_CODES = {
+    0: "success (every step and the audit passed)",
+    1: "the run or command failed (a FAIL verdict, audit violations, an actor that could not be killed)",
+    2: "bad input: an option, a topology or scenario file, an unwritable --trace-out or --state-dir",
+    3: "no topology to talk to: none running, its supervisor dead or not answering, a corrupt state file",
+    4: "the host was lost: every VM of the topology is gone",
+    130: "interrupted (SIGINT, SIGTERM or SIGHUP); the run was cleaned up",
+}
+EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it.",
+                  epilog="Exit codes: " + "; ".join(f"{c} {w}" for c, w in EXIT_CODES.items()) + ".")
+
+class Runtime(StrEnum):
+    PROCESSES = "processes"  # one OS process per actor over ZeroMQ
+    SIM = "sim"  # the deterministic in-process scheduler
 
 
-def _check_workload(workload: str) -> str:
-    from vsva.actors.guest import WORKLOADS
-
-    if workload not in WORKLOADS:
-        raise typer.BadParameter(f"unknown workload {workload!r}; valid: {', '.join(sorted(WORKLOADS))}")
-    return workload
+class Transport(StrEnum):
+    IPC = "ipc"
+    TCP = "tcp"
 
 
-def _check_policy(policy: str) -> str:
-    from vsva.ops.topology import POLICIES
-
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
-    return policy
+Workload = StrEnum("Workload", {name: name for name in sorted(WORKLOADS)})  # type: ignore[misc]
 
 
-def _check_runtime(runtime: str) -> str:
-    if runtime not in RUNTIMES:
-        raise typer.BadParameter(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
-    return runtime
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vsva {vsva.__version__}")
+        raise typer.Exit(0)
 
 
-def _check_transport(transport: str) -> str:
-    if transport not in ("ipc", "tcp"):
-        raise typer.BadParameter(f"unknown transport {transport!r}; valid: ipc, tcp")
-    return transport
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it."""
+
+
+def _writable_dir(value: Optional[str]) -> Optional[str]:
+    """--trace-out: create the directory now and prove it takes a file, before any run."""
+    import tempfile
+
+    if value is None:
+        return None
+    try:
+        os.makedirs(value, exist_ok=True)
+        with tempfile.TemporaryFile(dir=value):
+            pass
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write into {value!r}: {exc.strerror}") from None
+    return value
 
 
 @app.command()
@@ -48,18 +82,19 @@ def demo(
     vms: int = typer.Option(2, "--vms", min=1, max=32, help="How many VMs (guest + vmm each)."),
     seed: int = typer.Option(1, "--seed", help="The run's seed (workload, frame placement, interleaving)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
-    runtime: str = typer.Option("processes", "--runtime", callback=_check_runtime,
+    runtime: Runtime = typer.Option(Runtime.PROCESSES, "--runtime",
                                 help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process."),
-    trace_out: Optional[str] = typer.Option(None, "--trace-out", help="Also write trace.jsonl, "
-                                            "trace.perfetto.json and sequence.mmd into this directory."),
-    policy: str = typer.Option("reclaim", "--policy", callback=_check_policy,
-                               help="Free-before-unbind cleanup policy: naive, ordered or reclaim."),
-    transport: str = typer.Option("ipc", "--transport", callback=_check_transport,
+    trace_out: Optional[str] = typer.Option(None, "--trace-out", callback=_writable_dir,
+                                            help="Also write trace.jsonl, trace.perfetto.json and the "
+                                                 "sequence diagrams into this directory."),
+    policy: Policy = typer.Option(Policy.RECLAIM, "--policy",
+                               help="Free-before-unbind cleanup policy."),
+    transport: Transport = typer.Option(Transport.IPC, "--transport",
                                   help="processes runtime: ipc (sockets in the private run directory) "
                                        "or tcp (127.0.0.1 ports only)."),
-    workload: str = typer.Option("demo", "--workload", callback=_check_workload,
+    workload: Workload = typer.Option("demo", "--workload",
                                  help="Guest workload (demo runs every flow; others replay explore's runs)."),
-    iterations: int = typer.Option(6, "--iterations", min=1, help="Rounds of looping workloads."),
+    iterations: int = typer.Option(6, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from vsva.ops.demo import demo as run_demo, render
@@ -75,15 +110,30 @@ def demo(
     raise typer.Exit(0 if rep["ok"] else 1)
 
 
+def _batch_sizes(value: str) -> list[int]:
+    from vsva.cli.bench import ALL_BATCHES
+
+    top = max(ALL_BATCHES)
+    sizes = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item.isdigit() or not 1 <= int(item) <= top:
+            raise typer.BadParameter(f"{item!r} is not a batch size in [1, {top}] "
+                                     "(comma-separated, e.g. 1,64,1024)", param_hint="'--batches'")
+        sizes.append(int(item))
+    return sizes
+
+
 @app.command()
 def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    batches: str = typer.Option("1,64,1024,65536", "--batches", help="Comma-separated batch sizes."),
+    batches: str = typer.Option("1,64,1024,65536", "--batches",
+                                help="Comma-separated batch sizes, each in [1, 65536]."),
 ) -> None:
     """Throughput of the compiled hot path against the pure-Python twin and bare baselines."""
     from vsva.cli.bench import run_bench
 
-    sizes = [int(b) for b in batches.split(",") if b.strip()]
+    sizes = _batch_sizes(batches)
     result = run_bench(sizes, as_json)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -91,14 +141,13 @@ def bench(
 
 @app.command()
 def explore(
-    seeds: int = typer.Option(50, "--seeds", min=1, help="How many seeds to try."),
+    seeds: int = typer.Option(50, "--seeds", min=1, max=1_000_000, help="How many seeds to try."),
     first: int = typer.Option(1, "--first", help="The first seed."),
     vms: int = typer.Option(2, "--vms", min=1, max=8),
-    policy: str = typer.Option("reclaim", "--policy", callback=_check_policy,
-                               help="Cleanup policy: naive, ordered or reclaim."),
-    workload: str = typer.Option("demo", "--workload", callback=_check_workload,
+    policy: Policy = typer.Option(Policy.RECLAIM, "--policy", help="Cleanup policy."),
+    workload: Workload = typer.Option("demo", "--workload",
                                  help="Guest workload; 'churn' frees bound PASIDs over and over."),
-    iterations: int = typer.Option(6, "--iterations", min=1, help="Rounds of looping workloads."),
+    iterations: int = typer.Option(6, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Seeded interleavings in the deterministic runtime; prints the seed of every failing run.
@@ -130,22 +179,65 @@ def explore(
 
 # ---- live topologies: up / ps / kill / audit / down, and scripted fault runs -----------------
 
+def _fail(code: int, message: str) -> None:
+    """One line on stderr and the exit code."""
+    typer.echo(f"vsva: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _state_dir_option(value: Optional[str]) -> Optional[str]:
+    """--state-dir (or $VSVA_STATE_DIR): a directory this user can write, created 0700."""
+    if value is None:
+        return None
+    try:
+        os.makedirs(value, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"{value!r}: {exc.strerror}") from None
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{value!r}: not writable")
+    return value
+
+
+STATE_DIR = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR", callback=_state_dir_option,
+                         help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID).")
+
+
 def _state_file(state_dir: Optional[str]) -> str:
     from vsva.ops.supervisor import state_path
 
-    if state_dir:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    return state_path(state_dir)
+    try:
+        return state_path(state_dir)
+    except OSError as exc:  # the default state directory cannot be made
+        _fail(EXIT_USAGE, f"state directory: {exc}")
+        raise
+
+
+class CorruptState(ValueError):
+    """A state file that is not what a supervisor writes."""
+
+
+def _parse_state(path: str) -> dict:
+    """The state file's content; FileNotFoundError if none, CorruptState if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptState(f"{exc}".splitlines()[0]) from None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) \
+            or not all(isinstance(state.get(k), str) for k in ("run_dir", "ctl")):
+        raise CorruptState("not a supervisor's state (pid, run_dir, ctl)")
+    return state
 
 
 def _read_state(state_dir: Optional[str]) -> dict:
     path = _state_file(state_dir)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return _parse_state(path)
     except FileNotFoundError:
-        typer.echo(f"vsva: no topology is running (no state file {path}); start one with `vsva up`", err=True)
-        raise typer.Exit(3)
+        _fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path}); start one with `vsva up`")
+    except CorruptState as exc:
+        _fail(EXIT_NO_TOPOLOGY, f"corrupt state file {path} ({exc}); `vsva down` removes it")
+    raise AssertionError("unreachable")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,9 +302,9 @@ def _ps_table(status: dict):
 def up(
     topology: Optional[str] = typer.Argument(None, help="Topology TOML file (default: the two-VM demo topology)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR",
-                                            help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID)."),
-    ready_timeout: float = typer.Option(30.0, "--ready-timeout", help="Seconds to wait for the topology to start."),
+    state_dir: Optional[str] = STATE_DIR,
+    ready_timeout: float = typer.Option(30.0, "--ready-timeout", min=0.01, max=3600,
+                                        help="Seconds to wait for the topology to start."),
 ) -> None:
     """Start a topology and keep it running: live status table, or --detach."""
     import subprocess
@@ -221,9 +313,12 @@ def up(
     _load_run(topology)  # validate here: errors go to this terminal
     path = _state_file(state_dir)
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if _pid_alive(old.get("pid", -1)):
+        try:
+            old = _parse_state(path)
+        except CorruptState as exc:
+            typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
+            old = {"pid": -1}
+        if _pid_alive(old["pid"]):
             typer.echo(f"vsva: a topology is already running (supervisor pid {old['pid']}, {old['run_dir']});"
                        " `vsva down` first", err=True)
             raise typer.Exit(1)
@@ -306,7 +401,7 @@ def _cleanup_stale(state: dict, path: str) -> list[str]:
 @app.command()
 def ps(
     as_json: bool = typer.Option(False, "--json", help="A JSON list of {name, pid, state, ...}."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+    state_dir: Optional[str] = STATE_DIR,
 ) -> None:
     """List every actor of the running topology with its PID, state and uptime."""
     status = _ctl(_read_state(state_dir), "ps")
@@ -321,7 +416,7 @@ def ps(
 @app.command()
 def kill(
     actor: str = typer.Argument(..., help="Actor name, e.g. vm1.vmm, kvm, host."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+    state_dir: Optional[str] = STATE_DIR,
 ) -> None:
     """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
     reply = _ctl(_read_state(state_dir), "kill", name=actor)
@@ -334,7 +429,7 @@ def kill(
 @app.command()
 def audit(
     as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations}."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
+    state_dir: Optional[str] = STATE_DIR,
 ) -> None:
     """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
     reply = _ctl(_read_state(state_dir), "audit", timeout=30.0)
@@ -351,13 +446,22 @@ def audit(
 
 @app.command()
 def down(
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR"),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the supervisor to finish."),
+    state_dir: Optional[str] = STATE_DIR,
+    timeout: float = typer.Option(30.0, "--timeout", min=0, max=3600,
+                                  help="Seconds to wait for the supervisor to finish."),
 ) -> None:
     """Stop the running topology (VMs stopped through F8, then every process) and clean up."""
     import signal
 
     path = _state_file(state_dir)
+    try:
+        _parse_state(path)
+    except CorruptState as exc:
+        os.unlink(path)
+        typer.echo(f"vsva: removed the corrupt state file {path} ({exc})")
+        return
+    except FileNotFoundError:
+        pass
     state = _read_state(state_dir)
     pid = state["pid"]
     if _pid_alive(pid):
@@ -402,8 +506,22 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def main() -> None:
-    app(prog_name="vsva")
+def main() -> int:
+    """The console script: every error a readable line and an exit code (EXIT_CODES)."""
+    command = typer.main.get_command(app)
+    try:
+        return command.main(args=sys.argv[1:], prog_name="vsva", standalone_mode=False) or 0
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message())
+        return 0
+    except ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"{ctx.command_path if ctx else 'vsva'}: {message}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("vsva: interrupted", err=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

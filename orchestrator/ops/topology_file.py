@@ -29,6 +29,9 @@
     # or: at_time = 1.5        # s after the workloads started
     # or: random = true        # a random actor at a random time in [0, window), from `seed`
 
+    [scenario]                 # scenarios only
+    timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this
+
 Every unknown key, wrong type or out-of-range value is an error naming its place in the
 file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` binds every
 actor's ROUTER at `tcp://127.0.0.1:<port>` (a kernel-chosen free port, published in the run
@@ -130,6 +133,13 @@ def load(path: str) -> RunFile:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise TopologyError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TopologyError(f"{path}: is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{path}: not valid TOML: {exc}") from None
     try:
@@ -241,6 +251,7 @@ def parse(data: dict[str, Any]) -> RunFile:
             _range(f"{where}.at_time", fault.at_time, 0, 3600)
         faults.append(fault)
     scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
+    _range("scenario.timeout", scen.get("timeout", 60.0), 0.1, 86400)
     return RunFile(topology=topology, name=run.get("name", "vsva"), transport=transport,
                    dead_peer_interval=interval, on_guest_death=guest_death, faults=faults,
                    timeout=float(scen.get("timeout", 60.0)))

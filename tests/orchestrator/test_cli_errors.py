@@ -1,0 +1,135 @@
+"""Bad input to the `vsva` command line: one readable line on stderr, a documented non-zero
+exit code, no traceback, nothing started and no state changed. Driven as a user would:
+subprocesses of `python -m vsva` with a private state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vsva
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def cli(tmp_path):
+    env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vsva", *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=timeout)
+    run.tmp = tmp_path
+    run.state_dir = tmp_path / "state"
+    return run
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """The command failed with exit `code` and said why in one line on stderr."""
+    err = done.stderr.strip()
+    assert done.returncode == code, (done.returncode, done.stdout[-1500:], err[-1500:])
+    assert "Traceback" not in err and "Traceback" not in done.stdout, err[-1500:]
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vsva"), err
+    for w in words:
+        assert w.lower() in err.lower(), (w, err)
+    return err
+
+
+def test_run_on_a_directory(cli):
+    one_line_error(cli("run", str(cli.tmp)), 2, "directory")
+
+
+def test_topology_file_not_utf8(cli):
+    bad = cli.tmp / "latin1.toml"
+    bad.write_bytes(b"[run]\nseed = 3\n# caf\xe9\n")
+    one_line_error(cli("run", str(bad)), 2, "UTF-8")
+    one_line_error(cli("up", "-d", str(bad)), 2, "UTF-8")
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0"])
+def test_scenario_timeout_out_of_range(cli, timeout):
+    bad = cli.tmp / "neg.toml"
+    bad.write_text(f"[scenario]\ntimeout = {timeout}\n")
+    one_line_error(cli("run", str(bad)), 2, "scenario.timeout")
+
+
+@pytest.mark.parametrize("batches", ["a", "0", "-5", "1,,x", ""])
+def test_bench_bad_batches(cli, batches):
+    one_line_error(cli("bench", f"--batches={batches}"), 2, "--batches")
+
+
+def test_trace_out_unwritable_is_refused_before_the_run(cli):
+    afile = cli.tmp / "afile"
+    afile.write_text("")
+    err = one_line_error(cli("demo", "--runtime", "sim", "--trace-out", str(afile / "x")), 2,
+                         "--trace-out")
+    assert "vsva demo:" not in cli("demo", "--runtime", "sim", "--trace-out",
+                                   str(afile / "x")).stdout  # the run did not start
+    assert err
+
+
+@pytest.mark.parametrize("command", ["ps", "audit", "down", "up"])
+def test_bad_state_dir(cli, command):
+    afile = cli.tmp / "afile"
+    afile.write_text("")
+    one_line_error(cli(command, "--state-dir", str(afile)), 2, "--state-dir")
+
+
+def test_corrupt_state_file_is_reported_and_does_not_block_up(cli):
+    cli.state_dir.mkdir(mode=0o700)
+    state = cli.state_dir / "current.json"
+    state.write_text("{bad")
+    for command in ("ps", "audit", "kill"):
+        args = (command, "host") if command == "kill" else (command,)
+        one_line_error(cli(*args), 3, "corrupt")
+    assert state.read_text() == "{bad"  # reported, not silently removed by a read-only command
+    # `down` removes it and says so; `up` afterwards is not blocked
+    down = cli("down")
+    assert down.returncode == 0 and "corrupt" in down.stdout + down.stderr, down
+    assert not state.exists()
+
+
+def test_corrupt_state_file_does_not_block_up(cli):
+    cli.state_dir.mkdir(mode=0o700)
+    state = cli.state_dir / "current.json"
+    state.write_text("\x00garbage")
+    up = cli("up", "-d", "--ready-timeout", "60", timeout=90)
+    try:
+        assert up.returncode == 0, (up.stdout, up.stderr)
+        assert json.loads(state.read_text())["pid"] > 0
+    finally:
+        cli("down")
+
+
+def test_version(cli):
+    done = cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"vsva {vsva.__version__}"
+
+
+@pytest.mark.parametrize("args,listed", [
+    (["demo", "--help"], ["processes", "sim", "naive", "ordered", "reclaim", "ipc", "tcp", "churn"]),
+    (["explore", "--help"], ["naive", "ordered", "reclaim", "churn"]),
+    (["--help"], ["exit", "0", "1", "2", "3"]),
+])
+def test_help_lists_choices_and_exit_codes(cli, args, listed):
+    done = cli(*args)
+    assert done.returncode == 0
+    for word in listed:
+        assert word in done.stdout, (word, done.stdout)
+
+
+@pytest.mark.parametrize("args,option", [
+    (["demo", "--policy", "nope"], "--policy"),
+    (["demo", "--runtime", "nope"], "--runtime"),
+    (["demo", "--vms", "0"], "--vms"),
+    (["up", "--ready-timeout", "-1"], "--ready-timeout"),
+    (["down", "--timeout", "-1"], "--timeout"),
+])
+def test_bad_option_values(cli, args, option):
+    one_line_error(cli(*args), 2, option)
