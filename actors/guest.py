@@ -134,6 +134,9 @@ class GuestKernel:
             va, offset = va + n, offset + n
 
 
+FLOW_WATCH_TIMEOUT = 600.0  # seconds a flow watch may wait (a workload's length at most)
+
+
 class Guest(Actor):
     """One per VM: runs a workload when the orchestrator asks (`start_workload`)."""
 
@@ -153,8 +156,10 @@ class Guest(Actor):
 
     # ---- the vIOMMU driver -------------------------------------------------------------------
     def flow_tag(self, flow: str) -> str:
-        self.flow_seq[flow] = self.flow_seq.get(flow, 0) + 1
-        return f"{flow}:vm{self.vm}.{self.flow_seq[flow]}"
+        n = self.flow_seq[flow] = self.flow_seq.get(flow, 0) + 1
+        tag = f"{flow}:vm{self.vm}.{n}"
+        self.wake(("flow_watch", flow, n), {"ret": 0, "tag": tag})  # see on_flow_watch
+        return tag
 
     def step(self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any) -> bool:
         """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'."""
@@ -263,6 +268,16 @@ class Guest(Actor):
         return None
 
     # ---- workloads ------------------------------------------------------------------------------
+    def on_flow_watch(self, msg: Envelope):
+        """Answer when instance `nth` of `flow` starts (at once if it has): the event a fault
+        trigger waits for, so the orchestrator never polls. The answer leaves in the same
+        batch as that instance's first request, so a kill on it lands inside the step."""
+        flow, nth = msg.body["flow"], msg.body["nth"]
+        if self.flow_seq.get(flow, 0) >= nth:
+            return {"ret": 0, "tag": f"{flow}:vm{self.vm}.{self.flow_seq[flow]}"}
+        reply = yield Wait(("flow_watch", flow, nth), FLOW_WATCH_TIMEOUT)
+        return reply
+
     def on_start_workload(self, msg: Envelope):
         if self.running:
             return failed(-E.EBUSY, error="workload already running")

@@ -110,6 +110,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ping": {},
     "shutdown": {},
     "start_workload": {},
+    "flow_watch": {"flow": _STR, "nth": _INT},  # orchestrator -> guest: fault triggers
 }
 
 

@@ -1,8 +1,9 @@
 """`vsva run SCENARIO.toml`: a topology, its workloads and a fault schedule, run to completion.
 
 The Supervisor (orchestrator/supervisor.py) runs in this process: it boots the VMs, starts
-the workloads, injects each fault when its trigger holds (a flow step of a VM seen in that
-guest's trace, a time after the workloads started, or a seeded random actor and time),
+the workloads, injects each fault when its trigger holds (a flow step of a VM, which its guest reports
+when it starts: `flow_watch`; a time after the workloads started; or a seeded random actor
+and time),
 recovers as each actor's contract says, and when every running VM's workload has answered
 (or `scenario.timeout` passed) audits the live topology, stops the VMs (F8), audits again,
 and takes everything down. The report says what was injected, what recovered and how fast,

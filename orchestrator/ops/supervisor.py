@@ -136,7 +136,6 @@ class Supervisor:
         self.t_workloads: float | None = None
         self.faults: list[dict[str, Any]] = []
         self.recoveries: list[dict[str, Any]] = []
-        self._trace_pos: dict[str, tuple[int, set[str]]] = {}
         self.state_file: str | None = None
         self.ready_s = 0.0
 
@@ -501,45 +500,19 @@ class Supervisor:
             plan["at_time"] = f.at_time
         return plan
 
-    def _flow_seen(self, vm: int, flow: str, nth: int) -> str | None:
-        """The guest of `vm` has started instance `nth` of `flow` (its trace says so)."""
-        path = os.path.join(self.launcher.run_dir, f"trace-{guest_name(vm)}.jsonl")
-        pos, seen = self._trace_pos.get(path, (0, set()))
-        try:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        end = data.rfind(b"\n") + 1
-        for line in data[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            tag = rec.get("flow") or ""
-            if rec.get("src") == guest_name(vm) and ":" in tag:
-                seen.add(tag)
-        self._trace_pos[path] = (pos + end, seen)
-        prefix = f"{flow}:vm{vm}."
-        hits = sorted(int(t[len(prefix):]) for t in seen if t.startswith(prefix) and t[len(prefix):].isdigit())
-        return f"{prefix}{hits[-1]}" if hits and hits[-1] >= nth else None
-
     def _watch_flow(self, plan: dict[str, Any], f: Fault):
-        """Ask VM f.vm's guest (snapshot) how many instances of f.at_flow it has started, over
-        and over; kill the target as soon as the nth has started (the guest is then waiting
-        for that instance's reply: the kill lands inside the step)."""
-        guest = guest_name(f.vm)
-        while not plan["done"] and not self.launcher.closed:
-            r = yield Call(guest, "snapshot", {}, timeout=5.0)
-            if r.get("ret"):
-                plan["done"] = True
-                plan["result"] = f"skipped: {guest} did not answer ({r.get('ret')})"
-                return
-            n = r["state"].get("flows", {}).get(f.at_flow, 0)
-            if n >= f.nth:
-                self._kill_now(plan, f, f"flow step {f.at_flow}:vm{f.vm}.{n} started (guest snapshot)")
-                return
+        """Ask VM f.vm's guest to tell us when instance f.nth of f.at_flow starts (one
+        request, answered on that event: no polling); kill the target on the answer. The
+        guest is then waiting for that instance's first reply: the kill lands inside the step."""
+        r = yield Call(guest_name(f.vm), "flow_watch", {"flow": f.at_flow, "nth": f.nth},
+                       timeout=WORKLOAD_TIMEOUT)
+        if plan["done"]:
+            return
+        if r.get("ret"):
+            plan["done"] = True
+            plan["result"] = f"skipped: {guest_name(f.vm)} did not report {f.at_flow} ({r.get('ret')})"
+            return
+        self._kill_now(plan, f, f"flow step {r['tag']} started (guest event)")
 
     def _kill_now(self, plan: dict[str, Any], f: Fault, trigger: str) -> None:
         plan["done"] = True

@@ -23,7 +23,7 @@
 
     [[faults]]                 # scenarios only (`vsva run`): see orchestrator/scenario.py
     kill = "vm2.vmm"
-    at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (from the trace)
+    at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (the guest reports it)
     vm = 2
     nth = 3
     # or: at_time = 1.5        # s after the workloads started
