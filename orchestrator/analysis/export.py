@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from vsva.actors import errno as E
 
@@ -73,56 +75,166 @@ def timeline(records: Iterable[Record]) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
+@dataclass
+class _Slice:
+    """One answered request, drawn on the actor that served it."""
+
+    actor: str
+    start: float  # us: the request's send
+    end: float  # us: the reply's send (at least 1 us later)
+    q: int  # the request's index in the records
+    r: int  # the reply's index
+    lane: int = 1
+
+
 def perfetto(records: list[Record]) -> dict[str, Any]:
-    """Chrome/Perfetto trace events: one track per actor, a slice per request, flow arrows."""
-    pids = {name: i + 1 for i, name in enumerate(sorted({r["src"] for r in records} | {r["dst"] for r in records}))}
+    """Chrome/Perfetto trace events (open in ui.perfetto.dev).
+
+    One process track per actor. Each answered request is a complete slice on the actor that
+    served it, from the request's send to the reply's send. An actor serves several requests
+    at once and Perfetto's importer needs the slices of one thread to nest, so each slice goes
+    to the lowest-numbered thread ("lane") of its actor free at its start: slices of a lane
+    never touch. A flow arrow goes from the slice in which the requester sent the request
+    (of its slices open at that moment, the latest-started of the same flow instance, else the
+    latest-started) into the request's slice; a request sent outside any slice (an actor's
+    own start, the orchestrator's) has none. One-way messages (page requests) and requests
+    never answered (a killed peer) are instants on the sender's thread 0.
+    """
+    names = sorted({r["src"] for r in records} | {r["dst"] for r in records})
+    pids = {name: i + 1 for i, name in enumerate(names)}
     events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
                                     for n, p in pids.items()]
-    sent = {(r["src"], r["id"]): r for r in records if r.get("corr") is None}
-    for rec in records:
-        if rec.get("corr") is None:
-            events.append({"ph": "s", "id": f"{rec['src']}:{rec['id']}", "name": rec["kind"], "cat": "msg",
-                           "pid": pids[rec["src"]], "tid": 1, "ts": rec["t"] * 1e6})
+    events += [{"ph": "M", "name": "thread_name", "pid": p, "tid": 0, "args": {"name": "messages"}}
+               for p in pids.values()]
+    slices = _slices(records)
+    for actor, lane in sorted({(s.actor, s.lane) for s in slices}):
+        events.append({"ph": "M", "name": "thread_name", "pid": pids[actor], "tid": lane,
+                       "args": {"name": f"serving, lane {lane}"}})
+    for s, parent in _with_parents(slices, records):
+        req, rep = records[s.q], records[s.r]
+        events.append({"ph": "X", "name": req["kind"], "cat": flow_of(req), "pid": pids[s.actor],
+                       "tid": s.lane, "ts": s.start, "dur": s.end - s.start,
+                       "args": {"flow": req.get("flow"), "ret": rep["body"].get("ret"), "from": req["src"]}})
+        if parent is None:
             continue
-        req = sent.get((rec["dst"], rec["corr"]))
-        if req is None:
-            continue
-        events.append({"ph": "X", "name": rec["kind"], "cat": flow_of(rec), "pid": pids[rec["src"]], "tid": 1,
-                       "ts": req["t"] * 1e6, "dur": max(1.0, (rec["t"] - req["t"]) * 1e6),
-                       "args": {"flow": rec.get("flow"), "ret": rec["body"].get("ret"), "from": rec["dst"]}})
-        events.append({"ph": "f", "bp": "e", "id": f"{req['src']}:{req['id']}", "name": rec["kind"],
-                       "cat": "msg", "pid": pids[rec["src"]], "tid": 1, "ts": req["t"] * 1e6})
+        flow_id = f"{s.q}:{req['src']}:{req['id']}"
+        start = s.start if s.start > parent.start else parent.start + min(0.5, (parent.end - parent.start) / 2)
+        events.append({"ph": "s", "id": flow_id, "name": req["kind"], "cat": "msg",
+                       "pid": pids[req["src"]], "tid": parent.lane, "ts": start})
+        events.append({"ph": "f", "bp": "e", "id": flow_id, "name": req["kind"], "cat": "msg",
+                       "pid": pids[s.actor], "tid": s.lane, "ts": max(start, (s.start + s.end) / 2)})
+    answered = {s.q for s in slices}
+    for i, rec in enumerate(records):
+        if rec.get("corr") is None and i not in answered:
+            events.append({"ph": "i", "s": "t", "name": f"{rec['kind']} -> {rec['dst']}", "cat": flow_of(rec),
+                           "pid": pids[rec["src"]], "tid": 0, "ts": rec["t"] * 1e6,
+                           "args": {"flow": rec.get("flow"), "unanswered": bool(rec.get("rr"))}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def mermaid(records: Iterable[Record], flows: set[str] | None = None) -> str:
-    """A Mermaid sequence diagram of the messages (optionally of some flows only)."""
-    lines = ["sequenceDiagram"]
+def _slices(records: list[Record]) -> list[_Slice]:
+    """Every answered request as a slice, in start order, each on a lane of its actor: the
+    lowest lane whose last slice ended strictly before this one starts (interval partitioning)."""
+    from vsva.analysis.trace import request_reply_pairs
+
+    slices = []
+    for q, r in request_reply_pairs(records):
+        start = records[q]["t"] * 1e6
+        slices.append(_Slice(records[q]["dst"], start, max(records[r]["t"] * 1e6, start + 1.0), q, r))
+    slices.sort(key=lambda s: (s.start, -s.end, s.q))
+    lane_ends: dict[str, list[float]] = {}
+    for s in slices:
+        ends = lane_ends.setdefault(s.actor, [])
+        free = next((k for k, end in enumerate(ends) if end < s.start), None)
+        if free is None:
+            ends.append(s.end)
+            s.lane = len(ends)
+        else:
+            ends[free] = s.end
+            s.lane = free + 1
+    return slices
+
+
+def _with_parents(slices: list[_Slice], records: list[Record]) -> list[tuple[_Slice, _Slice | None]]:
+    """Each slice with the requester's slice it was sent from (a sweep in start order keeping
+    each actor's open slices)."""
+    open_by_actor: dict[str, list[_Slice]] = {}
+    out = []
+    for s in slices:
+        req = records[s.q]
+        live = [p for p in open_by_actor.get(req["src"], []) if p.end > s.start]
+        open_by_actor[req["src"]] = live
+        same_flow = [p for p in live if records[p.q].get("flow") == req.get("flow")]
+        parent = max(same_flow or live, key=lambda p: p.start, default=None)
+        out.append((s, parent))
+        open_by_actor.setdefault(s.actor, []).append(s)
+    return out
+
+
+MERMAID_MAX = 50_000  # Mermaid's default maxTextSize: a longer diagram is not drawn
+
+
+def mermaid_diagrams(records: Iterable[Record]) -> dict[str, str]:
+    """Mermaid sequence diagrams, one per VM ("vm1": every message of that VM's flows and of
+    its guest and vmm) plus "host" for the rest (the host side and the orchestrator's setup),
+    each in message order. A diagram longer than MERMAID_MAX continues in "vm1.2", "vm1.3" ..."""
+    lines: dict[str, list[str]] = {}
     for rec in records:
-        if flows is not None and flow_of(rec) not in flows:
-            continue
         arrow = "-->>" if rec.get("corr") is not None else "->>"
         label = rec["kind"] + (f" {E.name(rec['body'].get('ret', 0))}" if rec.get("corr") is not None else "")
-        lines.append(f"    {_mm(rec['src'])}{arrow}{_mm(rec['dst'])}: {label} [{rec.get('flow') or '-'}]")
-    return "\n".join(lines) + "\n"
+        lines.setdefault(_diagram_of(rec), []).append(
+            f"    {_mm(rec['src'])}{arrow}{_mm(rec['dst'])}: {label} [{rec.get('flow') or '-'}]")
+    out: dict[str, str] = {}
+    for name, body in lines.items():
+        parts = _split(body, MERMAID_MAX - len("sequenceDiagram\n"))
+        for k, part in enumerate(parts, 1):
+            out[name if len(parts) == 1 else f"{name}.{k}"] = "sequenceDiagram\n" + "".join(part)
+    return out
+
+
+def _diagram_of(rec: Record) -> str:
+    """"vmN" for a message of VM N (its flow tag names it, or it goes to or from its actors)."""
+    _, _, inst = (rec.get("flow") or "").partition(":")
+    if inst.startswith("vm"):
+        return inst.partition(".")[0]
+    for name in (rec["src"], rec["dst"]):
+        if name.startswith("vm") and "." in name:
+            return name.partition(".")[0]
+    return "host"
+
+
+def _split(lines: list[str], limit: int) -> list[list[str]]:
+    parts: list[list[str]] = [[]]
+    size = 0
+    for line in lines:
+        line += "\n"
+        if parts[-1] and size + len(line) > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(line)
+        size += len(line)
+    return parts
 
 
 def _mm(name: str) -> str:
     return name.replace(".", "_")
 
 
-def write_all(records: list[Record], out_dir: str) -> dict[str, str]:
-    """Write trace.jsonl, trace.perfetto.json and sequence.mmd into out_dir; return the paths."""
+def write_all(records: list[Record], out_dir: str) -> dict[str, Any]:
+    """Write trace.jsonl, trace.perfetto.json and sequence-<diagram>.mmd (mermaid_diagrams)
+    into out_dir; return the paths ("sequence": a list)."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"trace": os.path.join(out_dir, "trace.jsonl"),
-             "perfetto": os.path.join(out_dir, "trace.perfetto.json"),
-             "sequence": os.path.join(out_dir, "sequence.mmd")}
+    paths: dict[str, Any] = {"trace": os.path.join(out_dir, "trace.jsonl"),
+                             "perfetto": os.path.join(out_dir, "trace.perfetto.json"), "sequence": []}
     with open(paths["trace"], "w") as f:
         f.writelines(json.dumps(r, default=repr) + "\n" for r in records)
     with open(paths["perfetto"], "w") as f:
         json.dump(perfetto(records), f)
-    with open(paths["sequence"], "w") as f:
-        f.write(mermaid(records))
+    for name, text in mermaid_diagrams(records).items():
+        path = os.path.join(out_dir, f"sequence-{name}.mmd")
+        with open(path, "w") as f:
+            f.write(text)
+        paths["sequence"].append(path)
     return paths

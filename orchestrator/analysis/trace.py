@@ -1,4 +1,4 @@
-"""The run's trace: one JSON line per message, one file per actor, merged by logical clock.
+"""The run's trace: one JSON line per message, one file per actor, merged in causal order.
 
 Both runtimes record the same record shape, so the timeline, the sequence diagram and the
 Perfetto export work on either.
@@ -6,10 +6,14 @@ Perfetto export work on either.
 
 from __future__ import annotations
 
+import bisect
 import glob
+import heapq
+import itertools
 import json
 import os
-from typing import IO, Any, Iterable
+from collections.abc import Iterable
+from typing import IO, Any
 
 from vsva.actors.messages import Envelope
 
@@ -34,13 +38,107 @@ class TraceWriter:
         self._file.close()
 
 
-def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Order records by send time, then Lamport clock, then sender (a total, stable order).
+SCAN_LIMIT = 256  # records of one actor looked at to place one message received (a bound)
 
-    All actors of a run share one host clock, so send time already respects happens-before
-    (a reply is sent after its request); the Lamport clock only breaks ties.
+
+def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Order records by send time, but never against causality (a topological merge).
+
+    Every actor's records are stamped with one host clock, yet a stamp is taken around the
+    send, not at it, so by a little (measured here as `skew`: the most any reply is stamped
+    before its request) a wall-time order can put an effect before its cause. The order
+    returned is the send-time order with three kinds of precedence enforced:
+    - each actor's own records keep their order (its times, then its Lamport clocks);
+    - a reply comes after its request;
+    - a message to actor A comes before the first record A sent, stamped later than the
+      message minus `skew`, whose Lamport clock is higher: the earliest send that the message
+      can have caused (a receive raises the receiver's clock above the message's).
+    A cycle among these (only possible after a restarted actor's clock started again from 0)
+    is broken by releasing the earliest waiting record.
     """
-    return sorted(records, key=lambda r: (r["t"], r["clock"], r["src"], r["id"]))
+    recs = list(records)
+    n = len(recs)
+    own = _own_order(recs)
+    preds = [0] * n
+    succs: list[list[int]] = [[] for _ in range(n)]
+
+    def edge(a: int, b: int) -> None:
+        succs[a].append(b)
+        preds[b] += 1
+
+    for chain in own.values():
+        for a, b in itertools.pairwise(chain):
+            edge(a, b)
+    skew = 0.0
+    for q, r in request_reply_pairs(recs):
+        edge(q, r)
+        skew = max(skew, recs[q]["t"] - recs[r]["t"])
+    times = {src: [recs[i]["t"] for i in chain] for src, chain in own.items()}
+    for i, rec in enumerate(recs):
+        chain = own.get(rec["dst"])
+        if not chain:
+            continue
+        start = bisect.bisect_left(times[rec["dst"]], rec["t"] - skew)
+        for j in chain[start:start + SCAN_LIMIT]:
+            if j != i and recs[j]["clock"] > rec["clock"]:
+                edge(i, j)
+                break
+    return [recs[i] for i in _topological(recs, preds, succs)]
+
+
+def _key(rec: dict[str, Any]) -> tuple:
+    return (rec["t"], rec["clock"], rec["src"], rec["id"])
+
+
+def _own_order(recs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Each sender's record indices in the order it sent them."""
+    own: dict[str, list[int]] = {}
+    for i, rec in enumerate(recs):
+        own.setdefault(rec["src"], []).append(i)
+    for chain in own.values():
+        chain.sort(key=lambda i: (recs[i]["t"], recs[i]["clock"], recs[i]["id"]))
+    return own
+
+
+def request_reply_pairs(recs: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(request, reply) index pairs. A restarted actor numbers its messages from 1 again, so a
+    reply goes to the request of that number with the highest Lamport clock below its own."""
+    requests: dict[tuple[str, int], list[int]] = {}
+    for i, rec in enumerate(recs):
+        if rec.get("rr"):
+            requests.setdefault((rec["src"], rec["id"]), []).append(i)
+    pairs = []
+    for i, rec in enumerate(recs):
+        if rec.get("corr") is None:
+            continue
+        cands = requests.get((rec["dst"], rec["corr"]), [])
+        before = [q for q in cands if recs[q]["clock"] < rec["clock"]]
+        if before:
+            pairs.append((max(before, key=lambda q: recs[q]["clock"]), i))
+    return pairs
+
+
+def _topological(recs: list[dict[str, Any]], preds: list[int], succs: list[list[int]]) -> list[int]:
+    """Kahn's algorithm, earliest send key first among the records whose predecessors are out."""
+    ready = [(_key(recs[i]), i) for i in range(len(recs)) if preds[i] == 0]
+    heapq.heapify(ready)
+    done = [False] * len(recs)
+    out: list[int] = []
+    while len(out) < len(recs):
+        if not ready:  # a cycle: release the earliest record still waiting
+            i = min((i for i in range(len(recs)) if not done[i]), key=lambda i: _key(recs[i]))
+            preds[i] = 0
+            heapq.heappush(ready, (_key(recs[i]), i))
+        _, i = heapq.heappop(ready)
+        if done[i]:
+            continue
+        done[i] = True
+        out.append(i)
+        for j in succs[i]:
+            preds[j] -= 1
+            if preds[j] == 0 and not done[j]:
+                heapq.heappush(ready, (_key(recs[j]), j))
+    return out
 
 
 def load(run_dir: str) -> list[dict[str, Any]]:

@@ -438,11 +438,12 @@ class ZmqRuntime(PeerLinks):
                           flow=flow if isinstance(flow, str) and len(flow) <= 64 else "")
         frame = encode(answer)
         self._dirty.add(self.router)
+        t = self.wall()
         try:
             self.router.send_multipart([rid, frame], _NOBLOCK)
         except zmq.ZMQError:  # EHOSTUNREACH (gone), EAGAIN (its queue is full): give up
             return
-        self._record(frame)
+        self._record(t, frame)
 
     # ---- outbound ------------------------------------------------------------------------
     def send(self, envs: Iterable[Envelope]) -> None:
@@ -493,6 +494,7 @@ class ZmqRuntime(PeerLinks):
 
     def _transmit(self, peer: Peer, env: Envelope, frame: bytes) -> list[Envelope] | None:
         """Hand one frame to ZeroMQ and trace it. None: it must wait (queue full again)."""
+        t = self.wall()  # before the send: the peer may answer before send() returns
         try:
             peer.sock.send(frame, _NOBLOCK)
         except zmq.Again:  # writable a moment ago: rare (a connection dropping)
@@ -500,13 +502,13 @@ class ZmqRuntime(PeerLinks):
             return None
         except zmq.ZMQError as exc:
             return self._failed(env, f"send error {exc}")
-        self._record(frame)
+        self._record(t, frame)
         self.stats["sent"] += 1
         return []
 
-    def _record(self, frame: bytes) -> None:
+    def _record(self, t: float, frame: bytes) -> None:
         if self._trace is not None:
-            self._trace.add(time.time() - self.t0, frame)
+            self._trace.add(t, frame)
 
     def _failed(self, env: Envelope, why: str) -> list[Envelope]:
         self.stats["send_failed"] += 1

@@ -47,7 +47,7 @@ def test_demo_timeline_and_trace_files(tmp_path) -> None:
     assert "audit (I1, I2, I3, I4, I5, I6, I7): clean" in out and "verdict: PASS" in out
     perfetto = json.loads((tmp_path / "trace.perfetto.json").read_text())
     assert any(e.get("name") == "bind_gpasid" and e["ph"] == "X" for e in perfetto["traceEvents"])
-    assert (tmp_path / "sequence.mmd").read_text().startswith("sequenceDiagram")
+    assert (tmp_path / "sequence-vm1.mmd").read_text().startswith("sequenceDiagram")
 
 
 def test_demo_refuses_unknown_runtime() -> None:
