@@ -198,12 +198,16 @@ class Host(Actor):
         return frame << PAGE_SHIFT
 
     def _alloc_contiguous(self, count: int) -> int:
-        """Frames for a PASID directory: taken from the top of the pool, contiguous."""
-        run = sorted(self.frames.free)[-count:]
+        """Frames for a PASID directory: taken from the top of the pool, contiguous. Devices
+        are probed at start, when the free list still begins with the highest frames in
+        descending order (allocations pop from its other end): its head is the run, taken
+        in O(count) (a sort of the whole pool per device made 256 VMs take seconds)."""
+        free = self.frames.free
+        run = free[:count][::-1]
         if len(run) < count or run[-1] - run[0] != count - 1:
             raise MemoryError("no contiguous frames for a PASID directory")
+        del free[:count]
         for frame in run:
-            self.frames.free.remove(frame)
             self.frames.used.add(frame)
             self.mem.zero_frame(frame)
         return run[0]

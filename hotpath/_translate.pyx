@@ -131,7 +131,7 @@ cdef enum:
     P_FL_US = 8
     P_FL_X = 16
     P_FL_D = 32
-    NDEV = 256
+    NDEV = 512  # device ids (requester ids of two buses): a PF per VM for 256+ VMs
     NREASONS = 16
     PREFETCH_AHEAD = 16
     HUGE_PAGE = 2 * 1024 * 1024

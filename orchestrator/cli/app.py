@@ -79,7 +79,8 @@ def _writable_dir(value: Optional[str]) -> Optional[str]:
 
 @app.command()
 def demo(
-    vms: int = typer.Option(2, "--vms", min=1, max=32, help="How many VMs (guest + vmm each)."),
+    vms: int = typer.Option(2, "--vms", min=1, max=256, help="How many VMs (guest + vmm each); "
+                            "refused when this machine cannot hold them (the limit is named)."),
     seed: int = typer.Option(1, "--seed", help="The run's seed (workload, frame placement, interleaving)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
     runtime: Runtime = typer.Option(Runtime.PROCESSES, "--runtime",
@@ -100,7 +101,12 @@ def demo(
     from vsva.ops.demo import demo as run_demo, render
     from vsva.analysis.export import write_all
 
-    session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
+    from vsva.ops.capacity import CapacityError
+
+    try:
+        session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
+    except CapacityError as exc:
+        _fail(EXIT_USAGE, f"--vms {vms}: {exc}")
     if trace_out:
         rep["trace_files"] = write_all(session["trace"], trace_out)
     if as_json:

@@ -103,11 +103,10 @@ class ForkServer:
         return self.proc.pid
 
     def spawn_many(self, names: Iterable[str], run_dir: str) -> list[tuple[ForkedChild, int]]:
-        """Fork one child per name (requests pipelined: the zygote forks while we read);
+        """Fork one child per name (one request: the zygote forks them all, then lets them run);
         returns [(child, pidfd)] in order. The pidfd belongs to the caller until `release`."""
         names = list(names)
-        for name in names:
-            self._send({"spawn": name, "run_dir": run_dir})
+        self._send({"spawn": names, "run_dir": run_dir})
         out = []
         for name in names:
             msg, fds = self._recv_reply(name)

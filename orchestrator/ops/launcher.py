@@ -58,12 +58,12 @@ import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.memory import PhysMem
-from vsva.ops import forkserver
+from vsva.ops import capacity, forkserver
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
 from vsva.analysis import trace as tracefile
 from vsva.ops.topology import ORCH, ActorSpec, Topology
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
-from vsva.runtime.loop import ZmqRuntime
+from vsva.runtime.loop import ZmqRuntime, new_context
 from vsva.runtime.trace_buffer import TRACE_IDLE
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -156,6 +156,8 @@ class Launcher:
             raise ValueError(f"invalid or duplicate actor names: {bad or names}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {self.transport!r}; valid: {', '.join(TRANSPORTS)}")
+        capacity.raise_fd_limit()
+        capacity.check(self.topology)  # CapacityError (a ValueError) naming the limit
         atexit.register(self.close)
         try:
             self._prepare()
@@ -185,7 +187,7 @@ class Launcher:
                        "launcher_pid": os.getpid()}, f)
         if self.fork:  # its imports overlap with the rest of the set-up
             self.forkserver = ForkServer(self._child_env(), self.python)
-        self.ctx = zmq.Context()
+        self.ctx = new_context()
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.LINGER, 0)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)

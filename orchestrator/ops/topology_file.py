@@ -45,12 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsva.hotpath.layout import PASID_MAX
+from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.topology import HOST, POLICIES, Topology, build_topology
 
 ALLOCATORS = ("reuse-first", "fresh")
 TRANSPORTS = ("ipc", "tcp")
 GUEST_DEATH = ("stop", "restart")
-MAX_VMS = 64
 
 RUN_KEYS = {"seed": int, "policy": str, "allocator": str, "request_timeout": (int, float),
             "dead_peer_interval": (int, float), "transport": str, "name": str}
@@ -218,6 +218,10 @@ def parse(data: dict[str, Any]) -> RunFile:
                        "mediated": mediated})
     topology = build_topology(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
     topology.transport = transport
+    try:
+        check(topology)
+    except CapacityError as exc:
+        raise TopologyError(f"vms: {exc}") from None
 
     names = set(topology.names())
     faults = []

@@ -76,6 +76,14 @@ SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connectio
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 
 _RCVMORE = int(zmq.RCVMORE)
+MAX_SOCKETS = 8192  # libzmq's default (1023) is 340 peers: a DEALER, its monitor and its pair each
+
+
+def new_context() -> zmq.Context:
+    """A ZeroMQ context that can hold a socket set for every actor of a 256-VM topology."""
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+    return ctx
 
 
 class ZmqRuntime(PeerLinks):
@@ -97,7 +105,7 @@ class ZmqRuntime(PeerLinks):
         self.t0 = time.time() if t0 is None else t0
         self.mono0 = time.monotonic()
         self._own_ctx = ctx is None
-        self.ctx = zmq.Context() if ctx is None else ctx
+        self.ctx = new_context() if ctx is None else ctx
         self._log = log or (lambda line: None)
         self.send_grace = send_grace
         self._endpoint_of = endpoint_of or self._default_endpoint

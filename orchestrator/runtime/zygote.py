@@ -5,8 +5,8 @@
 imports zmq, msgpack, numpy, the hot path, every actor module and the runtime *once*, then
 serves requests, one packet each (JSON):
 
-    {"spawn": name, "run_dir": D}                   ->  {"pid": pid} with the child's pidfd
-                                                        attached (SCM_RIGHTS), or {"error": why}
+    {"spawn": [name, ...], "run_dir": D}  ->  per name, in order: {"pid": pid} with the
+                                              child's pidfd attached (SCM_RIGHTS), or {"error": why}
     (nothing else: end of file on the socket)       ->  SIGKILL every child, reap, exit 0
 
 and reports each child's end, as it reaps it, with {"exit": pid, "code": c} (`code` as
@@ -115,19 +115,40 @@ class _Server:
             return False
         try:
             req = json.loads(data)
-            name, run_dir = str(req["spawn"]), str(req["run_dir"])
+            names, run_dir = [str(n) for n in req["spawn"]], str(req["run_dir"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._send({"error": f"bad request: {exc!r}"})
             return True
         try:
             check_forkable()
             run = self._run(run_dir)
+        except (ForkUnsafe, OSError, ValueError, TypeError, KeyError) as exc:
+            for name in names:
+                self._send({"error": f"{name}: cannot fork: {exc}"})
+            return True
+        # The batch's children wait on this pipe until all are forked: forking goes at full
+        # speed instead of competing for the CPU with the children's start-up.
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            for name in names:
+                self._fork(name, run_dir, run, hold_r, hold_w)
+        finally:
+            os.close(hold_r)
+            os.close(hold_w)
+        return True
+
+    def _fork(self, name: str, run_dir: str, run: Any, hold_r: int, hold_w: int) -> None:
+        try:
+            check_forkable()
             zygote = os.getpid()
             pid = os.fork()
-        except (ForkUnsafe, OSError, ValueError, TypeError, KeyError) as exc:
+        except (ForkUnsafe, OSError) as exc:
             self._send({"error": f"{name}: cannot fork: {exc}"})
-            return True
+            return
         if pid == 0:
+            os.close(hold_w)
+            os.read(hold_r, 1)  # end of file once the zygote has forked the whole batch
+            os.close(hold_r)
             self._child(name, run_dir, zygote, run)
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
@@ -135,7 +156,6 @@ class _Server:
             socket.send_fds(self.ctl, [json.dumps({"pid": pid}).encode()], [pidfd])
         finally:
             os.close(pidfd)
-        return True
 
     def _run(self, run_dir: str) -> Any:
         if run_dir not in self.runs:

@@ -83,7 +83,7 @@ def test_zygote_refuses_a_spawn_while_a_context_is_live():
     theirs.close()
     try:
         ours.settimeout(20)
-        ours.send(json.dumps({"spawn": "a", "run_dir": "/nonexistent"}).encode())
+        ours.send(json.dumps({"spawn": ["a"], "run_dir": "/nonexistent"}).encode())
         reply = json.loads(ours.recv(4096))
         assert "cannot fork" in reply["error"] and "threads" in reply["error"]
         ours.send(b"not json")

@@ -1,0 +1,91 @@
+"""What one machine can hold: a topology is refused before anything starts when it needs
+more file descriptors, memory, shared memory or processes than there are.
+
+The figures per actor were measured on a 128-VM topology started through the fork server
+(notes of issue 13): a guest or vmm process costs ~4.5 MB PSS and ~35 descriptors; the host,
+kvm, vdcm and the launcher hold ~4-6 descriptors per peer (a DEALER, its monitor, their
+mailboxes, the inbound connection; the launcher a pidfd too) and the host ~0.2 MB per VM.
+The estimates below round those up; a refusal names the limit and both numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from vsva.hotpath.layout import PAGE_SIZE
+from vsva.ops.topology import Topology
+
+MAX_VMS = 256
+FDS_PER_PEER = 8  # measured 4-6 (see the module docstring), with headroom
+FDS_BASE = 256  # log and trace files, the poll, signal pipes, the zygote socket
+MB_PER_ACTOR = 8  # guest / vmm PSS beyond the fork server's pages (measured ~4.5)
+MB_PER_VM_SHARED = 1  # host, kvm, vdcm: their tables per VM (host ~0.2 MB measured)
+MB_BASE = 512  # host, kvm, vdcm, launcher, zygote at zero VMs
+SHM_DIR = "/dev/shm"
+
+
+class CapacityError(ValueError):
+    """The topology does not fit this machine; the message names the limit."""
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit (children inherit it);
+    returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def needs(topology: Topology) -> dict[str, int]:
+    """What the topology needs: descriptors of the busiest process (the launcher and the
+    host talk to every actor), memory in MB, shared memory in bytes, processes."""
+    actors = len(topology.actors)
+    vms = len(topology.vms)
+    return {"fds": FDS_BASE + FDS_PER_PEER * (actors + 1),
+            "memory_mb": MB_BASE + MB_PER_ACTOR * actors + MB_PER_VM_SHARED * 3 * vms,
+            "shm_bytes": topology.mem_frames * PAGE_SIZE,
+            "processes": actors + 1}
+
+
+def limits() -> dict[str, int]:
+    """What this machine offers now."""
+    st = os.statvfs(SHM_DIR)
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    return {"fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "memory_mb": _mem_available_mb(),
+            "shm_bytes": st.f_bavail * st.f_frsize,
+            "processes": nproc if nproc != resource.RLIM_INFINITY else 1 << 30}
+
+
+def check(topology: Topology) -> None:
+    """Raise CapacityError naming the first limit the topology exceeds."""
+    vms = len(topology.vms)
+    if vms > MAX_VMS:
+        raise CapacityError(f"{vms} VMs; at most {MAX_VMS}")
+    need, have = needs(topology), limits()
+    why = {"fds": "file descriptors per process (RLIMIT_NOFILE, hard limit)",
+           "memory_mb": "MB of available memory (MemAvailable)",
+           "shm_bytes": f"bytes free in {SHM_DIR} for the shared-memory file",
+           "processes": "processes (RLIMIT_NPROC)"}
+    for key, what in why.items():
+        if need[key] > have[key]:
+            raise CapacityError(f"{vms} VMs need about {need[key]} {what}; this machine has "
+                                f"{have[key]}")
+
+
+def _mem_available_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1 << 30  # unknown: do not refuse on memory
