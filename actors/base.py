@@ -1,7 +1,8 @@
 """The actor model every component is written in, independent of any transport.
 
-An actor is a state machine with one handler per message kind (`on_<kind>`). A handler
-either returns the reply body at once, or is a generator that yields `Call` / `Gather` to
+An actor is a state machine with one handler per message kind (`on_<kind>(msg, req)`, where
+`req` is the body decoded into its catalogue class and checked once, before the handler runs;
+vsva.actors.catalogue). A handler either returns the reply body at once, or is a generator that yields `Call` / `Gather` to
 send requests and is resumed with their replies: that keeps a multi-step kernel flow (the
 vmm's trap -> host bind -> notifier acks -> wait completion) readable top to bottom, in one
 function, like the kernel function it models.
@@ -20,20 +21,33 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from vsva.actors import errno as E
-from vsva.actors.messages import Envelope, check_body
+from vsva.actors.catalogue import Message, Ping, Shutdown, Snapshot, lookup
+from vsva.actors.messages import Envelope
 
 DEFAULT_TIMEOUT = 5.0
 
 
 @dataclass
 class Call:
-    """A request to another actor; the yielding handler resumes with its reply body."""
+    """A request to another actor; the yielding handler resumes with its reply body.
+
+    `msg` is a message of the catalogue; a bare kind with a `body` map is accepted for
+    tests and toy protocols that put arbitrary bodies on the wire."""
 
     dst: str
-    kind: str
-    body: dict[str, Any] = field(default_factory=dict)
+    msg: Message | str
+    body: dict[str, Any] | None = None
     timeout: float | None = None
     flow: str | None = None  # tag this request (and what it causes) with a flow id, e.g. "F2#1"
+
+    @property
+    def kind(self) -> str:
+        return self.msg if isinstance(self.msg, str) else self.msg.KIND
+
+    def wire_body(self) -> dict[str, Any]:
+        if isinstance(self.msg, str):
+            return {} if self.body is None else self.body
+        return self.msg.body()
 
 
 @dataclass
@@ -103,6 +117,7 @@ class Actor:
         self._out: list[Envelope] = []
         self._tasks: dict[int, tuple[_Task, float]] = {}  # request id -> (task, deadline)
         self._dst_of: dict[int, str] = {}  # request id -> peer it went to
+        self._kind_of: dict[int, str] = {}  # request id -> its kind, to check the reply's schema
         self._flow = ""
         self._log_times: dict[str, list[float]] = {}
         self._waits: dict[Any, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
@@ -124,7 +139,7 @@ class Actor:
         if msg.is_reply and msg.corr < 0:  # Wait ids are never on the wire: a forged reply
             self.dropped_replies += 1
         elif msg.is_reply:
-            self._resume_with(msg.corr, msg.body)
+            self._resume_with(msg.corr, self._checked_reply(msg))
         else:
             self._dispatch(msg)
         return self._drain()
@@ -162,9 +177,9 @@ class Actor:
         return bool(self._tasks)
 
     # ---- what handlers use ------------------------------------------------------------
-    def send(self, dst: str, kind: str, body: dict[str, Any], flow: str | None = None) -> None:
+    def send(self, dst: str, event: Message, flow: str | None = None) -> None:
         """A one-way message (no reply expected); `flow` tags it (default: the handler's flow)."""
-        self._emit(dst, kind, body, rr=False, flow=flow)
+        self._emit(dst, event.KIND, event.body(), rr=False, flow=flow)
 
     def wake(self, key: Any, body: dict[str, Any]) -> bool:
         """Resume the handler parked on `Wait(key)` with `body`; False if none waits (any more)."""
@@ -187,28 +202,44 @@ class Actor:
         """The actor's state for the audit; actors extend it."""
         return {"name": self.name, "pending": len(self._tasks), "dropped_replies": self.dropped_replies}
 
-    def on_snapshot(self, msg: Envelope) -> dict[str, Any]:
+    def on_snapshot(self, msg: Envelope, req: Snapshot) -> dict[str, Any]:
         return {"ret": 0, "state": self.snapshot()}
 
-    def on_ping(self, msg: Envelope) -> dict[str, Any]:
+    def on_ping(self, msg: Envelope, req: Ping) -> dict[str, Any]:
         return {"ret": 0}
 
-    def on_shutdown(self, msg: Envelope) -> dict[str, Any]:
+    def on_shutdown(self, msg: Envelope, req: Shutdown) -> dict[str, Any]:
         self.stopping = True
         return {"ret": 0}
 
     # ---- internals ----------------------------------------------------------------------
     def _dispatch(self, msg: Envelope) -> None:
-        handler = getattr(self, f"on_{msg.kind}", None)
-        why = check_body(msg.kind, msg.body)
-        if handler is None or why is not None:
-            ret = -E.EOPNOTSUPP if handler is None else -E.EINVAL
-            self.log(f"bad:{msg.kind}", f"refused {msg.kind} from {msg.src}: "
-                     f"{why or 'no handler'} ({E.name(ret)})")
-            if msg.rr:
-                self._reply(msg, failed(ret, error=why or f"{self.name} does not handle {msg.kind}"))
+        """Decode the body into its message class once; refuse what does not fit."""
+        cls = lookup(msg.kind)
+        handler = getattr(self, f"on_{msg.kind}", None) if cls is not None else None
+        if handler is None:
+            self._refuse(msg, -E.EOPNOTSUPP, f"unknown message kind {msg.kind!r}" if cls is None
+                         else f"{self.name} does not handle {msg.kind}")
             return
-        self._run(lambda: handler(msg), msg, msg.flow)
+        req = cls.parse(msg.body)
+        if isinstance(req, str):
+            self._refuse(msg, -E.EINVAL, req)
+            return
+        self._run(lambda: handler(msg, req), msg, msg.flow)
+
+    def _refuse(self, msg: Envelope, ret: int, why: str) -> None:
+        self.log(f"bad:{msg.kind}", f"refused {msg.kind} from {msg.src}: {why} ({E.name(ret)})")
+        if msg.rr:
+            self._reply(msg, failed(ret, error=why))
+
+    def _checked_reply(self, msg: Envelope) -> dict[str, Any]:
+        """A reply from the wire, checked against the schema of the request it answers."""
+        cls = lookup(self._kind_of.get(msg.corr, ""))
+        why = cls.REPLY.check(msg.body) if cls is not None and cls.REPLY is not None else None
+        if why is None:
+            return msg.body
+        self.log(f"badreply:{msg.kind}", f"refused reply from {msg.src}: {why}")
+        return failed(-E.EBADMSG, error=why)
 
     def _run(self, fn: Callable[[], Any], request: Envelope | None, flow: str) -> None:
         previous, self._flow = self._flow, flow
@@ -257,12 +288,13 @@ class Actor:
         previous, self._flow = self._flow, task.flow
         try:
             for slot, call in enumerate(calls):
-                req_id = self._emit(call.dst, call.kind, call.body, rr=True, flow=call.flow)
+                req_id = self._emit(call.dst, call.kind, call.wire_body(), rr=True, flow=call.flow)
                 task.waiting[req_id] = slot
                 deadline = self.now + (call.timeout if call.timeout is not None else
                                        self.config.get("request_timeout", DEFAULT_TIMEOUT))
                 self._tasks[req_id] = (task, deadline)
                 self._dst_of[req_id] = call.dst
+                self._kind_of[req_id] = call.kind
         finally:
             self._flow = previous
 
@@ -283,6 +315,7 @@ class Actor:
             self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
             return
         self._dst_of.pop(req_id, None)
+        self._kind_of.pop(req_id, None)
         if req_id < 0:  # a Wait that timed out: forget its key
             for key in [k for k, r in self._waits.items() if r == req_id]:
                 del self._waits[key]

@@ -21,9 +21,12 @@ from typing import Any, Generator
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, Wait, failed
 from vsva.actors.memory import FL_LINK, FL_PRESENT, FrameAllocator, GuestRam, PasidDirectory, RadixTable
-from vsva.actors.messages import (
+from vsva.actors.catalogue import (
+    DevSubmit, FlowWatch, MdevSubmit, QiSubmit, StartWorkload, VcmdAlloc, VcmdFree, VmInfo, VPageRequest, VPageResponse,
+)
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import (
     IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_FAILURE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
-    Envelope,
 )
 from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY,
@@ -171,34 +174,34 @@ class Guest(Actor):
     def boot(self) -> Generator[Any, Any, int]:
         """Read the firmware tables, set up memory and one PASID directory per device."""
         tag = self.flow_tag("boot")
-        info = yield Call(self.vmm, "vm_info", {}, flow=tag)
+        info = yield Call(self.vmm, VmInfo(), flow=tag)
         if info["ret"]:
             return info["ret"]
         self.kernel = GuestKernel(GuestRam(self.mem, info["ram_frames"]))
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
-            reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "cc", "dev": dev, "pdir": pdir},
-                                                                  {"type": "wait"}]}, flow=tag)
+            reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir},
+                                                         {"type": "wait"}]), flow=tag)
             if reply["ret"]:
                 return reply["ret"]
         return 0
 
     def alloc_pasid(self, proc: Process, dev: str) -> Generator[Any, Any, int]:
         """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
-        reply = yield Call(self.vmm, "vcmd_alloc", {"dev": dev}, flow=self.flow_tag("F1"))
-        if self.step("F1", f"pid {proc.pid} alloc PASID for {dev}", reply, pasid=reply.get("pasid"),
+        reply = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
+        if self.step("F1", f"pid {proc.pid} alloc PASID for {dev}", reply, gpasid=reply.get("gpasid"),
                      hpasid=reply.get("hpasid")):
-            proc.pasids[dev] = reply["pasid"]
-            return reply["pasid"]
+            proc.pasids[dev] = reply["gpasid"]
+            return reply["gpasid"]
         return 0
 
     def bind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
         """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait."""
         self.pasid_dirs[dev].write_entry(pasid, encode_pasid_entry(
             flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
-        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "pc", "dev": dev, "pasid": pasid},
-                                                              {"type": "wait"}]}, flow=self.flow_tag("F2"))
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F2"))
         users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
         self.step("F2", f"pid {proc.pid} bind {dev} PASID {pasid}", reply, users=users)
         return {**reply, "users": users}
@@ -206,23 +209,22 @@ class Guest(Actor):
     def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
         """F4: clear the PASID entry, PASID-cache invalidation, wait."""
         self.pasid_dirs[dev].clear_entry(pasid)
-        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "pc", "dev": dev, "pasid": pasid},
-                                                              {"type": "wait"}]}, flow=self.flow_tag("F4"))
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F4"))
         self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
         return reply
 
     def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0):
         """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
-        base = {"dev": dev, "pasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
-        reply = yield Call(self.vmm, "qi_submit", {"descs": [{"type": "piotlb", **base},
-                                                              {"type": "dev_iotlb", **base},
-                                                              {"type": "wait"}]}, flow=self.flow_tag("F3"))
+        base = {"dev": dev, "gpasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F3"))
         self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
         return reply
 
     def free(self, proc: Process, dev: str, pasid: int):
         """F5: the virtual command 'free PASID'."""
-        reply = yield Call(self.vmm, "vcmd_free", {"pasid": pasid}, flow=self.flow_tag("F5"))
+        reply = yield Call(self.vmm, VcmdFree(gpasid=pasid), flow=self.flow_tag("F5"))
         self.step("F5", f"pid {proc.pid} free PASID {pasid}", reply)
         proc.pasids.pop(dev, None)
         return reply
@@ -230,11 +232,14 @@ class Guest(Actor):
     def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
                pattern: int = 0):
         """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
-        body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
+        fields = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
+        # an mdev takes the guest PASID (vdcm translates it); the passthrough function is
+        # programmed with the host PASID, which the identity allocation made equal to it
+        work = MdevSubmit(gpasid=pasid, **fields) if dev in self.mdevs else DevSubmit(hpasid=pasid, **fields)
         portal = self.vdcm if dev in self.mdevs else self.host
         self.dma["submitted"] += 1
-        kind, flow = "mdev_submit" if dev in self.mdevs else "dev_submit", self.flow_tag("F7")
-        reply = yield Call(portal, kind, body, flow=flow)
+        flow = self.flow_tag("F7")
+        reply = yield Call(portal, work, flow=flow)
         # The portal's process died (vdcm restarted by the supervisor): the device was reset
         # under the descriptor. With `portal_retry` (set by the supervisor) the driver waits
         # for the device and resubmits, visibly (counted): copy and fill are idempotent.
@@ -243,42 +248,39 @@ class Guest(Actor):
             self.dma["resubmitted"] = self.dma.get("resubmitted", 0) + 1
             self._retry_key = getattr(self, "_retry_key", 0) + 1
             yield Wait(("portal", self._retry_key), 0.02)
-            reply = yield Call(portal, kind, body, flow=flow)
+            reply = yield Call(portal, work, flow=flow)
         outcome = "indefinite" if reply.get("indefinite") else "aborted" if reply.get("aborted") else \
             "failed" if reply["ret"] else "completed"
         self.dma[outcome] += 1
         return reply
 
     # ---- F6: the virtual page request queue ------------------------------------------------------
-    def on_page_request(self, msg: Envelope):
+    def on_vpage_request(self, msg: Envelope, req: VPageRequest):
         """The vIOMMU's page request interrupt (intel_svm prq handler in the guest): find the
         process bound to (device, PASID), fault the page in, answer the page group."""
         if msg.src != self.vmm:
             return failed(-E.EPERM)
-        body = msg.body
         procs = self.kernel.procs.values() if self.kernel else []
-        proc = next((p for p in procs if p.pasids.get(body["dev"]) == body["pasid"]), None)
-        write = bool(body["perm"] & IOMMU_FAULT_PERM_WRITE)
-        code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, body["addr"], write)
-        reply = yield Call(self.vmm, "page_response", {"dev": body["dev"], "pasid": body["pasid"],
-                                                        "grpid": body["grpid"], "code": code})
-        self.step("F6", f"pid {proc.pid if proc else '?'} page request {body['dev']} PASID {body['pasid']} "
-                  f"@ {body['addr']:#x} {'write' if write else 'read'} -> "
-                  f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}", reply, code=code, grpid=body["grpid"])
+        proc = next((p for p in procs if p.pasids.get(req.dev) == req.gpasid), None)
+        write = bool(req.perm & IOMMU_FAULT_PERM_WRITE)
+        code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, req.addr, write)
+        reply = yield Call(self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code))
+        self.step("F6", f"pid {proc.pid if proc else '?'} page request {req.dev} PASID {req.gpasid} "
+                  f"@ {req.addr:#x} {'write' if write else 'read'} -> "
+                  f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}", reply, code=code, grpid=req.grpid)
         return None
 
     # ---- workloads ------------------------------------------------------------------------------
-    def on_flow_watch(self, msg: Envelope):
+    def on_flow_watch(self, msg: Envelope, req: FlowWatch):
         """Answer when instance `nth` of `flow` starts (at once if it has): the event a fault
         trigger waits for, so the orchestrator never polls. The answer leaves in the same
         batch as that instance's first request, so a kill on it lands inside the step."""
-        flow, nth = msg.body["flow"], msg.body["nth"]
-        if self.flow_seq.get(flow, 0) >= nth:
-            return {"ret": 0, "tag": f"{flow}:vm{self.vm}.{self.flow_seq[flow]}"}
-        reply = yield Wait(("flow_watch", flow, nth), FLOW_WATCH_TIMEOUT)
+        if self.flow_seq.get(req.flow, 0) >= req.nth:
+            return {"ret": 0, "tag": f"{req.flow}:vm{self.vm}.{self.flow_seq[req.flow]}"}
+        reply = yield Wait(("flow_watch", req.flow, req.nth), FLOW_WATCH_TIMEOUT)
         return reply
 
-    def on_start_workload(self, msg: Envelope):
+    def on_start_workload(self, msg: Envelope, req: StartWorkload):
         if self.running:
             return failed(-E.EBUSY, error="workload already running")
         self.running = True
@@ -505,7 +507,7 @@ def churn(g: Guest) -> Generator[Any, Any, None]:
         reply = yield from g.submit(mdev, pasid, "fill", dst=base, length=PAGE_SIZE, pattern=pattern)
         g.step("F7", f"pid 1 round {i} DMA fill via {mdev}", reply, verified=True,
                ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == bytes([pattern]) * PAGE_SIZE)
-        freed = yield Call(g.vmm, "vcmd_free", {"pasid": pasid}, flow=g.flow_tag("F5"))
+        freed = yield Call(g.vmm, VcmdFree(gpasid=pasid), flow=g.flow_tag("F5"))
         g.step("F5", f"pid 1 round {i} free PASID {pasid} while bound", freed, ok=freed["ret"] in (0, -E.EBUSY))
         if freed["ret"] == -E.EBUSY:  # policy 'ordered': unbind, then free
             yield from g.unbind(proc, mdev, pasid)

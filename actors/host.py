@@ -53,13 +53,17 @@ from vsva import hotpath
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, Gather, Wait, failed
 from vsva.actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
-from vsva.actors.messages import (
+from vsva.actors.catalogue import (
+    BindGpasid, CacheInvalidate, DevSubmit, IoasidAlloc, IoasidCleanup, IoasidFree, IoasidNotify, PageRequest,
+    PageResponse, PasidBindings, Ping, PoolStatus, UnbindGpasid, VfioClose, VfioOpen,
+)
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import (
     EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
-    IOMMU_CACHE_INV_TYPE_PASID, IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF,
-    IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN, IOMMU_INV_GRANU_PASID,
-    IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
-    IOMMU_PASID_FORMAT_INTEL_VTD, IOMMU_SVA_GPASID_VAL, PAGE_RESP_CODES, PRQ_GRPID_MAX, VTD_FLAG_EAFE,
-    VTD_FLAG_SRE, VTD_FLAG_WPE, VTD_FLAGS_LAST, Envelope,
+    IOMMU_CACHE_INV_TYPE_PASID, IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_GPASID_BIND_VERSION_1,
+    IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_DOMAIN,
+    IOMMU_INV_GRANU_PASID, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS, IOMMU_PASID_FORMAT_INTEL_VTD,
+    IOMMU_SVA_GPASID_VAL, PRQ_GRPID_MAX, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, VTD_FLAGS_LAST,
 )
 from vsva.actors.policy import DEFAULT_POLICY, Policy
 from vsva.hotpath.layout import (
@@ -100,6 +104,12 @@ class Svm:
     flags: int = 0
     devs: dict[str, Sdev] = field(default_factory=dict)
     vdevs: dict[str, int] = field(default_factory=dict)  # (virtual) device -> outstanding binds
+
+    def notice(self, event: str, dev: str = "") -> IoasidNotify:
+        """The notifier event for this svm: the one place its body is built (an identity
+        PASID has no separate guest PASID, the host PASID stands for it)."""
+        return IoasidNotify(event=event, vm=self.vm, hpasid=self.pasid,
+                            gpasid=self.gpasid if self.gpasid >= 0 else self.pasid, dev=dev)
 
 
 @dataclass
@@ -219,18 +229,18 @@ class Host(Actor):
             return None
         return self.phys.get(cfg.get("parent", dev))
 
-    def on_vfio_open(self, msg: Envelope) -> dict:
+    def on_vfio_open(self, msg: Envelope, req: VfioOpen) -> dict:
         """A VMM opens its VM's devices: domain, second level over shuffled RAM frames, IOASID set."""
-        body, vm = msg.body, msg.body["vm"]
+        vm = req.vm
         names = self.vm_names.get(vm)
         if names is None or names["vmm"] != msg.src:
             return failed(-E.EPERM, error=f"{msg.src} is not the VMM of VM {vm}")
         if vm in self.domains:
             return failed(-E.EBUSY, error=f"VM {vm} is already open")
-        assigned = [d for d in body["devices"] if isinstance(d, str) and self.devices_cfg.get(d, {}).get("vm") == vm]
-        if len(assigned) != len(body["devices"]):
+        assigned = [d for d in req.devices if isinstance(d, str) and self.devices_cfg.get(d, {}).get("vm") == vm]
+        if len(assigned) != len(req.devices):
             return failed(-E.ENODEV, error="a device is not assigned to this VM")
-        pages, quota = body["ram_pages"], body["quota"]
+        pages, quota = req.ram_pages, req.quota
         if not 16 <= pages <= len(self.frames) - 64 or not 0 < quota < PASID_MAX:
             return failed(-E.EINVAL, error="ram_pages or quota out of range")
         ram = [self.frames.alloc() for _ in range(pages)]
@@ -241,7 +251,7 @@ class Host(Actor):
         sl = RadixTable(self.mem, self._alloc_table(), self._alloc_table, link=SL_LINK, present=SL_PRESENT)
         for gfn, frame in enumerate(ram):
             sl.map(gfn << PAGE_SHIFT, frame << PAGE_SHIFT, SL_R | SL_W)
-        self.domains[vm] = VmDomain(vm, msg.src, names["guest"], sl, ram, list(body["devices"]), quota)
+        self.domains[vm] = VmDomain(vm, msg.src, names["guest"], sl, ram, list(req.devices), quota)
         self.vmm_of[msg.src] = vm
         return {"ret": 0, "ram_frames": ram}
 
@@ -251,7 +261,7 @@ class Host(Actor):
         return None if vm is None else self.domains.get(vm)
 
     # ---- F1 / F5: the IOASID allocator --------------------------------------------------
-    def on_ioasid_alloc(self, msg: Envelope) -> dict:
+    def on_ioasid_alloc(self, msg: Envelope, req: IoasidAlloc) -> dict:
         """ioasid_alloc() in the caller VM's set, bounded by the set's quota."""
         dom = self.caller_vm(msg)
         if dom is None:
@@ -264,7 +274,7 @@ class Host(Actor):
         self.iommu.set_defunct(pasid, False)
         self.ioasids[pasid] = Ioasid(pasid, dom.vm)
         dom.ioasids.add(pasid)
-        return {"ret": 0, "pasid": pasid}
+        return {"ret": 0, "hpasid": pasid}
 
     def _pool_take(self) -> int | None:
         """Reuse-first hands out the last freed PASID (so reuse hazards show); fresh counts up."""
@@ -275,14 +285,14 @@ class Host(Actor):
         self.next_pasid += 1
         return self.next_pasid - 1
 
-    def on_ioasid_free(self, msg: Envelope):
+    def on_ioasid_free(self, msg: Envelope, req: IoasidFree):
         """ioasid_free() from the VCMD path; a still-bound PASID goes through the FREE notifier."""
         dom = self.caller_vm(msg)
         if dom is None:
             return failed(-E.EPERM, error="caller has no open VM")
-        ioasid = self.ioasids.get(msg.body["pasid"])
+        ioasid = self.ioasids.get(req.hpasid)
         if ioasid is None:
-            return failed(-E.EINVAL, error=f"IOASID {msg.body['pasid']} is not allocated")
+            return failed(-E.EINVAL, error=f"IOASID {req.hpasid} is not allocated")
         if ioasid.vm != dom.vm:
             return failed(-E.EACCES, error=f"IOASID {ioasid.pasid} belongs to another VM")
         if ioasid.svm is not None and self.policy is Policy.ORDERED:
@@ -319,11 +329,10 @@ class Host(Actor):
         if self.policy is Policy.NAIVE:
             self.free_pasids += [a.pasid for a in bound]
             for ioasid in bound:
-                self.send(self.name, "ioasid_cleanup", {"pasid": ioasid.pasid, "vm": dom.vm,
-                                                        "devs": sorted(ioasid.svm.devs)})
-            for body in events:
+                self.send(self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(ioasid.svm.devs)))
+            for note in events:
                 for sub in self.subscribers:
-                    self.send(sub, "ioasid_notify", body)
+                    self.send(sub, note)
             return
         for ioasid in bound:
             self.reclaiming[ioasid.pasid] = dom.vm  # out of the pool until every ack
@@ -338,18 +347,16 @@ class Host(Actor):
         else:
             self._run(lambda: acks, None, self._flow)
 
-    def _free_events(self, vm: int, bound: list[Ioasid], event: str) -> list[dict[str, Any]]:
+    def _free_events(self, vm: int, bound: list[Ioasid], event: str) -> list[IoasidNotify]:
         """FREE per bound PASID, or one FREE_SET for a whole set (subscribers drop the VM)."""
         if event == EV_FREE_SET:
-            return [{"event": EV_FREE_SET, "vm": vm, "hpasid": 0, "gpasid": 0, "dev": ""}]
-        return [{"event": EV_FREE, "vm": vm, "hpasid": a.pasid,
-                 "gpasid": a.svm.gpasid if a.svm.gpasid >= 0 else a.pasid, "dev": ""} for a in bound]
+            return [IoasidNotify(event=EV_FREE_SET, vm=vm, hpasid=0, gpasid=0, dev="")]
+        return [a.svm.notice(EV_FREE) for a in bound]
 
-    def _await_free_acks(self, vm: int, pasids: list[int], events: list[dict[str, Any]]):
+    def _await_free_acks(self, vm: int, pasids: list[int], events: list[IoasidNotify]):
         """Wait (bounded) for every subscriber's FREE acknowledgement, then release the PASIDs."""
         timeout = self.config.get("notify_timeout", 2.0)
-        replies = yield Gather([Call(s, "ioasid_notify", body, timeout=timeout)
-                                for body in events for s in self.subscribers])
+        replies = yield Gather([Call(s, note, timeout=timeout) for note in events for s in self.subscribers])
         refused = [r for r in replies if r.get("ret", 0)]
         silent = {s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)}
         for pasid in pasids:
@@ -365,13 +372,13 @@ class Host(Actor):
             self.log("quarantine", f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
                      f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined")
 
-    def on_ioasid_cleanup(self, msg: Envelope) -> dict | None:
+    def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict | None:
         """The naive policy's deferred work: the IOMMU driver's teardown, whenever it runs."""
         if msg.src != self.name:
             return failed(-E.EPERM, error="deferred cleanup is the host's own work")
-        for dev in msg.body["devs"]:
+        for dev in req.devs:
             if dev in self.phys:
-                self._teardown_entry(dev, msg.body["pasid"], msg.body["vm"])
+                self._teardown_entry(dev, req.hpasid, req.vm)
         return None
 
     def pasid_state(self, pasid: int) -> str:
@@ -382,13 +389,13 @@ class Host(Actor):
             return "reclaiming"
         return "quarantined" if pasid in self.quarantined else "free"
 
-    def on_pool_status(self, msg: Envelope) -> dict:
+    def on_pool_status(self, msg: Envelope, req: PoolStatus) -> dict:
         """A cheap view of the allocator and teardowns (for experiments polling a live host)."""
         return {"ret": 0, "free_pool": len(self.free_pasids), "reclaiming": len(self.reclaiming),
                 "quarantined": len(self.quarantined), "vms": sorted(self.domains),
                 "teardowns": [dict(t) for t in self.teardowns]}
 
-    def on_pasid_bindings(self, msg: Envelope) -> dict:
+    def on_pasid_bindings(self, msg: Envelope, req: PasidBindings) -> dict:
         """Every bound (vm, gpasid, hpasid, dev, users): what a restarted subscriber (kvm, vdcm)
         rebuilds its translation tables from before it serves (the notifier's current state)."""
         if msg.src not in self.subscribers:
@@ -402,13 +409,12 @@ class Host(Actor):
                 del self.quarantined[pasid]
                 self.iommu.set_defunct(pasid, False)
                 self.free_pasids.append(pasid)
-        out = [{"vm": a.svm.vm, "gpasid": a.svm.gpasid if a.svm.gpasid >= 0 else a.pasid,
-                "hpasid": a.pasid, "dev": dev, "users": users}
+        out = [{"vm": note.vm, "gpasid": note.gpasid, "hpasid": note.hpasid, "dev": dev, "users": users}
                for a in self.ioasids.values() if a.svm is not None
-               for dev, users in sorted(a.svm.vdevs.items())]
+               for dev, users in sorted(a.svm.vdevs.items()) for note in [a.svm.notice(EV_BIND, dev)]]
         return {"ret": 0, "bindings": out}
 
-    def on_vfio_close(self, msg: Envelope):
+    def on_vfio_close(self, msg: Envelope, req: VfioClose):
         """The VMM closes its VFIO fd: the same teardown as its death, without detection."""
         dom = self.caller_vm(msg)
         if dom is None:
@@ -447,13 +453,13 @@ class Host(Actor):
         del self.domains[dom.vm]
 
     # ---- F2: intel_svm_bind_gpasid --------------------------------------------------------
-    def on_bind_gpasid(self, msg: Envelope):
+    def on_bind_gpasid(self, msg: Envelope, req: BindGpasid):
         dom = self.caller_vm(msg)
         if dom is None:
             return failed(-E.EPERM, error="caller has no open VM")
-        if msg.body["dev"] not in dom.devices:  # VFIO: the device is not in this container
-            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
-        pdev, data = self.physical(msg.body["dev"]), msg.body["data"]
+        if req.dev not in dom.devices:  # VFIO: the device is not in this container
+            return failed(-E.ENODEV, error=f"{req.dev} is not assigned to VM {dom.vm}")
+        pdev, data = self.physical(req.dev), req.data
         ret = self._bind_checks(pdev, data)
         if ret:
             return failed(ret, error="bind record refused")
@@ -470,8 +476,8 @@ class Host(Actor):
                 return failed(-E.EINVAL, error="svm with an empty device list")
             if pdev.name in svm.devs:
                 svm.devs[pdev.name].users += 1
-                svm.vdevs[msg.body["dev"]] = svm.vdevs.get(msg.body["dev"], 0) + 1
-                yield from self.notify(EV_BIND, svm, msg.body["dev"])
+                svm.vdevs[req.dev] = svm.vdevs.get(req.dev, 0) + 1
+                yield from self.notify(EV_BIND, svm, req.dev)
                 return {"ret": 0, "users": svm.devs[pdev.name].users}
         else:
             svm = Svm(hpasid, dom.vm)
@@ -486,8 +492,8 @@ class Host(Actor):
             return failed(ret, error="nested PASID entry setup failed")
         svm.flags |= SVM_FLAG_GUEST_MODE
         svm.devs[pdev.name] = Sdev(pdev.name)
-        svm.vdevs[msg.body["dev"]] = svm.vdevs.get(msg.body["dev"], 0) + 1
-        yield from self.notify(EV_BIND, svm, msg.body["dev"])
+        svm.vdevs[req.dev] = svm.vdevs.get(req.dev, 0) + 1
+        yield from self.notify(EV_BIND, svm, req.dev)
         return {"ret": 0, "users": 1}
 
     def _bind_checks(self, pdev: PhysDevice | None, data: dict) -> int:
@@ -533,9 +539,8 @@ class Host(Actor):
         subscribers can keep per-device translations (two mdevs of one parent share an sdev);
         FREE goes out once per PASID, with no device.
         """
-        body = {"event": event, "vm": svm.vm, "hpasid": svm.pasid,
-                "gpasid": svm.gpasid if svm.gpasid >= 0 else svm.pasid, "dev": dev}
-        replies = yield Gather([Call(s, "ioasid_notify", body) for s in self.subscribers])
+        note = svm.notice(event, dev)
+        replies = yield Gather([Call(s, note) for s in self.subscribers])
         for sub, reply in zip(self.subscribers, replies):
             if reply.get("ret", 0):
                 self.log(f"notify:{sub}", f"{sub} answered {event} of PASID {svm.pasid} with "
@@ -543,13 +548,13 @@ class Host(Actor):
         return replies
 
     # ---- F4: intel_svm_unbind_gpasid --------------------------------------------------------
-    def on_unbind_gpasid(self, msg: Envelope):
+    def on_unbind_gpasid(self, msg: Envelope, req: UnbindGpasid):
         dom = self.caller_vm(msg)
         if dom is None:
             return failed(-E.EPERM, error="caller has no open VM")
-        if msg.body["dev"] not in dom.devices:
-            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
-        pdev, pasid = self.physical(msg.body["dev"]), msg.body["pasid"]
+        if req.dev not in dom.devices:
+            return failed(-E.ENODEV, error=f"{req.dev} is not assigned to VM {dom.vm}")
+        pdev, pasid = self.physical(req.dev), req.hpasid
         if pdev is None:
             return failed(-E.EINVAL)
         ioasid = self.ioasids.get(pasid)
@@ -562,18 +567,18 @@ class Host(Actor):
             return failed(-E.EINVAL, error=f"{pdev.name} is not bound to PASID {pasid}")
         sdev = svm.devs[pdev.name]
         sdev.users -= 1
-        left = svm.vdevs.get(msg.body["dev"], 0) - 1
+        left = svm.vdevs.get(req.dev, 0) - 1
         if left > 0:
-            svm.vdevs[msg.body["dev"]] = left
+            svm.vdevs[req.dev] = left
         else:
-            svm.vdevs.pop(msg.body["dev"], None)
+            svm.vdevs.pop(req.dev, None)
         if sdev.users:
-            yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
+            yield from self.notify(EV_UNBIND, svm, req.dev)
             return {"ret": 0, "users": sdev.users}
         del svm.devs[pdev.name]
         self._teardown_entry(pdev.name, pasid, dom.vm)
         self._free_if_empty(ioasid)
-        yield from self.notify(EV_UNBIND, svm, msg.body["dev"])
+        yield from self.notify(EV_UNBIND, svm, req.dev)
         return {"ret": 0, "users": 0}
 
     def _teardown_entry(self, dev: str, pasid: int, did: int) -> None:
@@ -603,13 +608,13 @@ class Host(Actor):
             ioasid.svm = None
 
     # ---- F3: cache invalidation passed down -------------------------------------------------
-    def on_cache_invalidate(self, msg: Envelope) -> dict:
+    def on_cache_invalidate(self, msg: Envelope, req: CacheInvalidate) -> dict:
         dom = self.caller_vm(msg)
         if dom is None:
             return failed(-E.EPERM, error="caller has no open VM")
-        if msg.body["dev"] not in dom.devices:
-            return failed(-E.ENODEV, error=f"{msg.body['dev']} is not assigned to VM {dom.vm}")
-        info, pdev = msg.body["info"], self.physical(msg.body["dev"])
+        if req.dev not in dom.devices:
+            return failed(-E.ENODEV, error=f"{req.dev} is not assigned to VM {dom.vm}")
+        info, pdev = req.info, self.physical(req.dev)
         ret, why = self._inv_checks(info, dom)
         if ret:
             return failed(ret, error=why)
@@ -657,28 +662,24 @@ class Host(Actor):
         return 0, ""
 
     # ---- F7: a device's DMA engine ------------------------------------------------------------
-    def on_dev_submit(self, msg: Envelope):
+    def on_dev_submit(self, msg: Envelope, req: DevSubmit):
         """Run a work descriptor. Passthrough: the guest's own portal; mdev: submitted by vdcm.
 
         F6: a recoverable first-level fault on a device with PRI becomes a page request; the
         descriptor waits for its page group response and, on SUCCESS, the device retries from
         the faulting byte (see the module docstring for the queue, overflow and drain)."""
-        body = msg.body
-        cfg = self.devices_cfg.get(body["dev"])
+        cfg = self.devices_cfg.get(req.dev)
         if cfg is None:
-            return failed(-E.ENODEV, error=f"no device {body['dev']}")
+            return failed(-E.ENODEV, error=f"no device {req.dev}")
         vm = cfg.get("vm", 0)
         if vm and vm not in self.domains:
-            return failed(-E.ENODEV, error=f"{body['dev']} belongs to no running VM")
+            return failed(-E.ENODEV, error=f"{req.dev} belongs to no running VM")
         portal_owner = self.config.get("vdcm", "vdcm") if "parent" in cfg else self.vm_names.get(vm, {}).get("guest")
         if msg.src != portal_owner:
-            return failed(-E.EPERM, error=f"{msg.src} may not submit to {body['dev']}")
-        pasid = body["pasid"]
-        if not 0 < pasid < PASID_MAX or not 0 <= body["len"] <= 1 << 24 or body["op"] not in ("copy", "fill") \
-                or not 0 <= body["src"] < 1 << 64 or not 0 <= body["dst"] < 1 << 64:
-            return failed(-E.EINVAL, error="operation, PASID, address or length out of range")
-        pdev = self.physical(body["dev"])
-        work, total, faults = dict(body), 0, 0
+            return failed(-E.EPERM, error=f"{msg.src} may not submit to {req.dev}")
+        pasid = req.hpasid
+        pdev = self.physical(req.dev)
+        work, total, faults = req.body(), 0, 0
         while True:
             status, fault_va, done = self._run_descriptor(pdev, work)
             total += done
@@ -691,7 +692,7 @@ class Host(Actor):
                         "done": total, "page_requests": faults - 1, "error": "page request budget exhausted"}
             read = work["op"] == "copy" and fault_va == work["src"] + done
             perm = IOMMU_FAULT_PERM_READ if read else IOMMU_FAULT_PERM_WRITE
-            code, ret, why = yield from self.page_request(pdev, body["dev"], pasid, vm, fault_va, perm)
+            code, ret, why = yield from self.page_request(pdev, req.dev, pasid, vm, fault_va, perm)
             if code != IOMMU_PAGE_RESP_SUCCESS:
                 self.dma_faults += 1
                 return {"ret": ret, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
@@ -728,7 +729,7 @@ class Host(Actor):
             # VT-d: the queue is full: set PRO, the IOMMU auto-responds SUCCESS; the device backs off
             self.prq_overflow = True
             self.prq_stats["auto_responses"] += 1
-            yield Call(self.name, "ping", {})
+            yield Call(self.name, Ping())
             return IOMMU_PAGE_RESP_SUCCESS, 0, "auto-responded (page request queue overflow)"
         grpid = self._next_grpid(pdev.name)
         seq = self._prq_seq[vm] = self._prq_seq.get(vm, 0) + 1
@@ -737,9 +738,8 @@ class Host(Actor):
                "grpid": grpid, "last": True, "flow": f"F6:vm{vm}.{seq}", "queued": self.now}
         self.prq.append(req)
         self.prq_stats["requests"] += 1
-        self.send(self.domains[vm].vmm, "page_request", {"dev": vdev, "pasid": pasid, "grpid": grpid,
-                                                          "addr": page, "perm": perm, "last": True},
-                  flow=req["flow"])
+        self.send(self.domains[vm].vmm, PageRequest(dev=vdev, hpasid=pasid, grpid=grpid, addr=page, perm=perm,
+                                                    last=True), flow=req["flow"])
         reply = yield Wait((pdev.name, grpid), self.prq_timeout)
         if reply.get("ret"):  # nobody answered in time: the host answers INVALID on the guest's behalf
             self._prq_remove(req)
@@ -767,35 +767,32 @@ class Host(Actor):
         if not self.prq:
             self.prq_overflow = False  # the queue drained: clear PRO
 
-    def on_page_response(self, msg: Envelope) -> dict:
+    def on_page_response(self, msg: Envelope, resp: PageResponse) -> dict:
         """intel_svm_page_response(): match the VMM's page group response to its request."""
         dom = self.caller_vm(msg)
         if dom is None:
             return failed(-E.EPERM, error="caller has no open VM")
-        body = msg.body
-        ret, why, req = self._match_response(dom, body)
+        ret, why, req = self._match_response(dom, resp)
         if ret:
             self.prq_stats["rejected"] += 1
             self.log("prq:reject", f"page response from {msg.src} refused: {why}")
             return failed(ret, error=why)
         self._prq_remove(req)
         self.prq_stats["responses"] += 1
-        self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": body["code"]})
+        self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": resp.code})
         return {"ret": 0}
 
-    def _match_response(self, dom: VmDomain, body: dict) -> tuple[int, str, dict | None]:
-        if body["dev"] not in dom.devices:
-            return -E.ENODEV, f"{body['dev']} is not assigned to VM {dom.vm}", None
-        if body["code"] not in PAGE_RESP_CODES:
-            return -E.EINVAL, f"page response code {body['code']}", None
-        pdev = self.physical(body["dev"])
-        req = next((r for r in self.prq if r["dev"] == pdev.name and r["grpid"] == body["grpid"]), None)
+    def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict | None]:
+        if resp.dev not in dom.devices:
+            return -E.ENODEV, f"{resp.dev} is not assigned to VM {dom.vm}", None
+        pdev = self.physical(resp.dev)
+        req = next((r for r in self.prq if r["dev"] == pdev.name and r["grpid"] == resp.grpid), None)
         if req is None:
-            return -E.EINVAL, f"no outstanding page request group {body['grpid']} on {pdev.name}", None
+            return -E.EINVAL, f"no outstanding page request group {resp.grpid} on {pdev.name}", None
         if req["vm"] != dom.vm:
-            return -E.EACCES, f"page request group {body['grpid']} belongs to VM {req['vm']}", None
-        if req["pasid"] != body["pasid"] or req["vdev"] != body["dev"]:
-            return -E.EINVAL, f"group {body['grpid']} was requested by {req['vdev']} PASID {req['pasid']}", None
+            return -E.EACCES, f"page request group {resp.grpid} belongs to VM {req['vm']}", None
+        if req["pasid"] != resp.hpasid or req["vdev"] != resp.dev:
+            return -E.EINVAL, f"group {resp.grpid} was requested by {req['vdev']} PASID {req['pasid']}", None
         ioasid = self.ioasids.get(req["pasid"])
         if ioasid is None or ioasid.vm != dom.vm or ioasid.svm is None:
             return -E.ENODEV, f"PASID {req['pasid']} is no longer bound", None
@@ -803,7 +800,7 @@ class Host(Actor):
 
     def _run_descriptor(self, pdev: PhysDevice, body: dict) -> tuple[int, int, int]:
         """(status, fault_va, done): done counts the bytes moved before the fault."""
-        op, pasid, n = body["op"], body["pasid"], body["len"]
+        op, pasid, n = body["op"], body["hpasid"], body["len"]
         if op == "copy":
             status, va, done = self.iommu.dma_copy(pdev.id, pasid, body["src"], body["dst"], n)[:3]
         elif op == "fill":

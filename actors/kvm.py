@@ -2,119 +2,13 @@
 
 It subscribes to the IOASID notifier: BIND installs guest PASID -> host PASID for the VM,
 the last UNBIND of it and FREE remove it. A translation exists only while the host has the
-PASID bound to at least one of the VM's devices.
+PASID bound to at least one of the VM's devices (vsva.actors.subscriber).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, failed
-from vsva.actors.messages import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, Envelope
+from vsva.actors.subscriber import Subscriber
 
 
-class PasidMap:
-    """guest PASID -> host PASID per VM, with the devices each mapping is bound through.
-
-    Each device carries its number of outstanding binds: the host notifies BIND for every
-    bind (users++ included) and UNBIND for every unbind, so the mapping must outlive all
-    but the last UNBIND of a device bound several times.
-    """
-
-    def __init__(self) -> None:
-        self.maps: dict[int, dict[int, tuple[int, dict[str, int]]]] = {}
-
-    def apply(self, body: dict[str, Any], devices: set[str] | None = None) -> int:
-        """Apply one notifier event; `devices` limits which devices this subscriber tracks."""
-        event, vm, gpasid, hpasid, dev = body["event"], body["vm"], body["gpasid"], body["hpasid"], body["dev"]
-        if event == EV_FREE_SET:
-            self.maps.pop(vm, None)
-            return 0
-        table = self.maps.setdefault(vm, {})
-        if event == EV_FREE:
-            if gpasid in table and table[gpasid][0] == hpasid:
-                del table[gpasid]
-            return 0
-        if event not in (EV_BIND, EV_UNBIND):
-            return -E.EINVAL
-        if devices is not None and dev not in devices:
-            return 0
-        current = table.get(gpasid)
-        if event == EV_BIND:
-            if current is not None and current[0] != hpasid:
-                return -E.EEXIST
-            devs = table.setdefault(gpasid, (hpasid, {}))[1]
-            devs[dev] = devs.get(dev, 0) + 1
-        elif current is not None and current[0] == hpasid and dev in current[1]:
-            current[1][dev] -= 1
-            if not current[1][dev]:
-                del current[1][dev]
-            if not current[1]:
-                del table[gpasid]
-        return 0
-
-    def load(self, bindings: list[dict[str, Any]], devices: set[str] | None = None) -> int:
-        """Merge the host's current bindings (a resync after a restart): each listed
-        (vm, gpasid, dev) takes the host's hpasid and bind count; nothing else changes."""
-        n = 0
-        for b in bindings:
-            if devices is not None and b["dev"] not in devices:
-                continue
-            table = self.maps.setdefault(b["vm"], {})
-            current = table.get(b["gpasid"])
-            if current is None or current[0] != b["hpasid"]:
-                current = table[b["gpasid"]] = (b["hpasid"], {})
-            current[1][b["dev"]] = max(1, int(b.get("users", 1)))
-            n += 1
-        return n
-
-    def hpasids(self, vm: int) -> list[int]:
-        """Every host PASID the VM's table maps to."""
-        return [h for h, _ in self.maps.get(vm, {}).values()]
-
-    def lookup(self, vm: int, gpasid: int, dev: str | None = None) -> int | None:
-        entry = self.maps.get(vm, {}).get(gpasid)
-        if entry is None or (dev is not None and dev not in entry[1]):
-            return None
-        return entry[0]
-
-    def dump(self) -> dict[str, dict[str, dict]]:
-        return {str(vm): {str(g): {"hpasid": h, "devs": sorted(d)} for g, (h, d) in t.items()}
-                for vm, t in self.maps.items() if t}
-
-
-class Kvm(Actor):
-    """One per host: each VM's VMCS PASID translation table."""
-
-    def __init__(self, name: str, env: Any):
-        super().__init__(name, env)
-        self.host: str = self.config.get("host", "host")
-        self.pasids = PasidMap()
-        self.synced = not self.config.get("resync_on_start")
-        self.resynced = 0  # bindings taken from the host at the last resync
-
-    def on_start(self):
-        """First start or restart by the supervisor: rebuild the tables from the host's
-        current bindings (the notifier events sent while we were dead are lost)."""
-        if self.config.get("resync_on_start"):  # set by the supervisor (orchestrator/supervisor.py)
-            yield from self.resync()
-
-    def resync(self, devices: set[str] | None = None):
-        reply = yield Call(self.host, "pasid_bindings", {}, flow="resync")
-        if reply.get("ret") == 0:
-            self.resynced = self.pasids.load(reply.get("bindings", []), devices)
-            self.synced = True
-        else:
-            self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
-        return reply
-
-    def on_ioasid_notify(self, msg: Envelope) -> dict:
-        if msg.src != self.host:
-            return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
-        ret = self.pasids.apply(msg.body)
-        return failed(ret, error=f"cannot apply {msg.body['event']}") if ret else {"ret": 0}
-
-    def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "tables": self.pasids.dump(), "synced": self.synced,
-                "resynced": self.resynced}
+class Kvm(Subscriber):
+    """One per host: each VM's VMCS PASID translation table, for every device."""

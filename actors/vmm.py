@@ -21,11 +21,16 @@ from typing import Any
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, failed
 from vsva.actors.memory import GuestRam, PasidDirectory
-from vsva.actors.messages import (
+from vsva.actors.catalogue import (
+    BindGpasid, CacheInvalidate, IoasidAlloc, IoasidFree, PageRequest, PageResponse, QiSubmit, UnbindGpasid,
+    VcmdAlloc, VcmdFree, VfioClose, VfioOpen, VmInfo, VmStart, VmStop, VPageRequest, VPageResponse,
+)
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
     IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID,
     IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PAGE_RESP_INVALID, IOMMU_PASID_FORMAT_INTEL_VTD,
-    IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE, Envelope,
+    IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
 )
 from vsva.hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 
@@ -60,23 +65,22 @@ class Vmm(Actor):
         self.next_gpasid = GUEST_PASID_TOP
         self.prq_stats = {"injected": 0, "unmapped": 0, "responses": 0, "refused": 0}
 
-    def on_vm_start(self, msg: Envelope):
+    def on_vm_start(self, msg: Envelope, req: VmStart):
         """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
         if self.ram is not None:
             return failed(-E.EBUSY, error="VM already started")
-        reply = yield Call(self.host, "vfio_open", {
-            "vm": self.vm, "ram_pages": self.config["ram_pages"], "devices": self.devices,
-            "quota": self.config["quota"]})
+        reply = yield Call(self.host, VfioOpen(vm=self.vm, ram_pages=self.config["ram_pages"],
+                                               devices=self.devices, quota=self.config["quota"]))
         if reply["ret"]:
             return reply
         self.ram = GuestRam(self.mem, reply["ram_frames"])
         return {"ret": 0, "ram_frames": reply["ram_frames"]}
 
-    def on_vm_stop(self, msg: Envelope):
+    def on_vm_stop(self, msg: Envelope, req: VmStop):
         """Normal shutdown: close the VFIO fd; the host frees the whole IOASID set (F8)."""
         if self.ram is None:
             return failed(-E.ENODEV, error="VM not started")
-        reply = yield Call(self.host, "vfio_close", {}, flow=msg.flow or f"F8:vm{self.vm}.1",
+        reply = yield Call(self.host, VfioClose(), flow=msg.flow or f"F8:vm{self.vm}.1",
                            timeout=self.config.get("teardown_timeout", 30.0))
         if reply["ret"] == 0:
             self.ram = None
@@ -85,7 +89,7 @@ class Vmm(Actor):
             self.pasid_dirs.clear()
         return reply
 
-    def on_vm_info(self, msg: Envelope) -> dict:
+    def on_vm_info(self, msg: Envelope, req: VmInfo) -> dict:
         """What the guest's firmware tables say: its RAM (as host frames it maps) and devices."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
@@ -95,25 +99,25 @@ class Vmm(Actor):
                 "mdevs": sorted(self.mdevs)}
 
     # ---- F1 / F5: virtual commands --------------------------------------------------------------
-    def on_vcmd_alloc(self, msg: Envelope):
-        if msg.src != self.guest or msg.body["dev"] not in self.devices:
+    def on_vcmd_alloc(self, msg: Envelope, req: VcmdAlloc):
+        if msg.src != self.guest or req.dev not in self.devices:
             return failed(-E.EPERM if msg.src != self.guest else -E.ENODEV)
-        identity = self._identity(msg.body["dev"])
-        reply = yield Call(self.host, "ioasid_alloc", {})
+        identity = self._identity(req.dev)
+        reply = yield Call(self.host, IoasidAlloc())
         colliding = []  # host PASIDs equal to guest PASIDs this vmm chose for mdevs
-        while identity and reply["ret"] == 0 and reply["pasid"] in self.g2h and len(colliding) < 8:
-            colliding.append(reply["pasid"])
-            reply = yield Call(self.host, "ioasid_alloc", {})
+        while identity and reply["ret"] == 0 and reply["hpasid"] in self.g2h and len(colliding) < 8:
+            colliding.append(reply["hpasid"])
+            reply = yield Call(self.host, IoasidAlloc())
         for hpasid in colliding:  # given back only now, so the allocator cannot hand them out again
-            yield Call(self.host, "ioasid_free", {"pasid": hpasid})
-        if reply["ret"] or reply["pasid"] in self.g2h:
+            yield Call(self.host, IoasidFree(hpasid=hpasid))
+        if reply["ret"] or reply["hpasid"] in self.g2h:
             return reply if reply["ret"] else failed(-E.EBUSY, error="no host PASID free of collisions")
-        hpasid = reply["pasid"]
+        hpasid = reply["hpasid"]
         if self.ram is None:  # the VM was stopped while the host allocated: its set is gone
             return failed(-E.ENODEV, error="VM stopped during the allocation")
         gpasid = hpasid if identity else self._choose_guest_pasid()
         self.g2h[gpasid] = hpasid
-        return {"ret": 0, "pasid": gpasid, "hpasid": hpasid}
+        return {"ret": 0, "gpasid": gpasid, "hpasid": hpasid}
 
     def _identity(self, dev: str) -> bool:
         """Passthrough devices are programmed with host PASIDs: identity. mdevs may differ."""
@@ -125,14 +129,14 @@ class Vmm(Actor):
         gpasid, self.next_gpasid = self.next_gpasid, self.next_gpasid - 1
         return gpasid
 
-    def on_vcmd_free(self, msg: Envelope):
+    def on_vcmd_free(self, msg: Envelope, req: VcmdFree):
         if msg.src != self.guest:
             return failed(-E.EPERM)
-        gpasid = msg.body["pasid"]
+        gpasid = req.gpasid
         hpasid = self.g2h.get(gpasid)
         if hpasid is None:
             return failed(-E.EINVAL, error=f"guest PASID {gpasid} not allocated")
-        reply = yield Call(self.host, "ioasid_free", {"pasid": hpasid})
+        reply = yield Call(self.host, IoasidFree(hpasid=hpasid))
         if reply["ret"] == 0:
             del self.g2h[gpasid]
             for key in [k for k in self.shadow if k[1] == gpasid]:
@@ -140,12 +144,12 @@ class Vmm(Actor):
         return reply
 
     # ---- F2 / F3 / F4: the invalidation queue ---------------------------------------------------
-    def on_qi_submit(self, msg: Envelope):
+    def on_qi_submit(self, msg: Envelope, req: QiSubmit):
         """Process descriptors in order; the reply is the wait descriptor's completion."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
         done = []
-        for desc in msg.body["descs"]:
+        for desc in req.descs:
             if not isinstance(desc, dict) or not isinstance(desc.get("type"), str) \
                     or desc["type"] not in _DESC_HANDLERS:
                 return failed(-E.EINVAL, error=f"bad descriptor {desc!r}", done=done)
@@ -173,7 +177,7 @@ class Vmm(Actor):
 
     def qi_pasid_cache(self, desc: dict):
         """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
-        dev, gpasid = desc.get("dev"), desc.get("pasid")
+        dev, gpasid = desc.get("dev"), desc.get("gpasid")
         if not isinstance(dev, str) or dev not in self.pasid_dirs or not isinstance(gpasid, int) \
                 or not 0 < gpasid < PASID_MAX:
             return failed(-E.EINVAL, error="PASID-cache descriptor")
@@ -184,7 +188,7 @@ class Vmm(Actor):
         entry = decode_pasid_entry(words) if words else {"present": False}
         bound = self.shadow.get((dev, gpasid))
         if bound is not None and (not entry["present"] or entry["flptr"] != bound.gpgd):
-            reply = yield Call(self.host, "unbind_gpasid", {"dev": dev, "pasid": bound.hpasid})
+            reply = yield Call(self.host, UnbindGpasid(dev=dev, hpasid=bound.hpasid))
             if reply["ret"]:
                 return reply
             del self.shadow[(dev, gpasid)]
@@ -208,7 +212,7 @@ class Vmm(Actor):
         }
         if gpasid != hpasid:
             data["flags"] |= IOMMU_SVA_GPASID_VAL
-        reply = yield Call(self.host, "bind_gpasid", {"dev": dev, "data": data})
+        reply = yield Call(self.host, BindGpasid(dev=dev, data=data))
         if reply["ret"] == 0 and self.ram is None:  # stopped meanwhile: torn down with the VM
             return failed(-E.ENODEV, error="VM stopped during the bind", type="pc", action="bind")
         if reply["ret"] == 0:
@@ -228,7 +232,7 @@ class Vmm(Actor):
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_PASID))
 
     def _invalidate(self, desc: dict, cache: int):
-        dev, gpasid = desc.get("dev"), desc.get("pasid")
+        dev, gpasid = desc.get("dev"), desc.get("gpasid")
         hpasid = self.g2h.get(gpasid) if isinstance(gpasid, int) else None
         if dev not in self.devices or hpasid is None:
             return failed(-E.EINVAL, error="invalidation of an unknown device or PASID")
@@ -242,7 +246,7 @@ class Vmm(Actor):
                         flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0))
         else:
             info.update(granularity=IOMMU_INV_GRANU_PASID)
-        reply = yield Call(self.host, "cache_invalidate", {"dev": dev, "info": info})
+        reply = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
         return {**reply, "type": desc["type"]}
 
     def qi_wait(self, desc: dict):
@@ -251,32 +255,31 @@ class Vmm(Actor):
         yield  # a generator like its siblings
 
     # ---- F6: the virtual page request queue ----------------------------------------------------
-    def on_page_request(self, msg: Envelope):
+    def on_page_request(self, msg: Envelope, req: PageRequest):
         """The host reports a page request (host PASID): inject it into the guest's virtual
         PRQ with the guest PASID. One we cannot map (PASID freed here) is answered INVALID."""
         if msg.src != self.host:
             return failed(-E.EPERM)
-        body = msg.body
-        gpasid = next((g for g, h in self.g2h.items() if h == body["pasid"]), None)
-        if gpasid is None or body["dev"] not in self.devices or self.ram is None:
+        gpasid = next((g for g, h in self.g2h.items() if h == req.hpasid), None)
+        if gpasid is None or req.dev not in self.devices or self.ram is None:
             self.prq_stats["unmapped"] += 1
-            yield Call(self.host, "page_response", {"dev": body["dev"], "pasid": body["pasid"],
-                                                    "grpid": body["grpid"], "code": IOMMU_PAGE_RESP_INVALID})
+            yield Call(self.host, PageResponse(dev=req.dev, hpasid=req.hpasid, grpid=req.grpid,
+                                               code=IOMMU_PAGE_RESP_INVALID))
             return None
         self.prq_stats["injected"] += 1
-        self.send(self.guest, "page_request", {**body, "pasid": gpasid})
+        self.send(self.guest, VPageRequest(dev=req.dev, gpasid=gpasid, grpid=req.grpid, addr=req.addr,
+                                           perm=req.perm, last=req.last))
         return None
 
-    def on_page_response(self, msg: Envelope):
+    def on_vpage_response(self, msg: Envelope, req: VPageResponse):
         """The guest's page group response (its vPRQ response descriptor): to the host PASID."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
-        body = msg.body
-        hpasid = self.g2h.get(body["pasid"])
-        if hpasid is None or body["dev"] not in self.devices:
+        hpasid = self.g2h.get(req.gpasid)
+        if hpasid is None or req.dev not in self.devices:
             self.prq_stats["refused"] += 1
-            return failed(-E.EINVAL, error=f"page response for unknown device or guest PASID {body['pasid']}")
-        reply = yield Call(self.host, "page_response", {**body, "pasid": hpasid})
+            return failed(-E.EINVAL, error=f"page response for unknown device or guest PASID {req.gpasid}")
+        reply = yield Call(self.host, PageResponse(dev=req.dev, hpasid=hpasid, grpid=req.grpid, code=req.code))
         self.prq_stats["responses" if reply["ret"] == 0 else "refused"] += 1
         return reply
 

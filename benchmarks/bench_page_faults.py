@@ -26,6 +26,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_bind beside us, the pack
 
 from bench_bind import pct, print_figures, raw_rtt  # noqa: E402
 
+from vsva.actors.catalogue import PageRequest  # noqa: E402
 from vsva.actors.messages import Envelope, encode  # noqa: E402
 from vsva.ops.control import Controller  # noqa: E402
 from vsva.ops.launcher import Launcher  # noqa: E402
@@ -33,9 +34,9 @@ from vsva.ops.topology import default_topology  # noqa: E402
 
 
 def request_frame_size() -> int:
-    return len(encode(Envelope(src="host", dst="vm1.vmm", kind="page_request", id=77, clock=1234,
-                               flow="F6:vm1.123", body={"dev": "pf1", "pasid": 5, "grpid": 17,
-                                                        "addr": 0x1_0000_3000, "perm": 2, "last": True})))
+    msg = PageRequest(dev="pf1", hpasid=5, grpid=17, addr=0x1_0000_3000, perm=2, last=True)
+    return len(encode(Envelope(src="host", dst="vm1.vmm", kind=msg.KIND, id=77, clock=1234,
+                               flow="F6:vm1.123", body=msg.body())))
 
 
 def run(vms: int, rounds: int, pages: int) -> dict:

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from vsva.actors.base import Call, Gather
+from vsva.actors.catalogue import PoolStatus, StartWorkload, VmStart
 from vsva.ops.control import Controller
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import POLICIES, default_topology
@@ -37,24 +38,24 @@ class TeardownProbe(Controller):
         self.vm2_latencies: list[float] = []
 
     def on_start(self):
-        yield Gather([Call(v, "vm_start", {}) for v in self.topology.names("vmm")])
-        bound = yield Call("vm1.guest", "start_workload", {}, timeout=300.0)
+        yield Gather([Call(v, VmStart()) for v in self.topology.names("vmm")])
+        bound = yield Call("vm1.guest", StartWorkload(), timeout=300.0)
         self.pasids = sum(1 for s in bound.get("steps", []) if s["flow"] == "F2" and s["ok"])
         self._run(self._vm2_loop, None, "")
         self.phase = "bound"
         if not self.kill:
             return
         while self.killed_at is None:  # the launcher kills VM 1 from outside and sets killed_at
-            yield Call("host", "pool_status", {}, timeout=POLL_S)  # times out: a bounded tick
+            yield Call("host", PoolStatus(), timeout=POLL_S)  # times out: a bounded tick
         while True:
-            status = yield Call("host", "pool_status", {})
+            status = yield Call("host", PoolStatus())
             done = [t for t in status.get("teardowns", []) if t["vm"] == 1 and "finished" in t]
             if done and status["reclaiming"] == 0:
                 self.reclaimed_at = time.monotonic()
                 return
 
     def _vm2_loop(self):
-        reply = yield Call("vm2.guest", "start_workload", {}, timeout=300.0)
+        reply = yield Call("vm2.guest", StartWorkload(), timeout=300.0)
         steps = reply.get("steps", [])
         self.vm2_latencies = next((s["latencies"] for s in steps if s.get("what") == "bind latencies"), [])
         self.phase = "done"

@@ -19,9 +19,9 @@ import pytest
 
 from vsva.actors.guest import GuestKernel, Process
 from vsva.actors.memory import GuestRam, PasidDirectory
-from vsva.actors.messages import (
-    IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, Envelope,
-)
+from vsva.actors.catalogue import DevSubmit, MdevSubmit, Message, QiSubmit, VcmdAlloc, VmInfo, VmStart
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD
 from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
 )
@@ -32,8 +32,12 @@ from vsva.ops.topology import default_topology, guest_name, vmm_name
 _IDS = itertools.count(1 << 40)
 
 
-def ask(rt: SimRuntime, dst: str, kind: str, body: dict | None = None, src: str = "orch") -> dict:
-    """Put one request from `src` on the wire, run until `dst` answers it, drain, return the body."""
+def ask(rt: SimRuntime, dst: str, kind: str | Message, body: dict | None = None, src: str = "orch") -> dict:
+    """Put one request from `src` on the wire, run until `dst` answers it, drain, return the body.
+
+    `kind` is a catalogue message, or a bare kind with any `body` (for hostile input)."""
+    if isinstance(kind, Message):
+        kind, body = kind.KIND, kind.body()
     rid = next(_IDS)
     pos = [len(rt.trace)]
     rt.inject(Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body, id=rid,
@@ -84,7 +88,7 @@ class HandGuest:
     def __init__(self, rt: SimRuntime, vm: int, devices: list[str] | None = None):
         self.rt, self.vm = rt, vm
         self.name, self.vmm = guest_name(vm), vmm_name(vm)
-        info = self.ask(self.vmm, "vm_info")
+        info = self.ask(self.vmm, VmInfo())
         assert info["ret"] == 0, info
         self.kernel = GuestKernel(GuestRam(rt.mem, info["ram_frames"]))
         self.devices, self.mdevs = info["devices"], set(info["mdevs"])
@@ -95,11 +99,11 @@ class HandGuest:
             reply = self.qi([{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}])
             assert reply["ret"] == 0, reply
 
-    def ask(self, dst: str, kind: str, body: dict | None = None) -> dict:
+    def ask(self, dst: str, kind: str | Message, body: dict | None = None) -> dict:
         return ask(self.rt, dst, kind, body, src=self.name)
 
     def qi(self, descs: list) -> dict:
-        return self.ask(self.vmm, "qi_submit", {"descs": descs})
+        return self.ask(self.vmm, QiSubmit(descs=descs))
 
     def spawn(self, pid: int, va: int = 0x4000_0000, pages: int = 4) -> Process:
         proc = self.kernel.spawn(pid)
@@ -107,32 +111,32 @@ class HandGuest:
         return proc
 
     def alloc(self, dev: str) -> dict:
-        return self.ask(self.vmm, "vcmd_alloc", {"dev": dev})
+        return self.ask(self.vmm, VcmdAlloc(dev=dev))
 
     def bind(self, proc: Process, dev: str, gpasid: int) -> dict:
         self.dirs[dev].write_entry(gpasid, encode_pasid_entry(
             flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
-        return self.qi([{"type": "pc", "dev": dev, "pasid": gpasid}, {"type": "wait"}])
+        return self.qi([{"type": "pc", "dev": dev, "gpasid": gpasid}, {"type": "wait"}])
 
     def unbind(self, dev: str, gpasid: int) -> dict:
         self.dirs[dev].clear_entry(gpasid)
-        return self.qi([{"type": "pc", "dev": dev, "pasid": gpasid}, {"type": "wait"}])
+        return self.qi([{"type": "pc", "dev": dev, "gpasid": gpasid}, {"type": "wait"}])
 
     def flush(self, dev: str, gpasid: int, va: int, size_order: int = 0, devtlb: bool = True) -> dict:
-        base = {"dev": dev, "pasid": gpasid, "addr": va, "size_order": size_order}
+        base = {"dev": dev, "gpasid": gpasid, "addr": va, "size_order": size_order}
         descs = [{"type": "piotlb", **base}] + ([{"type": "dev_iotlb", **base}] if devtlb else [])
         return self.qi(descs + [{"type": "wait"}])
 
     def free(self, gpasid: int) -> dict:
-        return self.ask(self.vmm, "vcmd_free", {"pasid": gpasid})
+        return self.ask(self.vmm, "vcmd_free", {"gpasid": gpasid})
 
     def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
                pattern: int = 0) -> dict:
-        body = {"dev": dev, "pasid": pasid, "op": op, "src": src, "dst": dst, "len": length,
-                "pattern": pattern}
+        """Raw bodies: a hostile guest may program any PASID, the catalogue refuses what is out of range."""
+        body = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
         if dev in self.mdevs:
-            return self.ask("vdcm", "mdev_submit", body)
-        return self.ask("host", "dev_submit", body)
+            return self.ask("vdcm", MdevSubmit.KIND, {**body, "gpasid": pasid})
+        return self.ask("host", DevSubmit.KIND, {**body, "hpasid": pasid})
 
     def frame_of(self, proc: Process, va: int) -> int:
         """The host frame behind `va` in the process's own tables (the CPU's view)."""
@@ -156,7 +160,7 @@ def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple
     for vm in hand:
         rt.actors.pop(guest_name(vm))
     rt.start()
-    started = {vm: ask(rt, vmm_name(vm), "vm_start", {}, src="orch") for vm in range(1, vms + 1)}
+    started = {vm: ask(rt, vmm_name(vm), VmStart(), src="orch") for vm in range(1, vms + 1)}
     for vm, reply in started.items():
         assert reply["ret"] == 0, (vm, reply)
     return SimpleNamespace(t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"],

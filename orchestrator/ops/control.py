@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
+from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
 from vsva.ops.topology import HOST, ORCH, Topology
 
@@ -29,14 +30,14 @@ class Controller(Actor):
 
     def on_start(self):
         vmms, guests = self.topology.names("vmm"), self.topology.names("guest")
-        started = yield Gather([Call(v, "vm_start", {}, flow="boot") for v in vmms])
-        runs = yield Gather([Call(g, "start_workload", {}, timeout=WORKLOAD_TIMEOUT) for g, s
+        started = yield Gather([Call(v, VmStart(), flow="boot") for v in vmms])
+        runs = yield Gather([Call(g, StartWorkload(), timeout=WORKLOAD_TIMEOUT) for g, s
                              in zip(guests, started) if s["ret"] == 0])
         live = yield from self.snapshot_all()
         violations = audit(live, self.topology)
         stopped = []
         if self.stop_vms:
-            stopped = yield Gather([Call(v, "vm_stop", {}, flow=f"F8:vm{self.topology.spec(v).config['vm']}.1",
+            stopped = yield Gather([Call(v, VmStop(), flow=f"F8:vm{self.topology.spec(v).config['vm']}.1",
                                          timeout=60.0) for v in vmms])
             after = yield from self.snapshot_all()
             violations += [v for v in audit(after, self.topology) if v not in violations]
@@ -59,7 +60,7 @@ class Controller(Actor):
         for a free PASID that never existed at any single moment."""
         waited = 0.0
         while waited < limit:
-            status = yield Call(HOST, "pool_status", {})
+            status = yield Call(HOST, PoolStatus())
             if status.get("ret") != 0 or not status.get("reclaiming"):
                 return
             yield Wait(("settle", waited), timeout=tick)
@@ -69,8 +70,8 @@ class Controller(Actor):
         """Every actor's state at a quiescent point (no workload running, no reclaim pending)."""
         yield from self.settle()
         names = self.topology.names()
-        replies = yield Gather([Call(n, "snapshot", {}) for n in names])
+        replies = yield Gather([Call(n, Snapshot()) for n in names])
         return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")}) for n, r in zip(names, replies)}
 
     def shutdown_all(self):
-        yield Gather([Call(n, "shutdown", {}, timeout=2.0) for n in self.topology.names()])
+        yield Gather([Call(n, Shutdown(), timeout=2.0) for n in self.topology.names()])

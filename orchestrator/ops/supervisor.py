@@ -43,6 +43,7 @@ import msgpack
 import zmq
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather
+from vsva.actors.catalogue import FlowWatch, Ping, PoolStatus, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
 from vsva.ops.topology import HOST, ORCH, guest_name, vmm_name
 from vsva.ops.topology_file import Fault, RunFile
@@ -245,7 +246,7 @@ class Supervisor:
     def boot_vms(self, actor: Actor, vms: list[int]):
         for vm in vms:
             self.vms[vm].state = "booting"
-        replies = yield Gather([Call(vmm_name(vm), "vm_start", {}, flow="boot") for vm in vms])
+        replies = yield Gather([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
         for vm, r in zip(vms, replies):
             if r.get("ret") == 0 and self.vms[vm].state == "booting":
                 self.vms[vm].state = "running"
@@ -262,7 +263,7 @@ class Supervisor:
         st = self.vms[vm]
         st.runs += 1
         run = st.runs
-        reply = yield Call(guest_name(vm), "start_workload", {}, timeout=WORKLOAD_TIMEOUT)
+        reply = yield Call(guest_name(vm), StartWorkload(), timeout=WORKLOAD_TIMEOUT)
         if st.runs == run:
             st.workload = reply
             self.event("workload finished", guest_name(vm), ret=reply.get("ret"), ok=reply.get("ok"))
@@ -275,7 +276,7 @@ class Supervisor:
     def _stop_vms(self):
         live = [vm for vm, v in self.vms.items() if v.state == "running"
                 and self.launcher.alive(vmm_name(vm))]
-        replies = yield Gather([Call(vmm_name(vm), "vm_stop", {}, flow=f"F8:vm{vm}.1", timeout=8.0)
+        replies = yield Gather([Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=8.0)
                                 for vm in live])
         for vm, r in zip(live, replies):
             self.vms[vm].state = "off" if r.get("ret") == 0 else self.vms[vm].state
@@ -350,7 +351,7 @@ class Supervisor:
     def _await_resync(self, rec: dict, name: str):
         end = self.actor.now + 10.0
         while self.actor.now < end:
-            r = yield Call(name, "snapshot", {}, timeout=2.0)
+            r = yield Call(name, Snapshot(), timeout=2.0)
             if r.get("state", {}).get("synced"):
                 rec["t_recovered"] = self.now()
                 rec["resynced_bindings"] = r["state"].get("resynced", 0)
@@ -363,7 +364,7 @@ class Supervisor:
     def _watch_teardown(self, rec: dict, vm: int):
         end = self.actor.now + 15.0
         while self.actor.now < end and not self.host_lost:
-            r = yield Call(HOST, "pool_status", {}, timeout=2.0)
+            r = yield Call(HOST, PoolStatus(), timeout=2.0)
             if r.get("ret"):
                 return
             done = [t for t in r.get("teardowns", []) if t["vm"] == vm and "finished" in t]
@@ -373,7 +374,7 @@ class Supervisor:
                 return
 
     def _guest_crashed(self, rec: dict, vm: int, policy: str):
-        r = yield Call(vmm_name(vm), "vm_stop", {}, flow=f"F8:vm{vm}.1", timeout=10.0)
+        r = yield Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=10.0)
         rec["vm_stop"] = r.get("ret")
         rec["t_recovered"] = self.now()
         if policy == "restart" and r.get("ret") in (0, -19):  # -ENODEV: it was not started
@@ -396,7 +397,7 @@ class Supervisor:
         def beat():
             self.actor.heartbeat_busy = True
             try:
-                replies = yield Gather([Call(n, "ping", {}, timeout=interval) for n in names])
+                replies = yield Gather([Call(n, Ping(), timeout=interval) for n in names])
                 for n, r in zip(names, replies):
                     (self.unresponsive.add if r.get("ret") else self.unresponsive.discard)(n)
             finally:
@@ -410,7 +411,7 @@ class Supervisor:
             return {"ok": False, "violations": [{"invariant": "run", "what": "the host is gone",
                                                  "actors": [HOST], "vm": None, "pasid": None}]}
         names = [n for n in topo.names() if self.launcher.alive(n)]
-        replies = yield Gather([Call(n, "snapshot", {}, timeout=5.0) for n in names])
+        replies = yield Gather([Call(n, Snapshot(), timeout=5.0) for n in names])
         snaps = {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
                  for n, r in zip(names, replies)}
         violations = audit(snaps, topo)
@@ -504,8 +505,7 @@ class Supervisor:
         """Ask VM f.vm's guest to tell us when instance f.nth of f.at_flow starts (one
         request, answered on that event: no polling); kill the target on the answer. The
         guest is then waiting for that instance's first reply: the kill lands inside the step."""
-        r = yield Call(guest_name(f.vm), "flow_watch", {"flow": f.at_flow, "nth": f.nth},
-                       timeout=WORKLOAD_TIMEOUT)
+        r = yield Call(guest_name(f.vm), FlowWatch(flow=f.at_flow, nth=f.nth), timeout=WORKLOAD_TIMEOUT)
         if plan["done"]:
             return
         if r.get("ret"):

@@ -129,11 +129,11 @@ def test_non_identity_gpasids_for_mdevs(run):
     vms, rt, c = run
     allocs = [r for r in rt.trace if r["kind"] == "vcmd_alloc" and r["corr"] is not None]
     assert all(r["body"]["ret"] == 0 for r in allocs)
-    mixed = [r["body"] for r in allocs if r["body"]["pasid"] != r["body"]["hpasid"]]
+    mixed = [r["body"] for r in allocs if r["body"]["gpasid"] != r["body"]["hpasid"]]
     assert len(mixed) == vms
     binds = [r["body"] for r in rt.trace if r["kind"] == "ioasid_notify" and r["corr"] is None
              and r["body"]["event"] == "bind" and r["body"]["gpasid"] != r["body"]["hpasid"]]
-    assert {(b["gpasid"], b["hpasid"]) for b in binds} == {(m["pasid"], m["hpasid"]) for m in mixed}
+    assert {(b["gpasid"], b["hpasid"]) for b in binds} == {(m["gpasid"], m["hpasid"]) for m in mixed}
 
 
 def test_identity_and_non_identity_guest_pasids_never_collide(vsva):
@@ -142,11 +142,11 @@ def test_identity_and_non_identity_guest_pasids_never_collide(vsva):
     w = vsva.world(1, hand=(1,), quota=400)
     g = vsva.HandGuest(w.rt, 1, devices=[])
     first = g.alloc("vm1.mdev0")
-    assert first["ret"] == 0 and first["pasid"] != first["hpasid"]
-    w.rt.actors["host"].free_pasids.append(first["pasid"])  # the host's next PASID equals the chosen one
+    assert first["ret"] == 0 and first["gpasid"] != first["hpasid"]
+    w.rt.actors["host"].free_pasids.append(first["gpasid"])  # the host's next PASID equals the chosen one
     for _ in range(2):  # the colliding PASID goes back to the pool first in line, twice
         reply = g.alloc("pf1")
-        assert reply["ret"] == 0 and reply["pasid"] == reply["hpasid"] != first["pasid"]
+        assert reply["ret"] == 0 and reply["gpasid"] == reply["hpasid"] != first["gpasid"]
     vmm = w.rt.actors["vm1.vmm"]
-    assert vmm.g2h[first["pasid"]] == first["hpasid"] and len(vmm.g2h) == 3
+    assert vmm.g2h[first["gpasid"]] == first["hpasid"] and len(vmm.g2h) == 3
     assert sorted(w.rt.actors["host"].domains[1].ioasids) == sorted(vmm.g2h.values())

@@ -25,10 +25,10 @@ def w(vsva):
     """Two VMs (VM 1 with a platform device and a 16-bit-PASID device too), one PASID each."""
     w = vsva.world(2, extra=EXTRA)
     w.ask = lambda dst, kind, body, src=VMM1: vsva.ask(w.rt, dst, kind, body, src=src)
-    w.mine = w.ask("host", "ioasid_alloc", {})["pasid"]
-    w.other = w.ask("host", "ioasid_alloc", {}, src=VMM2)["pasid"]
+    w.mine = w.ask("host", "ioasid_alloc", {})["hpasid"]
+    w.other = w.ask("host", "ioasid_alloc", {}, src=VMM2)["hpasid"]
     w.bind = lambda dev, data, src=VMM1: w.ask("host", "bind_gpasid", {"dev": dev, "data": data}, src=src)
-    w.unbind = lambda dev, pasid, src=VMM1: w.ask("host", "unbind_gpasid", {"dev": dev, "pasid": pasid}, src=src)
+    w.unbind = lambda dev, pasid, src=VMM1: w.ask("host", "unbind_gpasid", {"dev": dev, "hpasid": pasid}, src=src)
     return w
 
 
@@ -138,7 +138,7 @@ def test_failed_setup_keeps_existing_binding(vsva, w):
 
 
 def test_gpasid_val_records_guest_pasid(vsva, w):
-    from vsva.actors.messages import IOMMU_SVA_GPASID_VAL
+    from vsva.actors.uapi import IOMMU_SVA_GPASID_VAL
     trace_len = len(w.rt.trace)
     data = vsva.bind_record(w.mine, gpasid=0x123, flags=IOMMU_SVA_GPASID_VAL)
     assert w.bind("vm1.mdev0", data)["ret"] == 0
@@ -209,7 +209,7 @@ def test_two_binds_two_unbinds(vsva, w):
     # unbind never frees the IOASID: it is still allocated, in VM 1's set, and can be freed
     assert w.mine in w.host.ioasids and w.mine in w.host.domains[1].ioasids
     assert w.unbind("pf1", w.mine)["ret"] == -E.EINVAL
-    assert w.ask("host", "ioasid_free", {"pasid": w.mine})["ret"] == 0
+    assert w.ask("host", "ioasid_free", {"hpasid": w.mine})["ret"] == 0
     assert w.mine not in w.host.ioasids
 
 
@@ -312,8 +312,8 @@ def test_random_bind_records(vsva):
     """Never a crash; the result is the kernel's for that record; refused -> nothing changed;
     accepted -> unbinding restores the state exactly."""
     w = vsva.world(2, extra=EXTRA)
-    mine = vsva.ask(w.rt, "host", "ioasid_alloc", {}, src=VMM1)["pasid"]
-    other = vsva.ask(w.rt, "host", "ioasid_alloc", {}, src=VMM2)["pasid"]
+    mine = vsva.ask(w.rt, "host", "ioasid_alloc", {}, src=VMM1)["hpasid"]
+    other = vsva.ask(w.rt, "host", "ioasid_alloc", {}, src=VMM2)["hpasid"]
     names = {"mine": mine, "other": other, "unallocated": 4242}
     seen = set()
 
@@ -330,7 +330,7 @@ def test_random_bind_records(vsva):
         entry = None
         if reply["ret"] == 0:  # look, then undo at once: a wrong acceptance must not leak on
             entry = decode_pasid_entry(w.host.physical(dev).pasid_dir.read_entry(data["hpasid"]))
-            unbound = vsva.ask(w.rt, "host", "unbind_gpasid", {"dev": dev, "pasid": data["hpasid"]}, src=src)
+            unbound = vsva.ask(w.rt, "host", "unbind_gpasid", {"dev": dev, "hpasid": data["hpasid"]}, src=src)
         assert reply["ret"] == expect, (E.name(reply["ret"]), E.name(expect), src, dev, data, reply)
         seen.add(expect)
         if expect:

@@ -13,7 +13,7 @@ import itertools
 import pytest
 
 from vsva.actors import errno as E
-from vsva.actors.messages import (
+from vsva.actors.uapi import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB as DEV, IOMMU_CACHE_INV_TYPE_IOTLB as TLB,
     IOMMU_CACHE_INV_TYPE_PASID as PC, IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR as ADDR,
     IOMMU_INV_GRANU_DOMAIN as DOMAIN, IOMMU_INV_GRANU_PASID as PASID,
@@ -47,7 +47,7 @@ class Vm:
         self.proc = self.g.spawn(pid, VA, PAGES)
         reply = self.g.alloc(self.dev)
         assert reply["ret"] == 0
-        self.pasid = reply["pasid"]
+        self.pasid = reply["gpasid"]
         assert self.g.bind(self.proc, self.dev, self.pasid)["ret"] == 0
         self.dma(fill)
 
@@ -122,13 +122,13 @@ def test_range_flush_covers_size_order(w, v1):
 def test_whole_pasid_flush_and_other_pasids_untouched(vsva, w, v1):
     v2 = Vm(vsva, w, 2, pid=7, fill=0x55)
     proc_b = v1.g.spawn(2, VA, PAGES)  # a second process of VM 1 on the same device
-    pasid_b = v1.g.alloc("pf1")["pasid"]
+    pasid_b = v1.g.alloc("pf1")["gpasid"]
     assert v1.g.bind(proc_b, "pf1", pasid_b)["ret"] == 0
     assert v1.g.submit("pf1", pasid_b, "fill", dst=VA, length=PAGE_SIZE, pattern=1)["ret"] == 0
     assert iotlb(w.host, pasid_b) and iotlb(w.host, v2.pasid)
 
-    reply = v1.g.qi([{"type": "piotlb", "dev": "pf1", "pasid": v1.pasid},
-                     {"type": "dev_iotlb", "dev": "pf1", "pasid": v1.pasid}, {"type": "wait"}])
+    reply = v1.g.qi([{"type": "piotlb", "dev": "pf1", "gpasid": v1.pasid},
+                     {"type": "dev_iotlb", "dev": "pf1", "gpasid": v1.pasid}, {"type": "wait"}])
     assert reply["ret"] == 0
     assert iotlb(w.host, v1.pasid) == {} and devtlb(w.host, "pf1", v1.pasid) == {}
     assert set(iotlb(w.host, pasid_b)) == {VPNS[0]} and set(devtlb(w.host, "pf1", pasid_b)) == {VPNS[0]}
@@ -139,9 +139,9 @@ def test_guest_cannot_flush_a_pasid_it_does_not_hold(vsva, w, v1):
     v2 = Vm(vsva, w, 2)
     assert v2.pasid != v1.pasid
     before = w.host.iommu.cache_dump()
-    reply = v1.g.qi([{"type": "piotlb", "dev": "pf1", "pasid": v2.pasid, "addr": VA}, {"type": "wait"}])
+    reply = v1.g.qi([{"type": "piotlb", "dev": "pf1", "gpasid": v2.pasid, "addr": VA}, {"type": "wait"}])
     assert reply["ret"] == -E.EINVAL
-    reply = v1.g.qi([{"type": "dev_iotlb", "dev": "pf2", "pasid": v1.pasid}, {"type": "wait"}])
+    reply = v1.g.qi([{"type": "dev_iotlb", "dev": "pf2", "gpasid": v1.pasid}, {"type": "wait"}])
     assert reply["ret"] == -E.EINVAL
     assert w.host.iommu.cache_dump() == before
 

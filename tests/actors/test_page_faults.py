@@ -18,8 +18,9 @@ import pytest
 
 from vsva.actors import errno as E
 from vsva.actors import guest as guest_mod
-from vsva.actors.messages import (
-    IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS, Envelope,
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import (
+    IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
 )
 from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 from vsva.analysis.audit import audit
@@ -60,7 +61,8 @@ def snapshots(w) -> dict:
 
 
 def fill(dev, pasid, va, pages=1, pattern=0x5A):
-    return {"dev": dev, "pasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
+    """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
+    return {"dev": dev, "gpasid" if "mdev" in dev else "hpasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
             "pattern": pattern}
 
 
@@ -122,11 +124,11 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
         assert tag.startswith("F6:vm1.")
         path = [(r["src"], r["dst"], r["kind"], r["corr"] is not None) for r in rt.trace if r["flow"] == tag]
         assert path == [("host", "vm1.vmm", "page_request", False),
-                        ("vm1.vmm", "vm1.guest", "page_request", False),
-                        ("vm1.guest", "vm1.vmm", "page_response", False),
+                        ("vm1.vmm", "vm1.guest", "vpage_request", False),
+                        ("vm1.guest", "vm1.vmm", "vpage_response", False),
                         ("vm1.vmm", "host", "page_response", False),
                         ("host", "vm1.vmm", "page_response", True),
-                        ("vm1.vmm", "vm1.guest", "page_response", True)], tag
+                        ("vm1.vmm", "vm1.guest", "vpage_response", True)], tag
     assert len({r["flow"] for r in reqs}) == pages + 2
     f6 = [s for s in g.steps if s["flow"] == "F6"]
     assert len(f6) == pages + 2 and all(s["ok"] and s["code"] == IOMMU_PAGE_RESP_SUCCESS for s in f6)
@@ -240,26 +242,28 @@ class Scene:
         self.g2 = vsva.HandGuest(w.rt, 2, devices=["pf2"] + (["vm2.mdev0"] if mdev else []))
         self.p1 = self.g1.spawn(1, VA, 2)
         self.g1.kernel.mmap(self.p1, LAZY, 4, populate=False)
-        self.P = self.g1.alloc("pf1")["pasid"]
+        self.P = self.g1.alloc("pf1")["gpasid"]
         assert self.g1.bind(self.p1, "pf1", self.P)["ret"] == 0
         if mdev:
             alloc = self.g1.alloc("vm1.mdev0")
-            self.Q, self.hQ = alloc["pasid"], alloc["hpasid"]
+            self.Q, self.hQ = alloc["gpasid"], alloc["hpasid"]
             assert self.g1.bind(self.p1, "vm1.mdev0", self.Q)["ret"] == 0
 
     def dma(self, dev="pf1", pasid=None, va=LAZY, pages=1):
         """A descriptor put on the wire as vm1's guest; runs until it is waiting on a page request."""
         portal, kind = ("vdcm", "mdev_submit") if "mdev" in dev else ("host", "dev_submit")
-        injected = len(f6_records(self.rt, "page_request", "vm1.vmm", "vm1.guest"))
+        injected = len(f6_records(self.rt, "vpage_request", "vm1.vmm", "vm1.guest"))
         handle = self.wire.send("vm1.guest", portal, kind, fill(dev, pasid or self.P, va, pages))
-        self.rt.run(until=lambda: len(f6_records(self.rt, "page_request", "vm1.vmm", "vm1.guest")) > injected
+        self.rt.run(until=lambda: len(f6_records(self.rt, "vpage_request", "vm1.vmm", "vm1.guest")) > injected
                     or self.wire.reply(handle) is not None)
         return handle
 
     def answer(self, req, code=IOMMU_PAGE_RESP_SUCCESS, gpasid=None, src="vm1.guest", dst="vm1.vmm"):
-        """The guest's page group response for host PRQ entry `req`."""
-        return self.wire.call(src, dst, "page_response", {"dev": req["vdev"], "pasid": gpasid or req["pasid"],
-                                                          "grpid": req["grpid"], "code": code})
+        """The guest's page group response for host PRQ entry `req` (or, sent to the host, the
+        vmm's with the host PASID)."""
+        kind, key = ("page_response", "hpasid") if dst == "host" else ("vpage_response", "gpasid")
+        return self.wire.call(src, dst, kind, {"dev": req["vdev"], key: gpasid or req["pasid"],
+                                               "grpid": req["grpid"], "code": code})
 
     def fault_in(self, va):
         self.g1.kernel.fault_in(self.p1, va, write=True)
@@ -273,8 +277,8 @@ def test_hand_answered_request_retries_from_the_fault(vsva):
     d = s.dma(pages=2)
     (req,) = s.host.prq
     assert req["addr"] == LAZY and req["vm"] == 1 and req["pasid"] == s.P
-    injected = f6_records(s.rt, "page_request", "vm1.vmm", "vm1.guest")
-    assert [r["body"]["pasid"] for r in injected] == [s.P]  # identity PASID on the passthrough function
+    injected = f6_records(s.rt, "vpage_request", "vm1.vmm", "vm1.guest")
+    assert [r["body"]["gpasid"] for r in injected] == [s.P]  # identity PASID on the passthrough function
     s.fault_in(LAZY)
     assert s.answer(req)["ret"] == 0
     s.rt.run(until=lambda: len(s.host.prq) == 1 and s.host.prq[0]["addr"] == LAZY + PAGE_SIZE)
@@ -294,23 +298,23 @@ def test_responses_are_matched_and_foreign_ones_refused(vsva):
     r_pf, r_md = s.host.prq
     assert r_md["pasid"] == s.hQ and r_md["dev"] == "dsa0" and r_md["vdev"] == "vm1.mdev0"
     # the vmm injected the mdev's request with the guest PASID (non-identity)
-    inj = [r["body"] for r in f6_records(s.rt, "page_request", "vm1.vmm", "vm1.guest")]
-    assert [b["pasid"] for b in inj] == [s.P, s.Q] and s.Q != s.hQ
+    inj = [r["body"] for r in f6_records(s.rt, "vpage_request", "vm1.vmm", "vm1.guest")]
+    assert [b["gpasid"] for b in inj] == [s.P, s.Q] and s.Q != s.hQ
     before = [dict(r) for r in s.host.prq]
     refusals = [
         (s.answer(r_pf, src="vm2.vmm", dst="host"), -E.ENODEV),  # pf1 is not vm2's device
-        (s.wire.call("vm2.vmm", "host", "page_response", {"dev": "vm2.mdev0", "pasid": s.hQ,
+        (s.wire.call("vm2.vmm", "host", "page_response", {"dev": "vm2.mdev0", "hpasid": s.hQ,
                                                           "grpid": r_md["grpid"], "code": 0}), -E.EACCES),
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "pasid": s.P,
+        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.P,
                                                           "grpid": (r_pf["grpid"] + 7) % 512, "code": 0}),
          -E.EINVAL),  # unknown group
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "pasid": s.hQ,
+        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.hQ,
                                                           "grpid": r_pf["grpid"], "code": 0}), -E.EINVAL),
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "pasid": s.P,
+        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.P,
                                                           "grpid": r_pf["grpid"], "code": 7}), -E.EINVAL),
         (s.answer(r_pf, gpasid=12345), -E.EINVAL),  # the vmm has no such guest PASID
         (s.answer(r_pf, src="vm2.guest"), -E.EPERM),  # vm2's guest talking to vm1's vmm
-        (s.wire.call("vm2.guest", "vm2.vmm", "page_response", {"dev": "pf1", "pasid": s.P,
+        (s.wire.call("vm2.guest", "vm2.vmm", "vpage_response", {"dev": "pf1", "gpasid": s.P,
                                                                "grpid": r_pf["grpid"], "code": 0}), -E.EINVAL),
     ]
     for reply, ret in refusals:
@@ -359,12 +363,12 @@ def test_request_in_flight_when_pasid_freed(vsva, policy):
     d = s.dma()
     (req,) = host.prq
     if policy == "ordered":
-        assert s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": P})["ret"] == -E.EBUSY
+        assert s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": P})["ret"] == -E.EBUSY
         assert host.prq == [req] and s.wire.reply(d) is None
         assert s.g1.unbind("pf1", P)["ret"] == 0
     elif policy == "naive":
         rt.hold("host", "host")  # the deferred IOMMU cleanup has not run yet
-    reply = s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": P})
+    reply = s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": P})
     assert reply["ret"] == 0
     if policy == "naive":
         assert host.pasid_state(P) == "free" and host.prq == [req]

@@ -77,7 +77,8 @@ def has(found: list[dict], inv: str, what: str, pasid: int) -> bool:
 
 
 def dma_desc(dev, pasid, pattern, va=VA, pages=1):
-    return {"dev": dev, "pasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
+    """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
+    return {"dev": dev, "gpasid" if "mdev" in dev else "hpasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
             "pattern": pattern}
 
 
@@ -98,7 +99,7 @@ class Scene:
         self.p2 = self.g2.spawn(1, VA2, PAGES)
         reply = self.g1.alloc("pf1")
         assert reply["ret"] == 0
-        self.P = reply["pasid"]
+        self.P = reply["gpasid"]
         assert self.g1.bind(self.p1, "pf1", self.P)["ret"] == 0
         assert self.g1.submit("pf1", self.P, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
         assert self.host.pasid_state(self.P) == "bound"
@@ -113,7 +114,7 @@ class Scene:
         self.host.prq.append({"dev": "pf1", "pasid": self.P, "vm": 1, "addr": VA, "grpid": 0})
 
     def free1(self, pasid=None):
-        return self.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": pasid or self.P})
+        return self.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": pasid or self.P})
 
     def alloc2(self):
         return self.wire.call("vm2.guest", "vm2.vmm", "vcmd_alloc", {"dev": "pf2"})
@@ -149,7 +150,7 @@ def test_naive_reuse_hazard_is_detected(vsva):
     s.g2.dirs["pf2"].write_entry(P, encode_pasid_entry(flptr=s.p2.cr3, slptr=0, did=2, eafe=True,
                                                       pgtt=PGTT_FIRST_ONLY))
     bind = s.wire.send("vm2.guest", "vm2.vmm", "qi_submit",
-                       {"descs": [{"type": "pc", "dev": "pf2", "pasid": P}, {"type": "wait"}]})
+                       {"descs": [{"type": "pc", "dev": "pf2", "gpasid": P}, {"type": "wait"}]})
     rt.run(until=lambda: P in host.ioasids and host.ioasids[P].svm is not None
            and "pf2" in host.ioasids[P].svm.devs)
     assert host.ioasids[P].vm == 2
@@ -282,7 +283,7 @@ def test_unbind_after_free_reclaim_is_defunct_noop(vsva):
         rt.hold(*link)
     assert s.free1()["state"] == "reclaiming"
     before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
-    late = s.wire.call("vm1.vmm", "host", "unbind_gpasid", {"dev": "pf1", "pasid": P})
+    late = s.wire.call("vm1.vmm", "host", "unbind_gpasid", {"dev": "pf1", "hpasid": P})
     assert late == {"ret": 0, "users": 0, "defunct": True}
     assert vsva.host_state(host) == before and tables(w) == subs
     assert vsva.notifies(rt, trace_len) == []
@@ -290,11 +291,11 @@ def test_unbind_after_free_reclaim_is_defunct_noop(vsva):
     trace_len = len(rt.trace)
     s.g1.dirs["pf1"].clear_entry(P)
     reply = s.wire.call("vm1.guest", "vm1.vmm", "qi_submit",
-                        {"descs": [{"type": "pc", "dev": "pf1", "pasid": P}, {"type": "wait"}]})
+                        {"descs": [{"type": "pc", "dev": "pf1", "gpasid": P}, {"type": "wait"}]})
     assert reply["ret"] == 0
     assert not [r for r in rt.trace[trace_len:] if r["kind"] == "unbind_gpasid"]
     # another VM cannot use the defunct path to probe P
-    assert s.wire.call("vm2.vmm", "host", "unbind_gpasid", {"dev": "pf2", "pasid": P})["ret"] == -E.EINVAL
+    assert s.wire.call("vm2.vmm", "host", "unbind_gpasid", {"dev": "pf2", "hpasid": P})["ret"] == -E.EINVAL
     for link in NOTIFY_LINKS:
         rt.release(*link)
     rt.run()
@@ -309,7 +310,7 @@ def test_unbind_after_completed_free_finds_nothing(vsva, policy):
     s.rt.run()
     assert s.host.pasid_state(s.P) == "free"
     before = vsva.host_state(s.host)
-    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "pasid": s.P})["ret"] == -E.EINVAL
+    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "hpasid": s.P})["ret"] == -E.EINVAL
     assert vsva.host_state(s.host) == before
     assert violations(s.w) == []
 
@@ -321,13 +322,13 @@ def test_unbind_twice_and_free_twice(vsva, policy):
     assert s.g1.unbind("pf1", P)["ret"] == 0
     before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
     # the host refuses a second unbind (the vmm would not send one: its shadow is gone)
-    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "pasid": P})["ret"] == -E.EINVAL
+    assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "hpasid": P})["ret"] == -E.EINVAL
     assert vsva.host_state(host) == before and tables(w) == subs
     assert vsva.notifies(rt, trace_len) == []
     assert s.g1.free(P)["ret"] == 0
     before = vsva.host_state(host)
     assert s.g1.free(P)["ret"] == -E.EINVAL  # the vmm's map no longer has it
-    assert _as_vmm(vsva, s, "ioasid_free", {"pasid": P})["ret"] == -E.EINVAL  # nor the host's set
+    assert _as_vmm(vsva, s, "ioasid_free", {"hpasid": P})["ret"] == -E.EINVAL  # nor the host's set
     assert vsva.host_state(host) == before and host.pasid_state(P) == "free"
     assert violations(w) == []
 
@@ -340,7 +341,7 @@ def test_free_of_another_vms_pasid_is_eacces(vsva, policy, bound):
     if not bound:
         assert s.g1.unbind("pf1", P)["ret"] == 0
     before, subs, trace_len = vsva.host_state(host), tables(w), len(rt.trace)
-    assert _as_vmm(vsva, s, "ioasid_free", {"pasid": P}, vm=2)["ret"] == -E.EACCES
+    assert _as_vmm(vsva, s, "ioasid_free", {"hpasid": P}, vm=2)["ret"] == -E.EACCES
     assert vsva.host_state(host) == before and tables(w) == subs
     assert vsva.notifies(rt, trace_len) == []
     assert host.pasid_state(P) == ("bound" if bound else "allocated")
@@ -424,7 +425,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     g = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
     proc = g.spawn(1, VA, PAGES)
     alloc = g.alloc("vm1.mdev0")
-    gp, hp = alloc["pasid"], alloc["hpasid"]
+    gp, hp = alloc["gpasid"], alloc["hpasid"]
     assert gp != hp  # non-identity for mdevs: the translation is vdcm's
     assert g.bind(proc, "vm1.mdev0", gp)["ret"] == 0
     assert g.submit("vm1.mdev0", gp, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
@@ -432,7 +433,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     sub = wire.send("vm1.guest", "vdcm", "mdev_submit", dma_desc("vm1.mdev0", gp, 0x66))
     rt.run(until=lambda: vdcm.submitted == 2)
     if how == "free":
-        assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"pasid": gp})["ret"] == 0
+        assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": gp})["ret"] == 0
     else:
         stop = wire.send("orch", "vm1.vmm", "vm_stop", {})
         rt.run(until=lambda: 1 not in host.vmm_of)  # the host has begun the teardown
@@ -459,19 +460,19 @@ def test_naive_deferred_cleanup_clobbers_next_owner_on_shared_parent(vsva):
     g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
     p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA2, PAGES)
     a1 = g1.alloc("vm1.mdev0")
-    assert g1.bind(p1, "vm1.mdev0", a1["pasid"])["ret"] == 0
+    assert g1.bind(p1, "vm1.mdev0", a1["gpasid"])["ret"] == 0
     P = a1["hpasid"]
     rt.hold("host", "host")  # the deferred cleanup has not run yet
-    assert g1.free(a1["pasid"])["ret"] == 0
+    assert g1.free(a1["gpasid"])["ret"] == 0
     a2 = g2.alloc("vm2.mdev0")
     assert a2["hpasid"] == P
-    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    assert g2.bind(p2, "vm2.mdev0", a2["gpasid"])["ret"] == 0
     assert P in host.phys["dsa0"].pasid_dir.present_pasids()
     rt.release("host", "host")
     rt.run()
     assert P not in host.phys["dsa0"].pasid_dir.present_pasids()  # vm2's entry is gone
     assert has(violations(w), "I3", "svm bound to dsa0 but no PASID entry", P)
-    reply = g2.submit("vm2.mdev0", a2["pasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
+    reply = g2.submit("vm2.mdev0", a2["gpasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
     assert reply["ret"] != 0
     assert g2.kernel.read(p2, VA2, PAGE_SIZE) == bytes(PAGE_SIZE)
 
@@ -486,17 +487,17 @@ def test_free_of_bound_pasid_under_reclaim_and_ordered_never_clobbers(vsva, poli
     g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
     p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA2, PAGES)
     a1 = g1.alloc("vm1.mdev0")
-    assert g1.bind(p1, "vm1.mdev0", a1["pasid"])["ret"] == 0
+    assert g1.bind(p1, "vm1.mdev0", a1["gpasid"])["ret"] == 0
     P = a1["hpasid"]
     if policy == "ordered":
-        assert g1.free(a1["pasid"])["ret"] == -E.EBUSY
-        assert g1.unbind("vm1.mdev0", a1["pasid"])["ret"] == 0
-    assert g1.free(a1["pasid"])["ret"] == 0
+        assert g1.free(a1["gpasid"])["ret"] == -E.EBUSY
+        assert g1.unbind("vm1.mdev0", a1["gpasid"])["ret"] == 0
+    assert g1.free(a1["gpasid"])["ret"] == 0
     a2 = g2.alloc("vm2.mdev0")
     assert a2["hpasid"] == P
-    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    assert g2.bind(p2, "vm2.mdev0", a2["gpasid"])["ret"] == 0
     rt.run()
-    reply = g2.submit("vm2.mdev0", a2["pasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
+    reply = g2.submit("vm2.mdev0", a2["gpasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
     assert reply["ret"] == 0
     assert g2.kernel.read(p2, VA2, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
     assert violations(w) == []

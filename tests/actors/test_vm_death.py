@@ -85,7 +85,7 @@ def start(vsva, policy):
     w = vsva.world(2, hand=(1,), policy=policy)
     w.g1 = vsva.HandGuest(w.rt, 1, devices=["pf1"])
     w.p1 = w.g1.spawn(1, VA, PAGES)
-    w.P1 = w.g1.alloc("pf1")["pasid"]
+    w.P1 = w.g1.alloc("pf1")["gpasid"]
     assert w.g1.bind(w.p1, "pf1", w.P1)["ret"] == 0
     vm1_dma(w.g1, w.p1, w.P1, 0x11)
     # VM 2's demo workload, run only part of the way
@@ -134,7 +134,7 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     assert str(1) in w.kvm.snapshot()["tables"]
     vm1_dma(w.g1, w.p1, w.P1, 0x22)
     p2 = w.g1.spawn(2, VA, PAGES)
-    new = w.g1.alloc("pf1")["pasid"]
+    new = w.g1.alloc("pf1")["gpasid"]
     assert w.g1.bind(p2, "pf1", new)["ret"] == 0
     vm1_dma(w.g1, p2, new, 0x33)
     assert w.g1.kernel.read(w.p1, VA, PAGES * PAGE_SIZE) == b"\x22" * PAGES * PAGE_SIZE
@@ -154,7 +154,7 @@ def test_freed_vm_pasids_are_reused_cleanly(vsva, policy):
     procs, got = [], []
     for pid in range(10, 10 + len(vm2_pasids)):
         proc = w.g1.spawn(pid, VA, PAGES)
-        pasid = w.g1.alloc("pf1")["pasid"]
+        pasid = w.g1.alloc("pf1")["gpasid"]
         assert w.g1.bind(proc, "pf1", pasid)["ret"] == 0
         procs.append(proc)
         got.append(pasid)
@@ -200,10 +200,10 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
     p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA, PAGES)
     a2 = g2.alloc("vm2.mdev0")
-    assert g2.bind(p2, "vm2.mdev0", a2["pasid"])["ret"] == 0
+    assert g2.bind(p2, "vm2.mdev0", a2["gpasid"])["ret"] == 0
     P2 = a2["hpasid"]
     rt.hold("vdcm", "host")  # the descriptor is on its way to the device
-    wire.send("vm2.guest", "vdcm", "mdev_submit", {"dev": "vm2.mdev0", "pasid": a2["pasid"], "op": "fill",
+    wire.send("vm2.guest", "vdcm", "mdev_submit", {"dev": "vm2.mdev0", "gpasid": a2["gpasid"], "op": "fill",
                                                   "src": 0, "dst": VA, "len": PAGE_SIZE, "pattern": 0x99})
     rt.run(until=lambda: vdcm.submitted == 1)
     rt.kill("vm2.vmm")
@@ -212,10 +212,10 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     # VM 1 allocates (reuse-first: VM 2's PASID if it is in the pool) and binds on its mdev
     a1 = wire.call("vm1.guest", "vm1.vmm", "vcmd_alloc", {"dev": "vm1.mdev0"})
     assert a1["ret"] == 0
-    g1.dirs["vm1.mdev0"].write_entry(a1["pasid"], encode_pasid_entry(
+    g1.dirs["vm1.mdev0"].write_entry(a1["gpasid"], encode_pasid_entry(
         flptr=p1.cr3, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY))
     bind = wire.send("vm1.guest", "vm1.vmm", "qi_submit",
-                     {"descs": [{"type": "pc", "dev": "vm1.mdev0", "pasid": a1["pasid"]}, {"type": "wait"}]})
+                     {"descs": [{"type": "pc", "dev": "vm1.mdev0", "gpasid": a1["gpasid"]}, {"type": "wait"}]})
     rt.run(until=lambda: a1["hpasid"] in host.phys["dsa0"].pasid_dir.present_pasids())
     rt.release("vdcm", "host")
     assert wire.wait(bind)["ret"] == 0
@@ -239,7 +239,7 @@ def test_teardown_with_a_dead_subscriber(vsva, policy):
     rt, host = w.rt, w.host
     g2 = vsva.HandGuest(rt, 2, devices=["pf2"])
     proc = g2.spawn(1, VA, PAGES)
-    bound, unbound = g2.alloc("pf2")["pasid"], g2.alloc("pf2")["pasid"]
+    bound, unbound = g2.alloc("pf2")["gpasid"], g2.alloc("pf2")["gpasid"]
     assert g2.bind(proc, "pf2", bound)["ret"] == 0
     rt.kill("kvm")
     rt.kill("vm2.vmm")

@@ -189,7 +189,7 @@ def _snapshots(vsva, rt, topology):
 def test_bind_behind_vmms_back_caught(vsva, held):
     rt, c, snaps = held
     g = rt.actors["vm1.guest"]
-    pasid = vsva.ask(rt, "host", "ioasid_alloc", {}, src="vm1.vmm")["pasid"]
+    pasid = vsva.ask(rt, "host", "ioasid_alloc", {}, src="vm1.vmm")["hpasid"]
     data = vsva.bind_record(pasid, gpgd=g.procs[0].cr3)
     assert vsva.ask(rt, "host", "bind_gpasid", {"dev": "pf1", "data": data}, src="vm1.vmm")["ret"] == 0
     found = audit(_snapshots(vsva, rt, c.topology), c.topology)
@@ -210,7 +210,7 @@ def test_extra_bind_of_held_pasid_caught(vsva, held):
 def test_unbind_behind_vmms_back_caught(vsva, held):
     rt, c, snaps = held
     g = rt.actors["vm1.guest"]
-    reply = vsva.ask(rt, "host", "unbind_gpasid", {"dev": "pf1", "pasid": g.held_pf}, src="vm1.vmm")
+    reply = vsva.ask(rt, "host", "unbind_gpasid", {"dev": "pf1", "hpasid": g.held_pf}, src="vm1.vmm")
     assert reply["ret"] == 0
     found = audit(_snapshots(vsva, rt, c.topology), c.topology)
     assert {v["invariant"] for v in found} == {"I3", "I5"}
@@ -221,7 +221,7 @@ def test_unbind_behind_vmms_back_caught(vsva, held):
 def test_free_behind_vmms_back_caught(vsva, held):
     rt, c, snaps = held
     g = rt.actors["vm1.guest"]
-    assert vsva.ask(rt, "host", "ioasid_free", {"pasid": g.held_pf}, src="vm1.vmm")["ret"] == 0
+    assert vsva.ask(rt, "host", "ioasid_free", {"hpasid": g.held_pf}, src="vm1.vmm")["ret"] == 0
     found = audit(_snapshots(vsva, rt, c.topology), c.topology)
     assert "I3" in {v["invariant"] for v in found}
     assert {v["pasid"] for v in found} == {g.held_pf}

@@ -75,7 +75,7 @@ def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
     with Launcher(topology(), extra_path=[TOYS]) as launcher:
         actor = Script(steps=[
             Gather([Call("mute", "ping", {}, timeout=10.0),
-                    Call("proxy_m", "gpasid_lookup", {"vm": 1, "gpasid": 3, "timeout": 10.0},
+                    Call("proxy_m", "toy_relay", {"x": 3, "timeout": 10.0},
                          timeout=10.0)]),
             Call("mute", "ping", {}, timeout=10.0),
         ])
@@ -127,7 +127,7 @@ def test_restart_after_kill_serves_again():
         second = Script(steps=[Call("echo", "ioasid_alloc", {})])
         assert launcher.run_actor(second, timeout=5.0)
         # a restarted actor starts from its initial state (resync is the actor's contract)
-        assert second.result == [{"ret": 0, "count": 1}]
+        assert second.result == [{"ret": 0, "hpasid": 1, "count": 1}]
         assert [d for d in launcher.deaths] == [("echo", -9)]
 
 
@@ -151,7 +151,7 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys):
             # both talk to the victim (after a restart: to its new incarnation), so both
             # surely have a connection to it when it dies: a child that never connected
             # (its reconnection to a restarted peer is not done yet) hears of no death
-            talk = Script(steps=[Gather([Call(w, "gpasid_lookup", {"vm": 1, "gpasid": i})
+            talk = Script(steps=[Gather([Call(w, "toy_relay", {"x": i})
                                          for w in ("w1", "w2")])])
             assert launcher.run_actor(talk, timeout=5.0)
             for reply in talk.result[0]:
@@ -174,7 +174,7 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys):
         time.sleep(0.2)  # nothing more arrives late: once per death
         assert [d[0] for d in _downs(launcher, "w1")] == ["victim"] * kills
         assert [d[0] for d in _downs(launcher, "w2")] == ["victim"] * kills
-        last = Script(steps=[Call("w2", "gpasid_lookup", {"vm": 1, "gpasid": 99})])
+        last = Script(steps=[Call("w2", "toy_relay", {"x": 99})])
         assert launcher.run_actor(last, timeout=5.0) and last.result[0]["echo"] == 99
         assert last.result[0]["pid"] == launcher.pid("victim")
     ordered = sorted(latencies)

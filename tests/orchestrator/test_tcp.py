@@ -195,7 +195,7 @@ def test_toy_restarts_over_tcp_reconnect_and_report_each_death_once():
     with Launcher(topo, extra_path=[TOYS]) as launcher:
         for i in range(kills):
             seen_ports.append(ports(launcher)["victim"])
-            talk = Script(steps=[Gather([Call(w, "gpasid_lookup", {"vm": 1, "gpasid": i})
+            talk = Script(steps=[Gather([Call(w, "toy_relay", {"x": i})
                                          for w in ("w1", "w2")])])
             assert launcher.run_actor(talk, timeout=5.0)
             for reply in talk.result[0]:
@@ -215,6 +215,6 @@ def test_toy_restarts_over_tcp_reconnect_and_report_each_death_once():
         time.sleep(0.2)
         assert [d[0] for d in _downs(launcher, "w1")] == ["victim"] * kills
         assert [d[0] for d in _downs(launcher, "w2")] == ["victim"] * kills
-        last = Script(steps=[Call("w2", "gpasid_lookup", {"vm": 1, "gpasid": 99})])
+        last = Script(steps=[Call("w2", "toy_relay", {"x": 99})])
         assert launcher.run_actor(last, timeout=5.0) and last.result[0]["echo"] == 99
         assert last.result[0]["pid"] == launcher.pid("victim")

@@ -46,7 +46,7 @@ def test_request_reply_and_gather_across_processes(run):
     direct, forwarded, gathered, both = script(
         run,
         Call("echo", "ping", {"x": 7}),
-        Call("proxy", "gpasid_lookup", {"vm": 1, "gpasid": 5}),
+        Call("proxy", "toy_relay", {"x": 5}),
         Call("proxy", "vcmd_alloc", {"dev": "d0"}),  # a Gather inside the proxy's process
         Gather([Call("echo2", "ping", {"x": 2}), Call("echo", "ping", {"x": 1})]))
     assert direct == {"ret": 0, "echo": 7, "pid": pids["echo"], "count": 0}
@@ -69,7 +69,7 @@ def test_timeout_becomes_indefinite_etimedout(run):
         run,
         Call("mute", "ping", {}, timeout=0.3),
         # the proxy's own deadline (in its process) expires first
-        Call("proxy_m", "gpasid_lookup", {"vm": 1, "gpasid": 1, "timeout": 0.3}, timeout=3.0))
+        Call("proxy_m", "toy_relay", {"x": 1, "timeout": 0.3}, timeout=3.0))
     elapsed = time.monotonic() - t
     assert direct == {"ret": -E.ETIMEDOUT, "indefinite": True}
     assert forwarded["ret"] == -E.ETIMEDOUT and forwarded["indefinite"] is True
@@ -135,7 +135,7 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
     try:
         # a good request first: the counter moves to 1
         m.send(m.envelope("ioasid_alloc"))
-        assert m.answer()[1]["body"] == {"ret": 0, "count": 1}
+        assert m.answer()[1]["body"] == {"ret": 0, "hpasid": 1, "count": 1}
         cases = [
             ("garbage", b"\xc1\x00\xff", "runtime", -E.EBADMSG, None),
             ("not a map", msgpack.packb([1, 2, 3]), "runtime", -E.EBADMSG, None),
@@ -149,7 +149,7 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
             ("spoofed src", m.envelope("ioasid_alloc", src="proxy"), "runtime", -E.EPERM, 0),
             ("wrong dst", m.envelope("ioasid_alloc", dst="echo2"), "runtime", -E.EINVAL, 0),
             ("unknown kind", m.envelope("frobnicate"), "actor", -E.EOPNOTSUPP, 0),
-            ("bad body", m.envelope("ioasid_free", {"pasid": "7"}), "actor", -E.EINVAL, 0),
+            ("bad body", m.envelope("ioasid_free", {"hpasid": "7"}), "actor", -E.EINVAL, 0),
         ]
         for label, frame, via, ret, corr in cases:
             sent_id = frame["id"] if isinstance(frame, dict) else None
@@ -175,7 +175,7 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
         # the actor still serves
         m.send(m.envelope("ioasid_alloc"))
         who, env = m.answer()
-        assert (who, env["body"]) == ("actor", {"ret": 0, "count": 2})
+        assert (who, env["body"]) == ("actor", {"ret": 0, "hpasid": 2, "count": 2})
         assert run.alive("echo")
         refused = [line for line in run.logs()["echo"].splitlines() if "refused" in line]
         assert 5 <= len(refused) < 40  # 70 refusals, logged at most 5/s per errno

@@ -1,8 +1,9 @@
 """Toy actors for the ZeroMQ runtime and launcher tests.
 
 They run in real actor processes: a topology names them by kind "zmqrt_toys:Class" and the
-launcher puts this directory on the children's PYTHONPATH (`extra_path`). Only message kinds
-of actors.messages.SCHEMAS are used, because the actor checks bodies against them.
+launcher puts this directory on the children's PYTHONPATH (`extra_path`). They speak the
+catalogue's control messages plus one toy request, `toy_relay`, registered in the catalogue
+here like any message (the receiving actor checks bodies against it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ import statistics
 import time
 
 from vsva.actors.base import Actor, Call, Gather
+from vsva.actors.catalogue import U64, Message, Ping, f, message
+
+
+@message("toy_relay", flows=("control",), hop="orch -> proxy", kernel="(none: a runtime test's toy)")
+class Relay(Message):
+    """Ask a Proxy to ping its target with `x` (an optional raw `timeout` bounds the ping)."""
+
+    x: int = f(int, U64)
 
 TOYS = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,14 +32,14 @@ class Echo(Actor):
         super().__init__(name, env)
         self.count = 0
 
-    def on_ping(self, msg):
+    def on_ping(self, msg, req):
         return {"ret": 0, "echo": msg.body.get("x"), "pid": os.getpid(), "count": self.count}
 
-    def on_ioasid_alloc(self, msg):
+    def on_ioasid_alloc(self, msg, req):
         self.count += 1
-        return {"ret": 0, "count": self.count}
+        return {"ret": 0, "hpasid": self.count, "count": self.count}
 
-    def on_ioasid_free(self, msg):  # schema {"pasid": int}: a body check target
+    def on_ioasid_free(self, msg, req):  # catalogue {"hpasid": int 1..}: a body check target
         return {"ret": 0, "count": self.count}
 
     def snapshot(self):
@@ -46,27 +55,27 @@ class Mute(Actor):
 
 
 class Proxy(Actor):
-    """Forwards: gpasid_lookup -> one Call to config["target"]; vcmd_alloc -> Gather over
-    config["targets"]; start_workload -> `n` sequential pings to config["target"], timed."""
+    """Forwards: toy_relay -> one ping to config["target"]; vcmd_alloc -> Gather over
+    config["targets"]; start_workload -> `n` sequential pings to config["target"], timed.
+    The pings carry `x` beyond Ping's (empty) fields: a raw body, which receivers accept."""
 
-    def on_gpasid_lookup(self, msg):
-        reply = yield Call(self.config["target"], "ping", {"x": msg.body["gpasid"]},
-                           timeout=msg.body.get("timeout"))
+    def on_toy_relay(self, msg, req: Relay):
+        reply = yield Call(self.config["target"], Ping.KIND, {"x": req.x}, timeout=msg.body.get("timeout"))
         return {**reply, "via": self.name}
 
-    def on_vcmd_alloc(self, msg):
-        replies = yield Gather([Call(t, "ping", {"x": t}) for t in self.config["targets"]])
-        return {"ret": 0, "replies": replies}
+    def on_vcmd_alloc(self, msg, req):
+        replies = yield Gather([Call(t, Ping.KIND, {"x": t}) for t in self.config["targets"]])
+        return {"ret": 0, "gpasid": 1, "hpasid": 1, "replies": replies}  # VcmdAlloc's reply fields
 
-    def on_start_workload(self, msg):
+    def on_start_workload(self, msg, req):
         rtts = []
         for i in range(int(msg.body.get("n", 100))):
             t = time.perf_counter()
-            reply = yield Call(self.config["target"], "ping", {"x": i})
+            reply = yield Call(self.config["target"], Ping.KIND, {"x": i})
             rtts.append(time.perf_counter() - t)
             if reply.get("ret") != 0 or reply.get("echo") != i:
                 return {"ret": -5, "bad": reply}
-        return {"ret": 0, "median_us": statistics.median(rtts) * 1e6,
+        return {"ret": 0, "ok": True, "steps": [], "median_us": statistics.median(rtts) * 1e6,
                 "p90_us": sorted(rtts)[int(len(rtts) * 0.9)] * 1e6, "n": len(rtts)}
 
 
