@@ -9,7 +9,8 @@ function, like the kernel function it models.
 
 The runtime drives an actor through four entry points only: `start`, `deliver`, `expire`
 and `peer_down`; each returns the envelopes to send. Both runtimes (ZeroMQ processes and
-the deterministic scheduler) use exactly these, so the actor code is the same in both.
+the deterministic scheduler) use exactly these, so the actor code is the same in both. Code
+outside the actor starts work on it with `run_task` (it returns the envelopes to send too).
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ class Actor:
             self._resume_with(env.id, failed(-E.EHOSTDOWN))
         return self._drain()
 
+    def run_task(self, fn: Callable[[], Any], now: float) -> list[Envelope]:
+        """Entry point for code outside the actor (a driver, a test harness): start `fn` at
+        `now` as a task that answers no request (a generator may yield Call, Gather, Wait);
+        returns the envelopes to send, like `deliver`."""
+        self.now = now
+        self.spawn(fn)
+        return self._drain()
+
     def next_deadline(self) -> float | None:
         return min((d for _, d in self._tasks.values()), default=None)
 
@@ -180,6 +189,11 @@ class Actor:
     def send(self, dst: str, event: Message, flow: str | None = None) -> None:
         """A one-way message (no reply expected); `flow` tags it (default: the handler's flow)."""
         self._emit(dst, event.KIND, event.body(), rr=False, flow=flow)
+
+    def spawn(self, fn: Callable[[], Any]) -> None:
+        """Start `fn` as a separate task that answers no request (from a handler: its
+        messages leave with the handler's)."""
+        self._run(fn, None, "")
 
     def wake(self, key: Any, body: dict[str, Any]) -> bool:
         """Resume the handler parked on `Wait(key)` with `body`; False if none waits (any more)."""

@@ -41,7 +41,7 @@ class TeardownProbe(Controller):
         yield Gather([Call(v, VmStart()) for v in self.topology.names("vmm")])
         bound = yield Call("vm1.guest", StartWorkload(), timeout=300.0)
         self.pasids = sum(1 for s in bound.get("steps", []) if s["flow"] == "F2" and s["ok"])
-        self._run(self._vm2_loop, None, "")
+        self.spawn(self._vm2_loop)
         self.phase = "bound"
         if not self.kill:
             return

@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - older typer on the real click
 import vsva
 from vsva.actors.guest import WORKLOADS
 from vsva.actors.policy import Policy
+from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
+from vsva.runtime.endpoints import Transport
 
 EXIT_CODES = {
     0: "success (every step and the audit passed)",
@@ -36,15 +38,6 @@ EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it.",
                   epilog="Exit codes: " + "; ".join(f"{c} {w}" for c, w in EXIT_CODES.items()) + ".")
-
-class Runtime(StrEnum):
-    PROCESSES = "processes"  # one OS process per actor over ZeroMQ
-    SIM = "sim"  # the deterministic in-process scheduler
-
-
-class Transport(StrEnum):
-    IPC = "ipc"
-    TCP = "tcp"
 
 
 Workload = StrEnum("Workload", {name: name for name in sorted(WORKLOADS)})  # type: ignore[misc]
@@ -81,21 +74,21 @@ def _writable_dir(value: Optional[str]) -> Optional[str]:
 def demo(
     vms: int = typer.Option(2, "--vms", min=1, max=256, help="How many VMs (guest + vmm each); "
                             "refused when this machine cannot hold them (the limit is named)."),
-    seed: int = typer.Option(1, "--seed", help="The run's seed (workload, frame placement, interleaving)."),
+    seed: int = typer.Option(RUN.seed, "--seed", help="The run's seed (workload, frame placement, interleaving)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
     runtime: Runtime = typer.Option(Runtime.PROCESSES, "--runtime",
                                 help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process."),
     trace_out: Optional[str] = typer.Option(None, "--trace-out", callback=_writable_dir,
                                             help="Also write trace.jsonl, trace.perfetto.json and the "
                                                  "sequence diagrams into this directory."),
-    policy: Policy = typer.Option(Policy.RECLAIM, "--policy",
+    policy: Policy = typer.Option(RUN.policy, "--policy",
                                help="Free-before-unbind cleanup policy."),
-    transport: Transport = typer.Option(Transport.IPC, "--transport",
+    transport: Transport = typer.Option(RUN.transport, "--transport",
                                   help="processes runtime: ipc (sockets in the private run directory) "
                                        "or tcp (127.0.0.1 ports only)."),
-    workload: Workload = typer.Option("demo", "--workload",
+    workload: Workload = typer.Option(VM.workload, "--workload",
                                  help="Guest workload (demo runs every flow; others replay explore's runs)."),
-    iterations: int = typer.Option(6, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
+    iterations: int = typer.Option(DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from vsva.ops.demo import demo as run_demo, render
@@ -150,10 +143,10 @@ def explore(
     seeds: int = typer.Option(50, "--seeds", min=1, max=1_000_000, help="How many seeds to try."),
     first: int = typer.Option(1, "--first", help="The first seed."),
     vms: int = typer.Option(2, "--vms", min=1, max=8),
-    policy: Policy = typer.Option(Policy.RECLAIM, "--policy", help="Cleanup policy."),
-    workload: Workload = typer.Option("demo", "--workload",
+    policy: Policy = typer.Option(RUN.policy, "--policy", help="Cleanup policy."),
+    workload: Workload = typer.Option(VM.workload, "--workload",
                                  help="Guest workload; 'churn' frees bound PASIDs over and over."),
-    iterations: int = typer.Option(6, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
+    iterations: int = typer.Option(DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Seeded interleavings in the deterministic runtime; prints the seed of every failing run.

@@ -1,7 +1,17 @@
-"""The orchestrator's own actor: powers the VMs on, runs the workloads, snapshots and audits.
+"""The run engine: the orchestrator's own actor and the steps every run is made of.
 
-It is not part of the modelled system; it lives in the launching process (ZeroMQ runtime)
-or beside the actors (deterministic runtime) and drives a run through ordinary messages.
+Whoever drives a run, it is made of the same steps, written once here as generator methods
+of `Orchestrator`, the actor named "orch" (not part of the modelled system: it lives in the
+launching process, or beside the actors in the deterministic runtime, and acts through
+ordinary messages): power VMs on (`boot`), run a guest's workload (`workload`), audit the
+live topology (`audit_live`: every actor's snapshot at a quiescent point, the invariants of
+vsva.analysis.audit, and the PASIDs the host had to quarantine, which are leaks), stop VMs
+through F8 (`stop_vms`) and shut the actors down (`shutdown_all`).
+
+`Controller` runs the steps as one scripted session (`vsva demo`, explore, most tests), on
+either runtime. The supervisor (`vsva up`, `vsva run`, vsva.ops.supervisor) runs them one by
+one between its recovery actions, starting each from outside the actor with the actor's
+public `run_task`.
 """
 
 from __future__ import annotations
@@ -11,45 +21,44 @@ from typing import Any
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
-from vsva.ops.topology import HOST, ORCH, Topology
+from vsva.ops.topology import HOST, ORCH, Topology, guest_name, vmm_name
 
 WORKLOAD_TIMEOUT = 120.0
+VM_STOP_TIMEOUT = 60.0
 
 
-class Controller(Actor):
-    """Runs one scripted session: vm_start, start_workload, snapshot + audit, shutdown."""
+def quarantine_leaks(snapshots: dict[str, Any]) -> list[dict[str, Any]]:
+    """I4 as a run sees it: a PASID the host quarantined (a subscriber never acknowledged its
+    FREE) is never reused, so it is lost to the pool: a leak."""
+    leaked = snapshots.get(HOST, {}).get("quarantined", {})
+    if not leaked:
+        return []
+    return [{"invariant": "I4", "what": f"{len(leaked)} PASID(s) quarantined (leaked)",
+             "actors": [HOST], "vm": None, "pasid": None}]
 
-    def __init__(self, topology: Topology, *, shutdown: bool = True, stop_vms: bool = True, env: Any = None):
 
+class Orchestrator(Actor):
+    """The steps of a run (see the module docstring); subclasses say in which order."""
+
+    def __init__(self, topology: Topology, env: ActorEnv | None = None):
         super().__init__(ORCH, env or ActorEnv(config={"request_timeout": topology.request_timeout},
                                                seed=topology.seed))
         self.topology = topology
-        self.shutdown_at_end = shutdown
-        self.stop_vms = stop_vms
-        self.result: dict[str, Any] | None = None
 
-    def on_start(self):
-        vmms, guests = self.topology.names("vmm"), self.topology.names("guest")
-        started = yield Gather([Call(v, VmStart(), flow="boot") for v in vmms])
-        runs = yield Gather([Call(g, StartWorkload(), timeout=WORKLOAD_TIMEOUT) for g, s
-                             in zip(guests, started) if s["ret"] == 0])
-        live = yield from self.snapshot_all()
-        violations = audit(live, self.topology)
-        stopped = []
-        if self.stop_vms:
-            stopped = yield Gather([Call(v, VmStop(), flow=f"F8:vm{self.topology.spec(v).config['vm']}.1",
-                                         timeout=60.0) for v in vmms])
-            after = yield from self.snapshot_all()
-            violations += [v for v in audit(after, self.topology) if v not in violations]
-        self.result = {
-            "vm_start": dict(zip(vmms, started)),
-            "workloads": dict(zip([g for g, s in zip(guests, started) if s["ret"] == 0], runs)),
-            "vm_stop": dict(zip(vmms, stopped)),
-            "snapshots": live,
-            "violations": violations,
-        }
-        if self.shutdown_at_end:
-            yield from self.shutdown_all()
+    def boot(self, vms: list[int]):
+        """vm_start on each VM's vmm at once; returns {vm: reply}."""
+        replies = yield Gather([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
+        return dict(zip(vms, replies))
+
+    def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT):
+        """Run VM `vm`'s guest workload to its end; returns the guest's report."""
+        return (yield Call(guest_name(vm), StartWorkload(), timeout=timeout))
+
+    def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT):
+        """Every listed VM's workload at once; returns {vm: report}."""
+        replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout)
+                                for vm in vms])
+        return dict(zip(vms, replies))
 
     def settle(self, limit: float = 10.0, tick: float = 0.005):
         """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements.
@@ -66,12 +75,58 @@ class Controller(Actor):
             yield Wait(("settle", waited), timeout=tick)
             waited += tick
 
-    def snapshot_all(self):
-        """Every actor's state at a quiescent point (no workload running, no reclaim pending)."""
+    def snapshot_all(self, names: list[str] | None = None):
+        """Every (listed) actor's state at a quiescent point (no reclaim pending)."""
         yield from self.settle()
-        names = self.topology.names()
+        names = self.topology.names() if names is None else names
         replies = yield Gather([Call(n, Snapshot()) for n in names])
-        return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")}) for n, r in zip(names, replies)}
+        return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
+                for n, r in zip(names, replies)}
+
+    def audit_live(self, names: list[str] | None = None):
+        """Snapshot and audit the live topology: {"ok", "violations", "snapshots"}."""
+        snaps = yield from self.snapshot_all(names)
+        violations = audit(snaps, self.topology) + quarantine_leaks(snaps)
+        return {"ok": not violations, "violations": violations, "snapshots": snaps}
+
+    def stop_vms(self, vms: list[int], timeout: float = VM_STOP_TIMEOUT):
+        """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}."""
+        replies = yield Gather([Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=timeout)
+                                for vm in vms])
+        return dict(zip(vms, replies))
 
     def shutdown_all(self):
         yield Gather([Call(n, Shutdown(), timeout=2.0) for n in self.topology.names()])
+
+
+class Controller(Orchestrator):
+    """One scripted session: boot every VM, run the workloads, audit, stop the VMs (F8),
+    audit again, shut down. The outcome is `result` (None until the session ends)."""
+
+    def __init__(self, topology: Topology, *, shutdown: bool = True, stop_vms: bool = True,
+                 env: ActorEnv | None = None):
+        super().__init__(topology, env)
+        self.shutdown_at_end = shutdown
+        self.stop_at_end = stop_vms
+        self.result: dict[str, Any] | None = None
+
+    def on_start(self):
+        vms = self.topology.vms
+        started = yield from self.boot(vms)
+        runs = yield from self.workloads([vm for vm in vms if started[vm]["ret"] == 0])
+        live = yield from self.audit_live()
+        violations = live["violations"]
+        stopped: dict[int, Any] = {}
+        if self.stop_at_end:
+            stopped = yield from self.stop_vms(vms)
+            after = yield from self.audit_live()
+            violations += [v for v in after["violations"] if v not in violations]
+        self.result = {
+            "vm_start": {vmm_name(vm): r for vm, r in started.items()},
+            "workloads": {guest_name(vm): r for vm, r in runs.items()},
+            "vm_stop": {vmm_name(vm): r for vm, r in stopped.items()},
+            "snapshots": live["snapshots"],
+            "violations": violations,
+        }
+        if self.shutdown_at_end:
+            yield from self.shutdown_all()

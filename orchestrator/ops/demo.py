@@ -6,19 +6,23 @@ import time
 from typing import Any, Callable
 
 from vsva import hotpath
-from vsva.ops.control import Controller
+from vsva.actors.policy import Policy
 from vsva.analysis.export import timeline
-from vsva.runtime.sim import SimRuntime
-from vsva.ops.topology import Topology, default_topology
 from vsva.analysis.trace import merge
+from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
+from vsva.ops.control import Controller
+from vsva.ops.topology import Topology, default_topology
+from vsva.runtime.endpoints import Transport
+from vsva.runtime.sim import SimRuntime
 
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
 
-def run_session(topology: Topology, runtime: str = "processes", timeout: float = 120.0) -> dict[str, Any]:
+def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
+                timeout: float = 120.0) -> dict[str, Any]:
     """Run one Controller session; returns its result plus trace, processes and timings."""
     started = time.monotonic()
-    if runtime == "sim":
+    if Runtime(runtime) == Runtime.SIM:
         rt = SimRuntime(topology)
         ctl = rt.add(Controller(topology, env=rt.env({})))
         rt.start()
@@ -45,7 +49,7 @@ def _no_result(why: str) -> dict[str, Any]:
             "violations": [{"invariant": "run", "what": why, "actors": [], "vm": None, "pasid": None}]}
 
 
-def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[str, Any]:
+def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) -> dict[str, Any]:
     """The machine-readable verdict of a session (what `vsva demo --json` prints)."""
     steps = [dict(s, vm=vm) for vm, w in session["workloads"].items() for s in w.get("steps", [])]
     flows = {f: 0 for f in FLOWS}
@@ -60,11 +64,11 @@ def report(session: dict[str, Any], topology: Topology, runtime: str) -> dict[st
         "ok": vm_ok and not failed and not session["violations"],
         "vms": len(topology.vms),
         "seed": topology.seed,
-        "runtime": runtime,
-        "transport": getattr(topology, "transport", "ipc") if runtime != "sim" else None,
+        "runtime": str(runtime),
+        "transport": str(topology.transport) if runtime != Runtime.SIM else None,
         "hotpath": hotpath.IMPLEMENTATION,
         "flows": flows,
-        "policy": topology.spec("host").config.get("policy"),
+        "policy": str(topology.spec("host").config.get("policy")),
         "audit": {"violations": session["violations"], "checked": ["I1", "I2", "I3", "I4", "I5", "I6", "I7"]},
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
@@ -102,10 +106,12 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
     echo(f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'} ({rep['elapsed_s']} s, ready after {rep['ready_s']} s)")
 
 
-def demo(vms: int = 2, seed: int = 1, runtime: str = "processes", policy: str = "reclaim",
-         transport: str = "ipc", workload: str = "demo", iterations: int = 6,
+def demo(vms: int = 2, seed: int = RUN.seed, runtime: Runtime | str = Runtime.PROCESSES,
+         policy: Policy | str = RUN.policy, transport: Transport | str = RUN.transport,
+         workload: str = VM.workload, iterations: int = DEMO_ITERATIONS,
          ) -> tuple[dict[str, Any], dict[str, Any]]:
-    topology = default_topology(vms, seed=seed, policy=policy, workload=workload, iterations=iterations)
-    topology.transport = transport
+    """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
+    topology = default_topology(vms, seed=seed, policy=policy, workload=workload,
+                                iterations=iterations, transport=transport)
     session = run_session(topology, runtime)
     return session, report(session, topology, runtime)

@@ -1,6 +1,6 @@
 """`vsva run SCENARIO.toml`: a topology, its workloads and a fault schedule, run to completion.
 
-The Supervisor (orchestrator/supervisor.py) runs in this process: it boots the VMs, starts
+The Supervisor (vsva.ops.supervisor) runs in this process: it boots the VMs, starts
 the workloads, injects each fault when its trigger holds (a flow step of a VM, which its guest reports
 when it starts: `flow_watch`; a time after the workloads started; or a seeded random actor
 and time),
@@ -42,9 +42,9 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
             settle = time.monotonic() + 5.0
             while time.monotonic() < settle and not _recovered(sup):
                 sup.step(0.01)
-            final_audit = sup._run_task(sup.audit_task, timeout=15.0)
-            stopped = sup._run_task(sup._stop_vms, timeout=15.0) or {}
-            after = sup._run_task(sup.audit_task, timeout=15.0)
+            final_audit = sup.run_step(sup.audit_task, timeout=15.0)
+            stopped = sup.run_step(sup.stop_vms, timeout=15.0) or {}
+            after = sup.run_step(sup.audit_task, timeout=15.0)
             report["vm_stop"] = {str(vm): r.get("ret") for vm, r in stopped.items()}
         report["host_lost"] = sup.host_lost
         report["processes"] = sup.processes()

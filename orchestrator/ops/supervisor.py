@@ -42,10 +42,11 @@ from typing import Any
 import msgpack
 import zmq
 
-from vsva.actors.base import Actor, ActorEnv, Call, Gather
-from vsva.actors.catalogue import FlowWatch, Ping, PoolStatus, Snapshot, StartWorkload, VmStart, VmStop
-from vsva.analysis.audit import audit
-from vsva.ops.topology import HOST, ORCH, guest_name, vmm_name
+from vsva.actors.base import Call, Gather
+from vsva.actors.catalogue import FlowWatch, Ping, PoolStatus, Snapshot, VmStop
+from vsva.ops.config import VM, GuestDeath
+from vsva.ops.control import Orchestrator
+from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import Fault, RunFile
 
 RESTARTED = ("kvm", "vdcm")
@@ -87,13 +88,14 @@ class Event:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-class SupervisorActor(Actor):
-    """The orchestrator's actor: boot, workloads, heartbeat, audit; recovery steps that need
-    messages (vm_stop, resync checks). Process-level actions go back to the Supervisor."""
+class SupervisorActor(Orchestrator):
+    """The orchestrator's actor under supervision: the run engine's steps (boot, workloads,
+    audit, vm_stop) plus the recovery steps that need messages (resync checks, heartbeat).
+    Process-level actions go back to the Supervisor. Deaths come from the launcher (pidfds),
+    see Supervisor._on_death."""
 
     def __init__(self, sup: "Supervisor"):
-        topo = sup.run.topology
-        super().__init__(ORCH, ActorEnv(config={"request_timeout": topo.request_timeout}, seed=topo.seed))
+        super().__init__(sup.run.topology)
         self.sup = sup
         self.booted = False
         self.heartbeat_busy = False
@@ -101,9 +103,6 @@ class SupervisorActor(Actor):
     def on_start(self):
         yield from self.sup.boot_vms(self, [v.vm for v in self.sup.vms.values()])
         self.booted = True
-
-    def on_peer_down(self, peer: str):
-        return None  # deaths come from the launcher (pidfds), see Supervisor._on_death
 
 
 class Supervisor:
@@ -187,7 +186,7 @@ class Supervisor:
                 pass
 
     # ---- the main loop -----------------------------------------------------------------------
-    def _wake(self, actor: Actor) -> bool:
+    def _wake(self, actor: SupervisorActor) -> bool:
         return bool(self.pending or self.actions or self.stop_requested
                     or (self.ctl is not None and self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN))
 
@@ -217,18 +216,17 @@ class Supervisor:
     def shutdown(self) -> None:
         """Stop the running VMs cleanly (F8 through vm_stop), then every process; clean up."""
         if not self.host_lost and self.launcher.alive(HOST):
-            self._run_task(self._stop_vms, timeout=10.0)
+            self.run_step(self.stop_vms, timeout=10.0)
         self.close()
 
-    def _run_task(self, gen_fn, timeout: float):
-        """Run a generator on the actor to completion (bounded) from the main loop."""
+    def run_step(self, gen_fn, timeout: float):
+        """Run a step (a generator function) on the actor to completion (bounded) from the
+        main loop, handling deaths meanwhile; returns its result (None on timeout)."""
         box: dict[str, Any] = {}
 
         def wrapper():
             box["result"] = yield from gen_fn()
-        self.actor.now = self.launcher.runtime.now()  # deadlines count from now, not the last event
-        self.actor._run(wrapper, None, "")
-        self.launcher.runtime.send(self.actor._drain())
+        self.spawn(wrapper)
         end = time.monotonic() + timeout
         while "result" not in box and time.monotonic() < end and not self.launcher.closed:
             self.launcher.run_actor(self.actor, timeout=min(0.05, end - time.monotonic()),
@@ -237,22 +235,21 @@ class Supervisor:
                 self._handle_death(*self.pending.pop(0))
         return box.get("result")
 
-    def _spawn_task(self, gen_fn) -> None:
-        self.actor.now = self.launcher.runtime.now()  # deadlines count from now, not the last event
-        self.actor._run(gen_fn, None, "")
-        self.launcher.runtime.send(self.actor._drain())
+    def spawn(self, gen_fn) -> None:
+        """Start a step on the actor from the main loop; its deadlines count from now."""
+        self.launcher.runtime.send(self.actor.run_task(gen_fn, self.launcher.runtime.now()))
 
     # ---- VMs and workloads -----------------------------------------------------------------
-    def boot_vms(self, actor: Actor, vms: list[int]):
+    def boot_vms(self, actor: SupervisorActor, vms: list[int]):
         for vm in vms:
             self.vms[vm].state = "booting"
-        replies = yield Gather([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
-        for vm, r in zip(vms, replies):
+        replies = yield from actor.boot(vms)
+        for vm, r in replies.items():
             if r.get("ret") == 0 and self.vms[vm].state == "booting":
                 self.vms[vm].state = "running"
                 self.event("vm started", vmm_name(vm))
                 if self.autoworkload:
-                    actor._run(lambda vm=vm: self._workload(vm), None, "")
+                    actor.spawn(lambda vm=vm: self._workload(vm))
             elif self.vms[vm].state == "booting":
                 self.vms[vm].state = "off"
                 self.event("vm start failed", vmm_name(vm), ret=r.get("ret"), error=r.get("error", ""))
@@ -263,7 +260,7 @@ class Supervisor:
         st = self.vms[vm]
         st.runs += 1
         run = st.runs
-        reply = yield Call(guest_name(vm), StartWorkload(), timeout=WORKLOAD_TIMEOUT)
+        reply = yield from self.actor.workload(vm, timeout=WORKLOAD_TIMEOUT)
         if st.runs == run:
             st.workload = reply
             self.event("workload finished", guest_name(vm), ret=reply.get("ret"), ok=reply.get("ok"))
@@ -273,14 +270,14 @@ class Supervisor:
             all(v.state != "booting" for v in self.vms.values()) and not self.actions and not self.pending \
             and self.actor is not None and self.actor.booted
 
-    def _stop_vms(self):
+    def stop_vms(self):
+        """vm_stop (F8) on every running VM whose vmm is alive; returns {vm: reply}."""
         live = [vm for vm, v in self.vms.items() if v.state == "running"
                 and self.launcher.alive(vmm_name(vm))]
-        replies = yield Gather([Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=8.0)
-                                for vm in live])
-        for vm, r in zip(live, replies):
+        replies = yield from self.actor.stop_vms(live, timeout=8.0)
+        for vm, r in replies.items():
             self.vms[vm].state = "off" if r.get("ret") == 0 else self.vms[vm].state
-        return dict(zip(live, replies))
+        return replies
 
     # ---- deaths and recovery -----------------------------------------------------------------
     def _on_death(self, name: str, code: int) -> None:
@@ -306,15 +303,16 @@ class Supervisor:
             rec["action"] = f"VM {vm} gone: host tears it down (F8); guest killed"
             if self.launcher.alive(guest_name(vm)):
                 self.launcher.kill(guest_name(vm))
-            self._spawn_task(lambda: self._watch_teardown(rec, vm))
+            self.spawn(lambda: self._watch_teardown(rec, vm))
         elif kind == "guest":
             vm = self.run.topology.spec(name).config["vm"]
             st = self.vms[vm]
             if st.state in ("running", "booting"):
                 st.state = "crashed"
-                policy = self.run.on_guest_death.get(vm, "stop")
-                rec["action"] = f"VM {vm} crashed: vm_stop (F8)" + (", guest restarted" if policy == "restart" else "")
-                self._spawn_task(lambda: self._guest_crashed(rec, vm, policy))
+                policy = self.run.on_guest_death.get(vm, VM.on_guest_death)
+                rec["action"] = (f"VM {vm} crashed: vm_stop (F8)"
+                                 + (", guest restarted" if policy == GuestDeath.RESTART else ""))
+                self.spawn(lambda: self._guest_crashed(rec, vm, policy))
             else:
                 rec["action"] = f"VM {vm} already {st.state}"
                 rec["t_recovered"] = t
@@ -336,7 +334,7 @@ class Supervisor:
             rec["new_pid"] = pid
             self.event("restarted", name, pid=pid)
             self.write_state()
-            self._spawn_task(lambda: self._await_resync(rec, name))
+            self.spawn(lambda: self._await_resync(rec, name))
         elif action[0] == "restart_guest":
             _, vm, rec = action
             name = guest_name(vm)
@@ -346,7 +344,7 @@ class Supervisor:
             rec["new_pid"] = pid
             self.write_state()
             self.vms[vm].workload = None
-            self._spawn_task(lambda: self.boot_vms(self.actor, [vm]))
+            self.spawn(lambda: self.boot_vms(self.actor, [vm]))
 
     def _await_resync(self, rec: dict, name: str):
         end = self.actor.now + 10.0
@@ -373,11 +371,11 @@ class Supervisor:
                 rec["teardown"] = done[-1]
                 return
 
-    def _guest_crashed(self, rec: dict, vm: int, policy: str):
+    def _guest_crashed(self, rec: dict, vm: int, policy: GuestDeath):
         r = yield Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=10.0)
         rec["vm_stop"] = r.get("ret")
         rec["t_recovered"] = self.now()
-        if policy == "restart" and r.get("ret") in (0, -19):  # -ENODEV: it was not started
+        if policy == GuestDeath.RESTART and r.get("ret") in (0, -19):  # -ENODEV: it was not started
             self.vms[vm].state = "booting"
             self.actions.append(("restart_guest", vm, rec))
         else:
@@ -402,24 +400,16 @@ class Supervisor:
                     (self.unresponsive.add if r.get("ret") else self.unresponsive.discard)(n)
             finally:
                 self.actor.heartbeat_busy = False
-        self._spawn_task(beat)
+        self.spawn(beat)
 
     # ---- audit -------------------------------------------------------------------------------
     def audit_task(self):
-        topo = self.run.topology
+        """The run engine's live audit over the actors that are alive (none: the host is gone)."""
         if self.host_lost or not self.launcher.alive(HOST):
             return {"ok": False, "violations": [{"invariant": "run", "what": "the host is gone",
                                                  "actors": [HOST], "vm": None, "pasid": None}]}
-        names = [n for n in topo.names() if self.launcher.alive(n)]
-        replies = yield Gather([Call(n, Snapshot(), timeout=5.0) for n in names])
-        snaps = {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
-                 for n, r in zip(names, replies)}
-        violations = audit(snaps, topo)
-        leaked = {p: vm for p, vm in snaps.get(HOST, {}).get("quarantined", {}).items()}
-        if leaked:
-            violations.append({"invariant": "I4", "what": f"{len(leaked)} PASID(s) quarantined (leaked)",
-                               "actors": [HOST], "vm": None, "pasid": None})
-        return {"ok": not violations, "violations": violations, "snapshots": snaps}
+        return (yield from self.actor.audit_live([n for n in self.run.topology.names()
+                                                  if self.launcher.alive(n)]))
 
     # ---- control socket ----------------------------------------------------------------------
     def processes(self) -> list[dict[str, Any]]:
@@ -475,7 +465,7 @@ class Supervisor:
                 def run_audit(rid=rid):
                     res = yield from self.audit_task()
                     self._reply(rid, {"ok": True, "audit": {"ok": res["ok"], "violations": res["violations"]}})
-                self._spawn_task(run_audit)
+                self.spawn(run_audit)
             elif op == "down":
                 self.stop_requested = True
                 self._reply(rid, {"ok": True, "pid": os.getpid()})
@@ -542,7 +532,7 @@ class Supervisor:
                     trigger = f"t = {plan['at_time']:.3f} s after the workloads started"
             elif not plan.get("watching"):
                 plan["watching"] = True
-                self._spawn_task(lambda plan=plan, f=f: self._watch_flow(plan, f))
+                self.spawn(lambda plan=plan, f=f: self._watch_flow(plan, f))
             if trigger is None:
                 continue
             self._kill_now(plan, f, trigger)

@@ -6,11 +6,14 @@ actors in one process, the ZeroMQ runtime starts one OS process per ActorSpec.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
+from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
+from vsva.runtime.endpoints import Transport
 
 POLICIES = tuple(p.value for p in Policy)
 HOST = "host"
@@ -45,9 +48,9 @@ class ActorSpec:
 class Topology:
     actors: list[ActorSpec]
     mem_frames: int
-    seed: int = 0
-    request_timeout: float = 5.0
-    transport: str = "ipc"  # ipc (private run directory) | tcp (127.0.0.1 only): see vsva.runtime.endpoints
+    seed: int = RUN.seed
+    request_timeout: float = RUN.request_timeout
+    transport: str = RUN.transport  # see vsva.runtime.endpoints.Transport
 
     def spec(self, name: str) -> ActorSpec:
         return next(a for a in self.actors if a.name == name)
@@ -82,7 +85,7 @@ class Topology:
         return [a.config["vm"] for a in self.actors if a.kind == "vmm"]
 
 
-def host_devices(per_vm: list[dict[str, Any]], extra: dict[str, dict] | None = None) -> dict[str, dict]:
+def host_devices(per_vm: Sequence[VmConfig], extra: dict[str, dict] | None = None) -> dict[str, dict]:
     """Physical devices and mediated devices the host knows, with their assignment.
 
     Each VM gets a passthrough function (pfN, programmed with host PASIDs) and `mediated`
@@ -92,10 +95,10 @@ def host_devices(per_vm: list[dict[str, Any]], extra: dict[str, dict] | None = N
     devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True,
                                         "vm": 0}}
     for v in per_vm:
-        vm = v["vm"]
-        devices[pf_name(vm)] = {"id": 1 + vm, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": vm}
-        for i in range(v.get("mediated", 2)):
-            devices[f"vm{vm}.mdev{i}"] = {"parent": ACCEL, "vm": vm}
+        devices[pf_name(v.vm)] = {"id": 1 + v.vm, "pci": True, "max_pasids": PASID_MAX, "ats": True,
+                                  "vm": v.vm}
+        for i in range(v.mediated):
+            devices[f"vm{v.vm}.mdev{i}"] = {"parent": ACCEL, "vm": v.vm}
     devices.update(extra or {})
     return devices
 
@@ -105,47 +108,46 @@ def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
     return [name for name, d in devices.items() if d.get("vm") == vm]
 
 
-def build_topology(per_vm: list[dict[str, Any]], *, seed: int = 1, policy: str = "reclaim",
-                   allocator: str = "reuse-first", request_timeout: float = 5.0,
+def build_topology(per_vm: Sequence[VmConfig], run: RunConfig = RUN,
                    extra_devices: dict[str, dict] | None = None) -> Topology:
-    """One host (host, kvm, vdcm) and these VMs (guest + vmm each).
-
-    Each entry of `per_vm` has "vm" (its id) and optionally ram_pages, quota, non_identity,
-    mediated (mdev count), workload and iterations."""
+    """One host (host, kvm, vdcm) and these VMs (guest + vmm each)."""
     devices = host_devices(per_vm, extra_devices)
-    common = {"request_timeout": request_timeout}
-    vm_names = {v["vm"]: {"guest": guest_name(v["vm"]), "vmm": vmm_name(v["vm"])} for v in per_vm}
+    common = {"request_timeout": run.request_timeout}
+    vm_names = {v.vm: {"guest": guest_name(v.vm), "vmm": vmm_name(v.vm)} for v in per_vm}
     actors = [
         ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
-                                 "vms": vm_names, "policy": policy, "allocator": allocator}),
+                                 "vms": vm_names, "policy": run.policy, "allocator": run.allocator}),
         ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
         ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
     ]
     for v in per_vm:
-        vm = v["vm"]
-        mine = vm_devices(vm, devices)
+        mine = vm_devices(v.vm, devices)
         mdevs = [d for d in mine if "parent" in devices[d]]
-        actors.append(ActorSpec(vmm_name(vm), "vmm", {
-            **common, "vm": vm, "host": HOST, "guest": guest_name(vm), "devices": mine,
-            "ram_pages": v.get("ram_pages", 1024), "quota": v.get("quota", 64),
-            "non_identity": v.get("non_identity", True), "mdevs": mdevs}))
-        actors.append(ActorSpec(guest_name(vm), "guest", {
-            **common, "vm": vm, "vmm": vmm_name(vm), "host": HOST, "vdcm": VDCM, "devices": mine,
-            "mdevs": mdevs, "workload": v.get("workload", "demo"), "iterations": v.get("iterations", 100)}))
+        actors.append(ActorSpec(vmm_name(v.vm), "vmm", {
+            **common, "vm": v.vm, "host": HOST, "guest": guest_name(v.vm), "devices": mine,
+            "ram_pages": v.ram_pages, "quota": v.quota, "non_identity": v.non_identity,
+            "mdevs": mdevs}))
+        actors.append(ActorSpec(guest_name(v.vm), "guest", {
+            **common, "vm": v.vm, "vmm": vmm_name(v.vm), "host": HOST, "vdcm": VDCM,
+            "devices": mine, "mdevs": mdevs, "workload": v.workload, "iterations": v.iterations}))
     physical = sum(1 for d in devices.values() if "parent" not in d)
     # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
-    frames = (1 + sum(v.get("ram_pages", 1024) + 16 for v in per_vm)
+    frames = (1 + sum(v.ram_pages + 16 for v in per_vm)
               + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256)
-    return Topology(actors=actors, mem_frames=frames, seed=seed, request_timeout=request_timeout)
+    return Topology(actors=actors, mem_frames=frames, seed=run.seed,
+                    request_timeout=run.request_timeout, transport=run.transport)
 
 
-def default_topology(vms: int = 2, *, seed: int = 1, ram_pages: int = 1024, quota: int = 64,
-                     workload: str = "demo", iterations: int = 100, non_identity: bool = True,
-                     policy: str = "reclaim", allocator: str = "reuse-first",
-                     request_timeout: float = 5.0, extra_devices: dict[str, dict] | None = None,
-                     ) -> Topology:
+def default_topology(vms: int = 2, *, seed: int = RUN.seed, ram_pages: int = VM.ram_pages,
+                     quota: int = VM.quota, workload: str = VM.workload,
+                     iterations: int = VM.iterations, non_identity: bool = VM.non_identity,
+                     policy: Policy | str = RUN.policy, allocator: Allocator | str = RUN.allocator,
+                     request_timeout: float = RUN.request_timeout,
+                     transport: Transport | str = RUN.transport,
+                     extra_devices: dict[str, dict] | None = None) -> Topology:
     """`vms` identical VMs, as `vsva demo` runs them."""
-    per_vm = [{"vm": vm, "ram_pages": ram_pages, "quota": quota, "non_identity": non_identity,
-               "workload": workload, "iterations": iterations} for vm in range(1, vms + 1)]
-    return build_topology(per_vm, seed=seed, policy=policy, allocator=allocator,
-                          request_timeout=request_timeout, extra_devices=extra_devices)
+    run = RunConfig(seed=seed, policy=Policy.parse(policy), allocator=Allocator(allocator),
+                    request_timeout=request_timeout, transport=Transport(transport))
+    per_vm = [VmConfig(vm=vm, ram_pages=ram_pages, quota=quota, non_identity=non_identity,
+                       workload=workload, iterations=iterations) for vm in range(1, vms + 1)]
+    return build_topology(per_vm, run, extra_devices)

@@ -1,6 +1,6 @@
 """Topologies (and scenarios) described in TOML files: parse, validate, build a Topology.
 
-    [run]                      # every key optional; the values shown are the defaults
+    [run]                      # every key optional; defaults: RunConfig, VmConfig (ops/config.py)
     seed = 1
     policy = "reclaim"         # naive | ordered | reclaim
     allocator = "reuse-first"  # reuse-first | fresh
@@ -21,7 +21,7 @@
     on_guest_death = "stop"    # stop | restart (the supervisor's recovery of a crashed guest)
     devices = { passthrough = 1, mediated = 2 }
 
-    [[faults]]                 # scenarios only (`vsva run`): see orchestrator/scenario.py
+    [[faults]]                 # scenarios only (`vsva run`): see vsva.ops.scenario
     kill = "vm2.vmm"
     at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (the guest reports it)
     vm = 2
@@ -42,15 +42,17 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
+from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
-from vsva.ops.topology import HOST, POLICIES, Topology, build_topology
+from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
+from vsva.ops.topology import HOST, Topology, build_topology
+from vsva.runtime.endpoints import Transport
 
-ALLOCATORS = ("reuse-first", "fresh")
-TRANSPORTS = ("ipc", "tcp")
-GUEST_DEATH = ("stop", "restart")
+E = TypeVar("E", bound=StrEnum)
 
 RUN_KEYS = {"seed": int, "policy": str, "allocator": str, "request_timeout": (int, float),
             "dead_peer_interval": (int, float), "transport": str, "name": str}
@@ -88,9 +90,9 @@ class RunFile:
 
     topology: Topology
     name: str = "vsva"
-    transport: str = "ipc"
-    dead_peer_interval: float = 0.5
-    on_guest_death: dict[int, str] = field(default_factory=dict)
+    transport: str = RUN.transport
+    dead_peer_interval: float = RUN.dead_peer_interval
+    on_guest_death: dict[int, GuestDeath] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     timeout: float = 60.0
     source: str = "<default>"
@@ -119,6 +121,11 @@ def _choice(where: str, value: str, valid: tuple[str, ...], what: str) -> str:
     if value not in valid:
         raise TopologyError(f"{where}: unknown {what} {value!r}; valid: {', '.join(valid)}")
     return value
+
+
+def _member(where: str, value: str, enum: type[E], what: str) -> E:
+    """`value` as a member of `enum`, or the error naming `where` and the valid values."""
+    return enum(_choice(where, value, tuple(e.value for e in enum), what))
 
 
 def _range(where: str, value: float, lo: float, hi: float) -> None:
@@ -164,14 +171,16 @@ def parse(data: dict[str, Any]) -> RunFile:
         if key not in TOP_KEYS:
             raise TopologyError(f"unknown section {key!r}; valid: {', '.join(sorted(TOP_KEYS))}")
     run = _check_table("run", data.get("run", {}), RUN_KEYS)
-    seed = run.get("seed", 1)
-    policy = _choice("run.policy", run.get("policy", "reclaim"), POLICIES, "policy")
-    allocator = _choice("run.allocator", run.get("allocator", "reuse-first"), ALLOCATORS, "allocator")
-    timeout = float(run.get("request_timeout", 5.0))
+    seed = run.get("seed", RUN.seed)
+    timeout = float(run.get("request_timeout", RUN.request_timeout))
     _range("run.request_timeout", timeout, 0.01, 3600)
-    interval = float(run.get("dead_peer_interval", 0.5))
+    interval = float(run.get("dead_peer_interval", RUN.dead_peer_interval))
     _range("run.dead_peer_interval", interval, 0.01, 60)
-    transport = _choice("run.transport", run.get("transport", "ipc"), TRANSPORTS, "transport")
+    config = RunConfig(
+        seed=seed, request_timeout=timeout, dead_peer_interval=interval,
+        policy=_member("run.policy", run.get("policy", RUN.policy), Policy, "policy"),
+        allocator=_member("run.allocator", run.get("allocator", RUN.allocator), Allocator, "allocator"),
+        transport=_member("run.transport", run.get("transport", RUN.transport), Transport, "transport"))
 
     hosts = data.get("hosts", [{"name": HOST}])
     if not isinstance(hosts, list) or not hosts:
@@ -200,24 +209,23 @@ def parse(data: dict[str, Any]) -> RunFile:
         if devs.get("passthrough", 1) != 1:
             raise TopologyError(f"{where}.devices.passthrough: exactly 1 passthrough function per VM "
                                 f"in this version, got {devs['passthrough']}")
-        mediated = devs.get("mediated", 2)
+        mediated = devs.get("mediated", VM.mediated)
         _range(f"{where}.devices.mediated", mediated, 0, 8)
-        workload = _choice(f"{where}.workload", vm.get("workload", "demo"), tuple(WORKLOADS), "workload")
+        workload = _choice(f"{where}.workload", vm.get("workload", VM.workload), tuple(WORKLOADS), "workload")
         if workload == "demo" and mediated < 2:
             raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
-        iterations = vm.get("iterations", 100)
+        iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, 10_000_000)
-        ram = vm.get("ram_pages", 1024)
+        ram = vm.get("ram_pages", VM.ram_pages)
         _range(f"{where}.ram_pages", ram, 128, 1 << 20)
-        quota = vm.get("quota", 64)
+        quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
-        guest_death[vid] = _choice(f"{where}.on_guest_death", vm.get("on_guest_death", "stop"),
-                                   GUEST_DEATH, "on_guest_death")
-        per_vm.append({"vm": vid, "workload": workload, "iterations": iterations, "ram_pages": ram,
-                       "quota": quota, "non_identity": vm.get("non_identity", True),
-                       "mediated": mediated})
-    topology = build_topology(per_vm, seed=seed, policy=policy, allocator=allocator, request_timeout=timeout)
-    topology.transport = transport
+        guest_death[vid] = _member(f"{where}.on_guest_death", vm.get("on_guest_death", VM.on_guest_death),
+                                   GuestDeath, "on_guest_death")
+        per_vm.append(VmConfig(vm=vid, workload=workload, iterations=iterations, ram_pages=ram,
+                               quota=quota, non_identity=vm.get("non_identity", VM.non_identity),
+                               mediated=mediated, on_guest_death=guest_death[vid]))
+    topology = build_topology(per_vm, config)
     try:
         check(topology)
     except CapacityError as exc:
@@ -256,7 +264,7 @@ def parse(data: dict[str, Any]) -> RunFile:
         faults.append(fault)
     scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
     _range("scenario.timeout", scen.get("timeout", 60.0), 0.1, 86400)
-    return RunFile(topology=topology, name=run.get("name", "vsva"), transport=transport,
+    return RunFile(topology=topology, name=run.get("name", "vsva"), transport=config.transport,
                    dead_peer_interval=interval, on_guest_death=guest_death, faults=faults,
                    timeout=float(scen.get("timeout", 60.0)))
 
@@ -266,4 +274,5 @@ def default_run(vms: int = 2, **kw: Any) -> RunFile:
     from vsva.ops.topology import default_topology
 
     topo = default_topology(vms, **kw)
-    return RunFile(topology=topo, on_guest_death={vm: "stop" for vm in topo.vms})
+    return RunFile(topology=topo, transport=topo.transport,
+                   on_guest_death={vm: VM.on_guest_death for vm in topo.vms})

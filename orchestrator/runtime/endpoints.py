@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from enum import StrEnum
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -47,7 +48,14 @@ def endpoint(run_dir: str, name: str) -> str:
     return f"ipc://{socket_path(run_dir, name)}"
 
 
-TRANSPORTS = ("ipc", "tcp")
+class Transport(StrEnum):
+    """How actors of a run reach each other."""
+
+    IPC = "ipc"  # socket files in the private 0700 run directory (the default)
+    TCP = "tcp"  # 127.0.0.1 ports only, published in endpoint files
+
+
+TRANSPORTS = tuple(t.value for t in Transport)
 LOOPBACK = "127.0.0.1"
 TCP_PREFIX = f"tcp://{LOOPBACK}:"
 

@@ -127,12 +127,17 @@ class SimRuntime:
         for actor in list(self.actors.values()):
             self._post(actor, actor.peer_down(name, self.now))
 
+    def run_task(self, name: str, fn: Callable[[], Any]) -> None:
+        """Start `fn` as a task of actor `name` from outside (a driver, a test): see
+        `Actor.run_task`; its messages go on the wire, `run` delivers them."""
+        actor = self.actors[name]
+        self._post(actor, actor.run_task(fn, self.now))
+
     def call(self, dst: str, kind: str, body: dict[str, Any] | None = None, src: str = "orch",
              timeout: float = 30.0) -> dict[str, Any]:
         """Send one request from outside the system and run until its reply (for tests)."""
         probe = self.actors.get(src) or self.add(_Probe(src, self.env({})))
-        probe.send_request(dst, kind, body or {}, timeout)
-        self._post(probe, probe._drain())
+        self._post(probe, probe.send_request(dst, kind, body or {}, timeout, self.now))
         self.run(until=lambda: probe.reply is not None)
         reply, probe.reply = probe.reply, None
         return reply if reply is not None else {"ret": None, "error": "no reply"}
@@ -143,8 +148,9 @@ class _Probe(Actor):
 
     reply: dict[str, Any] | None = None
 
-    def send_request(self, dst: str, kind: str, body: dict[str, Any], timeout: float) -> None:
+    def send_request(self, dst: str, kind: str, body: dict[str, Any], timeout: float,
+                     now: float) -> list[Envelope]:
         def ask():
             self.reply = yield Call(dst, kind, body, timeout=timeout)
 
-        self._run(ask, None, "")
+        return self.run_task(ask, now)

@@ -52,7 +52,7 @@ class DeathRun(Actor):
             self.result = {"error": "vm_start failed", "started": self.started}
             return
         for g in self.guests:
-            self._run(lambda g=g: self._workload(g), None, "")
+            self.spawn(lambda g=g: self._workload(g))
         end = self.now + DEADLINE
         while self.now < end:
             snaps = yield Gather([Call(g, "snapshot", {}) for g in self.guests])
