@@ -13,6 +13,7 @@ import pytest
 
 from vsva.ops import capacity
 from vsva.ops.capacity import CapacityError
+from vsva.ops.config import VmConfig
 from vsva.ops.topology import build_topology, default_topology
 from vsva.ops.topology_file import TopologyError, loads
 
@@ -30,7 +31,7 @@ def test_256_vms_accepted_257_refused():
 
 
 def test_shared_memory_larger_than_dev_shm_is_refused_by_name():
-    huge = build_topology([{"vm": vm, "ram_pages": 1 << 20} for vm in range(1, 257)])
+    huge = build_topology([VmConfig(vm=vm, ram_pages=1 << 20) for vm in range(1, 257)])
     assert capacity.needs(huge)["shm_bytes"] == huge.mem_frames * 4096  # sized to the topology
     with pytest.raises(CapacityError, match="/dev/shm"):
         capacity.check(huge)
