@@ -194,7 +194,7 @@ def test_vcmd_free_of_pasid_never_allocated(vsva, hw, which):
     reply = hw.g1.free(pasid)
     assert reply["ret"] == -E.EINVAL
     assert vsva.host_state(hw.host) == before
-    assert hw.victim in hw.host.ioasids and hw.host.ioasids[hw.victim].svm is not None
+    assert hw.victim in hw.host.ioasid.allocated and hw.host.ioasid.allocated[hw.victim].svm is not None
 
 
 @pytest.mark.parametrize("dst,kind,body", [
@@ -209,10 +209,10 @@ def test_dma_to_other_vms_device_eperm(vsva, hw, dst, kind, body):
     full = {"gpasid" if kind == "mdev_submit" else "hpasid": pasid, "op": "fill", "src": 0, "dst": 0x4000_0000, "len": PAGE_SIZE, "pattern": 0xEE,
             **body}
     victim_bytes = hw.g2.kernel.read(hw.proc2, 0x4000_0000, PAGE_SIZE)
-    dma = (hw.host.dma_done, hw.host.dma_faults)
+    dma = (hw.host.dma.done, hw.host.dma.faults)
     reply = hw.g1.ask(dst, kind, full)
     assert reply["ret"] == -E.EPERM
-    assert (hw.host.dma_done, hw.host.dma_faults) == dma
+    assert (hw.host.dma.done, hw.host.dma.faults) == dma
     assert hw.g2.kernel.read(hw.proc2, 0x4000_0000, PAGE_SIZE) == victim_bytes
     # the victim's own DMA still works
     assert hw.g2.submit("pf2", hw.victim, "fill", dst=0x4000_0000, length=PAGE_SIZE, pattern=7)["ret"] == 0
@@ -324,9 +324,9 @@ def test_fuzz_hostile_requests(vsva, sender):
 
     def protected():
         h = w.host
-        return ({p: (a.vm, a.svm and {d: s.users for d, s in a.svm.devs.items()}) for p, a in h.ioasids.items()
-                 if a.vm == 2}, sorted(h.domains[2].ioasids),
-                h.phys["pf2"].pasid_dir.read_entry(victim), w.kvm.pasids.dump().get("2"),
+        return ({p: (a.vm, a.svm and {d: s.users for d, s in a.svm.devs.items()}) for p, a in h.ioasid.allocated.items()
+                 if a.vm == 2}, sorted(h.vfio.domains[2].ioasids),
+                h.vfio.phys["pf2"].pasid_dir.read_entry(victim), w.kvm.pasids.dump().get("2"),
                 w.vdcm.pasids.dump().get("2"))
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,

@@ -143,10 +143,10 @@ def test_identity_and_non_identity_guest_pasids_never_collide(vsva):
     g = vsva.HandGuest(w.rt, 1, devices=[])
     first = g.alloc("vm1.mdev0")
     assert first["ret"] == 0 and first["gpasid"] != first["hpasid"]
-    w.rt.actors["host"].free_pasids.append(first["gpasid"])  # the host's next PASID equals the chosen one
+    w.rt.actors["host"].ioasid.pool.append(first["gpasid"])  # the host's next PASID equals the chosen one
     for _ in range(2):  # the colliding PASID goes back to the pool first in line, twice
         reply = g.alloc("pf1")
         assert reply["ret"] == 0 and reply["gpasid"] == reply["hpasid"] != first["gpasid"]
     vmm = w.rt.actors["vm1.vmm"]
     assert vmm.g2h[first["gpasid"]] == first["hpasid"] and len(vmm.g2h) == 3
-    assert sorted(w.rt.actors["host"].domains[1].ioasids) == sorted(vmm.g2h.values())
+    assert sorted(w.rt.actors["host"].vfio.domains[1].ioasids) == sorted(vmm.g2h.values())

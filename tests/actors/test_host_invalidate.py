@@ -30,12 +30,12 @@ def iotlb(host, pasid):
 
 
 def devtlb(host, dev, pasid):
-    entries = host.iommu.cache_dump()["devtlb"].get(host.phys[dev].id, [])
+    entries = host.iommu.cache_dump()["devtlb"].get(host.vfio.phys[dev].id, [])
     return {e[1]: e[2] for e in entries if e[0] == pasid}
 
 
 def pasid_cached(host, dev, pasid):
-    return any(d == host.phys[dev].id and p == pasid for d, p, *_ in host.iommu.cache_dump()["pasid_cache"])
+    return any(d == host.vfio.phys[dev].id and p == pasid for d, p, *_ in host.iommu.cache_dump()["pasid_cache"])
 
 
 class Vm:
@@ -104,7 +104,7 @@ def test_stale_without_flush_then_coherent_after(w, v1):
 
 
 def test_unmap_and_flush_makes_dma_fault(w, v1):
-    w.host.phys["pf1"].pri = False  # no page request (F6): the fault is the descriptor's status
+    w.host.vfio.phys["pf1"].pri = False  # no page request (F6): the fault is the descriptor's status
     v1.proc.pt.unmap(VA + PAGE_SIZE)
     assert v1.g.flush("pf1", v1.pasid, VA + PAGE_SIZE)["ret"] == 0
     assert VPNS[1] not in iotlb(w.host, v1.pasid) and VPNS[1] not in devtlb(w.host, "pf1", v1.pasid)

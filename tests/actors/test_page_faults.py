@@ -132,7 +132,7 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
     assert len({r["flow"] for r in reqs}) == pages + 2
     f6 = [s for s in g.steps if s["flow"] == "F6"]
     assert len(f6) == pages + 2 and all(s["ok"] and s["code"] == IOMMU_PAGE_RESP_SUCCESS for s in f6)
-    assert w.host.prq == [] and w.host.prq_stats["responses"] == pages + 2
+    assert w.host.prq.pending == [] and w.host.prq.stats.responses == pages + 2
     assert audit(snapshots(w), w.t) == []
 
 
@@ -155,7 +155,7 @@ def test_invalid_address_and_read_only_vma(vsva, monkeypatch):
     assert out["hole"]["fault_va"] == HOLE and out["present"] == [0, 0]
     assert g.dma["failed"] == 2 and g.dma["indefinite"] == 0
     assert [s["code"] for s in g.steps if s["flow"] == "F6"] == [IOMMU_PAGE_RESP_INVALID] * 2
-    assert w.host.prq == [] and audit(snapshots(w), w.t) == []
+    assert w.host.prq.pending == [] and audit(snapshots(w), w.t) == []
 
 
 def test_write_to_write_protected_page_is_granted(vsva, monkeypatch):
@@ -188,7 +188,7 @@ def test_device_without_pri_faults_at_once(vsva, monkeypatch):
 
     monkeypatch.setitem(guest_mod.WORKLOADS, "f6test", body)
     w = vsva.world(1, workload="f6test")
-    w.host.phys["pf1"].pri = False
+    w.host.vfio.phys["pf1"].pri = False
     vsva.ask(w.rt, "vm1.guest", "start_workload", {})
     assert out["fill"]["ret"] == -E.EFAULT and out["fill"]["page_requests"] == 0
     assert f6_records(w.rt, "page_request") == []
@@ -210,21 +210,21 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
     w = vsva.world(1, workload="f6test")
     rt, host = w.rt, w.host
     handle = Wire(rt).send("orch", "vm1.guest", "start_workload", {})
-    rt.run(until=lambda: host.prq != [])
+    rt.run(until=lambda: host.prq.pending != [])
     rt.hold("vm1.vmm", "vm1.guest")  # the vPRQ injection never reaches the guest
     rt.run(until=lambda: "fill" in out)
     r = out["fill"]
     assert r["ret"] == -E.ETIMEDOUT and r["page_response"] == IOMMU_PAGE_RESP_INVALID and not r.get("indefinite")
-    assert host.prq == [] and host.prq_stats["timeouts"] == 1
+    assert host.prq.pending == [] and host.prq.stats.timeouts == 1
     g = rt.actors["vm1.guest"]
     assert g.dma["failed"] == 1 and g.dma["indefinite"] == 0
-    before = [dict(x) for x in host.prq]
+    before = [dict(x) for x in host.prq.pending]
     rt.release("vm1.vmm", "vm1.guest")
     Wire(rt).wait(handle)
     rt.run()
     late = [x for x in rt.trace if x["kind"] == "page_response" and x["src"] == "host" and x["corr"]]
     assert [x["body"]["ret"] for x in late] == [-E.EINVAL]
-    assert host.prq == before and host.prq_stats["rejected"] == 1
+    assert host.prq.pending == before and host.prq.stats.rejected == 1
     assert [s["ok"] for s in g.steps if s["flow"] == "F6"] == [False]  # the guest sees its answer refused
     assert audit(snapshots(w), w.t) == []
 
@@ -275,15 +275,15 @@ class Scene:
 def test_hand_answered_request_retries_from_the_fault(vsva):
     s = Scene(vsva)
     d = s.dma(pages=2)
-    (req,) = s.host.prq
+    (req,) = s.host.prq.pending
     assert req["addr"] == LAZY and req["vm"] == 1 and req["pasid"] == s.P
     injected = f6_records(s.rt, "vpage_request", "vm1.vmm", "vm1.guest")
     assert [r["body"]["gpasid"] for r in injected] == [s.P]  # identity PASID on the passthrough function
     s.fault_in(LAZY)
     assert s.answer(req)["ret"] == 0
-    s.rt.run(until=lambda: len(s.host.prq) == 1 and s.host.prq[0]["addr"] == LAZY + PAGE_SIZE)
+    s.rt.run(until=lambda: len(s.host.prq.pending) == 1 and s.host.prq.pending[0]["addr"] == LAZY + PAGE_SIZE)
     s.fault_in(LAZY + PAGE_SIZE)
-    assert s.answer(s.host.prq[0])["ret"] == 0
+    assert s.answer(s.host.prq.pending[0])["ret"] == 0
     done = s.wire.wait(d)
     assert done["ret"] == 0 and done["page_requests"] == 2
     assert s.g1.kernel.read(s.p1, LAZY, 2 * PAGE_SIZE) == b"\x5a" * 2 * PAGE_SIZE
@@ -295,12 +295,12 @@ def test_responses_are_matched_and_foreign_ones_refused(vsva):
     s = Scene(vsva, mdev=True)
     pf = s.dma()
     md = s.dma("vm1.mdev0", s.Q)
-    r_pf, r_md = s.host.prq
+    r_pf, r_md = s.host.prq.pending
     assert r_md["pasid"] == s.hQ and r_md["dev"] == "dsa0" and r_md["vdev"] == "vm1.mdev0"
     # the vmm injected the mdev's request with the guest PASID (non-identity)
     inj = [r["body"] for r in f6_records(s.rt, "vpage_request", "vm1.vmm", "vm1.guest")]
     assert [b["gpasid"] for b in inj] == [s.P, s.Q] and s.Q != s.hQ
-    before = [dict(r) for r in s.host.prq]
+    before = [dict(r) for r in s.host.prq.pending]
     refusals = [
         (s.answer(r_pf, src="vm2.vmm", dst="host"), -E.ENODEV),  # pf1 is not vm2's device
         (s.wire.call("vm2.vmm", "host", "page_response", {"dev": "vm2.mdev0", "hpasid": s.hQ,
@@ -319,13 +319,13 @@ def test_responses_are_matched_and_foreign_ones_refused(vsva):
     ]
     for reply, ret in refusals:
         assert reply["ret"] == ret, (reply, ret)
-    assert s.host.prq == before and s.wire.reply(pf) is None and s.wire.reply(md) is None
+    assert s.host.prq.pending == before and s.wire.reply(pf) is None and s.wire.reply(md) is None
     # the right answers, from vm1's guest with its guest PASIDs
     s.fault_in(LAZY)
     assert s.answer(r_pf)["ret"] == 0
     assert s.answer(r_md, gpasid=s.Q)["ret"] == 0
     assert s.wire.wait(pf)["ret"] == 0 and s.wire.wait(md)["ret"] == 0
-    assert s.host.prq == [] and s.violations() == []
+    assert s.host.prq.pending == [] and s.violations() == []
 
 
 def test_queue_overflow_auto_responds_and_device_retries(vsva):
@@ -333,22 +333,22 @@ def test_queue_overflow_auto_responds_and_device_retries(vsva):
     SUCCESS; the device retries (each retry a new fault, against its budget) and fails when
     the budget is spent; PRO clears when the queue empties and requests queue again."""
     s = Scene(vsva)
-    s.host.prq_depth, s.host.prq_max_faults = 1, 5
+    s.host.prq.depth, s.host.prq.max_faults = 1, 5
     first = s.dma(va=LAZY)
-    assert len(s.host.prq) == 1
+    assert len(s.host.prq.pending) == 1
     second = s.wire.send("vm1.guest", "host", "dev_submit", fill("pf1", s.P, LAZY + PAGE_SIZE))
     late = s.wire.wait(second)
     assert late["ret"] == -E.EFAULT and late["error"] == "page request budget exhausted", late
-    assert s.host.prq_overflow and s.host.prq_stats["auto_responses"] == 5
-    assert len(s.host.prq) == 1 and s.host.prq_stats["requests"] == 1
+    assert s.host.prq.overflow and s.host.prq.stats.auto_responses == 5
+    assert len(s.host.prq.pending) == 1 and s.host.prq.stats.requests == 1
     s.fault_in(LAZY)
-    assert s.answer(s.host.prq[0])["ret"] == 0
+    assert s.answer(s.host.prq.pending[0])["ret"] == 0
     assert s.wire.wait(first)["ret"] == 0
-    assert s.host.prq == [] and not s.host.prq_overflow
+    assert s.host.prq.pending == [] and not s.host.prq.overflow
     again = s.dma(va=LAZY + PAGE_SIZE)
-    assert len(s.host.prq) == 1 and s.host.prq_stats["requests"] == 2
+    assert len(s.host.prq.pending) == 1 and s.host.prq.stats.requests == 2
     s.fault_in(LAZY + PAGE_SIZE)
-    assert s.answer(s.host.prq[0])["ret"] == 0 and s.wire.wait(again)["ret"] == 0
+    assert s.answer(s.host.prq.pending[0])["ret"] == 0 and s.wire.wait(again)["ret"] == 0
     assert s.violations() == []
 
 
@@ -361,33 +361,33 @@ def test_request_in_flight_when_pasid_freed(vsva, policy):
     s = Scene(vsva, policy)
     P, host, rt = s.P, s.host, s.rt
     d = s.dma()
-    (req,) = host.prq
+    (req,) = host.prq.pending
     if policy == "ordered":
         assert s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": P})["ret"] == -E.EBUSY
-        assert host.prq == [req] and s.wire.reply(d) is None
+        assert host.prq.pending == [req] and s.wire.reply(d) is None
         assert s.g1.unbind("pf1", P)["ret"] == 0
     elif policy == "naive":
         rt.hold("host", "host")  # the deferred IOMMU cleanup has not run yet
     reply = s.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": P})
     assert reply["ret"] == 0
     if policy == "naive":
-        assert host.pasid_state(P) == "free" and host.prq == [req]
+        assert host.ioasid.state(P) == "free" and host.prq.pending == [req]
         found = s.violations()
         assert any(v["invariant"] == "I3" and "page request queued for an unbound PASID" in v["what"]
                    and v["pasid"] == P for v in found)
         # the vmm's response for it is refused (the PASID is gone), nothing changes
-        assert s.answer(req, src="vm1.vmm", dst="host")["ret"] == -E.ENODEV and host.prq == [req]
+        assert s.answer(req, src="vm1.vmm", dst="host")["ret"] == -E.ENODEV and host.prq.pending == [req]
         # a new fault through the stale entry: dropped, counted, reported to nobody
         reports = len(f6_records(rt, "page_request", "host"))
         other = s.wire.call("vm1.guest", "host", "dev_submit", fill("pf1", P, LAZY + PAGE_SIZE))
-        assert other["ret"] == -E.EFAULT and host.prq_stats["dropped"] == 1
+        assert other["ret"] == -E.EFAULT and host.prq.stats.dropped == 1
         assert len(f6_records(rt, "page_request", "host")) == reports
         rt.release("host", "host")
     done = s.wire.wait(d)
     assert done["ret"] == -E.ECANCELED and done.get("aborted"), done
     assert done["page_response"] == IOMMU_PAGE_RESP_INVALID
     rt.run()
-    assert host.prq == [] and host.prq_stats["drained"] == 1 and host.pasid_state(P) == "free"
+    assert host.prq.pending == [] and host.prq.stats.drained == 1 and host.ioasid.state(P) == "free"
     assert not s.p1.pt.lookup(LAZY) & FL_P
     assert s.violations() == []
 
@@ -395,9 +395,9 @@ def test_request_in_flight_when_pasid_freed(vsva, policy):
 def test_vm_death_drains_its_requests(vsva):
     s = Scene(vsva)
     d = s.dma()
-    assert len(s.host.prq) == 1
+    assert len(s.host.prq.pending) == 1
     s.rt.kill("vm1.vmm")
     s.rt.run(until=lambda: s.wire.reply(d) is not None)
     assert s.wire.reply(d)["ret"] == -E.ECANCELED
     s.rt.run()
-    assert s.host.prq == [] and 1 not in s.host.domains
+    assert s.host.prq.pending == [] and 1 not in s.host.vfio.domains

@@ -9,7 +9,7 @@ While links are held nothing here runs the system to quiescence: the determinist
 fires timeouts when nothing else can move, so every step waits for exactly the reply it needs
 (`Wire.send` / `Wire.wait`) instead of using `vsva.ask`.
 
-Page requests (F6) are a later issue: a queued page request is appended to `host.prq` by hand,
+Page requests (F6) are a later issue: a queued page request is appended to `host.prq.pending` by hand,
 in the shape the host's drain and the audit read.
 """
 
@@ -102,7 +102,7 @@ class Scene:
         self.P = reply["gpasid"]
         assert self.g1.bind(self.p1, "pf1", self.P)["ret"] == 0
         assert self.g1.submit("pf1", self.P, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
-        assert self.host.pasid_state(self.P) == "bound"
+        assert self.host.ioasid.state(self.P) == "bound"
 
     def dma_in_flight(self):
         """A descriptor for P on pf1 on the wire from vm1's guest; returns its handle."""
@@ -111,7 +111,7 @@ class Scene:
 
     def queue_page_request(self):
         # Page requests are a later issue (F6): queue one by hand, as the PRQ would hold it.
-        self.host.prq.append({"dev": "pf1", "pasid": self.P, "vm": 1, "addr": VA, "grpid": 0})
+        self.host.prq.pending.append({"dev": "pf1", "pasid": self.P, "vm": 1, "addr": VA, "grpid": 0})
 
     def free1(self, pasid=None):
         return self.wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": pasid or self.P})
@@ -143,7 +143,7 @@ def test_naive_reuse_hazard_is_detected(vsva):
         rt.hold(*link)
     reply = s.free1()
     assert reply["ret"] == 0 and reply["state"] == "free"
-    assert host.pasid_state(P) == "free" and P in host.free_pasids
+    assert host.ioasid.state(P) == "free" and P in host.ioasid.pool
     alloc = s.alloc2()
     assert alloc["ret"] == 0 and alloc["hpasid"] == P  # reuse-first: the PASID vm1 just freed
     # vm2 binds P on its own device; the bind waits for the (held) notifier acks.
@@ -151,9 +151,9 @@ def test_naive_reuse_hazard_is_detected(vsva):
                                                       pgtt=PGTT_FIRST_ONLY))
     bind = s.wire.send("vm2.guest", "vm2.vmm", "qi_submit",
                        {"descs": [{"type": "pc", "dev": "pf2", "gpasid": P}, {"type": "wait"}]})
-    rt.run(until=lambda: P in host.ioasids and host.ioasids[P].svm is not None
-           and "pf2" in host.ioasids[P].svm.devs)
-    assert host.ioasids[P].vm == 2
+    rt.run(until=lambda: P in host.ioasid.allocated and host.ioasid.allocated[P].svm is not None
+           and "pf2" in host.ioasid.allocated[P].svm.devs)
+    assert host.ioasid.allocated[P].vm == 2
     rt.release("vm1.guest", "host")
     done = s.wire.wait(dma)
     assert done["ret"] == 0  # vm1's descriptor ran through its stale PASID entry
@@ -164,13 +164,13 @@ def test_naive_reuse_hazard_is_detected(vsva):
     assert has(found, "I7", "DMA by VM 1's device with a PASID VM 2 now owns", P)
     assert has(found, "I7", "page request of VM 1 queued under VM 2's PASID", P)
     assert has(found, "I7", "IOTLB entry of domain 1 for VM 2's PASID", P)
-    assert host.foreign_dma == [{"pasid": P, "device_vm": 1, "owner_vm": 2}]
+    assert host.dma.foreign == [{"pasid": P, "device_vm": 1, "owner_vm": 2}]
     # Once the deferred work runs, vm1's leftovers go; the foreign DMA stays on record.
     for link in (("host", "host"), *NOTIFY_LINKS):
         rt.release(*link)
     assert s.wire.wait(bind)["ret"] == 0
     rt.run()
-    assert host.prq == [] and P not in host.phys["pf1"].pasid_dir.present_pasids()
+    assert host.prq.pending == [] and P not in host.vfio.phys["pf1"].pasid_dir.present_pasids()
     assert [v["invariant"] for v in violations(s.w)] == ["I7"]
 
 
@@ -184,11 +184,11 @@ def test_ordered_refuses_free_of_bound_then_clean_reuse(vsva):
     assert reply["ret"] == -E.EBUSY, reply
     assert vsva.host_state(host) == before and tables(w) == subs
     assert vsva.notifies(rt, trace_len) == []
-    assert host.pasid_state(P) == "bound" and rt.actors["vm1.vmm"].g2h == {P: P}
+    assert host.ioasid.state(P) == "bound" and rt.actors["vm1.vmm"].g2h == {P: P}
     # The normal order: unbind (drains P's page requests), then free.
     assert s.g1.unbind("pf1", P)["ret"] == 0
-    assert host.prq == [] and host.pasid_state(P) == "allocated"
-    assert s.free1()["ret"] == 0 and host.pasid_state(P) == "free"
+    assert host.prq.pending == [] and host.ioasid.state(P) == "allocated"
+    assert s.free1()["ret"] == 0 and host.ioasid.state(P) == "free"
     alloc = s.alloc2()
     assert alloc["hpasid"] == P
     assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
@@ -199,7 +199,7 @@ def test_ordered_refuses_free_of_bound_then_clean_reuse(vsva):
     s.vm2_dma_ok(P)
     rt.run()
     assert violations(w) == []
-    assert host.foreign_dma == []
+    assert host.dma.foreign == []
 
 
 @pytest.mark.parametrize("dma_at", ["reclaiming", "after_reuse"])
@@ -212,17 +212,17 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
         rt.hold(*link)
     reply = s.free1()
     assert reply == {"ret": 0, "state": "reclaiming"}
-    assert host.pasid_state(P) == "reclaiming" and host.iommu.is_defunct(P)
+    assert host.ioasid.state(P) == "reclaiming" and host.iommu.is_defunct(P)
     # torn down at once: no entry, no cache entry, no page request of P is left
-    assert P not in host.phys["pf1"].pasid_dir.present_pasids()
-    assert host.prq == []
+    assert P not in host.vfio.phys["pf1"].pasid_dir.present_pasids()
+    assert host.prq.pending == []
     assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
     # not allocatable while kvm and vdcm have not acknowledged (nor with only one of them)
     other = s.alloc2()
     assert other["ret"] == 0 and other["hpasid"] != P
     rt.release("host", "kvm")
     rt.run(until=lambda: w.kvm.snapshot()["tables"] == {})
-    assert host.pasid_state(P) == "reclaiming"
+    assert host.ioasid.state(P) == "reclaiming"
     if dma_at == "reclaiming":
         drops = host.iommu.counters()["defunct_drops"]
         rt.release("vm1.guest", "host")
@@ -231,8 +231,8 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
         assert host.iommu.counters()["defunct_drops"] == drops + 1
     rt.release("host", "vdcm")
     rt.run()
-    assert host.pasid_state(P) == "free" and not host.iommu.is_defunct(P)
-    assert host.reclaiming == {} and host.quarantined == {} and host.notify_failures == 0
+    assert host.ioasid.state(P) == "free" and not host.iommu.is_defunct(P)
+    assert host.ioasid.reclaiming == {} and host.ioasid.quarantined == {} and host.notify_failures == 0
     again = s.alloc2()
     assert again["hpasid"] == P
     assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
@@ -243,7 +243,7 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
     s.vm2_dma_ok(P)
     assert s.vm1_bytes() == b"\x11" * PAGE_SIZE
     rt.run()
-    assert host.foreign_dma == [] and host.iommu.counters()["owner_violations"] == 0
+    assert host.dma.foreign == [] and host.iommu.counters()["owner_violations"] == 0
     assert violations(w) == []
 
 
@@ -258,17 +258,17 @@ def test_normal_order_is_clean(vsva, policy):
     P, host, w = s.P, s.host, s.w
     assert violations(w) == []
     assert s.g1.unbind("pf1", P)["ret"] == 0
-    assert host.pasid_state(P) == "allocated" and tables(w) == ({}, {})
-    assert P not in host.phys["pf1"].pasid_dir.present_pasids()
+    assert host.ioasid.state(P) == "allocated" and tables(w) == ({}, {})
+    assert P not in host.vfio.phys["pf1"].pasid_dir.present_pasids()
     reply = s.g1.free(P)
     assert reply == {"ret": 0, "state": "free"}
-    assert host.pasid_state(P) == "free" and host.reclaiming == {} and host.quarantined == {}
+    assert host.ioasid.state(P) == "free" and host.ioasid.reclaiming == {} and host.ioasid.quarantined == {}
     assert violations(w) == []
     # the PASID is reusable at once (nothing of it was bound any more) and reused cleanly
     assert s.g2.alloc("pf2")["hpasid"] == P
     assert s.g2.bind(s.p2, "pf2", P)["ret"] == 0
     s.vm2_dma_ok(P)
-    assert violations(w) == [] and host.foreign_dma == []
+    assert violations(w) == [] and host.dma.foreign == []
 
 
 def _as_vmm(vsva, s, kind, body, vm=1):
@@ -299,7 +299,7 @@ def test_unbind_after_free_reclaim_is_defunct_noop(vsva):
     for link in NOTIFY_LINKS:
         rt.release(*link)
     rt.run()
-    assert host.pasid_state(P) == "free" and violations(w) == []
+    assert host.ioasid.state(P) == "free" and violations(w) == []
 
 
 @pytest.mark.parametrize("policy", ["naive", "reclaim"])
@@ -308,7 +308,7 @@ def test_unbind_after_completed_free_finds_nothing(vsva, policy):
     s = Scene(vsva, policy)
     assert s.g1.free(s.P)["ret"] == 0
     s.rt.run()
-    assert s.host.pasid_state(s.P) == "free"
+    assert s.host.ioasid.state(s.P) == "free"
     before = vsva.host_state(s.host)
     assert _as_vmm(vsva, s, "unbind_gpasid", {"dev": "pf1", "hpasid": s.P})["ret"] == -E.EINVAL
     assert vsva.host_state(s.host) == before
@@ -329,7 +329,7 @@ def test_unbind_twice_and_free_twice(vsva, policy):
     before = vsva.host_state(host)
     assert s.g1.free(P)["ret"] == -E.EINVAL  # the vmm's map no longer has it
     assert _as_vmm(vsva, s, "ioasid_free", {"hpasid": P})["ret"] == -E.EINVAL  # nor the host's set
-    assert vsva.host_state(host) == before and host.pasid_state(P) == "free"
+    assert vsva.host_state(host) == before and host.ioasid.state(P) == "free"
     assert violations(w) == []
 
 
@@ -344,7 +344,7 @@ def test_free_of_another_vms_pasid_is_eacces(vsva, policy, bound):
     assert _as_vmm(vsva, s, "ioasid_free", {"hpasid": P}, vm=2)["ret"] == -E.EACCES
     assert vsva.host_state(host) == before and tables(w) == subs
     assert vsva.notifies(rt, trace_len) == []
-    assert host.pasid_state(P) == ("bound" if bound else "allocated")
+    assert host.ioasid.state(P) == ("bound" if bound else "allocated")
     # and it is still vm1's: its DMA still works when bound
     if bound:
         assert s.g1.submit("pf1", P, "fill", dst=VA, length=PAGE_SIZE, pattern=0x33)["ret"] == 0
@@ -368,17 +368,17 @@ def test_reclaim_unacked_free_quarantines(vsva, how):
     t0 = rt.now
     reply = s.free1()
     assert reply["ret"] == 0 and rt.now - t0 < timeout  # answered before any timeout
-    rt.run(until=lambda: host.pasid_state(P) != "reclaiming")
-    assert host.pasid_state(P) == "quarantined" and host.quarantined == {P: 1}
+    rt.run(until=lambda: host.ioasid.state(P) != "reclaiming")
+    assert host.ioasid.state(P) == "quarantined" and host.ioasid.quarantined == {P: 1}
     if how == "hold":
         assert rt.now - t0 >= timeout  # the bounded wait ran out, it did not end early
     assert host.notify_failures == 1 and host.iommu.is_defunct(P)
     assert not host.busy  # nothing hangs
     rt.release("host", "kvm")
     rt.run()
-    assert host.pasid_state(P) == "quarantined"  # a late ack does not bring it back
+    assert host.ioasid.state(P) == "quarantined"  # a late ack does not bring it back
     got = [s.alloc2()["hpasid"] for _ in range(5)]
-    assert P not in got and P not in host.free_pasids
+    assert P not in got and P not in host.ioasid.pool
     assert host.snapshot()["quarantined"] == {str(P): 1}
 
 
@@ -394,7 +394,7 @@ def test_naive_unacked_free_reuses_at_once(vsva, how):
     reply = s.free1()
     assert reply == {"ret": 0, "state": "free"}
     assert s.alloc2()["hpasid"] == P
-    assert host.notify_failures == 0 and host.quarantined == {} and not host.busy
+    assert host.notify_failures == 0 and host.ioasid.quarantined == {} and not host.busy
 
 
 @pytest.mark.parametrize("how", ["kill", "hold"])
@@ -412,7 +412,7 @@ def test_ordered_unacked_does_not_affect_free_of_unbound(vsva, how):
     assert reply == {"ret": 0, "state": "free"}
     assert vsva.notifies(rt, trace_len) == []  # nothing to tell anyone about an unbound PASID
     assert s.alloc2()["hpasid"] == P
-    assert host.notify_failures == 0 and host.quarantined == {} and not host.busy
+    assert host.notify_failures == 0 and host.ioasid.quarantined == {} and not host.busy
 
 
 # ---- 5. vdcm aborts an mdev descriptor whose PASID was freed under it ---------------------------
@@ -436,7 +436,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
         assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": gp})["ret"] == 0
     else:
         stop = wire.send("orch", "vm1.vmm", "vm_stop", {})
-        rt.run(until=lambda: 1 not in host.vmm_of)  # the host has begun the teardown
+        rt.run(until=lambda: 1 not in host.vfio.vmm_of)  # the host has begun the teardown
     rt.run(until=lambda: vdcm.epoch.get(hp, 0) == 1)
     rt.release("vdcm", "host")
     reply = wire.wait(sub)
@@ -467,10 +467,10 @@ def test_naive_deferred_cleanup_clobbers_next_owner_on_shared_parent(vsva):
     a2 = g2.alloc("vm2.mdev0")
     assert a2["hpasid"] == P
     assert g2.bind(p2, "vm2.mdev0", a2["gpasid"])["ret"] == 0
-    assert P in host.phys["dsa0"].pasid_dir.present_pasids()
+    assert P in host.vfio.phys["dsa0"].pasid_dir.present_pasids()
     rt.release("host", "host")
     rt.run()
-    assert P not in host.phys["dsa0"].pasid_dir.present_pasids()  # vm2's entry is gone
+    assert P not in host.vfio.phys["dsa0"].pasid_dir.present_pasids()  # vm2's entry is gone
     assert has(violations(w), "I3", "svm bound to dsa0 but no PASID entry", P)
     reply = g2.submit("vm2.mdev0", a2["gpasid"], "fill", dst=VA2, length=PAGE_SIZE, pattern=0x5A)
     assert reply["ret"] != 0

@@ -56,17 +56,17 @@ def surviving_snapshots(w) -> dict:
 
 def vm_gone_everywhere(w, vm: int) -> None:
     host, snap = w.host, w.host.snapshot()
-    assert vm not in host.domains and str(vm) not in snap["vms"]
-    assert [p for p, a in host.ioasids.items() if a.vm == vm] == []
-    assert [a for a in host.ioasids.values() if a.svm is not None and a.svm.vm == vm] == []
+    assert vm not in host.vfio.domains and str(vm) not in snap["vms"]
+    assert [p for p, a in host.ioasid.allocated.items() if a.vm == vm] == []
+    assert [a for a in host.ioasid.allocated.values() if a.svm is not None and a.svm.vm == vm] == []
     assert str(vm) not in snap["owned_frames"]
-    assert [r for r in host.prq if r.get("vm") == vm] == []
+    assert [r for r in host.prq.pending if r.get("vm") == vm] == []
     assert [e for e in host.iommu.cache_dump()["iotlb"] if e[0] == vm] == []
     assert [e for e in host.iommu.cache_dump()["pasid_cache"] if e[2] == vm] == []
-    assert host.phys[f"pf{vm}"].pasid_dir.present_pasids() == []
+    assert host.vfio.phys[f"pf{vm}"].pasid_dir.present_pasids() == []
     assert str(vm) not in w.kvm.snapshot()["tables"]
     assert str(vm) not in w.vdcm.snapshot()["tables"]
-    assert host.reclaiming == {} and host.quarantined == {}
+    assert host.ioasid.reclaiming == {} and host.ioasid.quarantined == {}
     assert not host.busy and not w.kvm.busy and not w.vdcm.busy
 
 
@@ -95,7 +95,7 @@ def start(vsva, policy):
 
 def vm2_bound_everywhere(w) -> bool:
     host = w.host
-    pf_bound = [a for a in host.ioasids.values() if a.vm == 2 and a.svm and "pf2" in a.svm.devs]
+    pf_bound = [a for a in host.ioasid.allocated.values() if a.vm == 2 and a.svm and "pf2" in a.svm.devs]
     return len(pf_bound) >= 2 and "2" in w.vdcm.snapshot()["tables"] and "2" in w.kvm.snapshot()["tables"]
 
 
@@ -116,8 +116,8 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     w = start(vsva, policy)
     rt, host = w.rt, w.host
     rt.run(until=(lambda: vm2_bound_everywhere(w)) if when == "bound" else (lambda: vm2_bind_in_notifier(w)))
-    vm2_pasids = sorted(p for p, a in host.ioasids.items() if a.vm == 2)
-    assert vm2_pasids and any(host.ioasids[p].svm for p in vm2_pasids)
+    vm2_pasids = sorted(p for p, a in host.ioasid.allocated.items() if a.vm == 2)
+    assert vm2_pasids and any(host.ioasid.allocated[p].svm for p in vm2_pasids)
     assert host.snapshot()["owned_frames"].get("2")
     assert host.teardowns == []
     if when == "mid_bind":
@@ -130,7 +130,7 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     vm_gone_everywhere(w, 2)
     assert audit(surviving_snapshots(w), w.t) == []
     # VM 1 is untouched: its PASID still bound and translating, and it binds anew
-    assert host.pasid_state(w.P1) == "bound"
+    assert host.ioasid.state(w.P1) == "bound"
     assert str(1) in w.kvm.snapshot()["tables"]
     vm1_dma(w.g1, w.p1, w.P1, 0x22)
     p2 = w.g1.spawn(2, VA, PAGES)
@@ -139,7 +139,7 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     vm1_dma(w.g1, p2, new, 0x33)
     assert w.g1.kernel.read(w.p1, VA, PAGES * PAGE_SIZE) == b"\x22" * PAGES * PAGE_SIZE
     assert audit(surviving_snapshots(w), w.t) == []
-    assert host.iommu.counters()["owner_violations"] == 0 and host.foreign_dma == []
+    assert host.iommu.counters()["owner_violations"] == 0 and host.dma.foreign == []
 
 
 def test_freed_vm_pasids_are_reused_cleanly(vsva, policy):
@@ -147,7 +147,7 @@ def test_freed_vm_pasids_are_reused_cleanly(vsva, policy):
     w = start(vsva, policy)
     rt, host = w.rt, w.host
     rt.run(until=lambda: vm2_bound_everywhere(w))
-    vm2_pasids = {p for p, a in host.ioasids.items() if a.vm == 2}
+    vm2_pasids = {p for p, a in host.ioasid.allocated.items() if a.vm == 2}
     rt.kill("vm2.vmm")
     rt.kill("vm2.guest")
     rt.run()
@@ -184,7 +184,7 @@ def test_kill_during_dma_loops_vm1_unaffected(vsva, policy):
     assert [t["vm"] for t in host.teardowns] == [2]
     vm_gone_everywhere(w, 2)
     assert audit(surviving_snapshots(w), w.t) == []
-    assert host.iommu.counters()["owner_violations"] == 0 and host.foreign_dma == []
+    assert host.iommu.counters()["owner_violations"] == 0 and host.dma.foreign == []
 
 
 @pytest.mark.parametrize("policy", ["ordered", "reclaim"])
@@ -216,16 +216,16 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
         flptr=p1.cr3, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY))
     bind = wire.send("vm1.guest", "vm1.vmm", "qi_submit",
                      {"descs": [{"type": "pc", "dev": "vm1.mdev0", "gpasid": a1["gpasid"]}, {"type": "wait"}]})
-    rt.run(until=lambda: a1["hpasid"] in host.phys["dsa0"].pasid_dir.present_pasids())
+    rt.run(until=lambda: a1["hpasid"] in host.vfio.phys["dsa0"].pasid_dir.present_pasids())
     rt.release("vdcm", "host")
     assert wire.wait(bind)["ret"] == 0
     rt.run()
     # VM 2's descriptor never ran under VM 1's entry: VM 1's memory is untouched
-    assert host.foreign_dma == []
+    assert host.dma.foreign == []
     assert g1.kernel.read(p1, VA, PAGE_SIZE) == bytes(PAGE_SIZE)
     assert a1["hpasid"] != P2  # VM 2's PASID was not handed out before vdcm's acknowledgement
     assert host.teardowns and "finished" in host.teardowns[0]
-    assert host.pasid_state(P2) == "free" and P2 in host.free_pasids
+    assert host.ioasid.state(P2) == "free" and P2 in host.ioasid.pool
     vm_gone_everywhere(w, 2)
     assert audit(surviving_snapshots(w), w.t) == []
 
@@ -246,11 +246,11 @@ def test_teardown_with_a_dead_subscriber(vsva, policy):
     rt.run()
     assert [t["vm"] for t in host.teardowns] == [2] and "finished" in host.teardowns[0]
     assert not host.busy
-    assert host.pasid_state(unbound) == "free" and unbound in host.free_pasids
+    assert host.ioasid.state(unbound) == "free" and unbound in host.ioasid.pool
     if policy == "naive":
-        assert host.pasid_state(bound) == "free" and host.notify_failures == 0
+        assert host.ioasid.state(bound) == "free" and host.notify_failures == 0
     else:
-        assert host.pasid_state(bound) == "quarantined" and bound not in host.free_pasids
+        assert host.ioasid.state(bound) == "quarantined" and bound not in host.ioasid.pool
         assert host.notify_failures == 1
-    assert 2 not in host.domains and "2" not in host.snapshot()["owned_frames"]
-    assert host.phys["pf2"].pasid_dir.present_pasids() == []
+    assert 2 not in host.vfio.domains and "2" not in host.snapshot()["owned_frames"]
+    assert host.vfio.phys["pf2"].pasid_dir.present_pasids() == []

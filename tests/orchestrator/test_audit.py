@@ -227,6 +227,6 @@ def test_free_behind_vmms_back_caught(vsva, held):
     assert {v["pasid"] for v in found} == {g.held_pf}
     # the FREE notifier did its part: no entry, no cache entry, no kvm translation left
     host = rt.actors["host"]
-    assert g.held_pf not in host.phys["pf1"].pasid_dir.present_pasids()
+    assert g.held_pf not in host.vfio.phys["pf1"].pasid_dir.present_pasids()
     assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == g.held_pf]
     assert rt.actors["kvm"].pasids.lookup(1, g.held_pf) is None

@@ -1,0 +1,112 @@
+"""The page request queue (intel_svm prq, drivers/iommu/intel/svm.c) and its statistics.
+
+`PageRequestQueue` owns the outstanding requests (oldest first), the overflow flag (PRO),
+the per-device 9-bit group indexes and the counters. The fault-to-response flow itself is
+`Host.page_request` (it waits on the response); the queue answers what can be decided from
+its own state: is it full, which group a response matches, what a drain removes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vsva.actors import errno as E
+from vsva.actors.uapi import PRQ_GRPID_MAX
+from vsva.hotpath.layout import PAGE_SIZE
+
+LATENCIES_KEPT = 4096
+
+
+@dataclass
+class PrqStats:
+    """What the queue counted: requests queued, answered, auto-responded under overflow, timed
+    out, drained by a teardown, dropped (no svm for the PASID) and responses rejected."""
+
+    requests: int = 0
+    responses: int = 0
+    auto_responses: int = 0
+    timeouts: int = 0
+    drained: int = 0
+    dropped: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class PageRequestQueue:
+    """Outstanding page requests of every physical device, at most `depth`."""
+
+    depth: int = 32
+    timeout: float = 1.0  # the host answers INVALID for the guest after this long
+    max_faults: int = 1024  # page requests one descriptor may raise
+    pending: list[dict] = field(default_factory=list)
+    overflow: bool = False  # PRO: set when a request found the queue full, cleared when it empties
+    stats: PrqStats = field(default_factory=PrqStats)
+    latencies: list[float] = field(default_factory=list)  # queued -> response, the last LATENCIES_KEPT
+    _grpid: dict[str, int] = field(default_factory=dict)  # physical device -> next group index
+    _seq: dict[int, int] = field(default_factory=dict)  # VM -> F6 instance number, for the flow tag
+
+    @classmethod
+    def configured(cls, config: dict[str, Any]) -> PageRequestQueue:
+        return cls(depth=max(1, int(config.get("prq_depth", 32))), timeout=float(config.get("prq_timeout", 1.0)),
+                   max_faults=int(config.get("prq_max_faults", 1024)))
+
+    def full(self) -> bool:
+        """VT-d: a request that finds the queue full sets PRO; while PRO is set every new
+        request is auto-responded too."""
+        if self.overflow or len(self.pending) >= self.depth:
+            self.overflow = True
+            self.stats.auto_responses += 1
+            return True
+        return False
+
+    def queue(self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float) -> dict:
+        """A new request for the page of `addr`, with a free group index on `dev`."""
+        seq = self._seq[vm] = self._seq.get(vm, 0) + 1
+        req = {"dev": dev, "vdev": vdev, "pasid": hpasid, "vm": vm, "addr": addr & ~(PAGE_SIZE - 1),
+               "perm": perm, "grpid": self._next_grpid(dev), "last": True, "flow": f"F6:vm{vm}.{seq}",
+               "queued": now}
+        self.pending.append(req)
+        self.stats.requests += 1
+        return req
+
+    def _next_grpid(self, dev: str) -> int:
+        """A 9-bit page request group index not in use on this device."""
+        busy = {r["grpid"] for r in self.pending if r["dev"] == dev}
+        grpid = self._grpid.get(dev, 0)
+        while grpid in busy:
+            grpid = (grpid + 1) % PRQ_GRPID_MAX
+        self._grpid[dev] = (grpid + 1) % PRQ_GRPID_MAX
+        return grpid
+
+    def remove(self, req: dict) -> None:
+        if req in self.pending:
+            self.pending.remove(req)
+        if not self.pending:
+            self.overflow = False  # the queue drained: clear PRO
+
+    def answered(self, req: dict, now: float) -> None:
+        self.latencies = self.latencies[-(LATENCIES_KEPT - 1):] + [now - req["queued"]]
+
+    def drain(self, dev: str, hpasid: int) -> list[dict]:
+        """intel_svm_drain_prq(): take every request of (device, PASID) off the queue."""
+        drained = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid]
+        for req in drained:
+            self.remove(req)
+        self.stats.drained += len(drained)
+        return drained
+
+    def match(self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int) -> tuple[int, str, dict | None]:
+        """The outstanding request a response of VM `vm` answers, or why it answers none."""
+        req = next((r for r in self.pending if r["dev"] == dev and r["grpid"] == grpid), None)
+        if req is None:
+            return -E.EINVAL, f"no outstanding page request group {grpid} on {dev}", None
+        if req["vm"] != vm:
+            return -E.EACCES, f"page request group {grpid} belongs to VM {req['vm']}", None
+        if req["pasid"] != hpasid or req["vdev"] != vdev:
+            return -E.EINVAL, f"group {grpid} was requested by {req['vdev']} PASID {req['pasid']}", None
+        return 0, "", req
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"prq": list(self.pending), "prq_depth": self.depth, "prq_overflow": self.overflow,
+                "prq_stats": asdict(self.stats), "prq_latencies": list(self.latencies)}

@@ -1,0 +1,107 @@
+"""svm and sdev (drivers/iommu/intel/svm.c) and the PASID entry they program (pasid.c).
+
+An `Svm` is the host's record of one guest PASID bound to a host PASID; its `Sdev`s are the
+physical devices bound to it, each with a bind count. The entry writer and the bind record's
+checks are here; the bind and unbind flows themselves read top to bottom in
+`Host.on_bind_gpasid` / `Host.on_unbind_gpasid`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsva.actors import errno as E
+from vsva.actors.catalogue import IoasidNotify
+from vsva.actors.uapi import (
+    IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
+    VTD_FLAGS_LAST,
+)
+from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX, encode_pasid_entry
+
+BIND_DATA_MINSZ = 48  # argsz must cover the fields up to the vendor union
+SUPPORTED_ADDR_WIDTH = 48  # 4-level first level (5-level is a later step)
+SVM_FLAG_GUEST_MODE = 1 << 2
+SVM_FLAG_GUEST_PASID = 1 << 3
+BIND_FIELDS = ("argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd", "addr_width")
+
+
+@dataclass
+class Sdev:
+    """intel_svm_dev: one physical device bound to an svm, with its bind count."""
+
+    dev: str
+    users: int = 1
+
+
+@dataclass
+class Svm:
+    """intel_svm for a guest PASID: the host PASID, the guest PASID and the bound devices."""
+
+    pasid: int
+    vm: int
+    gpasid: int = -1
+    flags: int = 0
+    devs: dict[str, Sdev] = field(default_factory=dict)
+    vdevs: dict[str, int] = field(default_factory=dict)  # (virtual) device -> outstanding binds
+
+    def notice(self, event: str, dev: str = "") -> IoasidNotify:
+        """The notifier event for this svm: the one place its body is built (an identity
+        PASID has no separate guest PASID, the host PASID stands for it)."""
+        return IoasidNotify(event=event, vm=self.vm, hpasid=self.pasid,
+                            gpasid=self.gpasid if self.gpasid >= 0 else self.pasid, dev=dev)
+
+    def vdev_bound(self, vdev: str) -> None:
+        self.vdevs[vdev] = self.vdevs.get(vdev, 0) + 1
+
+    def vdev_unbound(self, vdev: str) -> None:
+        left = self.vdevs.get(vdev, 0) - 1
+        if left > 0:
+            self.vdevs[vdev] = left
+        else:
+            self.vdevs.pop(vdev, None)
+
+
+def bind_checks(pdev: Any, data: dict) -> int:
+    """Steps 1-4 of intel_svm_bind_gpasid: 0 or the kernel's error code."""
+    if pdev is None or not data:
+        return -E.EINVAL
+    if any(not isinstance(data.get(f), int) or isinstance(data.get(f), bool) for f in BIND_FIELDS):
+        return -E.EINVAL
+    if data["argsz"] < BIND_DATA_MINSZ:
+        return -E.EINVAL
+    if data["version"] != IOMMU_GPASID_BIND_VERSION_1 or data["format"] != IOMMU_PASID_FORMAT_INTEL_VTD:
+        return -E.EINVAL
+    if not pdev.pci:
+        return -E.ENOTSUPP
+    if pdev.max_pasids != PASID_MAX:
+        return -E.EINVAL
+    if data["hpasid"] <= 0 or data["hpasid"] >= PASID_MAX:
+        return -E.EINVAL
+    return 0
+
+
+def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict) -> int:
+    """intel_pasid_setup_nested(): validate the guest's paging mode and flags, write the entry."""
+    vtd = data.get("vtd_flags", 0)
+    if not isinstance(vtd, int) or isinstance(vtd, bool) or vtd & ~(VTD_FLAGS_LAST - 1):
+        return -E.EINVAL
+    if data["addr_width"] != SUPPORTED_ADDR_WIDTH:
+        return -E.EINVAL
+    # The first-level root is a GPA: it must be supported by the second level
+    # (intel_pasid_setup_nested: gpgd > domain->max_addr -> -EINVAL), never truncated.
+    if data["gpgd"] & (PAGE_SIZE - 1) or not 0 <= data["gpgd"] < len(dom.ram_frames) << PAGE_SHIFT:
+        return -E.EINVAL
+    pdev.pasid_dir.write_entry(data["hpasid"], encode_pasid_entry(
+        flptr=data["gpgd"], slptr=dom.sl.root, did=dom.vm, sre=bool(vtd & VTD_FLAG_SRE),
+        wpe=bool(vtd & VTD_FLAG_WPE), eafe=bool(vtd & VTD_FLAG_EAFE)))
+    iommu.inv_pasid_cache("pasid", did=dom.vm, pasid=data["hpasid"])
+    return 0
+
+
+def tear_down_entry(iommu: Any, pdev: Any, pasid: int, did: int) -> None:
+    """intel_pasid_tear_down_entry() plus the PASID-cache, IOTLB and device-TLB flushes."""
+    pdev.pasid_dir.clear_entry(pasid)
+    iommu.inv_pasid_cache("pasid", did=did, pasid=pasid)
+    iommu.inv_iotlb("pasid", did=did, pasid=pasid)
+    iommu.inv_devtlb(pdev.id, pasid=pasid)
