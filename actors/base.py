@@ -119,6 +119,8 @@ class Actor:
         self._tasks: dict[int, tuple[_Task, float]] = {}  # request id -> (task, deadline)
         self._dst_of: dict[int, str] = {}  # request id -> peer it went to
         self._kind_of: dict[int, str] = {}  # request id -> its kind, to check the reply's schema
+        self._sent: dict[int, tuple[str, float, float]] = {}  # request id -> kind, sent, timeout
+        self.timeouts: list[dict[str, Any]] = []  # every request of ours that timed out
         self._flow = ""
         self._log_times: dict[str, list[float]] = {}
         self._waits: dict[Any, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
@@ -149,8 +151,20 @@ class Actor:
         """Fail every request whose deadline has passed with an indefinite -ETIMEDOUT."""
         self.now = now
         for req_id in [r for r, (_, deadline) in self._tasks.items() if deadline <= now]:
-            self._resume_with(req_id, failed(-E.ETIMEDOUT, indefinite=True))
+            self._resume_with(req_id, self._timed_out(req_id))
         return self._drain()
+
+    def _timed_out(self, req_id: int) -> dict[str, Any]:
+        """The reply a request that timed out gets: what it was, to whom, how long it waited
+        (also kept in `timeouts`, for the reports)."""
+        if req_id not in self._sent:  # a Wait: a timeout is what it waits for
+            return failed(-E.ETIMEDOUT, indefinite=True)
+        kind, sent, timeout = self._sent[req_id]
+        rec = {"actor": self.name, "kind": kind, "peer": self._dst_of.get(req_id, ""),
+               "elapsed_s": round(self.now - sent, 3), "timeout_s": round(timeout, 3)}
+        self.timeouts.append(rec)
+        return failed(-E.ETIMEDOUT, indefinite=True, timed_out=rec,
+                      error=f"{kind} to {rec['peer']}: no reply after {rec['elapsed_s']} s")
 
     def peer_down(self, peer: str, now: float, sent: bool = True) -> list[Envelope]:
         """Fail requests in flight to a dead peer: indefinite if they were sent, else definite."""
@@ -304,13 +318,21 @@ class Actor:
             for slot, call in enumerate(calls):
                 req_id = self._emit(call.dst, call.kind, call.wire_body(), rr=True, flow=call.flow)
                 task.waiting[req_id] = slot
-                deadline = self.now + (call.timeout if call.timeout is not None else
-                                       self.config.get("request_timeout", DEFAULT_TIMEOUT))
-                self._tasks[req_id] = (task, deadline)
+                timeout = self._timeout(call)
+                self._tasks[req_id] = (task, self.now + timeout)
+                self._sent[req_id] = (call.kind, self.now, timeout)
                 self._dst_of[req_id] = call.dst
                 self._kind_of[req_id] = call.kind
         finally:
             self._flow = previous
+
+    def _timeout(self, call: Call) -> float:
+        """The call's own timeout, else its kind's (config "timeouts", scaled to what that
+        kind waits for: vsva.ops.pacing), else the actor's request_timeout."""
+        if call.timeout is not None:
+            return call.timeout
+        base = self.config.get("request_timeout", DEFAULT_TIMEOUT)
+        return self.config.get("timeouts", {}).get(call.kind, base)
 
     def _park(self, task: _Task, wait: Wait) -> None:
         """A Wait is a request to nobody: a negative id in _tasks, so expire() times it out."""
@@ -330,6 +352,7 @@ class Actor:
             return
         self._dst_of.pop(req_id, None)
         self._kind_of.pop(req_id, None)
+        self._sent.pop(req_id, None)
         if req_id < 0:  # a Wait that timed out: forget its key
             for key in [k for k, r in self._waits.items() if r == req_id]:
                 del self._waits[key]

@@ -21,6 +21,7 @@ from typing import Any
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
+from vsva.ops.pacing import gather_bounded, orch_config
 from vsva.ops.topology import HOST, ORCH, Topology, guest_name, vmm_name
 
 WORKLOAD_TIMEOUT = 120.0
@@ -41,13 +42,13 @@ class Orchestrator(Actor):
     """The steps of a run (see the module docstring); subclasses say in which order."""
 
     def __init__(self, topology: Topology, env: ActorEnv | None = None):
-        super().__init__(ORCH, env or ActorEnv(config={"request_timeout": topology.request_timeout},
-                                               seed=topology.seed))
+        super().__init__(ORCH, env or ActorEnv(config=orch_config(topology), seed=topology.seed))
         self.topology = topology
 
     def boot(self, vms: list[int]):
-        """vm_start on each VM's vmm at once; returns {vm: reply}."""
-        replies = yield Gather([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
+        """vm_start on each VM's vmm, `POWER_ON_WINDOW` at a time; returns {vm: reply}."""
+        replies = yield from gather_bounded([Call(vmm_name(vm), VmStart(), flow="boot")
+                                             for vm in vms])
         return dict(zip(vms, replies))
 
     def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT):
@@ -89,8 +90,9 @@ class Orchestrator(Actor):
         violations = audit(snaps, self.topology) + quarantine_leaks(snaps)
         return {"ok": not violations, "violations": violations, "snapshots": snaps}
 
-    def stop_vms(self, vms: list[int], timeout: float = VM_STOP_TIMEOUT):
-        """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}."""
+    def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT):
+        """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}.
+        `timeout` None: vm_stop's, scaled to the topology (vsva.ops.pacing)."""
         replies = yield Gather([Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=timeout)
                                 for vm in vms])
         return dict(zip(vms, replies))

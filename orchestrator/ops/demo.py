@@ -11,6 +11,7 @@ from vsva.analysis.export import timeline
 from vsva.analysis.trace import merge
 from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
 from vsva.ops.control import Controller
+from vsva.ops.pacing import render_timeouts, timeouts_in
 from vsva.ops.topology import Topology, default_topology
 from vsva.runtime.endpoints import Transport
 from vsva.runtime.sim import SimRuntime
@@ -30,6 +31,7 @@ def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
         rt.run()  # let the shutdown replies land
         return {**(ctl.result or _no_result("the deterministic run went quiescent without a result")),
                 "trace": merge(rt.trace), "processes": [], "ready_s": 0.0, "files": [],
+                "timeouts": ctl.timeouts,
                 "elapsed_s": time.monotonic() - started}
     from vsva.ops.launcher import Launcher
 
@@ -41,6 +43,7 @@ def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
         return {**(ctl.result or _no_result(f"no result within {timeout:.0f} s")),
                 "trace": launcher.trace(), "processes": launcher.processes(), "ready_s": ready,
                 "files": [launcher.run_dir, launcher.shm_path], "endpoints": launcher.endpoints(),
+                "timeouts": ctl.timeouts,
                 "elapsed_s": time.monotonic() - started}
 
 
@@ -74,6 +77,8 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "processes": session["processes"],
         "run_files": session["files"],
         "messages": len(session["trace"]),
+        "timeouts": timeouts_in(session["vm_start"], session["workloads"], session["vm_stop"],
+                                records=session.get("timeouts", ())),
         "ready_s": round(session["ready_s"], 3),
         "elapsed_s": round(session["elapsed_s"], 3),
     }
@@ -98,6 +103,9 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
     echo("\n== flows completed: " + ", ".join(f"{f}={n}" for f, n in rep["flows"].items()))
     for proc in rep["processes"]:
         echo(f"  process {proc['name']:<10} pid {proc['pid']:<7} exit {proc.get('exitcode')}")
+    echo("\n== timeouts: " + (f"{len(rep['timeouts'])}" if rep["timeouts"] else "none"))
+    for line in render_timeouts(rep["timeouts"]):
+        echo("  " + line)
     violations = rep["audit"]["violations"]
     echo(f"\n== audit ({', '.join(rep['audit']['checked'])}): "
          + ("clean" if not violations else f"{len(violations)} violation(s)"))

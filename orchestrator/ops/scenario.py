@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from vsva.ops.pacing import render_timeouts, timeouts_in
 from vsva.ops.supervisor import Supervisor
 from vsva.ops.topology import HOST, guest_name
 from vsva.ops.topology_file import RunFile
@@ -64,6 +65,8 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
         if final_audit is not None:
             violations = final_audit["violations"] + [v for v in after["violations"]
                                                       if v not in final_audit["violations"]]
+        report["timeouts"] = timeouts_in(report["workloads"], report.get("vm_stop"),
+                                         records=sup.actor.timeouts if sup.actor else ())
         report["audit"] = {"ran": final_audit is not None, "ok": final_audit is not None and not violations,
                            "violations": violations}
         killed_vms = {int(r["actor"][2:].split(".")[0]) for r in sup.recoveries
@@ -113,6 +116,9 @@ def render(rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     for vm, w in rep.get("workloads", {}).items():
         echo(f"  vm{vm}: {w['state']}, workload ret {w['ret']} ok {w['ok']}, "
              f"{w['verified_dma']} verified DMA, dma {w['dma']}")
+    echo("\n== timeouts: " + (f"{len(rep.get('timeouts', []))}" if rep.get("timeouts") else "none"))
+    for line in render_timeouts(rep.get("timeouts", [])):
+        echo("  " + line)
     a = rep["audit"]
     echo("\n== audit: " + ("not run (host lost)" if not a["ran"] else "clean" if a["ok"]
                           else f"{len(a['violations'])} violation(s)"))

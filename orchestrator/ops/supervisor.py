@@ -274,7 +274,7 @@ class Supervisor:
         """vm_stop (F8) on every running VM whose vmm is alive; returns {vm: reply}."""
         live = [vm for vm, v in self.vms.items() if v.state == "running"
                 and self.launcher.alive(vmm_name(vm))]
-        replies = yield from self.actor.stop_vms(live, timeout=8.0)
+        replies = yield from self.actor.stop_vms(live, timeout=None)
         for vm, r in replies.items():
             self.vms[vm].state = "off" if r.get("ret") == 0 else self.vms[vm].state
         return replies

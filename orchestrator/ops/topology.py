@@ -14,6 +14,7 @@ from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
 from vsva.runtime.endpoints import Transport
+from vsva.ops.pacing import request_timeouts
 
 POLICIES = tuple(p.value for p in Policy)
 HOST = "host"
@@ -112,7 +113,8 @@ def build_topology(per_vm: Sequence[VmConfig], run: RunConfig = RUN,
                    extra_devices: dict[str, dict] | None = None) -> Topology:
     """One host (host, kvm, vdcm) and these VMs (guest + vmm each)."""
     devices = host_devices(per_vm, extra_devices)
-    common = {"request_timeout": run.request_timeout}
+    common = {"request_timeout": run.request_timeout,
+              "timeouts": request_timeouts(len(per_vm), run.request_timeout)}
     vm_names = {v.vm: {"guest": guest_name(v.vm), "vmm": vmm_name(v.vm)} for v in per_vm}
     actors = [
         ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],

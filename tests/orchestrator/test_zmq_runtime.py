@@ -71,7 +71,9 @@ def test_timeout_becomes_indefinite_etimedout(run):
         # the proxy's own deadline (in its process) expires first
         Call("proxy_m", "toy_relay", {"x": 1, "timeout": 0.3}, timeout=3.0))
     elapsed = time.monotonic() - t
-    assert direct == {"ret": -E.ETIMEDOUT, "indefinite": True}
+    assert direct["ret"] == -E.ETIMEDOUT and direct["indefinite"] is True
+    assert direct["timed_out"]["kind"] == "ping" and direct["timed_out"]["peer"] == "mute"
+    assert direct["timed_out"]["elapsed_s"] >= 0.3
     assert forwarded["ret"] == -E.ETIMEDOUT and forwarded["indefinite"] is True
     assert forwarded["via"] == "proxy_m"
     assert 0.55 <= elapsed < 2.0

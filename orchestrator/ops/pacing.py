@@ -1,0 +1,80 @@
+"""How long a request may take, how many go out at once, and where the ones that timed out
+are shown.
+
+A request's timeout is scaled to what it waits for. Most requests wait for one handler of
+one actor: the base timeout (`request_timeout`, 5 s). The host serves every VM one message
+at a time, so a request it handles waits behind whatever the other VMs have queued there:
+`vfio_open` (a VM's RAM and second level: the host's longest handler) and `vfio_close`
+(the F8 teardown) get `HOST_S_PER_VM` per VM of the topology on top, and the vmm's
+`vm_start` / `vm_stop`, which wait for those, a base timeout more. A snapshot of every actor
+grows with the topology too. Powering VMs on goes `POWER_ON_WINDOW` at a time
+(`gather_bounded`), so the host's queue stays short and nobody waits for all of them.
+
+A timeout that happens anyway is recorded by the actor that waited (the kind, the peer, how
+long it waited: `Actor.timeouts`, and in the failed reply's body under "timed_out");
+`timeouts_in` collects those records from a run's results for the reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from vsva.actors.base import Call, Gather
+
+HOST_S_PER_VM = 0.05  # s a host handler may wait per VM queued there (a loaded 2-core machine)
+SNAPSHOT_S_PER_ACTOR = 0.01
+POWER_ON_WINDOW = 16  # vm_start requests in flight at once
+
+
+def request_timeouts(vms: int, base: float) -> dict[str, float]:
+    """Per message kind: how long a request of that kind may take in a topology of `vms`
+    VMs (kinds not listed: `base`)."""
+    host_queue = HOST_S_PER_VM * vms
+    snapshot = base + SNAPSHOT_S_PER_ACTOR * (2 * vms + 3)
+    return {"vfio_open": base + host_queue, "vfio_close": base + host_queue,
+            "vm_start": 2 * base + host_queue, "vm_stop": 2 * base + host_queue,
+            "snapshot": snapshot, "pool_status": snapshot}
+
+
+def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW):
+    """Send `calls` `window` at a time (a handler does `replies = yield from
+    gather_bounded(calls)`); the replies in the order of the calls."""
+    replies: list[Any] = []
+    for i in range(0, len(calls), window):
+        replies += yield Gather(calls[i:i + window])
+    return replies
+
+
+def orch_config(topology: Any) -> dict[str, Any]:
+    """The configuration of the orchestrator's own actor (it powers on, snapshots and stops
+    every VM: the same per-kind timeouts as the actors)."""
+    return {"request_timeout": topology.request_timeout,
+            "timeouts": request_timeouts(len(topology.vms), topology.request_timeout)}
+
+
+def timeouts_in(*results: Any, records: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Every timeout record ("timed_out": {actor, kind, peer, elapsed_s, timeout_s}) in these
+    results (reply bodies, nested in dicts and lists) and in `records` (an actor's
+    `timeouts`), once each."""
+    found: list[dict[str, Any]] = list(records)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            rec = value.get("timed_out")
+            if isinstance(rec, dict) and rec not in found:
+                found.append(rec)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for result in results:
+        walk(result)
+    return found
+
+
+def render_timeouts(records: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per timeout, for the text reports."""
+    return [f"{r.get('actor')}: {r.get('kind')} to {r.get('peer')} had no reply after "
+            f"{r.get('elapsed_s')} s (timeout {r.get('timeout_s')} s)" for r in records]

@@ -1,0 +1,73 @@
+"""Pacing: timeouts per request kind scaled to the topology, power-on a window at a time,
+and a timeout that happens is recorded (kind, peer, elapsed) and shown in the reports."""
+
+from __future__ import annotations
+
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, ActorEnv, Call
+from vsva.actors.messages import Envelope
+from vsva.ops import pacing
+from vsva.ops.topology import default_topology
+
+
+class Caller(Actor):
+    def __init__(self, calls, config=None, window=None):
+        super().__init__("orch", ActorEnv(config=config or {}))
+        self.calls, self.window, self.result = calls, window, None
+
+    def on_start(self):
+        if self.window is None:
+            self.result = yield self.calls[0]
+        else:
+            self.result = yield from pacing.gather_bounded(self.calls, self.window)
+
+
+def reply_to(env: Envelope, body: dict) -> Envelope:
+    return Envelope(src=env.dst, dst=env.src, kind=env.kind, body=body, corr=env.id, clock=1)
+
+
+def test_timeouts_grow_with_what_the_kind_waits_for():
+    small, large = pacing.request_timeouts(2, 5.0), pacing.request_timeouts(256, 5.0)
+    for kind in ("vfio_open", "vm_start", "vfio_close", "vm_stop", "snapshot"):
+        assert large[kind] > small[kind] >= 5.0
+    assert large["vm_start"] > large["vfio_open"]  # it waits for one
+    topo = default_topology(128)
+    assert topo.spec("vm1.vmm").config["timeouts"] == pacing.request_timeouts(128, 5.0)
+
+
+def test_kind_timeout_applies_and_a_timeout_is_recorded_with_peer_and_elapsed():
+    actor = Caller([Call("vm1.vmm", "vm_start", {})],
+                   config={"request_timeout": 1.0, "timeouts": {"vm_start": 12.5}})
+    [sent] = actor.start(0.0)
+    assert actor.next_deadline() == 12.5
+    assert actor.expire(12.0) == [] and actor.result is None
+    actor.expire(12.6)
+    assert actor.result["ret"] == -E.ETIMEDOUT and actor.result["indefinite"]
+    rec = {"actor": "orch", "kind": "vm_start", "peer": "vm1.vmm", "elapsed_s": 12.6,
+           "timeout_s": 12.5}
+    assert actor.result["timed_out"] == rec and actor.timeouts == [rec]
+    assert "vm_start to vm1.vmm" in actor.result["error"]
+
+
+def test_power_on_goes_a_window_at_a_time():
+    calls = [Call(f"vm{i}.vmm", "vm_start", {}) for i in range(1, 6)]
+    actor = Caller(calls, window=2)
+    out = actor.start(0.0)
+    waves = []
+    while out:
+        waves.append([e.dst for e in out])
+        out = [e for env in out  # error replies: only "ret" is checked against the schema
+               for e in actor.deliver(reply_to(env, {"ret": -E.EBUSY, "error": env.dst}), 0.1)]
+    assert waves == [["vm1.vmm", "vm2.vmm"], ["vm3.vmm", "vm4.vmm"], ["vm5.vmm"]]
+    assert [r["error"] for r in actor.result] == [c.dst for c in calls]
+
+
+def test_timeouts_are_found_in_nested_results_and_rendered():
+    rec = {"actor": "vm3.vmm", "kind": "vfio_open", "peer": "host", "elapsed_s": 11.4,
+           "timeout_s": 11.4}
+    own = {"actor": "orch", "kind": "snapshot", "peer": "kvm", "elapsed_s": 5.1, "timeout_s": 5.0}
+    results = {"vm3.vmm": {"ret": -E.ETIMEDOUT, "timed_out": rec}, "steps": [{"ok": True}]}
+    found = pacing.timeouts_in(results, [results], records=[own])
+    assert found == [own, rec]
+    assert pacing.render_timeouts(found)[1] == (
+        "vm3.vmm: vfio_open to host had no reply after 11.4 s (timeout 11.4 s)")
