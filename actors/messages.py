@@ -25,6 +25,8 @@ from vsva.actors import errno as E
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # larger frames are refused with -EMSGSIZE
+MAX_CLOCK = 1 << 62  # a Lamport clock beyond this is refused (-ERANGE): a receiver's clock
+# (max(own, received) + 1) must stay encodable (msgpack: < 2**64) for the life of a run
 
 
 @dataclass
@@ -86,8 +88,10 @@ def decode(frame: bytes) -> Envelope:
         if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool) and typ is int:
             raise ProtocolError(-E.EBADMSG, f"envelope field {key!r} missing or not {typ.__name__}", raw)
     corr = raw.get("corr")
-    if corr is not None and not isinstance(corr, int):
+    if corr is not None and (not isinstance(corr, int) or isinstance(corr, bool)):
         raise ProtocolError(-E.EBADMSG, "corr is not an int", raw)
+    if not 0 <= raw["clock"] <= MAX_CLOCK:
+        raise ProtocolError(-E.ERANGE, f"clock {raw['clock']} outside [0, 2**62]", raw)
     return Envelope(src=raw["src"], dst=raw["dst"], kind=raw["kind"], body=raw["body"],
                     id=raw["id"], corr=corr, rr=bool(raw.get("rr")), clock=raw["clock"],
                     flow=str(raw.get("flow") or ""))

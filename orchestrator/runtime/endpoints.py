@@ -71,6 +71,22 @@ def presence_path(run_dir: str, name: str, transport: str = "ipc") -> str:
     return endpoint_file(run_dir, name) if transport == "tcp" else socket_path(run_dir, name)
 
 
+def incarnation(run_dir: str, name: str, transport: str = "ipc") -> str | None:
+    """The identity of `name`'s current incarnation: its presence file's (inode, ctime), as
+    "<inode>.<ctime_ns>"; None when it has none. A restarted actor binds a new file."""
+    try:
+        st = os.stat(presence_path(run_dir, name, transport))
+    except OSError:
+        return None
+    return f"{st.st_ino}.{st.st_ctime_ns}"
+
+
+def routing_id(name: str, token: str) -> bytes:
+    """The routing id of incarnation `token` of actor `name`: "<name>/<token>" (see
+    vsva.runtime.loop: how a receiver checks it)."""
+    return f"{name}/{token}".encode()
+
+
 def read_endpoint_file(run_dir: str, name: str) -> tuple[str, tuple[int, int]] | None:
     """tcp: (endpoint, (inode, ctime_ns)) of `name`'s endpoint file, read and identified
     through one open file (so the identity is the file the endpoint came from); None when

@@ -8,7 +8,8 @@ Sockets of one actor named N (endpoints are found from (run_dir, name), see `end
 - one ROUTER bound at `ipc://<run_dir>/N.sock` (transport "ipc", the default) or at
   `tcp://127.0.0.1:<port>` (transport "tcp", see below): *all* inbound traffic (requests,
   one-way messages, replies) arrives there as `[routing_id, payload]`;
-- one DEALER per peer, created on first use, `routing_id = N`, `IMMEDIATE=1` (a message is only
+- one DEALER per peer, created on first use, `routing_id = N/<incarnation>` (below),
+  `IMMEDIATE=1` (a message is only
   queued on a live connection), short `LINGER`, connected to the peer's ROUTER. Replies go
   the same way as requests: through the replier's DEALER to the requester's ROUTER.
 
@@ -30,7 +31,13 @@ peer's name as identity, and then delivered to the actor like any reply.
 
 The routing id is set by the runtime from the actor's name and the actor API cannot change
 it, so `src` is authenticated the way a file descriptor authenticates a caller: by the
-channel, not by a claim in the message. (With ipc, only processes that can open the private
+channel, not by a claim in the message. It names the incarnation too: "N/<inode>.<ctime>"
+of N's presence file (its ipc socket, or tcp endpoint file: `endpoints.incarnation`), and
+a frame is accepted only when that is N's *current* file. A second connection that claims
+the routing id of a live one is never handed it (ROUTER_HANDOVER off: libzmq leaves it
+unidentified and delivers nothing from it), so a stray or hostile DEALER cannot cut a real
+peer's channel; a restarted peer has bound a new file, so its routing id is a new one and
+it is accepted at once, even while its old connection is still being torn down. (With ipc, only processes that can open the private
 0700 run directory can connect at all; see the tcp caveat in `vsva.runtime.endpoints`.)
 
 Time: `now` given to the actor is `time.monotonic()` minus the runtime's creation time; the
@@ -62,8 +69,8 @@ import zmq
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
-from vsva.runtime.endpoints import (TCP_PREFIX, TRANSPORTS, endpoint, endpoint_file,
-                                    publish_endpoint, socket_path, valid_name)
+from vsva.runtime.endpoints import (TCP_PREFIX, TRANSPORTS, endpoint, endpoint_file, incarnation,
+                                    publish_endpoint, routing_id, socket_path, valid_name)
 from vsva.runtime.peers import EVENTS as _EVENTS
 from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks
 from vsva.runtime.peers import NOBLOCK as _NOBLOCK
@@ -114,13 +121,17 @@ class ZmqRuntime(PeerLinks):
         self._ep_id: tuple[int, int] | None = None  # tcp: our endpoint file
         self.router = self.ctx.socket(zmq.ROUTER)
         for opt, val in ((zmq.LINGER, LINGER_MS), (zmq.ROUTER_MANDATORY, 1),
-                         (zmq.ROUTER_HANDOVER, 1), (zmq.MAXMSGSIZE, MAX_WIRE)):
+                         (zmq.ROUTER_HANDOVER, 0), (zmq.MAXMSGSIZE, MAX_WIRE)):
             self.router.setsockopt(opt, val)
         try:
             self.router.bind(self.endpoint)
             if self._tcp:  # the kernel chose a free port: publish it (see the docstring)
                 self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
                 self._ep_id = publish_endpoint(run_dir, name, self.endpoint)
+            token = incarnation(run_dir, name, transport)
+            if token is None:
+                raise OSError(f"{name}: no presence file after bind")
+            self.rid = routing_id(name, token)
         except (zmq.ZMQError, OSError):
             self.router.close(0)
             if self._own_ctx:
@@ -139,6 +150,8 @@ class ZmqRuntime(PeerLinks):
         self._dying: list[tuple[float, str]] = []  # (report time, peer): see _peer_gone
         self._trace = TraceBuffer(run_dir, name) if trace else None
         self._queued: set[str] = set()  # peers with a non-empty send queue
+        self._pinned: set[str] = set()  # peers named by `expect`: never evicted
+        self._verified: dict[bytes, str] = {}  # routing id -> actor: see _claimed
         self._runtime_id = 0
         self._stop = False
         self._wake_r: socket.socket | None = None
@@ -232,6 +245,14 @@ class ZmqRuntime(PeerLinks):
             self._os_poll.register(fd, select.POLLIN)
         self._interest[sock] = events
         self._dirty.add(sock)
+
+    def _unpoll_socket(self, sock: zmq.Socket) -> None:
+        """Stop polling `sock` (it is about to be closed)."""
+        if self._interest.pop(sock, None) is not None:
+            fd = sock.getsockopt(zmq.FD)
+            self._os_poll.unregister(fd)
+            self._fd_owner.pop(fd, None)
+        self._dirty.discard(sock)
 
     def _poll(self, timeout_ms: int) -> tuple[list[tuple[Any, int]], list[int]]:
         """Wait (at most `timeout_ms`) until a socket has a wanted event or a watched fd is
@@ -365,10 +386,7 @@ class ZmqRuntime(PeerLinks):
             while router.getsockopt(_RCVMORE):
                 frames.append(router.recv(_NOBLOCK))
             self.stats["received"] += 1
-            try:
-                sender = rid.decode("utf-8")
-            except UnicodeDecodeError:
-                sender = None
+            sender = self._claimed(rid)
             if len(frames) != 2:
                 err = ProtocolError(-E.EBADMSG, f"{len(frames) - 1} payload frames, want 1")
                 self._reject(rid, sender, err, b"".join(frames[1:2]))
@@ -412,6 +430,35 @@ class ZmqRuntime(PeerLinks):
             if peer.sock is not sock or not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
 
+    def _claimed(self, rid: bytes) -> str | None:
+        """The actor whose current incarnation `rid` names (see the module docstring). Once
+        checked (or seen when our DEALER connected to it), a routing id is remembered until
+        another incarnation of its actor is seen or the launcher restarts it (`_forget_rids`)."""
+        name = self._verified.get(rid)
+        if name is not None:
+            return name
+        try:
+            name, _, token = rid.decode("utf-8").partition("/")
+        except UnicodeDecodeError:
+            return None
+        if not valid_name(name) or token != incarnation(self.run_dir, name, self.transport):
+            return None
+        self._forget_rids(name)
+        self._verified[rid] = name
+        return name
+
+    def _remember_incarnation(self, name: str) -> None:
+        """Our DEALER reached `name`: remember its incarnation's routing id now, while its
+        presence file surely exists (its last reply may come after it removed the file)."""
+        token = incarnation(self.run_dir, name, self.transport)
+        if token is not None and routing_id(name, token) not in self._verified:
+            self._forget_rids(name)
+            self._verified[routing_id(name, token)] = name
+
+    def _forget_rids(self, name: str) -> None:
+        for rid in [r for r, n in self._verified.items() if n == name]:
+            del self._verified[rid]
+
     def _check_route(self, env: Envelope, sender: str | None) -> tuple[int, str] | None:
         if sender is None or env.src != sender:
             return -E.EPERM, f"src {env.src!r} is not the sender {sender!r}"
@@ -444,12 +491,13 @@ class ZmqRuntime(PeerLinks):
                           else None,
                           rr=False, clock=self.actor.clock if self.actor is not None else 0,
                           flow=flow if isinstance(flow, str) and len(flow) <= 64 else "")
-        frame = encode(answer)
         self._dirty.add(self.router)
         t = self.wall()
         try:
+            frame = encode(answer)
             self.router.send_multipart([rid, frame], _NOBLOCK)
-        except zmq.ZMQError:  # EHOSTUNREACH (gone), EAGAIN (its queue is full): give up
+        except Exception:  # EHOSTUNREACH (gone), EAGAIN (queue full), unencodable: give up
+            self.stats["send_failed"] += 1
             return
         self._record(t, frame)
 
@@ -470,18 +518,22 @@ class ZmqRuntime(PeerLinks):
             return self._failed(env, f"cannot encode: {exc!r}")
         if len(frame) > MAX_FRAME:
             return self._failed(env, f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
-        peer = self.peers.get(env.dst) or self._peer(env.dst)
-        if peer is None:
-            return self._failed(env, f"no endpoint for {env.dst!r}")
-        if peer.monitor.getsockopt(_EVENTS) & _POLLIN:
-            self._on_monitor(peer)  # the connection's state must be current, not stale
-        if peer.state == DOWN and not self._rebound(peer):
-            return self._failed(env, f"{env.dst} is down")
-        self._dirty.add(peer.sock)  # EVENTS read here, and the send: see _poll
-        if peer.queue or not peer.sock.getsockopt(_EVENTS) & _POLLOUT:
-            self._enqueue(peer, env, frame)
-            return []
-        return self._transmit(peer, env, frame)
+        try:
+            peer = self.peers.get(env.dst) or self._peer(env.dst)
+            if peer is None:
+                return self._failed(env, f"no endpoint for {env.dst!r}")
+            peer.used = self.now()
+            if peer.monitor.getsockopt(_EVENTS) & _POLLIN:
+                self._on_monitor(peer)  # the connection's state must be current, not stale
+            if peer.state == DOWN and not self._rebound(peer):
+                return self._failed(env, f"{env.dst} is down")
+            self._dirty.add(peer.sock)  # EVENTS read here, and the send: see _poll
+            if peer.queue or not peer.sock.getsockopt(_EVENTS) & _POLLOUT:
+                self._enqueue(peer, env, frame)
+                return []
+            return self._transmit(peer, env, frame)
+        except (zmq.ZMQError, OSError) as exc:  # e.g. EMFILE: counted and logged, never fatal
+            return self._failed(env, f"send error {exc}")
 
     def _enqueue(self, peer: Peer, env: Envelope, frame: bytes, first: bool = False) -> None:
         item = (env, frame, self.now() + self.send_grace)

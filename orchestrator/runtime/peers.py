@@ -34,6 +34,8 @@ LINGER_MS = 100
 RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
 SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
 MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
+MAX_UNPINNED = 32  # peers beyond those `expect`ed (3 sockets each): the least recently used
+# idle one is closed to make room, so senders with ever new names cannot exhaust the fds
 
 # pyzmq's enum flags cost an enum construction per use: the hot path uses plain ints
 POLLIN = int(zmq.POLLIN)
@@ -68,12 +70,14 @@ class Peer:
     endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
     ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
     queue: deque = field(default_factory=deque)  # (env, frame, deadline): not yet sent
+    used: float = 0.0  # last send (runtime clock): eviction picks the oldest idle peer
 
 
 class PeerLinks:
     """Connection tracking for `ZmqRuntime` (see the module docstring)."""
 
     name: str
+    rid: bytes
     run_dir: str
     transport: str
     ctx: zmq.Context
@@ -88,11 +92,17 @@ class PeerLinks:
     _dirty: set[Any]
     _down_reported: set[str]
     _dying: list[tuple[float, str]]
+    _pinned: set[str]
+    _queued: set[str]
 
     if TYPE_CHECKING:  # provided by ZmqRuntime
         def now(self) -> float: ...
         def log(self, line: str) -> None: ...
         def _poll_socket(self, sock: zmq.Socket, events: int) -> None: ...
+        def _unpoll_socket(self, sock: zmq.Socket) -> None: ...
+        def _ratelog(self, key: str, line: str) -> None: ...
+        def _forget_rids(self, name: str) -> None: ...
+        def _remember_incarnation(self, name: str) -> None: ...
         def _send_all(self, envs: Any) -> None: ...
         def _fail_queue(self, peer: Peer, why: str) -> None: ...
 
@@ -105,6 +115,7 @@ class PeerLinks:
     def peer_restarted(self, name: str) -> None:
         """Process `name` runs again (bound and ready): a later death is news again, and
         sends wait for the reconnection (up to `send_grace`) instead of failing."""
+        self._forget_rids(name)
         peer = self.peers.get(name)
         if peer is not None:
             self._on_monitor(peer)  # the old connection's last events first
@@ -123,6 +134,7 @@ class PeerLinks:
         for name in names:
             if name == self.name:
                 continue
+            self._pinned.add(name)
             peer = self._peer(name)
             if peer is None:
                 continue
@@ -193,12 +205,19 @@ class PeerLinks:
             ep = self._endpoint_of(name) if valid_name(name) else None
         if ep is None:
             return None
+        if name not in self._pinned and not self._make_room():
+            self._ratelog("peers:full", f"no room for peer {name}: {MAX_UNPINNED} others are busy")
+            return None
         sock = self.ctx.socket(zmq.DEALER)
-        for opt, val in ((zmq.ROUTING_ID, self.name.encode()), (zmq.IMMEDIATE, 1),
-                         (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
-                         (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
-            sock.setsockopt(opt, val)
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            for opt, val in ((zmq.ROUTING_ID, self.rid), (zmq.IMMEDIATE, 1),
+                             (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
+                             (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
+                sock.setsockopt(opt, val)
+            monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
         sock.connect(ep)
         peer = Peer(name, sock, monitor, endpoint=ep, ep_id=ep_id)
         self.peers[name] = peer
@@ -207,6 +226,35 @@ class PeerLinks:
         self._poll_socket(sock, POLLIN)
         self._poll_socket(monitor, POLLIN)
         return peer
+
+    def _make_room(self) -> bool:
+        """Below MAX_UNPINNED unpinned peers, or one closed: the least recently used with
+        nothing queued and no request of the actor waiting on it (its reply would still
+        arrive, on our ROUTER, but its death would go unnoticed)."""
+        unpinned = [p for n, p in self.peers.items() if n not in self._pinned]
+        if len(unpinned) < MAX_UNPINNED:
+            return True
+        waited_on = set(self.actor._dst_of.values()) if self.actor is not None else set()
+        idle = [p for p in unpinned if not p.queue and p.name not in waited_on]
+        if not idle:
+            return False
+        self._forget(min(idle, key=lambda p: p.used))
+        return True
+
+    def _forget(self, peer: Peer) -> None:
+        """Close `peer`'s DEALER and monitor and drop it from the table (a later send to it
+        connects afresh)."""
+        for sock in (peer.sock, peer.monitor):
+            self._unpoll_socket(sock)
+            self._by_sock.pop(sock, None)
+        try:
+            peer.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        peer.monitor.close(0)
+        peer.sock.close(0)
+        self._queued.discard(peer.name)
+        del self.peers[peer.name]
 
     def _inode(self, name: str) -> tuple[int, int] | None:
         """Which file `name`'s ipc socket (tcp: endpoint file) is (inode numbers alone are
@@ -279,6 +327,7 @@ class PeerLinks:
                 continue  # an old endpoint's connection (before a restart): not this one
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.state = UP
+                self._remember_incarnation(peer.name)
                 self._report_now(peer.name)
                 self._down_reported.discard(peer.name)
                 if peer.queue:

@@ -95,8 +95,10 @@ class Mallory:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(endpoint(run_dir, name))
         self.dealer = self.ctx.socket(zmq.DEALER)
-        if routing_id is not False:
-            self.dealer.setsockopt(zmq.ROUTING_ID, (routing_id or name).encode())
+        if routing_id is not False:  # an actor's: "<name>/<incarnation>" (its socket file)
+            st = os.stat(os.path.join(run_dir, f"{routing_id or name}.sock"))
+            self.dealer.setsockopt(zmq.ROUTING_ID, f"{routing_id or name}/{st.st_ino}."
+                                                   f"{st.st_ctime_ns}".encode())
         self.dealer.connect(endpoint(run_dir, target))
         self.name, self.target, self.next_id = name, target, 100
 
@@ -122,7 +124,7 @@ class Mallory:
             return "runtime", msgpack.unpackb(self.dealer.recv())
         if self.router in events:
             rid, payload = self.router.recv_multipart()
-            assert rid == self.target.encode()
+            assert rid.startswith(self.target.encode() + b"/")  # "<name>/<incarnation>"
             return "actor", msgpack.unpackb(payload)
         raise AssertionError("no answer within the timeout")
 
