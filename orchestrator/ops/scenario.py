@@ -55,11 +55,11 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
         report["workloads"] = {}
         for vm, st in sup.vms.items():
             w = st.workload or {}
-            steps = w.get("steps", [])
+            steps, summary = w.get("steps", []), w.get("summary", {})
             report["workloads"][str(vm)] = {
                 "state": st.state, "runs": st.runs, "ret": w.get("ret"), "ok": w.get("ok"),
-                "steps": len(steps), "failed_steps": [s for s in steps if not s["ok"]][:5],
-                "verified_dma": sum(1 for s in steps if s.get("verified") and s["ok"]),
+                "steps": summary.get("total", 0), "failed_steps": [s for s in steps if not s["ok"]][:5],
+                "verified_dma": summary.get("verified", 0),
                 "dma": ((final_audit or {}).get("snapshots", {}).get(guest_name(vm), {}) or {}).get("dma")}
         violations = []
         if final_audit is not None:

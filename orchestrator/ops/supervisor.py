@@ -50,6 +50,8 @@ from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import Fault, RunFile
 
 RESTARTED = ("kvm", "vdcm")
+CONTROL_OPS: dict[str, dict[str, type]] = {"ps": {}, "status": {}, "kill": {"name": str}, "audit": {},
+                                           "down": {}}  # op -> its fields and their types
 WORKLOAD_TIMEOUT = 600.0
 
 
@@ -441,12 +443,11 @@ class Supervisor:
                 return
             except ValueError:
                 continue
-            try:
-                req = msgpack.unpackb(payload, raw=False)
-                op = req.get("op")
-            except Exception:
-                self._reply(rid, {"ok": False, "error": "malformed request"})
+            req, why = control_request(payload)
+            if why is not None:
+                self._reply(rid, {"ok": False, "error": why})
                 continue
+            op = req["op"]
             if op in ("ps", "status"):
                 self._reply(rid, {"ok": True, **self.status()})
             elif op == "kill":
@@ -466,11 +467,9 @@ class Supervisor:
                     res = yield from self.audit_task()
                     self._reply(rid, {"ok": True, "audit": {"ok": res["ok"], "violations": res["violations"]}})
                 self.spawn(run_audit)
-            elif op == "down":
+            else:  # down
                 self.stop_requested = True
                 self._reply(rid, {"ok": True, "pid": os.getpid()})
-            else:
-                self._reply(rid, {"ok": False, "error": f"unknown op {op!r}"})
 
     def _reply(self, rid: bytes, body: dict[str, Any]) -> None:
         if self.ctl is None:
@@ -536,6 +535,28 @@ class Supervisor:
             if trigger is None:
                 continue
             self._kill_now(plan, f, trigger)
+
+
+def control_request(payload: bytes) -> tuple[dict[str, Any], str | None]:
+    """Decode one control request and check it like a message body: a map whose "op" is a
+    CONTROL_OPS key and whose other fields are exactly that op's, of their types. Returns
+    (request, None) or ({}, why it is refused)."""
+    try:
+        req = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception:
+        return {}, "malformed request: not msgpack"
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        return {}, "malformed request: not a map with a string 'op'"
+    fields = CONTROL_OPS.get(req["op"])
+    if fields is None:
+        return {}, f"unknown op {req['op'][:32]!r}; valid: {', '.join(CONTROL_OPS)}"
+    for key, value in req.items():
+        if key != "op" and key not in fields:
+            return {}, f"{req['op']}: unknown field {str(key)[:32]!r}"
+    for key, typ in fields.items():
+        if not isinstance(req.get(key), typ):
+            return {}, f"{req['op']}: field {key!r} missing or not {typ.__name__}"
+    return req, None
 
 
 def detach_main(argv: list[str] | None = None) -> int:

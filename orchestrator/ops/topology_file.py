@@ -53,6 +53,7 @@ from vsva.ops.topology import HOST, Topology, build_topology
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
+MAX_ITERATIONS = 1_000_000  # a guest keeps every step of its workload (~1 KB a round)
 
 RUN_KEYS = {"seed": int, "policy": str, "allocator": str, "request_timeout": (int, float),
             "dead_peer_interval": (int, float), "transport": str, "name": str}
@@ -215,7 +216,7 @@ def parse(data: dict[str, Any]) -> RunFile:
         if workload == "demo" and mediated < 2:
             raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
         iterations = vm.get("iterations", VM.iterations)
-        _range(f"{where}.iterations", iterations, 1, 10_000_000)
+        _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
         ram = vm.get("ram_pages", VM.ram_pages)
         _range(f"{where}.ram_pages", ram, 128, 1 << 20)
         quota = vm.get("quota", VM.quota)

@@ -66,6 +66,7 @@ def test_examples_parse():
     ('[[faults]]\nkill = "kvm"\nat_flow = "F9"\nvm = 1', "unknown flow step 'F9'"),
     ('[[faults]]\nkill = "kvm"\nat_flow = "F2"', "at_flow needs the VM"),
     ('vms = 3', "vms: expected a non-empty array"),
+    ('[[vms]]\niterations = 10000000', "vms[0].iterations: 10000000 out of range [1, 1000000]"),
     ('[run\n', "not valid TOML"),
 ])
 def test_validation_errors(text, needle):
