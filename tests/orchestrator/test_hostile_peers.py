@@ -39,6 +39,7 @@ def all_alive(launcher) -> bool:
 def test_a_duplicate_routing_id_does_not_displace_the_live_peer(topo):
     """ROUTER_HANDOVER would hand "orch" (at the host) and "host" (at the orchestrator) to the
     newcomer and cut the real channels for good."""
+    assert all(r["ret"] == 0 for r in pings(topo).values())  # every channel is up: live peers
     squatters = [Raw(topo.run_dir, "host", "orch", listen=False),
                  Raw(topo.run_dir, "orch", "host", listen=False),
                  Raw(topo.run_dir, "kvm", "host", listen=False)]
