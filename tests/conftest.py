@@ -1,9 +1,9 @@
 """Shared fixtures for the actor and orchestrator tests (deterministic runtime only).
 
 `vsva` (a fixture) gives the helpers: `world(...)` builds a started system with its VMs
-powered on, `ask(rt, dst, kind, body, src=...)` sends one request from any name (a live
-actor's included: the transport authenticates the sender, so this is how a test acts *as*
-the vmm or the guest) and returns the reply body, `HandGuest` is a guest driven by hand
+powered on, `Wire(rt)` sends requests from any name and waits for their replies,
+`ask(rt, dst, kind, body, src=...)` is one such request followed by a run to quiescence,
+`snapshots(w)` is what the audit collects, `HandGuest` is a guest driven by hand
 (its pages, PASID table and invalidation queue are written here, as bytes in guest RAM),
 `session(...)` runs the Controller's whole demo.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,32 +33,69 @@ from vsva.ops.topology import default_topology, guest_name, vmm_name
 _IDS = itertools.count(1 << 40)
 
 
-def ask(rt: SimRuntime, dst: str, kind: str | Message, body: dict | None = None, src: str = "orch") -> dict:
-    """Put one request from `src` on the wire, run until `dst` answers it, drain, return the body.
+@dataclass
+class Pending:
+    """A request on the wire: its id, who sent it to whom, and how far the trace was read."""
+
+    rid: int
+    src: str
+    dst: str
+    kind: str
+    pos: int
+    body: dict | None = None
+
+
+class Wire:
+    """Requests from any name (a live actor's included: the transport authenticates the
+    sender, so this is how a test acts *as* the vmm or the guest) that wait for their own
+    reply only: no run to quiescence, so no timeout fires early while a link is held.
 
     `kind` is a catalogue message, or a bare kind with any `body` (for hostile input)."""
-    if isinstance(kind, Message):
-        kind, body = kind.KIND, kind.body()
-    rid = next(_IDS)
-    pos = [len(rt.trace)]
-    rt.inject(Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body, id=rid,
-                       rr=True, clock=0))
-    box: list[dict] = []
 
-    def answered() -> bool:
-        trace = rt.trace
-        for i in range(pos[0], len(trace)):
-            r = trace[i]
-            if r["corr"] == rid and r["src"] == dst and r["dst"] == src:
-                box.append(r["body"])
-                return True
-        pos[0] = len(trace)
-        return False
+    def __init__(self, rt: SimRuntime):
+        self.rt = rt
 
-    rt.run(until=answered)
-    assert box, f"{dst} never answered {kind} from {src}"
-    rt.run()  # deliver what is still in flight (the reply itself, acks)
-    return box[0]
+    def send(self, src: str, dst: str, kind: str | Message, body: dict | None = None) -> Pending:
+        if isinstance(kind, Message):
+            kind, body = kind.KIND, kind.body()
+        rid = next(_IDS)
+        handle = Pending(rid, src, dst, kind, len(self.rt.trace))
+        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body,
+                                id=rid, rr=True, clock=0))
+        return handle
+
+    def reply(self, handle: Pending) -> dict | None:
+        """The reply to `handle` if it has arrived (the trace is read once, incrementally)."""
+        trace = self.rt.trace
+        while handle.body is None and handle.pos < len(trace):
+            r = trace[handle.pos]
+            handle.pos += 1
+            if r["corr"] == handle.rid and r["src"] == handle.dst and r["dst"] == handle.src:
+                handle.body = r["body"]
+        return handle.body
+
+    def wait(self, handle: Pending) -> dict:
+        self.rt.run(until=lambda: self.reply(handle) is not None)
+        body = self.reply(handle)
+        assert body is not None, f"{handle.dst} never answered {handle.kind} from {handle.src}"
+        return body
+
+    def call(self, src: str, dst: str, kind: str | Message, body: dict | None = None) -> dict:
+        return self.wait(self.send(src, dst, kind, body))
+
+
+def ask(rt: SimRuntime, dst: str, kind: str | Message, body: dict | None = None, src: str = "orch") -> dict:
+    """One request from `src`, run until `dst` answers it, then drain (deliver what is still in
+    flight: the reply itself, acks); returns the reply body."""
+    reply = Wire(rt).call(src, dst, kind, body)
+    rt.run()
+    return reply
+
+
+def snapshots(w: SimpleNamespace) -> dict:
+    """Every live actor's snapshot (what the audit collects at a quiescent point)."""
+    names = set(w.t.names())
+    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
 
 
 def notifies(rt: SimRuntime, since: int = 0) -> list[dict]:
@@ -163,8 +201,10 @@ def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple
     started = {vm: ask(rt, vmm_name(vm), VmStart(), src="orch") for vm in range(1, vms + 1)}
     for vm, reply in started.items():
         assert reply["ret"] == 0, (vm, reply)
-    return SimpleNamespace(t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"],
-                           vdcm=rt.actors["vdcm"], started=started)
+    w = SimpleNamespace(t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"],
+                        vdcm=rt.actors["vdcm"], started=started)
+    w.snapshots = lambda: snapshots(w)
+    return w
 
 
 def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: bool | None = None, **topo: Any):
@@ -184,7 +224,7 @@ def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: boo
 
 @pytest.fixture(scope="session")
 def vsva() -> SimpleNamespace:
-    return SimpleNamespace(ask=ask, world=world, session=session, HandGuest=HandGuest,
+    return SimpleNamespace(ask=ask, Wire=Wire, snapshots=snapshots, world=world, session=session, HandGuest=HandGuest,
                            host_state=host_state, notifies=notifies, bind_record=bind_record)
 
 

@@ -12,13 +12,11 @@ jump virtual time to `prq_timeout`. `Wire` sends requests and waits for exactly 
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 
 from vsva.actors import errno as E
 from vsva.actors import guest as guest_mod
-from vsva.actors.messages import Envelope
 from vsva.actors.uapi import (
     IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
 )
@@ -26,38 +24,6 @@ from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 from vsva.analysis.audit import audit
 
 VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4f00_0000
-_IDS = itertools.count(1 << 50)
-
-
-class Wire:
-    """Requests from any name; run only until the one reply wanted arrives."""
-
-    def __init__(self, rt):
-        self.rt = rt
-
-    def send(self, src: str, dst: str, kind: str, body: dict) -> tuple[int, str, str]:
-        rid = next(_IDS)
-        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body=body, id=rid, rr=True))
-        return rid, src, dst
-
-    def reply(self, handle) -> dict | None:
-        rid, src, dst = handle
-        return next((r["body"] for r in self.rt.trace if r["corr"] == rid and r["src"] == dst
-                     and r["dst"] == src), None)
-
-    def wait(self, handle) -> dict:
-        self.rt.run(until=lambda: self.reply(handle) is not None)
-        body = self.reply(handle)
-        assert body is not None, f"no reply to {handle}"
-        return body
-
-    def call(self, src, dst, kind, body) -> dict:
-        return self.wait(self.send(src, dst, kind, body))
-
-
-def snapshots(w) -> dict:
-    names = set(w.t.names())
-    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
 
 
 def fill(dev, pasid, va, pages=1, pattern=0x5A):
@@ -133,7 +99,7 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
     f6 = [s for s in g.steps if s["flow"] == "F6"]
     assert len(f6) == pages + 2 and all(s["ok"] and s["code"] == IOMMU_PAGE_RESP_SUCCESS for s in f6)
     assert w.host.prq.pending == [] and w.host.prq.stats.responses == pages + 2
-    assert audit(snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
 
 
 def test_invalid_address_and_read_only_vma(vsva, monkeypatch):
@@ -155,7 +121,7 @@ def test_invalid_address_and_read_only_vma(vsva, monkeypatch):
     assert out["hole"]["fault_va"] == HOLE and out["present"] == [0, 0]
     assert g.dma["failed"] == 2 and g.dma["indefinite"] == 0
     assert [s["code"] for s in g.steps if s["flow"] == "F6"] == [IOMMU_PAGE_RESP_INVALID] * 2
-    assert w.host.prq.pending == [] and audit(snapshots(w), w.t) == []
+    assert w.host.prq.pending == [] and audit(w.snapshots(), w.t) == []
 
 
 def test_write_to_write_protected_page_is_granted(vsva, monkeypatch):
@@ -209,7 +175,7 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
     monkeypatch.setitem(guest_mod.WORKLOADS, "f6test", body)
     w = vsva.world(1, workload="f6test")
     rt, host = w.rt, w.host
-    handle = Wire(rt).send("orch", "vm1.guest", "start_workload", {})
+    handle = vsva.Wire(rt).send("orch", "vm1.guest", "start_workload", {})
     rt.run(until=lambda: host.prq.pending != [])
     rt.hold("vm1.vmm", "vm1.guest")  # the vPRQ injection never reaches the guest
     rt.run(until=lambda: "fill" in out)
@@ -220,13 +186,13 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
     assert g.dma["failed"] == 1 and g.dma["indefinite"] == 0
     before = [dict(x) for x in host.prq.pending]
     rt.release("vm1.vmm", "vm1.guest")
-    Wire(rt).wait(handle)
+    vsva.Wire(rt).wait(handle)
     rt.run()
     late = [x for x in rt.trace if x["kind"] == "page_response" and x["src"] == "host" and x["corr"]]
     assert [x["body"]["ret"] for x in late] == [-E.EINVAL]
     assert host.prq.pending == before and host.prq.stats.rejected == 1
     assert [s["ok"] for s in g.steps if s["flow"] == "F6"] == [False]  # the guest sees its answer refused
-    assert audit(snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
 
 
 # ---- hand-driven guests: the test answers (or does not) ----------------------------------------
@@ -236,7 +202,7 @@ class Scene:
 
     def __init__(self, vsva, policy="reclaim", mdev=False):
         self.w = w = vsva.world(2, hand=(1, 2), policy=policy)
-        self.rt, self.host, self.wire = w.rt, w.host, Wire(w.rt)
+        self.rt, self.host, self.wire = w.rt, w.host, vsva.Wire(w.rt)
         devs = ["pf1"] + (["vm1.mdev0"] if mdev else [])
         self.g1 = vsva.HandGuest(w.rt, 1, devices=devs)
         self.g2 = vsva.HandGuest(w.rt, 2, devices=["pf2"] + (["vm2.mdev0"] if mdev else []))
@@ -269,7 +235,7 @@ class Scene:
         self.g1.kernel.fault_in(self.p1, va, write=True)
 
     def violations(self):
-        return audit(snapshots(self.w), self.w.t)
+        return audit(self.w.snapshots(), self.w.t)
 
 
 def test_hand_answered_request_retries_from_the_fault(vsva):

@@ -15,61 +15,19 @@ in the shape the host's drain and the audit read.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from vsva.actors import errno as E
-from vsva.actors.messages import Envelope
 from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 from vsva.analysis.audit import audit
 
 VA, PAGES = 0x4000_0000, 4
 VA2 = 0x7000_0000
 NOTIFY_LINKS = (("host", "kvm"), ("host", "vdcm"))
-_IDS = itertools.count(1 << 48)
-
-
-class Wire:
-    """Requests sent from any name without running to quiescence (no timeout fires early)."""
-
-    def __init__(self, rt):
-        self.rt = rt
-        self._pos = 0
-        self._replies: dict[int, dict] = {}
-
-    def send(self, src: str, dst: str, kind: str, body: dict | None = None) -> tuple[int, str, str]:
-        rid = next(_IDS)
-        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body=body or {}, id=rid, rr=True))
-        return rid, src, dst
-
-    def reply(self, handle) -> dict | None:
-        rid, src, dst = handle
-        trace = self.rt.trace
-        for r in trace[self._pos:]:
-            if r["corr"] is not None and r["dst"] != r["src"]:
-                self._replies[(r["corr"], r["src"], r["dst"])] = r["body"]
-        self._pos = len(trace)
-        return self._replies.get((rid, dst, src))
-
-    def wait(self, handle) -> dict:
-        self.rt.run(until=lambda: self.reply(handle) is not None)
-        body = self.reply(handle)
-        assert body is not None, f"no reply to {handle}"
-        return body
-
-    def call(self, src, dst, kind, body=None) -> dict:
-        return self.wait(self.send(src, dst, kind, body))
-
-
-def snapshots(w) -> dict:
-    """Every live actor's snapshot (what the audit collects at a quiescent point)."""
-    names = set(w.t.names())
-    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
 
 
 def violations(w) -> list[dict]:
-    return audit(snapshots(w), w.t)
+    return audit(w.snapshots(), w.t)
 
 
 def has(found: list[dict], inv: str, what: str, pasid: int) -> bool:
@@ -92,7 +50,7 @@ class Scene:
     def __init__(self, vsva, policy):
         self.vsva = vsva
         self.w = w = vsva.world(2, hand=(1, 2), policy=policy)
-        self.rt, self.host, self.wire = w.rt, w.host, Wire(w.rt)
+        self.rt, self.host, self.wire = w.rt, w.host, vsva.Wire(w.rt)
         self.g1 = vsva.HandGuest(w.rt, 1, devices=["pf1"])
         self.g2 = vsva.HandGuest(w.rt, 2, devices=["pf2"])
         self.p1 = self.g1.spawn(1, VA, PAGES)
@@ -421,7 +379,7 @@ def test_ordered_unacked_does_not_affect_free_of_unbound(vsva, how):
 @pytest.mark.parametrize("how", ["free", "vm_stop"])
 def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     w = vsva.world(2, hand=(1,), policy=policy)
-    rt, host, vdcm, wire = w.rt, w.host, w.vdcm, Wire(w.rt)
+    rt, host, vdcm, wire = w.rt, w.host, w.vdcm, vsva.Wire(w.rt)
     g = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
     proc = g.spawn(1, VA, PAGES)
     alloc = g.alloc("vm1.mdev0")

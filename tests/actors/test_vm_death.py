@@ -9,49 +9,14 @@ the host that is the VFIO fd closing, and it must tear the VM down by itself (SP
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 
-from vsva.actors.messages import Envelope
 from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 from vsva.analysis.audit import audit
 
 POLICIES = ["naive", "ordered", "reclaim"]
 VA, PAGES = 0x4000_0000, 4
-_IDS = itertools.count(1 << 47)
-
-
-class Wire:
-    """Requests from any name that wait for their own reply only (no run to quiescence, so no
-    timeout fires while a link is held). The same helper as in test_teardown_policies."""
-
-    def __init__(self, rt):
-        self.rt = rt
-
-    def send(self, src, dst, kind, body=None):
-        rid = next(_IDS)
-        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body=body or {}, id=rid, rr=True))
-        return rid, src, dst
-
-    def reply(self, handle):
-        rid, src, dst = handle
-        return next((r["body"] for r in reversed(self.rt.trace)
-                     if r["corr"] == rid and r["src"] == dst and r["dst"] == src), None)
-
-    def wait(self, handle):
-        self.rt.run(until=lambda: self.reply(handle) is not None)
-        body = self.reply(handle)
-        assert body is not None, f"no reply to {handle}"
-        return body
-
-    def call(self, src, dst, kind, body=None):
-        return self.wait(self.send(src, dst, kind, body))
-
-
-def surviving_snapshots(w) -> dict:
-    names = set(w.t.names())
-    return {n: a.snapshot() for n, a in w.rt.actors.items() if n in names}
 
 
 def vm_gone_everywhere(w, vm: int) -> None:
@@ -89,7 +54,7 @@ def start(vsva, policy):
     assert w.g1.bind(w.p1, "pf1", w.P1)["ret"] == 0
     vm1_dma(w.g1, w.p1, w.P1, 0x11)
     # VM 2's demo workload, run only part of the way
-    w.rt.inject(Envelope(src="orch", dst="vm2.guest", kind="start_workload", body={}, id=next(_IDS), rr=True))
+    vsva.Wire(w.rt).send("orch", "vm2.guest", "start_workload")
     return w
 
 
@@ -128,7 +93,7 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     assert [(t["vm"], t["why"]) for t in host.teardowns] == [(2, "vm2.vmm died")]
     assert host.teardowns[0]["pasids"] == len(vm2_pasids) and "finished" in host.teardowns[0]
     vm_gone_everywhere(w, 2)
-    assert audit(surviving_snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
     # VM 1 is untouched: its PASID still bound and translating, and it binds anew
     assert host.ioasid.state(w.P1) == "bound"
     assert str(1) in w.kvm.snapshot()["tables"]
@@ -138,7 +103,7 @@ def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     assert w.g1.bind(p2, "pf1", new)["ret"] == 0
     vm1_dma(w.g1, p2, new, 0x33)
     assert w.g1.kernel.read(w.p1, VA, PAGES * PAGE_SIZE) == b"\x22" * PAGES * PAGE_SIZE
-    assert audit(surviving_snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
     assert host.iommu.counters()["owner_violations"] == 0 and host.dma.foreign == []
 
 
@@ -161,7 +126,7 @@ def test_freed_vm_pasids_are_reused_cleanly(vsva, policy):
     assert set(got) == vm2_pasids
     for i, (proc, pasid) in enumerate(zip(procs, got)):
         vm1_dma(w.g1, proc, pasid, 0x40 + i)
-    assert audit(surviving_snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
 
 
 def test_kill_during_dma_loops_vm1_unaffected(vsva, policy):
@@ -169,21 +134,20 @@ def test_kill_during_dma_loops_vm1_unaffected(vsva, policy):
     VM 1's loop completes with every step ok; VM 2 is gone everywhere; the audit is clean."""
     w = vsva.world(2, policy=policy, workload="dma_loop", iterations=40)
     rt, host = w.rt, w.host
-    ids = {vm: next(_IDS) for vm in (1, 2)}
-    for vm, rid in ids.items():
-        rt.inject(Envelope(src="orch", dst=f"vm{vm}.guest", kind="start_workload", body={}, id=rid, rr=True))
+    wire = vsva.Wire(rt)
+    runs = {vm: wire.send("orch", f"vm{vm}.guest", "start_workload") for vm in (1, 2)}
     guests = {vm: rt.actors[f"vm{vm}.guest"] for vm in (1, 2)}
     rt.run(until=lambda: all(g.dma["completed"] >= 6 for g in guests.values()))
     assert "2" in w.vdcm.snapshot()["tables"] and "2" in w.kvm.snapshot()["tables"]
     rt.kill("vm2.vmm")
     rt.kill("vm2.guest")
     rt.run()
-    done = [r["body"] for r in rt.trace if r["corr"] == ids[1] and r["src"] == "vm1.guest"]
+    done = [r["body"] for r in rt.trace if r["corr"] == runs[1].rid and r["src"] == "vm1.guest"]
     assert len(done) == 1 and done[0]["ret"] == 0 and done[0]["ok"], done
     assert sum(1 for s in done[0]["steps"] if s["flow"] == "F7" and s["ok"]) == 2 * 40
     assert [t["vm"] for t in host.teardowns] == [2]
     vm_gone_everywhere(w, 2)
-    assert audit(surviving_snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
     assert host.iommu.counters()["owner_violations"] == 0 and host.dma.foreign == []
 
 
@@ -195,7 +159,7 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     VM 2's (torn down: it faults) and can never run under VM 1's entry on the same parent."""
     w = vsva.world(2, hand=(1, 2), policy=policy)
     rt, host, vdcm = w.rt, w.host, w.vdcm
-    wire = Wire(rt)
+    wire = vsva.Wire(rt)
     g1 = vsva.HandGuest(rt, 1, devices=["vm1.mdev0"])
     g2 = vsva.HandGuest(rt, 2, devices=["vm2.mdev0"])
     p1, p2 = g1.spawn(1, VA, PAGES), g2.spawn(1, VA, PAGES)
@@ -227,7 +191,7 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     assert host.teardowns and "finished" in host.teardowns[0]
     assert host.ioasid.state(P2) == "free" and P2 in host.ioasid.pool
     vm_gone_everywhere(w, 2)
-    assert audit(surviving_snapshots(w), w.t) == []
+    assert audit(w.snapshots(), w.t) == []
 
 
 @pytest.mark.parametrize("policy", POLICIES)
