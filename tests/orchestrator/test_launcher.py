@@ -137,13 +137,15 @@ def _downs(launcher, name):
     return actor.result[0]["state"]["downs"]
 
 
-def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys):
+@pytest.mark.parametrize("transport, kills", [("ipc", 10), ("tcp", 4)])
+def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, transport, kills):
     """A SIGKILLed actor is reported (`peer_down`) to every child connected to it, by the
     child's own socket monitor, within a bounded time, exactly once per death and never at
-    start-up; after `restart` the survivors talk to the new incarnation again."""
-    kills = 10
+    start-up; after `restart` the survivors talk to the new incarnation again (over tcp: at
+    the new port its endpoint file names)."""
     topo = Topology(actors=[toy("victim", "Echo"), toy("w1", "Watcher", target="victim"),
-                            toy("w2", "Watcher", target="victim")], mem_frames=16)
+                            toy("w2", "Watcher", target="victim")], mem_frames=16,
+                    transport=transport)
     latencies = []
     with Launcher(topo, extra_path=[TOYS]) as launcher:
         assert _downs(launcher, "w1") == [] and _downs(launcher, "w2") == []  # not at start-up
@@ -179,7 +181,7 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys):
         assert last.result[0]["pid"] == launcher.pid("victim")
     ordered = sorted(latencies)
     with capsys.disabled():
-        print(f"\n  kill -9 -> peer_down in a surviving child ({len(latencies)} reports): median "
+        print(f"\n  {transport}: kill -9 -> peer_down in a surviving child ({len(latencies)} reports): median "
               f"{ordered[len(ordered) // 2] * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms")
 
 
