@@ -1,11 +1,12 @@
-"""Shared fixtures for the actor and orchestrator tests (deterministic runtime only).
+"""Shared fixtures for the actor and orchestrator tests.
 
 `vsva` (a fixture) gives the helpers: `world(...)` builds a started system with its VMs
 powered on, `Wire(rt)` sends requests from any name and waits for their replies,
 `ask(rt, dst, kind, body, src=...)` is one such request followed by a run to quiescence,
 `snapshots(w)` is what the audit collects, `HandGuest` is a guest driven by hand
 (its pages, PASID table and invalidation queue are written here, as bytes in guest RAM),
-`session(...)` runs the Controller's whole demo.
+`session(...)` runs the Controller's whole demo on the deterministic runtime, `run(runtime,
+...)` on either runtime. The `runtime` fixture runs a test on both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from vsva.actors.uapi import IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INT
 from vsva.hotpath.layout import (
     ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
 )
+from vsva.ops.config import Runtime
 from vsva.ops.control import Controller
+from vsva.ops.demo import run_session
 from vsva.runtime.sim import SimRuntime
 from vsva.ops.topology import default_topology, guest_name, vmm_name
 
@@ -222,9 +225,26 @@ def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: boo
     return rt, c
 
 
+RUNTIMES = (Runtime.SIM, Runtime.PROCESSES)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES, ids=str)
+def runtime(request: pytest.FixtureRequest) -> Runtime:
+    """A test that takes `runtime` runs once on the deterministic runtime and once on real
+    processes (one per actor, over ZeroMQ), as Pykka runs its suite per implementation."""
+    return request.param
+
+
+def run(runtime: Runtime | str, vms: int = 2, *, seed: int = 1, **topo: Any) -> dict[str, Any]:
+    """One Controller session on `runtime`, through the engine `vsva demo` uses
+    (vsva.ops.demo.run_session): the Controller's result plus the merged trace."""
+    return run_session(default_topology(vms, seed=seed, **topo), runtime)
+
+
 @pytest.fixture(scope="session")
 def vsva() -> SimpleNamespace:
-    return SimpleNamespace(ask=ask, Wire=Wire, snapshots=snapshots, world=world, session=session, HandGuest=HandGuest,
+    return SimpleNamespace(ask=ask, Wire=Wire, snapshots=snapshots, world=world, session=session, run=run,
+                           HandGuest=HandGuest,
                            host_state=host_state, notifies=notifies, bind_record=bind_record)
 
 

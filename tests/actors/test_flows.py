@@ -1,4 +1,5 @@
-"""Whole sessions: the Controller's demo for 1-3 VMs, and the shape of each flow in the trace."""
+"""Whole sessions: the Controller's demo for 1-3 VMs (and 2 VMs as real processes), and the
+shape of each flow in the trace."""
 
 from __future__ import annotations
 
@@ -21,14 +22,20 @@ def _flows(trace):
     return out
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}vm")
+# 1-3 VMs on the deterministic runtime; the 2-VM session on real processes too (kept to one
+# session there: the suite stays fast)
+SESSIONS = [("sim", 1), ("sim", 2), ("sim", 3), ("processes", 2)]
+
+
+@pytest.fixture(scope="module", params=SESSIONS, ids=lambda p: f"{p[0]}-{p[1]}vm")
 def run(request, vsva):
-    return request.param, *vsva.session(request.param, seed=request.param)
+    runtime, vms = request.param
+    session = vsva.run(runtime, vms, seed=vms)
+    return vms, session["trace"], session
 
 
 def test_session_passes(run):
-    vms, rt, c = run
-    res = c.result
+    vms, trace, res = run
     assert set(res["vm_start"]) == {f"vm{v}.vmm" for v in range(1, vms + 1)}
     assert all(r["ret"] == 0 for r in res["vm_start"].values())
     assert len(res["workloads"]) == vms
@@ -42,8 +49,8 @@ def test_session_passes(run):
 
 
 def test_session_leaves_nothing_behind(run):
-    vms, rt, c = run
-    snaps = c.result["snapshots"]
+    vms, trace, res = run
+    snaps = res["snapshots"]
     host = snaps["host"]
     assert host["ioasids"] == {} and host["svms"] == {} and host["prq"] == []
     assert all(p == [] for p in host["pasid_entries"].values())
@@ -56,13 +63,13 @@ def test_session_leaves_nothing_behind(run):
 
 
 def test_every_flow_in_trace_for_every_vm(run):
-    vms, rt, c = run
-    tags = {(m.group(1), int(m.group(2))) for t in _flows(rt.trace) if (m := TAG.match(t))}
+    vms, trace, res = run
+    tags = {(m.group(1), int(m.group(2))) for t in _flows(trace) if (m := TAG.match(t))}
     for v in range(1, vms + 1):
         for f in ("F1", "F2", "F3", "F4", "F5", "F6", "F7"):
             assert (f, v) in tags, (f, v)
-    assert {r["flow"] for r in rt.trace if r["kind"] == "bind_gpasid"} <= {
-        t for t in _flows(rt.trace) if t.startswith("F2:")}
+    assert {r["flow"] for r in trace if r["kind"] == "bind_gpasid"} <= {
+        t for t in _flows(trace) if t.startswith("F2:")}
 
 
 def _kinds(records):
@@ -71,8 +78,8 @@ def _kinds(records):
 
 def test_flow_shapes(run):
     """Each flow is the exchange of SPEC §3, with the guest's completion last."""
-    vms, rt, c = run
-    flows = _flows(rt.trace)
+    vms, trace, res = run
+    flows = _flows(trace)
     for tag, recs in flows.items():
         f, vm = TAG.match(tag).group(1), TAG.match(tag).group(2)
         guest, vmm = f"vm{vm}.guest", f"vm{vm}.vmm"
@@ -126,12 +133,12 @@ def test_flow_shapes(run):
 
 def test_non_identity_gpasids_for_mdevs(run):
     """The mdev pair runs on a vmm-chosen guest PASID; kvm/vdcm were told both numbers."""
-    vms, rt, c = run
-    allocs = [r for r in rt.trace if r["kind"] == "vcmd_alloc" and r["corr"] is not None]
+    vms, trace, res = run
+    allocs = [r for r in trace if r["kind"] == "vcmd_alloc" and r["corr"] is not None]
     assert all(r["body"]["ret"] == 0 for r in allocs)
     mixed = [r["body"] for r in allocs if r["body"]["gpasid"] != r["body"]["hpasid"]]
     assert len(mixed) == vms
-    binds = [r["body"] for r in rt.trace if r["kind"] == "ioasid_notify" and r["corr"] is None
+    binds = [r["body"] for r in trace if r["kind"] == "ioasid_notify" and r["corr"] is None
              and r["body"]["event"] == "bind" and r["body"]["gpasid"] != r["body"]["hpasid"]]
     assert {(b["gpasid"], b["hpasid"]) for b in binds} == {(m["gpasid"], m["hpasid"]) for m in mixed}
 
