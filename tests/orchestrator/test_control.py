@@ -22,7 +22,7 @@ def test_a_session_reports_quarantined_pasids():
     rt.start()
     rt.run(until=lambda: ctl.result is not None)
     assert ctl.result is not None
-    assert rt.actors[HOST].quarantined
+    assert rt.actors[HOST].snapshot()["quarantined"]
     assert _leaks(ctl.result["violations"])
 
 
