@@ -1,0 +1,133 @@
+"""`vsva scale`: list, run, show and plot scale experiments (registered on the main CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Scale experiments: sweeps of VMs, PASIDs, policies, noise and IOTLB geometry, "
+                       "with results, plots and progress.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"vsva scale: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("list")
+def list_() -> None:
+    """The built-in experiments, one line each (their TOML files ship with the package)."""
+    from vsva.scale.experiments import runner
+    from vsva.scale.sweep import builtin, builtin_names
+
+    for name in builtin_names():
+        sweep = builtin(name)
+        grid = " x ".join(f"{k}[{len(v)}]" for k, v in sweep.vary.items())
+        typer.echo(f"{name:<16} {sweep.description or runner(sweep.runner).DOC}  ({grid}, "
+                   f"repeat {sweep.repeat})")
+
+
+@app.command()
+def run(
+    experiment: Optional[str] = typer.Argument(None, help="A built-in experiment (`vsva scale list`) "
+                                               "or a sweep file SWEEP.toml."),
+    points: Optional[str] = typer.Option(None, "--points", help="Values of the experiment's main "
+                                         "parameter, e.g. 1,2,4."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
+    out: str = typer.Option("results", "--out", help="Results go to OUT/<experiment>/<UTC time>/."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (paths, summary) at the end."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run in DIR."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Run the points on this Ray cluster "
+                                          "(ADDRESS as for ray.init; needs the [cluster] extra)."),
+) -> None:
+    """Run an experiment: every point and repeat from a clean state to its audit."""
+    from vsva.scale import runner
+    from vsva.scale.results import ResultsDir, ResultsError
+    from vsva.scale.sweep import SweepError, narrow, resolve
+
+    argv = ["run", *sys.argv[sys.argv.index("run") + 1:]] if "run" in sys.argv else ["run"]
+    try:
+        if resume:
+            rd = ResultsDir.open(resume)
+            sweep = runner.sweep_of(rd)
+            if experiment and experiment not in (sweep.name, sweep.source):
+                _fail(f"--resume {resume}: that directory holds experiment {sweep.name!r}, not {experiment!r}")
+            if points is not None or repeat is not None or seed is not None:
+                _fail("--resume takes the options the run started with; give no --points/--repeat/--seed")
+        else:
+            if not experiment:
+                _fail("which experiment? give a name from `vsva scale list` or a SWEEP.toml (or --resume DIR)")
+            sweep = narrow(resolve(experiment), points)
+            if repeat is not None:
+                sweep.repeat = repeat
+            if seed is not None:
+                sweep.seed = seed
+            rd = runner.start(sweep, out, argv, {"points": points, "repeat": sweep.repeat,
+                                                 "seed": sweep.seed, "cluster": cluster})
+        if cluster:
+            from vsva.scale.cluster import check_available
+
+            check_available()
+        summary = runner.execute(sweep, rd, cluster=cluster)
+    except (SweepError, ResultsError) as exc:
+        _fail(str(exc))
+    except runner.Interrupted as exc:
+        typer.echo(f"vsva scale: {exc}", err=True)
+        raise typer.Exit(130)
+    except RuntimeError as exc:  # e.g. the cluster cannot be reached
+        _fail(str(exc), 1)
+    if summary.get("plots_note"):
+        typer.echo(f"vsva scale: {summary['plots_note']}", err=True)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    else:
+        typer.echo(summary["summary"])
+        typer.echo(f"results: {summary['dir']}" + (f"; plots: {', '.join(os.path.basename(p) for p in summary['plots'])}"
+                                                    if summary["plots"] else ""))
+    bad = sum(n for s, n in summary["statuses"].items() if s != "ok")
+    raise typer.Exit(1 if bad else 0)
+
+
+def _open(directory: str):
+    from vsva.scale import runner
+    from vsva.scale.results import ResultsDir, ResultsError
+    from vsva.scale.sweep import SweepError
+
+    try:
+        rd = ResultsDir.open(directory)
+        return rd, runner.sweep_of(rd)
+    except (ResultsError, SweepError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def show(directory: str = typer.Argument(..., help="A results directory (or its `latest` link)."),
+         as_json: bool = typer.Option(False, "--json", help="The rows of points.jsonl as one JSON list.")) -> None:
+    """Print a results directory's summary table (rebuilt from points.jsonl)."""
+    from vsva.scale.runner import columns
+
+    rd, sweep = _open(directory)
+    if as_json:
+        typer.echo(json.dumps(rd.rows(), indent=1))
+        return
+    with open(rd.write_summary(*columns(sweep))) as f:
+        typer.echo(f.read())
+
+
+@app.command()
+def plot(directory: str = typer.Argument(..., help="A results directory (or its `latest` link).")) -> None:
+    """Redraw a results directory's PNG plots from its data."""
+    from vsva.scale import plots
+
+    rd, sweep = _open(directory)
+    drawn = plots.draw_all(rd, sweep)
+    if drawn.get("note"):
+        _fail(drawn["note"], 1)
+    for path in drawn["plots"]:
+        typer.echo(path)

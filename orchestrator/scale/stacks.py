@@ -1,0 +1,158 @@
+"""Running host stacks: one in this process, several at once as child processes, and the check
+that a stack left nothing behind.
+
+A point with `hosts = H` is H independent host stacks (host, kvm, vdcm and their VMs), each
+with its own run directory and shared memory, started together. Locally each stack is a
+child process (`python -m vsva.scale.stacks SPEC.json`) in its own session, so a Ctrl-C
+reaches only the runner, which forwards SIGINT to every stack and waits for them to clean
+up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
+
+Residue: every stack's launchers put their run directories under the stack's own base
+directory, so after the stack the runner knows exactly what could be left: a process whose
+command line names that directory, a run directory, or the shared-memory file
+/dev/shm/vsva-<run id>.mem of one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from vsva.scale.experiments import PointContext, PointTimeout, StackResult, runner
+
+GRACE_S = 10.0  # after the deadline, before a stack process is killed
+
+
+def run_stack_spec(spec: dict[str, Any], on_phase: Callable[[str], None] = lambda p: None) -> dict[str, Any]:
+    """Run one stack described by `spec` (runner, params, seed, timeout, base_dir, host);
+    returns {"result": StackResult as JSON} or {"timeout": why} or {"error": why}."""
+    mod = runner(spec["runner"])
+    ctx = PointContext(deadline=time.monotonic() + spec["timeout"], base_dir=spec.get("base_dir"),
+                       host=spec.get("host", 0), on_phase=on_phase)
+    try:
+        return {"result": mod.run_stack(spec["params"], spec["seed"], ctx).to_json()}
+    except PointTimeout as exc:
+        return {"timeout": str(exc)}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a runner bug or a launch failure: recorded, never fatal to the sweep
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}
+
+
+def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the stacks of one point: one in this process, several as child processes at once."""
+    if len(specs) == 1:
+        return [run_stack_spec(specs[0], on_phase)]
+    procs = []
+    tmp = tempfile.mkdtemp(prefix="vsva-stacks-")
+    try:
+        for i, spec in enumerate(specs):
+            path = os.path.join(tmp, f"stack{i}.json")
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            procs.append(subprocess.Popen([sys.executable, "-m", "vsva.scale.stacks", path],
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        on_phase(f"{len(specs)} host stacks running")
+        _wait_all(procs, specs[0]["timeout"] + GRACE_S)
+        out = []
+        for i, proc in enumerate(procs):
+            try:
+                with open(os.path.join(tmp, f"stack{i}.json.out")) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                out.append({"error": f"host stack {i} exited with {proc.returncode} and no result"})
+        return out
+    except BaseException:
+        _interrupt_all(procs)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5.0)
+
+
+def _interrupt_all(procs: list[subprocess.Popen]) -> None:
+    """Ctrl-C: every stack cleans itself up on SIGINT; one that does not in time is killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    _wait_all(procs, GRACE_S)
+
+
+def residue(base_dir: str) -> list[str]:
+    """What a stack left behind under `base_dir` (processes, run directories, shared memory);
+    each is removed (processes killed) and named in the returned list."""
+    found = []
+    for pid in _processes_naming(base_dir):
+        found.append(f"process {pid}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        entries = os.listdir(base_dir)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        path = os.path.join(base_dir, entry)
+        if entry.startswith("vsva-"):
+            shm = f"/dev/shm/{entry}.mem"
+            if os.path.exists(shm):
+                found.append(shm)
+                os.unlink(shm)
+            socks = [e for e in os.listdir(path) if e.endswith(".sock")] if os.path.isdir(path) else []
+            found.append(f"run directory {path}" + (f" ({len(socks)} sockets)" if socks else ""))
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    return found
+
+
+def _processes_naming(base_dir: str) -> list[int]:
+    needle = base_dir.encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def result_of(outcome: dict[str, Any]) -> StackResult | None:
+    return StackResult.from_json(outcome["result"]) if "result" in outcome else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A host stack in a child process: read the spec file, write `<spec>.out`."""
+    path = (argv or sys.argv[1:])[0]
+    with open(path) as f:
+        spec = json.load(f)
+    try:
+        outcome = run_stack_spec(spec)
+    except KeyboardInterrupt:
+        return 130
+    with open(path + ".out", "w") as f:
+        json.dump(outcome, f, default=repr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
