@@ -419,17 +419,18 @@ def bind_latency(g: Guest) -> Generator[Any, Any, None]:
     proc = g.kernel.spawn(1)
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     pasid = yield from g.alloc_pasid(proc, pf)
-    latencies = []
+    latencies, starts = [], []
     for _ in range(int(g.config.get("iterations", 100))):
         started = g.now
         reply = yield from g.bind(proc, pf, pasid)
         latencies.append(g.now - started)
+        starts.append(started)
         if reply["ret"]:
             break
         yield from g.unbind(proc, pf, pasid)
     yield from g.free(proc, pf, pasid)
     g.steps.append({"flow": "bench", "what": "bind latencies", "ok": True, "ret": 0, "check": True,
-                    "latencies": latencies})
+                    "latencies": latencies, "starts": starts})
 
 
 def dma_loop(g: Guest) -> Generator[Any, Any, None]:
@@ -458,14 +459,15 @@ def dma_loop(g: Guest) -> Generator[Any, Any, None]:
 
 
 def bind_many(g: Guest) -> Generator[Any, Any, None]:
-    """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them."""
+    """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them: on the
+    passthrough function, or with config bind_on = "mdev" on an mdev of the shared accelerator."""
     proc = g.kernel.spawn(1)
-    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    dev = sorted(g.mdevs)[0] if g.config.get("bind_on") == "mdev" else next(d for d in g.pasid_dirs if d not in g.mdevs)
     for _ in range(int(g.config.get("iterations", 16))):
-        pasid = yield from g.alloc_pasid(proc, pf)
+        pasid = yield from g.alloc_pasid(proc, dev)
         if not pasid:
             return
-        yield from g.bind(proc, pf, pasid)
+        yield from g.bind(proc, dev, pasid)
 
 
 def fault_loop(g: Guest) -> Generator[Any, Any, None]:
@@ -530,3 +532,7 @@ def churn(g: Guest) -> Generator[Any, Any, None]:
 
 WORKLOADS = {"demo": run_demo, "fault_loop": fault_loop, "bind_latency": bind_latency, "dma_loop": dma_loop,
              "bind_many": bind_many, "churn": churn}
+
+from vsva.actors.scale_workloads import SCALE_WORKLOADS  # noqa: E402 (they compose the above)
+
+WORKLOADS.update(SCALE_WORKLOADS)

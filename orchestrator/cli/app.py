@@ -40,6 +40,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   epilog="Exit codes: " + "; ".join(f"{c} {w}" for c, w in EXIT_CODES.items()) + ".")
 
 
+def _scale() -> typer.Typer:
+    from vsva.scale.cli import app as scale
+
+    return scale
+
+
+app.add_typer(_scale(), name="scale")
+
+
 Workload = StrEnum("Workload", {name: name for name in sorted(WORKLOADS)})  # type: ignore[misc]
 
 

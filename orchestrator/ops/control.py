@@ -16,7 +16,8 @@ public `run_task`.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
@@ -106,21 +107,29 @@ class Controller(Orchestrator):
     audit again, shut down. The outcome is `result` (None until the session ends)."""
 
     def __init__(self, topology: Topology, *, shutdown: bool = True, stop_vms: bool = True,
-                 env: ActorEnv | None = None):
+                 env: ActorEnv | None = None, on_phase: Callable[[str], None] | None = None,
+                 workload_timeout: float = WORKLOAD_TIMEOUT):
         super().__init__(topology, env)
         self.shutdown_at_end = shutdown
         self.stop_at_end = stop_vms
+        self.on_phase = on_phase
+        self.workload_timeout = workload_timeout
         self.result: dict[str, Any] | None = None
 
     def on_start(self):
         vms = self.topology.vms
+        self.mark("started")
         started = yield from self.boot(vms)
-        runs = yield from self.workloads([vm for vm in vms if started[vm]["ret"] == 0])
+        self.mark("booted")
+        runs = yield from self.workloads([vm for vm in vms if started[vm]["ret"] == 0], self.workload_timeout)
+        self.mark("worked")
         live = yield from self.audit_live()
         violations = live["violations"]
+        self.mark("audited")
         stopped: dict[int, Any] = {}
         if self.stop_at_end:
             stopped = yield from self.stop_vms(vms)
+            self.mark("stopped")
             after = yield from self.audit_live()
             violations += [v for v in after["violations"] if v not in violations]
         self.result = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional
 
 import typer
@@ -38,6 +37,8 @@ def run(
                                                "or a sweep file SWEEP.toml."),
     points: Optional[str] = typer.Option(None, "--points", help="Values of the experiment's main "
                                          "parameter, e.g. 1,2,4."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: fix a parameter "
+                                                 "for every point (repeatable)."),
     repeat: Optional[int] = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
     out: str = typer.Option("results", "--out", help="Results go to OUT/<experiment>/<UTC time>/."),
@@ -48,39 +49,43 @@ def run(
 ) -> None:
     """Run an experiment: every point and repeat from a clean state to its audit."""
     from vsva.scale import runner
+    from vsva.scale.cluster import ClusterError, connect
     from vsva.scale.results import ResultsDir, ResultsError
-    from vsva.scale.sweep import SweepError, narrow, resolve
+    from vsva.scale.sweep import SweepError, fix, narrow, resolve
 
-    argv = ["run", *sys.argv[sys.argv.index("run") + 1:]] if "run" in sys.argv else ["run"]
+    argv = ["run", experiment or "", *(["--points", points] if points else []),
+            *[a for item in settings or [] for a in ("--set", item)],
+            *(["--repeat", str(repeat)] if repeat else []), *(["--seed", str(seed)] if seed is not None else []),
+            *(["--cluster", cluster] if cluster else [])]
     try:
         if resume:
             rd = ResultsDir.open(resume)
             sweep = runner.sweep_of(rd)
             if experiment and experiment not in (sweep.name, sweep.source):
                 _fail(f"--resume {resume}: that directory holds experiment {sweep.name!r}, not {experiment!r}")
-            if points is not None or repeat is not None or seed is not None:
-                _fail("--resume takes the options the run started with; give no --points/--repeat/--seed")
+            if points is not None or repeat is not None or seed is not None or settings:
+                _fail("--resume takes the options the run started with; give no --points/--set/--repeat/--seed")
+            rd.repair()
         else:
             if not experiment:
                 _fail("which experiment? give a name from `vsva scale list` or a SWEEP.toml (or --resume DIR)")
-            sweep = narrow(resolve(experiment), points)
+            sweep = fix(narrow(resolve(experiment), points), settings)
             if repeat is not None:
                 sweep.repeat = repeat
             if seed is not None:
                 sweep.seed = seed
-            rd = runner.start(sweep, out, argv, {"points": points, "repeat": sweep.repeat,
-                                                 "seed": sweep.seed, "cluster": cluster})
-        if cluster:
-            from vsva.scale.cluster import check_available
-
-            check_available()
+            if cluster:
+                connect(cluster)  # before anything is written: a bad address leaves no results directory
+            rd = runner.start(sweep, out, argv, {"points": points, "set": settings or [],
+                                                 "repeat": sweep.repeat, "seed": sweep.seed,
+                                                 "cluster": cluster})
         summary = runner.execute(sweep, rd, cluster=cluster)
     except (SweepError, ResultsError) as exc:
         _fail(str(exc))
     except runner.Interrupted as exc:
         typer.echo(f"vsva scale: {exc}", err=True)
-        raise typer.Exit(130)
-    except RuntimeError as exc:  # e.g. the cluster cannot be reached
+        raise typer.Exit(130) from None
+    except ClusterError as exc:
         _fail(str(exc), 1)
     if summary.get("plots_note"):
         typer.echo(f"vsva scale: {summary['plots_note']}", err=True)

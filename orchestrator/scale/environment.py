@@ -48,3 +48,9 @@ def environment() -> dict[str, Any]:
             "libzmq": zmq.zmq_version(), "msgpack": ".".join(map(str, msgpack.version)),
             "hotpath": hotpath.IMPLEMENTATION, "git": git_commit(), "node": platform.node(),
             "executable": sys.executable}
+
+
+def sample() -> dict[str, Any]:
+    """The environment plus the machine's 1-minute load average now (a loaded machine's
+    figures are not comparable with an idle one's; the row says which it was)."""
+    return {**environment(), "load1": round(os.getloadavg()[0], 2)}

@@ -123,7 +123,7 @@ def lines(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], _series: Any, pa
         ax.set_ylabel(plot.ylabel)
         if plot.logx:
             ax.set_xscale("log", base=2)
-        if plot.logy:
+        if plot.logy and _positive(ax):
             ax.set_yscale("log")
         if any(keys) or any(r["status"] != "ok" for r in rows):
             ax.legend(fontsize=7)
@@ -134,6 +134,11 @@ def lines(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], _series: Any, pa
     fig.suptitle((plot.title or f"{sweep.name}: {plot.name}") + (f" ({where})" if where else ""), fontsize=11)
     _save(fig, path)
     return True
+
+
+def _positive(ax) -> bool:
+    """A log scale needs data above zero (a panel of failed runs only may have none)."""
+    return any(v > 0 for line in ax.get_lines() for v in line.get_ydata() if v is not None)
 
 
 def _key(x: Any) -> Any:
@@ -185,7 +190,7 @@ def timeline(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], series_rows: 
                      color="black" if not status else "red")
         ax.set_xlabel("s since the run started")
         ax.set_ylabel(plot.ylabel)
-        if plot.logy:
+        if plot.logy and _positive(ax):
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 ROW_KEYS = ("experiment", "runner", "point", "point_id", "repeat", "seed", "params", "metrics",
             "status", "reason", "audit", "hosts", "per_host", "elapsed_s", "started", "env")
 AUDIT_KEYS = ("ran", "ok", "violations", "invariants", "first")
-ENV_KEYS = ("cpu", "cores", "python", "pyzmq", "libzmq", "msgpack", "hotpath", "git", "node")
+ENV_KEYS = ("cpu", "cores", "python", "pyzmq", "libzmq", "msgpack", "hotpath", "git", "node", "load1")
 STATUSES = ("ok", "failed", "timeout", "leaked", "refused")
 FIXED_COLUMNS = ("experiment", "point", "point_id", "repeat", "seed")
 TAIL_COLUMNS = ("status", "reason", "audit_ran", "audit_ok", "audit_violations", "audit_invariants",
@@ -51,19 +51,8 @@ def utc_iso(t: float | None = None) -> str:
 
 
 def rerun_command(argv: list[str]) -> str:
-    """The shell line that runs the same experiment again (without --resume and --out)."""
-    out, skip = ["vsva", "scale"], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--resume", "--out"):
-            skip = True
-            continue
-        if arg.startswith(("--resume=", "--out=")):
-            continue
-        out.append(arg)
-    return shlex.join(out)
+    """The shell line that runs the same experiment again (`argv`: what follows `vsva scale`)."""
+    return shlex.join(["vsva", "scale", *argv])
 
 
 @dataclass
@@ -105,6 +94,18 @@ class ResultsDir:
             raise ResultsError(f"{path}: not a results directory (no run.json)")
         rd.meta()  # parses, or raises
         return rd
+
+    def repair(self) -> None:
+        """Drop a last row cut short by a kill, so that rows appended next start on a line."""
+        for name in ("points.jsonl", "series.jsonl"):
+            path = os.path.join(self.path, name)
+            try:
+                with open(path, "rb+") as f:
+                    data = f.read()
+                    if data and not data.endswith(b"\n"):
+                        f.truncate(data.rfind(b"\n") + 1)
+            except FileNotFoundError:
+                pass
 
     def meta(self) -> dict[str, Any]:
         try:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vsva.scale import plots as plotting
-from vsva.scale.environment import environment
+from vsva.scale.environment import environment, sample
 from vsva.scale.experiments import StackResult, runner
 from vsva.scale.progress import Progress
 from vsva.scale.results import ResultsDir, utc_iso
 from vsva.scale.stacks import residue, result_of, run_local
-from vsva.scale.sweep import Sweep, loads, narrow, run_seed
+from vsva.scale.sweep import Sweep, fix, loads, narrow, run_seed
 
 
 @dataclass
@@ -61,7 +61,14 @@ def stack_specs(sweep: Sweep, run: Run, base_dir: str | None) -> list[dict[str, 
     hosts = int(run.params.get("hosts", 1))
     return [{"runner": sweep.runner, "params": run.params, "seed": run.seed + h, "host": h,
              "timeout": sweep.timeout,
-             "base_dir": os.path.join(base_dir, f"h{h}") if base_dir else None} for h in range(hosts)]
+             "base_dir": os.path.join(base_dir, str(h)) if base_dir else None} for h in range(hosts)]
+
+
+def short_tmp() -> str:
+    """Where a run's directories go: ipc socket paths must stay under 107 bytes, so a long
+    $TMPDIR gives way to /tmp."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) <= 40 else "/tmp"
 
 
 def aggregate(sweep: Sweep, results: list[StackResult]) -> dict[str, Any]:
@@ -142,7 +149,7 @@ def run_one(sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str
     why = runner(sweep.runner).refuse(run.params)
     if why:
         return refused_row(sweep, run, why, env), {}
-    base = tempfile.mkdtemp(prefix="vsva-scale-")
+    base = tempfile.mkdtemp(prefix="vsva-s", dir=short_tmp())
     specs = stack_specs(sweep, run, base)
     for spec in specs:
         os.makedirs(spec["base_dir"])
@@ -152,7 +159,7 @@ def run_one(sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str
     finally:
         left = [x for spec in specs for x in residue(spec["base_dir"])]
         shutil.rmtree(base, ignore_errors=True)
-    return make_row(sweep, run, outcomes, left, started, time.monotonic() - t0, env)
+    return make_row(sweep, run, outcomes, left, started, time.monotonic() - t0, {**env, **sample()})
 
 
 class _SigintOnce:
@@ -231,9 +238,10 @@ def sweep_of(rd: ResultsDir) -> Sweep:
     meta = rd.meta()
     sweep = loads(rd.sweep_text(), os.path.join(rd.path, "sweep.toml"))
     opts = meta.get("options", {})
-    narrow(sweep, opts.get("points"))
+    fix(narrow(sweep, opts.get("points")), opts.get("set"))
     sweep.repeat = opts.get("repeat") or sweep.repeat
-    sweep.seed = opts.get("seed", sweep.seed) if opts.get("seed") is not None else sweep.seed
+    if opts.get("seed") is not None:
+        sweep.seed = opts["seed"]
     return sweep
 
 

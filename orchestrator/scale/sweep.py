@@ -146,17 +146,19 @@ def check_value(where: str, param: Param, value: Any) -> Any:
     return value
 
 
-def parse_value(param: Param, text: str) -> Any:
+def parse_value(param: Param, text: str, where: str = "--points") -> Any:
     """A value given on the command line (`--points 1,2,4`), as the parameter's type."""
     text = text.strip()
     try:
+        if param.type is str:
+            return text
         if param.type is bool:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(text)
             return text.lower() in ("true", "1")
         return param.type(text)
     except ValueError:
-        raise SweepError(f"--points: {text!r} is not a{'n' if param.type is int else ''} "
+        raise SweepError(f"{where}: {text!r} is not a{'n' if param.type is int else ''} "
                          f"{_type_name(param.type)}") from None
 
 
@@ -301,4 +303,24 @@ def narrow(sweep: Sweep, points: str | None) -> Sweep:
         raise SweepError("--points: no values given")
     sweep.vary[sweep.points] = [check_value(f"--points ({sweep.points})", param, v) for v in values]
     _check_size(sweep)
+    return sweep
+
+
+def fix(sweep: Sweep, settings: list[str] | None) -> Sweep:
+    """Apply `--set KEY=VALUE` options: the parameter is fixed at VALUE for every point (a
+    varied parameter stops varying)."""
+    mod = runner(sweep.runner)
+    for item in settings or []:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise SweepError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in mod.PARAMS:
+            raise SweepError(f"--set {key}: runner {sweep.runner!r} has no parameter {key!r}; "
+                             f"valid: {', '.join(mod.PARAMS)}")
+        value = parse_value(mod.PARAMS[key], text, f"--set {key}")
+        sweep.params[key] = check_value(f"--set {key}", mod.PARAMS[key], value)
+        sweep.vary.pop(key, None)
+        if sweep.points == key:
+            sweep.points = ""
     return sweep

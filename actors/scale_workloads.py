@@ -1,0 +1,56 @@
+"""Workloads the scale experiments compose (`vsva scale`, orchestrator/scale/experiments).
+
+phases     run other workloads one after another, config "phases" = [[name, iterations], ...],
+           recording each phase's start and end on the guest's clock (t0, t1) and the epoch
+           time at its start (wall0): actor clocks are per process, so that pair is what lets
+           an experiment put every guest's times (phases, bind starts) on one time line.
+inv_flood  the noisy neighbour: bind one PASID on the passthrough function and issue
+           `iterations` whole-PASID IOTLB + device-TLB invalidations (F3 without an address),
+           each followed by a wait, back to back; their latencies are recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Generator
+
+from vsva.actors.base import Call
+
+
+def phases(g: Any) -> Generator[Any, Any, None]:
+    from vsva.actors.guest import WORKLOADS
+
+    saved = g.config.get("iterations")
+    for name, iterations in g.config.get("phases", []):
+        g.config["iterations"] = iterations
+        t0, wall0, first = g.now, time.time(), len(g.steps)
+        yield from WORKLOADS[name](g)
+        failed = sum(1 for s in g.steps[first:] if not s["ok"])
+        g.steps.append({"flow": "bench", "what": "phase", "ok": True, "ret": 0, "check": True,
+                        "phase": name, "t0": t0, "t1": g.now, "wall0": wall0, "steps": len(g.steps) - first,
+                        "failed": failed})
+    g.config["iterations"] = saved
+
+
+def inv_flood(g: Any) -> Generator[Any, Any, None]:
+    proc = g.kernel.spawn(1)
+    pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
+    pasid = yield from g.alloc_pasid(proc, pf)
+    if not pasid or (yield from g.bind(proc, pf, pasid))["ret"]:
+        return
+    latencies = []
+    for _ in range(int(g.config.get("iterations", 100))):
+        started = g.now
+        reply = yield Call(g.vmm, "qi_submit", {"descs": [{"type": "piotlb", "dev": pf, "pasid": pasid},
+                                                           {"type": "dev_iotlb", "dev": pf, "pasid": pasid},
+                                                           {"type": "wait"}]}, flow=g.flow_tag("F3"))
+        latencies.append(g.now - started)
+        if not g.step("F3", f"pid 1 whole-PASID flush {pf} PASID {pasid}", reply):
+            break
+    g.steps.append({"flow": "bench", "what": "invalidation latencies", "ok": True, "ret": 0,
+                    "check": True, "latencies": latencies})
+    yield from g.unbind(proc, pf, pasid)
+    yield from g.free(proc, pf, pasid)
+
+
+SCALE_WORKLOADS = {"phases": phases, "inv_flood": inv_flood}

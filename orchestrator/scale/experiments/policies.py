@@ -1,0 +1,226 @@
+"""The free-before-unbind policies under churn and a VMM kill (SPEC §4), with numbers.
+
+A point launches one host and 2 + `churn_vms` VMs. VM 1 binds `pasids` PASIDs (on an mdev
+of the accelerator every VM shares, `bind_on`) and keeps them; then VM 2 starts `other_binds` bind/unbind cycles (the
+other VMs' bind latency) and each churn VM frees bound PASIDs of the shared accelerator's
+mdevs over and over (workload `churn`). `kill_after_s` later VM 1's vmm and guest are
+SIGKILLed; the host notices the vmm's death on its own and tears VM 1 down (F8) under the
+run's policy. The probe polls the host's pool (`pool_status`) until VM 1's teardown has
+finished and no PASID is still reclaiming, noting the largest reclaim backlog it saw. When
+the other workloads are done: the audit on the live topology, the survivors stopped, the
+audit again; quarantined PASIDs count as leaks (I4), as in the supervisor's audit. With
+`kill_subscriber` a notifier subscriber (kvm or vdcm) dies just before the vmm and is not
+restarted, so no FREE of the teardown is ever acknowledged: under ordered and reclaim the
+PASIDs are quarantined (a leak, never a reuse), under naive they are reused at once.
+
+Over FIFO links between processes naive's hazard (a freed, still-bound PASID reused before
+its deferred cleanup ran) shows as an occasional failed DMA of a churn VM, which makes the
+run `failed`; the deterministic runtime (`vsva explore`) finds it for every seed.
+
+teardown_ms counts from the SIGKILL to the poll that saw the teardown done (polls every
+POLL_S); host_teardown_ms is the host's own record of it (death seen -> every PASID
+released). The other VM's binds are split by their start time: inside the window from the
+kill to the end of the teardown, or outside it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vsva.actors.base import Call, Gather, Wait
+from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
+from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, workload_failures
+
+DOC = "naive / ordered / reclaim under churn and a VMM kill: teardown, reclaim backlog, violations, leaks, others' bind latency"
+PROCESSES = True
+POLL_S = 0.002
+KILLED = 1
+OTHER = 2
+
+PARAMS = {
+    "policy": Param(str, "reclaim", "free-before-unbind cleanup policy", choices=("naive", "ordered", "reclaim")),
+    "pasids": Param(int, 64, "PASIDs VM 1 has bound when its vmm is killed", range=(1, 16384)),
+    "kill": Param(bool, True, "SIGKILL VM 1's vmm and guest (false: a run without the fault)"),
+    "kill_subscriber": Param(str, "", "also SIGKILL this notifier subscriber just before the vmm "
+                             "(never restarted: its FREE acknowledgements never come)", choices=("", "kvm", "vdcm")),
+    "bind_on": Param(str, "mdev", "where VM 1 binds: an mdev of the accelerator the churn VMs share, "
+                     "or its own passthrough function", choices=("mdev", "pf")),
+    "churn_vms": Param(int, 1, "VMs freeing bound PASIDs over and over meanwhile", range=(0, 16)),
+    "churn_rounds": Param(int, 40, "alloc/bind/DMA/free rounds per churn VM", range=(1, 100_000)),
+    "other_binds": Param(int, 300, "VM 2's bind/unbind cycles", range=(1, 100_000)),
+    "kill_after_s": Param(float, 0.2, "from the other workloads' start to the kill", range=(0.0, 60.0)),
+    "hosts": Param(int, 1, "independent host stacks run at once", range=(1, 64)),
+}
+METRICS = {
+    "teardown_ms": Metric("ms", "SIGKILL of VM 1's vmm -> teardown done, every PASID released", "max"),
+    "host_teardown_ms": Metric("ms", "the host's own teardown record (death seen -> released)", "max"),
+    "reclaim_backlog_peak": Metric("", "most PASIDs seen reclaiming at once", "max"),
+    "audit_violations": Metric("", "violations the audits found (live, then after stopping)", "sum"),
+    "pasids_leaked": Metric("", "PASIDs of VM 1 still held by the host after its teardown", "sum"),
+    "pasids_quarantined": Metric("", "PASIDs quarantined (a FREE never acknowledged)", "sum"),
+    "other_bind_p50_us": Metric("us", "VM 2's bind latency during the teardown, median", "mean"),
+    "other_bind_p99_us": Metric("us", "VM 2's bind latency during the teardown, 99th percentile", "max"),
+    "other_bind_p50_us_outside": Metric("us", "VM 2's bind latency outside the teardown, median", "mean"),
+    "churn_failed_steps": Metric("", "steps of the churn VMs that failed", "sum"),
+    "bound": Metric("", "PASIDs VM 1 had bound", "sum"),
+}
+SERIES = {"other_bind_us": "VM 2's bind latencies (us) against their start (s since the run started)"}
+
+
+def refuse(params: dict[str, Any]) -> str | None:
+    from vsva.scale.experiments import vms
+
+    total = 2 + params["churn_vms"]
+    limit, where = vms.capacity()
+    return f"refused: {total} VMs exceed the runtime's limit of {limit} ({where})" if total > limit else None
+
+
+class PolicyProbe:
+    """Mixed into the orchestrator's Controller (built in `probe`): the session above."""
+
+    def on_start(self):
+        topo = self.topology
+        vmms, guests = topo.names("vmm"), topo.names("guest")
+        self.mark("started")
+        started = yield Gather([Call(v, "vm_start", {}, flow="boot") for v in vmms])
+        self.mark("booted")
+        self.vm_start = dict(zip(vmms, started))
+        self.works = {}
+        first = f"vm{KILLED}.guest"
+        self.works[first] = yield Call(first, "start_workload", {}, timeout=self.workload_timeout)
+        others = [g for g in guests if g != first]
+        for g in others:
+            self._run(lambda g=g: self._other(g, len(others)), None, "")
+        yield Wait(("kill-after",), timeout=self.params["kill_after_s"])
+        if self.params["kill"]:
+            yield from self._kill_and_watch()
+        if len(self.works) <= len(others):
+            yield Wait(("others",), timeout=self.workload_timeout)
+        self.mark("worked")
+        live = yield from self.snapshot_all()
+        violations = self.audit(live)
+        self.mark("audited")
+        survivors = [v for v in vmms if not (self.params["kill"] and v == f"vm{KILLED}.vmm")]
+        yield Gather([Call(v, "vm_stop", {}, timeout=60.0) for v in survivors])
+        self.mark("stopped")
+        after = yield from self.snapshot_all()
+        violations += [v for v in self.audit(after) if v not in violations]
+        self.result = {"vm_start": self.vm_start, "workloads": self.works, "snapshots": live,
+                       "after": after, "violations": violations}
+        yield from self.shutdown_all()
+
+    def _other(self, guest: str, count: int):
+        self.works[guest] = yield Call(guest, "start_workload", {}, timeout=self.workload_timeout)
+        if len(self.works) == count + 1:
+            self.wake(("others",), {"ret": 0})
+
+    def _kill_and_watch(self):
+        self.killed_at = time.time()
+        self.kill_vm(KILLED)
+        end = self.now + self.teardown_timeout
+        while self.now < end:
+            status = yield Call("host", "pool_status", {}, timeout=2.0)
+            self.backlog = max(self.backlog, status.get("reclaiming", 0))
+            done = [t for t in status.get("teardowns", []) if t["vm"] == KILLED and "finished" in t]
+            if done and status.get("reclaiming", 0) == 0:
+                self.torn_down_at = time.time()
+                self.host_record = done[-1]
+                return
+            yield Wait(("poll", self.now), timeout=POLL_S)
+
+
+def probe(topology: Any, params: dict[str, Any], kill_vm, on_phase, timeout: float):
+    from vsva.analysis.audit import audit
+    from vsva.ops.control import Controller
+
+    class Probe(PolicyProbe, Controller):
+        pass
+
+    p = Probe(topology, on_phase=on_phase)
+    p.params, p.kill_vm = params, kill_vm
+    p.workload_timeout, p.teardown_timeout = timeout, min(60.0, timeout)
+    p.killed_at = p.torn_down_at = p.host_record = None
+    p.backlog = 0
+    p.audit = lambda snaps: audit(snaps, topology)
+    return p
+
+
+def topology(params: dict[str, Any], seed: int):
+    from vsva.ops.topology import default_topology
+
+    n = 2 + params["churn_vms"]
+    topo = default_topology(n, seed=seed, policy=params["policy"], workload="phases", iterations=1,
+                            quota=params["pasids"] + 16, ram_pages=512)
+    plan = {1: [["bind_many", params["pasids"]]], 2: [["bind_latency", params["other_binds"]]]}
+    for name in topo.names("guest"):
+        vm = topo.spec(name).config["vm"]
+        topo.spec(name).config["phases"] = plan.get(vm, [["churn", params["churn_rounds"]]])
+    topo.spec(f"vm{KILLED}.guest").config["bind_on"] = params["bind_on"]
+    return topo
+
+
+def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
+    from vsva.ops.launcher import Launcher
+
+    topo = topology(params, seed)
+    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=max(1.0, min(120.0, ctx.check("launch"))))
+    with launcher:
+        ctx.phase(f"launched {len(topo.actors)} processes")
+
+        def kill_vm(vm: int) -> None:
+            if params["kill_subscriber"]:
+                launcher.kill(params["kill_subscriber"])
+                launcher.wait_exit(params["kill_subscriber"], 5.0)
+            ctx.phase(f"killing vm{vm}.vmm")
+            launcher.kill(f"vm{vm}.vmm")
+            launcher.kill(f"vm{vm}.guest")
+
+        p = probe(topo, params, kill_vm, ctx.phase, ctx.check("the session"))
+        if not launcher.run_actor(p, timeout=ctx.check("the session")) or p.result is None:
+            raise PointTimeout(f"timed out after phase {max(p.marks, key=p.marks.get, default='launch')}")
+        launcher.close()
+    return measure(p, params, launcher.t0)
+
+
+def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
+    res = p.result
+    host_after = res["after"].get("host", {})
+    out = StackResult(violations=res["violations"], audit_ran=True, failures=workload_failures(res))
+    quarantined = host_after.get("quarantined", {})
+    if quarantined:  # I4 as the supervisor's audit counts it: a PASID that can never be reused
+        out.violations = out.violations + [{"invariant": "I4", "what": f"{len(quarantined)} PASID(s) "
+                                            "quarantined (leaked)", "actors": ["host"], "vm": None, "pasid": None}]
+    works = res["workloads"]
+    other = works.get(f"vm{OTHER}.guest", {})
+    steps = other.get("steps", [])
+    off = epoch_offset(steps)
+    bind = next(iter(bench_steps({"g": other}, "bind latencies")["g"]), {"latencies": [], "starts": []})
+    window = (p.killed_at, p.torn_down_at) if p.killed_at and p.torn_down_at else None
+    during, outside = [], []
+    for start, lat in zip(bind.get("starts", []), bind["latencies"]):
+        inside = window is not None and off is not None and window[0] <= start + off <= window[1]
+        (during if inside else outside).append(lat * 1e6)
+    churners = [w for g, w in works.items() if g not in (f"vm{KILLED}.guest", f"vm{OTHER}.guest")]
+    leaked = [a for a in host_after.get("ioasids", {}).values() if a.get("vm") == KILLED] if params["kill"] else []
+    record = p.host_record or {}
+    out.metrics = {
+        "teardown_ms": (p.torn_down_at - p.killed_at) * 1e3 if window else None,
+        "host_teardown_ms": (record["finished"] - record["started"]) * 1e3 if record else None,
+        "reclaim_backlog_peak": p.backlog,
+        "audit_violations": len(out.violations),
+        "pasids_leaked": len(leaked),
+        "pasids_quarantined": len(quarantined),
+        "other_bind_p50_us": percentile(during, 0.5),
+        "other_bind_p99_us": percentile(during, 0.99),
+        "other_bind_p50_us_outside": percentile(outside, 0.5),
+        "churn_failed_steps": sum(1 for w in churners for s in w.get("steps", []) if not s.get("ok")),
+        "bound": sum(1 for s in works.get(f"vm{KILLED}.guest", {}).get("steps", []) if s["flow"] == "F2" and s["ok"]),
+    }
+    if window is None and params["kill"]:
+        out.failures.append("VM 1's teardown was not seen to finish")
+    if off is not None and bind["latencies"]:
+        out.series["other_bind_us"] = {
+            "t": [s + off - t0 for s in bind["starts"]], "y": [x * 1e6 for x in bind["latencies"]],
+            "windows": [[window[0] - t0, window[1] - t0, "VMM kill -> teardown done"]] if window else []}
+    return out
