@@ -15,6 +15,7 @@ import time
 from typing import Any, Generator
 
 from vsva.actors.base import Call
+from vsva.actors.catalogue import QiSubmit
 
 
 def phases(g: Any) -> Generator[Any, Any, None]:
@@ -41,9 +42,9 @@ def inv_flood(g: Any) -> Generator[Any, Any, None]:
     latencies = []
     for _ in range(int(g.config.get("iterations", 100))):
         started = g.now
-        reply = yield Call(g.vmm, "qi_submit", {"descs": [{"type": "piotlb", "dev": pf, "pasid": pasid},
-                                                           {"type": "dev_iotlb", "dev": pf, "pasid": pasid},
-                                                           {"type": "wait"}]}, flow=g.flow_tag("F3"))
+        whole = {"dev": pf, "gpasid": pasid}  # no address: every entry of the PASID
+        reply = yield Call(g.vmm, QiSubmit(descs=[{"type": "piotlb", **whole}, {"type": "dev_iotlb", **whole},
+                                                   {"type": "wait"}]), flow=g.flow_tag("F3"))
         latencies.append(g.now - started)
         if not g.step("F3", f"pid 1 whole-PASID flush {pf} PASID {pasid}", reply):
             break

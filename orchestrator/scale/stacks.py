@@ -8,9 +8,9 @@ reaches only the runner, which forwards SIGINT to every stack and waits for them
 up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
 
 Residue: every stack's launchers put their run directories under the stack's own base
-directory, so after the stack the runner knows exactly what could be left: a process whose
-command line names that directory, a run directory, or the shared-memory file
-/dev/shm/vsva-<run id>.mem of one of them.
+directory, so after the stack the runner knows exactly what could be left: a process below
+the runner (an actor, forked or started, or a fork server), a run directory, or the
+shared-memory file /dev/shm/vsva-<run id>.mem of one of them.
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def _interrupt_all(procs: list[subprocess.Popen]) -> None:
 
 
 def residue(base_dir: str) -> list[str]:
-    """What a stack left behind under `base_dir` (processes, run directories, shared memory);
-    each is removed (processes killed) and named in the returned list."""
+    """What a stack left behind: live descendants of this process (actors, fork servers,
+    stack processes) and, under `base_dir`, run directories and their shared memory. Each is
+    removed (processes killed) and named in the returned list."""
     found = []
-    for pid in _processes_naming(base_dir):
-        found.append(f"process {pid}")
+    for pid, cmd in descendants(os.getpid()):
+        found.append(f"process {pid} ({cmd[:80]})")
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -121,19 +122,33 @@ def residue(base_dir: str) -> list[str]:
     return found
 
 
-def _processes_naming(base_dir: str) -> list[int]:
-    needle = base_dir.encode()
-    pids = []
+def descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live (not zombie) process below `root`."""
+    children: dict[int, list[int]] = {}
+    state: dict[int, str] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state[int(entry)] = fields[0]
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if state.get(pid) == "Z":
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-    return pids
+        out.append((pid, cmd))
+    return out
 
 
 def result_of(outcome: dict[str, Any]) -> StackResult | None:

@@ -19,7 +19,8 @@ from typing import Any
 
 from vsva.scale.experiments import Metric, Param, PointContext, StackResult
 from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, phase_window, workload_failures
-from vsva.scale.experiments.vms import refuse as refuse_vms, run_session, topology as vms_topology
+from vsva.scale.experiments.vms import capacity, refuse_topology, run_session
+from vsva.scale.experiments.vms import topology as vms_topology
 
 DOC = "one VM floods invalidations or page faults while the others run: their DMA, hit rates, fault and bind latency"
 PROCESSES = True
@@ -52,7 +53,17 @@ SERIES: dict[str, str] = {}
 
 
 def refuse(params: dict[str, Any]) -> str | None:
-    return refuse_vms({"vms": params["victims"] + 1})
+    limit, where = capacity()
+    if params["victims"] + 1 > limit:
+        return f"refused: {params['victims'] + 1} VMs exceed the runtime's limit of {limit} ({where})"
+    return refuse_topology(topology(params, 0))
+
+
+def topology(params: dict[str, Any], seed: int):
+    noise, victim = plan(params)
+    topo = vms_topology({"vms": params["victims"] + 1, "ram_pages": 1024}, seed, victim)
+    topo.spec(NOISY).config["phases"] = noise
+    return topo
 
 
 def plan(params: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -64,9 +75,7 @@ def plan(params: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
 
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
-    noise, victim = plan(params)
-    topo = vms_topology({"vms": params["victims"] + 1, "ram_pages": 1024}, seed, victim)
-    topo.spec(NOISY).config["phases"] = noise
+    topo = topology(params, seed)
     ctl, _launcher, _sampler, _timings = run_session(topo, ctx)
     res = ctl.result
     out = StackResult(violations=list(res["violations"]), audit_ran=True, failures=workload_failures(res))

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from vsva.actors.base import Call, Gather, Wait
+from vsva.actors.catalogue import PoolStatus, StartWorkload, VmStart, VmStop
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
 from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, workload_failures
 
@@ -73,7 +74,9 @@ def refuse(params: dict[str, Any]) -> str | None:
 
     total = 2 + params["churn_vms"]
     limit, where = vms.capacity()
-    return f"refused: {total} VMs exceed the runtime's limit of {limit} ({where})" if total > limit else None
+    if total > limit:
+        return f"refused: {total} VMs exceed the runtime's limit of {limit} ({where})"
+    return vms.refuse_topology(topology(params, 0))
 
 
 class PolicyProbe:
@@ -83,12 +86,12 @@ class PolicyProbe:
         topo = self.topology
         vmms, guests = topo.names("vmm"), topo.names("guest")
         self.mark("started")
-        started = yield Gather([Call(v, "vm_start", {}, flow="boot") for v in vmms])
+        started = yield Gather([Call(v, VmStart(), flow="boot") for v in vmms])
         self.mark("booted")
         self.vm_start = dict(zip(vmms, started))
         self.works = {}
         first = f"vm{KILLED}.guest"
-        self.works[first] = yield Call(first, "start_workload", {}, timeout=self.workload_timeout)
+        self.works[first] = yield Call(first, StartWorkload(), timeout=self.workload_timeout)
         others = [g for g in guests if g != first]
         for g in others:
             self._run(lambda g=g: self._other(g, len(others)), None, "")
@@ -102,7 +105,7 @@ class PolicyProbe:
         violations = self.audit(live)
         self.mark("audited")
         survivors = [v for v in vmms if not (self.params["kill"] and v == f"vm{KILLED}.vmm")]
-        yield Gather([Call(v, "vm_stop", {}, timeout=60.0) for v in survivors])
+        yield Gather([Call(v, VmStop(), timeout=60.0) for v in survivors])
         self.mark("stopped")
         after = yield from self.snapshot_all()
         violations += [v for v in self.audit(after) if v not in violations]
@@ -111,7 +114,7 @@ class PolicyProbe:
         yield from self.shutdown_all()
 
     def _other(self, guest: str, count: int):
-        self.works[guest] = yield Call(guest, "start_workload", {}, timeout=self.workload_timeout)
+        self.works[guest] = yield Call(guest, StartWorkload(), timeout=self.workload_timeout)
         if len(self.works) == count + 1:
             self.wake(("others",), {"ret": 0})
 
@@ -120,7 +123,7 @@ class PolicyProbe:
         self.kill_vm(KILLED)
         end = self.now + self.teardown_timeout
         while self.now < end:
-            status = yield Call("host", "pool_status", {}, timeout=2.0)
+            status = yield Call("host", PoolStatus(), timeout=2.0)
             self.backlog = max(self.backlog, status.get("reclaiming", 0))
             done = [t for t in status.get("teardowns", []) if t["vm"] == KILLED and "finished" in t]
             if done and status.get("reclaiming", 0) == 0:

@@ -61,16 +61,27 @@ SERIES: dict[str, str] = {}
 
 def capacity() -> tuple[int, str]:
     """The most VMs the process runtime accepts in one topology, and where that limit is set."""
-    from vsva.ops import topology_file
+    from vsva.ops import capacity as cap
 
-    return topology_file.MAX_VMS, "vsva.ops.topology_file.MAX_VMS"
+    return cap.MAX_VMS, "vsva.ops.capacity.MAX_VMS"
+
+
+def refuse_topology(topo: Any) -> str | None:
+    """Why this machine cannot hold `topo` (descriptors, memory, /dev/shm, processes), or None."""
+    from vsva.ops.capacity import CapacityError, check
+
+    try:
+        check(topo)
+    except CapacityError as exc:
+        return f"refused: {exc}"
+    return None
 
 
 def refuse(params: dict[str, Any]) -> str | None:
     limit, where = capacity()
     if params["vms"] > limit:
         return f"refused: {params['vms']} VMs exceed the runtime's limit of {limit} ({where})"
-    return None
+    return refuse_topology(topology(params, 0, []))
 
 
 def topology(params: dict[str, Any], seed: int, phases: list[list[Any]], **kw: Any):

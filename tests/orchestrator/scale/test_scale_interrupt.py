@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from vsva.scale.results import ResultsDir
+from vsva.scale.stacks import descendants
 
 
 def _lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> list[str]:
@@ -32,17 +33,15 @@ def _lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> list[st
     raise AssertionError(f"no {needle!r} within {timeout} s; stderr so far:\n{''.join(seen)}")
 
 
-def _processes_naming(text: str) -> list[str]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd and int(pid) != os.getpid():
-            out.append(f"{pid}: {cmd}")
-    return out
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), None once it is gone or a zombie:
+    a pid that comes back as another process has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def test_sigint_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path):
@@ -64,6 +63,8 @@ def check_interrupt(tmp_path, tmpdir: str) -> None:
         assert len(run_dirs) == 1 and len(glob.glob(os.path.join(run_dirs[0], "*.sock"))) >= 7  # live
         shm = f"/dev/shm/{os.path.basename(run_dirs[0])}.mem"
         assert os.path.exists(shm)
+        below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
+        assert len(below) >= 7  # host, kvm, vdcm, two guests and two vmms (and a fork server)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
     finally:
@@ -72,7 +73,7 @@ def check_interrupt(tmp_path, tmpdir: str) -> None:
             proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted: 1 of 2 runs recorded; resume with `vsva scale run --resume" in err
-    assert _processes_naming(tmpdir) == []
+    assert [pid for pid, t in below.items() if _start_time(pid) == t] == []
     assert os.listdir(tmpdir) == []  # run directories, sockets, the runner's own directories
     assert not os.path.exists(shm)
     rd = ResultsDir.open(str(tmp_path / "results" / "vms" / "latest"))
