@@ -8,7 +8,7 @@ SIGKILLed; the host notices the vmm's death on its own and tears VM 1 down (F8) 
 run's policy. The probe polls the host's pool (`pool_status`) until VM 1's teardown has
 finished and no PASID is still reclaiming, noting the largest reclaim backlog it saw. When
 the other workloads are done: the audit on the live topology, the survivors stopped, the
-audit again; quarantined PASIDs count as leaks (I4), as in the supervisor's audit. With
+audit again; quarantined PASIDs count as leaks (I4), as in every run's live audit. With
 `kill_subscriber` a notifier subscriber (kvm or vdcm) dies just before the vmm and is not
 restarted, so no FREE of the teardown is ever acknowledged: under ordered and reclaim the
 PASIDs are quarantined (a leak, never a reuse), under naive they are reused at once.
@@ -28,8 +28,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vsva.actors.base import Call, Gather, Wait
-from vsva.actors.catalogue import PoolStatus, StartWorkload, VmStart, VmStop
+from vsva.actors.base import Call, Wait
+from vsva.actors.catalogue import PoolStatus
+from vsva.ops.topology import guest_name, vmm_name
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
 from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, workload_failures
 
@@ -80,41 +81,38 @@ def refuse(params: dict[str, Any]) -> str | None:
 
 
 class PolicyProbe:
-    """Mixed into the orchestrator's Controller (built in `probe`): the session above."""
+    """Mixed into the run engine's Orchestrator (built in `probe`): the session above, from
+    the engine's steps (boot, workload, audit_live with its quarantine leaks, stop_vms)."""
 
     def on_start(self):
-        topo = self.topology
-        vmms, guests = topo.names("vmm"), topo.names("guest")
+        vms = self.topology.vms
         self.mark("started")
-        started = yield Gather([Call(v, VmStart(), flow="boot") for v in vmms])
+        started = yield from self.boot(vms)
         self.mark("booted")
-        self.vm_start = dict(zip(vmms, started))
-        self.works = {}
-        first = f"vm{KILLED}.guest"
-        self.works[first] = yield Call(first, StartWorkload(), timeout=self.workload_timeout)
-        others = [g for g in guests if g != first]
-        for g in others:
-            self._run(lambda g=g: self._other(g, len(others)), None, "")
+        self.works = {KILLED: (yield from self.workload(KILLED, self.workload_timeout))}
+        others = [vm for vm in vms if vm != KILLED]
+        for vm in others:
+            self._run(lambda vm=vm: self._other(vm, len(others)), None, "")
         yield Wait(("kill-after",), timeout=self.params["kill_after_s"])
         if self.params["kill"]:
             yield from self._kill_and_watch()
         if len(self.works) <= len(others):
             yield Wait(("others",), timeout=self.workload_timeout)
         self.mark("worked")
-        live = yield from self.snapshot_all()
-        violations = self.audit(live)
+        live = yield from self.audit_live()
+        violations = live["violations"]
         self.mark("audited")
-        survivors = [v for v in vmms if not (self.params["kill"] and v == f"vm{KILLED}.vmm")]
-        yield Gather([Call(v, VmStop(), timeout=60.0) for v in survivors])
+        yield from self.stop_vms([vm for vm in vms if not (self.params["kill"] and vm == KILLED)])
         self.mark("stopped")
-        after = yield from self.snapshot_all()
-        violations += [v for v in self.audit(after) if v not in violations]
-        self.result = {"vm_start": self.vm_start, "workloads": self.works, "snapshots": live,
-                       "after": after, "violations": violations}
+        after = yield from self.audit_live()
+        violations += [v for v in after["violations"] if v not in violations]
+        self.result = {"vm_start": {vmm_name(vm): r for vm, r in started.items()},
+                       "workloads": {guest_name(vm): r for vm, r in self.works.items()},
+                       "snapshots": live["snapshots"], "after": after["snapshots"], "violations": violations}
         yield from self.shutdown_all()
 
-    def _other(self, guest: str, count: int):
-        self.works[guest] = yield Call(guest, StartWorkload(), timeout=self.workload_timeout)
+    def _other(self, vm: int, count: int):
+        self.works[vm] = yield from self.workload(vm, self.workload_timeout)
         if len(self.works) == count + 1:
             self.wake(("others",), {"ret": 0})
 
@@ -134,18 +132,17 @@ class PolicyProbe:
 
 
 def probe(topology: Any, params: dict[str, Any], kill_vm, on_phase, timeout: float):
-    from vsva.analysis.audit import audit
-    from vsva.ops.control import Controller
+    from vsva.ops.control import Orchestrator
 
-    class Probe(PolicyProbe, Controller):
+    class Probe(PolicyProbe, Orchestrator):
         pass
 
-    p = Probe(topology, on_phase=on_phase)
+    p = Probe(topology)
+    p.on_phase, p.result = on_phase, None
     p.params, p.kill_vm = params, kill_vm
     p.workload_timeout, p.teardown_timeout = timeout, min(60.0, timeout)
     p.killed_at = p.torn_down_at = p.host_record = None
     p.backlog = 0
-    p.audit = lambda snaps: audit(snaps, topology)
     return p
 
 
@@ -191,9 +188,6 @@ def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
     host_after = res["after"].get("host", {})
     out = StackResult(violations=res["violations"], audit_ran=True, failures=workload_failures(res))
     quarantined = host_after.get("quarantined", {})
-    if quarantined:  # I4 as the supervisor's audit counts it: a PASID that can never be reused
-        out.violations = out.violations + [{"invariant": "I4", "what": f"{len(quarantined)} PASID(s) "
-                                            "quarantined (leaked)", "actors": ["host"], "vm": None, "pasid": None}]
     works = res["workloads"]
     other = works.get(f"vm{OTHER}.guest", {})
     steps = other.get("steps", [])
