@@ -45,6 +45,15 @@ class Orchestrator(Actor):
     def __init__(self, topology: Topology, env: ActorEnv | None = None):
         super().__init__(ORCH, env or ActorEnv(config=orch_config(topology), seed=topology.seed))
         self.topology = topology
+        self.marks: dict[str, float] = {}  # phase -> time.monotonic() when it ended
+        self.on_phase: Callable[[str], None] | None = None
+
+    def mark(self, phase: str) -> None:
+        """Note that a phase of the run (started, booted, worked, audited, stopped) ended and
+        tell `on_phase` (the scale experiments time phases and sample processes there)."""
+        self.marks[phase] = time.monotonic()
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def boot(self, vms: list[int]):
         """vm_start on each VM's vmm, `POWER_ON_WINDOW` at a time; returns {vm: reply}."""
