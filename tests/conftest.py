@@ -19,19 +19,25 @@ from typing import Any
 
 import pytest
 
+from vsva.actors.catalogue import DevSubmit, MdevSubmit, Message, QiSubmit, VcmdAlloc, VmInfo, VmStart
 from vsva.actors.guest import GuestKernel, Process
 from vsva.actors.memory import GuestRam, PasidDirectory
-from vsva.actors.catalogue import DevSubmit, MdevSubmit, Message, QiSubmit, VcmdAlloc, VmInfo, VmStart
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD
 from vsva.hotpath.layout import (
-    ADDR_MASK, FL_P, FL_RW, FL_US, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry,
+    ADDR_MASK,
+    FL_P,
+    FL_RW,
+    FL_US,
+    PASID_DIR_FRAMES,
+    PGTT_FIRST_ONLY,
+    encode_pasid_entry,
 )
 from vsva.ops.config import Runtime
 from vsva.ops.control import Controller
 from vsva.ops.demo import run_session
-from vsva.runtime.sim import SimRuntime
 from vsva.ops.topology import default_topology, guest_name, vmm_name
+from vsva.runtime.sim import SimRuntime
 
 _IDS = itertools.count(1 << 40)
 

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from enum import StrEnum
-from typing import Optional
 
 import typer
 
@@ -64,7 +63,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it."""
 
 
-def _writable_dir(value: Optional[str]) -> Optional[str]:
+def _writable_dir(value: str | None) -> str | None:
     """--trace-out: create the directory now and prove it takes a file, before any run."""
     import tempfile
 
@@ -87,7 +86,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
     runtime: Runtime = typer.Option(Runtime.PROCESSES, "--runtime",
                                 help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process."),
-    trace_out: Optional[str] = typer.Option(None, "--trace-out", callback=_writable_dir,
+    trace_out: str | None = typer.Option(None, "--trace-out", callback=_writable_dir,
                                             help="Also write trace.jsonl, trace.perfetto.json and the "
                                                  "sequence diagrams into this directory."),
     policy: Policy = typer.Option(RUN.policy, "--policy",
@@ -100,10 +99,10 @@ def demo(
     iterations: int = typer.Option(DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
-    from vsva.ops.demo import demo as run_demo, render
     from vsva.analysis.export import write_all
-
     from vsva.ops.capacity import CapacityError
+    from vsva.ops.demo import demo as run_demo
+    from vsva.ops.demo import render
 
     try:
         session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
@@ -193,7 +192,7 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
-def _state_dir_option(value: Optional[str]) -> Optional[str]:
+def _state_dir_option(value: str | None) -> str | None:
     """--state-dir (or $VSVA_STATE_DIR): a directory this user can write, created 0700."""
     if value is None:
         return None
@@ -210,7 +209,7 @@ STATE_DIR = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR", callback=
                          help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID).")
 
 
-def _state_file(state_dir: Optional[str]) -> str:
+def _state_file(state_dir: str | None) -> str:
     from vsva.ops.supervisor import state_path
 
     try:
@@ -237,7 +236,7 @@ def _parse_state(path: str) -> dict:
     return state
 
 
-def _read_state(state_dir: Optional[str]) -> dict:
+def _read_state(state_dir: str | None) -> dict:
     path = _state_file(state_dir)
     try:
         return _parse_state(path)
@@ -278,14 +277,14 @@ def _ctl(state: dict, op: str, timeout: float = 20.0, **body) -> dict:
         sock.close(0)
 
 
-def _load_run(topology: Optional[str]):
+def _load_run(topology: str | None):
     from vsva.ops.topology_file import TopologyError, default_run, load
 
     try:
         return load(topology) if topology else default_run()
     except TopologyError as exc:
         typer.echo(f"vsva: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def _ps_table(status: dict):
@@ -308,9 +307,9 @@ def _ps_table(status: dict):
 
 @app.command()
 def up(
-    topology: Optional[str] = typer.Argument(None, help="Topology TOML file (default: the two-VM demo topology)."),
+    topology: str | None = typer.Argument(None, help="Topology TOML file (default: the two-VM demo topology)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
-    state_dir: Optional[str] = STATE_DIR,
+    state_dir: str | None = STATE_DIR,
     ready_timeout: float = typer.Option(30.0, "--ready-timeout", min=0.01, max=3600,
                                         help="Seconds to wait for the topology to start."),
 ) -> None:
@@ -346,7 +345,7 @@ def up(
     while time.monotonic() < end:
         if proc.poll() is not None:
             tail = open(log_path, errors="replace").read().splitlines()[-15:]
-            typer.echo("vsva up: the supervisor exited with %s\n%s" % (proc.returncode, "\n".join(tail)), err=True)
+            typer.echo(f"vsva up: the supervisor exited with {proc.returncode}\n" + "\n".join(tail), err=True)
             raise typer.Exit(1)
         if os.path.exists(path):
             with open(path) as f:
@@ -363,6 +362,7 @@ def up(
                    f"{state['run_dir']}; `vsva ps`, `vsva down`")
         return
     import signal as _signal
+
     from rich.live import Live
 
     def _interrupt(signum, frame):
@@ -409,7 +409,7 @@ def _cleanup_stale(state: dict, path: str) -> list[str]:
 @app.command()
 def ps(
     as_json: bool = typer.Option(False, "--json", help="A JSON list of {name, pid, state, ...}."),
-    state_dir: Optional[str] = STATE_DIR,
+    state_dir: str | None = STATE_DIR,
 ) -> None:
     """List every actor of the running topology with its PID, state and uptime."""
     status = _ctl(_read_state(state_dir), "ps")
@@ -424,7 +424,7 @@ def ps(
 @app.command()
 def kill(
     actor: str = typer.Argument(..., help="Actor name, e.g. vm1.vmm, kvm, host."),
-    state_dir: Optional[str] = STATE_DIR,
+    state_dir: str | None = STATE_DIR,
 ) -> None:
     """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
     reply = _ctl(_read_state(state_dir), "kill", name=actor)
@@ -437,7 +437,7 @@ def kill(
 @app.command()
 def audit(
     as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations}."),
-    state_dir: Optional[str] = STATE_DIR,
+    state_dir: str | None = STATE_DIR,
 ) -> None:
     """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
     reply = _ctl(_read_state(state_dir), "audit", timeout=30.0)
@@ -454,7 +454,7 @@ def audit(
 
 @app.command()
 def down(
-    state_dir: Optional[str] = STATE_DIR,
+    state_dir: str | None = STATE_DIR,
     timeout: float = typer.Option(30.0, "--timeout", min=0, max=3600,
                                   help="Seconds to wait for the supervisor to finish."),
 ) -> None:

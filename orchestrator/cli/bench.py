@@ -37,8 +37,7 @@ DID = 1
 def build_tables(seed: int = 1):
     """Host memory with 65,536 mapped pages; returns a dict of everything the bench needs."""
     from vsva.hotpath.layout import PAGE_SHIFT
-    from vsva.hotpath.testing import (GuestProcess, GuestVM, HostMemory, install_pasid,
-                                 make_pasid_dir)
+    from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
     npages = N_PASIDS * REGIONS * REGION_PAGES
     host = HostMemory(npages + 4096, seed=seed, contig_frames=64)

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 REPORT_WAIT = 2.0  # s: how long a dead child's exit code may take to come from the zygote
 START_TIMEOUT = 30.0  # s: the zygote's imports, on a loaded machine
@@ -44,7 +44,7 @@ def available() -> tuple[bool, str]:
 class ForkedChild:
     """An actor process forked by the zygote (the launcher's handle on it)."""
 
-    def __init__(self, server: "ForkServer", pid: int):
+    def __init__(self, server: ForkServer, pid: int):
         self.server = server
         self.pid = pid
         self.returncode: int | None = None

@@ -50,17 +50,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import msgpack
 import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.memory import PhysMem
+from vsva.analysis import trace as tracefile
 from vsva.ops import capacity, forkserver
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
-from vsva.analysis import trace as tracefile
 from vsva.ops.topology import ORCH, ActorSpec, Topology
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
 from vsva.runtime.loop import ZmqRuntime, new_context
@@ -131,7 +132,7 @@ class Launcher:
         self.forkserver: ForkServer | None = None
 
     # ---- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "Launcher":
+    def __enter__(self) -> Launcher:
         self.start()
         return self
 
@@ -146,7 +147,7 @@ class Launcher:
             self._log_fn(line)
 
     # ---- start -------------------------------------------------------------------------------
-    def start(self) -> "Launcher":
+    def start(self) -> Launcher:
         if self.started:
             return self
         self.started = True

@@ -17,7 +17,8 @@ long it waited: `Actor.timeouts`, and in the failed reply's body under "timed_ou
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from vsva.actors.base import Call, Gather
 

@@ -13,7 +13,8 @@ each VM's outcome, and the audit.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vsva.ops.pacing import render_timeouts, timeouts_in
 from vsva.ops.supervisor import Supervisor

@@ -96,7 +96,7 @@ class SupervisorActor(Orchestrator):
     Process-level actions go back to the Supervisor. Deaths come from the launcher (pidfds),
     see Supervisor._on_death."""
 
-    def __init__(self, sup: "Supervisor"):
+    def __init__(self, sup: Supervisor):
         super().__init__(sup.run.topology)
         self.sup = sup
         self.booted = False
@@ -550,7 +550,7 @@ def control_request(payload: bytes) -> tuple[dict[str, Any], str | None]:
     fields = CONTROL_OPS.get(req["op"])
     if fields is None:
         return {}, f"unknown op {req['op'][:32]!r}; valid: {', '.join(CONTROL_OPS)}"
-    for key, value in req.items():
+    for key in req:
         if key != "op" and key not in fields:
             return {}, f"{req['op']}: unknown field {str(key)[:32]!r}"
     for key, typ in fields.items():

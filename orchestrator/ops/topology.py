@@ -13,8 +13,8 @@ from typing import Any
 from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
-from vsva.runtime.endpoints import Transport
 from vsva.ops.pacing import request_timeouts
+from vsva.runtime.endpoints import Transport
 
 POLICIES = tuple(p.value for p in Policy)
 HOST = "host"

@@ -62,17 +62,27 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import zmq
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
-from vsva.runtime.endpoints import (TCP_PREFIX, TRANSPORTS, endpoint, endpoint_file, incarnation,
-                                    publish_endpoint, routing_id, socket_path, valid_name)
-from vsva.runtime.peers import EVENTS as _EVENTS
+from vsva.runtime.endpoints import (
+    TCP_PREFIX,
+    TRANSPORTS,
+    endpoint,
+    endpoint_file,
+    incarnation,
+    publish_endpoint,
+    routing_id,
+    socket_path,
+    valid_name,
+)
 from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks
+from vsva.runtime.peers import EVENTS as _EVENTS
 from vsva.runtime.peers import NOBLOCK as _NOBLOCK
 from vsva.runtime.peers import POLLIN as _POLLIN
 from vsva.runtime.peers import POLLOUT as _POLLOUT
@@ -329,7 +339,7 @@ class ZmqRuntime(PeerLinks):
             by_sock = self._by_sock
             dirty = self._dirty
             router = self.router
-            for sock, flags in events:
+            for sock, _ in events:
                 if sock is router:  # inbound messages first
                     if not self._drain_router():
                         dirty.add(router)

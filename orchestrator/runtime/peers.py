@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import zmq
 

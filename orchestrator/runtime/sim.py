@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vsva.actors import actor_class
 from vsva.actors.base import Actor, ActorEnv, Call
 from vsva.actors.memory import PhysMem
 from vsva.actors.messages import Envelope, decode, encode
-from vsva.ops.topology import Topology
 from vsva.analysis.trace import record
+from vsva.ops.topology import Topology
 
 STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
 

@@ -13,13 +13,12 @@ import sys
 import textwrap
 
 import pytest
+from zmqrt_toys import TOYS, Script, pid_alive
 
 from vsva.actors.base import Call
 from vsva.ops import launcher as launcher_mod
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import ActorSpec, Topology
-
-from zmqrt_toys import TOYS, Script, pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
 

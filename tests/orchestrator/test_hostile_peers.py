@@ -10,13 +10,12 @@ import msgpack
 import pytest
 import zmq
 from hostile import Raw
+from zmqrt_toys import Script
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import default_topology
-
-from zmqrt_toys import Script
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ import textwrap
 import time
 
 import pytest
+from zmqrt_toys import TOYS, Script, pid_alive
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
 from vsva.ops.launcher import Launcher, LaunchError
 from vsva.ops.topology import ActorSpec, Topology
-
-from zmqrt_toys import TOYS, Script, pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
 

@@ -15,15 +15,14 @@ import signal
 import time
 
 import pytest
+from test_vm_death_processes import DEADLINE, ITERATIONS, DeathRun
+from zmqrt_toys import TOYS, pid_alive
 
 from vsva.ops.control import Controller
 from vsva.ops.demo import report
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import Topology, default_topology
 from vsva.ops.topology_file import load, parse
-
-from test_vm_death_processes import ITERATIONS, DEADLINE, DeathRun
-from zmqrt_toys import TOYS, pid_alive
 
 TCP_EP = re.compile(r"^tcp://127\.0\.0\.1:(\d+)$")
 

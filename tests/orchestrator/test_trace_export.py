@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vsva.analysis.export import (
     MERMAID_MAX,
     mermaid_diagrams,

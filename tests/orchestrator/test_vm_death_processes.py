@@ -15,13 +15,13 @@ import os
 import time
 
 import pytest
+from zmqrt_toys import pid_alive
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Call, Gather
 from vsva.analysis.audit import audit
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import ORCH, default_topology
-from zmqrt_toys import pid_alive
 
 ITERATIONS = 300  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill
 KILL_AFTER = 5  # DMAs each guest has completed before VM 2 dies

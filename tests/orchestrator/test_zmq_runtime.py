@@ -9,6 +9,7 @@ import time
 import msgpack
 import pytest
 import zmq
+from zmqrt_toys import TOYS, Script
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
@@ -16,8 +17,6 @@ from vsva.actors.messages import MAX_FRAME, PROTOCOL_VERSION
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import ActorSpec, Topology
 from vsva.runtime.endpoints import endpoint
-
-from zmqrt_toys import TOYS, Script
 
 
 def toy(name, cls, **config):
