@@ -17,7 +17,8 @@ public `run_task`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop

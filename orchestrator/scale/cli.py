@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import typer
 
@@ -33,18 +32,18 @@ def list_() -> None:
 
 @app.command()
 def run(
-    experiment: Optional[str] = typer.Argument(None, help="A built-in experiment (`vsva scale list`) "
+    experiment: str | None = typer.Argument(None, help="A built-in experiment (`vsva scale list`) "
                                                "or a sweep file SWEEP.toml."),
-    points: Optional[str] = typer.Option(None, "--points", help="Values of the experiment's main "
+    points: str | None = typer.Option(None, "--points", help="Values of the experiment's main "
                                          "parameter, e.g. 1,2,4."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: fix a parameter "
+    settings: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE: fix a parameter "
                                                  "for every point (repeatable)."),
-    repeat: Optional[int] = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
+    repeat: int | None = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
+    seed: int | None = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
     out: str = typer.Option("results", "--out", help="Results go to OUT/<experiment>/<UTC time>/."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (paths, summary) at the end."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run in DIR."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Run the points on this Ray cluster "
+    resume: str | None = typer.Option(None, "--resume", help="Finish an interrupted run in DIR."),
+    cluster: str | None = typer.Option(None, "--cluster", help="Run the points on this Ray cluster "
                                           "(ADDRESS as for ray.init; needs the [cluster] extra)."),
 ) -> None:
     """Run an experiment: every point and repeat from a clean state to its audit."""

@@ -25,8 +25,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 ROW_KEYS = ("experiment", "runner", "point", "point_id", "repeat", "seed", "params", "metrics",
             "status", "reason", "audit", "hosts", "per_host", "elapsed_s", "started", "env")
@@ -61,7 +62,7 @@ class ResultsDir:
 
     # ---- create / open ------------------------------------------------------------------------
     @classmethod
-    def create(cls, out: str, experiment: str, meta: dict[str, Any], sweep_text: str) -> "ResultsDir":
+    def create(cls, out: str, experiment: str, meta: dict[str, Any], sweep_text: str) -> ResultsDir:
         base = os.path.join(out, experiment)
         os.makedirs(base, exist_ok=True)
         stamp = utc_stamp()
@@ -88,7 +89,7 @@ class ResultsDir:
         return rd
 
     @classmethod
-    def open(cls, path: str) -> "ResultsDir":
+    def open(cls, path: str) -> ResultsDir:
         rd = cls(path)
         if not os.path.isfile(os.path.join(path, "run.json")):
             raise ResultsError(f"{path}: not a results directory (no run.json)")

@@ -15,8 +15,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from vsva.scale import plots as plotting
 from vsva.scale.environment import environment, sample
@@ -165,7 +166,7 @@ def run_one(sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str
 class _SigintOnce:
     """The first SIGINT raises KeyboardInterrupt; later ones are ignored while cleanup runs."""
 
-    def __enter__(self) -> "_SigintOnce":
+    def __enter__(self) -> _SigintOnce:
         self.previous = signal.getsignal(signal.SIGINT)
         self.count = 0
         signal.signal(signal.SIGINT, self._handler)

@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vsva.scale.experiments import PointContext, PointTimeout, StackResult, runner
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 RUNNERS = {"vms": "vsva.scale.experiments.vms", "policies": "vsva.scale.experiments.policies",
            "noisy": "vsva.scale.experiments.noisy", "iotlb": "vsva.scale.experiments.iotlb"}
@@ -55,7 +56,7 @@ class StackResult:
                 "failures": self.failures, "series": self.series}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StackResult":
+    def from_json(cls, data: dict[str, Any]) -> StackResult:
         return cls(**{k: data[k] for k in ("metrics", "violations", "audit_ran", "failures", "series")})
 
 

@@ -61,7 +61,7 @@ def refuse(params: dict[str, Any]) -> str | None:
 
 def build(working_set: int, page_size: str, seed: int):
     """Host memory, PASID directory and the VA of every page of the working set."""
-    from vsva.hotpath.layout import PAGE_SHIFT, FL_P, FL_RW, FL_US, SL_R, SL_W
+    from vsva.hotpath.layout import FL_P, FL_RW, FL_US, PAGE_SHIFT, SL_R, SL_W
     from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
     large = page_size == "2m"

@@ -4,7 +4,8 @@ per-process CPU time and PSS from /proc, messages in the trace, percentiles."""
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

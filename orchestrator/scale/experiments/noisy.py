@@ -18,7 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.scale.experiments import Metric, Param, PointContext, StackResult
-from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, phase_window, workload_failures
+from vsva.scale.experiments.measure import (
+    bench_steps,
+    epoch_offset,
+    percentile,
+    phase_window,
+    workload_failures,
+)
 from vsva.scale.experiments.vms import capacity, refuse_topology, run_session
 from vsva.scale.experiments.vms import topology as vms_topology
 

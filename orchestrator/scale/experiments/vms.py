@@ -21,8 +21,16 @@ import time
 from typing import Any
 
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
-from vsva.scale.experiments.measure import (bench_steps, cpu_seconds, mean, messages_between, percentile,
-                                            phase_window, pss_mb, workload_failures)
+from vsva.scale.experiments.measure import (
+    bench_steps,
+    cpu_seconds,
+    mean,
+    messages_between,
+    percentile,
+    phase_window,
+    pss_mb,
+    workload_failures,
+)
 
 DOC = "VM count: start-to-ready, binds/s with every VM binding, bind p50/p99, DMA, messages, CPU, PSS, teardown"
 PROCESSES = True
