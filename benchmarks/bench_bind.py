@@ -43,11 +43,32 @@ while True:
 
 def bind_frame_size() -> int:
     """Bytes of a typical bind_gpasid request on the wire."""
-    data = {"argsz": 64, "version": 1, "format": 1, "flags": 1, "gpgd": 0x81000, "hpasid": 1234,
-            "gpasid": 256, "addr_width": 48, "vtd_flags": 2}
+    data = {
+        "argsz": 64,
+        "version": 1,
+        "format": 1,
+        "flags": 1,
+        "gpgd": 0x81000,
+        "hpasid": 1234,
+        "gpasid": 256,
+        "addr_width": 48,
+        "vtd_flags": 2,
+    }
     msg = BindGpasid(dev="pf1", data=data)
-    return len(encode(Envelope(src="vm1.vmm", dst="host", kind=msg.KIND, id=77, rr=True,
-                               clock=1234, flow="F2:vm1.12", body=msg.body())))
+    return len(
+        encode(
+            Envelope(
+                src="vm1.vmm",
+                dst="host",
+                kind=msg.KIND,
+                id=77,
+                rr=True,
+                clock=1234,
+                flow="F2:vm1.12",
+                body=msg.body(),
+            )
+        )
+    )
 
 
 def raw_rtt(size: int, rounds: int = 2000) -> list[float]:

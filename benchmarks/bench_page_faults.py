@@ -35,8 +35,19 @@ from vsva.ops.topology import default_topology  # noqa: E402
 
 def request_frame_size() -> int:
     msg = PageRequest(dev="pf1", hpasid=5, grpid=17, addr=0x1_0000_3000, perm=2, last=True)
-    return len(encode(Envelope(src="host", dst="vm1.vmm", kind=msg.KIND, id=77, clock=1234,
-                               flow="F6:vm1.123", body=msg.body())))
+    return len(
+        encode(
+            Envelope(
+                src="host",
+                dst="vm1.vmm",
+                kind=msg.KIND,
+                id=77,
+                clock=1234,
+                flow="F6:vm1.123",
+                body=msg.body(),
+            )
+        )
+    )
 
 
 def run(vms: int, rounds: int, pages: int) -> dict:
@@ -60,9 +71,14 @@ def run(vms: int, rounds: int, pages: int) -> dict:
     faults = sum(s["faults"] for s in per_vm)
     in_desc = max(sum(s["rounds"]) for s in per_vm)
     whole = max(s["elapsed"] for s in per_vm)
-    return {"vms": vms, "faults": faults, "host_latencies": host["prq_latencies"],
-            "prq_stats": host["prq_stats"],
-            "faults_per_s_in_descriptors": round(faults / in_desc), "faults_per_s_whole_loop": round(faults / whole)}
+    return {
+        "vms": vms,
+        "faults": faults,
+        "host_latencies": host["prq_latencies"],
+        "prq_stats": host["prq_stats"],
+        "faults_per_s_in_descriptors": round(faults / in_desc),
+        "faults_per_s_whole_loop": round(faults / whole),
+    }
 
 
 def main() -> None:

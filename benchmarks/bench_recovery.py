@@ -27,9 +27,11 @@ from vsva.ops.topology_file import default_run, loads  # noqa: E402
 
 
 def one_kill(target: str, seed: int) -> float | None:
-    run = loads(f'[run]\nseed = {seed}\n' + "".join(
-        f'[[vms]]\nid = {i}\nworkload = "dma_loop"\niterations = 400\n' for i in (1, 2))
-        + f'[[faults]]\nkill = "{target}"\nat_flow = "F7"\nvm = 1\nnth = 30\n')
+    run = loads(
+        f"[run]\nseed = {seed}\n"
+        + "".join(f'[[vms]]\nid = {i}\nworkload = "dma_loop"\niterations = 400\n' for i in (1, 2))
+        + f'[[faults]]\nkill = "{target}"\nat_flow = "F7"\nvm = 1\nnth = 30\n'
+    )
     sup = Supervisor(run)
     try:
         sup.start()
@@ -43,9 +45,15 @@ def one_kill(target: str, seed: int) -> float | None:
         if target == "kvm":
             return recs[0]["t_recovered"] - plan["t"] if recs else None
         sup.close()
-        notes = [r for r in sup.launcher.trace() if r["src"] == "host" and r["kind"] == "ioasid_notify"
-                 and (r.get("body") or {}).get("event") == "free_set" and (r.get("body") or {}).get("vm") == 1
-                 and r["rr"]]
+        notes = [
+            r
+            for r in sup.launcher.trace()
+            if r["src"] == "host"
+            and r["kind"] == "ioasid_notify"
+            and (r.get("body") or {}).get("event") == "free_set"
+            and (r.get("body") or {}).get("vm") == 1
+            and r["rr"]
+        ]
         return (min(r["t"] for r in notes) - plan["t"]) if notes else None
     finally:
         sup.close()
@@ -64,8 +72,13 @@ def start_time(vms: int) -> dict[str, float]:
         running = sum(1 for v in sup.vms.values() if v.state == "running")
     finally:
         sup.close()
-    return {"vms": vms, "processes": 3 + 2 * vms, "ready_s": round(ready, 3), "booted_s": round(booted, 3),
-            "running": running}
+    return {
+        "vms": vms,
+        "processes": 3 + 2 * vms,
+        "ready_s": round(ready, 3),
+        "booted_s": round(booted, 3),
+        "running": running,
+    }
 
 
 def main() -> None:
@@ -76,8 +89,12 @@ def main() -> None:
     out: dict = {"cpus": os.cpu_count()}
     for target in ("vm1.vmm", "kvm"):
         samples = [s for s in (one_kill(target, 100 + i) for i in range(args.kills)) if s is not None]
-        out[target] = {"n": len(samples), "median_ms": round(statistics.median(samples) * 1000, 1),
-                       "min_ms": round(min(samples) * 1000, 1), "max_ms": round(max(samples) * 1000, 1)}
+        out[target] = {
+            "n": len(samples),
+            "median_ms": round(statistics.median(samples) * 1000, 1),
+            "min_ms": round(min(samples) * 1000, 1),
+            "max_ms": round(max(samples) * 1000, 1),
+        }
     out["start"] = [start_time(n) for n in (1, 8, 32)]
     print(json.dumps(out, indent=1))
 

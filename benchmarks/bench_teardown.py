@@ -62,8 +62,7 @@ class TeardownProbe(Controller):
 
 
 def one_run(policy: str, pasids: int, kill: bool, binds: int) -> dict[str, Any]:
-    topology = default_topology(2, policy=policy, workload="bind_many", iterations=pasids,
-                                quota=pasids + 16)
+    topology = default_topology(2, policy=policy, workload="bind_many", iterations=pasids, quota=pasids + 16)
     guest2 = topology.spec("vm2.guest").config
     guest2.update(workload="bind_latency", iterations=binds)
     probe = TeardownProbe(topology, kill)
@@ -77,8 +76,12 @@ def one_run(policy: str, pasids: int, kill: bool, binds: int) -> dict[str, Any]:
         launcher.run_actor(probe, timeout=300, until=lambda a: a.phase == "done")
     lat = sorted(probe.vm2_latencies) or [float("nan")]
     return {
-        "policy": policy, "pasids": probe.pasids, "kill": kill,
-        "reclaim_ms": round((probe.reclaimed_at - probe.killed_at) * 1e3, 1) if kill and probe.reclaimed_at else None,
+        "policy": policy,
+        "pasids": probe.pasids,
+        "kill": kill,
+        "reclaim_ms": round((probe.reclaimed_at - probe.killed_at) * 1e3, 1)
+        if kill and probe.reclaimed_at
+        else None,
         "vm2_bind_median_us": round(statistics.median(lat) * 1e6, 1),
         "vm2_bind_p99_us": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e6, 1),
         "vm2_bind_max_us": round(lat[-1] * 1e6, 1),
@@ -99,10 +102,13 @@ def main() -> None:
             rows.append(one_run(policy, size, kill=True, binds=args.binds))
             if not args.json:
                 base, killed = rows[-2], rows[-1]
-                print(f"{policy:>8} {killed['pasids']:>5} PASIDs: reclaimed {killed['reclaim_ms']} ms after "
-                      f"SIGKILL; VM 2 bind p50/p99/max {killed['vm2_bind_median_us']}/{killed['vm2_bind_p99_us']}/"
-                      f"{killed['vm2_bind_max_us']} us (no kill: {base['vm2_bind_median_us']}/"
-                      f"{base['vm2_bind_p99_us']}/{base['vm2_bind_max_us']} us)", flush=True)
+                print(
+                    f"{policy:>8} {killed['pasids']:>5} PASIDs: reclaimed {killed['reclaim_ms']} ms after "
+                    f"SIGKILL; VM 2 bind p50/p99/max {killed['vm2_bind_median_us']}/{killed['vm2_bind_p99_us']}/"
+                    f"{killed['vm2_bind_max_us']} us (no kill: {base['vm2_bind_median_us']}/"
+                    f"{base['vm2_bind_p99_us']}/{base['vm2_bind_max_us']} us)",
+                    flush=True,
+                )
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -69,8 +69,9 @@ class Wire:
             kind, body = kind.KIND, kind.body()
         rid = next(_IDS)
         handle = Pending(rid, src, dst, kind, len(self.rt.trace))
-        self.rt.inject(Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body,
-                                id=rid, rr=True, clock=0))
+        self.rt.inject(
+            Envelope(src=src, dst=dst, kind=kind, body={} if body is None else body, id=rid, rr=True, clock=0)
+        )
         return handle
 
     def reply(self, handle: Pending) -> dict | None:
@@ -122,9 +123,17 @@ def host_state(host) -> dict:
 
 def bind_record(hpasid: int, /, **over: Any) -> dict:
     """A valid bind record (uapi iommu_gpasid_bind_data) for an identity-mapped PASID."""
-    rec = {"argsz": 64, "version": IOMMU_GPASID_BIND_VERSION_1, "format": IOMMU_PASID_FORMAT_INTEL_VTD,
-           "flags": 0, "hpasid": hpasid, "gpasid": hpasid, "gpgd": 0x10000, "addr_width": 48,
-           "vtd_flags": 0}
+    rec = {
+        "argsz": 64,
+        "version": IOMMU_GPASID_BIND_VERSION_1,
+        "format": IOMMU_PASID_FORMAT_INTEL_VTD,
+        "flags": 0,
+        "hpasid": hpasid,
+        "gpasid": hpasid,
+        "gpgd": 0x10000,
+        "addr_width": 48,
+        "vtd_flags": 0,
+    }
     rec.update(over)
     return rec
 
@@ -161,8 +170,9 @@ class HandGuest:
         return self.ask(self.vmm, VcmdAlloc(dev=dev))
 
     def bind(self, proc: Process, dev: str, gpasid: int) -> dict:
-        self.dirs[dev].write_entry(gpasid, encode_pasid_entry(
-            flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
+        self.dirs[dev].write_entry(
+            gpasid, encode_pasid_entry(flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY)
+        )
         return self.qi([{"type": "pc", "dev": dev, "gpasid": gpasid}, {"type": "wait"}])
 
     def unbind(self, dev: str, gpasid: int) -> dict:
@@ -177,8 +187,9 @@ class HandGuest:
     def free(self, gpasid: int) -> dict:
         return self.ask(self.vmm, "vcmd_free", {"gpasid": gpasid})
 
-    def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
-               pattern: int = 0) -> dict:
+    def submit(
+        self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0, pattern: int = 0
+    ) -> dict:
         """Raw bodies: a hostile guest may program any PASID, the catalogue refuses what is out of range."""
         body = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
         if dev in self.mdevs:
@@ -198,8 +209,9 @@ class HandGuest:
         return old, new
 
 
-def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple[int, ...] = (),
-          **topo: Any) -> SimpleNamespace:
+def world(
+    vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple[int, ...] = (), **topo: Any
+) -> SimpleNamespace:
     """A started system with every VM powered on; the guests of VMs in `hand` are removed
     (the test speaks for them)."""
     t = default_topology(vms, seed=seed, extra_devices=extra, **topo)
@@ -210,8 +222,9 @@ def world(vms: int = 2, *, seed: int = 1, extra: dict | None = None, hand: tuple
     started = {vm: ask(rt, vmm_name(vm), VmStart(), src="orch") for vm in range(1, vms + 1)}
     for vm, reply in started.items():
         assert reply["ret"] == 0, (vm, reply)
-    w = SimpleNamespace(t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"],
-                        vdcm=rt.actors["vdcm"], started=started)
+    w = SimpleNamespace(
+        t=t, rt=rt, host=rt.actors["host"], kvm=rt.actors["kvm"], vdcm=rt.actors["vdcm"], started=started
+    )
     w.snapshots = lambda: snapshots(w)
     return w
 
@@ -249,9 +262,18 @@ def run(runtime: Runtime | str, vms: int = 2, *, seed: int = 1, **topo: Any) -> 
 
 @pytest.fixture(scope="session")
 def vsva() -> SimpleNamespace:
-    return SimpleNamespace(ask=ask, Wire=Wire, snapshots=snapshots, world=world, session=session, run=run,
-                           HandGuest=HandGuest,
-                           host_state=host_state, notifies=notifies, bind_record=bind_record)
+    return SimpleNamespace(
+        ask=ask,
+        Wire=Wire,
+        snapshots=snapshots,
+        world=world,
+        session=session,
+        run=run,
+        HandGuest=HandGuest,
+        host_state=host_state,
+        notifies=notifies,
+        bind_record=bind_record,
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -262,5 +284,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from vsva import hotpath
 
     if os.environ.get("VSVA_REQUIRE_COMPILED") == "1" and hotpath.IMPLEMENTATION != "compiled":
-        raise pytest.UsageError("VSVA_REQUIRE_COMPILED=1 but the compiled hot path is not in use "
-                                f"(implementation {hotpath.IMPLEMENTATION!r}): was it built?")
+        raise pytest.UsageError(
+            "VSVA_REQUIRE_COMPILED=1 but the compiled hot path is not in use "
+            f"(implementation {hotpath.IMPLEMENTATION!r}): was it built?"
+        )

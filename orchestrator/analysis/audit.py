@@ -49,9 +49,19 @@ def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violatio
     for sub in (KVM, VDCM):
         if sub in snaps and "tables" in snaps[sub]:
             out += _check_subscriber(sub, snaps[sub]["tables"], host, vmm_binds)
-    out += [_v("I2", f"IOTLB entry of domain {e['did']} for page {e['vpn']:#x} holds frame {e['cached']:#x}, "
-                     f"a fresh walk gives {e['fresh']:#x}" if e["fresh"] >= 0 else "a fresh walk faults",
-               [HOST], e["did"], e["pasid"]) for e in host.get("stale_iotlb", [])]
+    out += [
+        _v(
+            "I2",
+            f"IOTLB entry of domain {e['did']} for page {e['vpn']:#x} holds frame {e['cached']:#x}, "
+            f"a fresh walk gives {e['fresh']:#x}"
+            if e["fresh"] >= 0
+            else "a fresh walk faults",
+            [HOST],
+            e["did"],
+            e["pasid"],
+        )
+        for e in host.get("stale_iotlb", [])
+    ]
     out += _check_isolation(host)
     out += _check_gone(host, snaps, topology)
     out += _check_work(host, snaps, topology)
@@ -62,16 +72,36 @@ def _check_isolation(host: dict) -> list[Violation]:
     """I1 from the hot path's counter; I7 for DMA and page requests under a PASID's old owner."""
     out = []
     if host["counters"].get("owner_violations", 0):
-        out.append(_v("I1", f"{host['counters']['owner_violations']} translation(s) reached a frame "
-                            "the PASID's VM does not own", [HOST]))
+        out.append(
+            _v(
+                "I1",
+                f"{host['counters']['owner_violations']} translation(s) reached a frame "
+                "the PASID's VM does not own",
+                [HOST],
+            )
+        )
     for dma in host["dma"].get("foreign", []):
-        out.append(_v("I7", f"DMA by VM {dma['device_vm']}'s device with a PASID VM {dma['owner_vm']} "
-                            "now owns", [HOST], dma["device_vm"], dma["pasid"]))
+        out.append(
+            _v(
+                "I7",
+                f"DMA by VM {dma['device_vm']}'s device with a PASID VM {dma['owner_vm']} now owns",
+                [HOST],
+                dma["device_vm"],
+                dma["pasid"],
+            )
+        )
     for req in host["prq"]:
         owner = host["ioasids"].get(str(req["pasid"]), {}).get("vm")
         if owner is not None and req.get("vm") not in (None, owner):
-            out.append(_v("I7", f"page request of VM {req['vm']} queued under VM {owner}'s PASID",
-                          [HOST], req["vm"], req["pasid"]))
+            out.append(
+                _v(
+                    "I7",
+                    f"page request of VM {req['vm']} queued under VM {owner}'s PASID",
+                    [HOST],
+                    req["vm"],
+                    req["pasid"],
+                )
+            )
     return out
 
 
@@ -82,11 +112,19 @@ def _check_gone(host: dict, snaps: dict[str, dict], topology: Topology) -> list[
     for vm in gone:
         if host["owned_frames"].get(str(vm)):
             out.append(_v("I4", f"{host['owned_frames'][str(vm)]} frame(s) still owned", [HOST], vm))
-        out += [_v("I4", "IOASID still allocated", [HOST], vm, int(p))
-                for p, a in host["ioasids"].items() if a["vm"] == vm]
-        out += [_v("I4", "IOTLB entry left", [HOST], vm, pasid) for did, pasid, *_ in host["caches"]["iotlb"]
-                if did == vm]
-        out += [_v("I4", "page request left", [HOST], vm, r["pasid"]) for r in host["prq"] if r.get("vm") == vm]
+        out += [
+            _v("I4", "IOASID still allocated", [HOST], vm, int(p))
+            for p, a in host["ioasids"].items()
+            if a["vm"] == vm
+        ]
+        out += [
+            _v("I4", "IOTLB entry left", [HOST], vm, pasid)
+            for did, pasid, *_ in host["caches"]["iotlb"]
+            if did == vm
+        ]
+        out += [
+            _v("I4", "page request left", [HOST], vm, r["pasid"]) for r in host["prq"] if r.get("vm") == vm
+        ]
         for sub in (KVM, VDCM):
             if str(vm) in snaps.get(sub, {}).get("tables", {}):
                 out.append(_v("I4", "PASID translations left", [sub], vm))
@@ -128,7 +166,9 @@ def _check_host_entries(host: dict) -> list[Violation]:
     for dev, entries in host["caches"]["devtlb"].items():
         for pasid, *_ in entries:
             if str(pasid) not in ioasids:
-                out.append(_v("I3", f"device-TLB entry on device {dev} for a free PASID", [HOST], pasid=pasid))
+                out.append(
+                    _v("I3", f"device-TLB entry on device {dev} for a free PASID", [HOST], pasid=pasid)
+                )
     for req in host["prq"]:
         if str(req["pasid"]) not in svms:
             out.append(_v("I3", "page request queued for an unbound PASID", [HOST], pasid=req["pasid"]))
@@ -148,14 +188,29 @@ def _check_vmm(name: str, snap: dict, host: dict) -> list[Violation]:
     allocated = set(host["vms"].get(str(vm), {}).get("ioasids", []))
     for gpasid, hpasid in snap["g2h"].items():
         if hpasid not in allocated:
-            out.append(_v("I3", f"vmm maps guest PASID {gpasid} to a PASID its VM does not hold",
-                          [name, HOST], vm, hpasid))
+            out.append(
+                _v(
+                    "I3",
+                    f"vmm maps guest PASID {gpasid} to a PASID its VM does not hold",
+                    [name, HOST],
+                    vm,
+                    hpasid,
+                )
+            )
     mapped = set(snap["g2h"].values())
     for hpasid in allocated - mapped:
         out.append(_v("I3", "host PASID of the VM unknown to its vmm (leaked)", [name, HOST], vm, hpasid))
     for bind in snap["bound"]:
         if str(bind["hpasid"]) not in host["svms"]:
-            out.append(_v("I3", f"vmm believes {bind['dev']} bound, host has no svm", [name, HOST], vm, bind["hpasid"]))
+            out.append(
+                _v(
+                    "I3",
+                    f"vmm believes {bind['dev']} bound, host has no svm",
+                    [name, HOST],
+                    vm,
+                    bind["hpasid"],
+                )
+            )
     return out
 
 
@@ -167,10 +222,17 @@ def _check_users(host: dict, vmms: dict[str, dict], phys: dict[str, str]) -> lis
             key = (bind["hpasid"], phys.get(bind["dev"], bind["dev"]))
             expected[key] = expected.get(key, 0) + 1
     actual = {(int(p), d): u for p, svm in host["svms"].items() for d, u in svm["devs"].items()}
-    return [_v("I5", f"users of {dev} = {actual.get((pasid, dev), 0)}, binds outstanding = "
-                     f"{expected.get((pasid, dev), 0)}", [HOST], pasid=pasid)
-            for pasid, dev in sorted(set(expected) | set(actual))
-            if expected.get((pasid, dev), 0) != actual.get((pasid, dev), 0)]
+    return [
+        _v(
+            "I5",
+            f"users of {dev} = {actual.get((pasid, dev), 0)}, binds outstanding = "
+            f"{expected.get((pasid, dev), 0)}",
+            [HOST],
+            pasid=pasid,
+        )
+        for pasid, dev in sorted(set(expected) | set(actual))
+        if expected.get((pasid, dev), 0) != actual.get((pasid, dev), 0)
+    ]
 
 
 def _check_subscriber(name: str, tables: dict, host: dict, vmms: dict[str, dict]) -> list[Violation]:
@@ -186,9 +248,23 @@ def _check_subscriber(name: str, tables: dict, host: dict, vmms: dict[str, dict]
             if svm is None and reclaiming.get(str(entry["hpasid"])) == int(vm):
                 continue
             if svm is None:
-                out.append(_v("I3", f"{name} translates guest PASID {gpasid} to an unbound PASID",
-                              [name, HOST], int(vm), entry["hpasid"]))
+                out.append(
+                    _v(
+                        "I3",
+                        f"{name} translates guest PASID {gpasid} to an unbound PASID",
+                        [name, HOST],
+                        int(vm),
+                        entry["hpasid"],
+                    )
+                )
             elif svm["vm"] != int(vm):
-                out.append(_v("I7", f"{name} maps VM {vm} to VM {svm['vm']}'s PASID", [name, HOST],
-                              int(vm), entry["hpasid"]))
+                out.append(
+                    _v(
+                        "I7",
+                        f"{name} maps VM {vm} to VM {svm['vm']}'s PASID",
+                        [name, HOST],
+                        int(vm),
+                        entry["hpasid"],
+                    )
+                )
     return out

@@ -28,10 +28,14 @@ def summary(rec: Record) -> str:
         parts.append(f"hpasid={d.get('hpasid')} gpasid={d.get('gpasid')} gpgd={_short(d.get('gpgd'))}")
     if "info" in body and isinstance(body["info"], dict):
         i = body["info"]
-        parts.append(f"cache={i.get('cache')} granu={i.get('granularity')} pasid={i.get('pasid')}"
-                     + (f" addr={_short(i['addr'])}x{i.get('nb_granules')}" if "addr" in i else ""))
+        parts.append(
+            f"cache={i.get('cache')} granu={i.get('granularity')} pasid={i.get('pasid')}"
+            + (f" addr={_short(i['addr'])}x{i.get('nb_granules')}" if "addr" in i else "")
+        )
     if "descs" in body and isinstance(body["descs"], list):
-        parts.append("descs=[" + ",".join(str(d.get("type")) for d in body["descs"] if isinstance(d, dict)) + "]")
+        parts.append(
+            "descs=[" + ",".join(str(d.get("type")) for d in body["descs"] if isinstance(d, dict)) + "]"
+        )
     if rec.get("corr") is not None:
         parts.insert(0, E.name(body.get("ret", 0)) if isinstance(body.get("ret"), int) else "?")
         if body.get("error"):
@@ -47,10 +51,15 @@ def _short(value: Any) -> str:
 
 
 FLOW_TITLES = {
-    "boot": "guest boot: firmware tables, context entries", "F1": "PASID allocation (VCMD)",
+    "boot": "guest boot: firmware tables, context entries",
+    "F1": "PASID allocation (VCMD)",
     "F2": "bind (PASID-cache invalidation trapped -> bind_gpasid -> notifier)",
-    "F3": "guest IOTLB + device-TLB flush", "F4": "unbind", "F5": "free (VCMD)",
-    "F6": "I/O page fault", "F7": "work submission + DMA", "F8": "VM teardown",
+    "F3": "guest IOTLB + device-TLB flush",
+    "F4": "unbind",
+    "F5": "free (VCMD)",
+    "F6": "I/O page fault",
+    "F7": "work submission + DMA",
+    "F8": "VM teardown",
     "setup": "orchestrator: power on, workloads, snapshots, shutdown",
 }
 
@@ -71,7 +80,8 @@ def timeline(records: Iterable[Record]) -> list[tuple[str, list[str]]]:
         arrow = "<-" if rec.get("corr") is not None else "->"
         peer_a, peer_b = (rec["dst"], rec["src"]) if arrow == "<-" else (rec["src"], rec["dst"])
         groups.setdefault(tag, []).append(
-            f"{rec['t'] * 1000:9.3f} ms  {peer_a:>10} {arrow} {peer_b:<10} {rec['kind']:<16} {summary(rec)}")
+            f"{rec['t'] * 1000:9.3f} ms  {peer_a:>10} {arrow} {peer_b:<10} {rec['kind']:<16} {summary(rec)}"
+        )
     return list(groups.items())
 
 
@@ -102,33 +112,82 @@ def perfetto(records: list[Record]) -> dict[str, Any]:
     """
     names = sorted({r["src"] for r in records} | {r["dst"] for r in records})
     pids = {name: i + 1 for i, name in enumerate(names)}
-    events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
-                                    for n, p in pids.items()]
-    events += [{"ph": "M", "name": "thread_name", "pid": p, "tid": 0, "args": {"name": "messages"}}
-               for p in pids.values()]
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}} for n, p in pids.items()
+    ]
+    events += [
+        {"ph": "M", "name": "thread_name", "pid": p, "tid": 0, "args": {"name": "messages"}}
+        for p in pids.values()
+    ]
     slices = _slices(records)
     for actor, lane in sorted({(s.actor, s.lane) for s in slices}):
-        events.append({"ph": "M", "name": "thread_name", "pid": pids[actor], "tid": lane,
-                       "args": {"name": f"serving, lane {lane}"}})
+        events.append(
+            {
+                "ph": "M",
+                "name": "thread_name",
+                "pid": pids[actor],
+                "tid": lane,
+                "args": {"name": f"serving, lane {lane}"},
+            }
+        )
     for s, parent in _with_parents(slices, records):
         req, rep = records[s.q], records[s.r]
-        events.append({"ph": "X", "name": req["kind"], "cat": flow_of(req), "pid": pids[s.actor],
-                       "tid": s.lane, "ts": s.start, "dur": s.end - s.start,
-                       "args": {"flow": req.get("flow"), "ret": rep["body"].get("ret"), "from": req["src"]}})
+        events.append(
+            {
+                "ph": "X",
+                "name": req["kind"],
+                "cat": flow_of(req),
+                "pid": pids[s.actor],
+                "tid": s.lane,
+                "ts": s.start,
+                "dur": s.end - s.start,
+                "args": {"flow": req.get("flow"), "ret": rep["body"].get("ret"), "from": req["src"]},
+            }
+        )
         if parent is None:
             continue
         flow_id = f"{s.q}:{req['src']}:{req['id']}"
-        start = s.start if s.start > parent.start else parent.start + min(0.5, (parent.end - parent.start) / 2)
-        events.append({"ph": "s", "id": flow_id, "name": req["kind"], "cat": "msg",
-                       "pid": pids[req["src"]], "tid": parent.lane, "ts": start})
-        events.append({"ph": "f", "bp": "e", "id": flow_id, "name": req["kind"], "cat": "msg",
-                       "pid": pids[s.actor], "tid": s.lane, "ts": max(start, (s.start + s.end) / 2)})
+        start = (
+            s.start if s.start > parent.start else parent.start + min(0.5, (parent.end - parent.start) / 2)
+        )
+        events.append(
+            {
+                "ph": "s",
+                "id": flow_id,
+                "name": req["kind"],
+                "cat": "msg",
+                "pid": pids[req["src"]],
+                "tid": parent.lane,
+                "ts": start,
+            }
+        )
+        events.append(
+            {
+                "ph": "f",
+                "bp": "e",
+                "id": flow_id,
+                "name": req["kind"],
+                "cat": "msg",
+                "pid": pids[s.actor],
+                "tid": s.lane,
+                "ts": max(start, (s.start + s.end) / 2),
+            }
+        )
     answered = {s.q for s in slices}
     for i, rec in enumerate(records):
         if rec.get("corr") is None and i not in answered:
-            events.append({"ph": "i", "s": "t", "name": f"{rec['kind']} -> {rec['dst']}", "cat": flow_of(rec),
-                           "pid": pids[rec["src"]], "tid": 0, "ts": rec["t"] * 1e6,
-                           "args": {"flow": rec.get("flow"), "unanswered": bool(rec.get("rr"))}})
+            events.append(
+                {
+                    "ph": "i",
+                    "s": "t",
+                    "name": f"{rec['kind']} -> {rec['dst']}",
+                    "cat": flow_of(rec),
+                    "pid": pids[rec["src"]],
+                    "tid": 0,
+                    "ts": rec["t"] * 1e6,
+                    "args": {"flow": rec.get("flow"), "unanswered": bool(rec.get("rr"))},
+                }
+            )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
@@ -183,7 +242,8 @@ def mermaid_diagrams(records: Iterable[Record]) -> dict[str, str]:
         arrow = "-->>" if rec.get("corr") is not None else "->>"
         label = rec["kind"] + (f" {E.name(rec['body'].get('ret', 0))}" if rec.get("corr") is not None else "")
         lines.setdefault(_diagram_of(rec), []).append(
-            f"    {_mm(rec['src'])}{arrow}{_mm(rec['dst'])}: {label} [{rec.get('flow') or '-'}]")
+            f"    {_mm(rec['src'])}{arrow}{_mm(rec['dst'])}: {label} [{rec.get('flow') or '-'}]"
+        )
     out: dict[str, str] = {}
     for name, body in lines.items():
         parts = _split(body, MERMAID_MAX - len("sequenceDiagram\n"))
@@ -193,7 +253,7 @@ def mermaid_diagrams(records: Iterable[Record]) -> dict[str, str]:
 
 
 def _diagram_of(rec: Record) -> str:
-    """"vmN" for a message of VM N (its flow tag names it, or it goes to or from its actors)."""
+    """ "vmN" for a message of VM N (its flow tag names it, or it goes to or from its actors)."""
     _, _, inst = (rec.get("flow") or "").partition(":")
     if inst.startswith("vm"):
         return inst.partition(".")[0]
@@ -226,8 +286,11 @@ def write_all(records: list[Record], out_dir: str) -> dict[str, Any]:
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, Any] = {"trace": os.path.join(out_dir, "trace.jsonl"),
-                             "perfetto": os.path.join(out_dir, "trace.perfetto.json"), "sequence": []}
+    paths: dict[str, Any] = {
+        "trace": os.path.join(out_dir, "trace.jsonl"),
+        "perfetto": os.path.join(out_dir, "trace.perfetto.json"),
+        "sequence": [],
+    }
     with open(paths["trace"], "w") as f:
         f.writelines(json.dumps(r, default=repr) + "\n" for r in records)
     with open(paths["perfetto"], "w") as f:

@@ -20,8 +20,18 @@ from vsva.actors.messages import Envelope
 
 def record(env: Envelope, t: float) -> dict[str, Any]:
     """The trace record of a message at the moment it is sent (t in seconds since run start)."""
-    return {"t": round(t, 6), "clock": env.clock, "id": env.id, "src": env.src, "dst": env.dst,
-            "kind": env.kind, "corr": env.corr, "rr": env.rr, "flow": env.flow, "body": env.body}
+    return {
+        "t": round(t, 6),
+        "clock": env.clock,
+        "id": env.id,
+        "src": env.src,
+        "dst": env.dst,
+        "kind": env.kind,
+        "corr": env.corr,
+        "rr": env.rr,
+        "flow": env.flow,
+        "body": env.body,
+    }
 
 
 class TraceWriter:
@@ -79,7 +89,7 @@ def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if not chain:
             continue
         start = bisect.bisect_left(times[rec["dst"]], rec["t"] - skew)
-        for j in chain[start:start + SCAN_LIMIT]:
+        for j in chain[start : start + SCAN_LIMIT]:
             if j != i and recs[j]["clock"] > rec["clock"]:
                 edge(i, j)
                 break

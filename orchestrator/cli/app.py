@@ -34,9 +34,13 @@ EXIT_CODES = {
 }
 EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it.",
-                  epilog="Exit codes: " + "; ".join(f"{c} {w}" for c, w in EXIT_CODES.items()) + ".")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it.",
+    epilog="Exit codes: " + "; ".join(f"{c} {w}" for c, w in EXIT_CODES.items()) + ".",
+)
 
 
 def _scale() -> typer.Typer:
@@ -58,8 +62,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it."""
 
 
@@ -80,23 +87,41 @@ def _writable_dir(value: str | None) -> str | None:
 
 @app.command()
 def demo(
-    vms: int = typer.Option(2, "--vms", min=1, max=256, help="How many VMs (guest + vmm each); "
-                            "refused when this machine cannot hold them (the limit is named)."),
-    seed: int = typer.Option(RUN.seed, "--seed", help="The run's seed (workload, frame placement, interleaving)."),
+    vms: int = typer.Option(
+        2,
+        "--vms",
+        min=1,
+        max=256,
+        help="How many VMs (guest + vmm each); "
+        "refused when this machine cannot hold them (the limit is named).",
+    ),
+    seed: int = typer.Option(
+        RUN.seed, "--seed", help="The run's seed (workload, frame placement, interleaving)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
-    runtime: Runtime = typer.Option(Runtime.PROCESSES, "--runtime",
-                                help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process."),
-    trace_out: str | None = typer.Option(None, "--trace-out", callback=_writable_dir,
-                                            help="Also write trace.jsonl, trace.perfetto.json and the "
-                                                 "sequence diagrams into this directory."),
-    policy: Policy = typer.Option(RUN.policy, "--policy",
-                               help="Free-before-unbind cleanup policy."),
-    transport: Transport = typer.Option(RUN.transport, "--transport",
-                                  help="processes runtime: ipc (sockets in the private run directory) "
-                                       "or tcp (127.0.0.1 ports only)."),
-    workload: Workload = typer.Option(VM.workload, "--workload",
-                                 help="Guest workload (demo runs every flow; others replay explore's runs)."),
-    iterations: int = typer.Option(DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
+    runtime: Runtime = typer.Option(
+        Runtime.PROCESSES,
+        "--runtime",
+        help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process.",
+    ),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=_writable_dir,
+        help="Also write trace.jsonl, trace.perfetto.json and the sequence diagrams into this directory.",
+    ),
+    policy: Policy = typer.Option(RUN.policy, "--policy", help="Free-before-unbind cleanup policy."),
+    transport: Transport = typer.Option(
+        RUN.transport,
+        "--transport",
+        help="processes runtime: ipc (sockets in the private run directory) or tcp (127.0.0.1 ports only).",
+    ),
+    workload: Workload = typer.Option(
+        VM.workload, "--workload", help="Guest workload (demo runs every flow; others replay explore's runs)."
+    ),
+    iterations: int = typer.Option(
+        DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."
+    ),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from vsva.analysis.export import write_all
@@ -125,8 +150,10 @@ def _batch_sizes(value: str) -> list[int]:
     for item in value.split(","):
         item = item.strip()
         if not item.isdigit() or not 1 <= int(item) <= top:
-            raise typer.BadParameter(f"{item!r} is not a batch size in [1, {top}] "
-                                     "(comma-separated, e.g. 1,64,1024)", param_hint="'--batches'")
+            raise typer.BadParameter(
+                f"{item!r} is not a batch size in [1, {top}] (comma-separated, e.g. 1,64,1024)",
+                param_hint="'--batches'",
+            )
         sizes.append(int(item))
     return sizes
 
@@ -134,8 +161,9 @@ def _batch_sizes(value: str) -> list[int]:
 @app.command()
 def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    batches: str = typer.Option("1,64,1024,65536", "--batches",
-                                help="Comma-separated batch sizes, each in [1, 65536]."),
+    batches: str = typer.Option(
+        "1,64,1024,65536", "--batches", help="Comma-separated batch sizes, each in [1, 65536]."
+    ),
 ) -> None:
     """Throughput of the compiled hot path against the pure-Python twin and bare baselines."""
     from vsva.cli.bench import run_bench
@@ -152,9 +180,12 @@ def explore(
     first: int = typer.Option(1, "--first", help="The first seed."),
     vms: int = typer.Option(2, "--vms", min=1, max=8),
     policy: Policy = typer.Option(RUN.policy, "--policy", help="Cleanup policy."),
-    workload: Workload = typer.Option(VM.workload, "--workload",
-                                 help="Guest workload; 'churn' frees bound PASIDs over and over."),
-    iterations: int = typer.Option(DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."),
+    workload: Workload = typer.Option(
+        VM.workload, "--workload", help="Guest workload; 'churn' frees bound PASIDs over and over."
+    ),
+    iterations: int = typer.Option(
+        DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Seeded interleavings in the deterministic runtime; prints the seed of every failing run.
@@ -169,22 +200,34 @@ def explore(
         topology = default_topology(vms, seed=seed, policy=policy, workload=workload, iterations=iterations)
         rep = report(run_session(topology, "sim"), topology, "sim")
         if not rep["ok"]:
-            failing.append({"seed": seed, "violations": rep["audit"]["violations"],
-                            "failed_steps": rep["steps"]["failed"]})
+            failing.append(
+                {
+                    "seed": seed,
+                    "violations": rep["audit"]["violations"],
+                    "failed_steps": rep["steps"]["failed"],
+                }
+            )
             if not as_json:
-                typer.echo(f"seed {seed}: FAIL ({len(rep['audit']['violations'])} violations, "
-                           f"{len(rep['steps']['failed'])} failed steps); replay: vsva demo --runtime sim "
-                           f"--seed {seed} --vms {vms} --policy {policy} --workload {workload} "
-                           f"--iterations {iterations}")
+                typer.echo(
+                    f"seed {seed}: FAIL ({len(rep['audit']['violations'])} violations, "
+                    f"{len(rep['steps']['failed'])} failed steps); replay: vsva demo --runtime sim "
+                    f"--seed {seed} --vms {vms} --policy {policy} --workload {workload} "
+                    f"--iterations {iterations}"
+                )
     if as_json:
-        typer.echo(json.dumps({"seeds": seeds, "first": first, "policy": policy, "workload": workload,
-                               "failing": failing}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"seeds": seeds, "first": first, "policy": policy, "workload": workload, "failing": failing},
+                indent=2,
+            )
+        )
     else:
         typer.echo(f"{seeds - len(failing)}/{seeds} seeds passed")
     raise typer.Exit(1 if failing else 0)
 
 
 # ---- live topologies: up / ps / kill / audit / down, and scripted fault runs -----------------
+
 
 def _fail(code: int, message: str) -> None:
     """One line on stderr and the exit code."""
@@ -205,8 +248,13 @@ def _state_dir_option(value: str | None) -> str | None:
     return value
 
 
-STATE_DIR = typer.Option(None, "--state-dir", envvar="VSVA_STATE_DIR", callback=_state_dir_option,
-                         help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID).")
+STATE_DIR = typer.Option(
+    None,
+    "--state-dir",
+    envvar="VSVA_STATE_DIR",
+    callback=_state_dir_option,
+    help="Where the state file lives (default $XDG_RUNTIME_DIR/vsva or /tmp/vsva-UID).",
+)
 
 
 def _state_file(state_dir: str | None) -> str:
@@ -230,8 +278,11 @@ def _parse_state(path: str) -> dict:
             state = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptState(f"{exc}".splitlines()[0]) from None
-    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) \
-            or not all(isinstance(state.get(k), str) for k in ("run_dir", "ctl")):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("pid"), int)
+        or not all(isinstance(state.get(k), str) for k in ("run_dir", "ctl"))
+    ):
         raise CorruptState("not a supervisor's state (pid, run_dir, ctl)")
     return state
 
@@ -268,9 +319,11 @@ def _ctl(state: dict, op: str, timeout: float = 20.0, **body) -> dict:
         sock.send(msgpack.packb({"op": op, **body}))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             alive = _pid_alive(state["pid"])
-            typer.echo(f"vsva: the supervisor (pid {state['pid']}) did not answer {op!r} within "
-                       f"{timeout:.0f} s" + ("" if alive else " (it is not running: `vsva down` cleans up)"),
-                       err=True)
+            typer.echo(
+                f"vsva: the supervisor (pid {state['pid']}) did not answer {op!r} within "
+                f"{timeout:.0f} s" + ("" if alive else " (it is not running: `vsva down` cleans up)"),
+                err=True,
+            )
             raise typer.Exit(3)
         return msgpack.unpackb(sock.recv(), raw=False)
     finally:
@@ -296,22 +349,32 @@ def _ps_table(status: dict):
     for p in status["processes"]:
         up = "-" if p.get("uptime_s") is None else f"{p['uptime_s']:.1f} s"
         style = {"running": "green", "unresponsive": "yellow"}.get(p["state"], "red")
-        table.add_row(p["name"], p["kind"], str(p["pid"]), f"[{style}]{p['state']}[/{style}]", up,
-                      str(p["restarts"]))
-    vms = ", ".join(f"vm{vm} {v['state']}" + ("" if not v["workload"] else
-                                              f" (workload {'ok' if v['workload']['ok'] else 'ret ' + str(v['workload']['ret'])})")
-                    for vm, v in status.get("vms", {}).items())
+        table.add_row(
+            p["name"], p["kind"], str(p["pid"]), f"[{style}]{p['state']}[/{style}]", up, str(p["restarts"])
+        )
+    vms = ", ".join(
+        f"vm{vm} {v['state']}"
+        + (
+            ""
+            if not v["workload"]
+            else f" (workload {'ok' if v['workload']['ok'] else 'ret ' + str(v['workload']['ret'])})"
+        )
+        for vm, v in status.get("vms", {}).items()
+    )
     table.caption = vms + ("  HOST LOST" if status.get("host_lost") else "")
     return table
 
 
 @app.command()
 def up(
-    topology: str | None = typer.Argument(None, help="Topology TOML file (default: the two-VM demo topology)."),
+    topology: str | None = typer.Argument(
+        None, help="Topology TOML file (default: the two-VM demo topology)."
+    ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
     state_dir: str | None = STATE_DIR,
-    ready_timeout: float = typer.Option(30.0, "--ready-timeout", min=0.01, max=3600,
-                                        help="Seconds to wait for the topology to start."),
+    ready_timeout: float = typer.Option(
+        30.0, "--ready-timeout", min=0.01, max=3600, help="Seconds to wait for the topology to start."
+    ),
 ) -> None:
     """Start a topology and keep it running: live status table, or --detach."""
     import subprocess
@@ -326,8 +389,11 @@ def up(
             typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
             old = {"pid": -1}
         if _pid_alive(old["pid"]):
-            typer.echo(f"vsva: a topology is already running (supervisor pid {old['pid']}, {old['run_dir']});"
-                       " `vsva down` first", err=True)
+            typer.echo(
+                f"vsva: a topology is already running (supervisor pid {old['pid']}, {old['run_dir']});"
+                " `vsva down` first",
+                err=True,
+            )
             raise typer.Exit(1)
         _cleanup_stale(old, path)
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
@@ -338,8 +404,14 @@ def up(
     if topology:
         cmd.append(os.path.abspath(topology))
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     end = time.monotonic() + ready_timeout
     state = None
     while time.monotonic() < end:
@@ -358,8 +430,10 @@ def up(
         typer.echo(f"vsva up: not ready within {ready_timeout:.0f} s (log: {log_path})", err=True)
         raise typer.Exit(1)
     if detach:
-        typer.echo(f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
-                   f"{state['run_dir']}; `vsva ps`, `vsva down`")
+        typer.echo(
+            f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+            f"{state['run_dir']}; `vsva ps`, `vsva down`"
+        )
         return
     import signal as _signal
 
@@ -367,6 +441,7 @@ def up(
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
+
     _signal.signal(_signal.SIGTERM, _interrupt)
     try:
         with Live(_ps_table(_ctl(state, "ps")), refresh_per_second=4) as live:
@@ -441,22 +516,27 @@ def audit(
 ) -> None:
     """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
     reply = _ctl(_read_state(state_dir), "audit", timeout=30.0)
-    result = reply.get("audit", {"ok": False, "violations": [{"invariant": "run", "what": reply.get("error")}]})
+    result = reply.get(
+        "audit", {"ok": False, "violations": [{"invariant": "run", "what": reply.get("error")}]}
+    )
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:
         typer.echo("audit: clean" if result["ok"] else f"audit: {len(result['violations'])} violation(s)")
         for v in result["violations"]:
-            typer.echo(f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "
-                       f"pasid {v.get('pasid')})")
+            typer.echo(
+                f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "
+                f"pasid {v.get('pasid')})"
+            )
     raise typer.Exit(0 if result["ok"] else 1)
 
 
 @app.command()
 def down(
     state_dir: str | None = STATE_DIR,
-    timeout: float = typer.Option(30.0, "--timeout", min=0, max=3600,
-                                  help="Seconds to wait for the supervisor to finish."),
+    timeout: float = typer.Option(
+        30.0, "--timeout", min=0, max=3600, help="Seconds to wait for the supervisor to finish."
+    ),
 ) -> None:
     """Stop the running topology (VMs stopped through F8, then every process) and clean up."""
     import signal

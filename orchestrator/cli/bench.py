@@ -65,9 +65,17 @@ def build_tables(seed: int = 1):
     pasids = np.array(pasids, np.uint32)[order]
     vas = np.array(vas, np.uint64)[order] | offsets
     frames = np.array(expect, np.uint64)[order]
-    return {"host": host, "dir": dir_hpa, "pasids": pasids, "vas": vas, "frames": frames,
-            "expect": (frames << np.uint64(PAGE_SHIFT)) | offsets,
-            "flptrs": flptrs, "slptrs": slptrs, "npages": npages}
+    return {
+        "host": host,
+        "dir": dir_hpa,
+        "pasids": pasids,
+        "vas": vas,
+        "frames": frames,
+        "expect": (frames << np.uint64(PAGE_SHIFT)) | offsets,
+        "flptrs": flptrs,
+        "slptrs": slptrs,
+        "npages": npages,
+    }
 
 
 def _chunks(n: int, batch: int):
@@ -101,13 +109,14 @@ def _translator(io, t, out_pa, out_fault, access):
     pasids, vas = t["pasids"], t["vas"]
 
     def fn(lo, hi):
-        io.translate(DEV, pasids[lo:hi], vas[lo:hi], access[lo:hi], out_pa[lo:hi],
-                     out_fault[lo:hi])
+        io.translate(DEV, pasids[lo:hi], vas[lo:hi], access[lo:hi], out_pa[lo:hi], out_fault[lo:hi])
+
     return fn
 
 
-def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
-              python_addresses: int = 2048, seed: int = 1) -> dict:
+def run_bench(
+    batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5, python_addresses: int = 2048, seed: int = 1
+) -> dict:
     """Run the hot-path benchmark; returns the result dict (shape in the module docstring).
 
     json=False prints a readable table and the ratios; json=True prints nothing (the caller
@@ -127,8 +136,7 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
 
     def record(case, b, impl, v, **extra):
         ns[(case, b, impl)] = v
-        results.append({"case": case, "batch": b, "impl": impl, "ns_per_translation": v,
-                        **extra})
+        results.append({"case": case, "batch": b, "impl": impl, "ns_per_translation": v, **extra})
 
     access = np.full(n, ACCESS_READ, np.uint8)
     out_pa = np.zeros(n, np.uint64)
@@ -167,8 +175,14 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
             big.reset_counters()
             v = _time_batches(fn, nb, min(b, nb), before=drop, repeats=1)
             c = big.counters()
-            record("mix", b, impl, v, memory_refs=c["memory_refs"] / max(1, c["translations"]),
-                   hit_rate=round(c["iotlb_hits"] / max(1, c["iotlb_lookups"]), 5))
+            record(
+                "mix",
+                b,
+                impl,
+                v,
+                memory_refs=c["memory_refs"] / max(1, c["translations"]),
+                hit_rate=round(c["iotlb_hits"] / max(1, c["iotlb_lookups"]), 5),
+            )
         counters[impl] = big.counters()
         # (b) cold walks: default IOTLB geometry, global invalidation before every batch
         cold = cls(host.mem, host.owners)
@@ -179,8 +193,13 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
         for b in batches:
             nb = min(ncold, 4096 if impl != "python" else 256) if b == 1 else ncold
             cold.reset_counters()
-            v = _time_batches(cfn, nb, min(b, nb), before=lambda lo, hi: cold.inv_iotlb("global"),
-                              repeats=reps if b > 1 else 1)
+            v = _time_batches(
+                cfn,
+                nb,
+                min(b, nb),
+                before=lambda lo, hi: cold.inv_iotlb("global"),
+                repeats=reps if b > 1 else 1,
+            )
             c = cold.counters()
             record("cold", b, impl, v, memory_refs=c["memory_refs"] / max(1, c["translations"]))
 
@@ -197,6 +216,7 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
 
         def hfn(lo, hi):
             bh.lookup(pasids[lo:hi], vas[lo:hi], bout[lo:hi])
+
         hfn(0, n)
         if not np.array_equal(bout, t["expect"]):
             raise RuntimeError("bare hash returned wrong addresses")
@@ -205,6 +225,7 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
 
         def wfn(lo, hi):
             bare_walk(mem, fl, sl, pasids[lo:hi], vas[lo:hi], wout[lo:hi])
+
         wfn(0, n)
         if not np.array_equal(wout, t["expect"]):
             raise RuntimeError("bare walk returned wrong addresses")
@@ -212,8 +233,9 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
             nb = min(n, 8192) if b == 1 else n
             record("hit", b, "baseline", _time_batches(hfn, nb, min(b, nb), repeats=repeats))
             nb = min(n, 4096) if b == 1 else n
-            record("cold", b, "baseline", _time_batches(wfn, nb, min(b, nb), repeats=repeats),
-                   memory_refs=24.0)
+            record(
+                "cold", b, "baseline", _time_batches(wfn, nb, min(b, nb), repeats=repeats), memory_refs=24.0
+            )
 
     ratios = {}
     ref_b = 1024 if 1024 in batches else max(batches)
@@ -259,8 +281,7 @@ def run_bench(batches=ALL_BATCHES, json: bool = False, *, repeats: int = 5,
 
 
 def _print_table(out: dict) -> None:
-    print(f"vsva hot-path bench: {out['pages']} mapped pages, default implementation "
-          f"{out['implementation']}")
+    print(f"vsva hot-path bench: {out['pages']} mapped pages, default implementation {out['implementation']}")
     print(f"{'case':<6} {'impl':<9} " + " ".join(f"{'B=' + str(b):>11}" for b in out["batches"]))
     rows = {}
     for r in out["results"]:
@@ -275,9 +296,7 @@ def _print_table(out: dict) -> None:
         if "memory_refs" in any_r:
             extra = f"  refs/xlate {any_r['memory_refs']}"
         print(f"{case:<6} {impl:<9} " + " ".join(cells) + extra)
-    print("ratios:", ", ".join(f"{k}={v}" for k, v in out["ratios"].items()
-                               if not k[-1].isdigit()))
+    print("ratios:", ", ".join(f"{k}={v}" for k, v in out["ratios"].items() if not k[-1].isdigit()))
     if out["targets"]:
-        print("targets:", ", ".join(f"{k}: {'ok' if v else 'MISSED'}"
-                                    for k, v in out["targets"].items()))
+        print("targets:", ", ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in out["targets"].items()))
     print(f"({out['seconds']} s)")

@@ -48,20 +48,24 @@ def needs(topology: Topology) -> dict[str, int]:
     host talk to every actor), memory in MB, shared memory in bytes, processes."""
     actors = len(topology.actors)
     vms = len(topology.vms)
-    return {"fds": FDS_BASE + FDS_PER_PEER * (actors + 1),
-            "memory_mb": MB_BASE + MB_PER_ACTOR * actors + MB_PER_VM_SHARED * 3 * vms,
-            "shm_bytes": topology.mem_frames * PAGE_SIZE,
-            "processes": actors + 1}
+    return {
+        "fds": FDS_BASE + FDS_PER_PEER * (actors + 1),
+        "memory_mb": MB_BASE + MB_PER_ACTOR * actors + MB_PER_VM_SHARED * 3 * vms,
+        "shm_bytes": topology.mem_frames * PAGE_SIZE,
+        "processes": actors + 1,
+    }
 
 
 def limits() -> dict[str, int]:
     """What this machine offers now."""
     st = os.statvfs(SHM_DIR)
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-    return {"fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            "memory_mb": _mem_available_mb(),
-            "shm_bytes": st.f_bavail * st.f_frsize,
-            "processes": nproc if nproc != resource.RLIM_INFINITY else 1 << 30}
+    return {
+        "fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "memory_mb": _mem_available_mb(),
+        "shm_bytes": st.f_bavail * st.f_frsize,
+        "processes": nproc if nproc != resource.RLIM_INFINITY else 1 << 30,
+    }
 
 
 def check(topology: Topology) -> None:
@@ -70,14 +74,15 @@ def check(topology: Topology) -> None:
     if vms > MAX_VMS:
         raise CapacityError(f"{vms} VMs; at most {MAX_VMS}")
     need, have = needs(topology), limits()
-    why = {"fds": "file descriptors per process (RLIMIT_NOFILE, hard limit)",
-           "memory_mb": "MB of available memory (MemAvailable)",
-           "shm_bytes": f"bytes free in {SHM_DIR} for the shared-memory file",
-           "processes": "processes (RLIMIT_NPROC)"}
+    why = {
+        "fds": "file descriptors per process (RLIMIT_NOFILE, hard limit)",
+        "memory_mb": "MB of available memory (MemAvailable)",
+        "shm_bytes": f"bytes free in {SHM_DIR} for the shared-memory file",
+        "processes": "processes (RLIMIT_NPROC)",
+    }
     for key, what in why.items():
         if need[key] > have[key]:
-            raise CapacityError(f"{vms} VMs need about {need[key]} {what}; this machine has "
-                                f"{have[key]}")
+            raise CapacityError(f"{vms} VMs need about {need[key]} {what}; this machine has {have[key]}")
 
 
 def _mem_available_mb() -> int:

@@ -36,8 +36,15 @@ def quarantine_leaks(snapshots: dict[str, Any]) -> list[dict[str, Any]]:
     leaked = snapshots.get(HOST, {}).get("quarantined", {})
     if not leaked:
         return []
-    return [{"invariant": "I4", "what": f"{len(leaked)} PASID(s) quarantined (leaked)",
-             "actors": [HOST], "vm": None, "pasid": None}]
+    return [
+        {
+            "invariant": "I4",
+            "what": f"{len(leaked)} PASID(s) quarantined (leaked)",
+            "actors": [HOST],
+            "vm": None,
+            "pasid": None,
+        }
+    ]
 
 
 class Orchestrator(Actor):
@@ -58,8 +65,7 @@ class Orchestrator(Actor):
 
     def boot(self, vms: list[int]):
         """vm_start on each VM's vmm, `POWER_ON_WINDOW` at a time; returns {vm: reply}."""
-        replies = yield from gather_bounded([Call(vmm_name(vm), VmStart(), flow="boot")
-                                             for vm in vms])
+        replies = yield from gather_bounded([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
         return dict(zip(vms, replies))
 
     def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT):
@@ -68,8 +74,7 @@ class Orchestrator(Actor):
 
     def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT):
         """Every listed VM's workload at once; returns {vm: report}."""
-        replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout)
-                                for vm in vms])
+        replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout) for vm in vms])
         return dict(zip(vms, replies))
 
     def settle(self, limit: float = 10.0, tick: float = 0.005):
@@ -92,8 +97,10 @@ class Orchestrator(Actor):
         yield from self.settle()
         names = self.topology.names() if names is None else names
         replies = yield Gather([Call(n, Snapshot()) for n in names])
-        return {n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
-                for n, r in zip(names, replies)}
+        return {
+            n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
+            for n, r in zip(names, replies)
+        }
 
     def audit_live(self, names: list[str] | None = None):
         """Snapshot and audit the live topology: {"ok", "violations", "snapshots"}."""
@@ -104,8 +111,9 @@ class Orchestrator(Actor):
     def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT):
         """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}.
         `timeout` None: vm_stop's, scaled to the topology (vsva.ops.pacing)."""
-        replies = yield Gather([Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=timeout)
-                                for vm in vms])
+        replies = yield Gather(
+            [Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=timeout) for vm in vms]
+        )
         return dict(zip(vms, replies))
 
     def shutdown_all(self):
@@ -116,9 +124,16 @@ class Controller(Orchestrator):
     """One scripted session: boot every VM, run the workloads, audit, stop the VMs (F8),
     audit again, shut down. The outcome is `result` (None until the session ends)."""
 
-    def __init__(self, topology: Topology, *, shutdown: bool = True, stop_vms: bool = True,
-                 env: ActorEnv | None = None, on_phase: Callable[[str], None] | None = None,
-                 workload_timeout: float = WORKLOAD_TIMEOUT):
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        shutdown: bool = True,
+        stop_vms: bool = True,
+        env: ActorEnv | None = None,
+        on_phase: Callable[[str], None] | None = None,
+        workload_timeout: float = WORKLOAD_TIMEOUT,
+    ):
         super().__init__(topology, env)
         self.shutdown_at_end = shutdown
         self.stop_at_end = stop_vms

@@ -20,8 +20,9 @@ from vsva.runtime.sim import SimRuntime
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
 
-def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
-                timeout: float = 120.0) -> dict[str, Any]:
+def run_session(
+    topology: Topology, runtime: Runtime | str = Runtime.PROCESSES, timeout: float = 120.0
+) -> dict[str, Any]:
     """Run one Controller session; returns its result plus trace, processes and timings."""
     started = time.monotonic()
     if Runtime(runtime) == Runtime.SIM:
@@ -30,10 +31,15 @@ def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
         rt.start()
         rt.run(until=lambda: ctl.result is not None)
         rt.run()  # let the shutdown replies land
-        return {**(ctl.result or _no_result("the deterministic run went quiescent without a result")),
-                "trace": merge(rt.trace), "processes": [], "ready_s": 0.0, "files": [],
-                "timeouts": ctl.timeouts,
-                "elapsed_s": time.monotonic() - started}
+        return {
+            **(ctl.result or _no_result("the deterministic run went quiescent without a result")),
+            "trace": merge(rt.trace),
+            "processes": [],
+            "ready_s": 0.0,
+            "files": [],
+            "timeouts": ctl.timeouts,
+            "elapsed_s": time.monotonic() - started,
+        }
     from vsva.ops.launcher import Launcher
 
     with Launcher(topology) as launcher:
@@ -41,16 +47,26 @@ def run_session(topology: Topology, runtime: Runtime | str = Runtime.PROCESSES,
         ctl = Controller(topology)
         launcher.run_actor(ctl, timeout=timeout)
         launcher.close()
-        return {**(ctl.result or _no_result(f"no result within {timeout:.0f} s")),
-                "trace": launcher.trace(), "processes": launcher.processes(), "ready_s": ready,
-                "files": [launcher.run_dir, launcher.shm_path], "endpoints": launcher.endpoints(),
-                "timeouts": ctl.timeouts,
-                "elapsed_s": time.monotonic() - started}
+        return {
+            **(ctl.result or _no_result(f"no result within {timeout:.0f} s")),
+            "trace": launcher.trace(),
+            "processes": launcher.processes(),
+            "ready_s": ready,
+            "files": [launcher.run_dir, launcher.shm_path],
+            "endpoints": launcher.endpoints(),
+            "timeouts": ctl.timeouts,
+            "elapsed_s": time.monotonic() - started,
+        }
 
 
 def _no_result(why: str) -> dict[str, Any]:
-    return {"vm_start": {}, "workloads": {}, "vm_stop": {}, "snapshots": {},
-            "violations": [{"invariant": "run", "what": why, "actors": [], "vm": None, "pasid": None}]}
+    return {
+        "vm_start": {},
+        "workloads": {},
+        "vm_stop": {},
+        "snapshots": {},
+        "violations": [{"invariant": "run", "what": why, "actors": [], "vm": None, "pasid": None}],
+    }
 
 
 def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) -> dict[str, Any]:
@@ -62,7 +78,8 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
             flows[s["flow"]] += 1
     flows["F8"] += sum(1 for r in session.get("vm_stop", {}).values() if r.get("ret") == 0)
     vm_ok = len(session["workloads"]) == len(topology.vms) and all(
-        w.get("ret") == 0 for w in session["workloads"].values())
+        w.get("ret") == 0 for w in session["workloads"].values()
+    )
     failed = [s for s in steps if not s["ok"]]
     return {
         "ok": vm_ok and not failed and not session["violations"],
@@ -78,8 +95,9 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "processes": session["processes"],
         "run_files": session["files"],
         "messages": len(session["trace"]),
-        "timeouts": timeouts_in(session["vm_start"], session["workloads"], session["vm_stop"],
-                                records=session.get("timeouts", ())),
+        "timeouts": timeouts_in(
+            session["vm_start"], session["workloads"], session["vm_stop"], records=session.get("timeouts", ())
+        ),
         "ready_s": round(session["ready_s"], 3),
         "elapsed_s": round(session["elapsed_s"], 3),
     }
@@ -87,9 +105,12 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
 
 def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     """The human view: the timeline grouped by flow, each VM's steps, then the audit verdict."""
-    echo(f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime"
-         + (f" over {rep['transport']}" if rep.get("transport") else "") + ", "
-         f"hot path {rep['hotpath']}, {rep['messages']} messages")
+    echo(
+        f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime"
+        + (f" over {rep['transport']}" if rep.get("transport") else "")
+        + ", "
+        f"hot path {rep['hotpath']}, {rep['messages']} messages"
+    )
     for title, lines in timeline(session["trace"]):
         echo(f"\n== {title}")
         for line in lines:
@@ -99,8 +120,10 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
         for s in work.get("steps", []):
             mark = "ok  " if s["ok"] else "FAIL"
             extra = f" users={s['users']}" if s.get("users") else ""
-            echo(f"  {mark} {vm:<10} {s['flow']} {s['what']}{extra}"
-                 + (f"  [{s['error']}]" if s.get("error") else ""))
+            echo(
+                f"  {mark} {vm:<10} {s['flow']} {s['what']}{extra}"
+                + (f"  [{s['error']}]" if s.get("error") else "")
+            )
     echo("\n== flows completed: " + ", ".join(f"{f}={n}" for f, n in rep["flows"].items()))
     for proc in rep["processes"]:
         echo(f"  process {proc['name']:<10} pid {proc['pid']:<7} exit {proc.get('exitcode')}")
@@ -108,19 +131,29 @@ def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], N
     for line in render_timeouts(rep["timeouts"]):
         echo("  " + line)
     violations = rep["audit"]["violations"]
-    echo(f"\n== audit ({', '.join(rep['audit']['checked'])}): "
-         + ("clean" if not violations else f"{len(violations)} violation(s)"))
+    echo(
+        f"\n== audit ({', '.join(rep['audit']['checked'])}): "
+        + ("clean" if not violations else f"{len(violations)} violation(s)")
+    )
     for v in violations:
         echo(f"  {v['invariant']}: {v['what']} (actors {v['actors']}, vm {v['vm']}, pasid {v['pasid']})")
-    echo(f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'} ({rep['elapsed_s']} s, ready after {rep['ready_s']} s)")
+    echo(
+        f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'} ({rep['elapsed_s']} s, ready after {rep['ready_s']} s)"
+    )
 
 
-def demo(vms: int = 2, seed: int = RUN.seed, runtime: Runtime | str = Runtime.PROCESSES,
-         policy: Policy | str = RUN.policy, transport: Transport | str = RUN.transport,
-         workload: str = VM.workload, iterations: int = DEMO_ITERATIONS,
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
+def demo(
+    vms: int = 2,
+    seed: int = RUN.seed,
+    runtime: Runtime | str = Runtime.PROCESSES,
+    policy: Policy | str = RUN.policy,
+    transport: Transport | str = RUN.transport,
+    workload: str = VM.workload,
+    iterations: int = DEMO_ITERATIONS,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
-    topology = default_topology(vms, seed=seed, policy=policy, workload=workload,
-                                iterations=iterations, transport=transport)
+    topology = default_topology(
+        vms, seed=seed, policy=policy, workload=workload, iterations=iterations, transport=transport
+    )
     session = run_session(topology, runtime)
     return session, report(session, topology, runtime)

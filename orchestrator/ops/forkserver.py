@@ -79,8 +79,7 @@ class ForkedChild:
 class ForkServer:
     """One zygote process per launcher; see the module docstring."""
 
-    def __init__(self, env: dict[str, str], python: str = sys.executable,
-                 timeout: float = START_TIMEOUT):
+    def __init__(self, env: dict[str, str], python: str = sys.executable, timeout: float = START_TIMEOUT):
         # numpy's BLAS would start a thread pool at import: one thread, or nothing could fork
         env = {**env, **SINGLE_THREADED}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -89,10 +88,20 @@ class ForkServer:
         self.pidfds: dict[int, int] = {}  # pid -> the pidfd the zygote sent (ours to close)
         try:
             self.proc = subprocess.Popen(
-                [python, "-m", "vsva.runtime.zygote", "--fd", str(theirs.fileno()),
-                 "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                pass_fds=(theirs.fileno(),))
+                [
+                    python,
+                    "-m",
+                    "vsva.runtime.zygote",
+                    "--fd",
+                    str(theirs.fileno()),
+                    "--parent-pid",
+                    str(os.getpid()),
+                ],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                pass_fds=(theirs.fileno(),),
+            )
         finally:
             theirs.close()
         self.timeout = timeout

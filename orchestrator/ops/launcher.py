@@ -96,10 +96,19 @@ class _Proc:
 class Launcher:
     """Runs a Topology as processes; see the module docstring."""
 
-    def __init__(self, topology: Topology, *, keep: bool = False, ready_timeout: float = 20.0,
-                 term_timeout: float = 2.0, extra_path: Sequence[str] = (),
-                 base_dir: str | None = None, log: Callable[[str], None] | None = None,
-                 python: str = sys.executable, fork: bool | None = None):
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        keep: bool = False,
+        ready_timeout: float = 20.0,
+        term_timeout: float = 2.0,
+        extra_path: Sequence[str] = (),
+        base_dir: str | None = None,
+        log: Callable[[str], None] | None = None,
+        python: str = sys.executable,
+        fork: bool | None = None,
+    ):
         self.topology = topology
         self.keep = keep
         self.ready_timeout = ready_timeout
@@ -167,8 +176,9 @@ class Launcher:
             self._await_ready(names, self.ready_timeout)
             self.runtime.expect(names)
             self.ready_seconds = time.monotonic() - t_spawn
-            self.log(f"{len(names)} actors ready in {self.ready_seconds * 1000:.0f} ms "
-                     f"(run dir {self.run_dir})")
+            self.log(
+                f"{len(names)} actors ready in {self.ready_seconds * 1000:.0f} ms (run dir {self.run_dir})"
+            )
         except BaseException:
             self.close()
             raise
@@ -178,14 +188,15 @@ class Launcher:
         self.t0 = time.time()
         self.run_dir = tempfile.mkdtemp(prefix="vsva-", dir=self.base_dir)
         os.chmod(self.run_dir, 0o700)
-        self.run_id = os.path.basename(self.run_dir)[len("vsva-"):]
+        self.run_id = os.path.basename(self.run_dir)[len("vsva-") :]
         self.shm_path = f"/dev/shm/vsva-{self.run_id}.mem"
         self.mem = PhysMem.create(self.shm_path, self.topology.mem_frames)
         with open(os.path.join(self.run_dir, "topology.json"), "w") as f:
             json.dump(dataclasses.asdict(self.topology), f, indent=1)
         with open(os.path.join(self.run_dir, "run.json"), "w") as f:
-            json.dump({"t0": self.t0, "shm": self.shm_path, "run_id": self.run_id,
-                       "launcher_pid": os.getpid()}, f)
+            json.dump(
+                {"t0": self.t0, "shm": self.shm_path, "run_id": self.run_id, "launcher_pid": os.getpid()}, f
+            )
         if self.fork:  # its imports overlap with the rest of the set-up
             self.forkserver = ForkServer(self._child_env(), self.python)
         self.ctx = new_context()
@@ -194,8 +205,9 @@ class Launcher:
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
         self.ctl.bind(control_endpoint(self.run_dir))
-        self.runtime = ZmqRuntime(ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log,
-                                  transport=self.transport)
+        self.runtime = ZmqRuntime(
+            ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log, transport=self.transport
+        )
         self._endpoints[ORCH] = self.runtime.endpoint
 
     def _child_env(self) -> dict[str, str]:
@@ -224,12 +236,28 @@ class Launcher:
 
     def _exec(self, spec: ActorSpec) -> tuple[subprocess.Popen, int]:
         """The fallback: a fresh interpreter running vsva.runtime.actor_process."""
-        cmd = [self.python, "-m", "vsva.runtime.actor_process", "--run-dir", self.run_dir,
-               "--name", spec.name, "--parent-pid", str(os.getpid())]
+        cmd = [
+            self.python,
+            "-m",
+            "vsva.runtime.actor_process",
+            "--run-dir",
+            self.run_dir,
+            "--name",
+            spec.name,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         with open(os.path.join(self.run_dir, f"{spec.name}.log"), "ab") as logf:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                     stderr=subprocess.STDOUT, env=self._child_env(),
-                                     cwd=self.run_dir, start_new_session=True, close_fds=True)
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self._child_env(),
+                cwd=self.run_dir,
+                start_new_session=True,
+                close_fds=True,
+            )
         return popen, os.pidfd_open(popen.pid)
 
     def _await_ready(self, names: list[str], timeout: float) -> None:
@@ -243,8 +271,9 @@ class Launcher:
         while waiting:
             left = end - time.monotonic()
             if left <= 0:
-                raise LaunchError(f"not ready within {timeout:.1f} s: {sorted(waiting)}"
-                                  + self._tails(sorted(waiting)))
+                raise LaunchError(
+                    f"not ready within {timeout:.1f} s: {sorted(waiting)}" + self._tails(sorted(waiting))
+                )
             for sock, _ in poller.poll(int(min(left, 0.1) * 1000) + 1):
                 if sock is self.ctl:
                     self._on_ready_messages(waiting)
@@ -252,12 +281,12 @@ class Launcher:
                 for name in names:
                     proc = self.procs[name]
                     if proc.pidfd == sock and self._reap(name):
-                        raise LaunchError(f"{name} exited with {proc.exitcode} before ready"
-                                          + self._tails([name]))
+                        raise LaunchError(
+                            f"{name} exited with {proc.exitcode} before ready" + self._tails([name])
+                        )
         for name in names:
             try:
-                self.ctl.send_multipart([name.encode(), msgpack.packb({"go": True})],
-                                        zmq.NOBLOCK)
+                self.ctl.send_multipart([name.encode(), msgpack.packb({"go": True})], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 raise LaunchError(f"cannot send go to {name}: {exc}") from None
 
@@ -274,8 +303,13 @@ class Launcher:
                 self.log("ignored a malformed control frame")
                 continue
             proc = self.procs.get(rid)
-            if (len(frames) != 2 or not isinstance(msg, dict) or msg.get("ready") != rid
-                    or proc is None or msg.get("pid") != proc.pid):
+            if (
+                len(frames) != 2
+                or not isinstance(msg, dict)
+                or msg.get("ready") != rid
+                or proc is None
+                or msg.get("pid") != proc.pid
+            ):
                 self.log(f"ignored control frame from {rid!r}: {msg!r}")
                 continue
             proc.ready_at = time.monotonic()
@@ -343,7 +377,7 @@ class Launcher:
                 self._reap(fds[fd])
             if self._death_cursor < len(self.deaths) or time.monotonic() >= end or not fds:
                 break
-        new = self.deaths[self._death_cursor:]
+        new = self.deaths[self._death_cursor :]
         self._death_cursor = len(self.deaths)
         return new
 
@@ -357,8 +391,9 @@ class Launcher:
                     self._reap(name)
             code = proc.child.returncode
             state = "running" if code is None else "killed" if code < 0 else "exited"
-            rows.append({"name": name, "kind": proc.spec.kind, "pid": proc.pid,
-                         "state": state, "exitcode": code})
+            rows.append(
+                {"name": name, "kind": proc.spec.kind, "pid": proc.pid, "state": state, "exitcode": code}
+            )
         return rows
 
     def endpoints(self) -> dict[str, str]:
@@ -408,8 +443,9 @@ class Launcher:
         self.runtime.expect([name])
         return self.procs[name].pid
 
-    def run_actor(self, actor: Actor, timeout: float = 60.0,
-                  until: Callable[[Actor], bool] | None = None) -> bool:
+    def run_actor(
+        self, actor: Actor, timeout: float = 60.0, until: Callable[[Actor], bool] | None = None
+    ) -> bool:
         """Run the orchestrator's own actor (named "orch") on this process's runtime; child
         deaths reach it as `peer_down(name, now)`. See ZmqRuntime.run_actor."""
         if self.runtime is None or self.closed:
@@ -450,8 +486,14 @@ class Launcher:
             atexit.unregister(self.close)
         except Exception:
             pass
-        steps = (self._stop_children, self._stop_forkserver, self._close_sockets, self._collect,
-                 self._drop_memory, self._remove_files)
+        steps = (
+            self._stop_children,
+            self._stop_forkserver,
+            self._close_sockets,
+            self._collect,
+            self._drop_memory,
+            self._remove_files,
+        )
         errors = []
         for step in steps:
             try:

@@ -32,9 +32,14 @@ def request_timeouts(vms: int, base: float) -> dict[str, float]:
     VMs (kinds not listed: `base`)."""
     host_queue = HOST_S_PER_VM * vms
     snapshot = base + SNAPSHOT_S_PER_ACTOR * (2 * vms + 3)
-    return {"vfio_open": base + host_queue, "vfio_close": base + host_queue,
-            "vm_start": 2 * base + host_queue, "vm_stop": 2 * base + host_queue,
-            "snapshot": snapshot, "pool_status": snapshot}
+    return {
+        "vfio_open": base + host_queue,
+        "vfio_close": base + host_queue,
+        "vm_start": 2 * base + host_queue,
+        "vm_stop": 2 * base + host_queue,
+        "snapshot": snapshot,
+        "pool_status": snapshot,
+    }
 
 
 def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW):
@@ -42,15 +47,17 @@ def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW):
     gather_bounded(calls)`); the replies in the order of the calls."""
     replies: list[Any] = []
     for i in range(0, len(calls), window):
-        replies += yield Gather(calls[i:i + window])
+        replies += yield Gather(calls[i : i + window])
     return replies
 
 
 def orch_config(topology: Any) -> dict[str, Any]:
     """The configuration of the orchestrator's own actor (it powers on, snapshots and stops
     every VM: the same per-kind timeouts as the actors)."""
-    return {"request_timeout": topology.request_timeout,
-            "timeouts": request_timeouts(len(topology.vms), topology.request_timeout)}
+    return {
+        "request_timeout": topology.request_timeout,
+        "timeouts": request_timeouts(len(topology.vms), topology.request_timeout),
+    }
 
 
 def timeouts_in(*results: Any, records: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
@@ -77,5 +84,8 @@ def timeouts_in(*results: Any, records: Iterable[dict[str, Any]] = ()) -> list[d
 
 def render_timeouts(records: Iterable[dict[str, Any]]) -> list[str]:
     """One line per timeout, for the text reports."""
-    return [f"{r.get('actor')}: {r.get('kind')} to {r.get('peer')} had no reply after "
-            f"{r.get('elapsed_s')} s (timeout {r.get('timeout_s')} s)" for r in records]
+    return [
+        f"{r.get('actor')}: {r.get('kind')} to {r.get('peer')} had no reply after "
+        f"{r.get('elapsed_s')} s (timeout {r.get('timeout_s')} s)"
+        for r in records
+    ]

@@ -25,9 +25,12 @@ from vsva.ops.topology_file import RunFile
 def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     sup = Supervisor(run, log=log)
-    report: dict[str, Any] = {"source": run.source, "seed": run.topology.seed,
-                              "policy": run.topology.spec(HOST).config.get("policy"),
-                              "vms": len(run.topology.vms)}
+    report: dict[str, Any] = {
+        "source": run.source,
+        "seed": run.topology.seed,
+        "policy": run.topology.spec(HOST).config.get("policy"),
+        "vms": len(run.topology.vms),
+    }
     try:
         sup.start()
         report["ready_s"] = round(sup.ready_s, 3)
@@ -50,33 +53,46 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
             report["vm_stop"] = {str(vm): r.get("ret") for vm, r in stopped.items()}
         report["host_lost"] = sup.host_lost
         report["processes"] = sup.processes()
-        report["injected"] = [{k: v for k, v in p.items() if k != "fault"} | {"fault": p["fault"]}
-                              for p in sup.faults]
+        report["injected"] = [
+            {k: v for k, v in p.items() if k != "fault"} | {"fault": p["fault"]} for p in sup.faults
+        ]
         report["recoveries"] = [_recovery(r) for r in sup.recoveries]
         report["workloads"] = {}
         for vm, st in sup.vms.items():
             w = st.workload or {}
             steps, summary = w.get("steps", []), w.get("summary", {})
             report["workloads"][str(vm)] = {
-                "state": st.state, "runs": st.runs, "ret": w.get("ret"), "ok": w.get("ok"),
-                "steps": summary.get("total", 0), "failed_steps": [s for s in steps if not s["ok"]][:5],
+                "state": st.state,
+                "runs": st.runs,
+                "ret": w.get("ret"),
+                "ok": w.get("ok"),
+                "steps": summary.get("total", 0),
+                "failed_steps": [s for s in steps if not s["ok"]][:5],
                 "verified_dma": summary.get("verified", 0),
-                "dma": ((final_audit or {}).get("snapshots", {}).get(guest_name(vm), {}) or {}).get("dma")}
+                "dma": ((final_audit or {}).get("snapshots", {}).get(guest_name(vm), {}) or {}).get("dma"),
+            }
         violations = []
         if final_audit is not None:
-            violations = final_audit["violations"] + [v for v in after["violations"]
-                                                      if v not in final_audit["violations"]]
-        report["timeouts"] = timeouts_in(report["workloads"], report.get("vm_stop"),
-                                         records=sup.actor.timeouts if sup.actor else ())
-        report["audit"] = {"ran": final_audit is not None, "ok": final_audit is not None and not violations,
-                           "violations": violations}
-        killed_vms = {int(r["actor"][2:].split(".")[0]) for r in sup.recoveries
-                      if r["kind"] in ("guest", "vmm")}
+            violations = final_audit["violations"] + [
+                v for v in after["violations"] if v not in final_audit["violations"]
+            ]
+        report["timeouts"] = timeouts_in(
+            report["workloads"], report.get("vm_stop"), records=sup.actor.timeouts if sup.actor else ()
+        )
+        report["audit"] = {
+            "ran": final_audit is not None,
+            "ok": final_audit is not None and not violations,
+            "violations": violations,
+        }
+        killed_vms = {
+            int(r["actor"][2:].split(".")[0]) for r in sup.recoveries if r["kind"] in ("guest", "vmm")
+        }
         survivors = [vm for vm in sup.vms if vm not in killed_vms or sup.vms[vm].runs > 1]
         report["surviving_vms"] = survivors if not sup.host_lost else []
         report["survivors_ok"] = all((sup.vms[vm].workload or {}).get("ok") for vm in report["surviving_vms"])
-        report["ok"] = (not sup.host_lost and report["audit"]["ok"] and report["survivors_ok"]
-                        and not report["timed_out"])
+        report["ok"] = (
+            not sup.host_lost and report["audit"]["ok"] and report["survivors_ok"] and not report["timed_out"]
+        )
     finally:
         sup.close()
         report["trace_messages"] = len(sup.launcher.trace())
@@ -88,8 +104,11 @@ def _recovered(sup: Supervisor) -> bool:
     seen = {r["actor"] for r in sup.recoveries}
     if any(p.get("pid") is not None and p["target"] not in seen for p in sup.faults):
         return False  # a kill whose death the launcher has not reported yet
-    return all("t_recovered" in r or r["kind"] in ("host",) or "error" in r
-               for r in sup.recoveries) and not sup.actions and not sup.pending
+    return (
+        all("t_recovered" in r or r["kind"] in ("host",) or "error" in r for r in sup.recoveries)
+        and not sup.actions
+        and not sup.pending
+    )
 
 
 def _recovery(r: dict[str, Any]) -> dict[str, Any]:
@@ -102,29 +121,47 @@ def _recovery(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(rep: dict[str, Any], echo: Callable[[str], None]) -> None:
-    echo(f"vsva run {rep['source']}: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, "
-         f"ready in {rep.get('ready_s', 0)} s")
+    echo(
+        f"vsva run {rep['source']}: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, "
+        f"ready in {rep.get('ready_s', 0)} s"
+    )
     echo("\n== injected")
     for p in rep.get("injected", []):
-        echo(f"  {p.get('target')}: {p.get('result', 'not fired')}"
-             + (f" at t={p['t']} s (pid {p.get('pid')}) on {p.get('trigger')}" if "t" in p else ""))
+        echo(
+            f"  {p.get('target')}: {p.get('result', 'not fired')}"
+            + (f" at t={p['t']} s (pid {p.get('pid')}) on {p.get('trigger')}" if "t" in p else "")
+        )
     echo("\n== recovered")
     for r in rep.get("recoveries", []):
         took = f" in {r['recovery_s'] * 1000:.0f} ms" if "recovery_s" in r else ""
-        echo(f"  {r['actor']} (exit {r['exitcode']}): {r.get('action')}{took}"
-             + (f" [{r['error']}]" if r.get("error") else ""))
+        echo(
+            f"  {r['actor']} (exit {r['exitcode']}): {r.get('action')}{took}"
+            + (f" [{r['error']}]" if r.get("error") else "")
+        )
     echo("\n== workloads")
     for vm, w in rep.get("workloads", {}).items():
-        echo(f"  vm{vm}: {w['state']}, workload ret {w['ret']} ok {w['ok']}, "
-             f"{w['verified_dma']} verified DMA, dma {w['dma']}")
+        echo(
+            f"  vm{vm}: {w['state']}, workload ret {w['ret']} ok {w['ok']}, "
+            f"{w['verified_dma']} verified DMA, dma {w['dma']}"
+        )
     echo("\n== timeouts: " + (f"{len(rep.get('timeouts', []))}" if rep.get("timeouts") else "none"))
     for line in render_timeouts(rep.get("timeouts", [])):
         echo("  " + line)
     a = rep["audit"]
-    echo("\n== audit: " + ("not run (host lost)" if not a["ran"] else "clean" if a["ok"]
-                          else f"{len(a['violations'])} violation(s)"))
+    echo(
+        "\n== audit: "
+        + (
+            "not run (host lost)"
+            if not a["ran"]
+            else "clean"
+            if a["ok"]
+            else f"{len(a['violations'])} violation(s)"
+        )
+    )
     for v in a["violations"]:
         echo(f"  {v['invariant']}: {v['what']} (actors {v['actors']}, vm {v['vm']}, pasid {v['pasid']})")
-    echo(f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'}"
-         + (" (host lost: run stopped and cleaned up)" if rep.get("host_lost") else "")
-         + f" ({rep['elapsed_s']} s)")
+    echo(
+        f"\nverdict: {'PASS' if rep['ok'] else 'FAIL'}"
+        + (" (host lost: run stopped and cleaned up)" if rep.get("host_lost") else "")
+        + f" ({rep['elapsed_s']} s)"
+    )

@@ -50,8 +50,13 @@ from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import Fault, RunFile
 
 RESTARTED = ("kvm", "vdcm")
-CONTROL_OPS: dict[str, dict[str, type]] = {"ps": {}, "status": {}, "kill": {"name": str}, "audit": {},
-                                           "down": {}}  # op -> its fields and their types
+CONTROL_OPS: dict[str, dict[str, type]] = {
+    "ps": {},
+    "status": {},
+    "kill": {"name": str},
+    "audit": {},
+    "down": {},
+}  # op -> its fields and their types
 WORKLOAD_TIMEOUT = 600.0
 
 
@@ -110,8 +115,9 @@ class SupervisorActor(Orchestrator):
 class Supervisor:
     """Drives one live topology; see the module docstring."""
 
-    def __init__(self, run: RunFile, *, launcher_kw: dict[str, Any] | None = None,
-                 log=None, workloads: bool = True):
+    def __init__(
+        self, run: RunFile, *, launcher_kw: dict[str, Any] | None = None, log=None, workloads: bool = True
+    ):
         from vsva.ops.launcher import Launcher
 
         self.run = run
@@ -167,10 +173,15 @@ class Supervisor:
     def write_state(self) -> None:
         if not self.state_file:
             return
-        state = {"pid": os.getpid(), "run_dir": self.launcher.run_dir, "shm": self.launcher.shm_path,
-                 "ctl": ctl_endpoint(self.launcher.run_dir), "source": self.run.source,
-                 "started": self.launcher.t0,
-                 "actors": {r["name"]: r["pid"] for r in self.launcher.processes()}}
+        state = {
+            "pid": os.getpid(),
+            "run_dir": self.launcher.run_dir,
+            "shm": self.launcher.shm_path,
+            "ctl": ctl_endpoint(self.launcher.run_dir),
+            "source": self.run.source,
+            "started": self.launcher.t0,
+            "actors": {r["name"]: r["pid"] for r in self.launcher.processes()},
+        }
         tmp = self.state_file + f".{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)
@@ -189,8 +200,12 @@ class Supervisor:
 
     # ---- the main loop -----------------------------------------------------------------------
     def _wake(self, actor: SupervisorActor) -> bool:
-        return bool(self.pending or self.actions or self.stop_requested
-                    or (self.ctl is not None and self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+        return bool(
+            self.pending
+            or self.actions
+            or self.stop_requested
+            or (self.ctl is not None and self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        )
 
     def step(self, slice_s: float = 0.02) -> None:
         """One turn: run the actor for up to `slice_s`, then deaths, actions, control, faults."""
@@ -207,8 +222,10 @@ class Supervisor:
 
     def serve(self) -> None:
         """`vsva up`: run until a `down` request (or SIGTERM/SIGINT, or the host is lost)."""
+
         def on_signal(signum, frame):
             self.stop_requested = True
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         while not self.stop_requested:
@@ -228,11 +245,15 @@ class Supervisor:
 
         def wrapper():
             box["result"] = yield from gen_fn()
+
         self.spawn(wrapper)
         end = time.monotonic() + timeout
         while "result" not in box and time.monotonic() < end and not self.launcher.closed:
-            self.launcher.run_actor(self.actor, timeout=min(0.05, end - time.monotonic()),
-                                    until=lambda a: "result" in box or bool(self.pending))
+            self.launcher.run_actor(
+                self.actor,
+                timeout=min(0.05, end - time.monotonic()),
+                until=lambda a: "result" in box or bool(self.pending),
+            )
             while self.pending:
                 self._handle_death(*self.pending.pop(0))
         return box.get("result")
@@ -268,14 +289,20 @@ class Supervisor:
             self.event("workload finished", guest_name(vm), ret=reply.get("ret"), ok=reply.get("ok"))
 
     def workloads_done(self) -> bool:
-        return all(v.state != "running" or v.workload is not None for v in self.vms.values()) and \
-            all(v.state != "booting" for v in self.vms.values()) and not self.actions and not self.pending \
-            and self.actor is not None and self.actor.booted
+        return (
+            all(v.state != "running" or v.workload is not None for v in self.vms.values())
+            and all(v.state != "booting" for v in self.vms.values())
+            and not self.actions
+            and not self.pending
+            and self.actor is not None
+            and self.actor.booted
+        )
 
     def stop_vms(self):
         """vm_stop (F8) on every running VM whose vmm is alive; returns {vm: reply}."""
-        live = [vm for vm, v in self.vms.items() if v.state == "running"
-                and self.launcher.alive(vmm_name(vm))]
+        live = [
+            vm for vm, v in self.vms.items() if v.state == "running" and self.launcher.alive(vmm_name(vm))
+        ]
         replies = yield from self.actor.stop_vms(live, timeout=None)
         for vm, r in replies.items():
             self.vms[vm].state = "off" if r.get("ret") == 0 else self.vms[vm].state
@@ -312,8 +339,9 @@ class Supervisor:
             if st.state in ("running", "booting"):
                 st.state = "crashed"
                 policy = self.run.on_guest_death.get(vm, VM.on_guest_death)
-                rec["action"] = (f"VM {vm} crashed: vm_stop (F8)"
-                                 + (", guest restarted" if policy == GuestDeath.RESTART else ""))
+                rec["action"] = f"VM {vm} crashed: vm_stop (F8)" + (
+                    ", guest restarted" if policy == GuestDeath.RESTART else ""
+                )
                 self.spawn(lambda: self._guest_crashed(rec, vm, policy))
             else:
                 rec["action"] = f"VM {vm} already {st.state}"
@@ -402,16 +430,28 @@ class Supervisor:
                     (self.unresponsive.add if r.get("ret") else self.unresponsive.discard)(n)
             finally:
                 self.actor.heartbeat_busy = False
+
         self.spawn(beat)
 
     # ---- audit -------------------------------------------------------------------------------
     def audit_task(self):
         """The run engine's live audit over the actors that are alive (none: the host is gone)."""
         if self.host_lost or not self.launcher.alive(HOST):
-            return {"ok": False, "violations": [{"invariant": "run", "what": "the host is gone",
-                                                 "actors": [HOST], "vm": None, "pasid": None}]}
-        return (yield from self.actor.audit_live([n for n in self.run.topology.names()
-                                                  if self.launcher.alive(n)]))
+            return {
+                "ok": False,
+                "violations": [
+                    {
+                        "invariant": "run",
+                        "what": "the host is gone",
+                        "actors": [HOST],
+                        "vm": None,
+                        "pasid": None,
+                    }
+                ],
+            }
+        return (
+            yield from self.actor.audit_live([n for n in self.run.topology.names() if self.launcher.alive(n)])
+        )
 
     # ---- control socket ----------------------------------------------------------------------
     def processes(self) -> list[dict[str, Any]]:
@@ -422,18 +462,35 @@ class Supervisor:
             state = r["state"]
             if state == "running" and r["name"] in self.unresponsive:
                 state = "unresponsive"
-            rows.append({"name": r["name"], "kind": r["kind"], "pid": r["pid"], "state": state,
-                         "exitcode": r["exitcode"], "restarts": self.restarts.get(r["name"], 0),
-                         "uptime_s": round(mono - proc.started, 2) if r["exitcode"] is None else None})
+            rows.append(
+                {
+                    "name": r["name"],
+                    "kind": r["kind"],
+                    "pid": r["pid"],
+                    "state": state,
+                    "exitcode": r["exitcode"],
+                    "restarts": self.restarts.get(r["name"], 0),
+                    "uptime_s": round(mono - proc.started, 2) if r["exitcode"] is None else None,
+                }
+            )
         return rows
 
     def status(self) -> dict[str, Any]:
-        return {"processes": self.processes(), "run_dir": self.launcher.run_dir,
-                "vms": {str(vm): {"state": v.state, "workload": None if v.workload is None else
-                                  {"ret": v.workload.get("ret"), "ok": v.workload.get("ok")}}
-                        for vm, v in self.vms.items()},
-                "host_lost": self.host_lost,
-                "events": [e.__dict__ for e in self.events[-20:]]}
+        return {
+            "processes": self.processes(),
+            "run_dir": self.launcher.run_dir,
+            "vms": {
+                str(vm): {
+                    "state": v.state,
+                    "workload": None
+                    if v.workload is None
+                    else {"ret": v.workload.get("ret"), "ok": v.workload.get("ok")},
+                }
+                for vm, v in self.vms.items()
+            },
+            "host_lost": self.host_lost,
+            "events": [e.__dict__ for e in self.events[-20:]],
+        }
 
     def _serve_ctl(self) -> None:
         while self.ctl is not None:
@@ -453,8 +510,13 @@ class Supervisor:
             elif op == "kill":
                 name = req.get("name")
                 if name not in self.launcher.procs:
-                    self._reply(rid, {"ok": False, "error": f"no actor {name!r}; actors: "
-                                      + ", ".join(self.launcher.procs)})
+                    self._reply(
+                        rid,
+                        {
+                            "ok": False,
+                            "error": f"no actor {name!r}; actors: " + ", ".join(self.launcher.procs),
+                        },
+                    )
                 elif not self.launcher.alive(name):
                     self._reply(rid, {"ok": False, "error": f"{name} is not running"})
                 else:
@@ -463,9 +525,13 @@ class Supervisor:
                     self.event("killed by request", name, pid=pid)
                     self._reply(rid, {"ok": True, "name": name, "pid": pid})
             elif op == "audit":
+
                 def run_audit(rid=rid):
                     res = yield from self.audit_task()
-                    self._reply(rid, {"ok": True, "audit": {"ok": res["ok"], "violations": res["violations"]}})
+                    self._reply(
+                        rid, {"ok": True, "audit": {"ok": res["ok"], "violations": res["violations"]}}
+                    )
+
                 self.spawn(run_audit)
             else:  # down
                 self.stop_requested = True
@@ -581,8 +647,11 @@ def detach_main(argv: list[str] | None = None) -> int:
         print(f"vsva up: launch failed: {exc}", file=sys.stderr, flush=True)
         sup.close()
         return 1
-    print(f"vsva: supervisor {os.getpid()} running {len(run.topology.actors)} actors in "
-          f"{sup.launcher.run_dir}", file=sys.stderr, flush=True)
+    print(
+        f"vsva: supervisor {os.getpid()} running {len(run.topology.actors)} actors in {sup.launcher.run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         sup.serve()
     finally:

@@ -93,11 +93,15 @@ def host_devices(per_vm: Sequence[VmConfig], extra: dict[str, dict] | None = Non
     (default two) mediated devices of the shared accelerator: binding two mdevs of one parent
     to one PASID gives that parent's sdev users == 2, the case the seed's users++ is for.
     """
-    devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True,
-                                        "vm": 0}}
+    devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": 0}}
     for v in per_vm:
-        devices[pf_name(v.vm)] = {"id": 1 + v.vm, "pci": True, "max_pasids": PASID_MAX, "ats": True,
-                                  "vm": v.vm}
+        devices[pf_name(v.vm)] = {
+            "id": 1 + v.vm,
+            "pci": True,
+            "max_pasids": PASID_MAX,
+            "ats": True,
+            "vm": v.vm,
+        }
         for i in range(v.mediated):
             devices[f"vm{v.vm}.mdev{i}"] = {"parent": ACCEL, "vm": v.vm}
     devices.update(extra or {})
@@ -109,47 +113,113 @@ def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
     return [name for name, d in devices.items() if d.get("vm") == vm]
 
 
-def build_topology(per_vm: Sequence[VmConfig], run: RunConfig = RUN,
-                   extra_devices: dict[str, dict] | None = None) -> Topology:
+def build_topology(
+    per_vm: Sequence[VmConfig], run: RunConfig = RUN, extra_devices: dict[str, dict] | None = None
+) -> Topology:
     """One host (host, kvm, vdcm) and these VMs (guest + vmm each)."""
     devices = host_devices(per_vm, extra_devices)
-    common = {"request_timeout": run.request_timeout,
-              "timeouts": request_timeouts(len(per_vm), run.request_timeout)}
+    common = {
+        "request_timeout": run.request_timeout,
+        "timeouts": request_timeouts(len(per_vm), run.request_timeout),
+    }
     vm_names = {v.vm: {"guest": guest_name(v.vm), "vmm": vmm_name(v.vm)} for v in per_vm}
     actors = [
-        ActorSpec(HOST, "host", {**common, "devices": devices, "subscribers": [KVM, VDCM],
-                                 "vms": vm_names, "policy": run.policy, "allocator": run.allocator}),
+        ActorSpec(
+            HOST,
+            "host",
+            {
+                **common,
+                "devices": devices,
+                "subscribers": [KVM, VDCM],
+                "vms": vm_names,
+                "policy": run.policy,
+                "allocator": run.allocator,
+            },
+        ),
         ActorSpec(KVM, "kvm", {**common, "vms": vm_names}),
         ActorSpec(VDCM, "vdcm", {**common, "host": HOST, "devices": devices, "vms": vm_names}),
     ]
     for v in per_vm:
         mine = vm_devices(v.vm, devices)
         mdevs = [d for d in mine if "parent" in devices[d]]
-        actors.append(ActorSpec(vmm_name(v.vm), "vmm", {
-            **common, "vm": v.vm, "host": HOST, "guest": guest_name(v.vm), "devices": mine,
-            "ram_pages": v.ram_pages, "quota": v.quota, "non_identity": v.non_identity,
-            "mdevs": mdevs}))
-        actors.append(ActorSpec(guest_name(v.vm), "guest", {
-            **common, "vm": v.vm, "vmm": vmm_name(v.vm), "host": HOST, "vdcm": VDCM,
-            "devices": mine, "mdevs": mdevs, "workload": v.workload, "iterations": v.iterations}))
+        actors.append(
+            ActorSpec(
+                vmm_name(v.vm),
+                "vmm",
+                {
+                    **common,
+                    "vm": v.vm,
+                    "host": HOST,
+                    "guest": guest_name(v.vm),
+                    "devices": mine,
+                    "ram_pages": v.ram_pages,
+                    "quota": v.quota,
+                    "non_identity": v.non_identity,
+                    "mdevs": mdevs,
+                },
+            )
+        )
+        actors.append(
+            ActorSpec(
+                guest_name(v.vm),
+                "guest",
+                {
+                    **common,
+                    "vm": v.vm,
+                    "vmm": vmm_name(v.vm),
+                    "host": HOST,
+                    "vdcm": VDCM,
+                    "devices": mine,
+                    "mdevs": mdevs,
+                    "workload": v.workload,
+                    "iterations": v.iterations,
+                },
+            )
+        )
     physical = sum(1 for d in devices.values() if "parent" not in d)
     # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
-    frames = (1 + sum(v.ram_pages + 16 for v in per_vm)
-              + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256)
-    return Topology(actors=actors, mem_frames=frames, seed=run.seed,
-                    request_timeout=run.request_timeout, transport=run.transport)
+    frames = 1 + sum(v.ram_pages + 16 for v in per_vm) + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
+    return Topology(
+        actors=actors,
+        mem_frames=frames,
+        seed=run.seed,
+        request_timeout=run.request_timeout,
+        transport=run.transport,
+    )
 
 
-def default_topology(vms: int = 2, *, seed: int = RUN.seed, ram_pages: int = VM.ram_pages,
-                     quota: int = VM.quota, workload: str = VM.workload,
-                     iterations: int = VM.iterations, non_identity: bool = VM.non_identity,
-                     policy: Policy | str = RUN.policy, allocator: Allocator | str = RUN.allocator,
-                     request_timeout: float = RUN.request_timeout,
-                     transport: Transport | str = RUN.transport,
-                     extra_devices: dict[str, dict] | None = None) -> Topology:
+def default_topology(
+    vms: int = 2,
+    *,
+    seed: int = RUN.seed,
+    ram_pages: int = VM.ram_pages,
+    quota: int = VM.quota,
+    workload: str = VM.workload,
+    iterations: int = VM.iterations,
+    non_identity: bool = VM.non_identity,
+    policy: Policy | str = RUN.policy,
+    allocator: Allocator | str = RUN.allocator,
+    request_timeout: float = RUN.request_timeout,
+    transport: Transport | str = RUN.transport,
+    extra_devices: dict[str, dict] | None = None,
+) -> Topology:
     """`vms` identical VMs, as `vsva demo` runs them."""
-    run = RunConfig(seed=seed, policy=Policy.parse(policy), allocator=Allocator(allocator),
-                    request_timeout=request_timeout, transport=Transport(transport))
-    per_vm = [VmConfig(vm=vm, ram_pages=ram_pages, quota=quota, non_identity=non_identity,
-                       workload=workload, iterations=iterations) for vm in range(1, vms + 1)]
+    run = RunConfig(
+        seed=seed,
+        policy=Policy.parse(policy),
+        allocator=Allocator(allocator),
+        request_timeout=request_timeout,
+        transport=Transport(transport),
+    )
+    per_vm = [
+        VmConfig(
+            vm=vm,
+            ram_pages=ram_pages,
+            quota=quota,
+            non_identity=non_identity,
+            workload=workload,
+            iterations=iterations,
+        )
+        for vm in range(1, vms + 1)
+    ]
     return build_topology(per_vm, run, extra_devices)

@@ -55,14 +55,38 @@ from vsva.runtime.endpoints import Transport
 E = TypeVar("E", bound=StrEnum)
 MAX_ITERATIONS = 1_000_000  # a guest keeps every step of its workload (~1 KB a round)
 
-RUN_KEYS = {"seed": int, "policy": str, "allocator": str, "request_timeout": (int, float),
-            "dead_peer_interval": (int, float), "transport": str, "name": str}
+RUN_KEYS = {
+    "seed": int,
+    "policy": str,
+    "allocator": str,
+    "request_timeout": (int, float),
+    "dead_peer_interval": (int, float),
+    "transport": str,
+    "name": str,
+}
 HOST_KEYS = {"name": str}
-VM_KEYS = {"id": int, "workload": str, "iterations": int, "ram_pages": int, "quota": int,
-           "non_identity": bool, "on_guest_death": str, "devices": dict}
+VM_KEYS = {
+    "id": int,
+    "workload": str,
+    "iterations": int,
+    "ram_pages": int,
+    "quota": int,
+    "non_identity": bool,
+    "on_guest_death": str,
+    "devices": dict,
+}
 DEVICE_KEYS = {"passthrough": int, "mediated": int}
-FAULT_KEYS = {"kill": str, "at_flow": str, "vm": int, "nth": int, "at_time": (int, float),
-              "random": bool, "seed": int, "window": (int, float), "signal": str}
+FAULT_KEYS = {
+    "kill": str,
+    "at_flow": str,
+    "vm": int,
+    "nth": int,
+    "at_time": (int, float),
+    "random": bool,
+    "seed": int,
+    "window": (int, float),
+    "signal": str,
+}
 SCENARIO_KEYS = {"timeout": (int, float), "audit": bool}
 TOP_KEYS = {"run", "hosts", "vms", "faults", "scenario"}
 FLOWS = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "boot")
@@ -146,8 +170,10 @@ def load(path: str) -> RunFile:
     except OSError as exc:
         raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise TopologyError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                            f"{exc.start}); TOML files are UTF-8") from None
+        raise TopologyError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{path}: not valid TOML: {exc}") from None
     try:
@@ -178,10 +204,13 @@ def parse(data: dict[str, Any]) -> RunFile:
     interval = float(run.get("dead_peer_interval", RUN.dead_peer_interval))
     _range("run.dead_peer_interval", interval, 0.01, 60)
     config = RunConfig(
-        seed=seed, request_timeout=timeout, dead_peer_interval=interval,
+        seed=seed,
+        request_timeout=timeout,
+        dead_peer_interval=interval,
         policy=_member("run.policy", run.get("policy", RUN.policy), Policy, "policy"),
         allocator=_member("run.allocator", run.get("allocator", RUN.allocator), Allocator, "allocator"),
-        transport=_member("run.transport", run.get("transport", RUN.transport), Transport, "transport"))
+        transport=_member("run.transport", run.get("transport", RUN.transport), Transport, "transport"),
+    )
 
     hosts = data.get("hosts", [{"name": HOST}])
     if not isinstance(hosts, list) or not hosts:
@@ -208,8 +237,10 @@ def parse(data: dict[str, Any]) -> RunFile:
             raise TopologyError(f"{where}.id: VM ids must be 1..N in order; expected {i + 1}, got {vid}")
         devs = _check_table(f"{where}.devices", vm.get("devices", {}), DEVICE_KEYS)
         if devs.get("passthrough", 1) != 1:
-            raise TopologyError(f"{where}.devices.passthrough: exactly 1 passthrough function per VM "
-                                f"in this version, got {devs['passthrough']}")
+            raise TopologyError(
+                f"{where}.devices.passthrough: exactly 1 passthrough function per VM "
+                f"in this version, got {devs['passthrough']}"
+            )
         mediated = devs.get("mediated", VM.mediated)
         _range(f"{where}.devices.mediated", mediated, 0, 8)
         workload = _choice(f"{where}.workload", vm.get("workload", VM.workload), tuple(WORKLOADS), "workload")
@@ -221,11 +252,24 @@ def parse(data: dict[str, Any]) -> RunFile:
         _range(f"{where}.ram_pages", ram, 128, 1 << 20)
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
-        guest_death[vid] = _member(f"{where}.on_guest_death", vm.get("on_guest_death", VM.on_guest_death),
-                                   GuestDeath, "on_guest_death")
-        per_vm.append(VmConfig(vm=vid, workload=workload, iterations=iterations, ram_pages=ram,
-                               quota=quota, non_identity=vm.get("non_identity", VM.non_identity),
-                               mediated=mediated, on_guest_death=guest_death[vid]))
+        guest_death[vid] = _member(
+            f"{where}.on_guest_death",
+            vm.get("on_guest_death", VM.on_guest_death),
+            GuestDeath,
+            "on_guest_death",
+        )
+        per_vm.append(
+            VmConfig(
+                vm=vid,
+                workload=workload,
+                iterations=iterations,
+                ram_pages=ram,
+                quota=quota,
+                non_identity=vm.get("non_identity", VM.non_identity),
+                mediated=mediated,
+                on_guest_death=guest_death[vid],
+            )
+        )
     topology = build_topology(per_vm, config)
     try:
         check(topology)
@@ -242,16 +286,23 @@ def parse(data: dict[str, Any]) -> RunFile:
         _check_table(where, fl, FAULT_KEYS)
         triggers = [k for k in ("at_flow", "at_time", "random") if fl.get(k) not in (None, False)]
         if len(triggers) != 1:
-            raise TopologyError(f"{where}: give exactly one trigger of at_flow, at_time, random = true"
-                                f" (got {triggers or 'none'})")
+            raise TopologyError(
+                f"{where}: give exactly one trigger of at_flow, at_time, random = true"
+                f" (got {triggers or 'none'})"
+            )
         kill = fl.get("kill")
         if kill is None and not fl.get("random"):
             raise TopologyError(f"{where}.kill: which actor to kill (e.g. 'vm1.vmm')")
         if kill is not None and kill not in names:
             raise TopologyError(f"{where}.kill: no actor {kill!r}; actors: {', '.join(sorted(names))}")
-        fault = Fault(kill=kill, nth=fl.get("nth", 1), random=fl.get("random", False),
-                      seed=fl.get("seed", seed), window=float(fl.get("window", 1.0)),
-                      signal=_choice(f"{where}.signal", fl.get("signal", "KILL"), ("KILL", "TERM"), "signal"))
+        fault = Fault(
+            kill=kill,
+            nth=fl.get("nth", 1),
+            random=fl.get("random", False),
+            seed=fl.get("seed", seed),
+            window=float(fl.get("window", 1.0)),
+            signal=_choice(f"{where}.signal", fl.get("signal", "KILL"), ("KILL", "TERM"), "signal"),
+        )
         if "at_flow" in fl:
             fault.at_flow = _choice(f"{where}.at_flow", fl["at_flow"], FLOWS, "flow step")
             vm = fl.get("vm")
@@ -265,9 +316,15 @@ def parse(data: dict[str, Any]) -> RunFile:
         faults.append(fault)
     scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
     _range("scenario.timeout", scen.get("timeout", 60.0), 0.1, 86400)
-    return RunFile(topology=topology, name=run.get("name", "vsva"), transport=config.transport,
-                   dead_peer_interval=interval, on_guest_death=guest_death, faults=faults,
-                   timeout=float(scen.get("timeout", 60.0)))
+    return RunFile(
+        topology=topology,
+        name=run.get("name", "vsva"),
+        transport=config.transport,
+        dead_peer_interval=interval,
+        on_guest_death=guest_death,
+        faults=faults,
+        timeout=float(scen.get("timeout", 60.0)),
+    )
 
 
 def default_run(vms: int = 2, **kw: Any) -> RunFile:
@@ -275,5 +332,6 @@ def default_run(vms: int = 2, **kw: Any) -> RunFile:
     from vsva.ops.topology import default_topology
 
     topo = default_topology(vms, **kw)
-    return RunFile(topology=topo, transport=topo.transport,
-                   on_guest_death={vm: VM.on_guest_death for vm in topo.vms})
+    return RunFile(
+        topology=topo, transport=topo.transport, on_guest_death={vm: VM.on_guest_death for vm in topo.vms}
+    )

@@ -59,8 +59,7 @@ def load_run(run_dir: str):
     return run, Topology(**raw)
 
 
-def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped,
-              endpoint: str = "") -> bool:
+def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped, endpoint: str = "") -> bool:
     """Tell the launcher we are bound (and where); wait (bounded) for its go."""
     from vsva.runtime.endpoints import control_endpoint
 
@@ -88,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--go-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
-    return run_actor_process(args.run_dir, args.name, parent_pid=args.parent_pid,
-                             go_timeout=args.go_timeout)
+    return run_actor_process(args.run_dir, args.name, parent_pid=args.parent_pid, go_timeout=args.go_timeout)
 
 
-def run_actor_process(run_dir: str, name: str, *, parent_pid: int | None = None,
-                      go_timeout: float = 30.0, loaded=None) -> int:
+def run_actor_process(
+    run_dir: str, name: str, *, parent_pid: int | None = None, go_timeout: float = 30.0, loaded=None
+) -> int:
     """Steps 1-6 of the module docstring for actor `name`; `loaded` is (run, topology) when
     the caller (the fork server) has read the run directory already. Returns the exit code."""
     die_with_parent(parent_pid)
@@ -116,8 +115,7 @@ def run_actor_process(run_dir: str, name: str, *, parent_pid: int | None = None,
         log(f"{name}: not in the topology")
         return 2
 
-    runtime = ZmqRuntime(name, run_dir, t0=t0, log=log,
-                         transport=getattr(topology, "transport", "ipc"))
+    runtime = ZmqRuntime(name, run_dir, t0=t0, log=log, transport=getattr(topology, "transport", "ipc"))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -130,19 +128,17 @@ def run_actor_process(run_dir: str, name: str, *, parent_pid: int | None = None,
     mem = None
     try:
         mem = PhysMem.open(run["shm"]) if run.get("shm") else None
-        actor = actor_class(spec.kind)(name, ActorEnv(config=spec.config, mem=mem,
-                                                      seed=topology.seed, log=log))
+        actor = actor_class(spec.kind)(
+            name, ActorEnv(config=spec.config, mem=mem, seed=topology.seed, log=log)
+        )
         peers = [ORCH, *topology.peers_of(name)]
         runtime.expect(peers)  # connect to our peers early: first messages need no wait
-        if not handshake(runtime.ctx, run_dir, name, go_timeout,
-                         lambda: stop["now"], runtime.endpoint):
-            log(f"{name}: no go from the launcher" if not stop["now"] else
-                f"{name}: stopped before start")
+        if not handshake(runtime.ctx, run_dir, name, go_timeout, lambda: stop["now"], runtime.endpoint):
+            log(f"{name}: no go from the launcher" if not stop["now"] else f"{name}: stopped before start")
             return 0 if stop["now"] else 3
         runtime.expect(peers)  # all are bound now: a refusal from here on means down
         runtime.run_actor(actor)
-        log(f"{name}: exiting ({'stopping' if actor.stopping else 'signal'}), "
-            f"stats {runtime.stats}")
+        log(f"{name}: exiting ({'stopping' if actor.stopping else 'signal'}), stats {runtime.stats}")
         return 0
     except Exception:
         log(f"{name}: fatal error\n{traceback.format_exc()}")

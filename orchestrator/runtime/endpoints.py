@@ -102,7 +102,7 @@ def read_endpoint_file(run_dir: str, name: str) -> tuple[str, tuple[int, int]] |
         return None
     finally:
         os.close(fd)
-    port = text[len(TCP_PREFIX):]
+    port = text[len(TCP_PREFIX) :]
     if not text.startswith(TCP_PREFIX) or not port.isdigit() or not 0 < int(port) < 65536:
         return None
     return text, (st.st_ino, st.st_ctime_ns)

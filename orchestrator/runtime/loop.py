@@ -106,11 +106,19 @@ def new_context() -> zmq.Context:
 class ZmqRuntime(PeerLinks):
     """Runs one actor over ZeroMQ: binds its ROUTER at creation, drives it in `run_actor`."""
 
-    def __init__(self, name: str, run_dir: str, *, t0: float | None = None,
-                 ctx: zmq.Context | None = None, log: Callable[[str], None] | None = None,
-                 trace: bool = True, send_grace: float = SEND_GRACE,
-                 endpoint_of: Callable[[str], str | None] | None = None,
-                 transport: str = "ipc"):
+    def __init__(
+        self,
+        name: str,
+        run_dir: str,
+        *,
+        t0: float | None = None,
+        ctx: zmq.Context | None = None,
+        log: Callable[[str], None] | None = None,
+        trace: bool = True,
+        send_grace: float = SEND_GRACE,
+        endpoint_of: Callable[[str], str | None] | None = None,
+        transport: str = "ipc",
+    ):
         if not valid_name(name):
             raise ValueError(f"invalid actor name {name!r}")
         if transport not in TRANSPORTS:
@@ -130,8 +138,12 @@ class ZmqRuntime(PeerLinks):
         self.endpoint = f"{TCP_PREFIX}*" if self._tcp else endpoint(run_dir, name)
         self._ep_id: tuple[int, int] | None = None  # tcp: our endpoint file
         self.router = self.ctx.socket(zmq.ROUTER)
-        for opt, val in ((zmq.LINGER, LINGER_MS), (zmq.ROUTER_MANDATORY, 1),
-                         (zmq.ROUTER_HANDOVER, 0), (zmq.MAXMSGSIZE, MAX_WIRE)):
+        for opt, val in (
+            (zmq.LINGER, LINGER_MS),
+            (zmq.ROUTER_MANDATORY, 1),
+            (zmq.ROUTER_HANDOVER, 0),
+            (zmq.MAXMSGSIZE, MAX_WIRE),
+        ):
             self.router.setsockopt(opt, val)
         try:
             self.router.bind(self.endpoint)
@@ -207,8 +219,9 @@ class ZmqRuntime(PeerLinks):
         self._log(f"{self.name}: {line}")
 
     # ---- the loop ------------------------------------------------------------------------
-    def run_actor(self, actor: Actor, timeout: float | None = None,
-                  until: Callable[[Actor], bool] | None = None) -> bool:
+    def run_actor(
+        self, actor: Actor, timeout: float | None = None, until: Callable[[Actor], bool] | None = None
+    ) -> bool:
         """Drive `actor` until `until(actor)` holds (default: it is stopping, or has a true
         `done`, or a non-None `result` and nothing pending), a stop is requested, or
         `timeout` passes.
@@ -408,8 +421,7 @@ class ZmqRuntime(PeerLinks):
                 else:
                     why = self._check_route(env, sender)
                     if why is not None:
-                        self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()),
-                                     b"")
+                        self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
                     else:
                         self._deliver(env)
             if not router.getsockopt(_EVENTS) & _POLLIN:
@@ -433,8 +445,9 @@ class ZmqRuntime(PeerLinks):
                     raise ProtocolError(why[0], why[1])
             except ProtocolError as err:
                 self.stats["rejected"] += 1
-                self._ratelog("dealer-in", f"dropped bad frame from {peer.name}: {err.why} "
-                              f"({E.name(err.ret)})")
+                self._ratelog(
+                    "dealer-in", f"dropped bad frame from {peer.name}: {err.why} ({E.name(err.ret)})"
+                )
             else:
                 self._deliver(env)
             if peer.sock is not sock or not sock.getsockopt(_EVENTS) & _POLLIN:
@@ -486,21 +499,26 @@ class ZmqRuntime(PeerLinks):
         self.stats["rejected"] += 1
         partial = err.partial if isinstance(err.partial, dict) else {}
         who = sender if sender is not None else rid.hex()
-        self._ratelog(f"reject:{err.ret}", f"refused frame from {who!r} ({len(frame)} B): "
-                      f"{err.why} ({E.name(err.ret)})")
+        self._ratelog(
+            f"reject:{err.ret}", f"refused frame from {who!r} ({len(frame)} B): {err.why} ({E.name(err.ret)})"
+        )
         if partial.get("corr") is not None:
             return  # never answer a reply
         kind = partial.get("kind")
         req_id = partial.get("id")
         flow = partial.get("flow")
         self._runtime_id -= 1
-        answer = Envelope(src=self.name, dst=sender if sender is not None else "?",
-                          kind=kind if isinstance(kind, str) and len(kind) <= 64 else "error",
-                          body={"ret": err.ret, "error": err.why}, id=self._runtime_id,
-                          corr=req_id if isinstance(req_id, int) and not isinstance(req_id, bool)
-                          else None,
-                          rr=False, clock=self.actor.clock if self.actor is not None else 0,
-                          flow=flow if isinstance(flow, str) and len(flow) <= 64 else "")
+        answer = Envelope(
+            src=self.name,
+            dst=sender if sender is not None else "?",
+            kind=kind if isinstance(kind, str) and len(kind) <= 64 else "error",
+            body={"ret": err.ret, "error": err.why},
+            id=self._runtime_id,
+            corr=req_id if isinstance(req_id, int) and not isinstance(req_id, bool) else None,
+            rr=False,
+            clock=self.actor.clock if self.actor is not None else 0,
+            flow=flow if isinstance(flow, str) and len(flow) <= 64 else "",
+        )
         self._dirty.add(self.router)
         t = self.wall()
         try:
@@ -603,8 +621,9 @@ class ZmqRuntime(PeerLinks):
             peer = self.peers[name]
             while peer.queue and peer.queue[0][2] <= now:
                 env, _, _ = peer.queue.popleft()
-                self._send_all(self._failed(env, f"no connection to {peer.name} within "
-                                                 f"{self.send_grace:.3f} s"))
+                self._send_all(
+                    self._failed(env, f"no connection to {peer.name} within {self.send_grace:.3f} s")
+                )
             if not peer.queue:
                 self._dequeued(peer)
 
@@ -688,5 +707,8 @@ class ZmqRuntime(PeerLinks):
 def _default_until(actor: Actor) -> bool:
     """Stopping, or done: a true `done`, or a `result` set and no request still pending (so
     a controller's closing requests, e.g. shutdown, get their replies)."""
-    return bool(actor.stopping or getattr(actor, "done", False)
-                or (getattr(actor, "result", None) is not None and not actor.busy))
+    return bool(
+        actor.stopping
+        or getattr(actor, "done", False)
+        or (getattr(actor, "result", None) is not None and not actor.busy)
+    )

@@ -44,9 +44,15 @@ POLLOUT = int(zmq.POLLOUT)
 NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)
 
-_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                   | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 def _monitor_event(frames: list[bytes]) -> int | None:
@@ -97,6 +103,7 @@ class PeerLinks:
     _queued: set[str]
 
     if TYPE_CHECKING:  # provided by ZmqRuntime
+
         def now(self) -> float: ...
         def log(self, line: str) -> None: ...
         def _poll_socket(self, sock: zmq.Socket, events: int) -> None: ...
@@ -211,9 +218,14 @@ class PeerLinks:
             return None
         sock = self.ctx.socket(zmq.DEALER)
         try:
-            for opt, val in ((zmq.ROUTING_ID, self.rid), (zmq.IMMEDIATE, 1),
-                             (zmq.LINGER, LINGER_MS), (zmq.SNDTIMEO, 0),
-                             (zmq.RECONNECT_IVL, RECONNECT_IVL_MS), (zmq.MAXMSGSIZE, MAX_WIRE)):
+            for opt, val in (
+                (zmq.ROUTING_ID, self.rid),
+                (zmq.IMMEDIATE, 1),
+                (zmq.LINGER, LINGER_MS),
+                (zmq.SNDTIMEO, 0),
+                (zmq.RECONNECT_IVL, RECONNECT_IVL_MS),
+                (zmq.MAXMSGSIZE, MAX_WIRE),
+            ):
                 sock.setsockopt(opt, val)
             monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         except zmq.ZMQError:

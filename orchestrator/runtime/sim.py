@@ -26,8 +26,14 @@ STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
 class SimRuntime:
     """Runs a topology's actors (plus any extra, e.g. the controller) in one process."""
 
-    def __init__(self, topology: Topology, seed: int | None = None, *, wire: bool = True,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        topology: Topology,
+        seed: int | None = None,
+        *,
+        wire: bool = True,
+        log: Callable[[str], None] | None = None,
+    ):
         self.topology = topology
         self.seed = topology.seed if seed is None else seed
         self.rng = random.Random(f"sched:{self.seed}")
@@ -134,8 +140,14 @@ class SimRuntime:
         actor = self.actors[name]
         self._post(actor, actor.run_task(fn, self.now))
 
-    def call(self, dst: str, kind: str, body: dict[str, Any] | None = None, src: str = "orch",
-             timeout: float = 30.0) -> dict[str, Any]:
+    def call(
+        self,
+        dst: str,
+        kind: str,
+        body: dict[str, Any] | None = None,
+        src: str = "orch",
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
         """Send one request from outside the system and run until its reply (for tests)."""
         probe = self.actors.get(src) or self.add(_Probe(src, self.env({})))
         self._post(probe, probe.send_request(dst, kind, body or {}, timeout, self.now))
@@ -149,8 +161,9 @@ class _Probe(Actor):
 
     reply: dict[str, Any] | None = None
 
-    def send_request(self, dst: str, kind: str, body: dict[str, Any], timeout: float,
-                     now: float) -> list[Envelope]:
+    def send_request(
+        self, dst: str, kind: str, body: dict[str, Any], timeout: float, now: float
+    ) -> list[Envelope]:
         def ask():
             self.reply = yield Call(dst, kind, body, timeout=timeout)
 

@@ -37,8 +37,7 @@ class TraceBuffer:
 
     def __init__(self, run_dir: str, name: str):
         self.path = os.path.join(run_dir, f"trace-{name}.jsonl")
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._frames: list[tuple[float, bytes]] = []
         self._lines: list[str] = []
         self._bytes = 0
@@ -55,18 +54,29 @@ class TraceBuffer:
 
     def due(self) -> bool:
         """Unwritten lines that should not wait for the loop to go idle."""
-        return bool(self._lines) and (self._bytes >= TRACE_MAX_BYTES
-                                      or time.monotonic() - self.since >= TRACE_MAX_AGE)
+        return bool(self._lines) and (
+            self._bytes >= TRACE_MAX_BYTES or time.monotonic() - self.since >= TRACE_MAX_AGE
+        )
 
     def encode(self) -> None:
         frames, self._frames = self._frames, []
         for t, frame in frames:
             w = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-            line = json.dumps({"t": round(t, 6), "clock": w.get("clock"), "id": w.get("id"),
-                               "src": w.get("src"), "dst": w.get("dst"),
-                               "kind": w.get("kind"), "corr": w.get("corr"),
-                               "rr": w.get("rr"), "flow": w.get("flow"),
-                               "body": w.get("body")}, default=repr)
+            line = json.dumps(
+                {
+                    "t": round(t, 6),
+                    "clock": w.get("clock"),
+                    "id": w.get("id"),
+                    "src": w.get("src"),
+                    "dst": w.get("dst"),
+                    "kind": w.get("kind"),
+                    "corr": w.get("corr"),
+                    "rr": w.get("rr"),
+                    "flow": w.get("flow"),
+                    "body": w.get("body"),
+                },
+                default=repr,
+            )
             self._lines.append(line)
             self._bytes += len(line) + 1
 
@@ -78,7 +88,7 @@ class TraceBuffer:
         self._lines = []
         self._bytes = 0
         while data:
-            data = data[os.write(self._fd, data):]
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         if self._fd < 0:

@@ -42,9 +42,21 @@ import sys
 import threading
 from typing import Any
 
-PRELOAD = ("zmq", "msgpack", "numpy", "vsva.hotpath", "vsva.actors.guest", "vsva.actors.vmm",
-           "vsva.actors.host", "vsva.actors.kvm", "vsva.actors.vdcm", "vsva.ops.control",
-           "vsva.ops.topology", "vsva.runtime.loop", "vsva.runtime.actor_process")
+PRELOAD = (
+    "zmq",
+    "msgpack",
+    "numpy",
+    "vsva.hotpath",
+    "vsva.actors.guest",
+    "vsva.actors.vmm",
+    "vsva.actors.host",
+    "vsva.actors.kvm",
+    "vsva.actors.vdcm",
+    "vsva.ops.control",
+    "vsva.ops.topology",
+    "vsva.runtime.loop",
+    "vsva.runtime.actor_process",
+)
 MAX_PACKET = 64 * 1024
 
 
@@ -60,8 +72,9 @@ def check_forkable() -> None:
     except OSError:
         threads = threading.active_count()
     if threads != 1 or threading.active_count() != 1:
-        raise ForkUnsafe(f"{threads} threads in the fork server (a zmq context or a thread "
-                         f"would cross the fork)")
+        raise ForkUnsafe(
+            f"{threads} threads in the fork server (a zmq context or a thread would cross the fork)"
+        )
     zmq = sys.modules.get("zmq")
     if zmq is not None and getattr(zmq.Context, "_instance", None) is not None:
         raise ForkUnsafe("a global zmq context exists in the fork server")
@@ -175,8 +188,11 @@ class _Server:
             os.close(self._wake_r)
             os.close(self._wake_w)
             os.setsid()
-            log = os.open(os.path.join(run_dir, f"{name}.log"),
-                          os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            log = os.open(
+                os.path.join(run_dir, f"{name}.log"),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                0o644,
+            )
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(log, 1)

@@ -7,9 +7,12 @@ import os
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Scale experiments: sweeps of VMs, PASIDs, policies, noise and IOTLB geometry, "
-                       "with results, plots and progress.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Scale experiments: sweeps of VMs, PASIDs, policies, noise and IOTLB geometry, "
+    "with results, plots and progress.",
+)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -26,25 +29,32 @@ def list_() -> None:
     for name in builtin_names():
         sweep = builtin(name)
         grid = " x ".join(f"{k}[{len(v)}]" for k, v in sweep.vary.items())
-        typer.echo(f"{name:<16} {sweep.description or runner(sweep.runner).DOC}  ({grid}, "
-                   f"repeat {sweep.repeat})")
+        typer.echo(
+            f"{name:<16} {sweep.description or runner(sweep.runner).DOC}  ({grid}, repeat {sweep.repeat})"
+        )
 
 
 @app.command()
 def run(
-    experiment: str | None = typer.Argument(None, help="A built-in experiment (`vsva scale list`) "
-                                               "or a sweep file SWEEP.toml."),
-    points: str | None = typer.Option(None, "--points", help="Values of the experiment's main "
-                                         "parameter, e.g. 1,2,4."),
-    settings: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE: fix a parameter "
-                                                 "for every point (repeatable)."),
+    experiment: str | None = typer.Argument(
+        None, help="A built-in experiment (`vsva scale list`) or a sweep file SWEEP.toml."
+    ),
+    points: str | None = typer.Option(
+        None, "--points", help="Values of the experiment's main parameter, e.g. 1,2,4."
+    ),
+    settings: list[str] | None = typer.Option(
+        None, "--set", help="KEY=VALUE: fix a parameter for every point (repeatable)."
+    ),
     repeat: int | None = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
     seed: int | None = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
     out: str = typer.Option("results", "--out", help="Results go to OUT/<experiment>/<UTC time>/."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (paths, summary) at the end."),
     resume: str | None = typer.Option(None, "--resume", help="Finish an interrupted run in DIR."),
-    cluster: str | None = typer.Option(None, "--cluster", help="Run the points on this Ray cluster "
-                                          "(ADDRESS as for ray.init; needs the [cluster] extra)."),
+    cluster: str | None = typer.Option(
+        None,
+        "--cluster",
+        help="Run the points on this Ray cluster (ADDRESS as for ray.init; needs the [cluster] extra).",
+    ),
 ) -> None:
     """Run an experiment: every point and repeat from a clean state to its audit."""
     from vsva.scale import runner
@@ -52,22 +62,33 @@ def run(
     from vsva.scale.results import ResultsDir, ResultsError
     from vsva.scale.sweep import SweepError, fix, narrow, resolve
 
-    argv = ["run", experiment or "", *(["--points", points] if points else []),
-            *[a for item in settings or [] for a in ("--set", item)],
-            *(["--repeat", str(repeat)] if repeat else []), *(["--seed", str(seed)] if seed is not None else []),
-            *(["--cluster", cluster] if cluster else [])]
+    argv = [
+        "run",
+        experiment or "",
+        *(["--points", points] if points else []),
+        *[a for item in settings or [] for a in ("--set", item)],
+        *(["--repeat", str(repeat)] if repeat else []),
+        *(["--seed", str(seed)] if seed is not None else []),
+        *(["--cluster", cluster] if cluster else []),
+    ]
     try:
         if resume:
             rd = ResultsDir.open(resume)
             sweep = runner.sweep_of(rd)
             if experiment and experiment not in (sweep.name, sweep.source):
-                _fail(f"--resume {resume}: that directory holds experiment {sweep.name!r}, not {experiment!r}")
+                _fail(
+                    f"--resume {resume}: that directory holds experiment {sweep.name!r}, not {experiment!r}"
+                )
             if points is not None or repeat is not None or seed is not None or settings:
-                _fail("--resume takes the options the run started with; give no --points/--set/--repeat/--seed")
+                _fail(
+                    "--resume takes the options the run started with; give no --points/--set/--repeat/--seed"
+                )
             rd.repair()
         else:
             if not experiment:
-                _fail("which experiment? give a name from `vsva scale list` or a SWEEP.toml (or --resume DIR)")
+                _fail(
+                    "which experiment? give a name from `vsva scale list` or a SWEEP.toml (or --resume DIR)"
+                )
             sweep = fix(narrow(resolve(experiment), points), settings)
             if repeat is not None:
                 sweep.repeat = repeat
@@ -75,9 +96,18 @@ def run(
                 sweep.seed = seed
             if cluster:
                 connect(cluster)  # before anything is written: a bad address leaves no results directory
-            rd = runner.start(sweep, out, argv, {"points": points, "set": settings or [],
-                                                 "repeat": sweep.repeat, "seed": sweep.seed,
-                                                 "cluster": cluster})
+            rd = runner.start(
+                sweep,
+                out,
+                argv,
+                {
+                    "points": points,
+                    "set": settings or [],
+                    "repeat": sweep.repeat,
+                    "seed": sweep.seed,
+                    "cluster": cluster,
+                },
+            )
         summary = runner.execute(sweep, rd, cluster=cluster)
     except (SweepError, ResultsError) as exc:
         _fail(str(exc))
@@ -92,8 +122,14 @@ def run(
         typer.echo(json.dumps({k: v for k, v in summary.items()}, indent=1))
     else:
         typer.echo(summary["summary"])
-        typer.echo(f"results: {summary['dir']}" + (f"; plots: {', '.join(os.path.basename(p) for p in summary['plots'])}"
-                                                    if summary["plots"] else ""))
+        typer.echo(
+            f"results: {summary['dir']}"
+            + (
+                f"; plots: {', '.join(os.path.basename(p) for p in summary['plots'])}"
+                if summary["plots"]
+                else ""
+            )
+        )
     bad = sum(n for s, n in summary["statuses"].items() if s != "ok")
     raise typer.Exit(1 if bad else 0)
 
@@ -111,8 +147,10 @@ def _open(directory: str):
 
 
 @app.command()
-def show(directory: str = typer.Argument(..., help="A results directory (or its `latest` link)."),
-         as_json: bool = typer.Option(False, "--json", help="The rows of points.jsonl as one JSON list.")) -> None:
+def show(
+    directory: str = typer.Argument(..., help="A results directory (or its `latest` link)."),
+    as_json: bool = typer.Option(False, "--json", help="The rows of points.jsonl as one JSON list."),
+) -> None:
     """Print a results directory's summary table (rebuilt from points.jsonl)."""
     from vsva.scale.runner import columns
 

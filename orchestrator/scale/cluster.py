@@ -61,8 +61,11 @@ def stack_task(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _nodes(ray: Any) -> list[dict[str, Any]]:
-    nodes = [{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes()
-             if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    nodes = [
+        {"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)}
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1
+    ]
     if not nodes:
         raise ClusterError("the cluster has no live node with a CPU")
     return nodes
@@ -89,7 +92,12 @@ def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress:
             progress.finish(run, row)
             continue
         specs = stack_specs(sweep, run, None)
-        state[i] = {"run": run, "results": [None] * len(specs), "started": time.time(), "t0": time.monotonic()}
+        state[i] = {
+            "run": run,
+            "results": [None] * len(specs),
+            "started": time.time(),
+            "t0": time.monotonic(),
+        }
         queue += [(i, h, spec) for h, spec in enumerate(specs)]
     pending: dict[Any, tuple[int, int, dict[str, Any]]] = {}
     try:
@@ -97,8 +105,10 @@ def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress:
             while queue and free:
                 i, h, spec = queue.pop(0)
                 node = free.pop(0)
-                ref = remote.options(num_cpus=node["cpus"], scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    node["id"], soft=False)).remote(spec)
+                ref = remote.options(
+                    num_cpus=node["cpus"],
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["id"], soft=False),
+                ).remote(spec)
                 pending[ref] = (i, h, node)
                 if h == 0:
                     progress.start(state[i]["run"])
@@ -124,15 +134,26 @@ def _result(ray: Any, ref: Any) -> dict[str, Any]:
     try:
         return ray.get(ref)
     except Exception as exc:  # the task's worker died, or the task raised past its own handler
-        return {"outcome": {"error": f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"},
-                "left": [], "node": "?", "env": {}}
+        return {
+            "outcome": {"error": f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"},
+            "left": [],
+            "node": "?",
+            "env": {},
+        }
 
 
 def _record(sweep: Any, st: dict[str, Any], rd: Any, progress: Any, make_row: Any) -> None:
     results = st["results"]
     env = next((r["env"] for r in results if r["env"]), {})
-    row, series = make_row(sweep, st["run"], [r["outcome"] for r in results],
-                           [x for r in results for x in r["left"]], st["started"],
-                           time.monotonic() - st["t0"], env, nodes=[r["node"] for r in results])
+    row, series = make_row(
+        sweep,
+        st["run"],
+        [r["outcome"] for r in results],
+        [x for r in results for x in r["left"]],
+        st["started"],
+        time.monotonic() - st["t0"],
+        env,
+        nodes=[r["node"] for r in results],
+    )
     rd.append(row, series)
     progress.finish(st["run"], row)

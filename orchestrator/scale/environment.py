@@ -26,10 +26,15 @@ def cpu_model() -> str:
 def git_commit(repo: str = REPO) -> str:
     """The checkout's commit (with `+dirty` when the tree has changes), or "unknown"."""
     try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
@@ -43,11 +48,18 @@ def environment() -> dict[str, Any]:
 
     from vsva import hotpath
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count() or 0,
-            "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
-            "libzmq": zmq.zmq_version(), "msgpack": ".".join(map(str, msgpack.version)),
-            "hotpath": hotpath.IMPLEMENTATION, "git": git_commit(), "node": platform.node(),
-            "executable": sys.executable}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "hotpath": hotpath.IMPLEMENTATION,
+        "git": git_commit(),
+        "node": platform.node(),
+        "executable": sys.executable,
+    }
 
 
 def sample() -> dict[str, Any]:

@@ -23,8 +23,10 @@ from vsva.scale.sweep import Plot, Sweep
 
 PANEL_W, PANEL_H, DPI = 5.0, 3.6, 100
 MAX_TIMELINE_PANELS = 8
-NO_MATPLOTLIB = ("matplotlib is not installed, so no plots were drawn: pip install -e '.[plots]', "
-                 "then `vsva scale plot DIR`")
+NO_MATPLOTLIB = (
+    "matplotlib is not installed, so no plots were drawn: pip install -e '.[plots]', "
+    "then `vsva scale plot DIR`"
+)
 
 
 def available() -> bool:
@@ -74,8 +76,7 @@ def _figure(panels: int):
     import matplotlib.pyplot as plt
 
     cols, nrows = grid(panels)
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * PANEL_W, nrows * PANEL_H), dpi=DPI,
-                             squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * PANEL_W, nrows * PANEL_H), dpi=DPI, squeeze=False)
     return fig, [ax for row in axes for ax in row]
 
 
@@ -115,7 +116,7 @@ def lines(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], _series: Any, pa
             order = sorted(range(len(xs)), key=lambda i: _key(xs[i]))
             xs, med, lo, hi = ([v[i] for i in order] for v in (xs, med, lo, hi))
             if xs:
-                line, = ax.plot(xs, med, marker="o", label=key or None)
+                (line,) = ax.plot(xs, med, marker="o", label=key or None)
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
         _mark_failures(ax, rows, plot.x, metric)
         ax.set_title(metric, fontsize=10)
@@ -128,7 +129,7 @@ def lines(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], _series: Any, pa
         if any(keys) or any(r["status"] != "ok" for r in rows):
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(plot.y):]:
+    for ax in axes[len(plot.y) :]:
         ax.set_visible(False)
     where = ", ".join(f"{k}={v}" for k, v in plot.where.items())
     fig.suptitle((plot.title or f"{sweep.name}: {plot.name}") + (f" ({where})" if where else ""), fontsize=11)
@@ -151,9 +152,18 @@ def _mark_failures(ax, rows: list[dict[str, Any]], x: str, metric: str) -> None:
         return
     floor = ax.get_ylim()[0]
     xs = [r["params"][x] for r in bad]
-    ys = [r["metrics"].get(metric) if isinstance(r["metrics"].get(metric), (int, float)) else floor for r in bad]
-    ax.scatter(xs, ys, marker="x", color="red", s=60, zorder=5,
-               label=f"not ok ({', '.join(sorted({r['status'] for r in bad}))})")
+    ys = [
+        r["metrics"].get(metric) if isinstance(r["metrics"].get(metric), (int, float)) else floor for r in bad
+    ]
+    ax.scatter(
+        xs,
+        ys,
+        marker="x",
+        color="red",
+        s=60,
+        zorder=5,
+        label=f"not ok ({', '.join(sorted({r['status'] for r in bad}))})",
+    )
 
 
 def _timeline_runs(plot: Plot, rows: list[dict[str, Any]], series_rows: list[dict[str, Any]]):
@@ -169,8 +179,9 @@ def _timeline_runs(plot: Plot, rows: list[dict[str, Any]], series_rows: list[dic
     return out
 
 
-def timeline(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], series_rows: list[dict[str, Any]],
-             path: str) -> bool:
+def timeline(
+    plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], series_rows: list[dict[str, Any]], path: str
+) -> bool:
     runs = _timeline_runs(plot, rows, series_rows)[:MAX_TIMELINE_PANELS]
     if not runs:
         return False
@@ -186,15 +197,16 @@ def timeline(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], series_rows: 
                 ax.axvspan(t0, t1, color="red", alpha=0.15, label=None if what in shaded else what)
                 shaded.add(what)
         status = "" if row["status"] == "ok" else f" [{row['status']}]"
-        ax.set_title(f"{row['point_id']} #{row['repeat']}{status}", fontsize=9,
-                     color="black" if not status else "red")
+        ax.set_title(
+            f"{row['point_id']} #{row['repeat']}{status}", fontsize=9, color="black" if not status else "red"
+        )
         ax.set_xlabel("s since the run started")
         ax.set_ylabel(plot.ylabel)
         if plot.logy and _positive(ax):
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(runs):]:
+    for ax in axes[len(runs) :]:
         ax.set_visible(False)
     fig.suptitle(plot.title or f"{sweep.name}: {plot.name}", fontsize=11)
     _save(fig, path)

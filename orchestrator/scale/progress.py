@@ -32,9 +32,15 @@ class Progress:
             from rich.progress import Progress as Bar
 
             self._bar = Bar(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False)
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
             self._bar.__enter__()
             self._task = self._bar.add_task("starting", total=self.total, completed=self.done)
         else:
@@ -72,5 +78,7 @@ class Progress:
             self._bar.console.print(f"{run.point_id} #{run.repeat}: {mark}")
         if not self.live:
             elapsed = time.monotonic() - self.t0
-            self.line(f"run {self.done}/{self.total} finished: {run.point_id} #{run.repeat}: {mark} "
-                      f"({row['elapsed_s']:.1f} s; {elapsed:.0f} s elapsed)")
+            self.line(
+                f"run {self.done}/{self.total} finished: {run.point_id} #{run.repeat}: {mark} "
+                f"({row['elapsed_s']:.1f} s; {elapsed:.0f} s elapsed)"
+            )

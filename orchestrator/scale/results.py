@@ -29,14 +29,39 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-ROW_KEYS = ("experiment", "runner", "point", "point_id", "repeat", "seed", "params", "metrics",
-            "status", "reason", "audit", "hosts", "per_host", "elapsed_s", "started", "env")
+ROW_KEYS = (
+    "experiment",
+    "runner",
+    "point",
+    "point_id",
+    "repeat",
+    "seed",
+    "params",
+    "metrics",
+    "status",
+    "reason",
+    "audit",
+    "hosts",
+    "per_host",
+    "elapsed_s",
+    "started",
+    "env",
+)
 AUDIT_KEYS = ("ran", "ok", "violations", "invariants", "first")
 ENV_KEYS = ("cpu", "cores", "python", "pyzmq", "libzmq", "msgpack", "hotpath", "git", "node", "load1")
 STATUSES = ("ok", "failed", "timeout", "leaked", "refused")
 FIXED_COLUMNS = ("experiment", "point", "point_id", "repeat", "seed")
-TAIL_COLUMNS = ("status", "reason", "audit_ran", "audit_ok", "audit_violations", "audit_invariants",
-                "hosts", "elapsed_s", "started") + tuple(f"env_{k}" for k in ENV_KEYS)
+TAIL_COLUMNS = (
+    "status",
+    "reason",
+    "audit_ran",
+    "audit_ok",
+    "audit_violations",
+    "audit_invariants",
+    "hosts",
+    "elapsed_s",
+    "started",
+) + tuple(f"env_{k}" for k in ENV_KEYS)
 
 
 class ResultsError(ValueError):
@@ -136,8 +161,9 @@ class ResultsDir:
         """Add one finished run (flushed and fsynced: a kill right after loses nothing)."""
         self._append("points.jsonl", row)
         if series:
-            self._append("series.jsonl", {"point_id": row["point_id"], "repeat": row["repeat"],
-                                          "series": series})
+            self._append(
+                "series.jsonl", {"point_id": row["point_id"], "repeat": row["repeat"], "series": series}
+            )
 
     def _append(self, name: str, obj: dict[str, Any]) -> None:
         with open(os.path.join(self.path, name), "a") as f:
@@ -200,10 +226,17 @@ def flatten(row: dict[str, Any], params: list[str], metrics: list[str]) -> dict[
     out = {k: row.get(k) for k in FIXED_COLUMNS}
     out.update({p: row["params"].get(p) for p in params})
     out.update({m: row["metrics"].get(m) for m in metrics})
-    out.update(status=row["status"], reason=row.get("reason", ""), audit_ran=audit.get("ran"),
-               audit_ok=audit.get("ok"), audit_violations=audit.get("violations"),
-               audit_invariants=" ".join(audit.get("invariants", [])), hosts=row.get("hosts"),
-               elapsed_s=row.get("elapsed_s"), started=row.get("started"))
+    out.update(
+        status=row["status"],
+        reason=row.get("reason", ""),
+        audit_ran=audit.get("ran"),
+        audit_ok=audit.get("ok"),
+        audit_violations=audit.get("violations"),
+        audit_invariants=" ".join(audit.get("invariants", [])),
+        hosts=row.get("hosts"),
+        elapsed_s=row.get("elapsed_s"),
+        started=row.get("started"),
+    )
     out.update({f"env_{k}": env.get(k) for k in ENV_KEYS})
     return out
 
@@ -242,17 +275,26 @@ def status_text(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s} {n}" for s, n in counts.items() if n)
 
 
-def summary_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], params: list[str],
-                     metrics: list[str], units: dict[str, str]) -> str:
+def summary_markdown(
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    params: list[str],
+    metrics: list[str],
+    units: dict[str, str],
+) -> str:
     env = meta.get("env", {})
-    lines = [f"# {meta['experiment']}: {meta.get('description', '')}".rstrip(": "), "",
-             f"- command: `{meta.get('command', '')}`",
-             f"- started {meta.get('started', '?')}, finished {meta.get('finished', '-')}, "
-             f"state {meta.get('state', '?')}; {len(rows)} runs ({status_text(rows) or 'none'})",
-             f"- {env.get('cpu', '?')}, {env.get('cores', '?')} cores; Python {env.get('python', '?')}, "
-             f"pyzmq {env.get('pyzmq', '?')} (libzmq {env.get('libzmq', '?')}), msgpack "
-             f"{env.get('msgpack', '?')}; hot path {env.get('hotpath', '?')}; commit {env.get('git', '?')}",
-             "- cells: median [min-max] over the repeats", ""]
+    lines = [
+        f"# {meta['experiment']}: {meta.get('description', '')}".rstrip(": "),
+        "",
+        f"- command: `{meta.get('command', '')}`",
+        f"- started {meta.get('started', '?')}, finished {meta.get('finished', '-')}, "
+        f"state {meta.get('state', '?')}; {len(rows)} runs ({status_text(rows) or 'none'})",
+        f"- {env.get('cpu', '?')}, {env.get('cores', '?')} cores; Python {env.get('python', '?')}, "
+        f"pyzmq {env.get('pyzmq', '?')} (libzmq {env.get('libzmq', '?')}), msgpack "
+        f"{env.get('msgpack', '?')}; hot path {env.get('hotpath', '?')}; commit {env.get('git', '?')}",
+        "- cells: median [min-max] over the repeats",
+        "",
+    ]
     head = [*params, "runs", *[f"{m} ({units[m]})" if units.get(m) else m for m in metrics]]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -261,11 +303,15 @@ def summary_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], params: l
         cells = [fmt(runs[0]["params"].get(p)) for p in params] + [status_text(runs)]
         for m in metrics:
             s = spread(r["metrics"].get(m) for r in runs)
-            cells.append("-" if s is None else fmt(s[0]) if s[1] == s[2] else
-                         f"{fmt(s[0])} [{fmt(s[1])}-{fmt(s[2])}]")
+            cells.append(
+                "-" if s is None else fmt(s[0]) if s[1] == s[2] else f"{fmt(s[0])} [{fmt(s[1])}-{fmt(s[2])}]"
+            )
         lines.append("| " + " | ".join(cells) + " |")
-        failures += [f"- {pid} repeat {r['repeat']}: {r['status']}: {r.get('reason', '')}"
-                     for r in runs if r["status"] != "ok"]
+        failures += [
+            f"- {pid} repeat {r['repeat']}: {r['status']}: {r.get('reason', '')}"
+            for r in runs
+            if r["status"] != "ok"
+        ]
     if failures:
         lines += ["", "Runs that were not ok:", *failures]
     return "\n".join(lines) + "\n"

@@ -43,8 +43,9 @@ class Interrupted(Exception):
     """The sweep stopped on SIGINT; `path` is the results directory to resume."""
 
     def __init__(self, path: str, done: int, total: int):
-        super().__init__(f"interrupted: {done} of {total} runs recorded; resume with "
-                         f"`vsva scale run --resume {path}`")
+        super().__init__(
+            f"interrupted: {done} of {total} runs recorded; resume with `vsva scale run --resume {path}`"
+        )
         self.path = path
 
 
@@ -60,9 +61,17 @@ def plan(sweep: Sweep, done: set[tuple[str, int]] = frozenset()) -> list[Run]:
 
 def stack_specs(sweep: Sweep, run: Run, base_dir: str | None) -> list[dict[str, Any]]:
     hosts = int(run.params.get("hosts", 1))
-    return [{"runner": sweep.runner, "params": run.params, "seed": run.seed + h, "host": h,
-             "timeout": sweep.timeout,
-             "base_dir": os.path.join(base_dir, str(h)) if base_dir else None} for h in range(hosts)]
+    return [
+        {
+            "runner": sweep.runner,
+            "params": run.params,
+            "seed": run.seed + h,
+            "host": h,
+            "timeout": sweep.timeout,
+            "base_dir": os.path.join(base_dir, str(h)) if base_dir else None,
+        }
+        for h in range(hosts)
+    ]
 
 
 def short_tmp() -> str:
@@ -83,8 +92,19 @@ def aggregate(sweep: Sweep, results: list[StackResult]) -> dict[str, Any]:
             out[m] = None
             continue
         agg = mod.METRICS[m].agg
-        out[m] = nums[0] if len(nums) == 1 else (sum(nums) if agg == "sum" else max(nums) if agg == "max" else
-                  min(nums) if agg == "min" else sum(nums) / len(nums))
+        out[m] = (
+            nums[0]
+            if len(nums) == 1
+            else (
+                sum(nums)
+                if agg == "sum"
+                else max(nums)
+                if agg == "max"
+                else min(nums)
+                if agg == "min"
+                else sum(nums) / len(nums)
+            )
+        )
     return out
 
 
@@ -93,18 +113,26 @@ def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, 
     results = [result_of(o) for o in outcomes]
     violations = [v for r in results if r for v in r.violations]
     invariants = sorted({v.get("invariant", "?") for v in violations})
-    audit = {"ran": bool(results) and all(r is not None and r.audit_ran for r in results),
-             "violations": len(violations), "invariants": invariants,
-             "first": violations[0].get("what", "") if violations else ""}
+    audit = {
+        "ran": bool(results) and all(r is not None and r.audit_ran for r in results),
+        "violations": len(violations),
+        "invariants": invariants,
+        "first": violations[0].get("what", "") if violations else "",
+    }
     audit["ok"] = audit["ran"] and not violations
     timeouts = [f"host {h}: {o['timeout']}" for h, o in enumerate(outcomes) if "timeout" in o]
     errors = [f"host {h}: {o['error']}" for h, o in enumerate(outcomes) if "error" in o]
-    failures = [f"host {h}: {f}" if len(outcomes) > 1 else f
-                for h, r in enumerate(results) if r for f in r.failures]
+    failures = [
+        f"host {h}: {f}" if len(outcomes) > 1 else f for h, r in enumerate(results) if r for f in r.failures
+    ]
     if timeouts:
         return "timeout", "; ".join(timeouts), audit
     if left:
-        return "leaked", f"left behind (removed): {', '.join(left[:5])}" + (" ..." if len(left) > 5 else ""), audit
+        return (
+            "leaked",
+            f"left behind (removed): {', '.join(left[:5])}" + (" ..." if len(left) > 5 else ""),
+            audit,
+        )
     if errors or failures or violations or not audit["ran"]:
         parts = errors + failures[:3]
         if violations:
@@ -115,37 +143,78 @@ def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, 
     return "ok", "", audit
 
 
-def make_row(sweep: Sweep, run: Run, outcomes: list[dict[str, Any]], left: list[str], started: float,
-             elapsed: float, env: dict[str, Any], nodes: list[str] | None = None) -> tuple[dict, dict]:
+def make_row(
+    sweep: Sweep,
+    run: Run,
+    outcomes: list[dict[str, Any]],
+    left: list[str],
+    started: float,
+    elapsed: float,
+    env: dict[str, Any],
+    nodes: list[str] | None = None,
+) -> tuple[dict, dict]:
     """The points.jsonl row of a finished run, and its time series (host 0's, or each host's)."""
     status, reason, audit = verdict(outcomes, left)
     results = [result_of(o) for o in outcomes]
     good = [r for r in results if r is not None]
-    per_host = [{"host": h, "status": "ok" if r is not None else "timeout" if "timeout" in o else "failed",
-                 "metrics": {m: r.metrics.get(m) for m in sweep.metrics} if r else {},
-                 **({"node": nodes[h]} if nodes else {})}
-                for h, (o, r) in enumerate(zip(outcomes, results))]
+    per_host = [
+        {
+            "host": h,
+            "status": "ok" if r is not None else "timeout" if "timeout" in o else "failed",
+            "metrics": {m: r.metrics.get(m) for m in sweep.metrics} if r else {},
+            **({"node": nodes[h]} if nodes else {}),
+        }
+        for h, (o, r) in enumerate(zip(outcomes, results))
+    ]
     series: dict[str, Any] = {}
     for h, r in enumerate(good):
         for name, s in r.series.items():
             series[name if len(good) == 1 else f"{name}@host{h}"] = s
-    row = {"experiment": sweep.name, "runner": sweep.runner, "point": run.index, "point_id": run.point_id,
-           "repeat": run.repeat, "seed": run.seed, "params": run.params, "metrics": aggregate(sweep, good),
-           "status": status, "reason": reason, "audit": audit, "hosts": len(outcomes), "per_host": per_host,
-           "elapsed_s": round(elapsed, 3), "started": utc_iso(started), "env": env}
+    row = {
+        "experiment": sweep.name,
+        "runner": sweep.runner,
+        "point": run.index,
+        "point_id": run.point_id,
+        "repeat": run.repeat,
+        "seed": run.seed,
+        "params": run.params,
+        "metrics": aggregate(sweep, good),
+        "status": status,
+        "reason": reason,
+        "audit": audit,
+        "hosts": len(outcomes),
+        "per_host": per_host,
+        "elapsed_s": round(elapsed, 3),
+        "started": utc_iso(started),
+        "env": env,
+    }
     return row, series
 
 
 def refused_row(sweep: Sweep, run: Run, why: str, env: dict[str, Any]) -> dict[str, Any]:
-    return {"experiment": sweep.name, "runner": sweep.runner, "point": run.index, "point_id": run.point_id,
-            "repeat": run.repeat, "seed": run.seed, "params": run.params,
-            "metrics": {m: None for m in sweep.metrics}, "status": "refused", "reason": why,
-            "audit": {"ran": False, "ok": False, "violations": 0, "invariants": [], "first": ""},
-            "hosts": int(run.params.get("hosts", 1)), "per_host": [], "elapsed_s": 0.0,
-            "started": utc_iso(), "env": env}
+    return {
+        "experiment": sweep.name,
+        "runner": sweep.runner,
+        "point": run.index,
+        "point_id": run.point_id,
+        "repeat": run.repeat,
+        "seed": run.seed,
+        "params": run.params,
+        "metrics": {m: None for m in sweep.metrics},
+        "status": "refused",
+        "reason": why,
+        "audit": {"ran": False, "ok": False, "violations": 0, "invariants": [], "first": ""},
+        "hosts": int(run.params.get("hosts", 1)),
+        "per_host": [],
+        "elapsed_s": 0.0,
+        "started": utc_iso(),
+        "env": env,
+    }
 
 
-def run_one(sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str], None]) -> tuple[dict, dict]:
+def run_one(
+    sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str], None]
+) -> tuple[dict, dict]:
     """One run on this machine, from a clean state; what it leaves behind is found and removed."""
     why = runner(sweep.runner).refuse(run.params)
     if why:
@@ -181,8 +250,13 @@ class _SigintOnce:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def execute(sweep: Sweep, rd: ResultsDir, *, cluster: str | None = None, progress: Progress | None = None,
-            ) -> dict[str, Any]:
+def execute(
+    sweep: Sweep,
+    rd: ResultsDir,
+    *,
+    cluster: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Run every run of `sweep` not yet in `rd`; write the derived files; return a summary."""
     todo = plan(sweep, rd.done())
     total = len(plan(sweep))
@@ -221,17 +295,26 @@ def columns(sweep: Sweep) -> tuple[list[str], list[str], dict[str, str]]:
 def finish(rd: ResultsDir, sweep: Sweep) -> dict[str, Any]:
     """Write points.csv, summary.md and the plots from points.jsonl; returns what was written."""
     params, metrics, units = columns(sweep)
-    files = {"points": os.path.join(rd.path, "points.jsonl"),
-             "csv": rd.write_csv(params, metrics),
-             "summary": rd.write_summary(params, metrics, units)}
+    files = {
+        "points": os.path.join(rd.path, "points.jsonl"),
+        "csv": rd.write_csv(params, metrics),
+        "summary": rd.write_summary(params, metrics, units),
+    }
     drawn = plotting.draw_all(rd, sweep)
     rows = rd.rows()
     statuses = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return {"dir": rd.path, "experiment": sweep.name, "runs": len(rows), "statuses": statuses,
-            "files": files, "plots": drawn["plots"], "plots_note": drawn.get("note", ""),
-            "summary": open(files["summary"]).read()}
+    return {
+        "dir": rd.path,
+        "experiment": sweep.name,
+        "runs": len(rows),
+        "statuses": statuses,
+        "files": files,
+        "plots": drawn["plots"],
+        "plots_note": drawn.get("note", ""),
+        "summary": open(files["summary"]).read(),
+    }
 
 
 def sweep_of(rd: ResultsDir) -> Sweep:
@@ -249,7 +332,16 @@ def sweep_of(rd: ResultsDir) -> Sweep:
 def start(sweep: Sweep, out: str, argv: list[str], options: dict[str, Any]) -> ResultsDir:
     from vsva.scale.results import rerun_command
 
-    meta = {"experiment": sweep.name, "runner": sweep.runner, "description": sweep.description,
-            "source": sweep.source, "options": options, "argv": argv, "command": rerun_command(argv),
-            "env": environment(), "total_runs": len(plan(sweep)), "python": sys.executable}
+    meta = {
+        "experiment": sweep.name,
+        "runner": sweep.runner,
+        "description": sweep.description,
+        "source": sweep.source,
+        "options": options,
+        "argv": argv,
+        "command": rerun_command(argv),
+        "env": environment(),
+        "total_runs": len(plan(sweep)),
+        "python": sys.executable,
+    }
     return ResultsDir.create(out, sweep.name, meta, sweep.text)

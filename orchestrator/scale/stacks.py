@@ -35,8 +35,12 @@ def run_stack_spec(spec: dict[str, Any], on_phase: Callable[[str], None] = lambd
     """Run one stack described by `spec` (runner, params, seed, timeout, base_dir, host);
     returns {"result": StackResult as JSON} or {"timeout": why} or {"error": why}."""
     mod = runner(spec["runner"])
-    ctx = PointContext(deadline=time.monotonic() + spec["timeout"], base_dir=spec.get("base_dir"),
-                       host=spec.get("host", 0), on_phase=on_phase)
+    ctx = PointContext(
+        deadline=time.monotonic() + spec["timeout"],
+        base_dir=spec.get("base_dir"),
+        host=spec.get("host", 0),
+        on_phase=on_phase,
+    )
     try:
         return {"result": mod.run_stack(spec["params"], spec["seed"], ctx).to_json()}
     except PointTimeout as exc:
@@ -58,8 +62,13 @@ def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> l
             path = os.path.join(tmp, f"stack{i}.json")
             with open(path, "w") as f:
                 json.dump(spec, f)
-            procs.append(subprocess.Popen([sys.executable, "-m", "vsva.scale.stacks", path],
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "vsva.scale.stacks", path],
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         on_phase(f"{len(specs)} host stacks running")
         _wait_all(procs, specs[0]["timeout"] + GRACE_S)
         out = []

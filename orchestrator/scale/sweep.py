@@ -44,10 +44,27 @@ from typing import Any
 
 from vsva.scale.experiments import RUNNERS, Param, runner
 
-EXPERIMENT_KEYS = {"name": str, "runner": str, "description": str, "repeat": int, "seed": int,
-                   "timeout": (int, float), "points": str, "metrics": list}
-PLOT_KEYS = {"name": str, "kind": str, "x": str, "y": list, "where": dict, "ylabel": str,
-             "logx": bool, "logy": bool, "title": str}
+EXPERIMENT_KEYS = {
+    "name": str,
+    "runner": str,
+    "description": str,
+    "repeat": int,
+    "seed": int,
+    "timeout": (int, float),
+    "points": str,
+    "metrics": list,
+}
+PLOT_KEYS = {
+    "name": str,
+    "kind": str,
+    "x": str,
+    "y": list,
+    "where": dict,
+    "ylabel": str,
+    "logx": bool,
+    "logy": bool,
+    "title": str,
+}
 PLOT_KINDS = ("lines", "timeline")
 TOP_KEYS = {"experiment", "params", "vary", "plots"}
 MAX_POINTS = 10_000
@@ -91,8 +108,10 @@ class Sweep:
         base = {name: p.default for name, p in runner(self.runner).PARAMS.items()}
         base.update(self.params)
         names = list(self.vary)
-        return [{**base, **dict(zip(names, values))}
-                for values in itertools.product(*(self.vary[n] for n in names))]
+        return [
+            {**base, **dict(zip(names, values))}
+            for values in itertools.product(*(self.vary[n] for n in names))
+        ]
 
     def point_id(self, params: dict[str, Any]) -> str:
         """A stable name of a point: its varied parameters, `vms=4` or `policy=naive,pasids=16`."""
@@ -158,8 +177,9 @@ def parse_value(param: Param, text: str, where: str = "--points") -> Any:
             return text.lower() in ("true", "1")
         return param.type(text)
     except ValueError:
-        raise SweepError(f"{where}: {text!r} is not a{'n' if param.type is int else ''} "
-                         f"{_type_name(param.type)}") from None
+        raise SweepError(
+            f"{where}: {text!r} is not a{'n' if param.type is int else ''} {_type_name(param.type)}"
+        ) from None
 
 
 def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep:
@@ -175,9 +195,16 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
     name = exp.get("name", exp["runner"])
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise SweepError(f"experiment.name: {name!r} must be letters, digits, '-', '_' or '.'")
-    sweep = Sweep(name=name, runner=exp["runner"], description=exp.get("description", ""),
-                  repeat=exp.get("repeat", 1), seed=exp.get("seed", 1),
-                  timeout=float(exp.get("timeout", 600.0)), source=source, text=text)
+    sweep = Sweep(
+        name=name,
+        runner=exp["runner"],
+        description=exp.get("description", ""),
+        repeat=exp.get("repeat", 1),
+        seed=exp.get("seed", 1),
+        timeout=float(exp.get("timeout", 600.0)),
+        source=source,
+        text=text,
+    )
     if not 1 <= sweep.repeat <= 1000:
         raise SweepError(f"experiment.repeat: {sweep.repeat} out of range [1, 1000]")
     if not 0.1 <= sweep.timeout <= 86400:
@@ -200,8 +227,10 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
     metrics = exp.get("metrics", list(mod.METRICS))
     for i, m in enumerate(metrics):
         if m not in mod.METRICS:
-            raise SweepError(f"experiment.metrics[{i}]: runner {sweep.runner!r} has no metric {m!r}; "
-                             f"valid: {', '.join(mod.METRICS)}")
+            raise SweepError(
+                f"experiment.metrics[{i}]: runner {sweep.runner!r} has no metric {m!r}; "
+                f"valid: {', '.join(mod.METRICS)}"
+            )
     sweep.metrics = list(metrics)
     plots = data.get("plots", [])
     if not isinstance(plots, list):
@@ -231,8 +260,10 @@ def _plot(where: str, raw: Any, sweep: Sweep, mod: Any) -> Plot:
                 raise SweepError(f"{where}.y: {y!r} is not a collected metric")
     elif any(y not in mod.SERIES for y in plot.y):
         bad = next(y for y in plot.y if y not in mod.SERIES)
-        raise SweepError(f"{where}.y: runner {sweep.runner!r} records no series {bad!r}; "
-                         f"valid: {', '.join(mod.SERIES) or 'none'}")
+        raise SweepError(
+            f"{where}.y: runner {sweep.runner!r} records no series {bad!r}; "
+            f"valid: {', '.join(mod.SERIES) or 'none'}"
+        )
     for key, value in plot.where.items():
         if key not in sweep.vary:
             raise SweepError(f"{where}.where.{key}: not a parameter in [vary]")
@@ -316,8 +347,10 @@ def fix(sweep: Sweep, settings: list[str] | None) -> Sweep:
         if not eq:
             raise SweepError(f"--set {item!r}: expected KEY=VALUE")
         if key not in mod.PARAMS:
-            raise SweepError(f"--set {key}: runner {sweep.runner!r} has no parameter {key!r}; "
-                             f"valid: {', '.join(mod.PARAMS)}")
+            raise SweepError(
+                f"--set {key}: runner {sweep.runner!r} has no parameter {key!r}; "
+                f"valid: {', '.join(mod.PARAMS)}"
+            )
         value = parse_value(mod.PARAMS[key], text, f"--set {key}")
         sweep.params[key] = check_value(f"--set {key}", mod.PARAMS[key], value)
         sweep.vary.pop(key, None)

@@ -40,9 +40,17 @@ def target_endpoint(run_dir: str, name: str) -> str:
 
 
 class Raw:
-    def __init__(self, run_dir: str, target: str, name: str = "mallory", *, listen: bool = True,
-                 curve: tuple[bytes, bytes, bytes] | None = None, ctx: zmq.Context | None = None,
-                 routing_id: bytes | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        target: str,
+        name: str = "mallory",
+        *,
+        listen: bool = True,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+        ctx: zmq.Context | None = None,
+        routing_id: bytes | None = None,
+    ):
         self.ctx = ctx or zmq.Context.instance()
         self.name, self.target, self.run_dir = name, target, run_dir
         self.router = None
@@ -63,8 +71,18 @@ class Raw:
         self.dealer.connect(target_endpoint(run_dir, target))
 
     def envelope(self, kind: str, body: dict | None = None, **over) -> dict:
-        env = {"v": 1, "id": next(_IDS), "src": self.name, "dst": self.target, "kind": kind,
-               "corr": None, "rr": True, "clock": 1, "flow": "", "body": body or {}}
+        env = {
+            "v": 1,
+            "id": next(_IDS),
+            "src": self.name,
+            "dst": self.target,
+            "kind": kind,
+            "corr": None,
+            "rr": True,
+            "clock": 1,
+            "flow": "",
+            "body": body or {},
+        }
         env.update(over)
         return env
 

@@ -61,7 +61,9 @@ def _free_pasid(snaps):
 
 def _bound(snaps, vm, dev_prefix="pf"):
     svms = snaps["host"]["svms"]
-    return next(int(p) for p, s in svms.items() if s["vm"] == vm and any(d.startswith(dev_prefix) for d in s["devs"]))
+    return next(
+        int(p) for p, s in svms.items() if s["vm"] == vm and any(d.startswith(dev_prefix) for d in s["devs"])
+    )
 
 
 def test_clean_hold_state(held):
@@ -169,7 +171,9 @@ def test_set_holding_other_vms_pasid_is_i7(held):
     theirs = _bound(snaps, 2)
     bad["host"]["vms"]["1"]["ioasids"].append(theirs)
     assert {v["invariant"] for v in audit(bad, c.topology)} >= {"I7"}
-    assert any(v["invariant"] == "I7" and v["pasid"] == theirs and v["vm"] == 1 for v in audit(bad, c.topology))
+    assert any(
+        v["invariant"] == "I7" and v["pasid"] == theirs and v["vm"] == 1 for v in audit(bad, c.topology)
+    )
 
 
 def test_missing_snapshots_reported(held):
@@ -181,6 +185,7 @@ def test_missing_snapshots_reported(held):
 
 
 # ---- real inconsistencies made by acting behind the vmm's back -----------------------------------
+
 
 def _snapshots(vsva, rt, topology):
     return {n: vsva.ask(rt, n, "snapshot", {})["state"] for n in topology.names()}

@@ -42,8 +42,14 @@ def test_demo_refuses_what_the_descriptor_limit_cannot_hold():
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
-    done = subprocess.run([sys.executable, "-m", "vsva", "demo", "--vms", "128"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    done = subprocess.run(
+        [sys.executable, "-m", "vsva", "demo", "--vms", "128"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=low_limit,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "RLIMIT_NOFILE" in lines[0] and "1024" in lines[0], lines
@@ -56,6 +62,5 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_limit():
         from vsva.ops.capacity import raise_fd_limit
         print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert done.stdout.split() == ["4096", "4096"], done.stderr

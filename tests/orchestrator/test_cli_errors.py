@@ -21,8 +21,15 @@ def cli(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
     def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vsva", *args], capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "vsva", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=timeout,
+        )
+
     run.tmp = tmp_path
     run.state_dir = tmp_path / "state"
     return run
@@ -66,10 +73,10 @@ def test_bench_bad_batches(cli, batches):
 def test_trace_out_unwritable_is_refused_before_the_run(cli):
     afile = cli.tmp / "afile"
     afile.write_text("")
-    err = one_line_error(cli("demo", "--runtime", "sim", "--trace-out", str(afile / "x")), 2,
-                         "--trace-out")
-    assert "vsva demo:" not in cli("demo", "--runtime", "sim", "--trace-out",
-                                   str(afile / "x")).stdout  # the run did not start
+    err = one_line_error(cli("demo", "--runtime", "sim", "--trace-out", str(afile / "x")), 2, "--trace-out")
+    assert (
+        "vsva demo:" not in cli("demo", "--runtime", "sim", "--trace-out", str(afile / "x")).stdout
+    )  # the run did not start
     assert err
 
 
@@ -112,11 +119,14 @@ def test_version(cli):
     assert done.stdout.strip() == f"vsva {vsva.__version__}"
 
 
-@pytest.mark.parametrize("args,listed", [
-    (["demo", "--help"], ["processes", "sim", "naive", "ordered", "reclaim", "ipc", "tcp", "churn"]),
-    (["explore", "--help"], ["naive", "ordered", "reclaim", "churn"]),
-    (["--help"], ["exit", "0", "1", "2", "3"]),
-])
+@pytest.mark.parametrize(
+    "args,listed",
+    [
+        (["demo", "--help"], ["processes", "sim", "naive", "ordered", "reclaim", "ipc", "tcp", "churn"]),
+        (["explore", "--help"], ["naive", "ordered", "reclaim", "churn"]),
+        (["--help"], ["exit", "0", "1", "2", "3"]),
+    ],
+)
 def test_help_lists_choices_and_exit_codes(cli, args, listed):
     done = cli(*args)
     assert done.returncode == 0
@@ -124,12 +134,15 @@ def test_help_lists_choices_and_exit_codes(cli, args, listed):
         assert word in done.stdout, (word, done.stdout)
 
 
-@pytest.mark.parametrize("args,option", [
-    (["demo", "--policy", "nope"], "--policy"),
-    (["demo", "--runtime", "nope"], "--runtime"),
-    (["demo", "--vms", "0"], "--vms"),
-    (["up", "--ready-timeout", "-1"], "--ready-timeout"),
-    (["down", "--timeout", "-1"], "--timeout"),
-])
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["demo", "--policy", "nope"], "--policy"),
+        (["demo", "--runtime", "nope"], "--runtime"),
+        (["demo", "--vms", "0"], "--vms"),
+        (["up", "--ready-timeout", "-1"], "--ready-timeout"),
+        (["down", "--timeout", "-1"], "--timeout"),
+    ],
+)
 def test_bad_option_values(cli, args, option):
     one_line_error(cli(*args), 2, option)

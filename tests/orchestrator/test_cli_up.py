@@ -23,8 +23,14 @@ def vsva(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
     def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "vsva", *args], capture_output=True,
-                              text=True, cwd=ROOT, env=env, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "vsva", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=timeout,
+        )
         if check:
             assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
         return done
@@ -83,14 +89,18 @@ def test_up_ps_kill_audit_down(vsva):
 
     # an outside kill -9 of kvm is handled the same way: restarted with a new pid
     os.kill(first_pids["kvm"], signal.SIGKILL)
-    rows = wait_for(lambda: (r := ps(vsva))["kvm"]["pid"] != first_pids["kvm"]
-                    and r["kvm"]["state"] == "running" and r, what="kvm restarted")
+    rows = wait_for(
+        lambda: (r := ps(vsva))["kvm"]["pid"] != first_pids["kvm"] and r["kvm"]["state"] == "running" and r,
+        what="kvm restarted",
+    )
     assert rows["kvm"]["restarts"] == 1 and pid_alive(rows["kvm"]["pid"])
     # ... and an outside kill -9 of the other VM's guest: VM 2 stopped through its vmm (F8)
     os.kill(first_pids["vm2.guest"], signal.SIGKILL)
     wait_for(lambda: ps(vsva)["vm2.guest"]["state"] == "killed", what="guest death seen")
-    audit = wait_for(lambda: (a := json.loads(vsva("audit", "--json", check=False).stdout))["ok"] and a,
-                     what="clean audit after recovery")
+    audit = wait_for(
+        lambda: (a := json.loads(vsva("audit", "--json", check=False).stdout))["ok"] and a,
+        what="clean audit after recovery",
+    )
     assert audit["violations"] == []
     status = vsva("ps").stdout
     assert "vm1 gone" in status and "vm2 off" in status

@@ -13,8 +13,13 @@ VSVA = [sys.executable, "-m", "vsva"]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*VSVA, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return subprocess.run(
+        [*VSVA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
 
 
 @pytest.mark.parametrize("vms", [1, 2])
@@ -30,7 +35,9 @@ def test_demo_json_passes_and_leaves_nothing(vms: int) -> None:
         assert report["flows"][flow] > 0, flow
     assert report["flows"]["F2"] == 5 * vms  # three pf binds (one demand-paged) and two mdev binds per VM
     names = {p["name"] for p in report["processes"]}
-    assert names == {"host", "kvm", "vdcm"} | {f"vm{i}.{k}" for i in range(1, vms + 1) for k in ("guest", "vmm")}
+    assert names == {"host", "kvm", "vdcm"} | {
+        f"vm{i}.{k}" for i in range(1, vms + 1) for k in ("guest", "vmm")
+    }
     pids = [p["pid"] for p in report["processes"]]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
     for pid in pids:

@@ -24,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(TOYS))
 
 
 def topology():
-    return Topology(actors=[ActorSpec("echo", "zmqrt_toys:Echo"),
-                            ActorSpec("mute", "zmqrt_toys:Mute")], mem_frames=8)
+    return Topology(
+        actors=[ActorSpec("echo", "zmqrt_toys:Echo"), ActorSpec("mute", "zmqrt_toys:Mute")], mem_frames=8
+    )
 
 
 def parent_of(pid: int) -> int:
@@ -62,8 +63,13 @@ def test_check_forkable_fires_when_something_would_cross_the_fork(what):
             os._exit(0)
         os._exit(1)
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "refused" in done.stdout
 

@@ -39,9 +39,11 @@ def test_a_duplicate_routing_id_does_not_displace_the_live_peer(topo):
     """ROUTER_HANDOVER would hand "orch" (at the host) and "host" (at the orchestrator) to the
     newcomer and cut the real channels for good."""
     assert all(r["ret"] == 0 for r in pings(topo).values())  # every channel is up: live peers
-    squatters = [Raw(topo.run_dir, "host", "orch", listen=False),
-                 Raw(topo.run_dir, "orch", "host", listen=False),
-                 Raw(topo.run_dir, "kvm", "host", listen=False)]
+    squatters = [
+        Raw(topo.run_dir, "host", "orch", listen=False),
+        Raw(topo.run_dir, "orch", "host", listen=False),
+        Raw(topo.run_dir, "kvm", "host", listen=False),
+    ]
     try:
         for s in squatters:
             s.send(s.envelope("ping"))
@@ -87,8 +89,9 @@ def test_four_hundred_sender_names_do_not_exhaust_the_peer_table(topo):
         for i in range(400):
             m = Raw(topo.run_dir, "kvm", f"m{i}", ctx=ctx)
             clients.append(m)
-            reply = m.request("ioasid_notify", {"event": "bind", "vm": 1, "hpasid": 1, "gpasid": 1,
-                                                "dev": "x"})
+            reply = m.request(
+                "ioasid_notify", {"event": "bind", "vm": 1, "hpasid": 1, "gpasid": 1, "dev": "x"}
+            )
             assert reply is not None and reply["ret"] == -E.EPERM, (i, reply)
             m.dealer.close(0)  # its inbound connection goes; kvm's DEALER to it stays
         assert pings(topo, ["kvm"])["kvm"]["ret"] == 0
@@ -120,9 +123,18 @@ def test_supervisor_control_fields_are_validated(tmp_path):
                     return msgpack.unpackb(client.recv(), raw=False)
             raise AssertionError(f"no answer to {req!r}")
 
-        bad = [{"op": "kill", "name": ["x"]}, {"op": "kill", "name": {"a": 1}}, {"op": "kill"},
-               {"op": ["ps"]}, {"op": "kill", "name": "host", "extra": 1}, [1, 2], b"\xc1",
-               {"op": "frobnicate"}, {1: 2}, "down"]
+        bad = [
+            {"op": "kill", "name": ["x"]},
+            {"op": "kill", "name": {"a": 1}},
+            {"op": "kill"},
+            {"op": ["ps"]},
+            {"op": "kill", "name": "host", "extra": 1},
+            [1, 2],
+            b"\xc1",
+            {"op": "frobnicate"},
+            {1: 2},
+            "down",
+        ]
         for req in bad:
             reply = ask(req)
             assert reply["ok"] is False and reply["error"], req

@@ -23,26 +23,40 @@ from zmqrt_toys import pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = {"F1": ("bind_many", 30, 10), "F2": ("bind_latency", 60, 10), "F7": ("dma_loop", 100, 20)}
-KINDS = {"guest": "vm1.guest", "guest+restart": "vm1.guest", "vmm": "vm1.vmm", "kvm": "kvm",
-         "vdcm": "vdcm", "host": "host"}
+KINDS = {
+    "guest": "vm1.guest",
+    "guest+restart": "vm1.guest",
+    "vmm": "vm1.vmm",
+    "kvm": "kvm",
+    "vdcm": "vdcm",
+    "host": "host",
+}
 SEED = 11
 
 
 def scenario(kind: str, step: str) -> str:
     workload, iterations, nth = STEPS[step]
     restart = '\non_guest_death = "restart"' if kind == "guest+restart" else ""
-    vms = "".join(f'[[vms]]\nid = {i}\nworkload = "{workload}"\niterations = {iterations}{restart}\n'
-                  for i in (1, 2))
-    return (f"[run]\nseed = {SEED}\n{vms}[[faults]]\nkill = \"{KINDS[kind]}\"\nat_flow = \"{step}\"\n"
-            f"vm = 1\nnth = {nth}\n[scenario]\ntimeout = 30\n")
+    vms = "".join(
+        f'[[vms]]\nid = {i}\nworkload = "{workload}"\niterations = {iterations}{restart}\n' for i in (1, 2)
+    )
+    return (
+        f'[run]\nseed = {SEED}\n{vms}[[faults]]\nkill = "{KINDS[kind]}"\nat_flow = "{step}"\n'
+        f"vm = 1\nnth = {nth}\n[scenario]\ntimeout = 30\n"
+    )
 
 
 def run_case(tmp_path, kind: str, step: str) -> dict:
     path = tmp_path / f"{kind}-{step}.toml"
     path.write_text(scenario(kind, step))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "vsva", "run", "--json", str(path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "vsva", "run", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     try:
         rep = json.loads(done.stdout)
     except ValueError:
@@ -95,11 +109,13 @@ def row(kind: str, step: str, rep: dict, bad: list[str]) -> str:
     rec = {r["actor"]: r for r in rep.get("recoveries", [])}.get(KINDS[kind], {})
     trig = rep.get("injected", [{}])[0].get("trigger", "-").replace("flow step ", "").split(" ")[0]
     rs = rec.get("recovery_s")
-    return (f"{kind:<14} {step:<3} {trig:<13} {(rec.get('action') or '-')[:48]:<48} "
-            f"{'-' if rs is None else f'{rs * 1000:.0f} ms':>7} "
-            f"{'clean' if rep.get('audit', {}).get('ok') else 'n/a' if kind == 'host' else 'DIRTY':<6} "
-            f"{str(rep.get('surviving_vms', '-')):<7} {rep.get('wall_s', 0):>5} s "
-            f"{'PASS' if not bad else 'FAIL: ' + '; '.join(bad)}")
+    return (
+        f"{kind:<14} {step:<3} {trig:<13} {(rec.get('action') or '-')[:48]:<48} "
+        f"{'-' if rs is None else f'{rs * 1000:.0f} ms':>7} "
+        f"{'clean' if rep.get('audit', {}).get('ok') else 'n/a' if kind == 'host' else 'DIRTY':<6} "
+        f"{str(rep.get('surviving_vms', '-')):<7} {rep.get('wall_s', 0):>5} s "
+        f"{'PASS' if not bad else 'FAIL: ' + '; '.join(bad)}"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -109,8 +125,10 @@ def test_kill_matrix(tmp_path):
     with ThreadPoolExecutor(max_workers=3) as pool:
         reports = list(pool.map(lambda c: run_case(tmp_path, *c), cases))
     elapsed = time.monotonic() - t0
-    lines = [f"{'killed':<14} {'at':<3} {'trigger':<13} {'recovery':<48} {'took':>7} {'audit':<6} "
-             f"{'surv.':<7} {'wall':>7} verdict"]
+    lines = [
+        f"{'killed':<14} {'at':<3} {'trigger':<13} {'recovery':<48} {'took':>7} {'audit':<6} "
+        f"{'surv.':<7} {'wall':>7} verdict"
+    ]
     failures = []
     for (kind, step), rep in zip(cases, reports):
         bad = check_case(kind, step, rep)

@@ -28,9 +28,15 @@ def toy(name, cls, **config):
 
 
 def topology(*extra):
-    return Topology(actors=[toy("echo", "Echo"), toy("mute", "Mute"),
-                            toy("proxy_m", "Proxy", target="mute", targets=[]), *extra],
-                    mem_frames=16)
+    return Topology(
+        actors=[
+            toy("echo", "Echo"),
+            toy("mute", "Mute"),
+            toy("proxy_m", "Proxy", target="mute", targets=[]),
+            *extra,
+        ],
+        mem_frames=16,
+    )
 
 
 def assert_gone(run_dir, shm_path, pids):
@@ -52,7 +58,12 @@ def test_processes_ready_and_close_removes_everything():
         assert os.stat(run_dir).st_mode & 0o777 == 0o700
         assert os.path.getsize(shm) == 16 * 4096
         assert {os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.sock"))} == {
-            "echo.sock", "mute.sock", "proxy_m.sock", "orch.sock", "orch-ctl.sock"}
+            "echo.sock",
+            "mute.sock",
+            "proxy_m.sock",
+            "orch.sock",
+            "orch-ctl.sock",
+        }
         with open(os.path.join(run_dir, "topology.json")) as f:
             assert [a["name"] for a in json.load(f)["actors"]] == ["echo", "mute", "proxy_m"]
         actor = Script(steps=[Call("echo", "ping", {"x": 1}), Call("mute", "ping", {}, timeout=0.2)])
@@ -72,12 +83,17 @@ def test_processes_ready_and_close_removes_everything():
 
 def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
     with Launcher(topology(), extra_path=[TOYS]) as launcher:
-        actor = Script(steps=[
-            Gather([Call("mute", "ping", {}, timeout=10.0),
-                    Call("proxy_m", "toy_relay", {"x": 3, "timeout": 10.0},
-                         timeout=10.0)]),
-            Call("mute", "ping", {}, timeout=10.0),
-        ])
+        actor = Script(
+            steps=[
+                Gather(
+                    [
+                        Call("mute", "ping", {}, timeout=10.0),
+                        Call("proxy_m", "toy_relay", {"x": 3, "timeout": 10.0}, timeout=10.0),
+                    ]
+                ),
+                Call("mute", "ping", {}, timeout=10.0),
+            ]
+        )
         assert not launcher.run_actor(actor, timeout=0.3)  # both requests now in flight
         assert actor.busy
         proxy_trace = os.path.join(launcher.run_dir, "trace-proxy_m.jsonl")
@@ -108,8 +124,10 @@ def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
         assert actor.downs == ["mute"]
         assert launcher.runtime.stats["send_failed"] >= 1
         with capsys.disabled():
-            print(f"\n  kill -9 -> pidfd death seen in {detected * 1000:.1f} ms; "
-                  f"in-flight requests resolved in {resolved * 1000:.1f} ms")
+            print(
+                f"\n  kill -9 -> pidfd death seen in {detected * 1000:.1f} ms; "
+                f"in-flight requests resolved in {resolved * 1000:.1f} ms"
+            )
         # the survivors still serve
         ok = Script(steps=[Call("proxy_m", "ping", {"x": 2})])
         assert launcher.run_actor(ok, timeout=5.0) and ok.result[0]["ret"] == 0
@@ -142,9 +160,15 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, tran
     child's own socket monitor, within a bounded time, exactly once per death and never at
     start-up; after `restart` the survivors talk to the new incarnation again (over tcp: at
     the new port its endpoint file names)."""
-    topo = Topology(actors=[toy("victim", "Echo"), toy("w1", "Watcher", target="victim"),
-                            toy("w2", "Watcher", target="victim")], mem_frames=16,
-                    transport=transport)
+    topo = Topology(
+        actors=[
+            toy("victim", "Echo"),
+            toy("w1", "Watcher", target="victim"),
+            toy("w2", "Watcher", target="victim"),
+        ],
+        mem_frames=16,
+        transport=transport,
+    )
     latencies = []
     with Launcher(topo, extra_path=[TOYS]) as launcher:
         assert _downs(launcher, "w1") == [] and _downs(launcher, "w2") == []  # not at start-up
@@ -152,8 +176,7 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, tran
             # both talk to the victim (after a restart: to its new incarnation), so both
             # surely have a connection to it when it dies: a child that never connected
             # (its reconnection to a restarted peer is not done yet) hears of no death
-            talk = Script(steps=[Gather([Call(w, "toy_relay", {"x": i})
-                                         for w in ("w1", "w2")])])
+            talk = Script(steps=[Gather([Call(w, "toy_relay", {"x": i}) for w in ("w1", "w2")])])
             assert launcher.run_actor(talk, timeout=5.0)
             for reply in talk.result[0]:
                 assert reply["ret"] == 0 and reply["echo"] == i, (i, talk.result)
@@ -180,13 +203,14 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, tran
         assert last.result[0]["pid"] == launcher.pid("victim")
     ordered = sorted(latencies)
     with capsys.disabled():
-        print(f"\n  {transport}: kill -9 -> peer_down in a surviving child ({len(latencies)} reports): median "
-              f"{ordered[len(ordered) // 2] * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms")
+        print(
+            f"\n  {transport}: kill -9 -> peer_down in a surviving child ({len(latencies)} reports): median "
+            f"{ordered[len(ordered) // 2] * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+        )
 
 
 def test_launch_failure_reports_log_and_cleans_up():
-    bad = Topology(actors=[toy("echo", "Echo"), ActorSpec("broken", "zmqrt_toys:NoSuchActor")],
-                   mem_frames=4)
+    bad = Topology(actors=[toy("echo", "Echo"), ActorSpec("broken", "zmqrt_toys:NoSuchActor")], mem_frames=4)
     launcher = Launcher(bad, extra_path=[TOYS], ready_timeout=10)
     with pytest.raises(LaunchError, match="NoSuchActor"):
         launcher.start()
@@ -234,6 +258,7 @@ def test_children_die_with_the_launcher():
             parent.wait(5)
         # a launcher killed -9 cannot clean up after itself: the test does
         import shutil
+
         if "info" in locals():
             shutil.rmtree(info["run_dir"], ignore_errors=True)
             if os.path.exists(info["shm"]):
@@ -243,9 +268,11 @@ def test_children_die_with_the_launcher():
 def test_seven_actor_start_to_all_ready(capsys):
     """The default 2-VM topology when the lead's actors exist, else seven toy actors."""
     from vsva.ops.topology import default_topology
+
     topo = default_topology(2)
     try:
         from vsva.actors import actor_class
+
         for spec in topo.actors:
             actor_class(spec.kind)
         label = "default 2-VM topology"
@@ -259,6 +286,8 @@ def test_seven_actor_start_to_all_ready(capsys):
         assert all(r["state"] == "running" for r in launcher.processes())
     total = time.monotonic() - t
     with capsys.disabled():
-        print(f"\n  {label}: start to all-ready {ready * 1000:.0f} ms (spawn to ready "
-              f"{launcher.ready_seconds * 1000:.0f} ms), up+down {total * 1000:.0f} ms")
+        print(
+            f"\n  {label}: start to all-ready {ready * 1000:.0f} ms (spawn to ready "
+            f"{launcher.ready_seconds * 1000:.0f} ms), up+down {total * 1000:.0f} ms"
+        )
     assert ready < 15.0

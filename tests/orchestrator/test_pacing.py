@@ -36,15 +36,15 @@ def test_timeouts_grow_with_what_the_kind_waits_for():
 
 
 def test_kind_timeout_applies_and_a_timeout_is_recorded_with_peer_and_elapsed():
-    actor = Caller([Call("vm1.vmm", "vm_start", {})],
-                   config={"request_timeout": 1.0, "timeouts": {"vm_start": 12.5}})
+    actor = Caller(
+        [Call("vm1.vmm", "vm_start", {})], config={"request_timeout": 1.0, "timeouts": {"vm_start": 12.5}}
+    )
     [sent] = actor.start(0.0)
     assert actor.next_deadline() == 12.5
     assert actor.expire(12.0) == [] and actor.result is None
     actor.expire(12.6)
     assert actor.result["ret"] == -E.ETIMEDOUT and actor.result["indefinite"]
-    rec = {"actor": "orch", "kind": "vm_start", "peer": "vm1.vmm", "elapsed_s": 12.6,
-           "timeout_s": 12.5}
+    rec = {"actor": "orch", "kind": "vm_start", "peer": "vm1.vmm", "elapsed_s": 12.6, "timeout_s": 12.5}
     assert actor.result["timed_out"] == rec and actor.timeouts == [rec]
     assert "vm_start to vm1.vmm" in actor.result["error"]
 
@@ -56,18 +56,21 @@ def test_power_on_goes_a_window_at_a_time():
     waves = []
     while out:
         waves.append([e.dst for e in out])
-        out = [e for env in out  # error replies: only "ret" is checked against the schema
-               for e in actor.deliver(reply_to(env, {"ret": -E.EBUSY, "error": env.dst}), 0.1)]
+        out = [
+            e
+            for env in out  # error replies: only "ret" is checked against the schema
+            for e in actor.deliver(reply_to(env, {"ret": -E.EBUSY, "error": env.dst}), 0.1)
+        ]
     assert waves == [["vm1.vmm", "vm2.vmm"], ["vm3.vmm", "vm4.vmm"], ["vm5.vmm"]]
     assert [r["error"] for r in actor.result] == [c.dst for c in calls]
 
 
 def test_timeouts_are_found_in_nested_results_and_rendered():
-    rec = {"actor": "vm3.vmm", "kind": "vfio_open", "peer": "host", "elapsed_s": 11.4,
-           "timeout_s": 11.4}
+    rec = {"actor": "vm3.vmm", "kind": "vfio_open", "peer": "host", "elapsed_s": 11.4, "timeout_s": 11.4}
     own = {"actor": "orch", "kind": "snapshot", "peer": "kvm", "elapsed_s": 5.1, "timeout_s": 5.0}
     results = {"vm3.vmm": {"ret": -E.ETIMEDOUT, "timed_out": rec}, "steps": [{"ok": True}]}
     found = pacing.timeouts_in(results, [results], records=[own])
     assert found == [own, rec]
     assert pacing.render_timeouts(found)[1] == (
-        "vm3.vmm: vfio_open to host had no reply after 11.4 s (timeout 11.4 s)")
+        "vm3.vmm: vfio_open to host had no reply after 11.4 s (timeout 11.4 s)"
+    )

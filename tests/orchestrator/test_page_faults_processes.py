@@ -11,8 +11,13 @@ VSVA = [sys.executable, "-m", "vsva"]
 
 
 def test_demo_json_shows_page_faults() -> None:
-    done = subprocess.run([*VSVA, "demo", "--json"], capture_output=True, text=True, timeout=180,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    done = subprocess.run(
+        [*VSVA, "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["ok"] is True and report["audit"]["violations"] == []

@@ -43,7 +43,7 @@ def listeners(pids: list[int]) -> list[tuple[str, int]]:
             except OSError:
                 continue
             if link.startswith("socket:["):
-                inodes.add(link[len("socket:["):-1])
+                inodes.add(link[len("socket:[") : -1])
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -57,7 +57,7 @@ def listeners(pids: list[int]) -> list[tuple[str, int]]:
             if state == "0A" and inode in inodes:  # TCP_LISTEN
                 addr, port = local.split(":")
                 if len(addr) == 8:
-                    addr = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                    addr = ".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
                 found.append((addr, int(port, 16)))
     return found
 
@@ -94,15 +94,22 @@ def test_demo_two_vms_over_tcp_loopback_only():
         assert found and all(addr == "127.0.0.1" for addr, _ in found), found
         assert sorted(p for _, p in found) == sorted(by_name.values()), (found, by_name)
         assert [os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.sock"))] == [
-            "orch-ctl.sock"]  # only the launcher's control socket stays ipc
+            "orch-ctl.sock"
+        ]  # only the launcher's control socket stays ipc
         assert {os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.ep"))} == {
-            f"{n}.ep" for n in by_name}
+            f"{n}.ep" for n in by_name
+        }
         ctl = Controller(topology)
         assert launcher.run_actor(ctl, timeout=60)
         launcher.close()
-        session = {**ctl.result, "trace": launcher.trace(), "processes": launcher.processes(),
-                   "ready_s": ready, "files": [run_dir, shm],
-                   "elapsed_s": time.monotonic() - t0}
+        session = {
+            **ctl.result,
+            "trace": launcher.trace(),
+            "processes": launcher.processes(),
+            "ready_s": ready,
+            "files": [run_dir, shm],
+            "elapsed_s": time.monotonic() - t0,
+        }
     rep = report(session, topology, "processes")
     assert rep["transport"] == "tcp"
     assert rep["steps"]["total"] > 0 and rep["steps"]["failed"] == [], rep["steps"]["failed"][:3]
@@ -125,8 +132,7 @@ def test_sigkill_vmm_detected_by_host_over_tcp():
         pids = [r["pid"] for r in launcher.processes()]
         run_dir, shm = launcher.run_dir, launcher.shm_path
         orch = DeathRun(topology)
-        assert launcher.run_actor(orch, timeout=DEADLINE,
-                                  until=lambda a: a.under_way or a.result is not None)
+        assert launcher.run_actor(orch, timeout=DEADLINE, until=lambda a: a.under_way or a.result is not None)
         assert orch.under_way, orch.result
         assert launcher.kill("vm2.vmm")
         assert launcher.kill("vm2.guest")

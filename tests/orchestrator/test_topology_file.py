@@ -27,10 +27,12 @@ def test_empty_file_is_the_default_topology():
 @pytest.mark.parametrize("vms,policy,seed", [(1, "naive", 3), (4, "ordered", 9), (8, "reclaim", 1)])
 def test_equivalence_with_options(vms, policy, seed):
     text = f'[run]\nseed = {seed}\npolicy = "{policy}"\nrequest_timeout = 2.5\n' + "".join(
-        f"[[vms]]\nid = {i}\nworkload = \"dma_loop\"\niterations = 7\n" for i in range(1, vms + 1))
+        f'[[vms]]\nid = {i}\nworkload = "dma_loop"\niterations = 7\n' for i in range(1, vms + 1)
+    )
     got = loads(text).topology
-    want = default_topology(vms, seed=seed, policy=policy, request_timeout=2.5, workload="dma_loop",
-                            iterations=7)
+    want = default_topology(
+        vms, seed=seed, policy=policy, request_timeout=2.5, workload="dma_loop", iterations=7
+    )
     assert dataclasses.asdict(got) == dataclasses.asdict(want)
 
 
@@ -41,34 +43,40 @@ def test_examples_parse():
     assert four.topology.spec("host").config["policy"] == "ordered"
     faults = load(os.path.join(EXAMPLES, "faults.toml"))
     assert [(f.kill, f.at_flow, f.vm, f.nth, f.at_time) for f in faults.faults] == [
-        ("vm2.vmm", "F7", 2, 5, None), ("vdcm", "F7", 1, 20, None), ("kvm", None, None, 1, 0.3)]
+        ("vm2.vmm", "F7", 2, 5, None),
+        ("vdcm", "F7", 1, 20, None),
+        ("kvm", None, None, 1, 0.3),
+    ]
 
 
-@pytest.mark.parametrize("text,needle", [
-    ('[run]\npolicy = "fifo"', "run.policy: unknown policy 'fifo'; valid: naive, ordered, reclaim"),
-    ('[run]\npolcy = "naive"', "run: unknown key 'polcy'; valid:"),
-    ('[runn]\n', "unknown section 'runn'"),
-    ('[run]\nseed = "x"', "run.seed: expected integer"),
-    ('[run]\nseed = true', "run.seed: expected integer"),
-    ('[run]\ntransport = "udp"', "run.transport: unknown transport 'udp'; valid: ipc, tcp"),
-    ('[run]\nrequest_timeout = -1', "run.request_timeout: -1.0 out of range"),
-    ('[[vms]]\nid = 2', "vms[0].id: VM ids must be 1..N in order"),
-    ('[[vms]]\nworkload = "mine"', "vms[0].workload: unknown workload 'mine'; valid: demo"),
-    ('[[vms]]\ncolour = 1', "vms[0]: unknown key 'colour'"),
-    ('[[vms]]\ndevices = { passthrough = 2 }', "exactly 1 passthrough"),
-    ('[[vms]]\ndevices = { mediated = 1 }', "workload 'demo' needs devices.mediated >= 2"),
-    ('[[vms]]\ndevices = { gpu = 1 }', "vms[0].devices: unknown key 'gpu'"),
-    ('[[vms]]\non_guest_death = "reboot"', "unknown on_guest_death 'reboot'; valid: stop, restart"),
-    ('[[hosts]]\nname = "h1"\n[[hosts]]\nname = "h2"', "2 hosts given"),
-    ('[[faults]]\nkill = "vm9.vmm"\nat_time = 1.0', "faults[0].kill: no actor 'vm9.vmm'"),
-    ('[[faults]]\nkill = "kvm"', "exactly one trigger"),
-    ('[[faults]]\nkill = "kvm"\nat_time = 1.0\nat_flow = "F2"\nvm = 1', "exactly one trigger"),
-    ('[[faults]]\nkill = "kvm"\nat_flow = "F9"\nvm = 1', "unknown flow step 'F9'"),
-    ('[[faults]]\nkill = "kvm"\nat_flow = "F2"', "at_flow needs the VM"),
-    ('vms = 3', "vms: expected a non-empty array"),
-    ('[[vms]]\niterations = 10000000', "vms[0].iterations: 10000000 out of range [1, 1000000]"),
-    ('[run\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('[run]\npolicy = "fifo"', "run.policy: unknown policy 'fifo'; valid: naive, ordered, reclaim"),
+        ('[run]\npolcy = "naive"', "run: unknown key 'polcy'; valid:"),
+        ("[runn]\n", "unknown section 'runn'"),
+        ('[run]\nseed = "x"', "run.seed: expected integer"),
+        ("[run]\nseed = true", "run.seed: expected integer"),
+        ('[run]\ntransport = "udp"', "run.transport: unknown transport 'udp'; valid: ipc, tcp"),
+        ("[run]\nrequest_timeout = -1", "run.request_timeout: -1.0 out of range"),
+        ("[[vms]]\nid = 2", "vms[0].id: VM ids must be 1..N in order"),
+        ('[[vms]]\nworkload = "mine"', "vms[0].workload: unknown workload 'mine'; valid: demo"),
+        ("[[vms]]\ncolour = 1", "vms[0]: unknown key 'colour'"),
+        ("[[vms]]\ndevices = { passthrough = 2 }", "exactly 1 passthrough"),
+        ("[[vms]]\ndevices = { mediated = 1 }", "workload 'demo' needs devices.mediated >= 2"),
+        ("[[vms]]\ndevices = { gpu = 1 }", "vms[0].devices: unknown key 'gpu'"),
+        ('[[vms]]\non_guest_death = "reboot"', "unknown on_guest_death 'reboot'; valid: stop, restart"),
+        ('[[hosts]]\nname = "h1"\n[[hosts]]\nname = "h2"', "2 hosts given"),
+        ('[[faults]]\nkill = "vm9.vmm"\nat_time = 1.0', "faults[0].kill: no actor 'vm9.vmm'"),
+        ('[[faults]]\nkill = "kvm"', "exactly one trigger"),
+        ('[[faults]]\nkill = "kvm"\nat_time = 1.0\nat_flow = "F2"\nvm = 1', "exactly one trigger"),
+        ('[[faults]]\nkill = "kvm"\nat_flow = "F9"\nvm = 1', "unknown flow step 'F9'"),
+        ('[[faults]]\nkill = "kvm"\nat_flow = "F2"', "at_flow needs the VM"),
+        ("vms = 3", "vms: expected a non-empty array"),
+        ("[[vms]]\niterations = 10000000", "vms[0].iterations: 10000000 out of range [1, 1000000]"),
+        ("[run\n", "not valid TOML"),
+    ],
+)
 def test_validation_errors(text, needle):
     with pytest.raises(TopologyError) as err:
         loads(text)
@@ -90,8 +98,13 @@ def test_cli_up_refuses_a_bad_file(tmp_path):
 
     path = tmp_path / "bad.toml"
     path.write_text('[run]\npolicy = "fifo"\n')
-    done = subprocess.run([sys.executable, "-m", "vsva", "up", "--detach", str(path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60,
-                          env={**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")})
+    done = subprocess.run(
+        [sys.executable, "-m", "vsva", "up", "--detach", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")},
+    )
     assert done.returncode == 2
     assert "unknown policy 'fifo'; valid: naive, ordered, reclaim" in done.stderr

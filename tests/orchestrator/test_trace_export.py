@@ -58,6 +58,7 @@ def program_order_kept(original: list[dict], merged: list[dict]) -> bool:
         for r in records:
             out[r["src"]].append((r["id"], r["clock"]))
         return out
+
     return per_src(original) == per_src(merged)
 
 
@@ -164,8 +165,12 @@ def test_perfetto_trace_processor_accepts_it(sim_trace, tmp_path):
     try:
         n_slices = next(iter(tp.query("select count(*) as n from slice"))).n
         n_flows = next(iter(tp.query("select count(*) as n from flow"))).n
-        errors = [(r.name, r.value) for r in tp.query(
-            "select name, value from stats where value > 0 and severity in ('error', 'data_loss')")]
+        errors = [
+            (r.name, r.value)
+            for r in tp.query(
+                "select name, value from stats where value > 0 and severity in ('error', 'data_loss')"
+            )
+        ]
     finally:
         tp.close()
     assert errors == []

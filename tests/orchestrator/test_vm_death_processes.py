@@ -56,8 +56,9 @@ class DeathRun(Actor):
         end = self.now + DEADLINE
         while self.now < end:
             snaps = yield Gather([Call(g, "snapshot", {}) for g in self.guests])
-            self.progress = {g: s.get("state", {}).get("dma", {}).get("completed", 0)
-                             for g, s in zip(self.guests, snaps)}
+            self.progress = {
+                g: s.get("state", {}).get("dma", {}).get("completed", 0) for g, s in zip(self.guests, snaps)
+            }
             if all(n >= KILL_AFTER for n in self.progress.values()):
                 self.under_way = True
                 return
@@ -114,7 +115,9 @@ def test_sigkill_vmm_during_dma_loops(policy):
     elapsed = time.monotonic() - t0
     # the two VM 2 processes died by SIGKILL, every other actor was still running
     assert {n: (r["state"], r["exitcode"]) for n, r in rows.items() if n.startswith("vm2.")} == {
-        "vm2.vmm": ("killed", -9), "vm2.guest": ("killed", -9)}
+        "vm2.vmm": ("killed", -9),
+        "vm2.guest": ("killed", -9),
+    }
     assert all(r["state"] == "running" for n, r in rows.items() if not n.startswith("vm2.")), rows
     assert set(deaths) <= {"vm2.vmm", "vm2.guest"}
     assert "vm2.vmm" in orch.downs
@@ -123,7 +126,9 @@ def test_sigkill_vmm_during_dma_loops(policy):
     # VM 1's loop completed, every DMA verified
     vm1 = orch.workloads["vm1.guest"]
     assert vm1["ret"] == 0 and vm1["ok"], [s for s in vm1["steps"] if not s["ok"]][:3]
-    assert sum(1 for s in vm1["steps"] if s["flow"] == "F7" and s.get("verified") and s["ok"]) == 2 * ITERATIONS
+    assert (
+        sum(1 for s in vm1["steps"] if s["flow"] == "F7" and s.get("verified") and s["ok"]) == 2 * ITERATIONS
+    )
     # VM 2's workload request was in flight when its guest died
     vm2 = orch.workloads.get("vm2.guest", {})
     assert vm2.get("ret") == -E.EHOSTDOWN and vm2.get("indefinite") is True, vm2
@@ -140,5 +145,7 @@ def test_sigkill_vmm_during_dma_loops(policy):
     assert not any(pid_alive(p) for p in pids)
     assert not os.path.exists(run_dir) and not os.path.exists(shm)
     assert elapsed < 20, elapsed
-    print(f"\n  {policy}: {elapsed:.2f} s, host teardown seen after {orch.polls} pool_status poll(s), "
-          f"teardown {orch.teardown['finished'] - orch.teardown['started']:.4f} s")
+    print(
+        f"\n  {policy}: {elapsed:.2f} s, host teardown seen after {orch.polls} pool_status poll(s), "
+        f"teardown {orch.teardown['finished'] - orch.teardown['started']:.4f} s"
+    )

@@ -25,11 +25,16 @@ def toy(name, cls, **config):
 
 @pytest.fixture(scope="module")
 def run():
-    topo = Topology(actors=[
-        toy("echo", "Echo"), toy("echo2", "Echo"), toy("mute", "Mute"),
-        toy("proxy", "Proxy", target="echo", targets=["echo", "echo2"]),
-        toy("proxy_m", "Proxy", target="mute", targets=[]),
-    ], mem_frames=16)
+    topo = Topology(
+        actors=[
+            toy("echo", "Echo"),
+            toy("echo2", "Echo"),
+            toy("mute", "Mute"),
+            toy("proxy", "Proxy", target="echo", targets=["echo", "echo2"]),
+            toy("proxy_m", "Proxy", target="mute", targets=[]),
+        ],
+        mem_frames=16,
+    )
     with Launcher(topo, extra_path=[TOYS]) as launcher:
         yield launcher
 
@@ -47,19 +52,26 @@ def test_request_reply_and_gather_across_processes(run):
         Call("echo", "ping", {"x": 7}),
         Call("proxy", "toy_relay", {"x": 5}),
         Call("proxy", "vcmd_alloc", {"dev": "d0"}),  # a Gather inside the proxy's process
-        Gather([Call("echo2", "ping", {"x": 2}), Call("echo", "ping", {"x": 1})]))
+        Gather([Call("echo2", "ping", {"x": 2}), Call("echo", "ping", {"x": 1})]),
+    )
     assert direct == {"ret": 0, "echo": 7, "pid": pids["echo"], "count": 0}
     assert forwarded["ret"] == 0 and forwarded["echo"] == 5 and forwarded["via"] == "proxy"
     assert forwarded["pid"] == pids["echo"] != os.getpid()
     assert gathered["ret"] == 0
     assert [(r["echo"], r["pid"]) for r in gathered["replies"]] == [
-        ("echo", pids["echo"]), ("echo2", pids["echo2"])]
+        ("echo", pids["echo"]),
+        ("echo2", pids["echo2"]),
+    ]
     assert [(r["echo"], r["pid"]) for r in both] == [(2, pids["echo2"]), (1, pids["echo"])]
     # every hop was traced by its sender, in its own process
     hops = {(r["src"], r["dst"], r["kind"], r["corr"] is not None) for r in run.trace()}
-    assert {("orch", "proxy", "vcmd_alloc", False), ("proxy", "echo", "ping", False),
-            ("proxy", "echo2", "ping", False), ("echo2", "proxy", "ping", True),
-            ("proxy", "orch", "vcmd_alloc", True)} <= hops
+    assert {
+        ("orch", "proxy", "vcmd_alloc", False),
+        ("proxy", "echo", "ping", False),
+        ("proxy", "echo2", "ping", False),
+        ("echo2", "proxy", "ping", True),
+        ("proxy", "orch", "vcmd_alloc", True),
+    } <= hops
 
 
 def test_timeout_becomes_indefinite_etimedout(run):
@@ -68,7 +80,8 @@ def test_timeout_becomes_indefinite_etimedout(run):
         run,
         Call("mute", "ping", {}, timeout=0.3),
         # the proxy's own deadline (in its process) expires first
-        Call("proxy_m", "toy_relay", {"x": 1, "timeout": 0.3}, timeout=3.0))
+        Call("proxy_m", "toy_relay", {"x": 1, "timeout": 0.3}, timeout=3.0),
+    )
     elapsed = time.monotonic() - t
     assert direct["ret"] == -E.ETIMEDOUT and direct["indefinite"] is True
     assert direct["timed_out"]["kind"] == "ping" and direct["timed_out"]["peer"] == "mute"
@@ -96,15 +109,26 @@ class Mallory:
         self.dealer = self.ctx.socket(zmq.DEALER)
         if routing_id is not False:  # an actor's: "<name>/<incarnation>" (its socket file)
             st = os.stat(os.path.join(run_dir, f"{routing_id or name}.sock"))
-            self.dealer.setsockopt(zmq.ROUTING_ID, f"{routing_id or name}/{st.st_ino}."
-                                                   f"{st.st_ctime_ns}".encode())
+            self.dealer.setsockopt(
+                zmq.ROUTING_ID, f"{routing_id or name}/{st.st_ino}.{st.st_ctime_ns}".encode()
+            )
         self.dealer.connect(endpoint(run_dir, target))
         self.name, self.target, self.next_id = name, target, 100
 
     def envelope(self, kind, body=None, **over):
         self.next_id += 1
-        env = {"v": PROTOCOL_VERSION, "id": self.next_id, "src": self.name, "dst": self.target,
-               "kind": kind, "corr": None, "rr": True, "clock": 1, "flow": "", "body": body or {}}
+        env = {
+            "v": PROTOCOL_VERSION,
+            "id": self.next_id,
+            "src": self.name,
+            "dst": self.target,
+            "kind": kind,
+            "corr": None,
+            "rr": True,
+            "clock": 1,
+            "flow": "",
+            "body": body or {},
+        }
         env.update(over)
         return env
 
@@ -142,13 +166,16 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
         cases = [
             ("garbage", b"\xc1\x00\xff", "runtime", -E.EBADMSG, None),
             ("not a map", msgpack.packb([1, 2, 3]), "runtime", -E.EBADMSG, None),
-            ("two parts", [msgpack.packb(m.envelope("ioasid_alloc")), b"x"], "runtime",
-             -E.EBADMSG, None),
+            ("two parts", [msgpack.packb(m.envelope("ioasid_alloc")), b"x"], "runtime", -E.EBADMSG, None),
             ("missing field", m.envelope("ioasid_alloc", src=None), "runtime", -E.EBADMSG, 0),
-            ("version", m.envelope("ioasid_alloc", v=PROTOCOL_VERSION + 1), "runtime",
-             -E.EPROTONOSUPPORT, 0),
-            ("oversize", m.envelope("ioasid_alloc", {"pad": "x" * (MAX_FRAME + 1)}), "runtime",
-             -E.EMSGSIZE, None),
+            ("version", m.envelope("ioasid_alloc", v=PROTOCOL_VERSION + 1), "runtime", -E.EPROTONOSUPPORT, 0),
+            (
+                "oversize",
+                m.envelope("ioasid_alloc", {"pad": "x" * (MAX_FRAME + 1)}),
+                "runtime",
+                -E.EMSGSIZE,
+                None,
+            ),
             ("spoofed src", m.envelope("ioasid_alloc", src="proxy"), "runtime", -E.EPERM, 0),
             ("wrong dst", m.envelope("ioasid_alloc", dst="echo2"), "runtime", -E.EINVAL, 0),
             ("unknown kind", m.envelope("frobnicate"), "actor", -E.EOPNOTSUPP, 0),
@@ -159,8 +186,11 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
             m.send(frame)
             who, env = m.answer()
             assert (who, env["body"]["ret"]) == (via, ret), label
-            assert env["src"] == "echo" and env["dst"] == "mallory" and env["corr"] == (
-                sent_id if corr is not None else None), label
+            assert (
+                env["src"] == "echo"
+                and env["dst"] == "mallory"
+                and env["corr"] == (sent_id if corr is not None else None)
+            ), label
             assert env["body"].get("error"), label
         # a request with the ZeroMQ-generated routing id of an anonymous DEALER: -EPERM
         anon = Mallory(run.run_dir, "echo", name="anon", routing_id=False)
@@ -187,10 +217,11 @@ def test_bad_input_on_the_wire_is_answered_and_changes_nothing(run):
 
 
 def test_rtt_between_two_actor_processes(run, capsys):
-    [reply] = script(run, Call("proxy", "start_workload", {"n": 1000}, timeout=60.0),
-                     timeout=60.0)
+    [reply] = script(run, Call("proxy", "start_workload", {"n": 1000}, timeout=60.0), timeout=60.0)
     assert reply["ret"] == 0 and reply["n"] == 1000
     with capsys.disabled():
-        print(f"\n  proxy->echo request/reply RTT through ZmqRuntime: median "
-              f"{reply['median_us']:.0f} us, p90 {reply['p90_us']:.0f} us (n=1000)")
+        print(
+            f"\n  proxy->echo request/reply RTT through ZmqRuntime: median "
+            f"{reply['median_us']:.0f} us, p90 {reply['p90_us']:.0f} us (n=1000)"
+        )
     assert reply["median_us"] < 20_000

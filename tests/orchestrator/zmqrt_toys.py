@@ -22,6 +22,7 @@ class Relay(Message):
 
     x: int = f(int, U64)
 
+
 TOYS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -75,8 +76,14 @@ class Proxy(Actor):
             rtts.append(time.perf_counter() - t)
             if reply.get("ret") != 0 or reply.get("echo") != i:
                 return {"ret": -5, "bad": reply}
-        return {"ret": 0, "ok": True, "steps": [], "median_us": statistics.median(rtts) * 1e6,
-                "p90_us": sorted(rtts)[int(len(rtts) * 0.9)] * 1e6, "n": len(rtts)}
+        return {
+            "ret": 0,
+            "ok": True,
+            "steps": [],
+            "median_us": statistics.median(rtts) * 1e6,
+            "p90_us": sorted(rtts)[int(len(rtts) * 0.9)] * 1e6,
+            "n": len(rtts),
+        }
 
 
 class Script(Actor):
@@ -85,6 +92,7 @@ class Script(Actor):
 
     def __init__(self, name="orch", env=None, steps=()):
         from vsva.actors.base import ActorEnv
+
         super().__init__(name, env or ActorEnv())
         self.steps = list(steps)
         self.result = None

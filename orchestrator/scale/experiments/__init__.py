@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-RUNNERS = {"vms": "vsva.scale.experiments.vms", "policies": "vsva.scale.experiments.policies",
-           "noisy": "vsva.scale.experiments.noisy", "iotlb": "vsva.scale.experiments.iotlb"}
+RUNNERS = {
+    "vms": "vsva.scale.experiments.vms",
+    "policies": "vsva.scale.experiments.policies",
+    "noisy": "vsva.scale.experiments.noisy",
+    "iotlb": "vsva.scale.experiments.iotlb",
+}
 AGGREGATES = ("sum", "max", "min", "mean")
 
 
@@ -52,8 +56,13 @@ class StackResult:
     series: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {t, y, windows}
 
     def to_json(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "violations": self.violations, "audit_ran": self.audit_ran,
-                "failures": self.failures, "series": self.series}
+        return {
+            "metrics": self.metrics,
+            "violations": self.violations,
+            "audit_ran": self.audit_ran,
+            "failures": self.failures,
+            "series": self.series,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StackResult:

@@ -37,8 +37,9 @@ PARAMS = {
     "working_set": Param(int, 1024, "distinct 4 KiB pages touched", range=(1, 1 << 18)),
     "page_size": Param(str, "4k", "mapping size at both translation levels", choices=("4k", "2m")),
     "pattern": Param(str, "random", "access order over the working set", choices=("random", "loop")),
-    "accesses": Param(int, 65536, "translations per pass (one warm-up pass, one measured)",
-                      range=(64, 1 << 24)),
+    "accesses": Param(
+        int, 65536, "translations per pass (one warm-up pass, one measured)", range=(64, 1 << 24)
+    ),
     "batch": Param(int, 1024, "translations per translate call", range=(1, 1 << 16)),
 }
 METRICS = {
@@ -66,8 +67,9 @@ def build(working_set: int, page_size: str, seed: int):
 
     large = page_size == "2m"
     leaf_tables = -(-working_set // 512)
-    host = HostMemory(leaf_tables + POOL + 1024 + (1024 if large else 0), seed=seed,
-                      contig_frames=1024 if large else None)
+    host = HostMemory(
+        leaf_tables + POOL + 1024 + (1024 if large else 0), seed=seed, contig_frames=1024 if large else None
+    )
     vm = GuestVM(host, DID)
     proc = GuestProcess(vm)
     dir_hpa = make_pasid_dir(host)
@@ -86,7 +88,7 @@ def build(working_set: int, page_size: str, seed: int):
             k = min(512, working_set - first)
             ea = proc.entry_addr(BASE_VA + (first << PAGE_SHIFT), 1)
             gpas = pool[np.arange(first, first + k) % POOL]
-            q[ea >> 3:(ea >> 3) + k] = (gpas << np.uint64(PAGE_SHIFT)) | bits
+            q[ea >> 3 : (ea >> 3) + k] = (gpas << np.uint64(PAGE_SHIFT)) | bits
     return host, dir_hpa
 
 
@@ -94,8 +96,7 @@ def stream(rng: np.random.Generator, params: dict[str, Any]) -> np.ndarray:
     n, ws = params["accesses"], params["working_set"]
     pages = rng.integers(0, ws, n) if params["pattern"] == "random" else np.arange(n) % ws
     offsets = rng.integers(0, 4096, n)
-    return (np.uint64(BASE_VA) + (pages.astype(np.uint64) << np.uint64(12))
-            + offsets.astype(np.uint64))
+    return np.uint64(BASE_VA) + (pages.astype(np.uint64) << np.uint64(12)) + offsets.astype(np.uint64)
 
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
@@ -131,9 +132,15 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     if faults:
         result.failures.append(f"{faults} of {n} translations faulted")
     if c["owner_violations"]:
-        result.violations.append({"invariant": "I1", "what": f"{c['owner_violations']} translations "
-                                  "reached a frame the VM does not own", "actors": [], "vm": DID,
-                                  "pasid": PASID})
+        result.violations.append(
+            {
+                "invariant": "I1",
+                "what": f"{c['owner_violations']} translations reached a frame the VM does not own",
+                "actors": [],
+                "vm": DID,
+                "pasid": PASID,
+            }
+        )
     result.audit_ran = True  # I1 is this run's whole audit: one VM, no lifecycle
     t = max(1, c["translations"])
     result.metrics = {

@@ -47,8 +47,10 @@ def mean(values: Iterable[float | None]) -> float | None:
 
 def bench_steps(workloads: dict[str, dict[str, Any]], what: str) -> dict[str, list[dict[str, Any]]]:
     """Each guest's recorded bench steps named `what` (e.g. "phase", "bind latencies")."""
-    return {g: [s for s in w.get("steps", []) if s.get("flow") == "bench" and s.get("what") == what]
-            for g, w in workloads.items()}
+    return {
+        g: [s for s in w.get("steps", []) if s.get("flow") == "bench" and s.get("what") == what]
+        for g, w in workloads.items()
+    }
 
 
 def epoch_offset(steps: list[dict[str, Any]]) -> float | None:
@@ -63,8 +65,11 @@ def phase_window(workloads: dict[str, dict[str, Any]], phase: str) -> tuple[floa
     for work in workloads.values():
         steps = work.get("steps", [])
         off = epoch_offset(steps)
-        spans += [(s["t0"] + off, s["t1"] + off) for s in steps
-                  if s.get("what") == "phase" and s.get("phase") == phase and off is not None]
+        spans += [
+            (s["t0"] + off, s["t1"] + off)
+            for s in steps
+            if s.get("what") == "phase" and s.get("phase") == phase and off is not None
+        ]
     if not spans:
         return None
     return min(a for a, _ in spans), max(b for _, b in spans)
@@ -79,8 +84,10 @@ def workload_failures(result: dict[str, Any]) -> list[str]:
     for guest, work in result.get("workloads", {}).items():
         if work.get("ret"):
             bad = next((s for s in work.get("steps", []) if not s.get("ok")), None)
-            out.append(f"{guest}: workload ret {work.get('ret')}"
-                       + (f" (first failed step: {bad['flow']} {bad['what']} ret {bad.get('ret')})" if bad else ""))
+            out.append(
+                f"{guest}: workload ret {work.get('ret')}"
+                + (f" (first failed step: {bad['flow']} {bad['what']} ret {bad.get('ret')})" if bad else "")
+            )
     return out
 
 

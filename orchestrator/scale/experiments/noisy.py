@@ -36,7 +36,9 @@ DMA_BYTES = 2 * 4096  # per descriptor of dma_loop
 PARAMS = {
     "noise": Param(str, "invalidate", "what the noisy VM does", choices=("none", "invalidate", "fault")),
     "noise_ops": Param(int, 2000, "the noisy VM's invalidations (noise = invalidate)", range=(1, 10_000_000)),
-    "noise_fault_rounds": Param(int, 150, "the noisy VM's demand-paged rounds (noise = fault)", range=(1, 1_000_000)),
+    "noise_fault_rounds": Param(
+        int, 150, "the noisy VM's demand-paged rounds (noise = fault)", range=(1, 1_000_000)
+    ),
     "victims": Param(int, 2, "VMs running the measured phases", range=(1, 255)),
     "binds": Param(int, 50, "bind/unbind cycles per victim", range=(1, 100_000)),
     "dma_rounds": Param(int, 50, "DMA rounds per victim", range=(1, 100_000)),
@@ -44,14 +46,18 @@ PARAMS = {
     "hosts": Param(int, 1, "independent host stacks run at once", range=(1, 64)),
 }
 METRICS = {
-    "victim_dma_descriptors_per_s": Metric("1/s", "the victims' DMA descriptors per second (DMA window)", "sum"),
+    "victim_dma_descriptors_per_s": Metric(
+        "1/s", "the victims' DMA descriptors per second (DMA window)", "sum"
+    ),
     "victim_dma_mib_s": Metric("MiB/s", "the victims' DMA throughput", "sum"),
     "iotlb_hit_rate": Metric("", "IOTLB hits / lookups, every device of the host", "mean"),
     "devtlb_hit_rate": Metric("", "device-TLB hits / lookups, every device of the host", "mean"),
     "victim_bind_p50_us": Metric("us", "the victims' bind latency, median", "mean"),
     "victim_bind_p99_us": Metric("us", "the victims' bind latency, 99th percentile", "max"),
     "victim_fault_round_p50_us": Metric("us", "a victim's demand-paged fill of 8 pages, median", "mean"),
-    "victim_fault_round_p99_us": Metric("us", "a victim's demand-paged fill of 8 pages, 99th percentile", "max"),
+    "victim_fault_round_p99_us": Metric(
+        "us", "a victim's demand-paged fill of 8 pages, 99th percentile", "max"
+    ),
     "noise_ops_per_s": Metric("1/s", "the noisy VM's invalidations or fault rounds per second", "sum"),
     "noise_overlap": Metric("", "share of the victims' window the noise lasted", "mean"),
 }
@@ -74,10 +80,16 @@ def topology(params: dict[str, Any], seed: int):
 
 def plan(params: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
     """(the noisy VM's phases, each victim's phases)."""
-    noise = {"none": [], "invalidate": [["inv_flood", params["noise_ops"]]],
-             "fault": [["fault_loop", params["noise_fault_rounds"]]]}[params["noise"]]
-    return noise, [["bind_latency", params["binds"]], ["dma_loop", params["dma_rounds"]],
-                   ["fault_loop", params["fault_rounds"]]]
+    noise = {
+        "none": [],
+        "invalidate": [["inv_flood", params["noise_ops"]]],
+        "fault": [["fault_loop", params["noise_fault_rounds"]]],
+    }[params["noise"]]
+    return noise, [
+        ["bind_latency", params["binds"]],
+        ["dma_loop", params["dma_rounds"]],
+        ["fault_loop", params["fault_rounds"]],
+    ]
 
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
@@ -89,21 +101,37 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     victims = {g: w for g, w in works.items() if g != NOISY}
     c = res["snapshots"].get("host", {}).get("counters", {})
     dma = phase_window(victims, "dma_loop")
-    descriptors = sum(s["steps"] for w in victims.values() for s in w.get("steps", [])
-                      if s.get("what") == "phase" and s.get("phase") == "dma_loop")
-    lat = [x * 1e6 for steps in bench_steps(victims, "bind latencies").values() for s in steps for x in s["latencies"]]
-    rounds = [x * 1e6 for steps in bench_steps(victims, "page fault rounds").values() for s in steps
-              for x in s["rounds"]]
+    descriptors = sum(
+        s["steps"]
+        for w in victims.values()
+        for s in w.get("steps", [])
+        if s.get("what") == "phase" and s.get("phase") == "dma_loop"
+    )
+    lat = [
+        x * 1e6
+        for steps in bench_steps(victims, "bind latencies").values()
+        for s in steps
+        for x in s["latencies"]
+    ]
+    rounds = [
+        x * 1e6
+        for steps in bench_steps(victims, "page fault rounds").values()
+        for s in steps
+        for x in s["rounds"]
+    ]
     span = dma and _span(victims)
     noisy = _noise_window(works.get(NOISY, {}))
     dma_s = dma[1] - dma[0] if dma else 0
-    ops = {"none": 0, "invalidate": params["noise_ops"], "fault": params["noise_fault_rounds"]}[params["noise"]]
+    ops = {"none": 0, "invalidate": params["noise_ops"], "fault": params["noise_fault_rounds"]}[
+        params["noise"]
+    ]
     out.metrics = {
         "victim_dma_descriptors_per_s": descriptors / dma_s if dma_s > 0 else None,
         "victim_dma_mib_s": descriptors * DMA_BYTES / dma_s / (1 << 20) if dma_s > 0 else None,
         "iotlb_hit_rate": c.get("iotlb_hits", 0) / c["iotlb_lookups"] if c.get("iotlb_lookups") else None,
         "devtlb_hit_rate": c.get("devtlb_hits", 0) / c["devtlb_lookups"] if c.get("devtlb_lookups") else None,
-        "victim_bind_p50_us": percentile(lat, 0.5), "victim_bind_p99_us": percentile(lat, 0.99),
+        "victim_bind_p50_us": percentile(lat, 0.5),
+        "victim_bind_p99_us": percentile(lat, 0.99),
         "victim_fault_round_p50_us": percentile(rounds, 0.5),
         "victim_fault_round_p99_us": percentile(rounds, 0.99),
         "noise_ops_per_s": (ops / (noisy[1] - noisy[0])) if noisy and noisy[1] > noisy[0] else None,

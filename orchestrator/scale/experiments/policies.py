@@ -41,13 +41,24 @@ KILLED = 1
 OTHER = 2
 
 PARAMS = {
-    "policy": Param(str, "reclaim", "free-before-unbind cleanup policy", choices=("naive", "ordered", "reclaim")),
+    "policy": Param(
+        str, "reclaim", "free-before-unbind cleanup policy", choices=("naive", "ordered", "reclaim")
+    ),
     "pasids": Param(int, 64, "PASIDs VM 1 has bound when its vmm is killed", range=(1, 16384)),
     "kill": Param(bool, True, "SIGKILL VM 1's vmm and guest (false: a run without the fault)"),
-    "kill_subscriber": Param(str, "", "also SIGKILL this notifier subscriber just before the vmm "
-                             "(never restarted: its FREE acknowledgements never come)", choices=("", "kvm", "vdcm")),
-    "bind_on": Param(str, "mdev", "where VM 1 binds: an mdev of the accelerator the churn VMs share, "
-                     "or its own passthrough function", choices=("mdev", "pf")),
+    "kill_subscriber": Param(
+        str,
+        "",
+        "also SIGKILL this notifier subscriber just before the vmm "
+        "(never restarted: its FREE acknowledgements never come)",
+        choices=("", "kvm", "vdcm"),
+    ),
+    "bind_on": Param(
+        str,
+        "mdev",
+        "where VM 1 binds: an mdev of the accelerator the churn VMs share, or its own passthrough function",
+        choices=("mdev", "pf"),
+    ),
     "churn_vms": Param(int, 1, "VMs freeing bound PASIDs over and over meanwhile", range=(0, 16)),
     "churn_rounds": Param(int, 40, "alloc/bind/DMA/free rounds per churn VM", range=(1, 100_000)),
     "other_binds": Param(int, 300, "VM 2's bind/unbind cycles", range=(1, 100_000)),
@@ -106,9 +117,13 @@ class PolicyProbe:
         self.mark("stopped")
         after = yield from self.audit_live()
         violations += [v for v in after["violations"] if v not in violations]
-        self.result = {"vm_start": {vmm_name(vm): r for vm, r in started.items()},
-                       "workloads": {guest_name(vm): r for vm, r in self.works.items()},
-                       "snapshots": live["snapshots"], "after": after["snapshots"], "violations": violations}
+        self.result = {
+            "vm_start": {vmm_name(vm): r for vm, r in started.items()},
+            "workloads": {guest_name(vm): r for vm, r in self.works.items()},
+            "snapshots": live["snapshots"],
+            "after": after["snapshots"],
+            "violations": violations,
+        }
         yield from self.shutdown_all()
 
     def _other(self, vm: int, count: int):
@@ -150,8 +165,15 @@ def topology(params: dict[str, Any], seed: int):
     from vsva.ops.topology import default_topology
 
     n = 2 + params["churn_vms"]
-    topo = default_topology(n, seed=seed, policy=params["policy"], workload="phases", iterations=1,
-                            quota=params["pasids"] + 16, ram_pages=512)
+    topo = default_topology(
+        n,
+        seed=seed,
+        policy=params["policy"],
+        workload="phases",
+        iterations=1,
+        quota=params["pasids"] + 16,
+        ram_pages=512,
+    )
     plan = {1: [["bind_many", params["pasids"]]], 2: [["bind_latency", params["other_binds"]]]}
     for name in topo.names("guest"):
         vm = topo.spec(name).config["vm"]
@@ -199,7 +221,9 @@ def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
         inside = window is not None and off is not None and window[0] <= start + off <= window[1]
         (during if inside else outside).append(lat * 1e6)
     churners = [w for g, w in works.items() if g not in (f"vm{KILLED}.guest", f"vm{OTHER}.guest")]
-    leaked = [a for a in host_after.get("ioasids", {}).values() if a.get("vm") == KILLED] if params["kill"] else []
+    leaked = (
+        [a for a in host_after.get("ioasids", {}).values() if a.get("vm") == KILLED] if params["kill"] else []
+    )
     record = p.host_record or {}
     out.metrics = {
         "teardown_ms": (p.torn_down_at - p.killed_at) * 1e3 if window else None,
@@ -212,12 +236,16 @@ def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
         "other_bind_p99_us": percentile(during, 0.99),
         "other_bind_p50_us_outside": percentile(outside, 0.5),
         "churn_failed_steps": sum(1 for w in churners for s in w.get("steps", []) if not s.get("ok")),
-        "bound": sum(1 for s in works.get(f"vm{KILLED}.guest", {}).get("steps", []) if s["flow"] == "F2" and s["ok"]),
+        "bound": sum(
+            1 for s in works.get(f"vm{KILLED}.guest", {}).get("steps", []) if s["flow"] == "F2" and s["ok"]
+        ),
     }
     if window is None and params["kill"]:
         out.failures.append("VM 1's teardown was not seen to finish")
     if off is not None and bind["latencies"]:
         out.series["other_bind_us"] = {
-            "t": [s + off - t0 for s in bind["starts"]], "y": [x * 1e6 for x in bind["latencies"]],
-            "windows": [[window[0] - t0, window[1] - t0, "VMM kill -> teardown done"]] if window else []}
+            "t": [s + off - t0 for s in bind["starts"]],
+            "y": [x * 1e6 for x in bind["latencies"]],
+            "windows": [[window[0] - t0, window[1] - t0, "VMM kill -> teardown done"]] if window else [],
+        }
     return out

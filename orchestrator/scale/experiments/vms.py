@@ -32,7 +32,9 @@ from vsva.scale.experiments.measure import (
     workload_failures,
 )
 
-DOC = "VM count: start-to-ready, binds/s with every VM binding, bind p50/p99, DMA, messages, CPU, PSS, teardown"
+DOC = (
+    "VM count: start-to-ready, binds/s with every VM binding, bind p50/p99, DMA, messages, CPU, PSS, teardown"
+)
 PROCESSES = True
 KINDS = ("host", "kvm", "vdcm", "vmm", "guest")
 
@@ -95,8 +97,9 @@ def refuse(params: dict[str, Any]) -> str | None:
 def topology(params: dict[str, Any], seed: int, phases: list[list[Any]], **kw: Any):
     from vsva.ops.topology import default_topology
 
-    topo = default_topology(params["vms"], seed=seed, workload="phases", iterations=1,
-                            ram_pages=params["ram_pages"], **kw)
+    topo = default_topology(
+        params["vms"], seed=seed, workload="phases", iterations=1, ram_pages=params["ram_pages"], **kw
+    )
     for name in topo.names("guest"):
         topo.spec(name).config["phases"] = phases
     return topo
@@ -126,8 +129,11 @@ class Sampler:
         if "worked" not in self.cpu or "booted" not in self.cpu:
             return None
         wall = self.wall["worked"] - self.wall["booted"]
-        used = [self.cpu["worked"].get(n, 0) - self.cpu["booted"].get(n, 0) for n in names
-                if self.cpu["worked"].get(n) is not None and self.cpu["booted"].get(n) is not None]
+        used = [
+            self.cpu["worked"].get(n, 0) - self.cpu["booted"].get(n, 0)
+            for n in names
+            if self.cpu["worked"].get(n) is not None and self.cpu["booted"].get(n) is not None
+        ]
         return sum(used) / wall if wall > 0 and used else None
 
 
@@ -150,9 +156,12 @@ def run_session(topo: Any, ctx: PointContext, on_launch=None):
             raise PointTimeout(f"timed out after phase {max(ctl.marks, key=ctl.marks.get, default='launch')}")
         t_close = time.monotonic()
         launcher.close()
-    timings = {"ready_s": launcher.ready_seconds, "close_s": time.monotonic() - t_close,
-               "start_to_ready_s": ctl.marks["booted"] - t0,
-               "vm_stop_s": ctl.marks.get("stopped", 0) - ctl.marks.get("audited", 0)}
+    timings = {
+        "ready_s": launcher.ready_seconds,
+        "close_s": time.monotonic() - t_close,
+        "start_to_ready_s": ctl.marks["booted"] - t0,
+        "vm_stop_s": ctl.marks.get("stopped", 0) - ctl.marks.get("audited", 0),
+    }
     return ctl, launcher, sampler, timings
 
 
@@ -162,7 +171,9 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     res = ctl.result
     out = StackResult(violations=list(res["violations"]), audit_ran=True, failures=workload_failures(res))
     works = res["workloads"]
-    lat = [x for steps in bench_steps(works, "bind latencies").values() for s in steps for x in s["latencies"]]
+    lat = [
+        x for steps in bench_steps(works, "bind latencies").values() for s in steps for x in s["latencies"]
+    ]
     binds = phase_window(works, "bind_latency")
     dma = phase_window(works, "dma_loop")
     host = res["snapshots"].get("host", {})
@@ -173,7 +184,8 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     out.metrics = {
         **{k: timings[k] for k in ("ready_s", "start_to_ready_s", "vm_stop_s", "close_s")},
         "binds_per_s": len(lat) / (binds[1] - binds[0]) if binds and binds[1] > binds[0] else None,
-        "bind_p50_us": _us(percentile(lat, 0.5)), "bind_p99_us": _us(percentile(lat, 0.99)),
+        "bind_p50_us": _us(percentile(lat, 0.5)),
+        "bind_p99_us": _us(percentile(lat, 0.99)),
         "dma_translations_per_s": _rate(c.get("translations"), dma),
         "dma_descriptors_per_s": _rate(c.get("dma_descriptors"), dma),
         "iotlb_hit_rate": _ratio(c.get("iotlb_hits"), c.get("iotlb_lookups")),

@@ -16,7 +16,7 @@ from vsva.scale.results import ResultsDir
 def run(tmp_path, *args: str) -> tuple[int, dict, list[dict]]:
     result = CliRunner().invoke(app, ["scale", "run", *args, "--out", str(tmp_path), "--json"])
     assert "{" in result.stdout, (result.output, result.exception)
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     return result.exit_code, summary, ResultsDir.open(summary["dir"]).rows()
 
 
@@ -36,8 +36,9 @@ def test_vms_small(tmp_path):
 
 
 def test_vms_two_hosts_aggregate_and_keep_per_host_values(tmp_path):
-    code, _summary, rows = run(tmp_path, "vms", "--points", "1", "--set", "hosts=2", "--set", "binds=5",
-                               "--set", "dma_rounds=3")
+    code, _summary, rows = run(
+        tmp_path, "vms", "--points", "1", "--set", "hosts=2", "--set", "binds=5", "--set", "dma_rounds=3"
+    )
     assert code == 0
     (row,) = rows
     assert row["hosts"] == 2 and [h["host"] for h in row["per_host"]] == [0, 1]
@@ -71,8 +72,9 @@ def test_policies_small_and_a_leak_is_recorded_as_failed(tmp_path):
     assert ok["status"] == "ok" and m["bound"] == 16 and m["reclaim_backlog_peak"] <= 16
     assert m["teardown_ms"] > 0 and m["pasids_quarantined"] == m["pasids_leaked"] == 0
     assert m["other_bind_p50_us_outside"] > 0
-    code, _summary, rows = run(tmp_path, "policies", *common, "--set", "policy=reclaim",
-                               "--set", "kill_subscriber=vdcm")
+    code, _summary, rows = run(
+        tmp_path, "policies", *common, "--set", "policy=reclaim", "--set", "kill_subscriber=vdcm"
+    )
     assert code == 1
     (leak,) = rows
     assert leak["status"] == "failed" and leak["metrics"]["pasids_quarantined"] == 16
@@ -80,9 +82,22 @@ def test_policies_small_and_a_leak_is_recorded_as_failed(tmp_path):
 
 
 def test_noisy_neighbour_small(tmp_path):
-    code, summary, rows = run(tmp_path, "noisy-neighbour", "--points", "1", "--set", "noise_ops=300",
-                              "--set", "binds=5", "--set", "dma_rounds=10", "--set", "fault_rounds=3",
-                              "--set", "noise_fault_rounds=10")
+    code, summary, rows = run(
+        tmp_path,
+        "noisy-neighbour",
+        "--points",
+        "1",
+        "--set",
+        "noise_ops=300",
+        "--set",
+        "binds=5",
+        "--set",
+        "dma_rounds=10",
+        "--set",
+        "fault_rounds=3",
+        "--set",
+        "noise_fault_rounds=10",
+    )
     assert code == 0, summary["summary"]
     by = {r["params"]["noise"]: r["metrics"] for r in rows}
     assert set(by) == {"none", "invalidate", "fault"}

@@ -54,8 +54,22 @@ def test_sigint_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path):
 
 def check_interrupt(tmp_path, tmpdir: str) -> None:
     env = {**os.environ, "TMPDIR": tmpdir}
-    cmd = [sys.executable, "-m", "vsva", "scale", "run", "vms", "--points", "1,2", "--set", "binds=3",
-           "--set", "dma_rounds=2", "--out", str(tmp_path / "results")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vsva",
+        "scale",
+        "run",
+        "vms",
+        "--points",
+        "1,2",
+        "--set",
+        "binds=3",
+        "--set",
+        "dma_rounds=2",
+        "--out",
+        str(tmp_path / "results"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         _lines_until(proc, "run 2/2 vms=2 #0: launched", timeout=120)

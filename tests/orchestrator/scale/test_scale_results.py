@@ -19,8 +19,20 @@ from vsva.scale.experiments import runner
 from vsva.scale.results import AUDIT_KEYS, ENV_KEYS, ROW_KEYS, STATUSES, ResultsDir, csv_columns
 from vsva.scale.runner import sweep_of
 
-SMALL = ["--points", "64,4096", "--set", "ways=8", "--set", "page_size=4k", "--set", "pattern=loop",
-         "--set", "accesses=4096", "--repeat", "2"]
+SMALL = [
+    "--points",
+    "64,4096",
+    "--set",
+    "ways=8",
+    "--set",
+    "page_size=4k",
+    "--set",
+    "pattern=loop",
+    "--set",
+    "accesses=4096",
+    "--repeat",
+    "2",
+]
 
 
 def run_cli(args: list[str]):
@@ -34,7 +46,7 @@ def iotlb_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     result = run_cli(["iotlb", *SMALL, "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     return out, summary
 
 
@@ -42,8 +54,15 @@ def test_results_files_carry_every_documented_column(iotlb_dir):
     out, summary = iotlb_dir
     path = summary["dir"]
     assert os.path.realpath(os.path.join(out, "iotlb", "latest")) == os.path.realpath(path)
-    for name in ("run.json", "sweep.toml", "command.txt", "points.jsonl", "series.jsonl", "points.csv",
-                 "summary.md"):
+    for name in (
+        "run.json",
+        "sweep.toml",
+        "command.txt",
+        "points.jsonl",
+        "series.jsonl",
+        "points.csv",
+        "summary.md",
+    ):
         assert os.path.isfile(os.path.join(path, name)), name
     rd = ResultsDir.open(path)
     sweep = sweep_of(rd)
@@ -99,11 +118,13 @@ def test_show_prints_the_table(iotlb_dir):
 
 def test_a_refused_point_is_recorded_and_drawn_never_dropped(tmp_path):
     sweep = tmp_path / "s.toml"
-    sweep.write_text('[experiment]\nname = "geom"\nrunner = "iotlb"\n[params]\naccesses = 1024\n'
-                     '[vary]\nsets = [48, 64]\n[[plots]]\nname = "h"\nx = "sets"\ny = ["hit_rate"]\n')
+    sweep.write_text(
+        '[experiment]\nname = "geom"\nrunner = "iotlb"\n[params]\naccesses = 1024\n'
+        '[vary]\nsets = [48, 64]\n[[plots]]\nname = "h"\nx = "sets"\ny = ["hit_rate"]\n'
+    )
     result = run_cli([str(sweep), "--out", str(tmp_path), "--json"])
     assert result.exit_code == 1  # not every run was ok
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     rows = {r["params"]["sets"]: r for r in ResultsDir.open(summary["dir"]).rows()}
     assert rows[48]["status"] == "refused" and "not a power of two" in rows[48]["reason"]
     assert rows[48]["metrics"]["hit_rate"] is None and rows[64]["status"] == "ok"
@@ -117,8 +138,25 @@ def test_without_matplotlib_the_data_is_written_and_the_run_says_how_to_plot(tmp
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "vsva", "scale", "run", "iotlb", *SMALL, "--repeat", "1",
-                           "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vsva",
+            "scale",
+            "run",
+            "iotlb",
+            *SMALL,
+            "--repeat",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "matplotlib is not installed" in proc.stderr and "pip install -e '.[plots]'" in proc.stderr
     path = os.path.join(tmp_path, "r", "iotlb", "latest")
@@ -128,7 +166,7 @@ def test_without_matplotlib_the_data_is_written_and_the_run_says_how_to_plot(tmp
 
 def test_resume_runs_only_what_is_missing(tmp_path):
     result = run_cli(["iotlb", *SMALL, "--out", str(tmp_path), "--json"])
-    path = json.loads(result.stdout[result.stdout.index("{"):])["dir"]
+    path = json.loads(result.stdout[result.stdout.index("{") :])["dir"]
     rd = ResultsDir.open(path)
     rows = rd.rows()
     kept = rows[:5]

@@ -31,34 +31,65 @@ def test_list_shows_one_line_per_builtin():
     assert sorted(line.split()[0] for line in lines) == sorted(BUILTIN)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[experiment]\n", "experiment.runner: missing"),
-    ('[experiment]\nrunner = "nope"\n', "unknown runner 'nope'"),
-    ('[bogus]\n', "unknown section 'bogus'"),
-    ('[experiment]\nrunner = "iotlb"\ncolour = 1\n', "experiment: unknown key 'colour'"),
-    ('[experiment]\nrunner = "iotlb"\nrepeat = "3"\n', "experiment.repeat: expected integer"),
-    ('[experiment]\nrunner = "iotlb"\nrepeat = 0\n', "experiment.repeat: 0 out of range"),
-    ('[experiment]\nrunner = "iotlb"\n[params]\nways = 3\n', "params.ways: 3 not one of 1, 2, 4, 8"),
-    ('[experiment]\nrunner = "iotlb"\n[params]\nways = true\n', "params.ways: expected integer, got True"),
-    ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = []\n', "vary.sets: an empty list"),
-    ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = [64, 0]\n', "vary.sets[1]: 0 out of range"),
-    ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = [64, 64]\n', "vary.sets: a value appears twice"),
-    ('[experiment]\nrunner = "iotlb"\n[vary]\nvms = [1]\n', "vary: unknown key 'vms'"),
-    ('[experiment]\nrunner = "iotlb"\n[params]\nsets = 64\n[vary]\nsets = [64]\n', "also fixed in [params]"),
-    ('[experiment]\nrunner = "iotlb"\nmetrics = ["speed"]\n', "experiment.metrics[0]: runner 'iotlb' has no metric 'speed'"),
-    ('[experiment]\nrunner = "iotlb"\npoints = "sets"\n', "experiment.points: 'sets' is not a parameter in [vary]"),
-    (MINIMAL + '[[plots]]\nname = "a"\nx = "sets"\ny = ["hit_rate"]\n', "plots[0].x: 'sets' is not a parameter"),
-    (MINIMAL + '[[plots]]\nname = "a"\nx = "working_set"\ny = ["nope"]\n', "plots[0].y: 'nope' is not a collected metric"),
-    (MINIMAL + '[[plots]]\nname = "a/b"\nx = "working_set"\ny = ["hit_rate"]\n', "plots[0].name"),
-    (MINIMAL + '[[plots]]\nname = "a"\nkind = "pie"\ny = ["hit_rate"]\n', "plots[0].kind: unknown kind 'pie'"),
-    (MINIMAL + '[[plots]]\nname = "a"\nkind = "timeline"\ny = ["x"]\n', "records no series 'x'"),
-    (MINIMAL + '[[plots]]\nname = "a"\nx = "working_set"\ny = ["hit_rate"]\nwhere = { working_set = 7 }\n',
-     "plots[0].where.working_set: 7 is not one of its values"),
-    ('[experiment]\nrunner = "iotlb"\n[vary]\nworking_set = [' + ",".join(map(str, range(1, 10002))) + "]\n",
-     "exceed 10000 runs"),
-    ("experiment = 3\n", "experiment: expected a table"),
-    ("[experiment\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[experiment]\n", "experiment.runner: missing"),
+        ('[experiment]\nrunner = "nope"\n', "unknown runner 'nope'"),
+        ("[bogus]\n", "unknown section 'bogus'"),
+        ('[experiment]\nrunner = "iotlb"\ncolour = 1\n', "experiment: unknown key 'colour'"),
+        ('[experiment]\nrunner = "iotlb"\nrepeat = "3"\n', "experiment.repeat: expected integer"),
+        ('[experiment]\nrunner = "iotlb"\nrepeat = 0\n', "experiment.repeat: 0 out of range"),
+        ('[experiment]\nrunner = "iotlb"\n[params]\nways = 3\n', "params.ways: 3 not one of 1, 2, 4, 8"),
+        (
+            '[experiment]\nrunner = "iotlb"\n[params]\nways = true\n',
+            "params.ways: expected integer, got True",
+        ),
+        ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = []\n', "vary.sets: an empty list"),
+        ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = [64, 0]\n', "vary.sets[1]: 0 out of range"),
+        ('[experiment]\nrunner = "iotlb"\n[vary]\nsets = [64, 64]\n', "vary.sets: a value appears twice"),
+        ('[experiment]\nrunner = "iotlb"\n[vary]\nvms = [1]\n', "vary: unknown key 'vms'"),
+        (
+            '[experiment]\nrunner = "iotlb"\n[params]\nsets = 64\n[vary]\nsets = [64]\n',
+            "also fixed in [params]",
+        ),
+        (
+            '[experiment]\nrunner = "iotlb"\nmetrics = ["speed"]\n',
+            "experiment.metrics[0]: runner 'iotlb' has no metric 'speed'",
+        ),
+        (
+            '[experiment]\nrunner = "iotlb"\npoints = "sets"\n',
+            "experiment.points: 'sets' is not a parameter in [vary]",
+        ),
+        (
+            MINIMAL + '[[plots]]\nname = "a"\nx = "sets"\ny = ["hit_rate"]\n',
+            "plots[0].x: 'sets' is not a parameter",
+        ),
+        (
+            MINIMAL + '[[plots]]\nname = "a"\nx = "working_set"\ny = ["nope"]\n',
+            "plots[0].y: 'nope' is not a collected metric",
+        ),
+        (MINIMAL + '[[plots]]\nname = "a/b"\nx = "working_set"\ny = ["hit_rate"]\n', "plots[0].name"),
+        (
+            MINIMAL + '[[plots]]\nname = "a"\nkind = "pie"\ny = ["hit_rate"]\n',
+            "plots[0].kind: unknown kind 'pie'",
+        ),
+        (MINIMAL + '[[plots]]\nname = "a"\nkind = "timeline"\ny = ["x"]\n', "records no series 'x'"),
+        (
+            MINIMAL
+            + '[[plots]]\nname = "a"\nx = "working_set"\ny = ["hit_rate"]\nwhere = { working_set = 7 }\n',
+            "plots[0].where.working_set: 7 is not one of its values",
+        ),
+        (
+            '[experiment]\nrunner = "iotlb"\n[vary]\nworking_set = ['
+            + ",".join(map(str, range(1, 10002)))
+            + "]\n",
+            "exceed 10000 runs",
+        ),
+        ("experiment = 3\n", "experiment: expected a table"),
+        ("[experiment\n", "not valid TOML"),
+    ],
+)
 def test_bad_sweeps_are_one_line_errors(text, fragment):
     with pytest.raises(SweepError) as err:
         loads(text, "s.toml")
@@ -76,8 +107,11 @@ def test_points_and_set_narrow_the_grid():
     for bad, fragment in [("x", "'x' is not an integer"), ("0", "0 out of range"), ("", "no values")]:
         with pytest.raises(SweepError, match=fragment):
             narrow(builtin("iotlb"), bad)
-    for bad, fragment in [("ways", "expected KEY=VALUE"), ("nope=1", "has no parameter 'nope'"),
-                          ("ways=3", "not one of")]:
+    for bad, fragment in [
+        ("ways", "expected KEY=VALUE"),
+        ("nope=1", "has no parameter 'nope'"),
+        ("ways=3", "not one of"),
+    ]:
         with pytest.raises(SweepError, match=fragment):
             fix(builtin("iotlb"), [bad])
 
@@ -105,9 +139,15 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
     bad.write_text('[experiment]\nrunner = "iotlb"\n[params]\nways = 3\n')
     out = tmp_path / "results"
     cli = CliRunner()
-    for args in (["scale", "run", str(bad)], ["scale", "run", "nope"], ["scale", "run"],
-                 ["scale", "run", "iotlb", "--points", "x"], ["scale", "run", "iotlb", "--set", "q=1"],
-                 ["scale", "show", str(tmp_path)], ["scale", "run", "--resume", str(tmp_path)]):
+    for args in (
+        ["scale", "run", str(bad)],
+        ["scale", "run", "nope"],
+        ["scale", "run"],
+        ["scale", "run", "iotlb", "--points", "x"],
+        ["scale", "run", "iotlb", "--set", "q=1"],
+        ["scale", "show", str(tmp_path)],
+        ["scale", "run", "--resume", str(tmp_path)],
+    ):
         result = cli.invoke(app, [*args, "--out", str(out)] if args[1] == "run" else args)
         assert result.exit_code == 2, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("vsva scale: ")
