@@ -1,0 +1,67 @@
+"""`vsva scale run --cluster`: a real Ray cluster of a head and one worker node, started for
+the test inside network and PID namespaces of its own (only loopback up, so nothing of it
+listens beyond this test; every Ray process dies with the namespace). Two points run as
+tasks that each reserve a whole node, one on each node at once; their rows stream back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from vsva.scale.results import ResultsDir
+
+NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
+RAY = "from ray.scripts.scripts import main; main()"
+INSIDE = r'''
+import subprocess, sys
+py, tmp, out = sys.executable, sys.argv[1], sys.argv[2]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+head = [py, "-c", RAY, "start", "--head", "--port", "6379", "--include-dashboard", "false", "--temp-dir", tmp]
+subprocess.run(head + common, check=True, capture_output=True, timeout=240)
+subprocess.run([py, "-c", RAY, "start", "--address", "127.0.0.1:6379"] + common, check=True,
+               capture_output=True, timeout=240)
+run = subprocess.run([py, "-m", "vsva", "scale", "run", "vms", "--points", "1,2", "--set", "binds=3",
+                      "--set", "dma_rounds=2", "--cluster", "127.0.0.1:6379", "--out", out, "--json"],
+                     capture_output=True, text=True, timeout=300)
+open(out + "/stdout", "w").write(run.stdout)
+open(out + "/stderr", "w").write(run.stderr)
+sys.exit(run.returncode)
+'''.replace("RAY", repr(RAY))
+
+
+def _namespaces_work() -> bool:
+    try:
+        return subprocess.run([*NAMESPACES, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_points_run_as_ray_tasks_on_a_two_node_cluster(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[cluster]')")
+    if not shutil.which("unshare") or not shutil.which("ip") or not _namespaces_work():
+        pytest.skip("network/PID namespaces are not available here (unshare --net --pid failed)")
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    out = tmp_path / "results"
+    out.mkdir()
+    try:
+        proc = subprocess.run([*NAMESPACES, sys.executable, "-c", INSIDE, ray_tmp, str(out)],
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    stderr = (out / "stderr").read_text() if (out / "stderr").exists() else proc.stderr
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "stdout").read_text())
+    assert "cluster 127.0.0.1:6379: 2 nodes" in stderr
+    rows = ResultsDir.open(summary["dir"]).rows()
+    assert sorted(r["params"]["vms"] for r in rows) == [1, 2]
+    assert all(r["status"] == "ok" and r["audit"]["ok"] for r in rows), [r["reason"] for r in rows]
+    nodes = {r["per_host"][0]["node"] for r in rows}
+    assert len(nodes) == 2  # one point per node, each task holding its node's only CPU
+    assert os.path.isfile(os.path.join(summary["dir"], "summary.md"))
