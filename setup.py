@@ -1,18 +1,26 @@
-"""Build hook: compiles the DMA translation hot path (hotpath/_translate.pyx).
+"""Build hook: compiles the DMA translation hot path (hotpath/_translate.pyx) and the
+bench's bare baselines (hotpath/_baselines.pyx).
 
-The metadata lives in pyproject.toml; this file only declares the extension so that
-`pip install .` always compiles it (Cython is a build requirement).
+The metadata lives in pyproject.toml; this file only declares the extensions so that
+`pip install .` always compiles them (Cython is a build requirement). The constants both
+include (hotpath/_layout.pxi, hotpath/_layout.h) are regenerated from hotpath/layout.py
+first, so a build never uses stale ones.
 """
+
+import runpy
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+HOTPATH = Path(__file__).resolve().parent / "hotpath"
+runpy.run_path(str(HOTPATH / "gen_layout.py"))["write"]()
+
 extensions = [
-    Extension(
-        "vsva.hotpath._translate",
-        ["hotpath/_translate.pyx"],
-        extra_compile_args=["-O2"],
-    )
+    Extension(f"vsva.hotpath.{name}", [f"hotpath/{name}.pyx"], include_dirs=["hotpath"],
+              depends=[str(p) for p in HOTPATH.glob("_*.h")] + [str(p) for p in HOTPATH.glob("_*.pxi")],
+              extra_compile_args=["-O2"])
+    for name in ("_translate", "_baselines")
 ]
 
 setup(

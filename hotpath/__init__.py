@@ -11,7 +11,7 @@ Conventions shared by both implementations:
   ``reason | level << 8`` (layout.fault_code), 0 = success, and a faulting request yields
   pa 0. Checks in order: device attached (FAULT_NO_CONTEXT), PASID < 2^20
   (FAULT_PASID_INVALID), PASID defunct (FAULT_DEFUNCT, counted in ``defunct_drops``),
-  va < 2^48 (FAULT_OOR_ADDRESS@0), device TLB, PASID cache (PDE/PE not present, bad entry),
+  va canonical (FAULT_NON_CANONICAL@0), device TLB, PASID cache (PDE/PE not present, bad entry),
   supervisor request without SRE (FAULT_FL_PERMISSION@0), IOTLB, nested walk (faults carry
   the FL level for first-level faults and the SL level for second-level faults), and the
   I1 owner check of the final frame on every translation, cache hits included

@@ -10,7 +10,7 @@ Model summary (see the package docstring of hotpath for the full conventions):
   owning VM of each 4 KiB frame (0 = host). The domain id of a PASID entry is the VM id, so a
   translation whose final frame is not owned by the entry's DID fails with FAULT_OWNER (I1).
 * Translation order for one request (dev, pasid, va, access):
-  device attached? -> PASID < 2^20? -> PASID defunct? -> va < 2^48? -> device TLB (ATS)
+  device attached? -> PASID < 2^20? -> PASID defunct? -> va canonical? -> device TLB (ATS)
   -> PASID cache (fill by reading directory + table: ``pasid_refs``) -> supervisor request
   without SRE? -> IOTLB -> nested walk (``memory_refs``) -> owner check -> fills.
 * Caches are set-associative (ways 1, 2, 4 or 8) with tree-PLRU replacement
@@ -29,40 +29,22 @@ import struct
 import numpy as np
 
 from vsva.hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, AW_48,
+    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, AW_48, COUNTER_NAMES,
+    HASH_MULT, MAX_DEVICES, N_FAULT_REASONS, PASID_CACHE_WAYS, PE_FLAG_MASK,
     FAULT_BAD_PASID_ENTRY, FAULT_DEFUNCT, FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION,
     FAULT_NAMES, FAULT_NO_CONTEXT, FAULT_OOR_ADDRESS, FAULT_OWNER, FAULT_PASID_INVALID,
     FAULT_PDE_NOT_PRESENT, FAULT_PE_NOT_PRESENT, FAULT_SL_NOT_PRESENT, FAULT_SL_PERMISSION,
-    FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, FL_XD, INV_DOMAIN, INV_GLOBAL, INV_PASID,
+    FAULT_FL_RESERVED, FAULT_NON_CANONICAL, FL_A, FL_D, FL_EA, FL_P, FL_PAT_LARGE, FL_PS,
+    FL_RSVD_ADDR, FL_RW, FL_US, FL_XD, GPA_LIMIT, INV_DOMAIN, INV_GLOBAL, INV_PASID,
     PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, PASID_ENTRY_SIZE, PASID_MAX, PDE_PRESENT,
-    PE_EAFE, PE_PRESENT, PE_SRE, PE_WPE, PERM_FL_D, PERM_FL_RW, PERM_FL_US, PERM_FL_X,
-    PGTT_NESTED, SL_PS, SL_R, SL_W, SL_X, VA_LIMIT, inv_granularity,
+    PE_EAFE, PE_PRESENT, PE_SRE, PE_WPE, PERM_FL_D, PERM_FL_RW, PERM_FL_SUPV, PERM_FL_US,
+    PERM_FL_X, PGTT_NESTED, SL_PS, SL_R, SL_W, SL_X, VPN_MASK, inv_granularity, is_canonical,
     required_perms,
 )
 
-# Order matters: the compiled module indexes a C array with these positions.
-COUNTER_NAMES = (
-    "translations", "faults", "walks", "memory_refs", "ad_writes", "pasid_refs",
-    "owner_violations", "defunct_drops",
-    "iotlb_lookups", "iotlb_hits", "iotlb_misses", "iotlb_fills", "iotlb_evictions",
-    "iotlb_inv_global", "iotlb_inv_domain", "iotlb_inv_pasid", "iotlb_inv_page",
-    "iotlb_inv_entries",
-    "pasid_cache_lookups", "pasid_cache_hits", "pasid_cache_misses", "pasid_cache_fills",
-    "pasid_cache_evictions", "pasid_cache_inv_global", "pasid_cache_inv_domain",
-    "pasid_cache_inv_pasid", "pasid_cache_inv_entries",
-    "devtlb_lookups", "devtlb_hits", "devtlb_misses", "devtlb_fills", "devtlb_evictions",
-    "devtlb_inv_all", "devtlb_inv_pasid", "devtlb_inv_addr", "devtlb_inv_entries",
-    "dma_descriptors", "dma_bytes", "dma_faults",
-)
 _C = {name: i for i, name in enumerate(COUNTER_NAMES)}
-N_FAULT_REASONS = 16
-
-HASH_MULT = 0x9E3779B97F4A7C15
 M64 = (1 << 64) - 1
 VALID = 1 << 63
-PE_FLAG_MASK = PE_SRE | PE_WPE | PE_EAFE
-MAX_DEVICES = 512  # as NDEV in _translate.pyx
-PASID_CACHE_WAYS = 4
 _SL_PRESENT = SL_R | SL_W | SL_X
 _Q = struct.Struct("<Q")
 
@@ -77,6 +59,39 @@ def _check_pow2(name: str, n: int) -> int:
     if n < 1 or n & (n - 1):
         raise ValueError(f"{name} must be a power of two >= 1, got {n}")
     return n
+
+
+def _fl_reserved(level: int, leaf: bool) -> int:
+    """Reserved bits of a present first-level entry at `level` (VT-d 9.7, as x86-64): PS in a
+    PML4E, output-address bits 51:48, and the alignment bits of a large page's address
+    (bit 12 of a large leaf is its PAT bit, not reserved)."""
+    if level == 4:
+        return FL_RSVD_ADDR | FL_PS
+    if leaf and level > 1:
+        return FL_RSVD_ADDR | (ADDR_MASK & ((1 << (PAGE_SHIFT + 9 * (level - 1))) - 1)
+                               & ~FL_PAT_LARGE)
+    return FL_RSVD_ADDR
+
+
+def _rights_fault(access: int, flags: int, all_rw: int, all_us: int, any_xd: int) -> int:
+    """FAULT_FL_PERMISSION when the rights combined over the whole path refuse `access`.
+
+    VT-d 3.6.1 (access rights), with the x86-64 meaning of R/W, U/S and XD:
+    * a user request (no ACCESS_PRIV) needs U/S on every level; a user write needs R/W on
+      every level; a user fetch needs no XD on any level;
+    * a supervisor request may read any page (VT-d has no SMAP); a supervisor write needs
+      R/W on every level only when the PASID entry has WPE (the CR0.WP equivalent, which
+      the kernel sets from the guest's CR0.WP); a supervisor instruction fetch needs no XD
+      and is never allowed from a user page (U/S on every level): SMEP is always on.
+    XD is always honoured (first-level translation behaves as if EFER.NXE = 1)."""
+    user = not access & ACCESS_PRIV
+    if user and not all_us:
+        return FAULT_FL_PERMISSION
+    if access & ACCESS_WRITE and (user or flags & PE_WPE) and not all_rw:
+        return FAULT_FL_PERMISSION
+    if access & ACCESS_EXEC and (any_xd or (not user and all_us)):
+        return FAULT_FL_PERMISSION
+    return 0
 
 
 class _Cache:
@@ -326,7 +341,7 @@ class Iommu:
     def _sl(self, slptr: int, gpa: int, need: int):
         """Second-level translation of a GPA: (hpa, perms R|W combined, leaf level) or fault."""
         c = self._cnt
-        if gpa >= VA_LIMIT:
+        if gpa >= GPA_LIMIT:
             return self._fault(FAULT_OOR_ADDRESS)
         table = slptr
         perms = SL_R | SL_W
@@ -348,20 +363,29 @@ class Iommu:
         raise AssertionError("unreachable")
 
     def _walk(self, did: int, flptr: int, slptr: int, flags: int, va: int, access: int):
-        """Nested walk. Returns (frame, perms) or a fault int (owner check not included)."""
+        """Nested walk. Returns (frame, perms) or a fault int (owner check not included).
+
+        The first-level rules, as x86-64 paging and VT-d first-level translation define them
+        (VT-d specification 3.6 "First-Level Translation", 3.6.1 access rights, 3.6.2
+        accessed/dirty flags, 9.7 first-level paging entries); the walk is checked against an
+        independent x86-64 MMU in tests/hotpath/test_mmu_differential.py:
+
+        * per level: the table's GPA through the second level (SL_R), then the entry: not
+          present -> FAULT_FL_NOT_PRESENT at that level, whatever the rights above it; a
+          reserved bit (PS in a PML4E, address bits 51:48, the alignment bits of a large
+          page's address) -> FAULT_FL_RESERVED at that level;
+        * the accessed flag A of every non-leaf entry is set as the walk uses it; once the
+          leaf is found the rights are judged over the whole path (_rights_fault), and only a
+          permitted access sets A on the leaf and D on a written leaf, whatever EAFE says;
+          EAFE adds the extended-accessed bit (FL_EA) wherever A is set. An A/D update needs
+          the second level to allow writes to the table page (else FAULT_SL_PERMISSION).
+        """
         c = self._cnt
         c[_C["walks"]] += 1
-        user = not access & ACCESS_PRIV
         write = access & ACCESS_WRITE
-        exe = access & ACCESS_EXEC
-        eafe = flags & PE_EAFE
-        need_rw = write and (user or flags & PE_WPE)
-        all_rw = FL_RW
-        all_us = FL_US
-        any_xd = 0
+        ad = FL_A | FL_EA if flags & PE_EAFE else FL_A
+        all_rw, all_us, any_xd = FL_RW, FL_US, 0
         table_gpa = flptr
-        gpa = 0
-        leaf_e = 0
         for level in (4, 3, 2, 1):
             r = self._sl(slptr, table_gpa, SL_R)
             if isinstance(r, int):
@@ -374,29 +398,25 @@ class Iommu:
             e = self._read(ea)
             if not e & FL_P:
                 return self._fault(FAULT_FL_NOT_PRESENT | (level << 8))
-            if (need_rw and not e & FL_RW) or (user and not e & FL_US) or (exe and e & FL_XD):
-                return self._fault(FAULT_FL_PERMISSION | (level << 8))
             leaf = level == 1 or (level <= 3 and e & FL_PS)
-            if eafe:
-                bits = 0 if e & FL_A else FL_A
-                if leaf and write and not e & FL_D:
-                    bits |= FL_D
-                if bits:
-                    if not tperms & SL_W:
-                        return self._fault(FAULT_SL_PERMISSION | (sl_level << 8))
-                    # Hardware does a locked compare-and-exchange; a lost race leaves the
-                    # entry alone and the walk goes on with what it read.
-                    if self._read(ea) == e:
-                        _Q.pack_into(self._mv, ea, e | bits)
-                        c[_C["ad_writes"]] += 1
-                    e |= bits
+            if e & _fl_reserved(level, leaf):
+                return self._fault(FAULT_FL_RESERVED | (level << 8))
             all_rw &= e
             all_us &= e
             any_xd |= e & FL_XD
             if leaf:
+                f = _rights_fault(access, flags, all_rw, all_us, any_xd)
+                if f:
+                    return self._fault(f | (level << 8))
+            bits = (ad | (FL_D if leaf and write else 0)) & ~e
+            if bits:
+                f = self._set_flags(ea, e, bits, tperms, sl_level)
+                if f:
+                    return f
+                e |= bits
+            if leaf:
                 mask = (1 << (PAGE_SHIFT + 9 * (level - 1))) - 1
                 gpa = (e & ADDR_MASK & ~mask) | (va & mask)
-                leaf_e = e
                 break
             table_gpa = e & ADDR_MASK
         sl_need = 0
@@ -409,15 +429,23 @@ class Iommu:
             return r
         hpa, sperms, _ = r
         perms = sperms  # PERM_SL_R == SL_R, PERM_SL_W == SL_W
-        if all_rw:
-            perms |= PERM_FL_RW
-        if all_us:
-            perms |= PERM_FL_US
-        if not any_xd:
-            perms |= PERM_FL_X
-        if leaf_e & FL_D:
-            perms |= PERM_FL_D
+        perms |= PERM_FL_RW if all_rw else 0
+        perms |= PERM_FL_US if all_us else PERM_FL_SUPV
+        perms |= 0 if any_xd else PERM_FL_X
+        perms |= PERM_FL_D if e & FL_D else 0
         return hpa >> PAGE_SHIFT, perms
+
+    def _set_flags(self, ea: int, e: int, bits: int, tperms: int, sl_level: int) -> int:
+        """Set A/D bits in the entry at ea (read as e); 0 or a second-level fault.
+
+        Hardware does a locked compare-and-exchange; a lost race leaves the entry alone and
+        the walk goes on with what it read."""
+        if not tperms & SL_W:
+            return self._fault(FAULT_SL_PERMISSION | (sl_level << 8))
+        if self._read(ea) == e:
+            _Q.pack_into(self._mv, ea, e | bits)
+            self._cnt[_C["ad_writes"]] += 1
+        return 0
 
     def _owner_ok(self, frame: int, did: int) -> int:
         if frame >= self.nframes:
@@ -439,9 +467,9 @@ class Iommu:
         if pasid in self._defunct_global or pasid in self._defunct_dev.get(dev, ()):
             c[_C["defunct_drops"]] += 1
             return 0, self._fault(FAULT_DEFUNCT)
-        if not 0 <= va < VA_LIMIT:
-            return 0, self._fault(FAULT_OOR_ADDRESS)
-        vpn = va >> PAGE_SHIFT
+        if not is_canonical(va):
+            return 0, self._fault(FAULT_NON_CANONICAL)
+        vpn = (va >> PAGE_SHIFT) & VPN_MASK
         off = va & (PAGE_SIZE - 1)
         tkey = (pasid << 36) | vpn
         ats = d["ats"]

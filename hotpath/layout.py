@@ -46,7 +46,9 @@ PE_DID_MASK = 0xFFFF  # domain id; the model uses the VM id as the domain id
 PE_SRE = 1 << 0  # supervisor requests enabled
 PE_FLPM_SHIFT = 2  # 2 bits: 0 = 4-level, 1 = 5-level
 PE_WPE = 1 << 4  # write protect enable (supervisor writes honour R/W)
-PE_EAFE = 1 << 7  # extended accessed flag enable; model: set A/D bits during walks
+PE_EAFE = 1 << 7  # extended-accessed flag enable: also set FL_EA where A is set (VT-d 3.6.2)
+
+PE_FLAG_MASK = PE_SRE | PE_WPE | PE_EAFE  # the word-2 flags the model keeps with an entry
 
 AW_48 = 2
 
@@ -59,7 +61,13 @@ FL_PCD = 1 << 4
 FL_A = 1 << 5
 FL_D = 1 << 6
 FL_PS = 1 << 7
+FL_EA = 1 << 10  # extended-accessed: set with A only when the PASID entry has EAFE
+FL_PAT_LARGE = 1 << 12  # PAT bit of a 2 MiB / 1 GiB leaf (not part of its address)
 FL_XD = 1 << 63
+# Guest-physical width of first-level output addresses: the second level is 4-level (AW_48),
+# so address bits 51:48 of a present first-level entry are reserved (VT-d 9.7).
+FL_ADDR_BITS = 48
+FL_RSVD_ADDR = ADDR_MASK & ~((1 << FL_ADDR_BITS) - 1)
 
 # Second-level entry bits.
 SL_R = 1 << 0
@@ -88,6 +96,8 @@ FAULT_SL_PERMISSION = 9  # second-level R/W refused the access
 FAULT_OOR_ADDRESS = 10  # address beyond the entry's address width / memory size
 FAULT_OWNER = 11  # I1: frame not owned by the PASID's VM (isolation violation)
 FAULT_DEFUNCT = 12  # PASID marked defunct by the notifier: dropped
+FAULT_NON_CANONICAL = 13  # address bits 63:47 not all equal: no lookup, no walk, no page request
+FAULT_FL_RESERVED = 14  # a present first-level entry has a reserved bit set (not recoverable)
 
 FAULT_NAMES = {
     FAULT_NONE: "ok",
@@ -103,6 +113,8 @@ FAULT_NAMES = {
     FAULT_OOR_ADDRESS: "out-of-range",
     FAULT_OWNER: "owner-violation",
     FAULT_DEFUNCT: "defunct",
+    FAULT_NON_CANONICAL: "non-canonical",
+    FAULT_FL_RESERVED: "fl-reserved",
 }
 
 
@@ -198,34 +210,70 @@ def inv_granularity(g) -> int:
 
 
 # Effective permissions cached with a translation (IOTLB and device-TLB entries): what the
-# walk found, combined over every level, so a later access needing more re-walks.
+# walk found, combined over every level, so that a cached entry answers every access kind as
+# a fresh walk of unchanged tables would; a request needing a bit the entry lacks re-walks.
 PERM_SL_R = 1 << 0  # second level readable on every level of the final GPA's walk
 PERM_SL_W = 1 << 1  # second level writable on every level
 PERM_FL_RW = 1 << 2  # first-level R/W set on every level
-PERM_FL_US = 1 << 3  # first-level U/S set on every level
+PERM_FL_US = 1 << 3  # first-level U/S set on every level (a user page)
 PERM_FL_X = 1 << 4  # no XD on any first-level level
-PERM_FL_D = 1 << 5  # first-level leaf dirty bit was set when the entry was filled
+PERM_FL_D = 1 << 5  # first-level leaf dirty bit set (a write to a clean page must walk: D)
+PERM_FL_SUPV = 1 << 6  # some first-level level has U/S clear (a supervisor page)
 
-VA_LIMIT = 1 << VA_BITS  # addresses at or above this fault with FAULT_OOR_ADDRESS@0
+GPA_LIMIT = 1 << FL_ADDR_BITS  # second-level input addresses at or above fault (out of range)
+VPN_BITS = VA_BITS - PAGE_SHIFT  # cache keys hold the low 36 bits of the page number
+VPN_MASK = (1 << VPN_BITS) - 1
+
+
+def is_canonical(va: int) -> bool:
+    """x86-64 4-level canonical form: bits 63:47 all equal (VT-d 3.6: the first-level input
+    address must be canonical; anything else faults before any lookup)."""
+    top = va >> (VA_BITS - 1)
+    return 0 <= va < 1 << 64 and (top == 0 or top == (1 << (65 - VA_BITS)) - 1)
 
 
 def required_perms(access: int, pe_flags: int) -> int:
     """PERM_* bits a cached translation must hold to serve `access` without a walk.
 
-    pe_flags are the PASID entry's word-2 flag bits (PE_SRE | PE_WPE | PE_EAFE).
+    The same rules as the walk's rights check (hotpath._pure.Iommu._rights_fault);
+    pe_flags are the PASID entry's word-2 flag bits (only PE_WPE matters here). A write
+    always needs the leaf's D bit: the walk that serves it sets D (VT-d 3.6.2), so an
+    entry filled by a read of a clean page does not serve a write.
     """
-    priv = access & ACCESS_PRIV
+    user = not access & ACCESS_PRIV
     need = 0
     if access & ACCESS_WRITE:
-        need |= PERM_SL_W
-        if not priv or pe_flags & PE_WPE:
+        need |= PERM_SL_W | PERM_FL_D
+        if user or pe_flags & PE_WPE:
             need |= PERM_FL_RW
-        if pe_flags & PE_EAFE:
-            need |= PERM_FL_D
     if access & (ACCESS_READ | ACCESS_EXEC) or not access & ACCESS_WRITE:
         need |= PERM_SL_R
     if access & ACCESS_EXEC:
-        need |= PERM_FL_X
-    if not priv:
+        need |= PERM_FL_X if user else PERM_FL_X | PERM_FL_SUPV
+    if user:
         need |= PERM_FL_US
     return need
+
+
+# --- The model's shape, shared by both implementations ------------------------------------
+
+MAX_DEVICES = 512  # device ids (requester ids of two buses): a PF per VM for 256+ VMs
+PASID_CACHE_WAYS = 4
+N_FAULT_REASONS = 16  # fault reasons counted per reason (FAULT_* < N_FAULT_REASONS)
+HASH_MULT = 0x9E3779B97F4A7C15  # cache set index: ((key * HASH_MULT) mod 2^64 >> 32) & (sets-1)
+
+# Statistics; order matters: the compiled module indexes a C array with these positions
+# (hotpath/_layout.pxi, generated from this list, names them C_TRANSLATIONS ...).
+COUNTER_NAMES = (
+    "translations", "faults", "walks", "memory_refs", "ad_writes", "pasid_refs",
+    "owner_violations", "defunct_drops",
+    "iotlb_lookups", "iotlb_hits", "iotlb_misses", "iotlb_fills", "iotlb_evictions",
+    "iotlb_inv_global", "iotlb_inv_domain", "iotlb_inv_pasid", "iotlb_inv_page",
+    "iotlb_inv_entries",
+    "pasid_cache_lookups", "pasid_cache_hits", "pasid_cache_misses", "pasid_cache_fills",
+    "pasid_cache_evictions", "pasid_cache_inv_global", "pasid_cache_inv_domain",
+    "pasid_cache_inv_pasid", "pasid_cache_inv_entries",
+    "devtlb_lookups", "devtlb_hits", "devtlb_misses", "devtlb_fills", "devtlb_evictions",
+    "devtlb_inv_all", "devtlb_inv_pasid", "devtlb_inv_addr", "devtlb_inv_entries",
+    "dma_descriptors", "dma_bytes", "dma_faults",
+)

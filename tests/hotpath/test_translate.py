@@ -11,7 +11,8 @@ from vsva.hotpath.layout import (
     ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_DEFUNCT, FAULT_FL_NOT_PRESENT,
     FAULT_FL_PERMISSION, FAULT_NO_CONTEXT, FAULT_OOR_ADDRESS, FAULT_OWNER,
     FAULT_PASID_INVALID, FAULT_PE_NOT_PRESENT, FAULT_PDE_NOT_PRESENT, FAULT_SL_NOT_PRESENT,
-    FAULT_SL_PERMISSION, FL_A, FL_D, FL_US, PAGE_SIZE, SL_R, fault_code,
+    FAULT_SL_PERMISSION, FAULT_FL_RESERVED, FAULT_NON_CANONICAL, FL_A, FL_D, FL_EA, FL_PS,
+    FL_RW, FL_US, PAGE_SIZE, SL_R, fault_code,
 )
 from vsva.hotpath.testing import clear_pasid
 
@@ -79,7 +80,7 @@ def test_context_and_pasid_faults(world):
     assert io.translate_one(0, 1 << 20, VA, R) == (0, FAULT_PASID_INVALID)
     assert io.translate_one(0, 7, VA, R) == (0, FAULT_PE_NOT_PRESENT)
     assert io.translate_one(0, 64 * 100, VA, R) == (0, FAULT_PDE_NOT_PRESENT)
-    assert io.translate_one(0, 5, 1 << 48, R) == (0, FAULT_OOR_ADDRESS)
+    assert io.translate_one(0, 5, 1 << 48, R) == (0, FAULT_NON_CANONICAL)
     assert io.translate_one(0, 5, VA + 8 * PAGE_SIZE, R) == (0, fault_code(FAULT_FL_NOT_PRESENT, 1))
     assert io.translate_one(0, 5, 0x1000, R) == (0, fault_code(FAULT_FL_NOT_PRESENT, 4))
     c = io.counters()
@@ -89,18 +90,20 @@ def test_context_and_pasid_faults(world):
     assert io.translate_one(0, 5, VA, R) == (0, FAULT_NO_CONTEXT)
 
 
-def test_permission_faults_at_the_right_level(world):
+def test_rights_are_judged_over_the_whole_path(world):
+    """VT-d 3.6.1: R/W, U/S and XD combine over every level; the fault names the leaf."""
     io, p = world.iommu, world.p5
     # read-only leaf: user write refused at L1, read fine
     p.map(VA + 0x20000, rw=False)
     assert io.translate_one(0, 5, VA + 0x20000, W) == (0, fault_code(FAULT_FL_PERMISSION, 1))
     assert io.translate_one(0, 5, VA + 0x20000, R)[1] == 0
-    # supervisor-only PD entry (level 2): user access refused at L2
+    # supervisor-only PD entry (level 2): a user access is refused, judged at the leaf
     va = VA + (1 << 21) * 3
     p.map(va)
-    pde = p.get_entry(va, 2)
-    p.set_entry(va, 2, pde & ~FL_US) if False else p.set_entry(va, pde & ~FL_US, 2)
-    assert io.translate_one(0, 5, va, R) == (0, fault_code(FAULT_FL_PERMISSION, 2))
+    p.set_entry(va, p.get_entry(va, 2) & ~FL_US, 2)
+    assert io.translate_one(0, 5, va, R) == (0, fault_code(FAULT_FL_PERMISSION, 1))
+    # ... and a non-present leaf under it is a not-present fault, whatever the rights above
+    assert io.translate_one(0, 5, va + PAGE_SIZE, R) == (0, fault_code(FAULT_FL_NOT_PRESENT, 1))
     # supervisor request without SRE
     assert io.translate_one(0, 5, va, R | PRIV) == (0, fault_code(FAULT_FL_PERMISSION, 0))
     world.reinstall(5, sre=True)
@@ -116,6 +119,66 @@ def test_permission_faults_at_the_right_level(world):
     p.map(VA + 0x30000, xd=True)
     assert io.translate_one(0, 5, VA + 0x30000, X) == (0, fault_code(FAULT_FL_PERMISSION, 1))
     assert io.translate_one(0, 5, VA + 0x30000, R)[1] == 0
+
+
+def test_supervisor_fetch_from_a_user_page_is_refused(world):
+    """VT-d 3.6.1: supervisor instruction fetches only from supervisor pages (SMEP always on),
+    supervisor data reads from user pages are allowed (no SMAP); the IOTLB entry a user read
+    filled must not serve the supervisor fetch."""
+    world.reinstall(5, sre=True)
+    io, p = world.iommu, world.p5
+    assert io.translate_one(0, 5, VA, R)[1] == 0
+    assert io.translate_one(0, 5, VA, R | PRIV)[1] == 0
+    assert io.translate_one(0, 5, VA, X | PRIV) == (0, fault_code(FAULT_FL_PERMISSION, 1))
+    assert io.translate_one(0, 5, VA, X)[1] == 0
+    p.set_entry(VA + PAGE_SIZE, p.get_entry(VA + PAGE_SIZE) & ~FL_US)
+    assert io.translate_one(0, 5, VA + PAGE_SIZE, X | PRIV)[1] == 0
+    assert io.translate_one(0, 5, VA + PAGE_SIZE, X) == (0, fault_code(FAULT_FL_PERMISSION, 1))
+
+
+def test_canonical_addresses(world):
+    """Bits 63:47 must be equal: a non-canonical address faults before any lookup or walk;
+    an upper-half address is walked like any other (here a supervisor mapping, SRE set)."""
+    world.reinstall(5, sre=True)
+    io, p = world.iommu, world.p5
+    upper = 0xFFFF_8000_0000_0000 | (5 << 39) | 0x3000
+    p.map(upper)
+    p.set_entry(upper, p.get_entry(upper) & ~FL_US)
+    for va in (1 << 47, 0x8000_0000_0000_0000, 0xFFFF_7FFF_FFFF_F000, 1 << 64, -1):
+        assert io.translate_one(0, 5, va, R | PRIV) == (0, FAULT_NON_CANONICAL)
+    assert io.counters()["walks"] == 0
+    pa, f = io.translate_one(0, 5, upper + 0x10, R | PRIV)
+    assert f == 0 and pa == p.va_to_hpa(upper) + 0x10
+    assert io.translate_one(0, 5, upper, R) == (0, fault_code(FAULT_FL_PERMISSION, 1))
+    # the caches key on the low 48 bits: the upper-half page does not alias the lower one
+    assert io.translate_one(0, 5, upper & ((1 << 47) - 1), R | PRIV)[1] != 0
+
+
+def test_reserved_bits_fault(make_world):
+    """VT-d 9.7 (x86-64 paging): PS in a PML4E, address bits 51:48 and the alignment bits of
+    a large page's address are reserved; bit 12 of a large leaf is PAT, not reserved."""
+    w = make_world(nframes=8192)
+    io, p = w.iommu, w.p5
+    pml4e = p.get_entry(VA, 4)
+    p.set_entry(VA, pml4e | FL_PS, 4)
+    assert io.translate_one(0, 5, VA, R) == (0, fault_code(FAULT_FL_RESERVED, 4))
+    p.set_entry(VA, pml4e, 4)
+    leaf = p.get_entry(VA, 1)
+    p.set_entry(VA, leaf | (1 << 50), 1)
+    assert io.translate_one(0, 5, VA, R) == (0, fault_code(FAULT_FL_RESERVED, 1))
+    p.set_entry(VA, leaf | (1 << 55), 1)  # bits 58:52 are ignored, not reserved
+    assert io.translate_one(0, 5, VA, R)[1] == 0
+    va2 = 0x1234_0000_0000
+    vm = w.vm1
+    base = w.host.alloc_contig(512, owner=1, align=512)
+    vm.sl_map(0x40000000 >> 12, base, level=2)
+    p.map(va2, gpa_page=0x40000000 >> 12, level=2)
+    e = p.get_entry(va2, 2)
+    p.set_entry(va2, e | (1 << 12), 2)  # PAT
+    assert io.translate_one(0, 5, va2 + 0x1234, R)[1] == 0
+    io.inv_iotlb("global")
+    p.set_entry(va2, e | (1 << 13), 2)
+    assert io.translate_one(0, 5, va2 + 0x1234, R) == (0, fault_code(FAULT_FL_RESERVED, 2))
 
 
 def test_second_level_faults(world):
@@ -153,12 +216,24 @@ def test_accessed_and_dirty_bits_written(world):
     assert io.counters()["walks"] == 2
 
 
-def test_no_ad_updates_without_eafe(world):
+def test_accessed_and_dirty_bits_whatever_eafe(world):
+    """VT-d 3.6.2: A on every entry used and D on a written leaf whatever EAFE says; EAFE only
+    adds the extended-accessed bit (10). A write served by an entry a read cached (D clear)
+    walks again and sets D."""
     world.reinstall(6, eafe=False)
     io, p = world.iommu, world.p6
+    assert io.translate_one(0, 6, VA, R)[1] == 0
+    assert all(p.get_entry(VA, lvl) & FL_A for lvl in (4, 3, 2, 1))
+    assert not p.get_entry(VA, 1) & (FL_D | FL_EA)
     assert io.translate_one(0, 6, VA, W)[1] == 0
-    assert not p.get_entry(VA, 1) & (FL_A | FL_D)
-    assert io.counters()["ad_writes"] == 0
+    assert p.get_entry(VA, 1) & FL_D and io.counters()["walks"] == 2
+    assert io.translate_one(0, 5, VA, R)[1] == 0  # PASID 5 has EAFE
+    assert all(world.p5.get_entry(VA, lvl) & (FL_A | FL_EA) == FL_A | FL_EA
+               for lvl in (4, 3, 2, 1))
+    # a refused access sets no A/D on the leaf
+    p.set_entry(VA + PAGE_SIZE, p.get_entry(VA + PAGE_SIZE) & ~FL_RW)
+    assert io.translate_one(0, 6, VA + PAGE_SIZE, W)[1] == fault_code(FAULT_FL_PERMISSION, 1)
+    assert not p.get_entry(VA + PAGE_SIZE) & (FL_A | FL_D)
 
 
 def test_owner_violation_counted_on_walk_and_on_hit(world):

@@ -1,0 +1,97 @@
+/* C helpers of the compiled hot path's caches (hotpath/_cache.pxi): word access to host
+   memory, prefetch, the set lookup and tree-PLRU. Constants come from _layout.h. */
+#ifndef VS_CACHE_H
+#define VS_CACHE_H
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include "_layout.h"
+
+/* Cache tag word: key (at most 56 bits) | PLRU node bits 62:56 (way-0 word of a set) |
+   VALID (bit 63). Payload word (IOTLB, device TLB): frame 35:0 | perms 47:36 | did 63:48. */
+#define VS_VALID (1ULL << 63)
+#define VS_KEYMASK ((1ULL << 56) - 1)
+#define VS_PLRU_MASK (0x7FULL << 56)
+#define VS_FRAME_MASK ((1ULL << 36) - 1)
+#define VS_PERM_SHIFT 36
+#define VS_DID_SHIFT 48
+
+static inline uint64_t vs_load64(const unsigned char *p) {
+    uint64_t v; memcpy(&v, p, 8); return v;
+}
+static inline void vs_store64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+/* asm volatile, not __builtin_prefetch: GCC's IPA pure/const analysis treats a function
+   made only of __builtin_prefetch calls as side-effect free and deletes its calls. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void vs_prefetch(const void *p) {
+    __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const char *)p));
+}
+#else
+static inline void vs_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+#endif
+static inline void vs_hugepage(void *p, size_t n) {
+#ifdef MADV_HUGEPAGE
+    madvise(p, n, MADV_HUGEPAGE);
+#endif
+}
+static inline int vs_cas64(unsigned char *p, uint64_t expect, uint64_t val) {
+    return __atomic_compare_exchange_n((uint64_t *)p, &expect, val, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* Set index shared by every cache (hotpath._pure.set_index). */
+static inline uint32_t vs_set_of(uint64_t key, uint32_t mask) {
+    return (uint32_t)(((key * VS_HASH_MULT) >> 32) & mask);
+}
+
+/* Set lookup over the tag words of one set block: the payload check of the way whose tag
+   matches (a set holds a key at most once). Returns the way or -1. */
+static inline __attribute__((always_inline)) int
+vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask, uint64_t xval) {
+    uint32_t w;
+    for (w = 0; w < ways; w++)
+        if ((blk[w] & ~VS_PLRU_MASK) == tag && (blk[ways + w] & xmask) == xval)
+            return (int)w;
+    return -1;
+}
+
+/* Tree-PLRU (hotpath._pure._Cache): node n (1 .. ways-1, heap order) of a set lives in
+   bit 55 + n of its way-0 tag word, i.e. in bits 62:56 (never in VALID, bit 63). An
+   access to way w rewrites the nodes on w's path: a precomputed clear mask and set mask
+   per (lg, w); the victim is a lookup on the 7 node bits per lg. Built once at import
+   by vs_plru_init with the twin's own loops. */
+static uint64_t vs_plru_clr[4][8] __attribute__((unused)), vs_plru_set[4][8] __attribute__((unused));
+static uint8_t vs_plru_vic[4][128] __attribute__((unused));
+static __attribute__((unused)) void vs_plru_init(void) {
+    uint32_t lg, w, node, b, bits, i;
+    int l;
+    for (lg = 0; lg < 4; lg++) {
+        for (w = 0; w < (1u << lg); w++) {
+            uint64_t clr = 0, set = 0;
+            node = 1;
+            for (l = (int)lg - 1; l >= 0; l--) {
+                b = (w >> l) & 1;
+                clr |= 1ULL << (55 + node);
+                if (!b) set |= 1ULL << (55 + node);
+                node = 2 * node + b;
+            }
+            vs_plru_clr[lg][w] = clr;
+            vs_plru_set[lg][w] = set;
+        }
+        for (bits = 0; bits < 128; bits++) {
+            node = 1;
+            for (i = 0; i < lg; i++)
+                node = 2 * node + (((bits << 1) >> node) & 1);
+            vs_plru_vic[lg][bits] = (uint8_t)(node - (1u << lg));
+        }
+    }
+}
+static inline __attribute__((always_inline)) void
+vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) {
+    *t0 = (*t0 & ~vs_plru_clr[lg][w]) | vs_plru_set[lg][w];
+}
+static inline __attribute__((always_inline)) uint32_t
+vs_plru_victim(uint64_t t0, uint32_t lg) {
+    return vs_plru_vic[lg][(t0 >> 56) & 0x7F];
+}
+#endif

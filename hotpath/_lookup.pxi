@@ -1,0 +1,300 @@
+# One translation (translate1), its side-effect-free fast path (fast_hit) and the batch loop
+# (included by _translate.pyx). The order of the checks is the twin's
+# (hotpath._pure.Iommu._translate1).
+
+cdef enum:
+    PREFETCH_AHEAD = 16  # the batch loop prefetches the IOTLB set this many requests ahead
+
+cdef int32_t pasid_miss(State *s, uint32_t dev, uint64_t dir_hpa, uint64_t pasid,
+                       uint64_t key, int64_t *slot) noexcept nogil:
+    """PASID-cache miss: read the directory and table entries, check, fill."""
+    cdef uint64_t pde, pe_addr, w0, w1, w2
+    cdef int64_t i
+    cdef int ev
+    s.cnt[VS_C_PASID_CACHE_MISSES] += 1
+    s.cnt[VS_C_PASID_REFS] += 1
+    pde = vs_load64(s.mem + dir_hpa + (pasid // VS_PASID_TABLE_ENTRIES) * 8)
+    if not (pde & VS_PDE_PRESENT):
+        return fault(s, VS_FAULT_PDE_NOT_PRESENT)
+    pe_addr = (pde & VS_ADDR_MASK) + (pasid % VS_PASID_TABLE_ENTRIES) * VS_PASID_ENTRY_SIZE
+    if pe_addr + VS_PASID_ENTRY_SIZE > s.mem_size:
+        return fault(s, VS_FAULT_OOR_ADDRESS)
+    s.cnt[VS_C_PASID_REFS] += 1
+    w0 = vs_load64(s.mem + pe_addr)
+    w1 = vs_load64(s.mem + pe_addr + 8)
+    w2 = vs_load64(s.mem + pe_addr + 16)
+    if not (w0 & VS_PE_PRESENT):
+        return fault(s, VS_FAULT_PE_NOT_PRESENT)
+    if ((w0 >> VS_PE_PGTT_SHIFT) & 7) != VS_PGTT_NESTED or \
+            ((w0 >> VS_PE_AW_SHIFT) & 7) != VS_AW_48 or ((w2 >> VS_PE_FLPM_SHIFT) & 3) != 0:
+        return fault(s, VS_FAULT_BAD_PASID_ENTRY)
+    s.cnt[VS_C_PASID_CACHE_FILLS] += 1
+    i = cache_fill(&s.pc, key, 0, 0, (w1 & 0xFFFF) | ((w2 & VS_PE_FLAG_MASK) << 16), &ev)
+    if ev:
+        s.cnt[VS_C_PASID_CACHE_EVICTIONS] += 1
+    s.pc.aux[i].flptr = w2 & VS_ADDR_MASK
+    s.pc.aux[i].slptr = w0 & VS_ADDR_MASK
+    slot[0] = i
+    return 0
+
+cdef inline int32_t pasid_lookup(State *s, uint32_t dev, uint64_t dir_hpa, uint64_t pasid,
+                                 int64_t *slot) noexcept nogil:
+    cdef uint64_t key = (<uint64_t>dev << VS_PASID_BITS) | pasid
+    cdef int64_t i
+    s.cnt[VS_C_PASID_CACHE_LOOKUPS] += 1
+    i = cache_find(&s.pc, key, 0, 0)
+    if i >= 0:
+        s.cnt[VS_C_PASID_CACHE_HITS] += 1
+        cache_touch(&s.pc, <uint64_t>i)
+        slot[0] = i
+        return 0
+    return pasid_miss(s, dev, dir_hpa, pasid, key, slot)
+
+cdef inline bint is_defunct(State *s, uint32_t dev, uint64_t pasid) noexcept nogil:
+    if (s.gdefunct[pasid >> 3] >> (pasid & 7)) & 1:
+        return True
+    cdef uint8_t *d = s.devs[dev].defunct
+    return d != NULL and ((d[pasid >> 3] >> (pasid & 7)) & 1)
+
+# A device-TLB entry keeps the PASID entry flags it was made under next to its PERM_* bits.
+cdef enum:
+    DEV_PERMS = (1 << 7) - 1  # the PERM_* bits
+    DEV_SRE = 1 << 7
+    DEV_WPE = 1 << 8
+    DEV_EAFE = 1 << 9
+
+cdef inline uint32_t dev_perm_pack(uint32_t perms, uint32_t flags) noexcept nogil:
+    return (perms | (DEV_SRE if flags & VS_PE_SRE else 0) | (DEV_WPE if flags & VS_PE_WPE else 0)
+            | (DEV_EAFE if flags & VS_PE_EAFE else 0))
+
+cdef inline uint32_t dev_perm_flags(uint32_t packed) noexcept nogil:
+    return ((VS_PE_SRE if packed & DEV_SRE else 0) | (VS_PE_WPE if packed & DEV_WPE else 0)
+            | (VS_PE_EAFE if packed & DEV_EAFE else 0))
+
+cdef inline int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, uint32_t access,
+                               uint64_t *pa, int *way) noexcept nogil:
+    """Device-TLB lookup: 0 = hit (pa set), fault code on a hit failing the owner check,
+    -1 = miss (including a hit whose permissions do not cover the request). *way = the
+    way holding tkey in its set, or -1 (the fill after a miss reuses it)."""
+    cdef uint64_t *blk = set_block(&d.tlb, tkey)
+    cdef int w
+    cdef uint64_t p
+    cdef uint32_t packed, eflags, need
+    cdef int32_t f
+    s.cnt[VS_C_DEVTLB_LOOKUPS] += 1
+    w = vs_set_find(blk, d.tlb.ways, tkey | VS_VALID, 0, 0)
+    way[0] = w
+    if w >= 0:
+        p = blk[d.tlb.ways + w]
+        packed = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
+        eflags = dev_perm_flags(packed)
+        need = vs_required(access, eflags)
+        if (packed & need) == need and (not (access & VS_ACCESS_PRIV) or (eflags & VS_PE_SRE)):
+            s.cnt[VS_C_DEVTLB_HITS] += 1
+            vs_plru_touch(blk, <uint32_t>w, d.tlb.lg)
+            f = owner_check(s, p & VS_FRAME_MASK, <uint32_t>(p >> VS_DID_SHIFT))
+            if f:
+                return f
+            pa[0] = ((p & VS_FRAME_MASK) << VS_PAGE_SHIFT) | off
+            return 0
+    s.cnt[VS_C_DEVTLB_MISSES] += 1
+    return -1
+
+cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uint32_t access,
+                        uint64_t *pa) noexcept nogil:
+    cdef Dev *d
+    cdef uint64_t vpn, off, tkey, frame = 0, p, pcpay, iset, dset, tag, didw
+    cdef uint64_t *iblk
+    cdef uint32_t need, perms = 0, did, flags
+    cdef int64_t pslot
+    cdef int32_t f
+    cdef int ev, iw, dw = -1
+    s.cnt[VS_C_TRANSLATIONS] += 1
+    pa[0] = 0
+    if dev >= VS_MAX_DEVICES or not s.devs[dev].attached:
+        return fault(s, VS_FAULT_NO_CONTEXT)
+    d = &s.devs[dev]
+    if pasid >= VS_PASID_MAX:
+        return fault(s, VS_FAULT_PASID_INVALID)
+    if is_defunct(s, dev, pasid):
+        s.cnt[VS_C_DEFUNCT_DROPS] += 1
+        return fault(s, VS_FAULT_DEFUNCT)
+    if not vs_canonical(va):
+        return fault(s, VS_FAULT_NON_CANONICAL)
+    vpn = (va >> VS_PAGE_SHIFT) & VS_VPN_MASK
+    off = va & (VS_PAGE_SIZE - 1)
+    tkey = (pasid << VS_VPN_BITS) | vpn
+    tag = tkey | VS_VALID
+    if d.ats:
+        f = devtlb_hit(s, d, tkey, off, access, pa, &dw)
+        if f >= 0:
+            return f
+    f = pasid_lookup(s, dev, d.dir_hpa, pasid, &pslot)
+    if f:
+        return f
+    pcpay = pay_at(&s.pc, <uint64_t>pslot)[0]
+    did = <uint32_t>(pcpay & 0xFFFF)
+    flags = <uint32_t>(pcpay >> 16) & 0xFF
+    if (access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE):
+        return fault(s, VS_FAULT_FL_PERMISSION)
+    need = vs_required(access, flags)
+    didw = (<uint64_t>did) << VS_DID_SHIFT
+    s.cnt[VS_C_IOTLB_LOOKUPS] += 1
+    # One set lookup serves both the hit check and, on a miss, the fill (the walk in
+    # between does not touch the IOTLB).
+    iset = vs_set_of(tkey, s.iotlb.mask)
+    iblk = s.iotlb.blk + iset * 2 * s.iotlb.ways
+    iw = vs_set_find(iblk, s.iotlb.ways, tag, 0xFFFFULL << VS_DID_SHIFT, didw)
+    if iw >= 0:
+        p = iblk[s.iotlb.ways + iw]
+        perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
+        if (perms & need) == need:
+            s.cnt[VS_C_IOTLB_HITS] += 1
+            vs_plru_touch(iblk, <uint32_t>iw, s.iotlb.lg)
+            frame = p & VS_FRAME_MASK
+            f = owner_check(s, frame, did)
+            if f:
+                return f
+            if d.ats:
+                s.cnt[VS_C_DEVTLB_FILLS] += 1
+                dset = vs_set_of(tkey, d.tlb.mask)
+                fill_way(&d.tlb, d.tlb.blk + dset * 2 * d.tlb.ways, dset, dw, tag,
+                         frame | (<uint64_t>dev_perm_pack(perms, flags) << VS_PERM_SHIFT)
+                         | didw, &ev)
+                if ev:
+                    s.cnt[VS_C_DEVTLB_EVICTIONS] += 1
+            pa[0] = (frame << VS_PAGE_SHIFT) | off
+            return 0
+    s.cnt[VS_C_IOTLB_MISSES] += 1
+    f = walk(s, s.pc.aux[pslot].flptr, s.pc.aux[pslot].slptr, flags, va, access,
+             &frame, &perms)
+    if f:
+        return f
+    f = owner_check(s, frame, did)
+    if f:
+        return f
+    s.cnt[VS_C_IOTLB_FILLS] += 1
+    fill_way(&s.iotlb, iblk, iset, iw, tag,
+             frame | (<uint64_t>perms << VS_PERM_SHIFT) | didw, &ev)
+    if ev:
+        s.cnt[VS_C_IOTLB_EVICTIONS] += 1
+    if d.ats:
+        s.cnt[VS_C_DEVTLB_FILLS] += 1
+        dset = vs_set_of(tkey, d.tlb.mask)
+        fill_way(&d.tlb, d.tlb.blk + dset * 2 * d.tlb.ways, dset, dw, tag,
+                 frame | (<uint64_t>dev_perm_pack(perms, flags) << VS_PERM_SHIFT)
+                 | didw, &ev)
+        if ev:
+            s.cnt[VS_C_DEVTLB_EVICTIONS] += 1
+    pa[0] = (frame << VS_PAGE_SHIFT) | off
+    return 0
+
+
+cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_t va,
+                         uint32_t access, uint64_t *pa) noexcept nogil:
+    """The common case of translate1 without side effects until it is sure: an attached
+    device, a live PASID, a PASID-cache hit and an IOTLB hit (no ATS) or a device-TLB hit
+    (ATS) whose permissions cover the request and whose frame the domain owns. Returns 1
+    (IOTLB) or 2 (device TLB) after applying exactly the PLRU updates translate1 would make
+    (the caller adds the matching counters), else 0 having changed nothing, and the caller
+    runs translate1."""
+    cdef uint64_t tkey, p, frame, pcpay, key
+    cdef uint64_t *pblk
+    cdef uint64_t *iblk
+    cdef int pw, iw
+    cdef uint32_t did, flags, need, perms
+    if not vs_canonical(va) or pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
+        return 0
+    tkey = (pasid << VS_VPN_BITS) | ((va >> VS_PAGE_SHIFT) & VS_VPN_MASK)
+    if d.ats:
+        iblk = set_block(&d.tlb, tkey)
+        iw = vs_set_find(iblk, d.tlb.ways, tkey | VS_VALID, 0, 0)
+        if iw < 0:
+            return 0
+        p = iblk[d.tlb.ways + iw]
+        perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
+        flags = dev_perm_flags(perms)
+        need = vs_required(access, flags)
+        if (perms & need) != need or ((access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE)):
+            return 0
+        frame = p & VS_FRAME_MASK
+        if frame >= s.nframes or s.owners[frame] != <int32_t>(p >> VS_DID_SHIFT):
+            return 0
+        vs_plru_touch(iblk, <uint32_t>iw, d.tlb.lg)
+        pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
+        return 2
+    key = (<uint64_t>dev << VS_PASID_BITS) | pasid
+    pblk = set_block(&s.pc, key)
+    pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
+    if pw < 0:
+        return 0
+    pcpay = pblk[s.pc.ways + pw]
+    did = <uint32_t>(pcpay & 0xFFFF)
+    flags = <uint32_t>(pcpay >> 16) & 0xFF
+    if (access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE):
+        return 0
+    need = vs_required(access, flags)
+    iblk = set_block(&s.iotlb, tkey)
+    iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
+                     (<uint64_t>did) << VS_DID_SHIFT)
+    if iw < 0:
+        return 0
+    p = iblk[s.iotlb.ways + iw]
+    perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
+    frame = p & VS_FRAME_MASK
+    if (perms & need) != need or frame >= s.nframes or s.owners[frame] != <int32_t>did:
+        return 0
+    vs_plru_touch(pblk, <uint32_t>pw, s.pc.lg)
+    vs_plru_touch(iblk, <uint32_t>iw, s.iotlb.lg)
+    pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
+    return 1
+
+
+cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint64_t *v,
+                         const uint32_t *pv, uint64_t pscalar, const uint8_t *av,
+                         uint32_t ascalar, uint64_t *opa, int32_t *ofl) noexcept nogil:
+    """The batch: fast hit path, else translate1; returns the number of faults."""
+    cdef Py_ssize_t k
+    cdef uint64_t nf = 0, pasid, hits_before
+    cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0
+    cdef uint32_t acc
+    cdef int hitk
+    cdef bint last_slow = False
+    cdef bint pasid_arr = pv != NULL, acc_arr = av != NULL
+    for k in range(n):
+        # Software prefetch: start loading the IOTLB set of request k + D now (the set
+        # does not depend on the domain, so no PASID-cache lookup is needed).
+        if k + PREFETCH_AHEAD < n:
+            pasid = pv[k + PREFETCH_AHEAD] if pasid_arr else pscalar
+            prefetch_set(&s.iotlb, ((pasid & (VS_PASID_MAX - 1)) << VS_VPN_BITS)
+                         | ((v[k + PREFETCH_AHEAD] >> VS_PAGE_SHIFT) & VS_VPN_MASK))
+        pasid = pv[k] if pasid_arr else pscalar
+        acc = av[k] if acc_arr else ascalar
+        # Fast path, unless the previous request went the full way and was no cache hit
+        # there either: then a run of misses (cold walks) does not pay for the fast
+        # path's lookups twice. Purely a speed choice; results are the same.
+        if d != NULL and not last_slow:
+            hitk = fast_hit(s, d, dv, pasid, v[k], acc, &opa[k])
+            if hitk == 1:
+                n_iotlb_fast += 1
+                ofl[k] = 0
+                continue
+            if hitk == 2:
+                n_dev_fast += 1
+                ofl[k] = 0
+                continue
+        hits_before = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS]
+        ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k])
+        last_slow = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS] == hits_before
+        if ofl[k]:
+            nf += 1
+    # counters of the fast hits, exactly as translate1 would have counted them
+    s.cnt[VS_C_TRANSLATIONS] += n_iotlb_fast + n_dev_fast
+    s.cnt[VS_C_PASID_CACHE_LOOKUPS] += n_iotlb_fast
+    s.cnt[VS_C_PASID_CACHE_HITS] += n_iotlb_fast
+    s.cnt[VS_C_IOTLB_LOOKUPS] += n_iotlb_fast
+    s.cnt[VS_C_IOTLB_HITS] += n_iotlb_fast
+    s.cnt[VS_C_DEVTLB_LOOKUPS] += n_dev_fast
+    s.cnt[VS_C_DEVTLB_HITS] += n_dev_fast
+    return nf
+
