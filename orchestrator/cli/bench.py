@@ -10,7 +10,7 @@ nested 4-level x 4-level translation. Cases (ns per translation, per batch size 
 * mix    90 % hits: before every batch a page-selective invalidation drops every tenth
          page of the batch (invalidation time not counted)
 * python the twin on the same kinds of work, on fewer addresses
-* baseline  bare compiled loops in hotpath/_translate.pyx over the same data: an
+* baseline  bare compiled loops (hotpath/_baselines.pyx) over the same data: an
          open-addressing hash (case "hit") and a nested walk with no checks (case "cold")
 
 Timings are the best of a few repeats (time.perf_counter_ns around the translate calls only).
@@ -208,7 +208,7 @@ def run_bench(
     run_impl(hotpath.PureIommu, "python", min(python_addresses, n))
 
     if compiled:
-        from vsva.hotpath._translate import BareHash, bare_walk
+        from vsva.hotpath._baselines import BareHash, bare_walk
 
         page_keys = vas >> np.uint64(12)
         bh = BareHash(pasids, page_keys, t["frames"])
