@@ -161,9 +161,9 @@ class RadixTable:
         self.link = link
         self.present = present
 
-    def _entry_addr(self, va: int, create: bool) -> int | None:
+    def _entry_addr(self, va: int, create: bool, leaf_level: int = 1) -> int | None:
         table = self.root
-        for level in range(LEVELS, 1, -1):
+        for level in range(LEVELS, leaf_level, -1):
             addr = table + 8 * table_index(va, level)
             entry = self.space.read_u64(addr)
             if not entry & self.present:
@@ -172,11 +172,12 @@ class RadixTable:
                 entry = self.alloc_table() | self.link
                 self.space.write_u64(addr, entry)
             table = entry & ADDR_MASK
-        return table + 8 * table_index(va, 1)
+        return table + 8 * table_index(va, leaf_level)
 
-    def map(self, va: int, target: int, flags: int) -> None:
-        """Map the 4 KiB page at `va` to `target` with leaf `flags`."""
-        self.space.write_u64(self._entry_addr(va, True), (target & ADDR_MASK) | flags)
+    def map(self, va: int, target: int, flags: int, level: int = 1) -> None:
+        """Map the page at `va` to `target` with leaf `flags`: a 4 KiB page (level 1) or a
+        large one whose entry sits at level 2 (2 MiB) or 3 (1 GiB); `flags` carry its PS bit."""
+        self.space.write_u64(self._entry_addr(va, True, level), (target & ADDR_MASK) | flags)
 
     def unmap(self, va: int) -> int:
         """Clear the leaf entry for `va`; return what it held (0 if nothing)."""
