@@ -205,6 +205,7 @@ class World:
             target, flags = self._random_leaf(level)
             self.fl.map(va, target, flags, level=level)
             self.mapped.append((va, size))
+        self.huge = {va >> 30 for va, size in self.mapped if size == 1 << 30}
 
     def _random_leaf(self, level: int) -> tuple[int, int]:
         rng = self.rng
@@ -275,11 +276,13 @@ class World:
             va = rng.getrandbits(64) & ~7
             return va if not is_canonical(va) else va ^ (1 << 50)
         if r < 0.18:
-            return self._random_va() | rng.randrange(0, PAGE_SIZE - 8, 8)
-        va, size = rng.choice(self.mapped)
-        if size == 1 << 30:  # keep the physical address in the data pages
-            return va | rng.randrange(DATA_BASE, DATA_END - 8, 8)
-        return va | rng.randrange(0, size - 8, 8)
+            va, size = self._random_va() | rng.randrange(0, PAGE_SIZE - 8, 8), PAGE_SIZE
+        else:
+            va, size = rng.choice(self.mapped)
+            va |= rng.randrange(0, size - 8, 8)
+        if (va >> 30) in self.huge:  # keep the physical address in the data pages
+            va = (va & ~((1 << 30) - 1)) | rng.randrange(DATA_BASE, DATA_END - 8, 8)
+        return va
 
     def restore(self) -> None:
         """The tables as built (no A/D bits from earlier accesses)."""
