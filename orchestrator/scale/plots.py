@@ -5,7 +5,8 @@ lines     one panel per metric: the median over repeats against the x parameter,
           (those `where` does not fix); every run that was not
           ok is drawn as a red cross at its value (at the panel's floor when it has none), so a
           failed, timed-out, leaked or refused point is visible, never dropped.
-timeline  one panel per point (the first repeat that recorded the series): the series over
+timeline  one panel per point (of those `where` selects; the first repeat that recorded the
+          series): the series over
           time, with its fault windows shaded (a VMM kill until its teardown finished), as
           Jepsen's latency plots shade nemesis windows.
 
@@ -170,7 +171,7 @@ def _timeline_runs(plot: Plot, rows: list[dict[str, Any]], series_rows: list[dic
     """(row, series) for each point's first run that recorded one of the plot's series."""
     by_run = {(s["point_id"], s["repeat"]): s["series"] for s in series_rows}
     out = []
-    for runs in group(rows).values():
+    for runs in group(selected(plot, rows)).values():
         for r in runs:
             rec = by_run.get((r["point_id"], r["repeat"]), {})
             if any(name in rec for name in plot.y):
