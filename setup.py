@@ -2,9 +2,11 @@
 bench's bare baselines (hotpath/_baselines.pyx).
 
 The metadata lives in pyproject.toml; this file only declares the extensions so that
-`pip install .` always compiles them (Cython is a build requirement). The constants both
+`pip install .` compiles them (Cython is a build requirement). The constants both
 include (hotpath/_layout.pxi, hotpath/_layout.h) are regenerated from hotpath/layout.py
-first, so a build never uses stale ones.
+first, so a build never uses stale ones. The extensions are optional: where they cannot be
+compiled (no C compiler) the install goes on with a warning and vsva.hotpath runs its
+pure-Python twin (vsva.hotpath.IMPLEMENTATION == "python").
 """
 
 import runpy
@@ -23,10 +25,11 @@ extensions = [
     for name in ("_translate", "_baselines")
 ]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
-    )
+compiled = cythonize(
+    extensions,
+    language_level=3,
+    compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
 )
+for ext in compiled:  # set here: cythonize builds new Extension objects
+    ext.optional = True
+setup(ext_modules=compiled)

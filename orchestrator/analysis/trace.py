@@ -152,9 +152,14 @@ def _topological(recs: list[dict[str, Any]], preds: list[int], succs: list[list[
 
 
 def load(run_dir: str) -> list[dict[str, Any]]:
-    """Read and merge every actor's trace file of a run directory."""
+    """Read and merge every actor's trace file of a run directory (a line cut short by a
+    kill is skipped)."""
     records = []
     for path in glob.glob(os.path.join(run_dir, "trace-*.jsonl")):
-        with open(path) as f:
-            records += [json.loads(line) for line in f if line.strip()]
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # the torn last line of a writer that was SIGKILLed
+                    continue
     return merge(records)

@@ -61,6 +61,9 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+SWEPT: list[str] = []  # leftovers of dead runs this command removed (`vsva down` reports them)
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(
@@ -68,6 +71,21 @@ def _main(
     ),
 ) -> None:
     """Intel VT-d virtual SVA as a multi-process actor system: run, measure and break it."""
+    from vsva.ops.runfiles import sweep
+
+    SWEPT.extend(sweep())
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) stop a run as Ctrl-C does: the KeyboardInterrupt
+    unwinds through the launcher, which takes the processes and files of the run down."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def _writable_dir(value: str | None) -> str | None:
@@ -124,17 +142,15 @@ def demo(
     ),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
-    from vsva.analysis.export import write_all
     from vsva.ops.capacity import CapacityError
     from vsva.ops.demo import demo as run_demo
     from vsva.ops.demo import render
 
+    _interrupt_on_signals()
     try:
-        session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations)
+        session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations, trace_out)
     except CapacityError as exc:
         _fail(EXIT_USAGE, f"--vms {vms}: {exc}")
-    if trace_out:
-        rep["trace_files"] = write_all(session["trace"], trace_out)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
     else:
@@ -229,9 +245,10 @@ def explore(
 # ---- live topologies: up / ps / kill / audit / down, and scripted fault runs -----------------
 
 
-def _fail(code: int, message: str) -> None:
-    """One line on stderr and the exit code."""
-    typer.echo(f"vsva: {message}", err=True)
+def _fail(code: int, message: str, quiet: bool = False) -> None:
+    """One line on stderr (unless `quiet`) and the exit code."""
+    if not quiet:
+        typer.echo(f"vsva: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -306,25 +323,52 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _ctl(state: dict, op: str, timeout: float = 20.0, **body) -> dict:
-    """One request to the supervisor's control socket; exits with a message on no answer."""
+def _supervisor_alive(state: dict) -> bool:
+    """The state's supervisor still runs (its pid and start time, so a reused pid is not it)."""
+    from vsva.ops.runfiles import owner_tag
+
+    if not _pid_alive(state["pid"]):
+        return False
+    return state.get("owner") in (None, owner_tag(state["pid"]))
+
+
+def _check_supervisor(state: dict, quiet: bool = False) -> None:
+    """Answer at once when there is nobody to ask: a lost host's record, a dead supervisor."""
+    if state.get("host_lost"):
+        _fail(EXIT_HOST_LOST, _host_lost_line(state), quiet)
+    if not _supervisor_alive(state):
+        _fail(
+            EXIT_NO_TOPOLOGY,
+            f"the supervisor (pid {state['pid']}) is not running (it died without "
+            "cleaning up); `vsva down` removes what it left",
+            quiet,
+        )
+
+
+def _ctl(state: dict, op: str, timeout: float = 20.0, quiet: bool = False, **body) -> dict:
+    """One request to the supervisor's control socket; exits with a message on no answer, and
+    within a fraction of a second when the supervisor is (or becomes) dead."""
+    import time
+
     import msgpack
     import zmq
 
+    _check_supervisor(state, quiet)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(state["ctl"])
         sock.send(msgpack.packb({"op": op, **body}))
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            alive = _pid_alive(state["pid"])
-            typer.echo(
-                f"vsva: the supervisor (pid {state['pid']}) did not answer {op!r} within "
-                f"{timeout:.0f} s" + ("" if alive else " (it is not running: `vsva down` cleans up)"),
-                err=True,
-            )
-            raise typer.Exit(3)
+        end = time.monotonic() + timeout
+        while not sock.poll(200, zmq.POLLIN):
+            _check_supervisor(state, quiet)
+            if time.monotonic() >= end:
+                _fail(
+                    EXIT_NO_TOPOLOGY,
+                    f"the supervisor (pid {state['pid']}) did not answer {op!r} within {timeout:.0f} s",
+                    quiet,
+                )
         return msgpack.unpackb(sock.recv(), raw=False)
     finally:
         sock.close(0)
@@ -375,104 +419,197 @@ def up(
     ready_timeout: float = typer.Option(
         30.0, "--ready-timeout", min=0.01, max=3600, help="Seconds to wait for the topology to start."
     ),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=_writable_dir,
+        help="When the topology stops (down, a lost host, even a killed "
+        "supervisor: the next vsva command), write its trace files here.",
+    ),
 ) -> None:
-    """Start a topology and keep it running: live status table, or --detach."""
-    import subprocess
-    import time
+    """Start a topology and keep it running: a live status table, or --detach.
 
+    One topology per state directory (a lock). In the foreground, Ctrl-C, SIGTERM and SIGHUP
+    (the terminal closed) stop it; detached, it runs until `vsva down`."""
     _load_run(topology)  # validate here: errors go to this terminal
     path = _state_file(state_dir)
-    if os.path.exists(path):
-        try:
-            old = _parse_state(path)
-        except CorruptState as exc:
-            typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
-            old = {"pid": -1}
-        if _pid_alive(old["pid"]):
-            typer.echo(
-                f"vsva: a topology is already running (supervisor pid {old['pid']}, {old['run_dir']});"
-                " `vsva down` first",
-                err=True,
-            )
-            raise typer.Exit(1)
-        _cleanup_stale(old, path)
+    lock = _take_lock(path)
+    _clear_old_state(path)
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
+    from rich.live import Live
+    from rich.text import Text
+
+    _interrupt_on_signals()
+    proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
+    try:
+        state = _await_state(proc, path, ready_timeout, log_path)
+        if detach:
+            typer.echo(
+                f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+                f"{state['run_dir']}; `vsva ps`, `vsva down`"
+            )
+            return
+        with Live(Text("starting ..."), refresh_per_second=4) as live:
+            while proc.poll() is None:
+                try:
+                    live.update(_ps_table(_ctl(state, "ps", timeout=5.0, quiet=True)))
+                except typer.Exit:
+                    pass
+                _wait_exit(proc.pid, 0.5)
+    except KeyboardInterrupt:
+        typer.echo("vsva: stopping ...", err=True)
+        _stop_supervisor(proc, path)
+        raise
+    if proc.returncode == EXIT_HOST_LOST:
+        _fail(EXIT_HOST_LOST, _host_lost_line(_parse_state(path)))
+    if proc.returncode != 0:
+        _fail(EXIT_FAIL, f"the supervisor exited with {proc.returncode} (log: {log_path})")
+
+
+def _take_lock(state_path: str) -> int:
+    """The state directory's lock (flock on `lock`, exclusive): held by the supervisor for its
+    whole life, so a second `vsva up` on the same directory is refused, never invisible."""
+    import fcntl
+
+    fd = os.open(
+        os.path.join(os.path.dirname(state_path), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            who = f" (supervisor pid {_parse_state(state_path)['pid']})"
+        except (OSError, CorruptState):
+            who = ""
+        _fail(
+            EXIT_FAIL,
+            f"a topology is already running (or starting) in {os.path.dirname(state_path)}{who}; "
+            "`vsva down` first, or another --state-dir",
+        )
+    return fd
+
+
+def _clear_old_state(path: str) -> None:
+    """With the lock held, a state file left is a dead supervisor's (or a lost host's record)."""
+    try:
+        old = _parse_state(path)
+    except FileNotFoundError:
+        return
+    except CorruptState as exc:
+        typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
+        os.unlink(path)
+        return
+    if old.get("host_lost"):
+        typer.echo(f"vsva up: replacing the record of the earlier run: {_host_lost_line(old)}", err=True)
+    _cleanup_stale(old, path)
+
+
+def _spawn_supervisor(path: str, topology: str | None, trace_out: str | None, log_path: str, lock: int):
+    import subprocess
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "vsva.ops.supervisor", "--state-file", path]
+    if trace_out:
+        cmd += ["--trace-out", os.path.abspath(trace_out)]
     if topology:
         cmd.append(os.path.abspath(topology))
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            pass_fds=(lock,),
         )
+
+
+def _await_state(proc, path: str, ready_timeout: float, log_path: str) -> dict:
+    """Wait (bounded) for the supervisor's state file. On a timeout the supervisor is stopped
+    (SIGTERM, then SIGKILL) and whatever it left is swept."""
+    import time
+
     end = time.monotonic() + ready_timeout
-    state = None
     while time.monotonic() < end:
         if proc.poll() is not None:
-            tail = open(log_path, errors="replace").read().splitlines()[-15:]
+            with open(log_path, errors="replace") as f:
+                tail = f.read().splitlines()[-15:]
             typer.echo(f"vsva up: the supervisor exited with {proc.returncode}\n" + "\n".join(tail), err=True)
-            raise typer.Exit(1)
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            if state.get("pid") == proc.pid:
-                break
+            raise typer.Exit(EXIT_FAIL)
+        try:
+            state = _parse_state(path)
+            if state["pid"] == proc.pid:
+                return state
+        except (FileNotFoundError, CorruptState):
+            pass
         time.sleep(0.02)
-    else:
-        proc.kill()
-        typer.echo(f"vsva up: not ready within {ready_timeout:.0f} s (log: {log_path})", err=True)
-        raise typer.Exit(1)
-    if detach:
-        typer.echo(
-            f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
-            f"{state['run_dir']}; `vsva ps`, `vsva down`"
-        )
-        return
-    import signal as _signal
+    left = _stop_supervisor(proc, path)
+    _fail(
+        EXIT_FAIL,
+        f"not ready within {ready_timeout:g} s: supervisor pid {proc.pid} stopped"
+        + (f", its leftovers removed ({len(left)})" if left else "")
+        + f" (log: {log_path})",
+    )
+    raise AssertionError("unreachable")
 
-    from rich.live import Live
 
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
+def _stop_supervisor(proc, path: str) -> list[str]:
+    """Stop our supervisor, starting or running (SIGTERM: it unwinds its launch or shuts the
+    topology down; SIGKILL if it does not exit) and sweep what it left; returns what the
+    sweep removed."""
+    import signal
+    import subprocess
 
-    _signal.signal(_signal.SIGTERM, _interrupt)
+    from vsva.ops.runfiles import sweep
+
+    proc.send_signal(signal.SIGTERM)
     try:
-        with Live(_ps_table(_ctl(state, "ps")), refresh_per_second=4) as live:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                if proc.poll() is None:
-                    try:
-                        live.update(_ps_table(_ctl(state, "ps", timeout=5.0)))
-                    except typer.Exit:
-                        pass
-    except KeyboardInterrupt:
-        typer.echo("vsva: stopping ...")
-        _ctl(state, "down")
-        proc.wait(60)
-    if proc.returncode not in (0, None):
-        raise typer.Exit(1)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    try:
+        if _parse_state(path)["pid"] == proc.pid:
+            os.unlink(path)
+    except (FileNotFoundError, CorruptState):
+        pass
+    return sweep()
+
+
+def _host_lost_line(state: dict) -> str:
+    import time
+
+    lost = state["host_lost"]
+    return (
+        f"the host was lost at {time.strftime('%H:%M:%S', time.localtime(lost['at']))} "
+        f"({lost['why']}, {lost['after_s']:.1f} s after the start); every VM is gone; "
+        "`vsva down` clears this record"
+    )
 
 
 def _cleanup_stale(state: dict, path: str) -> list[str]:
     """A supervisor that died without cleaning up: its children died with it (PDEATHSIG);
-    remove its shared memory, socket files and run directory, then the state file."""
-    import shutil
+    remove its shared memory and run directory (its trace exported first, if it was asked
+    for), then the state file."""
+    from vsva.ops.runfiles import PREFIX, SHM_DIR, remove_run_dir
 
     removed = []
-    for p in (state.get("shm"),):
-        if p and os.path.exists(p):
-            os.unlink(p)
-            removed.append(p)
+    shm = state.get("shm")
+    if (
+        isinstance(shm, str)
+        and os.path.dirname(shm) == SHM_DIR
+        and os.path.basename(shm).startswith(PREFIX)
+        and os.path.exists(shm)
+    ):
+        os.unlink(shm)
+        removed.append(shm)
     run_dir = state.get("run_dir")
-    if run_dir and os.path.isdir(run_dir) and os.path.basename(run_dir).startswith("vsva-"):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir and os.path.isdir(run_dir) and os.path.basename(run_dir).startswith(PREFIX):
+        remove_run_dir(run_dir)
         removed.append(run_dir)
     try:
         os.unlink(path)
@@ -487,7 +624,11 @@ def ps(
     state_dir: str | None = STATE_DIR,
 ) -> None:
     """List every actor of the running topology with its PID, state and uptime."""
-    status = _ctl(_read_state(state_dir), "ps")
+    state = _read_state(state_dir)
+    if as_json and state.get("host_lost"):
+        typer.echo(json.dumps({"host_lost": state["host_lost"], "processes": []}, indent=1))
+        raise typer.Exit(EXIT_HOST_LOST)
+    status = _ctl(state, "ps")
     if as_json:
         typer.echo(json.dumps(status["processes"], indent=1))
         return
@@ -538,21 +679,27 @@ def down(
         30.0, "--timeout", min=0, max=3600, help="Seconds to wait for the supervisor to finish."
     ),
 ) -> None:
-    """Stop the running topology (VMs stopped through F8, then every process) and clean up."""
+    """Stop the running topology (VMs stopped through F8, then every process) and clean up;
+    says what it removed, leftovers of dead runs included."""
     import signal
 
     path = _state_file(state_dir)
+    swept = f"; removed leftovers of dead runs: {', '.join(SWEPT)}" if SWEPT else ""
     try:
-        _parse_state(path)
+        state = _parse_state(path)
     except CorruptState as exc:
         os.unlink(path)
-        typer.echo(f"vsva: removed the corrupt state file {path} ({exc})")
+        typer.echo(f"vsva: removed the corrupt state file {path} ({exc}){swept}")
         return
     except FileNotFoundError:
-        pass
-    state = _read_state(state_dir)
+        if not SWEPT:
+            _fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path})")
+        typer.echo(f"vsva: no topology was running{swept}")
+        return
     pid = state["pid"]
-    if _pid_alive(pid):
+    if state.get("host_lost"):
+        what = f"cleared the record of the lost topology ({state['host_lost']['why']})"
+    elif _supervisor_alive(state):
         try:
             _ctl(state, "down", timeout=5.0)
         except typer.Exit:
@@ -560,19 +707,32 @@ def down(
         if not _wait_exit(pid, timeout):
             os.kill(pid, signal.SIGKILL)
             _wait_exit(pid, 2.0)
-    left = _cleanup_stale(state, path)
-    typer.echo(f"vsva: stopped (supervisor pid {pid})" + (f"; removed leftovers {left}" if left else ""))
+        what = f"stopped (supervisor pid {pid})"
+    else:
+        what = f"the supervisor (pid {pid}) was dead"
+    from vsva.ops.runfiles import sweep
+
+    left = _cleanup_stale(state, path) + [p for p in sweep() if p not in SWEPT]
+    typer.echo(f"vsva: {what}" + (f"; removed leftovers {left}" if left else "") + swept)
 
 
 @app.command()
 def run(
     scenario: str = typer.Argument(..., help="Scenario TOML: a topology plus [[faults]]."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=_writable_dir,
+        help="Write the run's trace files here when it ends, however it ends.",
+    ),
 ) -> None:
     """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
     from vsva.ops.scenario import render, run_scenario
 
-    rep = run_scenario(_load_run(scenario))
+    run_file = _load_run(scenario)
+    _interrupt_on_signals()
+    rep = run_scenario(run_file, trace_out=trace_out)
     if as_json:
         typer.echo(json.dumps(rep, indent=1, default=str))
     else:
@@ -598,7 +758,7 @@ def main() -> int:
     """The console script: every error a readable line and an exit code (EXIT_CODES)."""
     command = typer.main.get_command(app)
     try:
-        return command.main(args=sys.argv[1:], prog_name="vsva", standalone_mode=False) or 0
+        code = command.main(args=sys.argv[1:], prog_name="vsva", standalone_mode=False) or 0
     except NoArgsIsHelpError as exc:
         typer.echo(exc.format_message())
         return 0
@@ -607,9 +767,11 @@ def main() -> int:
         message = " ".join(exc.format_message().split())
         typer.echo(f"{ctx.command_path if ctx else 'vsva'}: {message}", err=True)
         return exc.exit_code
-    except typer.Abort:
-        typer.echo("vsva: interrupted", err=True)
-        return EXIT_INTERRUPTED
+    except (typer.Abort, KeyboardInterrupt):
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        typer.echo("vsva: interrupted; the run was taken down", err=True)
+    return code
 
 
 if __name__ == "__main__":

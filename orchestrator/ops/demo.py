@@ -8,7 +8,7 @@ from typing import Any
 
 from vsva import hotpath
 from vsva.actors.policy import Policy
-from vsva.analysis.export import timeline
+from vsva.analysis.export import timeline, write_all
 from vsva.analysis.trace import merge
 from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
 from vsva.ops.control import Controller
@@ -21,9 +21,13 @@ FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
 
 def run_session(
-    topology: Topology, runtime: Runtime | str = Runtime.PROCESSES, timeout: float = 120.0
+    topology: Topology,
+    runtime: Runtime | str = Runtime.PROCESSES,
+    timeout: float = 120.0,
+    trace_out: str | None = None,
 ) -> dict[str, Any]:
-    """Run one Controller session; returns its result plus trace, processes and timings."""
+    """Run one Controller session; returns its result plus trace, processes and timings.
+    With `trace_out` the trace's exports are written there, also if the run is interrupted."""
     started = time.monotonic()
     if Runtime(runtime) == Runtime.SIM:
         rt = SimRuntime(topology)
@@ -31,18 +35,20 @@ def run_session(
         rt.start()
         rt.run(until=lambda: ctl.result is not None)
         rt.run()  # let the shutdown replies land
+        trace = merge(rt.trace)
         return {
             **(ctl.result or _no_result("the deterministic run went quiescent without a result")),
-            "trace": merge(rt.trace),
+            "trace": trace,
             "processes": [],
             "ready_s": 0.0,
             "files": [],
             "timeouts": ctl.timeouts,
+            "trace_files": write_all(trace, trace_out) if trace_out else None,
             "elapsed_s": time.monotonic() - started,
         }
     from vsva.ops.launcher import Launcher
 
-    with Launcher(topology) as launcher:
+    with Launcher(topology, trace_out=trace_out) as launcher:
         ready = time.monotonic() - started
         ctl = Controller(topology)
         launcher.run_actor(ctl, timeout=timeout)
@@ -55,6 +61,7 @@ def run_session(
             "files": [launcher.run_dir, launcher.shm_path],
             "endpoints": launcher.endpoints(),
             "timeouts": ctl.timeouts,
+            "trace_files": launcher.trace_files,
             "elapsed_s": time.monotonic() - started,
         }
 
@@ -94,6 +101,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
         "run_files": session["files"],
+        "trace_files": session.get("trace_files"),
         "messages": len(session["trace"]),
         "timeouts": timeouts_in(
             session["vm_start"], session["workloads"], session["vm_stop"], records=session.get("timeouts", ())
@@ -150,10 +158,11 @@ def demo(
     transport: Transport | str = RUN.transport,
     workload: str = VM.workload,
     iterations: int = DEMO_ITERATIONS,
+    trace_out: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
     topology = default_topology(
         vms, seed=seed, policy=policy, workload=workload, iterations=iterations, transport=transport
     )
-    session = run_session(topology, runtime)
+    session = run_session(topology, runtime, trace_out=trace_out)
     return session, report(session, topology, runtime)

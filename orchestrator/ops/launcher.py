@@ -8,14 +8,17 @@
         records = launcher.trace()
     # here: no child process, socket file, shared-memory file or run directory remains
 
-Run directory (`tempfile.mkdtemp(prefix="vsva-")`, mode 0700): `topology.json`
+Run directory (`<tmp>/vsva-<owner>-<random>`, mode 0700, named after this process: see
+vsva.ops.runfiles, whose sweep removes the runs of dead owners): `topology.json`
 (dataclasses.asdict of the Topology), `run.json` (t0 = run start epoch, shm path, run id,
-launcher pid), `<name>.sock` (each actor's ROUTER; `orch.sock` is the controller's, bound by
+launcher pid, trace_out), `<name>.sock` (each actor's ROUTER; `orch.sock` is the controller's, bound by
 the launcher before any child starts so early messages to "orch" queue there; with
 `topology.transport == "tcp"` the ROUTERs bind `tcp://127.0.0.1:<kernel-chosen port>` and
 `<name>.ep` holds that endpoint instead, see vsva.runtime.loop),
 `orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
-stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`.
+stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`. With
+`trace_out`, `close` writes the merged trace's exports there (vsva.analysis.export.write_all),
+also when the run ends by an exception or a signal turned into one.
 
 Readiness: every child, once its ROUTER is bound and its actor built, sends {"ready": name,
 "pid": pid, "endpoint": its ROUTER's endpoint} on a DEALER (routing id = its name) to `orch-ctl.sock`; when all children of
@@ -48,7 +51,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,8 +61,9 @@ import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.memory import PhysMem
+from vsva.analysis import export
 from vsva.analysis import trace as tracefile
-from vsva.ops import capacity, forkserver
+from vsva.ops import capacity, forkserver, runfiles
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
 from vsva.ops.topology import ORCH, ActorSpec, Topology
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
@@ -108,9 +111,12 @@ class Launcher:
         log: Callable[[str], None] | None = None,
         python: str = sys.executable,
         fork: bool | None = None,
+        trace_out: str | None = None,
     ):
         self.topology = topology
         self.keep = keep
+        self.trace_out = os.path.abspath(trace_out) if trace_out else None
+        self.trace_files: dict[str, Any] | None = None  # what close wrote into trace_out
         self.ready_timeout = ready_timeout
         self.term_timeout = term_timeout
         self.extra_path = list(extra_path)
@@ -186,16 +192,22 @@ class Launcher:
 
     def _prepare(self) -> None:
         self.t0 = time.time()
-        self.run_dir = tempfile.mkdtemp(prefix="vsva-", dir=self.base_dir)
-        os.chmod(self.run_dir, 0o700)
-        self.run_id = os.path.basename(self.run_dir)[len("vsva-") :]
-        self.shm_path = f"/dev/shm/vsva-{self.run_id}.mem"
+        self.run_dir = runfiles.make_run_dir(self.base_dir)
+        self.run_id = os.path.basename(self.run_dir)[len(runfiles.PREFIX) :]
+        self.shm_path = runfiles.shm_path(self.run_dir)
         self.mem = PhysMem.create(self.shm_path, self.topology.mem_frames)
         with open(os.path.join(self.run_dir, "topology.json"), "w") as f:
             json.dump(dataclasses.asdict(self.topology), f, indent=1)
         with open(os.path.join(self.run_dir, "run.json"), "w") as f:
             json.dump(
-                {"t0": self.t0, "shm": self.shm_path, "run_id": self.run_id, "launcher_pid": os.getpid()}, f
+                {
+                    "t0": self.t0,
+                    "shm": self.shm_path,
+                    "run_id": self.run_id,
+                    "launcher_pid": os.getpid(),
+                    "trace_out": self.trace_out,
+                },
+                f,
             )
         if self.fork:  # its imports overlap with the rest of the set-up
             self.forkserver = ForkServer(self._child_env(), self.python)
@@ -551,6 +563,8 @@ class Launcher:
         if self.run_dir and os.path.isdir(self.run_dir):
             self._logs = {name: self._read_log(name) for name in self.procs}
             self._trace = tracefile.load(self.run_dir)
+            if self.trace_out:
+                self.trace_files = export.write_all(self._trace, self.trace_out)
 
     def _drop_memory(self) -> None:
         if self.mem is not None:

@@ -16,15 +16,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vsva.actors import errno as E
 from vsva.ops.pacing import render_timeouts, timeouts_in
-from vsva.ops.supervisor import Supervisor
-from vsva.ops.topology import HOST, guest_name
+from vsva.ops.supervisor import Supervisor, exit_words
+from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import RunFile
 
 
-def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_scenario(
+    run: RunFile, log: Callable[[str], None] | None = None, trace_out: str | None = None
+) -> dict[str, Any]:
+    """Run the scenario; with `trace_out` its trace files are written there when the run ends,
+    however it ends (an interrupt included)."""
     t0 = time.monotonic()
-    sup = Supervisor(run, log=log)
+    sup = Supervisor(run, log=log, launcher_kw={"trace_out": trace_out})
     report: dict[str, Any] = {
         "source": run.source,
         "seed": run.topology.seed,
@@ -70,6 +75,7 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
                 "failed_steps": [s for s in steps if not s["ok"]][:5],
                 "verified_dma": summary.get("verified", 0),
                 "dma": ((final_audit or {}).get("snapshots", {}).get(guest_name(vm), {}) or {}).get("dma"),
+                "why": _why_failed(sup, vm, report["timed_out"], run.timeout),
             }
         violations = []
         if final_audit is not None:
@@ -96,8 +102,50 @@ def run_scenario(run: RunFile, log: Callable[[str], None] | None = None) -> dict
     finally:
         sup.close()
         report["trace_messages"] = len(sup.launcher.trace())
+        report["trace_files"] = sup.launcher.trace_files
     report["elapsed_s"] = round(time.monotonic() - t0, 3)
     return report
+
+
+def _why_failed(sup: Supervisor, vm: int, timed_out: bool, timeout: float) -> str | None:
+    """What went wrong with VM `vm`'s workload, in words (None if it succeeded): the step that
+    failed (flow, request, errno, the error text), or why no answer came (the actor that
+    died and how, the request and peer that timed out)."""
+    st = sup.vms[vm]
+    w = st.workload
+    deaths = [
+        f"{r['actor']} {exit_words(r['exitcode'])}"
+        for r in sup.recoveries
+        if r["actor"] in (guest_name(vm), vmm_name(vm)) or r["kind"] == "host"
+    ]
+    if w is None:
+        if deaths:
+            return f"no workload result: {', '.join(deaths)}; VM {st.state}"
+        if timed_out:
+            return (
+                f"start_workload to {guest_name(vm)}: no answer within the scenario timeout "
+                f"({timeout:g} s); VM {st.state}"
+            )
+        return f"no workload result; VM {st.state}"
+    if w.get("ret") == 0 and w.get("ok", True):
+        return None
+    failed = [x for x in w.get("steps", []) if not x["ok"]]
+    if failed:
+        f = failed[0]
+        text = f"{f['flow']} {f['what']}: {E.name(f['ret'])}" + (f" ({f['error']})" if f.get("error") else "")
+        more = w.get("summary", {}).get("failed", len(failed)) - 1
+        return (
+            text
+            + (f" (+{more} more failed steps)" if more > 0 else "")
+            + (f"; {', '.join(deaths)}" if deaths else "")
+        )
+    ret = w.get("ret", 0)
+    how = "timed out" if ret == -E.ETIMEDOUT else "peer down" if ret == -E.EHOSTDOWN else "failed"
+    return (
+        f"start_workload to {guest_name(vm)} {how}: {E.name(ret)}"
+        + (f" ({w['error']})" if w.get("error") else "")
+        + (f"; {', '.join(deaths)}" if deaths else "")
+    )
 
 
 def _recovered(sup: Supervisor) -> bool:
@@ -140,10 +188,8 @@ def render(rep: dict[str, Any], echo: Callable[[str], None]) -> None:
         )
     echo("\n== workloads")
     for vm, w in rep.get("workloads", {}).items():
-        echo(
-            f"  vm{vm}: {w['state']}, workload ret {w['ret']} ok {w['ok']}, "
-            f"{w['verified_dma']} verified DMA, dma {w['dma']}"
-        )
+        outcome = "workload ok" if w.get("why") is None else f"FAILED: {w['why']}"
+        echo(f"  vm{vm}: {w['state']}, {outcome}; {w['verified_dma']} verified DMA, dma {w['dma']}")
     echo("\n== timeouts: " + (f"{len(rep.get('timeouts', []))}" if rep.get("timeouts") else "none"))
     for line in render_timeouts(rep.get("timeouts", [])):
         echo("  " + line)

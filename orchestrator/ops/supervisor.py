@@ -44,6 +44,7 @@ import zmq
 
 from vsva.actors.base import Call, Gather
 from vsva.actors.catalogue import FlowWatch, Ping, PoolStatus, Snapshot, VmStop
+from vsva.ops import runfiles
 from vsva.ops.config import VM, GuestDeath
 from vsva.ops.control import Orchestrator
 from vsva.ops.topology import HOST, guest_name, vmm_name
@@ -136,6 +137,7 @@ class Supervisor:
         self.restarts: dict[str, int] = {}
         self.unresponsive: set[str] = set()
         self.host_lost = False
+        self.host_lost_info: dict[str, Any] | None = None  # when and why, for the state file
         self.stop_requested = False
         self.ctl: zmq.Socket | None = None
         self.ctl_replies: dict[bytes, Any] = {}
@@ -170,17 +172,21 @@ class Supervisor:
         for i, f in enumerate(self.run.faults):
             self.faults.append(self._plan(i, f))
 
-    def write_state(self) -> None:
+    def write_state(self, host_lost: dict[str, Any] | None = None) -> None:
+        """The state file `vsva ps/kill/audit/down` read; with `host_lost`, the record of a
+        topology that lost its host (nothing runs any more)."""
         if not self.state_file:
             return
         state = {
             "pid": os.getpid(),
+            "owner": runfiles.owner_tag(),
             "run_dir": self.launcher.run_dir,
             "shm": self.launcher.shm_path,
             "ctl": ctl_endpoint(self.launcher.run_dir),
             "source": self.run.source,
             "started": self.launcher.t0,
-            "actors": {r["name"]: r["pid"] for r in self.launcher.processes()},
+            "actors": {} if host_lost else {r["name"]: r["pid"] for r in self.launcher.processes()},
+            "host_lost": host_lost,
         }
         tmp = self.state_file + f".{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -322,6 +328,11 @@ class Supervisor:
         self.recoveries.append(rec)
         if kind == "host":
             self.host_lost = True
+            self.host_lost_info = {
+                "at": time.time(),
+                "after_s": round(t, 3),
+                "why": f"host (pid {rec.get('pid', self.launcher.pid(name))}) " + exit_words(code),
+            }
             rec["action"] = "host lost: every VM is gone; stopping the run"
             for v in self.vms.values():
                 v.state = "gone"
@@ -625,24 +636,54 @@ def control_request(payload: bytes) -> tuple[dict[str, Any], str | None]:
     return req, None
 
 
+EXIT_HOST_LOST = 4  # vsva.cli.app.EXIT_CODES
+
+
+def exit_words(code: int) -> str:
+    """'killed by SIGKILL' / 'exited with 3'."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with {code}"
+
+
 def detach_main(argv: list[str] | None = None) -> int:
-    """The detached supervisor process of `vsva up`: `python -m vsva.ops.supervisor`."""
+    """The detached supervisor process of `vsva up`: `python -m vsva.ops.supervisor`.
+
+    It holds the state directory's lock (the descriptor `vsva up` passed down) until it exits.
+    A SIGTERM while it is still starting unwinds the launch and removes its files. When the
+    host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
+    until `vsva down`) and exits with EXIT_HOST_LOST."""
     import argparse
 
     from vsva.ops.topology_file import TopologyError, default_run, load
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     p = argparse.ArgumentParser(prog="vsva.ops.supervisor")
     p.add_argument("topology", nargs="?")
     p.add_argument("--state-file", required=True)
+    p.add_argument("--trace-out")
     args = p.parse_args(argv)
     try:
         run = load(args.topology) if args.topology else default_run()
     except TopologyError as exc:
         print(f"vsva up: {exc}", file=sys.stderr, flush=True)
         return 2
-    sup = Supervisor(run, log=lambda line: print(line, file=sys.stderr, flush=True))
+    sup = Supervisor(
+        run,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        launcher_kw={"trace_out": args.trace_out},
+    )
     try:
         sup.start(state_file=args.state_file)
+    except KeyboardInterrupt:
+        sup.close()
+        return 130
     except Exception as exc:
         print(f"vsva up: launch failed: {exc}", file=sys.stderr, flush=True)
         sup.close()
@@ -656,6 +697,10 @@ def detach_main(argv: list[str] | None = None) -> int:
         sup.serve()
     finally:
         sup.close()
+    if sup.host_lost_info is not None:
+        sup.write_state(host_lost=sup.host_lost_info)
+        print(f"vsva up: the host was lost: {sup.host_lost_info['why']}", file=sys.stderr, flush=True)
+        return EXIT_HOST_LOST
     return 0
 
 

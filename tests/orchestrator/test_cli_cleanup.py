@@ -1,0 +1,217 @@
+"""Nothing is left behind after any way a run can end: a signal to `vsva demo` or to a
+foreground `vsva up`, a SIGKILL that no process can handle (the next `vsva` command sweeps
+the runs of dead owners), a start that times out, two starts at once, a lost host, a dead
+supervisor. Driven as a user would: `python -m vsva` subprocesses, each test with its own
+state directory and TMPDIR, so the run directories seen are this test's own; shared memory
+is matched by the owner pid in its name (vsva.ops.runfiles)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from test_cli_up import wait_for
+from zmqrt_toys import pid_alive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LONG_DEMO = ("demo", "--workload", "dma_loop", "--iterations", "1000000")
+
+
+class Cli:
+    def __init__(self, tmp_path):
+        # a short TMPDIR: socket paths in the run directory must stay under ~107 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+        self.state = tmp_path / "state"
+        self.env = {**os.environ, "VSVA_STATE_DIR": str(self.state), "TMPDIR": str(self.tmp)}
+
+    def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "vsva", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vsva", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=self.env,
+        )
+
+    def run_dirs(self) -> list[str]:
+        return glob.glob(str(self.tmp / "vsva-*"))
+
+    def state_file(self) -> dict | None:
+        try:
+            return json.loads((self.state / "current.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def shm_of(pid: int) -> list[str]:
+    return glob.glob(f"/dev/shm/vsva-{pid}.*.mem")
+
+
+def cli_session(tmp_path):
+    """A Cli for one test; whatever it left running is taken down after it."""
+    c = Cli(tmp_path)
+    yield c
+    if c.state_file() is not None:
+        c("down")
+    shutil.rmtree(c.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    yield from cli_session(tmp_path)
+
+
+def traced(cli: Cli) -> bool:
+    """The run is under way: an actor has written trace records."""
+    return any(
+        os.path.getsize(p) > 0 for d in cli.run_dirs() for p in glob.glob(os.path.join(d, "trace-*.jsonl"))
+    )
+
+
+def running_demo(cli: Cli, *extra: str) -> subprocess.Popen:
+    proc = cli.start(*LONG_DEMO, *extra)
+    wait_for(lambda: traced(cli), 30, "the demo's actors")
+    assert shm_of(proc.pid)
+    return proc
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_demo_signal_cleans_up(cli, sig):
+    proc = running_demo(cli)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert cli.run_dirs() == [] and shm_of(proc.pid) == []
+
+
+@pytest.mark.timeout(120)
+def test_sigkilled_demo_is_swept_by_the_next_command(cli, tmp_path):
+    trace_out = tmp_path / "report"
+    proc = running_demo(cli, "--trace-out", str(trace_out))
+    run_dir = cli.run_dirs()[0]
+    proc.kill()
+    proc.wait(10)
+    assert os.path.isdir(run_dir) and shm_of(proc.pid)  # nobody could clean up
+    down = cli("down")  # nothing is running; it still sweeps, and says what it removed
+    assert run_dir in down.stdout and shm_of(proc.pid) == [] and cli.run_dirs() == []
+    # the killed run's trace was kept for the report
+    records = [json.loads(line) for line in (trace_out / "trace.jsonl").read_text().splitlines()]
+    assert records and (trace_out / "trace.perfetto.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_sweep_leaves_live_runs_alone(cli):
+    proc = running_demo(cli)
+    try:
+        assert cli("ps").returncode == 3  # no topology; the sweep ran
+        assert len(cli.run_dirs()) == 1 and shm_of(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_up_ready_timeout_leaves_nothing(cli):
+    done = cli("up", "-d", "--ready-timeout", "0.3")
+    assert done.returncode == 1, done
+    m = re.search(r"supervisor pid (\d+)", done.stderr)
+    assert m, done.stderr
+    sup = int(m.group(1))
+    assert not pid_alive(sup)
+    assert cli.run_dirs() == [] and shm_of(sup) == [] and cli.state_file() is None
+
+
+@pytest.mark.timeout(180)
+def test_two_ups_at_once_one_wins_the_other_says_so(cli):
+    a, b = cli.start("up", "-d"), cli.start("up", "-d")
+    results = [(p.wait(90), *p.communicate()) for p in (a, b)]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[0] == 1)
+    assert "already running" in loser[2], loser
+    state = cli.state_file()
+    rows = json.loads(cli("ps", "--json").stdout)
+    assert {r["pid"] for r in rows} == set(state["actors"].values())
+    assert len(cli.run_dirs()) == 1  # no second, invisible topology
+    assert cli("down").returncode == 0
+    assert cli.run_dirs() == []
+
+
+@pytest.mark.timeout(180)
+def test_host_lost_detached_ps_reports_it_until_down(cli):
+    assert cli("up", "-d").returncode == 0
+    state = cli.state_file()
+    os.kill(state["actors"]["host"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(state["pid"]), 30, "the supervisor to stop")
+    for _ in range(2):  # it stays reported
+        ps = cli("ps")
+        assert ps.returncode == 4, ps
+        assert "host" in ps.stderr and "lost" in ps.stderr and "SIGKILL" in ps.stderr, ps.stderr
+    as_json = json.loads(cli("ps", "--json").stdout)
+    assert as_json["host_lost"]["why"].startswith("host (pid")
+    assert cli.run_dirs() == [] and shm_of(state["pid"]) == []
+    down = cli("down")
+    assert down.returncode == 0 and "host" in down.stdout
+    assert cli("ps").returncode == 3
+
+
+@pytest.mark.timeout(180)
+def test_host_lost_foreground_up_exits_non_zero_with_a_line(cli):
+    up = cli.start("up")
+    state = wait_for(cli.state_file, 60, "the state file")
+    os.kill(state["actors"]["host"], signal.SIGKILL)
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 4, (out[-1500:], err[-1500:])
+    assert "host" in err and "lost" in err
+    assert cli.run_dirs() == []
+    assert cli("down").returncode == 0
+
+
+@pytest.mark.timeout(180)
+def test_foreground_up_stops_on_sighup(cli):
+    up = cli.start("up")
+    state = wait_for(cli.state_file, 60, "the state file")
+    up.send_signal(signal.SIGHUP)
+    up.communicate(timeout=60)
+    assert up.returncode == 130
+    assert not pid_alive(state["pid"]) and not any(pid_alive(p) for p in state["actors"].values())
+    assert cli.state_file() is None and cli.run_dirs() == [] and shm_of(state["pid"]) == []
+
+
+@pytest.mark.timeout(180)
+def test_dead_supervisor_is_reported_at_once(cli):
+    assert cli("up", "-d").returncode == 0
+    state = cli.state_file()
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(state["pid"]), 10, "the supervisor to die")
+    for command in ("ps", "audit", "kill"):
+        args = (command, "vm1.vmm") if command == "kill" else (command,)
+        done = cli(*args, timeout=10)  # the old wait on the socket was 20-30 s
+        assert done.returncode == 3, done
+        assert f"supervisor (pid {state['pid']}) is not running" in done.stderr, done.stderr
+    down = cli("down")
+    assert down.returncode == 0
+    assert cli.state_file() is None and cli.run_dirs() == [] and shm_of(state["pid"]) == []

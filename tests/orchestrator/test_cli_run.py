@@ -1,0 +1,104 @@
+"""`vsva run` says for each VM what failed and why, and `vsva run` / `vsva up` write their trace
+with --trace-out, a run that is interrupted or killed included. Driven as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from test_cli_cleanup import Cli, cli_session, shm_of, traced, wait_for
+from zmqrt_toys import pid_alive
+
+SCENARIO = """
+[run]
+seed = 3
+[[vms]]
+id = 1
+workload = "dma_loop"
+iterations = {iterations}
+[[vms]]
+id = 2
+workload = "dma_loop"
+iterations = {iterations}
+[[faults]]
+kill = "vm2.vmm"
+at_flow = "F7"
+vm = 2
+nth = 3
+[scenario]
+timeout = 60
+"""
+
+
+@pytest.fixture
+def cli(tmp_path):
+    yield from cli_session(tmp_path)
+
+
+def booted(cli: Cli) -> bool:
+    """Some actor's trace file already holds a vm_start (trace files are written in batches)."""
+    return any(
+        "vm_start" in p.read_text(errors="replace")
+        for d in cli.run_dirs()
+        for p in Path(d).glob("trace-*.jsonl")
+    )
+
+
+def trace_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_run_says_why_each_vm_failed_and_writes_the_trace(cli, tmp_path):
+    scenario = tmp_path / "kill-vmm.toml"
+    scenario.write_text(SCENARIO.format(iterations=400))
+    out = tmp_path / "trace"
+    done = cli("run", str(scenario), "--trace-out", str(out), timeout=150)
+    lines = {
+        line.split(":")[0].strip(): line
+        for line in done.stdout.splitlines()
+        if line.strip().startswith("vm") and ": " in line and "verified DMA" in line
+    }
+    assert "ok None" not in done.stdout
+    assert "workload ok" in lines["vm1"], done.stdout
+    assert "FAILED" in lines["vm2"] and "vm2.vmm killed by SIGKILL" in lines["vm2"], done.stdout
+    rep = json.loads(cli("run", str(scenario), "--json", timeout=150).stdout)
+    assert rep["workloads"]["1"]["why"] is None
+    assert "vm2.vmm killed by SIGKILL" in rep["workloads"]["2"]["why"]
+    records = trace_records(out)
+    assert any(r["src"] == "vm2.vmm" for r in records) and (out / "trace.perfetto.json").exists()
+
+
+@pytest.mark.timeout(180)
+def test_interrupted_run_keeps_its_trace(cli, tmp_path):
+    scenario = tmp_path / "long.toml"
+    scenario.write_text(SCENARIO.format(iterations=1_000_000).replace("timeout = 60", "timeout = 600"))
+    out = tmp_path / "trace"
+    proc = cli.start("run", str(scenario), "--trace-out", str(out))
+    wait_for(lambda: traced(cli), 60, "the run's actors")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1500:]
+    assert trace_records(out) and cli.run_dirs() == [] and shm_of(proc.pid) == []
+
+
+@pytest.mark.timeout(180)
+def test_up_trace_out_written_at_down_and_after_a_killed_supervisor(cli, tmp_path):
+    out = tmp_path / "trace-down"
+    assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
+    wait_for(lambda: traced(cli), 30, "the topology's trace")
+    assert cli("down").returncode == 0
+    assert any(r["kind"] == "vm_start" for r in trace_records(out))
+
+    out = tmp_path / "trace-killed"
+    assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
+    state = cli.state_file()
+    wait_for(lambda: booted(cli), 30, "the VMs' boot in the trace files")
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(state["pid"]), 10, "the supervisor's death")
+    down = cli("down")
+    assert down.returncode == 0 and state["run_dir"] in down.stdout
+    assert any(r["kind"] == "vm_start" for r in trace_records(out))

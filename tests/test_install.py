@@ -1,0 +1,54 @@
+"""Installing without a C compiler works, as the README says: the extension is optional, the
+install goes on, and the pure-Python twin runs (vsva.hotpath.IMPLEMENTATION == "python").
+A throwaway venv over this checkout; pip works offline here (the build requirements come from
+the site packages, the dependencies are not fetched)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(300)
+def test_install_without_a_compiler_falls_back_to_pure_python(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    src = tmp_path / "src"  # a copy: the checkout's own build products must not be picked up
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "*.so", "*.c", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"
+        ),
+    )
+    env = {**os.environ, "CC": "/bin/false", "CXX": "/bin/false", "PIP_NO_INDEX": "1"}
+    env.pop("VSVA_PUREPYTHON", None)
+    done = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--no-build-isolation", "--no-deps", str(src)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    probe = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import vsva, vsva.hotpath as h; print(vsva.__file__); print(h.IMPLEMENTATION)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
+    where, implementation = probe.stdout.split()
+    assert where.startswith(str(venv)) and implementation == "python"
