@@ -91,7 +91,7 @@ def traced(cli: Cli) -> bool:
 
 def running_demo(cli: Cli, *extra: str) -> subprocess.Popen:
     proc = cli.start(*LONG_DEMO, *extra)
-    wait_for(lambda: traced(cli), 30, "the demo's actors")
+    wait_for(lambda: traced(cli), 90, "the demo's actors")
     assert shm_of(proc.pid)
     return proc
 
