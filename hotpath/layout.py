@@ -5,8 +5,9 @@ formats, the guest writes first-level tables in them, and both hot-path implemen
 decode them; so the numbers live in exactly one place.
 
 Only the fields the model uses are named. Bit positions follow the VT-d specification
-(scalable-mode PASID directory/table entries, second-level entries) and the x86-64
-paging format (first-level entries) as summarised in shared/research/kernel-semantics.md §7.
+(scalable-mode PASID directory/table entries, second-level entries; the kernel's
+drivers/iommu/intel/pasid.h names the same fields) and the x86-64 paging format
+(first-level entries).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The audit: invariants checked across every actor's snapshot at a quiescent point (SPEC §5).
+"""The audit: invariants checked across every actor's snapshot at a quiescent point (docs/design.md §5).
 
 Each check reads the snapshots only (the host's PASID entries come from the real bytes of
 its PASID tables), so the same audit runs after a deterministic run and on a live topology.

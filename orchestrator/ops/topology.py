@@ -91,7 +91,7 @@ def host_devices(per_vm: Sequence[VmConfig], extra: dict[str, dict] | None = Non
 
     Each VM gets a passthrough function (pfN, programmed with host PASIDs) and `mediated`
     (default two) mediated devices of the shared accelerator: binding two mdevs of one parent
-    to one PASID gives that parent's sdev users == 2, the case the seed's users++ is for.
+    to one PASID gives that parent's sdev users == 2, the case the bind's users count is for (docs/design.md §3, F2).
     """
     devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": 0}}
     for v in per_vm:

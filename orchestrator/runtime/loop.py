@@ -17,7 +17,7 @@ Where N's endpoint is and how the tcp transport publishes it: `vsva.runtime.endp
 a peer's connection is tracked, reported down and reconnected: `vsva.runtime.peers`. The
 trace each runtime keeps: `vsva.runtime.trace_buffer`.
 
-Inbound checks, in order, before anything reaches the actor (SPEC §9):
+Inbound checks, in order, before anything reaches the actor (docs/design.md §9):
   frame shape / `decode` (-EBADMSG, -EPROTONOSUPPORT, -EMSGSIZE),
   `src` == the ZeroMQ routing id of the connection (-EPERM), `dst` == this actor (-EINVAL).
 A refused message is answered by the *runtime* (not the actor, whose state is untouched)

@@ -1,4 +1,4 @@
-"""`vsva scale`: multi-VM experiments (SPEC §8) as sweeps of points, with results and plots.
+"""`vsva scale`: multi-VM experiments (docs/design.md §8) as sweeps of points, with results and plots.
 
 sweep        sweep files (TOML): the runner, fixed and varied parameters, metrics, plots
 experiments  the point runners (vms, policies, noisy, iotlb): one host stack each

@@ -1,4 +1,4 @@
-"""Bad input from untrusted parties (SPEC §9): an errno reply, never a crash, no change of state.
+"""Bad input from untrusted parties (docs/design.md §9): an errno reply, never a crash, no change of state.
 
 Everything runs in the deterministic runtime; hostile requests are put on the wire with
 `rt.inject` (through the `ask` helper) under the sender name the transport would report.

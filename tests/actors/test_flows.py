@@ -77,7 +77,7 @@ def _kinds(records):
 
 
 def test_flow_shapes(run):
-    """Each flow is the exchange of SPEC §3, with the guest's completion last."""
+    """Each flow is the exchange of docs/design.md §3, with the guest's completion last."""
     vms, trace, res = run
     flows = _flows(trace)
     for tag, recs in flows.items():

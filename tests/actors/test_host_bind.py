@@ -2,7 +2,7 @@
 
 The test acts as the VMM (requests sent from "vm1.vmm": the host authenticates callers by
 sender) and compares results with the kernel's codes and check order
-(shared/research/kernel-semantics.md §2-§4). Every refused request must leave the host as
+(drivers/iommu/intel/svm.c: intel_svm_bind_gpasid, intel_svm_unbind_gpasid). Every refused request must leave the host as
 it was and notify nobody.
 """
 
@@ -250,7 +250,7 @@ def test_svm_survives_until_last_device(vsva, w):
 # ---- random records ------------------------------------------------------------------------
 
 def _expected(w, src, dev, data):
-    """The kernel's order, written from kernel-semantics.md §2 (plus VFIO's caller checks)."""
+    """The kernel's order (drivers/iommu/intel/svm.c: intel_svm_bind_gpasid), plus VFIO's caller checks."""
     vm = {VMM1: 1, VMM2: 2}.get(src)
     if vm is None:
         return -E.EPERM

@@ -146,7 +146,7 @@ def test_guest_cannot_flush_a_pasid_it_does_not_hold(vsva, w, v1):
     assert w.host.iommu.cache_dump() == before
 
 
-# ---- the uapi rules (kernel-semantics.md §5), asked directly as the vmm ------------------------
+# ---- the uapi rules (include/uapi/linux/iommu.h: iommu_cache_invalidate_info), asked as the vmm --
 
 def _info(granu, cache, pasid, /, **over):
     info = {"version": 1, "cache": cache, "granularity": granu, "pasid": pasid}

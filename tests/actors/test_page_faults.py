@@ -1,4 +1,4 @@
-"""F6 I/O page faults (SPEC §3 F6): page request -> host PRQ -> vmm -> guest vPRQ -> page
+"""F6 I/O page faults (docs/design.md §3, F6): page request -> host PRQ -> vmm -> guest vPRQ -> page
 group response -> vmm -> host -> the device retries from the faulting byte.
 
 Two kinds of guests: the real Guest actor running a workload written here (its page request

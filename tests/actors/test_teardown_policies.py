@@ -1,4 +1,4 @@
-"""F5 and the free-before-unbind policies (SPEC §3 F5, §4): naive, ordered, reclaim side by side.
+"""F5 and the free-before-unbind policies (docs/design.md §3, F5, §4): naive, ordered, reclaim side by side.
 
 The guests of both VMs are driven by hand (real page tables and PASID tables in guest RAM,
 requests sent as the guest). A DMA "in flight" is a dev_submit put on the guest -> host link

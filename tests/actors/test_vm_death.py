@@ -4,7 +4,7 @@ VM 1 is driven by hand (one process, PASID bound to pf1, DMA done); VM 2 runs th
 workload and is killed part way, once it holds PASIDs bound on its passthrough function and
 on its mdevs (so kvm and vdcm both translate for it), or while one of its binds is still in
 the host's notifier. `rt.kill` makes every surviving actor see the peer go (peer_down): for
-the host that is the VFIO fd closing, and it must tear the VM down by itself (SPEC §3 F8).
+the host that is the VFIO fd closing, and it must tear the VM down by itself (docs/design.md §3, F8).
 """
 
 from __future__ import annotations

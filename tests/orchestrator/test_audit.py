@@ -1,4 +1,4 @@
-"""The audit (SPEC §5) must be able to fail: corrupted snapshots and real inconsistencies."""
+"""The audit (docs/design.md §5) must be able to fail: corrupted snapshots and real inconsistencies."""
 
 from __future__ import annotations
 

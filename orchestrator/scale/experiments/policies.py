@@ -1,4 +1,4 @@
-"""The free-before-unbind policies under churn and a VMM kill (SPEC §4), with numbers.
+"""The free-before-unbind policies under churn and a VMM kill (docs/design.md §4), with numbers.
 
 A point launches one host and 2 + `churn_vms` VMs. VM 1 binds `pasids` PASIDs (on an mdev
 of the accelerator every VM shares, `bind_on`) and keeps them; then VM 2 starts `other_binds` bind/unbind cycles (the
