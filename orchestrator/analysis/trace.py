@@ -85,11 +85,11 @@ def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         skew = max(skew, recs[q]["t"] - recs[r]["t"])
     times = {src: [recs[i]["t"] for i in chain] for src, chain in own.items()}
     for i, rec in enumerate(recs):
-        chain = own.get(rec["dst"])
-        if not chain:
+        receiver = own.get(rec["dst"])
+        if not receiver:
             continue
         start = bisect.bisect_left(times[rec["dst"]], rec["t"] - skew)
-        for j in chain[start : start + SCAN_LIMIT]:
+        for j in receiver[start : start + SCAN_LIMIT]:
             if j != i and recs[j]["clock"] > rec["clock"]:
                 edge(i, j)
                 break

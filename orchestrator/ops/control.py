@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vsva.actors.base import Actor, ActorEnv, Call, Gather, Wait
+from vsva.actors.base import Actor, ActorEnv, Call, Gather, Handler, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
 from vsva.ops.pacing import gather_bounded, orch_config
@@ -63,21 +63,21 @@ class Orchestrator(Actor):
         if self.on_phase is not None:
             self.on_phase(phase)
 
-    def boot(self, vms: list[int]):
+    def boot(self, vms: list[int]) -> Handler:
         """vm_start on each VM's vmm, `POWER_ON_WINDOW` at a time; returns {vm: reply}."""
         replies = yield from gather_bounded([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
         return dict(zip(vms, replies))
 
-    def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT):
+    def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT) -> Handler:
         """Run VM `vm`'s guest workload to its end; returns the guest's report."""
         return (yield Call(guest_name(vm), StartWorkload(), timeout=timeout))
 
-    def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT):
+    def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT) -> Handler:
         """Every listed VM's workload at once; returns {vm: report}."""
         replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout) for vm in vms])
         return dict(zip(vms, replies))
 
-    def settle(self, limit: float = 10.0, tick: float = 0.005):
+    def settle(self, limit: float = 10.0, tick: float = 0.005) -> Handler:
         """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements.
 
         Snapshots are taken one actor at a time, not as one atomic cut: while a reclaim is
@@ -92,7 +92,7 @@ class Orchestrator(Actor):
             yield Wait(("settle", waited), timeout=tick)
             waited += tick
 
-    def snapshot_all(self, names: list[str] | None = None):
+    def snapshot_all(self, names: list[str] | None = None) -> Handler:
         """Every (listed) actor's state at a quiescent point (no reclaim pending)."""
         yield from self.settle()
         names = self.topology.names() if names is None else names
@@ -102,13 +102,13 @@ class Orchestrator(Actor):
             for n, r in zip(names, replies)
         }
 
-    def audit_live(self, names: list[str] | None = None):
+    def audit_live(self, names: list[str] | None = None) -> Handler:
         """Snapshot and audit the live topology: {"ok", "violations", "snapshots"}."""
         snaps = yield from self.snapshot_all(names)
         violations = audit(snaps, self.topology) + quarantine_leaks(snaps)
         return {"ok": not violations, "violations": violations, "snapshots": snaps}
 
-    def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT):
+    def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT) -> Handler:
         """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}.
         `timeout` None: vm_stop's, scaled to the topology (vsva.ops.pacing)."""
         replies = yield Gather(
@@ -116,7 +116,7 @@ class Orchestrator(Actor):
         )
         return dict(zip(vms, replies))
 
-    def shutdown_all(self):
+    def shutdown_all(self) -> Handler:
         yield Gather([Call(n, Shutdown(), timeout=2.0) for n in self.topology.names()])
 
 
@@ -141,7 +141,7 @@ class Controller(Orchestrator):
         self.workload_timeout = workload_timeout
         self.result: dict[str, Any] | None = None
 
-    def on_start(self):
+    def on_start(self) -> Handler:
         vms = self.topology.vms
         self.mark("started")
         started = yield from self.boot(vms)

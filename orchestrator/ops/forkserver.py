@@ -63,9 +63,10 @@ class ForkedChild:
         pidfd = self.server.pidfds.get(self.pid)
         if pidfd is not None:
             _readable(pidfd, timeout)
-        if self.poll() is None:
+        code = self.poll()
+        if code is None:
             raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-        return self.returncode
+        return code
 
     def kill(self) -> None:
         pidfd = self.server.pidfds.get(self.pid)

@@ -151,9 +151,8 @@ class Launcher:
         self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
-        return False
 
     def log(self, line: str) -> None:
         line = f"launcher: {line}"

@@ -63,7 +63,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -81,8 +81,7 @@ from vsva.runtime.endpoints import (
     socket_path,
     valid_name,
 )
-from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks
-from vsva.runtime.peers import EVENTS as _EVENTS
+from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks, events
 from vsva.runtime.peers import NOBLOCK as _NOBLOCK
 from vsva.runtime.peers import POLLIN as _POLLIN
 from vsva.runtime.peers import POLLOUT as _POLLOUT
@@ -263,7 +262,7 @@ class ZmqRuntime(PeerLinks):
     def _poll_socket(self, sock: zmq.Socket, events: int) -> None:
         """Poll `sock` for `events` (register, or change what is wanted)."""
         if sock not in self._interest:
-            fd = sock.getsockopt(zmq.FD)
+            fd = cast(int, sock.getsockopt(zmq.FD))
             self._fd_owner[fd] = sock
             self._os_poll.register(fd, select.POLLIN)
         self._interest[sock] = events
@@ -272,7 +271,7 @@ class ZmqRuntime(PeerLinks):
     def _unpoll_socket(self, sock: zmq.Socket) -> None:
         """Stop polling `sock` (it is about to be closed)."""
         if self._interest.pop(sock, None) is not None:
-            fd = sock.getsockopt(zmq.FD)
+            fd = cast(int, sock.getsockopt(zmq.FD))
             self._os_poll.unregister(fd)
             self._fd_owner.pop(fd, None)
         self._dirty.discard(sock)
@@ -295,7 +294,7 @@ class ZmqRuntime(PeerLinks):
         found: dict[Any, int] = {}
         if self._dirty:
             for sock in self._dirty:
-                ev = sock.getsockopt(_EVENTS) & interest.get(sock, 0)
+                ev = events(sock) & interest.get(sock, 0)
                 if ev:
                     found[sock] = ev
             self._dirty.clear()
@@ -308,7 +307,7 @@ class ZmqRuntime(PeerLinks):
             if isinstance(owner, int):
                 ready_fds.append(owner)
             elif owner not in found:
-                ev = owner.getsockopt(_EVENTS) & interest.get(owner, 0)
+                ev = events(owner) & interest.get(owner, 0)
                 if ev:
                     found[owner] = ev
         if not found and not fds and timeout_ms > 0:
@@ -319,7 +318,7 @@ class ZmqRuntime(PeerLinks):
         """Take in what happened while no loop ran: connection events, process deaths."""
         self._dirty.update(self._interest)
         for peer in list(self.peers.values()):
-            if peer.monitor.getsockopt(_EVENTS) & _POLLIN:
+            if events(peer.monitor) & _POLLIN:
                 self._on_monitor(peer)
         for fd in [fd for fd in self._watch if fd >= 0]:
             if select.select([fd], [], [], 0)[0]:
@@ -333,7 +332,7 @@ class ZmqRuntime(PeerLinks):
         actor = self.actor
         now = self.now()
         deadline = actor.next_deadline() if actor is not None else None
-        if deadline is not None and deadline <= now:
+        if actor is not None and deadline is not None and deadline <= now:
             self._send_all(actor.expire(now))
             return
         wait = cap
@@ -424,7 +423,7 @@ class ZmqRuntime(PeerLinks):
                         self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
                     else:
                         self._deliver(env)
-            if not router.getsockopt(_EVENTS) & _POLLIN:
+            if not events(router) & _POLLIN:
                 return True
         return False
 
@@ -450,7 +449,7 @@ class ZmqRuntime(PeerLinks):
                 )
             else:
                 self._deliver(env)
-            if peer.sock is not sock or not sock.getsockopt(_EVENTS) & _POLLIN:
+            if peer.sock is not sock or not events(sock) & _POLLIN:
                 return
 
     def _claimed(self, rid: bytes) -> str | None:
@@ -551,15 +550,15 @@ class ZmqRuntime(PeerLinks):
             if peer is None:
                 return self._failed(env, f"no endpoint for {env.dst!r}")
             peer.used = self.now()
-            if peer.monitor.getsockopt(_EVENTS) & _POLLIN:
+            if events(peer.monitor) & _POLLIN:
                 self._on_monitor(peer)  # the connection's state must be current, not stale
             if peer.state == DOWN and not self._rebound(peer):
                 return self._failed(env, f"{env.dst} is down")
             self._dirty.add(peer.sock)  # EVENTS read here, and the send: see _poll
-            if peer.queue or not peer.sock.getsockopt(_EVENTS) & _POLLOUT:
+            if peer.queue or not events(peer.sock) & _POLLOUT:
                 self._enqueue(peer, env, frame)
                 return []
-            return self._transmit(peer, env, frame)
+            return self._transmit(peer, env, frame) or []  # None: queued again
         except (zmq.ZMQError, OSError) as exc:  # e.g. EMFILE: counted and logged, never fatal
             return self._failed(env, f"send error {exc}")
 
@@ -606,7 +605,7 @@ class ZmqRuntime(PeerLinks):
         return self.actor.send_failed(env, self.now())
 
     def _flush_queue(self, peer: Peer) -> None:
-        while peer.queue and peer.sock.getsockopt(_EVENTS) & _POLLOUT:
+        while peer.queue and events(peer.sock) & _POLLOUT:
             env, frame, _ = peer.queue.popleft()
             more = self._transmit(peer, env, frame)
             if more is None:
@@ -675,7 +674,7 @@ class ZmqRuntime(PeerLinks):
         self._dirty.clear()
         self._fd_owner.clear()
         self.router.close(LINGER_MS)
-        if self._wake_r is not None:
+        if self._wake_r is not None and self._wake_w is not None:
             try:
                 signal.set_wakeup_fd(-1)
             except ValueError:

@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -43,6 +43,12 @@ POLLIN = int(zmq.POLLIN)
 POLLOUT = int(zmq.POLLOUT)
 NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)
+
+
+def events(sock: zmq.Socket[Any]) -> int:
+    """The socket's ZMQ_EVENTS: which of POLLIN / POLLOUT it is ready for now."""
+    return cast(int, sock.getsockopt(EVENTS))
+
 
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from vsva.actors import actor_class
 from vsva.actors.base import Actor, ActorEnv, Call
@@ -21,6 +21,7 @@ from vsva.analysis.trace import record
 from vsva.ops.topology import Topology
 
 STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
+A = TypeVar("A", bound=Actor)
 
 
 class SimRuntime:
@@ -54,7 +55,7 @@ class SimRuntime:
     def env(self, config: dict[str, Any]) -> ActorEnv:
         return ActorEnv(config=config, mem=self.mem, seed=self.seed, log=self._log)
 
-    def add(self, actor: Actor) -> Actor:
+    def add(self, actor: A) -> A:
         self.actors[actor.name] = actor
         return actor
 
@@ -149,7 +150,10 @@ class SimRuntime:
         timeout: float = 30.0,
     ) -> dict[str, Any]:
         """Send one request from outside the system and run until its reply (for tests)."""
-        probe = self.actors.get(src) or self.add(_Probe(src, self.env({})))
+        found = self.actors.get(src)
+        if found is not None and not isinstance(found, _Probe):
+            raise ValueError(f"{src!r} is an actor of the run; call() sends as a probe of another name")
+        probe = found if found is not None else self.add(_Probe(src, self.env({})))
         self._post(probe, probe.send_request(dst, kind, body or {}, timeout, self.now))
         self.run(until=lambda: probe.reply is not None)
         reply, probe.reply = probe.reply, None
