@@ -19,9 +19,13 @@ HOTPATH = Path(__file__).resolve().parent / "hotpath"
 runpy.run_path(str(HOTPATH / "gen_layout.py"))["write"]()
 
 extensions = [
-    Extension(f"vsva.hotpath.{name}", [f"hotpath/{name}.pyx"], include_dirs=["hotpath"],
-              depends=[str(p) for p in HOTPATH.glob("_*.h")] + [str(p) for p in HOTPATH.glob("_*.pxi")],
-              extra_compile_args=["-O2"])
+    Extension(
+        f"vsva.hotpath.{name}",
+        [f"hotpath/{name}.pyx"],
+        include_dirs=["hotpath"],
+        depends=[str(p) for p in HOTPATH.glob("_*.h")] + [str(p) for p in HOTPATH.glob("_*.pxi")],
+        extra_compile_args=["-O2"],
+    )
     for name in ("_translate", "_baselines")
 ]
 

@@ -33,13 +33,14 @@ def main(argv=None) -> int:
             print(f"{name}: not built")
             continue
         t0 = time.perf_counter()
-        report = mmu.run(cls, seed=args.seed, worlds=args.worlds, accesses=args.accesses,
-                         reference=reference)
+        report = mmu.run(cls, seed=args.seed, worlds=args.worlds, accesses=args.accesses, reference=reference)
         ok = sum(n for k, n in report.by_outcome.items() if k.endswith(" ok"))
-        print(f"{name}: {report.cases} cases on {report.worlds} worlds "
-              f"({ok} translations, {report.cases - ok} faults) in "
-              f"{time.perf_counter() - t0:.1f} s; documented differences {report.documented}; "
-              f"unexplained differences {len(report.differences)}")
+        print(
+            f"{name}: {report.cases} cases on {report.worlds} worlds "
+            f"({ok} translations, {report.cases - ok} faults) in "
+            f"{time.perf_counter() - t0:.1f} s; documented differences {report.documented}; "
+            f"unexplained differences {len(report.differences)}"
+        )
         for d in report.differences[:50]:
             print("  ", d)
         bad += len(report.differences)

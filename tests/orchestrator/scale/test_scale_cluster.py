@@ -18,7 +18,7 @@ from vsva.scale.results import ResultsDir
 
 NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
 RAY = "from ray.scripts.scripts import main; main()"
-INSIDE = r'''
+INSIDE = r"""
 import subprocess, sys
 py, tmp, out = sys.executable, sys.argv[1], sys.argv[2]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -33,7 +33,7 @@ run = subprocess.run([py, "-m", "vsva", "scale", "run", "vms", "--points", "1,2"
 open(out + "/stdout", "w").write(run.stdout)
 open(out + "/stderr", "w").write(run.stderr)
 sys.exit(run.returncode)
-'''.replace("RAY", repr(RAY))
+""".replace("RAY", repr(RAY))
 
 
 def _namespaces_work() -> bool:
@@ -51,8 +51,12 @@ def test_points_run_as_ray_tasks_on_a_two_node_cluster(tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     try:
-        proc = subprocess.run([*NAMESPACES, sys.executable, "-c", INSIDE, ray_tmp, str(out)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [*NAMESPACES, sys.executable, "-c", INSIDE, ray_tmp, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     stderr = (out / "stderr").read_text() if (out / "stderr").exists() else proc.stderr
