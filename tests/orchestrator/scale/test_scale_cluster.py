@@ -16,7 +16,9 @@ import pytest
 
 from vsva.scale.results import ResultsDir
 
-NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
+# --kill-child: if the test is stopped (its timeout), the namespace's first process dies with
+# unshare, and with it every Ray process of the namespace
+NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
 RAY = "from ray.scripts.scripts import main; main()"
 INSIDE = r"""
 import subprocess, sys
@@ -43,6 +45,7 @@ def _namespaces_work() -> bool:
         return False
 
 
+@pytest.mark.timeout(600)  # Ray's start-up: ~3 s per node on an idle machine, a minute on a loaded one
 def test_points_run_as_ray_tasks_on_a_two_node_cluster(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[cluster]')")
     if not shutil.which("unshare") or not shutil.which("ip") or not _namespaces_work():
@@ -55,7 +58,7 @@ def test_points_run_as_ray_tasks_on_a_two_node_cluster(tmp_path):
             [*NAMESPACES, sys.executable, "-c", INSIDE, ray_tmp, str(out)],
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=560,
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
