@@ -102,3 +102,20 @@ def test_up_trace_out_written_at_down_and_after_a_killed_supervisor(cli, tmp_pat
     down = cli("down")
     assert down.returncode == 0 and state["run_dir"] in down.stdout
     assert any(r["kind"] == "vm_start" for r in trace_records(out))
+
+
+@pytest.mark.timeout(180)
+def test_up_injects_the_fault_schedule(cli, tmp_path):
+    """`[[faults]]` in a file given to `vsva up` are injected as under `vsva run` (README)."""
+    topo = tmp_path / "kill-kvm.toml"
+    topo.write_text(
+        '[run]\nseed = 2\n[[vms]]\nid = 1\nworkload = "dma_loop"\niterations = 1000000\n'
+        '[[faults]]\nkill = "kvm"\nat_time = 0.2\n'
+    )
+    assert cli("up", "-d", str(topo)).returncode == 0
+
+    def kvm_restarted():
+        rows = {r["name"]: r for r in json.loads(cli("ps", "--json").stdout)}
+        return rows["kvm"]["restarts"] >= 1 and rows["kvm"]["state"] == "running"
+
+    wait_for(kvm_restarted, 60, "the scheduled kill of kvm and its restart")
