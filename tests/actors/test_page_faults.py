@@ -119,7 +119,7 @@ def test_invalid_address_and_read_only_vma(vsva, monkeypatch):
         assert r["ret"] == -E.EFAULT and r["page_response"] == IOMMU_PAGE_RESP_INVALID, r
         assert r["fault"].startswith("fl-not-present") and r["page_requests"] == 1
     assert out["hole"]["fault_va"] == HOLE and out["present"] == [0, 0]
-    assert g.dma["failed"] == 2 and g.dma["indefinite"] == 0
+    assert g.dma.failed == 2 and g.dma.indefinite == 0
     assert [s["code"] for s in g.steps if s["flow"] == "F6"] == [IOMMU_PAGE_RESP_INVALID] * 2
     assert w.host.prq.pending == [] and audit(w.snapshots(), w.t) == []
 
@@ -183,7 +183,7 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
     assert r["ret"] == -E.ETIMEDOUT and r["page_response"] == IOMMU_PAGE_RESP_INVALID and not r.get("indefinite")
     assert host.prq.pending == [] and host.prq.stats.timeouts == 1
     g = rt.actors["vm1.guest"]
-    assert g.dma["failed"] == 1 and g.dma["indefinite"] == 0
+    assert g.dma.failed == 1 and g.dma.indefinite == 0
     before = [dict(x) for x in host.prq.pending]
     rt.release("vm1.vmm", "vm1.guest")
     vsva.Wire(rt).wait(handle)

@@ -137,7 +137,7 @@ def test_kill_during_dma_loops_vm1_unaffected(vsva, policy):
     wire = vsva.Wire(rt)
     runs = {vm: wire.send("orch", f"vm{vm}.guest", "start_workload") for vm in (1, 2)}
     guests = {vm: rt.actors[f"vm{vm}.guest"] for vm in (1, 2)}
-    rt.run(until=lambda: all(g.dma["completed"] >= 6 for g in guests.values()))
+    rt.run(until=lambda: all(g.dma.completed >= 6 for g in guests.values()))
     assert "2" in w.vdcm.snapshot()["tables"] and "2" in w.kvm.snapshot()["tables"]
     rt.kill("vm2.vmm")
     rt.kill("vm2.guest")

@@ -1,0 +1,207 @@
+"""The guest actor: the vIOMMU driver (PASID allocation through VCMD, PASID-table writes and
+invalidation-queue submissions, the virtual page request queue) and the device drivers
+(work descriptors through a device's portal). Memory management is kernel.py, the
+workloads that drive all of it are workloads.py.
+
+Everything the guest does to the IOMMU goes through what a real guest has: it writes its
+PASID tables and page tables as bytes in its own RAM, then queues invalidation descriptors
+and a wait to the virtual IOMMU (the vmm traps them). Devices get work through their
+portals: the passthrough function's directly (it runs on the host), an mdev's through vdcm.
+F6: a device's DMA into memory a process mapped but never touched raises page requests that
+the vmm injects into the guest's virtual page request queue; `on_vpage_request` makes the
+page present if the address lies in one of the process's VMAs (INVALID otherwise) and
+answers the page group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Generator
+
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, Call, Wait, failed
+from vsva.actors.catalogue import (
+    DevSubmit, FlowWatch, MdevSubmit, QiSubmit, StartWorkload, VcmdAlloc, VcmdFree, VmInfo, VPageRequest, VPageResponse,
+)
+from vsva.actors.guest.kernel import GuestKernel, Process
+from vsva.actors.memory import GuestRam, PasidDirectory
+from vsva.actors.messages import Envelope
+from vsva.actors.uapi import IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID
+from vsva.hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PGTT_FIRST_ONLY, encode_pasid_entry
+
+
+@dataclass
+class DmaCounts:
+    """The guest's work descriptors: submitted, and how each ended (I6: none vanishes);
+    `resubmitted` counts the retries after a portal's process died (`portal_retry`)."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    aborted: int = 0
+    indefinite: int = 0
+    resubmitted: int = 0
+
+
+FLOW_WATCH_TIMEOUT = 600.0  # seconds a flow watch may wait (a workload's length at most)
+
+
+class Guest(Actor):
+    """One per VM: runs a workload when the orchestrator asks (`start_workload`)."""
+
+    def __init__(self, name: str, env: Any):
+        super().__init__(name, env)
+        self.vm: int = self.config["vm"]
+        self.vmm: str = self.config["vmm"]
+        self.host: str = self.config["host"]
+        self.vdcm: str = self.config["vdcm"]
+        self.mdevs: set[str] = set(self.config.get("mdevs", []))
+        self.kernel: GuestKernel | None = None
+        self.pasid_dirs: dict[str, PasidDirectory] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.flow_seq: dict[str, int] = {}
+        self.running = False
+        self.dma = DmaCounts()
+
+    # ---- the vIOMMU driver -------------------------------------------------------------------
+    def flow_tag(self, flow: str) -> str:
+        n = self.flow_seq[flow] = self.flow_seq.get(flow, 0) + 1
+        tag = f"{flow}:vm{self.vm}.{n}"
+        self.wake(("flow_watch", flow, n), {"ret": 0, "tag": tag})  # see on_flow_watch
+        return tag
+
+    def step(self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any) -> bool:
+        """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'."""
+        ok = reply.get("ret", 0) == 0 if ok is None else ok
+        self.steps.append({"flow": flow, "what": what, "ok": ok, "ret": reply.get("ret", 0),
+                           "error": reply.get("error", ""), **detail})
+        return ok
+
+    def boot(self) -> Generator[Any, Any, int]:
+        """Read the firmware tables, set up memory and one PASID directory per device."""
+        tag = self.flow_tag("boot")
+        info = yield Call(self.vmm, VmInfo(), flow=tag)
+        if info["ret"]:
+            return info["ret"]
+        self.kernel = GuestKernel(GuestRam(self.mem, info["ram_frames"]))
+        for dev in info["devices"]:
+            pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
+            self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
+            reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir},
+                                                         {"type": "wait"}]), flow=tag)
+            if reply["ret"]:
+                return reply["ret"]
+        return 0
+
+    def alloc_pasid(self, proc: Process, dev: str) -> Generator[Any, Any, int]:
+        """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
+        reply = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
+        if self.step("F1", f"pid {proc.pid} alloc PASID for {dev}", reply, gpasid=reply.get("gpasid"),
+                     hpasid=reply.get("hpasid")):
+            proc.pasids[dev] = reply["gpasid"]
+            return reply["gpasid"]
+        return 0
+
+    def bind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
+        """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait."""
+        self.pasid_dirs[dev].write_entry(pasid, encode_pasid_entry(
+            flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F2"))
+        users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
+        self.step("F2", f"pid {proc.pid} bind {dev} PASID {pasid}", reply, users=users)
+        return {**reply, "users": users}
+
+    def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
+        """F4: clear the PASID entry, PASID-cache invalidation, wait."""
+        self.pasid_dirs[dev].clear_entry(pasid)
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F4"))
+        self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
+        return reply
+
+    def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0):
+        """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
+        base = {"dev": dev, "gpasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
+        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base},
+                                                     {"type": "wait"}]), flow=self.flow_tag("F3"))
+        self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
+        return reply
+
+    def free(self, proc: Process, dev: str, pasid: int):
+        """F5: the virtual command 'free PASID'."""
+        reply = yield Call(self.vmm, VcmdFree(gpasid=pasid), flow=self.flow_tag("F5"))
+        self.step("F5", f"pid {proc.pid} free PASID {pasid}", reply)
+        proc.pasids.pop(dev, None)
+        return reply
+
+    def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
+               pattern: int = 0):
+        """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
+        fields = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
+        # an mdev takes the guest PASID (vdcm translates it); the passthrough function is
+        # programmed with the host PASID, which the identity allocation made equal to it
+        work = MdevSubmit(gpasid=pasid, **fields) if dev in self.mdevs else DevSubmit(hpasid=pasid, **fields)
+        portal = self.vdcm if dev in self.mdevs else self.host
+        self.dma.submitted += 1
+        flow = self.flow_tag("F7")
+        reply = yield Call(portal, work, flow=flow)
+        # The portal's process died (vdcm restarted by the supervisor): the device was reset
+        # under the descriptor. With `portal_retry` (set by the supervisor) the driver waits
+        # for the device and resubmits, visibly (counted): copy and fill are idempotent.
+        retry_end = self.now + float(self.config.get("portal_retry", 0.0))
+        while reply.get("ret") == -E.EHOSTDOWN and self.now < retry_end:
+            self.dma.resubmitted += 1
+            self._retry_key = getattr(self, "_retry_key", 0) + 1
+            yield Wait(("portal", self._retry_key), 0.02)
+            reply = yield Call(portal, work, flow=flow)
+        outcome = "indefinite" if reply.get("indefinite") else "aborted" if reply.get("aborted") else \
+            "failed" if reply["ret"] else "completed"
+        setattr(self.dma, outcome, getattr(self.dma, outcome) + 1)
+        return reply
+
+    # ---- F6: the virtual page request queue ------------------------------------------------------
+    def on_vpage_request(self, msg: Envelope, req: VPageRequest):
+        """The vIOMMU's page request interrupt (intel_svm prq handler in the guest): find the
+        process bound to (device, PASID), fault the page in, answer the page group."""
+        if msg.src != self.vmm:
+            return failed(-E.EPERM)
+        procs = self.kernel.procs.values() if self.kernel else []
+        proc = next((p for p in procs if p.pasids.get(req.dev) == req.gpasid), None)
+        write = bool(req.perm & IOMMU_FAULT_PERM_WRITE)
+        code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, req.addr, write)
+        reply = yield Call(self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code))
+        self.step("F6", f"pid {proc.pid if proc else '?'} page request {req.dev} PASID {req.gpasid} "
+                  f"@ {req.addr:#x} {'write' if write else 'read'} -> "
+                  f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}", reply, code=code, grpid=req.grpid)
+        return None
+
+    # ---- workloads ------------------------------------------------------------------------------
+    def on_flow_watch(self, msg: Envelope, req: FlowWatch):
+        """Answer when instance `nth` of `flow` starts (at once if it has): the event a fault
+        trigger waits for, so the orchestrator never polls. The answer leaves in the same
+        batch as that instance's first request, so a kill on it lands inside the step."""
+        if self.flow_seq.get(req.flow, 0) >= req.nth:
+            return {"ret": 0, "tag": f"{req.flow}:vm{self.vm}.{self.flow_seq[req.flow]}"}
+        reply = yield Wait(("flow_watch", req.flow, req.nth), FLOW_WATCH_TIMEOUT)
+        return reply
+
+    def on_start_workload(self, msg: Envelope, req: StartWorkload):
+        if self.running:
+            return failed(-E.EBUSY, error="workload already running")
+        self.running = True
+        ret = yield from self.boot()
+        if ret:
+            return failed(ret, error="boot failed", steps=self.steps)
+        from vsva.actors.guest.workloads import WORKLOADS  # the workloads drive this actor
+
+        yield from WORKLOADS[self.config.get("workload", "demo")](self)
+        ok = all(s["ok"] for s in self.steps)
+        return {"ret": 0 if ok else -E.EIO, "ok": ok, "steps": self.steps}
+
+    def snapshot(self) -> dict[str, Any]:
+        procs = self.kernel.procs.values() if self.kernel else []
+        return {**super().snapshot(), "vm": self.vm,
+                "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
+                "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps),
+                "dma": asdict(self.dma), "flows": dict(self.flow_seq)}
