@@ -1,6 +1,6 @@
 """Recovery and start-up figures of the supervised topology (real processes).
 
-    python benchmarks/bench_recovery.py [--kills 20] [--json]
+    python benchmarks/bench_recovery.py [--kills 20] [--vms 2] [--json]
 
 - vmm detection: SIGKILL of a VM's vmm -> the host starts that VM's teardown (its first
   FREE_SET notifier message in the trace; both times on the run's wall clock);
@@ -8,7 +8,9 @@
   and answering (the supervisor's snapshot shows `synced`);
 - start time for 1, 8 and 32 VMs: Launcher start (spawn -> every actor ready) and then every
   VM powered on (vm_start through VFIO).
-Medians over --kills runs, each on a fresh two-VM topology running DMA loops.
+Medians over --kills runs, each on a fresh topology: VMs 1 and 2 run DMA loops, and with
+`--vms N` VMs 3..N are powered on too and run a short bind workload (the detection figure
+with 128 VMs running: `--vms 128`).
 """
 
 from __future__ import annotations
@@ -22,20 +24,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vsva.ops.supervisor import Supervisor  # noqa: E402
-from vsva.ops.topology_file import default_run, loads  # noqa: E402
+from vsva.ops.supervisor import Supervisor
+from vsva.ops.topology_file import default_run, loads
 
 
-def one_kill(target: str, seed: int) -> float | None:
+def one_kill(target: str, seed: int, vms: int = 2) -> float | None:
     run = loads(
         f"[run]\nseed = {seed}\n"
         + "".join(f'[[vms]]\nid = {i}\nworkload = "dma_loop"\niterations = 400\n' for i in (1, 2))
+        + "".join(f'[[vms]]\nid = {i}\nworkload = "bind_many"\niterations = 4\n' for i in range(3, vms + 1))
         + f'[[faults]]\nkill = "{target}"\nat_flow = "F7"\nvm = 1\nnth = 30\n'
     )
-    sup = Supervisor(run)
+    sup = Supervisor(run, launcher_kw={"ready_timeout": 120})
     try:
         sup.start()
-        end = time.monotonic() + 20
+        end = time.monotonic() + 20 + 0.2 * vms
         while time.monotonic() < end:
             sup.step(0.005)
             recs = [r for r in sup.recoveries if r["actor"] == target and "t_recovered" in r]
@@ -84,18 +87,23 @@ def start_time(vms: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--vms", type=int, default=2)
+    ap.add_argument("--starts", default="1,8,32")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out: dict = {"cpus": os.cpu_count()}
     for target in ("vm1.vmm", "kvm"):
-        samples = [s for s in (one_kill(target, 100 + i) for i in range(args.kills)) if s is not None]
+        samples = [
+            s for s in (one_kill(target, 100 + i, args.vms) for i in range(args.kills)) if s is not None
+        ]
         out[target] = {
             "n": len(samples),
             "median_ms": round(statistics.median(samples) * 1000, 1),
             "min_ms": round(min(samples) * 1000, 1),
             "max_ms": round(max(samples) * 1000, 1),
         }
-    out["start"] = [start_time(n) for n in (1, 8, 32)]
+    out["vms"] = args.vms
+    out["start"] = [start_time(int(n)) for n in args.starts.split(",") if n]
     print(json.dumps(out, indent=1))
 
 

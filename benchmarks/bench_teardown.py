@@ -6,7 +6,11 @@ the host has torn VM 1 down and every one of its PASIDs is allocatable again (th
 notices the death on its own, through the VMM's connection), and VM 2's bind latency (median,
 p99, max) over the whole loop, next to a run of the same loop with no kill.
 
-    python benchmarks/bench_teardown.py [--sizes 16,256,1024] [--policies naive,ordered,reclaim] [--json]
+    python benchmarks/bench_teardown.py [--sizes 16,256,1024] [--policies naive,ordered,reclaim]
+        [--vms 2] [--json]
+
+With `--vms N`, VMs 3..N are powered on too (idle): the host then serves N VMs while VM 1
+is torn down.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import statistics
 import time
 from typing import Any
 
-from vsva.actors.base import Call, Gather
+from vsva.actors.base import Call
 from vsva.actors.catalogue import PoolStatus, StartWorkload, VmStart
 from vsva.ops.control import Controller
 from vsva.ops.launcher import Launcher
+from vsva.ops.pacing import gather_bounded
 from vsva.ops.topology import POLICIES, default_topology
 
 POLL_S = 0.002
@@ -38,7 +43,7 @@ class TeardownProbe(Controller):
         self.vm2_latencies: list[float] = []
 
     def on_start(self):
-        yield Gather([Call(v, VmStart()) for v in self.topology.names("vmm")])
+        yield from gather_bounded([Call(v, VmStart()) for v in self.topology.names("vmm")])
         bound = yield Call("vm1.guest", StartWorkload(), timeout=300.0)
         self.pasids = sum(1 for s in bound.get("steps", []) if s["flow"] == "F2" and s["ok"])
         self.spawn(self._vm2_loop)
@@ -61,12 +66,14 @@ class TeardownProbe(Controller):
         self.phase = "done"
 
 
-def one_run(policy: str, pasids: int, kill: bool, binds: int) -> dict[str, Any]:
-    topology = default_topology(2, policy=policy, workload="bind_many", iterations=pasids, quota=pasids + 16)
+def one_run(policy: str, pasids: int, kill: bool, binds: int, vms: int = 2) -> dict[str, Any]:
+    topology = default_topology(
+        max(2, vms), policy=policy, workload="bind_many", iterations=pasids, quota=pasids + 16
+    )
     guest2 = topology.spec("vm2.guest").config
     guest2.update(workload="bind_latency", iterations=binds)
     probe = TeardownProbe(topology, kill)
-    with Launcher(topology) as launcher:
+    with Launcher(topology, ready_timeout=120) as launcher:
         launcher.run_actor(probe, timeout=300, until=lambda a: a.phase != "starting")
         if kill:
             probe.killed_at = time.monotonic()
@@ -93,13 +100,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="16,256,1024")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--binds", type=int, default=150, help="VM 2's bind/unbind iterations")
+    parser.add_argument("--vms", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
     for policy in args.policies.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            rows.append(one_run(policy, size, kill=False, binds=args.binds))
-            rows.append(one_run(policy, size, kill=True, binds=args.binds))
+            rows.append(one_run(policy, size, kill=False, binds=args.binds, vms=args.vms))
+            rows.append(one_run(policy, size, kill=True, binds=args.binds, vms=args.vms))
             if not args.json:
                 base, killed = rows[-2], rows[-1]
                 print(

@@ -29,9 +29,13 @@ def processes_of(parent_pid: int) -> list[int]:
 
 
 def test_128_vms_start_run_audit_clean_and_leave_nothing():
-    proc = subprocess.Popen([sys.executable, "-m", "vsva", "demo", "--json", "--vms", str(VMS),
-                             "--iterations", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vsva", "demo", "--json", "--vms", str(VMS), "--iterations", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     report = json.loads(out)

@@ -1,0 +1,121 @@
+"""Start-up at scale: the time until N VMs are ready, next to the time to start as many bare
+interpreters importing the same modules, measured in the same run; and what each actor
+process costs in memory.
+
+For each N: the launcher starts the default N-VM topology (2N + 3 actor processes, forked by
+the fork server unless VSVA_NO_FORKSERVER=1) and the time from `Launcher.start` to every
+actor ready is taken; then 2N + 3 interpreters are started at once, each importing zmq,
+msgpack and numpy (`BARE`, the issue's baseline: a subset of what an actor imports, so the
+ratio is conservative) and printing a line, and the time until all have printed is taken. The ratio is the first over the second. While the topology runs,
+the PSS of every actor process (/proc/PID/smaps_rollup: shared pages count divided among
+the processes sharing them, so the fork server's pages are spread over all of them) is
+read: the median over the guest and vmm processes, and the host's.
+
+    python benchmarks/bench_start.py [--vms 32,128,256] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from vsva.ops.launcher import Launcher
+from vsva.ops.topology import default_topology
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bind import print_figures
+
+
+def pss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def launch(vms: int) -> dict[str, Any]:
+    """Ready time of the N-VM topology, and its processes' PSS."""
+    topology = default_topology(vms)
+    started = time.monotonic()
+    with Launcher(topology) as launcher:
+        ready = time.monotonic() - started
+        vm_pss = [pss_kb(launcher.pid(a.name)) for a in topology.actors if a.kind in ("guest", "vmm")]
+        host_pss = pss_kb(launcher.pid("host"))
+        zygote = pss_kb(launcher.forkserver.pid) if launcher.forkserver else 0
+        processes = len(topology.actors)
+    return {
+        "ready_s": ready,
+        "vm_pss_mb": statistics.median(vm_pss) / 1024,
+        "host_pss_mb": host_pss / 1024,
+        "zygote_pss_mb": zygote / 1024,
+        "processes": processes,
+    }
+
+
+BARE = ("zmq", "msgpack", "numpy")
+
+
+def interpreters(count: int) -> float:
+    """Seconds until `count` interpreters started at once have each imported BARE."""
+    code = f"import {', '.join(BARE)}; print('ready', flush=True)"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            if proc.stdout.readline() != b"ready\n":
+                raise RuntimeError(f"interpreter {proc.pid} failed")
+        return time.monotonic() - started
+    finally:
+        for proc in procs:
+            proc.wait(60)
+            proc.stdout.close()
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    return (
+        f"{round(statistics.median(values), digits)} "
+        f"({round(min(values), digits)}-{round(max(values), digits)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", default="32,128,256")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    figures: dict[str, Any] = {"fork_server": os.environ.get("VSVA_NO_FORKSERVER") != "1"}
+    for vms in [int(v) for v in args.vms.split(",")]:
+        ours, bare, ratio, pss, host = [], [], [], [], []
+        for _ in range(args.repeats):
+            run = launch(vms)
+            base = interpreters(run["processes"])
+            ours.append(run["ready_s"])
+            bare.append(base)
+            ratio.append(run["ready_s"] / base)
+            pss.append(run["vm_pss_mb"])
+            host.append(run["host_pss_mb"])
+        figures[f"vms{vms}_processes"] = run["processes"]
+        figures[f"vms{vms}_ready_s"] = spread(ours)
+        figures[f"vms{vms}_interpreters_s"] = spread(bare)
+        figures[f"vms{vms}_ratio"] = spread(ratio)
+        figures[f"vms{vms}_vm_actor_pss_mb"] = spread(pss, 2)
+        figures[f"vms{vms}_host_pss_mb"] = spread(host, 1)
+        figures[f"vms{vms}_zygote_pss_mb"] = round(run["zygote_pss_mb"], 2)
+    print_figures(figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
