@@ -250,6 +250,41 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     return 1
 
 
+cdef Py_ssize_t prewalk_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
+                             const uint64_t *v, const uint32_t *pv,
+                             uint64_t pscalar) noexcept nogil:
+    """Prefetch the tables of requests k .. k + VS_PREWALK - 1 (vs_prewalk) for the walks
+    that follow; read-only (the PASID-cache lookup touches no PLRU state). Returns the
+    first request not prefetched."""
+    cdef uint64_t fl[VS_PREWALK]
+    cdef uint64_t sl[VS_PREWALK]
+    cdef uint64_t va[VS_PREWALK]
+    cdef uint64_t pasid
+    cdef int64_t slot
+    cdef int m = 0
+    cdef Py_ssize_t j, end = min(n, k + VS_PREWALK)
+    for j in range(k, end):
+        pasid = pv[j] if pv != NULL else pscalar
+        if pasid >= VS_PASID_MAX or not vs_canonical(v[j]):
+            continue
+        slot = cache_find(&s.pc, (<uint64_t>dev << VS_PASID_BITS) | pasid, 0, 0)
+        if slot < 0:
+            continue
+        fl[m] = s.pc.aux[slot].flptr
+        sl[m] = s.pc.aux[slot].slptr
+        va[m] = v[j]
+        m += 1
+    vs_prewalk(s.mem, s.mem_size, s.owners, s.nframes, m, fl, sl, va)
+    return end
+
+
+cdef inline uint64_t request_key(Py_ssize_t j, const uint64_t *v, const uint32_t *pv,
+                                 uint64_t pscalar) noexcept nogil:
+    """The IOTLB / device-TLB key of request j (PASID bits masked: for prefetching only)."""
+    cdef uint64_t pasid = pv[j] if pv != NULL else pscalar
+    return ((pasid & (VS_PASID_MAX - 1)) << VS_VPN_BITS) | ((v[j] >> VS_PAGE_SHIFT) & VS_VPN_MASK)
+
+
 cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint64_t *v,
                          const uint32_t *pv, uint64_t pscalar, const uint8_t *av,
                          uint32_t ascalar, uint64_t *opa, int32_t *ofl) noexcept nogil:
@@ -261,13 +296,13 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
     cdef int hitk
     cdef bint last_slow = False
     cdef bint pasid_arr = pv != NULL, acc_arr = av != NULL
+    cdef Cache *tlb = &d.tlb if d != NULL and d.ats else &s.iotlb  # where this device hits
+    cdef Py_ssize_t prewalked = 0
     for k in range(n):
         # Software prefetch: start loading the IOTLB set of request k + D now (the set
         # does not depend on the domain, so no PASID-cache lookup is needed).
         if k + PREFETCH_AHEAD < n:
-            pasid = pv[k + PREFETCH_AHEAD] if pasid_arr else pscalar
-            prefetch_set(&s.iotlb, ((pasid & (VS_PASID_MAX - 1)) << VS_VPN_BITS)
-                         | ((v[k + PREFETCH_AHEAD] >> VS_PAGE_SHIFT) & VS_VPN_MASK))
+            prefetch_set(tlb, request_key(k + PREFETCH_AHEAD, v, pv, pscalar))
         pasid = pv[k] if pasid_arr else pscalar
         acc = av[k] if acc_arr else ascalar
         # Fast path, unless the previous request went the full way and was no cache hit
@@ -283,6 +318,9 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
                 n_dev_fast += 1
                 ofl[k] = 0
                 continue
+        # In a run of walks, prefetch the tables of the next few requests together.
+        if last_slow and d != NULL and k >= prewalked:
+            prewalked = prewalk_ahead(s, dv, k, n, v, pv, pscalar)
         hits_before = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS]
         ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k])
         last_slow = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS] == hits_before

@@ -24,8 +24,9 @@ vs_sl_walk(const unsigned char *mem, uint64_t mem_size, uint64_t slptr, uint64_t
         if (ea + 8 > mem_size) return VS_FAULT_AT(VS_FAULT_OOR_ADDRESS, level);
         (*refs)++;
         e = vs_load64(mem + ea);
-        if (!(e & (VS_SL_R | VS_SL_W | VS_SL_X))) return VS_FAULT_AT(VS_FAULT_SL_NOT_PRESENT, level);
-        if (need & ~(uint32_t)e & (VS_SL_R | VS_SL_W)) return VS_FAULT_AT(VS_FAULT_SL_PERMISSION, level);
+        if (__builtin_expect(!(e & (VS_SL_R | VS_SL_W | VS_SL_X)) | (need & ~(uint32_t)e & (VS_SL_R | VS_SL_W)), 0))
+            return VS_FAULT_AT((e & (VS_SL_R | VS_SL_W | VS_SL_X)) ? VS_FAULT_SL_PERMISSION
+                               : VS_FAULT_SL_NOT_PRESENT, level);
         p &= (uint32_t)e;
         if (level == 1 || (level <= 3 && (e & VS_SL_PS))) {
             mask = (1ULL << sh) - 1;
@@ -101,6 +102,7 @@ vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t fl
     int sl_level, level, leaf;
     unsigned sh;
     int32_t f;
+    #pragma GCC unroll 4
     for (level = 4; level >= 1; level--) {
         f = vs_sl_walk(mem, mem_size, slptr, table_gpa, VS_SL_R, &table_hpa, &tperms,
                        &sl_level, refs);
@@ -110,9 +112,10 @@ vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t fl
         if (ea + 8 > mem_size) return VS_FAULT_AT(VS_FAULT_OOR_ADDRESS, level);
         (*refs)++;
         e = vs_load64(mem + ea);
-        if (!(e & VS_FL_P)) return VS_FAULT_AT(VS_FAULT_FL_NOT_PRESENT, level);
         leaf = level == 1 || (level <= 3 && (e & VS_FL_PS));
-        if (e & vs_fl_reserved(level, leaf)) return VS_FAULT_AT(VS_FAULT_FL_RESERVED, level);
+        if (__builtin_expect(!(e & VS_FL_P) | ((e & vs_fl_reserved(level, leaf)) != 0), 0))
+            return VS_FAULT_AT((e & VS_FL_P) ? VS_FAULT_FL_RESERVED : VS_FAULT_FL_NOT_PRESENT,
+                               level);
         all_rw &= e;
         all_us &= e;
         any_xd |= e & VS_FL_XD;
@@ -150,5 +153,72 @@ vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t fl
     *frame_out = hpa >> VS_PAGE_SHIFT;
     *perms_out = perms;
     return 0;
+}
+/* Prefetching for cold batches: a read-only walk of up to VS_PREWALK requests in lockstep,
+   one table level at a time, so that the cache misses of different requests overlap (as
+   the several page-walk engines of an IOMMU do) and the real walks that follow, one request
+   at a time and with every check, find their entries (and the owner entry of the final
+   frame) in the CPU cache. It reads only what those walks will read, checks only what it
+   needs to know where to read next, and changes nothing. */
+#define VS_PREWALK 8
+static volatile uint64_t vs_prewalk_sink;
+
+static inline uint64_t vs_level_mask(int level) {
+    return (1ULL << (VS_PAGE_SHIFT + 9 * (unsigned)(level - 1))) - 1;
+}
+static inline uint64_t vs_index_of(uint64_t addr, int level) {
+    return ((addr >> (VS_PAGE_SHIFT + 9 * (unsigned)(level - 1))) & 511) * 8;
+}
+static void
+vs_prewalk(const unsigned char *mem, uint64_t mem_size, const int32_t *owners,
+           uint64_t nframes, int n, const uint64_t *flptr, const uint64_t *slptr,
+           const uint64_t *va) {
+    uint64_t g[VS_PREWALK], t[VS_PREWALK], e, ea, sink = 0;
+    int stage[VS_PREWALK], lvl[VS_PREWALK], insl[VS_PREWALK];
+    int r, step, sl;
+    for (r = 0; r < n; r++) { g[r] = flptr[r]; stage[r] = 1; lvl[r] = 4; }
+    for (step = 0; step < 5; step++) {
+        for (r = 0; r < n; r++) {
+            t[r] = slptr[r];
+            insl[r] = stage[r] != 0 && g[r] < VS_GPA_LIMIT;
+            if (stage[r] && !insl[r]) stage[r] = 0;
+        }
+        for (sl = 4; sl >= 1; sl--) {
+            for (r = 0; r < n; r++) {
+                if (!insl[r]) continue;
+                ea = t[r] + vs_index_of(g[r], sl);
+                if (ea + 8 > mem_size) { insl[r] = stage[r] = 0; continue; }
+                e = vs_load64(mem + ea);
+                if (!(e & (VS_SL_R | VS_SL_W | VS_SL_X))) { insl[r] = stage[r] = 0; continue; }
+                if (sl == 1 || (sl <= 3 && (e & VS_SL_PS))) {
+                    t[r] = (e & VS_ADDR_MASK & ~vs_level_mask(sl)) | (g[r] & vs_level_mask(sl));
+                    insl[r] = 0;
+                } else {
+                    t[r] = e & VS_ADDR_MASK;
+                }
+            }
+        }
+        for (r = 0; r < n; r++) {
+            if (stage[r] == 2) {  /* the final frame: its owner entry is read next */
+                stage[r] = 0;
+                sink ^= t[r];
+                if ((t[r] >> VS_PAGE_SHIFT) < nframes) vs_prefetch(owners + (t[r] >> VS_PAGE_SHIFT));
+                continue;
+            }
+            if (stage[r] != 1) continue;
+            ea = t[r] + vs_index_of(va[r], lvl[r]);
+            if (ea + 8 > mem_size) { stage[r] = 0; continue; }
+            e = vs_load64(mem + ea);
+            if (!(e & VS_FL_P)) { stage[r] = 0; continue; }
+            if (lvl[r] == 1 || (lvl[r] <= 3 && (e & VS_FL_PS))) {
+                g[r] = (e & VS_ADDR_MASK & ~vs_level_mask(lvl[r])) | (va[r] & vs_level_mask(lvl[r]));
+                stage[r] = 2;
+            } else {
+                g[r] = e & VS_ADDR_MASK;
+                lvl[r]--;
+            }
+        }
+    }
+    vs_prewalk_sink = sink;
 }
 #endif

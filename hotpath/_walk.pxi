@@ -8,6 +8,10 @@ cdef extern from "_walk.h" nogil:
                            uint64_t flptr, uint64_t slptr, uint32_t flags, uint64_t va,
                            uint32_t access, uint64_t *frame_out, uint32_t *perms_out,
                            uint64_t *refs, uint64_t *adw) noexcept
+    enum: VS_PREWALK
+    void vs_prewalk(const unsigned char *mem, uint64_t mem_size, const int32_t *owners,
+                    uint64_t nframes, int n, const uint64_t *flptr, const uint64_t *slptr,
+                    const uint64_t *va) noexcept
 
 cdef inline int32_t fault(State *s, int32_t code) noexcept nogil:
     s.cnt[VS_C_FAULTS] += 1
@@ -35,3 +39,4 @@ cdef int32_t walk(State *s, uint64_t flptr, uint64_t slptr, uint32_t flags, uint
     if f:
         return fault(s, f)
     return 0
+

@@ -13,7 +13,10 @@ nested 4-level x 4-level translation. Cases (ns per translation, per batch size 
 * baseline  bare compiled loops (hotpath/_baselines.pyx) over the same data: an
          open-addressing hash (case "hit") and a nested walk with no checks (case "cold")
 
-Timings are the best of a few repeats (time.perf_counter_ns around the translate calls only).
+Timings are the best of a few repeats of the CPU time of the calling thread
+(time.thread_time_ns) around the translate calls only: the loops run in that thread (the
+compiled ones without the GIL), and on a shared machine the time the process spends
+descheduled is not the hot path's (wall-clock figures vary several-fold with the load).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def _time_batches(fn, n: int, batch: int, before=None, repeats: int = 3) -> floa
     runs untimed ahead of each batch."""
     best = float("inf")
     chunks = _chunks(n, batch)
-    clock = time.perf_counter_ns
+    clock = time.thread_time_ns
     for _ in range(repeats):
         total = 0
         if before is None:
