@@ -44,14 +44,20 @@ static inline uint32_t vs_set_of(uint64_t key, uint32_t mask) {
     return (uint32_t)(((key * VS_HASH_MULT) >> 32) & mask);
 }
 
-/* Set lookup over the tag words of one set block: the payload check of the way whose tag
-   matches (a set holds a key at most once). Returns the way or -1. */
+/* Set lookup over the tag words of one set block: a branch-free match mask over the ways
+   (the way that hits is random, so a compare-and-exit loop would mispredict on most
+   lookups), then the payload check of the matching way(s). Returns the way or -1. */
 static inline __attribute__((always_inline)) int
 vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask, uint64_t xval) {
-    uint32_t w;
-    for (w = 0; w < ways; w++)
-        if ((blk[w] & ~VS_PLRU_MASK) == tag && (blk[ways + w] & xmask) == xval)
-            return (int)w;
+    uint32_t w, m = 0;
+    #pragma GCC unroll 8
+    for (w = 0; w < 8; w++)
+        if (w < ways) m |= (uint32_t)((blk[w] & ~VS_PLRU_MASK) == tag) << w;
+    while (m) {
+        w = (uint32_t)__builtin_ctz(m);
+        if ((blk[ways + w] & xmask) == xval) return (int)w;
+        m &= m - 1;
+    }
     return -1;
 }
 
