@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from vsva.actors import errno as E
-from vsva.actors.catalogue import Message, Ping, Shutdown, Snapshot, lookup
+from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup
 from vsva.actors.messages import Envelope
 
 DEFAULT_TIMEOUT = 5.0
@@ -248,6 +248,9 @@ class Actor:
         if handler is None:
             self._refuse(msg, -E.EOPNOTSUPP, f"unknown message kind {msg.kind!r}" if cls is None
                          else f"{self.name} does not handle {msg.kind}")
+            return
+        if cls.CONTROL and msg.src not in (ORCHESTRATOR, self.name):
+            self._refuse(msg, -E.EPERM, f"only {ORCHESTRATOR} may send {msg.kind}")
             return
         req = cls.parse(msg.body)
         if isinstance(req, str):

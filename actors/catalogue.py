@@ -134,6 +134,7 @@ class Message(Schema):
     __slots__ = ()
 
     FLOWS: ClassVar[tuple[str, ...]] = ()
+    CONTROL: ClassVar[bool] = False  # only the orchestrator (or the actor itself) may send it
     HOP: ClassVar[str] = ""
     KERNEL: ClassVar[str] = ""
     REPLY: ClassVar[type[Reply] | None] = None
@@ -148,18 +149,21 @@ class Message(Schema):
 
 
 CATALOGUE: dict[str, type[Message]] = {}
+ORCHESTRATOR = "orch"  # the orchestrator's (supervisor's) actor name: the only controller
 
 
 def message(kind: str, *, flows: tuple[str, ...], hop: str, kernel: str,
-            reply: dict[str, Any] | None = None, one_way: bool = False):
+            reply: dict[str, Any] | None = None, one_way: bool = False, control: bool = False):
     """Class decorator: make `cls` a frozen dataclass message of `kind` and register it.
 
     `reply` lists the success fields of its reply (each made by `f`); `one_way` marks an
-    event that gets no reply."""
+    event that gets no reply; `control` a kind only ORCHESTRATOR may send (the actor base
+    refuses it from anyone else with -EPERM before any handler runs)."""
 
     def wrap(cls: type) -> type[Message]:
         cls = dataclass(frozen=True, slots=True, kw_only=True)(cls)
         cls.KIND, cls.FLOWS, cls.HOP, cls.KERNEL, cls.FIELDS = kind, flows, hop, kernel, _specs(cls)
+        cls.CONTROL = control
         if not one_way:
             cls.REPLY = _reply_class(cls.__name__, kind, reply or {})
         return register(cls)
@@ -230,24 +234,24 @@ FLOWS: dict[str, Flow] = {flow.name: flow for flow in (
 
 
 # ---- control ------------------------------------------------------------------------------------------
-@message("vm_start", flows=("control", "boot"), hop="orch -> vmm", kernel="QEMU machine init (VFIO container setup)",
+@message("vm_start", flows=("control", "boot"), control=True, hop="orch -> vmm", kernel="QEMU machine init (VFIO container setup)",
          reply={"ram_frames": f(list, doc="host frames of guest RAM, by GFN")})
 class VmStart(Message):
     """Power the VM on: the vmm opens its devices through VFIO."""
 
 
-@message("vm_stop", flows=("control", "F8"), hop="orch -> vmm", kernel="QEMU shutdown: close the VFIO fd")
+@message("vm_stop", flows=("control", "F8"), control=True, hop="orch -> vmm", kernel="QEMU shutdown: close the VFIO fd")
 class VmStop(Message):
     """Normal shutdown: the vmm closes its VFIO fd and the host frees the VM's IOASID set."""
 
 
-@message("start_workload", flows=("control",), hop="orch -> guest", kernel="(a guest process runs)",
+@message("start_workload", flows=("control",), control=True, hop="orch -> guest", kernel="(a guest process runs)",
          reply={"ok": f(bool), "steps": f(list, doc="one record per flow instance")})
 class StartWorkload(Message):
     """Boot the guest kernel and run its configured workload."""
 
 
-@message("flow_watch", flows=("control",), hop="orch -> guest", kernel="(none: a fault trigger's event)",
+@message("flow_watch", flows=("control",), control=True, hop="orch -> guest", kernel="(none: a fault trigger's event)",
          reply={"tag": f(str, doc="the flow instance's tag, e.g. F2:vm1.3")})
 class FlowWatch(Message):
     """Answer when the guest starts instance `nth` of `flow` (a supervisor's fault trigger)."""
@@ -256,13 +260,13 @@ class FlowWatch(Message):
     nth: int = f(int, U32, doc="which instance, from 1")
 
 
-@message("snapshot", flows=("control",), hop="orch -> any", kernel="(debugfs: the audit's view)",
+@message("snapshot", flows=("control",), control=True, hop="orch -> any", kernel="(debugfs: the audit's view)",
          reply={"state": f(dict, doc="the actor's state")})
 class Snapshot(Message):
     """The actor's state for the audit."""
 
 
-@message("pool_status", flows=("control",), hop="orch -> host", kernel="(debugfs: IOASID pool)",
+@message("pool_status", flows=("control",), control=True, hop="orch -> host", kernel="(debugfs: IOASID pool)",
          reply={"free_pool": f(int, U32), "reclaiming": f(int, U32), "quarantined": f(int, U32),
                 "vms": f(list), "teardowns": f(list)})
 class PoolStatus(Message):
@@ -275,12 +279,12 @@ class PasidBindings(Message):
     """A restarted notifier subscriber rebuilds its tables from the host's current bindings."""
 
 
-@message("ping", flows=("control",), hop="any -> any", kernel="(liveness)")
+@message("ping", flows=("control",), control=True, hop="any -> any", kernel="(liveness)")
 class Ping(Message):
     """Liveness probe; also the host's bounded back-off tick under PRQ overflow."""
 
 
-@message("shutdown", flows=("control",), hop="orch -> any", kernel="(process exit)")
+@message("shutdown", flows=("control",), control=True, hop="orch -> any", kernel="(process exit)")
 class Shutdown(Message):
     """Stop the actor's process after the reply."""
 

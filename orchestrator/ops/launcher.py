@@ -66,6 +66,7 @@ from vsva.analysis import trace as tracefile
 from vsva.ops import capacity, forkserver, runfiles
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
 from vsva.ops.topology import ORCH, ActorSpec, Topology
+from vsva.runtime.curve import create_keys
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
 from vsva.runtime.loop import ZmqRuntime, new_context
 from vsva.runtime.trace_buffer import TRACE_IDLE
@@ -208,6 +209,8 @@ class Launcher:
                 },
                 f,
             )
+        if self.transport == "tcp":  # a CURVE key pair per actor: vsva.runtime.curve
+            create_keys(self.run_dir, [ORCH, *(a.name for a in self.topology.actors)])
         if self.fork:  # its imports overlap with the rest of the set-up
             self.forkserver = ForkServer(self._child_env(), self.python)
         self.ctx = new_context()

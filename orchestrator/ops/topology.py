@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vsva.actors.catalogue import ORCHESTRATOR
 from vsva.actors.policy import Policy
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
@@ -20,7 +21,7 @@ POLICIES = tuple(p.value for p in Policy)
 HOST = "host"
 KVM = "kvm"
 VDCM = "vdcm"
-ORCH = "orch"
+ORCH = ORCHESTRATOR
 ACCEL = "dsa0"  # the SIOV-style accelerator whose mediated devices vdcm composes
 
 

@@ -70,6 +70,7 @@ import zmq
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
+from vsva.runtime.curve import ActorKeys, load_keys
 from vsva.runtime.endpoints import (
     TCP_PREFIX,
     TRANSPORTS,
@@ -144,7 +145,11 @@ class ZmqRuntime(PeerLinks):
             (zmq.MAXMSGSIZE, MAX_WIRE),
         ):
             self.router.setsockopt(opt, val)
+        self.curve: ActorKeys | None = None  # tcp: see vsva.runtime.curve
         try:
+            if self._tcp:
+                self.curve = ActorKeys(self.ctx, load_keys(run_dir))
+                self.curve.serve(self.router, name)
             self.router.bind(self.endpoint)
             if self._tcp:  # the kernel chose a free port: publish it (see the docstring)
                 self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -153,8 +158,10 @@ class ZmqRuntime(PeerLinks):
             if token is None:
                 raise OSError(f"{name}: no presence file after bind")
             self.rid = routing_id(name, token)
-        except (zmq.ZMQError, OSError):
+        except (zmq.ZMQError, OSError, KeyError):
             self.router.close(0)
+            if self.curve is not None:
+                self.curve.stop()
             if self._own_ctx:
                 self.ctx.term()
             raise
@@ -405,10 +412,18 @@ class ZmqRuntime(PeerLinks):
             except zmq.Again:
                 return True
             frames = [rid]
+            user = None
             while router.getsockopt(_RCVMORE):
-                frames.append(router.recv(_NOBLOCK))
+                if self.curve is None:
+                    frames.append(router.recv(_NOBLOCK))
+                    continue
+                part = router.recv(_NOBLOCK, copy=False)
+                user = part.get("User-Id")  # the name the client's key proves (vsva.runtime.curve)
+                frames.append(part.bytes)
             self.stats["received"] += 1
             sender = self._claimed(rid)
+            if self.curve is not None and sender != user:
+                sender = None
             if len(frames) != 2:
                 err = ProtocolError(-E.EBADMSG, f"{len(frames) - 1} payload frames, want 1")
                 self._reject(rid, sender, err, b"".join(frames[1:2]))
@@ -674,6 +689,8 @@ class ZmqRuntime(PeerLinks):
         self._dirty.clear()
         self._fd_owner.clear()
         self.router.close(LINGER_MS)
+        if self.curve is not None:
+            self.curve.stop()
         if self._wake_r is not None and self._wake_w is not None:
             try:
                 signal.set_wakeup_fd(-1)

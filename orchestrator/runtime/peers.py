@@ -91,6 +91,7 @@ class PeerLinks:
 
     name: str
     rid: bytes
+    curve: Any
     run_dir: str
     transport: str
     ctx: zmq.Context
@@ -224,6 +225,9 @@ class PeerLinks:
             return None
         sock = self.ctx.socket(zmq.DEALER)
         try:
+            if self.curve is not None and not self.curve.client(sock, self.name, name):
+                sock.close(0)
+                return None  # tcp: a name without a key of this run is no actor of it
             for opt, val in (
                 (zmq.ROUTING_ID, self.rid),
                 (zmq.IMMEDIATE, 1),

@@ -67,9 +67,9 @@ def test_request_reply_and_gather_across_processes(run):
     hops = {(r["src"], r["dst"], r["kind"], r["corr"] is not None) for r in run.trace()}
     assert {
         ("orch", "proxy", "vcmd_alloc", False),
-        ("proxy", "echo", "ping", False),
-        ("proxy", "echo2", "ping", False),
-        ("echo2", "proxy", "ping", True),
+        ("proxy", "echo", "toy_ping", False),
+        ("proxy", "echo2", "toy_ping", False),
+        ("echo2", "proxy", "toy_ping", True),
         ("proxy", "orch", "vcmd_alloc", True),
     } <= hops
 

@@ -2,8 +2,9 @@
 
 They run in real actor processes: a topology names them by kind "zmqrt_toys:Class" and the
 launcher puts this directory on the children's PYTHONPATH (`extra_path`). They speak the
-catalogue's control messages plus one toy request, `toy_relay`, registered in the catalogue
-here like any message (the receiving actor checks bodies against it).
+catalogue's control messages plus two toy requests, `toy_relay` and `toy_ping` (a ping
+between toys: `ping` itself only the orchestrator may send), registered in the catalogue
+here like any message (the receiving actor checks bodies against them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 import time
 
 from vsva.actors.base import Actor, Call, Gather
-from vsva.actors.catalogue import U64, Message, Ping, f, message
+from vsva.actors.catalogue import U64, Message, f, message
 
 
 @message("toy_relay", flows=("control",), hop="orch -> proxy", kernel="(none: a runtime test's toy)")
@@ -21,6 +22,11 @@ class Relay(Message):
     """Ask a Proxy to ping its target with `x` (an optional raw `timeout` bounds the ping)."""
 
     x: int = f(int, U64)
+
+
+@message("toy_ping", flows=("control",), hop="toy -> toy", kernel="(none: a runtime test's toy)")
+class ToyPing(Message):
+    """What a Proxy sends its targets (any toy may); Echo answers it as it answers ping."""
 
 
 TOYS = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +41,8 @@ class Echo(Actor):
 
     def on_ping(self, msg, req):
         return {"ret": 0, "echo": msg.body.get("x"), "pid": os.getpid(), "count": self.count}
+
+    on_toy_ping = on_ping
 
     def on_ioasid_alloc(self, msg, req):
         self.count += 1
@@ -58,21 +66,21 @@ class Mute(Actor):
 class Proxy(Actor):
     """Forwards: toy_relay -> one ping to config["target"]; vcmd_alloc -> Gather over
     config["targets"]; start_workload -> `n` sequential pings to config["target"], timed.
-    The pings carry `x` beyond Ping's (empty) fields: a raw body, which receivers accept."""
+    The pings carry `x` beyond ToyPing's (empty) fields: a raw body, which receivers accept."""
 
     def on_toy_relay(self, msg, req: Relay):
-        reply = yield Call(self.config["target"], Ping.KIND, {"x": req.x}, timeout=msg.body.get("timeout"))
+        reply = yield Call(self.config["target"], ToyPing.KIND, {"x": req.x}, timeout=msg.body.get("timeout"))
         return {**reply, "via": self.name}
 
     def on_vcmd_alloc(self, msg, req):
-        replies = yield Gather([Call(t, Ping.KIND, {"x": t}) for t in self.config["targets"]])
+        replies = yield Gather([Call(t, ToyPing.KIND, {"x": t}) for t in self.config["targets"]])
         return {"ret": 0, "gpasid": 1, "hpasid": 1, "replies": replies}  # VcmdAlloc's reply fields
 
     def on_start_workload(self, msg, req):
         rtts = []
         for i in range(int(msg.body.get("n", 100))):
             t = time.perf_counter()
-            reply = yield Call(self.config["target"], Ping.KIND, {"x": i})
+            reply = yield Call(self.config["target"], ToyPing.KIND, {"x": i})
             rtts.append(time.perf_counter() - t)
             if reply.get("ret") != 0 or reply.get("echo") != i:
                 return {"ret": -5, "bad": reply}
