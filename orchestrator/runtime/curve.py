@@ -53,7 +53,7 @@ def load_keys(run_dir: str) -> dict[str, tuple[bytes, bytes]]:
         if entry.endswith(".key"):
             with open(os.path.join(directory, entry), "rb") as f:
                 public, secret = f.read().split()[:2]
-            keys[entry[:-len(".key")]] = (public, secret)
+            keys[entry[: -len(".key")]] = (public, secret)
     return keys
 
 

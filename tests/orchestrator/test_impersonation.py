@@ -16,13 +16,12 @@ import os
 import pytest
 import zmq
 from hostile import Raw
+from zmqrt_toys import Script
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import default_topology
-
-from zmqrt_toys import Script
 
 PF = "pf1"
 
@@ -32,8 +31,12 @@ def topo(request):
     t = default_topology(1, workload="bind_many", iterations=3)
     t.transport = request.param
     with Launcher(t) as launcher:
-        boot = Script(steps=[Call("vm1.vmm", "vm_start", {}, flow="boot"),
-                             Call("vm1.guest", "start_workload", {}, timeout=60.0)])
+        boot = Script(
+            steps=[
+                Call("vm1.vmm", "vm_start", {}, flow="boot"),
+                Call("vm1.guest", "start_workload", {}, timeout=60.0),
+            ]
+        )
         assert launcher.run_actor(boot, timeout=90.0)
         assert boot.result[0]["ret"] == 0 and boot.result[1]["ret"] == 0, boot.result
         yield launcher
@@ -57,17 +60,35 @@ def bound_hpasid(launcher) -> int:
 def attacks(hpasid: int) -> list[tuple[str, str, dict, str | None]]:
     """(target, kind, body, claimed name or None for the attacker's own name)."""
     control = [(t, "snapshot", {}, None) for t in ("host", "kvm", "vdcm", "vm1.vmm", "vm1.guest")]
-    control += [("host", "pool_status", {}, None), ("vm1.vmm", "vm_stop", {}, None),
-                ("vm1.vmm", "vm_start", {}, None), ("vm1.guest", "start_workload", {}, None)]
+    control += [
+        ("host", "pool_status", {}, None),
+        ("vm1.vmm", "vm_stop", {}, None),
+        ("vm1.vmm", "vm_start", {}, None),
+        ("vm1.guest", "start_workload", {}, None),
+    ]
     control += [(t, "shutdown", {}, None) for t in ("kvm", "vdcm", "host")]
-    claims = [("host", "ioasid_alloc", {}, "vm1.vmm"),
-              ("host", "unbind_gpasid", {"dev": PF, "hpasid": hpasid}, "vm1.vmm"),
-              ("host", "ioasid_free", {"hpasid": hpasid}, "vm1.vmm"),
-              ("host", "dev_submit", {"dev": PF, "hpasid": hpasid, "op": "fill", "src": 0,
-                                      "dst": 0x4000_0000, "len": 4096, "pattern": 7}, "vm1.guest"),
-              ("kvm", "ioasid_notify", {"event": "free_set", "vm": 1, "hpasid": 0, "gpasid": 0,
-                                        "dev": ""}, "host"),
-              ("host", "snapshot", {}, "orch"), ("kvm", "shutdown", {}, "orch")]
+    claims = [
+        ("host", "ioasid_alloc", {}, "vm1.vmm"),
+        ("host", "unbind_gpasid", {"dev": PF, "hpasid": hpasid}, "vm1.vmm"),
+        ("host", "ioasid_free", {"hpasid": hpasid}, "vm1.vmm"),
+        (
+            "host",
+            "dev_submit",
+            {
+                "dev": PF,
+                "hpasid": hpasid,
+                "op": "fill",
+                "src": 0,
+                "dst": 0x4000_0000,
+                "len": 4096,
+                "pattern": 7,
+            },
+            "vm1.guest",
+        ),
+        ("kvm", "ioasid_notify", {"event": "free_set", "vm": 1, "hpasid": 0, "gpasid": 0, "dev": ""}, "host"),
+        ("host", "snapshot", {}, "orch"),
+        ("kvm", "shutdown", {}, "orch"),
+    ]
     return control + claims
 
 
@@ -83,8 +104,13 @@ def test_every_impersonation_is_refused_and_changes_nothing(topo):
         name = claim or "mallory"
         # ipc: the topology's user can read the claimed actor's incarnation (its socket file)
         # and so present its exact routing id; tcp: another user cannot, and has no key
-        m = Raw(topo.run_dir, target, name, listen=claim is None and not tcp,
-                routing_id=f"{name}/1.1".encode() if tcp else None)
+        m = Raw(
+            topo.run_dir,
+            target,
+            name,
+            listen=claim is None and not tcp,
+            routing_id=f"{name}/1.1".encode() if tcp else None,
+        )
         try:
             answer = m.request(kind, body, timeout=0.5)
         finally:
@@ -103,12 +129,22 @@ def test_over_tcp_an_actor_key_proves_only_that_actor(topo):
     with open(os.path.join(keys, "kvm.key"), "rb") as f:
         public, secret = f.read().split()[:2]
     before = snapshots(topo)
-    for target, kind, claim in (("host", "snapshot", "orch"), ("host", "ioasid_alloc", "vm1.vmm"),
-                                ("host", "pool_status", "kvm"), ("vdcm", "shutdown", "kvm")):
+    for target, kind, claim in (
+        ("host", "snapshot", "orch"),
+        ("host", "ioasid_alloc", "vm1.vmm"),
+        ("host", "pool_status", "kvm"),
+        ("vdcm", "shutdown", "kvm"),
+    ):
         with open(os.path.join(keys, f"{target}.key"), "rb") as f:
             server = f.read().split()[0]
-        m = Raw(topo.run_dir, target, claim, listen=False, curve=(public, secret, server),
-                routing_id=_incarnation(topo, claim))
+        m = Raw(
+            topo.run_dir,
+            target,
+            claim,
+            listen=False,
+            curve=(public, secret, server),
+            routing_id=_incarnation(topo, claim),
+        )
         try:
             answer = m.request(kind, {}, timeout=0.5)
         finally:
@@ -135,4 +171,5 @@ def test_over_tcp_a_client_without_a_key_gets_no_connection(topo):
 
 def _incarnation(launcher, name: str) -> bytes:
     from hostile import incarnation_id
+
     return incarnation_id(launcher.run_dir, name)
