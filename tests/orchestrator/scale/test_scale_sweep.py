@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from vsva.cli.app import app
 from vsva.scale.experiments import RUNNERS, runner
-from vsva.scale.sweep import SweepError, builtin, builtin_names, fix, loads, narrow, run_seed
+from vsva.scale.sweep import SweepError, builtin, builtin_names, fix, loads, narrow, parse, run_seed
 
 BUILTIN = {"iotlb", "noisy-neighbour", "policies", "vms"}
 MINIMAL = '[experiment]\nrunner = "iotlb"\n[vary]\nworking_set = [64, 128]\n'
@@ -152,3 +154,25 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("vsva scale: ")
     assert not out.exists()
+
+
+_SCALARS = st.one_of(st.integers(-3, 70000), st.floats(allow_nan=False, width=32), st.booleans(),
+                     st.sampled_from(["", "iotlb", "vms", "4k", "lines", "timeline", "sets", "hit_rate", "a"]))
+_KEYS = st.sampled_from(["runner", "name", "repeat", "seed", "timeout", "points", "metrics", "sets", "ways",
+                         "working_set", "page_size", "x", "y", "kind", "where", "vms", "bogus"])
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(_KEYS, inner, max_size=3)), max_leaves=5)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.sampled_from(["experiment", "params", "vary", "plots", "extra"]),
+                       st.one_of(st.dictionaries(_KEYS, _VALUES, max_size=5), st.lists(st.dictionaries(_KEYS, _VALUES, max_size=4), max_size=2)),
+                       max_size=4))
+def test_any_document_parses_or_is_one_sweep_error(data):
+    """Whatever the TOML holds: a Sweep, or one SweepError line; never another exception."""
+    try:
+        sweep = parse(data, "f.toml")
+    except SweepError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert sweep.runner in RUNNERS and len(sweep.grid()) >= 1
