@@ -25,4 +25,5 @@ def actor_class(kind: str) -> type[Actor]:
     """
     target = kind if ":" in kind else _CLASSES[kind]
     module, _, cls = target.rpartition(":") if ":" in target else (f"vsva.actors.{kind}", ":", target)
-    return getattr(importlib.import_module(module), cls)
+    found: type[Actor] = getattr(importlib.import_module(module), cls)
+    return found

@@ -15,7 +15,7 @@ message carries a bare `pasid`. `docs/flows.md` is generated from this module
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, dataclass_transform
 
 from vsva.actors.uapi import NOTIFY_EVENTS, PAGE_RESP_CODES, PRQ_GRPID_MAX
 from vsva.hotpath.layout import PASID_MAX
@@ -152,6 +152,7 @@ CATALOGUE: dict[str, type[Message]] = {}
 ORCHESTRATOR = "orch"  # the orchestrator's (supervisor's) actor name: the only controller
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True)
 def message(kind: str, *, flows: tuple[str, ...], hop: str, kernel: str,
             reply: dict[str, Any] | None = None, one_way: bool = False, control: bool = False):
     """Class decorator: make `cls` a frozen dataclass message of `kind` and register it.

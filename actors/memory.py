@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Literal, Protocol, overload
 
 from vsva.hotpath.layout import (
     ADDR_MASK, ENTRIES_PER_TABLE, FL_P, FL_RW, FL_US, LEVELS, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
@@ -161,6 +161,10 @@ class RadixTable:
         self.link = link
         self.present = present
 
+    @overload
+    def _entry_addr(self, va: int, create: Literal[True], leaf_level: int = 1) -> int: ...
+    @overload
+    def _entry_addr(self, va: int, create: bool, leaf_level: int = 1) -> int | None: ...
     def _entry_addr(self, va: int, create: bool, leaf_level: int = 1) -> int | None:
         table = self.root
         for level in range(LEVELS, leaf_level, -1):
@@ -236,6 +240,10 @@ class PasidDirectory:
         self.base = base
         self.alloc_table = alloc_table
 
+    @overload
+    def _entry_addr(self, pasid: int, create: Literal[True]) -> int: ...
+    @overload
+    def _entry_addr(self, pasid: int, create: bool) -> int | None: ...
     def _entry_addr(self, pasid: int, create: bool) -> int | None:
         pde_addr = self.base + 8 * pasid_dir_index(pasid)
         pde = self.space.read_u64(pde_addr)

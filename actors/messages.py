@@ -65,7 +65,8 @@ class ProtocolError(Exception):
 
 
 def encode(env: Envelope) -> bytes:
-    return msgpack.packb(env.to_wire(), use_bin_type=True)
+    frame: bytes = msgpack.packb(env.to_wire(), use_bin_type=True)
+    return frame
 
 
 _WIRE_TYPES = {"id": int, "src": str, "dst": str, "kind": str, "clock": int, "body": dict}

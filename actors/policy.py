@@ -21,7 +21,7 @@ class Policy(StrEnum):
     def parse(cls, value: object) -> Policy:
         """The policy named `value`; ValueError with the valid names otherwise."""
         try:
-            return cls(value)
+            return cls(str(value))
         except ValueError:
             raise ValueError(f"unknown policy {value!r}; valid: {', '.join(p.value for p in cls)}") from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, failed
+from vsva.actors.base import Actor, Call, Handler, failed
 from vsva.actors.catalogue import IoasidNotify, PasidBindings
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
@@ -82,7 +82,7 @@ class PasidMap:
             return None
         return entry[0]
 
-    def dump(self) -> dict[str, dict[str, dict]]:
+    def dump(self) -> dict[str, dict[str, dict[str, Any]]]:
         return {str(vm): {str(g): {"hpasid": h, "devs": sorted(d)} for g, (h, d) in t.items()}
                 for vm, t in self.maps.items() if t}
 
@@ -101,13 +101,13 @@ class Subscriber(Actor):
         self.synced = not self.config.get("resync_on_start")
         self.resynced = 0  # bindings taken from the host at the last resync
 
-    def on_start(self):
+    def on_start(self) -> Handler:
         """First start or restart by the supervisor: rebuild the tables from the host's current
         bindings before serving (the notifier events sent while we were dead are lost)."""
         if self.config.get("resync_on_start"):  # set by the supervisor
             yield from self.resync()
 
-    def resync(self):
+    def resync(self) -> Handler:
         reply = yield Call(self.host, PasidBindings(), flow="resync")
         if reply.get("ret") == 0:
             self.resynced = self.pasids.load(reply["bindings"], self.tracked)
@@ -116,7 +116,7 @@ class Subscriber(Actor):
             self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
         return reply
 
-    def on_ioasid_notify(self, msg: Envelope, req: IoasidNotify) -> dict:
+    def on_ioasid_notify(self, msg: Envelope, req: IoasidNotify) -> dict[str, Any]:
         if msg.src != self.host:
             return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
         self.notified(req)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Call, failed
+from vsva.actors.base import Call, Handler, failed
 from vsva.actors.catalogue import DevSubmit, IoasidNotify, MdevSubmit
 from vsva.actors.messages import Envelope
 from vsva.actors.subscriber import Subscriber
@@ -38,7 +38,7 @@ class Vdcm(Subscriber):
         for hpasid in freed:
             self.epoch[hpasid] = self.epoch.get(hpasid, 0) + 1
 
-    def on_mdev_submit(self, msg: Envelope, req: MdevSubmit):
+    def on_mdev_submit(self, msg: Envelope, req: MdevSubmit) -> Handler:
         """A guest wrote a descriptor into its mdev's virtual portal (F7, mdev path)."""
         vm = self.mdevs.get(req.dev)
         if vm is None or self.guests.get(vm) != msg.src:

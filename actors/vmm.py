@@ -89,7 +89,7 @@ class Vmm(Actor):
             self.pasid_dirs.clear()
         return reply
 
-    def on_vm_info(self, msg: Envelope, req: VmInfo) -> dict:
+    def on_vm_info(self, msg: Envelope, req: VmInfo) -> dict[str, Any]:
         """What the guest's firmware tables say: its RAM (as host frames it maps) and devices."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
@@ -159,7 +159,7 @@ class Vmm(Actor):
                 return {"ret": result["ret"], "error": result.get("error", ""), "done": done}
         return {"ret": 0, "done": done}
 
-    def qi_context(self, desc: dict):
+    def qi_context(self, desc: dict[str, Any]):
         """Context-cache invalidation: the guest (re)programmed a device's PASID directory pointer."""
         dev, pdir = desc.get("dev"), desc.get("pdir")
         if self.ram is None:
@@ -175,7 +175,7 @@ class Vmm(Actor):
     def _no_alloc() -> int:
         raise PermissionError("the vmm never allocates in the guest's PASID table")
 
-    def qi_pasid_cache(self, desc: dict):
+    def qi_pasid_cache(self, desc: dict[str, Any]):
         """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
         if not isinstance(dev, str) or dev not in self.pasid_dirs or not isinstance(gpasid, int) \
@@ -196,7 +196,7 @@ class Vmm(Actor):
             return (yield from self._bind(dev, gpasid, entry))
         return {"ret": 0, "type": "pc", "action": "unbind" if bound else "none"}
 
-    def _bind(self, dev: str, gpasid: int, entry: dict):
+    def _bind(self, dev: str, gpasid: int, entry: dict[str, Any]):
         """Check the guest's first-level entry and pass it down as a bind record."""
         hpasid = self.g2h.get(gpasid)
         if hpasid is None:
@@ -219,19 +219,19 @@ class Vmm(Actor):
             self.shadow[(dev, gpasid)] = Shadow(entry["flptr"], hpasid)
         return {**reply, "type": "pc", "action": "bind", "hpasid": hpasid}
 
-    def qi_piotlb(self, desc: dict):
+    def qi_piotlb(self, desc: dict[str, Any]):
         """PASID-based IOTLB invalidation (address range or whole PASID) -> cache_invalidate."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_IOTLB))
 
-    def qi_dev_iotlb(self, desc: dict):
+    def qi_dev_iotlb(self, desc: dict[str, Any]):
         """PASID-based device-TLB invalidation -> cache_invalidate."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_DEV_IOTLB))
 
-    def qi_pasid_flush(self, desc: dict):
+    def qi_pasid_flush(self, desc: dict[str, Any]):
         """A whole-PASID PASID-cache flush passed down (used after an entry change in place)."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_PASID))
 
-    def _invalidate(self, desc: dict, cache: int):
+    def _invalidate(self, desc: dict[str, Any], cache: int):
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
         hpasid = self.g2h.get(gpasid) if isinstance(gpasid, int) else None
         if dev not in self.devices or hpasid is None:
@@ -249,7 +249,7 @@ class Vmm(Actor):
         reply = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
         return {**reply, "type": desc["type"]}
 
-    def qi_wait(self, desc: dict):
+    def qi_wait(self, desc: dict[str, Any]):
         """The wait descriptor: everything before it has completed once we get here."""
         return {"ret": 0, "type": "wait"}
         yield  # a generator like its siblings

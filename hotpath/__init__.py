@@ -31,6 +31,7 @@ Conventions shared by both implementations:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from vsva.hotpath import layout
 from vsva.hotpath.layout import (
@@ -46,7 +47,7 @@ _LAZY = ("Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES
 
 
 def _load_implementations() -> None:
-    from vsva.hotpath._pure import COUNTER_NAMES
+    from vsva.hotpath.layout import COUNTER_NAMES
     from vsva.hotpath._pure import Iommu as PureIommu
 
     try:  # the compiled class stays reachable even when the twin is forced (tests compare them)
@@ -61,7 +62,7 @@ def _load_implementations() -> None:
                      IMPLEMENTATION=implementation, COUNTER_NAMES=COUNTER_NAMES)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         _load_implementations()
         return globals()[name]

@@ -24,6 +24,8 @@ Model summary (see the package docstring of hotpath for the full conventions):
 
 from __future__ import annotations
 
+from typing import Any
+
 import struct
 
 import numpy as np
@@ -242,7 +244,7 @@ class Iommu:
             "pasid_cache_entries / 4", max(1, int(pasid_cache_entries) // PASID_CACHE_WAYS))
         self._iotlb = _Cache(self.iotlb_sets, self.iotlb_ways)
         self._pc = _Cache(self.pasid_cache_sets, PASID_CACHE_WAYS)
-        self._devs: dict[int, dict] = {}
+        self._devs: dict[int, dict[str, Any]] = {}
         self._defunct_global: set[int] = set()
         self._defunct_dev: dict[int, set[int]] = {}
         self._cnt = [0] * len(COUNTER_NAMES)
@@ -616,7 +618,7 @@ class Iommu:
         return n
 
     # ------------------------------------------------------------------ counters / dump
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, Any]:
         out = {name: self._cnt[i] for i, name in enumerate(COUNTER_NAMES)}
         out["faults_by_reason"] = {FAULT_NAMES.get(r, f"fault-{r}"): n
                                    for r, n in enumerate(self._fault_reasons) if n}
@@ -626,7 +628,7 @@ class Iommu:
         self._cnt = [0] * len(COUNTER_NAMES)
         self._fault_reasons = [0] * N_FAULT_REASONS
 
-    def cache_dump(self) -> dict:
+    def cache_dump(self) -> dict[str, Any]:
         """Plain contents of every cache, sorted (for differential tests and the audit)."""
         iotlb = sorted((e, k >> 36, k & ((1 << 36) - 1), d[0], d[1])
                        for k, e, d in self._iotlb.entries())

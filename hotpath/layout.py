@@ -12,6 +12,8 @@ drivers/iommu/intel/pasid.h names the same fields) and the x86-64 paging format
 
 from __future__ import annotations
 
+from typing import Any
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 ENTRIES_PER_TABLE = 512
@@ -167,7 +169,7 @@ def encode_pasid_entry(*, flptr: int, slptr: int, did: int, sre: bool = False,
     return [w0, w1, w2, 0, 0, 0, 0, 0]
 
 
-def decode_pasid_entry(words: list[int]) -> dict:
+def decode_pasid_entry(words: list[int]) -> dict[str, Any]:
     """Named fields of a PASID entry; used by snapshots, the audit and tests."""
     w0, w1, w2 = words[0], words[1], words[2]
     return {
@@ -197,7 +199,7 @@ INV_NAMES = {"global": INV_GLOBAL, "domain": INV_DOMAIN, "pasid": INV_PASID,
              "page": INV_PAGE, "addr": INV_PAGE, "pasid-addr": INV_PAGE}
 
 
-def inv_granularity(g) -> int:
+def inv_granularity(g: int | str) -> int:
     """Accept an INV_* int or one of INV_NAMES; raise ValueError otherwise."""
     if isinstance(g, str):
         try:

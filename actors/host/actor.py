@@ -93,7 +93,7 @@ class Host(Actor):
         self.notify_failures = 0
 
     # ---- boot: the VFIO container -------------------------------------------------------
-    def on_vfio_open(self, msg: Envelope, req: VfioOpen) -> dict:
+    def on_vfio_open(self, msg: Envelope, req: VfioOpen) -> dict[str, Any]:
         """A VMM opens its VM's devices: domain, second level over shuffled RAM frames, IOASID set."""
         ret, why = self.vfio.open_checks(msg.src, req.vm, req.devices, req.ram_pages, req.quota)
         if ret:
@@ -101,7 +101,7 @@ class Host(Actor):
         dom = self.vfio.open(msg.src, req.vm, req.devices, req.ram_pages, req.quota, self.rng.shuffle)
         return {"ret": 0, "ram_frames": dom.ram_frames}
 
-    def vfio_caller(self, msg: Envelope, dev: str | None = None) -> tuple[VmDomain | None, dict | None]:
+    def vfio_caller(self, msg: Envelope, dev: str | None = None) -> tuple[VmDomain | None, dict[str, Any] | None]:
         """The caller's VM, or the refusal: no open VM (-EPERM), `dev` not in its container (-ENODEV)."""
         dom = self.vfio.caller(msg)
         if dom is None:
@@ -111,7 +111,7 @@ class Host(Actor):
         return dom, None
 
     # ---- F1 / F5: the IOASID allocator --------------------------------------------------
-    def on_ioasid_alloc(self, msg: Envelope, req: IoasidAlloc) -> dict:
+    def on_ioasid_alloc(self, msg: Envelope, req: IoasidAlloc) -> dict[str, Any]:
         """ioasid_alloc() in the caller VM's set, bounded by the set's quota."""
         dom, refused = self.vfio_caller(msg)
         if refused:
@@ -209,7 +209,7 @@ class Host(Actor):
             self.log("quarantine", f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
                      f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined")
 
-    def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict | None:
+    def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict[str, Any] | None:
         """The naive policy's deferred work: the IOMMU driver's teardown, whenever it runs."""
         if msg.src != self.name:
             return failed(-E.EPERM, error="deferred cleanup is the host's own work")
@@ -218,13 +218,13 @@ class Host(Actor):
                 self.teardown_entry(dev, req.hpasid, req.vm)
         return None
 
-    def on_pool_status(self, msg: Envelope, req: PoolStatus) -> dict:
+    def on_pool_status(self, msg: Envelope, req: PoolStatus) -> dict[str, Any]:
         """A cheap view of the allocator and teardowns (for experiments polling a live host)."""
         return {"ret": 0, "free_pool": len(self.ioasid.pool), "reclaiming": len(self.ioasid.reclaiming),
                 "quarantined": len(self.ioasid.quarantined), "vms": sorted(self.vfio.domains),
                 "teardowns": [dict(t) for t in self.teardowns]}
 
-    def on_pasid_bindings(self, msg: Envelope, req: PasidBindings) -> dict:
+    def on_pasid_bindings(self, msg: Envelope, req: PasidBindings) -> dict[str, Any]:
         """Every bound (vm, gpasid, hpasid, dev, users): what a restarted subscriber (kvm, vdcm)
         rebuilds its translation tables from before it serves (the notifier's current state)."""
         if msg.src not in self.subscribers:
@@ -371,7 +371,7 @@ class Host(Actor):
             ioasid.svm = None
 
     # ---- F3: cache invalidation passed down -------------------------------------------------
-    def on_cache_invalidate(self, msg: Envelope, req: CacheInvalidate) -> dict:
+    def on_cache_invalidate(self, msg: Envelope, req: CacheInvalidate) -> dict[str, Any]:
         """intel_iommu_sva_invalidate() for the uapi invalidation record (invalidate.py)."""
         dom, refused = self.vfio_caller(msg, req.dev)
         if refused:
@@ -457,7 +457,7 @@ class Host(Actor):
         self.prq.answered(req, self.now)
         return reply["code"], -E.EFAULT, f"page response {reply['code']}"
 
-    def on_page_response(self, msg: Envelope, resp: PageResponse) -> dict:
+    def on_page_response(self, msg: Envelope, resp: PageResponse) -> dict[str, Any]:
         """intel_svm_page_response(): match the VMM's page group response to its request."""
         dom, refused = self.vfio_caller(msg)
         if refused:
@@ -472,7 +472,7 @@ class Host(Actor):
         self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": resp.code})
         return {"ret": 0}
 
-    def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict | None]:
+    def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict[str, Any] | None]:
         if resp.dev not in dom.devices:
             return -E.ENODEV, f"{resp.dev} is not assigned to VM {dom.vm}", None
         ret, why, req = self.prq.match(self.vfio.physical(resp.dev).name, resp.dev, dom.vm, resp.hpasid, resp.grpid)

@@ -26,8 +26,8 @@ def run_descriptor(iommu: Any, device_id: int, work: dict[str, Any]) -> tuple[in
     """(status, fault_va, done): done counts the bytes moved before the fault."""
     hpasid, n = work["hpasid"], work["len"]
     if work["op"] == "copy":
-        return tuple(iommu.dma_copy(device_id, hpasid, work["src"], work["dst"], n)[:3])  # type: ignore[return-value]
-    return tuple(iommu.dma_fill(device_id, hpasid, work["dst"], n, work["pattern"])[:3])  # type: ignore[return-value]
+        return tuple(iommu.dma_copy(device_id, hpasid, work["src"], work["dst"], n)[:3])
+    return tuple(iommu.dma_fill(device_id, hpasid, work["dst"], n, work["pattern"])[:3])
 
 
 def pri_recoverable(pri: bool, status: int) -> bool:

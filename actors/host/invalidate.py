@@ -26,7 +26,7 @@ INV_GRANU_OK = {
 INV_CACHE_ALL = IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB | IOMMU_CACHE_INV_TYPE_PASID
 
 
-def checks(info: dict, dom: Any) -> tuple[int, str]:
+def checks(info: dict[str, Any], dom: Any) -> tuple[int, str]:
     """The uapi rules: known version, cache bits, a granularity every named cache supports."""
     if info.get("version") != 1:
         return -E.EINVAL, "invalidation info version"
@@ -52,7 +52,7 @@ def checks(info: dict, dom: Any) -> tuple[int, str]:
     return 0, ""
 
 
-def apply(iommu: Any, pdev: Any, dom: Any, info: dict) -> None:
+def apply(iommu: Any, pdev: Any, dom: Any, info: dict[str, Any]) -> None:
     """Flush what a checked record names, for the VM's domain and the record's PASID."""
     granu, cache, pasid = info["granularity"], info["cache"], info.get("pasid", 0)
     if granu == IOMMU_INV_GRANU_ADDR:

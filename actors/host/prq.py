@@ -39,7 +39,7 @@ class PageRequestQueue:
     depth: int = 32
     timeout: float = 1.0  # the host answers INVALID for the guest after this long
     max_faults: int = 1024  # page requests one descriptor may raise
-    pending: list[dict] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
     overflow: bool = False  # PRO: set when a request found the queue full, cleared when it empties
     stats: PrqStats = field(default_factory=PrqStats)
     latencies: list[float] = field(default_factory=list)  # queued -> response, the last LATENCIES_KEPT
@@ -60,7 +60,7 @@ class PageRequestQueue:
             return True
         return False
 
-    def queue(self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float) -> dict:
+    def queue(self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float) -> dict[str, Any]:
         """A new request for the page of `addr`, with a free group index on `dev`."""
         seq = self._seq[vm] = self._seq.get(vm, 0) + 1
         req = {"dev": dev, "vdev": vdev, "pasid": hpasid, "vm": vm, "addr": addr & ~(PAGE_SIZE - 1),
@@ -79,16 +79,16 @@ class PageRequestQueue:
         self._grpid[dev] = (grpid + 1) % PRQ_GRPID_MAX
         return grpid
 
-    def remove(self, req: dict) -> None:
+    def remove(self, req: dict[str, Any]) -> None:
         if req in self.pending:
             self.pending.remove(req)
         if not self.pending:
             self.overflow = False  # the queue drained: clear PRO
 
-    def answered(self, req: dict, now: float) -> None:
+    def answered(self, req: dict[str, Any], now: float) -> None:
         self.latencies = self.latencies[-(LATENCIES_KEPT - 1):] + [now - req["queued"]]
 
-    def drain(self, dev: str, hpasid: int) -> list[dict]:
+    def drain(self, dev: str, hpasid: int) -> list[dict[str, Any]]:
         """intel_svm_drain_prq(): take every request of (device, PASID) off the queue."""
         drained = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid]
         for req in drained:
@@ -96,7 +96,7 @@ class PageRequestQueue:
         self.stats.drained += len(drained)
         return drained
 
-    def match(self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int) -> tuple[int, str, dict | None]:
+    def match(self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int) -> tuple[int, str, dict[str, Any] | None]:
         """The outstanding request a response of VM `vm` answers, or why it answers none."""
         req = next((r for r in self.pending if r["dev"] == dev and r["grpid"] == grpid), None)
         if req is None:

@@ -62,7 +62,7 @@ class Svm:
             self.vdevs.pop(vdev, None)
 
 
-def bind_checks(pdev: Any, data: dict) -> int:
+def bind_checks(pdev: Any, data: dict[str, Any]) -> int:
     """Steps 1-4 of intel_svm_bind_gpasid: 0 or the kernel's error code."""
     if pdev is None or not data:
         return -E.EINVAL
@@ -81,7 +81,7 @@ def bind_checks(pdev: Any, data: dict) -> int:
     return 0
 
 
-def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict) -> int:
+def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict[str, Any]) -> int:
     """intel_pasid_setup_nested(): validate the guest's paging mode and flags, write the entry."""
     vtd = data.get("vtd_flags", 0)
     if not isinstance(vtd, int) or isinstance(vtd, bool) or vtd & ~(VTD_FLAGS_LAST - 1):

@@ -87,8 +87,8 @@ class Vfio:
     """Devices and open VMs, and the checks VFIO makes on every request."""
 
     def __init__(self, config: dict[str, Any], frames: HostFrames, iommu: Any):
-        self.devices_cfg: dict[str, dict] = config["devices"]
-        self.vm_names: dict[int, dict] = {int(k): v for k, v in config.get("vms", {}).items()}
+        self.devices_cfg: dict[str, dict[str, Any]] = config["devices"]
+        self.vm_names: dict[int, dict[str, Any]] = {int(k): v for k, v in config.get("vms", {}).items()}
         self.vdcm: str = config.get("vdcm", "vdcm")
         self.frames = frames
         self.iommu = iommu
@@ -97,7 +97,7 @@ class Vfio:
         self.phys: dict[str, PhysDevice] = {name: self._probe(name, cfg) for name, cfg in self.devices_cfg.items()
                                             if "parent" not in cfg}
 
-    def _probe(self, name: str, cfg: dict) -> PhysDevice:
+    def _probe(self, name: str, cfg: dict[str, Any]) -> PhysDevice:
         """Give a physical device its context entry: a PASID directory in host memory."""
         dev = PhysDevice(name, cfg["id"], cfg.get("pci", True), cfg.get("max_pasids", PASID_MAX),
                          cfg.get("ats", True), pri=bool(cfg.get("pri", True)))
@@ -118,7 +118,7 @@ class Vfio:
         vm = self.vmm_of.get(msg.src)
         return None if vm is None else self.domains.get(vm)
 
-    def open_checks(self, src: str, vm: int, devices: list, pages: int, quota: int) -> tuple[int, str]:
+    def open_checks(self, src: str, vm: int, devices: list[Any], pages: int, quota: int) -> tuple[int, str]:
         """Why `src` may not open VM `vm` with these devices and sizes: (errno, why) or (0, "")."""
         names = self.vm_names.get(vm)
         if names is None or names["vmm"] != src:
