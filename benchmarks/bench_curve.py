@@ -23,8 +23,18 @@ import zmq
 
 from vsva.runtime.curve import ActorKeys, create_keys, load_keys
 
-BODY = {"v": 1, "id": 1, "src": "a", "dst": "b", "kind": "ping", "corr": None, "rr": True, "clock": 1,
-        "flow": "", "body": {"x": 12345}}
+BODY = {
+    "v": 1,
+    "id": 1,
+    "src": "a",
+    "dst": "b",
+    "kind": "ping",
+    "corr": None,
+    "rr": True,
+    "clock": 1,
+    "flow": "",
+    "body": {"x": 12345},
+}
 
 
 def _sockets(ctx, me: str, peer: str, mode: str, run_dir: str, ports: dict) -> tuple:
@@ -125,11 +135,17 @@ def main() -> None:
             runs[mode].append(measure(mode, args.seconds))
     med = {m: statistics.median(v) for m, v in runs.items()}
     for mode, values in runs.items():
-        print(f"{mode:6} median {med[mode]:8.1f} us/round trip  (runs: "
-              + ", ".join(f"{v:.0f}" for v in values) + ")")
+        print(
+            f"{mode:6} median {med[mode]:8.1f} us/round trip  (runs: "
+            + ", ".join(f"{v:.0f}" for v in values)
+            + ")"
+        )
     ratios = [c / t for c, t in zip(runs["curve"], runs["tcp"])]
-    print(f"curve / plain tcp: {med['curve'] / med['tcp']:.2f}x (per-repeat ratios "
-          + ", ".join(f"{r:.2f}" for r in ratios) + f"); extra {med['curve'] - med['tcp']:.1f} us per round trip")
+    print(
+        f"curve / plain tcp: {med['curve'] / med['tcp']:.2f}x (per-repeat ratios "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f"); extra {med['curve'] - med['tcp']:.1f} us per round trip"
+    )
     print(f"tcp / ipc: {med['tcp'] / med['ipc']:.2f}x")
 
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+
 from vsva.ops import capacity
 from vsva.ops.capacity import CapacityError
 from vsva.ops.config import VmConfig

@@ -156,18 +156,51 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-_SCALARS = st.one_of(st.integers(-3, 70000), st.floats(allow_nan=False, width=32), st.booleans(),
-                     st.sampled_from(["", "iotlb", "vms", "4k", "lines", "timeline", "sets", "hit_rate", "a"]))
-_KEYS = st.sampled_from(["runner", "name", "repeat", "seed", "timeout", "points", "metrics", "sets", "ways",
-                         "working_set", "page_size", "x", "y", "kind", "where", "vms", "bogus"])
-_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(_KEYS, inner, max_size=3)), max_leaves=5)
+_SCALARS = st.one_of(
+    st.integers(-3, 70000),
+    st.floats(allow_nan=False, width=32),
+    st.booleans(),
+    st.sampled_from(["", "iotlb", "vms", "4k", "lines", "timeline", "sets", "hit_rate", "a"]),
+)
+_KEYS = st.sampled_from(
+    [
+        "runner",
+        "name",
+        "repeat",
+        "seed",
+        "timeout",
+        "points",
+        "metrics",
+        "sets",
+        "ways",
+        "working_set",
+        "page_size",
+        "x",
+        "y",
+        "kind",
+        "where",
+        "vms",
+        "bogus",
+    ]
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=3)),
+    max_leaves=5,
+)
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
-@given(st.dictionaries(st.sampled_from(["experiment", "params", "vary", "plots", "extra"]),
-                       st.one_of(st.dictionaries(_KEYS, _VALUES, max_size=5), st.lists(st.dictionaries(_KEYS, _VALUES, max_size=4), max_size=2)),
-                       max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["experiment", "params", "vary", "plots", "extra"]),
+        st.one_of(
+            st.dictionaries(_KEYS, _VALUES, max_size=5),
+            st.lists(st.dictionaries(_KEYS, _VALUES, max_size=4), max_size=2),
+        ),
+        max_size=4,
+    )
+)
 def test_any_document_parses_or_is_one_sweep_error(data):
     """Whatever the TOML holds: a Sweep, or one SweepError line; never another exception."""
     try:
