@@ -652,7 +652,7 @@ def kill(
 
 @app.command()
 def audit(
-    as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations}."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations, incomplete}."),
     state_dir: str | None = STATE_DIR,
 ) -> None:
     """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
@@ -663,7 +663,14 @@ def audit(
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:
-        typer.echo("audit: clean" if result["ok"] else f"audit: {len(result['violations'])} violation(s)")
+        silent = result.get("incomplete", [])
+        typer.echo(
+            "audit: clean"
+            if result["ok"]
+            else f"audit: {len(result['violations'])} violation(s)" + (", incomplete" if silent else "")
+        )
+        for line in silent:
+            typer.echo(f"  incomplete: {line}")
         for v in result["violations"]:
             typer.echo(
                 f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "

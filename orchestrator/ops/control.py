@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Call, Gather, Handler, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
@@ -27,6 +28,7 @@ from vsva.ops.pacing import gather_bounded, orch_config
 from vsva.ops.topology import HOST, ORCH, Topology, guest_name, vmm_name
 
 WORKLOAD_TIMEOUT = 120.0
+AUDIT_ANSWER_S = 2.0  # an actor that has not answered its snapshot by then fails the audit
 VM_STOP_TIMEOUT = 60.0
 
 
@@ -93,20 +95,34 @@ class Orchestrator(Actor):
             waited += tick
 
     def snapshot_all(self, names: list[str] | None = None) -> Handler:
-        """Every (listed) actor's state at a quiescent point (no reclaim pending)."""
+        """Every (listed) actor's state at a quiescent point (no reclaim pending), each asked
+        to answer within AUDIT_ANSWER_S: (snapshots of those that did, why each other did
+        not)."""
         yield from self.settle()
         names = self.topology.names() if names is None else names
-        replies = yield Gather([Call(n, Snapshot()) for n in names])
-        return {
-            n: r.get("state", {"error": r.get("error", ""), "ret": r.get("ret")})
+        replies = yield Gather([Call(n, Snapshot(), timeout=AUDIT_ANSWER_S) for n in names])
+        snaps = {n: r["state"] for n, r in zip(names, replies) if r.get("ret") == 0 and "state" in r}
+        silent = [
+            f"{n} did not answer in {AUDIT_ANSWER_S} s"
+            if r.get("ret") == -E.ETIMEDOUT
+            else f"{n} refused its snapshot ({E.name(r.get('ret', -E.EIO))})"
             for n, r in zip(names, replies)
-        }
+            if n not in snaps
+        ]
+        return snaps, silent
 
     def audit_live(self, names: list[str] | None = None) -> Handler:
-        """Snapshot and audit the live topology: {"ok", "violations", "snapshots"}."""
-        snaps = yield from self.snapshot_all(names)
+        """Snapshot and audit the live topology: {"ok", "violations", "incomplete", "snapshots"}.
+        It never passes by silence: an actor that did not answer makes it incomplete, and an
+        incomplete audit fails, naming who (`incomplete`: one line per actor)."""
+        snaps, incomplete = yield from self.snapshot_all(names)
         violations = audit(snaps, self.topology) + quarantine_leaks(snaps)
-        return {"ok": not violations, "violations": violations, "snapshots": snaps}
+        return {
+            "ok": not violations and not incomplete,
+            "violations": violations,
+            "incomplete": incomplete,
+            "snapshots": snaps,
+        }
 
     def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT) -> Handler:
         """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}.

@@ -540,7 +540,11 @@ class Supervisor:
                 def run_audit(rid=rid):
                     res = yield from self.audit_task()
                     self._reply(
-                        rid, {"ok": True, "audit": {"ok": res["ok"], "violations": res["violations"]}}
+                        rid,
+                        {
+                            "ok": True,
+                            "audit": {k: res.get(k, []) for k in ("ok", "violations", "incomplete")},
+                        },
                     )
 
                 self.spawn(run_audit)
