@@ -18,8 +18,9 @@ from __future__ import annotations
 import inspect
 import random
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator
+from typing import Any
 
 from vsva.actors import errno as E
 from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup

@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Callable, Iterable, Literal, Protocol, overload
+from collections.abc import Callable, Iterable
+from typing import Literal, Protocol, overload
 
 from vsva.hotpath.layout import (
-    ADDR_MASK, ENTRIES_PER_TABLE, FL_P, FL_RW, FL_US, LEVELS, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
-    PASID_ENTRY_SIZE, PDE_PRESENT, SL_R, SL_W, SL_X, pasid_dir_index, pasid_table_index, table_index,
+    ADDR_MASK,
+    ENTRIES_PER_TABLE,
+    FL_P,
+    FL_RW,
+    FL_US,
+    LEVELS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PASID_DIR_FRAMES,
+    PASID_ENTRY_SIZE,
+    PDE_PRESENT,
+    SL_R,
+    SL_W,
+    SL_X,
+    pasid_dir_index,
+    pasid_table_index,
+    table_index,
 )
 
 
@@ -36,7 +52,7 @@ class PhysMem:
         self.nframes = len(buf) // PAGE_SIZE
 
     @classmethod
-    def create(cls, path: str, nframes: int) -> "PhysMem":
+    def create(cls, path: str, nframes: int) -> PhysMem:
         """Create the shared-memory file (zero-filled) and map it."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -46,7 +62,7 @@ class PhysMem:
             os.close(fd)
 
     @classmethod
-    def open(cls, path: str) -> "PhysMem":
+    def open(cls, path: str) -> PhysMem:
         """Map an existing shared-memory file (another process created it)."""
         fd = os.open(path, os.O_RDWR)
         try:
@@ -55,7 +71,7 @@ class PhysMem:
             os.close(fd)
 
     @classmethod
-    def anonymous(cls, nframes: int) -> "PhysMem":
+    def anonymous(cls, nframes: int) -> PhysMem:
         """Memory private to one process: the deterministic runtime and unit tests."""
         return cls(mmap.mmap(-1, nframes * PAGE_SIZE))
 

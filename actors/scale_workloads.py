@@ -12,7 +12,8 @@ inv_flood  the noisy neighbour: bind one PASID on the passthrough function and i
 from __future__ import annotations
 
 import time
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from vsva.actors.base import Call
 from vsva.actors.catalogue import QiSubmit

@@ -20,17 +20,42 @@ from typing import Any
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, failed
-from vsva.actors.memory import GuestRam, PasidDirectory
 from vsva.actors.catalogue import (
-    BindGpasid, CacheInvalidate, IoasidAlloc, IoasidFree, PageRequest, PageResponse, QiSubmit, UnbindGpasid,
-    VcmdAlloc, VcmdFree, VfioClose, VfioOpen, VmInfo, VmStart, VmStop, VPageRequest, VPageResponse,
+    BindGpasid,
+    CacheInvalidate,
+    IoasidAlloc,
+    IoasidFree,
+    PageRequest,
+    PageResponse,
+    QiSubmit,
+    UnbindGpasid,
+    VcmdAlloc,
+    VcmdFree,
+    VfioClose,
+    VfioOpen,
+    VmInfo,
+    VmStart,
+    VmStop,
+    VPageRequest,
+    VPageResponse,
 )
+from vsva.actors.memory import GuestRam, PasidDirectory
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import (
-    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
-    IOMMU_GPASID_BIND_VERSION_1, IOMMU_INV_ADDR_FLAGS_LEAF, IOMMU_INV_ADDR_FLAGS_PASID,
-    IOMMU_INV_GRANU_ADDR, IOMMU_INV_GRANU_PASID, IOMMU_PAGE_RESP_INVALID, IOMMU_PASID_FORMAT_INTEL_VTD,
-    IOMMU_SVA_GPASID_VAL, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+    IOMMU_CACHE_INV_TYPE_IOTLB,
+    IOMMU_CACHE_INV_TYPE_PASID,
+    IOMMU_GPASID_BIND_VERSION_1,
+    IOMMU_INV_ADDR_FLAGS_LEAF,
+    IOMMU_INV_ADDR_FLAGS_PASID,
+    IOMMU_INV_GRANU_ADDR,
+    IOMMU_INV_GRANU_PASID,
+    IOMMU_PAGE_RESP_INVALID,
+    IOMMU_PASID_FORMAT_INTEL_VTD,
+    IOMMU_SVA_GPASID_VAL,
+    VTD_FLAG_EAFE,
+    VTD_FLAG_SRE,
+    VTD_FLAG_WPE,
 )
 from vsva.hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIRST_ONLY, decode_pasid_entry
 

@@ -35,9 +35,22 @@ from typing import Any
 
 from vsva.hotpath import layout
 from vsva.hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FAULT_NAMES, INV_DOMAIN, INV_GLOBAL,
-    INV_PAGE, INV_PASID, PAGE_SHIFT, PAGE_SIZE, PASID_MAX, describe_fault, fault_code,
-    fault_level, fault_reason,
+    ACCESS_EXEC,
+    ACCESS_PRIV,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    FAULT_NAMES,
+    INV_DOMAIN,
+    INV_GLOBAL,
+    INV_PAGE,
+    INV_PASID,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PASID_MAX,
+    describe_fault,
+    fault_code,
+    fault_level,
+    fault_reason,
 )
 
 # The implementations (numpy, the compiled module) load on first use of one of these names
@@ -47,8 +60,8 @@ _LAZY = ("Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES
 
 
 def _load_implementations() -> None:
-    from vsva.hotpath.layout import COUNTER_NAMES
     from vsva.hotpath._pure import Iommu as PureIommu
+    from vsva.hotpath.layout import COUNTER_NAMES
 
     try:  # the compiled class stays reachable even when the twin is forced (tests compare them)
         from vsva.hotpath._translate import Iommu as compiled

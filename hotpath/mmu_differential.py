@@ -42,10 +42,36 @@ import numpy as np
 
 from vsva.actors.memory import FL_LINK, FrameAllocator, PasidDirectory, PhysMem, RadixTable
 from vsva.hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, ADDR_MASK, FAULT_FL_NOT_PRESENT,
-    FAULT_FL_PERMISSION, FAULT_FL_RESERVED, FAULT_NON_CANONICAL, FL_A, FL_D, FL_P, FL_PAT_LARGE,
-    FL_PS, FL_RSVD_ADDR, FL_RW, FL_US, FL_XD, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES, SL_PS, SL_R, SL_W, SL_X,
-    describe_fault, encode_pasid_entry, fault_reason, is_canonical, table_index,
+    ACCESS_EXEC,
+    ACCESS_PRIV,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    ADDR_MASK,
+    FAULT_FL_NOT_PRESENT,
+    FAULT_FL_PERMISSION,
+    FAULT_FL_RESERVED,
+    FAULT_NON_CANONICAL,
+    FL_A,
+    FL_D,
+    FL_P,
+    FL_PAT_LARGE,
+    FL_PS,
+    FL_RSVD_ADDR,
+    FL_RW,
+    FL_US,
+    FL_XD,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PASID_DIR_FRAMES,
+    SL_PS,
+    SL_R,
+    SL_W,
+    SL_X,
+    describe_fault,
+    encode_pasid_entry,
+    fault_reason,
+    is_canonical,
+    table_index,
 )
 
 MEM_FRAMES = 2048  # 8 MiB of flat memory
@@ -503,7 +529,7 @@ def run(iommu_cls, *, seed: int, worlds: int, accesses: int, report: Report | No
     rng = random.Random(seed)
     report = report or Report()
     ref = reference or Reference()
-    for w in range(worlds):
+    for _ in range(worlds):
         world = World(rng, iommu_cls, wpe=rng.random() < 0.5)
         ref.load(world)
         if ref.err_offset is None:

@@ -19,8 +19,22 @@ import random
 import numpy as np
 
 from vsva.hotpath.layout import (
-    ADDR_MASK, FL_P, FL_PS, FL_RW, FL_US, FL_XD, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES,
-    PASID_ENTRY_SIZE, PDE_PRESENT, SL_PS, SL_R, SL_W, encode_pasid_entry, table_index,
+    ADDR_MASK,
+    FL_P,
+    FL_PS,
+    FL_RW,
+    FL_US,
+    FL_XD,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PASID_DIR_FRAMES,
+    PASID_ENTRY_SIZE,
+    PDE_PRESENT,
+    SL_PS,
+    SL_R,
+    SL_W,
+    encode_pasid_entry,
+    table_index,
 )
 
 _INTERMEDIATE_FL = FL_P | FL_RW | FL_US

@@ -15,15 +15,25 @@ answers the page group.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import asdict, dataclass
-from typing import Any, Generator
+from typing import Any
 
 import msgpack
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, Wait, failed
 from vsva.actors.catalogue import (
-    DevSubmit, FlowWatch, MdevSubmit, QiSubmit, StartWorkload, VcmdAlloc, VcmdFree, VmInfo, VPageRequest, VPageResponse,
+    DevSubmit,
+    FlowWatch,
+    MdevSubmit,
+    QiSubmit,
+    StartWorkload,
+    VcmdAlloc,
+    VcmdFree,
+    VmInfo,
+    VPageRequest,
+    VPageResponse,
 )
 from vsva.actors.guest.kernel import GuestKernel, Process
 from vsva.actors.memory import GuestRam, PasidDirectory

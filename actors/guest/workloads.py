@@ -7,7 +7,8 @@ The topology names one per VM (`workload`, a key of WORKLOADS).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call

@@ -56,22 +56,48 @@ from vsva import hotpath
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Call, Gather, Wait, failed
 from vsva.actors.catalogue import (
-    BindGpasid, CacheInvalidate, DevSubmit, IoasidAlloc, IoasidCleanup, IoasidFree, IoasidNotify, PageRequest,
-    PageResponse, PasidBindings, Ping, PoolStatus, UnbindGpasid, VfioClose, VfioOpen,
+    BindGpasid,
+    CacheInvalidate,
+    DevSubmit,
+    IoasidAlloc,
+    IoasidCleanup,
+    IoasidFree,
+    IoasidNotify,
+    PageRequest,
+    PageResponse,
+    PasidBindings,
+    Ping,
+    PoolStatus,
+    UnbindGpasid,
+    VfioClose,
+    VfioOpen,
 )
 from vsva.actors.host import invalidate
 from vsva.actors.host.dma import DmaStats, pri_recoverable, run_descriptor
 from vsva.actors.host.ioasid import Ioasid, IoasidCore
 from vsva.actors.host.prq import PageRequestQueue
 from vsva.actors.host.svm import (
-    SVM_FLAG_GUEST_MODE, SVM_FLAG_GUEST_PASID, Sdev, Svm, bind_checks, setup_nested, tear_down_entry,
+    SVM_FLAG_GUEST_MODE,
+    SVM_FLAG_GUEST_PASID,
+    Sdev,
+    Svm,
+    bind_checks,
+    setup_nested,
+    tear_down_entry,
 )
 from vsva.actors.host.vfio import HostFrames, PhysDevice, Vfio, VmDomain
 from vsva.actors.messages import Envelope
 from vsva.actors.policy import DEFAULT_POLICY, Policy
 from vsva.actors.uapi import (
-    EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND, IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE,
-    IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS, IOMMU_SVA_GPASID_VAL,
+    EV_BIND,
+    EV_FREE,
+    EV_FREE_SET,
+    EV_UNBIND,
+    IOMMU_FAULT_PERM_READ,
+    IOMMU_FAULT_PERM_WRITE,
+    IOMMU_PAGE_RESP_INVALID,
+    IOMMU_PAGE_RESP_SUCCESS,
+    IOMMU_SVA_GPASID_VAL,
 )
 from vsva.hotpath.layout import ACCESS_READ, PAGE_SHIFT, describe_fault
 

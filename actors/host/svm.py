@@ -14,7 +14,11 @@ from typing import Any
 from vsva.actors import errno as E
 from vsva.actors.catalogue import IoasidNotify
 from vsva.actors.uapi import (
-    IOMMU_GPASID_BIND_VERSION_1, IOMMU_PASID_FORMAT_INTEL_VTD, VTD_FLAG_EAFE, VTD_FLAG_SRE, VTD_FLAG_WPE,
+    IOMMU_GPASID_BIND_VERSION_1,
+    IOMMU_PASID_FORMAT_INTEL_VTD,
+    VTD_FLAG_EAFE,
+    VTD_FLAG_SRE,
+    VTD_FLAG_WPE,
     VTD_FLAGS_LAST,
 )
 from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX, encode_pasid_entry

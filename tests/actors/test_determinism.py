@@ -27,8 +27,8 @@ def test_scheduler_seed_changes_interleaving(vsva):
     """Same topology, different scheduler seeds: at least one interleaving differs, and every
     interleaving still passes."""
     from vsva.ops.control import Controller
-    from vsva.runtime.sim import SimRuntime
     from vsva.ops.topology import default_topology
+    from vsva.runtime.sim import SimRuntime
 
     t = default_topology(2, seed=1)
     orders = []
@@ -36,7 +36,7 @@ def test_scheduler_seed_changes_interleaving(vsva):
         rt = SimRuntime(t, seed=seed)
         c = rt.add(Controller(t, env=rt.env({})))
         rt.start()
-        rt.run(until=lambda: c.result is not None)
+        rt.run(until=lambda c=c: c.result is not None)
         assert c.result["violations"] == [], seed
         assert all(w["ret"] == 0 for w in c.result["workloads"].values()), seed
         orders.append([(r["src"], r["dst"], r["kind"], r["flow"]) for r in rt.trace])
@@ -48,7 +48,10 @@ def test_scheduler_seed_changes_interleaving(vsva):
 def test_topology_seed_changes_ram_layout(vsva):
     """The host shuffles each VM's RAM frames from its own seeded stream."""
     a, b, c = vsva.world(1, seed=3), vsva.world(1, seed=3), vsva.world(1, seed=4)
-    frames = lambda w: w.started[1]["ram_frames"]
+
+    def frames(w):
+        return w.started[1]["ram_frames"]
+
     assert frames(a) == frames(b) != frames(c)
     assert sorted(frames(a)) == sorted(frames(c))
     assert frames(a) != sorted(frames(a))  # not in order: GPA -> HPA is a real mapping

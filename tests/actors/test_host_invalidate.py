@@ -14,12 +14,28 @@ import pytest
 
 from vsva.actors import errno as E
 from vsva.actors.uapi import (
-    IOMMU_CACHE_INV_TYPE_DEV_IOTLB as DEV, IOMMU_CACHE_INV_TYPE_IOTLB as TLB,
-    IOMMU_CACHE_INV_TYPE_PASID as PC, IOMMU_INV_ADDR_FLAGS_PASID, IOMMU_INV_GRANU_ADDR as ADDR,
-    IOMMU_INV_GRANU_DOMAIN as DOMAIN, IOMMU_INV_GRANU_PASID as PASID,
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB as DEV,
 )
-from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE
+from vsva.actors.uapi import (
+    IOMMU_CACHE_INV_TYPE_IOTLB as TLB,
+)
+from vsva.actors.uapi import (
+    IOMMU_CACHE_INV_TYPE_PASID as PC,
+)
+from vsva.actors.uapi import (
+    IOMMU_INV_ADDR_FLAGS_PASID,
+)
+from vsva.actors.uapi import (
+    IOMMU_INV_GRANU_ADDR as ADDR,
+)
+from vsva.actors.uapi import (
+    IOMMU_INV_GRANU_DOMAIN as DOMAIN,
+)
+from vsva.actors.uapi import (
+    IOMMU_INV_GRANU_PASID as PASID,
+)
 from vsva.analysis.audit import audit
+from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE
 
 VA, PAGES = 0x4000_0000, 4
 VPNS = [(VA >> PAGE_SHIFT) + i for i in range(PAGES)]

@@ -12,16 +12,18 @@ jump virtual time to `prq_timeout`. `Wire` sends requests and waits for exactly 
 
 from __future__ import annotations
 
-
 import pytest
 
 from vsva.actors import errno as E
 from vsva.actors import guest as guest_mod
 from vsva.actors.uapi import (
-    IOMMU_FAULT_PERM_READ, IOMMU_FAULT_PERM_WRITE, IOMMU_PAGE_RESP_INVALID, IOMMU_PAGE_RESP_SUCCESS,
+    IOMMU_FAULT_PERM_READ,
+    IOMMU_FAULT_PERM_WRITE,
+    IOMMU_PAGE_RESP_INVALID,
+    IOMMU_PAGE_RESP_SUCCESS,
 )
-from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 from vsva.analysis.audit import audit
+from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 
 VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4f00_0000
 

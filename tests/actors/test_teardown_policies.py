@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 
 from vsva.actors import errno as E
-from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 from vsva.analysis.audit import audit
+from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 
 VA, PAGES = 0x4000_0000, 4
 VA2 = 0x7000_0000

@@ -9,11 +9,10 @@ the host that is the VFIO fd closing, and it must tear the VM down by itself (do
 
 from __future__ import annotations
 
-
 import pytest
 
-from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 from vsva.analysis.audit import audit
+from vsva.hotpath.layout import PAGE_SIZE, PGTT_FIRST_ONLY, encode_pasid_entry
 
 POLICIES = ["naive", "ordered", "reclaim"]
 VA, PAGES = 0x4000_0000, 4

@@ -14,8 +14,20 @@ from hypothesis import strategies as st
 
 from vsva import hotpath
 from vsva.hotpath.layout import (
-    ACCESS_EXEC, ACCESS_PRIV, ACCESS_READ, ACCESS_WRITE, FL_A, FL_D, FL_P, FL_PS, FL_RW,
-    FL_US, FL_XD, PAGE_SIZE, SL_R, SL_W,
+    ACCESS_EXEC,
+    ACCESS_PRIV,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    FL_A,
+    FL_D,
+    FL_P,
+    FL_PS,
+    FL_RW,
+    FL_US,
+    FL_XD,
+    PAGE_SIZE,
+    SL_R,
+    SL_W,
 )
 from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
@@ -211,7 +223,7 @@ def test_agree_on_a_long_random_run(ways):
     """A longer fixed-seed run (no shrinking) mixing everything with many lookups."""
     rng = np.random.default_rng(2024)
     pair = Pair(1, ways)
-    for step in range(600):
+    for _ in range(600):
         r = rng.random()
         if r < 0.6:
             pair.apply(("x", int(rng.integers(0, 2)), int(rng.choice([5, 6, 9])),
