@@ -13,8 +13,14 @@ import importlib
 
 from vsva.actors.base import Actor
 
-_CLASSES = {"guest": "Guest", "vmm": "Vmm", "host": "Host", "kvm": "Kvm", "vdcm": "Vdcm",
-            "controller": "vsva.ops.control:Controller"}
+_CLASSES = {
+    "guest": "Guest",
+    "vmm": "Vmm",
+    "host": "Host",
+    "kvm": "Kvm",
+    "vdcm": "Vdcm",
+    "controller": "vsva.ops.control:Controller",
+}
 
 
 def actor_class(kind: str) -> type[Actor]:

@@ -161,11 +161,20 @@ class Actor:
         if req_id not in self._sent:  # a Wait: a timeout is what it waits for
             return failed(-E.ETIMEDOUT, indefinite=True)
         kind, sent, timeout = self._sent[req_id]
-        rec = {"actor": self.name, "kind": kind, "peer": self._dst_of.get(req_id, ""),
-               "elapsed_s": round(self.now - sent, 3), "timeout_s": round(timeout, 3)}
+        rec = {
+            "actor": self.name,
+            "kind": kind,
+            "peer": self._dst_of.get(req_id, ""),
+            "elapsed_s": round(self.now - sent, 3),
+            "timeout_s": round(timeout, 3),
+        }
         self.timeouts.append(rec)
-        return failed(-E.ETIMEDOUT, indefinite=True, timed_out=rec,
-                      error=f"{kind} to {rec['peer']}: no reply after {rec['elapsed_s']} s")
+        return failed(
+            -E.ETIMEDOUT,
+            indefinite=True,
+            timed_out=rec,
+            error=f"{kind} to {rec['peer']}: no reply after {rec['elapsed_s']} s",
+        )
 
     def peer_down(self, peer: str, now: float, sent: bool = True) -> list[Envelope]:
         """Fail requests in flight to a dead peer: indefinite if they were sent, else definite."""
@@ -247,8 +256,13 @@ class Actor:
         cls = lookup(msg.kind)
         handler = getattr(self, f"on_{msg.kind}", None) if cls is not None else None
         if handler is None:
-            self._refuse(msg, -E.EOPNOTSUPP, f"unknown message kind {msg.kind!r}" if cls is None
-                         else f"{self.name} does not handle {msg.kind}")
+            self._refuse(
+                msg,
+                -E.EOPNOTSUPP,
+                f"unknown message kind {msg.kind!r}"
+                if cls is None
+                else f"{self.name} does not handle {msg.kind}",
+            )
             return
         if cls.CONTROL and msg.src not in (ORCHESTRATOR, self.name):
             self._refuse(msg, -E.EPERM, f"only {ORCHESTRATOR} may send {msg.kind}")
@@ -373,16 +387,33 @@ class Actor:
     def _reply(self, request: Envelope, body: dict[str, Any]) -> None:
         self._emit(request.src, request.kind, body, rr=False, corr=request.id, flow=request.flow)
 
-    def _emit(self, dst: str, kind: str, body: dict[str, Any], *, rr: bool,
-              corr: int | None = None, flow: str | None = None) -> int:
+    def _emit(
+        self,
+        dst: str,
+        kind: str,
+        body: dict[str, Any],
+        *,
+        rr: bool,
+        corr: int | None = None,
+        flow: str | None = None,
+    ) -> int:
         self._next_id += 1
         self.clock += 1
-        self._out.append(Envelope(src=self.name, dst=dst, kind=kind, body=body, id=self._next_id,
-                                  corr=corr, rr=rr, clock=self.clock,
-                                  flow=self._flow if flow is None else flow))
+        self._out.append(
+            Envelope(
+                src=self.name,
+                dst=dst,
+                kind=kind,
+                body=body,
+                id=self._next_id,
+                corr=corr,
+                rr=rr,
+                clock=self.clock,
+                flow=self._flow if flow is None else flow,
+            )
+        )
         return self._next_id
 
     def _drain(self) -> list[Envelope]:
         out, self._out = self._out, []
         return out
-

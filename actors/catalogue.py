@@ -57,11 +57,20 @@ class FieldSpec:
         return kind
 
 
-def f(types: type | tuple[type, ...], rng: tuple[int, int] | None = None, *, choices: tuple[Any, ...] = (),
-      doc: str = "") -> Any:
+def f(
+    types: type | tuple[type, ...],
+    rng: tuple[int, int] | None = None,
+    *,
+    choices: tuple[Any, ...] = (),
+    doc: str = "",
+) -> Any:
     """A field of a message class: its types, range or choices, and what it means."""
-    spec = {"types": types if isinstance(types, tuple) else (types,), "range": rng, "choices": choices,
-            "doc": doc}
+    spec = {
+        "types": types if isinstance(types, tuple) else (types,),
+        "range": rng,
+        "choices": choices,
+        "doc": doc,
+    }
     return field(metadata=spec)
 
 
@@ -153,8 +162,16 @@ ORCHESTRATOR = "orch"  # the orchestrator's (supervisor's) actor name: the only 
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True)
-def message(kind: str, *, flows: tuple[str, ...], hop: str, kernel: str,
-            reply: dict[str, Any] | None = None, one_way: bool = False, control: bool = False):
+def message(
+    kind: str,
+    *,
+    flows: tuple[str, ...],
+    hop: str,
+    kernel: str,
+    reply: dict[str, Any] | None = None,
+    one_way: bool = False,
+    control: bool = False,
+):
     """Class decorator: make `cls` a frozen dataclass message of `kind` and register it.
 
     `reply` lists the success fields of its reply (each made by `f`); `one_way` marks an
@@ -197,63 +214,136 @@ INVARIANTS = {
     "I1": "isolation: no DMA translation yields a frame the PASID's owning VM does not own",
     "I2": "coherence: no cache entry disagrees with a fresh walk after a completed invalidation",
     "I3": "lifecycle: a host PASID is in one state; a free one has no entry, cache entry, page request "
-          "or translation anywhere",
+    "or translation anywhere",
     "I4": "no leaks: after a VM is gone nothing of it remains",
     "I5": "refcount: each (PASID, device) users count equals the outstanding binds",
     "I6": "no lost work: each descriptor completes, fails visibly or is aborted by a recorded teardown",
     "I7": "ownership: a VMM binds, invalidates or frees only PASIDs of its VM's set",
 }
-FLOWS: dict[str, Flow] = {flow.name: flow for flow in (
-    Flow("control", "Orchestration", "The orchestrator powers VMs on and off, starts workloads, collects "
-         "snapshots for the audit and stops actors; a restarted subscriber resyncs its tables."),
-    Flow("boot", "Guest boot", "The guest reads its firmware tables, the vmm opens the VM's devices "
-         "through VFIO (domain, second level, IOASID set) and the guest programs one PASID directory per "
-         "device (context-cache invalidation).", ("I4", "I7")),
-    Flow("F1", "PASID allocation", "guest -> vmm: VCMD allocate -> host: ioasid_alloc() in the VM's set "
-         "(quota) -> vmm records gpasid <-> hpasid (identity for passthrough, vmm-chosen for mdevs).",
-         ("I3", "I7")),
-    Flow("F2", "Bind", "The guest writes a first-level PASID entry and invalidates the PASID cache; the "
-         "vmm traps it and passes a bind record down; the host checks it in the kernel's order, writes the "
-         "nested PASID entry and notifies kvm and vdcm (BIND) before the guest's wait completes.",
-         ("I3", "I5", "I7")),
-    Flow("F3", "Guest IOTLB flush", "The guest changes a first-level entry and invalidates the PASID-based "
-         "IOTLB and device TLB; the vmm passes the invalidation down for the host PASID.", ("I2", "I7")),
-    Flow("F4", "Unbind", "The guest clears the PASID entry; the host drops a user of the sdev and at zero "
-         "tears the entry down, flushes, drains page requests and notifies (UNBIND).", ("I2", "I3", "I5")),
-    Flow("F5", "Free", "guest -> vmm: VCMD free -> host: ioasid_free(); a PASID still bound goes through "
-         "the FREE notifier and the run's cleanup policy.", ("I3", "I6", "I7")),
-    Flow("F6", "I/O page fault", "A DMA hits a non-present or read-only first-level entry; the host queues "
-         "a page request and reports it to the owning vmm, which injects it into the guest's virtual PRQ "
-         "with the guest PASID; the guest's page group response travels back and the device retries.",
-         ("I3", "I4", "I7")),
-    Flow("F7", "Work submission", "A guest process submits a work descriptor: through the passthrough "
-         "function's portal (host PASID, identity) or an mdev's virtual registers in vdcm (guest PASID, "
-         "translated).", ("I1", "I6", "I7")),
-    Flow("F8", "VM teardown", "The VFIO fd closes (normal stop or a dead vmm): ioasid_free_set() on the "
-         "VM's set, every PASID through F5's cleanup, then the domain and frames go.", ("I3", "I4", "I6")),
-)}
+FLOWS: dict[str, Flow] = {
+    flow.name: flow
+    for flow in (
+        Flow(
+            "control",
+            "Orchestration",
+            "The orchestrator powers VMs on and off, starts workloads, collects "
+            "snapshots for the audit and stops actors; a restarted subscriber resyncs its tables.",
+        ),
+        Flow(
+            "boot",
+            "Guest boot",
+            "The guest reads its firmware tables, the vmm opens the VM's devices "
+            "through VFIO (domain, second level, IOASID set) and the guest programs one PASID directory per "
+            "device (context-cache invalidation).",
+            ("I4", "I7"),
+        ),
+        Flow(
+            "F1",
+            "PASID allocation",
+            "guest -> vmm: VCMD allocate -> host: ioasid_alloc() in the VM's set "
+            "(quota) -> vmm records gpasid <-> hpasid (identity for passthrough, vmm-chosen for mdevs).",
+            ("I3", "I7"),
+        ),
+        Flow(
+            "F2",
+            "Bind",
+            "The guest writes a first-level PASID entry and invalidates the PASID cache; the "
+            "vmm traps it and passes a bind record down; the host checks it in the kernel's order, writes the "
+            "nested PASID entry and notifies kvm and vdcm (BIND) before the guest's wait completes.",
+            ("I3", "I5", "I7"),
+        ),
+        Flow(
+            "F3",
+            "Guest IOTLB flush",
+            "The guest changes a first-level entry and invalidates the PASID-based "
+            "IOTLB and device TLB; the vmm passes the invalidation down for the host PASID.",
+            ("I2", "I7"),
+        ),
+        Flow(
+            "F4",
+            "Unbind",
+            "The guest clears the PASID entry; the host drops a user of the sdev and at zero "
+            "tears the entry down, flushes, drains page requests and notifies (UNBIND).",
+            ("I2", "I3", "I5"),
+        ),
+        Flow(
+            "F5",
+            "Free",
+            "guest -> vmm: VCMD free -> host: ioasid_free(); a PASID still bound goes through "
+            "the FREE notifier and the run's cleanup policy.",
+            ("I3", "I6", "I7"),
+        ),
+        Flow(
+            "F6",
+            "I/O page fault",
+            "A DMA hits a non-present or read-only first-level entry; the host queues "
+            "a page request and reports it to the owning vmm, which injects it into the guest's virtual PRQ "
+            "with the guest PASID; the guest's page group response travels back and the device retries.",
+            ("I3", "I4", "I7"),
+        ),
+        Flow(
+            "F7",
+            "Work submission",
+            "A guest process submits a work descriptor: through the passthrough "
+            "function's portal (host PASID, identity) or an mdev's virtual registers in vdcm (guest PASID, "
+            "translated).",
+            ("I1", "I6", "I7"),
+        ),
+        Flow(
+            "F8",
+            "VM teardown",
+            "The VFIO fd closes (normal stop or a dead vmm): ioasid_free_set() on the "
+            "VM's set, every PASID through F5's cleanup, then the domain and frames go.",
+            ("I3", "I4", "I6"),
+        ),
+    )
+}
 
 
 # ---- control ------------------------------------------------------------------------------------------
-@message("vm_start", flows=("control", "boot"), control=True, hop="orch -> vmm", kernel="QEMU machine init (VFIO container setup)",
-         reply={"ram_frames": f(list, doc="host frames of guest RAM, by GFN")})
+@message(
+    "vm_start",
+    flows=("control", "boot"),
+    control=True,
+    hop="orch -> vmm",
+    kernel="QEMU machine init (VFIO container setup)",
+    reply={"ram_frames": f(list, doc="host frames of guest RAM, by GFN")},
+)
 class VmStart(Message):
     """Power the VM on: the vmm opens its devices through VFIO."""
 
 
-@message("vm_stop", flows=("control", "F8"), control=True, hop="orch -> vmm", kernel="QEMU shutdown: close the VFIO fd")
+@message(
+    "vm_stop",
+    flows=("control", "F8"),
+    control=True,
+    hop="orch -> vmm",
+    kernel="QEMU shutdown: close the VFIO fd",
+)
 class VmStop(Message):
     """Normal shutdown: the vmm closes its VFIO fd and the host frees the VM's IOASID set."""
 
 
-@message("start_workload", flows=("control",), control=True, hop="orch -> guest", kernel="(a guest process runs)",
-         reply={"ok": f(bool), "steps": f(list, doc="one record per flow instance")})
+@message(
+    "start_workload",
+    flows=("control",),
+    control=True,
+    hop="orch -> guest",
+    kernel="(a guest process runs)",
+    reply={"ok": f(bool), "steps": f(list, doc="one record per flow instance")},
+)
 class StartWorkload(Message):
     """Boot the guest kernel and run its configured workload."""
 
 
-@message("flow_watch", flows=("control",), control=True, hop="orch -> guest", kernel="(none: a fault trigger's event)",
-         reply={"tag": f(str, doc="the flow instance's tag, e.g. F2:vm1.3")})
+@message(
+    "flow_watch",
+    flows=("control",),
+    control=True,
+    hop="orch -> guest",
+    kernel="(none: a fault trigger's event)",
+    reply={"tag": f(str, doc="the flow instance's tag, e.g. F2:vm1.3")},
+)
 class FlowWatch(Message):
     """Answer when the guest starts instance `nth` of `flow` (a supervisor's fault trigger)."""
 
@@ -261,21 +351,43 @@ class FlowWatch(Message):
     nth: int = f(int, U32, doc="which instance, from 1")
 
 
-@message("snapshot", flows=("control",), control=True, hop="orch -> any", kernel="(debugfs: the audit's view)",
-         reply={"state": f(dict, doc="the actor's state")})
+@message(
+    "snapshot",
+    flows=("control",),
+    control=True,
+    hop="orch -> any",
+    kernel="(debugfs: the audit's view)",
+    reply={"state": f(dict, doc="the actor's state")},
+)
 class Snapshot(Message):
     """The actor's state for the audit."""
 
 
-@message("pool_status", flows=("control",), control=True, hop="orch -> host", kernel="(debugfs: IOASID pool)",
-         reply={"free_pool": f(int, U32), "reclaiming": f(int, U32), "quarantined": f(int, U32),
-                "vms": f(list), "teardowns": f(list)})
+@message(
+    "pool_status",
+    flows=("control",),
+    control=True,
+    hop="orch -> host",
+    kernel="(debugfs: IOASID pool)",
+    reply={
+        "free_pool": f(int, U32),
+        "reclaiming": f(int, U32),
+        "quarantined": f(int, U32),
+        "vms": f(list),
+        "teardowns": f(list),
+    },
+)
 class PoolStatus(Message):
     """A cheap view of the allocator and teardowns, for experiments polling a live host."""
 
 
-@message("pasid_bindings", flows=("control",), hop="kvm, vdcm -> host", kernel="(resync after a restart)",
-         reply={"bindings": f(list, doc="every bound (vm, gpasid, hpasid, dev, users)")})
+@message(
+    "pasid_bindings",
+    flows=("control",),
+    hop="kvm, vdcm -> host",
+    kernel="(resync after a restart)",
+    reply={"bindings": f(list, doc="every bound (vm, gpasid, hpasid, dev, users)")},
+)
 class PasidBindings(Message):
     """A restarted notifier subscriber rebuilds its tables from the host's current bindings."""
 
@@ -291,15 +403,24 @@ class Shutdown(Message):
 
 
 # ---- boot ---------------------------------------------------------------------------------------------
-@message("vm_info", flows=("boot",), hop="guest -> vmm", kernel="(firmware tables: E820, DMAR)",
-         reply={"ram_frames": f(list), "devices": f(list), "mdevs": f(list)})
+@message(
+    "vm_info",
+    flows=("boot",),
+    hop="guest -> vmm",
+    kernel="(firmware tables: E820, DMAR)",
+    reply={"ram_frames": f(list), "devices": f(list), "mdevs": f(list)},
+)
 class VmInfo(Message):
     """What the guest's firmware tables say: its RAM and its devices."""
 
 
-@message("vfio_open", flows=("boot",), hop="vmm -> host",
-         kernel="vfio_iommu_type1 attach group + ioasid_alloc_set",
-         reply={"ram_frames": f(list, doc="host frames of guest RAM, shuffled")})
+@message(
+    "vfio_open",
+    flows=("boot",),
+    hop="vmm -> host",
+    kernel="vfio_iommu_type1 attach group + ioasid_alloc_set",
+    reply={"ram_frames": f(list, doc="host frames of guest RAM, shuffled")},
+)
 class VfioOpen(Message):
     """Open the VM's devices: domain, second-level table over the VM's RAM, IOASID set."""
 
@@ -309,9 +430,13 @@ class VfioOpen(Message):
     quota: int = f(int, PASID_RANGE, doc="IOASID set quota")
 
 
-@message("qi_submit", flows=("boot", "F2", "F3", "F4"), hop="guest -> vmm",
-         kernel="qi_submit_sync (invalidation queue + wait descriptor)",
-         reply={"done": f(list, doc="one result per descriptor")})
+@message(
+    "qi_submit",
+    flows=("boot", "F2", "F3", "F4"),
+    hop="guest -> vmm",
+    kernel="qi_submit_sync (invalidation queue + wait descriptor)",
+    reply={"done": f(list, doc="one result per descriptor")},
+)
 class QiSubmit(Message):
     """Descriptors of the guest's invalidation queue, processed in order, then the wait.
 
@@ -322,33 +447,55 @@ class QiSubmit(Message):
 
 
 # ---- F1: allocation --------------------------------------------------------------------------------------
-@message("vcmd_alloc", flows=("F1",), hop="guest -> vmm", kernel="vcmd_alloc_pasid (VT-d virtual command)",
-         reply={"gpasid": gpasid(), "hpasid": hpasid()})
+@message(
+    "vcmd_alloc",
+    flows=("F1",),
+    hop="guest -> vmm",
+    kernel="vcmd_alloc_pasid (VT-d virtual command)",
+    reply={"gpasid": gpasid(), "hpasid": hpasid()},
+)
 class VcmdAlloc(Message):
     """The virtual command "allocate PASID" for a process that will use `dev`."""
 
     dev: str = f(str, doc="the (virtual) device the PASID is for")
 
 
-@message("ioasid_alloc", flows=("F1",), hop="vmm -> host", kernel="ioasid_alloc (the VM's IOASID set)",
-         reply={"hpasid": hpasid()})
+@message(
+    "ioasid_alloc",
+    flows=("F1",),
+    hop="vmm -> host",
+    kernel="ioasid_alloc (the VM's IOASID set)",
+    reply={"hpasid": hpasid()},
+)
 class IoasidAlloc(Message):
     """Allocate a host PASID in the caller VM's IOASID set, bounded by its quota."""
 
 
 # ---- F2: bind --------------------------------------------------------------------------------------------
-@message("bind_gpasid", flows=("F2",), hop="vmm -> host", kernel="intel_svm_bind_gpasid",
-         reply={"users": f(int, U32, doc="binds of this device to the PASID")})
+@message(
+    "bind_gpasid",
+    flows=("F2",),
+    hop="vmm -> host",
+    kernel="intel_svm_bind_gpasid",
+    reply={"users": f(int, U32, doc="binds of this device to the PASID")},
+)
 class BindGpasid(Message):
     """Bind a guest first-level table to a host PASID for a device (nested translation)."""
 
     dev: str = f(str, doc="the (virtual) device being bound")
-    data: dict = f(dict, doc="iommu_gpasid_bind_data: argsz, version, format, flags, hpasid, gpasid, gpgd, "
-                   "addr_width, vtd_flags (checked by the handler in the kernel's order)")
+    data: dict = f(
+        dict,
+        doc="iommu_gpasid_bind_data: argsz, version, format, flags, hpasid, gpasid, gpgd, "
+        "addr_width, vtd_flags (checked by the handler in the kernel's order)",
+    )
 
 
-@message("ioasid_notify", flows=("F2", "F4", "F5", "F8"), hop="host -> kvm, vdcm",
-         kernel="ioasid_notify (IOASID notifier chain)")
+@message(
+    "ioasid_notify",
+    flows=("F2", "F4", "F5", "F8"),
+    hop="host -> kvm, vdcm",
+    kernel="ioasid_notify (IOASID notifier chain)",
+)
 class IoasidNotify(Message):
     """The IOASID notifier: BIND/UNBIND per (virtual) device, FREE per PASID, FREE_SET per VM."""
 
@@ -365,13 +512,21 @@ class CacheInvalidate(Message):
     """Pass a guest's PASID-based IOTLB / device-TLB invalidation down for the host PASID."""
 
     dev: str = f(str)
-    info: dict = f(dict, doc="iommu_cache_invalidate_info: version, cache, granularity, pasid, addr, "
-                   "granule_size, nb_granules, flags (checked by the handler)")
+    info: dict = f(
+        dict,
+        doc="iommu_cache_invalidate_info: version, cache, granularity, pasid, addr, "
+        "granule_size, nb_granules, flags (checked by the handler)",
+    )
 
 
 # ---- F4: unbind --------------------------------------------------------------------------------------------
-@message("unbind_gpasid", flows=("F4",), hop="vmm -> host", kernel="intel_svm_unbind_gpasid",
-         reply={"users": f(int, U32, doc="binds of this device left")})
+@message(
+    "unbind_gpasid",
+    flows=("F4",),
+    hop="vmm -> host",
+    kernel="intel_svm_unbind_gpasid",
+    reply={"users": f(int, U32, doc="binds of this device left")},
+)
 class UnbindGpasid(Message):
     """Undo one bind of a device to a host PASID; the last one tears the entry down."""
 
@@ -380,24 +535,39 @@ class UnbindGpasid(Message):
 
 
 # ---- F5: free ----------------------------------------------------------------------------------------------
-@message("vcmd_free", flows=("F5",), hop="guest -> vmm", kernel="vcmd_free_pasid (VT-d virtual command)",
-         reply={"state": f(str, doc="the host PASID's lifecycle state afterwards")})
+@message(
+    "vcmd_free",
+    flows=("F5",),
+    hop="guest -> vmm",
+    kernel="vcmd_free_pasid (VT-d virtual command)",
+    reply={"state": f(str, doc="the host PASID's lifecycle state afterwards")},
+)
 class VcmdFree(Message):
     """The virtual command "free PASID"."""
 
     gpasid: int = gpasid()
 
 
-@message("ioasid_free", flows=("F5",), hop="vmm -> host", kernel="ioasid_free",
-         reply={"state": f(str, doc="free, reclaiming, quarantined ...")})
+@message(
+    "ioasid_free",
+    flows=("F5",),
+    hop="vmm -> host",
+    kernel="ioasid_free",
+    reply={"state": f(str, doc="free, reclaiming, quarantined ...")},
+)
 class IoasidFree(Message):
     """Free a host PASID of the caller's set; a bound one goes through the cleanup policy."""
 
     hpasid: int = hpasid()
 
 
-@message("ioasid_cleanup", flows=("F5", "F8"), hop="host -> host", one_way=True,
-         kernel="intel_pasid_tear_down_entry (deferred work under the naive policy)")
+@message(
+    "ioasid_cleanup",
+    flows=("F5", "F8"),
+    hop="host -> host",
+    one_way=True,
+    kernel="intel_pasid_tear_down_entry (deferred work under the naive policy)",
+)
 class IoasidCleanup(Message):
     """The naive policy's deferred IOMMU teardown of a freed PASID, whenever it runs."""
 
@@ -407,8 +577,13 @@ class IoasidCleanup(Message):
 
 
 # ---- F6: page requests ---------------------------------------------------------------------------------------
-@message("page_request", flows=("F6",), hop="host -> vmm", one_way=True,
-         kernel="prq_event_thread -> iommu_report_device_fault")
+@message(
+    "page_request",
+    flows=("F6",),
+    hop="host -> vmm",
+    one_way=True,
+    kernel="prq_event_thread -> iommu_report_device_fault",
+)
 class PageRequest(Message):
     """A device's page request, as the host IOMMU reports it to the VMM owning the PASID."""
 
@@ -420,8 +595,13 @@ class PageRequest(Message):
     last: bool = f(bool, doc="last request of its group")
 
 
-@message("vpage_request", flows=("F6",), hop="vmm -> guest", one_way=True,
-         kernel="vIOMMU page request descriptor -> guest intel_svm prq handler")
+@message(
+    "vpage_request",
+    flows=("F6",),
+    hop="vmm -> guest",
+    one_way=True,
+    kernel="vIOMMU page request descriptor -> guest intel_svm prq handler",
+)
 class VPageRequest(Message):
     """The same page request injected into the guest's virtual PRQ, with the guest PASID."""
 
@@ -433,8 +613,12 @@ class VPageRequest(Message):
     last: bool = f(bool)
 
 
-@message("vpage_response", flows=("F6",), hop="guest -> vmm",
-         kernel="guest intel_svm_page_response (page group response descriptor)")
+@message(
+    "vpage_response",
+    flows=("F6",),
+    hop="guest -> vmm",
+    kernel="guest intel_svm_page_response (page group response descriptor)",
+)
 class VPageResponse(Message):
     """The guest's page group response for its guest PASID."""
 
@@ -444,7 +628,9 @@ class VPageResponse(Message):
     code: int = f(int, choices=PAGE_RESP_CODES, doc="IOMMU_PAGE_RESP_SUCCESS/INVALID/FAILURE")
 
 
-@message("page_response", flows=("F6",), hop="vmm -> host", kernel="iommu_page_response -> intel_svm_page_response")
+@message(
+    "page_response", flows=("F6",), hop="vmm -> host", kernel="iommu_page_response -> intel_svm_page_response"
+)
 class PageResponse(Message):
     """The page group response passed down for the host PASID, matched to its request."""
 
@@ -458,8 +644,13 @@ class PageResponse(Message):
 _DMA_REPLY = {"status": f(int, doc="0 or the fault status"), "page_requests": f(int, U32)}
 
 
-@message("dev_submit", flows=("F7", "F6"), hop="guest, vdcm -> host",
-         kernel="device work descriptor (portal write; DMA through the IOMMU)", reply=_DMA_REPLY)
+@message(
+    "dev_submit",
+    flows=("F7", "F6"),
+    hop="guest, vdcm -> host",
+    kernel="device work descriptor (portal write; DMA through the IOMMU)",
+    reply=_DMA_REPLY,
+)
 class DevSubmit(Message):
     """A work descriptor for a device's DMA engine: the passthrough function's portal (the
     guest programs the host PASID, identity) or vdcm programming the parent for an mdev."""
@@ -473,8 +664,9 @@ class DevSubmit(Message):
     pattern: int = f(int, (0, 255), doc="fill byte")
 
 
-@message("mdev_submit", flows=("F7",), hop="guest -> vdcm", kernel="mdev virtual portal (vdcm)",
-         reply=_DMA_REPLY)
+@message(
+    "mdev_submit", flows=("F7",), hop="guest -> vdcm", kernel="mdev virtual portal (vdcm)", reply=_DMA_REPLY
+)
 class MdevSubmit(Message):
     """A work descriptor written into an mdev's virtual registers, with the guest PASID."""
 

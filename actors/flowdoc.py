@@ -36,9 +36,16 @@ def _fields(schema: type[Schema]) -> list[str]:
 
 def _message(cls: type[Message]) -> list[str]:
     what = "event, one-way" if cls.REPLY is None else "request"
-    out = [f"### `{cls.KIND}` ({cls.__name__}, {what})", "",
-           f"{cls.HOP} · kernel: `{cls.KERNEL}`", "", (cls.__doc__ or "").strip().splitlines()[0], "",
-           "- body:", *_fields(cls)]
+    out = [
+        f"### `{cls.KIND}` ({cls.__name__}, {what})",
+        "",
+        f"{cls.HOP} · kernel: `{cls.KERNEL}`",
+        "",
+        (cls.__doc__ or "").strip().splitlines()[0],
+        "",
+        "- body:",
+        *_fields(cls),
+    ]
     if cls.REPLY is not None:
         out += ["- reply on success:", *_fields(cls.REPLY)]
     return out + [""]
@@ -48,10 +55,21 @@ def render() -> str:
     """The whole document: per flow its summary, invariants, hops and messages."""
     lines, shown = [HEADER, *[f"- {name} {what}" for name, what in INVARIANTS.items()], ""], set()
     for flow in FLOWS.values():
-        members = [c for c in CATALOGUE.values() if flow.name in c.FLOWS and c.__module__ == Message.__module__]
-        lines += [f"## {flow.name}: {flow.title}", "", flow.summary, "",
-                  f"Invariants: {', '.join(flow.invariants) or '—'}", "", "| hop | message | kernel |",
-                  "|---|---|---|", *[f"| {c.HOP} | `{c.KIND}` | `{c.KERNEL}` |" for c in members], ""]
+        members = [
+            c for c in CATALOGUE.values() if flow.name in c.FLOWS and c.__module__ == Message.__module__
+        ]
+        lines += [
+            f"## {flow.name}: {flow.title}",
+            "",
+            flow.summary,
+            "",
+            f"Invariants: {', '.join(flow.invariants) or '—'}",
+            "",
+            "| hop | message | kernel |",
+            "|---|---|---|",
+            *[f"| {c.HOP} | `{c.KIND}` | `{c.KERNEL}` |" for c in members],
+            "",
+        ]
         for cls in members:  # described once, under the first flow that uses it
             lines += _message(cls) if cls.KIND not in shown else []
             shown.add(cls.KIND)
@@ -71,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = args.check.read_text() if args.check.exists() else ""
     if current != text:
-        print(f"{args.check} is stale: run python -m vsva.actors.flowdoc --write {args.check}", file=sys.stderr)
+        print(
+            f"{args.check} is stale: run python -m vsva.actors.flowdoc --write {args.check}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -82,14 +82,14 @@ class PhysMem:
         self.words[addr >> 3] = value
 
     def read(self, addr: int, length: int) -> bytes:
-        return bytes(self.view[addr:addr + length])
+        return bytes(self.view[addr : addr + length])
 
     def write(self, addr: int, data: bytes) -> None:
-        self.view[addr:addr + len(data)] = data
+        self.view[addr : addr + len(data)] = data
 
     def zero_frame(self, frame: int) -> None:
         base = frame << PAGE_SHIFT
-        self.view[base:base + PAGE_SIZE] = bytes(PAGE_SIZE)
+        self.view[base : base + PAGE_SIZE] = bytes(PAGE_SIZE)
 
     def close(self) -> None:
         """Release the mapping (views first: mmap refuses to close while exported)."""
@@ -124,7 +124,7 @@ class GuestRam:
     def write(self, gpa: int, data: bytes) -> None:
         offset = 0
         for addr, n in _page_chunks(gpa, len(data)):
-            self.mem.write(self.hpa(addr), data[offset:offset + n])
+            self.mem.write(self.hpa(addr), data[offset : offset + n])
             offset += n
 
     def zero_frame(self, gpa_frame: int) -> None:
@@ -169,8 +169,7 @@ class RadixTable:
     are the bits of non-leaf entries, `present` the bits that make an entry present.
     """
 
-    def __init__(self, space: Space, root: int, alloc_table: Callable[[], int], *, link: int,
-                 present: int):
+    def __init__(self, space: Space, root: int, alloc_table: Callable[[], int], *, link: int, present: int):
         self.space = space
         self.root = root
         self.alloc_table = alloc_table
@@ -297,12 +296,15 @@ class PasidDirectory:
             pde = self.space.read_u64(self.base + 8 * d)
             if pde & PDE_PRESENT:
                 table = pde & ADDR_MASK
-                found += [d * 64 + i for i in range(64)
-                          if self.space.read_u64(table + PASID_ENTRY_SIZE * i) & 1]
+                found += [
+                    d * 64 + i for i in range(64) if self.space.read_u64(table + PASID_ENTRY_SIZE * i) & 1
+                ]
         return found
 
     def tables(self) -> list[int]:
         """Addresses of the allocated PASID tables (to free them)."""
-        return [self.space.read_u64(self.base + 8 * d) & ADDR_MASK
-                for d in range(PASID_DIR_FRAMES * PAGE_SIZE // 8)
-                if self.space.read_u64(self.base + 8 * d) & PDE_PRESENT]
+        return [
+            self.space.read_u64(self.base + 8 * d) & ADDR_MASK
+            for d in range(PASID_DIR_FRAMES * PAGE_SIZE // 8)
+            if self.space.read_u64(self.base + 8 * d) & PDE_PRESENT
+        ]

@@ -49,9 +49,18 @@ class Envelope:
         return self.corr is not None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"v": self.v, "id": self.id, "src": self.src, "dst": self.dst, "kind": self.kind,
-                "corr": self.corr, "rr": self.rr, "clock": self.clock, "flow": self.flow,
-                "body": self.body}
+        return {
+            "v": self.v,
+            "id": self.id,
+            "src": self.src,
+            "dst": self.dst,
+            "kind": self.kind,
+            "corr": self.corr,
+            "rr": self.rr,
+            "clock": self.clock,
+            "flow": self.flow,
+            "body": self.body,
+        }
 
 
 class ProtocolError(Exception):
@@ -83,8 +92,9 @@ def decode(frame: bytes) -> Envelope:
     if not isinstance(raw, dict):
         raise ProtocolError(-E.EBADMSG, "frame is not a map")
     if raw.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(-E.EPROTONOSUPPORT, f"protocol version {raw.get('v')!r}, want "
-                            f"{PROTOCOL_VERSION}", raw)
+        raise ProtocolError(
+            -E.EPROTONOSUPPORT, f"protocol version {raw.get('v')!r}, want {PROTOCOL_VERSION}", raw
+        )
     for key, typ in _WIRE_TYPES.items():
         if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool) and typ is int:
             raise ProtocolError(-E.EBADMSG, f"envelope field {key!r} missing or not {typ.__name__}", raw)
@@ -93,6 +103,14 @@ def decode(frame: bytes) -> Envelope:
         raise ProtocolError(-E.EBADMSG, "corr is not an int", raw)
     if not 0 <= raw["clock"] <= MAX_CLOCK:
         raise ProtocolError(-E.ERANGE, f"clock {raw['clock']} outside [0, 2**62]", raw)
-    return Envelope(src=raw["src"], dst=raw["dst"], kind=raw["kind"], body=raw["body"],
-                    id=raw["id"], corr=corr, rr=bool(raw.get("rr")), clock=raw["clock"],
-                    flow=str(raw.get("flow") or ""))
+    return Envelope(
+        src=raw["src"],
+        dst=raw["dst"],
+        kind=raw["kind"],
+        body=raw["body"],
+        id=raw["id"],
+        corr=corr,
+        rr=bool(raw.get("rr")),
+        clock=raw["clock"],
+        flow=str(raw.get("flow") or ""),
+    )

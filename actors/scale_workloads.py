@@ -28,9 +28,21 @@ def phases(g: Any) -> Generator[Any, Any, None]:
         t0, wall0, first = g.now, time.time(), len(g.steps)
         yield from WORKLOADS[name](g)
         failed = sum(1 for s in g.steps[first:] if not s["ok"])
-        g.steps.append({"flow": "bench", "what": "phase", "ok": True, "ret": 0, "check": True,
-                        "phase": name, "t0": t0, "t1": g.now, "wall0": wall0, "steps": len(g.steps) - first,
-                        "failed": failed})
+        g.steps.append(
+            {
+                "flow": "bench",
+                "what": "phase",
+                "ok": True,
+                "ret": 0,
+                "check": True,
+                "phase": name,
+                "t0": t0,
+                "t1": g.now,
+                "wall0": wall0,
+                "steps": len(g.steps) - first,
+                "failed": failed,
+            }
+        )
     g.config["iterations"] = saved
 
 
@@ -44,13 +56,24 @@ def inv_flood(g: Any) -> Generator[Any, Any, None]:
     for _ in range(int(g.config.get("iterations", 100))):
         started = g.now
         whole = {"dev": pf, "gpasid": pasid}  # no address: every entry of the PASID
-        reply = yield Call(g.vmm, QiSubmit(descs=[{"type": "piotlb", **whole}, {"type": "dev_iotlb", **whole},
-                                                   {"type": "wait"}]), flow=g.flow_tag("F3"))
+        reply = yield Call(
+            g.vmm,
+            QiSubmit(descs=[{"type": "piotlb", **whole}, {"type": "dev_iotlb", **whole}, {"type": "wait"}]),
+            flow=g.flow_tag("F3"),
+        )
         latencies.append(g.now - started)
         if not g.step("F3", f"pid 1 whole-PASID flush {pf} PASID {pasid}", reply):
             break
-    g.steps.append({"flow": "bench", "what": "invalidation latencies", "ok": True, "ret": 0,
-                    "check": True, "latencies": latencies})
+    g.steps.append(
+        {
+            "flow": "bench",
+            "what": "invalidation latencies",
+            "ok": True,
+            "ret": 0,
+            "check": True,
+            "latencies": latencies,
+        }
+    )
     yield from g.unbind(proc, pf, pasid)
     yield from g.free(proc, pf, pasid)
 

@@ -83,8 +83,11 @@ class PasidMap:
         return entry[0]
 
     def dump(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return {str(vm): {str(g): {"hpasid": h, "devs": sorted(d)} for g, (h, d) in t.items()}
-                for vm, t in self.maps.items() if t}
+        return {
+            str(vm): {str(g): {"hpasid": h, "devs": sorted(d)} for g, (h, d) in t.items()}
+            for vm, t in self.maps.items()
+            if t
+        }
 
 
 class Subscriber(Actor):
@@ -127,5 +130,9 @@ class Subscriber(Actor):
         """What a subscriber does with an event besides its map (vdcm counts frees)."""
 
     def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "tables": self.pasids.dump(), "synced": self.synced,
-                "resynced": self.resynced}
+        return {
+            **super().snapshot(),
+            "tables": self.pasids.dump(),
+            "synced": self.synced,
+            "resynced": self.resynced,
+        }

@@ -33,8 +33,13 @@ class Vdcm(Subscriber):
 
     def notified(self, note: IoasidNotify) -> None:
         """A freed PASID (or a whole set) bumps its epoch: descriptors in flight under it abort."""
-        freed = self.pasids.hpasids(note.vm) if note.event == EV_FREE_SET else \
-            [note.hpasid] if note.event == EV_FREE else []
+        freed = (
+            self.pasids.hpasids(note.vm)
+            if note.event == EV_FREE_SET
+            else [note.hpasid]
+            if note.event == EV_FREE
+            else []
+        )
         for hpasid in freed:
             self.epoch[hpasid] = self.epoch.get(hpasid, 0) + 1
 
@@ -52,14 +57,31 @@ class Vdcm(Subscriber):
             return failed(-E.EINVAL, error=f"guest PASID {req.gpasid} has no host PASID on {req.dev}")
         self.submitted += 1
         epoch = self.epoch.get(hpasid, 0)
-        reply = yield Call(self.host, DevSubmit(dev=req.dev, hpasid=hpasid, op=req.op, src=req.src, dst=req.dst,
-                                                len=req.len, pattern=req.pattern))
+        reply = yield Call(
+            self.host,
+            DevSubmit(
+                dev=req.dev,
+                hpasid=hpasid,
+                op=req.op,
+                src=req.src,
+                dst=req.dst,
+                len=req.len,
+                pattern=req.pattern,
+            ),
+        )
         if self.epoch.get(hpasid, 0) != epoch:  # the PASID was freed while the descriptor ran
             self.aborted += 1
-            return failed(-E.ECANCELED, error=f"host PASID {hpasid} freed while the descriptor was in flight",
-                          aborted=True)
+            return failed(
+                -E.ECANCELED,
+                error=f"host PASID {hpasid} freed while the descriptor was in flight",
+                aborted=True,
+            )
         return reply
 
     def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "submitted": self.submitted, "refused": self.refused,
-                "aborted": self.aborted}
+        return {
+            **super().snapshot(),
+            "submitted": self.submitted,
+            "refused": self.refused,
+            "aborted": self.aborted,
+        }

@@ -94,8 +94,15 @@ class Vmm(Actor):
         """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
         if self.ram is not None:
             return failed(-E.EBUSY, error="VM already started")
-        reply = yield Call(self.host, VfioOpen(vm=self.vm, ram_pages=self.config["ram_pages"],
-                                               devices=self.devices, quota=self.config["quota"]))
+        reply = yield Call(
+            self.host,
+            VfioOpen(
+                vm=self.vm,
+                ram_pages=self.config["ram_pages"],
+                devices=self.devices,
+                quota=self.config["quota"],
+            ),
+        )
         if reply["ret"]:
             return reply
         self.ram = GuestRam(self.mem, reply["ram_frames"])
@@ -105,8 +112,12 @@ class Vmm(Actor):
         """Normal shutdown: close the VFIO fd; the host frees the whole IOASID set (F8)."""
         if self.ram is None:
             return failed(-E.ENODEV, error="VM not started")
-        reply = yield Call(self.host, VfioClose(), flow=msg.flow or f"F8:vm{self.vm}.1",
-                           timeout=self.config.get("teardown_timeout", 30.0))
+        reply = yield Call(
+            self.host,
+            VfioClose(),
+            flow=msg.flow or f"F8:vm{self.vm}.1",
+            timeout=self.config.get("teardown_timeout", 30.0),
+        )
         if reply["ret"] == 0:
             self.ram = None
             self.g2h.clear()
@@ -120,8 +131,7 @@ class Vmm(Actor):
             return failed(-E.EPERM)
         if self.ram is None:
             return failed(-E.ENODEV, error="VM not started")
-        return {"ret": 0, "ram_frames": self.ram.frames, "devices": self.devices,
-                "mdevs": sorted(self.mdevs)}
+        return {"ret": 0, "ram_frames": self.ram.frames, "devices": self.devices, "mdevs": sorted(self.mdevs)}
 
     # ---- F1 / F5: virtual commands --------------------------------------------------------------
     def on_vcmd_alloc(self, msg: Envelope, req: VcmdAlloc):
@@ -175,8 +185,11 @@ class Vmm(Actor):
             return failed(-E.EPERM)
         done = []
         for desc in req.descs:
-            if not isinstance(desc, dict) or not isinstance(desc.get("type"), str) \
-                    or desc["type"] not in _DESC_HANDLERS:
+            if (
+                not isinstance(desc, dict)
+                or not isinstance(desc.get("type"), str)
+                or desc["type"] not in _DESC_HANDLERS
+            ):
                 return failed(-E.EINVAL, error=f"bad descriptor {desc!r}", done=done)
             result = yield from getattr(self, _DESC_HANDLERS[desc["type"]])(desc)
             done.append(result)
@@ -189,8 +202,12 @@ class Vmm(Actor):
         dev, pdir = desc.get("dev"), desc.get("pdir")
         if self.ram is None:
             return failed(-E.ENODEV, error="VM not started")
-        if dev not in self.devices or not isinstance(pdir, int) or pdir & (PAGE_SIZE - 1) \
-                or not 0 <= pdir <= (len(self.ram.frames) - PASID_DIR_FRAMES) * PAGE_SIZE:
+        if (
+            dev not in self.devices
+            or not isinstance(pdir, int)
+            or pdir & (PAGE_SIZE - 1)
+            or not 0 <= pdir <= (len(self.ram.frames) - PASID_DIR_FRAMES) * PAGE_SIZE
+        ):
             return failed(-E.EINVAL, error="context descriptor")
         self.pasid_dirs[dev] = PasidDirectory(self.ram, pdir, self._no_alloc)
         return {"ret": 0, "type": "cc"}
@@ -203,8 +220,12 @@ class Vmm(Actor):
     def qi_pasid_cache(self, desc: dict[str, Any]):
         """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
-        if not isinstance(dev, str) or dev not in self.pasid_dirs or not isinstance(gpasid, int) \
-                or not 0 < gpasid < PASID_MAX:
+        if (
+            not isinstance(dev, str)
+            or dev not in self.pasid_dirs
+            or not isinstance(gpasid, int)
+            or not 0 < gpasid < PASID_MAX
+        ):
             return failed(-E.EINVAL, error="PASID-cache descriptor")
         try:
             words = self.pasid_dirs[dev].read_entry(gpasid)
@@ -229,10 +250,16 @@ class Vmm(Actor):
         if entry["pgtt"] != PGTT_FIRST_ONLY or entry["flpm"] != 0:
             return failed(-E.EINVAL, error="guest entry is not a 4-level first-level entry")
         data = {
-            "argsz": BIND_ARGSZ, "version": IOMMU_GPASID_BIND_VERSION_1,
-            "format": IOMMU_PASID_FORMAT_INTEL_VTD, "flags": 0, "gpgd": entry["flptr"],
-            "hpasid": hpasid, "gpasid": gpasid, "addr_width": 48,
-            "vtd_flags": (VTD_FLAG_SRE if entry["sre"] else 0) | (VTD_FLAG_WPE if entry["wpe"] else 0)
+            "argsz": BIND_ARGSZ,
+            "version": IOMMU_GPASID_BIND_VERSION_1,
+            "format": IOMMU_PASID_FORMAT_INTEL_VTD,
+            "flags": 0,
+            "gpgd": entry["flptr"],
+            "hpasid": hpasid,
+            "gpasid": gpasid,
+            "addr_width": 48,
+            "vtd_flags": (VTD_FLAG_SRE if entry["sre"] else 0)
+            | (VTD_FLAG_WPE if entry["wpe"] else 0)
             | (VTD_FLAG_EAFE if entry["eafe"] else 0),
         }
         if gpasid != hpasid:
@@ -266,9 +293,13 @@ class Vmm(Actor):
             order = desc.get("size_order", 0)
             if not isinstance(order, int) or not 0 <= order <= 52:
                 return failed(-E.EINVAL, error="invalidation size order")
-            info.update(granularity=IOMMU_INV_GRANU_ADDR, addr=desc["addr"], granule_size=PAGE_SIZE,
-                        nb_granules=1 << order,
-                        flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0))
+            info.update(
+                granularity=IOMMU_INV_GRANU_ADDR,
+                addr=desc["addr"],
+                granule_size=PAGE_SIZE,
+                nb_granules=1 << order,
+                flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0),
+            )
         else:
             info.update(granularity=IOMMU_INV_GRANU_PASID)
         reply = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
@@ -288,12 +319,18 @@ class Vmm(Actor):
         gpasid = next((g for g, h in self.g2h.items() if h == req.hpasid), None)
         if gpasid is None or req.dev not in self.devices or self.ram is None:
             self.prq_stats["unmapped"] += 1
-            yield Call(self.host, PageResponse(dev=req.dev, hpasid=req.hpasid, grpid=req.grpid,
-                                               code=IOMMU_PAGE_RESP_INVALID))
+            yield Call(
+                self.host,
+                PageResponse(dev=req.dev, hpasid=req.hpasid, grpid=req.grpid, code=IOMMU_PAGE_RESP_INVALID),
+            )
             return None
         self.prq_stats["injected"] += 1
-        self.send(self.guest, VPageRequest(dev=req.dev, gpasid=gpasid, grpid=req.grpid, addr=req.addr,
-                                           perm=req.perm, last=req.last))
+        self.send(
+            self.guest,
+            VPageRequest(
+                dev=req.dev, gpasid=gpasid, grpid=req.grpid, addr=req.addr, perm=req.perm, last=req.last
+            ),
+        )
         return None
 
     def on_vpage_response(self, msg: Envelope, req: VPageResponse):
@@ -304,15 +341,27 @@ class Vmm(Actor):
         if hpasid is None or req.dev not in self.devices:
             self.prq_stats["refused"] += 1
             return failed(-E.EINVAL, error=f"page response for unknown device or guest PASID {req.gpasid}")
-        reply = yield Call(self.host, PageResponse(dev=req.dev, hpasid=hpasid, grpid=req.grpid, code=req.code))
+        reply = yield Call(
+            self.host, PageResponse(dev=req.dev, hpasid=hpasid, grpid=req.grpid, code=req.code)
+        )
         self.prq_stats["responses" if reply["ret"] == 0 else "refused"] += 1
         return reply
 
     def snapshot(self) -> dict[str, Any]:
-        return {**super().snapshot(), "vm": self.vm, "prq": dict(self.prq_stats),
-                "g2h": {str(g): h for g, h in self.g2h.items()},
-                "bound": [{"dev": d, "gpasid": g, "hpasid": s.hpasid} for (d, g), s in self.shadow.items()]}
+        return {
+            **super().snapshot(),
+            "vm": self.vm,
+            "prq": dict(self.prq_stats),
+            "g2h": {str(g): h for g, h in self.g2h.items()},
+            "bound": [{"dev": d, "gpasid": g, "hpasid": s.hpasid} for (d, g), s in self.shadow.items()],
+        }
 
 
-_DESC_HANDLERS = {"cc": "qi_context", "pc": "qi_pasid_cache", "piotlb": "qi_piotlb",
-                  "dev_iotlb": "qi_dev_iotlb", "pasid_flush": "qi_pasid_flush", "wait": "qi_wait"}
+_DESC_HANDLERS = {
+    "cc": "qi_context",
+    "pc": "qi_pasid_cache",
+    "piotlb": "qi_piotlb",
+    "dev_iotlb": "qi_dev_iotlb",
+    "pasid_flush": "qi_pasid_flush",
+    "wait": "qi_wait",
+}

@@ -71,8 +71,13 @@ def _load_implementations() -> None:
         iommu, implementation = PureIommu, "python"
     else:
         iommu, implementation = compiled, "compiled"
-    globals().update(Iommu=iommu, PureIommu=PureIommu, CompiledIommu=compiled,
-                     IMPLEMENTATION=implementation, COUNTER_NAMES=COUNTER_NAMES)
+    globals().update(
+        Iommu=iommu,
+        PureIommu=PureIommu,
+        CompiledIommu=compiled,
+        IMPLEMENTATION=implementation,
+        COUNTER_NAMES=COUNTER_NAMES,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -90,9 +95,27 @@ def compiled_available() -> bool:
 
 
 __all__ = [
-    "Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES",
-    "compiled_available", "layout",
-    "ACCESS_EXEC", "ACCESS_PRIV", "ACCESS_READ", "ACCESS_WRITE", "FAULT_NAMES", "INV_DOMAIN",
-    "INV_GLOBAL", "INV_PAGE", "INV_PASID", "PAGE_SHIFT", "PAGE_SIZE", "PASID_MAX",
-    "describe_fault", "fault_code", "fault_level", "fault_reason",
+    "Iommu",
+    "PureIommu",
+    "CompiledIommu",
+    "IMPLEMENTATION",
+    "COUNTER_NAMES",
+    "compiled_available",
+    "layout",
+    "ACCESS_EXEC",
+    "ACCESS_PRIV",
+    "ACCESS_READ",
+    "ACCESS_WRITE",
+    "FAULT_NAMES",
+    "INV_DOMAIN",
+    "INV_GLOBAL",
+    "INV_PAGE",
+    "INV_PASID",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "PASID_MAX",
+    "describe_fault",
+    "fault_code",
+    "fault_level",
+    "fault_reason",
 ]

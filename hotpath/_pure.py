@@ -123,8 +123,7 @@ def _fl_reserved(level: int, leaf: bool) -> int:
     if level == 4:
         return FL_RSVD_ADDR | FL_PS
     if leaf and level > 1:
-        return FL_RSVD_ADDR | (ADDR_MASK & ((1 << (PAGE_SHIFT + 9 * (level - 1))) - 1)
-                               & ~FL_PAT_LARGE)
+        return FL_RSVD_ADDR | (ADDR_MASK & ((1 << (PAGE_SHIFT + 9 * (level - 1))) - 1) & ~FL_PAT_LARGE)
     return FL_RSVD_ADDR
 
 
@@ -274,9 +273,17 @@ class Iommu:
 
     implementation = "python"
 
-    def __init__(self, mem, owners, *, iotlb_sets: int = 256, iotlb_ways: int = 8,
-                 devtlb_entries: int = 1024, devtlb_ways: int = 4,
-                 pasid_cache_entries: int = 1024):
+    def __init__(
+        self,
+        mem,
+        owners,
+        *,
+        iotlb_sets: int = 256,
+        iotlb_ways: int = 8,
+        devtlb_entries: int = 1024,
+        devtlb_ways: int = 4,
+        pasid_cache_entries: int = 1024,
+    ):
         self._mv = memoryview(mem).cast("B")
         if self._mv.readonly:
             raise ValueError("mem must be a writable buffer")
@@ -291,10 +298,12 @@ class Iommu:
         self.devtlb_ways = _check_pow2("devtlb_ways", devtlb_ways)
         if self.iotlb_ways > 8 or self.devtlb_ways > 8:
             raise ValueError("at most 8 ways")
-        self.devtlb_sets = _check_pow2("devtlb_entries / devtlb_ways",
-                                       max(1, int(devtlb_entries) // self.devtlb_ways))
+        self.devtlb_sets = _check_pow2(
+            "devtlb_entries / devtlb_ways", max(1, int(devtlb_entries) // self.devtlb_ways)
+        )
         self.pasid_cache_sets = _check_pow2(
-            "pasid_cache_entries / 4", max(1, int(pasid_cache_entries) // PASID_CACHE_WAYS))
+            "pasid_cache_entries / 4", max(1, int(pasid_cache_entries) // PASID_CACHE_WAYS)
+        )
         self._iotlb = _Cache(self.iotlb_sets, self.iotlb_ways)
         self._pc = _Cache(self.pasid_cache_sets, PASID_CACHE_WAYS)
         self._devs: dict[int, dict[str, Any]] = {}
@@ -313,13 +322,19 @@ class Iommu:
         if not 0 <= dev < MAX_DEVICES:
             raise ValueError(f"device id must be in [0, {MAX_DEVICES}), got {dev}")
         pasid_dir_hpa = int(pasid_dir_hpa)
-        if pasid_dir_hpa & (PAGE_SIZE - 1) or pasid_dir_hpa <= 0 or \
-                pasid_dir_hpa + PASID_DIR_FRAMES * PAGE_SIZE > self.mem_size:
+        if (
+            pasid_dir_hpa & (PAGE_SIZE - 1)
+            or pasid_dir_hpa <= 0
+            or pasid_dir_hpa + PASID_DIR_FRAMES * PAGE_SIZE > self.mem_size
+        ):
             raise ValueError(f"bad PASID directory address {pasid_dir_hpa:#x}")
         if dev in self._devs:
             self.detach_device(dev)
-        self._devs[dev] = {"dir": pasid_dir_hpa, "ats": bool(ats),
-                           "tlb": _Cache(self.devtlb_sets, self.devtlb_ways)}
+        self._devs[dev] = {
+            "dir": pasid_dir_hpa,
+            "ats": bool(ats),
+            "tlb": _Cache(self.devtlb_sets, self.devtlb_ways),
+        }
 
     def detach_device(self, dev: int) -> None:
         """Drop the context, the device TLB and the device's PASID-cache entries.
@@ -600,8 +615,9 @@ class Iommu:
         return nf
 
     # ------------------------------------------------------------------ invalidation
-    def inv_iotlb(self, granularity, did: int = 0, pasid: int = 0, addr: int = 0,
-                  size_order: int = 0, ih: bool = False) -> int:
+    def inv_iotlb(
+        self, granularity, did: int = 0, pasid: int = 0, addr: int = 0, size_order: int = 0, ih: bool = False
+    ) -> int:
         """IOTLB invalidation; returns the number of entries removed.
 
         granularity: 'global' | 'domain' | 'pasid' | 'page' (or INV_*). 'page' removes
@@ -640,15 +656,15 @@ class Iommu:
             n = self._pc.remove_where(lambda k, e, d: d[0] == did)
         elif g == INV_PASID:
             c[_C["pasid_cache_inv_pasid"]] += 1
-            n = self._pc.remove_where(
-                lambda k, e, d: d[0] == did and (k & (PASID_MAX - 1)) == pasid)
+            n = self._pc.remove_where(lambda k, e, d: d[0] == did and (k & (PASID_MAX - 1)) == pasid)
         else:
             raise ValueError("the PASID cache has no address granularity")
         c[_C["pasid_cache_inv_entries"]] += n
         return n
 
-    def inv_devtlb(self, dev: int, pasid: int | None = None, addr: int | None = None,
-                   size_order: int = 0) -> int:
+    def inv_devtlb(
+        self, dev: int, pasid: int | None = None, addr: int | None = None, size_order: int = 0
+    ) -> int:
         """Device-TLB invalidation of one device: everything (pasid None), one PASID
         (addr None), or PASID + 1<<size_order pages from addr aligned down.
         Returns entries removed (0 for a device without context)."""
@@ -665,16 +681,16 @@ class Iommu:
         else:
             c[_C["devtlb_inv_addr"]] += 1
             first, count = _page_range(addr, size_order)
-            n = d["tlb"].remove_range(int(pasid) << 36, first, count,
-                                      lambda e, x: True) if d else 0
+            n = d["tlb"].remove_range(int(pasid) << 36, first, count, lambda e, x: True) if d else 0
         c[_C["devtlb_inv_entries"]] += n
         return n
 
     # ------------------------------------------------------------------ counters / dump
     def counters(self) -> dict[str, Any]:
         out = {name: self._cnt[i] for i, name in enumerate(COUNTER_NAMES)}
-        out["faults_by_reason"] = {FAULT_NAMES.get(r, f"fault-{r}"): n
-                                   for r, n in enumerate(self._fault_reasons) if n}
+        out["faults_by_reason"] = {
+            FAULT_NAMES.get(r, f"fault-{r}"): n for r, n in enumerate(self._fault_reasons) if n
+        }
         return out
 
     def reset_counters(self) -> None:
@@ -683,16 +699,16 @@ class Iommu:
 
     def cache_dump(self) -> dict[str, Any]:
         """Plain contents of every cache, sorted (for differential tests and the audit)."""
-        iotlb = sorted((e, k >> 36, k & ((1 << 36) - 1), d[0], d[1])
-                       for k, e, d in self._iotlb.entries())
+        iotlb = sorted((e, k >> 36, k & ((1 << 36) - 1), d[0], d[1]) for k, e, d in self._iotlb.entries())
         pc = sorted((k >> 20, k & (PASID_MAX - 1)) + tuple(d) for k, e, d in self._pc.entries())
         devtlb = {}
         devices = {}
         for dev in sorted(self._devs):
             dd = self._devs[dev]
             devices[dev] = {"pasid_dir": dd["dir"], "ats": dd["ats"]}
-            devtlb[dev] = sorted((k >> 36, k & ((1 << 36) - 1), d[0], d[1], d[2])
-                                 for k, e, d in dd["tlb"].entries())
+            devtlb[dev] = sorted(
+                (k >> 36, k & ((1 << 36) - 1), d[0], d[1], d[2]) for k, e, d in dd["tlb"].entries()
+            )
         return {
             "iotlb": iotlb,  # (did, pasid, vpn, frame, perms)
             "pasid_cache": pc,  # (dev, pasid, did, flptr, slptr, flags)
@@ -731,8 +747,9 @@ class Iommu:
             c[_C["dma_bytes"]] += n
         return 0, 0, done, False
 
-    def dma_copy(self, dev: int, pasid: int, src: int, dst: int, length: int,
-                 access_flags: int = 0) -> tuple[int, int, int]:
+    def dma_copy(
+        self, dev: int, pasid: int, src: int, dst: int, length: int, access_flags: int = 0
+    ) -> tuple[int, int, int]:
         """Copy `length` bytes from VA src to VA dst of (dev, pasid).
 
         Returns (status, fault_va, done): status 0 or the fault code of the first failing
@@ -743,24 +760,26 @@ class Iommu:
         mv = self._mv
 
         def move(pas, n):
-            mv[pas[1]:pas[1] + n] = bytes(mv[pas[0]:pas[0] + n])
+            mv[pas[1] : pas[1] + n] = bytes(mv[pas[0] : pas[0] + n])
 
         streams = [(int(src), ACCESS_READ | access_flags), (int(dst), ACCESS_WRITE | access_flags)]
         return self._dma(int(dev), int(pasid), streams, int(length), move)[:3]
 
-    def dma_fill(self, dev: int, pasid: int, dst: int, length: int, pattern: int,
-                 access_flags: int = 0) -> tuple[int, int, int]:
+    def dma_fill(
+        self, dev: int, pasid: int, dst: int, length: int, pattern: int, access_flags: int = 0
+    ) -> tuple[int, int, int]:
         """Fill `length` bytes at VA dst with the byte `pattern`; (status, fault_va, done)."""
         mv, byte = self._mv, bytes([int(pattern) & 0xFF])
 
         def fill(pas, n):
-            mv[pas[0]:pas[0] + n] = byte * n
+            mv[pas[0] : pas[0] + n] = byte * n
 
         streams = [(int(dst), ACCESS_WRITE | access_flags)]
         return self._dma(int(dev), int(pasid), streams, int(length), fill)[:3]
 
-    def dma_compare(self, dev: int, pasid: int, a: int, b: int, length: int,
-                    access_flags: int = 0) -> tuple[int, int, int, int]:
+    def dma_compare(
+        self, dev: int, pasid: int, a: int, b: int, length: int, access_flags: int = 0
+    ) -> tuple[int, int, int, int]:
         """Compare `length` bytes at VAs a and b: (status, fault_va, result, done).
 
         result 0 = equal (over the bytes compared), else offset+1 of the first differing
@@ -769,12 +788,13 @@ class Iommu:
         mv = self._mv
 
         def differ(pas, n):
-            x, y = mv[pas[0]:pas[0] + n], mv[pas[1]:pas[1] + n]
+            x, y = mv[pas[0] : pas[0] + n], mv[pas[1] : pas[1] + n]
             return None if x == y else next(k for k in range(n) if x[k] != y[k])
 
         access = ACCESS_READ | access_flags
-        status, va, done, stopped = self._dma(int(dev), int(pasid), [(int(a), access), (int(b), access)],
-                                              int(length), differ)
+        status, va, done, stopped = self._dma(
+            int(dev), int(pasid), [(int(a), access), (int(b), access)], int(length), differ
+        )
         return status, va, done + 1 if stopped else 0, done
 
 

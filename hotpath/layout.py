@@ -154,15 +154,23 @@ def pasid_table_index(pasid: int) -> int:
     return pasid & (PASID_TABLE_ENTRIES - 1)
 
 
-def encode_pasid_entry(*, flptr: int, slptr: int, did: int, sre: bool = False,
-                       wpe: bool = False, eafe: bool = True, fpd: bool = False,
-                       pgtt: int = PGTT_NESTED) -> list[int]:
+def encode_pasid_entry(
+    *,
+    flptr: int,
+    slptr: int,
+    did: int,
+    sre: bool = False,
+    wpe: bool = False,
+    eafe: bool = True,
+    fpd: bool = False,
+    pgtt: int = PGTT_NESTED,
+) -> list[int]:
     """The eight words of a present PASID entry (nested by default; the guest writes PGTT=1)."""
     w0 = PE_PRESENT | (AW_48 << PE_AW_SHIFT) | (pgtt << PE_PGTT_SHIFT) | (slptr & ADDR_MASK)
     if fpd:
         w0 |= PE_FPD
     w1 = did & PE_DID_MASK
-    w2 = (flptr & ADDR_MASK)
+    w2 = flptr & ADDR_MASK
     w2 |= PE_SRE if sre else 0
     w2 |= PE_WPE if wpe else 0
     w2 |= PE_EAFE if eafe else 0
@@ -195,8 +203,14 @@ INV_DOMAIN = 1  # one domain id
 INV_PASID = 2  # one (domain id, PASID)
 INV_PAGE = 3  # (domain id, PASID) + address range: 1 << size_order pages, address aligned down
 
-INV_NAMES = {"global": INV_GLOBAL, "domain": INV_DOMAIN, "pasid": INV_PASID,
-             "page": INV_PAGE, "addr": INV_PAGE, "pasid-addr": INV_PAGE}
+INV_NAMES = {
+    "global": INV_GLOBAL,
+    "domain": INV_DOMAIN,
+    "pasid": INV_PASID,
+    "page": INV_PAGE,
+    "addr": INV_PAGE,
+    "pasid-addr": INV_PAGE,
+}
 
 
 def inv_granularity(g: int | str) -> int:
@@ -268,15 +282,43 @@ HASH_MULT = 0x9E3779B97F4A7C15  # cache set index: ((key * HASH_MULT) mod 2^64 >
 # Statistics; order matters: the compiled module indexes a C array with these positions
 # (hotpath/_layout.pxi, generated from this list, names them C_TRANSLATIONS ...).
 COUNTER_NAMES = (
-    "translations", "faults", "walks", "memory_refs", "ad_writes", "pasid_refs",
-    "owner_violations", "defunct_drops",
-    "iotlb_lookups", "iotlb_hits", "iotlb_misses", "iotlb_fills", "iotlb_evictions",
-    "iotlb_inv_global", "iotlb_inv_domain", "iotlb_inv_pasid", "iotlb_inv_page",
+    "translations",
+    "faults",
+    "walks",
+    "memory_refs",
+    "ad_writes",
+    "pasid_refs",
+    "owner_violations",
+    "defunct_drops",
+    "iotlb_lookups",
+    "iotlb_hits",
+    "iotlb_misses",
+    "iotlb_fills",
+    "iotlb_evictions",
+    "iotlb_inv_global",
+    "iotlb_inv_domain",
+    "iotlb_inv_pasid",
+    "iotlb_inv_page",
     "iotlb_inv_entries",
-    "pasid_cache_lookups", "pasid_cache_hits", "pasid_cache_misses", "pasid_cache_fills",
-    "pasid_cache_evictions", "pasid_cache_inv_global", "pasid_cache_inv_domain",
-    "pasid_cache_inv_pasid", "pasid_cache_inv_entries",
-    "devtlb_lookups", "devtlb_hits", "devtlb_misses", "devtlb_fills", "devtlb_evictions",
-    "devtlb_inv_all", "devtlb_inv_pasid", "devtlb_inv_addr", "devtlb_inv_entries",
-    "dma_descriptors", "dma_bytes", "dma_faults",
+    "pasid_cache_lookups",
+    "pasid_cache_hits",
+    "pasid_cache_misses",
+    "pasid_cache_fills",
+    "pasid_cache_evictions",
+    "pasid_cache_inv_global",
+    "pasid_cache_inv_domain",
+    "pasid_cache_inv_pasid",
+    "pasid_cache_inv_entries",
+    "devtlb_lookups",
+    "devtlb_hits",
+    "devtlb_misses",
+    "devtlb_fills",
+    "devtlb_evictions",
+    "devtlb_inv_all",
+    "devtlb_inv_pasid",
+    "devtlb_inv_addr",
+    "devtlb_inv_entries",
+    "dma_descriptors",
+    "dma_bytes",
+    "dma_faults",
 )

@@ -142,8 +142,12 @@ def _project_outcome(pa: int, fault: int) -> Outcome:
     if not fault:
         return Outcome("ok", pa)
     reason = fault_reason(fault)
-    kinds = {FAULT_NON_CANONICAL: "non-canonical", FAULT_FL_NOT_PRESENT: "not-present",
-             FAULT_FL_RESERVED: "reserved", FAULT_FL_PERMISSION: "permission"}
+    kinds = {
+        FAULT_NON_CANONICAL: "non-canonical",
+        FAULT_FL_NOT_PRESENT: "not-present",
+        FAULT_FL_RESERVED: "reserved",
+        FAULT_FL_PERMISSION: "permission",
+    }
     return Outcome("fault", kinds.get(reason, describe_fault(fault)))
 
 
@@ -156,13 +160,15 @@ class World:
         self.phys = PhysMem(bytearray(MEM_FRAMES * PAGE_SIZE))
         self.q = np.frombuffer(self.phys.buf, dtype="<u8")
         pa = np.arange(DATA_BASE, DATA_END, 8, dtype=np.uint64)
-        self.q[DATA_BASE // 8:] = (np.uint64(0xB8) | ((pa >> np.uint64(3)) << np.uint64(8))
-                                   | np.uint64(DATA_TAIL))
+        self.q[DATA_BASE // 8 :] = (
+            np.uint64(0xB8) | ((pa >> np.uint64(3)) << np.uint64(8)) | np.uint64(DATA_TAIL)
+        )
         self.tables = FrameAllocator(reversed(TABLE_FRAMES))
         harness = FrameAllocator(reversed(HARNESS_FRAMES))
         project = FrameAllocator(reversed(PROJECT_FRAMES))
-        self.fl = RadixTable(self.phys, self._table(self.tables), lambda: self._table(self.tables),
-                             link=FL_LINK, present=FL_P)
+        self.fl = RadixTable(
+            self.phys, self._table(self.tables), lambda: self._table(self.tables), link=FL_LINK, present=FL_P
+        )
         self.harness = Harness.build(self.phys, self.fl.root, lambda: self._table(harness))
         slot = self.fl.root + 8 * table_index(HARNESS_VA, 4)  # A set: the CPU sets it anyway
         self.phys.write_u64(slot, self.phys.read_u64(slot) | FL_A)
@@ -170,19 +176,26 @@ class World:
         self._map_random(maps)
         self._randomise_upper_levels()
         self.levels = self._table_levels()
-        self.span = slice(TABLE_FRAMES.start * PAGE_SIZE,
-                          (TABLE_FRAMES.start + len(self.tables.used)) * PAGE_SIZE)
+        self.span = slice(
+            TABLE_FRAMES.start * PAGE_SIZE, (TABLE_FRAMES.start + len(self.tables.used)) * PAGE_SIZE
+        )
         # second level: GPA = HPA (one 1 GiB page); PASID directory and entry
-        sl = RadixTable(self.phys, self._table(project), lambda: self._table(project),
-                        link=SL_R | SL_W | SL_X, present=SL_R | SL_W | SL_X)
+        sl = RadixTable(
+            self.phys,
+            self._table(project),
+            lambda: self._table(project),
+            link=SL_R | SL_W | SL_X,
+            present=SL_R | SL_W | SL_X,
+        )
         sl.map(0, 0, SL_R | SL_W | SL_X | SL_PS, level=3)
         dir_frames = [project.alloc() for _ in range(PASID_DIR_FRAMES)]
         dir_base = min(dir_frames) << PAGE_SHIFT
         if max(dir_frames) - min(dir_frames) != PASID_DIR_FRAMES - 1:
             raise AssertionError("PASID directory frames not contiguous")
         PasidDirectory(self.phys, dir_base, lambda: self._table(project)).write_entry(
-            PASID, encode_pasid_entry(flptr=self.fl.root, slptr=sl.root, did=DID, sre=True,
-                                      wpe=wpe, eafe=False))
+            PASID,
+            encode_pasid_entry(flptr=self.fl.root, slptr=sl.root, did=DID, sre=True, wpe=wpe, eafe=False),
+        )
         self.template = bytes(self.phys.buf)
         owners = np.full(MEM_FRAMES, DID, dtype=np.int32)
         self.iommu = iommu_cls(self.phys.buf, owners)
@@ -270,8 +283,7 @@ class World:
                 stack.append((e & ADDR_MASK, level - 1))
                 e &= ADDR_MASK
                 e |= FL_P if rng.random() < 0.95 else 0
-                for bit, p in ((FL_RW, 0.85), (FL_US, 0.85), (FL_XD, 0.12), (FL_A, 0.5),
-                               (FL_D, 0.2)):
+                for bit, p in ((FL_RW, 0.85), (FL_US, 0.85), (FL_XD, 0.12), (FL_A, 0.5), (FL_D, 0.2)):
                     e |= bit if rng.random() < p else 0
                 if level == 4 and rng.random() < 0.03:
                     e |= FL_PS
@@ -315,7 +327,7 @@ class World:
         self.phys.buf[self.span] = self.template[self.span]
 
     def table_words(self) -> np.ndarray:
-        return self.q[self.span.start // 8:self.span.stop // 8]
+        return self.q[self.span.start // 8 : self.span.stop // 8]
 
 
 @dataclass
@@ -339,9 +351,13 @@ class Harness:
         """Map the harness pages with the project's writer (their own tables)."""
         rt = RadixTable(phys, root, alloc_table, link=FL_LINK, present=FL_P)
         pages = {}
-        code = {"kread": (b"\x48\x8b\x03", False), "kwrite": (b"\x48\x89\x03", False),
-                "kiret": (b"\x48\xcf", False), "uread": (b"\x48\x8b\x03", True),
-                "uwrite": (b"\x48\x89\x03", True)}
+        code = {
+            "kread": (b"\x48\x8b\x03", False),
+            "kwrite": (b"\x48\x89\x03", False),
+            "kiret": (b"\x48\xcf", False),
+            "uread": (b"\x48\x8b\x03", True),
+            "uwrite": (b"\x48\x89\x03", True),
+        }
         for i, (name, (insn, user)) in enumerate(code.items()):
             pa = alloc_table()
             phys.write(pa, insn + b"\xf4")
@@ -353,8 +369,9 @@ class Harness:
         rt.map(HARNESS_VA + 8 * PAGE_SIZE, gdt_pa, FL_P | FL_RW)
         stack_pa = alloc_table()
         rt.map(HARNESS_VA + 9 * PAGE_SIZE, stack_pa, FL_P | FL_RW | FL_US)
-        return cls(gdt=HARNESS_VA + 8 * PAGE_SIZE, stack=HARNESS_VA + 9 * PAGE_SIZE,
-                   stack_pa=stack_pa, **pages)
+        return cls(
+            gdt=HARNESS_VA + 8 * PAGE_SIZE, stack=HARNESS_VA + 9 * PAGE_SIZE, stack_pa=stack_pa, **pages
+        )
 
 
 class Reference:
@@ -383,7 +400,7 @@ class Reference:
             return -1
         ctx = self.mu.context_save()
         raw = ctypes.string_at(ctx.context, ctx.size)
-        return int.from_bytes(raw[self.err_offset:self.err_offset + 4], "little")
+        return int.from_bytes(raw[self.err_offset : self.err_offset + 4], "little")
 
     def load(self, world: World) -> None:
         """Memory, control registers (WP = the world's WPE), GDT; CPL 0."""
@@ -403,8 +420,11 @@ class Reference:
     def calibrate(self, world: World) -> None:
         """Find env->error_code in the saved context: three page faults with known codes."""
         unmapped = UNMAPPED_VA
-        cases = ((ACCESS_READ | ACCESS_PRIV, False, 0x0), (ACCESS_WRITE, True, 0x6),
-                 (ACCESS_READ | ACCESS_EXEC | ACCESS_PRIV, False, 0x10))
+        cases = (
+            (ACCESS_READ | ACCESS_PRIV, False, 0x0),
+            (ACCESS_WRITE, True, 0x6),
+            (ACCESS_READ | ACCESS_EXEC | ACCESS_PRIV, False, 0x10),
+        )
         candidates = None
         for access, user, code in cases:
             self.run(access, user, unmapped)
@@ -412,8 +432,7 @@ class Reference:
                 raise RuntimeError(f"calibration access did not page-fault: {self.fault}")
             ctx = self.mu.context_save()
             raw = ctypes.string_at(ctx.context, ctx.size)
-            found = {i for i in range(0, len(raw) - 4, 4)
-                     if int.from_bytes(raw[i:i + 4], "little") == code}
+            found = {i for i in range(0, len(raw) - 4, 4) if int.from_bytes(raw[i : i + 4], "little") == code}
             candidates = found if candidates is None else candidates & found
         if not candidates or len(candidates) != 1:
             raise RuntimeError(f"cannot locate the #PF error code in unicorn's context: {candidates}")
@@ -431,8 +450,9 @@ class Reference:
         try:
             if user:
                 rip = va if exe else (h.uwrite if write else h.uread)
-                frame = struct.pack("<5Q", rip & (1 << 64) - 1, Harness.UCODE, 0x2,
-                                    h.stack + 0x800, Harness.UDATA)
+                frame = struct.pack(
+                    "<5Q", rip & (1 << 64) - 1, Harness.UCODE, 0x2, h.stack + 0x800, Harness.UDATA
+                )
                 mu.mem_write(h.stack_pa + 0xF00, frame)
                 mu.reg_write(x.UC_X86_REG_RSP, h.stack + 0xF00)
                 mu.emu_start(h.kiret, 0, count=2)
@@ -468,8 +488,11 @@ class Reference:
         """Where the write went: the expected word if it holds MARK, else a search; the word
         gets its data back."""
         mu = self.mu
-        if expect_pa is not None and DATA_BASE <= expect_pa < DATA_END and \
-                struct.unpack("<Q", mu.mem_read(expect_pa, 8))[0] == MARK:
+        if (
+            expect_pa is not None
+            and DATA_BASE <= expect_pa < DATA_END
+            and struct.unpack("<Q", mu.mem_read(expect_pa, 8))[0] == MARK
+        ):
             pa = expect_pa
         else:
             data = np.frombuffer(bytes(mu.mem_read(DATA_BASE, DATA_END - DATA_BASE)), "<u8")
@@ -523,8 +546,15 @@ class Report:
     by_outcome: dict[str, int] = field(default_factory=dict)
 
 
-def run(iommu_cls, *, seed: int, worlds: int, accesses: int, report: Report | None = None,
-        reference: Reference | None = None) -> Report:
+def run(
+    iommu_cls,
+    *,
+    seed: int,
+    worlds: int,
+    accesses: int,
+    report: Report | None = None,
+    reference: Reference | None = None,
+) -> Report:
     """`worlds` random worlds, `accesses` fresh and `accesses` cached accesses on each."""
     rng = random.Random(seed)
     report = report or Report()

@@ -44,8 +44,9 @@ _INTERMEDIATE_SL = SL_R | SL_W
 class HostMemory:
     """Host physical memory (bytearray, or anonymous mmap with use_mmap) and frame owners."""
 
-    def __init__(self, nframes: int = 4096, seed: int = 0, use_mmap: bool = False,
-                 contig_frames: int | None = None):
+    def __init__(
+        self, nframes: int = 4096, seed: int = 0, use_mmap: bool = False, contig_frames: int | None = None
+    ):
         """contig_frames (default nframes // 8, at least 64): the top frames, kept out of the
         shuffled pool and handed out in order by alloc_contig (PASID directories, large pages)."""
         self.nframes = nframes
@@ -62,7 +63,7 @@ class HostMemory:
     def alloc(self, owner: int = 0) -> int:
         """One zeroed frame (random position) owned by `owner`; returns the frame number."""
         f = self.free.pop()
-        self.q[f * 512:(f + 1) * 512] = 0
+        self.q[f * 512 : (f + 1) * 512] = 0
         self.owners[f] = owner
         return f
 
@@ -71,8 +72,8 @@ class HostMemory:
         start = -(-self.contig_next // align) * align
         if start + n <= self.nframes:
             self.contig_next = start + n
-            self.q[start * 512:(start + n) * 512] = 0
-            self.owners[start:start + n] = owner
+            self.q[start * 512 : (start + n) * 512] = 0
+            self.owners[start : start + n] = owner
             return start
         fs = set(self.free)
         start = align
@@ -80,8 +81,8 @@ class HostMemory:
             if all((start + i) in fs for i in range(n)):
                 taken = set(range(start, start + n))
                 self.free = [f for f in self.free if f not in taken]
-                self.q[start * 512:(start + n) * 512] = 0
-                self.owners[start:start + n] = owner
+                self.q[start * 512 : (start + n) * 512] = 0
+                self.owners[start : start + n] = owner
                 return start
             start += align
         raise MemoryError(f"no {n} contiguous free frames")
@@ -97,10 +98,10 @@ class HostMemory:
         self.q[addr >> 3] = value
 
     def read(self, addr: int, n: int) -> bytes:
-        return bytes(self.mem[addr:addr + n])
+        return bytes(self.mem[addr : addr + n])
 
     def write(self, addr: int, data: bytes) -> None:
-        self.mem[addr:addr + len(data)] = data
+        self.mem[addr : addr + len(data)] = data
 
 
 class GuestVM:
@@ -160,7 +161,7 @@ class GuestVM:
             g = g0 + i
             k = min(n - i, 512 - (g & 511))
             ea = self.sl_entry_addr(g << PAGE_SHIFT, 1)
-            q[ea >> 3:(ea >> 3) + k] = (frames[i:i + k] << np.uint64(PAGE_SHIFT)) | np.uint64(perms)
+            q[ea >> 3 : (ea >> 3) + k] = (frames[i : i + k] << np.uint64(PAGE_SHIFT)) | np.uint64(perms)
             for j in range(k):
                 self.gpa_frames[g + j] = int(frames[i + j])
             i += k
@@ -212,8 +213,16 @@ class GuestProcess:
             table_gpa = e & ADDR_MASK
         return self._hpa(table_gpa) + table_index(va, level) * 8
 
-    def map(self, va: int, gpa_page: int | None = None, *, rw: bool = True, us: bool = True,
-            xd: bool = False, level: int = 1) -> int:
+    def map(
+        self,
+        va: int,
+        gpa_page: int | None = None,
+        *,
+        rw: bool = True,
+        us: bool = True,
+        xd: bool = False,
+        level: int = 1,
+    ) -> int:
         """Map the VA page (level 2/3: a large page; gpa_page required, aligned) and return
         its GPA page (a fresh one when gpa_page is None)."""
         if gpa_page is None:
@@ -238,7 +247,7 @@ class GuestProcess:
             v = va + i * PAGE_SIZE
             k = min(npages - i, 512 - table_index(v, 1))
             ea = self.entry_addr(v, 1)
-            q[ea >> 3:(ea >> 3) + k] = (gpas[i:i + k] << np.uint64(PAGE_SHIFT)) | bits
+            q[ea >> 3 : (ea >> 3) + k] = (gpas[i : i + k] << np.uint64(PAGE_SHIFT)) | bits
             i += k
         return [int(g) for g in gpas]
 
@@ -280,7 +289,7 @@ class GuestProcess:
             h = self.va_to_hpa(va)
             if h is None:
                 raise ValueError(f"VA {va:#x} not mapped")
-            out += self.host.mem[h:h + k]
+            out += self.host.mem[h : h + k]
             va += k
             n -= k
         return bytes(out)
@@ -292,7 +301,7 @@ class GuestProcess:
             h = self.va_to_hpa(va)
             if h is None:
                 raise ValueError(f"VA {va:#x} not mapped")
-            self.host.mem[h:h + k] = data[pos:pos + k]
+            self.host.mem[h : h + k] = data[pos : pos + k]
             va += k
             pos += k
 
@@ -302,8 +311,18 @@ def make_pasid_dir(host: HostMemory) -> int:
     return host.alloc_contig(PASID_DIR_FRAMES, owner=0) << PAGE_SHIFT
 
 
-def install_pasid(host: HostMemory, dir_hpa: int, pasid: int, *, flptr: int, slptr: int,
-                  did: int, sre: bool = False, wpe: bool = False, eafe: bool = True) -> int:
+def install_pasid(
+    host: HostMemory,
+    dir_hpa: int,
+    pasid: int,
+    *,
+    flptr: int,
+    slptr: int,
+    did: int,
+    sre: bool = False,
+    wpe: bool = False,
+    eafe: bool = True,
+) -> int:
     """Write a nested PASID entry (allocating the PASID table if needed); return its HPA."""
     q = host.q
     pde_addr = dir_hpa + (pasid >> 6) * 8
@@ -313,7 +332,7 @@ def install_pasid(host: HostMemory, dir_hpa: int, pasid: int, *, flptr: int, slp
         q[pde_addr >> 3] = pde
     pe = (pde & ADDR_MASK) + (pasid & 63) * PASID_ENTRY_SIZE
     words = encode_pasid_entry(flptr=flptr, slptr=slptr, did=did, sre=sre, wpe=wpe, eafe=eafe)
-    q[pe >> 3:(pe >> 3) + 8] = np.array(words, dtype=np.uint64)
+    q[pe >> 3 : (pe >> 3) + 8] = np.array(words, dtype=np.uint64)
     return pe
 
 
@@ -322,4 +341,4 @@ def clear_pasid(host: HostMemory, dir_hpa: int, pasid: int) -> None:
     pde = host.read_u64(dir_hpa + (pasid >> 6) * 8)
     if pde & PDE_PRESENT:
         pe = (pde & ADDR_MASK) + (pasid & 63) * PASID_ENTRY_SIZE
-        host.q[pe >> 3:(pe >> 3) + 8] = 0
+        host.q[pe >> 3 : (pe >> 3) + 8] = 0

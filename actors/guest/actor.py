@@ -82,11 +82,21 @@ class Guest(Actor):
         self.wake(("flow_watch", flow, n), {"ret": 0, "tag": tag})  # see on_flow_watch
         return tag
 
-    def step(self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any) -> bool:
+    def step(
+        self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any
+    ) -> bool:
         """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'."""
         ok = reply.get("ret", 0) == 0 if ok is None else ok
-        self.steps.append({"flow": flow, "what": what, "ok": ok, "ret": reply.get("ret", 0),
-                           "error": reply.get("error", ""), **detail})
+        self.steps.append(
+            {
+                "flow": flow,
+                "what": what,
+                "ok": ok,
+                "ret": reply.get("ret", 0),
+                "error": reply.get("error", ""),
+                **detail,
+            }
+        )
         return ok
 
     def boot(self) -> Generator[Any, Any, int]:
@@ -99,8 +109,11 @@ class Guest(Actor):
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
-            reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir},
-                                                         {"type": "wait"}]), flow=tag)
+            reply = yield Call(
+                self.vmm,
+                QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}]),
+                flow=tag,
+            )
             if reply["ret"]:
                 return reply["ret"]
         return 0
@@ -108,18 +121,27 @@ class Guest(Actor):
     def alloc_pasid(self, proc: Process, dev: str) -> Generator[Any, Any, int]:
         """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
         reply = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
-        if self.step("F1", f"pid {proc.pid} alloc PASID for {dev}", reply, gpasid=reply.get("gpasid"),
-                     hpasid=reply.get("hpasid")):
+        if self.step(
+            "F1",
+            f"pid {proc.pid} alloc PASID for {dev}",
+            reply,
+            gpasid=reply.get("gpasid"),
+            hpasid=reply.get("hpasid"),
+        ):
             proc.pasids[dev] = reply["gpasid"]
             return reply["gpasid"]
         return 0
 
     def bind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
         """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait."""
-        self.pasid_dirs[dev].write_entry(pasid, encode_pasid_entry(
-            flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY))
-        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
-                                                     {"type": "wait"}]), flow=self.flow_tag("F2"))
+        self.pasid_dirs[dev].write_entry(
+            pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY)
+        )
+        reply = yield Call(
+            self.vmm,
+            QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]),
+            flow=self.flow_tag("F2"),
+        )
         users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
         self.step("F2", f"pid {proc.pid} bind {dev} PASID {pasid}", reply, users=users)
         return {**reply, "users": users}
@@ -127,16 +149,22 @@ class Guest(Actor):
     def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
         """F4: clear the PASID entry, PASID-cache invalidation, wait."""
         self.pasid_dirs[dev].clear_entry(pasid)
-        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid},
-                                                     {"type": "wait"}]), flow=self.flow_tag("F4"))
+        reply = yield Call(
+            self.vmm,
+            QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]),
+            flow=self.flow_tag("F4"),
+        )
         self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
         return reply
 
     def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0):
         """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
         base = {"dev": dev, "gpasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
-        reply = yield Call(self.vmm, QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base},
-                                                     {"type": "wait"}]), flow=self.flow_tag("F3"))
+        reply = yield Call(
+            self.vmm,
+            QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base}, {"type": "wait"}]),
+            flow=self.flow_tag("F3"),
+        )
         self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
         return reply
 
@@ -147,8 +175,9 @@ class Guest(Actor):
         proc.pasids.pop(dev, None)
         return reply
 
-    def submit(self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0,
-               pattern: int = 0):
+    def submit(
+        self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0, pattern: int = 0
+    ):
         """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
         fields = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
         # an mdev takes the guest PASID (vdcm translates it); the passthrough function is
@@ -167,8 +196,15 @@ class Guest(Actor):
             self._retry_key = getattr(self, "_retry_key", 0) + 1
             yield Wait(("portal", self._retry_key), 0.02)
             reply = yield Call(portal, work, flow=flow)
-        outcome = "indefinite" if reply.get("indefinite") else "aborted" if reply.get("aborted") else \
-            "failed" if reply["ret"] else "completed"
+        outcome = (
+            "indefinite"
+            if reply.get("indefinite")
+            else "aborted"
+            if reply.get("aborted")
+            else "failed"
+            if reply["ret"]
+            else "completed"
+        )
         setattr(self.dma, outcome, getattr(self.dma, outcome) + 1)
         return reply
 
@@ -182,10 +218,18 @@ class Guest(Actor):
         proc = next((p for p in procs if p.pasids.get(req.dev) == req.gpasid), None)
         write = bool(req.perm & IOMMU_FAULT_PERM_WRITE)
         code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, req.addr, write)
-        reply = yield Call(self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code))
-        self.step("F6", f"pid {proc.pid if proc else '?'} page request {req.dev} PASID {req.gpasid} "
-                  f"@ {req.addr:#x} {'write' if write else 'read'} -> "
-                  f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}", reply, code=code, grpid=req.grpid)
+        reply = yield Call(
+            self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code)
+        )
+        self.step(
+            "F6",
+            f"pid {proc.pid if proc else '?'} page request {req.dev} PASID {req.gpasid} "
+            f"@ {req.addr:#x} {'write' if write else 'read'} -> "
+            f"{('SUCCESS', 'INVALID', 'FAILURE')[code]}",
+            reply,
+            code=code,
+            grpid=req.grpid,
+        )
         return None
 
     # ---- workloads ------------------------------------------------------------------------------
@@ -216,15 +260,23 @@ class Guest(Actor):
         that (thousands of rounds) the failed ones only, at most 100: a workload of any
         length reports its end in one reply (MAX_FRAME bounds every frame)."""
         steps = self.steps
-        summary = {"total": len(steps), "failed": sum(not s["ok"] for s in steps),
-                   "verified": sum(1 for s in steps if s.get("verified") and s["ok"])}
+        summary = {
+            "total": len(steps),
+            "failed": sum(not s["ok"] for s in steps),
+            "verified": sum(1 for s in steps if s.get("verified") and s["ok"]),
+        }
         if len(msgpack.packb(steps, use_bin_type=True)) <= MAX_FRAME // 2:
             return {"steps": steps, "summary": summary}
         return {"steps": [s for s in steps if not s["ok"]][:100], "summary": {**summary, "truncated": True}}
 
     def snapshot(self) -> dict[str, Any]:
         procs = self.kernel.procs.values() if self.kernel else []
-        return {**super().snapshot(), "vm": self.vm,
-                "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
-                "steps_ok": sum(s["ok"] for s in self.steps), "steps_failed": sum(not s["ok"] for s in self.steps),
-                "dma": asdict(self.dma), "flows": dict(self.flow_seq)}
+        return {
+            **super().snapshot(),
+            "vm": self.vm,
+            "pasids": [{"pid": p.pid, "dev": d, "pasid": g} for p in procs for d, g in p.pasids.items()],
+            "steps_ok": sum(s["ok"] for s in self.steps),
+            "steps_failed": sum(not s["ok"] for s in self.steps),
+            "dma": asdict(self.dma),
+            "flows": dict(self.flow_seq),
+        }

@@ -54,8 +54,9 @@ class GuestKernel:
         return first << PAGE_SHIFT
 
     def spawn(self, pid: int) -> Process:
-        proc = Process(pid, RadixTable(self.ram, self.alloc_page(), self.alloc_page, link=FL_LINK,
-                                       present=FL_PRESENT))
+        proc = Process(
+            pid, RadixTable(self.ram, self.alloc_page(), self.alloc_page, link=FL_LINK, present=FL_PRESENT)
+        )
         self.procs[pid] = proc
         return proc
 
@@ -110,5 +111,5 @@ class GuestKernel:
         offset = 0
         while offset < len(data):
             n = min(len(data) - offset, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-            self.ram.write(self.gpa(proc, va), data[offset:offset + n])
+            self.ram.write(self.gpa(proc, va), data[offset : offset + n])
             va, offset = va + n, offset + n

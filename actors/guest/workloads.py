@@ -38,17 +38,30 @@ def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Generator[
         return 0
     yield from g.bind(proc, dev, pasid)
     reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
-    g.step("F7", f"pid {proc.pid} DMA copy {len(data)} B via {dev}", reply,
-           ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data, verified=True)
+    g.step(
+        "F7",
+        f"pid {proc.pid} DMA copy {len(data)} B via {dev}",
+        reply,
+        ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data,
+        verified=True,
+    )
     # F3: migrate the first destination page, flush, and DMA again: the device must write the
     # new frame, never the old one (a stale IOTLB entry would).
     old, new = k.migrate(proc, dst)
     old_bytes = k.ram.read(old, PAGE_SIZE)
     yield from g.flush(proc, dev, pasid, dst)
     reply = yield from g.submit(dev, pasid, "fill", dst=dst, length=PAGE_SIZE, pattern=0x5A)
-    g.step("F7", f"pid {proc.pid} DMA fill of migrated page via {dev}", reply,
-           ok=reply["ret"] == 0 and k.read(proc, dst, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
-           and k.ram.read(old, PAGE_SIZE) == old_bytes, old_gpa=old, new_gpa=new, verified=True)
+    g.step(
+        "F7",
+        f"pid {proc.pid} DMA fill of migrated page via {dev}",
+        reply,
+        ok=reply["ret"] == 0
+        and k.read(proc, dst, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+        and k.ram.read(old, PAGE_SIZE) == old_bytes,
+        old_gpa=old,
+        new_gpa=new,
+        verified=True,
+    )
     return pasid
 
 
@@ -62,21 +75,41 @@ def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Gene
     proc.pasids[mdevs[1]] = pasid
     first = yield from g.bind(proc, mdevs[0], pasid)
     second = yield from g.bind(proc, mdevs[1], pasid)
-    g.step("F2", f"pid {proc.pid} second bind shares the parent's sdev", second,
-           ok=first.get("users") == 1 and second.get("users") == 2, users=second.get("users"), check=True)
+    g.step(
+        "F2",
+        f"pid {proc.pid} second bind shares the parent's sdev",
+        second,
+        ok=first.get("users") == 1 and second.get("users") == 2,
+        users=second.get("users"),
+        check=True,
+    )
     for i, dev in enumerate(mdevs):
         reply = yield from g.submit(dev, pasid, "fill", dst=base, length=2 * PAGE_SIZE, pattern=0x11 + i)
-        g.step("F7", f"pid {proc.pid} DMA fill via {dev} (guest PASID {pasid})", reply,
-               ok=reply["ret"] == 0 and k.read(proc, base, 2 * PAGE_SIZE) == bytes([0x11 + i]) * 2 * PAGE_SIZE,
-               verified=True)
+        g.step(
+            "F7",
+            f"pid {proc.pid} DMA fill via {dev} (guest PASID {pasid})",
+            reply,
+            ok=reply["ret"] == 0 and k.read(proc, base, 2 * PAGE_SIZE) == bytes([0x11 + i]) * 2 * PAGE_SIZE,
+            verified=True,
+        )
     yield from g.unbind(proc, mdevs[0], pasid)
     reply = yield from g.submit(mdevs[1], pasid, "fill", dst=base, length=PAGE_SIZE, pattern=0x33)
-    g.step("F7", f"pid {proc.pid} {mdevs[1]} still works after {mdevs[0]} unbound", reply,
-           ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE, verified=True)
+    g.step(
+        "F7",
+        f"pid {proc.pid} {mdevs[1]} still works after {mdevs[0]} unbound",
+        reply,
+        ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE,
+        verified=True,
+    )
     yield from g.unbind(proc, mdevs[1], pasid)
     reply = yield from g.submit(mdevs[1], pasid, "fill", dst=base, length=PAGE_SIZE, pattern=0x44)
-    g.step("F7", f"pid {proc.pid} DMA after the last unbind is refused", reply,
-           ok=reply["ret"] != 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE, expected_error=True)
+    g.step(
+        "F7",
+        f"pid {proc.pid} DMA after the last unbind is refused",
+        reply,
+        ok=reply["ret"] != 0 and k.read(proc, base, PAGE_SIZE) == b"\x33" * PAGE_SIZE,
+        expected_error=True,
+    )
     yield from g.free(proc, mdevs[0], pasid)
     proc.pasids.pop(mdevs[1], None)
 
@@ -95,13 +128,24 @@ def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int 
         return
     yield from g.bind(proc, dev, pasid)
     reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
-    g.step("F7", f"pid {proc.pid} DMA copy into {pages} demand-paged pages via {dev}", reply,
-           ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data, verified=True,
-           page_requests=reply.get("page_requests"))
+    g.step(
+        "F7",
+        f"pid {proc.pid} DMA copy into {pages} demand-paged pages via {dev}",
+        reply,
+        ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data,
+        verified=True,
+        page_requests=reply.get("page_requests"),
+    )
     reply = yield from g.submit(dev, pasid, "fill", dst=hole, length=PAGE_SIZE, pattern=0x77)
-    g.step("F7", f"pid {proc.pid} DMA to an unmapped address fails (page response INVALID)", reply,
-           ok=reply["ret"] != 0 and reply.get("page_response") == IOMMU_PAGE_RESP_INVALID
-           and not proc.pt.lookup(hole) & FL_P, expected_error=True)
+    g.step(
+        "F7",
+        f"pid {proc.pid} DMA to an unmapped address fails (page response INVALID)",
+        reply,
+        ok=reply["ret"] != 0
+        and reply.get("page_response") == IOMMU_PAGE_RESP_INVALID
+        and not proc.pt.lookup(hole) & FL_P,
+        expected_error=True,
+    )
     yield from g.unbind(proc, dev, pasid)
     yield from g.free(proc, dev, pasid)
 
@@ -113,7 +157,7 @@ def run_demo(g: Guest) -> Generator[Any, Any, None]:
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     p1, p2, p3 = k.spawn(1), k.spawn(2), k.spawn(3)
     pasid1 = yield from demo_passthrough(g, p1, pf, 0x4000_0000)
-    pasid2 = yield from demo_passthrough(g, p2, pf, 0x7f00_0000_0000)
+    pasid2 = yield from demo_passthrough(g, p2, pf, 0x7F00_0000_0000)
     yield from demo_mdev_pair(g, p3, sorted(g.mdevs)[:2], 0x5000_0000)
     yield from demo_demand_paging(g, k.spawn(4), pf, 0x6000_0000)
     for proc, pasid in ((p1, pasid1), (p2, pasid2)):
@@ -138,8 +182,17 @@ def bind_latency(g: Guest) -> Generator[Any, Any, None]:
             break
         yield from g.unbind(proc, pf, pasid)
     yield from g.free(proc, pf, pasid)
-    g.steps.append({"flow": "bench", "what": "bind latencies", "ok": True, "ret": 0, "check": True,
-                    "latencies": latencies, "starts": starts})
+    g.steps.append(
+        {
+            "flow": "bench",
+            "what": "bind latencies",
+            "ok": True,
+            "ret": 0,
+            "check": True,
+            "latencies": latencies,
+            "starts": starts,
+        }
+    )
 
 
 def dma_loop(g: Guest) -> Generator[Any, Any, None]:
@@ -159,8 +212,13 @@ def dma_loop(g: Guest) -> Generator[Any, Any, None]:
         for i, (dev, pasid, base) in enumerate(bound):
             pattern, size = (n * 7 + i * 3 + 1) & 0xFF, 2 * PAGE_SIZE
             reply = yield from g.submit(dev, pasid, "fill", dst=base, length=size, pattern=pattern)
-            if not g.step("F7", f"round {n} DMA fill via {dev}", reply, verified=True,
-                          ok=reply["ret"] == 0 and k.read(proc, base, size) == bytes([pattern]) * size):
+            if not g.step(
+                "F7",
+                f"round {n} DMA fill via {dev}",
+                reply,
+                verified=True,
+                ok=reply["ret"] == 0 and k.read(proc, base, size) == bytes([pattern]) * size,
+            ):
                 return
     for dev, pasid, _ in bound:
         yield from g.unbind(proc, dev, pasid)
@@ -171,7 +229,11 @@ def bind_many(g: Guest) -> Generator[Any, Any, None]:
     """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them: on the
     passthrough function, or with config bind_on = "mdev" on an mdev of the shared accelerator."""
     proc = g.kernel.spawn(1)
-    dev = sorted(g.mdevs)[0] if g.config.get("bind_on") == "mdev" else next(d for d in g.pasid_dirs if d not in g.mdevs)
+    dev = (
+        sorted(g.mdevs)[0]
+        if g.config.get("bind_on") == "mdev"
+        else next(d for d in g.pasid_dirs if d not in g.mdevs)
+    )
     for _ in range(int(g.config.get("iterations", 16))):
         pasid = yield from g.alloc_pasid(proc, dev)
         if not pasid:
@@ -204,8 +266,18 @@ def fault_loop(g: Guest) -> Generator[Any, Any, None]:
             k.pages.release((proc.pt.unmap(base + i * PAGE_SIZE) & ADDR_MASK) >> PAGE_SHIFT)
         proc.vmas.pop()
         yield from g.flush(proc, pf, pasid, base, size_order=order)
-    g.steps.append({"flow": "bench", "what": "page fault rounds", "ok": True, "ret": 0, "check": True,
-                    "rounds": rounds, "faults": faults, "elapsed": g.now - started})
+    g.steps.append(
+        {
+            "flow": "bench",
+            "what": "page fault rounds",
+            "ok": True,
+            "ret": 0,
+            "check": True,
+            "rounds": rounds,
+            "faults": faults,
+            "elapsed": g.now - started,
+        }
+    )
     yield from g.unbind(proc, pf, pasid)
     yield from g.free(proc, pf, pasid)
 
@@ -229,18 +301,31 @@ def churn(g: Guest) -> Generator[Any, Any, None]:
         yield from g.bind(proc, mdev, pasid)
         pattern = (g.vm * 16 + i) & 0xFF
         reply = yield from g.submit(mdev, pasid, "fill", dst=base, length=PAGE_SIZE, pattern=pattern)
-        g.step("F7", f"pid 1 round {i} DMA fill via {mdev}", reply, verified=True,
-               ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == bytes([pattern]) * PAGE_SIZE)
+        g.step(
+            "F7",
+            f"pid 1 round {i} DMA fill via {mdev}",
+            reply,
+            verified=True,
+            ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == bytes([pattern]) * PAGE_SIZE,
+        )
         freed = yield Call(g.vmm, VcmdFree(gpasid=pasid), flow=g.flow_tag("F5"))
-        g.step("F5", f"pid 1 round {i} free PASID {pasid} while bound", freed, ok=freed["ret"] in (0, -E.EBUSY))
+        g.step(
+            "F5", f"pid 1 round {i} free PASID {pasid} while bound", freed, ok=freed["ret"] in (0, -E.EBUSY)
+        )
         if freed["ret"] == -E.EBUSY:  # policy 'ordered': unbind, then free
             yield from g.unbind(proc, mdev, pasid)
             yield from g.free(proc, mdev, pasid)
         proc.pasids.pop(mdev, None)
 
 
-WORKLOADS = {"demo": run_demo, "fault_loop": fault_loop, "bind_latency": bind_latency, "dma_loop": dma_loop,
-             "bind_many": bind_many, "churn": churn}
+WORKLOADS = {
+    "demo": run_demo,
+    "fault_loop": fault_loop,
+    "bind_latency": bind_latency,
+    "dma_loop": dma_loop,
+    "bind_many": bind_many,
+    "churn": churn,
+}
 
 from vsva.actors.scale_workloads import SCALE_WORKLOADS  # noqa: E402 (they compose the above)
 

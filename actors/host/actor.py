@@ -127,7 +127,9 @@ class Host(Actor):
         dom = self.vfio.open(msg.src, req.vm, req.devices, req.ram_pages, req.quota, self.rng.shuffle)
         return {"ret": 0, "ram_frames": dom.ram_frames}
 
-    def vfio_caller(self, msg: Envelope, dev: str | None = None) -> tuple[VmDomain | None, dict[str, Any] | None]:
+    def vfio_caller(
+        self, msg: Envelope, dev: str | None = None
+    ) -> tuple[VmDomain | None, dict[str, Any] | None]:
         """The caller's VM, or the refusal: no open VM (-EPERM), `dev` not in its container (-ENODEV)."""
         dom = self.vfio.caller(msg)
         if dom is None:
@@ -162,8 +164,10 @@ class Host(Actor):
         if ioasid.vm != dom.vm:
             return failed(-E.EACCES, error=f"IOASID {ioasid.pasid} belongs to another VM")
         if ioasid.svm is not None and self.policy is Policy.ORDERED:
-            return failed(-E.EBUSY, error=f"IOASID {ioasid.pasid} is still bound; policy 'ordered' "
-                          "requires unbind before free")
+            return failed(
+                -E.EBUSY,
+                error=f"IOASID {ioasid.pasid} is still bound; policy 'ordered' requires unbind before free",
+            )
         yield from self.ioasid_free(dom, [ioasid], EV_FREE, wait=False)
         return {"ret": 0, "state": self.ioasid.state(ioasid.pasid)}
 
@@ -197,7 +201,9 @@ class Host(Actor):
         if self.policy is Policy.NAIVE:
             for ioasid in bound:
                 self.ioasid.release(ioasid.pasid)
-                self.send(self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(ioasid.svm.devs)))
+                self.send(
+                    self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(ioasid.svm.devs))
+                )
             for note in events:
                 for sub in self.subscribers:
                     self.send(sub, note)
@@ -226,14 +232,19 @@ class Host(Actor):
         timeout = self.config.get("notify_timeout", 2.0)
         replies = yield Gather([Call(s, note, timeout=timeout) for note in events for s in self.subscribers])
         refused = [r for r in replies if r.get("ret", 0)]
-        silent = {s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)}
+        silent = {
+            s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)
+        }
         for pasid in pasids:
             if self.ioasid.reclaimed(pasid, vm, silent):
                 self.iommu.set_defunct(pasid, False)
         if refused:
             self.notify_failures += len(refused)
-            self.log("quarantine", f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
-                     f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined")
+            self.log(
+                "quarantine",
+                f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
+                f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined",
+            )
 
     def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict[str, Any] | None:
         """The naive policy's deferred work: the IOMMU driver's teardown, whenever it runs."""
@@ -246,9 +257,14 @@ class Host(Actor):
 
     def on_pool_status(self, msg: Envelope, req: PoolStatus) -> dict[str, Any]:
         """A cheap view of the allocator and teardowns (for experiments polling a live host)."""
-        return {"ret": 0, "free_pool": len(self.ioasid.pool), "reclaiming": len(self.ioasid.reclaiming),
-                "quarantined": len(self.ioasid.quarantined), "vms": sorted(self.vfio.domains),
-                "teardowns": [dict(t) for t in self.teardowns]}
+        return {
+            "ret": 0,
+            "free_pool": len(self.ioasid.pool),
+            "reclaiming": len(self.ioasid.reclaiming),
+            "quarantined": len(self.ioasid.quarantined),
+            "vms": sorted(self.vfio.domains),
+            "teardowns": [dict(t) for t in self.teardowns],
+        }
 
     def on_pasid_bindings(self, msg: Envelope, req: PasidBindings) -> dict[str, Any]:
         """Every bound (vm, gpasid, hpasid, dev, users): what a restarted subscriber (kvm, vdcm)
@@ -259,9 +275,13 @@ class Host(Actor):
         # held for PASIDs freed while it was gone: that is its FREE acknowledgement.
         for pasid in self.ioasid.resynced(msg.src):
             self.iommu.set_defunct(pasid, False)
-        out = [{"vm": note.vm, "gpasid": note.gpasid, "hpasid": note.hpasid, "dev": dev, "users": users}
-               for a in self.ioasid.allocated.values() if a.svm is not None
-               for dev, users in sorted(a.svm.vdevs.items()) for note in [a.svm.notice(EV_BIND, dev)]]
+        out = [
+            {"vm": note.vm, "gpasid": note.gpasid, "hpasid": note.hpasid, "dev": dev, "users": users}
+            for a in self.ioasid.allocated.values()
+            if a.svm is not None
+            for dev, users in sorted(a.svm.vdevs.items())
+            for note in [a.svm.notice(EV_BIND, dev)]
+        ]
         return {"ret": 0, "bindings": out}
 
     # ---- F8: the VFIO fd closes -------------------------------------------------------------
@@ -344,8 +364,10 @@ class Host(Actor):
         replies = yield Gather([Call(s, note) for s in self.subscribers])
         for sub, reply in zip(self.subscribers, replies):
             if reply.get("ret", 0):
-                self.log(f"notify:{sub}", f"{sub} answered {event} of PASID {svm.pasid} with "
-                         f"{E.name(reply['ret'])}")
+                self.log(
+                    f"notify:{sub}",
+                    f"{sub} answered {event} of PASID {svm.pasid} with {E.name(reply['ret'])}",
+                )
         return replies
 
     # ---- F4: intel_svm_unbind_gpasid --------------------------------------------------------
@@ -387,7 +409,9 @@ class Host(Actor):
         Each drained request is answered INVALID: its descriptor fails at once (aborted)."""
         drained = self.prq.drain(dev, pasid)
         for req in drained:
-            self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": IOMMU_PAGE_RESP_INVALID, "drained": True})
+            self.wake(
+                (req["dev"], req["grpid"]), {"ret": 0, "code": IOMMU_PAGE_RESP_INVALID, "drained": True}
+            )
         return len(drained)
 
     @staticmethod
@@ -433,24 +457,45 @@ class Host(Actor):
             faults += 1
             if faults > self.prq.max_faults:
                 self.dma.faults += 1
-                return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
-                        "done": total, "page_requests": faults - 1, "error": "page request budget exhausted"}
+                return {
+                    "ret": -E.EFAULT,
+                    "status": status,
+                    "fault": describe_fault(status),
+                    "fault_va": fault_va,
+                    "done": total,
+                    "page_requests": faults - 1,
+                    "error": "page request budget exhausted",
+                }
             read = work["op"] == "copy" and fault_va == work["src"] + done
             perm = IOMMU_FAULT_PERM_READ if read else IOMMU_FAULT_PERM_WRITE
             code, ret, why = yield from self.page_request(pdev, req.dev, pasid, vm, fault_va, perm)
             if code != IOMMU_PAGE_RESP_SUCCESS:
                 self.dma.faults += 1
-                return {"ret": ret, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
-                        "done": total, "page_requests": faults, "page_response": code, "error": why,
-                        **({"aborted": True} if ret == -E.ECANCELED else {})}
+                return {
+                    "ret": ret,
+                    "status": status,
+                    "fault": describe_fault(status),
+                    "fault_va": fault_va,
+                    "done": total,
+                    "page_requests": faults,
+                    "page_response": code,
+                    "error": why,
+                    **({"aborted": True} if ret == -E.ECANCELED else {}),
+                }
             work = {**work, "src": work["src"] + done, "dst": work["dst"] + done, "len": work["len"] - done}
         owner = self.ioasid.find(pasid)
         if not status and owner is not None and owner.vm != vm:
             self.dma.foreign.append({"pasid": pasid, "device_vm": vm, "owner_vm": owner.vm})
         if status:
             self.dma.faults += 1
-            return {"ret": -E.EFAULT, "status": status, "fault": describe_fault(status), "fault_va": fault_va,
-                    "done": total, "page_requests": faults}
+            return {
+                "ret": -E.EFAULT,
+                "status": status,
+                "fault": describe_fault(status),
+                "fault_va": fault_va,
+                "done": total,
+                "page_requests": faults,
+            }
         self.dma.done += 1
         return {"ret": 0, "status": 0, "page_requests": faults}
 
@@ -459,24 +504,38 @@ class Host(Actor):
         """The device's page request: queue it, report it to the owning VMM, wait for the group
         response. Returns (response code, errno for a failed descriptor, why)."""
         ioasid = self.ioasid.find(pasid)
-        if ioasid is None or ioasid.svm is None or pdev.name not in ioasid.svm.devs or ioasid.vm != vm \
-                or self.iommu.is_defunct(pasid) or vm not in self.vfio.domains:
+        if (
+            ioasid is None
+            or ioasid.svm is None
+            or pdev.name not in ioasid.svm.devs
+            or ioasid.vm != vm
+            or self.iommu.is_defunct(pasid)
+            or vm not in self.vfio.domains
+        ):
             # prq_event_thread: no svm for this PASID (freed, defunct, another VM's): drop it
             self.prq.stats.dropped += 1
-            self.log("prq:drop", f"page request of {vdev} for PASID {pasid} @ {addr:#x} dropped: not bound to it")
+            self.log(
+                "prq:drop", f"page request of {vdev} for PASID {pasid} @ {addr:#x} dropped: not bound to it"
+            )
             return IOMMU_PAGE_RESP_INVALID, -E.EFAULT, f"page request for PASID {pasid} dropped (not bound)"
         if self.prq.full():  # VT-d: PRO set, the IOMMU auto-responds SUCCESS; the device backs off
             yield Call(self.name, Ping())
             return IOMMU_PAGE_RESP_SUCCESS, 0, "auto-responded (page request queue overflow)"
         req = self.prq.queue(pdev.name, vdev, pasid, vm, addr, perm, self.now)
-        self.send(self.vfio.domains[vm].vmm, PageRequest(dev=vdev, hpasid=pasid, grpid=req["grpid"], addr=req["addr"],
-                                                         perm=perm, last=True), flow=req["flow"])
+        self.send(
+            self.vfio.domains[vm].vmm,
+            PageRequest(dev=vdev, hpasid=pasid, grpid=req["grpid"], addr=req["addr"], perm=perm, last=True),
+            flow=req["flow"],
+        )
         reply = yield Wait((pdev.name, req["grpid"]), self.prq.timeout)
         if reply.get("ret"):  # nobody answered in time: the host answers INVALID on the guest's behalf
             self.prq.remove(req)
             self.prq.stats.timeouts += 1
-            self.log("prq:timeout", f"page request {req['flow']} of VM {vm} unanswered after "
-                     f"{self.prq.timeout} s: answered INVALID")
+            self.log(
+                "prq:timeout",
+                f"page request {req['flow']} of VM {vm} unanswered after "
+                f"{self.prq.timeout} s: answered INVALID",
+            )
             return IOMMU_PAGE_RESP_INVALID, -E.ETIMEDOUT, f"no page response within {self.prq.timeout} s"
         if reply.get("drained"):
             return reply["code"], -E.ECANCELED, f"page request drained: PASID {pasid} unbound or freed"
@@ -501,7 +560,9 @@ class Host(Actor):
     def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict[str, Any] | None]:
         if resp.dev not in dom.devices:
             return -E.ENODEV, f"{resp.dev} is not assigned to VM {dom.vm}", None
-        ret, why, req = self.prq.match(self.vfio.physical(resp.dev).name, resp.dev, dom.vm, resp.hpasid, resp.grpid)
+        ret, why, req = self.prq.match(
+            self.vfio.physical(resp.dev).name, resp.dev, dom.vm, resp.hpasid, resp.grpid
+        )
         if ret:
             return ret, why, None
         ioasid = self.ioasid.find(req["pasid"])
@@ -527,8 +588,15 @@ class Host(Actor):
                 continue
             pa, fault = fresh.translate_one(dev.id, pasid, vpn << PAGE_SHIFT, ACCESS_READ)
             if fault or pa >> PAGE_SHIFT != frame:
-                stale.append({"did": did, "pasid": pasid, "vpn": vpn, "cached": frame,
-                              "fresh": -1 if fault else pa >> PAGE_SHIFT})
+                stale.append(
+                    {
+                        "did": did,
+                        "pasid": pasid,
+                        "vpn": vpn,
+                        "cached": frame,
+                        "fresh": -1 if fault else pa >> PAGE_SHIFT,
+                    }
+                )
         return stale
 
     def snapshot(self) -> dict[str, Any]:
@@ -538,12 +606,26 @@ class Host(Actor):
             "stale_iotlb": self.coherence(entries),
             **super().snapshot(),
             "ioasids": {str(p): {"vm": a.vm, "bound": a.svm is not None} for p, a in allocated.items()},
-            "svms": {str(a.pasid): {"vm": a.svm.vm, "gpasid": a.svm.gpasid, "flags": a.svm.flags,
-                                    "devs": {d: s.users for d, s in a.svm.devs.items()}}
-                     for a in allocated.values() if a.svm is not None},
+            "svms": {
+                str(a.pasid): {
+                    "vm": a.svm.vm,
+                    "gpasid": a.svm.gpasid,
+                    "flags": a.svm.flags,
+                    "devs": {d: s.users for d, s in a.svm.devs.items()},
+                }
+                for a in allocated.values()
+                if a.svm is not None
+            },
             "pasid_entries": entries,
-            "vms": {str(d.vm): {"vmm": d.vmm, "ioasids": sorted(d.ioasids), "quota": d.quota,
-                                "ram_frames": len(d.ram_frames)} for d in self.vfio.domains.values()},
+            "vms": {
+                str(d.vm): {
+                    "vmm": d.vmm,
+                    "ioasids": sorted(d.ioasids),
+                    "quota": d.quota,
+                    "ram_frames": len(d.ram_frames),
+                }
+                for d in self.vfio.domains.values()
+            },
             **self.prq.snapshot(),
             "policy": self.policy.value,
             "reclaiming": {str(p): vm for p, vm in self.ioasid.reclaiming.items()},

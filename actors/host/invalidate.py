@@ -24,7 +24,8 @@ from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX
 # Which caches accept which granularity (uapi table).
 INV_GRANU_OK = {
     IOMMU_INV_GRANU_DOMAIN: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_PASID,
-    IOMMU_INV_GRANU_PASID: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB
+    IOMMU_INV_GRANU_PASID: IOMMU_CACHE_INV_TYPE_IOTLB
+    | IOMMU_CACHE_INV_TYPE_DEV_IOTLB
     | IOMMU_CACHE_INV_TYPE_PASID,
     IOMMU_INV_GRANU_ADDR: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
 }
@@ -36,8 +37,14 @@ def checks(info: dict[str, Any], dom: Any) -> tuple[int, str]:
     if info.get("version") != 1:
         return -E.EINVAL, "invalidation info version"
     cache, granu = info.get("cache"), info.get("granularity")
-    if not isinstance(cache, int) or not cache or cache & ~INV_CACHE_ALL or not isinstance(granu, int) \
-            or granu not in INV_GRANU_OK or not isinstance(info.get("flags", 0), int):
+    if (
+        not isinstance(cache, int)
+        or not cache
+        or cache & ~INV_CACHE_ALL
+        or not isinstance(granu, int)
+        or granu not in INV_GRANU_OK
+        or not isinstance(info.get("flags", 0), int)
+    ):
         return -E.EINVAL, "cache type, granularity or flags"
     if cache & ~INV_GRANU_OK[granu]:
         return -E.EINVAL, "a named cache does not support this granularity"
@@ -51,8 +58,14 @@ def checks(info: dict[str, Any], dom: Any) -> tuple[int, str]:
         if not info.get("flags", 0) & IOMMU_INV_ADDR_FLAGS_PASID:
             return -E.EINVAL, "address invalidation without a PASID"
         size, count, addr = info.get("granule_size"), info.get("nb_granules"), info.get("addr")
-        if size != PAGE_SIZE or not isinstance(count, int) or not 0 < count <= 1 << 18 \
-                or not isinstance(addr, int) or addr & (PAGE_SIZE - 1) or not 0 <= addr < 1 << 48:
+        if (
+            size != PAGE_SIZE
+            or not isinstance(count, int)
+            or not 0 < count <= 1 << 18
+            or not isinstance(addr, int)
+            or addr & (PAGE_SIZE - 1)
+            or not 0 <= addr < 1 << 48
+        ):
             return -E.EINVAL, "address range"
     return 0, ""
 
@@ -63,8 +76,14 @@ def apply(iommu: Any, pdev: Any, dom: Any, info: dict[str, Any]) -> None:
     if granu == IOMMU_INV_GRANU_ADDR:
         order = max(0, (info["granule_size"] * info["nb_granules"] - 1).bit_length() - PAGE_SHIFT)
         if cache & IOMMU_CACHE_INV_TYPE_IOTLB:
-            iommu.inv_iotlb("addr", did=dom.vm, pasid=pasid, addr=info["addr"], size_order=order,
-                            ih=bool(info.get("flags", 0) & IOMMU_INV_ADDR_FLAGS_LEAF))
+            iommu.inv_iotlb(
+                "addr",
+                did=dom.vm,
+                pasid=pasid,
+                addr=info["addr"],
+                size_order=order,
+                ih=bool(info.get("flags", 0) & IOMMU_INV_ADDR_FLAGS_LEAF),
+            )
         if cache & IOMMU_CACHE_INV_TYPE_DEV_IOTLB:
             iommu.inv_devtlb(pdev.id, pasid=pasid, addr=info["addr"], size_order=order)
         return

@@ -48,8 +48,11 @@ class PageRequestQueue:
 
     @classmethod
     def configured(cls, config: dict[str, Any]) -> PageRequestQueue:
-        return cls(depth=max(1, int(config.get("prq_depth", 32))), timeout=float(config.get("prq_timeout", 1.0)),
-                   max_faults=int(config.get("prq_max_faults", 1024)))
+        return cls(
+            depth=max(1, int(config.get("prq_depth", 32))),
+            timeout=float(config.get("prq_timeout", 1.0)),
+            max_faults=int(config.get("prq_max_faults", 1024)),
+        )
 
     def full(self) -> bool:
         """VT-d: a request that finds the queue full sets PRO; while PRO is set every new
@@ -60,12 +63,23 @@ class PageRequestQueue:
             return True
         return False
 
-    def queue(self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float) -> dict[str, Any]:
+    def queue(
+        self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float
+    ) -> dict[str, Any]:
         """A new request for the page of `addr`, with a free group index on `dev`."""
         seq = self._seq[vm] = self._seq.get(vm, 0) + 1
-        req = {"dev": dev, "vdev": vdev, "pasid": hpasid, "vm": vm, "addr": addr & ~(PAGE_SIZE - 1),
-               "perm": perm, "grpid": self._next_grpid(dev), "last": True, "flow": f"F6:vm{vm}.{seq}",
-               "queued": now}
+        req = {
+            "dev": dev,
+            "vdev": vdev,
+            "pasid": hpasid,
+            "vm": vm,
+            "addr": addr & ~(PAGE_SIZE - 1),
+            "perm": perm,
+            "grpid": self._next_grpid(dev),
+            "last": True,
+            "flow": f"F6:vm{vm}.{seq}",
+            "queued": now,
+        }
         self.pending.append(req)
         self.stats.requests += 1
         return req
@@ -86,7 +100,7 @@ class PageRequestQueue:
             self.overflow = False  # the queue drained: clear PRO
 
     def answered(self, req: dict[str, Any], now: float) -> None:
-        self.latencies = self.latencies[-(LATENCIES_KEPT - 1):] + [now - req["queued"]]
+        self.latencies = self.latencies[-(LATENCIES_KEPT - 1) :] + [now - req["queued"]]
 
     def drain(self, dev: str, hpasid: int) -> list[dict[str, Any]]:
         """intel_svm_drain_prq(): take every request of (device, PASID) off the queue."""
@@ -96,7 +110,9 @@ class PageRequestQueue:
         self.stats.drained += len(drained)
         return drained
 
-    def match(self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int) -> tuple[int, str, dict[str, Any] | None]:
+    def match(
+        self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int
+    ) -> tuple[int, str, dict[str, Any] | None]:
         """The outstanding request a response of VM `vm` answers, or why it answers none."""
         req = next((r for r in self.pending if r["dev"] == dev and r["grpid"] == grpid), None)
         if req is None:
@@ -108,5 +124,10 @@ class PageRequestQueue:
         return 0, "", req
 
     def snapshot(self) -> dict[str, Any]:
-        return {"prq": list(self.pending), "prq_depth": self.depth, "prq_overflow": self.overflow,
-                "prq_stats": asdict(self.stats), "prq_latencies": list(self.latencies)}
+        return {
+            "prq": list(self.pending),
+            "prq_depth": self.depth,
+            "prq_overflow": self.overflow,
+            "prq_stats": asdict(self.stats),
+            "prq_latencies": list(self.latencies),
+        }

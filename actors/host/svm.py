@@ -52,8 +52,13 @@ class Svm:
     def notice(self, event: str, dev: str = "") -> IoasidNotify:
         """The notifier event for this svm: the one place its body is built (an identity
         PASID has no separate guest PASID, the host PASID stands for it)."""
-        return IoasidNotify(event=event, vm=self.vm, hpasid=self.pasid,
-                            gpasid=self.gpasid if self.gpasid >= 0 else self.pasid, dev=dev)
+        return IoasidNotify(
+            event=event,
+            vm=self.vm,
+            hpasid=self.pasid,
+            gpasid=self.gpasid if self.gpasid >= 0 else self.pasid,
+            dev=dev,
+        )
 
     def vdev_bound(self, vdev: str) -> None:
         self.vdevs[vdev] = self.vdevs.get(vdev, 0) + 1
@@ -96,9 +101,17 @@ def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict[str, Any]) -> int:
     # (intel_pasid_setup_nested: gpgd > domain->max_addr -> -EINVAL), never truncated.
     if data["gpgd"] & (PAGE_SIZE - 1) or not 0 <= data["gpgd"] < len(dom.ram_frames) << PAGE_SHIFT:
         return -E.EINVAL
-    pdev.pasid_dir.write_entry(data["hpasid"], encode_pasid_entry(
-        flptr=data["gpgd"], slptr=dom.sl.root, did=dom.vm, sre=bool(vtd & VTD_FLAG_SRE),
-        wpe=bool(vtd & VTD_FLAG_WPE), eafe=bool(vtd & VTD_FLAG_EAFE)))
+    pdev.pasid_dir.write_entry(
+        data["hpasid"],
+        encode_pasid_entry(
+            flptr=data["gpgd"],
+            slptr=dom.sl.root,
+            did=dom.vm,
+            sre=bool(vtd & VTD_FLAG_SRE),
+            wpe=bool(vtd & VTD_FLAG_WPE),
+            eafe=bool(vtd & VTD_FLAG_EAFE),
+        ),
+    )
     iommu.inv_pasid_cache("pasid", did=dom.vm, pasid=data["hpasid"])
     return 0
 

@@ -94,13 +94,20 @@ class Vfio:
         self.iommu = iommu
         self.domains: dict[int, VmDomain] = {}
         self.vmm_of: dict[str, int] = {}  # vmm actor name -> vm id (the open VFIO fds)
-        self.phys: dict[str, PhysDevice] = {name: self._probe(name, cfg) for name, cfg in self.devices_cfg.items()
-                                            if "parent" not in cfg}
+        self.phys: dict[str, PhysDevice] = {
+            name: self._probe(name, cfg) for name, cfg in self.devices_cfg.items() if "parent" not in cfg
+        }
 
     def _probe(self, name: str, cfg: dict[str, Any]) -> PhysDevice:
         """Give a physical device its context entry: a PASID directory in host memory."""
-        dev = PhysDevice(name, cfg["id"], cfg.get("pci", True), cfg.get("max_pasids", PASID_MAX),
-                         cfg.get("ats", True), pri=bool(cfg.get("pri", True)))
+        dev = PhysDevice(
+            name,
+            cfg["id"],
+            cfg.get("pci", True),
+            cfg.get("max_pasids", PASID_MAX),
+            cfg.get("ats", True),
+            pri=bool(cfg.get("pri", True)),
+        )
         base = self.frames.contiguous(PASID_DIR_FRAMES) << PAGE_SHIFT
         dev.pasid_dir = PasidDirectory(self.frames.mem, base, self.frames.table)
         self.iommu.attach_device(dev.id, base, dev.ats)
@@ -138,7 +145,9 @@ class Vfio:
         for frame in ram:
             self.frames.mem.zero_frame(frame)
             self.frames.owners[frame] = vm
-        sl = RadixTable(self.frames.mem, self.frames.table(), self.frames.table, link=SL_LINK, present=SL_PRESENT)
+        sl = RadixTable(
+            self.frames.mem, self.frames.table(), self.frames.table, link=SL_LINK, present=SL_PRESENT
+        )
         for gfn, frame in enumerate(ram):
             sl.map(gfn << PAGE_SHIFT, frame << PAGE_SHIFT, SL_R | SL_W)
         dom = self.domains[vm] = VmDomain(vm, src, self.vm_names[vm]["guest"], sl, ram, list(devices), quota)

@@ -53,24 +53,35 @@ def test_known_kind_without_handler_eopnotsupp(vsva, w, dst):
     assert reply["ret"] == -E.EOPNOTSUPP and "does not handle" in reply["error"]
 
 
-@pytest.mark.parametrize("dst,kind,body", [
-    ("host", "ioasid_free", {"hpasid": "1"}),
-    ("host", "ioasid_free", {"hpasid": True}),
-    ("host", "ioasid_free", {}),
-    ("host", "bind_gpasid", {"dev": 5, "data": {}}),
-    ("host", "bind_gpasid", {"dev": "pf1", "data": [1, 2]}),
-    ("host", "unbind_gpasid", {"dev": "pf1", "hpasid": 1.0}),
-    ("host", "cache_invalidate", {"dev": "pf1", "info": "all"}),
-    ("host", "vfio_open", {"vm": 1, "ram_pages": 16, "devices": "pf1", "quota": 1}),
-    ("host", "dev_submit", {"dev": "pf1", "hpasid": 1, "op": "fill", "src": 0, "dst": 0, "len": "4"}),
-    ("host", "dev_submit", {"dev": "pf1", "hpasid": 0, "op": "fill", "src": 0, "dst": 0, "len": 4, "pattern": 0}),
-    ("host", "dev_submit", {"dev": "pf1", "hpasid": 1, "op": "cmp", "src": 0, "dst": 0, "len": 4, "pattern": 0}),
-    ("kvm", "ioasid_notify", {"event": "bind", "vm": "1", "hpasid": 1, "gpasid": 1, "dev": "pf1"}),
-    ("vdcm", "mdev_submit", {"dev": "vm1.mdev0", "gpasid": None}),
-    ("vm1.vmm", "qi_submit", {"descs": {"type": "wait"}}),
-    ("vm1.vmm", "vcmd_alloc", {"dev": ["pf1"]}),
-    ("vm1.vmm", "vcmd_free", {"gpasid": "x"}),
-])
+@pytest.mark.parametrize(
+    "dst,kind,body",
+    [
+        ("host", "ioasid_free", {"hpasid": "1"}),
+        ("host", "ioasid_free", {"hpasid": True}),
+        ("host", "ioasid_free", {}),
+        ("host", "bind_gpasid", {"dev": 5, "data": {}}),
+        ("host", "bind_gpasid", {"dev": "pf1", "data": [1, 2]}),
+        ("host", "unbind_gpasid", {"dev": "pf1", "hpasid": 1.0}),
+        ("host", "cache_invalidate", {"dev": "pf1", "info": "all"}),
+        ("host", "vfio_open", {"vm": 1, "ram_pages": 16, "devices": "pf1", "quota": 1}),
+        ("host", "dev_submit", {"dev": "pf1", "hpasid": 1, "op": "fill", "src": 0, "dst": 0, "len": "4"}),
+        (
+            "host",
+            "dev_submit",
+            {"dev": "pf1", "hpasid": 0, "op": "fill", "src": 0, "dst": 0, "len": 4, "pattern": 0},
+        ),
+        (
+            "host",
+            "dev_submit",
+            {"dev": "pf1", "hpasid": 1, "op": "cmp", "src": 0, "dst": 0, "len": 4, "pattern": 0},
+        ),
+        ("kvm", "ioasid_notify", {"event": "bind", "vm": "1", "hpasid": 1, "gpasid": 1, "dev": "pf1"}),
+        ("vdcm", "mdev_submit", {"dev": "vm1.mdev0", "gpasid": None}),
+        ("vm1.vmm", "qi_submit", {"descs": {"type": "wait"}}),
+        ("vm1.vmm", "vcmd_alloc", {"dev": ["pf1"]}),
+        ("vm1.vmm", "vcmd_free", {"gpasid": "x"}),
+    ],
+)
 def test_wrong_field_type_einval(vsva, w, dst, kind, body):
     actor, host = w.rt.actors[dst], w.host
     before, host_before = _state(actor), vsva.host_state(host)
@@ -79,16 +90,29 @@ def test_wrong_field_type_einval(vsva, w, dst, kind, body):
     assert reply["ret"] == -E.EINVAL, reply
     assert _state(actor) == before and vsva.host_state(host) == host_before
     # the actor still serves a good request afterwards
-    good = {"host": ("ioasid_alloc", {}, "vm1.vmm"), "kvm": ("ping", {}, "orch"),
-            "vdcm": ("ping", {}, "orch"), "vm1.vmm": ("vcmd_alloc", {"dev": "pf1"}, "vm1.guest")}[dst]
+    good = {
+        "host": ("ioasid_alloc", {}, "vm1.vmm"),
+        "kvm": ("ping", {}, "orch"),
+        "vdcm": ("ping", {}, "orch"),
+        "vm1.vmm": ("vcmd_alloc", {"dev": "pf1"}, "vm1.guest"),
+    }[dst]
     assert vsva.ask(w.rt, dst, good[0], good[1], src=good[2])["ret"] == 0
 
 
 def test_forged_reply_is_dropped(vsva, w):
     vmm = w.rt.actors["vm1.vmm"]
     before = vmm.dropped_replies
-    w.rt.inject(Envelope(src="host", dst="vm1.vmm", kind="ioasid_alloc", body={"ret": 0, "pasid": 9},
-                         id=77, corr=12345, clock=1))
+    w.rt.inject(
+        Envelope(
+            src="host",
+            dst="vm1.vmm",
+            kind="ioasid_alloc",
+            body={"ret": 0, "pasid": 9},
+            id=77,
+            corr=12345,
+            clock=1,
+        )
+    )
     w.rt.run()
     assert vmm.dropped_replies == before + 1 and vmm.g2h == {}
     assert vsva.ask(w.rt, "vm1.vmm", "vm_info", {}, src="vm1.guest")["ret"] == 0
@@ -115,6 +139,7 @@ def test_frames_refused_with_errno():
 
 # ---- a hostile guest -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def hw(vsva):
     """VM 1's guest is the test (hostile), VM 2 is a victim with a bound PASID."""
@@ -140,10 +165,10 @@ GARBAGE_DESCS = [
     [{"type": "cc", "dev": "pf1", "pdir": 1 << 40}, {"type": "pc", "dev": "pf1", "gpasid": 5}],
     [{"type": "cc", "dev": "pf1", "pdir": 1023 * PAGE_SIZE}],
     [{"type": "cc", "dev": "pf2", "pdir": 0}],
-    [{"type": "piotlb", "dev": "pf1", "gpasid": 1, "addr": 0, "size_order": 10 ** 12}],
+    [{"type": "piotlb", "dev": "pf1", "gpasid": 1, "addr": 0, "size_order": 10**12}],
     [{"type": "piotlb", "dev": "pf1", "gpasid": 1, "addr": 0, "size_order": -1}],
     [{"type": "bind", "dev": "pf1"}],
-    [{"type": "wait"}, {"type": "pc", "dev": "pf1", "gpasid": 2 ** 20}],
+    [{"type": "wait"}, {"type": "pc", "dev": "pf1", "gpasid": 2**20}],
 ]
 
 
@@ -169,10 +194,12 @@ def test_qi_pasid_table_pointing_outside_ram(vsva, hw):
 
 def test_guest_entry_must_be_first_level(vsva, hw):
     from vsva.hotpath.layout import PGTT_NESTED, encode_pasid_entry
+
     pasid = hw.g1.alloc("pf1")["gpasid"]
     proc = hw.g1.spawn(1)
-    hw.g1.dirs["pf1"].write_entry(pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0x1000, did=1,
-                                                            pgtt=PGTT_NESTED))
+    hw.g1.dirs["pf1"].write_entry(
+        pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0x1000, did=1, pgtt=PGTT_NESTED)
+    )
     before = vsva.host_state(hw.host)
     reply = hw.g1.qi([{"type": "pc", "dev": "pf1", "gpasid": pasid}, {"type": "wait"}])
     assert reply["ret"] == -E.EINVAL and vsva.host_state(hw.host) == before
@@ -197,17 +224,27 @@ def test_vcmd_free_of_pasid_never_allocated(vsva, hw, which):
     assert hw.victim in hw.host.ioasid.allocated and hw.host.ioasid.allocated[hw.victim].svm is not None
 
 
-@pytest.mark.parametrize("dst,kind,body", [
-    ("host", "dev_submit", {"dev": "pf2"}),  # the other VM's passthrough function
-    ("vdcm", "mdev_submit", {"dev": "vm2.mdev0"}),  # the other VM's mdev through vdcm
-    ("host", "dev_submit", {"dev": "vm2.mdev0"}),  # ... or straight at the host
-    ("host", "dev_submit", {"dev": "vm1.mdev0"}),  # own mdev, bypassing vdcm's translation
-    ("host", "dev_submit", {"dev": "dsa0"}),  # the parent accelerator itself
-])
+@pytest.mark.parametrize(
+    "dst,kind,body",
+    [
+        ("host", "dev_submit", {"dev": "pf2"}),  # the other VM's passthrough function
+        ("vdcm", "mdev_submit", {"dev": "vm2.mdev0"}),  # the other VM's mdev through vdcm
+        ("host", "dev_submit", {"dev": "vm2.mdev0"}),  # ... or straight at the host
+        ("host", "dev_submit", {"dev": "vm1.mdev0"}),  # own mdev, bypassing vdcm's translation
+        ("host", "dev_submit", {"dev": "dsa0"}),  # the parent accelerator itself
+    ],
+)
 def test_dma_to_other_vms_device_eperm(vsva, hw, dst, kind, body):
     pasid = hw.victim_m if "mdev" in body["dev"] else hw.victim
-    full = {"gpasid" if kind == "mdev_submit" else "hpasid": pasid, "op": "fill", "src": 0, "dst": 0x4000_0000, "len": PAGE_SIZE, "pattern": 0xEE,
-            **body}
+    full = {
+        "gpasid" if kind == "mdev_submit" else "hpasid": pasid,
+        "op": "fill",
+        "src": 0,
+        "dst": 0x4000_0000,
+        "len": PAGE_SIZE,
+        "pattern": 0xEE,
+        **body,
+    }
     victim_bytes = hw.g2.kernel.read(hw.proc2, 0x4000_0000, PAGE_SIZE)
     dma = (hw.host.dma.done, hw.host.dma.faults)
     reply = hw.g1.ask(dst, kind, full)
@@ -239,10 +276,16 @@ def test_guest_cannot_use_vfio_or_notifier(vsva, hw):
         ("host", "ioasid_free", {"hpasid": hw.victim}),
         ("host", "unbind_gpasid", {"dev": "pf2", "hpasid": hw.victim}),
         ("host", "vfio_open", {"vm": 1, "ram_pages": 64, "devices": [], "quota": 4}),
-        ("kvm", "ioasid_notify", {"event": "free", "vm": 2, "hpasid": hw.victim, "gpasid": hw.victim,
-                                  "dev": ""}),
-        ("vdcm", "ioasid_notify", {"event": "unbind", "vm": 2, "hpasid": hw.victim_m,
-                                   "gpasid": hw.victim_m, "dev": "vm2.mdev0"}),
+        (
+            "kvm",
+            "ioasid_notify",
+            {"event": "free", "vm": 2, "hpasid": hw.victim, "gpasid": hw.victim, "dev": ""},
+        ),
+        (
+            "vdcm",
+            "ioasid_notify",
+            {"event": "unbind", "vm": 2, "hpasid": hw.victim_m, "gpasid": hw.victim_m, "dev": "vm2.mdev0"},
+        ),
         ("vm2.vmm", "vcmd_free", {"gpasid": hw.victim}),
     ]:
         assert hw.g1.ask(dst, kind, body)["ret"] == -E.EPERM, (dst, kind)
@@ -251,34 +294,113 @@ def test_guest_cannot_use_vfio_or_notifier(vsva, hw):
 
 # ---- fuzz: random bodies for every kind, from a hostile guest and a hostile vmm ----------------
 
-_INTS = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, -1, -3, 7, 64, 4096, 0x10000, 0x4000_0000, 0x4000_1000,
-                                   1 << 20, (1 << 20) - 1, 1 << 48, 1 << 63, (1 << 64) - 1, -(1 << 63)]),
-                  st.integers(-(1 << 63), (1 << 64) - 1))
-_NAMES = st.sampled_from(["pf1", "pf2", "vm1.mdev0", "vm1.mdev1", "vm2.mdev0", "dsa0", "copy", "fill", "bind",
-                          "free", "unbind", "pc", "cc", "wait", "piotlb", "dev_iotlb", "pasid_flush", "x"])
-_SCALAR = st.one_of(_INTS, _INTS, _NAMES, st.booleans(), st.none(), st.text(max_size=4),
-                    st.floats(allow_nan=False))
-_ANYV = st.one_of(_SCALAR, st.lists(_SCALAR, max_size=2), st.dictionaries(st.text(max_size=4), _SCALAR,
-                                                                          max_size=2))
-_DESC = st.dictionaries(st.sampled_from(["type", "type", "dev", "dev", "gpasid", "gpasid", "pdir", "addr",
-                                         "size_order", "ih"]),
-                        st.one_of(_SCALAR, _SCALAR, _SCALAR, _ANYV), max_size=5)
-_BIND = st.dictionaries(st.sampled_from(["argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd",
-                                         "addr_width", "vtd_flags"]),
-                        st.one_of(_INTS, st.sampled_from([1, 48, 64]), _ANYV), min_size=6, max_size=9)
-_INFO = st.dictionaries(st.sampled_from(["version", "cache", "granularity", "pasid", "addr", "granule_size",
-                                         "nb_granules", "flags"]),
-                        st.one_of(st.integers(0, 8), _INTS, _ANYV), min_size=3, max_size=8)
-_TYPED = {int: _INTS, str: _NAMES, list: st.one_of(st.lists(_DESC, max_size=4), st.lists(_ANYV, max_size=3)),
-          dict: st.one_of(_BIND, _INFO, st.dictionaries(st.text(max_size=8), _SCALAR, max_size=4)),
-          bool: st.booleans()}
+_INTS = st.one_of(
+    st.sampled_from(
+        [
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            -1,
+            -3,
+            7,
+            64,
+            4096,
+            0x10000,
+            0x4000_0000,
+            0x4000_1000,
+            1 << 20,
+            (1 << 20) - 1,
+            1 << 48,
+            1 << 63,
+            (1 << 64) - 1,
+            -(1 << 63),
+        ]
+    ),
+    st.integers(-(1 << 63), (1 << 64) - 1),
+)
+_NAMES = st.sampled_from(
+    [
+        "pf1",
+        "pf2",
+        "vm1.mdev0",
+        "vm1.mdev1",
+        "vm2.mdev0",
+        "dsa0",
+        "copy",
+        "fill",
+        "bind",
+        "free",
+        "unbind",
+        "pc",
+        "cc",
+        "wait",
+        "piotlb",
+        "dev_iotlb",
+        "pasid_flush",
+        "x",
+    ]
+)
+_SCALAR = st.one_of(
+    _INTS, _INTS, _NAMES, st.booleans(), st.none(), st.text(max_size=4), st.floats(allow_nan=False)
+)
+_ANYV = st.one_of(
+    _SCALAR, st.lists(_SCALAR, max_size=2), st.dictionaries(st.text(max_size=4), _SCALAR, max_size=2)
+)
+_DESC = st.dictionaries(
+    st.sampled_from(["type", "type", "dev", "dev", "gpasid", "gpasid", "pdir", "addr", "size_order", "ih"]),
+    st.one_of(_SCALAR, _SCALAR, _SCALAR, _ANYV),
+    max_size=5,
+)
+_BIND = st.dictionaries(
+    st.sampled_from(
+        ["argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd", "addr_width", "vtd_flags"]
+    ),
+    st.one_of(_INTS, st.sampled_from([1, 48, 64]), _ANYV),
+    min_size=6,
+    max_size=9,
+)
+_INFO = st.dictionaries(
+    st.sampled_from(
+        ["version", "cache", "granularity", "pasid", "addr", "granule_size", "nb_granules", "flags"]
+    ),
+    st.one_of(st.integers(0, 8), _INTS, _ANYV),
+    min_size=3,
+    max_size=8,
+)
+_TYPED = {
+    int: _INTS,
+    str: _NAMES,
+    list: st.one_of(st.lists(_DESC, max_size=4), st.lists(_ANYV, max_size=3)),
+    dict: st.one_of(_BIND, _INFO, st.dictionaries(st.text(max_size=8), _SCALAR, max_size=4)),
+    bool: st.booleans(),
+}
 
-_HOST_KINDS = ("vfio_open", "vfio_close", "ioasid_alloc", "ioasid_free", "bind_gpasid", "unbind_gpasid",
-               "cache_invalidate", "dev_submit", "snapshot", "ping")
+_HOST_KINDS = (
+    "vfio_open",
+    "vfio_close",
+    "ioasid_alloc",
+    "ioasid_free",
+    "bind_gpasid",
+    "unbind_gpasid",
+    "cache_invalidate",
+    "dev_submit",
+    "snapshot",
+    "ping",
+)
 _GUEST_TARGETS = {k: "host" for k in _HOST_KINDS}
 _GUEST_TARGETS.update({k: "vm1.vmm" for k in ("vm_info", "vcmd_alloc", "vcmd_free", "qi_submit", "vm_start")})
-_GUEST_TARGETS.update({"mdev_submit": "vdcm", "ioasid_notify": "kvm", "pasid_bindings": "vdcm",
-                       "start_workload": "vm2.vmm", "vpage_response": "vm1.vmm"})
+_GUEST_TARGETS.update(
+    {
+        "mdev_submit": "vdcm",
+        "ioasid_notify": "kvm",
+        "pasid_bindings": "vdcm",
+        "start_workload": "vm2.vmm",
+        "vpage_response": "vm1.vmm",
+    }
+)
 _VMM_TARGETS = {k: "host" for k in _HOST_KINDS if k != "vfio_close"}  # (that one ends the VM: no more fuzz)
 
 
@@ -291,8 +413,11 @@ def _requests(targets):
             name, types = spec.name, spec.types
             roll = draw(st.integers(0, 19))
             if roll >= 5 and (spec.choices or spec.lo is not None):  # in the catalogue's range or
-                body[name] = draw(st.sampled_from(spec.choices) if spec.choices  # choices, so that
-                                  else st.integers(spec.lo, spec.hi))  # the handlers get fuzzed
+                body[name] = draw(
+                    st.sampled_from(spec.choices)
+                    if spec.choices  # choices, so that
+                    else st.integers(spec.lo, spec.hi)
+                )  # the handlers get fuzzed
             elif roll >= 2:  # mostly the right type
                 body[name] = draw(_TYPED[types[0]])
             elif roll:
@@ -304,6 +429,7 @@ def _requests(targets):
         if kind in ("dev_submit", "mdev_submit") and draw(st.booleans()):
             body["op"] = draw(st.sampled_from(["copy", "fill", "compare", ""]))
         return kind, body
+
     return build()
 
 
@@ -324,13 +450,25 @@ def test_fuzz_hostile_requests(vsva, sender):
 
     def protected():
         h = w.host
-        return ({p: (a.vm, a.svm and {d: s.users for d, s in a.svm.devs.items()}) for p, a in h.ioasid.allocated.items()
-                 if a.vm == 2}, sorted(h.vfio.domains[2].ioasids),
-                h.vfio.phys["pf2"].pasid_dir.read_entry(victim), w.kvm.pasids.dump().get("2"),
-                w.vdcm.pasids.dump().get("2"))
+        return (
+            {
+                p: (a.vm, a.svm and {d: s.users for d, s in a.svm.devs.items()})
+                for p, a in h.ioasid.allocated.items()
+                if a.vm == 2
+            },
+            sorted(h.vfio.domains[2].ioasids),
+            h.vfio.phys["pf2"].pasid_dir.read_entry(victim),
+            w.kvm.pasids.dump().get("2"),
+            w.vdcm.pasids.dump().get("2"),
+        )
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=300,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
     @given(_requests(targets))
     def check(req):
         kind, body = req

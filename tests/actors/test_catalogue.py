@@ -23,8 +23,11 @@ PRODUCTION = [c for c in CATALOGUE.values() if c.__module__ == Message.__module_
 
 
 def _handlers(cls: type[Actor]) -> set[str]:
-    return {name[3:] for name, _ in inspect.getmembers(cls, inspect.isfunction)
-            if name.startswith("on_") and name not in ("on_start", "on_peer_down")}
+    return {
+        name[3:]
+        for name, _ in inspect.getmembers(cls, inspect.isfunction)
+        if name.startswith("on_") and name not in ("on_start", "on_peer_down")
+    }
 
 
 def test_docs_flows_md_is_current():
@@ -68,12 +71,15 @@ def test_wire_round_trip(hpasid, op, pattern):
     assert DevSubmit.parse(msg.body()) == msg
 
 
-@pytest.mark.parametrize("body,why", [
-    ({"hpasid": 0}, "out of range [1, 1048575]"),
-    ({"hpasid": 1 << 20}, "out of range"),
-    ({"hpasid": True}, "missing or not int"),
-    ({}, "missing or not int"),
-])
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ({"hpasid": 0}, "out of range [1, 1048575]"),
+        ({"hpasid": 1 << 20}, "out of range"),
+        ({"hpasid": True}, "missing or not int"),
+        ({}, "missing or not int"),
+    ],
+)
 def test_ranges_refused_before_any_handler(body, why):
     assert why in IoasidFree.parse(body)
 
@@ -109,5 +115,15 @@ def test_demo_traffic_fits_the_catalogue(vsva):
         elif cls.REPLY is not None:
             assert cls.REPLY.check(rec["body"]) is None, rec
         seen.add(rec["kind"])
-    assert {"bind_gpasid", "unbind_gpasid", "cache_invalidate", "page_request", "vpage_request",
-            "vpage_response", "page_response", "ioasid_notify", "mdev_submit", "dev_submit"} <= seen
+    assert {
+        "bind_gpasid",
+        "unbind_gpasid",
+        "cache_invalidate",
+        "page_request",
+        "vpage_request",
+        "vpage_response",
+        "page_response",
+        "ioasid_notify",
+        "mdev_submit",
+        "dev_submit",
+    } <= seen

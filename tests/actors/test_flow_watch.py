@@ -8,8 +8,17 @@ from vsva.ops.topology import guest_name
 
 
 def _watch(rt, guest: str, flow: str, nth: int, rid: int) -> None:
-    rt.inject(Envelope(src="orch", dst=guest, kind="flow_watch", body={"flow": flow, "nth": nth},
-                       id=rid, rr=True, clock=0))
+    rt.inject(
+        Envelope(
+            src="orch",
+            dst=guest,
+            kind="flow_watch",
+            body={"flow": flow, "nth": nth},
+            id=rid,
+            rr=True,
+            clock=0,
+        )
+    )
 
 
 def test_answered_in_the_batch_of_the_nth_instance_first_request(vsva):

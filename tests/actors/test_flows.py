@@ -69,7 +69,8 @@ def test_every_flow_in_trace_for_every_vm(run):
         for f in ("F1", "F2", "F3", "F4", "F5", "F6", "F7"):
             assert (f, v) in tags, (f, v)
     assert {r["flow"] for r in trace if r["kind"] == "bind_gpasid"} <= {
-        t for t in _flows(trace) if t.startswith("F2:")}
+        t for t in _flows(trace) if t.startswith("F2:")
+    }
 
 
 def _kinds(records):
@@ -87,12 +88,19 @@ def test_flow_shapes(run):
         last = recs[-1]
         if f == "F8":  # the orchestrator stops the VM: vm_stop -> vfio_close -> notifier
             assert kinds[:2] == [("orch", vmm, "vm_stop", False), (vmm, "host", "vfio_close", False)]
-            assert last["dst"] == "orch" and last["corr"] is not None and last["body"]["ret"] == 0, (tag, kinds)
+            assert last["dst"] == "orch" and last["corr"] is not None and last["body"]["ret"] == 0, (
+                tag,
+                kinds,
+            )
         elif f != "F7":
             assert last["dst"] == guest and last["corr"] is not None, (tag, kinds)
         if f == "F1":
-            assert kinds == [(guest, vmm, "vcmd_alloc", False), (vmm, "host", "ioasid_alloc", False),
-                             ("host", vmm, "ioasid_alloc", True), (vmm, guest, "vcmd_alloc", True)]
+            assert kinds == [
+                (guest, vmm, "vcmd_alloc", False),
+                (vmm, "host", "ioasid_alloc", False),
+                ("host", vmm, "ioasid_alloc", True),
+                (vmm, guest, "vcmd_alloc", True),
+            ]
         elif f == "F2":
             kinds_only = [k[2] for k in kinds if not k[3]]
             assert kinds_only[:2] == ["qi_submit", "bind_gpasid"]
@@ -110,8 +118,9 @@ def test_flow_shapes(run):
         elif f == "F4":
             reqs = [k[2] for k in kinds if not k[3]]
             assert reqs[:2] == ["qi_submit", "unbind_gpasid"]
-            assert {r["body"]["event"] for r in recs if r["kind"] == "ioasid_notify" and r["corr"] is None} \
-                == {"unbind"}
+            assert {
+                r["body"]["event"] for r in recs if r["kind"] == "ioasid_notify" and r["corr"] is None
+            } == {"unbind"}
         elif f == "F5":
             assert [k[2] for k in kinds if not k[3]] == ["vcmd_free", "ioasid_free"]
             assert last["body"]["ret"] == 0
@@ -138,8 +147,14 @@ def test_non_identity_gpasids_for_mdevs(run):
     assert all(r["body"]["ret"] == 0 for r in allocs)
     mixed = [r["body"] for r in allocs if r["body"]["gpasid"] != r["body"]["hpasid"]]
     assert len(mixed) == vms
-    binds = [r["body"] for r in trace if r["kind"] == "ioasid_notify" and r["corr"] is None
-             and r["body"]["event"] == "bind" and r["body"]["gpasid"] != r["body"]["hpasid"]]
+    binds = [
+        r["body"]
+        for r in trace
+        if r["kind"] == "ioasid_notify"
+        and r["corr"] is None
+        and r["body"]["event"] == "bind"
+        and r["body"]["gpasid"] != r["body"]["hpasid"]
+    ]
     assert {(b["gpasid"], b["hpasid"]) for b in binds} == {(m["gpasid"], m["hpasid"]) for m in mixed}
 
 

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from vsva.actors import errno as E
 from vsva.hotpath.layout import PAGE_SIZE, PASID_MAX, decode_pasid_entry
 
-EXTRA = {"plat1": {"id": 9, "pci": False, "vm": 1},
-         "small1": {"id": 10, "pci": True, "max_pasids": 1 << 16, "vm": 1}}
+EXTRA = {
+    "plat1": {"id": 9, "pci": False, "vm": 1},
+    "small1": {"id": 10, "pci": True, "max_pasids": 1 << 16, "vm": 1},
+}
 VMM1, VMM2 = "vm1.vmm", "vm2.vmm"
 
 
@@ -28,7 +30,9 @@ def w(vsva):
     w.mine = w.ask("host", "ioasid_alloc", {})["hpasid"]
     w.other = w.ask("host", "ioasid_alloc", {}, src=VMM2)["hpasid"]
     w.bind = lambda dev, data, src=VMM1: w.ask("host", "bind_gpasid", {"dev": dev, "data": data}, src=src)
-    w.unbind = lambda dev, pasid, src=VMM1: w.ask("host", "unbind_gpasid", {"dev": dev, "hpasid": pasid}, src=src)
+    w.unbind = lambda dev, pasid, src=VMM1: w.ask(
+        "host", "unbind_gpasid", {"dev": dev, "hpasid": pasid}, src=src
+    )
     return w
 
 
@@ -57,10 +61,23 @@ def test_valid_record_binds_and_notifies(vsva, w):
     assert w.kvm.pasids.lookup(1, w.mine) == w.mine
 
 
-@pytest.mark.parametrize("case", [
-    "version", "format", "pasid_bits", "not_pci", "hpasid0", "hpasid_neg", "hpasid_max",
-    "unallocated", "foreign", "not_assigned", "no_such_dev", "mdev_of_other_vm",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "version",
+        "format",
+        "pasid_bits",
+        "not_pci",
+        "hpasid0",
+        "hpasid_neg",
+        "hpasid_max",
+        "unallocated",
+        "foreign",
+        "not_assigned",
+        "no_such_dev",
+        "mdev_of_other_vm",
+    ],
+)
 def test_refusals_have_kernel_codes(vsva, w, case):
     rec = vsva.bind_record
     dev, data, expect = {
@@ -90,24 +107,27 @@ def test_other_vmm_cannot_bind_my_pasid_on_its_device(vsva, w):
     _refused(vsva, w, -E.EACCES, "pf2", vsva.bind_record(w.mine), src=VMM2)
 
 
-@pytest.mark.parametrize("dev,over,expect", [
-    # version (step 2) before the foreign PASID (step 5)
-    ("pf1", {"version": 0, "hpasid": "other"}, -E.EINVAL),
-    # format before the device check (step 3)
-    ("plat1", {"format": 0}, -E.EINVAL),
-    # non-PCI (step 3) before the hpasid range (step 4) and before ioasid_find
-    ("plat1", {"hpasid": 0}, -E.ENOTSUPP),
-    ("plat1", {"hpasid": "other"}, -E.ENOTSUPP),
-    # partial PASID support (step 3) before ioasid_find
-    ("small1", {"hpasid": "unallocated"}, -E.EINVAL),
-    # hpasid range (step 4) before everything about the IOASID
-    ("pf1", {"hpasid": PASID_MAX + 5}, -E.EINVAL),
-    # not allocated / foreign (step 5) before the nested-entry checks (step 10)
-    ("pf1", {"hpasid": "unallocated", "addr_width": 57}, -E.ENOENT),
-    ("pf1", {"hpasid": "other", "gpgd": 0x10001}, -E.EACCES),
-    # VFIO's own checks come before the IOMMU driver is reached at all
-    ("pf2", {"version": 2}, -E.ENODEV),
-])
+@pytest.mark.parametrize(
+    "dev,over,expect",
+    [
+        # version (step 2) before the foreign PASID (step 5)
+        ("pf1", {"version": 0, "hpasid": "other"}, -E.EINVAL),
+        # format before the device check (step 3)
+        ("plat1", {"format": 0}, -E.EINVAL),
+        # non-PCI (step 3) before the hpasid range (step 4) and before ioasid_find
+        ("plat1", {"hpasid": 0}, -E.ENOTSUPP),
+        ("plat1", {"hpasid": "other"}, -E.ENOTSUPP),
+        # partial PASID support (step 3) before ioasid_find
+        ("small1", {"hpasid": "unallocated"}, -E.EINVAL),
+        # hpasid range (step 4) before everything about the IOASID
+        ("pf1", {"hpasid": PASID_MAX + 5}, -E.EINVAL),
+        # not allocated / foreign (step 5) before the nested-entry checks (step 10)
+        ("pf1", {"hpasid": "unallocated", "addr_width": 57}, -E.ENOENT),
+        ("pf1", {"hpasid": "other", "gpgd": 0x10001}, -E.EACCES),
+        # VFIO's own checks come before the IOMMU driver is reached at all
+        ("pf2", {"version": 2}, -E.ENODEV),
+    ],
+)
 def test_check_order(vsva, w, dev, over, expect):
     names = {"other": w.other, "unallocated": w.mine + 1000}
     over = {k: names.get(v, v) if isinstance(v, str) else v for k, v in over.items()}
@@ -118,12 +138,20 @@ def test_eperm_before_anything(vsva, w):
     _refused(vsva, w, -E.EPERM, "pf2", vsva.bind_record(0, version=9), src="vm1.guest")
 
 
-@pytest.mark.parametrize("over", [
-    {"addr_width": 57}, {"gpgd": 0x10008}, {"gpgd": -PAGE_SIZE}, {"vtd_flags": 1 << 7},
-    {"gpgd": (1 << 52) | 0x10000},  # would be truncated to a valid-looking GPA
-    {"gpgd": 1024 * PAGE_SIZE},  # the first page past guest RAM (domain->max_addr)
-    {"argsz": 8}, {"hpasid": True}, {"flags": "1"},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"addr_width": 57},
+        {"gpgd": 0x10008},
+        {"gpgd": -PAGE_SIZE},
+        {"vtd_flags": 1 << 7},
+        {"gpgd": (1 << 52) | 0x10000},  # would be truncated to a valid-looking GPA
+        {"gpgd": 1024 * PAGE_SIZE},  # the first page past guest RAM (domain->max_addr)
+        {"argsz": 8},
+        {"hpasid": True},
+        {"flags": "1"},
+    ],
+)
 def test_bad_entry_fields_refused_without_trace(vsva, w, over):
     """Nested-entry setup failures (step 10) also leave no svm, no entry, no notification."""
     _refused(vsva, w, -E.EINVAL, "pf1", vsva.bind_record(w.mine, **over))
@@ -139,6 +167,7 @@ def test_failed_setup_keeps_existing_binding(vsva, w):
 
 def test_gpasid_val_records_guest_pasid(vsva, w):
     from vsva.actors.uapi import IOMMU_SVA_GPASID_VAL
+
     trace_len = len(w.rt.trace)
     data = vsva.bind_record(w.mine, gpasid=0x123, flags=IOMMU_SVA_GPASID_VAL)
     assert w.bind("vm1.mdev0", data)["ret"] == 0
@@ -150,6 +179,7 @@ def test_gpasid_val_records_guest_pasid(vsva, w):
 
 
 # ---- unbind ------------------------------------------------------------------------------------
+
 
 def _unbind_refused(vsva, w, expect, dev, pasid, src=VMM1):
     before, trace_len = vsva.host_state(w.host), len(w.rt.trace)
@@ -219,7 +249,9 @@ def test_two_mdevs_share_parent_sdev(vsva, w):
     rec = vsva.bind_record(w.mine)
     assert w.bind("vm1.mdev0", rec)["users"] == 1
     assert w.bind("vm1.mdev1", rec)["users"] == 2
-    assert w.host.ioasid.allocated[w.mine].svm.devs == {"dsa0": w.host.ioasid.allocated[w.mine].svm.devs["dsa0"]}
+    assert w.host.ioasid.allocated[w.mine].svm.devs == {
+        "dsa0": w.host.ioasid.allocated[w.mine].svm.devs["dsa0"]
+    }
     assert w.vdcm.pasids.lookup(1, w.mine, "vm1.mdev1") == w.mine
 
     assert w.unbind("vm1.mdev0", w.mine)["users"] == 1
@@ -249,6 +281,7 @@ def test_svm_survives_until_last_device(vsva, w):
 
 # ---- random records ------------------------------------------------------------------------
 
+
 def _expected(w, src, dev, data):
     """The kernel's order (drivers/iommu/intel/svm.c: intel_svm_bind_gpasid), plus VFIO's caller checks."""
     vm = {VMM1: 1, VMM2: 2}.get(src)
@@ -271,23 +304,49 @@ def _expected(w, src, dev, data):
     if owner.vm != vm:
         return -E.EACCES
     vtd, gpgd = data.get("vtd_flags", 0), data["gpgd"]
-    if type(vtd) is not int or vtd & ~0x7F or data["addr_width"] != 48 or gpgd % PAGE_SIZE \
-            or not 0 <= gpgd < 1024 * PAGE_SIZE:
+    if (
+        type(vtd) is not int
+        or vtd & ~0x7F
+        or data["addr_width"] != 48
+        or gpgd % PAGE_SIZE
+        or not 0 <= gpgd < 1024 * PAGE_SIZE
+    ):
         return -E.EINVAL
     return 0
 
 
-_ANY = st.one_of(st.integers(-2, 3), st.integers(-(1 << 63), (1 << 64) - 1), st.booleans(),
-                 st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2))
+_ANY = st.one_of(
+    st.integers(-2, 3),
+    st.integers(-(1 << 63), (1 << 64) - 1),
+    st.booleans(),
+    st.text(max_size=3),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
 
 
-_GOOD = {"argsz": 64, "version": 1, "format": 1, "flags": 0, "hpasid": "mine", "gpasid": 0x100,
-         "gpgd": 0x20000, "addr_width": 48, "vtd_flags": 0}
-_BAD = {"argsz": [0, 47, 48, 1 << 32], "version": [0, 2], "format": [0, 2], "flags": [1, 2, 3],
-        "hpasid": ["other", "unallocated", 0, -1, PASID_MAX, PASID_MAX - 1],
-        "gpasid": [0, PASID_MAX], "gpgd": [0, 0x20001, 1024 * PAGE_SIZE, 1023 * PAGE_SIZE, (1 << 52) | 0x2000,
-                                            -PAGE_SIZE],
-        "addr_width": [39, 57], "vtd_flags": [1, 0x7F, 0x80, 1 << 40]}
+_GOOD = {
+    "argsz": 64,
+    "version": 1,
+    "format": 1,
+    "flags": 0,
+    "hpasid": "mine",
+    "gpasid": 0x100,
+    "gpgd": 0x20000,
+    "addr_width": 48,
+    "vtd_flags": 0,
+}
+_BAD = {
+    "argsz": [0, 47, 48, 1 << 32],
+    "version": [0, 2],
+    "format": [0, 2],
+    "flags": [1, 2, 3],
+    "hpasid": ["other", "unallocated", 0, -1, PASID_MAX, PASID_MAX - 1],
+    "gpasid": [0, PASID_MAX],
+    "gpgd": [0, 0x20001, 1024 * PAGE_SIZE, 1023 * PAGE_SIZE, (1 << 52) | 0x2000, -PAGE_SIZE],
+    "addr_width": [39, 57],
+    "vtd_flags": [1, 0x7F, 0x80, 1 << 40],
+}
 
 
 @st.composite
@@ -317,8 +376,13 @@ def test_random_bind_records(vsva):
     names = {"mine": mine, "other": other, "unallocated": 4242}
     seen = set()
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
     @given(_records())
     @example((VMM1, "plat1", dict(_GOOD)))  # a non-PCI device with a good record: -ENOTSUPP, always tried
     def check(case):

@@ -51,7 +51,9 @@ def devtlb(host, dev, pasid):
 
 
 def pasid_cached(host, dev, pasid):
-    return any(d == host.vfio.phys[dev].id and p == pasid for d, p, *_ in host.iommu.cache_dump()["pasid_cache"])
+    return any(
+        d == host.vfio.phys[dev].id and p == pasid for d, p, *_ in host.iommu.cache_dump()["pasid_cache"]
+    )
 
 
 class Vm:
@@ -143,8 +145,13 @@ def test_whole_pasid_flush_and_other_pasids_untouched(vsva, w, v1):
     assert v1.g.submit("pf1", pasid_b, "fill", dst=VA, length=PAGE_SIZE, pattern=1)["ret"] == 0
     assert iotlb(w.host, pasid_b) and iotlb(w.host, v2.pasid)
 
-    reply = v1.g.qi([{"type": "piotlb", "dev": "pf1", "gpasid": v1.pasid},
-                     {"type": "dev_iotlb", "dev": "pf1", "gpasid": v1.pasid}, {"type": "wait"}])
+    reply = v1.g.qi(
+        [
+            {"type": "piotlb", "dev": "pf1", "gpasid": v1.pasid},
+            {"type": "dev_iotlb", "dev": "pf1", "gpasid": v1.pasid},
+            {"type": "wait"},
+        ]
+    )
     assert reply["ret"] == 0
     assert iotlb(w.host, v1.pasid) == {} and devtlb(w.host, "pf1", v1.pasid) == {}
     assert set(iotlb(w.host, pasid_b)) == {VPNS[0]} and set(devtlb(w.host, "pf1", pasid_b)) == {VPNS[0]}
@@ -164,6 +171,7 @@ def test_guest_cannot_flush_a_pasid_it_does_not_hold(vsva, w, v1):
 
 # ---- the uapi rules (include/uapi/linux/iommu.h: iommu_cache_invalidate_info), asked as the vmm --
 
+
 def _info(granu, cache, pasid, /, **over):
     info = {"version": 1, "cache": cache, "granularity": granu, "pasid": pasid}
     if granu == ADDR:
@@ -180,8 +188,9 @@ def test_granularity_cache_table(vsva, w, v1, granu, cache):
     ok = not cache & ~_SUPPORTED[granu]
     assert pasid_cached(w.host, "pf1", v1.pasid)
     before = w.host.iommu.cache_dump()
-    reply = vsva.ask(w.rt, "host", "cache_invalidate", {"dev": "pf1", "info": _info(granu, cache, v1.pasid)},
-                     src="vm1.vmm")
+    reply = vsva.ask(
+        w.rt, "host", "cache_invalidate", {"dev": "pf1", "info": _info(granu, cache, v1.pasid)}, src="vm1.vmm"
+    )
     if not ok:
         assert reply["ret"] == -E.EINVAL
         assert w.host.iommu.cache_dump() == before
@@ -199,39 +208,49 @@ def test_foreign_pasid_eacces_nothing_flushed(vsva, w, v1, granu, cache):
     v2 = Vm(vsva, w, 2)
     for src, dev, pasid in (("vm1.vmm", "pf1", v2.pasid), ("vm2.vmm", "pf2", v1.pasid)):
         before = w.host.iommu.cache_dump()
-        reply = vsva.ask(w.rt, "host", "cache_invalidate", {"dev": dev, "info": _info(granu, cache, pasid)},
-                         src=src)
+        reply = vsva.ask(
+            w.rt, "host", "cache_invalidate", {"dev": dev, "info": _info(granu, cache, pasid)}, src=src
+        )
         assert reply["ret"] == -E.EACCES
         assert w.host.iommu.cache_dump() == before
 
 
-@pytest.mark.parametrize("over,expect", [
-    ({"version": 2}, -E.EINVAL),
-    ({"cache": 0}, -E.EINVAL),
-    ({"cache": 8}, -E.EINVAL),
-    ({"granularity": 3}, -E.EINVAL),
-    ({"flags": 0}, -E.EINVAL),  # ADDR without the PASID flag
-    ({"flags": "x"}, -E.EINVAL),
-    ({"addr": VA + 1}, -E.EINVAL),
-    ({"addr": -PAGE_SIZE}, -E.EINVAL),
-    ({"granule_size": 2 * PAGE_SIZE}, -E.EINVAL),
-    ({"nb_granules": 0}, -E.EINVAL),
-    ({"pasid": 0}, -E.EINVAL),
-    ({"pasid": 1 << 20}, -E.EINVAL),
-    ({"pasid": 4242}, -E.EACCES),
-])
+@pytest.mark.parametrize(
+    "over,expect",
+    [
+        ({"version": 2}, -E.EINVAL),
+        ({"cache": 0}, -E.EINVAL),
+        ({"cache": 8}, -E.EINVAL),
+        ({"granularity": 3}, -E.EINVAL),
+        ({"flags": 0}, -E.EINVAL),  # ADDR without the PASID flag
+        ({"flags": "x"}, -E.EINVAL),
+        ({"addr": VA + 1}, -E.EINVAL),
+        ({"addr": -PAGE_SIZE}, -E.EINVAL),
+        ({"granule_size": 2 * PAGE_SIZE}, -E.EINVAL),
+        ({"nb_granules": 0}, -E.EINVAL),
+        ({"pasid": 0}, -E.EINVAL),
+        ({"pasid": 1 << 20}, -E.EINVAL),
+        ({"pasid": 4242}, -E.EACCES),
+    ],
+)
 def test_bad_info_refused_nothing_flushed(vsva, w, v1, over, expect):
     before = w.host.iommu.cache_dump()
-    reply = vsva.ask(w.rt, "host", "cache_invalidate",
-                     {"dev": "pf1", "info": _info(ADDR, TLB | DEV, v1.pasid, **over)}, src="vm1.vmm")
+    reply = vsva.ask(
+        w.rt,
+        "host",
+        "cache_invalidate",
+        {"dev": "pf1", "info": _info(ADDR, TLB | DEV, v1.pasid, **over)},
+        src="vm1.vmm",
+    )
     assert reply["ret"] == expect, reply
     assert w.host.iommu.cache_dump() == before
 
 
 def test_domain_flush_spares_other_domains(vsva, w, v1):
     v2 = Vm(vsva, w, 2)
-    reply = vsva.ask(w.rt, "host", "cache_invalidate", {"dev": "pf1", "info": _info(DOMAIN, TLB, 0)},
-                     src="vm1.vmm")
+    reply = vsva.ask(
+        w.rt, "host", "cache_invalidate", {"dev": "pf1", "info": _info(DOMAIN, TLB, 0)}, src="vm1.vmm"
+    )
     assert reply["ret"] == 0
     assert iotlb(w.host, v1.pasid) == {}
     assert set(iotlb(w.host, v2.pasid)) == set(VPNS)
@@ -277,6 +296,7 @@ def test_session_caches_agree_with_fresh_walks(vsva, monkeypatch):
     old, new = g.kernel.migrate(proc, vpn << PAGE_SHIFT)
     stale = host.snapshot()["stale_iotlb"]
     assert [(e["pasid"], e["vpn"], e["cached"], e["fresh"]) for e in stale] == [
-        (pasid, vpn, g.kernel.ram.hpa(old) >> PAGE_SHIFT, g.kernel.ram.hpa(new) >> PAGE_SHIFT)]
+        (pasid, vpn, g.kernel.ram.hpa(old) >> PAGE_SHIFT, g.kernel.ram.hpa(new) >> PAGE_SHIFT)
+    ]
     snaps = {name: actor.snapshot() for name, actor in rt.actors.items() if name in c.topology.names()}
     assert any(v["invariant"] == "I2" and v["pasid"] == pasid for v in audit(snaps, c.topology))

@@ -25,21 +25,35 @@ from vsva.actors.uapi import (
 from vsva.analysis.audit import audit
 from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 
-VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4f00_0000
+VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4F00_0000
 
 
 def fill(dev, pasid, va, pages=1, pattern=0x5A):
     """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
-    return {"dev": dev, "gpasid" if "mdev" in dev else "hpasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
-            "pattern": pattern}
+    return {
+        "dev": dev,
+        "gpasid" if "mdev" in dev else "hpasid": pasid,
+        "op": "fill",
+        "src": 0,
+        "dst": va,
+        "len": pages * PAGE_SIZE,
+        "pattern": pattern,
+    }
 
 
 def f6_records(rt, kind, src=None, dst=None, replies=False):
-    return [r for r in rt.trace if r["kind"] == kind and (r["corr"] is not None) == replies
-            and (src is None or r["src"] == src) and (dst is None or r["dst"] == dst)]
+    return [
+        r
+        for r in rt.trace
+        if r["kind"] == kind
+        and (r["corr"] is not None) == replies
+        and (src is None or r["src"] == src)
+        and (dst is None or r["dst"] == dst)
+    ]
 
 
 # ---- with the real guest: its handler makes the pages present -------------------------------
+
 
 def run_workload(vsva, monkeypatch, body, vms=1, **topo):
     """Run `body(g)` as vm1's workload (after boot); returns (world, guest actor, its reply)."""
@@ -72,7 +86,9 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
         out["ok"] = k.read(proc, LAZY, len(data)) == data
         # reading from untouched memory: read requests, zero-filled pages
         k.mmap(proc, LAZY + 0x100000, 2, populate=False)
-        out["read"] = yield from g.submit(dev, pasid, "copy", src=LAZY + 0x100000, dst=VA, length=2 * PAGE_SIZE)
+        out["read"] = yield from g.submit(
+            dev, pasid, "copy", src=LAZY + 0x100000, dst=VA, length=2 * PAGE_SIZE
+        )
         out["zeros"] = k.read(proc, VA, 2 * PAGE_SIZE) == bytes(2 * PAGE_SIZE)
         yield from g.unbind(proc, dev, pasid)
         yield from g.free(proc, dev, pasid)
@@ -91,12 +107,14 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
         tag = req["flow"]
         assert tag.startswith("F6:vm1.")
         path = [(r["src"], r["dst"], r["kind"], r["corr"] is not None) for r in rt.trace if r["flow"] == tag]
-        assert path == [("host", "vm1.vmm", "page_request", False),
-                        ("vm1.vmm", "vm1.guest", "vpage_request", False),
-                        ("vm1.guest", "vm1.vmm", "vpage_response", False),
-                        ("vm1.vmm", "host", "page_response", False),
-                        ("host", "vm1.vmm", "page_response", True),
-                        ("vm1.vmm", "vm1.guest", "vpage_response", True)], tag
+        assert path == [
+            ("host", "vm1.vmm", "page_request", False),
+            ("vm1.vmm", "vm1.guest", "vpage_request", False),
+            ("vm1.guest", "vm1.vmm", "vpage_response", False),
+            ("vm1.vmm", "host", "page_response", False),
+            ("host", "vm1.vmm", "page_response", True),
+            ("vm1.vmm", "vm1.guest", "vpage_response", True),
+        ], tag
     assert len({r["flow"] for r in reqs}) == pages + 2
     f6 = [s for s in g.steps if s["flow"] == "F6"]
     assert len(f6) == pages + 2 and all(s["ok"] and s["code"] == IOMMU_PAGE_RESP_SUCCESS for s in f6)
@@ -182,7 +200,9 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
     rt.hold("vm1.vmm", "vm1.guest")  # the vPRQ injection never reaches the guest
     rt.run(until=lambda: "fill" in out)
     r = out["fill"]
-    assert r["ret"] == -E.ETIMEDOUT and r["page_response"] == IOMMU_PAGE_RESP_INVALID and not r.get("indefinite")
+    assert (
+        r["ret"] == -E.ETIMEDOUT and r["page_response"] == IOMMU_PAGE_RESP_INVALID and not r.get("indefinite")
+    )
     assert host.prq.pending == [] and host.prq.stats.timeouts == 1
     g = rt.actors["vm1.guest"]
     assert g.dma.failed == 1 and g.dma.indefinite == 0
@@ -198,6 +218,7 @@ def test_unanswered_request_times_out(vsva, monkeypatch):
 
 
 # ---- hand-driven guests: the test answers (or does not) ----------------------------------------
+
 
 class Scene:
     """VM 1 (and VM 2) driven by hand; VM 1's process has PASID P bound on pf1 and Q on an mdev."""
@@ -222,16 +243,24 @@ class Scene:
         portal, kind = ("vdcm", "mdev_submit") if "mdev" in dev else ("host", "dev_submit")
         injected = len(f6_records(self.rt, "vpage_request", "vm1.vmm", "vm1.guest"))
         handle = self.wire.send("vm1.guest", portal, kind, fill(dev, pasid or self.P, va, pages))
-        self.rt.run(until=lambda: len(f6_records(self.rt, "vpage_request", "vm1.vmm", "vm1.guest")) > injected
-                    or self.wire.reply(handle) is not None)
+        self.rt.run(
+            until=lambda: (
+                len(f6_records(self.rt, "vpage_request", "vm1.vmm", "vm1.guest")) > injected
+                or self.wire.reply(handle) is not None
+            )
+        )
         return handle
 
     def answer(self, req, code=IOMMU_PAGE_RESP_SUCCESS, gpasid=None, src="vm1.guest", dst="vm1.vmm"):
         """The guest's page group response for host PRQ entry `req` (or, sent to the host, the
         vmm's with the host PASID)."""
         kind, key = ("page_response", "hpasid") if dst == "host" else ("vpage_response", "gpasid")
-        return self.wire.call(src, dst, kind, {"dev": req["vdev"], key: gpasid or req["pasid"],
-                                               "grpid": req["grpid"], "code": code})
+        return self.wire.call(
+            src,
+            dst,
+            kind,
+            {"dev": req["vdev"], key: gpasid or req["pasid"], "grpid": req["grpid"], "code": code},
+        )
 
     def fault_in(self, va):
         self.g1.kernel.fault_in(self.p1, va, write=True)
@@ -271,19 +300,53 @@ def test_responses_are_matched_and_foreign_ones_refused(vsva):
     before = [dict(r) for r in s.host.prq.pending]
     refusals = [
         (s.answer(r_pf, src="vm2.vmm", dst="host"), -E.ENODEV),  # pf1 is not vm2's device
-        (s.wire.call("vm2.vmm", "host", "page_response", {"dev": "vm2.mdev0", "hpasid": s.hQ,
-                                                          "grpid": r_md["grpid"], "code": 0}), -E.EACCES),
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.P,
-                                                          "grpid": (r_pf["grpid"] + 7) % 512, "code": 0}),
-         -E.EINVAL),  # unknown group
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.hQ,
-                                                          "grpid": r_pf["grpid"], "code": 0}), -E.EINVAL),
-        (s.wire.call("vm1.vmm", "host", "page_response", {"dev": "pf1", "hpasid": s.P,
-                                                          "grpid": r_pf["grpid"], "code": 7}), -E.EINVAL),
+        (
+            s.wire.call(
+                "vm2.vmm",
+                "host",
+                "page_response",
+                {"dev": "vm2.mdev0", "hpasid": s.hQ, "grpid": r_md["grpid"], "code": 0},
+            ),
+            -E.EACCES,
+        ),
+        (
+            s.wire.call(
+                "vm1.vmm",
+                "host",
+                "page_response",
+                {"dev": "pf1", "hpasid": s.P, "grpid": (r_pf["grpid"] + 7) % 512, "code": 0},
+            ),
+            -E.EINVAL,
+        ),  # unknown group
+        (
+            s.wire.call(
+                "vm1.vmm",
+                "host",
+                "page_response",
+                {"dev": "pf1", "hpasid": s.hQ, "grpid": r_pf["grpid"], "code": 0},
+            ),
+            -E.EINVAL,
+        ),
+        (
+            s.wire.call(
+                "vm1.vmm",
+                "host",
+                "page_response",
+                {"dev": "pf1", "hpasid": s.P, "grpid": r_pf["grpid"], "code": 7},
+            ),
+            -E.EINVAL,
+        ),
         (s.answer(r_pf, gpasid=12345), -E.EINVAL),  # the vmm has no such guest PASID
         (s.answer(r_pf, src="vm2.guest"), -E.EPERM),  # vm2's guest talking to vm1's vmm
-        (s.wire.call("vm2.guest", "vm2.vmm", "vpage_response", {"dev": "pf1", "gpasid": s.P,
-                                                               "grpid": r_pf["grpid"], "code": 0}), -E.EINVAL),
+        (
+            s.wire.call(
+                "vm2.guest",
+                "vm2.vmm",
+                "vpage_response",
+                {"dev": "pf1", "gpasid": s.P, "grpid": r_pf["grpid"], "code": 0},
+            ),
+            -E.EINVAL,
+        ),
     ]
     for reply, ret in refusals:
         assert reply["ret"] == ret, (reply, ret)
@@ -341,8 +404,12 @@ def test_request_in_flight_when_pasid_freed(vsva, policy):
     if policy == "naive":
         assert host.ioasid.state(P) == "free" and host.prq.pending == [req]
         found = s.violations()
-        assert any(v["invariant"] == "I3" and "page request queued for an unbound PASID" in v["what"]
-                   and v["pasid"] == P for v in found)
+        assert any(
+            v["invariant"] == "I3"
+            and "page request queued for an unbound PASID" in v["what"]
+            and v["pasid"] == P
+            for v in found
+        )
         # the vmm's response for it is refused (the PASID is gone), nothing changes
         assert s.answer(req, src="vm1.vmm", dst="host")["ret"] == -E.ENODEV and host.prq.pending == [req]
         # a new fault through the stale entry: dropped, counted, reported to nobody

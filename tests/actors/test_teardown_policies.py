@@ -36,8 +36,15 @@ def has(found: list[dict], inv: str, what: str, pasid: int) -> bool:
 
 def dma_desc(dev, pasid, pattern, va=VA, pages=1):
     """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
-    return {"dev": dev, "gpasid" if "mdev" in dev else "hpasid": pasid, "op": "fill", "src": 0, "dst": va, "len": pages * PAGE_SIZE,
-            "pattern": pattern}
+    return {
+        "dev": dev,
+        "gpasid" if "mdev" in dev else "hpasid": pasid,
+        "op": "fill",
+        "src": 0,
+        "dst": va,
+        "len": pages * PAGE_SIZE,
+        "pattern": pattern,
+    }
 
 
 def tables(w):
@@ -89,6 +96,7 @@ class Scene:
 
 # ---- 1. free before unbind, with a DMA in flight and a page request queued -------------------
 
+
 def test_naive_reuse_hazard_is_detected(vsva):
     """naive: P goes back to the pool at once; the deferred cleanup (host -> host) and the
     notifications (host -> kvm/vdcm) have not run when vm2 gets P and binds it. The audit
@@ -105,12 +113,22 @@ def test_naive_reuse_hazard_is_detected(vsva):
     alloc = s.alloc2()
     assert alloc["ret"] == 0 and alloc["hpasid"] == P  # reuse-first: the PASID vm1 just freed
     # vm2 binds P on its own device; the bind waits for the (held) notifier acks.
-    s.g2.dirs["pf2"].write_entry(P, encode_pasid_entry(flptr=s.p2.cr3, slptr=0, did=2, eafe=True,
-                                                      pgtt=PGTT_FIRST_ONLY))
-    bind = s.wire.send("vm2.guest", "vm2.vmm", "qi_submit",
-                       {"descs": [{"type": "pc", "dev": "pf2", "gpasid": P}, {"type": "wait"}]})
-    rt.run(until=lambda: P in host.ioasid.allocated and host.ioasid.allocated[P].svm is not None
-           and "pf2" in host.ioasid.allocated[P].svm.devs)
+    s.g2.dirs["pf2"].write_entry(
+        P, encode_pasid_entry(flptr=s.p2.cr3, slptr=0, did=2, eafe=True, pgtt=PGTT_FIRST_ONLY)
+    )
+    bind = s.wire.send(
+        "vm2.guest",
+        "vm2.vmm",
+        "qi_submit",
+        {"descs": [{"type": "pc", "dev": "pf2", "gpasid": P}, {"type": "wait"}]},
+    )
+    rt.run(
+        until=lambda: (
+            P in host.ioasid.allocated
+            and host.ioasid.allocated[P].svm is not None
+            and "pf2" in host.ioasid.allocated[P].svm.devs
+        )
+    )
     assert host.ioasid.allocated[P].vm == 2
     rt.release("vm1.guest", "host")
     done = s.wire.wait(dma)
@@ -248,8 +266,12 @@ def test_unbind_after_free_reclaim_is_defunct_noop(vsva):
     # the guest's own unbind after its free: the vmm's shadow is gone, nothing reaches the host
     trace_len = len(rt.trace)
     s.g1.dirs["pf1"].clear_entry(P)
-    reply = s.wire.call("vm1.guest", "vm1.vmm", "qi_submit",
-                        {"descs": [{"type": "pc", "dev": "pf1", "gpasid": P}, {"type": "wait"}]})
+    reply = s.wire.call(
+        "vm1.guest",
+        "vm1.vmm",
+        "qi_submit",
+        {"descs": [{"type": "pc", "dev": "pf1", "gpasid": P}, {"type": "wait"}]},
+    )
     assert reply["ret"] == 0
     assert not [r for r in rt.trace[trace_len:] if r["kind"] == "unbind_gpasid"]
     # another VM cannot use the defunct path to probe P
@@ -311,6 +333,7 @@ def test_free_of_another_vms_pasid_is_eacces(vsva, policy, bound):
 
 
 # ---- 4. a subscriber that never acknowledges --------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["kill", "hold"])
 def test_reclaim_unacked_free_quarantines(vsva, how):
@@ -374,6 +397,7 @@ def test_ordered_unacked_does_not_affect_free_of_unbound(vsva, how):
 
 
 # ---- 5. vdcm aborts an mdev descriptor whose PASID was freed under it ---------------------------
+
 
 @pytest.mark.parametrize("policy", ["naive", "reclaim"])
 @pytest.mark.parametrize("how", ["free", "vm_stop"])

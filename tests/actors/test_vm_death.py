@@ -66,16 +66,25 @@ def vm2_bound_everywhere(w) -> bool:
 def vm2_bind_in_notifier(w) -> bool:
     """A bind of VM 2 has written its entry and its BIND notification is out, not yet acked."""
     trace = w.rt.trace
-    sent = sum(1 for r in trace if r["kind"] == "ioasid_notify" and r["corr"] is None and r["dst"] == "kvm"
-               and r["body"]["event"] == "bind" and r["body"]["vm"] == 2)
-    answered = sum(1 for r in trace if r["kind"] == "bind_gpasid" and r["corr"] is not None
-                   and r["dst"] == "vm2.vmm")
+    sent = sum(
+        1
+        for r in trace
+        if r["kind"] == "ioasid_notify"
+        and r["corr"] is None
+        and r["dst"] == "kvm"
+        and r["body"]["event"] == "bind"
+        and r["body"]["vm"] == 2
+    )
+    answered = sum(
+        1 for r in trace if r["kind"] == "bind_gpasid" and r["corr"] is not None and r["dst"] == "vm2.vmm"
+    )
     return sent > answered
 
 
 @pytest.mark.parametrize("when", ["bound", "mid_bind"])
-@pytest.mark.parametrize("order", [("vm2.vmm", "vm2.guest"), ("vm2.guest", "vm2.vmm")],
-                         ids=["vmm_first", "guest_first"])
+@pytest.mark.parametrize(
+    "order", [("vm2.vmm", "vm2.guest"), ("vm2.guest", "vm2.vmm")], ids=["vmm_first", "guest_first"]
+)
 def test_killed_vm_is_torn_down_by_the_host(vsva, policy, when, order):
     w = start(vsva, policy)
     rt, host = w.rt, w.host
@@ -166,8 +175,20 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     assert g2.bind(p2, "vm2.mdev0", a2["gpasid"])["ret"] == 0
     P2 = a2["hpasid"]
     rt.hold("vdcm", "host")  # the descriptor is on its way to the device
-    wire.send("vm2.guest", "vdcm", "mdev_submit", {"dev": "vm2.mdev0", "gpasid": a2["gpasid"], "op": "fill",
-                                                  "src": 0, "dst": VA, "len": PAGE_SIZE, "pattern": 0x99})
+    wire.send(
+        "vm2.guest",
+        "vdcm",
+        "mdev_submit",
+        {
+            "dev": "vm2.mdev0",
+            "gpasid": a2["gpasid"],
+            "op": "fill",
+            "src": 0,
+            "dst": VA,
+            "len": PAGE_SIZE,
+            "pattern": 0x99,
+        },
+    )
     rt.run(until=lambda: vdcm.submitted == 1)
     rt.kill("vm2.vmm")
     rt.kill("vm2.guest")
@@ -175,10 +196,15 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
     # VM 1 allocates (reuse-first: VM 2's PASID if it is in the pool) and binds on its mdev
     a1 = wire.call("vm1.guest", "vm1.vmm", "vcmd_alloc", {"dev": "vm1.mdev0"})
     assert a1["ret"] == 0
-    g1.dirs["vm1.mdev0"].write_entry(a1["gpasid"], encode_pasid_entry(
-        flptr=p1.cr3, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY))
-    bind = wire.send("vm1.guest", "vm1.vmm", "qi_submit",
-                     {"descs": [{"type": "pc", "dev": "vm1.mdev0", "gpasid": a1["gpasid"]}, {"type": "wait"}]})
+    g1.dirs["vm1.mdev0"].write_entry(
+        a1["gpasid"], encode_pasid_entry(flptr=p1.cr3, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY)
+    )
+    bind = wire.send(
+        "vm1.guest",
+        "vm1.vmm",
+        "qi_submit",
+        {"descs": [{"type": "pc", "dev": "vm1.mdev0", "gpasid": a1["gpasid"]}, {"type": "wait"}]},
+    )
     rt.run(until=lambda: a1["hpasid"] in host.vfio.phys["dsa0"].pasid_dir.present_pasids())
     rt.release("vdcm", "host")
     assert wire.wait(bind)["ret"] == 0

@@ -33,8 +33,7 @@ class World:
         self.p9 = GuestProcess(self.vm2)
         self.dir = make_pasid_dir(host)
         for pasid, proc in ((5, self.p5), (6, self.p6), (9, self.p9)):
-            install_pasid(host, self.dir, pasid, flptr=proc.cr3, slptr=proc.vm.sl_root,
-                          did=proc.vm.vm_id)
+            install_pasid(host, self.dir, pasid, flptr=proc.cr3, slptr=proc.vm.sl_root, did=proc.vm.vm_id)
         for proc in (self.p5, self.p6, self.p9):
             proc.map_range(self.VA, 8)
         self.iommu = Impl(host.mem, host.owners, **kw)
@@ -43,8 +42,9 @@ class World:
 
     def reinstall(self, pasid, **flags):
         proc = {5: self.p5, 6: self.p6, 9: self.p9}[pasid]
-        install_pasid(self.host, self.dir, pasid, flptr=proc.cr3, slptr=proc.vm.sl_root,
-                      did=proc.vm.vm_id, **flags)
+        install_pasid(
+            self.host, self.dir, pasid, flptr=proc.cr3, slptr=proc.vm.sl_root, did=proc.vm.vm_id, **flags
+        )
 
 
 @pytest.fixture

@@ -31,17 +31,28 @@ from vsva.hotpath.layout import (
 )
 from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
 
-pytestmark = pytest.mark.skipif(not hotpath.compiled_available(),
-                                reason="compiled module not built")
+pytestmark = pytest.mark.skipif(not hotpath.compiled_available(), reason="compiled module not built")
 
 VA = 0x7F00_0000_0000
 UPPER = 0xFFFF_FF80_0000_0000  # canonical upper half
-PAGES = ([VA + i * PAGE_SIZE for i in range(7)] + [UPPER] + [VA + i * PAGE_SIZE for i in range(7, 10)]
-         + [VA + (1 << 21), VA + (1 << 30) + 0x5000, 0x40_0000_0000, 1 << 47])  # last: non-canonical
+PAGES = (
+    [VA + i * PAGE_SIZE for i in range(7)]
+    + [UPPER]
+    + [VA + i * PAGE_SIZE for i in range(7, 10)]
+    + [VA + (1 << 21), VA + (1 << 30) + 0x5000, 0x40_0000_0000, 1 << 47]
+)  # last: non-canonical
 R, W, X, PRIV = ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC, ACCESS_PRIV
 PASIDS = [5, 6, 9]
-GEOMETRIES = {ways: dict(iotlb_sets=8 // ways, iotlb_ways=ways, devtlb_entries=2 * ways, devtlb_ways=ways,
-                         pasid_cache_entries=4) for ways in (2, 4, 8)}
+GEOMETRIES = {
+    ways: dict(
+        iotlb_sets=8 // ways,
+        iotlb_ways=ways,
+        devtlb_entries=2 * ways,
+        devtlb_ways=ways,
+        pasid_cache_entries=4,
+    )
+    for ways in (2, 4, 8)
+}
 
 page = st.integers(0, len(PAGES) - 1)
 proc = st.integers(0, 2)
@@ -50,29 +61,43 @@ did = st.sampled_from([1, 2])
 access = st.sampled_from([R, W, R | W, X, R | PRIV, W | PRIV, 0, R | X])
 size_order = st.sampled_from([0, 1, 3, 9, 36])
 op = st.one_of(
-    st.tuples(st.just("x"), st.integers(0, 2), pasid_any, page,
-              st.sampled_from([0, 8, 0xFFF]), access),
-    st.tuples(st.just("xb"), st.integers(0, 1), st.lists(st.tuples(pasid_any, page, access),
-                                                         min_size=1, max_size=12)),
-    st.tuples(st.just("map"), proc, page, st.booleans(), st.booleans(), st.booleans(),
-              st.booleans()),
+    st.tuples(st.just("x"), st.integers(0, 2), pasid_any, page, st.sampled_from([0, 8, 0xFFF]), access),
+    st.tuples(
+        st.just("xb"),
+        st.integers(0, 1),
+        st.lists(st.tuples(pasid_any, page, access), min_size=1, max_size=12),
+    ),
+    st.tuples(st.just("map"), proc, page, st.booleans(), st.booleans(), st.booleans(), st.booleans()),
     st.tuples(st.just("unmap"), proc, page),
-    st.tuples(st.just("upper"), proc, page, st.sampled_from([2, 3, 4]),
-              st.sampled_from([FL_US, FL_RW, FL_P])),
-    st.tuples(st.just("bits"), proc, page, st.sampled_from([1, 2, 3, 4]),
-              st.sampled_from([FL_PS, 1 << 50, FL_XD, FL_A | FL_D, 1 << 13])),
+    st.tuples(
+        st.just("upper"), proc, page, st.sampled_from([2, 3, 4]), st.sampled_from([FL_US, FL_RW, FL_P])
+    ),
+    st.tuples(
+        st.just("bits"),
+        proc,
+        page,
+        st.sampled_from([1, 2, 3, 4]),
+        st.sampled_from([FL_PS, 1 << 50, FL_XD, FL_A | FL_D, 1 << 13]),
+    ),
     st.tuples(st.just("sl"), proc, page, st.sampled_from([0, SL_R, SL_R | SL_W])),
     st.tuples(st.just("own"), proc, page, st.integers(0, 2)),
     st.tuples(st.just("ii"), st.integers(0, 3), did, st.sampled_from(PASIDS), page, size_order),
     st.tuples(st.just("ip"), st.integers(0, 2), did, st.sampled_from(PASIDS)),
-    st.tuples(st.just("id"), st.integers(0, 2), st.integers(0, 2), st.sampled_from(PASIDS),
-              page, size_order),
-    st.tuples(st.just("df"), st.sampled_from(PASIDS), st.booleans(),
-              st.sampled_from([None, 0, 1])),
+    st.tuples(st.just("id"), st.integers(0, 2), st.integers(0, 2), st.sampled_from(PASIDS), page, size_order),
+    st.tuples(st.just("df"), st.sampled_from(PASIDS), st.booleans(), st.sampled_from([None, 0, 1])),
     st.tuples(st.just("pe"), st.integers(0, 2), st.booleans(), st.booleans(), st.booleans()),
-    st.tuples(st.just("dma"), st.integers(0, 2), st.integers(0, 1), st.sampled_from(PASIDS),
-              page, st.integers(0, 4095), page, st.integers(0, 4095), st.integers(0, 9000),
-              st.integers(0, 255)),
+    st.tuples(
+        st.just("dma"),
+        st.integers(0, 2),
+        st.integers(0, 1),
+        st.sampled_from(PASIDS),
+        page,
+        st.integers(0, 4095),
+        page,
+        st.integers(0, 4095),
+        st.integers(0, 9000),
+        st.integers(0, 255),
+    ),
     st.tuples(st.just("att"), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("det"), st.integers(0, 1)),
 )
@@ -86,8 +111,7 @@ class Pair:
         self.procs = [GuestProcess(vm1), GuestProcess(vm1), GuestProcess(vm2)]
         self.dir = make_pasid_dir(host)
         for pasid, p in zip(PASIDS, self.procs):
-            install_pasid(host, self.dir, pasid, flptr=p.cr3, slptr=p.vm.sl_root,
-                          did=p.vm.vm_id)
+            install_pasid(host, self.dir, pasid, flptr=p.cr3, slptr=p.vm.sl_root, did=p.vm.vm_id)
             for va in PAGES[:8]:
                 p.map(va)
         self.mem_b = bytearray(host.mem)
@@ -173,8 +197,17 @@ class Pair:
         if kind == "pe":
             _, i, sre, wpe, eafe = o
             p = self.procs[i]
-            install_pasid(self.host, self.dir, PASIDS[i], flptr=p.cr3, slptr=p.vm.sl_root,
-                          did=p.vm.vm_id, sre=sre, wpe=wpe, eafe=eafe)
+            install_pasid(
+                self.host,
+                self.dir,
+                PASIDS[i],
+                flptr=p.cr3,
+                slptr=p.vm.sl_root,
+                did=p.vm.vm_id,
+                sre=sre,
+                wpe=wpe,
+                eafe=eafe,
+            )
             return
         p = self.procs[o[1]]
         va = PAGES[o[2]]
@@ -226,26 +259,66 @@ def test_agree_on_a_long_random_run(ways):
     for _ in range(600):
         r = rng.random()
         if r < 0.6:
-            pair.apply(("x", int(rng.integers(0, 2)), int(rng.choice([5, 6, 9])),
-                        int(rng.integers(0, len(PAGES))), 0,
-                        int(rng.choice([R, W, R | W, X, R | PRIV]))))
+            pair.apply(
+                (
+                    "x",
+                    int(rng.integers(0, 2)),
+                    int(rng.choice([5, 6, 9])),
+                    int(rng.integers(0, len(PAGES))),
+                    0,
+                    int(rng.choice([R, W, R | W, X, R | PRIV])),
+                )
+            )
         elif r < 0.7:
-            pair.apply(("map", int(rng.integers(0, 3)), int(rng.integers(0, len(PAGES))),
-                        bool(rng.random() < 0.8), bool(rng.random() < 0.9), False,
-                        bool(rng.random() < 0.5)))
+            pair.apply(
+                (
+                    "map",
+                    int(rng.integers(0, 3)),
+                    int(rng.integers(0, len(PAGES))),
+                    bool(rng.random() < 0.8),
+                    bool(rng.random() < 0.9),
+                    False,
+                    bool(rng.random() < 0.5),
+                )
+            )
         elif r < 0.8:
-            pair.apply(("ii", int(rng.integers(0, 4)), int(rng.integers(1, 3)),
-                        int(rng.choice([5, 6, 9])), int(rng.integers(0, len(PAGES))),
-                        int(rng.choice([0, 1, 3]))))
+            pair.apply(
+                (
+                    "ii",
+                    int(rng.integers(0, 4)),
+                    int(rng.integers(1, 3)),
+                    int(rng.choice([5, 6, 9])),
+                    int(rng.integers(0, len(PAGES))),
+                    int(rng.choice([0, 1, 3])),
+                )
+            )
         elif r < 0.85:
             pair.apply(("unmap", int(rng.integers(0, 3)), int(rng.integers(0, len(PAGES)))))
         elif r < 0.9:
-            pair.apply(("id", 1, int(rng.integers(0, 3)), int(rng.choice([5, 6, 9])),
-                        int(rng.integers(0, len(PAGES))), 0))
+            pair.apply(
+                (
+                    "id",
+                    1,
+                    int(rng.integers(0, 3)),
+                    int(rng.choice([5, 6, 9])),
+                    int(rng.integers(0, len(PAGES))),
+                    0,
+                )
+            )
         else:
-            pair.apply(("dma", int(rng.integers(0, 3)), 1, int(rng.choice([5, 6, 9])),
-                        int(rng.integers(0, 8)), int(rng.integers(0, 4096)),
-                        int(rng.integers(0, 8)), int(rng.integers(0, 4096)),
-                        int(rng.integers(0, 6000)), 7))
+            pair.apply(
+                (
+                    "dma",
+                    int(rng.integers(0, 3)),
+                    1,
+                    int(rng.choice([5, 6, 9])),
+                    int(rng.integers(0, 8)),
+                    int(rng.integers(0, 4096)),
+                    int(rng.integers(0, 8)),
+                    int(rng.integers(0, 4096)),
+                    int(rng.integers(0, 6000)),
+                    7,
+                )
+            )
     c = pair.a.counters()
     assert c["iotlb_hits"] > 0 and c["iotlb_evictions"] > 0 and c["walks"] > 0

@@ -12,8 +12,12 @@ HOTPATH = Path(gen_layout.__file__).resolve().parent
 def test_committed_constants_are_current():
     """Fails when layout.py changed and `python hotpath/gen_layout.py` was not run."""
     assert gen_layout.stale() == []
-    r = subprocess.run([sys.executable, str(HOTPATH / "gen_layout.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(HOTPATH / "gen_layout.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout
 
 

@@ -12,7 +12,8 @@ from vsva.hotpath import _pure
 
 unicorn = pytest.importorskip("unicorn")
 IMPLS = [("python", hotpath.PureIommu)] + (
-    [("compiled", hotpath.CompiledIommu)] if hotpath.compiled_available() else [])
+    [("compiled", hotpath.CompiledIommu)] if hotpath.compiled_available() else []
+)
 
 from vsva.hotpath import mmu_differential as mmu  # noqa: E402
 
@@ -38,9 +39,11 @@ def test_walk_agrees_with_an_independent_mmu(cls, reference):
 
 def test_the_check_catches_a_walker_without_the_supervisor_fetch_rule(monkeypatch, reference):
     """Drop one rule (supervisor fetch from a user page) from the twin: the reference sees it."""
+
     def without_smep(access, flags, all_rw, all_us, any_xd):
-        return _rights_fault(access & ~mmu.ACCESS_EXEC if access & mmu.ACCESS_PRIV else access,
-                             flags, all_rw, all_us, any_xd)
+        return _rights_fault(
+            access & ~mmu.ACCESS_EXEC if access & mmu.ACCESS_PRIV else access, flags, all_rw, all_us, any_xd
+        )
 
     _rights_fault = _pure._rights_fault
     monkeypatch.setattr(_pure, "_rights_fault", without_smep)

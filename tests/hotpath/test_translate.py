@@ -77,8 +77,7 @@ def test_batch_matches_single(world, Impl):
     out_f = np.zeros(n, np.int32)
     nf = world.iommu.translate(0, pasids, vas, acc, out_pa, out_f)
     other = type(world)(Impl)
-    expect = [other.iommu.translate_one(0, int(p), int(v), int(a))
-              for p, v, a in zip(pasids, vas, acc)]
+    expect = [other.iommu.translate_one(0, int(p), int(v), int(a)) for p, v, a in zip(pasids, vas, acc)]
     assert [int(x) for x in out_pa] == [e[0] for e in expect]
     assert [int(x) for x in out_f] == [e[1] for e in expect]
     assert nf == sum(1 for e in expect if e[1])
@@ -248,8 +247,7 @@ def test_accessed_and_dirty_bits_whatever_eafe(world):
     assert io.translate_one(0, 6, VA, W)[1] == 0
     assert p.get_entry(VA, 1) & FL_D and io.counters()["walks"] == 2
     assert io.translate_one(0, 5, VA, R)[1] == 0  # PASID 5 has EAFE
-    assert all(world.p5.get_entry(VA, lvl) & (FL_A | FL_EA) == FL_A | FL_EA
-               for lvl in (4, 3, 2, 1))
+    assert all(world.p5.get_entry(VA, lvl) & (FL_A | FL_EA) == FL_A | FL_EA for lvl in (4, 3, 2, 1))
     # a refused access sets no A/D on the leaf
     p.set_entry(VA + PAGE_SIZE, p.get_entry(VA + PAGE_SIZE) & ~FL_RW)
     assert io.translate_one(0, 6, VA + PAGE_SIZE, W)[1] == fault_code(FAULT_FL_PERMISSION, 1)
@@ -314,8 +312,13 @@ def test_iotlb_invalidation_granularities(make_world):
     assert _keys(io) == {k for k in allk if k[0] == 2}
     assert io.inv_iotlb("global") == 8 and _keys(io) == set()
     c = io.counters()
-    assert (c["iotlb_inv_page"], c["iotlb_inv_pasid"], c["iotlb_inv_domain"],
-            c["iotlb_inv_global"], c["iotlb_inv_entries"]) == (2, 1, 1, 1, 24)
+    assert (
+        c["iotlb_inv_page"],
+        c["iotlb_inv_pasid"],
+        c["iotlb_inv_domain"],
+        c["iotlb_inv_global"],
+        c["iotlb_inv_entries"],
+    ) == (2, 1, 1, 1, 24)
     # after an invalidation the range walks again
     io.reset_counters()
     _fill_all(io)
@@ -446,7 +449,7 @@ def test_dma_copy_fill_compare(world):
     whole = b"".join(before.values())
     after = p.read(VA, 8 * PAGE_SIZE)
     expect = bytearray(whole)
-    expect[dst - VA:dst - VA + 5000] = data[:5000]
+    expect[dst - VA : dst - VA + 5000] = data[:5000]
     assert after == bytes(expect)
     assert io.dma_compare(1, 5, src, dst, 5000)[:3] == (0, 0, 0)
     assert io.dma_fill(1, 5, dst + 10, 3, 0xAB) == (0, 0, 3)
@@ -466,8 +469,7 @@ def test_dma_fault_stops_descriptor(world):
     assert fva == VA + 3 * PAGE_SIZE and done == 3 * PAGE_SIZE - 0x800
     assert p.read(dst, done) == b"\x11" * done and p.read(dst + done, 16) == bytes(16)
     st, fva, done = io.dma_fill(0, 5, VA + 2 * PAGE_SIZE + 16, PAGE_SIZE, 0x5A)
-    assert (st, fva, done) == (fault_code(FAULT_FL_NOT_PRESENT, 1), VA + 3 * PAGE_SIZE,
-                               PAGE_SIZE - 16)
+    assert (st, fva, done) == (fault_code(FAULT_FL_NOT_PRESENT, 1), VA + 3 * PAGE_SIZE, PAGE_SIZE - 16)
     edge = VA + 3 * PAGE_SIZE - 8
     st, fva, res, done = io.dma_compare(0, 5, edge, edge, 100)
     assert (st, fva, res, done) == (fault_code(FAULT_FL_NOT_PRESENT, 1), VA + 3 * PAGE_SIZE, 0, 8)
@@ -481,6 +483,7 @@ def test_dma_fault_stops_descriptor(world):
 
 def test_counters_names_match(world):
     from vsva import hotpath
+
     c = world.iommu.counters()
     assert list(c)[:-1] == list(hotpath.COUNTER_NAMES)
     world.iommu.translate_one(0, 5, VA, R)
@@ -501,8 +504,13 @@ def test_detach_drops_device_state(world):
 def test_env_var_forces_twin():
     code = "import hotpath; print(hotpath.IMPLEMENTATION, hotpath.Iommu is hotpath.PureIommu)"
     env = dict(os.environ, VSVA_PUREPYTHON="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert out.stdout.split() == ["python", "True"]
 
 
@@ -512,6 +520,7 @@ def test_mmap_memory_and_readonly_inputs(Impl):
     w = World(Impl, nframes=1024, seed=3)
     # same tables copied into an anonymous mmap, as the product maps its shared memory
     import mmap
+
     m = mmap.mmap(-1, len(w.host.mem))
     m[:] = bytes(w.host.mem)
     io = Impl(m, w.host.owners)
@@ -527,7 +536,7 @@ def test_mmap_memory_and_readonly_inputs(Impl):
     assert int(out_pa[1]) == w.p9.va_to_hpa(VA + PAGE_SIZE + 7)
     assert io.dma_fill(0, 9, VA, 100, 0x3C) == (0, 0, 100)
     h = w.p9.va_to_hpa(VA)
-    assert m[h:h + 100] == b"\x3c" * 100
+    assert m[h : h + 100] == b"\x3c" * 100
 
 
 def test_huge_size_order_is_clamped(world):
