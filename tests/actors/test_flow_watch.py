@@ -3,31 +3,16 @@ step waits for this event instead of polling the guest's snapshot)."""
 
 from __future__ import annotations
 
-from vsva.actors.messages import Envelope
 from vsva.ops.topology import guest_name
-
-
-def _watch(rt, guest: str, flow: str, nth: int, rid: int) -> None:
-    rt.inject(
-        Envelope(
-            src="orch",
-            dst=guest,
-            kind="flow_watch",
-            body={"flow": flow, "nth": nth},
-            id=rid,
-            rr=True,
-            clock=0,
-        )
-    )
 
 
 def test_answered_in_the_batch_of_the_nth_instance_first_request(vsva):
     w = vsva.world(1, workload="bind_latency", iterations=6)
     g = guest_name(1)
-    _watch(w.rt, g, "F2", 4, rid=9001)
+    watch = vsva.Wire(w.rt).send("orch", g, "flow_watch", {"flow": "F2", "nth": 4})
     vsva.ask(w.rt, g, "start_workload", {})
     trace = w.rt.trace
-    at = next(i for i, r in enumerate(trace) if r["corr"] == 9001)
+    at = next(i for i, r in enumerate(trace) if r["corr"] == watch.rid)
     assert trace[at]["body"] == {"ret": 0, "tag": "F2:vm1.4"}
     first = next(i for i, r in enumerate(trace) if r["src"] == g and r["flow"] == "F2:vm1.4")
     assert first == at + 1, "the answer must leave just before the step's first request"
