@@ -1,10 +1,12 @@
 """A run's files are named after the process that owns them, so that a dead owner's are found.
 
 A run leaves two things on the system while it lives: its run directory
-(`<tmp>/vsva-<pid>.<start>-<random>`, 0700) and its shared memory
-(`/dev/shm/vsva-<pid>.<start>-<random>.mem`), where <pid> and <start> are the owner's pid and
-its start time (field 22 of /proc/<pid>/stat, clock ticks since boot: with the pid it names
-one process for the whole uptime, pid reuse included). The owner removes both when it closes
+(`<tmp>/vsva-<pid>.<start>.<pidns>-<random>`, 0700) and its shared memory
+(`/dev/shm/vsva-<pid>.<start>.<pidns>-<random>.mem`), where <pid> and <start> are the owner's
+pid and its start time (field 22 of /proc/<pid>/stat, clock ticks since boot: with the pid it
+names one process for the whole uptime, pid reuse included) and <pidns> the inode of its PID
+namespace. A pid means something only in its own namespace (a container or `unshare --pid`
+may share /tmp and /dev/shm with the host), so a sweep judges only its own namespace's runs. The owner removes both when it closes
 (vsva.ops.launcher). An owner that is SIGKILLed, or loses its machine state otherwise, cannot;
 `sweep()` (run by every `vsva` command) removes the runs of this user whose owner is gone,
 after exporting a run's trace to the `trace_out` its run.json names.
@@ -20,8 +22,8 @@ import tempfile
 
 PREFIX = "vsva-"
 SHM_DIR = "/dev/shm"
-_RUN = re.compile(r"^vsva-(\d+)\.(\d+)-[a-z0-9_]+$")
-_SHM = re.compile(r"^(vsva-\d+\.\d+-[a-z0-9_]+)\.mem$")
+_RUN = re.compile(r"^vsva-(\d+)\.(\d+)\.(\d+)-[a-z0-9_]+$")
+_SHM = re.compile(r"^(vsva-\d+\.\d+\.\d+-[a-z0-9_]+)\.mem$")
 
 
 def start_time(pid: int) -> int | None:
@@ -34,10 +36,15 @@ def start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def owner_tag(pid: int | None = None) -> str:
-    """ "<pid>.<start time>" of this process (or `pid`)."""
+    """ "<pid>.<start time>.<pid namespace>" of this process (or of `pid`, seen from here)."""
     pid = os.getpid() if pid is None else pid
-    return f"{pid}.{start_time(pid)}"
+    return f"{pid}.{start_time(pid)}.{pid_namespace()}"
 
 
 def make_run_dir(base_dir: str | None = None) -> str:
@@ -53,9 +60,10 @@ def shm_path(run_dir: str) -> str:
 
 
 def owner_alive(name: str) -> bool | None:
-    """Whether the owner named in a run's file name lives; None for a name not made here."""
+    """Whether the owner named in a run's file name lives; None for a name not made here or
+    made in another PID namespace (its pids cannot be checked from this one)."""
     m = _RUN.match(name)
-    if m is None:
+    if m is None or int(m.group(3)) != pid_namespace():
         return None
     return start_time(int(m.group(1))) == int(m.group(2))
 
