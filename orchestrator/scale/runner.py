@@ -120,11 +120,12 @@ def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, 
         "first": violations[0].get("what", "") if violations else "",
     }
     audit["ok"] = audit["ran"] and not violations
-    timeouts = [f"host {h}: {o['timeout']}" for h, o in enumerate(outcomes) if "timeout" in o]
-    errors = [f"host {h}: {o['error']}" for h, o in enumerate(outcomes) if "error" in o]
-    failures = [
-        f"host {h}: {f}" if len(outcomes) > 1 else f for h, r in enumerate(results) if r for f in r.failures
-    ]
+    def on(h: int, what: str) -> str:
+        return f"host {h}: {what}" if len(outcomes) > 1 else what
+
+    timeouts = [on(h, o["timeout"]) for h, o in enumerate(outcomes) if "timeout" in o]
+    errors = [on(h, o["error"]) for h, o in enumerate(outcomes) if "error" in o]
+    failures = [on(h, f) for h, r in enumerate(results) if r for f in r.failures]
     if timeouts:
         return "timeout", "; ".join(timeouts), audit
     if left:

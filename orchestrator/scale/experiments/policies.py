@@ -33,6 +33,7 @@ from vsva.actors.catalogue import PoolStatus
 from vsva.ops.topology import guest_name, vmm_name
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
 from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, workload_failures
+from vsva.scale.experiments.vms import launch_timeout
 
 DOC = "naive / ordered / reclaim under churn and a VMM kill: teardown, reclaim backlog, violations, leaks, others' bind latency"
 PROCESSES = True
@@ -186,7 +187,7 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     from vsva.ops.launcher import Launcher
 
     topo = topology(params, seed)
-    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=max(1.0, min(120.0, ctx.check("launch"))))
+    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx))
     with launcher:
         ctx.phase(f"launched {len(topo.actors)} processes")
 

@@ -37,6 +37,7 @@ DOC = (
 )
 PROCESSES = True
 KINDS = ("host", "kvm", "vdcm", "vmm", "guest")
+LAUNCH_MIN_S = 20.0
 
 PARAMS = {
     "vms": Param(int, 2, "VMs on the host (guest + vmm processes each)", range=(1, 1024)),
@@ -137,6 +138,12 @@ class Sampler:
         return sum(used) / wall if wall > 0 and used else None
 
 
+def launch_timeout(ctx: PointContext) -> float:
+    """The launcher's ready timeout: the point's time left, but at least LAUNCH_MIN_S, so a
+    point short of time is a `timeout` of the session rather than a launch error."""
+    return min(120.0, max(LAUNCH_MIN_S, ctx.check("launch")))
+
+
 def run_session(topo: Any, ctx: PointContext, on_launch=None):
     """Launch `topo`, run the controller's session to its end, close; returns
     (controller, launcher, sampler, timings)."""
@@ -144,7 +151,7 @@ def run_session(topo: Any, ctx: PointContext, on_launch=None):
     from vsva.ops.launcher import Launcher
 
     t0 = time.monotonic()
-    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=max(1.0, min(120.0, ctx.check("launch"))))
+    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx))
     with launcher:
         ctx.phase(f"launched {len(topo.actors)} processes")
         sampler = Sampler(launcher, ctx)

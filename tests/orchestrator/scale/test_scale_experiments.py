@@ -105,3 +105,14 @@ def test_noisy_neighbour_small(tmp_path):
         assert m["victim_dma_descriptors_per_s"] > 0 and m["victim_fault_round_p50_us"] > 0, noise
     assert by["none"]["noise_ops_per_s"] is None and by["none"]["noise_overlap"] == 0.0
     assert by["invalidate"]["noise_ops_per_s"] > 0 and by["fault"]["noise_ops_per_s"] > 0
+
+
+def test_a_point_out_of_time_is_recorded_as_timeout_and_cleaned_up(tmp_path):
+    sweep = tmp_path / "slow.toml"
+    sweep.write_text('[experiment]\nname = "slow"\nrunner = "vms"\ntimeout = 2.0\n'
+                     "[params]\nbinds = 100000\n[vary]\nvms = [1]\n")
+    code, _summary, rows = run(tmp_path, str(sweep))
+    assert code == 1
+    (row,) = rows
+    assert row["status"] == "timeout" and row["reason"].startswith("timed out"), row["reason"]
+    assert row["metrics"] == {m: None for m in runner("vms").METRICS}
