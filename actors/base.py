@@ -140,7 +140,9 @@ class Actor:
         """Handle one incoming envelope (request, one-way message or reply)."""
         self.now = now
         self.clock = max(self.clock, msg.clock) + 1
-        if msg.is_reply and msg.corr < 0:  # Wait ids are never on the wire: a forged reply
+        if msg.is_reply and (msg.corr < 0 or self._dst_of.get(msg.corr) != msg.src):
+            # Wait ids are never on the wire, and a reply counts only from the peer its
+            # request went to (request ids are guessable: they count up from 1)
             self.dropped_replies += 1
         elif msg.is_reply:
             self._resume_with(msg.corr, self._checked_reply(msg))
