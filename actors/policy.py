@@ -8,22 +8,29 @@ host never compares strings. What each policy does is described on `Host.ioasid_
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Self
 
 
-class Policy(StrEnum):
+class Choice(StrEnum):
+    """A fixed set of names chosen from outside: `parse` validates one where it enters, with a
+    one-line error that names the valid values (the error says `policy`, `kernel` ...)."""
+
+    @classmethod
+    def parse(cls, value: object) -> Self:
+        """The member named `value`; ValueError with the valid names otherwise."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown {cls.__name__.lower()} {value!r}; valid: {valid}") from None
+
+
+class Policy(Choice):
     """What the host does with a bound PASID that its VM frees."""
 
     NAIVE = "naive"  # back to the pool at once; the IOMMU teardown is deferred work
     ORDERED = "ordered"  # a free of a bound PASID is refused (-EBUSY): unbind first
     RECLAIM = "reclaim"  # torn down and defunct now; reusable once every subscriber acked FREE
-
-    @classmethod
-    def parse(cls, value: object) -> Policy:
-        """The policy named `value`; ValueError with the valid names otherwise."""
-        try:
-            return cls(str(value))
-        except ValueError:
-            raise ValueError(f"unknown policy {value!r}; valid: {', '.join(p.value for p in cls)}") from None
 
 
 DEFAULT_POLICY = Policy.RECLAIM

@@ -62,7 +62,7 @@ from vsva.hotpath.layout import PAGE_SIZE, PASID_DIR_FRAMES, PASID_MAX, PGTT_FIR
 # Guest PASIDs the vmm chooses for mediated devices (non-identity) count down from the top of
 # the space, while host PASIDs (identity for passthrough devices) count up from 1.
 GUEST_PASID_TOP = PASID_MAX - 1
-BIND_ARGSZ = 64
+BIND_ARGSZ = 72  # sizeof(struct iommu_gpasid_bind_data) with the VT-d vendor data (uapi iommu.h)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def host_state(host) -> dict:
 def bind_record(hpasid: int, /, **over: Any) -> dict:
     """A valid bind record (uapi iommu_gpasid_bind_data) for an identity-mapped PASID."""
     rec = {
-        "argsz": 64,
+        "argsz": 72,
         "version": IOMMU_GPASID_BIND_VERSION_1,
         "format": IOMMU_PASID_FORMAT_INTEL_VTD,
         "flags": 0,

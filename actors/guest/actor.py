@@ -132,8 +132,11 @@ class Guest(Actor):
             return reply["gpasid"]
         return 0
 
-    def bind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
-        """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait."""
+    def bind(
+        self, proc: Process, dev: str, pasid: int, allowed: tuple[int, ...] = (0,)
+    ) -> Generator[Any, Any, dict]:
+        """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait.
+        `allowed`: the answers that count as the step's success (a refusal the caller expects)."""
         self.pasid_dirs[dev].write_entry(
             pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY)
         )
@@ -143,7 +146,13 @@ class Guest(Actor):
             flow=self.flow_tag("F2"),
         )
         users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
-        self.step("F2", f"pid {proc.pid} bind {dev} PASID {pasid}", reply, users=users)
+        self.step(
+            "F2",
+            f"pid {proc.pid} bind {dev} PASID {pasid}",
+            reply,
+            ok=reply.get("ret") in allowed,
+            users=users,
+        )
         return {**reply, "users": users}
 
     def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:

@@ -88,6 +88,7 @@ from vsva.actors.host.svm import (
 from vsva.actors.host.vfio import HostFrames, PhysDevice, Vfio, VmDomain
 from vsva.actors.messages import Envelope
 from vsva.actors.policy import DEFAULT_POLICY, Policy
+from vsva.actors.semantics import DEFAULT_KERNEL, Kernel
 from vsva.actors.uapi import (
     EV_BIND,
     EV_FREE,
@@ -109,6 +110,7 @@ class Host(Actor):
         super().__init__(name, env)
         self.subscribers: list[str] = list(self.config.get("subscribers", []))
         self.policy = Policy.parse(self.config.get("policy", DEFAULT_POLICY))
+        self.kernel = Kernel.parse(self.config.get("kernel", DEFAULT_KERNEL))
         self.frames = HostFrames(self.mem)
         self.iommu = hotpath.Iommu(self.mem.buf, self.frames.owners)
         self.vfio = Vfio(self.config, self.frames, self.iommu)
@@ -331,7 +333,9 @@ class Host(Actor):
         if svm is not None:
             if not svm.devs:
                 return failed(-E.EINVAL, error="svm with an empty device list")
-            if pdev.name in svm.devs:
+            if pdev.name in svm.devs and self.kernel is Kernel.V5_9:  # "Disable multiple GPASID-dev bind"
+                return failed(-E.EBUSY, error=f"{pdev.name} is already bound to PASID {hpasid}")
+            if pdev.name in svm.devs:  # v11: another bind of the device counts one more user
                 svm.devs[pdev.name].users += 1
                 svm.vdev_bound(req.dev)
                 yield from self.notify(EV_BIND, svm, req.dev)
@@ -346,7 +350,13 @@ class Host(Actor):
         ret = setup_nested(self.iommu, pdev, dom, data)
         if ret:
             self._free_if_empty(ioasid)
-            return failed(ret, error="nested PASID entry setup failed")
+            why = (
+                f"PASID {hpasid} entry on {pdev.name} still present: an earlier binding of it was never "
+                "torn down"
+                if ret == -E.EBUSY
+                else "nested PASID entry setup failed"
+            )
+            return failed(ret, error=why)
         svm.flags |= SVM_FLAG_GUEST_MODE
         svm.devs[pdev.name] = Sdev(pdev.name)
         svm.vdev_bound(req.dev)
@@ -383,7 +393,11 @@ class Host(Actor):
             return failed(-E.EACCES, error=f"IOASID {pasid} belongs to another VM")
         if ioasid is None and self.ioasid.reclaiming.get(pasid) == dom.vm:
             return {"ret": 0, "users": 0, "defunct": True}  # freed first: nothing is left to undo
-        svm = ioasid.svm if ioasid else None
+        if ioasid is None:  # ioasid_find: ERR_PTR(-ENOENT), returned as it is
+            return failed(-E.ENOENT, error=f"IOASID {pasid} is not allocated")
+        svm = ioasid.svm
+        if (svm is None or pdev.name not in svm.devs) and self.kernel is Kernel.V5_9:
+            return {"ret": 0, "users": 0}  # pasid_to_svm_sdev: no svm or no sdev is not an error
         if svm is None or pdev.name not in svm.devs:
             return failed(-E.EINVAL, error=f"{pdev.name} is not bound to PASID {pasid}")
         sdev = svm.devs[pdev.name]
@@ -628,6 +642,7 @@ class Host(Actor):
             },
             **self.prq.snapshot(),
             "policy": self.policy.value,
+            "kernel": self.kernel.value,
             "reclaiming": {str(p): vm for p, vm in self.ioasid.reclaiming.items()},
             "quarantined": {str(p): vm for p, vm in self.ioasid.quarantined.items()},
             "free_pool": len(self.ioasid.pool),

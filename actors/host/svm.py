@@ -16,6 +16,7 @@ from vsva.actors.catalogue import IoasidNotify
 from vsva.actors.uapi import (
     IOMMU_GPASID_BIND_VERSION_1,
     IOMMU_PASID_FORMAT_INTEL_VTD,
+    IOMMU_SVA_GPASID_VAL,
     VTD_FLAG_EAFE,
     VTD_FLAG_SRE,
     VTD_FLAG_WPE,
@@ -23,8 +24,12 @@ from vsva.actors.uapi import (
 )
 from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX, encode_pasid_entry
 
-BIND_DATA_MINSZ = 48  # argsz must cover the fields up to the vendor union
+# offsetof(struct iommu_gpasid_bind_data, vendor) and offsetofend(..., vendor.vtd) (uapi iommu.h)
+BIND_DATA_MINSZ = 56
+BIND_DATA_VTD_MINSZ = 72
+IOMMU_PASID_FORMAT_LAST = 2
 SUPPORTED_ADDR_WIDTH = 48  # 4-level first level (5-level is a later step)
+VTD_FLAGS_MTS = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5)  # PCD, PWT, EMTE, CD: no memory type support
 SVM_FLAG_GUEST_MODE = 1 << 2
 SVM_FLAG_GUEST_PASID = 1 << 3
 BIND_FIELDS = ("argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd", "addr_width")
@@ -72,14 +77,29 @@ class Svm:
 
 
 def bind_checks(pdev: Any, data: dict[str, Any]) -> int:
-    """Steps 1-4 of intel_svm_bind_gpasid: 0 or the kernel's error code."""
+    """The bind record's checks, in the kernel's order: 0 or its error code.
+
+    iommu_check_bind_data (drivers/iommu/iommu.c, v5.10+): argsz up to the vendor union,
+    version, format, no unknown flags; then intel_svm_bind_gpasid (drivers/iommu/intel/svm.c):
+    argsz up to the end of the VT-d data, no unknown vendor flags (before the PCI and PASID
+    checks), a PCI device with the full PASID width, the host PASID in range."""
     if pdev is None or not data:
         return -E.EINVAL
     if any(not isinstance(data.get(f), int) or isinstance(data.get(f), bool) for f in BIND_FIELDS):
         return -E.EINVAL
-    if data["argsz"] < BIND_DATA_MINSZ:
+    vtd = data.get("vtd_flags", 0)
+    if not isinstance(vtd, int) or isinstance(vtd, bool):
         return -E.EINVAL
-    if data["version"] != IOMMU_GPASID_BIND_VERSION_1 or data["format"] != IOMMU_PASID_FORMAT_INTEL_VTD:
+    if (
+        data["argsz"] < BIND_DATA_MINSZ
+        or data["version"] != IOMMU_GPASID_BIND_VERSION_1
+        or not 0 <= data["format"] < IOMMU_PASID_FORMAT_LAST
+        or data["flags"] & ~IOMMU_SVA_GPASID_VAL
+    ):
+        return -E.EINVAL
+    if data["format"] != IOMMU_PASID_FORMAT_INTEL_VTD or data["argsz"] < BIND_DATA_VTD_MINSZ:
+        return -E.EINVAL
+    if vtd & ~(VTD_FLAGS_LAST - 1):
         return -E.EINVAL
     if not pdev.pci:
         return -E.ENOTSUPP
@@ -91,20 +111,26 @@ def bind_checks(pdev: Any, data: dict[str, Any]) -> int:
 
 
 def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict[str, Any]) -> int:
-    """intel_pasid_setup_nested(): validate the guest's paging mode and flags, write the entry."""
+    """intel_pasid_setup_nested() (drivers/iommu/intel/pasid.c): refuse a PASID entry that is
+    already present (-EBUSY: the caller must not bind a PASID to a device twice), validate
+    the guest's paging mode and flags, write the entry."""
+    words = pdev.pasid_dir.read_entry(data["hpasid"])
+    if words is not None and words[0] & 1:
+        return -E.EBUSY
     vtd = data.get("vtd_flags", 0)
-    if not isinstance(vtd, int) or isinstance(vtd, bool) or vtd & ~(VTD_FLAGS_LAST - 1):
+    if vtd & VTD_FLAGS_MTS:  # intel_pasid_setup_bind_data: "No memory type support"
         return -E.EINVAL
     if data["addr_width"] != SUPPORTED_ADDR_WIDTH:
         return -E.EINVAL
-    # The first-level root is a GPA: it must be supported by the second level
-    # (intel_pasid_setup_nested: gpgd > domain->max_addr -> -EINVAL), never truncated.
-    if data["gpgd"] & (PAGE_SIZE - 1) or not 0 <= data["gpgd"] < len(dom.ram_frames) << PAGE_SHIFT:
+    # The first-level root is a GPA inside the domain (gpgd beyond its address range ->
+    # -EINVAL); pasid_set_flptr keeps the page-frame bits only, so low bits are dropped.
+    gpgd = data["gpgd"] & ~(PAGE_SIZE - 1)
+    if not 0 <= data["gpgd"] < len(dom.ram_frames) << PAGE_SHIFT:
         return -E.EINVAL
     pdev.pasid_dir.write_entry(
         data["hpasid"],
         encode_pasid_entry(
-            flptr=data["gpgd"],
+            flptr=gpgd,
             slptr=dom.sl.root,
             did=dom.vm,
             sre=bool(vtd & VTD_FLAG_SRE),

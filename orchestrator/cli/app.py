@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 import vsva
 from vsva.actors.guest import WORKLOADS
 from vsva.actors.policy import Policy
+from vsva.actors.semantics import Kernel
 from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
 from vsva.runtime.endpoints import Transport
 
@@ -140,6 +141,9 @@ def demo(
     iterations: int = typer.Option(
         DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."
     ),
+    kernel: Kernel = typer.Option(
+        RUN.kernel, "--kernel", help="Whose bind/unbind/invalidate answers: v11 (the seed) or v5.9 (merged)."
+    ),
 ) -> None:
     """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
     from vsva.ops.capacity import CapacityError
@@ -148,7 +152,9 @@ def demo(
 
     _interrupt_on_signals()
     try:
-        session, rep = run_demo(vms, seed, runtime, policy, transport, workload, iterations, trace_out)
+        session, rep = run_demo(
+            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel
+        )
     except CapacityError as exc:
         _fail(EXIT_USAGE, f"--vms {vms}: {exc}")
     if as_json:
@@ -202,18 +208,23 @@ def explore(
     iterations: int = typer.Option(
         DEMO_ITERATIONS, "--iterations", min=1, max=10_000_000, help="Rounds of looping workloads."
     ),
+    kernel: Kernel = typer.Option(
+        RUN.kernel, "--kernel", help="Whose bind/unbind/invalidate answers: v11 (the seed) or v5.9 (merged)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Seeded interleavings in the deterministic runtime; prints the seed of every failing run.
 
     `vsva explore --policy naive --workload churn` finds the free-before-unbind hazard;
     the same seeds pass under ordered and reclaim."""
-    from vsva.ops.demo import report, run_session
+    from vsva.ops.demo import hazards, report, run_session
     from vsva.ops.topology import default_topology
 
     failing = []
     for seed in range(first, first + seeds):
-        topology = default_topology(vms, seed=seed, policy=policy, workload=workload, iterations=iterations)
+        topology = default_topology(
+            vms, seed=seed, policy=policy, kernel=kernel, workload=workload, iterations=iterations
+        )
         rep = report(run_session(topology, "sim"), topology, "sim")
         if not rep["ok"]:
             failing.append(
@@ -221,24 +232,39 @@ def explore(
                     "seed": seed,
                     "violations": rep["audit"]["violations"],
                     "failed_steps": rep["steps"]["failed"],
+                    "hazards": hazards(rep),
                 }
             )
             if not as_json:
                 typer.echo(
                     f"seed {seed}: FAIL ({len(rep['audit']['violations'])} violations, "
                     f"{len(rep['steps']['failed'])} failed steps); replay: vsva demo --runtime sim "
-                    f"--seed {seed} --vms {vms} --policy {policy} --workload {workload} "
+                    f"--seed {seed} --vms {vms} --policy {policy} --kernel {kernel} --workload {workload} "
                     f"--iterations {iterations}"
                 )
+                for line in hazards(rep):
+                    typer.echo(f"  found: {line}")
     if as_json:
         typer.echo(
             json.dumps(
-                {"seeds": seeds, "first": first, "policy": policy, "workload": workload, "failing": failing},
+                {
+                    "seeds": seeds,
+                    "first": first,
+                    "policy": policy,
+                    "kernel": kernel,
+                    "workload": workload,
+                    "failing": failing,
+                    "hazards": sorted({h for f in failing for h in f["hazards"]}),
+                },
                 indent=2,
             )
         )
     else:
-        typer.echo(f"{seeds - len(failing)}/{seeds} seeds passed")
+        typer.echo(f"{seeds - len(failing)}/{seeds} seeds passed (policy {policy}, kernel {kernel})")
+        found = sorted({h for f in failing for h in f["hazards"]})
+        typer.echo("hazards found:" if found else "no hazard found")
+        for line in found:
+            typer.echo(f"  {line}")
     raise typer.Exit(1 if failing else 0)
 
 
@@ -733,11 +759,17 @@ def run(
         callback=_writable_dir,
         help="Write the run's trace files here when it ends, however it ends.",
     ),
+    kernel: Kernel | None = typer.Option(
+        None, "--kernel", help="Override the file's run.kernel: v11 (the seed) or v5.9 (merged)."
+    ),
 ) -> None:
     """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
     from vsva.ops.scenario import render, run_scenario
 
     run_file = _load_run(scenario)
+    for spec in run_file.topology.actors if kernel is not None else ():
+        if spec.kind == "host":
+            spec.config["kernel"] = kernel
     _interrupt_on_signals()
     rep = run_scenario(run_file, trace_out=trace_out)
     if as_json:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from vsva.actors.policy import DEFAULT_POLICY, Policy
+from vsva.actors.semantics import DEFAULT_KERNEL, Kernel
 from vsva.runtime.endpoints import Transport
 
 # `vsva demo` and `vsva explore` run the looping workloads for a few rounds only (a topology
@@ -48,6 +49,7 @@ class RunConfig:
 
     seed: int = 1
     policy: Policy = DEFAULT_POLICY
+    kernel: Kernel = DEFAULT_KERNEL  # whose bind/unbind/invalidate answers the host gives
     allocator: Allocator = Allocator.REUSE_FIRST
     request_timeout: float = 5.0  # s: a request without a reply fails (indefinite) after this
     dead_peer_interval: float = 0.5  # s: the supervisor's heartbeat (ping) period and timeout

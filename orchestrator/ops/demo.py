@@ -8,6 +8,7 @@ from typing import Any
 
 from vsva import hotpath
 from vsva.actors.policy import Policy
+from vsva.actors.semantics import Kernel
 from vsva.analysis.export import timeline, write_all
 from vsva.analysis.trace import merge
 from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
@@ -97,6 +98,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "hotpath": hotpath.IMPLEMENTATION,
         "flows": flows,
         "policy": str(topology.spec("host").config.get("policy")),
+        "kernel": str(topology.spec("host").config.get("kernel", RUN.kernel)),
         "audit": {"violations": session["violations"], "checked": ["I1", "I2", "I3", "I4", "I5", "I6", "I7"]},
         "steps": {"total": len(steps), "failed": failed},
         "processes": session["processes"],
@@ -111,12 +113,29 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
     }
 
 
+def hazards(rep: dict[str, Any]) -> list[str]:
+    """What a failing run found, in words: each audit violation kind and each kind of failed
+    step with its errno (numbers such as PASIDs and pids left out, so seeds compare)."""
+    import re
+
+    from vsva.actors import errno as E
+
+    def general(text: str) -> str:
+        return re.sub(r"\b\d+\b", "N", text)
+
+    found = {f"audit {v['invariant']}: {general(v['what'])}" for v in rep["audit"]["violations"]}
+    found |= {
+        f"step {s['flow']} failed {E.name(s.get('ret', 0))}: {general(s.get('error') or s['what'])}"
+        for s in rep["steps"]["failed"]
+    }
+    return sorted(found)
+
+
 def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     """The human view: the timeline grouped by flow, each VM's steps, then the audit verdict."""
     echo(
-        f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, {rep['runtime']} runtime"
-        + (f" over {rep['transport']}" if rep.get("transport") else "")
-        + ", "
+        f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, kernel {rep['kernel']}, "
+        f"{rep['runtime']} runtime" + (f" over {rep['transport']}" if rep.get("transport") else "") + ", "
         f"hot path {rep['hotpath']}, {rep['messages']} messages"
     )
     for title, lines in timeline(session["trace"]):
@@ -159,10 +178,17 @@ def demo(
     workload: str = VM.workload,
     iterations: int = DEMO_ITERATIONS,
     trace_out: str | None = None,
+    kernel: Kernel | str = RUN.kernel,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
     topology = default_topology(
-        vms, seed=seed, policy=policy, workload=workload, iterations=iterations, transport=transport
+        vms,
+        seed=seed,
+        policy=policy,
+        kernel=kernel,
+        workload=workload,
+        iterations=iterations,
+        transport=transport,
     )
     session = run_session(topology, runtime, trace_out=trace_out)
     return session, report(session, topology, runtime)

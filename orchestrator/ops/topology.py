@@ -12,6 +12,7 @@ from typing import Any
 
 from vsva.actors.catalogue import ORCHESTRATOR
 from vsva.actors.policy import Policy
+from vsva.actors.semantics import Kernel
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
 from vsva.ops.pacing import request_timeouts
@@ -134,6 +135,7 @@ def build_topology(
                 "subscribers": [KVM, VDCM],
                 "vms": vm_names,
                 "policy": run.policy,
+                "kernel": run.kernel,
                 "allocator": run.allocator,
             },
         ),
@@ -199,6 +201,7 @@ def default_topology(
     iterations: int = VM.iterations,
     non_identity: bool = VM.non_identity,
     policy: Policy | str = RUN.policy,
+    kernel: Kernel | str = RUN.kernel,
     allocator: Allocator | str = RUN.allocator,
     request_timeout: float = RUN.request_timeout,
     transport: Transport | str = RUN.transport,
@@ -208,6 +211,7 @@ def default_topology(
     run = RunConfig(
         seed=seed,
         policy=Policy.parse(policy),
+        kernel=Kernel.parse(kernel),
         allocator=Allocator(allocator),
         request_timeout=request_timeout,
         transport=Transport(transport),

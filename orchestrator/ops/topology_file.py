@@ -3,6 +3,7 @@
     [run]                      # every key optional; defaults: RunConfig, VmConfig (ops/config.py)
     seed = 1
     policy = "reclaim"         # naive | ordered | reclaim
+    kernel = "v11"             # v11 (the seed's bind/unbind) | v5.9 (what was merged)
     allocator = "reuse-first"  # reuse-first | fresh
     request_timeout = 5.0      # s: a request without a reply fails (indefinite) after this
     dead_peer_interval = 0.5   # s: the supervisor's heartbeat (ping) period and timeout
@@ -46,6 +47,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from vsva.actors.policy import Policy
+from vsva.actors.semantics import Kernel
 from vsva.hotpath.layout import PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
@@ -58,6 +60,7 @@ MAX_ITERATIONS = 1_000_000  # a guest keeps every step of its workload (~1 KB a 
 RUN_KEYS = {
     "seed": int,
     "policy": str,
+    "kernel": str,
     "allocator": str,
     "request_timeout": (int, float),
     "dead_peer_interval": (int, float),
@@ -208,6 +211,7 @@ def parse(data: dict[str, Any]) -> RunFile:
         request_timeout=timeout,
         dead_peer_interval=interval,
         policy=_member("run.policy", run.get("policy", RUN.policy), Policy, "policy"),
+        kernel=_member("run.kernel", run.get("kernel", RUN.kernel), Kernel, "kernel"),
         allocator=_member("run.allocator", run.get("allocator", RUN.allocator), Allocator, "allocator"),
         transport=_member("run.transport", run.get("transport", RUN.transport), Transport, "transport"),
     )

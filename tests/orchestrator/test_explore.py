@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vsva.ops.demo import report, run_session
+from vsva.ops.demo import hazards, report, run_session
 from vsva.ops.topology import default_topology
 
 SEEDS = range(1, 13)
@@ -32,3 +32,17 @@ def test_naive_churn_fails_on_some_interleavings_and_replays_exactly() -> None:
 @pytest.mark.parametrize("policy", ["ordered", "reclaim"])
 def test_safe_policies_pass_every_interleaving(policy: str) -> None:
     assert _failing(policy) == []
+
+
+@pytest.mark.parametrize("kernel", ["v11", "v5.9"])
+def test_naive_hazard_is_named_under_both_kernels(kernel: str) -> None:
+    """With the kernel's entry check (intel_pasid_setup_nested: a present entry is -EBUSY) the
+    next owner's bind on the shared parent is refused while the old owner's entry still
+    stands: explore names that, under either semantics."""
+    found = set()
+    for seed in SEEDS:
+        topology = default_topology(
+            2, seed=seed, policy="naive", kernel=kernel, workload="churn", iterations=6
+        )
+        found |= set(hazards(report(run_session(topology, "sim"), topology, "sim")))
+    assert any("-EBUSY" in h and "still present" in h for h in found), found

@@ -20,6 +20,13 @@ def test_default_example_builds_default_topology():
     assert run.transport == "ipc" and run.dead_peer_interval == 0.5 and run.faults == []
 
 
+def test_kernel_key_reaches_the_host():
+    from vsva.ops.topology_file import loads
+
+    assert loads('[run]\nkernel = "v5.9"\n').topology.spec("host").config["kernel"] == "v5.9"
+    assert loads("").topology.spec("host").config["kernel"] == "v11"
+
+
 def test_empty_file_is_the_default_topology():
     assert dataclasses.asdict(loads("").topology) == dataclasses.asdict(default_topology(2))
 
@@ -53,6 +60,7 @@ def test_examples_parse():
     "text,needle",
     [
         ('[run]\npolicy = "fifo"', "run.policy: unknown policy 'fifo'; valid: naive, ordered, reclaim"),
+        ('[run]\nkernel = "v6.1"', "run.kernel: unknown kernel 'v6.1'; valid: v11, v5.9"),
         ('[run]\npolcy = "naive"', "run: unknown key 'polcy'; valid:"),
         ("[runn]\n", "unknown section 'runn'"),
         ('[run]\nseed = "x"', "run.seed: expected integer"),
