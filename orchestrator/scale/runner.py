@@ -120,6 +120,7 @@ def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, 
         "first": violations[0].get("what", "") if violations else "",
     }
     audit["ok"] = audit["ran"] and not violations
+
     def on(h: int, what: str) -> str:
         return f"host {h}: {what}" if len(outcomes) > 1 else what
 

@@ -16,8 +16,15 @@ class Asker(Actor):
 def test_a_reply_from_another_sender_is_dropped_and_the_real_one_counts():
     asker = Asker("orch", ActorEnv())
     (request,) = asker.start(0.0)
-    forged = Envelope(src="mallory", dst="orch", kind="ping", body={"ret": 0, "forged": True},
-                      id=1, corr=request.id, clock=1)
+    forged = Envelope(
+        src="mallory",
+        dst="orch",
+        kind="ping",
+        body={"ret": 0, "forged": True},
+        id=1,
+        corr=request.id,
+        clock=1,
+    )
     asker.deliver(forged, 0.1)
     assert asker.busy and asker.dropped_replies == 1
     real = Envelope(src="kvm", dst="orch", kind="ping", body={"ret": 0}, id=1, corr=request.id, clock=1)

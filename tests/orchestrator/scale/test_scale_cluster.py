@@ -60,8 +60,9 @@ def test_points_run_as_ray_tasks_on_a_two_node_cluster(tmp_path):
     if not shutil.which("unshare") or not shutil.which("ip") or not _namespaces_work():
         pytest.skip("network/PID namespaces are not available here (unshare --net --pid failed)")
     out = tmp_path
-    proc = subprocess.run([*NAMESPACES, sys.executable, "-c", INSIDE, str(out)], capture_output=True,
-                          text=True, timeout=560)
+    proc = subprocess.run(
+        [*NAMESPACES, sys.executable, "-c", INSIDE, str(out)], capture_output=True, text=True, timeout=560
+    )
     stderr = (out / "stderr").read_text() if (out / "stderr").exists() else proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((out / "stdout").read_text())

@@ -109,8 +109,10 @@ def test_noisy_neighbour_small(tmp_path):
 
 def test_a_point_out_of_time_is_recorded_as_timeout_and_cleaned_up(tmp_path):
     sweep = tmp_path / "slow.toml"
-    sweep.write_text('[experiment]\nname = "slow"\nrunner = "vms"\ntimeout = 2.0\n'
-                     "[params]\nbinds = 100000\n[vary]\nvms = [1]\n")
+    sweep.write_text(
+        '[experiment]\nname = "slow"\nrunner = "vms"\ntimeout = 2.0\n'
+        "[params]\nbinds = 100000\n[vary]\nvms = [1]\n"
+    )
     code, _summary, rows = run(tmp_path, str(sweep))
     assert code == 1
     (row,) = rows
