@@ -13,6 +13,7 @@ jump virtual time to `prq_timeout`. `Wire` sends requests and waits for exactly 
 from __future__ import annotations
 
 import pytest
+from descriptors import fill
 
 from vsva.actors import errno as E
 from vsva.actors import guest as guest_mod
@@ -26,19 +27,6 @@ from vsva.analysis.audit import audit
 from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SIZE
 
 VA, LAZY, HOLE = 0x4000_0000, 0x4800_0000, 0x4F00_0000
-
-
-def fill(dev, pasid, va, pages=1, pattern=0x5A):
-    """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
-    return {
-        "dev": dev,
-        "gpasid" if "mdev" in dev else "hpasid": pasid,
-        "op": "fill",
-        "src": 0,
-        "dst": va,
-        "len": pages * PAGE_SIZE,
-        "pattern": pattern,
-    }
 
 
 def f6_records(rt, kind, src=None, dst=None, replies=False):

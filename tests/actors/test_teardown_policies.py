@@ -16,6 +16,7 @@ in the shape the host's drain and the audit read.
 from __future__ import annotations
 
 import pytest
+from descriptors import fill
 
 from vsva.actors import errno as E
 from vsva.analysis.audit import audit
@@ -32,19 +33,6 @@ def violations(w) -> list[dict]:
 
 def has(found: list[dict], inv: str, what: str, pasid: int) -> bool:
     return any(v["invariant"] == inv and what in v["what"] and v["pasid"] == pasid for v in found)
-
-
-def dma_desc(dev, pasid, pattern, va=VA, pages=1):
-    """A fill descriptor: an mdev's portal takes the guest PASID, a function's the host PASID."""
-    return {
-        "dev": dev,
-        "gpasid" if "mdev" in dev else "hpasid": pasid,
-        "op": "fill",
-        "src": 0,
-        "dst": va,
-        "len": pages * PAGE_SIZE,
-        "pattern": pattern,
-    }
 
 
 def tables(w):
@@ -72,7 +60,7 @@ class Scene:
     def dma_in_flight(self):
         """A descriptor for P on pf1 on the wire from vm1's guest; returns its handle."""
         self.rt.hold("vm1.guest", "host")
-        return self.wire.send("vm1.guest", "host", "dev_submit", dma_desc("pf1", self.P, 0x22))
+        return self.wire.send("vm1.guest", "host", "dev_submit", fill("pf1", self.P, VA, pattern=0x22))
 
     def queue_page_request(self):
         # Page requests are a later issue (F6): queue one by hand, as the PRQ would hold it.
@@ -413,7 +401,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     assert g.bind(proc, "vm1.mdev0", gp)["ret"] == 0
     assert g.submit("vm1.mdev0", gp, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
     rt.hold("vdcm", "host")  # vdcm's request to the device is stalled
-    sub = wire.send("vm1.guest", "vdcm", "mdev_submit", dma_desc("vm1.mdev0", gp, 0x66))
+    sub = wire.send("vm1.guest", "vdcm", "mdev_submit", fill("vm1.mdev0", gp, VA, pattern=0x66))
     rt.run(until=lambda: vdcm.submitted == 2)
     if how == "free":
         assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": gp})["ret"] == 0
