@@ -140,14 +140,15 @@ class Actor:
         """Handle one incoming envelope (request, one-way message or reply)."""
         self.now = now
         self.clock = max(self.clock, msg.clock) + 1
-        if msg.is_reply and (msg.corr < 0 or self._dst_of.get(msg.corr) != msg.src):
+        corr = msg.corr
+        if corr is None:
+            self._dispatch(msg)
+        elif corr < 0 or self._dst_of.get(corr) != msg.src:
             # Wait ids are never on the wire, and a reply counts only from the peer its
             # request went to (request ids are guessable: they count up from 1)
             self.dropped_replies += 1
-        elif msg.is_reply:
-            self._resume_with(msg.corr, self._checked_reply(msg))
         else:
-            self._dispatch(msg)
+            self._resume_with(corr, self._checked_reply(msg, corr))
         return self._drain()
 
     def expire(self, now: float) -> list[Envelope]:
@@ -256,15 +257,12 @@ class Actor:
     def _dispatch(self, msg: Envelope) -> None:
         """Decode the body into its message class once; refuse what does not fit."""
         cls = lookup(msg.kind)
-        handler = getattr(self, f"on_{msg.kind}", None) if cls is not None else None
+        if cls is None:
+            self._refuse(msg, -E.EOPNOTSUPP, f"unknown message kind {msg.kind!r}")
+            return
+        handler = getattr(self, f"on_{msg.kind}", None)
         if handler is None:
-            self._refuse(
-                msg,
-                -E.EOPNOTSUPP,
-                f"unknown message kind {msg.kind!r}"
-                if cls is None
-                else f"{self.name} does not handle {msg.kind}",
-            )
+            self._refuse(msg, -E.EOPNOTSUPP, f"{self.name} does not handle {msg.kind}")
             return
         if cls.CONTROL and msg.src not in (ORCHESTRATOR, self.name):
             self._refuse(msg, -E.EPERM, f"only {ORCHESTRATOR} may send {msg.kind}")
@@ -280,9 +278,9 @@ class Actor:
         if msg.rr:
             self._reply(msg, failed(ret, error=why))
 
-    def _checked_reply(self, msg: Envelope) -> dict[str, Any]:
-        """A reply from the wire, checked against the schema of the request it answers."""
-        cls = lookup(self._kind_of.get(msg.corr, ""))
+    def _checked_reply(self, msg: Envelope, corr: int) -> dict[str, Any]:
+        """A reply from the wire (to request `corr`), checked against that request's schema."""
+        cls = lookup(self._kind_of.get(corr, ""))
         why = cls.REPLY.check(msg.body) if cls is not None and cls.REPLY is not None else None
         if why is None:
             return msg.body
@@ -351,8 +349,9 @@ class Actor:
         kind waits for: vsva.ops.pacing), else the actor's request_timeout."""
         if call.timeout is not None:
             return call.timeout
-        base = self.config.get("request_timeout", DEFAULT_TIMEOUT)
-        return self.config.get("timeouts", {}).get(call.kind, base)
+        base: float = self.config.get("request_timeout", DEFAULT_TIMEOUT)
+        timeouts: dict[str, float] = self.config.get("timeouts", {})
+        return timeouts.get(call.kind, base)
 
     def _park(self, task: _Task, wait: Wait) -> None:
         """A Wait is a request to nobody: a negative id in _tasks, so expire() times it out."""
@@ -365,8 +364,8 @@ class Actor:
         self._waits[wait.key] = req_id
         self._tasks[req_id] = (task, self.now + wait.timeout)
 
-    def _resume_with(self, req_id: int | None, body: dict[str, Any]) -> None:
-        entry = self._tasks.pop(req_id, None) if req_id is not None else None
+    def _resume_with(self, req_id: int, body: dict[str, Any]) -> None:
+        entry = self._tasks.pop(req_id, None)
         if entry is None:
             self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
             return

@@ -15,7 +15,8 @@ message carries a bare `pasid`. `docs/flows.md` is generated from this module
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Self, dataclass_transform
+from collections.abc import Callable
+from typing import Any, ClassVar, Self, TypeVar, dataclass_transform
 
 from vsva.actors.uapi import NOTIFY_EVENTS, PAGE_RESP_CODES, PRQ_GRPID_MAX
 from vsva.hotpath.layout import PASID_MAX
@@ -85,8 +86,9 @@ def gpasid(doc: str = "guest PASID") -> Any:
 def _specs(cls: type) -> tuple[FieldSpec, ...]:
     out = []
     for fl in fields(cls):
-        meta, rng = fl.metadata, fl.metadata.get("range")
-        out.append(FieldSpec(fl.name, meta["types"], *(rng or (None, None)), meta["choices"], meta["doc"]))
+        meta = fl.metadata
+        lo, hi = meta["range"] or (None, None)
+        out.append(FieldSpec(fl.name, meta["types"], lo, hi, meta["choices"], meta["doc"]))
     return tuple(out)
 
 
@@ -154,11 +156,12 @@ class Message(Schema):
         why = cls.check(body)
         if why is not None:
             return why
-        return cls(**{spec.name: body[spec.name] for spec in cls.FIELDS})  # type: ignore[call-arg]
+        return cls(**{spec.name: body[spec.name] for spec in cls.FIELDS})
 
 
 CATALOGUE: dict[str, type[Message]] = {}
 ORCHESTRATOR = "orch"  # the orchestrator's (supervisor's) actor name: the only controller
+M = TypeVar("M", bound=Message)
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True)
@@ -171,14 +174,14 @@ def message(
     reply: dict[str, Any] | None = None,
     one_way: bool = False,
     control: bool = False,
-):
+) -> Callable[[type[M]], type[M]]:
     """Class decorator: make `cls` a frozen dataclass message of `kind` and register it.
 
     `reply` lists the success fields of its reply (each made by `f`); `one_way` marks an
     event that gets no reply; `control` a kind only ORCHESTRATOR may send (the actor base
     refuses it from anyone else with -EPERM before any handler runs)."""
 
-    def wrap(cls: type) -> type[Message]:
+    def wrap(cls: type[M]) -> type[M]:
         cls = dataclass(frozen=True, slots=True, kw_only=True)(cls)
         cls.KIND, cls.FLOWS, cls.HOP, cls.KERNEL, cls.FIELDS = kind, flows, hop, kernel, _specs(cls)
         cls.CONTROL = control
@@ -192,12 +195,12 @@ def message(
 def _reply_class(name: str, kind: str, success: dict[str, Any]) -> type[Reply]:
     annotations = {"ret": "int", **{k: "Any" for k in success}}
     ns = {"__annotations__": annotations, "ret": f(int, doc="0 or a negative errno"), **success}
-    cls = dataclass(frozen=True, slots=True, kw_only=True)(type(f"{name}Reply", (Reply,), ns))
+    cls: type[Reply] = dataclass(frozen=True, slots=True, kw_only=True)(type(f"{name}Reply", (Reply,), ns))
     cls.KIND, cls.FIELDS = kind, _specs(cls)[1:]  # `ret` is checked on its own
     return cls
 
 
-def register(cls: type[Message]) -> type[Message]:
+def register(cls: type[M]) -> type[M]:
     """Add a message class to the catalogue (tests add their toy protocols the same way)."""
     if CATALOGUE.get(cls.KIND, cls) is not cls:
         raise ValueError(f"message kind {cls.KIND!r} is already {CATALOGUE[cls.KIND].__name__}")
@@ -426,7 +429,7 @@ class VfioOpen(Message):
 
     vm: int = f(int, U32, doc="VM id (the IOASID set)")
     ram_pages: int = f(int, U32, doc="guest RAM in 4 KiB pages")
-    devices: list = f(list, doc="device names assigned to the VM")
+    devices: list[Any] = f(list, doc="device names assigned to the VM")  # names checked by vfio
     quota: int = f(int, PASID_RANGE, doc="IOASID set quota")
 
 
@@ -443,7 +446,7 @@ class QiSubmit(Message):
     Descriptor types: cc (context cache), pc (PASID cache: bind/unbind), piotlb, dev_iotlb,
     pasid_flush, wait; a descriptor names its device and guest PASID (`gpasid`)."""
 
-    descs: list = f(list, doc="invalidation descriptors (maps with 'type')")
+    descs: list[Any] = f(list, doc="invalidation descriptors (maps with 'type')")
 
 
 # ---- F1: allocation --------------------------------------------------------------------------------------
@@ -483,7 +486,7 @@ class BindGpasid(Message):
     """Bind a guest first-level table to a host PASID for a device (nested translation)."""
 
     dev: str = f(str, doc="the (virtual) device being bound")
-    data: dict = f(
+    data: dict[str, Any] = f(
         dict,
         doc="iommu_gpasid_bind_data: argsz, version, format, flags, hpasid, gpasid, gpgd, "
         "addr_width, vtd_flags (checked by the handler in the kernel's order)",
@@ -512,7 +515,7 @@ class CacheInvalidate(Message):
     """Pass a guest's PASID-based IOTLB / device-TLB invalidation down for the host PASID."""
 
     dev: str = f(str)
-    info: dict = f(
+    info: dict[str, Any] = f(
         dict,
         doc="iommu_cache_invalidate_info: version, cache, granularity, pasid, addr, "
         "granule_size, nb_granules, flags (checked by the handler)",
@@ -573,7 +576,7 @@ class IoasidCleanup(Message):
 
     hpasid: int = hpasid()
     vm: int = f(int, U32)
-    devs: list = f(list, doc="physical devices whose entries to tear down")
+    devs: list[str] = f(list, doc="physical devices whose entries to tear down")
 
 
 # ---- F6: page requests ---------------------------------------------------------------------------------------
