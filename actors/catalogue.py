@@ -14,8 +14,8 @@ message carries a bare `pasid`. `docs/flows.md` is generated from this module
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar, dataclass_transform
 
 from vsva.actors.uapi import NOTIFY_EVENTS, PAGE_RESP_CODES, PRQ_GRPID_MAX
