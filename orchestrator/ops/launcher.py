@@ -21,7 +21,8 @@ stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`
 also when the run ends by an exception or a signal turned into one.
 
 Readiness: every child, once its ROUTER is bound and its actor built, sends {"ready": name,
-"pid": pid, "endpoint": its ROUTER's endpoint} on a DEALER (routing id = its name) to `orch-ctl.sock`; when all children of
+"pid": pid, "endpoint": its ROUTER's endpoint} on a DEALER (routing id "name/pid",
+`endpoints.control_id`: one per incarnation) to `orch-ctl.sock`; when all children of
 the run are ready the launcher answers each with {"go": true} and only then does the child
 run `actor.start`. Waiting is bounded (`ready_timeout`); a child that exits first, or a
 timeout, aborts the launch with `LaunchError` (the child's log tail in the message) after
@@ -67,7 +68,7 @@ from vsva.ops import capacity, forkserver, runfiles
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
 from vsva.ops.topology import ORCH, ActorSpec, Topology
 from vsva.runtime.curve import create_keys
-from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, valid_name
+from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, control_id, valid_name
 from vsva.runtime.loop import ZmqRuntime, new_context
 from vsva.runtime.trace_buffer import TRACE_IDLE
 
@@ -300,7 +301,8 @@ class Launcher:
                         )
         for name in names:
             try:
-                self.ctl.send_multipart([name.encode(), msgpack.packb({"go": True})], zmq.NOBLOCK)
+                go = [control_id(name, self.procs[name].pid), msgpack.packb({"go": True})]
+                self.ctl.send_multipart(go, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 raise LaunchError(f"cannot send go to {name}: {exc}") from None
 
@@ -311,25 +313,26 @@ class Launcher:
             except zmq.Again:
                 return
             try:
-                rid = frames[0].decode()
+                name = frames[0].decode().partition("/")[0]
                 msg = msgpack.unpackb(frames[-1], raw=False)
             except Exception:
                 self.log("ignored a malformed control frame")
                 continue
-            proc = self.procs.get(rid)
+            proc = self.procs.get(name)
             if (
                 len(frames) != 2
                 or not isinstance(msg, dict)
-                or msg.get("ready") != rid
+                or msg.get("ready") != name
                 or proc is None
                 or msg.get("pid") != proc.pid
+                or frames[0] != control_id(name, proc.pid)
             ):
-                self.log(f"ignored control frame from {rid!r}: {msg!r}")
+                self.log(f"ignored control frame from {frames[0]!r}: {msg!r}")
                 continue
             proc.ready_at = time.monotonic()
             if isinstance(msg.get("endpoint"), str):
-                self._endpoints[rid] = msg["endpoint"]
-            waiting.discard(rid)
+                self._endpoints[name] = msg["endpoint"]
+            waiting.discard(name)
 
     def _tails(self, names: list[str], lines: int = 15) -> str:
         out = []
@@ -452,42 +455,10 @@ class Launcher:
         if proc.pidfd is not None and proc.child.poll() is None:
             raise RuntimeError(f"{name} is still running")
         self._reap(name)
-        limit = self.ready_timeout if timeout is None else timeout
-        for attempt in (1, 2):
-            self._spawn([proc.spec])
-            try:
-                self._await_ready([name], limit)
-                break
-            except LaunchError as exc:
-                # A restarted incarnation that stays alive but never reports ready (seen rarely
-                # through the fork server, cause not found yet) is withdrawn without a death
-                # report (it never joined the run) and started once more; logged, never silent.
-                if attempt == 2 or self.procs[name].child.poll() is not None:
-                    raise
-                self.log(f"restart of {name}: {str(exc).splitlines()[0]}; withdrawn, starting it again")
-                self._withdraw(name)
+        self._spawn([proc.spec])
+        self._await_ready([name], self.ready_timeout if timeout is None else timeout)
         self.runtime.expect([name])
         return self.procs[name].pid
-
-    def _withdraw(self, name: str) -> None:
-        """SIGKILL an incarnation that never became ready and forget it (bounded wait), without
-        recording a death: no peer or callback ever saw it as part of the run."""
-        proc = self.procs[name]
-        if proc.pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        poller = select.poll()
-        poller.register(proc.pidfd, select.POLLIN)
-        poller.poll(5000)
-        proc.child.poll()
-        self.runtime.unwatch(proc.pidfd)
-        os.close(proc.pidfd)
-        proc.pidfd = None
-        if self.forkserver is not None:
-            self.forkserver.release(proc.pid)
 
     def run_actor(
         self, actor: Actor, timeout: float = 60.0, until: Callable[[Actor], bool] | None = None

@@ -7,7 +7,7 @@ Start-up, in order:
 3. bind our ROUTER (`ZmqRuntime`), map the shared memory, build the actor
    `actor_class(spec.kind)(N, ActorEnv(config=spec.config, mem=..., seed=topology.seed, log=...))`;
 4. readiness handshake on the launcher's control socket (`orch-ctl.sock`, not the data path):
-   a DEALER with routing id N sends msgpack {"ready": N, "pid": pid, "endpoint": its ROUTER's
+   a DEALER with routing id "N/<pid>" (`endpoints.control_id`: one per incarnation) sends msgpack {"ready": N, "pid": pid, "endpoint": its ROUTER's
    endpoint (tcp: the port the kernel chose)} and waits (bounded,
    `--go-timeout`) for {"go": true}, which the launcher sends once *every* actor of the run is
    bound, so no actor's `start` sends to a peer that has no socket yet;
@@ -61,10 +61,10 @@ def load_run(run_dir: str):
 
 def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped, endpoint: str = "") -> bool:
     """Tell the launcher we are bound (and where); wait (bounded) for its go."""
-    from vsva.runtime.endpoints import control_endpoint
+    from vsva.runtime.endpoints import control_endpoint, control_id
 
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, name.encode())
+    sock.setsockopt(zmq.ROUTING_ID, control_id(name, os.getpid()))
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(control_endpoint(run_dir))
@@ -133,6 +133,7 @@ def run_actor_process(
         )
         peers = [ORCH, *topology.peers_of(name)]
         runtime.expect(peers)  # connect to our peers early: first messages need no wait
+        log(f"{name}: pid {os.getpid()} bound at {runtime.endpoint}, reporting ready")
         if not handshake(runtime.ctx, run_dir, name, go_timeout, lambda: stop["now"], runtime.endpoint):
             log(f"{name}: no go from the launcher" if not stop["now"] else f"{name}: stopped before start")
             return 0 if stop["now"] else 3

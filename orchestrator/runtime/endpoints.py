@@ -126,3 +126,13 @@ def publish_endpoint(run_dir: str, name: str, ep: str) -> tuple[int, int]:
 def control_endpoint(run_dir: str) -> str:
     """The launcher's control ROUTER (readiness handshake), separate from the data path."""
     return f"ipc://{os.path.join(run_dir, 'orch-ctl.sock')}"
+
+
+def control_id(name: str, pid: int) -> bytes:
+    """The routing id of one incarnation's readiness handshake: "N/<pid>". Per incarnation,
+    like the data path's: the control ROUTER (handover off) keeps a dead incarnation's id
+    until it has processed that connection's teardown, which it does only when it next runs,
+    and it ignores a new connection that claims an id still held: a restarted child with
+    the same id as its predecessor would have its ready dropped and wait for a go that
+    never comes."""
+    return f"{name}/{pid}".encode()
