@@ -15,12 +15,11 @@ outside the actor starts work on it with `run_task` (it returns the envelopes to
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from vsva.actors import errno as E
 from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup
@@ -87,7 +86,14 @@ class ActorEnv:
     log: Callable[[str], None] = lambda line: None
 
 
-Handler = Generator[Any, Any, Any]
+Body = dict[str, Any]  # a message or reply body as on the wire: a msgpack map
+Step = Call | Gather | Wait  # what a handler yields to wait
+T = TypeVar("T")
+# A handler (or a helper it delegates to with `yield from`) that waits by yielding Steps and
+# returns T. What it is resumed with depends on the step (a reply body for a Call or a Wait,
+# the list of bodies for a Gather), so the send type stays open.
+Steps = Generator[Step, Any, T]
+Handler = Steps[Body | None]  # the body it returns is the reply (None: {"ret": 0})
 
 
 @dataclass
@@ -217,7 +223,7 @@ class Actor:
         """A one-way message (no reply expected); `flow` tags it (default: the handler's flow)."""
         self._emit(dst, event.KIND, event.body(), rr=False, flow=flow)
 
-    def spawn(self, fn: Callable[[], Any]) -> None:
+    def spawn(self, fn: Callable[[], Handler | Body | None]) -> None:
         """Start `fn` as a separate task that answers no request (from a handler: its
         messages leave with the handler's)."""
         self._run(fn, None, "")
@@ -287,7 +293,7 @@ class Actor:
         self.log(f"badreply:{msg.kind}", f"refused reply from {msg.src}: {why}")
         return failed(-E.EBADMSG, error=why)
 
-    def _run(self, fn: Callable[[], Any], request: Envelope | None, flow: str) -> None:
+    def _run(self, fn: Callable[[], Handler | Body | None], request: Envelope | None, flow: str) -> None:
         previous, self._flow = self._flow, flow
         try:
             result = fn()
@@ -296,7 +302,7 @@ class Actor:
             return
         finally:
             self._flow = previous
-        if inspect.isgenerator(result):
+        if isinstance(result, Generator):
             self._step(_Task(result, request, flow or (request.flow if request else "")), None)
         elif request is not None and request.rr:
             self._reply(request, result if result is not None else {"ret": 0})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, Handler, failed
+from vsva.actors.base import Actor, Body, Call, Handler, Steps, failed
 from vsva.actors.catalogue import IoasidNotify, PasidBindings
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
@@ -104,14 +104,14 @@ class Subscriber(Actor):
         self.synced = not self.config.get("resync_on_start")
         self.resynced = 0  # bindings taken from the host at the last resync
 
-    def on_start(self) -> Handler:
+    def on_start(self) -> Steps[None]:
         """First start or restart by the supervisor: rebuild the tables from the host's current
         bindings before serving (the notifier events sent while we were dead are lost)."""
         if self.config.get("resync_on_start"):  # set by the supervisor
             yield from self.resync()
 
     def resync(self) -> Handler:
-        reply = yield Call(self.host, PasidBindings(), flow="resync")
+        reply: Body = yield Call(self.host, PasidBindings(), flow="resync")
         if reply.get("ret") == 0:
             self.resynced = self.pasids.load(reply["bindings"], self.tracked)
             self.synced = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Call, Handler, failed
+from vsva.actors.base import Body, Call, Handler, failed
 from vsva.actors.catalogue import DevSubmit, IoasidNotify, MdevSubmit
 from vsva.actors.messages import Envelope
 from vsva.actors.subscriber import Subscriber
@@ -57,7 +57,7 @@ class Vdcm(Subscriber):
             return failed(-E.EINVAL, error=f"guest PASID {req.gpasid} has no host PASID on {req.dev}")
         self.submitted += 1
         epoch = self.epoch.get(hpasid, 0)
-        reply = yield Call(
+        reply: Body = yield Call(
             self.host,
             DevSubmit(
                 dev=req.dev,

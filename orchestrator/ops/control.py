@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, ActorEnv, Call, Gather, Handler, Wait
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Steps, Wait
 from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
 from vsva.ops.pacing import gather_bounded, orch_config
@@ -65,21 +65,21 @@ class Orchestrator(Actor):
         if self.on_phase is not None:
             self.on_phase(phase)
 
-    def boot(self, vms: list[int]) -> Handler:
+    def boot(self, vms: list[int]) -> Steps[dict[int, Body]]:
         """vm_start on each VM's vmm, `POWER_ON_WINDOW` at a time; returns {vm: reply}."""
         replies = yield from gather_bounded([Call(vmm_name(vm), VmStart(), flow="boot") for vm in vms])
         return dict(zip(vms, replies))
 
-    def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT) -> Handler:
+    def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT) -> Steps[Body]:
         """Run VM `vm`'s guest workload to its end; returns the guest's report."""
         return (yield Call(guest_name(vm), StartWorkload(), timeout=timeout))
 
-    def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT) -> Handler:
+    def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT) -> Steps[dict[int, Body]]:
         """Every listed VM's workload at once; returns {vm: report}."""
         replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout) for vm in vms])
         return dict(zip(vms, replies))
 
-    def settle(self, limit: float = 10.0, tick: float = 0.005) -> Handler:
+    def settle(self, limit: float = 10.0, tick: float = 0.005) -> Steps[None]:
         """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements.
 
         Snapshots are taken one actor at a time, not as one atomic cut: while a reclaim is
@@ -94,7 +94,7 @@ class Orchestrator(Actor):
             yield Wait(("settle", waited), timeout=tick)
             waited += tick
 
-    def snapshot_all(self, names: list[str] | None = None) -> Handler:
+    def snapshot_all(self, names: list[str] | None = None) -> Steps[tuple[dict[str, Body], list[str]]]:
         """Every (listed) actor's state at a quiescent point (no reclaim pending), each asked
         to answer within AUDIT_ANSWER_S: (snapshots of those that did, why each other did
         not)."""
@@ -111,7 +111,7 @@ class Orchestrator(Actor):
         ]
         return snaps, silent
 
-    def audit_live(self, names: list[str] | None = None) -> Handler:
+    def audit_live(self, names: list[str] | None = None) -> Steps[dict[str, Any]]:
         """Snapshot and audit the live topology: {"ok", "violations", "incomplete", "snapshots"}.
         It never passes by silence: an actor that did not answer makes it incomplete, and an
         incomplete audit fails, naming who (`incomplete`: one line per actor)."""
@@ -124,7 +124,7 @@ class Orchestrator(Actor):
             "snapshots": snaps,
         }
 
-    def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT) -> Handler:
+    def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT) -> Steps[dict[int, Body]]:
         """vm_stop (F8: the host unbinds and frees every PASID of the VM); returns {vm: reply}.
         `timeout` None: vm_stop's, scaled to the topology (vsva.ops.pacing)."""
         replies = yield Gather(
@@ -132,7 +132,7 @@ class Orchestrator(Actor):
         )
         return dict(zip(vms, replies))
 
-    def shutdown_all(self) -> Handler:
+    def shutdown_all(self) -> Steps[None]:
         yield Gather([Call(n, Shutdown(), timeout=2.0) for n in self.topology.names()])
 
 
@@ -157,7 +157,7 @@ class Controller(Orchestrator):
         self.workload_timeout = workload_timeout
         self.result: dict[str, Any] | None = None
 
-    def on_start(self) -> Handler:
+    def on_start(self) -> Steps[None]:
         vms = self.topology.vms
         self.mark("started")
         started = yield from self.boot(vms)
