@@ -15,11 +15,11 @@ Its handlers model what QEMU's vIOMMU does on a trap:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, failed
+from vsva.actors.base import Actor, Body, Call, Handler, Steps, failed
 from vsva.actors.catalogue import (
     BindGpasid,
     CacheInvalidate,
@@ -73,6 +73,18 @@ class Shadow:
     hpasid: int
 
 
+@dataclass
+class VprqStats:
+    """What the virtual page request queue counted: host page requests injected into the
+    guest, those it could not map (answered INVALID for the guest), the guest's responses
+    passed down, and the responses refused (here or by the host)."""
+
+    injected: int = 0
+    unmapped: int = 0
+    responses: int = 0
+    refused: int = 0
+
+
 class Vmm(Actor):
     """One per VM."""
 
@@ -88,13 +100,13 @@ class Vmm(Actor):
         self.pasid_dirs: dict[str, PasidDirectory] = {}  # dev -> guest PASID directory (GPA)
         self.shadow: dict[tuple[str, int], Shadow] = {}  # (dev, gpasid) -> bound entry
         self.next_gpasid = GUEST_PASID_TOP
-        self.prq_stats = {"injected": 0, "unmapped": 0, "responses": 0, "refused": 0}
+        self.prq_stats = VprqStats()
 
-    def on_vm_start(self, msg: Envelope, req: VmStart):
+    def on_vm_start(self, msg: Envelope, req: VmStart) -> Handler:
         """Open the VM's devices through VFIO and map guest RAM (QEMU's VFIO container setup)."""
         if self.ram is not None:
             return failed(-E.EBUSY, error="VM already started")
-        reply = yield Call(
+        reply: Body = yield Call(
             self.host,
             VfioOpen(
                 vm=self.vm,
@@ -108,11 +120,11 @@ class Vmm(Actor):
         self.ram = GuestRam(self.mem, reply["ram_frames"])
         return {"ret": 0, "ram_frames": reply["ram_frames"]}
 
-    def on_vm_stop(self, msg: Envelope, req: VmStop):
+    def on_vm_stop(self, msg: Envelope, req: VmStop) -> Handler:
         """Normal shutdown: close the VFIO fd; the host frees the whole IOASID set (F8)."""
         if self.ram is None:
             return failed(-E.ENODEV, error="VM not started")
-        reply = yield Call(
+        reply: Body = yield Call(
             self.host,
             VfioClose(),
             flow=msg.flow or f"F8:vm{self.vm}.1",
@@ -134,12 +146,12 @@ class Vmm(Actor):
         return {"ret": 0, "ram_frames": self.ram.frames, "devices": self.devices, "mdevs": sorted(self.mdevs)}
 
     # ---- F1 / F5: virtual commands --------------------------------------------------------------
-    def on_vcmd_alloc(self, msg: Envelope, req: VcmdAlloc):
+    def on_vcmd_alloc(self, msg: Envelope, req: VcmdAlloc) -> Handler:
         if msg.src != self.guest or req.dev not in self.devices:
             return failed(-E.EPERM if msg.src != self.guest else -E.ENODEV)
         identity = self._identity(req.dev)
-        reply = yield Call(self.host, IoasidAlloc())
-        colliding = []  # host PASIDs equal to guest PASIDs this vmm chose for mdevs
+        reply: Body = yield Call(self.host, IoasidAlloc())
+        colliding: list[int] = []  # host PASIDs equal to guest PASIDs this vmm chose for mdevs
         while identity and reply["ret"] == 0 and reply["hpasid"] in self.g2h and len(colliding) < 8:
             colliding.append(reply["hpasid"])
             reply = yield Call(self.host, IoasidAlloc())
@@ -164,14 +176,14 @@ class Vmm(Actor):
         gpasid, self.next_gpasid = self.next_gpasid, self.next_gpasid - 1
         return gpasid
 
-    def on_vcmd_free(self, msg: Envelope, req: VcmdFree):
+    def on_vcmd_free(self, msg: Envelope, req: VcmdFree) -> Handler:
         if msg.src != self.guest:
             return failed(-E.EPERM)
         gpasid = req.gpasid
         hpasid = self.g2h.get(gpasid)
         if hpasid is None:
             return failed(-E.EINVAL, error=f"guest PASID {gpasid} not allocated")
-        reply = yield Call(self.host, IoasidFree(hpasid=hpasid))
+        reply: Body = yield Call(self.host, IoasidFree(hpasid=hpasid))
         if reply["ret"] == 0:
             del self.g2h[gpasid]
             for key in [k for k in self.shadow if k[1] == gpasid]:
@@ -179,11 +191,11 @@ class Vmm(Actor):
         return reply
 
     # ---- F2 / F3 / F4: the invalidation queue ---------------------------------------------------
-    def on_qi_submit(self, msg: Envelope, req: QiSubmit):
+    def on_qi_submit(self, msg: Envelope, req: QiSubmit) -> Handler:
         """Process descriptors in order; the reply is the wait descriptor's completion."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
-        done = []
+        done: list[Body] = []
         for desc in req.descs:
             if (
                 not isinstance(desc, dict)
@@ -197,7 +209,7 @@ class Vmm(Actor):
                 return {"ret": result["ret"], "error": result.get("error", ""), "done": done}
         return {"ret": 0, "done": done}
 
-    def qi_context(self, desc: dict[str, Any]):
+    def qi_context(self, desc: dict[str, Any]) -> Steps[Body]:
         """Context-cache invalidation: the guest (re)programmed a device's PASID directory pointer."""
         dev, pdir = desc.get("dev"), desc.get("pdir")
         if self.ram is None:
@@ -217,7 +229,7 @@ class Vmm(Actor):
     def _no_alloc() -> int:
         raise PermissionError("the vmm never allocates in the guest's PASID table")
 
-    def qi_pasid_cache(self, desc: dict[str, Any]):
+    def qi_pasid_cache(self, desc: dict[str, Any]) -> Steps[Body]:
         """PASID-cache invalidation: sync the shadow with the guest's entry (bind / unbind)."""
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
         if (
@@ -234,7 +246,7 @@ class Vmm(Actor):
         entry = decode_pasid_entry(words) if words else {"present": False}
         bound = self.shadow.get((dev, gpasid))
         if bound is not None and (not entry["present"] or entry["flptr"] != bound.gpgd):
-            reply = yield Call(self.host, UnbindGpasid(dev=dev, hpasid=bound.hpasid))
+            reply: Body = yield Call(self.host, UnbindGpasid(dev=dev, hpasid=bound.hpasid))
             if reply["ret"]:
                 return reply
             del self.shadow[(dev, gpasid)]
@@ -242,7 +254,7 @@ class Vmm(Actor):
             return (yield from self._bind(dev, gpasid, entry))
         return {"ret": 0, "type": "pc", "action": "unbind" if bound else "none"}
 
-    def _bind(self, dev: str, gpasid: int, entry: dict[str, Any]):
+    def _bind(self, dev: str, gpasid: int, entry: dict[str, Any]) -> Steps[Body]:
         """Check the guest's first-level entry and pass it down as a bind record."""
         hpasid = self.g2h.get(gpasid)
         if hpasid is None:
@@ -264,26 +276,26 @@ class Vmm(Actor):
         }
         if gpasid != hpasid:
             data["flags"] |= IOMMU_SVA_GPASID_VAL
-        reply = yield Call(self.host, BindGpasid(dev=dev, data=data))
+        reply: Body = yield Call(self.host, BindGpasid(dev=dev, data=data))
         if reply["ret"] == 0 and self.ram is None:  # stopped meanwhile: torn down with the VM
             return failed(-E.ENODEV, error="VM stopped during the bind", type="pc", action="bind")
         if reply["ret"] == 0:
             self.shadow[(dev, gpasid)] = Shadow(entry["flptr"], hpasid)
         return {**reply, "type": "pc", "action": "bind", "hpasid": hpasid}
 
-    def qi_piotlb(self, desc: dict[str, Any]):
+    def qi_piotlb(self, desc: dict[str, Any]) -> Steps[Body]:
         """PASID-based IOTLB invalidation (address range or whole PASID) -> cache_invalidate."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_IOTLB))
 
-    def qi_dev_iotlb(self, desc: dict[str, Any]):
+    def qi_dev_iotlb(self, desc: dict[str, Any]) -> Steps[Body]:
         """PASID-based device-TLB invalidation -> cache_invalidate."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_DEV_IOTLB))
 
-    def qi_pasid_flush(self, desc: dict[str, Any]):
+    def qi_pasid_flush(self, desc: dict[str, Any]) -> Steps[Body]:
         """A whole-PASID PASID-cache flush passed down (used after an entry change in place)."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_PASID))
 
-    def _invalidate(self, desc: dict[str, Any], cache: int):
+    def _invalidate(self, desc: dict[str, Any], cache: int) -> Steps[Body]:
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
         hpasid = self.g2h.get(gpasid) if isinstance(gpasid, int) else None
         if dev not in self.devices or hpasid is None:
@@ -302,29 +314,29 @@ class Vmm(Actor):
             )
         else:
             info.update(granularity=IOMMU_INV_GRANU_PASID)
-        reply = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
+        reply: Body = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
         return {**reply, "type": desc["type"]}
 
-    def qi_wait(self, desc: dict[str, Any]):
+    def qi_wait(self, desc: dict[str, Any]) -> Steps[Body]:
         """The wait descriptor: everything before it has completed once we get here."""
         return {"ret": 0, "type": "wait"}
         yield  # a generator like its siblings
 
     # ---- F6: the virtual page request queue ----------------------------------------------------
-    def on_page_request(self, msg: Envelope, req: PageRequest):
+    def on_page_request(self, msg: Envelope, req: PageRequest) -> Handler:
         """The host reports a page request (host PASID): inject it into the guest's virtual
         PRQ with the guest PASID. One we cannot map (PASID freed here) is answered INVALID."""
         if msg.src != self.host:
             return failed(-E.EPERM)
         gpasid = next((g for g, h in self.g2h.items() if h == req.hpasid), None)
         if gpasid is None or req.dev not in self.devices or self.ram is None:
-            self.prq_stats["unmapped"] += 1
+            self.prq_stats.unmapped += 1
             yield Call(
                 self.host,
                 PageResponse(dev=req.dev, hpasid=req.hpasid, grpid=req.grpid, code=IOMMU_PAGE_RESP_INVALID),
             )
             return None
-        self.prq_stats["injected"] += 1
+        self.prq_stats.injected += 1
         self.send(
             self.guest,
             VPageRequest(
@@ -333,25 +345,28 @@ class Vmm(Actor):
         )
         return None
 
-    def on_vpage_response(self, msg: Envelope, req: VPageResponse):
+    def on_vpage_response(self, msg: Envelope, req: VPageResponse) -> Handler:
         """The guest's page group response (its vPRQ response descriptor): to the host PASID."""
         if msg.src != self.guest:
             return failed(-E.EPERM)
         hpasid = self.g2h.get(req.gpasid)
         if hpasid is None or req.dev not in self.devices:
-            self.prq_stats["refused"] += 1
+            self.prq_stats.refused += 1
             return failed(-E.EINVAL, error=f"page response for unknown device or guest PASID {req.gpasid}")
-        reply = yield Call(
+        reply: Body = yield Call(
             self.host, PageResponse(dev=req.dev, hpasid=hpasid, grpid=req.grpid, code=req.code)
         )
-        self.prq_stats["responses" if reply["ret"] == 0 else "refused"] += 1
+        if reply["ret"] == 0:
+            self.prq_stats.responses += 1
+        else:
+            self.prq_stats.refused += 1
         return reply
 
     def snapshot(self) -> dict[str, Any]:
         return {
             **super().snapshot(),
             "vm": self.vm,
-            "prq": dict(self.prq_stats),
+            "prq": asdict(self.prq_stats),
             "g2h": {str(g): h for g, h in self.g2h.items()},
             "bound": [{"dev": d, "gpasid": g, "hpasid": s.hpasid} for (d, g), s in self.shadow.items()],
         }
