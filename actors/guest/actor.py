@@ -15,14 +15,13 @@ answers the page group.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, Wait, failed
+from vsva.actors.base import Actor, Body, Call, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import (
     DevSubmit,
     FlowWatch,
@@ -55,6 +54,17 @@ class DmaCounts:
     resubmitted: int = 0
 
 
+class PortalWork(TypedDict):
+    """A work descriptor's fields that a device's portal takes whatever the device."""
+
+    dev: str
+    op: str
+    src: int
+    dst: int
+    len: int
+    pattern: int
+
+
 FLOW_WATCH_TIMEOUT = 600.0  # seconds a flow watch may wait (a workload's length at most)
 
 
@@ -74,6 +84,13 @@ class Guest(Actor):
         self.flow_seq: dict[str, int] = {}
         self.running = False
         self.dma = DmaCounts()
+
+    @property
+    def booted_kernel(self) -> GuestKernel:
+        """The guest kernel: workloads run only after `boot` made it."""
+        if self.kernel is None:
+            raise RuntimeError(f"{self.name} has not booted")
+        return self.kernel
 
     # ---- the vIOMMU driver -------------------------------------------------------------------
     def flow_tag(self, flow: str) -> str:
@@ -99,28 +116,30 @@ class Guest(Actor):
         )
         return ok
 
-    def boot(self) -> Generator[Any, Any, int]:
+    def boot(self) -> Steps[int]:
         """Read the firmware tables, set up memory and one PASID directory per device."""
         tag = self.flow_tag("boot")
-        info = yield Call(self.vmm, VmInfo(), flow=tag)
-        if info["ret"]:
-            return info["ret"]
+        info: Body = yield Call(self.vmm, VmInfo(), flow=tag)
+        ret: int = info["ret"]
+        if ret:
+            return ret
         self.kernel = GuestKernel(GuestRam(self.mem, info["ram_frames"]))
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
-            reply = yield Call(
+            reply: Body = yield Call(
                 self.vmm,
                 QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}]),
                 flow=tag,
             )
-            if reply["ret"]:
-                return reply["ret"]
+            ret = reply["ret"]
+            if ret:
+                return ret
         return 0
 
-    def alloc_pasid(self, proc: Process, dev: str) -> Generator[Any, Any, int]:
+    def alloc_pasid(self, proc: Process, dev: str) -> Steps[int]:
         """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
-        reply = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
+        reply: Body = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
         if self.step(
             "F1",
             f"pid {proc.pid} alloc PASID for {dev}",
@@ -128,13 +147,12 @@ class Guest(Actor):
             gpasid=reply.get("gpasid"),
             hpasid=reply.get("hpasid"),
         ):
-            proc.pasids[dev] = reply["gpasid"]
-            return reply["gpasid"]
+            gpasid: int = reply["gpasid"]
+            proc.pasids[dev] = gpasid
+            return gpasid
         return 0
 
-    def bind(
-        self, proc: Process, dev: str, pasid: int, allowed: tuple[int, ...] = (0,)
-    ) -> Generator[Any, Any, dict]:
+    def bind(self, proc: Process, dev: str, pasid: int, allowed: tuple[int, ...] = (0,)) -> Steps[Body]:
         """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait.
         `allowed`: the answers that count as the step's success (a refusal the caller expects)."""
         self.pasid_dirs[dev].write_entry(
@@ -155,10 +173,10 @@ class Guest(Actor):
         )
         return {**reply, "users": users}
 
-    def unbind(self, proc: Process, dev: str, pasid: int) -> Generator[Any, Any, dict]:
+    def unbind(self, proc: Process, dev: str, pasid: int) -> Steps[Body]:
         """F4: clear the PASID entry, PASID-cache invalidation, wait."""
         self.pasid_dirs[dev].clear_entry(pasid)
-        reply = yield Call(
+        reply: Body = yield Call(
             self.vmm,
             QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]),
             flow=self.flow_tag("F4"),
@@ -166,10 +184,10 @@ class Guest(Actor):
         self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
         return reply
 
-    def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0):
+    def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0) -> Steps[Body]:
         """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
         base = {"dev": dev, "gpasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
-        reply = yield Call(
+        reply: Body = yield Call(
             self.vmm,
             QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base}, {"type": "wait"}]),
             flow=self.flow_tag("F3"),
@@ -177,25 +195,25 @@ class Guest(Actor):
         self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
         return reply
 
-    def free(self, proc: Process, dev: str, pasid: int):
+    def free(self, proc: Process, dev: str, pasid: int) -> Steps[Body]:
         """F5: the virtual command 'free PASID'."""
-        reply = yield Call(self.vmm, VcmdFree(gpasid=pasid), flow=self.flow_tag("F5"))
+        reply: Body = yield Call(self.vmm, VcmdFree(gpasid=pasid), flow=self.flow_tag("F5"))
         self.step("F5", f"pid {proc.pid} free PASID {pasid}", reply)
         proc.pasids.pop(dev, None)
         return reply
 
     def submit(
         self, dev: str, pasid: int, op: str, *, src: int = 0, dst: int = 0, length: int = 0, pattern: int = 0
-    ):
+    ) -> Steps[Body]:
         """F7: a work descriptor through the device's portal (mdevs: vdcm's virtual registers)."""
-        fields = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
+        fields: PortalWork = {"dev": dev, "op": op, "src": src, "dst": dst, "len": length, "pattern": pattern}
         # an mdev takes the guest PASID (vdcm translates it); the passthrough function is
         # programmed with the host PASID, which the identity allocation made equal to it
         work = MdevSubmit(gpasid=pasid, **fields) if dev in self.mdevs else DevSubmit(hpasid=pasid, **fields)
         portal = self.vdcm if dev in self.mdevs else self.host
         self.dma.submitted += 1
         flow = self.flow_tag("F7")
-        reply = yield Call(portal, work, flow=flow)
+        reply: Body = yield Call(portal, work, flow=flow)
         # The portal's process died (vdcm restarted by the supervisor): the device was reset
         # under the descriptor. With `portal_retry` (set by the supervisor) the driver waits
         # for the device and resubmits, visibly (counted): copy and fill are idempotent.
@@ -218,16 +236,21 @@ class Guest(Actor):
         return reply
 
     # ---- F6: the virtual page request queue ------------------------------------------------------
-    def on_vpage_request(self, msg: Envelope, req: VPageRequest):
+    def on_vpage_request(self, msg: Envelope, req: VPageRequest) -> Handler:
         """The vIOMMU's page request interrupt (intel_svm prq handler in the guest): find the
         process bound to (device, PASID), fault the page in, answer the page group."""
         if msg.src != self.vmm:
             return failed(-E.EPERM)
-        procs = self.kernel.procs.values() if self.kernel else []
+        kernel = self.kernel
+        procs = kernel.procs.values() if kernel else []
         proc = next((p for p in procs if p.pasids.get(req.dev) == req.gpasid), None)
         write = bool(req.perm & IOMMU_FAULT_PERM_WRITE)
-        code = IOMMU_PAGE_RESP_INVALID if proc is None else self.kernel.fault_in(proc, req.addr, write)
-        reply = yield Call(
+        code = (
+            IOMMU_PAGE_RESP_INVALID
+            if kernel is None or proc is None
+            else kernel.fault_in(proc, req.addr, write)
+        )
+        reply: Body = yield Call(
             self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code)
         )
         self.step(
@@ -242,16 +265,16 @@ class Guest(Actor):
         return None
 
     # ---- workloads ------------------------------------------------------------------------------
-    def on_flow_watch(self, msg: Envelope, req: FlowWatch):
+    def on_flow_watch(self, msg: Envelope, req: FlowWatch) -> Handler:
         """Answer when instance `nth` of `flow` starts (at once if it has): the event a fault
         trigger waits for, so the orchestrator never polls. The answer leaves in the same
         batch as that instance's first request, so a kill on it lands inside the step."""
         if self.flow_seq.get(req.flow, 0) >= req.nth:
             return {"ret": 0, "tag": f"{req.flow}:vm{self.vm}.{self.flow_seq[req.flow]}"}
-        reply = yield Wait(("flow_watch", req.flow, req.nth), FLOW_WATCH_TIMEOUT)
+        reply: Body = yield Wait(("flow_watch", req.flow, req.nth), FLOW_WATCH_TIMEOUT)
         return reply
 
-    def on_start_workload(self, msg: Envelope, req: StartWorkload):
+    def on_start_workload(self, msg: Envelope, req: StartWorkload) -> Handler:
         if self.running:
             return failed(-E.EBUSY, error="workload already running")
         self.running = True

@@ -7,11 +7,10 @@ The topology names one per VM (`workload`, a key of WORKLOADS).
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vsva.actors import errno as E
-from vsva.actors.base import Call
+from vsva.actors.base import Call, Steps
 from vsva.actors.catalogue import VcmdFree
 from vsva.actors.guest.kernel import Process
 from vsva.actors.uapi import IOMMU_PAGE_RESP_INVALID
@@ -25,9 +24,9 @@ def _pattern(seed: int, length: int) -> bytes:
     return bytes((seed * 31 + i * 7) & 0xFF for i in range(length))
 
 
-def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Generator[Any, Any, int]:
+def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Steps[int]:
     """One process on the passthrough function: bind, copy, migrate a page + flush, re-DMA."""
-    k = g.kernel
+    k = g.booted_kernel
     src, dst, pages = base, base + 0x100000, 4
     k.mmap(proc, src, pages)
     k.mmap(proc, dst, pages)
@@ -65,11 +64,11 @@ def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Generator[
     return pasid
 
 
-def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Generator[Any, Any, None]:
+def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Steps[None]:
     """Two mdevs of one parent bound to one guest PASID: users == 2, then two unbinds. A kernel
     that allows one bind per device (v5.9: the second is -EBUSY) gets the pair as one mdev,
     and the step says so."""
-    k = g.kernel
+    k = g.booted_kernel
     k.mmap(proc, base, 2)
     pasid = yield from g.alloc_pasid(proc, mdevs[0])
     if not pasid:
@@ -132,10 +131,10 @@ def demo_mdev_pair(g: Guest, proc: Process, mdevs: list[str], base: int) -> Gene
     proc.pasids.pop(mdevs[-1], None)
 
 
-def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int = 4):
+def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int = 4) -> Steps[None]:
     """F6: DMA into a buffer the process mapped but never touched: one page request per page,
     the guest faults each page in; then a DMA to an address outside every VMA fails."""
-    k = g.kernel
+    k = g.booted_kernel
     src, dst, hole = base, base + 0x100000, base + 0x200000
     k.mmap(proc, src, pages)
     k.mmap(proc, dst, pages, populate=False)
@@ -168,10 +167,10 @@ def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int 
     yield from g.free(proc, dev, pasid)
 
 
-def run_demo(g: Guest) -> Generator[Any, Any, None]:
+def run_demo(g: Guest) -> Steps[None]:
     """The demo: two processes share the passthrough function, one uses a pair of mdevs, one
     DMAs into demand-paged memory (F6)."""
-    k = g.kernel
+    k = g.booted_kernel
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     p1, p2, p3 = k.spawn(1), k.spawn(2), k.spawn(3)
     pasid1 = yield from demo_passthrough(g, p1, pf, 0x4000_0000)
@@ -184,10 +183,10 @@ def run_demo(g: Guest) -> Generator[Any, Any, None]:
             yield from g.free(proc, pf, pasid)
 
 
-def bind_latency(g: Guest) -> Generator[Any, Any, None]:
+def bind_latency(g: Guest) -> Steps[None]:
     """Bind and unbind one PASID over and over, timing each bind from the guest's request to
     its wait completion (the figure benchmarks/bench_bind.py reports)."""
-    proc = g.kernel.spawn(1)
+    proc = g.booted_kernel.spawn(1)
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     pasid = yield from g.alloc_pasid(proc, pf)
     latencies, starts = [], []
@@ -213,11 +212,11 @@ def bind_latency(g: Guest) -> Generator[Any, Any, None]:
     )
 
 
-def dma_loop(g: Guest) -> Generator[Any, Any, None]:
+def dma_loop(g: Guest) -> Steps[None]:
     """Bind one PASID on the passthrough function and one on an mdev, then DMA through both
     for `iterations` rounds, each round's bytes read back; stop at the first failure (the VM
     may be dying under it); unbind and free at the end."""
-    k, proc, bound = g.kernel, g.kernel.spawn(1), []
+    k, proc, bound = g.booted_kernel, g.booted_kernel.spawn(1), []
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     for i, dev in enumerate([pf] + sorted(g.mdevs)[:1]):
         base = 0x4000_0000 + i * 0x100000
@@ -243,10 +242,10 @@ def dma_loop(g: Guest) -> Generator[Any, Any, None]:
         yield from g.free(proc, dev, pasid)
 
 
-def bind_many(g: Guest) -> Generator[Any, Any, None]:
+def bind_many(g: Guest) -> Steps[None]:
     """Allocate and bind `iterations` PASIDs to one process's page tables, and keep them: on the
     passthrough function, or with config bind_on = "mdev" on an mdev of the shared accelerator."""
-    proc = g.kernel.spawn(1)
+    proc = g.booted_kernel.spawn(1)
     dev = (
         sorted(g.mdevs)[0]
         if g.config.get("bind_on") == "mdev"
@@ -259,11 +258,11 @@ def bind_many(g: Guest) -> Generator[Any, Any, None]:
         yield from g.bind(proc, dev, pasid)
 
 
-def fault_loop(g: Guest) -> Generator[Any, Any, None]:
+def fault_loop(g: Guest) -> Steps[None]:
     """Bind one PASID, then for `iterations` rounds map `fault_pages` fresh untouched pages and
     fill them by DMA (one page request each), data checked; the round times are recorded
     (benchmarks/bench_page_faults.py)."""
-    k, proc = g.kernel, g.kernel.spawn(1)
+    k, proc = g.booted_kernel, g.booted_kernel.spawn(1)
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     pasid = yield from g.alloc_pasid(proc, pf)
     if not pasid or (yield from g.bind(proc, pf, pasid))["ret"]:
@@ -300,14 +299,14 @@ def fault_loop(g: Guest) -> Generator[Any, Any, None]:
     yield from g.free(proc, pf, pasid)
 
 
-def churn(g: Guest) -> Generator[Any, Any, None]:
+def churn(g: Guest) -> Steps[None]:
     """Free before unbind, over and over, on an mdev of the accelerator every VM shares.
 
     Each round allocates a PASID, binds it, checks a DMA fill through it, then frees it while
     it is still bound (the order the source thread worries about). Under 'ordered' the free
     is refused and the guest unbinds first. Run by `vsva explore --workload churn` to let the
     scheduler interleave the VMs' frees, reuses and the policy's cleanup."""
-    k = g.kernel
+    k = g.booted_kernel
     proc = k.spawn(1)
     base = 0x6000_0000
     k.mmap(proc, base, 1)
