@@ -54,7 +54,7 @@ import numpy as np
 
 from vsva import hotpath
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Call, Gather, Wait, failed
+from vsva.actors.base import Actor, Body, Call, Gather, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import (
     BindGpasid,
     CacheInvalidate,
@@ -129,23 +129,22 @@ class Host(Actor):
         dom = self.vfio.open(msg.src, req.vm, req.devices, req.ram_pages, req.quota, self.rng.shuffle)
         return {"ret": 0, "ram_frames": dom.ram_frames}
 
-    def vfio_caller(
-        self, msg: Envelope, dev: str | None = None
-    ) -> tuple[VmDomain | None, dict[str, Any] | None]:
-        """The caller's VM, or the refusal: no open VM (-EPERM), `dev` not in its container (-ENODEV)."""
+    def vfio_caller(self, msg: Envelope, dev: str | None = None) -> VmDomain | Body:
+        """The caller's VM, or the refusal (a reply body): no open VM (-EPERM), `dev` not in
+        its container (-ENODEV)."""
         dom = self.vfio.caller(msg)
         if dom is None:
-            return None, failed(-E.EPERM, error="caller has no open VM")
+            return failed(-E.EPERM, error="caller has no open VM")
         if dev is not None and dev not in dom.devices:
-            return None, failed(-E.ENODEV, error=f"{dev} is not assigned to VM {dom.vm}")
-        return dom, None
+            return failed(-E.ENODEV, error=f"{dev} is not assigned to VM {dom.vm}")
+        return dom
 
     # ---- F1 / F5: the IOASID allocator --------------------------------------------------
     def on_ioasid_alloc(self, msg: Envelope, req: IoasidAlloc) -> dict[str, Any]:
         """ioasid_alloc() in the caller VM's set, bounded by the set's quota."""
-        dom, refused = self.vfio_caller(msg)
-        if refused:
-            return refused
+        dom = self.vfio_caller(msg)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         if len(dom.ioasids) >= dom.quota:
             return failed(-E.ENOSPC, error=f"VM {dom.vm} IOASID quota {dom.quota} reached")
         ioasid = self.ioasid.alloc(dom.vm)
@@ -155,11 +154,11 @@ class Host(Actor):
         dom.ioasids.add(ioasid.pasid)
         return {"ret": 0, "hpasid": ioasid.pasid}
 
-    def on_ioasid_free(self, msg: Envelope, req: IoasidFree):
+    def on_ioasid_free(self, msg: Envelope, req: IoasidFree) -> Handler:
         """ioasid_free() from the VCMD path; a still-bound PASID goes through the FREE notifier."""
-        dom, refused = self.vfio_caller(msg)
-        if refused:
-            return refused
+        dom = self.vfio_caller(msg)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         ioasid = self.ioasid.find(req.hpasid)
         if ioasid is None:
             return failed(-E.EINVAL, error=f"IOASID {req.hpasid} is not allocated")
@@ -174,7 +173,7 @@ class Host(Actor):
         return {"ret": 0, "state": self.ioasid.state(ioasid.pasid)}
 
     # ---- F5 / F8: the IOASID notifier and the cleanup policies ----------------------------------
-    def ioasid_free(self, dom: VmDomain, ioasids: list[Ioasid], event: str, *, wait: bool):
+    def ioasid_free(self, dom: VmDomain, ioasids: list[Ioasid], event: str, *, wait: bool) -> Steps[None]:
         """Free IOASIDs of one VM's set; bound ones are cleaned up as the run's policy says.
 
         naive:   every PASID is back in the pool at once; the subscribers are told without
@@ -193,7 +192,7 @@ class Host(Actor):
         for ioasid in ioasids:
             self.ioasid.forget(ioasid)
             dom.ioasids.discard(ioasid.pasid)
-        bound = [a for a in ioasids if a.svm is not None]
+        bound = [(a, a.svm) for a in ioasids if a.svm is not None]
         for ioasid in ioasids:
             if ioasid.svm is None:
                 self.ioasid.release(ioasid.pasid)
@@ -201,38 +200,38 @@ class Host(Actor):
             return
         events = self._free_events(dom.vm, bound, event)
         if self.policy is Policy.NAIVE:
-            for ioasid in bound:
+            for ioasid, svm in bound:
                 self.ioasid.release(ioasid.pasid)
-                self.send(
-                    self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(ioasid.svm.devs))
-                )
+                self.send(self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(svm.devs)))
             for note in events:
                 for sub in self.subscribers:
                     self.send(sub, note)
             return
-        for ioasid in bound:
+        for ioasid, svm in bound:
             self.ioasid.reclaim(ioasid.pasid, dom.vm)  # out of the pool until every ack
             if self.policy is Policy.RECLAIM:
                 self.iommu.set_defunct(ioasid.pasid, True)
-            for dev in list(ioasid.svm.devs):
+            for dev in list(svm.devs):
                 self.teardown_entry(dev, ioasid.pasid, dom.vm)
             ioasid.svm = None
-        acks = self._await_free_acks(dom.vm, [a.pasid for a in bound], events)
+        acks = self._await_free_acks(dom.vm, [a.pasid for a, _ in bound], events)
         if wait:
             yield from acks
         else:
             self._run(lambda: acks, None, self._flow)
 
-    def _free_events(self, vm: int, bound: list[Ioasid], event: str) -> list[IoasidNotify]:
+    def _free_events(self, vm: int, bound: list[tuple[Ioasid, Svm]], event: str) -> list[IoasidNotify]:
         """FREE per bound PASID, or one FREE_SET for a whole set (subscribers drop the VM)."""
         if event == EV_FREE_SET:
             return [IoasidNotify(event=EV_FREE_SET, vm=vm, hpasid=0, gpasid=0, dev="")]
-        return [a.svm.notice(EV_FREE) for a in bound]
+        return [svm.notice(EV_FREE) for _, svm in bound]
 
-    def _await_free_acks(self, vm: int, pasids: list[int], events: list[IoasidNotify]):
+    def _await_free_acks(self, vm: int, pasids: list[int], events: list[IoasidNotify]) -> Steps[None]:
         """Wait (bounded) for every subscriber's FREE acknowledgement, then release the PASIDs."""
-        timeout = self.config.get("notify_timeout", 2.0)
-        replies = yield Gather([Call(s, note, timeout=timeout) for note in events for s in self.subscribers])
+        timeout: float = self.config.get("notify_timeout", 2.0)
+        replies: list[Body] = yield Gather(
+            [Call(s, note, timeout=timeout) for note in events for s in self.subscribers]
+        )
         refused = [r for r in replies if r.get("ret", 0)]
         silent = {
             s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)
@@ -287,24 +286,24 @@ class Host(Actor):
         return {"ret": 0, "bindings": out}
 
     # ---- F8: the VFIO fd closes -------------------------------------------------------------
-    def on_vfio_close(self, msg: Envelope, req: VfioClose):
+    def on_vfio_close(self, msg: Envelope, req: VfioClose) -> Handler:
         """The VMM closes its VFIO fd: the same teardown as its death, without detection."""
-        dom, refused = self.vfio_caller(msg)
-        if refused:
-            return refused
+        dom = self.vfio_caller(msg)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         yield from self.vm_teardown(dom, "vfio_close")
         return {"ret": 0}
 
-    def on_peer_down(self, peer: str):
+    def on_peer_down(self, peer: str) -> Steps[None]:
         """A VMM's connection is gone (its process died): the kernel sees its VFIO fd close."""
         vm = self.vfio.vmm_of.get(peer)
         if vm is not None:
             yield from self.vm_teardown(self.vfio.domains[vm], f"{peer} died")
 
-    def vm_teardown(self, dom: VmDomain, why: str):
+    def vm_teardown(self, dom: VmDomain, why: str) -> Steps[None]:
         """F8: ioasid_free_set() on the VM's set, then its domain, frames and devices go."""
         del self.vfio.vmm_of[dom.vmm]  # no further request through this fd
-        record = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
+        record: dict[str, Any] = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
         self.teardowns.append(record)
         ioasids = [self.ioasid.allocated[p] for p in sorted(dom.ioasids)]
         # ordered: VFIO unbinds everything, then frees -- ioasid_free tears the bound ones down
@@ -314,13 +313,13 @@ class Host(Actor):
         record["finished"] = self.now
 
     # ---- F2: intel_svm_bind_gpasid --------------------------------------------------------
-    def on_bind_gpasid(self, msg: Envelope, req: BindGpasid):
-        dom, refused = self.vfio_caller(msg, req.dev)  # VFIO: the device is in this container
-        if refused:
-            return refused
+    def on_bind_gpasid(self, msg: Envelope, req: BindGpasid) -> Handler:
+        dom = self.vfio_caller(msg, req.dev)  # VFIO: the device is in this container
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         pdev, data = self.vfio.physical(req.dev), req.data
         ret = bind_checks(pdev, data)
-        if ret:
+        if ret or pdev is None:  # (bind_checks refuses a missing device)
             return failed(ret, error="bind record refused")
         hpasid = data["hpasid"]
         # ioasid_find(set, hpasid): not allocated -> -ENOENT, another set -> -EACCES.
@@ -363,7 +362,7 @@ class Host(Actor):
         yield from self.notify(EV_BIND, svm, req.dev)
         return {"ret": 0, "users": 1}
 
-    def notify(self, event: str, svm: Svm, dev: str):
+    def notify(self, event: str, svm: Svm, dev: str) -> Steps[list[Body]]:
         """The IOASID notifier chain: every subscriber must acknowledge before we go on.
 
         BIND and UNBIND go out for every bind and unbind of a (virtual) device, so that
@@ -371,7 +370,7 @@ class Host(Actor):
         FREE goes out once per PASID, with no device.
         """
         note = svm.notice(event, dev)
-        replies = yield Gather([Call(s, note) for s in self.subscribers])
+        replies: list[Body] = yield Gather([Call(s, note) for s in self.subscribers])
         for sub, reply in zip(self.subscribers, replies):
             if reply.get("ret", 0):
                 self.log(
@@ -381,10 +380,10 @@ class Host(Actor):
         return replies
 
     # ---- F4: intel_svm_unbind_gpasid --------------------------------------------------------
-    def on_unbind_gpasid(self, msg: Envelope, req: UnbindGpasid):
-        dom, refused = self.vfio_caller(msg, req.dev)
-        if refused:
-            return refused
+    def on_unbind_gpasid(self, msg: Envelope, req: UnbindGpasid) -> Handler:
+        dom = self.vfio_caller(msg, req.dev)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         pdev, pasid = self.vfio.physical(req.dev), req.hpasid
         if pdev is None:
             return failed(-E.EINVAL)
@@ -437,9 +436,9 @@ class Host(Actor):
     # ---- F3: cache invalidation passed down -------------------------------------------------
     def on_cache_invalidate(self, msg: Envelope, req: CacheInvalidate) -> dict[str, Any]:
         """intel_iommu_sva_invalidate() for the uapi invalidation record (invalidate.py)."""
-        dom, refused = self.vfio_caller(msg, req.dev)
-        if refused:
-            return refused
+        dom = self.vfio_caller(msg, req.dev)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         ret, why = invalidate.checks(req.info, dom)
         if ret:
             return failed(ret, error=why)
@@ -447,7 +446,7 @@ class Host(Actor):
         return {"ret": 0}
 
     # ---- F7: a device's DMA engine ------------------------------------------------------------
-    def on_dev_submit(self, msg: Envelope, req: DevSubmit):
+    def on_dev_submit(self, msg: Envelope, req: DevSubmit) -> Handler:
         """Run a work descriptor. Passthrough: the guest's own portal; mdev: submitted by vdcm.
 
         F6: a recoverable first-level fault on a device with PRI becomes a page request; the
@@ -462,6 +461,8 @@ class Host(Actor):
         if msg.src != self.vfio.portal_owner(req.dev, vm):
             return failed(-E.EPERM, error=f"{msg.src} may not submit to {req.dev}")
         pasid, pdev = req.hpasid, self.vfio.physical(req.dev)
+        if pdev is None:
+            return failed(-E.ENODEV, error=f"{req.dev} has no physical device")
         work, total, faults = req.body(), 0, 0
         while True:
             status, fault_va, done = run_descriptor(self.iommu, pdev.id, work)
@@ -514,7 +515,9 @@ class Host(Actor):
         return {"ret": 0, "status": 0, "page_requests": faults}
 
     # ---- F6: page requests (intel_svm prq_event_thread -> iommu_report_device_fault) ------------
-    def page_request(self, pdev: PhysDevice, vdev: str, pasid: int, vm: int, addr: int, perm: int):
+    def page_request(
+        self, pdev: PhysDevice, vdev: str, pasid: int, vm: int, addr: int, perm: int
+    ) -> Steps[tuple[int, int, str]]:
         """The device's page request: queue it, report it to the owning VMM, wait for the group
         response. Returns (response code, errno for a failed descriptor, why)."""
         ioasid = self.ioasid.find(pasid)
@@ -541,7 +544,7 @@ class Host(Actor):
             PageRequest(dev=vdev, hpasid=pasid, grpid=req["grpid"], addr=req["addr"], perm=perm, last=True),
             flow=req["flow"],
         )
-        reply = yield Wait((pdev.name, req["grpid"]), self.prq.timeout)
+        reply: Body = yield Wait((pdev.name, req["grpid"]), self.prq.timeout)
         if reply.get("ret"):  # nobody answered in time: the host answers INVALID on the guest's behalf
             self.prq.remove(req)
             self.prq.stats.timeouts += 1
@@ -558,11 +561,11 @@ class Host(Actor):
 
     def on_page_response(self, msg: Envelope, resp: PageResponse) -> dict[str, Any]:
         """intel_svm_page_response(): match the VMM's page group response to its request."""
-        dom, refused = self.vfio_caller(msg)
-        if refused:
-            return refused
+        dom = self.vfio_caller(msg)
+        if not isinstance(dom, VmDomain):
+            return dom  # the refusal
         ret, why, req = self._match_response(dom, resp)
-        if ret:
+        if req is None:  # refused (ret, why)
             self.prq.stats.rejected += 1
             self.log("prq:reject", f"page response from {msg.src} refused: {why}")
             return failed(ret, error=why)
@@ -572,12 +575,11 @@ class Host(Actor):
         return {"ret": 0}
 
     def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict[str, Any] | None]:
-        if resp.dev not in dom.devices:
+        pdev = self.vfio.physical(resp.dev)
+        if resp.dev not in dom.devices or pdev is None:
             return -E.ENODEV, f"{resp.dev} is not assigned to VM {dom.vm}", None
-        ret, why, req = self.prq.match(
-            self.vfio.physical(resp.dev).name, resp.dev, dom.vm, resp.hpasid, resp.grpid
-        )
-        if ret:
+        ret, why, req = self.prq.match(pdev.name, resp.dev, dom.vm, resp.hpasid, resp.grpid)
+        if req is None:
             return ret, why, None
         ioasid = self.ioasid.find(req["pasid"])
         if ioasid is None or ioasid.vm != dom.vm or ioasid.svm is None:
@@ -597,10 +599,10 @@ class Host(Actor):
             fresh.attach_device(dev.id, dev.pasid_dir.base, False)
         stale = []
         for did, pasid, vpn, frame, _ in self.iommu.cache_dump()["iotlb"]:
-            dev = next((phys[d] for d, pasids in entries.items() if pasid in pasids), None)
-            if dev is None:
+            cached_by = next((phys[d] for d, pasids in entries.items() if pasid in pasids), None)
+            if cached_by is None:
                 continue
-            pa, fault = fresh.translate_one(dev.id, pasid, vpn << PAGE_SHIFT, ACCESS_READ)
+            pa, fault = fresh.translate_one(cached_by.id, pasid, vpn << PAGE_SHIFT, ACCESS_READ)
             if fault or pa >> PAGE_SHIFT != frame:
                 stale.append(
                     {

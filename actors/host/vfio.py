@@ -29,7 +29,7 @@ class PhysDevice:
     pci: bool
     max_pasids: int
     ats: bool
-    pasid_dir: PasidDirectory | None = None
+    pasid_dir: PasidDirectory
     pasid_enabled: bool = False
     pri: bool = True  # Page Request Interface: recoverable faults become page requests
 
@@ -100,16 +100,16 @@ class Vfio:
 
     def _probe(self, name: str, cfg: dict[str, Any]) -> PhysDevice:
         """Give a physical device its context entry: a PASID directory in host memory."""
+        base = self.frames.contiguous(PASID_DIR_FRAMES) << PAGE_SHIFT
         dev = PhysDevice(
             name,
             cfg["id"],
             cfg.get("pci", True),
             cfg.get("max_pasids", PASID_MAX),
             cfg.get("ats", True),
+            PasidDirectory(self.frames.mem, base, self.frames.table),
             pri=bool(cfg.get("pri", True)),
         )
-        base = self.frames.contiguous(PASID_DIR_FRAMES) << PAGE_SHIFT
-        dev.pasid_dir = PasidDirectory(self.frames.mem, base, self.frames.table)
         self.iommu.attach_device(dev.id, base, dev.ats)
         return dev
 
