@@ -355,6 +355,34 @@ class FlowWatch(Message):
 
 
 @message(
+    "quiesce",
+    flows=("control",),
+    control=True,
+    hop="orch -> guest",
+    kernel="(QEMU stop: vCPUs paused, I/O in flight drained)",
+    reply={"held": f(int, U32, doc="flow instances now held at their start")},
+)
+class Quiesce(Message):
+    """A live audit's cut: the guest starts no new flow instance for `hold` seconds (or
+    until `resume`) and answers once every request it has in flight got its reply."""
+
+    hold: float = f((float, int), (0, 60), doc="seconds the guest holds new work at most (a lease)")
+    drain: float = f((float, int), (0, 60), doc="seconds it waits for its requests in flight at most")
+
+
+@message(
+    "resume",
+    flows=("control",),
+    control=True,
+    hop="orch -> guest",
+    kernel="(QEMU cont)",
+    reply={"released": f(int, U32, doc="held flow instances that go on now")},
+)
+class Resume(Message):
+    """End the hold of `quiesce`: the held flow instances start."""
+
+
+@message(
     "snapshot",
     flows=("control",),
     control=True,

@@ -15,7 +15,6 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from vsva.actors.base import Call
 from vsva.actors.catalogue import QiSubmit
 
 
@@ -56,10 +55,10 @@ def inv_flood(g: Any) -> Generator[Any, Any, None]:
     for _ in range(int(g.config.get("iterations", 100))):
         started = g.now
         whole = {"dev": pf, "gpasid": pasid}  # no address: every entry of the PASID
-        reply = yield Call(
+        reply = yield from g.flow_request(
+            "F3",
             g.vmm,
             QiSubmit(descs=[{"type": "piotlb", **whole}, {"type": "dev_iotlb", **whole}, {"type": "wait"}]),
-            flow=g.flow_tag("F3"),
         )
         latencies.append(g.now - started)
         if not g.step("F3", f"pid 1 whole-PASID flush {pf} PASID {pasid}", reply):

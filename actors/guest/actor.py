@@ -26,7 +26,10 @@ from vsva.actors.catalogue import (
     DevSubmit,
     FlowWatch,
     MdevSubmit,
+    Message,
     QiSubmit,
+    Quiesce,
+    Resume,
     StartWorkload,
     VcmdAlloc,
     VcmdFree,
@@ -84,6 +87,69 @@ class Guest(Actor):
         self.flow_seq: dict[str, int] = {}
         self.running = False
         self.dma = DmaCounts()
+        self.in_flight = 0  # requests of ours without their reply yet
+        self.hold_until = 0.0  # a live audit holds new flow instances until then (on_quiesce)
+        self.held: set[tuple[str, int]] = set()  # Wait keys of the flow instances held
+        self.drain_waits: set[tuple[str, int]] = set()  # Wait keys of quiesce requests draining
+        self._waits_made = 0
+
+    # ---- requests, and a live audit's cut (docs/design.md §5) ---------------------------------------
+    def begin(self, flow: str) -> Steps[str]:
+        """Start an instance of `flow` and return its tag; while a live audit holds this guest
+        it waits first, as a paused vCPU issues nothing (`on_quiesce`, `on_resume`)."""
+        while self.hold_until > self.now:
+            key = self._wait_key("held")
+            self.held.add(key)
+            yield Wait(key, self.hold_until - self.now)
+            self.held.discard(key)
+        return self.flow_tag(flow)
+
+    def request(self, dst: str, msg: Message, flow: str | None = None) -> Steps[Body]:
+        """Send one request and return its reply; it counts as in flight until the reply (or
+        its timeout, or its peer's death) comes back: what `on_quiesce` waits out."""
+        self.in_flight += 1
+        reply: Body = yield Call(dst, msg, flow=flow)
+        self.in_flight -= 1
+        if not self.in_flight:
+            for key in list(self.drain_waits):
+                self.wake(key, {"ret": 0})
+        return reply
+
+    def flow_request(self, flow: str, dst: str, msg: Message) -> Steps[Body]:
+        """A flow instance made of one request (begin, then request)."""
+        tag = yield from self.begin(flow)
+        return (yield from self.request(dst, msg, tag))
+
+    def _wait_key(self, what: str) -> tuple[str, int]:
+        self._waits_made += 1
+        return (what, self._waits_made)
+
+    def on_quiesce(self, msg: Envelope, req: Quiesce) -> Handler:
+        """Hold every new flow instance for `hold` seconds at most (a lease: a lost resume
+        cannot stop the VM for good) and answer once nothing of ours is in flight. Every
+        flow the guest started has then ended on every actor it went through (each reply
+        comes after the work it answers), so the state audited is one no flow is inside."""
+        self.hold_until = max(self.hold_until, self.now + req.hold)
+        if self.in_flight:
+            key = self._wait_key("drained")
+            self.drain_waits.add(key)
+            yield Wait(key, req.drain)
+            self.drain_waits.discard(key)
+        if self.in_flight:
+            return failed(
+                -E.EBUSY,
+                error=f"{self.in_flight} request(s) still in flight after {req.drain} s",
+                in_flight=self.in_flight,
+            )
+        return {"ret": 0, "held": len(self.held)}
+
+    def on_resume(self, msg: Envelope, req: Resume) -> Body:
+        """End the hold: every held flow instance starts."""
+        self.hold_until = 0.0
+        held = list(self.held)
+        for key in held:
+            self.wake(key, {"ret": 0})
+        return {"ret": 0, "released": len(held)}
 
     @property
     def booted_kernel(self) -> GuestKernel:
@@ -118,8 +184,8 @@ class Guest(Actor):
 
     def boot(self) -> Steps[int]:
         """Read the firmware tables, set up memory and one PASID directory per device."""
-        tag = self.flow_tag("boot")
-        info: Body = yield Call(self.vmm, VmInfo(), flow=tag)
+        tag = yield from self.begin("boot")
+        info = yield from self.request(self.vmm, VmInfo(), tag)
         ret: int = info["ret"]
         if ret:
             return ret
@@ -127,10 +193,8 @@ class Guest(Actor):
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)
-            reply: Body = yield Call(
-                self.vmm,
-                QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}]),
-                flow=tag,
+            reply = yield from self.request(
+                self.vmm, QiSubmit(descs=[{"type": "cc", "dev": dev, "pdir": pdir}, {"type": "wait"}]), tag
             )
             ret = reply["ret"]
             if ret:
@@ -139,7 +203,7 @@ class Guest(Actor):
 
     def alloc_pasid(self, proc: Process, dev: str) -> Steps[int]:
         """F1: the virtual command 'allocate PASID'; returns the guest PASID (0 on failure)."""
-        reply: Body = yield Call(self.vmm, VcmdAlloc(dev=dev), flow=self.flow_tag("F1"))
+        reply = yield from self.flow_request("F1", self.vmm, VcmdAlloc(dev=dev))
         if self.step(
             "F1",
             f"pid {proc.pid} alloc PASID for {dev}",
@@ -155,13 +219,12 @@ class Guest(Actor):
     def bind(self, proc: Process, dev: str, pasid: int, allowed: tuple[int, ...] = (0,)) -> Steps[Body]:
         """F2: write the first-level PASID entry (FLPTR = CR3), PASID-cache invalidation, wait.
         `allowed`: the answers that count as the step's success (a refusal the caller expects)."""
+        tag = yield from self.begin("F2")
         self.pasid_dirs[dev].write_entry(
             pasid, encode_pasid_entry(flptr=proc.cr3, slptr=0, did=self.vm, eafe=True, pgtt=PGTT_FIRST_ONLY)
         )
-        reply = yield Call(
-            self.vmm,
-            QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]),
-            flow=self.flow_tag("F2"),
+        reply = yield from self.request(
+            self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]), tag
         )
         users = next((d.get("users") for d in reply.get("done", []) if d.get("type") == "pc"), None)
         self.step(
@@ -175,11 +238,10 @@ class Guest(Actor):
 
     def unbind(self, proc: Process, dev: str, pasid: int) -> Steps[Body]:
         """F4: clear the PASID entry, PASID-cache invalidation, wait."""
+        tag = yield from self.begin("F4")
         self.pasid_dirs[dev].clear_entry(pasid)
-        reply: Body = yield Call(
-            self.vmm,
-            QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]),
-            flow=self.flow_tag("F4"),
+        reply = yield from self.request(
+            self.vmm, QiSubmit(descs=[{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]), tag
         )
         self.step("F4", f"pid {proc.pid} unbind {dev} PASID {pasid}", reply)
         return reply
@@ -187,17 +249,17 @@ class Guest(Actor):
     def flush(self, proc: Process, dev: str, pasid: int, va: int, size_order: int = 0) -> Steps[Body]:
         """F3: PASID-based IOTLB + device-TLB invalidation of a range, then wait."""
         base = {"dev": dev, "gpasid": pasid, "addr": va & ~(PAGE_SIZE - 1), "size_order": size_order}
-        reply: Body = yield Call(
+        reply = yield from self.flow_request(
+            "F3",
             self.vmm,
             QiSubmit(descs=[{"type": "piotlb", **base}, {"type": "dev_iotlb", **base}, {"type": "wait"}]),
-            flow=self.flow_tag("F3"),
         )
         self.step("F3", f"pid {proc.pid} flush {dev} PASID {pasid} @ {va:#x}", reply)
         return reply
 
     def free(self, proc: Process, dev: str, pasid: int) -> Steps[Body]:
         """F5: the virtual command 'free PASID'."""
-        reply: Body = yield Call(self.vmm, VcmdFree(gpasid=pasid), flow=self.flow_tag("F5"))
+        reply = yield from self.flow_request("F5", self.vmm, VcmdFree(gpasid=pasid))
         self.step("F5", f"pid {proc.pid} free PASID {pasid}", reply)
         proc.pasids.pop(dev, None)
         return reply
@@ -211,9 +273,9 @@ class Guest(Actor):
         # programmed with the host PASID, which the identity allocation made equal to it
         work = MdevSubmit(gpasid=pasid, **fields) if dev in self.mdevs else DevSubmit(hpasid=pasid, **fields)
         portal = self.vdcm if dev in self.mdevs else self.host
+        flow = yield from self.begin("F7")
         self.dma.submitted += 1
-        flow = self.flow_tag("F7")
-        reply: Body = yield Call(portal, work, flow=flow)
+        reply = yield from self.request(portal, work, flow)
         # The portal's process died (vdcm restarted by the supervisor): the device was reset
         # under the descriptor. With `portal_retry` (set by the supervisor) the driver waits
         # for the device and resubmits, visibly (counted): copy and fill are idempotent.
@@ -222,7 +284,7 @@ class Guest(Actor):
             self.dma.resubmitted += 1
             self._retry_key = getattr(self, "_retry_key", 0) + 1
             yield Wait(("portal", self._retry_key), 0.02)
-            reply = yield Call(portal, work, flow=flow)
+            reply = yield from self.request(portal, work, flow)
         outcome = (
             "indefinite"
             if reply.get("indefinite")
@@ -250,7 +312,7 @@ class Guest(Actor):
             if kernel is None or proc is None
             else kernel.fault_in(proc, req.addr, write)
         )
-        reply: Body = yield Call(
+        reply = yield from self.request(
             self.vmm, VPageResponse(dev=req.dev, gpasid=req.gpasid, grpid=req.grpid, code=code)
         )
         self.step(

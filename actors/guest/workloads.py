@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vsva.actors import errno as E
-from vsva.actors.base import Call, Steps
+from vsva.actors.base import Steps
 from vsva.actors.catalogue import VcmdFree
 from vsva.actors.guest.kernel import Process
 from vsva.actors.uapi import IOMMU_PAGE_RESP_INVALID
@@ -325,7 +325,7 @@ def churn(g: Guest) -> Steps[None]:
             verified=True,
             ok=reply["ret"] == 0 and k.read(proc, base, PAGE_SIZE) == bytes([pattern]) * PAGE_SIZE,
         )
-        freed = yield Call(g.vmm, VcmdFree(gpasid=pasid), flow=g.flow_tag("F5"))
+        freed = yield from g.flow_request("F5", g.vmm, VcmdFree(gpasid=pasid))
         g.step(
             "F5", f"pid 1 round {i} free PASID {pasid} while bound", freed, ok=freed["ret"] in (0, -E.EBUSY)
         )

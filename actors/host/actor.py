@@ -633,6 +633,7 @@ class Host(Actor):
                 if a.svm is not None
             },
             "pasid_entries": entries,
+            "pasid_dirs": {name: dev.pasid_dir.base for name, dev in self.vfio.phys.items()},
             "vms": {
                 str(d.vm): {
                     "vmm": d.vmm,

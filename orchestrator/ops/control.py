@@ -4,8 +4,9 @@ Whoever drives a run, it is made of the same steps, written once here as generat
 of `Orchestrator`, the actor named "orch" (not part of the modelled system: it lives in the
 launching process, or beside the actors in the deterministic runtime, and acts through
 ordinary messages): power VMs on (`boot`), run a guest's workload (`workload`), audit the
-live topology (`audit_live`: every actor's snapshot at a quiescent point, the invariants of
-vsva.analysis.audit, and the PASIDs the host had to quarantine, which are leaks), stop VMs
+live topology (`audit_live`: every actor's snapshot on a consistent cut, vsva.analysis.cut;
+the invariants of vsva.analysis.audit, and the PASIDs the host had to quarantine, which are
+leaks), stop VMs
 through F8 (`stop_vms`) and shut the actors down (`shutdown_all`).
 
 `Controller` runs the steps as one scripted session (`vsva demo`, explore, most tests), on
@@ -20,10 +21,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vsva.actors import errno as E
-from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Steps, Wait
-from vsva.actors.catalogue import PoolStatus, Shutdown, Snapshot, StartWorkload, VmStart, VmStop
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Steps
+from vsva.actors.catalogue import Shutdown, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
+from vsva.analysis.cut import CutTaker
 from vsva.ops.pacing import gather_bounded, orch_config
 from vsva.ops.topology import HOST, ORCH, Topology, guest_name, vmm_name
 
@@ -57,6 +58,7 @@ class Orchestrator(Actor):
         self.topology = topology
         self.marks: dict[str, float] = {}  # phase -> time.monotonic() when it ended
         self.on_phase: Callable[[str], None] | None = None
+        self.cuts = CutTaker(self, topology)
 
     def mark(self, phase: str) -> None:
         """Note that a phase of the run (started, booted, worked, audited, stopped) ended and
@@ -79,49 +81,22 @@ class Orchestrator(Actor):
         replies = yield Gather([Call(guest_name(vm), StartWorkload(), timeout=timeout) for vm in vms])
         return dict(zip(vms, replies))
 
-    def settle(self, limit: float = 10.0, tick: float = 0.005) -> Steps[None]:
-        """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements.
-
-        Snapshots are taken one actor at a time, not as one atomic cut: while a reclaim is
-        still collecting acknowledgements, kvm may answer before its FREE arrives and the
-        host after the PASID went back to the pool, and the audit would see a translation
-        for a free PASID that never existed at any single moment."""
-        waited = 0.0
-        while waited < limit:
-            status = yield Call(HOST, PoolStatus())
-            if status.get("ret") != 0 or not status.get("reclaiming"):
-                return
-            yield Wait(("settle", waited), timeout=tick)
-            waited += tick
-
-    def snapshot_all(self, names: list[str] | None = None) -> Steps[tuple[dict[str, Body], list[str]]]:
-        """Every (listed) actor's state at a quiescent point (no reclaim pending), each asked
-        to answer within AUDIT_ANSWER_S: (snapshots of those that did, why each other did
-        not)."""
-        yield from self.settle()
-        names = self.topology.names() if names is None else names
-        replies = yield Gather([Call(n, Snapshot(), timeout=AUDIT_ANSWER_S) for n in names])
-        snaps = {n: r["state"] for n, r in zip(names, replies) if r.get("ret") == 0 and "state" in r}
-        silent = [
-            f"{n} did not answer in {AUDIT_ANSWER_S} s"
-            if r.get("ret") == -E.ETIMEDOUT
-            else f"{n} refused its snapshot ({E.name(r.get('ret', -E.EIO))})"
-            for n, r in zip(names, replies)
-            if n not in snaps
-        ]
-        return snaps, silent
-
     def audit_live(self, names: list[str] | None = None) -> Steps[dict[str, Any]]:
-        """Snapshot and audit the live topology: {"ok", "violations", "incomplete", "snapshots"}.
-        It never passes by silence: an actor that did not answer makes it incomplete, and an
-        incomplete audit fails, naming who (`incomplete`: one line per actor)."""
-        snaps, incomplete = yield from self.snapshot_all(names)
-        violations = audit(snaps, self.topology) + quarantine_leaks(snaps)
+        """Audit the live topology on a consistent cut (vsva.analysis.cut: the guests pause
+        new work while what is in flight drains and every actor is snapshotted):
+        {"ok", "violations", "incomplete", "snapshots", "cut"}. It never passes by silence:
+        an actor that did not answer (or a guest that did not drain) makes it incomplete,
+        and an incomplete audit fails, naming who (`incomplete`: one line per actor);
+        `cut` says what the pause cost (seconds)."""
+        names = self.topology.names() if names is None else names
+        cut = yield from self.cuts.take(names, AUDIT_ANSWER_S)
+        violations = audit(cut.snapshots, self.topology) + quarantine_leaks(cut.snapshots)
         return {
-            "ok": not violations and not incomplete,
+            "ok": not violations and not cut.incomplete,
             "violations": violations,
-            "incomplete": incomplete,
-            "snapshots": snaps,
+            "incomplete": cut.incomplete,
+            "snapshots": cut.snapshots,
+            "cut": {k: round(v, 4) for k, v in cut.costs.items()},
         }
 
     def stop_vms(self, vms: list[int], timeout: float | None = VM_STOP_TIMEOUT) -> Steps[dict[int, Body]]:

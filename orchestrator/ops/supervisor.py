@@ -543,7 +543,7 @@ class Supervisor:
                         rid,
                         {
                             "ok": True,
-                            "audit": {k: res.get(k, []) for k in ("ok", "violations", "incomplete")},
+                            "audit": {k: res.get(k, []) for k in ("ok", "violations", "incomplete", "cut")},
                         },
                     )
 

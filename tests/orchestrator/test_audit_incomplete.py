@@ -8,24 +8,16 @@ import os
 import signal
 
 import pytest
+from supervised import supervised
 
 from vsva.ops.control import AUDIT_ANSWER_S
-from vsva.ops.supervisor import Supervisor
 from vsva.ops.topology_file import default_run
 
 
 @pytest.fixture(scope="module")
 def sup():
-    s = Supervisor(default_run(1), workloads=False)
-    try:
-        s.start()
-        for _ in range(500):
-            s.step(0.01)
-            if s.actor.booted:
-                break
+    with supervised(default_run(1), workloads=False) as s:
         yield s
-    finally:
-        s.close()
 
 
 def audit(sup) -> dict:
