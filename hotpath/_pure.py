@@ -24,10 +24,13 @@ Model summary (see the package docstring of hotpath for the full conventions):
 
 from __future__ import annotations
 
+import mmap
 import struct
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeAlias, TypedDict, TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from vsva.hotpath.layout import (
     ACCESS_EXEC,
@@ -148,11 +151,18 @@ def _rights_fault(access: int, flags: int, all_rw: int, all_us: int, any_xd: int
     return 0
 
 
-class _Cache:
+D = TypeVar("D")
+IotlbData: TypeAlias = tuple[int, int]  # frame, perms
+DevtlbData: TypeAlias = tuple[int, int, int]  # frame, perms | PASID-entry flags << 8, did
+PasidData: TypeAlias = tuple[int, int, int, int]  # did, flptr, slptr, flags
+
+
+class _Cache(Generic[D]):
     """Set-associative cache, tree-PLRU replacement inside a set.
 
     ``tags`` hold key | VALID (0 = invalid way); ``extra`` is a second tag word compared on
-    lookup (the DID for IOTLB entries, 0 elsewhere); ``data`` holds a payload tuple.
+    lookup (the DID for IOTLB entries, 0 elsewhere); ``data`` holds a payload tuple (`empty`
+    in an invalid way, never read there).
     Tree-PLRU (ways a power of two): node bits 1..ways-1 in heap order per set; an access to
     way w sets each node on its path to point away from w (bit 1 = victim on the right);
     the victim follows the bits from the root. A fill takes the lowest-numbered invalid way,
@@ -162,14 +172,14 @@ class _Cache:
 
     __slots__ = ("sets", "ways", "lg", "tags", "extra", "data", "plru")
 
-    def __init__(self, sets: int, ways: int):
+    def __init__(self, sets: int, ways: int, empty: D):
         self.sets = sets
         self.ways = ways
         self.lg = ways.bit_length() - 1
         n = sets * ways
         self.tags = [0] * n
         self.extra = [0] * n
-        self.data = [None] * n
+        self.data = [empty] * n
         self.plru = [0] * sets
 
     def find(self, key: int, extra: int) -> int:
@@ -201,7 +211,7 @@ class _Cache:
             node = 2 * node + ((bits >> node) & 1)
         return s * self.ways + (node - self.ways)
 
-    def fill(self, key: int, extra: int, data) -> bool:
+    def fill(self, key: int, extra: int, data: D) -> bool:
         """Insert or overwrite; return True when a valid entry was evicted."""
         s = set_index(key, self.sets)
         base = s * self.ways
@@ -227,7 +237,7 @@ class _Cache:
         self.touch(slot)
         return evicted
 
-    def remove_where(self, pred) -> int:
+    def remove_where(self, pred: Callable[[int, int, D], bool]) -> int:
         n = 0
         tags = self.tags
         for i in range(len(tags)):
@@ -236,7 +246,7 @@ class _Cache:
                 n += 1
         return n
 
-    def remove_range(self, hi_key: int, first: int, count: int, extra_ok) -> int:
+    def remove_range(self, hi_key: int, first: int, count: int, extra_ok: Callable[[int, D], bool]) -> int:
         """Remove entries whose key is (hi_key | vpn), vpn in [first, first+count).
 
         Rule (both implementations): if count >= sets, scan the whole cache (cost
@@ -262,10 +272,18 @@ class _Cache:
                     n += 1
         return n
 
-    def entries(self):
+    def entries(self) -> Iterator[tuple[int, int, D]]:
         for i, t in enumerate(self.tags):
             if t:
                 yield t & ~VALID, self.extra[i], self.data[i]
+
+
+class _Device(TypedDict):
+    """A device's context: its PASID directory, ATS, and its device TLB."""
+
+    dir: int
+    ats: bool
+    tlb: _Cache[DevtlbData]
 
 
 class Iommu:
@@ -275,8 +293,8 @@ class Iommu:
 
     def __init__(
         self,
-        mem,
-        owners,
+        mem: bytearray | mmap.mmap,
+        owners: NDArray[np.int32],
         *,
         iotlb_sets: int = 256,
         iotlb_ways: int = 8,
@@ -304,9 +322,9 @@ class Iommu:
         self.pasid_cache_sets = _check_pow2(
             "pasid_cache_entries / 4", max(1, int(pasid_cache_entries) // PASID_CACHE_WAYS)
         )
-        self._iotlb = _Cache(self.iotlb_sets, self.iotlb_ways)
-        self._pc = _Cache(self.pasid_cache_sets, PASID_CACHE_WAYS)
-        self._devs: dict[int, dict[str, Any]] = {}
+        self._iotlb: _Cache[IotlbData] = _Cache(self.iotlb_sets, self.iotlb_ways, (0, 0))
+        self._pc: _Cache[PasidData] = _Cache(self.pasid_cache_sets, PASID_CACHE_WAYS, (0, 0, 0, 0))
+        self._devs: dict[int, _Device] = {}
         self._defunct_global: set[int] = set()
         self._defunct_dev: dict[int, set[int]] = {}
         self._cnt = [0] * len(COUNTER_NAMES)
@@ -314,7 +332,8 @@ class Iommu:
 
     # ------------------------------------------------------------------ memory helpers
     def _read(self, addr: int) -> int:
-        return _Q.unpack_from(self._mv, addr)[0]
+        value: int = _Q.unpack_from(self._mv, addr)[0]
+        return value
 
     # ------------------------------------------------------------------ devices
     def attach_device(self, dev: int, pasid_dir_hpa: int, ats: bool = True) -> None:
@@ -333,7 +352,7 @@ class Iommu:
         self._devs[dev] = {
             "dir": pasid_dir_hpa,
             "ats": bool(ats),
-            "tlb": _Cache(self.devtlb_sets, self.devtlb_ways),
+            "tlb": _Cache(self.devtlb_sets, self.devtlb_ways, (0, 0, 0)),
         }
 
     def detach_device(self, dev: int) -> None:
@@ -377,7 +396,7 @@ class Iommu:
         self._fault_reasons[code & 0xFF] += 1
         return code
 
-    def _pasid_entry(self, dev: int, dir_hpa: int, pasid: int):
+    def _pasid_entry(self, dev: int, dir_hpa: int, pasid: int) -> PasidData | int:
         """PASID-cache lookup/fill. Returns (did, flptr, slptr, flags) or a fault int."""
         c = self._cnt
         c[_C["pasid_cache_lookups"]] += 1
@@ -408,7 +427,7 @@ class Iommu:
             c[_C["pasid_cache_evictions"]] += 1
         return data
 
-    def _sl(self, slptr: int, gpa: int, need: int):
+    def _sl(self, slptr: int, gpa: int, need: int) -> tuple[int, int, int] | int:
         """Second-level translation of a GPA: (hpa, perms R|W combined, leaf level) or fault."""
         c = self._cnt
         if gpa >= GPA_LIMIT:
@@ -432,7 +451,7 @@ class Iommu:
             table = e & ADDR_MASK
         raise AssertionError("unreachable")
 
-    def _walk(self, did: int, flptr: int, slptr: int, flags: int, va: int, access: int):
+    def _walk(self, did: int, flptr: int, slptr: int, flags: int, va: int, access: int) -> IotlbData | int:
         """Nested walk. Returns (frame, perms) or a fault int (owner check not included).
 
         The first-level rules, as x86-64 paging and VT-d first-level translation define them
@@ -468,7 +487,7 @@ class Iommu:
             e = self._read(ea)
             if not e & FL_P:
                 return self._fault(FAULT_FL_NOT_PRESENT | (level << 8))
-            leaf = level == 1 or (level <= 3 and e & FL_PS)
+            leaf = level == 1 or (level <= 3 and e & FL_PS != 0)
             if e & _fl_reserved(level, leaf):
                 return self._fault(FAULT_FL_RESERVED | (level << 8))
             all_rw &= e
@@ -525,7 +544,7 @@ class Iommu:
             return self._fault(FAULT_OWNER)
         return 0
 
-    def _translate1(self, dev: int, pasid: int, va: int, access: int):
+    def _translate1(self, dev: int, pasid: int, va: int, access: int) -> tuple[int, int]:
         """One request: returns (pa, 0) or (0, fault code)."""
         c = self._cnt
         c[_C["translations"]] += 1
@@ -597,12 +616,20 @@ class Iommu:
         """Translate one request: (pa, 0) on success, (0, fault code) on a fault."""
         return self._translate1(int(dev), int(pasid), int(va), int(access))
 
-    def translate(self, dev, pasids, vas, access, out_pa, out_fault) -> int:
+    def translate(
+        self,
+        dev: int,
+        pasids: int | Sequence[int] | NDArray[np.integer[Any]],
+        vas: Sequence[int] | NDArray[np.integer[Any]],
+        access: int | Sequence[int] | NDArray[np.integer[Any]],
+        out_pa: NDArray[np.integer[Any]],
+        out_fault: NDArray[np.integer[Any]],
+    ) -> int:
         """Batch translate. pasids/access may be arrays or scalars; returns the fault count."""
         n = len(vas)
         dev = int(dev)
-        pas = [int(pasids)] * n if np.isscalar(pasids) else [int(x) for x in pasids]
-        acc = [int(access)] * n if np.isscalar(access) else [int(x) for x in access]
+        pas = [int(pasids)] * n if isinstance(pasids, (int, np.integer)) else [int(x) for x in pasids]
+        acc = [int(access)] * n if isinstance(access, (int, np.integer)) else [int(x) for x in access]
         if len(pas) != n or len(acc) != n or len(out_pa) < n or len(out_fault) < n:
             raise ValueError("batch arrays differ in length")
         nf = 0
@@ -616,7 +643,13 @@ class Iommu:
 
     # ------------------------------------------------------------------ invalidation
     def inv_iotlb(
-        self, granularity, did: int = 0, pasid: int = 0, addr: int = 0, size_order: int = 0, ih: bool = False
+        self,
+        granularity: int | str,
+        did: int = 0,
+        pasid: int = 0,
+        addr: int = 0,
+        size_order: int = 0,
+        ih: bool = False,
     ) -> int:
         """IOTLB invalidation; returns the number of entries removed.
 
@@ -643,7 +676,7 @@ class Iommu:
         c[_C["iotlb_inv_entries"]] += n
         return n
 
-    def inv_pasid_cache(self, granularity, did: int = 0, pasid: int = 0) -> int:
+    def inv_pasid_cache(self, granularity: int | str, did: int = 0, pasid: int = 0) -> int:
         """PASID-cache invalidation ('global' | 'domain' | 'pasid'); returns entries removed."""
         g = inv_granularity(granularity)
         did, pasid = int(did), int(pasid)
@@ -687,7 +720,7 @@ class Iommu:
 
     # ------------------------------------------------------------------ counters / dump
     def counters(self) -> dict[str, Any]:
-        out = {name: self._cnt[i] for i, name in enumerate(COUNTER_NAMES)}
+        out: dict[str, Any] = {name: self._cnt[i] for i, name in enumerate(COUNTER_NAMES)}
         out["faults_by_reason"] = {
             FAULT_NAMES.get(r, f"fault-{r}"): n for r, n in enumerate(self._fault_reasons) if n
         }
@@ -719,7 +752,14 @@ class Iommu:
         }
 
     # ------------------------------------------------------------------ DMA engine
-    def _dma(self, dev: int, pasid: int, streams: list[tuple[int, int]], length: int, step):
+    def _dma(
+        self,
+        dev: int,
+        pasid: int,
+        streams: list[tuple[int, int]],
+        length: int,
+        step: Callable[[list[int], int], int | None],
+    ) -> tuple[int, int, int, bool]:
         """Run one descriptor over chunks that end at the page boundaries of every stream.
 
         `streams` are (va, access) pairs, translated in that order for each chunk (so a
@@ -759,7 +799,7 @@ class Iommu:
         overlapping ranges get forward-copy semantics."""
         mv = self._mv
 
-        def move(pas, n):
+        def move(pas: list[int], n: int) -> None:
             mv[pas[1] : pas[1] + n] = bytes(mv[pas[0] : pas[0] + n])
 
         streams = [(int(src), ACCESS_READ | access_flags), (int(dst), ACCESS_WRITE | access_flags)]
@@ -771,7 +811,7 @@ class Iommu:
         """Fill `length` bytes at VA dst with the byte `pattern`; (status, fault_va, done)."""
         mv, byte = self._mv, bytes([int(pattern) & 0xFF])
 
-        def fill(pas, n):
+        def fill(pas: list[int], n: int) -> None:
             mv[pas[0] : pas[0] + n] = byte * n
 
         streams = [(int(dst), ACCESS_WRITE | access_flags)]
@@ -787,7 +827,7 @@ class Iommu:
         counts the bytes found equal before the faulting chunk."""
         mv = self._mv
 
-        def differ(pas, n):
+        def differ(pas: list[int], n: int) -> int | None:
             x, y = mv[pas[0] : pas[0] + n], mv[pas[1] : pas[1] + n]
             return None if x == y else next(k for k in range(n) if x[k] != y[k])
 
@@ -798,7 +838,7 @@ class Iommu:
         return status, va, done + 1 if stopped else 0, done
 
 
-def _page_range(addr, size_order) -> tuple[int, int]:
+def _page_range(addr: int, size_order: int) -> tuple[int, int]:
     # size_order beyond the 2^36 pages of a 48-bit space is clamped (over-invalidating is
     # always safe); a negative one is an error.
     size_order = int(size_order)

@@ -36,11 +36,14 @@ from __future__ import annotations
 import ctypes
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vsva.actors.memory import FL_LINK, FrameAllocator, PasidDirectory, PhysMem, RadixTable
+from vsva.hotpath.api import IommuApi, IommuFactory
 from vsva.hotpath.layout import (
     ACCESS_EXEC,
     ACCESS_PRIV,
@@ -73,6 +76,9 @@ from vsva.hotpath.layout import (
     is_canonical,
     table_index,
 )
+
+if TYPE_CHECKING:
+    from unicorn import Uc  # imported only where the reference runs (an optional dependency)
 
 MEM_FRAMES = 2048  # 8 MiB of flat memory
 TABLE_FRAMES = range(1, 512)  # the random first-level tables (compared after every access)
@@ -154,7 +160,7 @@ def _project_outcome(pa: int, fault: int) -> Outcome:
 class World:
     """One random set of first-level tables in a flat memory, and the project's IOMMU on it."""
 
-    def __init__(self, rng: random.Random, iommu_cls, *, wpe: bool, maps: int = 24):
+    def __init__(self, rng: random.Random, iommu_cls: IommuFactory, *, wpe: bool, maps: int = 24):
         self.rng = rng
         self.wpe = wpe
         self.phys = PhysMem(bytearray(MEM_FRAMES * PAGE_SIZE))
@@ -198,7 +204,7 @@ class World:
         )
         self.template = bytes(self.phys.buf)
         owners = np.full(MEM_FRAMES, DID, dtype=np.int32)
-        self.iommu = iommu_cls(self.phys.buf, owners)
+        self.iommu: IommuApi = iommu_cls(self.phys.buf, owners)
         self.iommu.attach_device(0, dir_base, ats=False)  # fresh mode: IOTLB emptied each time
         self.iommu.attach_device(1, dir_base, ats=True)  # cached mode: IOTLB + device TLB
 
@@ -347,7 +353,7 @@ class Harness:
     KCODE, KDATA, UCODE, UDATA = 0x08, 0x10, 0x1B, 0x23
 
     @classmethod
-    def build(cls, phys: PhysMem, root: int, alloc_table) -> Harness:
+    def build(cls, phys: PhysMem, root: int, alloc_table: Callable[[], int]) -> Harness:
         """Map the harness pages with the project's writer (their own tables)."""
         rt = RadixTable(phys, root, alloc_table, link=FL_LINK, present=FL_P)
         pages = {}
@@ -377,7 +383,7 @@ class Harness:
 class Reference:
     """unicorn's x86-64 CPU with paging on, running one access at a time."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import unicorn
         from unicorn import x86_const as x
 
@@ -390,7 +396,7 @@ class Reference:
         self.pristine = self.mu.context_save()  # before any exception: none pending
         self.clean = self.pristine
 
-    def _on_interrupt(self, uc, intno, _data) -> None:
+    def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         self.fault = (intno, self._error_code() if intno == X86_PF else 0)
         self.cr2 = uc.reg_read(self.x.UC_X86_REG_CR2)
         uc.emu_stop()
@@ -547,7 +553,7 @@ class Report:
 
 
 def run(
-    iommu_cls,
+    iommu_cls: IommuFactory,
     *,
     seed: int,
     worlds: int,

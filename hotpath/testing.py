@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import random
+from typing import Literal, overload
 
 import numpy as np
 
@@ -114,6 +115,10 @@ class GuestVM:
         self.next_gpa_page = 1
         self.gpa_frames: dict[int, int] = {}  # GPA page -> host frame (4 KiB mappings)
 
+    @overload
+    def sl_entry_addr(self, gpa: int, level: int, create: Literal[True] = True) -> int: ...
+    @overload
+    def sl_entry_addr(self, gpa: int, level: int, create: bool) -> int | None: ...
     def sl_entry_addr(self, gpa: int, level: int, create: bool = True) -> int | None:
         """Host address of the level-`level` SL entry for gpa (allocating tables)."""
         q = self.host.q
@@ -196,6 +201,10 @@ class GuestProcess:
             raise ValueError(f"GPA {gpa:#x} not mapped")
         return h
 
+    @overload
+    def entry_addr(self, va: int, level: int = 1, create: Literal[True] = True) -> int: ...
+    @overload
+    def entry_addr(self, va: int, level: int = 1, *, create: bool) -> int | None: ...
     def entry_addr(self, va: int, level: int = 1, create: bool = True) -> int | None:
         """Host address of the level-`level` FL entry for va (allocating tables)."""
         q = self.host.q
