@@ -8,6 +8,7 @@ current bindings (the events sent while they were dead are lost).
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
@@ -90,6 +91,17 @@ class PasidMap:
         }
 
 
+@dataclass
+class NotifierStats:
+    """What a subscriber counted: notifier events applied and refused (not from the host, or
+    not applicable to its map), resyncs from the host, and the bindings the last one took."""
+
+    events: int = 0
+    refused: int = 0
+    resyncs: int = 0
+    resynced: int = 0
+
+
 class Subscriber(Actor):
     """An IOASID notifier subscriber: its PasidMap, fed by the notifier and the resync.
 
@@ -102,7 +114,7 @@ class Subscriber(Actor):
         self.host: str = self.config.get("host", "host")
         self.pasids = PasidMap()
         self.synced = not self.config.get("resync_on_start")
-        self.resynced = 0  # bindings taken from the host at the last resync
+        self.notifier = NotifierStats()
 
     def on_start(self) -> Steps[None]:
         """First start or restart by the supervisor: rebuild the tables from the host's current
@@ -113,7 +125,8 @@ class Subscriber(Actor):
     def resync(self) -> Handler:
         reply: Body = yield Call(self.host, PasidBindings(), flow="resync")
         if reply.get("ret") == 0:
-            self.resynced = self.pasids.load(reply["bindings"], self.tracked)
+            self.notifier.resynced = self.pasids.load(reply["bindings"], self.tracked)
+            self.notifier.resyncs += 1
             self.synced = True
         else:
             self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
@@ -121,10 +134,15 @@ class Subscriber(Actor):
 
     def on_ioasid_notify(self, msg: Envelope, req: IoasidNotify) -> dict[str, Any]:
         if msg.src != self.host:
+            self.notifier.refused += 1
             return failed(-E.EPERM, error="only the host's notifier may change PASID translations")
         self.notified(req)
         ret = self.pasids.apply(req, self.tracked)
-        return failed(ret, error=f"cannot apply {req.event}") if ret else {"ret": 0}
+        if ret:
+            self.notifier.refused += 1
+            return failed(ret, error=f"cannot apply {req.event}")
+        self.notifier.events += 1
+        return {"ret": 0}
 
     def notified(self, note: IoasidNotify) -> None:
         """What a subscriber does with an event besides its map (vdcm counts frees)."""
@@ -134,5 +152,5 @@ class Subscriber(Actor):
             **super().snapshot(),
             "tables": self.pasids.dump(),
             "synced": self.synced,
-            "resynced": self.resynced,
+            "notifier": asdict(self.notifier),
         }

@@ -8,6 +8,7 @@ to the guest.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
@@ -18,6 +19,17 @@ from vsva.actors.subscriber import Subscriber
 from vsva.actors.uapi import EV_FREE, EV_FREE_SET
 
 
+@dataclass
+class PortalStats:
+    """The mdevs' virtual portals: descriptors passed to the device, submissions refused (not
+    the guest's mdev, or a guest PASID with no host PASID), and descriptors aborted because
+    their PASID was freed while they ran."""
+
+    submitted: int = 0
+    refused: int = 0
+    aborted: int = 0
+
+
 class Vdcm(Subscriber):
     """One per host, serving every mdev of the accelerator."""
 
@@ -26,9 +38,7 @@ class Vdcm(Subscriber):
         self.mdevs: dict[str, int] = {d: c["vm"] for d, c in self.config["devices"].items() if "parent" in c}
         self.tracked = set(self.mdevs)
         self.guests: dict[int, str] = {int(vm): n["guest"] for vm, n in self.config.get("vms", {}).items()}
-        self.submitted = 0
-        self.refused = 0
-        self.aborted = 0
+        self.portal = PortalStats()
         self.epoch: dict[int, int] = {}  # host PASID -> how many times it was freed under us
 
     def notified(self, note: IoasidNotify) -> None:
@@ -47,15 +57,15 @@ class Vdcm(Subscriber):
         """A guest wrote a descriptor into its mdev's virtual portal (F7, mdev path)."""
         vm = self.mdevs.get(req.dev)
         if vm is None or self.guests.get(vm) != msg.src:
-            self.refused += 1
+            self.portal.refused += 1
             return failed(-E.EPERM, error=f"{msg.src} does not own mdev {req.dev}")
         if not self.synced:  # a submission that arrived before our resync answered
             yield from self.resync()
         hpasid = self.pasids.lookup(vm, req.gpasid, req.dev)
         if hpasid is None:
-            self.refused += 1
+            self.portal.refused += 1
             return failed(-E.EINVAL, error=f"guest PASID {req.gpasid} has no host PASID on {req.dev}")
-        self.submitted += 1
+        self.portal.submitted += 1
         epoch = self.epoch.get(hpasid, 0)
         reply: Body = yield Call(
             self.host,
@@ -70,7 +80,7 @@ class Vdcm(Subscriber):
             ),
         )
         if self.epoch.get(hpasid, 0) != epoch:  # the PASID was freed while the descriptor ran
-            self.aborted += 1
+            self.portal.aborted += 1
             return failed(
                 -E.ECANCELED,
                 error=f"host PASID {hpasid} freed while the descriptor was in flight",
@@ -81,7 +91,5 @@ class Vdcm(Subscriber):
     def snapshot(self) -> dict[str, Any]:
         return {
             **super().snapshot(),
-            "submitted": self.submitted,
-            "refused": self.refused,
-            "aborted": self.aborted,
+            "portal": asdict(self.portal),
         }

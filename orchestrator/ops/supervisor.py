@@ -393,7 +393,7 @@ class Supervisor:
             r = yield Call(name, Snapshot(), timeout=2.0)
             if r.get("state", {}).get("synced"):
                 rec["t_recovered"] = self.now()
-                rec["resynced_bindings"] = r["state"].get("resynced", 0)
+                rec["resynced_bindings"] = r["state"].get("notifier", {}).get("resynced", 0)
                 self.event("resynced", name, bindings=rec["resynced_bindings"])
                 return
             if r.get("ret"):

@@ -271,6 +271,7 @@ def test_mdev_submit_without_translation_fails_back(vsva, hw):
 def test_guest_cannot_use_vfio_or_notifier(vsva, hw):
     before = vsva.host_state(hw.host)
     kvm = copy.deepcopy(hw.kvm.snapshot()["tables"])
+    applied = hw.kvm.notifier.events
     for dst, kind, body in [
         ("host", "ioasid_alloc", {}),
         ("host", "ioasid_free", {"hpasid": hw.victim}),
@@ -290,6 +291,9 @@ def test_guest_cannot_use_vfio_or_notifier(vsva, hw):
     ]:
         assert hw.g1.ask(dst, kind, body)["ret"] == -E.EPERM, (dst, kind)
     assert vsva.host_state(hw.host) == before and hw.kvm.snapshot()["tables"] == kvm
+    # the forged notifier events are counted as refused, none as applied
+    assert hw.kvm.snapshot()["notifier"] == {"events": applied, "refused": 1, "resyncs": 0, "resynced": 0}
+    assert applied == 2 and hw.vdcm.notifier.refused == 1  # (the two binds of the fixture applied)
 
 
 # ---- fuzz: random bodies for every kind, from a hostile guest and a hostile vmm ----------------

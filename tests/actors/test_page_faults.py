@@ -107,6 +107,13 @@ def test_demand_paged_copy_one_request_per_page(vsva, monkeypatch):
     f6 = [s for s in g.steps if s["flow"] == "F6"]
     assert len(f6) == pages + 2 and all(s["ok"] and s["code"] == IOMMU_PAGE_RESP_SUCCESS for s in f6)
     assert w.host.prq.pending == [] and w.host.prq.stats.responses == pages + 2
+    # the vmm injected each request into the guest's vPRQ and passed each response down
+    assert w.rt.actors["vm1.vmm"].snapshot()["prq"] == {
+        "injected": pages + 2,
+        "unmapped": 0,
+        "responses": pages + 2,
+        "refused": 0,
+    }
     assert audit(w.snapshots(), w.t) == []
 
 

@@ -402,7 +402,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     assert g.submit("vm1.mdev0", gp, "fill", dst=VA, length=PAGE_SIZE, pattern=0x11)["ret"] == 0
     rt.hold("vdcm", "host")  # vdcm's request to the device is stalled
     sub = wire.send("vm1.guest", "vdcm", "mdev_submit", fill("vm1.mdev0", gp, VA, pattern=0x66))
-    rt.run(until=lambda: vdcm.submitted == 2)
+    rt.run(until=lambda: vdcm.portal.submitted == 2)
     if how == "free":
         assert wire.call("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": gp})["ret"] == 0
     else:
@@ -412,7 +412,7 @@ def test_vdcm_aborts_descriptor_in_flight(vsva, policy, how):
     rt.release("vdcm", "host")
     reply = wire.wait(sub)
     assert reply["ret"] == -E.ECANCELED and reply["aborted"] is True, reply
-    assert vdcm.aborted == 1
+    assert vdcm.portal.aborted == 1
     if how == "vm_stop":
         assert wire.wait(stop)["ret"] == 0
     else:

@@ -189,7 +189,7 @@ def test_dead_vms_mdev_descriptor_in_flight_never_reaches_the_next_owner(vsva, p
             "pattern": 0x99,
         },
     )
-    rt.run(until=lambda: vdcm.submitted == 1)
+    rt.run(until=lambda: vdcm.portal.submitted == 1)
     rt.kill("vm2.vmm")
     rt.kill("vm2.guest")
     rt.run(until=lambda: "2" not in vdcm.snapshot()["tables"])  # vdcm got FREE_SET; its ack waits
