@@ -12,13 +12,16 @@ inv_flood  the noisy neighbour: bind one PASID on the passthrough function and i
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING
 
+from vsva.actors.base import Steps
 from vsva.actors.catalogue import QiSubmit
 
+if TYPE_CHECKING:
+    from vsva.actors.guest.actor import Guest
 
-def phases(g: Any) -> Generator[Any, Any, None]:
+
+def phases(g: Guest) -> Steps[None]:
     from vsva.actors.guest import WORKLOADS
 
     saved = g.config.get("iterations")
@@ -45,13 +48,13 @@ def phases(g: Any) -> Generator[Any, Any, None]:
     g.config["iterations"] = saved
 
 
-def inv_flood(g: Any) -> Generator[Any, Any, None]:
-    proc = g.kernel.spawn(1)
+def inv_flood(g: Guest) -> Steps[None]:
+    proc = g.booted_kernel.spawn(1)
     pf = next(d for d in g.pasid_dirs if d not in g.mdevs)
     pasid = yield from g.alloc_pasid(proc, pf)
     if not pasid or (yield from g.bind(proc, pf, pasid))["ret"]:
         return
-    latencies = []
+    latencies: list[float] = []
     for _ in range(int(g.config.get("iterations", 100))):
         started = g.now
         whole = {"dev": pf, "gpasid": pasid}  # no address: every entry of the PASID

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Body, Call, Handler, Steps, failed
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Handler, Steps, failed
 from vsva.actors.catalogue import IoasidNotify, PasidBindings
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
@@ -109,7 +109,7 @@ class Subscriber(Actor):
 
     tracked: set[str] | None = None
 
-    def __init__(self, name: str, env: Any):
+    def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
         self.host: str = self.config.get("host", "host")
         self.pasids = PasidMap()

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Body, Call, Handler, failed
+from vsva.actors.base import ActorEnv, Body, Call, Handler, failed
 from vsva.actors.catalogue import DevSubmit, IoasidNotify, MdevSubmit
 from vsva.actors.messages import Envelope
 from vsva.actors.subscriber import Subscriber
@@ -33,7 +33,7 @@ class PortalStats:
 class Vdcm(Subscriber):
     """One per host, serving every mdev of the accelerator."""
 
-    def __init__(self, name: str, env: Any):
+    def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
         self.mdevs: dict[str, int] = {d: c["vm"] for d, c in self.config["devices"].items() if "parent" in c}
         self.tracked = set(self.mdevs)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Body, Call, Handler, Steps, failed
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Handler, Steps, failed
 from vsva.actors.catalogue import (
     BindGpasid,
     CacheInvalidate,
@@ -88,7 +88,7 @@ class VprqStats:
 class Vmm(Actor):
     """One per VM."""
 
-    def __init__(self, name: str, env: Any):
+    def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
         self.vm: int = self.config["vm"]
         self.host: str = self.config["host"]

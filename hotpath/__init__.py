@@ -31,7 +31,7 @@ Conventions shared by both implementations:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.hotpath import layout
 from vsva.hotpath.layout import (
@@ -57,6 +57,16 @@ from vsva.hotpath.layout import (
 # (PEP 562), so `import hotpath.layout` stays pure Python: actors that never translate do
 # not pay for numpy. VSVA_PUREPYTHON is read then.
 _LAZY = ("Iommu", "PureIommu", "CompiledIommu", "IMPLEMENTATION", "COUNTER_NAMES")
+
+if TYPE_CHECKING:  # what the lazy names are (hotpath.api: the protocol both classes provide)
+    from vsva.hotpath import _pure
+    from vsva.hotpath.api import IommuFactory
+
+    Iommu: IommuFactory
+    PureIommu: type[_pure.Iommu]
+    CompiledIommu: IommuFactory | None
+    IMPLEMENTATION: str
+    COUNTER_NAMES: tuple[str, ...]
 
 
 def _load_implementations() -> None:

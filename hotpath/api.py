@@ -49,9 +49,20 @@ class IommuApi(Protocol):
 
 
 class IommuFactory(Protocol):
-    """An implementation's class: memory (the shared bytes) and the frame -> owner table."""
+    """An implementation's class: memory (the shared bytes), the frame -> owner table and
+    the caches' geometry."""
 
-    def __call__(self, mem: bytearray | mmap.mmap, owners: NDArray[np.int32]) -> IommuApi: ...
+    def __call__(
+        self,
+        mem: bytearray | mmap.mmap,
+        owners: NDArray[np.int32],
+        *,
+        iotlb_sets: int = 256,
+        iotlb_ways: int = 8,
+        devtlb_entries: int = 1024,
+        devtlb_ways: int = 4,
+        pasid_cache_entries: int = 1024,
+    ) -> IommuApi: ...
 
 
 if TYPE_CHECKING:

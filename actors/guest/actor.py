@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 import msgpack
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Body, Call, Handler, Steps, Wait, failed
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import (
     DevSubmit,
     FlowWatch,
@@ -74,7 +74,7 @@ FLOW_WATCH_TIMEOUT = 600.0  # seconds a flow watch may wait (a workload's length
 class Guest(Actor):
     """One per VM: runs a workload when the orchestrator asks (`start_workload`)."""
 
-    def __init__(self, name: str, env: Any):
+    def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
         self.vm: int = self.config["vm"]
         self.vmm: str = self.config["vmm"]

@@ -54,7 +54,7 @@ import numpy as np
 
 from vsva import hotpath
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, Body, Call, Gather, Handler, Steps, Wait, failed
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import (
     BindGpasid,
     CacheInvalidate,
@@ -106,7 +106,7 @@ from vsva.hotpath.layout import ACCESS_READ, PAGE_SHIFT, describe_fault
 class Host(Actor):
     """The host kernel's IOMMU side: one per host."""
 
-    def __init__(self, name: str, env: Any):
+    def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
         self.subscribers: list[str] = list(self.config.get("subscribers", []))
         self.policy = Policy.parse(self.config.get("policy", DEFAULT_POLICY))
@@ -442,7 +442,10 @@ class Host(Actor):
         ret, why = invalidate.checks(req.info, dom)
         if ret:
             return failed(ret, error=why)
-        invalidate.apply(self.iommu, self.vfio.physical(req.dev), dom, req.info)
+        pdev = self.vfio.physical(req.dev)
+        if pdev is None:
+            return failed(-E.ENODEV, error=f"{req.dev} has no physical device")
+        invalidate.apply(self.iommu, pdev, dom, req.info)
         return {"ret": 0}
 
     # ---- F7: a device's DMA engine ------------------------------------------------------------

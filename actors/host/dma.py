@@ -8,9 +8,12 @@ around it (page requests, retries, outcome) is `Host.on_dev_submit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.hotpath.layout import FAULT_FL_NOT_PRESENT, FAULT_FL_PERMISSION, fault_reason
+
+if TYPE_CHECKING:
+    from vsva.hotpath.api import IommuApi
 
 
 @dataclass
@@ -22,12 +25,14 @@ class DmaStats:
     foreign: list[dict[str, int]] = field(default_factory=list)
 
 
-def run_descriptor(iommu: Any, device_id: int, work: dict[str, Any]) -> tuple[int, int, int]:
+def run_descriptor(iommu: IommuApi, device_id: int, work: dict[str, Any]) -> tuple[int, int, int]:
     """(status, fault_va, done): done counts the bytes moved before the fault."""
     hpasid, n = work["hpasid"], work["len"]
     if work["op"] == "copy":
-        return tuple(iommu.dma_copy(device_id, hpasid, work["src"], work["dst"], n)[:3])
-    return tuple(iommu.dma_fill(device_id, hpasid, work["dst"], n, work["pattern"])[:3])
+        status, fault_va, done = iommu.dma_copy(device_id, hpasid, work["src"], work["dst"], n)[:3]
+    else:
+        status, fault_va, done = iommu.dma_fill(device_id, hpasid, work["dst"], n, work["pattern"])[:3]
+    return status, fault_va, done
 
 
 def pri_recoverable(pri: bool, status: int) -> bool:

@@ -6,7 +6,7 @@ ownership of the PASID); `apply` flushes the IOTLB, PASID cache and device TLB i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.actors import errno as E
 from vsva.actors.uapi import (
@@ -21,6 +21,10 @@ from vsva.actors.uapi import (
 )
 from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX
 
+if TYPE_CHECKING:
+    from vsva.actors.host.vfio import PhysDevice, VmDomain
+    from vsva.hotpath.api import IommuApi
+
 # Which caches accept which granularity (uapi table).
 INV_GRANU_OK = {
     IOMMU_INV_GRANU_DOMAIN: IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_PASID,
@@ -32,7 +36,7 @@ INV_GRANU_OK = {
 INV_CACHE_ALL = IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB | IOMMU_CACHE_INV_TYPE_PASID
 
 
-def checks(info: dict[str, Any], dom: Any) -> tuple[int, str]:
+def checks(info: dict[str, Any], dom: VmDomain) -> tuple[int, str]:
     """The uapi rules: known version, cache bits, a granularity every named cache supports."""
     if info.get("version") != 1:
         return -E.EINVAL, "invalidation info version"
@@ -70,7 +74,7 @@ def checks(info: dict[str, Any], dom: Any) -> tuple[int, str]:
     return 0, ""
 
 
-def apply(iommu: Any, pdev: Any, dom: Any, info: dict[str, Any]) -> None:
+def apply(iommu: IommuApi, pdev: PhysDevice, dom: VmDomain, info: dict[str, Any]) -> None:
     """Flush what a checked record names, for the VM's domain and the record's PASID."""
     granu, cache, pasid = info["granularity"], info["cache"], info.get("pasid", 0)
     if granu == IOMMU_INV_GRANU_ADDR:

@@ -9,7 +9,7 @@ checks are here; the bind and unbind flows themselves read top to bottom in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.actors import errno as E
 from vsva.actors.catalogue import IoasidNotify
@@ -23,6 +23,10 @@ from vsva.actors.uapi import (
     VTD_FLAGS_LAST,
 )
 from vsva.hotpath.layout import PAGE_SHIFT, PAGE_SIZE, PASID_MAX, encode_pasid_entry
+
+if TYPE_CHECKING:
+    from vsva.actors.host.vfio import PhysDevice, VmDomain
+    from vsva.hotpath.api import IommuApi
 
 # offsetof(struct iommu_gpasid_bind_data, vendor) and offsetofend(..., vendor.vtd) (uapi iommu.h)
 BIND_DATA_MINSZ = 56
@@ -76,7 +80,7 @@ class Svm:
             self.vdevs.pop(vdev, None)
 
 
-def bind_checks(pdev: Any, data: dict[str, Any]) -> int:
+def bind_checks(pdev: PhysDevice | None, data: dict[str, Any]) -> int:
     """The bind record's checks, in the kernel's order: 0 or its error code.
 
     iommu_check_bind_data (drivers/iommu/iommu.c, v5.10+): argsz up to the vendor union,
@@ -110,7 +114,7 @@ def bind_checks(pdev: Any, data: dict[str, Any]) -> int:
     return 0
 
 
-def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict[str, Any]) -> int:
+def setup_nested(iommu: IommuApi, pdev: PhysDevice, dom: VmDomain, data: dict[str, Any]) -> int:
     """intel_pasid_setup_nested() (drivers/iommu/intel/pasid.c): refuse a PASID entry that is
     already present (-EBUSY: the caller must not bind a PASID to a device twice), validate
     the guest's paging mode and flags, write the entry."""
@@ -142,7 +146,7 @@ def setup_nested(iommu: Any, pdev: Any, dom: Any, data: dict[str, Any]) -> int:
     return 0
 
 
-def tear_down_entry(iommu: Any, pdev: Any, pasid: int, did: int) -> None:
+def tear_down_entry(iommu: IommuApi, pdev: PhysDevice, pasid: int, did: int) -> None:
     """intel_pasid_tear_down_entry() plus the PASID-cache, IOTLB and device-TLB flushes."""
     pdev.pasid_dir.clear_entry(pasid)
     iommu.inv_pasid_cache("pasid", did=did, pasid=pasid)

@@ -9,15 +9,19 @@ container.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vsva.actors import errno as E
-from vsva.actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, RadixTable
+from vsva.actors.memory import SL_LINK, SL_PRESENT, FrameAllocator, PasidDirectory, PhysMem, RadixTable
 from vsva.actors.messages import Envelope
 from vsva.hotpath.layout import PAGE_SHIFT, PASID_DIR_FRAMES, PASID_MAX, SL_R, SL_W
+
+if TYPE_CHECKING:
+    from vsva.hotpath.api import IommuApi
 
 
 @dataclass
@@ -51,7 +55,7 @@ class VmDomain:
 class HostFrames:
     """Host physical frames: the allocator and the frame -> owning VM table the hot path checks (I1)."""
 
-    def __init__(self, mem: Any):
+    def __init__(self, mem: PhysMem):
         self.mem = mem
         self.pool = FrameAllocator(range(mem.nframes - 1, 0, -1))
         self.owners = np.zeros(mem.nframes, dtype=np.int32)
@@ -86,7 +90,7 @@ class HostFrames:
 class Vfio:
     """Devices and open VMs, and the checks VFIO makes on every request."""
 
-    def __init__(self, config: dict[str, Any], frames: HostFrames, iommu: Any):
+    def __init__(self, config: dict[str, Any], frames: HostFrames, iommu: IommuApi):
         self.devices_cfg: dict[str, dict[str, Any]] = config["devices"]
         self.vm_names: dict[int, dict[str, Any]] = {int(k): v for k, v in config.get("vms", {}).items()}
         self.vdcm: str = config.get("vdcm", "vdcm")
@@ -138,7 +142,15 @@ class Vfio:
             return -E.EINVAL, "ram_pages or quota out of range"
         return 0, ""
 
-    def open(self, src: str, vm: int, devices: list[str], pages: int, quota: int, shuffle: Any) -> VmDomain:
+    def open(
+        self,
+        src: str,
+        vm: int,
+        devices: list[str],
+        pages: int,
+        quota: int,
+        shuffle: Callable[[list[int]], None],
+    ) -> VmDomain:
         """The VM's container: RAM frames (shuffled), the second level mapping them, its devices."""
         ram = [self.frames.pool.alloc() for _ in range(pages)]
         shuffle(ram)
