@@ -79,38 +79,55 @@ def encode(env: Envelope) -> bytes:
 
 
 _WIRE_TYPES = {"id": int, "src": str, "dst": str, "kind": str, "clock": int, "body": dict}
+_unpackb = msgpack.unpackb
 
 
 def decode(frame: bytes) -> Envelope:
-    """Decode and check one frame; raise ProtocolError with the errno to answer."""
+    """Decode and check one frame; raise ProtocolError with the errno to answer.
+
+    The checks are exact type tests (msgpack yields exactly int, str, dict; `type(x) is int`
+    also refuses a bool), each field read once: this runs for every frame a runtime takes in."""
     if len(frame) > MAX_FRAME:
         raise ProtocolError(-E.EMSGSIZE, f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        raw = _unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(-E.EBADMSG, f"undecodable frame: {type(exc).__name__}") from None
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise ProtocolError(-E.EBADMSG, "frame is not a map")
-    if raw.get("v") != PROTOCOL_VERSION:
+    get = raw.get
+    if get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            -E.EPROTONOSUPPORT, f"protocol version {raw.get('v')!r}, want {PROTOCOL_VERSION}", raw
+            -E.EPROTONOSUPPORT, f"protocol version {get('v')!r}, want {PROTOCOL_VERSION}", raw
         )
-    for key, typ in _WIRE_TYPES.items():
-        if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool) and typ is int:
-            raise ProtocolError(-E.EBADMSG, f"envelope field {key!r} missing or not {typ.__name__}", raw)
-    corr = raw.get("corr")
-    if corr is not None and (not isinstance(corr, int) or isinstance(corr, bool)):
+    id_, src, dst, kind, clock, body = (
+        get("id"),
+        get("src"),
+        get("dst"),
+        get("kind"),
+        get("clock"),
+        get("body"),
+    )
+    if not (
+        type(id_) is int and type(src) is str and type(dst) is str and type(kind) is str
+        and type(clock) is int and type(body) is dict
+    ):  # fmt: skip
+        key, typ = next((k, t) for k, t in _WIRE_TYPES.items() if type(get(k)) is not t)
+        raise ProtocolError(-E.EBADMSG, f"envelope field {key!r} missing or not {typ.__name__}", raw)
+    corr = get("corr")
+    if corr is not None and type(corr) is not int:
         raise ProtocolError(-E.EBADMSG, "corr is not an int", raw)
-    if not 0 <= raw["clock"] <= MAX_CLOCK:
-        raise ProtocolError(-E.ERANGE, f"clock {raw['clock']} outside [0, 2**62]", raw)
+    if not 0 <= clock <= MAX_CLOCK:
+        raise ProtocolError(-E.ERANGE, f"clock {clock} outside [0, 2**62]", raw)
+    flow = get("flow")
     return Envelope(
-        src=raw["src"],
-        dst=raw["dst"],
-        kind=raw["kind"],
-        body=raw["body"],
-        id=raw["id"],
+        src=src,
+        dst=dst,
+        kind=kind,
+        body=body,
+        id=id_,
         corr=corr,
-        rr=bool(raw.get("rr")),
-        clock=raw["clock"],
-        flow=str(raw.get("flow") or ""),
+        rr=bool(get("rr")),
+        clock=clock,
+        flow=flow if type(flow) is str else str(flow or ""),
     )

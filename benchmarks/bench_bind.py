@@ -71,8 +71,30 @@ def bind_frame_size() -> int:
     )
 
 
-def raw_rtt(size: int, rounds: int = 2000) -> list[float]:
-    """Round trips of `size` bytes, DEALER -> ROUTER echo in another process, one outstanding."""
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of process `pid` (/proc/PID/task/TID/schedstat: time on a CPU, in ns):
+    its main thread (where all of its Python runs) and its other threads (libzmq's I/O
+    thread and reaper)."""
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                used = int(f.read().split()[0]) / 1e9
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        if int(tid) == pid:
+            main += used
+        else:
+            other += used
+    return main, other
+
+
+def raw_rtt(
+    size: int, rounds: int = 2000, server_cpu: list[tuple[float, float]] | None = None
+) -> list[float]:
+    """Round trips of `size` bytes, DEALER -> ROUTER echo in another process, one outstanding.
+    With `server_cpu`, the echo process's `thread_cpu_s` before and after the timed rounds is
+    appended to it."""
     with tempfile.TemporaryDirectory(prefix="vsva-bench-") as tmp:
         endpoint = f"ipc://{tmp}/echo.sock"
         server = subprocess.Popen([sys.executable, "-c", _ECHO, endpoint], stdout=subprocess.PIPE, text=True)
@@ -85,11 +107,15 @@ def raw_rtt(size: int, rounds: int = 2000) -> list[float]:
             payload = os.urandom(size)
             samples = []
             for i in range(rounds + 200):
+                if i == 200 and server_cpu is not None:
+                    server_cpu.append(thread_cpu_s(server.pid))
                 t0 = time.perf_counter()
                 sock.send(payload)
                 sock.recv()
                 if i >= 200:  # warm-up
                     samples.append(time.perf_counter() - t0)
+            if server_cpu is not None:
+                server_cpu.append(thread_cpu_s(server.pid))
             sock.send(b"stop")
             sock.close()
             return samples

@@ -26,16 +26,10 @@ from vsva.ops.launcher import Launcher
 from vsva.ops.topology import HOST, default_topology
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bind import print_figures
+from bench_bind import bind_frame_size, print_figures, raw_rtt, thread_cpu_s
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid`."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+ECHO_ROUNDS = 20000
 
 
 def idle_s() -> float:
@@ -71,7 +65,7 @@ def measure(vms: int, iterations: int) -> dict[str, Any]:
         host = launcher.pid(HOST)
 
         def mark(name: str) -> None:
-            marks[name] = (time.monotonic(), time.time() - launcher.t0, cpu_s(host), idle_s())
+            marks[name] = (time.monotonic(), time.time() - launcher.t0, thread_cpu_s(host), idle_s())
 
         run = BindRun(topology, mark)
         launcher.run_actor(run, timeout=600)
@@ -79,17 +73,28 @@ def measure(vms: int, iterations: int) -> dict[str, Any]:
         trace = launcher.trace()
     (m0, w0, c0, i0), (m1, w1, c1, i1) = marks["start"], marks["end"]
     binds = sum(len(s.get("latencies", [])) for r in (run.result or {}).values() for s in r.get("steps", []))
-    received = sum(1 for r in trace if r["dst"] == HOST and w0 <= r["t"] <= w1)
+    received = max(1, sum(1 for r in trace if r["dst"] == HOST and w0 <= r["t"] <= w1))
     wall = m1 - m0
+    main, io = c1[0] - c0[0], c1[1] - c0[1]
     return {
         "binds": binds,
         "binds_per_s": round(binds / wall, 1),
         "window_s": round(wall, 3),
-        "host_cpu_pct_of_core": round(100 * (c1 - c0) / wall, 1),
+        "host_cpu_pct_of_core": round(100 * (main + io) / wall, 1),
         "machine_idle_pct": round(100 * (i1 - i0) / (wall * os.cpu_count()), 1),
         "host_msgs_received": received,
-        "host_cpu_us_per_msg": round(1e6 * (c1 - c0) / max(1, received), 1),
+        "host_cpu_us_per_msg": round(1e6 * (main + io) / received, 1),
+        "host_main_thread_us_per_msg": round(1e6 * main / received, 1),
+        "host_io_thread_us_per_msg": round(1e6 * io / received, 1),
     }
+
+
+def echo_floor() -> dict[str, float]:
+    """CPU per message of the bare pyzmq ROUTER echo (main thread, I/O thread), in us."""
+    cpu: list[tuple[float, float]] = []
+    raw_rtt(bind_frame_size(), ECHO_ROUNDS, server_cpu=cpu)
+    (m0, o0), (m1, o1) = cpu
+    return {"main": 1e6 * (m1 - m0) / ECHO_ROUNDS, "io": 1e6 * (o1 - o0) / ECHO_ROUNDS}
 
 
 def main() -> None:
@@ -98,10 +103,18 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    figures: dict[str, Any] = {}
+    echo = echo_floor()
+    figures: dict[str, Any] = {
+        "echo_main_thread_us_per_msg": round(echo["main"], 1),
+        "echo_io_thread_us_per_msg": round(echo["io"], 1),
+        "load_average_1min": os.getloadavg()[0],
+    }
     for vms in [int(v) for v in args.vms.split(",")]:
         for key, value in measure(vms, args.iterations).items():
             figures[f"vms{vms}_{key}"] = value
+        ratio = figures[f"vms{vms}_host_main_thread_us_per_msg"] / max(echo["main"], 1e-3)
+        figures[f"vms{vms}_host_main_thread_per_msg_over_echo"] = round(ratio, 2)
+        figures[f"vms{vms}_load_average_1min"] = os.getloadavg()[0]
     print_figures(figures, args.json)
 
 

@@ -48,10 +48,14 @@ send-queue expiry, the next trace write, or the run's end, capped at `MAX_POLL`.
 returns as soon as any polled socket or fd is readable (no sleep, no polling interval).
 
 Cost per message (the hot path): sends and receives use plain-int flags (pyzmq's enum
-flags cost an enum construction per operation), a drain stops on the socket's EVENTS (no
-exception per drained socket), and the per-send checks are two `getsockopt(EVENTS)`
-calls (the monitor's, so the peer's state is current, and the DEALER's, whose command
-processing retires a dead connection before a frame could be queued on it).
+flags cost an enum construction per operation); the ROUTER is drained of every ready frame
+per wake-up with two receives per frame and one that fails at the end (no EVENTS read and
+no RCVMORE getsockopt per frame, see `_drain_router`); a send goes straight to the DEALER
+(a peer not connected yet answers EAGAIN, IMMEDIATE=1, and the frame waits in its queue),
+its state being what the last poll round learnt from the monitor: a peer that died within
+the current round is seen in the next (its requests then fail as indefinite, as for any
+frame lost with a dying connection). A socket used in a round has its EVENTS read once
+before the next wait (see `_poll`).
 """
 
 from __future__ import annotations
@@ -92,7 +96,6 @@ MAX_POLL = 0.1  # seconds: the longest a loop iteration sleeps
 SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 
-_RCVMORE = int(zmq.RCVMORE)
 MAX_SOCKETS = 8192  # libzmq's default (1023) is 340 peers: a DEALER, its monitor and its pair each
 
 
@@ -403,43 +406,45 @@ class ZmqRuntime(PeerLinks):
 
     # ---- inbound -------------------------------------------------------------------------
     def _drain_router(self) -> bool:
-        """Take in up to MAX_BATCH frames; True when the ROUTER is drained (its EVENTS, read
-        last, said so: not dirty)."""
+        """Take in up to MAX_BATCH frames; True when the ROUTER is drained (a receive found
+        nothing: its commands are processed then, so it is not dirty).
+
+        Every ready frame is taken in one wake-up, and the only per-frame ZeroMQ calls are
+        the two receives: the payload comes as a `Frame`, whose `more` pyzmq reads in C (no
+        RCVMORE getsockopt), and the end of the batch is the receive that fails (no EVENTS
+        read per frame). A ROUTER always has a routing-id frame before at least one more."""
         router = self.router
+        curve = self.curve is not None
         for _ in range(MAX_BATCH):
             try:
                 rid = router.recv(_NOBLOCK)
             except zmq.Again:
                 return True
-            frames = [rid]
-            user = None
-            while router.getsockopt(_RCVMORE):
-                if self.curve is None:
-                    frames.append(router.recv(_NOBLOCK))
-                    continue
+            part = router.recv(_NOBLOCK, copy=False)
+            user = part.get("User-Id") if curve else None  # the key's name (vsva.runtime.curve)
+            frame = part.bytes
+            extra = 0
+            while part.more:  # a malformed message: take in the rest of it
                 part = router.recv(_NOBLOCK, copy=False)
-                user = part.get("User-Id")  # the name the client's key proves (vsva.runtime.curve)
-                frames.append(part.bytes)
+                extra += 1
             self.stats["received"] += 1
             sender = self._claimed(rid)
-            if self.curve is not None and sender != user:
+            if curve and sender != user:
                 sender = None
-            if len(frames) != 2:
-                err = ProtocolError(-E.EBADMSG, f"{len(frames) - 1} payload frames, want 1")
-                self._reject(rid, sender, err, b"".join(frames[1:2]))
+            if extra:
+                err = ProtocolError(-E.EBADMSG, f"{extra + 1} payload frames, want 1")
+                self._reject(rid, sender, err, frame)
+                continue
+            try:
+                env = decode(frame)
+            except ProtocolError as err:
+                self._reject(rid, sender, err, frame)
+                continue
+            why = self._check_route(env, sender)
+            if why is not None:
+                self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
             else:
-                try:
-                    env = decode(frames[1])
-                except ProtocolError as err:
-                    self._reject(rid, sender, err, frames[1])
-                else:
-                    why = self._check_route(env, sender)
-                    if why is not None:
-                        self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
-                    else:
-                        self._deliver(env)
-            if not events(router) & _POLLIN:
-                return True
+                self._deliver(env)
         return False
 
     def _drain_dealer(self, peer: Peer) -> None:
@@ -565,15 +570,13 @@ class ZmqRuntime(PeerLinks):
             if peer is None:
                 return self._failed(env, f"no endpoint for {env.dst!r}")
             peer.used = self.now()
-            if events(peer.monitor) & _POLLIN:
-                self._on_monitor(peer)  # the connection's state must be current, not stale
             if peer.state == DOWN and not self._rebound(peer):
                 return self._failed(env, f"{env.dst} is down")
-            self._dirty.add(peer.sock)  # EVENTS read here, and the send: see _poll
-            if peer.queue or not events(peer.sock) & _POLLOUT:
+            self._dirty.add(peer.sock)  # the send may take in its commands: see _poll
+            if peer.queue:
                 self._enqueue(peer, env, frame)
                 return []
-            return self._transmit(peer, env, frame) or []  # None: queued again
+            return self._transmit(peer, env, frame) or []  # None: queued (not connected yet)
         except (zmq.ZMQError, OSError) as exc:  # e.g. EMFILE: counted and logged, never fatal
             return self._failed(env, f"send error {exc}")
 
@@ -599,7 +602,7 @@ class ZmqRuntime(PeerLinks):
         t = self.wall()  # before the send: the peer may answer before send() returns
         try:
             peer.sock.send(frame, _NOBLOCK)
-        except zmq.Again:  # writable a moment ago: rare (a connection dropping)
+        except zmq.Again:  # no connection yet (IMMEDIATE), or its queue is full: wait
             self._enqueue(peer, env, frame, first=True)
             return None
         except zmq.ZMQError as exc:

@@ -25,6 +25,7 @@ import msgpack
 TRACE_IDLE = 0.005  # s: write the trace once the loop has been idle this long
 TRACE_MAX_AGE = 0.1  # s: ... and at the latest when the oldest unwritten line is this old
 TRACE_MAX_BYTES = 64 * 1024  # ... or when this much is waiting
+_JSON = json.JSONEncoder(default=repr)  # one encoder: json.dumps(default=...) builds one per call
 
 
 class TraceBuffer:
@@ -60,9 +61,10 @@ class TraceBuffer:
 
     def encode(self) -> None:
         frames, self._frames = self._frames, []
+        lines = self._lines
         for t, frame in frames:
             w = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-            line = json.dumps(
+            line = _JSON.encode(
                 {
                     "t": round(t, 6),
                     "clock": w.get("clock"),
@@ -74,10 +76,9 @@ class TraceBuffer:
                     "rr": w.get("rr"),
                     "flow": w.get("flow"),
                     "body": w.get("body"),
-                },
-                default=repr,
+                }
             )
-            self._lines.append(line)
+            lines.append(line)
             self._bytes += len(line) + 1
 
     def write(self) -> None:
