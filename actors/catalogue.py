@@ -471,8 +471,9 @@ class VfioOpen(Message):
 class QiSubmit(Message):
     """Descriptors of the guest's invalidation queue, processed in order, then the wait.
 
-    Descriptor types: cc (context cache), pc (PASID cache: bind/unbind), piotlb, dev_iotlb,
-    pasid_flush, wait; a descriptor names its device and guest PASID (`gpasid`)."""
+    Descriptor types: cc (context cache), pc (PASID cache: the vmm syncs its shadow, bind or
+    unbind; never passed down), piotlb, dev_iotlb, wait; a descriptor names its device and
+    guest PASID (`gpasid`)."""
 
     descs: list[Any] = f(list, doc="invalidation descriptors (maps with 'type')")
 
@@ -538,9 +539,23 @@ class IoasidNotify(Message):
 
 
 # ---- F3: invalidation --------------------------------------------------------------------------------------
-@message("cache_invalidate", flows=("F3",), hop="vmm -> host", kernel="intel_iommu_sva_invalidate")
+@message(
+    "cache_invalidate",
+    flows=("F3",),
+    hop="vmm -> host",
+    kernel="intel_iommu_sva_invalidate",
+    reply={
+        "flushed": f(
+            list, doc="the flushes done: cache (iotlb, devtlb), pasid, addr (None: whole PASID), size_order"
+        ),
+        "skipped": f(
+            list, doc="caches the VT-d driver's table does not flush at this granularity (ret stays 0)"
+        ),
+    },
+)
 class CacheInvalidate(Message):
-    """Pass a guest's PASID-based IOTLB / device-TLB invalidation down for the host PASID."""
+    """Pass a guest's PASID-based IOTLB / device-TLB invalidation down for the host PASID
+    (never a PASID-cache one: the vmm handles those itself, as bind and unbind)."""
 
     dev: str = f(str)
     info: dict[str, Any] = f(

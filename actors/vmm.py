@@ -7,7 +7,9 @@ Its handlers model what QEMU's vIOMMU does on a trap:
     on_qi_submit    the guest's invalidation queue: context-cache, PASID-cache, PASID-based
                     IOTLB and device-TLB descriptors, then the wait descriptor's completion.
                     A PASID-cache invalidation makes the vmm read the guest's PASID entry in
-                    guest RAM and bind or unbind it on the host (the shadow of the table).
+                    guest RAM and bind or unbind it on the host (the shadow of the table);
+                    it is never passed down (the VT-d driver flushes no PASID cache for
+                    user space: the host's PASID entries and their cache are its own).
     on_page_request the host reports a page request of this VM (F6): inject it into the
                     guest's virtual page request queue with the guest PASID
     on_page_response the guest's page group response, passed down with the host PASID
@@ -44,12 +46,12 @@ from vsva.actors.messages import Envelope
 from vsva.actors.uapi import (
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
     IOMMU_CACHE_INV_TYPE_IOTLB,
-    IOMMU_CACHE_INV_TYPE_PASID,
     IOMMU_GPASID_BIND_VERSION_1,
     IOMMU_INV_ADDR_FLAGS_LEAF,
     IOMMU_INV_ADDR_FLAGS_PASID,
     IOMMU_INV_GRANU_ADDR,
     IOMMU_INV_GRANU_PASID,
+    IOMMU_INV_PASID_FLAGS_PASID,
     IOMMU_PAGE_RESP_INVALID,
     IOMMU_PASID_FORMAT_INTEL_VTD,
     IOMMU_SVA_GPASID_VAL,
@@ -291,10 +293,6 @@ class Vmm(Actor):
         """PASID-based device-TLB invalidation -> cache_invalidate."""
         return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_DEV_IOTLB))
 
-    def qi_pasid_flush(self, desc: dict[str, Any]) -> Steps[Body]:
-        """A whole-PASID PASID-cache flush passed down (used after an entry change in place)."""
-        return (yield from self._invalidate(desc, IOMMU_CACHE_INV_TYPE_PASID))
-
     def _invalidate(self, desc: dict[str, Any], cache: int) -> Steps[Body]:
         dev, gpasid = desc.get("dev"), desc.get("gpasid")
         hpasid = self.g2h.get(gpasid) if isinstance(gpasid, int) else None
@@ -313,7 +311,7 @@ class Vmm(Actor):
                 flags=IOMMU_INV_ADDR_FLAGS_PASID | (IOMMU_INV_ADDR_FLAGS_LEAF if desc.get("ih") else 0),
             )
         else:
-            info.update(granularity=IOMMU_INV_GRANU_PASID)
+            info.update(granularity=IOMMU_INV_GRANU_PASID, flags=IOMMU_INV_PASID_FLAGS_PASID)
         reply: Body = yield Call(self.host, CacheInvalidate(dev=dev, info=info))
         return {**reply, "type": desc["type"]}
 
@@ -377,6 +375,5 @@ _DESC_HANDLERS = {
     "pc": "qi_pasid_cache",
     "piotlb": "qi_piotlb",
     "dev_iotlb": "qi_dev_iotlb",
-    "pasid_flush": "qi_pasid_flush",
     "wait": "qi_wait",
 }

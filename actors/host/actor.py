@@ -435,18 +435,23 @@ class Host(Actor):
 
     # ---- F3: cache invalidation passed down -------------------------------------------------
     def on_cache_invalidate(self, msg: Envelope, req: CacheInvalidate) -> dict[str, Any]:
-        """intel_iommu_sva_invalidate() for the uapi invalidation record (invalidate.py)."""
+        """iommu_cache_invalidate() -> intel_iommu_sva_invalidate() (invalidate.py): the uapi
+        checks, then the VT-d driver's table; a cache the table does not flush is skipped
+        with ret 0, and the reply says which flushes were done and which caches skipped."""
         dom = self.vfio_caller(msg, req.dev)
         if not isinstance(dom, VmDomain):
             return dom  # the refusal
-        ret, why = invalidate.checks(req.info, dom)
-        if ret:
+        ret, why, rec = invalidate.checks(req.info, dom)
+        if ret or rec is None:
             return failed(ret, error=why)
         pdev = self.vfio.physical(req.dev)
         if pdev is None:
             return failed(-E.ENODEV, error=f"{req.dev} has no physical device")
-        invalidate.apply(self.iommu, pdev, dom, req.info)
-        return {"ret": 0}
+        ret, why, flushes, skipped = invalidate.sva_invalidate(rec, self.kernel, pdev.ats)
+        if ret:
+            return failed(ret, error=why)
+        invalidate.apply(self.iommu, pdev, dom.vm, flushes)
+        return {"ret": 0, "flushed": [fl.wire() for fl in flushes], "skipped": skipped}
 
     # ---- F7: a device's DMA engine ------------------------------------------------------------
     def on_dev_submit(self, msg: Envelope, req: DevSubmit) -> Handler:
