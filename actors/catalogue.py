@@ -611,11 +611,11 @@ class IoasidFree(Message):
     "ioasid_cleanup",
     flows=("F5", "F8"),
     hop="host -> host",
-    one_way=True,
-    kernel="intel_pasid_tear_down_entry (deferred work under the naive policy)",
+    kernel="intel_pasid_tear_down_entry (the IOMMU's place in the FREE chain, after kvm and vdcm)",
 )
 class IoasidCleanup(Message):
-    """The naive policy's deferred IOMMU teardown of a freed PASID, whenever it runs."""
+    """The IOMMU driver's teardown of a freed bound PASID: the last link of the FREE chain
+    (awaited under ordered and reclaim; deferred work, whenever it runs, under naive)."""
 
     hpasid: int = hpasid()
     vm: int = f(int, U32)

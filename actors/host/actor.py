@@ -176,18 +176,26 @@ class Host(Actor):
     def ioasid_free(self, dom: VmDomain, ioasids: list[Ioasid], event: str, *, wait: bool) -> Steps[None]:
         """Free IOASIDs of one VM's set; bound ones are cleaned up as the run's policy says.
 
-        naive:   every PASID is back in the pool at once; the subscribers are told without
-                 waiting and the IOMMU driver's own cleanup is deferred work that runs later.
+        The FREE notifier runs in priority order (the IOASID extension that followed the
+        thread: IOASID_PRIO_CPU, then the device, then the IOMMU): kvm first (no vCPU may
+        submit work with the PASID any more), then vdcm (no mdev descriptor is issued with
+        it, and its ack travels behind the descriptors it sent before), and only then the
+        IOMMU driver's own teardown (entries, PASID cache, IOTLB, device TLB, PRQ drain):
+        the DMA sources are quiesced before the host's PASID entries go. `subscribers` is
+        that chain, in its order (the topology lists kvm before vdcm).
+
+        naive:   every PASID is back in the pool at once; kvm and vdcm are told without
+                 waiting, then the IOMMU driver's teardown is queued as deferred work that
+                 runs whenever it runs.
         ordered: a free of a bound PASID is refused, so the VCMD path brings only unbound
                  ones, back to the pool at once; VM teardown unbinds the bound ones here
-                 (entries torn down, not defunct) and, like reclaim, gives them back only
-                 after every subscriber acknowledged: an ack travels behind the work that
-                 subscriber sent before it (vdcm's descriptors), so none of it can run under
-                 the PASID's next owner.
-        reclaim: bound PASIDs are torn down now and marked defunct (their DMA and page
-                 requests are dropped); they return to the pool only after every subscriber
-                 has acknowledged FREE. A subscriber that never answers leaves them
-                 quarantined: a leak, never a reuse.
+                 (not defunct) and, like reclaim, gives them back only after every
+                 subscriber acknowledged and the entries are torn down.
+        reclaim: bound PASIDs are marked defunct now (their DMA and page requests are
+                 dropped from here on), then notified in order and torn down; they return
+                 to the pool only after every subscriber has acknowledged FREE. A
+                 subscriber that never answers leaves them quarantined: a leak, never a
+                 reuse (the teardown runs after the bounded wait all the same).
         """
         for ioasid in ioasids:
             self.ioasid.forget(ioasid)
@@ -199,26 +207,26 @@ class Host(Actor):
         if not bound and event == EV_FREE:
             return
         events = self._free_events(dom.vm, bound, event)
+        devs = {ioasid.pasid: sorted(svm.devs) for ioasid, svm in bound}
         if self.policy is Policy.NAIVE:
-            for ioasid, svm in bound:
+            for ioasid, _ in bound:
                 self.ioasid.release(ioasid.pasid)
-                self.send(self.name, IoasidCleanup(hpasid=ioasid.pasid, vm=dom.vm, devs=sorted(svm.devs)))
-            for note in events:
-                for sub in self.subscribers:
+            for sub in self.subscribers:
+                for note in events:
                     self.send(sub, note)
+            for pasid, names in devs.items():
+                self.send(self.name, IoasidCleanup(hpasid=pasid, vm=dom.vm, devs=names))
             return
-        for ioasid, svm in bound:
+        for ioasid, _ in bound:
             self.ioasid.reclaim(ioasid.pasid, dom.vm)  # out of the pool until every ack
             if self.policy is Policy.RECLAIM:
                 self.iommu.set_defunct(ioasid.pasid, True)
-            for dev in list(svm.devs):
-                self.teardown_entry(dev, ioasid.pasid, dom.vm)
             ioasid.svm = None
-        acks = self._await_free_acks(dom.vm, [a.pasid for a, _ in bound], events)
+        cleanup = self._free_in_order(dom.vm, devs, events)
         if wait:
-            yield from acks
+            yield from cleanup
         else:
-            self._run(lambda: acks, None, self._flow)
+            self._run(lambda: cleanup, None, self._flow)
 
     def _free_events(self, vm: int, bound: list[tuple[Ioasid, Svm]], event: str) -> list[IoasidNotify]:
         """FREE per bound PASID, or one FREE_SET for a whole set (subscribers drop the VM)."""
@@ -226,17 +234,22 @@ class Host(Actor):
             return [IoasidNotify(event=EV_FREE_SET, vm=vm, hpasid=0, gpasid=0, dev="")]
         return [svm.notice(EV_FREE) for _, svm in bound]
 
-    def _await_free_acks(self, vm: int, pasids: list[int], events: list[IoasidNotify]) -> Steps[None]:
-        """Wait (bounded) for every subscriber's FREE acknowledgement, then release the PASIDs."""
+    def _free_in_order(self, vm: int, devs: dict[int, list[str]], events: list[IoasidNotify]) -> Steps[None]:
+        """The FREE chain: each subscriber in turn (bounded wait for its acks), then the IOMMU
+        driver's teardown of every entry, then the PASIDs back to the pool (or quarantine)."""
         timeout: float = self.config.get("notify_timeout", 2.0)
-        replies: list[Body] = yield Gather(
-            [Call(s, note, timeout=timeout) for note in events for s in self.subscribers]
+        silent: set[str] = set()
+        refused: list[Body] = []
+        for sub in self.subscribers:
+            replies: list[Body] = yield Gather([Call(sub, note, timeout=timeout) for note in events])
+            failed_here = [r for r in replies if r.get("ret", 0)]
+            if failed_here:
+                silent.add(sub)
+                refused += failed_here
+        yield Gather(
+            [Call(self.name, IoasidCleanup(hpasid=p, vm=vm, devs=names)) for p, names in devs.items()]
         )
-        refused = [r for r in replies if r.get("ret", 0)]
-        silent = {
-            s for s, r in zip([s for _ in events for s in self.subscribers], replies) if r.get("ret", 0)
-        }
-        for pasid in pasids:
+        for pasid in devs:
             if self.ioasid.reclaimed(pasid, vm, silent):
                 self.iommu.set_defunct(pasid, False)
         if refused:
@@ -244,17 +257,18 @@ class Host(Actor):
             self.log(
                 "quarantine",
                 f"{len(refused)} subscriber(s) did not acknowledge FREE of VM {vm}: "
-                f"{E.name(refused[0]['ret'])}; {len(pasids)} PASID(s) quarantined",
+                f"{E.name(refused[0]['ret'])}; {len(devs)} PASID(s) quarantined",
             )
 
-    def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict[str, Any] | None:
-        """The naive policy's deferred work: the IOMMU driver's teardown, whenever it runs."""
+    def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict[str, Any]:
+        """The IOMMU driver's FREE handler (IOASID_PRIO_IOMMU, after kvm and vdcm): tear the
+        PASID's entries down on every device (naive: deferred work, whenever it runs)."""
         if msg.src != self.name:
-            return failed(-E.EPERM, error="deferred cleanup is the host's own work")
+            return failed(-E.EPERM, error="the IOMMU teardown is the host's own work")
         for dev in req.devs:
             if dev in self.vfio.phys:
                 self.teardown_entry(dev, req.hpasid, req.vm)
-        return None
+        return {"ret": 0}
 
     def on_pool_status(self, msg: Envelope, req: PoolStatus) -> dict[str, Any]:
         """A cheap view of the allocator and teardowns (for experiments polling a live host)."""

@@ -177,16 +177,16 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
     reply = s.free1()
     assert reply == {"ret": 0, "state": "reclaiming"}
     assert host.ioasid.state(P) == "reclaiming" and host.iommu.is_defunct(P)
-    # torn down at once: no entry, no cache entry, no page request of P is left
-    assert P not in host.vfio.phys["pf1"].pasid_dir.present_pasids()
-    assert host.prq.pending == []
-    assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
+    # defunct at once (DMA and page requests of P dropped); the IOMMU teardown waits for the
+    # FREE chain: kvm (CPU), then vdcm (device), then the entries go
+    present = lambda: P in host.vfio.phys["pf1"].pasid_dir.present_pasids()  # noqa: E731
+    assert present()
     # not allocatable while kvm and vdcm have not acknowledged (nor with only one of them)
     other = s.alloc2()
     assert other["ret"] == 0 and other["hpasid"] != P
     rt.release("host", "kvm")
     rt.run(until=lambda: w.kvm.snapshot()["tables"] == {})
-    assert host.ioasid.state(P) == "reclaiming"
+    assert host.ioasid.state(P) == "reclaiming" and present()
     if dma_at == "reclaiming":
         drops = host.iommu.counters()["defunct_drops"]
         rt.release("vm1.guest", "host")
@@ -194,6 +194,10 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
         assert late["ret"] == -E.EFAULT and late["fault"] == "defunct", late
         assert host.iommu.counters()["defunct_drops"] == drops + 1
     rt.release("host", "vdcm")
+    rt.run(until=lambda: not present())
+    # torn down: no entry, no cache entry, no page request of P is left
+    assert host.prq.pending == []
+    assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
     rt.run()
     assert host.ioasid.state(P) == "free" and not host.iommu.is_defunct(P)
     assert host.ioasid.reclaiming == {} and host.ioasid.quarantined == {} and host.notify_failures == 0
@@ -209,6 +213,50 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
     rt.run()
     assert host.dma.foreign == [] and host.iommu.counters()["owner_violations"] == 0
     assert violations(w) == []
+
+
+@pytest.mark.parametrize("policy,how", [("reclaim", "free"), ("reclaim", "vm_stop"), ("ordered", "vm_stop")])
+def test_free_chain_runs_cpu_then_device_then_iommu(vsva, policy, how):
+    """The FREE notifier's priority order (the IOASID extension series that followed the
+    thread: include/linux/ioasid.h IOASID_PRIO_CPU / IOASID_PRIO_DEVICE / IOASID_PRIO_IOMMU,
+    Documentation/ioasid.rst "KVM notifier handler must be called before VDCM handler",
+    DMA sources quiesced before the IOMMU's context goes): vdcm hears FREE only after kvm
+    acknowledged, and the host's PASID entry is torn down only after vdcm acknowledged."""
+    s = Scene(vsva, policy)
+    P, rt, host = s.P, s.rt, s.host
+    for link in NOTIFY_LINKS:
+        rt.hold(*link)
+    start = len(rt.trace)
+    if how == "free":
+        handle = s.wire.send("vm1.guest", "vm1.vmm", "vcmd_free", {"gpasid": P})
+    else:
+        s.wire.send("orch", "vm1.vmm", "vm_stop", {})
+    present = lambda: P in host.vfio.phys["pf1"].pasid_dir.present_pasids()  # noqa: E731
+
+    def sent(dst, kind="ioasid_notify"):
+        return [
+            i
+            for i, r in enumerate(rt.trace[start:])
+            if r["src"] == "host" and r["dst"] == dst and r["kind"] == kind
+        ]
+
+    def acked(src):
+        return [i for i, r in enumerate(rt.trace[start:]) if r["src"] == src and r["dst"] == "host"]
+
+    rt.run(until=lambda: sent("kvm"))
+    if how == "free":  # answered at once; the chain goes on in the background, waiting on kvm
+        assert s.wire.wait(handle)["state"] == "reclaiming"
+    assert sent("vdcm") == [] and sent("host", "ioasid_cleanup") == [] and present()
+    rt.release("host", "kvm")
+    rt.run(until=lambda: sent("vdcm"))
+    assert acked("kvm") and acked("kvm")[0] < sent("vdcm")[0]
+    assert sent("host", "ioasid_cleanup") == [] and present()
+    rt.release("host", "vdcm")
+    rt.run(until=lambda: sent("host", "ioasid_cleanup"))
+    assert acked("vdcm")[0] < sent("host", "ioasid_cleanup")[0]
+    rt.run()
+    assert not present() and host.ioasid.state(P) == "free"
+    assert violations(s.w) == []
 
 
 # ---- 2. the normal order and the misuses -----------------------------------------------------
@@ -503,12 +551,36 @@ def _events(trace: list[dict]) -> dict[tuple[str, str | None], int]:
     return out
 
 
+def free_chains(trace: list[dict]) -> list[tuple[dict, ...]]:
+    """Per FREE of a bound PASID, read from the host's own records (Lamport order) and the
+    replies: (FREE to kvm, kvm's ack, FREE to vdcm, vdcm's ack, the IOMMU teardown).
+
+    The order they must keep: the IOASID notifier of the extension series that followed the
+    thread (include/linux/ioasid.h: IOASID_PRIO_CPU / IOASID_PRIO_DEVICE / IOASID_PRIO_IOMMU;
+    Documentation/ioasid.rst: KVM before VDCM, DMA sources quiesced before the IOMMU's
+    hardware context is torn down)."""
+    replies = {(r["src"], r["corr"]): r for r in trace if r["corr"] is not None and r["dst"] == "host"}
+    host = sorted((r for r in trace if r["src"] == "host" and r["corr"] is None), key=lambda r: r["clock"])
+    chains = []
+    for i, q in enumerate(host):
+        if q["kind"] != "ioasid_notify" or q["dst"] != "kvm" or q["body"]["event"] != "free":
+            continue
+        pasid = q["body"]["hpasid"]
+        later = host[i + 1 :]
+        vdcm_q = next(r for r in later if r["dst"] == "vdcm" and r["body"].get("hpasid") == pasid)
+        cleanup = next(r for r in later if r["kind"] == "ioasid_cleanup" and r["body"]["hpasid"] == pasid)
+        chains.append(
+            (q, replies.get(("kvm", q["id"])), vdcm_q, replies.get(("vdcm", vdcm_q["id"])), cleanup)
+        )
+    return chains
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_churn_frees_bound_pasids_as_the_policy_says(vsva, runtime, policy):
     """The churn workload frees bound PASIDs round after round, on the deterministic runtime
     and on real processes alike: naive and reclaim answer the free at once; naive defers the
-    IOMMU cleanup to the host's own queue, reclaim tears down first and tells the subscribers
-    FREE; ordered refuses with -EBUSY, and the guest unbinds (UNBIND to the subscribers) and
+    IOMMU cleanup to the host's own queue, reclaim tells kvm, then vdcm, FREE and tears down
+    last (the trace shows the chain, on real processes too); ordered refuses with -EBUSY, and the guest unbinds (UNBIND to the subscribers) and
     frees. Under ordered and reclaim the audit is clean and nothing is left."""
     session = vsva.run(runtime, 2, policy=policy, workload="churn", iterations=CHURN_ROUNDS)
     steps = [s for w in session["workloads"].values() for s in w["steps"]]
@@ -522,7 +594,13 @@ def test_churn_frees_bound_pasids_as_the_policy_says(vsva, runtime, policy):
     else:
         assert {s["ret"] for s in bound_frees} == {0}
         assert events.get(("ioasid_notify", "free")) == 2 * CHURN_ROUNDS
-        assert events.get(("ioasid_cleanup", None), 0) == (2 * CHURN_ROUNDS if policy == "naive" else 0)
+        assert events.get(("ioasid_cleanup", None), 0) == 2 * CHURN_ROUNDS
+        chains = free_chains(session["trace"])
+        assert len(chains) == 2 * CHURN_ROUNDS
+        for kvm_q, kvm_r, vdcm_q, vdcm_r, cleanup in chains:
+            assert kvm_q["clock"] < vdcm_q["clock"] < cleanup["clock"]  # the host's send order
+            if policy == "reclaim":  # each link waits for the previous one's acknowledgement
+                assert kvm_r["clock"] < vdcm_q["clock"] and vdcm_r["clock"] < cleanup["clock"]
     if policy != "naive":  # naive's reuse hazard may or may not strike in a given interleaving
         assert session["violations"] == []
         assert session["snapshots"]["host"]["ioasids"] == {}
