@@ -188,9 +188,9 @@ def sva_invalidate(rec: dict[str, int], kernel: Kernel, ats: bool) -> tuple[int,
 def apply(iommu: IommuApi, pdev: PhysDevice, did: int, flushes: list[Flush]) -> None:
     """Perform the flushes on the VM's domain (IOTLB) and the device (device TLB)."""
     for fl in flushes:
-        if fl.cache == "iotlb" and fl.addr is None:
-            iommu.inv_iotlb("pasid", did=did, pasid=fl.pasid)
-        elif fl.cache == "iotlb":
+        if fl.cache == "iotlb" and fl.addr is not None:
             iommu.inv_iotlb("addr", did=did, pasid=fl.pasid, addr=fl.addr, size_order=fl.size_order, ih=fl.ih)
+        elif fl.cache == "iotlb":
+            iommu.inv_iotlb("pasid", did=did, pasid=fl.pasid)
         else:
             iommu.inv_devtlb(pdev.id, pasid=fl.pasid, addr=fl.addr, size_order=fl.size_order)
