@@ -41,10 +41,10 @@ def one_kill(target: str, seed: int, vms: int = 2) -> float | None:
         end = time.monotonic() + 20 + 0.2 * vms
         while time.monotonic() < end:
             sup.step(0.005)
-            recs = [r for r in sup.recoveries if r["actor"] == target and "t_recovered" in r]
+            recs = [r for r in sup.recovery.records if r["actor"] == target and "t_recovered" in r]
             if recs:
                 break
-        plan = sup.faults[0]
+        plan = sup.faults.plans[0]
         if target == "kvm":
             return recs[0]["t_recovered"] - plan["t"] if recs else None
         sup.close()

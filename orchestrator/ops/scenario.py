@@ -43,7 +43,7 @@ def run_scenario(
         end = time.monotonic() + run.timeout
         while time.monotonic() < end and not sup.stop_requested:
             sup.step(0.01)
-            if sup.workloads_done() and all(p["done"] for p in sup.faults) and _recovered(sup):
+            if sup.workloads_done() and all(p["done"] for p in sup.faults.plans) and _recovered(sup):
                 break
         report["timed_out"] = time.monotonic() >= end
         final_audit = None
@@ -59,9 +59,9 @@ def run_scenario(
         report["host_lost"] = sup.host_lost
         report["processes"] = sup.processes()
         report["injected"] = [
-            {k: v for k, v in p.items() if k != "fault"} | {"fault": p["fault"]} for p in sup.faults
+            {k: v for k, v in p.items() if k != "fault"} | {"fault": p["fault"]} for p in sup.faults.plans
         ]
-        report["recoveries"] = [_recovery(r) for r in sup.recoveries]
+        report["recoveries"] = [_recovery(r) for r in sup.recovery.records]
         report["workloads"] = {}
         for vm, st in sup.vms.items():
             w = st.workload or {}
@@ -91,7 +91,7 @@ def run_scenario(
             "violations": violations,
         }
         killed_vms = {
-            int(r["actor"][2:].split(".")[0]) for r in sup.recoveries if r["kind"] in ("guest", "vmm")
+            int(r["actor"][2:].split(".")[0]) for r in sup.recovery.records if r["kind"] in ("guest", "vmm")
         }
         survivors = [vm for vm in sup.vms if vm not in killed_vms or sup.vms[vm].runs > 1]
         report["surviving_vms"] = survivors if not sup.host_lost else []
@@ -115,7 +115,7 @@ def _why_failed(sup: Supervisor, vm: int, timed_out: bool, timeout: float) -> st
     w = st.workload
     deaths = [
         f"{r['actor']} {exit_words(r['exitcode'])}"
-        for r in sup.recoveries
+        for r in sup.recovery.records
         if r["actor"] in (guest_name(vm), vmm_name(vm)) or r["kind"] == "host"
     ]
     if w is None:
@@ -149,13 +149,12 @@ def _why_failed(sup: Supervisor, vm: int, timed_out: bool, timeout: float) -> st
 
 
 def _recovered(sup: Supervisor) -> bool:
-    seen = {r["actor"] for r in sup.recoveries}
-    if any(p.get("pid") is not None and p["target"] not in seen for p in sup.faults):
+    seen = {r["actor"] for r in sup.recovery.records}
+    if any(p.get("pid") is not None and p["target"] not in seen for p in sup.faults.plans):
         return False  # a kill whose death the launcher has not reported yet
     return (
-        all("t_recovered" in r or r["kind"] in ("host",) or "error" in r for r in sup.recoveries)
-        and not sup.actions
-        and not sup.pending
+        all("t_recovered" in r or r["kind"] in ("host",) or "error" in r for r in sup.recovery.records)
+        and not sup.recovery.busy()
     )
 
 

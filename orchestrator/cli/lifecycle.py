@@ -1,0 +1,238 @@
+"""Starting and stopping a live topology: `vsva up` (the detached supervisor process, the
+state directory's lock, the bounded wait for it to be ready) and `vsva down`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import typer
+
+from vsva.cli.client import ctl, wait_exit
+from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_NO_TOPOLOGY, fail, interrupt_on_signals
+from vsva.cli.live import ps_table
+from vsva.cli.options import STATE_DIR, load_run, writable_dir
+from vsva.cli.state import (
+    SWEPT,
+    CorruptState,
+    cleanup_stale,
+    host_lost_line,
+    parse_state,
+    state_file,
+    supervisor_alive,
+)
+
+
+def up(
+    topology: str | None = typer.Argument(
+        None, help="Topology TOML file (default: the two-VM demo topology)."
+    ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
+    state_dir: str | None = STATE_DIR,
+    ready_timeout: float = typer.Option(
+        30.0, "--ready-timeout", min=0.01, max=3600, help="Seconds to wait for the topology to start."
+    ),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=writable_dir,
+        help="When the topology stops (down, a lost host, even a killed "
+        "supervisor: the next vsva command), write its trace files here.",
+    ),
+) -> None:
+    """Start a topology and keep it running: a live status table, or --detach.
+
+    One topology per state directory (a lock). In the foreground, Ctrl-C, SIGTERM and SIGHUP
+    (the terminal closed) stop it; detached, it runs until `vsva down`."""
+    load_run(topology)  # validate here: errors go to this terminal
+    path = state_file(state_dir)
+    lock = _take_lock(path)
+    _clear_old_state(path)
+    log_path = os.path.join(os.path.dirname(path), "supervisor.log")
+    from rich.live import Live
+    from rich.text import Text
+
+    interrupt_on_signals()
+    proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
+    try:
+        state = _await_state(proc, path, ready_timeout, log_path)
+        if detach:
+            typer.echo(
+                f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+                f"{state['run_dir']}; `vsva ps`, `vsva down`"
+            )
+            return
+        with Live(Text("starting ..."), refresh_per_second=4) as live:
+            while proc.poll() is None:
+                try:
+                    live.update(ps_table(ctl(state, "ps", timeout=5.0, quiet=True)))
+                except typer.Exit:
+                    pass
+                wait_exit(proc.pid, 0.5)
+    except KeyboardInterrupt:
+        typer.echo("vsva: stopping ...", err=True)
+        _stop_supervisor(proc, path)
+        raise
+    if proc.returncode == EXIT_HOST_LOST:
+        fail(EXIT_HOST_LOST, host_lost_line(parse_state(path)))
+    if proc.returncode != 0:
+        fail(EXIT_FAIL, f"the supervisor exited with {proc.returncode} (log: {log_path})")
+
+
+def _take_lock(state_path: str) -> int:
+    """The state directory's lock (flock on `lock`, exclusive): held by the supervisor for its
+    whole life, so a second `vsva up` on the same directory is refused, never invisible."""
+    import fcntl
+
+    fd = os.open(
+        os.path.join(os.path.dirname(state_path), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            who = f" (supervisor pid {parse_state(state_path)['pid']})"
+        except (OSError, CorruptState):
+            who = ""
+        fail(
+            EXIT_FAIL,
+            f"a topology is already running (or starting) in {os.path.dirname(state_path)}{who}; "
+            "`vsva down` first, or another --state-dir",
+        )
+    return fd
+
+
+def _clear_old_state(path: str) -> None:
+    """With the lock held, a state file left is a dead supervisor's (or a lost host's record)."""
+    try:
+        old = parse_state(path)
+    except FileNotFoundError:
+        return
+    except CorruptState as exc:
+        typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
+        os.unlink(path)
+        return
+    if old.get("host_lost"):
+        typer.echo(f"vsva up: replacing the record of the earlier run: {host_lost_line(old)}", err=True)
+    cleanup_stale(old, path)
+
+
+def _spawn_supervisor(
+    path: str, topology: str | None, trace_out: str | None, log_path: str, lock: int
+) -> subprocess.Popen[bytes]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "vsva.ops.supervisor", "--state-file", path]
+    if trace_out:
+        cmd += ["--trace-out", os.path.abspath(trace_out)]
+    if topology:
+        cmd.append(os.path.abspath(topology))
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            pass_fds=(lock,),
+        )
+
+
+def _await_state(
+    proc: subprocess.Popen[bytes], path: str, ready_timeout: float, log_path: str
+) -> dict[str, Any]:
+    """Wait (bounded) for the supervisor's state file. On a timeout the supervisor is stopped
+    (SIGTERM, then SIGKILL) and whatever it left is swept."""
+    import time
+
+    end = time.monotonic() + ready_timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                tail = f.read().splitlines()[-15:]
+            typer.echo(f"vsva up: the supervisor exited with {proc.returncode}\n" + "\n".join(tail), err=True)
+            raise typer.Exit(EXIT_FAIL)
+        try:
+            state = parse_state(path)
+            if state["pid"] == proc.pid:
+                return state
+        except (FileNotFoundError, CorruptState):
+            pass
+        time.sleep(0.02)
+    left = _stop_supervisor(proc, path)
+    fail(
+        EXIT_FAIL,
+        f"not ready within {ready_timeout:g} s: supervisor pid {proc.pid} stopped"
+        + (f", its leftovers removed ({len(left)})" if left else "")
+        + f" (log: {log_path})",
+    )
+
+
+def _stop_supervisor(proc: subprocess.Popen[bytes], path: str) -> list[str]:
+    """Stop our supervisor, starting or running (SIGTERM: it unwinds its launch or shuts the
+    topology down; SIGKILL if it does not exit) and sweep what it left; returns what the
+    sweep removed."""
+    import signal
+
+    from vsva.ops.runfiles import sweep
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    try:
+        if parse_state(path)["pid"] == proc.pid:
+            os.unlink(path)
+    except (FileNotFoundError, CorruptState):
+        pass
+    return sweep()
+
+
+def down(
+    state_dir: str | None = STATE_DIR,
+    timeout: float = typer.Option(
+        30.0, "--timeout", min=0, max=3600, help="Seconds to wait for the supervisor to finish."
+    ),
+) -> None:
+    """Stop the running topology (VMs stopped through F8, then every process) and clean up;
+    says what it removed, leftovers of dead runs included."""
+    import signal
+
+    path = state_file(state_dir)
+    swept = f"; removed leftovers of dead runs: {', '.join(SWEPT)}" if SWEPT else ""
+    try:
+        state = parse_state(path)
+    except CorruptState as exc:
+        os.unlink(path)
+        typer.echo(f"vsva: removed the corrupt state file {path} ({exc}){swept}")
+        return
+    except FileNotFoundError:
+        if not SWEPT:
+            fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path})")
+        typer.echo(f"vsva: no topology was running{swept}")
+        return
+    pid = state["pid"]
+    if state.get("host_lost"):
+        what = f"cleared the record of the lost topology ({state['host_lost']['why']})"
+    elif supervisor_alive(state):
+        try:
+            ctl(state, "down", timeout=5.0)
+        except typer.Exit:
+            os.kill(pid, signal.SIGTERM)
+        if not wait_exit(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(pid, 2.0)
+        what = f"stopped (supervisor pid {pid})"
+    else:
+        what = f"the supervisor (pid {pid}) was dead"
+    from vsva.ops.runfiles import sweep
+
+    left = cleanup_stale(state, path) + [p for p in sweep() if p not in SWEPT]
+    typer.echo(f"vsva: {what}" + (f"; removed leftovers {left}" if left else "") + swept)

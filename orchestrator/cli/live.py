@@ -1,0 +1,99 @@
+"""Commands that look into a running topology or act on one actor: ps, kill, audit."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from vsva.cli.client import ctl
+from vsva.cli.exits import EXIT_HOST_LOST
+from vsva.cli.options import STATE_DIR
+from vsva.cli.state import read_state
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+def ps_table(status: dict[str, Any]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"vsva: {status.get('run_dir')}")
+    for col in ("actor", "kind", "pid", "state", "uptime", "restarts"):
+        table.add_column(col)
+    for p in status["processes"]:
+        up = "-" if p.get("uptime_s") is None else f"{p['uptime_s']:.1f} s"
+        style = {"running": "green", "unresponsive": "yellow"}.get(p["state"], "red")
+        table.add_row(
+            p["name"], p["kind"], str(p["pid"]), f"[{style}]{p['state']}[/{style}]", up, str(p["restarts"])
+        )
+    vms = ", ".join(
+        f"vm{vm} {v['state']}"
+        + (
+            ""
+            if not v["workload"]
+            else f" (workload {'ok' if v['workload']['ok'] else 'ret ' + str(v['workload']['ret'])})"
+        )
+        for vm, v in status.get("vms", {}).items()
+    )
+    table.caption = vms + ("  HOST LOST" if status.get("host_lost") else "")
+    return table
+
+
+def ps(
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of {name, pid, state, ...}."),
+    state_dir: str | None = STATE_DIR,
+) -> None:
+    """List every actor of the running topology with its PID, state and uptime."""
+    state = read_state(state_dir)
+    if as_json and state.get("host_lost"):
+        typer.echo(json.dumps({"host_lost": state["host_lost"], "processes": []}, indent=1))
+        raise typer.Exit(EXIT_HOST_LOST)
+    status = ctl(state, "ps")
+    if as_json:
+        typer.echo(json.dumps(status["processes"], indent=1))
+        return
+    from rich.console import Console
+
+    Console().print(ps_table(status))
+
+
+def kill(
+    actor: str = typer.Argument(..., help="Actor name, e.g. vm1.vmm, kvm, host."),
+    state_dir: str | None = STATE_DIR,
+) -> None:
+    """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
+    reply = ctl(read_state(state_dir), "kill", name=actor)
+    if not reply.get("ok"):
+        typer.echo(f"vsva kill: {reply.get('error')}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"killed {reply['name']} (pid {reply['pid']})")
+
+
+def audit(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object {ok, violations, incomplete}."),
+    state_dir: str | None = STATE_DIR,
+) -> None:
+    """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
+    reply = ctl(read_state(state_dir), "audit", timeout=30.0)
+    result = reply.get(
+        "audit", {"ok": False, "violations": [{"invariant": "run", "what": reply.get("error")}]}
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        silent = result.get("incomplete", [])
+        typer.echo(
+            "audit: clean"
+            if result["ok"]
+            else f"audit: {len(result['violations'])} violation(s)" + (", incomplete" if silent else "")
+        )
+        for line in silent:
+            typer.echo(f"  incomplete: {line}")
+        for v in result["violations"]:
+            typer.echo(
+                f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "
+                f"pasid {v.get('pasid')})"
+            )
+    raise typer.Exit(0 if result["ok"] else 1)

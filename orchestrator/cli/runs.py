@@ -1,0 +1,99 @@
+"""Commands that run a topology to completion in this process: `vsva demo` (every flow, a
+timeline) and `vsva run` (a scenario with its faults, a report)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from vsva.actors.policy import Policy
+from vsva.actors.semantics import Kernel
+from vsva.cli.exits import EXIT_USAGE, fail, interrupt_on_signals
+from vsva.cli.options import ITERATIONS, KERNEL, Workload, load_run, writable_dir
+from vsva.ops.config import RUN, VM, Runtime
+from vsva.runtime.endpoints import Transport
+
+
+def demo(
+    vms: int = typer.Option(
+        2,
+        "--vms",
+        min=1,
+        max=256,
+        help="How many VMs (guest + vmm each); "
+        "refused when this machine cannot hold them (the limit is named).",
+    ),
+    seed: int = typer.Option(
+        RUN.seed, "--seed", help="The run's seed (workload, frame placement, interleaving)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
+    runtime: Runtime = typer.Option(
+        Runtime.PROCESSES,
+        "--runtime",
+        help="processes: one OS process per actor over ZeroMQ; sim: deterministic, in-process.",
+    ),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=writable_dir,
+        help="Also write trace.jsonl, trace.perfetto.json and the sequence diagrams into this directory.",
+    ),
+    policy: Policy = typer.Option(RUN.policy, "--policy", help="Free-before-unbind cleanup policy."),
+    transport: Transport = typer.Option(
+        RUN.transport,
+        "--transport",
+        help="processes runtime: ipc (sockets in the private run directory) or tcp (127.0.0.1 ports only).",
+    ),
+    workload: Workload = typer.Option(
+        VM.workload, "--workload", help="Guest workload (demo runs every flow; others replay explore's runs)."
+    ),
+    iterations: int = ITERATIONS,
+    kernel: Kernel = KERNEL,
+) -> None:
+    """Run every flow end to end on one host and VMS VMs, check the DMA data, audit, print a timeline."""
+    from vsva.ops.capacity import CapacityError
+    from vsva.ops.demo import demo as run_demo
+    from vsva.ops.demo import render
+
+    interrupt_on_signals()
+    try:
+        session, rep = run_demo(
+            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel
+        )
+    except CapacityError as exc:
+        fail(EXIT_USAGE, f"--vms {vms}: {exc}")
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+    else:
+        render(session, rep, typer.echo)
+    raise typer.Exit(0 if rep["ok"] else 1)
+
+
+def run(
+    scenario: str = typer.Argument(..., help="Scenario TOML: a topology plus [[faults]]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    trace_out: str | None = typer.Option(
+        None,
+        "--trace-out",
+        callback=writable_dir,
+        help="Write the run's trace files here when it ends, however it ends.",
+    ),
+    kernel: Kernel | None = typer.Option(
+        None, "--kernel", help="Override the file's run.kernel: v11 (the seed) or v5.9 (merged)."
+    ),
+) -> None:
+    """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
+    from vsva.ops.scenario import render, run_scenario
+
+    run_file = load_run(scenario)
+    for spec in run_file.topology.actors if kernel is not None else ():
+        if spec.kind == "host":
+            spec.config["kernel"] = kernel
+    interrupt_on_signals()
+    rep = run_scenario(run_file, trace_out=trace_out)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1, default=str))
+    else:
+        render(rep, typer.echo)
+    raise typer.Exit(0 if rep["ok"] else 1)

@@ -1,0 +1,106 @@
+"""The state file of a live topology as the commands read it: where it is, what it says,
+whether its supervisor still runs, and the cleanup of what a dead one left."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vsva.cli.exits import EXIT_NO_TOPOLOGY, EXIT_USAGE, fail
+
+SWEPT: list[str] = []  # leftovers of dead runs this command removed (`vsva down` reports them)
+
+
+class CorruptState(ValueError):
+    """A state file that is not what a supervisor writes."""
+
+
+def state_file(state_dir: str | None) -> str:
+    from vsva.ops.supervisor import state_path
+
+    try:
+        return state_path(state_dir)
+    except OSError as exc:  # the default state directory cannot be made
+        fail(EXIT_USAGE, f"state directory: {exc}")
+
+
+def parse_state(path: str) -> dict[str, Any]:
+    """The state file's content; FileNotFoundError if none, CorruptState if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptState(f"{exc}".splitlines()[0]) from None
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("pid"), int)
+        or not all(isinstance(state.get(k), str) for k in ("run_dir", "ctl"))
+    ):
+        raise CorruptState("not a supervisor's state (pid, run_dir, ctl)")
+    return state
+
+
+def read_state(state_dir: str | None) -> dict[str, Any]:
+    path = state_file(state_dir)
+    try:
+        return parse_state(path)
+    except FileNotFoundError:
+        fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path}); start one with `vsva up`")
+    except CorruptState as exc:
+        fail(EXIT_NO_TOPOLOGY, f"corrupt state file {path} ({exc}); `vsva down` removes it")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def supervisor_alive(state: dict[str, Any]) -> bool:
+    """The state's supervisor still runs (its pid and start time, so a reused pid is not it)."""
+    from vsva.ops.runfiles import owner_tag
+
+    if not pid_alive(state["pid"]):
+        return False
+    return state.get("owner") in (None, owner_tag(state["pid"]))
+
+
+def host_lost_line(state: dict[str, Any]) -> str:
+    import time
+
+    lost = state["host_lost"]
+    return (
+        f"the host was lost at {time.strftime('%H:%M:%S', time.localtime(lost['at']))} "
+        f"({lost['why']}, {lost['after_s']:.1f} s after the start); every VM is gone; "
+        "`vsva down` clears this record"
+    )
+
+
+def cleanup_stale(state: dict[str, Any], path: str) -> list[str]:
+    """A supervisor that died without cleaning up: its children died with it (PDEATHSIG);
+    remove its shared memory and run directory (its trace exported first, if it was asked
+    for), then the state file."""
+    from vsva.ops.runfiles import PREFIX, SHM_DIR, remove_run_dir
+
+    removed = []
+    shm = state.get("shm")
+    if (
+        isinstance(shm, str)
+        and os.path.dirname(shm) == SHM_DIR
+        and os.path.basename(shm).startswith(PREFIX)
+        and os.path.exists(shm)
+    ):
+        os.unlink(shm)
+        removed.append(shm)
+    run_dir = state.get("run_dir")
+    if run_dir and os.path.isdir(run_dir) and os.path.basename(run_dir).startswith(PREFIX):
+        remove_run_dir(run_dir)
+        removed.append(run_dir)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return removed
