@@ -10,6 +10,7 @@ protocol by mypy (the assignment at the end); the compiled one by the differenti
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -24,6 +25,15 @@ class IommuApi(Protocol):
     def set_defunct(self, pasid: int, defunct: bool, dev: int | None = None) -> None: ...
     def is_defunct(self, pasid: int, dev: int | None = None) -> bool: ...
     def translate_one(self, dev: int, pasid: int, va: int, access: int) -> tuple[int, int]: ...
+    def translate(
+        self,
+        dev: int,
+        pasids: int | Sequence[int] | NDArray[np.integer[Any]],
+        vas: Sequence[int] | NDArray[np.integer[Any]],
+        access: int | Sequence[int] | NDArray[np.integer[Any]],
+        out_pa: NDArray[np.integer[Any]],
+        out_fault: NDArray[np.integer[Any]],
+    ) -> int: ...
     def inv_iotlb(
         self,
         granularity: int | str,

@@ -26,7 +26,6 @@ on its own timers (page request timeouts). Pausing costs the guests the cut's du
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, Body, Call, Gather, Steps, Wait

@@ -13,7 +13,7 @@ import typer
 try:  # recent typer releases carry their own copy of click; its exceptions are the ones raised
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - older typer on the real click
-    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
 import vsva
 from vsva.cli import explore, lifecycle, live, measure, runs

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 # numpy's idle BLAS threads spin on the second core and skew the timings; one is enough here.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -54,7 +55,7 @@ def build_tables(seed: int = 1):
         proc = GuestProcess(vm)
         install_pasid(host, dir_hpa, pasid, flptr=proc.cr3, slptr=vm.sl_root, did=DID)
         flptrs[pasid], slptrs[pasid] = proc.cr3, vm.sl_root
-        bases = set()
+        bases: set[int] = set()
         while len(bases) < REGIONS:
             bases.add(int(rng.integers(1, 1 << 26)) << 21)
         for base in sorted(bases):
@@ -65,14 +66,14 @@ def build_tables(seed: int = 1):
                 expect.append(vm.gpa_frames[g])
     order = rng.permutation(npages)
     offsets = rng.integers(0, 1 << PAGE_SHIFT, npages, dtype=np.uint64)
-    pasids = np.array(pasids, np.uint32)[order]
-    vas = np.array(vas, np.uint64)[order] | offsets
+    pasid_column = np.array(pasids, np.uint32)[order]
+    va_column = np.array(vas, np.uint64)[order] | offsets
     frames = np.array(expect, np.uint64)[order]
     return {
         "host": host,
         "dir": dir_hpa,
-        "pasids": pasids,
-        "vas": vas,
+        "pasids": pasid_column,
+        "vas": va_column,
         "frames": frames,
         "expect": (frames << np.uint64(PAGE_SHIFT)) | offsets,
         "flptrs": flptrs,
@@ -286,7 +287,7 @@ def run_bench(
 def _print_table(out: dict) -> None:
     print(f"vsva hot-path bench: {out['pages']} mapped pages, default implementation {out['implementation']}")
     print(f"{'case':<6} {'impl':<9} " + " ".join(f"{'B=' + str(b):>11}" for b in out["batches"]))
-    rows = {}
+    rows: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in out["results"]:
         rows.setdefault((r["case"], r["impl"]), {})[r["batch"]] = r
     for (case, impl), by_b in rows.items():

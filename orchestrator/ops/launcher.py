@@ -55,6 +55,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -83,7 +84,7 @@ class LaunchError(RuntimeError):
 @dataclass
 class _Proc:
     spec: ActorSpec
-    child: subprocess.Popen | ForkedChild  # a child of ours, or one the fork server forked
+    child: subprocess.Popen[bytes] | ForkedChild  # a child of ours, or one the fork server forked
     pidfd: int | None
     started: float
     ready_at: float | None = None
@@ -181,6 +182,7 @@ class Launcher:
             t_spawn = time.monotonic()
             self._spawn(self.topology.actors)
             self._await_ready(names, self.ready_timeout)
+            assert self.runtime is not None  # made by _prepare
             self.runtime.expect(names)
             self.ready_seconds = time.monotonic() - t_spawn
             self.log(
@@ -236,7 +238,9 @@ class Launcher:
     def _spawn(self, specs: Sequence[ActorSpec]) -> None:
         """Start these actors: forked by the fork server (all requests at once), or one
         interpreter each; then watch each one's pidfd."""
+        assert self.runtime is not None and self.run_dir is not None  # made by _prepare
         started = time.monotonic()
+        children: Sequence[tuple[subprocess.Popen[bytes] | ForkedChild, int]]
         if self.forkserver is not None:
             try:
                 children = self.forkserver.spawn_many([s.name for s in specs], self.run_dir)
@@ -246,11 +250,18 @@ class Launcher:
             children = [self._exec(spec) for spec in specs]
         for spec, (child, pidfd) in zip(specs, children):
             self.procs[spec.name] = _Proc(spec, child, pidfd, started)
-            self.runtime.watch(pidfd, lambda name=spec.name: self._reap(name) and [])
+            self.runtime.watch(pidfd, partial(self._on_pidfd, spec.name))
             self.runtime.peer_restarted(spec.name)
 
-    def _exec(self, spec: ActorSpec) -> tuple[subprocess.Popen, int]:
+    def _on_pidfd(self, name: str) -> list[str]:
+        """The runtime's callback when a child's pidfd turns readable: reap it (the death
+        reaches the runtime and the callbacks through _reap; nothing to deliver here)."""
+        self._reap(name)
+        return []
+
+    def _exec(self, spec: ActorSpec) -> tuple[subprocess.Popen[bytes], int]:
         """The fallback: a fresh interpreter running vsva.runtime.actor_process."""
+        assert self.run_dir is not None  # made by _prepare
         cmd = [
             self.python,
             "-m",
@@ -277,6 +288,7 @@ class Launcher:
 
     def _await_ready(self, names: list[str], timeout: float) -> None:
         """Collect the ready messages of `names` (bounded), then send each its go."""
+        assert self.ctl is not None  # bound by _prepare
         waiting = set(names)
         end = time.monotonic() + timeout
         poller = zmq.Poller()
@@ -307,6 +319,7 @@ class Launcher:
                 raise LaunchError(f"cannot send go to {name}: {exc}") from None
 
     def _on_ready_messages(self, waiting: set[str]) -> None:
+        assert self.ctl is not None  # bound by _prepare
         while True:
             try:
                 frames = self.ctl.recv_multipart(zmq.NOBLOCK)
@@ -344,10 +357,12 @@ class Launcher:
     def _read_log(self, name: str) -> str:
         if self._logs is not None:
             return self._logs.get(name, "")
+        if self.run_dir is None:  # not started
+            return ""
         try:
             with open(os.path.join(self.run_dir, f"{name}.log"), errors="replace") as f:
                 return f.read()
-        except (OSError, TypeError):
+        except OSError:
             return ""
 
     # ---- supervision -------------------------------------------------------------------------
@@ -356,7 +371,8 @@ class Launcher:
         proc = self.procs.get(name)
         if proc is None or proc.pidfd is None:
             return []
-        if proc.child.poll() is None:
+        code = proc.child.poll()
+        if code is None:
             return []
         if self.runtime is not None:
             self.runtime.unwatch(proc.pidfd)
@@ -364,7 +380,6 @@ class Launcher:
         proc.pidfd = None
         if self.forkserver is not None:
             self.forkserver.release(proc.pid)
-        code = proc.child.returncode
         self.deaths.append((name, code))
         if self.runtime is not None and not self.runtime.closed:
             self.runtime.peer_exited(name)
@@ -457,6 +472,7 @@ class Launcher:
         self._reap(name)
         self._spawn([proc.spec])
         self._await_ready([name], self.ready_timeout if timeout is None else timeout)
+        assert self.runtime is not None  # made by start
         self.runtime.expect([name])
         return self.procs[name].pid
 
@@ -549,7 +565,7 @@ class Launcher:
         pending = [n for n in names if self.procs[n].pidfd is not None]
         while pending and time.monotonic() < end:
             poller = select.poll()
-            fds = {self.procs[n].pidfd: n for n in pending}
+            fds = {fd: n for n in pending if (fd := self.procs[n].pidfd) is not None}
             for fd in fds:
                 poller.register(fd, select.POLLIN)
             for fd, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):

@@ -54,7 +54,7 @@ def run_scenario(
                 sup.step(0.01)
             final_audit = sup.run_step(sup.audit_task, timeout=15.0)
             stopped = sup.run_step(sup.stop_vms, timeout=15.0) or {}
-            after = sup.run_step(sup.audit_task, timeout=15.0)
+            after = sup.run_step(sup.audit_task, timeout=15.0) or _unfinished("the audit after vm_stop")
             report["vm_stop"] = {str(vm): r.get("ret") for vm, r in stopped.items()}
         report["host_lost"] = sup.host_lost
         report["processes"] = sup.processes()
@@ -83,7 +83,7 @@ def run_scenario(
                 v for v in after["violations"] if v not in final_audit["violations"]
             ]
         report["timeouts"] = timeouts_in(
-            report["workloads"], report.get("vm_stop"), records=sup.actor.timeouts if sup.actor else ()
+            report["workloads"], report.get("vm_stop"), records=sup.actor.timeouts
         )
         report["audit"] = {
             "ran": final_audit is not None,
@@ -105,6 +105,18 @@ def run_scenario(
         report["trace_files"] = sup.launcher.trace_files
     report["elapsed_s"] = round(time.monotonic() - t0, 3)
     return report
+
+
+def _unfinished(what: str) -> dict[str, Any]:
+    """An audit that did not finish in its bound fails the run: it is never a pass by silence."""
+    violation: dict[str, Any] = {
+        "invariant": "run",
+        "what": f"{what} did not finish",
+        "actors": [],
+        "vm": None,
+        "pasid": None,
+    }
+    return {"ok": False, "violations": [violation]}
 
 
 def _why_failed(sup: Supervisor, vm: int, timed_out: bool, timeout: float) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import NoReturn
 
 import typer
 
@@ -15,7 +16,7 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"vsva scale: {message}", err=True)
     raise typer.Exit(code)
 

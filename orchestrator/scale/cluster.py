@@ -12,6 +12,7 @@ in the task: the stack's launcher cleans up on that node).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -35,7 +36,7 @@ def connect(address: str) -> Any:
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR", ignore_reinit_error=True)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, ignore_reinit_error=True)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own wording
         raise ClusterError(f"--cluster {address}: cannot connect: {str(exc).splitlines()[0]}") from None
     return ray
@@ -144,7 +145,7 @@ def _result(ray: Any, ref: Any) -> dict[str, Any]:
 
 def _record(sweep: Any, st: dict[str, Any], rd: Any, progress: Any, make_row: Any) -> None:
     results = st["results"]
-    env = next((r["env"] for r in results if r["env"]), {})
+    env: dict[str, Any] = next((r["env"] for r in results if r["env"]), {})
     row, series = make_row(
         sweep,
         st["run"],

@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class Interrupted(Exception):
         self.path = path
 
 
-def plan(sweep: Sweep, done: set[tuple[str, int]] = frozenset()) -> list[Run]:
+def plan(sweep: Sweep, done: Set[tuple[str, int]] = frozenset()) -> list[Run]:
     runs = []
     for index, params in enumerate(sweep.grid()):
         pid = sweep.point_id(params)
@@ -304,7 +304,7 @@ def finish(rd: ResultsDir, sweep: Sweep) -> dict[str, Any]:
     }
     drawn = plotting.draw_all(rd, sweep)
     rows = rd.rows()
-    statuses = {}
+    statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return {

@@ -12,7 +12,7 @@ import msgpack
 import zmq
 
 if TYPE_CHECKING:
-    from vsva.actors.base import Handler
+    from vsva.actors.base import Steps
     from vsva.ops.supervisor.loop import Supervisor
 
 CONTROL_OPS: dict[str, dict[str, type]] = {
@@ -51,13 +51,16 @@ class ControlServer:
 
     def __init__(self, sup: Supervisor, endpoint: str):
         self.sup = sup
-        self.ctl: zmq.Socket[bytes] | None = sup.launcher.ctx.socket(zmq.ROUTER)
+        self.ctl: zmq.Socket[bytes] | None = sup.runtime.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.LINGER, 0)
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 65536)
         self.ctl.bind(endpoint)
 
     def readable(self) -> bool:
-        return self.ctl is not None and bool(self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        if self.ctl is None:
+            return False
+        events = self.ctl.getsockopt(zmq.EVENTS)
+        return isinstance(events, int) and bool(events & zmq.POLLIN)
 
     def close(self) -> None:
         if self.ctl is not None:
@@ -84,7 +87,7 @@ class ControlServer:
                 self._kill(rid, req["name"])
             elif op == "audit":
 
-                def run_audit(rid: bytes = rid) -> Handler:
+                def run_audit(rid: bytes = rid) -> Steps[None]:
                     res = yield from sup.audit_task()
                     self.reply(
                         rid,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import signal
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vsva.actors.base import Call
@@ -14,7 +15,7 @@ from vsva.ops.topology import guest_name
 from vsva.ops.topology_file import Fault
 
 if TYPE_CHECKING:
-    from vsva.actors.base import Handler
+    from vsva.actors.base import Steps
     from vsva.ops.supervisor.loop import Supervisor
 
 WORKLOAD_TIMEOUT = 600.0
@@ -41,16 +42,18 @@ class FaultInjector:
             plan["at_time"] = f.at_time
         return plan
 
-    def _watch_flow(self, plan: dict[str, Any], f: Fault) -> Handler:
+    def _watch_flow(self, plan: dict[str, Any], f: Fault) -> Steps[None]:
         """Ask VM f.vm's guest to tell us when instance f.nth of f.at_flow starts (one
         request, answered on that event: no polling); kill the target on the answer. The
         guest is then waiting for that instance's first reply: the kill lands inside the step."""
-        r = yield Call(guest_name(f.vm), FlowWatch(flow=f.at_flow, nth=f.nth), timeout=WORKLOAD_TIMEOUT)
+        vm, flow = f.vm, f.at_flow
+        assert vm is not None and flow is not None, "a fault without a time has a flow (topology_file)"
+        r = yield Call(guest_name(vm), FlowWatch(flow=flow, nth=f.nth), timeout=WORKLOAD_TIMEOUT)
         if plan["done"]:
             return
         if r.get("ret"):
             plan["done"] = True
-            plan["result"] = f"skipped: {guest_name(f.vm)} did not report {f.at_flow} ({r.get('ret')})"
+            plan["result"] = f"skipped: {guest_name(vm)} did not report {flow} ({r.get('ret')})"
             return
         self._kill_now(plan, f, f"flow step {r['tag']} started (guest event)")
 
@@ -77,14 +80,14 @@ class FaultInjector:
                 continue
             f = sup.run.faults[plan["index"]]
             trigger = None
-            if "at_time" in plan and sup.t_workloads is None:
-                continue
             if "at_time" in plan:
+                if sup.t_workloads is None:
+                    continue
                 if sup.now() - sup.t_workloads >= plan["at_time"]:
                     trigger = f"t = {plan['at_time']:.3f} s after the workloads started"
             elif not plan.get("watching"):
                 plan["watching"] = True
-                sup.spawn(lambda plan=plan, f=f: self._watch_flow(plan, f))
+                sup.spawn(partial(self._watch_flow, plan, f))
             if trigger is None:
                 continue
             self._kill_now(plan, f, trigger)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from types import FrameType
+from typing import Any, TypeVar
 
-from vsva.actors.base import Call, Gather
+from vsva.actors.base import Actor, Body, Call, Gather, Steps
 from vsva.actors.catalogue import Ping
 from vsva.ops import runfiles
 from vsva.ops.control import Orchestrator
@@ -25,6 +28,9 @@ from vsva.ops.supervisor.recovery import RESTARTED, Recovery
 from vsva.ops.supervisor.statefile import ctl_endpoint, write_state
 from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import RunFile
+from vsva.runtime.loop import ZmqRuntime
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,7 +61,7 @@ class SupervisorActor(Orchestrator):
         self.booted = False
         self.heartbeat_busy = False
 
-    def on_start(self):
+    def on_start(self) -> Steps[None]:
         yield from self.sup.boot_vms(self, [v.vm for v in self.sup.vms.values()])
         self.booted = True
 
@@ -64,7 +70,12 @@ class Supervisor:
     """Drives one live topology; see the package docstring."""
 
     def __init__(
-        self, run: RunFile, *, launcher_kw: dict[str, Any] | None = None, log=None, workloads: bool = True
+        self,
+        run: RunFile,
+        *,
+        launcher_kw: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+        workloads: bool = True,
     ):
         from vsva.ops.launcher import Launcher
 
@@ -86,11 +97,11 @@ class Supervisor:
         self.host_lost = False
         self.host_lost_info: dict[str, Any] | None = None  # when and why, for the state file
         self.stop_requested = False
-        self.actor: SupervisorActor | None = None
         self.t_start = 0.0
         self.t_workloads: float | None = None
         self.state_file: str | None = None
         self.ready_s = 0.0
+        self.actor = SupervisorActor(self)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -105,8 +116,7 @@ class Supervisor:
         self.launcher.start()
         self.ready_s = time.monotonic() - t
         self.t_start = self.now()
-        self.control = ControlServer(self, ctl_endpoint(self.launcher.run_dir))
-        self.actor = SupervisorActor(self)
+        self.control = ControlServer(self, ctl_endpoint(self.run_dir))
         self.state_file = state_file
         self.write_state()
         self.faults.plan(self.run.faults)
@@ -123,13 +133,27 @@ class Supervisor:
                 "owner": runfiles.owner_tag(),
                 "run_dir": self.launcher.run_dir,
                 "shm": self.launcher.shm_path,
-                "ctl": ctl_endpoint(self.launcher.run_dir),
+                "ctl": ctl_endpoint(self.run_dir),
                 "source": self.run.source,
                 "started": self.launcher.t0,
                 "actors": {} if host_lost else {r["name"]: r["pid"] for r in self.launcher.processes()},
                 "host_lost": host_lost,
             },
         )
+
+    @property
+    def run_dir(self) -> str:
+        """The launcher's run directory (it exists once the launcher has started)."""
+        if self.launcher.run_dir is None:
+            raise RuntimeError("the supervisor has not started")
+        return self.launcher.run_dir
+
+    @property
+    def runtime(self) -> ZmqRuntime:
+        """The launcher's runtime, on which the orchestrator's actor runs."""
+        if self.launcher.runtime is None:
+            raise RuntimeError("the supervisor has not started")
+        return self.launcher.runtime
 
     def close(self) -> None:
         if self.control is not None:
@@ -142,7 +166,7 @@ class Supervisor:
                 pass
 
     # ---- the main loop -----------------------------------------------------------------------
-    def _wake(self, actor: SupervisorActor) -> bool:
+    def _wake(self, actor: Actor) -> bool:
         return bool(
             self.recovery.busy()
             or self.stop_requested
@@ -164,7 +188,7 @@ class Supervisor:
     def serve(self) -> None:
         """`vsva up`: run until a `down` request (or SIGTERM/SIGINT, or the host is lost)."""
 
-        def on_signal(signum, frame):
+        def on_signal(signum: int, frame: FrameType | None) -> None:
             self.stop_requested = True
 
         signal.signal(signal.SIGTERM, on_signal)
@@ -179,12 +203,12 @@ class Supervisor:
             self.run_step(self.stop_vms, timeout=10.0)
         self.close()
 
-    def run_step(self, gen_fn, timeout: float):
+    def run_step(self, gen_fn: Callable[[], Steps[T]], timeout: float) -> T | None:
         """Run a step (a generator function) on the actor to completion (bounded) from the
         main loop, handling deaths meanwhile; returns its result (None on timeout)."""
-        box: dict[str, Any] = {}
+        box: dict[str, T] = {}
 
-        def wrapper():
+        def wrapper() -> Steps[None]:
             box["result"] = yield from gen_fn()
 
         self.spawn(wrapper)
@@ -198,12 +222,12 @@ class Supervisor:
             self.recovery.handle_pending()
         return box.get("result")
 
-    def spawn(self, gen_fn) -> None:
+    def spawn(self, gen_fn: Callable[[], Steps[Any]]) -> None:
         """Start a step on the actor from the main loop; its deadlines count from now."""
-        self.launcher.runtime.send(self.actor.run_task(gen_fn, self.launcher.runtime.now()))
+        self.runtime.send(self.actor.run_task(gen_fn, self.runtime.now()))
 
     # ---- VMs and workloads -----------------------------------------------------------------
-    def boot_vms(self, actor: SupervisorActor, vms: list[int]):
+    def boot_vms(self, actor: SupervisorActor, vms: list[int]) -> Steps[None]:
         for vm in vms:
             self.vms[vm].state = "booting"
         replies = yield from actor.boot(vms)
@@ -212,14 +236,14 @@ class Supervisor:
                 self.vms[vm].state = "running"
                 self.event("vm started", vmm_name(vm))
                 if self.autoworkload:
-                    actor.spawn(lambda vm=vm: self._workload(vm))
+                    actor.spawn(partial(self._workload, vm))
             elif self.vms[vm].state == "booting":
                 self.vms[vm].state = "off"
                 self.event("vm start failed", vmm_name(vm), ret=r.get("ret"), error=r.get("error", ""))
         if self.t_workloads is None:
             self.t_workloads = self.now()
 
-    def _workload(self, vm: int):
+    def _workload(self, vm: int) -> Steps[None]:
         st = self.vms[vm]
         st.runs += 1
         run = st.runs
@@ -233,11 +257,10 @@ class Supervisor:
             all(v.state != "running" or v.workload is not None for v in self.vms.values())
             and all(v.state != "booting" for v in self.vms.values())
             and not self.recovery.busy()
-            and self.actor is not None
             and self.actor.booted
         )
 
-    def stop_vms(self):
+    def stop_vms(self) -> Steps[dict[int, Body]]:
         """vm_stop (F8) on every running VM whose vmm is alive; returns {vm: reply}."""
         live = [
             vm for vm, v in self.vms.items() if v.state == "running" and self.launcher.alive(vmm_name(vm))
@@ -258,7 +281,7 @@ class Supervisor:
         names = [n for n in self.run.topology.names() if self.launcher.alive(n)]
         interval = self.run.dead_peer_interval
 
-        def beat():
+        def beat() -> Steps[None]:
             self.actor.heartbeat_busy = True
             try:
                 replies = yield Gather([Call(n, Ping(), timeout=interval) for n in names])
@@ -270,7 +293,7 @@ class Supervisor:
         self.spawn(beat)
 
     # ---- audit -------------------------------------------------------------------------------
-    def audit_task(self):
+    def audit_task(self) -> Steps[dict[str, Any]]:
         """The run engine's live audit over the actors that are alive (none: the host is gone)."""
         if self.host_lost or not self.launcher.alive(HOST):
             return {

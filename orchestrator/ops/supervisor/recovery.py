@@ -29,7 +29,7 @@ from vsva.ops.config import VM, GuestDeath
 from vsva.ops.topology import HOST, guest_name, vmm_name
 
 if TYPE_CHECKING:
-    from vsva.actors.base import Handler
+    from vsva.actors.base import Steps
     from vsva.ops.supervisor.loop import Supervisor
 
 RESTARTED = ("kvm", "vdcm")
@@ -142,7 +142,7 @@ class Recovery:
             sup.vms[vm].workload = None
             sup.spawn(lambda: sup.boot_vms(sup.actor, [vm]))
 
-    def _await_resync(self, rec: dict[str, Any], name: str) -> Handler:
+    def _await_resync(self, rec: dict[str, Any], name: str) -> Steps[None]:
         actor = self.sup.actor
         end = actor.now + 10.0
         while actor.now < end:
@@ -156,7 +156,7 @@ class Recovery:
                 rec["error"] = f"snapshot failed: {r.get('ret')}"
                 return
 
-    def _watch_teardown(self, rec: dict[str, Any], vm: int) -> Handler:
+    def _watch_teardown(self, rec: dict[str, Any], vm: int) -> Steps[None]:
         sup = self.sup
         end = sup.actor.now + 15.0
         while sup.actor.now < end and not sup.host_lost:
@@ -169,7 +169,7 @@ class Recovery:
                 rec["teardown"] = done[-1]
                 return
 
-    def _guest_crashed(self, rec: dict[str, Any], vm: int, policy: GuestDeath) -> Handler:
+    def _guest_crashed(self, rec: dict[str, Any], vm: int, policy: GuestDeath) -> Steps[None]:
         sup = self.sup
         r = yield Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=10.0)
         rec["vm_stop"] = r.get("ret")

@@ -18,6 +18,11 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, int(round(p * len(ordered))) - 1))]
 
 
+def last_phase(marks: dict[str, float]) -> str:
+    """The phase of a run that ended last (Orchestrator.marks), 'launch' before any."""
+    return max(marks, key=lambda phase: marks[phase], default="launch")
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far (/proc/PID/stat utime, stime)."""
     try:

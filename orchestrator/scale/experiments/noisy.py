@@ -142,8 +142,8 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
 
 def _span(victims: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
     """From the victims' first phase start to their last phase end (epoch seconds)."""
-    windows = [phase_window(victims, p) for p in ("bind_latency", "dma_loop", "fault_loop")]
-    windows = [w for w in windows if w]
+    found = [phase_window(victims, p) for p in ("bind_latency", "dma_loop", "fault_loop")]
+    windows = [w for w in found if w]
     return (min(w[0] for w in windows), max(w[1] for w in windows)) if windows else None
 
 

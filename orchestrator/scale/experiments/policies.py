@@ -26,13 +26,22 @@ kill to the end of the teardown, or outside it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from vsva.actors.base import Call, Wait
+from vsva.actors.base import Body, Call, Steps, Wait
 from vsva.actors.catalogue import PoolStatus
-from vsva.ops.topology import guest_name, vmm_name
+from vsva.ops.control import Orchestrator
+from vsva.ops.topology import Topology, guest_name, vmm_name
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
-from vsva.scale.experiments.measure import bench_steps, epoch_offset, percentile, workload_failures
+from vsva.scale.experiments.measure import (
+    bench_steps,
+    epoch_offset,
+    last_phase,
+    percentile,
+    workload_failures,
+)
 from vsva.scale.experiments.vms import launch_timeout
 
 DOC = "naive / ordered / reclaim under churn and a VMM kill: teardown, reclaim backlog, violations, leaks, others' bind latency"
@@ -92,11 +101,32 @@ def refuse(params: dict[str, Any]) -> str | None:
     return vms.refuse_topology(topology(params, 0))
 
 
-class PolicyProbe:
-    """Mixed into the run engine's Orchestrator (built in `probe`): the session above, from
-    the engine's steps (boot, workload, audit_live with its quarantine leaks, stop_vms)."""
+class PolicyProbe(Orchestrator):
+    """The run engine's Orchestrator running the session above, from the engine's steps
+    (boot, workload, audit_live with its quarantine leaks, stop_vms)."""
 
-    def on_start(self):
+    def __init__(
+        self,
+        topology: Topology,
+        params: dict[str, Any],
+        kill_vm: Callable[[int], None],
+        on_phase: Callable[[str], None],
+        timeout: float,
+    ):
+        super().__init__(topology)
+        self.on_phase = on_phase
+        self.params = params
+        self.kill_vm = kill_vm
+        self.workload_timeout = timeout
+        self.teardown_timeout = min(60.0, timeout)
+        self.result: dict[str, Any] | None = None
+        self.works: dict[int, Body] = {}
+        self.killed_at: float | None = None
+        self.torn_down_at: float | None = None
+        self.host_record: dict[str, Any] | None = None
+        self.backlog = 0
+
+    def on_start(self) -> Steps[None]:
         vms = self.topology.vms
         self.mark("started")
         started = yield from self.boot(vms)
@@ -104,7 +134,7 @@ class PolicyProbe:
         self.works = {KILLED: (yield from self.workload(KILLED, self.workload_timeout))}
         others = [vm for vm in vms if vm != KILLED]
         for vm in others:
-            self._run(lambda vm=vm: self._other(vm, len(others)), None, "")
+            self.spawn(partial(self._other, vm, len(others)))
         yield Wait(("kill-after",), timeout=self.params["kill_after_s"])
         if self.params["kill"]:
             yield from self._kill_and_watch()
@@ -127,12 +157,12 @@ class PolicyProbe:
         }
         yield from self.shutdown_all()
 
-    def _other(self, vm: int, count: int):
+    def _other(self, vm: int, count: int) -> Steps[None]:
         self.works[vm] = yield from self.workload(vm, self.workload_timeout)
         if len(self.works) == count + 1:
             self.wake(("others",), {"ret": 0})
 
-    def _kill_and_watch(self):
+    def _kill_and_watch(self) -> Steps[None]:
         self.killed_at = time.time()
         self.kill_vm(KILLED)
         end = self.now + self.teardown_timeout
@@ -145,21 +175,6 @@ class PolicyProbe:
                 self.host_record = done[-1]
                 return
             yield Wait(("poll", self.now), timeout=POLL_S)
-
-
-def probe(topology: Any, params: dict[str, Any], kill_vm, on_phase, timeout: float):
-    from vsva.ops.control import Orchestrator
-
-    class Probe(PolicyProbe, Orchestrator):
-        pass
-
-    p = Probe(topology)
-    p.on_phase, p.result = on_phase, None
-    p.params, p.kill_vm = params, kill_vm
-    p.workload_timeout, p.teardown_timeout = timeout, min(60.0, timeout)
-    p.killed_at = p.torn_down_at = p.host_record = None
-    p.backlog = 0
-    return p
 
 
 def topology(params: dict[str, Any], seed: int):
@@ -199,15 +214,18 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
             launcher.kill(f"vm{vm}.vmm")
             launcher.kill(f"vm{vm}.guest")
 
-        p = probe(topo, params, kill_vm, ctx.phase, ctx.check("the session"))
-        if not launcher.run_actor(p, timeout=ctx.check("the session")) or p.result is None:
-            raise PointTimeout(f"timed out after phase {max(p.marks, key=p.marks.get, default='launch')}")
+        p = PolicyProbe(topo, params, kill_vm, ctx.phase, ctx.check("the session"))
+        finished = launcher.run_actor(p, timeout=ctx.check("the session"))
+        if not finished or p.result is None:
+            raise PointTimeout(f"timed out after phase {last_phase(p.marks)}")
+        t0 = launcher.t0
+        assert t0 is not None, "a started launcher has its epoch"
         launcher.close()
-    return measure(p, params, launcher.t0)
+    return measure(p, p.result, params, t0)
 
 
-def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
-    res = p.result
+def measure(p: PolicyProbe, res: dict[str, Any], params: dict[str, Any], t0: float) -> StackResult:
+    """The point's metrics from the probe's `result` (`res`) and what it timed."""
     host_after = res["after"].get("host", {})
     out = StackResult(violations=res["violations"], audit_ran=True, failures=workload_failures(res))
     quarantined = host_after.get("quarantined", {})
@@ -215,9 +233,12 @@ def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
     other = works.get(f"vm{OTHER}.guest", {})
     steps = other.get("steps", [])
     off = epoch_offset(steps)
-    bind = next(iter(bench_steps({"g": other}, "bind latencies")["g"]), {"latencies": [], "starts": []})
+    bind: dict[str, list[float]] = next(
+        iter(bench_steps({"g": other}, "bind latencies")["g"]), {"latencies": [], "starts": []}
+    )
     window = (p.killed_at, p.torn_down_at) if p.killed_at and p.torn_down_at else None
-    during, outside = [], []
+    during: list[float] = []
+    outside: list[float] = []
     for start, lat in zip(bind.get("starts", []), bind["latencies"]):
         inside = window is not None and off is not None and window[0] <= start + off <= window[1]
         (during if inside else outside).append(lat * 1e6)
@@ -227,7 +248,7 @@ def measure(p: Any, params: dict[str, Any], t0: float) -> StackResult:
     )
     record = p.host_record or {}
     out.metrics = {
-        "teardown_ms": (p.torn_down_at - p.killed_at) * 1e3 if window else None,
+        "teardown_ms": (window[1] - window[0]) * 1e3 if window else None,
         "host_teardown_ms": (record["finished"] - record["started"]) * 1e3 if record else None,
         "reclaim_backlog_peak": p.backlog,
         "audit_violations": len(out.violations),

@@ -24,6 +24,7 @@ from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, St
 from vsva.scale.experiments.measure import (
     bench_steps,
     cpu_seconds,
+    last_phase,
     mean,
     messages_between,
     percentile,
@@ -130,11 +131,11 @@ class Sampler:
         if "worked" not in self.cpu or "booted" not in self.cpu:
             return None
         wall = self.wall["worked"] - self.wall["booted"]
-        used = [
-            self.cpu["worked"].get(n, 0) - self.cpu["booted"].get(n, 0)
-            for n in names
-            if self.cpu["worked"].get(n) is not None and self.cpu["booted"].get(n) is not None
-        ]
+        used = []
+        for n in names:
+            booted, worked = self.cpu["booted"].get(n), self.cpu["worked"].get(n)
+            if booted is not None and worked is not None:
+                used.append(worked - booted)
         return sum(used) / wall if wall > 0 and used else None
 
 
@@ -160,7 +161,7 @@ def run_session(topo: Any, ctx: PointContext, on_launch=None):
             on_launch(launcher, ctl)
         finished = launcher.run_actor(ctl, timeout=ctx.check("the session"))
         if not finished or ctl.result is None:
-            raise PointTimeout(f"timed out after phase {max(ctl.marks, key=ctl.marks.get, default='launch')}")
+            raise PointTimeout(f"timed out after phase {last_phase(ctl.marks)}")
         t_close = time.monotonic()
         launcher.close()
     timings = {
