@@ -21,8 +21,14 @@ to a read-only page), sends a page request: PASID, page address, read/write, a g
 queues it in its page request queue (`self.prq`, at most `prq_depth` entries, default 32)
 until its response, reports it one-way to the VMM of the VM owning the PASID, and the
 descriptor waits (`Wait`) for the page group response; SUCCESS retries the descriptor from
-the faulting byte, INVALID or FAILURE fail it (-EFAULT; FAILURE is not remembered beyond the
-descriptor). At most `prq_max_faults` (1024) requests per descriptor.
+the faulting byte, INVALID or FAILURE fail it (-EFAULT). FAILURE is sticky per physical
+device (PCI PRI "Response Failure": the function stops issuing page requests): every later
+recoverable fault of that device, whatever its PASID or mdev, fails its descriptor at once
+unreported (`prq.stats.failure_drops`) until the device is reset. Reset, in this model, is
+the FLR VFIO does when a VM's devices are released (VM stop or the VMM's death): a
+passthrough function at once, a parent of mdevs once no running VM holds one of its mdevs
+(so one guest's FAILURE silences the parent for every VM's mdevs until then).
+At most `prq_max_faults` (1024) requests per descriptor.
   Overflow (VT-d's behaviour): a request that finds the queue full sets the overflow flag
   (PRO) and is auto-responded SUCCESS by the IOMMU without reaching software; while PRO is
   set every new request is auto-responded the same way; PRO clears when the queue empties.
@@ -32,9 +38,12 @@ descriptor). At most `prq_max_faults` (1024) requests per descriptor.
   timeout) is answered INVALID by the host on the guest's behalf; the descriptor fails
   with -ETIMEDOUT (a definite outcome) and the entry leaves the queue.
   Drain: `teardown_entry` (unbind, free under ordered and reclaim, VM teardown, and the
-  naive policy's deferred cleanup) drains the PASID's entries of that device: each waiting
-  descriptor fails at once (-ECANCELED, aborted) and a later response is refused (-EINVAL,
-  unknown group). So under ordered and reclaim no request survives the unbind or free
+  naive policy's deferred cleanup) drains the PASID's requests of that device
+  (intel_svm_drain_prq: no request of the PASID left in the queue, then the fenced drain
+  wait): each waiting descriptor fails at once (-ECANCELED, aborted); the VMM was told of
+  the request, so its later response still finds the event and is refused by the driver
+  with -ENODEV (the PASID is no longer bound to the device); a second one finds no event
+  (-EINVAL). So under ordered and reclaim no request survives the unbind or free
   that precedes reuse; under naive the PASID is back in the pool before its deferred
   cleanup drains it: the audit can catch a request queued under a free or reused PASID.
   Requests for a PASID that is not bound to the device, defunct, reclaiming, or owned by
@@ -96,6 +105,7 @@ from vsva.actors.uapi import (
     EV_UNBIND,
     IOMMU_FAULT_PERM_READ,
     IOMMU_FAULT_PERM_WRITE,
+    IOMMU_PAGE_RESP_FAILURE,
     IOMMU_PAGE_RESP_INVALID,
     IOMMU_PAGE_RESP_SUCCESS,
     IOMMU_SVA_GPASID_VAL,
@@ -324,6 +334,8 @@ class Host(Actor):
         # and returns them only once the subscribers acknowledged (see its docstring)
         yield from self.ioasid_free(dom, ioasids, EV_FREE_SET, wait=True)
         self.vfio.release(dom)
+        self.prq.forget_vm(dom.vm)
+        record["reset"] = self.vfio.reset_released(dom)
         record["finished"] = self.now
 
     # ---- F2: intel_svm_bind_gpasid --------------------------------------------------------
@@ -434,7 +446,7 @@ class Host(Actor):
         """intel_svm_drain_prq(): no page request of this PASID may outlive the entry.
 
         Each drained request is answered INVALID: its descriptor fails at once (aborted)."""
-        drained = self.prq.drain(dev, pasid)
+        drained = self.prq.drain(dev, pasid, self.now)
         for req in drained:
             self.wake(
                 (req["dev"], req["grpid"]), {"ret": 0, "code": IOMMU_PAGE_RESP_INVALID, "drained": True}
@@ -490,6 +502,9 @@ class Host(Actor):
             status, fault_va, done = run_descriptor(self.iommu, pdev.id, work)
             total += done
             if not status or not pri_recoverable(pdev.pri, status):
+                break
+            if pdev.prg_failed:  # a FAILURE response disabled its page requests until reset
+                self.prq.stats.failure_drops += 1
                 break
             faults += 1
             if faults > self.prq.max_faults:
@@ -582,7 +597,10 @@ class Host(Actor):
         return reply["code"], -E.EFAULT, f"page response {reply['code']}"
 
     def on_page_response(self, msg: Envelope, resp: PageResponse) -> dict[str, Any]:
-        """intel_svm_page_response(): match the VMM's page group response to its request."""
+        """iommu_page_response() -> intel_svm_page_response(): match the VMM's page group
+        response to its request and pass the code to the device. A FAILURE disables the
+        device's page requests (PCI PRI Response Failure): from then on its faults are not
+        reported, until VFIO resets the device (`Vfio.reset_released`)."""
         dom = self.vfio_caller(msg)
         if not isinstance(dom, VmDomain):
             return dom  # the refusal
@@ -591,21 +609,32 @@ class Host(Actor):
             self.prq.stats.rejected += 1
             self.log("prq:reject", f"page response from {msg.src} refused: {why}")
             return failed(ret, error=why)
+        if "drained_at" in req:  # the PASID is bound to the device again: its old group is gone
+            self.prq.consume_drained(req)
+            return {"ret": 0}
         self.prq.remove(req)
         self.prq.stats.responses += 1
+        if resp.code == IOMMU_PAGE_RESP_FAILURE:
+            self.vfio.phys[req["dev"]].prg_failed = True
+            self.log("prq:failure", f"{req['dev']}: FAILURE response; its page requests stay off until reset")
         self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": resp.code})
         return {"ret": 0}
 
     def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict[str, Any] | None]:
+        """iommu_page_response finds the pending event (none: -EINVAL); intel_svm_page_response
+        then needs the PASID bound to the device (pasid_to_svm_sdev; none: -ENODEV), which a
+        response after the drain of its request no longer finds."""
         pdev = self.vfio.physical(resp.dev)
         if resp.dev not in dom.devices or pdev is None:
             return -E.ENODEV, f"{resp.dev} is not assigned to VM {dom.vm}", None
-        ret, why, req = self.prq.match(pdev.name, resp.dev, dom.vm, resp.hpasid, resp.grpid)
+        ret, why, req = self.prq.match(pdev.name, resp.dev, dom.vm, resp.hpasid, resp.grpid, self.now)
         if req is None:
             return ret, why, None
         ioasid = self.ioasid.find(req["pasid"])
-        if ioasid is None or ioasid.vm != dom.vm or ioasid.svm is None:
-            return -E.ENODEV, f"PASID {req['pasid']} is no longer bound", None
+        if ioasid is None or ioasid.vm != dom.vm or ioasid.svm is None or pdev.name not in ioasid.svm.devs:
+            if "drained_at" in req:  # the core's event goes whatever the driver answers
+                self.prq.consume_drained(req)
+            return -E.ENODEV, f"PASID {req['pasid']} is no longer bound to {pdev.name}", None
         return 0, "", req
 
     # ---- audit ---------------------------------------------------------------------------------

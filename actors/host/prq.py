@@ -1,9 +1,11 @@
 """The page request queue (intel_svm prq, drivers/iommu/intel/svm.c) and its statistics.
 
 `PageRequestQueue` owns the outstanding requests (oldest first), the overflow flag (PRO),
-the per-device 9-bit group indexes and the counters. The fault-to-response flow itself is
-`Host.page_request` (it waits on the response); the queue answers what can be decided from
-its own state: is it full, which group a response matches, what a drain removes.
+the per-device 9-bit group indexes, the requests a drain took off the queue after the VMM
+was told of them (`drained`: the iommu core's fault list keeps such an event until its
+response), and the counters. The fault-to-response flow itself is `Host.page_request` (it
+waits on the response); the queue answers what can be decided from its own state: is it
+full, which group a response matches, what a drain removes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ LATENCIES_KEPT = 4096
 @dataclass
 class PrqStats:
     """What the queue counted: requests queued, answered, auto-responded under overflow, timed
-    out, drained by a teardown, dropped (no svm for the PASID) and responses rejected."""
+    out, drained by a teardown, dropped (no svm for the PASID), responses rejected, drain
+    waits issued (fenced, with the drain flag) and faults a device did not report because a
+    FAILURE response disabled its page requests."""
 
     requests: int = 0
     responses: int = 0
@@ -30,6 +34,8 @@ class PrqStats:
     drained: int = 0
     dropped: int = 0
     rejected: int = 0
+    drain_waits: int = 0
+    failure_drops: int = 0
 
 
 @dataclass
@@ -43,6 +49,7 @@ class PageRequestQueue:
     overflow: bool = False  # PRO: set when a request found the queue full, cleared when it empties
     stats: PrqStats = field(default_factory=PrqStats)
     latencies: list[float] = field(default_factory=list)  # queued -> response, the last LATENCIES_KEPT
+    drained: list[dict[str, Any]] = field(default_factory=list)  # drained, told to the VMM, unanswered
     _grpid: dict[str, int] = field(default_factory=dict)  # physical device -> next group index
     _seq: dict[int, int] = field(default_factory=dict)  # VM -> F6 instance number, for the flow tag
 
@@ -86,7 +93,7 @@ class PageRequestQueue:
 
     def _next_grpid(self, dev: str) -> int:
         """A 9-bit page request group index not in use on this device."""
-        busy = {r["grpid"] for r in self.pending if r["dev"] == dev}
+        busy = {r["grpid"] for r in self.pending + self.drained if r["dev"] == dev}
         grpid = self._grpid.get(dev, 0)
         while grpid in busy:
             grpid = (grpid + 1) % PRQ_GRPID_MAX
@@ -102,19 +109,43 @@ class PageRequestQueue:
     def answered(self, req: dict[str, Any], now: float) -> None:
         self.latencies = self.latencies[-(LATENCIES_KEPT - 1) :] + [now - req["queued"]]
 
-    def drain(self, dev: str, hpasid: int) -> list[dict[str, Any]]:
-        """intel_svm_drain_prq(): take every request of (device, PASID) off the queue."""
-        drained = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid]
-        for req in drained:
+    def drain(self, dev: str, hpasid: int, now: float) -> list[dict[str, Any]]:
+        """intel_svm_drain_prq() for (device, PASID), in its two steps.
+
+        1. Wait until no request of the PASID is in the queue. Here a request is reported to
+           its VMM in the step that queues it (prq_event_thread's work is done inline), so
+           the wait ends at once: the PASID's requests leave the queue now.
+        2. The fenced invalidation wait with the page-request-drain flag (QI_IWD_FENCE,
+           QI_IWD_PRQ_DRAIN): afterwards no request or response of the PASID is in flight
+           between the device and the queue (`stats.drain_waits`). The kernel retries it
+           while PRO is set; a request that met the overflow was auto-responded in the step
+           that raised it, so none of this PASID can still be in flight here.
+        The drained requests stay known in `drained` (the VMM was told of them and may still
+        answer: that answer is refused with -ENODEV, Host._match_response)."""
+        self._expire(now)
+        out = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid]
+        for req in out:
             self.remove(req)
-        self.stats.drained += len(drained)
-        return drained
+        self.drained += [{**r, "drained_at": now} for r in out]
+        self.stats.drained += len(out)
+        self.stats.drain_waits += 1
+        return out
+
+    def _expire(self, now: float) -> None:
+        """A drained request unanswered after `timeout` is forgotten (the queue stays bounded)."""
+        self.drained = [r for r in self.drained if now - r["drained_at"] < self.timeout]
+
+    def forget_vm(self, vm: int) -> None:
+        """The VM's VFIO fd closed: nobody is left to answer its drained requests."""
+        self.drained = [r for r in self.drained if r["vm"] != vm]
 
     def match(
-        self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int
+        self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int, now: float
     ) -> tuple[int, str, dict[str, Any] | None]:
-        """The outstanding request a response of VM `vm` answers, or why it answers none."""
-        req = next((r for r in self.pending if r["dev"] == dev and r["grpid"] == grpid), None)
+        """The request a response of VM `vm` answers (a queued one, or one a drain took off
+        the queue: `drained_at` set), or why it answers none (iommu_page_response)."""
+        self._expire(now)
+        req = next((r for r in self.pending + self.drained if r["dev"] == dev and r["grpid"] == grpid), None)
         if req is None:
             return -E.EINVAL, f"no outstanding page request group {grpid} on {dev}", None
         if req["vm"] != vm:
@@ -123,6 +154,11 @@ class PageRequestQueue:
             return -E.EINVAL, f"group {grpid} was requested by {req['vdev']} PASID {req['pasid']}", None
         return 0, "", req
 
+    def consume_drained(self, req: dict[str, Any]) -> None:
+        """The response to a drained request was handled: its event is gone."""
+        if req in self.drained:
+            self.drained.remove(req)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "prq": list(self.pending),
@@ -130,4 +166,5 @@ class PageRequestQueue:
             "prq_overflow": self.overflow,
             "prq_stats": asdict(self.stats),
             "prq_latencies": list(self.latencies),
+            "prq_drained": list(self.drained),
         }

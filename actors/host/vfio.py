@@ -36,6 +36,7 @@ class PhysDevice:
     pasid_dir: PasidDirectory
     pasid_enabled: bool = False
     pri: bool = True  # Page Request Interface: recoverable faults become page requests
+    prg_failed: bool = False  # a FAILURE page response stopped its page requests until reset
 
 
 @dataclass
@@ -175,6 +176,16 @@ class Vfio:
         self.iommu.inv_iotlb("domain", did=dom.vm)
         self.iommu.inv_pasid_cache("domain", did=dom.vm)
         del self.domains[dom.vm]
+
+    def reset_released(self, dom: VmDomain) -> list[str]:
+        """The released VM's devices are reset (VFIO's FLR on release): a passthrough function
+        now, a parent of mdevs once no running VM holds one of its mdevs. A reset re-enables
+        page requests a FAILURE response had stopped. Returns the devices reset."""
+        in_use = {p.name for d in self.domains.values() for v in d.devices if (p := self.physical(v))}
+        reset = sorted({p.name for v in dom.devices if (p := self.physical(v)) and p.name not in in_use})
+        for name in reset:
+            self.phys[name].prg_failed = False
+        return reset
 
     def portal_owner(self, dev: str, vm: int) -> str | None:
         """Who may write `dev`'s work portal: vdcm for an mdev, the VM's guest for a function."""

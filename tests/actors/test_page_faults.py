@@ -20,6 +20,7 @@ from vsva.actors import guest as guest_mod
 from vsva.actors.uapi import (
     IOMMU_FAULT_PERM_READ,
     IOMMU_FAULT_PERM_WRITE,
+    IOMMU_PAGE_RESP_FAILURE,
     IOMMU_PAGE_RESP_INVALID,
     IOMMU_PAGE_RESP_SUCCESS,
 )
@@ -420,6 +421,104 @@ def test_request_in_flight_when_pasid_freed(vsva, policy):
     assert host.prq.pending == [] and host.prq.stats.drained == 1 and host.ioasid.state(P) == "free"
     assert not s.p1.pt.lookup(LAZY) & FL_P
     assert s.violations() == []
+
+
+def _unbind_now(s, pasid, dev="pf1"):
+    """The guest clears its entry and invalidates the PASID cache, waiting only for that
+    reply (a run to quiescence would let the other queued requests time out)."""
+    s.g1.dirs[dev].clear_entry(pasid)
+    descs = [{"type": "pc", "dev": dev, "gpasid": pasid}, {"type": "wait"}]
+    return s.wire.call("vm1.guest", "vm1.vmm", "qi_submit", {"descs": descs})
+
+
+def test_drain_then_late_response_is_enodev(vsva):
+    """drivers/iommu/intel/svm.c intel_svm_drain_prq: at unbind no request of the PASID is
+    left in the queue (then one fenced wait with the drain flag); other PASIDs' requests on
+    the device stay. The VMM was told of the drained request, so the iommu core
+    (drivers/iommu/iommu.c iommu_page_response) still holds its event: the late response
+    reaches intel_svm_page_response, whose pasid_to_svm_sdev finds no sdev: -ENODEV, not an
+    unknown group. The event is gone after that: a second response is -EINVAL."""
+    s = Scene(vsva)
+    P, host = s.P, s.host
+    P2 = s.g1.alloc("pf1")["gpasid"]
+    assert s.g1.bind(s.p1, "pf1", P2)["ret"] == 0
+    waits = host.prq.stats.drain_waits
+    d = s.dma()
+    d2 = s.dma(pasid=P2, va=LAZY + PAGE_SIZE)
+    req, req2 = host.prq.pending
+    assert _unbind_now(s, P)["ret"] == 0
+    assert host.prq.stats.drain_waits == waits + 1 and host.prq.pending == [req2]
+    done = s.wire.wait(d)
+    assert done["ret"] == -E.ECANCELED and done.get("aborted"), done
+    assert s.answer(req, src="vm1.vmm", dst="host")["ret"] == -E.ENODEV
+    assert s.answer(req, src="vm1.vmm", dst="host")["ret"] == -E.EINVAL
+    assert host.prq.pending == [req2] and host.prq.drained == []
+    s.fault_in(LAZY + PAGE_SIZE)
+    assert s.answer(req2, src="vm1.vmm", dst="host")["ret"] == 0
+    assert s.wire.wait(d2)["ret"] == 0
+    s.rt.run()
+    assert s.violations() == []
+
+
+def test_failure_response_is_sticky_per_device_until_reset(vsva):
+    """A FAILURE page response (include/uapi/linux/iommu.h: "drop all further faults from
+    this device"; intel_svm_page_response passes the code to the device, whose PRI then
+    stops): every later fault of pf1, under any PASID, fails its descriptor unreported; the
+    VM's other device and other VMs keep their page requests. Reset, in this model: VFIO's
+    FLR when the VM's devices are released (VM stop); after it pf1 raises requests again."""
+    s = Scene(vsva)
+    P, host, rt = s.P, s.host, s.rt
+    pf1 = host.vfio.phys["pf1"]
+    d = s.dma()
+    (req,) = host.prq.pending
+    assert s.answer(req, code=IOMMU_PAGE_RESP_FAILURE, src="vm1.vmm", dst="host")["ret"] == 0
+    first = s.wire.wait(d)
+    assert first["ret"] == -E.EFAULT and first["page_response"] == IOMMU_PAGE_RESP_FAILURE
+    assert pf1.prg_failed and not host.vfio.phys["pf2"].prg_failed
+    reports = len(f6_records(rt, "page_request", "host"))
+    for pasid in (P, s.g1.alloc("pf1")["hpasid"]):
+        if pasid != P:
+            assert s.g1.bind(s.p1, "pf1", pasid)["ret"] == 0
+        again = s.wire.call("vm1.guest", "host", "dev_submit", fill("pf1", pasid, LAZY + PAGE_SIZE))
+        assert again["ret"] == -E.EFAULT and again["page_requests"] == 0, again
+        assert again["fault"].startswith("fl-not-present")
+    assert host.prq.stats.failure_drops == 2 and len(f6_records(rt, "page_request", "host")) == reports
+    assert host.prq.pending == []
+    assert s.wire.call("orch", "vm1.vmm", "vm_stop", {})["ret"] == 0
+    assert not pf1.prg_failed and host.teardowns[-1]["reset"] == ["pf1"]
+    assert s.wire.call("orch", "vm1.vmm", "vm_start", {})["ret"] == 0
+    g = vsva.HandGuest(rt, 1, devices=["pf1"])
+    proc = g.spawn(1, VA, 1)
+    g.kernel.mmap(proc, LAZY, 1, populate=False)
+    Q = g.alloc("pf1")["gpasid"]
+    assert g.bind(proc, "pf1", Q)["ret"] == 0
+    s.wire.send("vm1.guest", "host", "dev_submit", fill("pf1", Q, LAZY))
+    rt.run(until=lambda: host.prq.pending != [])
+    assert [(r["dev"], r["pasid"]) for r in host.prq.pending] == [("pf1", Q)]
+
+
+def test_failure_on_a_shared_parent_silences_every_vms_mdevs(vsva):
+    """The FAILURE stops the physical function's page requests (the PRI is the function's),
+    so one guest's FAILURE through its mdev drops the faults of another VM's mdev on the same
+    parent; the parent is reset only when no running VM holds one of its mdevs."""
+    s = Scene(vsva, mdev=True)
+    host = s.host
+    p2 = s.g2.spawn(1, VA, 1)
+    s.g2.kernel.mmap(p2, LAZY, 1, populate=False)
+    Q2 = s.g2.alloc("vm2.mdev0")["gpasid"]
+    assert s.g2.bind(p2, "vm2.mdev0", Q2)["ret"] == 0
+    parent = host.vfio.physical("vm1.mdev0")
+    assert parent is host.vfio.physical("vm2.mdev0")
+    d = s.dma(dev="vm1.mdev0", pasid=s.Q)
+    (req,) = host.prq.pending
+    assert s.answer(req, code=IOMMU_PAGE_RESP_FAILURE, src="vm1.vmm", dst="host")["ret"] == 0
+    assert s.wire.wait(d)["ret"] == -E.EFAULT and parent.prg_failed
+    other = s.wire.call("vm2.guest", "vdcm", "mdev_submit", fill("vm2.mdev0", Q2, LAZY))
+    assert other["ret"] == -E.EFAULT and other["page_requests"] == 0 and host.prq.stats.failure_drops == 1
+    assert s.wire.call("orch", "vm1.vmm", "vm_stop", {})["ret"] == 0
+    assert host.teardowns[-1]["reset"] == ["pf1"] and parent.prg_failed  # vm2 still holds an mdev
+    assert s.wire.call("orch", "vm2.vmm", "vm_stop", {})["ret"] == 0
+    assert host.teardowns[-1]["reset"] == sorted(["pf2", parent.name]) and not parent.prg_failed
 
 
 def test_vm_death_drains_its_requests(vsva):
