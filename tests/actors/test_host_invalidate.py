@@ -9,6 +9,8 @@ own page tables.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vsva import hotpath
 from vsva.actors import errno as E
@@ -404,6 +406,46 @@ def test_bad_info_refused_nothing_flushed(vsva, w, v1, over, expect):
     )
     assert reply["ret"] == expect, reply
     assert w.host.iommu.cache_dump() == before
+
+
+_FIELD = st.one_of(
+    st.integers(0, 3),
+    st.integers(-(1 << 64), 1 << 65),
+    st.sampled_from([VA, VA + 5, PAGE_SIZE, 1 << 20, (1 << 64) - 1]),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=2),
+)
+_RECORDS = st.fixed_dictionaries(
+    {
+        "version": st.sampled_from([1, 1, 1, 2, "1"]),
+        "cache": st.integers(-1, 9),
+        "granularity": st.integers(-1, 3),
+    },
+    optional={k: _FIELD for k in ("flags", "pasid", "addr", "granule_size", "nb_granules")},
+)
+
+
+def test_random_records_never_crash_and_refusals_change_nothing(vsva, w, v1):
+    """Any record: an errno of the checks or the driver, never a crash; a refusal flushes
+    nothing; an accepted one never touches another VM's entries nor any PASID cache entry."""
+    v2 = Vm(vsva, w, 2)
+    pc_before = w.host.iommu.cache_dump()["pasid_cache"]
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None)
+    @given(_RECORDS, st.sampled_from([v1.pasid, v2.pasid, 0]))
+    def check(info, pasid):
+        if "pasid" not in info:
+            info = {**info, "pasid": pasid}
+        before = w.host.iommu.cache_dump()
+        reply = vsva.ask(w.rt, "host", "cache_invalidate", {"dev": "pf1", "info": info}, src="vm1.vmm")
+        assert reply["ret"] in (0, -E.EINVAL, -E.EACCES, -E.ERANGE), reply
+        if reply["ret"]:
+            assert w.host.iommu.cache_dump() == before
+        assert set(iotlb(w.host, v2.pasid)) == set(VPNS) and set(devtlb(w.host, "pf2", v2.pasid)) == set(VPNS)
+        assert w.host.iommu.cache_dump()["pasid_cache"] == pc_before
+
+    check()
 
 
 def test_vmm_never_passes_a_pasid_cache_invalidation_down(vsva, w):
