@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -64,7 +64,7 @@ class Wait:
     body), or until `timeout` passes (it resumes with an indefinite -ETIMEDOUT). For waits on
     an event that arrives as a separate message, e.g. a page response matched to its request."""
 
-    key: Any
+    key: Hashable
     timeout: float
 
 
@@ -130,7 +130,7 @@ class Actor:
         self.timeouts: list[dict[str, Any]] = []  # every request of ours that timed out
         self._flow = ""
         self._log_times: dict[str, list[float]] = {}
-        self._waits: dict[Any, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
+        self._waits: dict[Hashable, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
         self._wait_ids = 0
 
     # ---- runtime entry points -------------------------------------------------------
@@ -228,7 +228,7 @@ class Actor:
         messages leave with the handler's)."""
         self._run(fn, None, "")
 
-    def wake(self, key: Any, body: dict[str, Any]) -> bool:
+    def wake(self, key: Hashable, body: Body) -> bool:
         """Resume the handler parked on `Wait(key)` with `body`; False if none waits (any more)."""
         req_id = self._waits.pop(key, None)
         if req_id is None or req_id not in self._tasks:
