@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from vsva.actors import errno as E
 from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup
-from vsva.actors.messages import Envelope
+from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -145,7 +145,7 @@ class Actor:
     def deliver(self, msg: Envelope, now: float) -> list[Envelope]:
         """Handle one incoming envelope (request, one-way message or reply)."""
         self.now = now
-        self.clock = max(self.clock, msg.clock) + 1
+        self.clock = max(self.clock, min(msg.clock, ADOPTED_CLOCK_MAX)) + 1
         corr = msg.corr
         if corr is None:
             self._dispatch(msg)

@@ -25,8 +25,11 @@ from vsva.actors import errno as E
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # larger frames are refused with -EMSGSIZE
-MAX_CLOCK = 1 << 62  # a Lamport clock beyond this is refused (-ERANGE): a receiver's clock
-# (max(own, received) + 1) must stay encodable (msgpack: < 2**64) for the life of a run
+MAX_CLOCK = 1 << 62  # a Lamport clock beyond this is refused (-ERANGE)
+# A receiver takes in a received clock only up to ADOPTED_CLOCK_MAX (Actor.deliver): else one
+# frame with a clock at MAX_CLOCK would push the receiver's own clock past it, and every peer
+# would refuse everything it sends from then on. Below it, 2**61 events of headroom remain.
+ADOPTED_CLOCK_MAX = MAX_CLOCK >> 1
 
 
 @dataclass

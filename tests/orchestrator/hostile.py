@@ -7,7 +7,8 @@ the wire format from the protocol's documentation, the run directory's layout (i
 (through a DEALER of its own). Its routing id is what an actor's is, "<name>/<inode>.<ctime
 in ns>" of the presence file of `name` (its own socket when it listens, a live actor's when
 it claims that actor's name), unless `routing_id` gives one; `curve=(public, secret,
-server_public)` makes the DEALER a CurveZMQ client (tcp).
+server_public)` makes the DEALER a CurveZMQ client (tcp), and the ROUTER a CURVE server
+with that key pair.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Raw:
             self.router = self.ctx.socket(zmq.ROUTER)
             self.router.setsockopt(zmq.LINGER, 0)
             if target_endpoint(run_dir, target).startswith("tcp://"):
+                if curve is not None:  # a key of the run: the actors connect as CURVE clients
+                    self.router.curve_publickey, self.router.curve_secretkey = curve[:2]
+                    self.router.curve_server = True
                 self.router.bind("tcp://127.0.0.1:*")
                 with open(os.path.join(run_dir, f"{name}.ep"), "w") as f:
                     f.write(self.router.getsockopt(zmq.LAST_ENDPOINT).decode() + "\n")

@@ -77,6 +77,18 @@ def test_a_clock_out_of_range_is_refused_and_nothing_overflows(topo, clock):
     assert all_alive(topo)
 
 
+def test_a_clock_at_the_bound_leaves_the_actor_heard_by_everyone(topo):
+    """A clock of exactly 2**62 is in range: refused as a control kind from a stranger, but
+    taken in by the Lamport clock, which must not pass the bound its peers check."""
+    m = Raw(topo.run_dir, "host", "mallory")
+    try:
+        assert m.request("ping", clock=2**62)["ret"] == -E.EPERM
+    finally:
+        m.close()
+    assert all(r["ret"] == 0 for r in pings(topo).values())
+    assert all_alive(topo)
+
+
 def test_four_hundred_sender_names_do_not_exhaust_the_peer_table(topo):
     """Each name has its socket in the run directory, so the target opens a DEALER (three
     sockets) to answer it: without a bound, libzmq's socket limit (1023) kills it. Every
