@@ -329,6 +329,7 @@ class Fuzzer:
         self.ctl.connect(f"ipc://{os.path.join(self.run_dir, 'ctl.sock')}")
         self.tally = {t: Tally() for t in [*TARGETS, CTL]}
         self.barriers = 0
+        self.deaths = 0  # of the supervisor's death records, those already reported
         self.baseline: dict[str, Any] | None = None
         self.fds: dict[str, int] | None = None
         self.findings: list[str] = []
@@ -432,8 +433,9 @@ class Fuzzer:
         self.barrier()
         dead = [p["name"] for p in self.sup.launcher.processes() if p["state"] != "running"]
         self.findings += [f"{n} is not running" for n in dead]
-        self.findings += [f"{r['actor']} died (exit {r['exitcode']})" for r in self.sup.recoveries]
-        self.sup.recoveries.clear()
+        records = self.sup.recovery.records
+        self.findings += [f"{r['actor']} died (exit {r['exitcode']})" for r in records[self.deaths :]]
+        self.deaths = len(records)
         now = self.state()
         if self.baseline is None:
             self.baseline = now
