@@ -92,8 +92,8 @@ MAX_FRAME = 1 << 20  # actors/messages.py: larger frames are refused (-EMSGSIZE)
 BLOB = 2048  # bytes hypothesis draws per example (its buffer holds 8 KiB at most)
 DRAWS = 24  # inputs drawn from each (~55 bytes a draw): each goes to every target
 # Counters of refused input, not state: a forged reply is counted where it lands (dropped),
-# a page response the vmm or host refused is counted by its statistics.
-DIAGNOSTIC = {"dropped_replies"}
+# a notifier event from a stranger by the subscriber that refused it.
+DIAGNOSTIC = [("dropped_replies",), ("notifier", "refused")]
 
 _EDGES = [0, 1, -1, 7, 63, 64, 2**20 - 1, 2**20, 2**31, 2**62, 2**62 + 1, 2**63, 2**64 - 1, -(2**63)]
 _JUNK = [
@@ -276,6 +276,20 @@ def wire_parts(item: dict[str, Any] | bytes | list[bytes], target: str) -> list[
     return [msgpack.packb(env, use_bin_type=True, default=repr)]
 
 
+def without_diagnostics(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot without the DIAGNOSTIC counters (a copy)."""
+    out = dict(state)
+    for path in DIAGNOSTIC:
+        node = out
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                break
+            node[key] = node = dict(node[key])
+        else:
+            node.pop(path[-1], None)
+    return out
+
+
 @dataclass
 class Tally:
     """What one target was sent and what came back."""
@@ -419,7 +433,7 @@ class Fuzzer:
         for n, r in zip(names, replies):
             if r.get("ret") != 0:
                 self.findings.append(f"{n} did not answer its snapshot: {r}")
-            out[n] = {k: v for k, v in r.get("state", {}).items() if k not in DIAGNOSTIC}
+            out[n] = without_diagnostics(r.get("state", {}))
         return out
 
     def open_fds(self) -> dict[str, int]:
