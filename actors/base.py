@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from vsva.actors import errno as E
 from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup
+from vsva.actors.memory import PhysMem
 from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 
 DEFAULT_TIMEOUT = 5.0
@@ -81,7 +82,7 @@ class ActorEnv:
     """What a runtime gives an actor: its configuration, memory and a random stream."""
 
     config: dict[str, Any] = field(default_factory=dict)
-    mem: Any = None  # actors.memory.PhysMem when the actor touches simulated memory
+    mem: PhysMem | None = None  # the shared physical memory, for the actors that touch it
     seed: int = 0
     log: Callable[[str], None] = lambda line: None
 
@@ -132,6 +133,13 @@ class Actor:
         self._log_times: dict[str, list[float]] = {}
         self._waits: dict[Hashable, int] = {}  # Wait key -> pseudo request id (negative) in _tasks
         self._wait_ids = 0
+
+    @property
+    def memory(self) -> PhysMem:
+        """The shared physical memory: the host, the vmms and the guests run with it."""
+        if self.mem is None:
+            raise RuntimeError(f"{self.name} was started without physical memory")
+        return self.mem
 
     # ---- runtime entry points -------------------------------------------------------
     def start(self, now: float) -> list[Envelope]:

@@ -119,7 +119,7 @@ class Vmm(Actor):
         )
         if reply["ret"]:
             return reply
-        self.ram = GuestRam(self.mem, reply["ram_frames"])
+        self.ram = GuestRam(self.memory, reply["ram_frames"])
         return {"ret": 0, "ram_frames": reply["ram_frames"]}
 
     def on_vm_stop(self, msg: Envelope, req: VmStop) -> Handler:

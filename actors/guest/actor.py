@@ -189,7 +189,7 @@ class Guest(Actor):
         ret: int = info["ret"]
         if ret:
             return ret
-        self.kernel = GuestKernel(GuestRam(self.mem, info["ram_frames"]))
+        self.kernel = GuestKernel(GuestRam(self.memory, info["ram_frames"]))
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)

@@ -121,8 +121,8 @@ class Host(Actor):
         self.subscribers: list[str] = list(self.config.get("subscribers", []))
         self.policy = Policy.parse(self.config.get("policy", DEFAULT_POLICY))
         self.kernel = Kernel.parse(self.config.get("kernel", DEFAULT_KERNEL))
-        self.frames = HostFrames(self.mem)
-        self.iommu = hotpath.Iommu(self.mem.buf, self.frames.owners)
+        self.frames = HostFrames(self.memory)
+        self.iommu = hotpath.Iommu(self.memory.buf, self.frames.owners)
         self.vfio = Vfio(self.config, self.frames, self.iommu)
         self.ioasid = IoasidCore(self.config.get("allocator", "reuse-first"))
         self.prq = PageRequestQueue.configured(self.config)
@@ -645,7 +645,7 @@ class Host(Actor):
         would; it may set accessed bits the first walk had set already). An entry of a PASID
         with no PASID entry left is I3's business, not checked here."""
         phys = self.vfio.phys
-        fresh = hotpath.PureIommu(self.mem.buf, self.frames.owners)
+        fresh = hotpath.PureIommu(self.memory.buf, self.frames.owners)
         for dev in phys.values():
             fresh.attach_device(dev.id, dev.pasid_dir.base, False)
         stale = []
