@@ -57,7 +57,7 @@ At most `prq_max_faults` (1024) requests per descriptor.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -84,7 +84,7 @@ from vsva.actors.catalogue import (
 from vsva.actors.host import invalidate
 from vsva.actors.host.dma import DmaStats, pri_recoverable, run_descriptor
 from vsva.actors.host.ioasid import Ioasid, IoasidCore
-from vsva.actors.host.prq import PageRequestQueue
+from vsva.actors.host.prq import PageRequestQueue, PageRequestRecord
 from vsva.actors.host.svm import (
     SVM_FLAG_GUEST_MODE,
     SVM_FLAG_GUEST_PASID,
@@ -113,6 +113,18 @@ from vsva.actors.uapi import (
 from vsva.hotpath.layout import ACCESS_READ, PAGE_SHIFT, describe_fault
 
 
+class TeardownRecord(TypedDict):
+    """One VM teardown (F8), as pool_status and the snapshot list them: the VM, why (its fd
+    closed, its VMM died), when it started and finished, its PASIDs then, devices reset."""
+
+    vm: int
+    why: str
+    started: float
+    pasids: int
+    reset: NotRequired[list[str]]
+    finished: NotRequired[float]
+
+
 class Host(Actor):
     """The host kernel's IOMMU side: one per host."""
 
@@ -127,7 +139,7 @@ class Host(Actor):
         self.ioasid = IoasidCore(self.config.get("allocator", "reuse-first"))
         self.prq = PageRequestQueue.configured(self.config)
         self.dma = DmaStats()
-        self.teardowns: list[dict[str, Any]] = []
+        self.teardowns: list[TeardownRecord] = []
         self.notify_failures = 0
 
     # ---- boot: the VFIO container -------------------------------------------------------
@@ -327,7 +339,7 @@ class Host(Actor):
     def vm_teardown(self, dom: VmDomain, why: str) -> Steps[None]:
         """F8: ioasid_free_set() on the VM's set, then its domain, frames and devices go."""
         del self.vfio.vmm_of[dom.vmm]  # no further request through this fd
-        record: dict[str, Any] = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
+        record: TeardownRecord = {"vm": dom.vm, "why": why, "started": self.now, "pasids": len(dom.ioasids)}
         self.teardowns.append(record)
         ioasids = [self.ioasid.allocated[p] for p in sorted(dom.ioasids)]
         # ordered: VFIO unbinds everything, then frees -- ioasid_free tears the bound ones down
@@ -620,7 +632,7 @@ class Host(Actor):
         self.wake((req["dev"], req["grpid"]), {"ret": 0, "code": resp.code})
         return {"ret": 0}
 
-    def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, dict[str, Any] | None]:
+    def _match_response(self, dom: VmDomain, resp: PageResponse) -> tuple[int, str, PageRequestRecord | None]:
         """iommu_page_response finds the pending event (none: -EINVAL); intel_svm_page_response
         then needs the PASID bound to the device (pasid_to_svm_sdev; none: -ENODEV), which a
         response after the drain of its request no longer finds."""

@@ -11,13 +11,32 @@ full, which group a response matches, what a drain removes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from vsva.actors import errno as E
 from vsva.actors.uapi import PRQ_GRPID_MAX
 from vsva.hotpath.layout import PAGE_SIZE
 
 LATENCIES_KEPT = 4096
+
+
+class PageRequestRecord(TypedDict):
+    """One page request as the queue holds it (and the snapshot shows it): the physical
+    device and the (virtual) device that faulted, the host PASID, the VM, the page, the
+    IOMMU_FAULT_PERM_* bits, its group index, the F6 flow tag, when it was queued and, once
+    a drain took it off the queue, when."""
+
+    dev: str
+    vdev: str
+    pasid: int
+    vm: int
+    addr: int
+    perm: int
+    grpid: int
+    last: bool
+    flow: str
+    queued: float
+    drained_at: NotRequired[float]
 
 
 @dataclass
@@ -45,11 +64,11 @@ class PageRequestQueue:
     depth: int = 32
     timeout: float = 1.0  # the host answers INVALID for the guest after this long
     max_faults: int = 1024  # page requests one descriptor may raise
-    pending: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[PageRequestRecord] = field(default_factory=list)
     overflow: bool = False  # PRO: set when a request found the queue full, cleared when it empties
     stats: PrqStats = field(default_factory=PrqStats)
     latencies: list[float] = field(default_factory=list)  # queued -> response, the last LATENCIES_KEPT
-    drained: list[dict[str, Any]] = field(default_factory=list)  # drained, told to the VMM, unanswered
+    drained: list[PageRequestRecord] = field(default_factory=list)  # drained, told to the VMM, unanswered
     _grpid: dict[str, int] = field(default_factory=dict)  # physical device -> next group index
     _seq: dict[int, int] = field(default_factory=dict)  # VM -> F6 instance number, for the flow tag
 
@@ -72,10 +91,10 @@ class PageRequestQueue:
 
     def queue(
         self, dev: str, vdev: str, hpasid: int, vm: int, addr: int, perm: int, now: float
-    ) -> dict[str, Any]:
+    ) -> PageRequestRecord:
         """A new request for the page of `addr`, with a free group index on `dev`."""
         seq = self._seq[vm] = self._seq.get(vm, 0) + 1
-        req = {
+        req: PageRequestRecord = {
             "dev": dev,
             "vdev": vdev,
             "pasid": hpasid,
@@ -100,16 +119,16 @@ class PageRequestQueue:
         self._grpid[dev] = (grpid + 1) % PRQ_GRPID_MAX
         return grpid
 
-    def remove(self, req: dict[str, Any]) -> None:
+    def remove(self, req: PageRequestRecord) -> None:
         if req in self.pending:
             self.pending.remove(req)
         if not self.pending:
             self.overflow = False  # the queue drained: clear PRO
 
-    def answered(self, req: dict[str, Any], now: float) -> None:
+    def answered(self, req: PageRequestRecord, now: float) -> None:
         self.latencies = self.latencies[-(LATENCIES_KEPT - 1) :] + [now - req["queued"]]
 
-    def drain(self, dev: str, hpasid: int, now: float) -> list[dict[str, Any]]:
+    def drain(self, dev: str, hpasid: int, now: float) -> list[PageRequestRecord]:
         """intel_svm_drain_prq() for (device, PASID), in its two steps.
 
         1. Wait until no request of the PASID is in the queue. Here a request is reported to
@@ -141,7 +160,7 @@ class PageRequestQueue:
 
     def match(
         self, dev: str, vdev: str, vm: int, hpasid: int, grpid: int, now: float
-    ) -> tuple[int, str, dict[str, Any] | None]:
+    ) -> tuple[int, str, PageRequestRecord | None]:
         """The request a response of VM `vm` answers (a queued one, or one a drain took off
         the queue: `drained_at` set), or why it answers none (iommu_page_response)."""
         self._expire(now)
@@ -154,7 +173,7 @@ class PageRequestQueue:
             return -E.EINVAL, f"group {grpid} was requested by {req['vdev']} PASID {req['pasid']}", None
         return 0, "", req
 
-    def consume_drained(self, req: dict[str, Any]) -> None:
+    def consume_drained(self, req: PageRequestRecord) -> None:
         """The response to a drained request was handled: its event is gone."""
         if req in self.drained:
             self.drained.remove(req)
