@@ -611,11 +611,12 @@ class IoasidFree(Message):
     "ioasid_cleanup",
     flows=("F5", "F8"),
     hop="host -> host",
-    kernel="intel_pasid_tear_down_entry (the IOMMU's place in the FREE chain, after kvm and vdcm)",
+    kernel="intel_pasid_tear_down_entry (the IOMMU's place in the FREE chain: after kvm, before vdcm)",
 )
 class IoasidCleanup(Message):
-    """The IOMMU driver's teardown of a freed bound PASID: the last link of the FREE chain
-    (awaited under ordered and reclaim; deferred work, whenever it runs, under naive)."""
+    """The IOMMU driver's teardown of a freed bound PASID: the FREE chain's middle link, after
+    kvm and before vdcm (awaited under ordered and reclaim; deferred work, whenever it runs,
+    under naive)."""
 
     hpasid: int = hpasid()
     vm: int = f(int, U32)

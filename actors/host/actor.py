@@ -83,7 +83,7 @@ from vsva.actors.catalogue import (
 )
 from vsva.actors.host import invalidate
 from vsva.actors.host.dma import DmaStats, pri_recoverable, run_descriptor
-from vsva.actors.host.ioasid import Ioasid, IoasidCore
+from vsva.actors.host.ioasid import Ioasid, IoasidCore, NotifierPrio
 from vsva.actors.host.prq import PageRequestQueue, PageRequestRecord
 from vsva.actors.host.svm import (
     SVM_FLAG_GUEST_MODE,
@@ -130,7 +130,9 @@ class Host(Actor):
 
     def __init__(self, name: str, env: ActorEnv):
         super().__init__(name, env)
-        self.subscribers: list[str] = list(self.config.get("subscribers", []))
+        prios: dict[str, str] = dict(self.config.get("subscribers", {}))
+        self.free_chain = NotifierPrio.chain(prios, self.name)
+        self.subscribers = [name for name in self.free_chain if name != self.name]
         self.policy = Policy.parse(self.config.get("policy", DEFAULT_POLICY))
         self.kernel = Kernel.parse(self.config.get("kernel", DEFAULT_KERNEL))
         self.frames = HostFrames(self.memory)
@@ -198,17 +200,16 @@ class Host(Actor):
     def ioasid_free(self, dom: VmDomain, ioasids: list[Ioasid], event: str, *, wait: bool) -> Steps[None]:
         """Free IOASIDs of one VM's set; bound ones are cleaned up as the run's policy says.
 
-        The FREE notifier runs in priority order (the IOASID extension that followed the
-        thread: IOASID_PRIO_CPU, then the device, then the IOMMU): kvm first (no vCPU may
-        submit work with the PASID any more), then vdcm (no mdev descriptor is issued with
-        it, and its ack travels behind the descriptors it sent before), and only then the
-        IOMMU driver's own teardown (entries, PASID cache, IOTLB, device TLB, PRQ drain):
-        the DMA sources are quiesced before the host's PASID entries go. `subscribers` is
-        that chain, in its order (the topology lists kvm before vdcm).
+        The FREE notifier runs in priority order (`NotifierPrio`, the IOASID extension that
+        followed the thread): kvm first (CPU: no vCPU may submit work with the PASID any more),
+        then the IOMMU driver's own teardown (entries, PASID cache, IOTLB, device TLB, PRQ
+        drain), then vdcm (device: it drains the mdev descriptors of the PASID and drops its
+        hold on it). The PASID stays out of the pool until every subscriber has let go, as
+        the series' reference count keeps it FREE_PENDING. `free_chain` is that order.
 
-        naive:   every PASID is back in the pool at once; kvm and vdcm are told without
-                 waiting, then the IOMMU driver's teardown is queued as deferred work that
-                 runs whenever it runs.
+        naive:   every PASID is back in the pool at once; kvm is told, the IOMMU driver's
+                 teardown queued as deferred work that runs whenever it runs, vdcm told,
+                 nobody waiting for anybody.
         ordered: a free of a bound PASID is refused, so the VCMD path brings only unbound
                  ones, back to the pool at once; VM teardown unbinds the bound ones here
                  (not defunct) and, like reclaim, gives them back only after every
@@ -233,11 +234,9 @@ class Host(Actor):
         if self.policy is Policy.NAIVE:
             for ioasid, _ in bound:
                 self.ioasid.release(ioasid.pasid)
-            for sub in self.subscribers:
-                for note in events:
-                    self.send(sub, note)
-            for pasid, names in devs.items():
-                self.send(self.name, IoasidCleanup(hpasid=pasid, vm=dom.vm, devs=names))
+            for who in self.free_chain:
+                for note in self._chain_link(who, dom.vm, devs, events):
+                    self.send(who, note)
             return
         for ioasid, _ in bound:
             self.ioasid.reclaim(ioasid.pasid, dom.vm)  # out of the pool until every ack
@@ -256,21 +255,28 @@ class Host(Actor):
             return [IoasidNotify(event=EV_FREE_SET, vm=vm, hpasid=0, gpasid=0, dev="")]
         return [svm.notice(EV_FREE) for _, svm in bound]
 
+    def _chain_link(
+        self, who: str, vm: int, devs: dict[int, list[str]], events: list[IoasidNotify]
+    ) -> list[IoasidNotify] | list[IoasidCleanup]:
+        """What one link of the FREE chain is sent: the IOMMU driver (the host itself) one
+        teardown per PASID, a subscriber the FREE events."""
+        if who == self.name:
+            return [IoasidCleanup(hpasid=p, vm=vm, devs=names) for p, names in devs.items()]
+        return events
+
     def _free_in_order(self, vm: int, devs: dict[int, list[str]], events: list[IoasidNotify]) -> Steps[None]:
-        """The FREE chain: each subscriber in turn (bounded wait for its acks), then the IOMMU
-        driver's teardown of every entry, then the PASIDs back to the pool (or quarantine)."""
+        """The FREE chain in priority order, each link a bounded wait for its answers (kvm,
+        the IOMMU teardown, vdcm), then the PASIDs back to the pool (or quarantine)."""
         timeout: float = self.config.get("notify_timeout", 2.0)
         silent: set[str] = set()
         refused: list[Body] = []
-        for sub in self.subscribers:
-            replies: list[Body] = yield Gather([Call(sub, note, timeout=timeout) for note in events])
+        for who in self.free_chain:
+            notes = self._chain_link(who, vm, devs, events)
+            replies: list[Body] = yield Gather([Call(who, note, timeout=timeout) for note in notes])
             failed_here = [r for r in replies if r.get("ret", 0)]
-            if failed_here:
-                silent.add(sub)
+            if failed_here and who != self.name:
+                silent.add(who)
                 refused += failed_here
-        yield Gather(
-            [Call(self.name, IoasidCleanup(hpasid=p, vm=vm, devs=names)) for p, names in devs.items()]
-        )
         for pasid in devs:
             if self.ioasid.reclaimed(pasid, vm, silent):
                 self.iommu.set_defunct(pasid, False)
@@ -283,7 +289,7 @@ class Host(Actor):
             )
 
     def on_ioasid_cleanup(self, msg: Envelope, req: IoasidCleanup) -> dict[str, Any]:
-        """The IOMMU driver's FREE handler (IOASID_PRIO_IOMMU, after kvm and vdcm): tear the
+        """The IOMMU driver's FREE handler (IOASID_PRIO_IOMMU: after kvm, before vdcm): tear the
         PASID's entries down on every device (naive: deferred work, whenever it runs)."""
         if msg.src != self.name:
             return failed(-E.EPERM, error="the IOMMU teardown is the host's own work")

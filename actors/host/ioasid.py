@@ -9,6 +9,7 @@ quarantined (a subscriber never acknowledged: leaked, never reused) or free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from vsva.hotpath.layout import PASID_MAX
@@ -17,6 +18,27 @@ if TYPE_CHECKING:
     from vsva.actors.host.svm import Svm
 
 ALLOCATORS = ("reuse-first", "fresh")
+
+
+class NotifierPrio(IntEnum):
+    """Where a subscriber sits in the IOASID notifier chain (the ioasid_set series that
+    followed the thread: include/linux/ioasid.h, enum ioasid_notifier_prios). A notifier chain
+    calls the highest priority first (kernel/notifier.c, notifier_chain_register keeps it
+    sorted), so the order is CPU (KVM), then the IOMMU driver, then the device (VDCM), as that
+    series' Documentation/ioasid.rst lists it under "Ordering"."""
+
+    LAST = 0
+    DEVICE = 1
+    IOMMU = 2
+    CPU = 3
+
+    @classmethod
+    def chain(cls, subscribers: dict[str, str], iommu: str) -> list[str]:
+        """The names in the order a FREE reaches them: each subscriber at its priority
+        (`{"kvm": "cpu", "vdcm": "device"}`) and the IOMMU driver (`iommu`) at IOMMU."""
+        ranked = {name: cls[prio.upper()] for name, prio in subscribers.items()}
+        ranked[iommu] = cls.IOMMU
+        return sorted(ranked, key=lambda name: -ranked[name])
 
 
 @dataclass

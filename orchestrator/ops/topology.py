@@ -132,7 +132,7 @@ def build_topology(
             {
                 **common,
                 "devices": devices,
-                "subscribers": [KVM, VDCM],
+                "subscribers": {KVM: "cpu", VDCM: "device"},  # notifier priorities
                 "vms": vm_names,
                 "policy": run.policy,
                 "kernel": run.kernel,

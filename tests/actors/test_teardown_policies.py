@@ -178,15 +178,20 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
     assert reply == {"ret": 0, "state": "reclaiming"}
     assert host.ioasid.state(P) == "reclaiming" and host.iommu.is_defunct(P)
     # defunct at once (DMA and page requests of P dropped); the IOMMU teardown waits for the
-    # FREE chain: kvm (CPU), then vdcm (device), then the entries go
+    # FREE chain's first link: kvm (CPU), then the entries go (IOMMU), then vdcm (device)
     present = lambda: P in host.vfio.phys["pf1"].pasid_dir.present_pasids()  # noqa: E731
     assert present()
     # not allocatable while kvm and vdcm have not acknowledged (nor with only one of them)
     other = s.alloc2()
     assert other["ret"] == 0 and other["hpasid"] != P
     rt.release("host", "kvm")
-    rt.run(until=lambda: w.kvm.snapshot()["tables"] == {})
-    assert host.ioasid.state(P) == "reclaiming" and present()
+    rt.run(until=lambda: not present())
+    # kvm acknowledged and the IOMMU's teardown ran: no entry, no cache entry, no page request
+    # of P is left; P stays out of the pool until vdcm has let go of it too
+    assert w.kvm.snapshot()["tables"] == {}
+    assert host.ioasid.state(P) == "reclaiming"
+    assert host.prq.pending == []
+    assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
     if dma_at == "reclaiming":
         drops = host.iommu.counters()["defunct_drops"]
         rt.release("vm1.guest", "host")
@@ -194,10 +199,6 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
         assert late["ret"] == -E.EFAULT and late["fault"] == "defunct", late
         assert host.iommu.counters()["defunct_drops"] == drops + 1
     rt.release("host", "vdcm")
-    rt.run(until=lambda: not present())
-    # torn down: no entry, no cache entry, no page request of P is left
-    assert host.prq.pending == []
-    assert not [e for e in host.iommu.cache_dump()["iotlb"] if e[1] == P]
     rt.run()
     assert host.ioasid.state(P) == "free" and not host.iommu.is_defunct(P)
     assert host.ioasid.reclaiming == {} and host.ioasid.quarantined == {} and host.notify_failures == 0
@@ -216,12 +217,13 @@ def test_reclaim_defers_reuse_until_every_subscriber_acks(vsva, dma_at):
 
 
 @pytest.mark.parametrize("policy,how", [("reclaim", "free"), ("reclaim", "vm_stop"), ("ordered", "vm_stop")])
-def test_free_chain_runs_cpu_then_device_then_iommu(vsva, policy, how):
+def test_free_chain_runs_cpu_then_iommu_then_device(vsva, policy, how):
     """The FREE notifier's priority order (the IOASID extension series that followed the
-    thread: include/linux/ioasid.h IOASID_PRIO_CPU / IOASID_PRIO_DEVICE / IOASID_PRIO_IOMMU,
-    Documentation/ioasid.rst "KVM notifier handler must be called before VDCM handler",
-    DMA sources quiesced before the IOMMU's context goes): vdcm hears FREE only after kvm
-    acknowledged, and the host's PASID entry is torn down only after vdcm acknowledged."""
+    thread: include/linux/ioasid.h enum ioasid_notifier_prios, IOASID_PRIO_CPU >
+    IOASID_PRIO_IOMMU > IOASID_PRIO_DEVICE, called highest first as kernel/notifier.c sorts a
+    chain; Documentation/ioasid.rst "Ordering": CPU, IOMMU, DEVICE): the host's PASID entry
+    is torn down only after kvm acknowledged, and vdcm hears FREE only after the teardown;
+    the PASID is free only once vdcm has let go too."""
     s = Scene(vsva, policy)
     P, rt, host = s.P, s.rt, s.host
     for link in NOTIFY_LINKS:
@@ -240,8 +242,9 @@ def test_free_chain_runs_cpu_then_device_then_iommu(vsva, policy, how):
             if r["src"] == "host" and r["dst"] == dst and r["kind"] == kind
         ]
 
-    def acked(src):
-        return [i for i, r in enumerate(rt.trace[start:]) if r["src"] == src and r["dst"] == "host"]
+    def acked(src, corr_kind="ioasid_notify"):
+        asked = {r["id"] for r in rt.trace[start:] if r["src"] == "host" and r["kind"] == corr_kind}
+        return [i for i, r in enumerate(rt.trace[start:]) if r["src"] == src and r["corr"] in asked]
 
     rt.run(until=lambda: sent("kvm"))
     if how == "free":  # answered at once; the chain goes on in the background, waiting on kvm
@@ -249,11 +252,10 @@ def test_free_chain_runs_cpu_then_device_then_iommu(vsva, policy, how):
     assert sent("vdcm") == [] and sent("host", "ioasid_cleanup") == [] and present()
     rt.release("host", "kvm")
     rt.run(until=lambda: sent("vdcm"))
-    assert acked("kvm") and acked("kvm")[0] < sent("vdcm")[0]
-    assert sent("host", "ioasid_cleanup") == [] and present()
+    assert acked("kvm")[0] < sent("host", "ioasid_cleanup")[0]
+    assert acked("host", "ioasid_cleanup")[0] < sent("vdcm")[0] and not present()
+    assert host.ioasid.state(P) == "reclaiming"
     rt.release("host", "vdcm")
-    rt.run(until=lambda: sent("host", "ioasid_cleanup"))
-    assert acked("vdcm")[0] < sent("host", "ioasid_cleanup")[0]
     rt.run()
     assert not present() and host.ioasid.state(P) == "free"
     assert violations(s.w) == []
@@ -553,12 +555,11 @@ def _events(trace: list[dict]) -> dict[tuple[str, str | None], int]:
 
 def free_chains(trace: list[dict]) -> list[tuple[dict, ...]]:
     """Per FREE of a bound PASID, read from the host's own records (Lamport order) and the
-    replies: (FREE to kvm, kvm's ack, FREE to vdcm, vdcm's ack, the IOMMU teardown).
+    replies: (FREE to kvm, kvm's ack, the IOMMU teardown, its end, FREE to vdcm, vdcm's ack).
 
     The order they must keep: the IOASID notifier of the extension series that followed the
-    thread (include/linux/ioasid.h: IOASID_PRIO_CPU / IOASID_PRIO_DEVICE / IOASID_PRIO_IOMMU;
-    Documentation/ioasid.rst: KVM before VDCM, DMA sources quiesced before the IOMMU's
-    hardware context is torn down)."""
+    thread (include/linux/ioasid.h enum ioasid_notifier_prios, highest first: IOASID_PRIO_CPU,
+    IOASID_PRIO_IOMMU, IOASID_PRIO_DEVICE; Documentation/ioasid.rst "Ordering")."""
     replies = {(r["src"], r["corr"]): r for r in trace if r["corr"] is not None and r["dst"] == "host"}
     host = sorted((r for r in trace if r["src"] == "host" and r["corr"] is None), key=lambda r: r["clock"])
     chains = []
@@ -567,10 +568,17 @@ def free_chains(trace: list[dict]) -> list[tuple[dict, ...]]:
             continue
         pasid = q["body"]["hpasid"]
         later = host[i + 1 :]
-        vdcm_q = next(r for r in later if r["dst"] == "vdcm" and r["body"].get("hpasid") == pasid)
         cleanup = next(r for r in later if r["kind"] == "ioasid_cleanup" and r["body"]["hpasid"] == pasid)
+        vdcm_q = next(r for r in later if r["dst"] == "vdcm" and r["body"].get("hpasid") == pasid)
         chains.append(
-            (q, replies.get(("kvm", q["id"])), vdcm_q, replies.get(("vdcm", vdcm_q["id"])), cleanup)
+            (
+                q,
+                replies.get(("kvm", q["id"])),
+                cleanup,
+                replies.get(("host", cleanup["id"])),
+                vdcm_q,
+                replies.get(("vdcm", vdcm_q["id"])),
+            )
         )
     return chains
 
@@ -579,8 +587,8 @@ def free_chains(trace: list[dict]) -> list[tuple[dict, ...]]:
 def test_churn_frees_bound_pasids_as_the_policy_says(vsva, runtime, policy):
     """The churn workload frees bound PASIDs round after round, on the deterministic runtime
     and on real processes alike: naive and reclaim answer the free at once; naive defers the
-    IOMMU cleanup to the host's own queue, reclaim tells kvm, then vdcm, FREE and tears down
-    last (the trace shows the chain, on real processes too); ordered refuses with -EBUSY, and the guest unbinds (UNBIND to the subscribers) and
+    IOMMU cleanup to the host's own queue, reclaim tells kvm FREE, tears down, then tells
+    vdcm (the trace shows the chain, on real processes too); ordered refuses with -EBUSY, and the guest unbinds (UNBIND to the subscribers) and
     frees. Under ordered and reclaim the audit is clean and nothing is left."""
     session = vsva.run(runtime, 2, policy=policy, workload="churn", iterations=CHURN_ROUNDS)
     steps = [s for w in session["workloads"].values() for s in w["steps"]]
@@ -597,10 +605,10 @@ def test_churn_frees_bound_pasids_as_the_policy_says(vsva, runtime, policy):
         assert events.get(("ioasid_cleanup", None), 0) == 2 * CHURN_ROUNDS
         chains = free_chains(session["trace"])
         assert len(chains) == 2 * CHURN_ROUNDS
-        for kvm_q, kvm_r, vdcm_q, vdcm_r, cleanup in chains:
-            assert kvm_q["clock"] < vdcm_q["clock"] < cleanup["clock"]  # the host's send order
-            if policy == "reclaim":  # each link waits for the previous one's acknowledgement
-                assert kvm_r["clock"] < vdcm_q["clock"] and vdcm_r["clock"] < cleanup["clock"]
+        for kvm_q, kvm_r, cleanup, cleanup_r, vdcm_q, _ in chains:
+            assert kvm_q["clock"] < cleanup["clock"] < vdcm_q["clock"]  # the host's send order
+            if policy == "reclaim":  # each link waits for the previous one's answer
+                assert kvm_r["clock"] < cleanup["clock"] and cleanup_r["clock"] < vdcm_q["clock"]
     if policy != "naive":  # naive's reuse hazard may or may not strike in a given interleaving
         assert session["violations"] == []
         assert session["snapshots"]["host"]["ioasids"] == {}
