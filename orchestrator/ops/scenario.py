@@ -28,8 +28,14 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Run the scenario; with `trace_out` its trace files are written there when the run ends,
     however it ends (an interrupt included)."""
+    return supervise(Supervisor(run, log=log, launcher_kw={"trace_out": trace_out}))
+
+
+def supervise(sup: Supervisor) -> dict[str, Any]:
+    """Start `sup` and run its scenario (`sup.run`) to the end; returns the report. The
+    Supervisor is the caller's until then: it may watch the launcher (`launcher.on_death`)."""
+    run = sup.run
     t0 = time.monotonic()
-    sup = Supervisor(run, log=log, launcher_kw={"trace_out": trace_out})
     report: dict[str, Any] = {
         "source": run.source,
         "seed": run.topology.seed,
@@ -97,7 +103,11 @@ def run_scenario(
         report["surviving_vms"] = survivors if not sup.host_lost else []
         report["survivors_ok"] = all((sup.vms[vm].workload or {}).get("ok") for vm in report["surviving_vms"])
         report["ok"] = (
-            not sup.host_lost and report["audit"]["ok"] and report["survivors_ok"] and not report["timed_out"]
+            not sup.host_lost
+            and report["audit"]["ok"]
+            and report["survivors_ok"]
+            and not report["timed_out"]
+            and not sup.recovery.given_up  # an actor whose restart failed stays down
         )
     finally:
         sup.close()
@@ -126,7 +136,7 @@ def _why_failed(sup: Supervisor, vm: int, timed_out: bool, timeout: float) -> st
     st = sup.vms[vm]
     w = st.workload
     deaths = [
-        f"{r['actor']} {exit_words(r['exitcode'])}"
+        f"{r['actor']} {exit_words(r['exitcode'])}" + (f" ({r['error']})" if "error" in r else "")
         for r in sup.recovery.records
         if r["actor"] in (guest_name(vm), vmm_name(vm)) or r["kind"] == "host"
     ]

@@ -13,6 +13,9 @@ Deaths come from the launcher (its pidfds: a kill through `vsva kill` and a plai
   before a submission if that has not finished. Work that was in flight through vdcm fails
   back to the guest (-EHOSTDOWN); under supervision the guest driver resubmits it once the
   portal answers again (`portal_retry`, counted as `resubmitted`).
+- a restart that fails (the new incarnation dies or never reports ready): the actor stays
+  down, its record says why in one line (`error`), and the run goes on without it; a later
+  death of that incarnation is not recovered again.
 - host: the host and all its VMs are gone. The supervisor reports it, stops every other
   actor and cleans up (the run ends with `host_lost`).
 """
@@ -55,6 +58,7 @@ class Recovery:
         self.actions: list[tuple[Any, ...]] = []  # process-level work for the main loop
         self.restarts: dict[str, int] = {}
         self.records: list[dict[str, Any]] = []
+        self.given_up: set[str] = set()  # actors whose restart failed: left down
 
     def busy(self) -> bool:
         """Deaths not yet handled, or restarts not yet done."""
@@ -74,7 +78,7 @@ class Recovery:
 
     def _handle_death(self, name: str, code: int, t: float) -> None:
         sup = self.sup
-        if sup.launcher.closed:
+        if sup.launcher.closed or name in self.given_up:
             return
         kind = sup.launcher.procs[name].spec.kind
         sup.event("died", name, exitcode=code, pid=sup.launcher.procs[name].pid)
@@ -122,25 +126,42 @@ class Recovery:
         sup = self.sup
         if action[0] == "restart":
             _, name, rec = action
-            if sup.host_lost or sup.launcher.closed:
+            if sup.host_lost or sup.launcher.closed or not self._restart(name, rec):
                 return
-            pid = sup.launcher.restart(name)
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            rec["t_restarted"] = sup.now()
-            rec["new_pid"] = pid
-            sup.event("restarted", name, pid=pid)
-            sup.write_state()
+            sup.event("restarted", name, pid=rec["new_pid"])
             sup.spawn(lambda: self._await_resync(rec, name))
         elif action[0] == "restart_guest":
             _, vm, rec = action
-            name = guest_name(vm)
-            pid = sup.launcher.restart(name)
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            rec["t_restarted"] = sup.now()
-            rec["new_pid"] = pid
-            sup.write_state()
+            if not self._restart(guest_name(vm), rec):
+                sup.vms[vm].state = "off"  # vm_stop has run: the VM is down, its guest too
+                return
             sup.vms[vm].workload = None
             sup.spawn(lambda: sup.boot_vms(sup.actor, [vm]))
+
+    def _restart(self, name: str, rec: dict[str, Any]) -> bool:
+        """Start `name` again and note it in `rec`; False when that fails, the failure in
+        `rec["error"]` (one line) and the actor given up."""
+        from vsva.ops.launcher import LaunchError
+
+        sup = self.sup
+        try:
+            pid = sup.launcher.restart(name)
+        except LaunchError as exc:
+            rec["error"] = f"restart failed: {str(exc).splitlines()[0]}"
+            self.given_up.add(name)
+            # the incarnation that failed is no new death to recover from: forget its death
+            # if it was seen, end it if it lingers (alive, never ready)
+            self.pending = [d for d in self.pending if d[0] != name]
+            if sup.launcher.alive(name):
+                sup.launcher.kill(name)
+            sup.event("restart failed", name, error=rec["error"])
+            sup.write_state()
+            return False
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        rec["t_restarted"] = sup.now()
+        rec["new_pid"] = pid
+        sup.write_state()
+        return True
 
     def _await_resync(self, rec: dict[str, Any], name: str) -> Steps[None]:
         actor = self.sup.actor
