@@ -49,7 +49,13 @@ def ctl(
                     f"the supervisor (pid {state['pid']}) did not answer {op!r} within {timeout:.0f} s",
                     quiet,
                 )
-        return msgpack.unpackb(sock.recv(), raw=False)
+        try:
+            reply = msgpack.unpackb(sock.recv(), raw=False)
+        except Exception:  # any local process may answer on that socket
+            reply = None
+        if not isinstance(reply, dict):
+            fail(EXIT_NO_TOPOLOGY, f"the supervisor (pid {state['pid']}) answered {op!r} with no msgpack map")
+        return reply
     finally:
         sock.close(0)
 

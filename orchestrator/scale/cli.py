@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from vsva.scale.results import ResultsDir
+    from vsva.scale.sweep import Sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -135,7 +139,7 @@ def run(
     raise typer.Exit(1 if bad else 0)
 
 
-def _open(directory: str):
+def _open(directory: str) -> tuple[ResultsDir, Sweep]:
     from vsva.scale import runner
     from vsva.scale.results import ResultsDir, ResultsError
     from vsva.scale.sweep import SweepError

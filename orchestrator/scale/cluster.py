@@ -133,7 +133,8 @@ def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress:
 
 def _result(ray: Any, ref: Any) -> dict[str, Any]:
     try:
-        return ray.get(ref)
+        result: dict[str, Any] = ray.get(ref)
+        return result
     except Exception as exc:  # the task's worker died, or the task raised past its own handler
         return {
             "outcome": {"error": f"ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"},

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.scale.results import ResultsDir, group, spread
 from vsva.scale.sweep import Plot, Sweep
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PANEL_W, PANEL_H, DPI = 5.0, 3.6, 100
 MAX_TIMELINE_PANELS = 8
@@ -73,7 +77,7 @@ def draw_all(rd: ResultsDir, sweep: Sweep) -> dict[str, Any]:
     return {"plots": drawn}
 
 
-def _figure(panels: int):
+def _figure(panels: int) -> tuple[Figure, list[Axes]]:
     import matplotlib.pyplot as plt
 
     cols, nrows = grid(panels)
@@ -81,7 +85,7 @@ def _figure(panels: int):
     return fig, [ax for row in axes for ax in row]
 
 
-def _save(fig, path: str) -> None:
+def _save(fig: Figure, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -138,16 +142,19 @@ def lines(plot: Plot, sweep: Sweep, rows: list[dict[str, Any]], _series: Any, pa
     return True
 
 
-def _positive(ax) -> bool:
+def _positive(ax: Axes) -> bool:
     """A log scale needs data above zero (a panel of failed runs only may have none)."""
-    return any(v > 0 for line in ax.get_lines() for v in line.get_ydata() if v is not None)
+    import numpy as np
+
+    ys = (np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines())  # None: nan
+    return any(bool((y > 0).any()) for y in ys)
 
 
 def _key(x: Any) -> Any:
     return (0, x) if isinstance(x, (int, float)) else (1, str(x))
 
 
-def _mark_failures(ax, rows: list[dict[str, Any]], x: str, metric: str) -> None:
+def _mark_failures(ax: Axes, rows: list[dict[str, Any]], x: str, metric: str) -> None:
     bad = [r for r in rows if r["status"] != "ok"]
     if not bad:
         return
@@ -167,7 +174,9 @@ def _mark_failures(ax, rows: list[dict[str, Any]], x: str, metric: str) -> None:
     )
 
 
-def _timeline_runs(plot: Plot, rows: list[dict[str, Any]], series_rows: list[dict[str, Any]]):
+def _timeline_runs(
+    plot: Plot, rows: list[dict[str, Any]], series_rows: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, series) for each point's first run that recorded one of the plot's series."""
     by_run = {(s["point_id"], s["repeat"]): s["series"] for s in series_rows}
     out = []

@@ -154,7 +154,7 @@ def make_row(
     elapsed: float,
     env: dict[str, Any],
     nodes: list[str] | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The points.jsonl row of a finished run, and its time series (host 0's, or each host's)."""
     status, reason, audit = verdict(outcomes, left)
     results = [result_of(o) for o in outcomes]
@@ -216,7 +216,7 @@ def refused_row(sweep: Sweep, run: Run, why: str, env: dict[str, Any]) -> dict[s
 
 def run_one(
     sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str], None]
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One run on this machine, from a clean state; what it leaves behind is found and removed."""
     why = runner(sweep.runner).refuse(run.params)
     if why:

@@ -86,7 +86,7 @@ def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     end = time.monotonic() + timeout
     for proc in procs:
         try:
@@ -96,7 +96,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
             proc.wait(5.0)
 
 
-def _interrupt_all(procs: list[subprocess.Popen]) -> None:
+def _interrupt_all(procs: list[subprocess.Popen[bytes]]) -> None:
     """Ctrl-C: every stack cleans itself up on SIGINT; one that does not in time is killed."""
     for proc in procs:
         if proc.poll() is None:

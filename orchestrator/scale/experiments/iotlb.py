@@ -19,11 +19,14 @@ IOTLB's reach: the 2m rows show that.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vsva.scale.experiments import Metric, Param, PointContext, StackResult
+
+if TYPE_CHECKING:
+    from vsva.hotpath.testing import HostMemory
 
 DOC = "IOTLB sets x ways vs working set and page size on the hot path: hit rate, ns and memory refs per translation"
 PROCESSES = False
@@ -60,7 +63,7 @@ def refuse(params: dict[str, Any]) -> str | None:
     return None
 
 
-def build(working_set: int, page_size: str, seed: int):
+def build(working_set: int, page_size: str, seed: int) -> tuple[HostMemory, int]:
     """Host memory, PASID directory and the VA of every page of the working set."""
     from vsva.hotpath.layout import FL_P, FL_RW, FL_US, PAGE_SHIFT, SL_R, SL_W
     from vsva.hotpath.testing import GuestProcess, GuestVM, HostMemory, install_pasid, make_pasid_dir
@@ -96,7 +99,10 @@ def stream(rng: np.random.Generator, params: dict[str, Any]) -> np.ndarray:
     n, ws = params["accesses"], params["working_set"]
     pages = rng.integers(0, ws, n) if params["pattern"] == "random" else np.arange(n) % ws
     offsets = rng.integers(0, 4096, n)
-    return np.uint64(BASE_VA) + (pages.astype(np.uint64) << np.uint64(12)) + offsets.astype(np.uint64)
+    vas: np.ndarray = (
+        np.uint64(BASE_VA) + (pages.astype(np.uint64) << np.uint64(12)) + offsets.astype(np.uint64)
+    )
+    return vas
 
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:

@@ -15,7 +15,7 @@ variant whose flood ended early says so there.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.scale.experiments import Metric, Param, PointContext, StackResult
 from vsva.scale.experiments.measure import (
@@ -27,6 +27,9 @@ from vsva.scale.experiments.measure import (
 )
 from vsva.scale.experiments.vms import capacity, refuse_topology, run_session
 from vsva.scale.experiments.vms import topology as vms_topology
+
+if TYPE_CHECKING:
+    from vsva.ops.topology import Topology
 
 DOC = "one VM floods invalidations or page faults while the others run: their DMA, hit rates, fault and bind latency"
 PROCESSES = True
@@ -71,7 +74,7 @@ def refuse(params: dict[str, Any]) -> str | None:
     return refuse_topology(topology(params, 0))
 
 
-def topology(params: dict[str, Any], seed: int):
+def topology(params: dict[str, Any], seed: int) -> Topology:
     noise, victim = plan(params)
     topo = vms_topology({"vms": params["victims"] + 1, "ram_pages": 1024}, seed, victim)
     topo.spec(NOISY).config["phases"] = noise
@@ -94,8 +97,7 @@ def plan(params: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
     topo = topology(params, seed)
-    ctl, _launcher, _sampler, _timings = run_session(topo, ctx)
-    res = ctl.result
+    res, _launcher, _sampler, _timings = run_session(topo, ctx)
     out = StackResult(violations=list(res["violations"]), audit_ran=True, failures=workload_failures(res))
     works = res["workloads"]
     victims = {g: w for g, w in works.items() if g != NOISY}

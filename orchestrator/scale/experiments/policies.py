@@ -177,7 +177,7 @@ class PolicyProbe(Orchestrator):
             yield Wait(("poll", self.now), timeout=POLL_S)
 
 
-def topology(params: dict[str, Any], seed: int):
+def topology(params: dict[str, Any], seed: int) -> Topology:
     from vsva.ops.topology import default_topology
 
     n = 2 + params["churn_vms"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
 from vsva.scale.experiments.measure import (
@@ -32,6 +33,11 @@ from vsva.scale.experiments.measure import (
     pss_mb,
     workload_failures,
 )
+
+if TYPE_CHECKING:
+    from vsva.ops.control import Controller
+    from vsva.ops.launcher import Launcher
+    from vsva.ops.topology import Topology
 
 DOC = (
     "VM count: start-to-ready, binds/s with every VM binding, bind p50/p99, DMA, messages, CPU, PSS, teardown"
@@ -96,7 +102,7 @@ def refuse(params: dict[str, Any]) -> str | None:
     return refuse_topology(topology(params, 0, []))
 
 
-def topology(params: dict[str, Any], seed: int, phases: list[list[Any]], **kw: Any):
+def topology(params: dict[str, Any], seed: int, phases: list[list[Any]], **kw: Any) -> Topology:
     from vsva.ops.topology import default_topology
 
     topo = default_topology(
@@ -145,9 +151,11 @@ def launch_timeout(ctx: PointContext) -> float:
     return min(120.0, max(LAUNCH_MIN_S, ctx.check("launch")))
 
 
-def run_session(topo: Any, ctx: PointContext, on_launch=None):
+def run_session(
+    topo: Topology, ctx: PointContext, on_launch: Callable[[Launcher, Controller], None] | None = None
+) -> tuple[dict[str, Any], Launcher, Sampler, dict[str, Any]]:
     """Launch `topo`, run the controller's session to its end, close; returns
-    (controller, launcher, sampler, timings)."""
+    (the controller's result, launcher, sampler, timings)."""
     from vsva.ops.control import Controller
     from vsva.ops.launcher import Launcher
 
@@ -170,13 +178,12 @@ def run_session(topo: Any, ctx: PointContext, on_launch=None):
         "start_to_ready_s": ctl.marks["booted"] - t0,
         "vm_stop_s": ctl.marks.get("stopped", 0) - ctl.marks.get("audited", 0),
     }
-    return ctl, launcher, sampler, timings
+    return ctl.result, launcher, sampler, timings
 
 
 def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResult:
     topo = topology(params, seed, [["bind_latency", params["binds"]], ["dma_loop", params["dma_rounds"]]])
-    ctl, launcher, sampler, timings = run_session(topo, ctx)
-    res = ctl.result
+    res, launcher, sampler, timings = run_session(topo, ctx)
     out = StackResult(violations=list(res["violations"]), audit_ran=True, failures=workload_failures(res))
     works = res["workloads"]
     lat = [
@@ -187,6 +194,8 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     host = res["snapshots"].get("host", {})
     c = host.get("counters", {})
     trace = launcher.trace()
+    t0 = launcher.t0
+    assert t0 is not None, "a started launcher has its epoch"
     w = (min(binds[0], dma[0]), max(binds[1], dma[1])) if binds and dma else None
     names = {k: topo.names(k) for k in KINDS}
     out.metrics = {
@@ -198,7 +207,7 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
         "dma_descriptors_per_s": _rate(c.get("dma_descriptors"), dma),
         "iotlb_hit_rate": _ratio(c.get("iotlb_hits"), c.get("iotlb_lookups")),
         "devtlb_hit_rate": _ratio(c.get("devtlb_hits"), c.get("devtlb_lookups")),
-        "host_msgs_per_s": _rate(messages_between(trace, "host", w, launcher.t0), w) if w else None,
+        "host_msgs_per_s": _rate(messages_between(trace, "host", w, t0), w) if w else None,
         "host_cpu_share": sampler.cpu_share(names["host"]),
         "actors_cpu_share": _per_core(sampler.cpu_share(topo.names())),
         "pss_host_mb": mean(sampler.pss.get(n) for n in names["host"]),
