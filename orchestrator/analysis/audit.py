@@ -68,7 +68,7 @@ def audit(snaps: dict[str, dict[str, Any]], topology: Topology) -> list[Violatio
     return out
 
 
-def _check_isolation(host: dict) -> list[Violation]:
+def _check_isolation(host: dict[str, Any]) -> list[Violation]:
     """I1 from the hot path's counter; I7 for DMA and page requests under a PASID's old owner."""
     out = []
     if host["counters"].get("owner_violations", 0):
@@ -105,7 +105,9 @@ def _check_isolation(host: dict) -> list[Violation]:
     return out
 
 
-def _check_gone(host: dict, snaps: dict[str, dict], topology: Topology) -> list[Violation]:
+def _check_gone(
+    host: dict[str, Any], snaps: dict[str, dict[str, Any]], topology: Topology
+) -> list[Violation]:
     """I4: a VM without a domain on the host has nothing left anywhere."""
     out = []
     gone = [vm for vm in topology.vms if str(vm) not in host["vms"]]
@@ -131,7 +133,9 @@ def _check_gone(host: dict, snaps: dict[str, dict], topology: Topology) -> list[
     return out
 
 
-def _check_work(host: dict, snaps: dict[str, dict], topology: Topology) -> list[Violation]:
+def _check_work(
+    host: dict[str, Any], snaps: dict[str, dict[str, Any]], topology: Topology
+) -> list[Violation]:
     """I6: a live VM's descriptors all got a definite answer (done, failed or aborted)."""
     out = []
     for name in topology.names("guest"):
@@ -142,7 +146,7 @@ def _check_work(host: dict, snaps: dict[str, dict], topology: Topology) -> list[
     return out
 
 
-def _check_host_entries(host: dict) -> list[Violation]:
+def _check_host_entries(host: dict[str, Any]) -> list[Violation]:
     """I3/I7 inside the host: entries, caches and page requests only for bound, owned PASIDs."""
     out = []
     ioasids, svms = host["ioasids"], host["svms"]
@@ -182,7 +186,7 @@ def _check_host_entries(host: dict) -> list[Violation]:
     return out
 
 
-def _check_vmm(name: str, snap: dict, host: dict) -> list[Violation]:
+def _check_vmm(name: str, snap: dict[str, Any], host: dict[str, Any]) -> list[Violation]:
     """The vmm's guest->host map and shadow agree with the host's IOASIDs and binds."""
     out, vm = [], snap["vm"]
     allocated = set(host["vms"].get(str(vm), {}).get("ioasids", []))
@@ -214,7 +218,9 @@ def _check_vmm(name: str, snap: dict, host: dict) -> list[Violation]:
     return out
 
 
-def _check_users(host: dict, vmms: dict[str, dict], phys: dict[str, str]) -> list[Violation]:
+def _check_users(
+    host: dict[str, Any], vmms: dict[str, dict[str, Any]], phys: dict[str, str]
+) -> list[Violation]:
     """I5: each (PASID, physical device) users count equals the binds the vmms hold."""
     expected: dict[tuple[int, str], int] = {}
     for snap in vmms.values():
@@ -235,7 +241,9 @@ def _check_users(host: dict, vmms: dict[str, dict], phys: dict[str, str]) -> lis
     ]
 
 
-def _check_subscriber(name: str, tables: dict, host: dict, vmms: dict[str, dict]) -> list[Violation]:
+def _check_subscriber(
+    name: str, tables: dict[str, Any], host: dict[str, Any], vmms: dict[str, dict[str, Any]]
+) -> list[Violation]:
     """kvm/vdcm translations exist exactly for bound PASIDs, with the host's gpasid and VM.
 
     A PASID the host is reclaiming for the same VM may still be translated: its FREE has not

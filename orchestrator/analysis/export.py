@@ -257,7 +257,8 @@ def _diagram_of(rec: Record) -> str:
     _, _, inst = (rec.get("flow") or "").partition(":")
     if inst.startswith("vm"):
         return inst.partition(".")[0]
-    for name in (rec["src"], rec["dst"]):
+    ends: tuple[str, str] = (rec["src"], rec["dst"])
+    for name in ends:
         if name.startswith("vm") and "." in name:
             return name.partition(".")[0]
     return "host"

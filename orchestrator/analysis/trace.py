@@ -96,7 +96,7 @@ def merge(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [recs[i] for i in _topological(recs, preds, succs)]
 
 
-def _key(rec: dict[str, Any]) -> tuple:
+def _key(rec: dict[str, Any]) -> tuple[Any, ...]:
     return (rec["t"], rec["clock"], rec["src"], rec["id"])
 
 

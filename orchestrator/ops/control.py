@@ -74,7 +74,8 @@ class Orchestrator(Actor):
 
     def workload(self, vm: int, timeout: float = WORKLOAD_TIMEOUT) -> Steps[Body]:
         """Run VM `vm`'s guest workload to its end; returns the guest's report."""
-        return (yield Call(guest_name(vm), StartWorkload(), timeout=timeout))
+        report: Body = yield Call(guest_name(vm), StartWorkload(), timeout=timeout)
+        return report
 
     def workloads(self, vms: list[int], timeout: float = WORKLOAD_TIMEOUT) -> Steps[dict[int, Body]]:
         """Every listed VM's workload at once; returns {vm: report}."""

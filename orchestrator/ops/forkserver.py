@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from typing import Any
 
 REPORT_WAIT = 2.0  # s: how long a dead child's exit code may take to come from the zygote
 START_TIMEOUT = 30.0  # s: the zygote's imports, on a loaded machine
@@ -159,13 +160,13 @@ class ForkServer:
         while child is not None and child.returncode is None and time.monotonic() < end:
             self.collect(end - time.monotonic())
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: dict[str, Any]) -> None:
         try:
             self.sock.send(json.dumps(msg).encode())
         except OSError as exc:
             raise ForkServerError(f"the fork server is gone: {exc}") from None
 
-    def _recv(self) -> tuple[dict | None, list[int]]:
+    def _recv(self) -> tuple[dict[str, Any] | None, list[int]]:
         """One packet; exit reports are applied here. (None, []) at end of file: the zygote
         died, and with it (PR_SET_PDEATHSIG) every child it had."""
         try:
@@ -182,7 +183,7 @@ class ForkServer:
                 child.returncode = int(msg["code"])
         return msg, fds
 
-    def _recv_reply(self, name: str) -> tuple[dict, list[int]]:
+    def _recv_reply(self, name: str) -> tuple[dict[str, Any], list[int]]:
         end = time.monotonic() + self.timeout
         while time.monotonic() < end:
             if not _readable(self.sock.fileno(), end - time.monotonic()):

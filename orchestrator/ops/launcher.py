@@ -132,8 +132,8 @@ class Launcher:
         self.shm_path: str | None = None
         self.mem: PhysMem | None = None
         self.t0: float | None = None
-        self.ctx: zmq.Context | None = None
-        self.ctl: zmq.Socket | None = None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.ctl: zmq.Socket[bytes] | None = None
         self.runtime: ZmqRuntime | None = None
         self.procs: dict[str, _Proc] = {}
         self.deaths: list[tuple[str, int]] = []  # every (name, exitcode), in order seen

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from vsva.actors.base import Call, Gather
+from vsva.actors.base import Call, Gather, Steps
 
 HOST_S_PER_VM = 0.05  # s a host handler may wait per VM queued there (a loaded 2-core machine)
 SNAPSHOT_S_PER_ACTOR = 0.01
@@ -42,7 +42,7 @@ def request_timeouts(vms: int, base: float) -> dict[str, float]:
     }
 
 
-def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW):
+def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW) -> Steps[list[Any]]:
     """Send `calls` `window` at a time (a handler does `replies = yield from
     gather_bounded(calls)`); the replies in the order of the calls."""
     replies: list[Any] = []

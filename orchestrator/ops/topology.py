@@ -88,14 +88,18 @@ class Topology:
         return [a.config["vm"] for a in self.actors if a.kind == "vmm"]
 
 
-def host_devices(per_vm: Sequence[VmConfig], extra: dict[str, dict] | None = None) -> dict[str, dict]:
+def host_devices(
+    per_vm: Sequence[VmConfig], extra: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Physical devices and mediated devices the host knows, with their assignment.
 
     Each VM gets a passthrough function (pfN, programmed with host PASIDs) and `mediated`
     (default two) mediated devices of the shared accelerator: binding two mdevs of one parent
     to one PASID gives that parent's sdev users == 2, the case the bind's users count is for (docs/design.md §3, F2).
     """
-    devices: dict[str, dict] = {ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": 0}}
+    devices: dict[str, dict[str, Any]] = {
+        ACCEL: {"id": 1, "pci": True, "max_pasids": PASID_MAX, "ats": True, "vm": 0}
+    }
     for v in per_vm:
         devices[pf_name(v.vm)] = {
             "id": 1 + v.vm,
@@ -110,13 +114,13 @@ def host_devices(per_vm: Sequence[VmConfig], extra: dict[str, dict] | None = Non
     return devices
 
 
-def vm_devices(vm: int, devices: dict[str, dict]) -> list[str]:
+def vm_devices(vm: int, devices: dict[str, dict[str, Any]]) -> list[str]:
     """The devices assigned to VM `vm` (what its VMM opens through VFIO)."""
     return [name for name, d in devices.items() if d.get("vm") == vm]
 
 
 def build_topology(
-    per_vm: Sequence[VmConfig], run: RunConfig = RUN, extra_devices: dict[str, dict] | None = None
+    per_vm: Sequence[VmConfig], run: RunConfig = RUN, extra_devices: dict[str, dict[str, Any]] | None = None
 ) -> Topology:
     """One host (host, kvm, vdcm) and these VMs (guest + vmm each)."""
     devices = host_devices(per_vm, extra_devices)
@@ -205,7 +209,7 @@ def default_topology(
     allocator: Allocator | str = RUN.allocator,
     request_timeout: float = RUN.request_timeout,
     transport: Transport | str = RUN.transport,
-    extra_devices: dict[str, dict] | None = None,
+    extra_devices: dict[str, dict[str, Any]] | None = None,
 ) -> Topology:
     """`vms` identical VMs, as `vsva demo` runs them."""
     run = RunConfig(

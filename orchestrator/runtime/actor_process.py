@@ -30,9 +30,15 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
+
+if TYPE_CHECKING:
+    from vsva.ops.topology import Topology
 
 PR_SET_PDEATHSIG = 1
 
@@ -48,7 +54,7 @@ def die_with_parent(parent_pid: int | None) -> None:
         os._exit(1)
 
 
-def load_run(run_dir: str):
+def load_run(run_dir: str) -> tuple[dict[str, Any], Topology]:
     from vsva.ops.topology import ActorSpec, Topology
 
     with open(os.path.join(run_dir, "run.json")) as f:
@@ -59,7 +65,14 @@ def load_run(run_dir: str):
     return run, Topology(**raw)
 
 
-def handshake(ctx: zmq.Context, run_dir: str, name: str, timeout: float, stopped, endpoint: str = "") -> bool:
+def handshake(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    run_dir: str,
+    name: str,
+    timeout: float,
+    stopped: Callable[[], bool],
+    endpoint: str = "",
+) -> bool:
     """Tell the launcher we are bound (and where); wait (bounded) for its go."""
     from vsva.runtime.endpoints import control_endpoint, control_id
 
@@ -91,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_actor_process(
-    run_dir: str, name: str, *, parent_pid: int | None = None, go_timeout: float = 30.0, loaded=None
+    run_dir: str,
+    name: str,
+    *,
+    parent_pid: int | None = None,
+    go_timeout: float = 30.0,
+    loaded: tuple[dict[str, Any], Topology] | None = None,
 ) -> int:
     """Steps 1-6 of the module docstring for actor `name`; `loaded` is (run, topology) when
     the caller (the fork server) has read the run directory already. Returns the exit code."""
@@ -118,7 +136,7 @@ def run_actor_process(
     runtime = ZmqRuntime(name, run_dir, t0=t0, log=log, transport=getattr(topology, "transport", "ipc"))
     stop = {"now": False}
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stop["now"] = True
         runtime.request_stop()
 

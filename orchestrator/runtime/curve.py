@@ -60,7 +60,7 @@ def load_keys(run_dir: str) -> dict[str, tuple[bytes, bytes]]:
 class ActorKeys(ThreadAuthenticator):
     """The ZAP handler of one runtime: known public key -> its actor's name as User-Id."""
 
-    def __init__(self, ctx: zmq.Context, keys: dict[str, tuple[bytes, bytes]]):
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], keys: dict[str, tuple[bytes, bytes]]):
         super().__init__(ctx)
         self.keys = keys
         self.names = {public: name for name, (public, _) in keys.items()}
@@ -73,12 +73,12 @@ class ActorKeys(ThreadAuthenticator):
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names[zmq.utils.z85.encode(client_public_key)]
 
-    def serve(self, sock: zmq.Socket, name: str) -> None:
+    def serve(self, sock: zmq.Socket[bytes], name: str) -> None:
         """Make `sock` (a ROUTER, before bind) the CURVE server of actor `name`."""
         sock.curve_publickey, sock.curve_secretkey = self.keys[name]
         sock.curve_server = True
 
-    def client(self, sock: zmq.Socket, name: str, peer: str) -> bool:
+    def client(self, sock: zmq.Socket[bytes], name: str, peer: str) -> bool:
         """Make `sock` (a DEALER, before connect) actor `name`'s CURVE client of `peer`;
         False when `peer` has no key (it is not an actor of this run)."""
         if peer not in self.keys:

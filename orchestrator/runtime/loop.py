@@ -99,7 +99,7 @@ MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 MAX_SOCKETS = 8192  # libzmq's default (1023) is 340 peers: a DEALER, its monitor and its pair each
 
 
-def new_context() -> zmq.Context:
+def new_context() -> zmq.Context[zmq.Socket[bytes]]:
     """A ZeroMQ context that can hold a socket set for every actor of a 256-VM topology."""
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
@@ -115,7 +115,7 @@ class ZmqRuntime(PeerLinks):
         run_dir: str,
         *,
         t0: float | None = None,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         log: Callable[[str], None] | None = None,
         trace: bool = True,
         send_grace: float = SEND_GRACE,
@@ -155,7 +155,7 @@ class ZmqRuntime(PeerLinks):
                 self.curve.serve(self.router, name)
             self.router.bind(self.endpoint)
             if self._tcp:  # the kernel chose a free port: publish it (see the docstring)
-                self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
                 self._ep_id = publish_endpoint(run_dir, name, self.endpoint)
             token = incarnation(run_dir, name, transport)
             if token is None:
@@ -269,7 +269,7 @@ class ZmqRuntime(PeerLinks):
             self._trace.write()
 
     # ---- the poll --------------------------------------------------------------------------
-    def _poll_socket(self, sock: zmq.Socket, events: int) -> None:
+    def _poll_socket(self, sock: zmq.Socket[bytes], events: int) -> None:
         """Poll `sock` for `events` (register, or change what is wanted)."""
         if sock not in self._interest:
             fd = cast(int, sock.getsockopt(zmq.FD))
@@ -278,7 +278,7 @@ class ZmqRuntime(PeerLinks):
         self._interest[sock] = events
         self._dirty.add(sock)
 
-    def _unpoll_socket(self, sock: zmq.Socket) -> None:
+    def _unpoll_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Stop polling `sock` (it is about to be closed)."""
         if self._interest.pop(sock, None) is not None:
             fd = cast(int, sock.getsockopt(zmq.FD))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 
 from vsva.actors.base import Actor
-from vsva.actors.messages import MAX_FRAME
+from vsva.actors.messages import MAX_FRAME, Envelope
 from vsva.runtime.endpoints import endpoint, presence_path, read_endpoint_file, socket_path, valid_name
 
 LINGER_MS = 100
@@ -66,7 +66,8 @@ def _monitor_event(frames: list[bytes]) -> int | None:
     endpoint). Parsed here: zmq.utils.monitor imports asyncio (~20 ms per process start)."""
     if len(frames) != 2 or len(frames[0]) != 6:
         return None
-    return struct.unpack("=Hi", frames[0])[0]
+    event: int = struct.unpack("=Hi", frames[0])[0]
+    return event
 
 
 UP, CONNECTING, DOWN = "up", "connecting", "down"
@@ -75,14 +76,16 @@ UP, CONNECTING, DOWN = "up", "connecting", "down"
 @dataclass
 class Peer:
     name: str
-    sock: zmq.Socket
-    monitor: zmq.Socket
+    sock: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes]
     state: str = CONNECTING
     hold_until: float = 0.0  # restarted: connect failures before this do not mean down
     dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
     endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
     ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
-    queue: deque = field(default_factory=deque)  # (env, frame, deadline): not yet sent
+    queue: deque[tuple[Envelope, bytes, float]] = field(
+        default_factory=deque
+    )  # (env, frame, deadline): not yet sent
     used: float = 0.0  # last send (runtime clock): eviction picks the oldest idle peer
 
 
@@ -94,7 +97,7 @@ class PeerLinks:
     curve: Any
     run_dir: str
     transport: str
-    ctx: zmq.Context
+    ctx: zmq.Context[zmq.Socket[bytes]]
     send_grace: float
     actor: Actor | None
     peers: dict[str, Peer]
@@ -113,8 +116,8 @@ class PeerLinks:
 
         def now(self) -> float: ...
         def log(self, line: str) -> None: ...
-        def _poll_socket(self, sock: zmq.Socket, events: int) -> None: ...
-        def _unpoll_socket(self, sock: zmq.Socket) -> None: ...
+        def _poll_socket(self, sock: zmq.Socket[bytes], events: int) -> None: ...
+        def _unpoll_socket(self, sock: zmq.Socket[bytes]) -> None: ...
         def _ratelog(self, key: str, line: str) -> None: ...
         def _forget_rids(self, name: str) -> None: ...
         def _remember_incarnation(self, name: str) -> None: ...

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from vsva.actors import actor_class
-from vsva.actors.base import Actor, ActorEnv, Call
+from vsva.actors.base import Actor, ActorEnv, Call, Steps
 from vsva.actors.memory import PhysMem
 from vsva.actors.messages import Envelope, decode, encode
 from vsva.analysis.trace import record
@@ -168,7 +168,7 @@ class _Probe(Actor):
     def send_request(
         self, dst: str, kind: str, body: dict[str, Any], timeout: float, now: float
     ) -> list[Envelope]:
-        def ask():
+        def ask() -> Steps[None]:
             self.reply = yield Call(dst, kind, body, timeout=timeout)
 
         return self.run_task(ask, now)
