@@ -601,10 +601,16 @@ def test_churn_frees_bound_pasids_as_the_policy_says(vsva, runtime, policy):
         assert ("ioasid_notify", "free") not in events
     else:
         assert {s["ret"] for s in bound_frees} == {0}
-        assert events.get(("ioasid_notify", "free")) == 2 * CHURN_ROUNDS
-        assert events.get(("ioasid_cleanup", None), 0) == 2 * CHURN_ROUNDS
+        # A free notifies only where the host holds the PASID bound. Under naive a reused
+        # PASID's bind can be refused (-EBUSY: the old owner's entry is still present, the
+        # hazard explore reports), and then its free has nothing to notify.
+        binds_ok = sum(1 for s in steps if s["flow"] == "F2" and s["ret"] == 0)
+        expected = binds_ok if policy == "naive" else 2 * CHURN_ROUNDS
+        assert binds_ok <= 2 * CHURN_ROUNDS and (policy == "naive" or binds_ok == expected)
+        assert events.get(("ioasid_notify", "free"), 0) == expected
+        assert events.get(("ioasid_cleanup", None), 0) == expected
         chains = free_chains(session["trace"])
-        assert len(chains) == 2 * CHURN_ROUNDS
+        assert len(chains) == expected
         for kvm_q, kvm_r, cleanup, cleanup_r, vdcm_q, _ in chains:
             assert kvm_q["clock"] < cleanup["clock"] < vdcm_q["clock"]  # the host's send order
             if policy == "reclaim":  # each link waits for the previous one's answer
