@@ -1,7 +1,10 @@
-"""The run's trace: one JSON line per message, one file per actor, merged in causal order.
+"""The run's trace: one record per message, one file per actor, merged in causal order.
 
 Both runtimes record the same record shape, so the timeline, the sequence diagram and the
-Perfetto export work on either.
+Perfetto export work on either. The process runtime's files hold wire frames
+(`trace-N.frames`, vsva.runtime.trace_buffer); `read_frames` turns them into records, the
+same as a JSON line of `record` reads back (JSON's map keys are strings, tuples lists,
+unknown values their repr).
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ import os
 from collections.abc import Iterable
 from typing import IO, Any
 
+import msgpack
+
 from vsva.actors.messages import Envelope
+from vsva.runtime.trace_buffer import HEAD, SUFFIX
+
+_JSON = json.JSONEncoder(default=repr)
 
 
 def record(env: Envelope, t: float) -> dict[str, Any]:
@@ -162,4 +170,30 @@ def load(run_dir: str) -> list[dict[str, Any]]:
                     records.append(json.loads(line))
                 except ValueError:  # the torn last line of a writer that was SIGKILLed
                     continue
+    for path in glob.glob(os.path.join(run_dir, f"trace-*{SUFFIX}")):
+        records.extend(read_frames(path))
     return merge(records)
+
+
+def read_frames(path: str) -> list[dict[str, Any]]:
+    """The records of one runtime's trace file (see vsva.runtime.trace_buffer), in file order;
+    the last record of a writer that was SIGKILLed in the middle of it is dropped, and so is
+    a frame that does not decode."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out = []
+    pos = 0
+    while pos + HEAD.size <= len(data):
+        t, size = HEAD.unpack_from(data, pos)
+        pos += HEAD.size
+        if pos + size > len(data):
+            break
+        try:
+            w = msgpack.unpackb(data[pos : pos + size], raw=False, strict_map_key=False)
+        except Exception:  # msgpack raises several unrelated types for garbage
+            w = None
+        pos += size
+        if isinstance(w, dict):
+            rec = {k: w.get(k) for k in ("clock", "id", "src", "dst", "kind", "corr", "rr", "flow", "body")}
+            out.append(json.loads(_JSON.encode({"t": round(t, 6), **rec})))
+    return out

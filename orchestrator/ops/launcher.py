@@ -16,7 +16,7 @@ the launcher before any child starts so early messages to "orch" queue there; wi
 `topology.transport == "tcp"` the ROUTERs bind `tcp://127.0.0.1:<kernel-chosen port>` and
 `<name>.ep` holds that endpoint instead, see vsva.runtime.loop),
 `orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
-stdout/stderr), `trace-<name>.jsonl`. Shared memory: `/dev/shm/vsva-<runid>.mem`. With
+stdout/stderr), `trace-<name>.frames` (vsva.runtime.trace_buffer). Shared memory: `/dev/shm/vsva-<runid>.mem`. With
 `trace_out`, `close` writes the merged trace's exports there (vsva.analysis.export.write_all),
 also when the run ends by an exception or a signal turned into one.
 

@@ -387,13 +387,8 @@ class ZmqRuntime(PeerLinks):
             self._on_fd(fd)
         if self._queued:
             self._expire_queues()
-        if trace is not None and trace.pending:
-            if not events and not fds:
-                trace.write()  # the loop was idle for the whole wait: write everything
-            else:
-                trace.encode()  # the round's sends have left: JSON off the critical path
-                if trace.due():
-                    trace.write()
+        if trace is not None and trace.pending and ((not events and not fds) or trace.due()):
+            trace.write()  # idle for the whole wait, or records waited long enough
 
     def flush(self, timeout: float) -> None:
         """Give queued outgoing messages up to `timeout` seconds to leave (bounded); any

@@ -85,7 +85,7 @@ def cli(tmp_path):
 def traced(cli: Cli) -> bool:
     """The run is under way: an actor has written trace records."""
     return any(
-        os.path.getsize(p) > 0 for d in cli.run_dirs() for p in glob.glob(os.path.join(d, "trace-*.jsonl"))
+        os.path.getsize(p) > 0 for d in cli.run_dirs() for p in glob.glob(os.path.join(d, "trace-*.frames"))
     )
 
 

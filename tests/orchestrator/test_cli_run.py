@@ -12,6 +12,8 @@ import pytest
 from test_cli_cleanup import Cli, cli_session, shm_of, traced, wait_for
 from zmqrt_toys import pid_alive
 
+from vsva.analysis.trace import read_frames
+
 SCENARIO = """
 [run]
 seed = 3
@@ -41,9 +43,9 @@ def cli(tmp_path):
 def booted(cli: Cli) -> bool:
     """Some actor's trace file already holds a vm_start (trace files are written in batches)."""
     return any(
-        "vm_start" in p.read_text(errors="replace")
+        any(r["kind"] == "vm_start" for r in read_frames(str(p)))
         for d in cli.run_dirs()
-        for p in Path(d).glob("trace-*.jsonl")
+        for p in Path(d).glob("trace-*.frames")
     )
 
 

@@ -17,8 +17,10 @@ from zmqrt_toys import TOYS, Script, pid_alive
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
+from vsva.analysis.trace import read_frames
 from vsva.ops.launcher import Launcher, LaunchError
 from vsva.ops.topology import ActorSpec, Topology
+from vsva.runtime.trace_buffer import trace_path
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
 
@@ -96,10 +98,10 @@ def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
         )
         assert not launcher.run_actor(actor, timeout=0.3)  # both requests now in flight
         assert actor.busy
-        proxy_trace = os.path.join(launcher.run_dir, "trace-proxy_m.jsonl")
+        proxy_trace = trace_path(launcher.run_dir, "proxy_m")
         end = time.monotonic() + 5
         while time.monotonic() < end:  # wait until the proxy has forwarded to mute
-            if os.path.exists(proxy_trace) and '"dst": "mute"' in open(proxy_trace).read():
+            if os.path.exists(proxy_trace) and any(r["dst"] == "mute" for r in read_frames(proxy_trace)):
                 break
             time.sleep(0.01)
         t_kill = time.monotonic()
