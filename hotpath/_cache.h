@@ -44,15 +44,35 @@ static inline uint32_t vs_set_of(uint64_t key, uint32_t mask) {
     return (uint32_t)(((key * VS_HASH_MULT) >> 32) & mask);
 }
 
-/* Set lookup over the tag words of one set block: a branch-free match mask over the ways
-   (the way that hits is random, so a compare-and-exit loop would mispredict on most
-   lookups), then the payload check of the matching way(s). Returns the way or -1. */
+/* Match mask of `tag` over the tag words of one set block: bit w set when way w holds it.
+   Branch-free (the way that hits is random, so a compare-and-exit loop would mispredict on
+   most lookups) and unrolled for each geometry; the PLRU bits live only in way 0's word,
+   so only that word is masked. */
+static inline __attribute__((always_inline)) uint32_t
+vs_set_match(const uint64_t *blk, uint32_t ways, uint64_t tag) {
+    uint32_t w, m = (uint32_t)((blk[0] & ~VS_PLRU_MASK) == tag);
+    switch (ways) {
+    case 8:
+        #pragma GCC unroll 8
+        for (w = 1; w < 8; w++) m |= (uint32_t)(blk[w] == tag) << w;
+        break;
+    case 4:
+        #pragma GCC unroll 4
+        for (w = 1; w < 4; w++) m |= (uint32_t)(blk[w] == tag) << w;
+        break;
+    case 2:
+        m |= (uint32_t)(blk[1] == tag) << 1;
+        break;
+    default:
+        break;
+    }
+    return m;
+}
+
+/* Set lookup: the matching way whose payload matches xval under xmask, or -1. */
 static inline __attribute__((always_inline)) int
 vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask, uint64_t xval) {
-    uint32_t w, m = 0;
-    #pragma GCC unroll 8
-    for (w = 0; w < 8; w++)
-        if (w < ways) m |= (uint32_t)((blk[w] & ~VS_PLRU_MASK) == tag) << w;
+    uint32_t w, m = vs_set_match(blk, ways, tag);
     while (m) {
         w = (uint32_t)__builtin_ctz(m);
         if ((blk[ways + w] & xmask) == xval) return (int)w;

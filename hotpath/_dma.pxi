@@ -45,7 +45,7 @@ cdef DmaResult dma_run(State *s, uint32_t dev, uint64_t pasid, DmaOp op, uint64_
         for i in range(nstreams):
             n = chunk_len(n, va[i] + r.done)
         for i in range(nstreams):
-            r.status = translate1(s, dev, pasid, va[i] + r.done, acc[i], &pa[i])
+            r.status = translate1(s, dev, pasid, va[i] + r.done, acc[i], &pa[i], NULL)
             if r.status:
                 r.fault_va = va[i] + r.done
                 s.cnt[VS_C_DMA_FAULTS] += 1

@@ -142,7 +142,7 @@ cdef class Iommu:
         if ps < 0:
             ps = VS_PASID_MAX
         f = translate1(&self.st, <uint32_t>dv, <uint64_t>ps, <uint64_t>va,
-                       <uint32_t>acc, &pa)
+                       <uint32_t>acc, &pa, NULL)
         return pa, f
 
     def translate(self, dev, pasids, vas, access, out_pa, out_fault):

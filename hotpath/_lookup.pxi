@@ -88,8 +88,8 @@ cdef inline int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, ui
         p = blk[d.tlb.ways + w]
         packed = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
         eflags = dev_perm_flags(packed)
-        need = vs_required(access, eflags)
-        if (packed & need) == need and (not (access & VS_ACCESS_PRIV) or (eflags & VS_PE_SRE)):
+        need = vs_need_fast(access, eflags)  # VS_NEED_NEVER: a supervisor request without SRE
+        if (packed & need) == need:
             s.cnt[VS_C_DEVTLB_HITS] += 1
             vs_plru_touch(blk, <uint32_t>w, d.tlb.lg)
             f = owner_check(s, p & VS_FRAME_MASK, <uint32_t>(p >> VS_DID_SHIFT))
@@ -101,7 +101,8 @@ cdef inline int32_t devtlb_hit(State *s, Dev *d, uint64_t tkey, uint64_t off, ui
     return -1
 
 cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uint32_t access,
-                        uint64_t *pa) noexcept nogil:
+                        uint64_t *pa, const vs_spec_t *sp) noexcept nogil:
+    """One request; `sp` is its group-walk result (see walk) or NULL."""
     cdef Dev *d
     cdef uint64_t vpn, off, tkey, frame = 0, p, pcpay, iset, dset, tag, didw
     cdef uint64_t *iblk
@@ -137,7 +138,7 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
     flags = <uint32_t>(pcpay >> 16) & 0xFF
     if (access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE):
         return fault(s, VS_FAULT_FL_PERMISSION)
-    need = vs_required(access, flags)
+    need = vs_need_fast(access, flags)
     didw = (<uint64_t>did) << VS_DID_SHIFT
     s.cnt[VS_C_IOTLB_LOOKUPS] += 1
     # One set lookup serves both the hit check and, on a miss, the fill (the walk in
@@ -167,7 +168,7 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
             return 0
     s.cnt[VS_C_IOTLB_MISSES] += 1
     f = walk(s, s.pc.aux[pslot].flptr, s.pc.aux[pslot].slptr, flags, va, access,
-             &frame, &perms)
+             &frame, &perms, sp)
     if f:
         return f
     f = owner_check(s, frame, did)
@@ -214,8 +215,8 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
         p = iblk[d.tlb.ways + iw]
         perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
         flags = dev_perm_flags(perms)
-        need = vs_required(access, flags)
-        if (perms & need) != need or ((access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE)):
+        need = vs_need_fast(access, flags)
+        if (perms & need) != need:
             return 0
         frame = p & VS_FRAME_MASK
         if frame >= s.nframes or s.owners[frame] != <int32_t>(p >> VS_DID_SHIFT):
@@ -231,9 +232,7 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     pcpay = pblk[s.pc.ways + pw]
     did = <uint32_t>(pcpay & 0xFFFF)
     flags = <uint32_t>(pcpay >> 16) & 0xFF
-    if (access & VS_ACCESS_PRIV) and not (flags & VS_PE_SRE):
-        return 0
-    need = vs_required(access, flags)
+    need = vs_need_fast(access, flags)  # VS_NEED_NEVER: the hit check below fails
     iblk = set_block(&s.iotlb, tkey)
     iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
                      (<uint64_t>did) << VS_DID_SHIFT)
@@ -250,31 +249,37 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     return 1
 
 
-cdef Py_ssize_t prewalk_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
-                             const uint64_t *v, const uint32_t *pv,
-                             uint64_t pscalar) noexcept nogil:
-    """Prefetch the tables of requests k .. k + VS_PREWALK - 1 (vs_prewalk) for the walks
-    that follow; read-only (the PASID-cache lookup touches no PLRU state). Returns the
-    first request not prefetched."""
-    cdef uint64_t fl[VS_PREWALK]
-    cdef uint64_t sl[VS_PREWALK]
-    cdef uint64_t va[VS_PREWALK]
+cdef Py_ssize_t group_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
+                           const uint64_t *v, const uint32_t *pv, uint64_t pscalar,
+                           const uint8_t *av, uint32_t ascalar, vs_spec_t *spec,
+                           int *spec_of) noexcept nogil:
+    """Group walk (vs_walk_group) of requests k .. k + VS_GROUP - 1 that have a cached PASID
+    entry (a read-only lookup: no PLRU update) and would walk; spec_of[j - k] = the index of
+    request j's result in spec, or -1. Returns the first request not in the group."""
     cdef uint64_t pasid
     cdef int64_t slot
+    cdef uint32_t flags, acc
     cdef int m = 0
-    cdef Py_ssize_t j, end = min(n, k + VS_PREWALK)
+    cdef Py_ssize_t j, end = min(n, k + VS_GROUP)
     for j in range(k, end):
+        spec_of[j - k] = -1
         pasid = pv[j] if pv != NULL else pscalar
+        acc = av[j] if av != NULL else ascalar
         if pasid >= VS_PASID_MAX or not vs_canonical(v[j]):
             continue
         slot = cache_find(&s.pc, (<uint64_t>dev << VS_PASID_BITS) | pasid, 0, 0)
         if slot < 0:
             continue
-        fl[m] = s.pc.aux[slot].flptr
-        sl[m] = s.pc.aux[slot].slptr
-        va[m] = v[j]
+        flags = <uint32_t>(pay_at(&s.pc, <uint64_t>slot)[0] >> 16) & 0xFF
+        spec[m].flptr = s.pc.aux[slot].flptr
+        spec[m].slptr = s.pc.aux[slot].slptr
+        spec[m].flags = flags
+        spec[m].va = v[j]
+        spec[m].access = acc
+        spec_of[j - k] = m
         m += 1
-    vs_prewalk(s.mem, s.mem_size, s.owners, s.nframes, m, fl, sl, va)
+    vs_walk_group(s.mem, s.mem_size, m, spec)
+    s.group_adw = s.cnt[VS_C_AD_WRITES]
     return end
 
 
@@ -297,7 +302,10 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
     cdef bint last_slow = False
     cdef bint pasid_arr = pv != NULL, acc_arr = av != NULL
     cdef Cache *tlb = &d.tlb if d != NULL and d.ats else &s.iotlb  # where this device hits
-    cdef Py_ssize_t prewalked = 0
+    cdef Py_ssize_t grouped = 0, gbase = 0
+    cdef vs_spec_t spec[VS_GROUP]
+    cdef int spec_of[VS_GROUP]
+    cdef const vs_spec_t *sp
     for k in range(n):
         # Software prefetch: start loading the IOTLB set of request k + D now (the set
         # does not depend on the domain, so no PASID-cache lookup is needed).
@@ -318,11 +326,15 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
                 n_dev_fast += 1
                 ofl[k] = 0
                 continue
-        # In a run of walks, prefetch the tables of the next few requests together.
-        if last_slow and d != NULL and k >= prewalked:
-            prewalked = prewalk_ahead(s, dv, k, n, v, pv, pscalar)
+        # In a run of walks, walk the next few requests together.
+        if last_slow and d != NULL and k >= grouped:
+            gbase = k
+            grouped = group_ahead(s, dv, k, n, v, pv, pscalar, av, ascalar, spec, spec_of)
+        sp = NULL
+        if k < grouped and spec_of[k - gbase] >= 0:
+            sp = &spec[spec_of[k - gbase]]
         hits_before = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS]
-        ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k])
+        ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k], sp)
         last_slow = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS] == hits_before
         if ofl[k]:
             nf += 1

@@ -40,4 +40,5 @@ ctypedef struct State:
     uint8_t *gdefunct  # global PASID bitmap (VS_PASID_MAX / 8 bytes)
     Dev devs[VS_MAX_DEVICES]
     uint64_t cnt[VS_NCOUNTERS]
+    uint64_t group_adw  # cnt[VS_C_AD_WRITES] when the batch loop last ran a group walk
     uint64_t reasons[VS_N_FAULT_REASONS]

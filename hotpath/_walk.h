@@ -80,6 +80,25 @@ vs_required(uint32_t access, uint32_t flags) {
     return need;
 }
 
+/* vs_required for every (access, SRE, WPE), with VS_NEED_NEVER added where a supervisor
+   request meets an entry without SRE: the fast hit paths then take it for a miss and the
+   full path raises the fault. One load instead of the branches above, per hit. */
+#define VS_NEED_NEVER (1u << 31)
+static uint32_t vs_need_tab[64] __attribute__((unused));
+static __attribute__((unused)) void vs_need_init(void) {
+    uint32_t i, access, flags;
+    for (i = 0; i < 64; i++) {
+        access = i & 15;
+        flags = ((i & 16) ? VS_PE_WPE : 0) | ((i & 32) ? VS_PE_SRE : 0);
+        vs_need_tab[i] = vs_required(access, flags)
+                         | (((access & VS_ACCESS_PRIV) && !(flags & VS_PE_SRE)) ? VS_NEED_NEVER : 0);
+    }
+}
+static inline __attribute__((always_inline)) uint32_t
+vs_need_fast(uint32_t access, uint32_t flags) {
+    return vs_need_tab[(access & 15) | ((flags & VS_PE_WPE) ? 16 : 0) | ((flags & VS_PE_SRE) ? 32 : 0)];
+}
+
 /* x86-64 canonical form (layout.is_canonical): bits 63:47 all equal. */
 static inline __attribute__((always_inline)) int vs_canonical(uint64_t va) {
     return (uint64_t)(((int64_t)va >> (VS_VA_BITS - 1)) + 1) <= 1;
@@ -90,8 +109,8 @@ static inline __attribute__((always_inline)) int vs_canonical(uint64_t va) {
    non-leaf entry; at the leaf the combined rights, then A (and D on a write) with a locked
    cmpxchg (needs SL_W on the table page). Returns 0 or a fault code; counts entries read
    in *refs and A/D updates in *adw. */
-static inline __attribute__((always_inline)) int32_t
-vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t flptr,
+static __attribute__((noinline)) int32_t
+vs_nested_walk_checked(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t flptr,
                uint64_t slptr, uint32_t flags, uint64_t va, uint32_t access,
                uint64_t *frame_out, uint32_t *perms_out, uint64_t *refs, uint64_t *adw) {
     int write = (access & VS_ACCESS_WRITE) != 0;
@@ -154,71 +173,170 @@ vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t fl
     *perms_out = perms;
     return 0;
 }
-/* Prefetching for cold batches: a read-only walk of up to VS_PREWALK requests in lockstep,
-   one table level at a time, so that the cache misses of different requests overlap (as
-   the several page-walk engines of an IOMMU do) and the real walks that follow, one request
-   at a time and with every check, find their entries (and the owner entry of the final
-   frame) in the CPU cache. It reads only what those walks will read, checks only what it
-   needs to know where to read next, and changes nothing. */
-#define VS_PREWALK 8
-static volatile uint64_t vs_prewalk_sink;
 
-static inline uint64_t vs_level_mask(int level) {
-    return (1ULL << (VS_PAGE_SHIFT + 9 * (unsigned)(level - 1))) - 1;
-}
-static inline uint64_t vs_index_of(uint64_t addr, int level) {
-    return ((addr >> (VS_PAGE_SHIFT + 9 * (unsigned)(level - 1))) & 511) * 8;
-}
-static void
-vs_prewalk(const unsigned char *mem, uint64_t mem_size, const int32_t *owners,
-           uint64_t nframes, int n, const uint64_t *flptr, const uint64_t *slptr,
-           const uint64_t *va) {
-    uint64_t g[VS_PREWALK], t[VS_PREWALK], e, ea, sink = 0;
-    int stage[VS_PREWALK], lvl[VS_PREWALK], insl[VS_PREWALK];
-    int r, step, sl;
-    for (r = 0; r < n; r++) { g[r] = flptr[r]; stage[r] = 1; lvl[r] = 4; }
-    for (step = 0; step < 5; step++) {
-        for (r = 0; r < n; r++) {
-            t[r] = slptr[r];
-            insl[r] = stage[r] != 0 && g[r] < VS_GPA_LIMIT;
-            if (stage[r] && !insl[r]) stage[r] = 0;
-        }
-        for (sl = 4; sl >= 1; sl--) {
-            for (r = 0; r < n; r++) {
-                if (!insl[r]) continue;
-                ea = t[r] + vs_index_of(g[r], sl);
-                if (ea + 8 > mem_size) { insl[r] = stage[r] = 0; continue; }
-                e = vs_load64(mem + ea);
-                if (!(e & (VS_SL_R | VS_SL_W | VS_SL_X))) { insl[r] = stage[r] = 0; continue; }
-                if (sl == 1 || (sl <= 3 && (e & VS_SL_PS))) {
-                    t[r] = (e & VS_ADDR_MASK & ~vs_level_mask(sl)) | (g[r] & vs_level_mask(sl));
-                    insl[r] = 0;
-                } else {
-                    t[r] = e & VS_ADDR_MASK;
-                }
-            }
-        }
-        for (r = 0; r < n; r++) {
-            if (stage[r] == 2) {  /* the final frame: its owner entry is read next */
-                stage[r] = 0;
-                sink ^= t[r];
-                if ((t[r] >> VS_PAGE_SHIFT) < nframes) vs_prefetch(owners + (t[r] >> VS_PAGE_SHIFT));
-                continue;
-            }
-            if (stage[r] != 1) continue;
-            ea = t[r] + vs_index_of(va[r], lvl[r]);
-            if (ea + 8 > mem_size) { stage[r] = 0; continue; }
+/* The walk of the common case, for speed only: the walk of vs_nested_walk_checked, reading
+   the same entries in the same order, but without side effects and without decoding
+   faults. For a request whose every entry is present, permits the access, has no reserved
+   bit set and needs no A/D update, it gives the checked walk's result (refs = entries
+   read); for any other, refs 0, and the caller runs the checked walk from the start (so
+   every fault, every A/D update and every counter comes from that one walk). The checks are
+   accumulated (an AND of P, R/W, U/S, A and of "no XD" over the path, a word of failure
+   flags) and judged once at the end; an entry that fails one still leads the walk on,
+   through addresses clamped to memory, to a result that is discarded.
+
+   It walks several requests in lockstep, one table level at a time: in a run of misses
+   (the batch loop's group walk) the cache misses of different requests then overlap, as
+   the several page-walk engines of an IOMMU do, where one walk after the other waits for
+   each of its 24 reads in turn. The caller uses a group result only while no A/D update
+   has changed memory since (walk in _walk.pxi). */
+#define VS_GROUP 4
+typedef struct {
+    uint64_t flptr, slptr, va;  /* in: the PASID entry's pointers, the address */
+    uint32_t flags, access;     /* in */
+    uint64_t frame;             /* out */
+    uint32_t perms, refs;       /* out; refs 0 = no result */
+} vs_spec_t;
+
+/* Second-level walks of g[r] for every r in lockstep: hpa[r]; with `need` 0 (the table
+   walks) an entry without SL_R marks r in *bad, else the AND of the entries read goes to
+   pand[r]. Per-request flags are bits of one word, the entries read are counted in one
+   word too (8 bits per request), so that the state of all the walks stays in registers. */
+static inline __attribute__((always_inline)) void
+vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
+            const uint64_t *g, uint64_t *hpa, uint64_t *pand, uint32_t *bad, uint64_t *refs,
+            int final, const int N) {
+    uint64_t t[VS_GROUP], e, ea, mask;
+    uint32_t done = 0;
+    int level, r;
+    #pragma GCC unroll 8
+    for (r = 0; r < N; r++) {
+        t[r] = q[r].slptr;
+        if (__builtin_expect(g[r] >= VS_GPA_LIMIT, 0)) *bad |= 1u << r;
+    }
+    #pragma GCC unroll 4
+    for (level = 4; level >= 1; level--) {
+        unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
+        #pragma GCC unroll 8
+        for (r = 0; r < N; r++) {
+            if (level <= 2 && (done & (1u << r))) continue;  /* a large page above */
+            ea = t[r] + ((g[r] >> sh) & 511) * 8;
+            if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
             e = vs_load64(mem + ea);
-            if (!(e & VS_FL_P)) { stage[r] = 0; continue; }
-            if (lvl[r] == 1 || (lvl[r] <= 3 && (e & VS_FL_PS))) {
-                g[r] = (e & VS_ADDR_MASK & ~vs_level_mask(lvl[r])) | (va[r] & vs_level_mask(lvl[r]));
-                stage[r] = 2;
+            *refs += 1ULL << (8 * r);
+            if (final) pand[r] &= e;
+            else if (__builtin_expect(!(e & VS_SL_R), 0)) *bad |= 1u << r;
+            if (level == 1 || (level <= 3 && (e & VS_SL_PS))) {
+                mask = (1ULL << sh) - 1;
+                t[r] = (e & VS_ADDR_MASK & ~mask) | (g[r] & mask);
+                done |= 1u << r;
             } else {
-                g[r] = e & VS_ADDR_MASK;
-                lvl[r]--;
+                t[r] = e & VS_ADDR_MASK;
             }
         }
     }
-    vs_prewalk_sink = sink;
+    #pragma GCC unroll 8
+    for (r = 0; r < N; r++) hpa[r] = t[r];
+}
+
+/* The walks of q[0 .. N-1] (N a constant: the loops over r unroll, the state of every
+   walk stays in registers). */
+static inline __attribute__((always_inline)) void
+vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, const int N) {
+    uint64_t g[VS_GROUP], h[VS_GROUP], acc[VS_GROUP], fand[VS_GROUP], leafe[VS_GROUP];
+    uint64_t at_leaf[VS_GROUP], e, ea, mem_last, mask, ad, sneed, need_and, refs = 0, before;
+    uint32_t acc_, user, write, exec, ok, bad = 0, fdone = 0;
+    int level, r, leaf;
+    for (r = 0; r < N; r++) q[r].refs = 0;
+    if (mem_size < 8) return;
+    mem_last = mem_size - 8;
+    #pragma GCC unroll 8
+    for (r = 0; r < N; r++) {
+        g[r] = q[r].flptr;
+        acc[r] = fand[r] = ~0ULL;
+        leafe[r] = 0;
+    }
+    #pragma GCC unroll 4
+    for (level = 4; level >= 1; level--) {
+        unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
+        vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, 0, N);
+        #pragma GCC unroll 8
+        for (r = 0; r < N; r++) {
+            if (level <= 2 && (fdone & (1u << r))) continue;  /* a large page above */
+            ea = h[r] + ((q[r].va >> sh) & 511) * 8;
+            if (__builtin_expect(ea > mem_last, 0)) { bad |= 1u << r; ea = 0; }
+            e = vs_load64(mem + ea);
+            refs += 1ULL << (8 * r);
+            leaf = level == 1 || (level <= 3 && (e & VS_FL_PS));
+            if (__builtin_expect((e & vs_fl_reserved(level, leaf)) != 0, 0)) bad |= 1u << r;
+            acc[r] &= e ^ VS_FL_XD;  /* AND of P, R/W, U/S, A; bit 63 = no XD on the path */
+            if (leaf) {
+                mask = (1ULL << sh) - 1;
+                g[r] = (e & VS_ADDR_MASK & ~mask) | (q[r].va & mask);
+                leafe[r] = e;
+                at_leaf[r] = refs;  /* the table walks after a large page read in vain */
+                fdone |= 1u << r;
+            } else {
+                g[r] = e & VS_ADDR_MASK;
+            }
+        }
+    }
+    before = refs;
+    vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, 1, N);
+    for (r = 0; r < N; r++) {
+        acc_ = q[r].access;
+        user = !(acc_ & VS_ACCESS_PRIV);
+        write = (acc_ & VS_ACCESS_WRITE) != 0;
+        exec = (acc_ & VS_ACCESS_EXEC) != 0;
+        ad = (q[r].flags & VS_PE_EAFE) ? (VS_FL_A | VS_FL_EA) : VS_FL_A;
+        need_and = VS_FL_P | ad | (user ? VS_FL_US : 0)
+                   | ((write && (user || (q[r].flags & VS_PE_WPE))) ? VS_FL_RW : 0);
+        sneed = (write ? VS_SL_W : 0)
+                | (((acc_ & (VS_ACCESS_READ | VS_ACCESS_EXEC)) || !write) ? VS_SL_R : 0);
+        ok = !(bad & (1u << r)) && (fand[r] & sneed) == sneed
+             && (acc[r] & need_and) == need_and
+             && !(exec && !(acc[r] & VS_FL_XD)) && !(exec && !user && (acc[r] & VS_FL_US))
+             && !(write && !(leafe[r] & VS_FL_D));
+        if (!ok) continue;
+        q[r].frame = h[r] >> VS_PAGE_SHIFT;
+        q[r].perms = (uint32_t)(fand[r] & (VS_SL_R | VS_SL_W))  /* == PERM_SL_R | PERM_SL_W */
+                     | ((acc[r] & VS_FL_RW) ? VS_PERM_FL_RW : 0)
+                     | ((acc[r] & VS_FL_US) ? VS_PERM_FL_US : VS_PERM_FL_SUPV)
+                     | ((acc[r] & VS_FL_XD) ? VS_PERM_FL_X : 0)
+                     | ((leafe[r] & VS_FL_D) ? VS_PERM_FL_D : 0);
+        q[r].refs = (uint32_t)((at_leaf[r] >> (8 * r)) & 0xFF)
+                    + (uint32_t)((refs >> (8 * r)) & 0xFF) - (uint32_t)((before >> (8 * r)) & 0xFF);
+    }
+}
+
+/* Group walk of q[0 .. n-1], 1 <= n <= VS_GROUP (the slots above n are overwritten). */
+static void
+vs_walk_group(const unsigned char *mem, uint64_t mem_size, int n, vs_spec_t *q) {
+    int r;
+    if (n < 1) return;
+    for (r = n; r < VS_GROUP; r++) q[r] = q[0];
+    vs_walk_lockstep(mem, mem_size, q, VS_GROUP);
+}
+
+/* Nested walk: the common case without side effects first (the lockstep walk of one
+   request), else the checked walk from the start. */
+static inline __attribute__((always_inline)) int32_t
+vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok, uint64_t flptr,
+               uint64_t slptr, uint32_t flags, uint64_t va, uint32_t access,
+               uint64_t *frame_out, uint32_t *perms_out, uint64_t *refs, uint64_t *adw) {
+    vs_spec_t one;
+    one.flptr = flptr;
+    one.slptr = slptr;
+    one.va = va;
+    one.flags = flags;
+    one.access = access;
+    vs_walk_lockstep(mem, mem_size, &one, 1);
+    if (__builtin_expect(one.refs != 0, 1)) {
+        *frame_out = one.frame;
+        *perms_out = one.perms;
+        *refs += one.refs;
+        return 0;
+    }
+    return vs_nested_walk_checked(mem, mem_size, atomic_ok, flptr, slptr, flags, va, access,
+                                  frame_out, perms_out, refs, adw);
 }
 #endif
