@@ -44,37 +44,45 @@ static inline uint32_t vs_set_of(uint64_t key, uint32_t mask) {
     return (uint32_t)(((key * VS_HASH_MULT) >> 32) & mask);
 }
 
-/* Match mask of `tag` over the tag words of one set block: bit w set when way w holds it.
-   Branch-free (the way that hits is random, so a compare-and-exit loop would mispredict on
-   most lookups) and unrolled for each geometry; the PLRU bits live only in way 0's word,
-   so only that word is masked. */
+/* Match mask of `tag` over the tag words of one set block: bits 2w and 2w + 1 set when way
+   w holds it (one bit per 32-bit half of its tag word). Branch-free (the way that hits is
+   random, so a compare-and-exit loop would mispredict on most lookups): SSE2, part of every
+   x86-64, compares two ways per instruction; the PLRU bits live only in way 0's word, so
+   only that word is masked. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
 static inline __attribute__((always_inline)) uint32_t
 vs_set_match(const uint64_t *blk, uint32_t ways, uint64_t tag) {
-    uint32_t w, m = (uint32_t)((blk[0] & ~VS_PLRU_MASK) == tag);
-    switch (ways) {
-    case 8:
-        #pragma GCC unroll 8
-        for (w = 1; w < 8; w++) m |= (uint32_t)(blk[w] == tag) << w;
-        break;
-    case 4:
-        #pragma GCC unroll 4
-        for (w = 1; w < 4; w++) m |= (uint32_t)(blk[w] == tag) << w;
-        break;
-    case 2:
-        m |= (uint32_t)(blk[1] == tag) << 1;
-        break;
-    default:
-        break;
-    }
+    const __m128i t = _mm_set1_epi64x((long long)tag), z = _mm_setzero_si128();
+    const __m128i k0 = _mm_set_epi64x(-1LL, (long long)~VS_PLRU_MASK);
+    __m128i e01, e23, e45, e67;
+    if (ways == 1) return ((blk[0] & ~VS_PLRU_MASK) == tag) ? 3u : 0u;
+    e01 = _mm_cmpeq_epi32(_mm_and_si128(_mm_loadu_si128((const __m128i *)blk), k0), t);
+    if (ways == 2) return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(e01, z), z));
+    e23 = _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)), t);
+    if (ways == 4)
+        return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(e01, e23), z));
+    e45 = _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)), t);
+    e67 = _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(blk + 6)), t);
+    return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(e01, e23),
+                                                       _mm_packs_epi32(e45, e67)));
+}
+#else
+static inline __attribute__((always_inline)) uint32_t
+vs_set_match(const uint64_t *blk, uint32_t ways, uint64_t tag) {
+    uint32_t w, m = ((blk[0] & ~VS_PLRU_MASK) == tag) ? 3u : 0u;
+    for (w = 1; w < ways; w++) m |= (blk[w] == tag) ? 3u << (2 * w) : 0u;
     return m;
 }
+#endif
 
 /* Set lookup: the matching way whose payload matches xval under xmask, or -1. */
 static inline __attribute__((always_inline)) int
 vs_set_find(const uint64_t *blk, uint32_t ways, uint64_t tag, uint64_t xmask, uint64_t xval) {
     uint32_t w, m = vs_set_match(blk, ways, tag);
+    m &= (m >> 1) & 0x5555u;  /* both halves equal: bit 2w */
     while (m) {
-        w = (uint32_t)__builtin_ctz(m);
+        w = (uint32_t)__builtin_ctz(m) >> 1;
         if ((blk[ways + w] & xmask) == xval) return (int)w;
         m &= m - 1;
     }
@@ -115,6 +123,12 @@ static __attribute__((unused)) void vs_plru_init(void) {
 static inline __attribute__((always_inline)) void
 vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) {
     *t0 = (*t0 & ~vs_plru_clr[lg][w]) | vs_plru_set[lg][w];
+}
+static inline __attribute__((always_inline)) uint64_t vs_plru_clr_of(uint32_t lg, uint32_t w) {
+    return vs_plru_clr[lg][w];
+}
+static inline __attribute__((always_inline)) uint64_t vs_plru_set_of(uint32_t lg, uint32_t w) {
+    return vs_plru_set[lg][w];
 }
 static inline __attribute__((always_inline)) uint32_t
 vs_plru_victim(uint64_t t0, uint32_t lg) {

@@ -20,6 +20,8 @@ cdef extern from "_cache.h" nogil:
                     uint64_t xval) noexcept
     void vs_plru_touch(uint64_t *t0, uint32_t w, uint32_t lg) noexcept
     uint32_t vs_plru_victim(uint64_t t0, uint32_t lg) noexcept
+    uint64_t vs_plru_clr_of(uint32_t lg, uint32_t w) noexcept
+    uint64_t vs_plru_set_of(uint32_t lg, uint32_t w) noexcept
     void vs_plru_init() noexcept
 
 cdef enum:

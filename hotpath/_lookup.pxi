@@ -191,23 +191,46 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
     return 0
 
 
+# The batch loop's memo of PASID-cache lookups, for its fast path: the requests of a batch
+# come from a few PASIDs, and the PASID cache changes only in translate1 (a fill), so a
+# lookup made once serves every later hit of its PASID until the next translate1 (the batch
+# loop then starts a new epoch). A memo entry is made only for a PASID below PASID_MAX that
+# is not defunct (the bitmaps do not change during a batch) and holds the entry's PLRU
+# update, which a hit still applies every time, exactly as translate1.
+cdef enum:
+    PC_MEMO = 16  # entries, indexed by the PASID's low bits
+
+ctypedef struct PcMemo:
+    uint64_t pasid
+    uint64_t epoch
+    uint64_t *pblk  # the set block of the PASID-cache entry
+    uint64_t plru_clr, plru_set
+    const uint32_t *need  # the vs_need_tab row of the entry's flags
+    uint64_t didw  # did << VS_DID_SHIFT
+    int32_t did
+
+
 cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_t va,
-                         uint32_t access, uint64_t *pa) noexcept nogil:
+                         uint32_t access, uint64_t *pa, PcMemo *memo,
+                         uint64_t epoch) noexcept nogil:
     """The common case of translate1 without side effects until it is sure: an attached
     device, a live PASID, a PASID-cache hit and an IOTLB hit (no ATS) or a device-TLB hit
     (ATS) whose permissions cover the request and whose frame the domain owns. Returns 1
     (IOTLB) or 2 (device TLB) after applying exactly the PLRU updates translate1 would make
-    (the caller adds the matching counters), else 0 having changed nothing, and the caller
-    runs translate1."""
+    (the caller adds the matching counters), else 0 having changed nothing (but the memo),
+    and the caller runs translate1."""
     cdef uint64_t tkey, p, frame, pcpay, key
     cdef uint64_t *pblk
     cdef uint64_t *iblk
     cdef int pw, iw
-    cdef uint32_t did, flags, need, perms
-    if not vs_canonical(va) or pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
+    cdef uint32_t flags, need, perms
+    cdef PcMemo *m
+    if not vs_canonical(va):
         return 0
     tkey = (pasid << VS_VPN_BITS) | ((va >> VS_PAGE_SHIFT) & VS_VPN_MASK)
     if d.ats:
+        if pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
+            return 0
         iblk = set_block(&d.tlb, tkey)
         iw = vs_set_find(iblk, d.tlb.ways, tkey | VS_VALID, 0, 0)
         if iw < 0:
@@ -224,26 +247,35 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
         vs_plru_touch(iblk, <uint32_t>iw, d.tlb.lg)
         pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
         return 2
-    key = (<uint64_t>dev << VS_PASID_BITS) | pasid
-    pblk = set_block(&s.pc, key)
-    pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
-    if pw < 0:
-        return 0
-    pcpay = pblk[s.pc.ways + pw]
-    did = <uint32_t>(pcpay & 0xFFFF)
-    flags = <uint32_t>(pcpay >> 16) & 0xFF
-    need = vs_need_fast(access, flags)  # VS_NEED_NEVER: the hit check below fails
+    m = &memo[pasid & (PC_MEMO - 1)]
+    if m.pasid != pasid or m.epoch != epoch:
+        if pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
+            return 0
+        key = (<uint64_t>dev << VS_PASID_BITS) | pasid
+        pblk = set_block(&s.pc, key)
+        pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
+        if pw < 0:
+            return 0
+        pcpay = pblk[s.pc.ways + pw]
+        m.pasid = pasid
+        m.epoch = epoch
+        m.pblk = pblk
+        m.plru_clr = vs_plru_clr_of(s.pc.lg, <uint32_t>pw)
+        m.plru_set = vs_plru_set_of(s.pc.lg, <uint32_t>pw)
+        m.need = vs_need_row(<uint32_t>(pcpay >> 16) & 0xFF)
+        m.did = <int32_t>(pcpay & 0xFFFF)
+        m.didw = (pcpay & 0xFFFF) << VS_DID_SHIFT
+    need = m.need[access & 15]  # VS_NEED_NEVER: the hit check below fails
     iblk = set_block(&s.iotlb, tkey)
-    iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
-                     (<uint64_t>did) << VS_DID_SHIFT)
+    iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT, m.didw)
     if iw < 0:
         return 0
     p = iblk[s.iotlb.ways + iw]
     perms = <uint32_t>((p >> VS_PERM_SHIFT) & 0xFFF)
     frame = p & VS_FRAME_MASK
-    if (perms & need) != need or frame >= s.nframes or s.owners[frame] != <int32_t>did:
+    if (perms & need) != need or frame >= s.nframes or s.owners[frame] != m.did:
         return 0
-    vs_plru_touch(pblk, <uint32_t>pw, s.pc.lg)
+    m.pblk[0] = (m.pblk[0] & ~m.plru_clr) | m.plru_set
     vs_plru_touch(iblk, <uint32_t>iw, s.iotlb.lg)
     pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
     return 1
@@ -306,6 +338,10 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
     cdef vs_spec_t spec[VS_GROUP]
     cdef int spec_of[VS_GROUP]
     cdef const vs_spec_t *sp
+    cdef PcMemo memo[PC_MEMO]
+    cdef uint64_t epoch = 1
+    for k in range(PC_MEMO):
+        memo[k].epoch = 0
     for k in range(n):
         # Software prefetch: start loading the IOTLB set of request k + D now (the set
         # does not depend on the domain, so no PASID-cache lookup is needed).
@@ -317,7 +353,7 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
         # there either: then a run of misses (cold walks) does not pay for the fast
         # path's lookups twice. Purely a speed choice; results are the same.
         if d != NULL and not last_slow:
-            hitk = fast_hit(s, d, dv, pasid, v[k], acc, &opa[k])
+            hitk = fast_hit(s, d, dv, pasid, v[k], acc, &opa[k], memo, epoch)
             if hitk == 1:
                 n_iotlb_fast += 1
                 ofl[k] = 0
@@ -335,6 +371,7 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
             sp = &spec[spec_of[k - gbase]]
         hits_before = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS]
         ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k], sp)
+        epoch += 1  # translate1 may have changed the PASID cache
         last_slow = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS] == hits_before
         if ofl[k]:
             nf += 1

@@ -94,9 +94,13 @@ static __attribute__((unused)) void vs_need_init(void) {
                          | (((access & VS_ACCESS_PRIV) && !(flags & VS_PE_SRE)) ? VS_NEED_NEVER : 0);
     }
 }
+static inline __attribute__((always_inline)) const uint32_t *
+vs_need_row(uint32_t flags) {  /* the row of one PASID entry's flags, indexed by access & 15 */
+    return vs_need_tab + (((flags & VS_PE_WPE) ? 16 : 0) | ((flags & VS_PE_SRE) ? 32 : 0));
+}
 static inline __attribute__((always_inline)) uint32_t
 vs_need_fast(uint32_t access, uint32_t flags) {
-    return vs_need_tab[(access & 15) | ((flags & VS_PE_WPE) ? 16 : 0) | ((flags & VS_PE_SRE) ? 32 : 0)];
+    return vs_need_row(flags)[access & 15];
 }
 
 /* x86-64 canonical form (layout.is_canonical): bits 63:47 all equal. */
@@ -197,14 +201,13 @@ typedef struct {
     uint32_t perms, refs;       /* out; refs 0 = no result */
 } vs_spec_t;
 
-/* Second-level walks of g[r] for every r in lockstep: hpa[r]; with `need` 0 (the table
-   walks) an entry without SL_R marks r in *bad, else the AND of the entries read goes to
-   pand[r]. Per-request flags are bits of one word, the entries read are counted in one
+/* Second-level walks of g[r] for every r in lockstep: hpa[r], the AND of the entries read
+   in pand[r]. Per-request flags are bits of one word, the entries read are counted in one
    word too (8 bits per request), so that the state of all the walks stays in registers. */
 static inline __attribute__((always_inline)) void
 vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
             const uint64_t *g, uint64_t *hpa, uint64_t *pand, uint32_t *bad, uint64_t *refs,
-            int final, const int N) {
+            const int N) {
     uint64_t t[VS_GROUP], e, ea, mask;
     uint32_t done = 0;
     int level, r;
@@ -223,8 +226,7 @@ vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
             if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
             e = vs_load64(mem + ea);
             *refs += 1ULL << (8 * r);
-            if (final) pand[r] &= e;
-            else if (__builtin_expect(!(e & VS_SL_R), 0)) *bad |= 1u << r;
+            pand[r] &= e;
             if (level == 1 || (level <= 3 && (e & VS_SL_PS))) {
                 mask = (1ULL << sh) - 1;
                 t[r] = (e & VS_ADDR_MASK & ~mask) | (g[r] & mask);
@@ -242,7 +244,7 @@ vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
    walk stays in registers). */
 static inline __attribute__((always_inline)) void
 vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, const int N) {
-    uint64_t g[VS_GROUP], h[VS_GROUP], acc[VS_GROUP], fand[VS_GROUP], leafe[VS_GROUP];
+    uint64_t g[VS_GROUP], h[VS_GROUP], acc[VS_GROUP], tand[VS_GROUP], fand[VS_GROUP], leafe[VS_GROUP];
     uint64_t at_leaf[VS_GROUP], e, ea, mem_last, mask, ad, sneed, need_and, refs = 0, before;
     uint32_t acc_, user, write, exec, ok, bad = 0, fdone = 0;
     int level, r, leaf;
@@ -252,13 +254,13 @@ vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, cons
     #pragma GCC unroll 8
     for (r = 0; r < N; r++) {
         g[r] = q[r].flptr;
-        acc[r] = fand[r] = ~0ULL;
+        acc[r] = tand[r] = fand[r] = ~0ULL;
         leafe[r] = 0;
     }
     #pragma GCC unroll 4
     for (level = 4; level >= 1; level--) {
         unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
-        vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, 0, N);
+        vs_sl_group(mem, mem_last, q, g, h, tand, &bad, &refs, N);
         #pragma GCC unroll 8
         for (r = 0; r < N; r++) {
             if (level <= 2 && (fdone & (1u << r))) continue;  /* a large page above */
@@ -281,7 +283,7 @@ vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, cons
         }
     }
     before = refs;
-    vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, 1, N);
+    vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, N);
     for (r = 0; r < N; r++) {
         acc_ = q[r].access;
         user = !(acc_ & VS_ACCESS_PRIV);
@@ -292,7 +294,7 @@ vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, cons
                    | ((write && (user || (q[r].flags & VS_PE_WPE))) ? VS_FL_RW : 0);
         sneed = (write ? VS_SL_W : 0)
                 | (((acc_ & (VS_ACCESS_READ | VS_ACCESS_EXEC)) || !write) ? VS_SL_R : 0);
-        ok = !(bad & (1u << r)) && (fand[r] & sneed) == sneed
+        ok = !(bad & (1u << r)) && (tand[r] & VS_SL_R) && (fand[r] & sneed) == sneed
              && (acc[r] & need_and) == need_and
              && !(exec && !(acc[r] & VS_FL_XD)) && !(exec && !user && (acc[r] & VS_FL_US))
              && !(write && !(leafe[r] & VS_FL_D));

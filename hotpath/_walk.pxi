@@ -3,6 +3,7 @@
 
 cdef extern from "_walk.h" nogil:
     uint32_t vs_need_fast(uint32_t access, uint32_t flags) noexcept
+    const uint32_t *vs_need_row(uint32_t flags) noexcept
     void vs_need_init() noexcept
     int vs_canonical(uint64_t va) noexcept
     int32_t vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok,
