@@ -286,11 +286,14 @@ cdef Py_ssize_t group_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
                            const uint8_t *av, uint32_t ascalar, vs_spec_t *spec,
                            int *spec_of) noexcept nogil:
     """Group walk (vs_walk_group) of requests k .. k + VS_GROUP - 1 that have a cached PASID
-    entry (a read-only lookup: no PLRU update) and would walk; spec_of[j - k] = the index of
-    request j's result in spec, or -1. Returns the first request not in the group."""
-    cdef uint64_t pasid
+    entry and miss in the IOTLB (read-only lookups: no PLRU update); spec_of[j - k] = the
+    index of request j's result in spec, or -1. Returns the first request not in the
+    group."""
+    cdef uint64_t pasid, pcpay, tkey
+    cdef uint64_t *iblk
     cdef int64_t slot
-    cdef uint32_t flags, acc
+    cdef int iw
+    cdef uint32_t flags, acc, need
     cdef int m = 0
     cdef Py_ssize_t j, end = min(n, k + VS_GROUP)
     for j in range(k, end):
@@ -302,7 +305,15 @@ cdef Py_ssize_t group_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
         slot = cache_find(&s.pc, (<uint64_t>dev << VS_PASID_BITS) | pasid, 0, 0)
         if slot < 0:
             continue
-        flags = <uint32_t>(pay_at(&s.pc, <uint64_t>slot)[0] >> 16) & 0xFF
+        pcpay = pay_at(&s.pc, <uint64_t>slot)[0]
+        flags = <uint32_t>(pcpay >> 16) & 0xFF
+        tkey = (pasid << VS_VPN_BITS) | ((v[j] >> VS_PAGE_SHIFT) & VS_VPN_MASK)
+        iblk = set_block(&s.iotlb, tkey)
+        iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
+                         (pcpay & 0xFFFF) << VS_DID_SHIFT)
+        need = vs_need_fast(acc, flags)
+        if iw >= 0 and ((iblk[s.iotlb.ways + iw] >> VS_PERM_SHIFT) & need) == need:
+            continue  # an IOTLB hit (unless an earlier request of the group evicts it)
         spec[m].flptr = s.pc.aux[slot].flptr
         spec[m].slptr = s.pc.aux[slot].slptr
         spec[m].flags = flags
