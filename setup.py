@@ -24,7 +24,7 @@ extensions = [
         [f"hotpath/{name}.pyx"],
         include_dirs=["hotpath"],
         depends=[str(p) for p in HOTPATH.glob("_*.h")] + [str(p) for p in HOTPATH.glob("_*.pxi")],
-        extra_compile_args=["-O2"],
+        extra_compile_args=["-O3"],
     )
     for name in ("_translate", "_baselines")
 ]

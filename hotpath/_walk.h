@@ -193,7 +193,7 @@ vs_nested_walk_checked(unsigned char *mem, uint64_t mem_size, int atomic_ok, uin
    the several page-walk engines of an IOMMU do, where one walk after the other waits for
    each of its 24 reads in turn. The caller uses a group result only while no A/D update
    has changed memory since (walk in _walk.pxi). */
-#define VS_GROUP 4
+#define VS_GROUP 8
 typedef struct {
     uint64_t flptr, slptr, va;  /* in: the PASID entry's pointers, the address */
     uint32_t flags, access;     /* in */

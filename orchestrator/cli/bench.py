@@ -262,8 +262,8 @@ def run_bench(
         targets = {
             "hit_ns_le_30_at_1024": ns[("hit", 1024, "compiled")] <= 30.0,
             "hit_speedup_vs_python_ge_30": ratios.get("hit_speedup_vs_python_b1024", 0) >= 30,
-            "hit_vs_bare_hash_ge_0.35": ratios.get("hit_vs_bare_hash_b1024", 0) >= 0.35,
-            "cold_vs_bare_walk_le_3": ratios.get("cold_vs_bare_walk_b1024", 99) <= 3,
+            "hit_vs_bare_hash_ge_0.6": ratios.get("hit_vs_bare_hash_b1024", 0) >= 0.6,
+            "cold_vs_bare_walk_le_2": ratios.get("cold_vs_bare_walk_b1024", 99) <= 2,
         }
     for r in results:
         r["ns_per_translation"] = round(r["ns_per_translation"], 1)

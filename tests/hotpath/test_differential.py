@@ -322,3 +322,45 @@ def test_agree_on_a_long_random_run(ways):
             )
     c = pair.a.counters()
     assert c["iotlb_hits"] > 0 and c["iotlb_evictions"] > 0 and c["walks"] > 0
+
+
+def test_long_batches_of_walks_agree():
+    """Batches of misses longer than a group: the compiled batch loop walks runs of misses
+    several at a time (hotpath/_walk.h, vs_walk_group) and uses a result only while no A/D
+    update has changed memory since; results, counters (memory_refs included), caches and
+    memory must still be those of the twin's one-by-one walks. The tables hold what makes
+    the common-case walk give up (large pages, clear A/D bits, reserved bits, SL and FL
+    rights, unmapped pages), so groups mix usable and discarded results."""
+    pair = Pair(3, 8)
+    for i, p in enumerate(pair.procs):  # the unmapped pages of PAGES too
+        for pg in range(8, len(PAGES) - 1):
+            pair.apply(("map", i, pg, True, pg % 3 != 0, pg % 4 == 0, True))
+    # large leaves: a 2 MiB FL page on a 2 MiB SL page, a 1 GiB FL page on a 1 GiB SL page
+    p0, p1 = pair.procs[0], pair.procs[1]
+    p0.vm.sl_map(3 << 9, 0, level=2)
+    p0.map(PAGES[11], 3 << 9, level=2)
+    p1.vm.sl_map(1 << 18, 0, level=3)
+    p1.map(PAGES[12] & ~((1 << 30) - 1), 1 << 18, level=3)
+    pair.sync()
+    setup = [
+        ("bits", 0, 9, 2, FL_PS),  # large leaves with reserved (alignment) bits
+        ("bits", 2, 11, 2, FL_PS),
+        ("bits", 0, 5, 2, 1 << 50),
+        ("sl", 1, 4, SL_R),
+        ("unmap", 2, 6),
+        ("upper", 1, 1, 3, FL_US),
+    ]
+    for o in setup:
+        pair.apply(o)
+    rng = np.random.default_rng(7)
+    for rnd in range(40):
+        if rnd % 4 == 0:  # A/D bits cleared again: the next walks write them
+            pair.apply(("bits", rnd % 3, int(rng.integers(0, 8)), int(rng.integers(1, 5)), FL_A | FL_D))
+        pair.apply(("ii", 0, 1, 5, 0, 0))  # global: every request of the batch walks
+        items = [
+            (int(rng.choice(PASIDS)), int(rng.integers(0, len(PAGES))), int(rng.choice([R, W, R | W, X, R | PRIV])))
+            for _ in range(48)
+        ]
+        pair.apply(("xb", 0, items))
+    c = pair.a.counters()
+    assert 0 < c["faults"] < c["translations"] and c["ad_writes"] > 0 and c["walks"] > 1000
