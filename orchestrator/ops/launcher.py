@@ -223,7 +223,13 @@ class Launcher:
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
         self.ctl.bind(control_endpoint(self.run_dir))
         self.runtime = ZmqRuntime(
-            ORCH, self.run_dir, t0=self.t0, ctx=self.ctx, log=self.log, transport=self.transport
+            ORCH,
+            self.run_dir,
+            t0=self.t0,
+            ctx=self.ctx,
+            log=self.log,
+            transport=self.transport,
+            run_root=os.getpid(),  # a frame counts only from us or a process we started (ipc)
         )
         self._endpoints[ORCH] = self.runtime.endpoint
 

@@ -108,11 +108,13 @@ def run_actor_process(
     name: str,
     *,
     parent_pid: int | None = None,
+    run_root: int | None = None,
     go_timeout: float = 30.0,
     loaded: tuple[dict[str, Any], Topology] | None = None,
 ) -> int:
     """Steps 1-6 of the module docstring for actor `name`; `loaded` is (run, topology) when
-    the caller (the fork server) has read the run directory already. Returns the exit code."""
+    the caller (the fork server) has read the run directory already; `run_root` is the
+    launcher's pid (default `parent_pid`: it started us itself). Returns the exit code."""
     die_with_parent(parent_pid)
 
     from vsva.actors import actor_class
@@ -133,7 +135,14 @@ def run_actor_process(
         log(f"{name}: not in the topology")
         return 2
 
-    runtime = ZmqRuntime(name, run_dir, t0=t0, log=log, transport=getattr(topology, "transport", "ipc"))
+    runtime = ZmqRuntime(
+        name,
+        run_dir,
+        t0=t0,
+        log=log,
+        transport=getattr(topology, "transport", "ipc"),
+        run_root=parent_pid if run_root is None else run_root,
+    )
     stop = {"now": False}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

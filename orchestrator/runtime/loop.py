@@ -39,6 +39,10 @@ unidentified and delivers nothing from it), so a stray or hostile DEALER cannot 
 peer's channel; a restarted peer has bound a new file, so its routing id is a new one and
 it is accepted at once, even while its old connection is still being torn down. (With ipc, only processes that can open the private
 0700 run directory can connect at all; see the tcp caveat in `vsva.runtime.endpoints`.)
+The run's user can read a routing id there and claim it before its owner connects; so over
+ipc a frame counts only from a process of the run: the connecting pid the kernel recorded
+(SO_PEERCRED, libzmq's "Peer-Address" property) must be the launcher's or a descendant's
+(`_of_run`; over tcp the CURVE key proves the name instead).
 
 Time: `now` given to the actor is `time.monotonic()` minus the runtime's creation time; the
 trace time is wall time since the run's start epoch `t0`.
@@ -121,6 +125,7 @@ class ZmqRuntime(PeerLinks):
         send_grace: float = SEND_GRACE,
         endpoint_of: Callable[[str], str | None] | None = None,
         transport: str = "ipc",
+        run_root: int | None = None,
     ):
         if not valid_name(name):
             raise ValueError(f"invalid actor name {name!r}")
@@ -183,6 +188,9 @@ class ZmqRuntime(PeerLinks):
         self._queued: set[str] = set()  # peers with a non-empty send queue
         self._pinned: set[str] = set()  # peers named by `expect`: never evicted
         self._verified: dict[bytes, str] = {}  # routing id -> actor: see _claimed
+        # ipc: the launcher's pid; a frame counts only from it or a process it started (_of_run)
+        self._run_root = None if self._tcp else run_root
+        self._members: dict[tuple[bytes, str], bool] = {}  # (routing id, Peer-Address) -> verdict
         self._runtime_id = 0
         self._stop = False
         self._wake_r: socket.socket | None = None
@@ -417,6 +425,7 @@ class ZmqRuntime(PeerLinks):
                 return True
             part = router.recv(_NOBLOCK, copy=False)
             user = part.get("User-Id") if curve else None  # the key's name (vsva.runtime.curve)
+            peer = part.get("Peer-Address") if self._run_root is not None else ""
             frame = part.bytes
             extra = 0
             while part.more:  # a malformed message: take in the rest of it
@@ -424,7 +433,7 @@ class ZmqRuntime(PeerLinks):
                 extra += 1
             self.stats["received"] += 1
             sender = self._claimed(rid)
-            if curve and sender != user:
+            if curve and sender != user or sender is not None and peer and not self._of_run(rid, peer):
                 sender = None
             if extra:
                 err = ProtocolError(-E.EBADMSG, f"{extra + 1} payload frames, want 1")
@@ -484,6 +493,21 @@ class ZmqRuntime(PeerLinks):
         self._verified[rid] = name
         return name
 
+    def _of_run(self, rid: bytes, peer: str) -> bool:
+        """ipc: whether the process that connected (its pid, which the kernel recorded at
+        connect: SO_PEERCRED, libzmq's "Peer-Address" `host:uid:gid:pid`) is the launcher or
+        one of its descendants. A same-user process outside the run can read a name's routing
+        id from the run directory, and claim it before its owner connects; it cannot be a
+        process the launcher started. Cached per connection (routing id, address)."""
+        key = (rid, peer)
+        verdict = self._members.get(key)
+        if verdict is None:
+            if len(self._members) >= 4096:
+                self._members.clear()
+            pid = peer.rpartition(":")[2]
+            verdict = self._members[key] = pid.isdigit() and descends_from(int(pid), self._run_root)
+        return verdict
+
     def _remember_incarnation(self, name: str) -> None:
         """Our DEALER reached `name`: remember its incarnation's routing id now, while its
         presence file surely exists (its last reply may come after it removed the file)."""
@@ -495,6 +519,8 @@ class ZmqRuntime(PeerLinks):
     def _forget_rids(self, name: str) -> None:
         for rid in [r for r, n in self._verified.items() if n == name]:
             del self._verified[rid]
+            for key in [k for k in self._members if k[0] == rid]:
+                del self._members[key]
 
     def _check_route(self, env: Envelope, sender: str | None) -> tuple[int, str] | None:
         if sender is None or env.src != sender:
@@ -726,3 +752,20 @@ def _default_until(actor: Actor) -> bool:
         or getattr(actor, "done", False)
         or (getattr(actor, "result", None) is not None and not actor.busy)
     )
+
+
+def descends_from(pid: int, root: int | None) -> bool:
+    """Whether process `pid` is `root` or one of its descendants (walking /proc's parent
+    links; a process that is gone, or an orphan re-parented to init, is not)."""
+    for _ in range(64):
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        pid = int(stat.rpartition(b")")[2].split()[1])  # after "pid (comm) state": ppid
+    return False

@@ -153,7 +153,7 @@ class _Server:
     def _fork(self, name: str, run_dir: str, run: Any, hold_r: int, hold_w: int) -> None:
         try:
             check_forkable()
-            zygote = os.getpid()
+            zygote, launcher = os.getpid(), os.getppid()
             pid = os.fork()
         except (ForkUnsafe, OSError) as exc:
             self._send({"error": f"{name}: cannot fork: {exc}"})
@@ -162,7 +162,7 @@ class _Server:
             os.close(hold_w)
             os.read(hold_r, 1)  # end of file once the zygote has forked the whole batch
             os.close(hold_r)
-            self._child(name, run_dir, zygote, run)
+            self._child(name, run_dir, zygote, run, launcher)
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
         try:
@@ -178,7 +178,7 @@ class _Server:
             gc.freeze()
         return self.runs[run_dir]
 
-    def _child(self, name: str, run_dir: str, zygote: int, run: Any) -> None:
+    def _child(self, name: str, run_dir: str, zygote: int, run: Any, launcher: int) -> None:
         """In the child: never returns."""
         code = 1
         try:
@@ -202,7 +202,7 @@ class _Server:
             os.chdir(run_dir)
             from vsva.runtime.actor_process import run_actor_process
 
-            code = run_actor_process(run_dir, name, parent_pid=zygote, loaded=run)
+            code = run_actor_process(run_dir, name, parent_pid=zygote, run_root=launcher, loaded=run)
         except BaseException:
             import traceback
 
