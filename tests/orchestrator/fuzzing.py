@@ -92,8 +92,9 @@ MAX_FRAME = 1 << 20  # actors/messages.py: larger frames are refused (-EMSGSIZE)
 BLOB = 2048  # bytes hypothesis draws per example (its buffer holds 8 KiB at most)
 DRAWS = 24  # inputs drawn from each (~55 bytes a draw): each goes to every target
 # Counters of refused input, not state: a forged reply is counted where it lands (dropped),
-# a notifier event from a stranger by the subscriber that refused it.
-DIAGNOSTIC = [("dropped_replies",), ("notifier", "refused")]
+# a notifier event from a stranger by the subscriber that refused it, a submission to an
+# mdev it does not own by vdcm's portal.
+DIAGNOSTIC = [("dropped_replies",), ("notifier", "refused"), ("portal", "refused")]
 
 _EDGES = [0, 1, -1, 7, 63, 64, 2**20 - 1, 2**20, 2**31, 2**62, 2**62 + 1, 2**63, 2**64 - 1, -(2**63)]
 _JUNK = [
