@@ -425,7 +425,7 @@ class ZmqRuntime(PeerLinks):
                 return True
             part = router.recv(_NOBLOCK, copy=False)
             user = part.get("User-Id") if curve else None  # the key's name (vsva.runtime.curve)
-            peer = part.get("Peer-Address") if self._run_root is not None else ""
+            peer = str(part.get("Peer-Address")) if self._run_root is not None else ""
             frame = part.bytes
             extra = 0
             while part.more:  # a malformed message: take in the rest of it
