@@ -332,7 +332,7 @@ def test_long_batches_of_walks_agree():
     the common-case walk give up (large pages, clear A/D bits, reserved bits, SL and FL
     rights, unmapped pages), so groups mix usable and discarded results."""
     pair = Pair(3, 8)
-    for i, p in enumerate(pair.procs):  # the unmapped pages of PAGES too
+    for i in range(len(pair.procs)):  # the unmapped pages of PAGES too
         for pg in range(8, len(PAGES) - 1):
             pair.apply(("map", i, pg, True, pg % 3 != 0, pg % 4 == 0, True))
     # large leaves: a 2 MiB FL page on a 2 MiB SL page, a 1 GiB FL page on a 1 GiB SL page
@@ -358,7 +358,11 @@ def test_long_batches_of_walks_agree():
             pair.apply(("bits", rnd % 3, int(rng.integers(0, 8)), int(rng.integers(1, 5)), FL_A | FL_D))
         pair.apply(("ii", 0, 1, 5, 0, 0))  # global: every request of the batch walks
         items = [
-            (int(rng.choice(PASIDS)), int(rng.integers(0, len(PAGES))), int(rng.choice([R, W, R | W, X, R | PRIV])))
+            (
+                int(rng.choice(PASIDS)),
+                int(rng.integers(0, len(PAGES))),
+                int(rng.choice([R, W, R | W, X, R | PRIV])),
+            )
             for _ in range(48)
         ]
         pair.apply(("xb", 0, items))
