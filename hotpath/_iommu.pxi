@@ -159,18 +159,11 @@ cdef class Iommu:
         cdef int32_t *ofl = NULL
         cdef uint64_t pscalar = 0
         cdef uint32_t ascalar = 0
-        cdef bint pasid_arr = False, acc_arr = False
-        cdef Py_ssize_t n, k
+        cdef Py_ssize_t n
         cdef uint64_t nf = 0
         cdef int64_t dv = dev
         cdef State *s = &self.st
         cdef Dev *d
-        cdef uint64_t pasid
-        cdef uint32_t acc
-        cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0
-        cdef int hitk
-        cdef bint last_slow = False
-        cdef uint64_t hits_before
         try:
             _acquire_in(vas, &bv, 8, np.uint64)
             hv = True
@@ -182,7 +175,6 @@ cdef class Iommu:
                 _acquire_in(pasids, &bp, 4, np.uint32)
                 hp = True
                 pv = <const uint32_t *>bp.buf
-                pasid_arr = True
                 if bp.len // 4 != n:
                     raise ValueError("pasids and vas differ in length")
             if isinstance(access, (int, np.integer)):
@@ -191,7 +183,6 @@ cdef class Iommu:
                 _acquire_in(access, &ba, 1, np.uint8)
                 ha = True
                 av = <const uint8_t *>ba.buf
-                acc_arr = True
                 if ba.len != n:
                     raise ValueError("access and vas differ in length")
             if _acquire(out_pa, &bo, 8, False, True):
