@@ -12,7 +12,7 @@ from supervised import supervised
 from vsva.actors.base import Call
 from vsva.actors.catalogue import FlowWatch, Snapshot
 from vsva.actors.memory import PasidDirectory, PhysMem
-from vsva.hotpath.layout import PGTT_FIRST_ONLY, encode_pasid_entry
+from vsva.hotpath.layout import PDE_PRESENT, PGTT_FIRST_ONLY, encode_pasid_entry
 from vsva.ops.topology_file import default_run
 
 AUDITS = 20
@@ -58,15 +58,14 @@ def test_audits_during_binds_are_clean(sup):
 
 
 def test_pasid_entry_written_behind_the_protocol_is_caught(sup):
-    clean = audit_at_next(sup, "vm1.guest", "F7")  # F7 starts with vm1's PASID bound
+    clean = audit_at_next(sup, "vm1.guest", "F7")  # a bind of vm1 has completed by then
     assert clean["ok"], clean["violations"]
     host = clean["snapshots"]["host"]
-    dev = next(d for d, pasids in host["pasid_entries"].items() if pasids)  # the churn's parent device
-    table = host["pasid_entries"][dev][0] // 64 * 64  # a PASID table the host allocated
-    pasid = next(
-        p for p in range(table + 63, table, -1) if str(p) not in host["ioasids"]
-    )  # a slot the churn does not reach: the allocator reuses the lowest PASIDs
     mem = PhysMem.open(sup.launcher.shm_path)
+    # a device whose first PASID table the host allocated (the churn's parent device), and a
+    # slot of it the churn does not reach (the allocator reuses the lowest PASIDs)
+    dev = next(d for d, base in host["pasid_dirs"].items() if mem.read_u64(base) & PDE_PRESENT)
+    pasid = next(p for p in range(63, 0, -1) if str(p) not in host["ioasids"])
     pdir = PasidDirectory(mem, host["pasid_dirs"][dev], alloc_table=no_new_table)
     entry = encode_pasid_entry(flptr=0x1000, slptr=0, did=1, eafe=True, pgtt=PGTT_FIRST_ONLY)
     pdir.write_entry(pasid, entry)
