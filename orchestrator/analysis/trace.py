@@ -162,16 +162,34 @@ def _topological(recs: list[dict[str, Any]], preds: list[int], succs: list[list[
 def load(run_dir: str) -> list[dict[str, Any]]:
     """Read and merge every actor's trace file of a run directory (a line cut short by a
     kill is skipped)."""
-    records = []
-    for path in glob.glob(os.path.join(run_dir, "trace-*.jsonl")):
-        with open(path, errors="replace") as f:
-            for line in f:
+    return from_files(trace_files(run_dir))
+
+
+def trace_files(run_dir: str) -> dict[str, bytes]:
+    """The bytes of every trace file of a run directory, by file name: what a run keeps when
+    its directory goes, so that stopping a long run does not wait for its trace to be parsed
+    and merged (`from_files` does that when somebody asks for the trace)."""
+    out = {}
+    for path in glob.glob(os.path.join(run_dir, "trace-*.jsonl")) + glob.glob(
+        os.path.join(run_dir, f"trace-*{SUFFIX}")
+    ):
+        with open(path, "rb") as f:
+            out[os.path.basename(path)] = f.read()
+    return out
+
+
+def from_files(files: dict[str, bytes]) -> list[dict[str, Any]]:
+    """The merged records of trace files given as bytes (see `trace_files`)."""
+    records: list[dict[str, Any]] = []
+    for name, data in files.items():
+        if name.endswith(".jsonl"):
+            for line in data.decode(errors="replace").splitlines():
                 try:
                     records.append(json.loads(line))
                 except ValueError:  # the torn last line of a writer that was SIGKILLed
                     continue
-    for path in glob.glob(os.path.join(run_dir, f"trace-*{SUFFIX}")):
-        records.extend(read_frames(path))
+        else:
+            records.extend(frame_records(data))
     return merge(records)
 
 
@@ -180,7 +198,11 @@ def read_frames(path: str) -> list[dict[str, Any]]:
     the last record of a writer that was SIGKILLed in the middle of it is dropped, and so is
     a frame that does not decode."""
     with open(path, "rb") as f:
-        data = f.read()
+        return frame_records(f.read())
+
+
+def frame_records(data: bytes) -> list[dict[str, Any]]:
+    """The records of one trace file's bytes (see `read_frames`)."""
     out = []
     pos = 0
     while pos + HEAD.size <= len(data):

@@ -140,6 +140,7 @@ class Launcher:
         self.on_death: list[Callable[[str, int], None]] = []
         self._death_cursor = 0
         self._trace: list[dict[str, Any]] | None = None
+        self._trace_bytes: dict[str, bytes] | None = None  # the trace files, kept by close
         self._logs: dict[str, str] | None = None
         self.closed = False
         self.started = False
@@ -500,6 +501,8 @@ class Launcher:
         writes the orchestrator's own records and waits a little longer than `TRACE_IDLE`;
         it then has every record of the children that are quiet. After `close` it has all.
         """
+        if self._trace is None and self._trace_bytes is not None:
+            self._trace, self._trace_bytes = tracefile.from_files(self._trace_bytes), None
         if self._trace is not None:
             return self._trace
         if not self.run_dir:
@@ -589,9 +592,9 @@ class Launcher:
     def _collect(self) -> None:
         if self.run_dir and os.path.isdir(self.run_dir):
             self._logs = {name: self._read_log(name) for name in self.procs}
-            self._trace = tracefile.load(self.run_dir)
+            self._trace_bytes = tracefile.trace_files(self.run_dir)  # parsed when asked for
             if self.trace_out:
-                self.trace_files = export.write_all(self._trace, self.trace_out)
+                self.trace_files = export.write_all(self.trace(), self.trace_out)
 
     def _drop_memory(self) -> None:
         if self.mem is not None:
