@@ -15,7 +15,7 @@ from vsva.ops.topology import guest_name
 from vsva.ops.topology_file import Fault
 
 if TYPE_CHECKING:
-    from vsva.actors.base import Steps
+    from vsva.actors.base import Actor, Steps
     from vsva.ops.supervisor.loop import Supervisor
 
 WORKLOAD_TIMEOUT = 600.0
@@ -41,6 +41,17 @@ class FaultInjector:
         elif f.at_time is not None:
             plan["at_time"] = f.at_time
         return plan
+
+    def arm(self, actor: Actor, vm: int) -> None:
+        """Send VM `vm`'s flow watches before its workload starts: they travel on the same
+        link as start_workload, so the guest holds them before the workload's first step
+        (a watch sent later, on a loaded machine, could find instance nth already past)."""
+        for plan in self.plans:
+            f = self.sup.run.faults[plan["index"]]
+            if plan["done"] or plan.get("watching") or "at_time" in plan or f.vm != vm:
+                continue
+            plan["watching"] = True
+            actor.spawn(partial(self._watch_flow, plan, f))
 
     def _watch_flow(self, plan: dict[str, Any], f: Fault) -> Steps[None]:
         """Ask VM f.vm's guest to tell us when instance f.nth of f.at_flow starts (one

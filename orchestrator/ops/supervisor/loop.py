@@ -236,6 +236,7 @@ class Supervisor:
                 self.vms[vm].state = "running"
                 self.event("vm started", vmm_name(vm))
                 if self.autoworkload:
+                    self.faults.arm(actor, vm)
                     actor.spawn(partial(self._workload, vm))
             elif self.vms[vm].state == "booting":
                 self.vms[vm].state = "off"
