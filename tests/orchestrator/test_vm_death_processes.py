@@ -23,7 +23,7 @@ from vsva.analysis.audit import audit
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import ORCH, default_topology
 
-ITERATIONS = 300  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill
+ITERATIONS = 2000  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill
 KILL_AFTER = 5  # DMAs each guest has completed before VM 2 dies
 DEADLINE = 10.0  # seconds any one wait may take
 
