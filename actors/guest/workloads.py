@@ -24,13 +24,12 @@ def _pattern(seed: int, length: int) -> bytes:
     return bytes((seed * 31 + i * 7) & 0xFF for i in range(length))
 
 
-def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Steps[int]:
-    """One process on the passthrough function: bind, copy, migrate a page + flush, re-DMA."""
+def _bind_and_copy(
+    g: Guest, proc: Process, dev: str, src: int, dst: int, data: bytes, what: str
+) -> Steps[int]:
+    """F1, F2, F7: write `data` at src, allocate and bind a PASID for `dev`, DMA-copy src to dst
+    and record the verified step (its text: `what`); the PASID, 0 if none was allocated."""
     k = g.booted_kernel
-    src, dst, pages = base, base + 0x100000, 4
-    k.mmap(proc, src, pages)
-    k.mmap(proc, dst, pages)
-    data = _pattern(proc.pid, pages * PAGE_SIZE)
     k.write(proc, src, data)
     pasid = yield from g.alloc_pasid(proc, dev)
     if not pasid:
@@ -39,11 +38,25 @@ def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Steps[int]
     reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
     g.step(
         "F7",
-        f"pid {proc.pid} DMA copy {len(data)} B via {dev}",
+        f"pid {proc.pid} DMA copy {what} via {dev}",
         reply,
         ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data,
         verified=True,
+        **{key: reply[key] for key in ("page_requests",) if key in reply},
     )
+    return pasid
+
+
+def demo_passthrough(g: Guest, proc: Process, dev: str, base: int) -> Steps[int]:
+    """One process on the passthrough function: bind, copy, migrate a page + flush, re-DMA."""
+    k = g.booted_kernel
+    src, dst, pages = base, base + 0x100000, 4
+    k.mmap(proc, src, pages)
+    k.mmap(proc, dst, pages)
+    data = _pattern(proc.pid, pages * PAGE_SIZE)
+    pasid = yield from _bind_and_copy(g, proc, dev, src, dst, data, f"{len(data)} B")
+    if not pasid:
+        return 0
     # F3: migrate the first destination page, flush, and DMA again: the device must write the
     # new frame, never the old one (a stale IOTLB entry would).
     old, new = k.migrate(proc, dst)
@@ -139,20 +152,9 @@ def demo_demand_paging(g: Guest, proc: Process, dev: str, base: int, pages: int 
     k.mmap(proc, src, pages)
     k.mmap(proc, dst, pages, populate=False)
     data = _pattern(proc.pid + 11, pages * PAGE_SIZE)
-    k.write(proc, src, data)
-    pasid = yield from g.alloc_pasid(proc, dev)
+    pasid = yield from _bind_and_copy(g, proc, dev, src, dst, data, f"into {pages} demand-paged pages")
     if not pasid:
         return
-    yield from g.bind(proc, dev, pasid)
-    reply = yield from g.submit(dev, pasid, "copy", src=src, dst=dst, length=len(data))
-    g.step(
-        "F7",
-        f"pid {proc.pid} DMA copy into {pages} demand-paged pages via {dev}",
-        reply,
-        ok=reply["ret"] == 0 and k.read(proc, dst, len(data)) == data,
-        verified=True,
-        page_requests=reply.get("page_requests"),
-    )
     reply = yield from g.submit(dev, pasid, "fill", dst=hole, length=PAGE_SIZE, pattern=0x77)
     g.step(
         "F7",
