@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
+from types import GeneratorType
 from typing import Any, TypeVar
 
 from vsva.actors import errno as E
@@ -29,7 +30,7 @@ from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 DEFAULT_TIMEOUT = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """A request to another actor; the yielding handler resumes with its reply body.
 
@@ -52,14 +53,14 @@ class Call:
         return self.msg.body()
 
 
-@dataclass
+@dataclass(slots=True)
 class Gather:
     """Several requests sent at once; the handler resumes with the list of reply bodies."""
 
     calls: list[Call]
 
 
-@dataclass
+@dataclass(slots=True)
 class Wait:
     """Park the handler until another handler calls `self.wake(key, body)` (it resumes with
     body), or until `timeout` passes (it resumes with an indefinite -ETIMEDOUT). For waits on
@@ -97,7 +98,7 @@ Steps = Generator[Step, Any, T]
 Handler = Steps[Body | None]  # the body it returns is the reply (None: {"ret": 0})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Task:
     """A running handler: the generator, the request it answers and what it waits for."""
 
@@ -126,8 +127,8 @@ class Actor:
         self._out: list[Envelope] = []
         self._tasks: dict[int, tuple[_Task, float]] = {}  # request id -> (task, deadline)
         self._dst_of: dict[int, str] = {}  # request id -> peer it went to
-        self._kind_of: dict[int, str] = {}  # request id -> its kind, to check the reply's schema
-        self._sent: dict[int, tuple[str, float, float]] = {}  # request id -> kind, sent, timeout
+        # request id -> its kind (to check the reply's schema), when it was sent, its timeout
+        self._sent: dict[int, tuple[str, float, float]] = {}
         self.timeouts: list[dict[str, Any]] = []  # every request of ours that timed out
         self._flow = ""
         self._log_times: dict[str, list[float]] = {}
@@ -153,7 +154,8 @@ class Actor:
     def deliver(self, msg: Envelope, now: float) -> list[Envelope]:
         """Handle one incoming envelope (request, one-way message or reply)."""
         self.now = now
-        self.clock = max(self.clock, min(msg.clock, ADOPTED_CLOCK_MAX)) + 1
+        clock = msg.clock if msg.clock < ADOPTED_CLOCK_MAX else ADOPTED_CLOCK_MAX
+        self.clock = (clock if clock > self.clock else self.clock) + 1
         corr = msg.corr
         if corr is None:
             self._dispatch(msg)
@@ -200,7 +202,7 @@ class Actor:
             self._resume_with(req_id, failed(-E.EHOSTDOWN, indefinite=sent))
         on_down = getattr(self, "on_peer_down", None)
         if on_down is not None:
-            self._run(lambda: on_down(peer), None, "")
+            self._run(on_down, None, "", peer)
         return self._drain()
 
     def send_failed(self, env: Envelope, now: float) -> list[Envelope]:
@@ -285,7 +287,7 @@ class Actor:
         if isinstance(req, str):
             self._refuse(msg, -E.EINVAL, req)
             return
-        self._run(lambda: handler(msg, req), msg, msg.flow)
+        self._run(handler, msg, msg.flow, msg, req)
 
     def _refuse(self, msg: Envelope, ret: int, why: str) -> None:
         self.log(f"bad:{msg.kind}", f"refused {msg.kind} from {msg.src}: {why} ({E.name(ret)})")
@@ -294,23 +296,28 @@ class Actor:
 
     def _checked_reply(self, msg: Envelope, corr: int) -> dict[str, Any]:
         """A reply from the wire (to request `corr`), checked against that request's schema."""
-        cls = lookup(self._kind_of.get(corr, ""))
+        cls = lookup(self._sent[corr][0])  # deliver saw `corr` in _dst_of: it is in _sent too
         why = cls.REPLY.check(msg.body) if cls is not None and cls.REPLY is not None else None
         if why is None:
             return msg.body
         self.log(f"badreply:{msg.kind}", f"refused reply from {msg.src}: {why}")
         return failed(-E.EBADMSG, error=why)
 
-    def _run(self, fn: Callable[[], Handler | Body | None], request: Envelope | None, flow: str) -> None:
+    def _run(
+        self, fn: Callable[..., Handler | Body | None], request: Envelope | None, flow: str, *args: Any
+    ) -> None:
+        """Run `fn(*args)` as the handler of `request` (None: a task that answers nobody)."""
         previous, self._flow = self._flow, flow
         try:
-            result = fn()
+            result = fn(*args)
         except Exception as exc:  # a handler bug must not kill the actor
             self._crashed(request, exc)
             return
         finally:
             self._flow = previous
-        if isinstance(result, Generator):
+        # A handler's generator is a native one (the exact type test is the cheap case); a
+        # reply body is a dict and no Generator
+        if type(result) is GeneratorType or (type(result) is not dict and isinstance(result, Generator)):
             self._step(_Task(result, request, flow or (request.flow if request else "")), None)
         elif request is not None and request.rr:
             self._reply(request, result if result is not None else {"ret": 0})
@@ -335,37 +342,36 @@ class Actor:
         if isinstance(yielded, Wait):
             self._park(task, yielded)
             return
-        calls = yielded.calls if isinstance(yielded, Gather) else [yielded]
-        if not all(isinstance(c, Call) for c in calls):
-            self._crashed(task.request, TypeError(f"handler yielded {yielded!r}"))
-            return
-        task.gather = isinstance(yielded, Gather)
+        gather = isinstance(yielded, Gather)
+        calls = yielded.calls if gather else [yielded]
+        for call in calls:
+            if not isinstance(call, Call):
+                self._crashed(task.request, TypeError(f"handler yielded {yielded!r}"))
+                return
+        task.gather = gather
         task.results = [None] * len(calls)
-        task.waiting = {}
+        task.waiting = waiting = {}
         if not calls:
             self._step(task, [])
             return
-        previous, self._flow = self._flow, task.flow
-        try:
-            for slot, call in enumerate(calls):
-                req_id = self._emit(call.dst, call.kind, call.wire_body(), rr=True, flow=call.flow)
-                task.waiting[req_id] = slot
-                timeout = self._timeout(call)
-                self._tasks[req_id] = (task, self.now + timeout)
-                self._sent[req_id] = (call.kind, self.now, timeout)
-                self._dst_of[req_id] = call.dst
-                self._kind_of[req_id] = call.kind
-        finally:
-            self._flow = previous
+        now = self.now
+        for slot, call in enumerate(calls):
+            kind, dst, flow = call.kind, call.dst, task.flow if call.flow is None else call.flow
+            req_id = self._emit(dst, kind, call.wire_body(), rr=True, flow=flow)
+            waiting[req_id] = slot
+            timeout = self._timeout(call, kind)
+            self._tasks[req_id] = (task, now + timeout)
+            self._sent[req_id] = (kind, now, timeout)
+            self._dst_of[req_id] = dst
 
-    def _timeout(self, call: Call) -> float:
+    def _timeout(self, call: Call, kind: str) -> float:
         """The call's own timeout, else its kind's (config "timeouts", scaled to what that
         kind waits for: vsva.ops.pacing), else the actor's request_timeout."""
         if call.timeout is not None:
             return call.timeout
         base: float = self.config.get("request_timeout", DEFAULT_TIMEOUT)
-        timeouts: dict[str, float] = self.config.get("timeouts", {})
-        return timeouts.get(call.kind, base)
+        timeouts: dict[str, float] | None = self.config.get("timeouts")
+        return base if timeouts is None else timeouts.get(kind, base)
 
     def _park(self, task: _Task, wait: Wait) -> None:
         """A Wait is a request to nobody: a negative id in _tasks, so expire() times it out."""
@@ -384,7 +390,6 @@ class Actor:
             self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
             return
         self._dst_of.pop(req_id, None)
-        self._kind_of.pop(req_id, None)
         self._sent.pop(req_id, None)
         if req_id < 0:  # a Wait that timed out: forget its key
             for key in [k for k, r in self._waits.items() if r == req_id]:
@@ -414,19 +419,9 @@ class Actor:
     ) -> int:
         self._next_id += 1
         self.clock += 1
-        self._out.append(
-            Envelope(
-                src=self.name,
-                dst=dst,
-                kind=kind,
-                body=body,
-                id=self._next_id,
-                corr=corr,
-                rr=rr,
-                clock=self.clock,
-                flow=self._flow if flow is None else flow,
-            )
-        )
+        tag = self._flow if flow is None else flow
+        # positional (a call with keywords costs twice as much): src, dst, kind, body, id, corr, rr, clock, flow
+        self._out.append(Envelope(self.name, dst, kind, body, self._next_id, corr, rr, self.clock, tag))
         return self._next_id
 
     def _drain(self) -> list[Envelope]:

@@ -40,7 +40,11 @@ class FieldSpec:
 
     def why_not(self, kind: str, body: dict[str, Any]) -> str | None:
         value = body.get(self.name)
-        if not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types):
+        # A value of exactly one of the types (what msgpack yields) is what the isinstance
+        # test accepts too; only other values take it (a bool is an int, but not one here).
+        if type(value) not in self.types and (
+            not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types)
+        ):
             return f"{kind}: field {self.name!r} missing or not {self.types[0].__name__}"
         if self.lo is not None and not self.lo <= value <= self.hi:  # type: ignore[operator]
             return f"{kind}: field {self.name!r} = {value} out of range [{self.lo}, {self.hi}]"
@@ -98,6 +102,7 @@ class Schema:
     __slots__ = ()
     KIND: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[FieldSpec, ...]] = ()
+    NAMES: ClassVar[tuple[str, ...]] = ()  # the fields' names, in FIELDS' order
 
     @classmethod
     def check(cls, body: dict[str, Any]) -> str | None:
@@ -110,7 +115,7 @@ class Schema:
 
     def body(self) -> dict[str, Any]:
         """The wire form: a plain map of the fields."""
-        return {spec.name: getattr(self, spec.name) for spec in self.FIELDS}
+        return {name: getattr(self, name) for name in self.NAMES}
 
 
 class Reply(Schema):
@@ -124,7 +129,7 @@ class Reply(Schema):
     @classmethod
     def check(cls, body: dict[str, Any]) -> str | None:
         ret = body.get("ret")
-        if not isinstance(ret, int) or isinstance(ret, bool) or ret > 0:
+        if (type(ret) is not int and (not isinstance(ret, int) or isinstance(ret, bool))) or ret > 0:
             return f"{cls.KIND} reply: 'ret' missing or not a non-positive int"
         return super().check(body) if ret == 0 else None
 
@@ -149,14 +154,22 @@ class Message(Schema):
     HOP: ClassVar[str] = ""
     KERNEL: ClassVar[str] = ""
     REPLY: ClassVar[type[Reply] | None] = None
+    SLOTS: ClassVar[tuple[tuple[str, Callable[[Any, Any], None]], ...]] = ()  # (name, slot setter)
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> Self | str:
-        """The typed message, or why the body is refused."""
+        """The typed message, or why the body is refused.
+
+        Once the body is checked, the fields go straight into the instance's slots: that is
+        all the frozen dataclass's __init__ does (`message` refuses a class with a
+        __post_init__), without its keyword call and per-field object.__setattr__."""
         why = cls.check(body)
         if why is not None:
             return why
-        return cls(**{spec.name: body[spec.name] for spec in cls.FIELDS})
+        msg = object.__new__(cls)
+        for name, put in cls.SLOTS:
+            put(msg, body[name])
+        return msg
 
 
 CATALOGUE: dict[str, type[Message]] = {}
@@ -182,8 +195,12 @@ def message(
     refuses it from anyone else with -EPERM before any handler runs)."""
 
     def wrap(cls: type[M]) -> type[M]:
+        if hasattr(cls, "__post_init__"):
+            raise TypeError(f"{cls.__name__}: a message has no __post_init__ (parse does not run __init__)")
         cls = dataclass(frozen=True, slots=True, kw_only=True)(cls)
         cls.KIND, cls.FLOWS, cls.HOP, cls.KERNEL, cls.FIELDS = kind, flows, hop, kernel, _specs(cls)
+        cls.NAMES = tuple(spec.name for spec in cls.FIELDS)
+        cls.SLOTS = tuple((name, vars(cls)[name].__set__) for name in cls.NAMES)
         cls.CONTROL = control
         if not one_way:
             cls.REPLY = _reply_class(cls.__name__, kind, reply or {})
@@ -197,6 +214,7 @@ def _reply_class(name: str, kind: str, success: dict[str, Any]) -> type[Reply]:
     ns = {"__annotations__": annotations, "ret": f(int, doc="0 or a negative errno"), **success}
     cls: type[Reply] = dataclass(frozen=True, slots=True, kw_only=True)(type(f"{name}Reply", (Reply,), ns))
     cls.KIND, cls.FIELDS = kind, _specs(cls)[1:]  # `ret` is checked on its own
+    cls.NAMES = tuple(spec.name for spec in cls.FIELDS)
     return cls
 
 

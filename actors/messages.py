@@ -32,7 +32,7 @@ MAX_CLOCK = 1 << 62  # a Lamport clock beyond this is refused (-ERANGE)
 ADOPTED_CLOCK_MAX = MAX_CLOCK >> 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     """One message on the wire or in the deterministic scheduler."""
 
@@ -123,14 +123,5 @@ def decode(frame: bytes) -> Envelope:
     if not 0 <= clock <= MAX_CLOCK:
         raise ProtocolError(-E.ERANGE, f"clock {clock} outside [0, 2**62]", raw)
     flow = get("flow")
-    return Envelope(
-        src=src,
-        dst=dst,
-        kind=kind,
-        body=body,
-        id=id_,
-        corr=corr,
-        rr=bool(get("rr")),
-        clock=clock,
-        flow=flow if type(flow) is str else str(flow or ""),
-    )
+    flow = flow if type(flow) is str else str(flow or "")
+    return Envelope(src, dst, kind, body, id_, corr, bool(get("rr")), clock, flow)  # the fields' order
