@@ -60,8 +60,9 @@ def ctl(
         sock.close(0)
 
 
-def wait_exit(pid: int, timeout: float) -> bool:
-    """Wait (bounded) for any process to exit, through a pidfd: True once it is gone."""
+def wait_exit(pid: int, timeout: float, wake_fd: int = -1) -> bool:
+    """Wait (bounded) for any process to exit, through a pidfd: True once it is gone. A
+    readable `wake_fd` (a signal's wakeup descriptor, StopSignals.fd) ends the wait early."""
     import select
 
     try:
@@ -69,6 +70,6 @@ def wait_exit(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        return bool(select.select([fd], [], [], timeout)[0])
+        return fd in select.select([fd] + ([wake_fd] if wake_fd >= 0 else []), [], [], timeout)[0]
     finally:
         os.close(fd)

@@ -3,6 +3,7 @@ interrupt a run as Ctrl-C does."""
 
 from __future__ import annotations
 
+import os
 from types import FrameType
 from typing import NoReturn
 
@@ -26,13 +27,44 @@ def fail(code: int, message: str, quiet: bool = False) -> NoReturn:
     raise typer.Exit(code)
 
 
-def interrupt_on_signals() -> None:
-    """SIGTERM and SIGHUP (a closed terminal) stop a run as Ctrl-C does: the KeyboardInterrupt
-    unwinds through the launcher, which takes the processes and files of the run down."""
-    import signal
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) stop a run, Ctrl-C and the others alike.
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    The first one is the request to stop: `signum` records it and, with `interrupt`, a
+    KeyboardInterrupt unwinds the run (an in-process launcher takes its processes and files
+    down as it unwinds). Later ones are already handled: they are ignored, so a second signal
+    cannot cut the cleanup short. Without `interrupt` nothing is raised at all; the caller
+    checks `requested` where it waits, and `fd` (the signal wakeup descriptor) turns readable
+    on a signal so that a select() on it returns at once. That is the safer form: an exception
+    raised wherever a signal lands may land inside code the interpreter runs from a string
+    (the methods a dataclass generates while a module is imported), and then `python -m`
+    ends by SIGINT after the cleanup instead of with its exit code."""
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
+    def __init__(self, interrupt: bool) -> None:
+        import signal
+
+        self.interrupt = interrupt
+        self.signum: int | None = None
+        self.fd = -1
+        if not interrupt:
+            self.fd, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+
+def interrupt_on_signals() -> StopSignals:
+    """The first of SIGINT, SIGTERM and SIGHUP raises KeyboardInterrupt; later ones are
+    ignored while the run unwinds."""
+    return StopSignals(interrupt=True)

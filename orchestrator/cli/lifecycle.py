@@ -11,7 +11,14 @@ from typing import Any
 import typer
 
 from vsva.cli.client import ctl, wait_exit
-from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_NO_TOPOLOGY, fail, interrupt_on_signals
+from vsva.cli.exits import (
+    EXIT_FAIL,
+    EXIT_HOST_LOST,
+    EXIT_INTERRUPTED,
+    EXIT_NO_TOPOLOGY,
+    StopSignals,
+    fail,
+)
 from vsva.cli.live import ps_table
 from vsva.cli.options import STATE_DIR, load_run, writable_dir
 from vsva.cli.state import (
@@ -46,39 +53,46 @@ def up(
 
     One topology per state directory (a lock). In the foreground, Ctrl-C, SIGTERM and SIGHUP
     (the terminal closed) stop it; detached, it runs until `vsva down`."""
+    stop = StopSignals(interrupt=False)
     load_run(topology)  # validate here: errors go to this terminal
     path = state_file(state_dir)
     lock = _take_lock(path)
     _clear_old_state(path)
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
-    from rich.live import Live
-    from rich.text import Text
-
-    interrupt_on_signals()
+    if stop.requested:
+        raise typer.Exit(EXIT_INTERRUPTED)  # nothing was started
     proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
-    try:
-        state = _await_state(proc, path, ready_timeout, log_path)
-        if detach:
-            typer.echo(
-                f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
-                f"{state['run_dir']}; `vsva ps`, `vsva down`"
-            )
-            return
-        with Live(Text("starting ..."), refresh_per_second=4) as live:
-            while proc.poll() is None:
-                try:
-                    live.update(ps_table(ctl(state, "ps", timeout=5.0, quiet=True)))
-                except typer.Exit:
-                    pass
-                wait_exit(proc.pid, 0.5)
-    except KeyboardInterrupt:
+    state = _await_state(proc, path, ready_timeout, log_path, stop)
+    if detach and state is not None:
+        typer.echo(
+            f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+            f"{state['run_dir']}; `vsva ps`, `vsva down`"
+        )
+        return
+    if state is not None:
+        _watch(proc, state, stop)
+    if stop.requested:
         typer.echo("vsva: stopping ...", err=True)
         _stop_supervisor(proc, path)
-        raise
+        raise typer.Exit(EXIT_INTERRUPTED)
     if proc.returncode == EXIT_HOST_LOST:
         fail(EXIT_HOST_LOST, host_lost_line(parse_state(path)))
     if proc.returncode != 0:
         fail(EXIT_FAIL, f"the supervisor exited with {proc.returncode} (log: {log_path})")
+
+
+def _watch(proc: subprocess.Popen[bytes], state: dict[str, Any], stop: StopSignals) -> None:
+    """The live status table, until the supervisor exits or a signal asks us to stop."""
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(Text("starting ..."), refresh_per_second=4) as live:
+        while proc.poll() is None and not stop.requested:
+            try:
+                live.update(ps_table(ctl(state, "ps", timeout=5.0, quiet=True)))
+            except typer.Exit:
+                pass
+            wait_exit(proc.pid, 0.5, stop.fd)
 
 
 def _take_lock(state_path: str) -> int:
@@ -144,14 +158,17 @@ def _spawn_supervisor(
 
 
 def _await_state(
-    proc: subprocess.Popen[bytes], path: str, ready_timeout: float, log_path: str
-) -> dict[str, Any]:
-    """Wait (bounded) for the supervisor's state file. On a timeout the supervisor is stopped
-    (SIGTERM, then SIGKILL) and whatever it left is swept."""
+    proc: subprocess.Popen[bytes], path: str, ready_timeout: float, log_path: str, stop: StopSignals
+) -> dict[str, Any] | None:
+    """Wait (bounded) for the supervisor's state file; None when a signal asks us to stop
+    first. On a timeout the supervisor is stopped (SIGTERM, then SIGKILL) and whatever it
+    left is swept."""
     import time
 
     end = time.monotonic() + ready_timeout
     while time.monotonic() < end:
+        if stop.requested:
+            return None
         if proc.poll() is not None:
             with open(log_path, errors="replace") as f:
                 tail = f.read().splitlines()[-15:]

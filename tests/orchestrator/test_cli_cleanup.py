@@ -11,11 +11,13 @@ import glob
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -190,15 +192,83 @@ def test_host_lost_foreground_up_exits_non_zero_with_a_line(cli):
     assert cli("down").returncode == 0
 
 
+def assert_up_stopped(cli: Cli, up: subprocess.Popen, state: dict, err: str) -> None:
+    """`vsva up` exited with its documented code (not by a signal) and left nothing behind."""
+    assert up.returncode == 130, err[-2000:]
+    assert "stopping" in err and "interrupted" in err, err[-2000:]
+    assert not pid_alive(state["pid"]) and not any(pid_alive(p) for p in state["actors"].values())
+    assert cli.state_file() is None and cli.run_dirs() == [] and shm_of(state["pid"]) == []
+
+
 @pytest.mark.timeout(180)
 def test_foreground_up_stops_on_sighup(cli):
     up = cli.start("up")
     state = wait_for(cli.state_file, 60, "the state file")
     up.send_signal(signal.SIGHUP)
-    up.communicate(timeout=60)
-    assert up.returncode == 130
-    assert not pid_alive(state["pid"]) and not any(pid_alive(p) for p in state["actors"].values())
-    assert cli.state_file() is None and cli.run_dirs() == [] and shm_of(state["pid"]) == []
+    _, err = up.communicate(timeout=60)
+    assert_up_stopped(cli, up, state, err)
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read the process's stderr (bounded) until `text` appears; returns what was read."""
+    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = end - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], f"no {text!r} in {seen[-1500:]!r}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"stderr closed without {text!r}: {seen[-1500:]!r}"
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_foreground_up_second_signal_while_stopping_is_already_handled(cli, second):
+    """An impatient second signal while `up` stops its topology (Ctrl-C again, the SIGHUP of
+    the closing terminal after a SIGTERM) does not cut the stop short: the supervisor is
+    waited for and the state file and run files are gone when `up` exits, with 130."""
+    up = cli.start("up")
+    state = wait_for(cli.state_file, 60, "the state file")
+    up.send_signal(signal.SIGTERM)
+    seen = read_until(up, "stopping", 60)
+    up.send_signal(second)
+    _, err = up.communicate(timeout=60)
+    assert_up_stopped(cli, up, state, seen + err)
+
+
+LANDING = """
+import os, signal, sys
+from vsva.cli.exits import StopSignals
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+stop = StopSignals(interrupt=False)
+if sys.argv[1] == "raise":
+    signal.signal(signal.SIGHUP, interrupt)
+try:  # the signal is handled inside code run from a string, as a dataclass's methods are built
+    exec("import os, signal; os.kill(os.getpid(), signal.SIGHUP)")
+except KeyboardInterrupt:
+    stop.signum = signal.SIGHUP
+sys.exit(130 if stop.requested else 1)
+"""
+
+
+def test_a_signal_landing_in_string_code_keeps_the_exit_code(tmp_path):
+    """Under `python -m`, once a KeyboardInterrupt has left code that the interpreter ran from a
+    string (exec or eval of source text), the process ends by SIGINT after its cleanup, even
+    when the exception was caught and an exit code was chosen. A signal to `vsva up` lands
+    wherever it lands, inside an import building a dataclass too; the signals `up` installs
+    (StopSignals without interrupt) raise nothing, so its exit code stands."""
+    (tmp_path / "landing.py").write_text(LANDING)
+
+    def run(mode: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "landing", mode], cwd=tmp_path, timeout=60, check=False
+        ).returncode
+
+    assert run("record") == 130
+    assert run("raise") == -signal.SIGINT  # a handler that raises: the exit code is lost
 
 
 @pytest.mark.timeout(180)
