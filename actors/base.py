@@ -28,6 +28,7 @@ from vsva.actors.memory import PhysMem
 from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 
 DEFAULT_TIMEOUT = 5.0
+_NO_TIMEOUTS: dict[str, float] = {}  # (read only: no per-kind timeouts configured)
 
 
 @dataclass(slots=True)
@@ -43,14 +44,12 @@ class Call:
     timeout: float | None = None
     flow: str | None = None  # tag this request (and what it causes) with a flow id, e.g. "F2#1"
 
-    @property
-    def kind(self) -> str:
-        return self.msg if isinstance(self.msg, str) else self.msg.KIND
-
-    def wire_body(self) -> dict[str, Any]:
-        if isinstance(self.msg, str):
-            return {} if self.body is None else self.body
-        return self.msg.body()
+    def wire(self) -> tuple[str, dict[str, Any]]:
+        """The request's kind and body as they go on the wire."""
+        msg = self.msg
+        if isinstance(msg, str):
+            return msg, {} if self.body is None else self.body
+        return msg.KIND, msg.body()
 
 
 @dataclass(slots=True)
@@ -165,7 +164,8 @@ class Actor:
             self.dropped_replies += 1
         else:
             self._resume_with(corr, self._checked_reply(msg, corr))
-        return self._drain()
+        out, self._out = self._out, []  # (_drain, inline: this runs for every message)
+        return out
 
     def expire(self, now: float) -> list[Envelope]:
         """Fail every request whose deadline has passed with an indefinite -ETIMEDOUT."""
@@ -355,23 +355,18 @@ class Actor:
             self._step(task, [])
             return
         now = self.now
+        # A request's timeout: its Call's own, else its kind's (config "timeouts", scaled to
+        # what that kind waits for: vsva.ops.pacing), else the actor's request_timeout.
+        base: float = self.config.get("request_timeout", DEFAULT_TIMEOUT)
+        by_kind: dict[str, float] = self.config.get("timeouts", _NO_TIMEOUTS)
         for slot, call in enumerate(calls):
-            kind, dst, flow = call.kind, call.dst, task.flow if call.flow is None else call.flow
-            req_id = self._emit(dst, kind, call.wire_body(), rr=True, flow=flow)
+            (kind, body), dst = call.wire(), call.dst
+            req_id = self._emit(dst, kind, body, rr=True, flow=task.flow if call.flow is None else call.flow)
             waiting[req_id] = slot
-            timeout = self._timeout(call, kind)
+            timeout = by_kind.get(kind, base) if call.timeout is None else call.timeout
             self._tasks[req_id] = (task, now + timeout)
             self._sent[req_id] = (kind, now, timeout)
             self._dst_of[req_id] = dst
-
-    def _timeout(self, call: Call, kind: str) -> float:
-        """The call's own timeout, else its kind's (config "timeouts", scaled to what that
-        kind waits for: vsva.ops.pacing), else the actor's request_timeout."""
-        if call.timeout is not None:
-            return call.timeout
-        base: float = self.config.get("request_timeout", DEFAULT_TIMEOUT)
-        timeouts: dict[str, float] | None = self.config.get("timeouts")
-        return base if timeouts is None else timeouts.get(kind, base)
 
     def _park(self, task: _Task, wait: Wait) -> None:
         """A Wait is a request to nobody: a negative id in _tasks, so expire() times it out."""

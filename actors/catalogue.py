@@ -107,15 +107,20 @@ class Schema:
     @classmethod
     def check(cls, body: dict[str, Any]) -> str | None:
         """Why `body` does not fit this message's fields, or None when it fits."""
-        for spec in cls.FIELDS:
-            why = spec.why_not(cls.KIND, body)
-            if why is not None:
-                return why
-        return None
+        return _why_not(cls, body)
 
     def body(self) -> dict[str, Any]:
         """The wire form: a plain map of the fields."""
         return {name: getattr(self, name) for name in self.NAMES}
+
+
+def _why_not(schema: type[Schema], body: dict[str, Any]) -> str | None:
+    """The first field of `schema` that `body` does not fit, or None."""
+    for spec in schema.FIELDS:
+        why = spec.why_not(schema.KIND, body)
+        if why is not None:
+            return why
+    return None
 
 
 class Reply(Schema):
@@ -131,7 +136,7 @@ class Reply(Schema):
         ret = body.get("ret")
         if (type(ret) is not int and (not isinstance(ret, int) or isinstance(ret, bool))) or ret > 0:
             return f"{cls.KIND} reply: 'ret' missing or not a non-positive int"
-        return super().check(body) if ret == 0 else None
+        return _why_not(cls, body) if ret == 0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,12 +141,14 @@ class PageRequestQueue:
            that raised it, so none of this PASID can still be in flight here.
         The drained requests stay known in `drained` (the VMM was told of them and may still
         answer: that answer is refused with -ENODEV, Host._match_response)."""
-        self._expire(now)
-        out = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid]
+        if self.drained:  # (every unbind drains: the empty queue is the common case)
+            self._expire(now)
+        out = [r for r in self.pending if r["dev"] == dev and r["pasid"] == hpasid] if self.pending else []
         for req in out:
             self.remove(req)
-        self.drained += [{**r, "drained_at": now} for r in out]
-        self.stats.drained += len(out)
+        if out:
+            self.drained += [{**r, "drained_at": now} for r in out]
+            self.stats.drained += len(out)
         self.stats.drain_waits += 1
         return out
 

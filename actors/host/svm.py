@@ -89,11 +89,10 @@ def bind_checks(pdev: PhysDevice | None, data: dict[str, Any]) -> int:
     checks), a PCI device with the full PASID width, the host PASID in range."""
     if pdev is None or not data:
         return -E.EINVAL
-    if any(not isinstance(data.get(f), int) or isinstance(data.get(f), bool) for f in BIND_FIELDS):
-        return -E.EINVAL
     vtd = data.get("vtd_flags", 0)
-    if not isinstance(vtd, int) or isinstance(vtd, bool):
-        return -E.EINVAL
+    for value in (*map(data.get, BIND_FIELDS), vtd):
+        if type(value) is not int and not _is_int(value):  # exactly int: the cheap case
+            return -E.EINVAL
     if (
         data["argsz"] < BIND_DATA_MINSZ
         or data["version"] != IOMMU_GPASID_BIND_VERSION_1
@@ -112,6 +111,11 @@ def bind_checks(pdev: PhysDevice | None, data: dict[str, Any]) -> int:
     if data["hpasid"] <= 0 or data["hpasid"] >= PASID_MAX:
         return -E.EINVAL
     return 0
+
+
+def _is_int(value: Any) -> bool:
+    """An int and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def setup_nested(iommu: IommuApi, pdev: PhysDevice, dom: VmDomain, data: dict[str, Any]) -> int:
