@@ -191,12 +191,12 @@ cdef int32_t translate1(State *s, uint32_t dev, uint64_t pasid, uint64_t va, uin
     return 0
 
 
-# The batch loop's memo of PASID-cache lookups, for its fast path: the requests of a batch
-# come from a few PASIDs, and the PASID cache changes only in translate1 (a fill), so a
-# lookup made once serves every later hit of its PASID until the next translate1 (the batch
-# loop then starts a new epoch). A memo entry is made only for a PASID below PASID_MAX that
-# is not defunct (the bitmaps do not change during a batch) and holds the entry's PLRU
-# update, which a hit still applies every time, exactly as translate1.
+# The batch loop's memo of PASID-cache lookups: the requests of a batch come from a few
+# PASIDs, and the PASID cache changes only by a fill (translate1, on a miss), so a lookup
+# made once serves every later request of its PASID until the next fill. A memo entry is
+# valid while its epoch is the batch's (the PASID-cache fill count + 1); it is made only for
+# a PASID below PASID_MAX that is not defunct (the bitmaps do not change during a batch) and
+# holds the entry's PLRU update, which every hit still applies, exactly as translate1.
 cdef enum:
     PC_MEMO = 16  # entries, indexed by the PASID's low bits
 
@@ -208,6 +208,45 @@ ctypedef struct PcMemo:
     const uint32_t *need  # the vs_need_tab row of the entry's flags
     uint64_t didw  # did << VS_DID_SHIFT
     int32_t did
+    uint32_t flags  # the PASID entry's flags
+    uint64_t flptr, slptr
+
+
+cdef inline uint64_t pc_epoch(State *s) noexcept nogil:
+    return s.cnt[VS_C_PASID_CACHE_FILLS] + 1
+
+
+cdef inline PcMemo *pc_memo(State *s, uint32_t dev, uint64_t pasid, PcMemo *memo,
+                            uint64_t epoch) noexcept nogil:
+    """The memo entry of `pasid` (made now by a lookup without side effects when it has
+    none), or NULL: PASID out of range, defunct, or not in the PASID cache."""
+    cdef PcMemo *m = &memo[pasid & (PC_MEMO - 1)]
+    cdef uint64_t key, pcpay, st
+    cdef uint64_t *pblk
+    cdef int pw
+    if m.pasid == pasid and m.epoch == epoch:
+        return m
+    if pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
+        return NULL
+    key = (<uint64_t>dev << VS_PASID_BITS) | pasid
+    st = vs_set_of(key, s.pc.mask)
+    pblk = s.pc.blk + st * 2 * s.pc.ways
+    pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
+    if pw < 0:
+        return NULL
+    pcpay = pblk[s.pc.ways + pw]
+    m.pasid = pasid
+    m.epoch = epoch
+    m.pblk = pblk
+    m.plru_clr = vs_plru_clr_of(s.pc.lg, <uint32_t>pw)
+    m.plru_set = vs_plru_set_of(s.pc.lg, <uint32_t>pw)
+    m.flags = <uint32_t>(pcpay >> 16) & 0xFF
+    m.need = vs_need_row(m.flags)
+    m.did = <int32_t>(pcpay & 0xFFFF)
+    m.didw = (pcpay & 0xFFFF) << VS_DID_SHIFT
+    m.flptr = s.pc.aux[st * s.pc.ways + <uint64_t>pw].flptr
+    m.slptr = s.pc.aux[st * s.pc.ways + <uint64_t>pw].slptr
+    return m
 
 
 cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_t va,
@@ -219,10 +258,9 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     (IOTLB) or 2 (device TLB) after applying exactly the PLRU updates translate1 would make
     (the caller adds the matching counters), else 0 having changed nothing (but the memo),
     and the caller runs translate1."""
-    cdef uint64_t tkey, p, frame, pcpay, key
-    cdef uint64_t *pblk
+    cdef uint64_t tkey, p, frame
     cdef uint64_t *iblk
-    cdef int pw, iw
+    cdef int iw
     cdef uint32_t flags, need, perms
     cdef PcMemo *m
     if not vs_canonical(va):
@@ -247,24 +285,9 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
         vs_plru_touch(iblk, <uint32_t>iw, d.tlb.lg)
         pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
         return 2
-    m = &memo[pasid & (PC_MEMO - 1)]
-    if m.pasid != pasid or m.epoch != epoch:
-        if pasid >= VS_PASID_MAX or is_defunct(s, dev, pasid):
-            return 0
-        key = (<uint64_t>dev << VS_PASID_BITS) | pasid
-        pblk = set_block(&s.pc, key)
-        pw = vs_set_find(pblk, s.pc.ways, key | VS_VALID, 0, 0)
-        if pw < 0:
-            return 0
-        pcpay = pblk[s.pc.ways + pw]
-        m.pasid = pasid
-        m.epoch = epoch
-        m.pblk = pblk
-        m.plru_clr = vs_plru_clr_of(s.pc.lg, <uint32_t>pw)
-        m.plru_set = vs_plru_set_of(s.pc.lg, <uint32_t>pw)
-        m.need = vs_need_row(<uint32_t>(pcpay >> 16) & 0xFF)
-        m.did = <int32_t>(pcpay & 0xFFFF)
-        m.didw = (pcpay & 0xFFFF) << VS_DID_SHIFT
+    m = pc_memo(s, dev, pasid, memo, epoch)
+    if m == NULL:
+        return 0
     need = m.need[access & 15]  # VS_NEED_NEVER: the hit check below fails
     iblk = set_block(&s.iotlb, tkey)
     iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT, m.didw)
@@ -281,49 +304,91 @@ cdef inline int fast_hit(State *s, Dev *d, uint32_t dev, uint64_t pasid, uint64_
     return 1
 
 
-cdef Py_ssize_t group_ahead(State *s, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
+# What the group walk's lookups found for one of its requests (a member), so that the batch
+# loop can finish the member's translation without looking up again (finish_member).
+ctypedef struct Member:
+    uint64_t *iblk  # its IOTLB set block
+    uint64_t iset
+    uint64_t tag  # key | VS_VALID
+    uint64_t *pblk  # its PASID-cache set block, and the entry's PLRU update
+    uint64_t plru_clr, plru_set
+    uint64_t didw
+    int iw  # the way holding its key without the rights it needs, or -1
+    bint direct  # no ATS, and no earlier member of the group may share its IOTLB set
+
+
+cdef Py_ssize_t group_ahead(State *s, Dev *d, uint32_t dev, Py_ssize_t k, Py_ssize_t n,
                            const uint64_t *v, const uint32_t *pv, uint64_t pscalar,
-                           const uint8_t *av, uint32_t ascalar, vs_spec_t *spec,
+                           const uint8_t *av, uint32_t ascalar, PcMemo *memo,
+                           uint64_t epoch, vs_spec_t *spec, Member *mb,
                            int *spec_of) noexcept nogil:
-    """Group walk (vs_walk_group) of requests k .. k + VS_GROUP - 1 that have a cached PASID
-    entry and miss in the IOTLB (read-only lookups: no PLRU update); spec_of[j - k] = the
-    index of request j's result in spec, or -1. Returns the first request not in the
-    group."""
-    cdef uint64_t pasid, pcpay, tkey
+    """Group walk (vs_walk_group) of the requests k .. k + VS_GROUP - 1 that have a cached
+    PASID entry and miss in the IOTLB (lookups without side effects); spec_of[j - k] = the
+    index of request j in spec and mb, or -1. Returns the first request not in the group."""
+    cdef uint64_t pasid, tkey, bucket, seen = 0
     cdef uint64_t *iblk
-    cdef int64_t slot
-    cdef int iw
-    cdef uint32_t flags, acc, need
-    cdef int m = 0
+    cdef uint32_t iset, acc, need
+    cdef int iw, c = 0
+    cdef PcMemo *m
     cdef Py_ssize_t j, end = min(n, k + VS_GROUP)
     for j in range(k, end):
         spec_of[j - k] = -1
         pasid = pv[j] if pv != NULL else pscalar
         acc = av[j] if av != NULL else ascalar
-        if pasid >= VS_PASID_MAX or not vs_canonical(v[j]):
+        if not vs_canonical(v[j]):
             continue
-        slot = cache_find(&s.pc, (<uint64_t>dev << VS_PASID_BITS) | pasid, 0, 0)
-        if slot < 0:
+        m = pc_memo(s, dev, pasid, memo, epoch)
+        if m == NULL:
             continue
-        pcpay = pay_at(&s.pc, <uint64_t>slot)[0]
-        flags = <uint32_t>(pcpay >> 16) & 0xFF
+        need = m.need[acc & 15]
+        if need & VS_NEED_NEVER:
+            continue  # translate1 raises the fault before any walk
         tkey = (pasid << VS_VPN_BITS) | ((v[j] >> VS_PAGE_SHIFT) & VS_VPN_MASK)
-        iblk = set_block(&s.iotlb, tkey)
-        iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT,
-                         (pcpay & 0xFFFF) << VS_DID_SHIFT)
-        need = vs_need_fast(acc, flags)
+        iset = vs_set_of(tkey, s.iotlb.mask)
+        iblk = s.iotlb.blk + <uint64_t>iset * 2 * s.iotlb.ways
+        iw = vs_set_find(iblk, s.iotlb.ways, tkey | VS_VALID, 0xFFFFULL << VS_DID_SHIFT, m.didw)
         if iw >= 0 and ((iblk[s.iotlb.ways + iw] >> VS_PERM_SHIFT) & need) == need:
             continue  # an IOTLB hit (unless an earlier request of the group evicts it)
-        spec[m].flptr = s.pc.aux[slot].flptr
-        spec[m].slptr = s.pc.aux[slot].slptr
-        spec[m].flags = flags
-        spec[m].va = v[j]
-        spec[m].access = acc
-        spec_of[j - k] = m
-        m += 1
-    vs_walk_group(s.mem, s.mem_size, m, spec)
+        spec[c].flptr = m.flptr
+        spec[c].slptr = m.slptr
+        spec[c].flags = m.flags
+        spec[c].va = v[j]
+        spec[c].access = acc
+        mb[c].iblk = iblk
+        mb[c].iset = iset
+        mb[c].tag = tkey | VS_VALID
+        mb[c].pblk = m.pblk
+        mb[c].plru_clr = m.plru_clr
+        mb[c].plru_set = m.plru_set
+        mb[c].didw = m.didw
+        mb[c].iw = iw
+        bucket = 1ULL << (iset & 63)
+        mb[c].direct = not d.ats and not (seen & bucket)
+        seen |= bucket
+        spec_of[j - k] = c
+        c += 1
+    vs_walk_group(s.mem, s.mem_size, c, spec)
     s.group_adw = s.cnt[VS_C_AD_WRITES]
     return end
+
+
+cdef inline bint finish_member(State *s, const vs_spec_t *sp, const Member *mb, uint64_t va,
+                               uint64_t *pa, uint64_t *evictions) noexcept nogil:
+    """The rest of translate1 for a group member whose walk stands: the owner check, the
+    PLRU update of its PASID-cache entry, the IOTLB fill. Valid while nothing but other
+    members' fills (in other sets: Member.direct) changed the caches or memory since the
+    group's lookups. False, having changed nothing, when the owner check fails (translate1
+    then raises the fault); the caller counts as translate1 would."""
+    cdef uint64_t frame = sp.frame
+    cdef int ev
+    if frame >= s.nframes or s.owners[frame] != <int32_t>(mb.didw >> VS_DID_SHIFT):
+        return False
+    mb.pblk[0] = (mb.pblk[0] & ~mb.plru_clr) | mb.plru_set
+    fill_way(&s.iotlb, mb.iblk, mb.iset, mb.iw, mb.tag,
+             frame | (<uint64_t>sp.perms << VS_PERM_SHIFT) | mb.didw, &ev)
+    evictions[0] += <uint64_t>ev
+    pa[0] = (frame << VS_PAGE_SHIFT) | (va & (VS_PAGE_SIZE - 1))
+    return True
 
 
 cdef inline uint64_t request_key(Py_ssize_t j, const uint64_t *v, const uint32_t *pv,
@@ -336,21 +401,24 @@ cdef inline uint64_t request_key(Py_ssize_t j, const uint64_t *v, const uint32_t
 cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint64_t *v,
                          const uint32_t *pv, uint64_t pscalar, const uint8_t *av,
                          uint32_t ascalar, uint64_t *opa, int32_t *ofl) noexcept nogil:
-    """The batch: fast hit path, else translate1; returns the number of faults."""
+    """The batch: fast hit path, else a group member's finish, else translate1; returns the
+    number of faults."""
     cdef Py_ssize_t k
     cdef uint64_t nf = 0, pasid, hits_before
-    cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0
+    cdef uint64_t n_iotlb_fast = 0, n_dev_fast = 0, n_member = 0, member_refs = 0
+    cdef uint64_t member_evictions = 0
     cdef uint32_t acc
-    cdef int hitk
-    cdef bint last_slow = False
+    cdef int hitk, c
+    cdef bint last_slow = False, clean = False
     cdef bint pasid_arr = pv != NULL, acc_arr = av != NULL
     cdef Cache *tlb = &d.tlb if d != NULL and d.ats else &s.iotlb  # where this device hits
     cdef Py_ssize_t grouped = 0, gbase = 0
     cdef vs_spec_t spec[VS_GROUP]
+    cdef Member mb[VS_GROUP]
     cdef int spec_of[VS_GROUP]
     cdef const vs_spec_t *sp
     cdef PcMemo memo[PC_MEMO]
-    cdef uint64_t epoch = 1
+    cdef uint64_t epoch = pc_epoch(s)
     for k in range(PC_MEMO):
         memo[k].epoch = 0
     for k in range(n):
@@ -376,23 +444,43 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
         # In a run of walks, walk the next few requests together.
         if last_slow and d != NULL and k >= grouped:
             gbase = k
-            grouped = group_ahead(s, dv, k, n, v, pv, pscalar, av, ascalar, spec, spec_of)
+            grouped = group_ahead(s, d, dv, k, n, v, pv, pscalar, av, ascalar, memo, epoch,
+                                  spec, mb, spec_of)
+            clean = True
         sp = NULL
-        if k < grouped and spec_of[k - gbase] >= 0:
-            sp = &spec[spec_of[k - gbase]]
+        c = spec_of[k - gbase] if k < grouped else -1
+        if c >= 0:
+            sp = &spec[c]
+            # While the group is clean (see below), a member's lookups and walk stand.
+            if clean and mb[c].direct and sp.refs != 0 and \
+                    finish_member(s, sp, &mb[c], v[k], &opa[k], &member_evictions):
+                n_member += 1
+                member_refs += sp.refs
+                ofl[k] = 0
+                last_slow = True
+                continue
         hits_before = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS]
         ofl[k] = translate1(s, dv, pasid, v[k], acc, &opa[k], sp)
-        epoch += 1  # translate1 may have changed the PASID cache
+        epoch = pc_epoch(s)
+        # translate1 of a member whose group walk stands changes the IOTLB only in the
+        # member's own set (no PASID-cache fill, no A/D update); anything else may change
+        # what the group's lookups and walk found.
+        if sp == NULL or sp.refs == 0:
+            clean = False
         last_slow = s.cnt[VS_C_IOTLB_HITS] + s.cnt[VS_C_DEVTLB_HITS] == hits_before
         if ofl[k]:
             nf += 1
-    # counters of the fast hits, exactly as translate1 would have counted them
-    s.cnt[VS_C_TRANSLATIONS] += n_iotlb_fast + n_dev_fast
-    s.cnt[VS_C_PASID_CACHE_LOOKUPS] += n_iotlb_fast
-    s.cnt[VS_C_PASID_CACHE_HITS] += n_iotlb_fast
-    s.cnt[VS_C_IOTLB_LOOKUPS] += n_iotlb_fast
+    # counters of the fast hits and the members, exactly as translate1 would have counted
+    s.cnt[VS_C_TRANSLATIONS] += n_iotlb_fast + n_dev_fast + n_member
+    s.cnt[VS_C_PASID_CACHE_LOOKUPS] += n_iotlb_fast + n_member
+    s.cnt[VS_C_PASID_CACHE_HITS] += n_iotlb_fast + n_member
+    s.cnt[VS_C_IOTLB_LOOKUPS] += n_iotlb_fast + n_member
     s.cnt[VS_C_IOTLB_HITS] += n_iotlb_fast
+    s.cnt[VS_C_IOTLB_MISSES] += n_member
+    s.cnt[VS_C_WALKS] += n_member
+    s.cnt[VS_C_MEMORY_REFS] += member_refs
+    s.cnt[VS_C_IOTLB_FILLS] += n_member
+    s.cnt[VS_C_IOTLB_EVICTIONS] += member_evictions
     s.cnt[VS_C_DEVTLB_LOOKUPS] += n_dev_fast
     s.cnt[VS_C_DEVTLB_HITS] += n_dev_fast
     return nf
-

@@ -11,6 +11,7 @@ cdef extern from "_walk.h" nogil:
                            uint32_t access, uint64_t *frame_out, uint32_t *perms_out,
                            uint64_t *refs, uint64_t *adw) noexcept
     enum: VS_GROUP
+    enum: VS_NEED_NEVER
     ctypedef struct vs_spec_t:
         uint64_t flptr, slptr, va
         uint32_t flags, access

@@ -104,8 +104,8 @@ op = st.one_of(
 
 
 class Pair:
-    def __init__(self, seed, ways=2):
-        kw = GEOMETRIES[ways]
+    def __init__(self, seed, ways=2, **geometry):
+        kw = {**GEOMETRIES[ways], **geometry}
         self.host = host = HostMemory(768, seed=seed)
         vm1, vm2 = GuestVM(host, 1), GuestVM(host, 2)
         self.procs = [GuestProcess(vm1), GuestProcess(vm1), GuestProcess(vm2)]
@@ -368,3 +368,47 @@ def test_long_batches_of_walks_agree():
         pair.apply(("xb", 0, items))
     c = pair.a.counters()
     assert 0 < c["faults"] < c["translations"] and c["ad_writes"] > 0 and c["walks"] > 1000
+
+
+def test_group_members_finish_as_translate1_would():
+    """In a run of misses the compiled batch loop finishes a group member's translation from
+    the group's own lookups (its PASID-cache entry, its IOTLB set and way) while nothing but
+    other members' fills into other sets has changed the caches or memory since. Whatever
+    comes in between must leave results, counters, caches and memory those of the twin's
+    one-by-one translations: PASID-cache misses whose fills evict a member's entry (six
+    PASIDs, four entries), the same page twice in a group and members sharing a set (four
+    sets of two ways: evictions), owner violations, a defunct PASID, an uninstalled one,
+    A/D updates, supervisor requests without SRE, a device with ATS."""
+    pair = Pair(4, 2, iotlb_sets=4, pasid_cache_entries=4)
+    pasids = list(PASIDS)
+    for pasid, i in ((11, 0), (12, 2), (13, 1)):  # three more processes, both VMs
+        p = GuestProcess(pair.procs[i].vm)
+        install_pasid(pair.host, pair.dir, pasid, flptr=p.cr3, slptr=p.vm.sl_root, did=p.vm.vm_id)
+        for va in PAGES[:8]:
+            p.map(va)
+        pair.procs.append(p)
+        pasids.append(pasid)
+    pair.sync()
+    rng = np.random.default_rng(11)
+    for rnd in range(60):
+        r = rnd % 6
+        if r == 1:
+            pair.apply(("own", int(rng.integers(0, 6)), int(rng.integers(0, 8)), int(rng.integers(0, 3))))
+        elif r == 2:
+            pair.apply(("bits", int(rng.integers(0, 6)), int(rng.integers(0, 8)), 1, FL_A | FL_D))
+        elif r == 3:
+            pair.apply(("df", int(rng.choice(pasids)), bool(rng.random() < 0.5), None))
+        if rnd % 3:  # mostly cold batches: every request of the batch misses
+            pair.apply(("ii", 0, 1, 5, 0, 0))
+        items = [
+            (
+                int(rng.choice(pasids + [7])),
+                int(rng.integers(0, 8)),
+                int(rng.choice([R, R, R, W, R | W, R | PRIV])),
+            )
+            for _ in range(64)
+        ]
+        pair.apply(("xb", int(rnd % 5 == 4), items))
+    c = pair.a.counters()
+    assert c["owner_violations"] > 0 and c["pasid_cache_evictions"] > 0 and c["ad_writes"] > 0
+    assert c["iotlb_evictions"] > 0 and c["defunct_drops"] > 0 and c["walks"] > 2000
