@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from array import array
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol, overload
 
@@ -39,6 +40,14 @@ class Space(Protocol):
 
     def read_u64(self, addr: int) -> int: ...
     def write_u64(self, addr: int, value: int) -> None: ...
+
+
+class WordSpace(Space, Protocol):
+    """A Space that also moves several consecutive words of one page at once (a PASID entry:
+    one slice of the memory instead of a call per word)."""
+
+    def read_words(self, addr: int, count: int) -> list[int]: ...
+    def write_words(self, addr: int, words: list[int]) -> None: ...
 
 
 class PhysMem:
@@ -81,6 +90,14 @@ class PhysMem:
     def write_u64(self, addr: int, value: int) -> None:
         self.words[addr >> 3] = value
 
+    def read_words(self, addr: int, count: int) -> list[int]:
+        first = addr >> 3
+        return self.words[first : first + count].tolist()
+
+    def write_words(self, addr: int, words: list[int]) -> None:
+        first = addr >> 3
+        self.words[first : first + len(words)] = array("Q", words)
+
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view[addr : addr + length])
 
@@ -117,6 +134,19 @@ class GuestRam:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.mem.write_u64(self.hpa(gpa), value)
+
+    def read_words(self, gpa: int, count: int) -> list[int]:
+        return self.mem.read_words(self._hpa_in_page(gpa, count), count)
+
+    def write_words(self, gpa: int, words: list[int]) -> None:
+        self.mem.write_words(self._hpa_in_page(gpa, len(words)), words)
+
+    def _hpa_in_page(self, gpa: int, count: int) -> int:
+        """The host address of `count` words at `gpa`, which must not cross a guest page (the
+        next GPA page is another host frame)."""
+        if (gpa & (PAGE_SIZE - 1)) + 8 * count > PAGE_SIZE:
+            raise ValueError(f"{count} words at GPA {gpa:#x} cross a page")
+        return self.hpa(gpa)
 
     def read(self, gpa: int, length: int) -> bytes:
         return b"".join(self.mem.read(self.hpa(a), n) for a, n in _page_chunks(gpa, length))
@@ -250,7 +280,7 @@ class PasidDirectory:
     address in the same space).
     """
 
-    def __init__(self, space: Space, base: int, alloc_table: Callable[[], int]):
+    def __init__(self, space: WordSpace, base: int, alloc_table: Callable[[], int]):
         self.space = space
         self.base = base
         self.alloc_table = alloc_table
@@ -272,12 +302,12 @@ class PasidDirectory:
     def write_entry(self, pasid: int, words: list[int]) -> None:
         """Write a PASID entry; word 0 (with the present bit) last, as a driver must."""
         addr = self._entry_addr(pasid, True)
-        for i in range(7, -1, -1):
-            self.space.write_u64(addr + 8 * i, words[i])
+        self.space.write_words(addr + 8, words[1:8])
+        self.space.write_u64(addr, words[0])
 
     def read_entry(self, pasid: int) -> list[int] | None:
         addr = self._entry_addr(pasid, False)
-        return None if addr is None else [self.space.read_u64(addr + 8 * i) for i in range(8)]
+        return None if addr is None else self.space.read_words(addr, 8)
 
     def clear_entry(self, pasid: int) -> bool:
         """Tear the entry down (present bit first); True if it was present."""
@@ -285,8 +315,8 @@ class PasidDirectory:
         if addr is None:
             return False
         was_present = bool(self.space.read_u64(addr) & 1)
-        for i in range(8):
-            self.space.write_u64(addr + 8 * i, 0)
+        self.space.write_u64(addr, 0)
+        self.space.write_words(addr + 8, [0] * 7)
         return was_present
 
     def present_pasids(self) -> list[int]:
