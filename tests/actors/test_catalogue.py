@@ -5,6 +5,7 @@ schemas (requests and replies), and docs/flows.md is what the catalogue generate
 from __future__ import annotations
 
 import inspect
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,83 @@ def test_wire_round_trip(hpasid, op, pattern):
 )
 def test_ranges_refused_before_any_handler(body, why):
     assert why in IoasidFree.parse(body)
+
+
+class _Int(int):
+    """An int subclass (an IntEnum-like value from inside the process, never from msgpack)."""
+
+
+class _Str(str):
+    pass
+
+
+ODD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 65), 1 << 65),
+    st.integers(-5, (1 << 21)).map(_Int),
+    st.floats(allow_nan=False),
+    st.text(max_size=4),
+    st.text(max_size=4).map(_Str),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+SPECS = [(cls.KIND, spec) for cls in PRODUCTION for spec in cls.FIELDS]
+
+
+@given(st.sampled_from(SPECS), ODD_VALUES)
+def test_field_check_accepts_what_its_types_range_and_choices_say(kind_spec, value):
+    """The exact-type shortcut in FieldSpec.why_not accepts exactly the values of the rule:
+    an instance of the types (a bool only where bool is one of them), in range, among the
+    choices; an int or str subclass takes the isinstance path and is accepted the same way."""
+    kind, spec = kind_spec
+    fits = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    fits = fits and (spec.lo is None or spec.lo <= value <= spec.hi)
+    fits = fits and (not spec.choices or value in spec.choices)
+    assert (spec.why_not(kind, {spec.name: value}) is None) == fits
+
+
+@given(ODD_VALUES)
+def test_reply_ret_is_a_non_positive_int_and_never_a_bool(ret):
+    reply = lookup("ioasid_notify").REPLY
+    fits = isinstance(ret, int) and not isinstance(ret, bool) and ret <= 0
+    assert (reply.check({"ret": ret}) is None) == fits
+
+
+def _valid(spec) -> st.SearchStrategy:
+    if spec.choices:
+        return st.sampled_from(spec.choices)
+    if spec.lo is not None:
+        return st.integers(spec.lo, spec.hi)
+    return {
+        int: st.integers(-(1 << 63), 1 << 63),
+        bool: st.booleans(),
+        str: st.text(max_size=8),
+        list: st.lists(st.integers(), max_size=3),
+        dict: st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+    }[spec.types[0]]
+
+
+@st.composite
+def _bodies(draw):
+    cls = draw(st.sampled_from(PRODUCTION))
+    body = {spec.name: draw(_valid(spec)) for spec in cls.FIELDS}
+    return cls, {**body, "unknown_extra": draw(st.integers())}
+
+
+@given(_bodies())
+def test_parse_builds_the_same_frozen_message_as_its_constructor(cls_body):
+    """parse fills the checked fields into the slots without __init__: the message equals (and
+    hashes like) the one the dataclass constructor builds, stays frozen, and round-trips."""
+    cls, body = cls_body
+    fields = {name: body[name] for name in cls.NAMES}
+    msg = cls.parse(body)
+    assert msg == cls(**fields) and type(msg) is cls and msg.body() == fields
+    if all(not isinstance(v, (list, dict)) for v in fields.values()):
+        assert hash(msg) == hash(cls(**fields))
+    for name in cls.NAMES[:1]:
+        with pytest.raises(FrozenInstanceError):
+            setattr(msg, name, None)
 
 
 def test_reply_schema_checked_on_success_only():
