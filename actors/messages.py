@@ -16,6 +16,7 @@ Envelope (a msgpack map with short keys, to keep frames small):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +77,20 @@ class ProtocolError(Exception):
         self.partial = partial or {}
 
 
+class _Packer(threading.local):
+    """One msgpack Packer per thread: `packb` builds a new Packer for every call, which is
+    most of what encoding an envelope costs; a Packer resets itself after each pack (also
+    when one fails)."""
+
+    def __init__(self) -> None:
+        self.pack = msgpack.Packer(use_bin_type=True).pack
+
+
+_packer = _Packer()
+
+
 def encode(env: Envelope) -> bytes:
-    frame: bytes = msgpack.packb(env.to_wire(), use_bin_type=True)
+    frame: bytes = _packer.pack(env.to_wire())
     return frame
 
 
