@@ -45,9 +45,12 @@ NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)
 
 
+_get = zmq.backend.Socket.get  # without pyzmq's Python wrapper of getsockopt (per message)
+
+
 def events(sock: zmq.Socket[Any]) -> int:
     """The socket's ZMQ_EVENTS: which of POLLIN / POLLOUT it is ready for now."""
-    return cast(int, sock.getsockopt(EVENTS))
+    return cast(int, _get(sock, EVENTS))
 
 
 _MONITOR_EVENTS = (
@@ -123,16 +126,19 @@ class PeerLinks:
         def _remember_incarnation(self, name: str) -> None: ...
         def _send_all(self, envs: Any) -> None: ...
         def _fail_queue(self, peer: Peer, why: str) -> None: ...
+        def _send_held(self, holding: bool = True) -> None: ...
 
     # ---- what the launcher tells us ------------------------------------------------------
     def peer_exited(self, name: str) -> None:
         """The launcher saw process `name` die: its connection is down now, and the actor
         hears `peer_down` once (even if the socket says so too), `SETTLE` s later."""
+        self._send_held()
         self._peer_gone(name, f"{name} exited")
 
     def peer_restarted(self, name: str) -> None:
         """Process `name` runs again (bound and ready): a later death is news again, and
         sends wait for the reconnection (up to `send_grace`) instead of failing."""
+        self._send_held()
         self._forget_rids(name)
         peer = self.peers.get(name)
         if peer is not None:
@@ -148,6 +154,7 @@ class PeerLinks:
     def expect(self, names: Iterable[str]) -> None:
         """Connect to these peers now (before the first message needs it) and, for
         `send_grace`, treat a refused connection as "not there yet" rather than "down"."""
+        self._send_held()
         now = self.now()
         for name in names:
             if name == self.name:
