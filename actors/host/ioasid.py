@@ -41,7 +41,7 @@ class NotifierPrio(IntEnum):
         return sorted(ranked, key=lambda name: -ranked[name])
 
 
-@dataclass
+@dataclass(slots=True)
 class Ioasid:
     """An allocated IOASID: its set (the VM) and private data (the svm once bound)."""
 

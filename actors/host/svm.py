@@ -39,7 +39,7 @@ SVM_FLAG_GUEST_PASID = 1 << 3
 BIND_FIELDS = ("argsz", "version", "format", "flags", "hpasid", "gpasid", "gpgd", "addr_width")
 
 
-@dataclass
+@dataclass(slots=True)
 class Sdev:
     """intel_svm_dev: one physical device bound to an svm, with its bind count."""
 
@@ -47,7 +47,7 @@ class Sdev:
     users: int = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Svm:
     """intel_svm for a guest PASID: the host PASID, the guest PASID and the bound devices."""
 

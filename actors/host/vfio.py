@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from vsva.hotpath.api import IommuApi
 
 
-@dataclass
+@dataclass(slots=True)
 class PhysDevice:
     """A physical PCI function: its context entry (PASID directory) and capabilities."""
 
@@ -39,7 +39,7 @@ class PhysDevice:
     prg_failed: bool = False  # a FAILURE page response stopped its page requests until reset
 
 
-@dataclass
+@dataclass(slots=True)
 class VmDomain:
     """What VFIO set up for one VM: its vmm, domain (second level), RAM and devices."""
 
