@@ -257,6 +257,7 @@ class Launcher:
             children = [self._exec(spec) for spec in specs]
         for spec, (child, pidfd) in zip(specs, children):
             self.procs[spec.name] = _Proc(spec, child, pidfd, started)
+            self.runtime.run_pids.add(child.pid)
             self.runtime.watch(pidfd, partial(self._on_pidfd, spec.name))
             self.runtime.peer_restarted(spec.name)
 

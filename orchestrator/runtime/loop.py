@@ -195,6 +195,7 @@ class ZmqRuntime(PeerLinks):
         # ipc: the launcher's pid; a frame counts only from it or a process it started (_of_run)
         self._run_root = None if self._tcp else run_root
         self._members: dict[tuple[bytes, str], bool] = {}  # (routing id, Peer-Address) -> verdict
+        self.run_pids: set[int] = set()  # the launcher's: the pids it started (see _of_run)
         self._runtime_id = 0
         self._held: list[tuple[Peer, Envelope, bytes]] | None = None  # see _drain_router
         self._stop = False
@@ -362,9 +363,9 @@ class ZmqRuntime(PeerLinks):
 
     def _round(self, cap: float) -> None:
         """One poll round: wait (bounded), then handle everything that is ready, inbound
-        messages first (before deaths and connection events); then the trace's upkeep."""
-        if self._dying:
-            self._report_exits()
+        messages first (before deaths and connection events, and before the deaths due to
+        be reported: what a dead peer sent that is here already is delivered first); then
+        the trace's upkeep."""
         actor = self.actor
         now = self.now()
         deadline = actor.next_deadline() if actor is not None else None
@@ -409,6 +410,8 @@ class ZmqRuntime(PeerLinks):
             if monitors is not None:  # then connection events
                 for peer in monitors:
                     self._on_monitor(peer)
+        if self._dying:
+            self._report_exits()
         for fd in fds:  # then process deaths and signals
             self._on_fd(fd)
         if self._queued:
@@ -552,14 +555,18 @@ class ZmqRuntime(PeerLinks):
         connect: SO_PEERCRED, libzmq's "Peer-Address" `host:uid:gid:pid`) is the launcher or
         one of its descendants. A same-user process outside the run can read a name's routing
         id from the run directory, and claim it before its owner connects; it cannot be a
-        process the launcher started. Cached per connection (routing id, address)."""
+        process the launcher started. Cached per connection (routing id, address). A process
+        the launcher started (`run_pids`) counts without the walk: its last frame (a reply to
+        shutdown) may be read after it exited and was reaped, when /proc has no trace of it."""
         key = (rid, peer)
         verdict = self._members.get(key)
         if verdict is None:
             if len(self._members) >= 4096:
                 self._members.clear()
             pid = peer.rpartition(":")[2]
-            verdict = self._members[key] = pid.isdigit() and descends_from(int(pid), self._run_root)
+            verdict = self._members[key] = pid.isdigit() and (
+                int(pid) in self.run_pids or descends_from(int(pid), self._run_root)
+            )
         return verdict
 
     def _remember_incarnation(self, name: str) -> None:

@@ -252,6 +252,7 @@ class PeerLinks:
             sock.close(0)
             raise
         sock.connect(ep)
+        self._remember_incarnation(name)  # now: its last reply may come after its file is gone
         peer = Peer(name, sock, monitor, endpoint=ep, ep_id=ep_id)
         self.peers[name] = peer
         self._by_sock[sock] = peer

@@ -20,6 +20,7 @@ from vsva.actors.base import Call, Gather
 from vsva.analysis.trace import read_frames
 from vsva.ops.launcher import Launcher, LaunchError
 from vsva.ops.topology import ActorSpec, Topology
+from vsva.runtime.endpoints import socket_path
 from vsva.runtime.trace_buffer import trace_path
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
@@ -81,6 +82,19 @@ def test_processes_ready_and_close_removes_everything():
     assert any(r["dst"] == "echo" and r["kind"] == "ping" for r in launcher.trace())
     assert "exiting" in launcher.logs()["echo"]
     launcher.close()  # idempotent
+
+
+def test_last_reply_read_after_its_sender_is_reaped_is_delivered():
+    """An actor's last reply (to shutdown) may be read only after its process has exited, been
+    reaped and removed its socket file: it still counts as the actor's (a process the launcher
+    started, the incarnation we connected to) and is delivered, not turned into -EHOSTDOWN."""
+    with Launcher(topology(), extra_path=[TOYS]) as launcher:
+        bye = Script(steps=[Call("proxy_m", "shutdown", {})])
+        assert launcher.run_actor(bye, timeout=5, until=lambda a: True)  # sent, nothing read yet
+        assert launcher.wait_exit("proxy_m", 5.0) == 0  # exited and reaped
+        assert not os.path.exists(socket_path(launcher.run_dir, "proxy_m"))
+        assert launcher.run_actor(bye, timeout=5) and bye.result == [{"ret": 0}]
+        assert launcher.runtime.stats["rejected"] == 0
 
 
 def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
