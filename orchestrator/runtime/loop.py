@@ -453,11 +453,12 @@ class ZmqRuntime(PeerLinks):
         received = 0
         self._held = []
         try:
-            for received in range(MAX_BATCH):
+            while received < MAX_BATCH:
                 try:
                     rid = recv(_NOBLOCK)
                 except zmq.Again:
                     return True
+                received += 1
                 part = recv(_NOBLOCK, copy=False)
                 sender = verified.get(rid) or self._claimed(rid)
                 if curve and sender != part.get("User-Id"):  # the key's name (vsva.runtime.curve)
@@ -486,7 +487,6 @@ class ZmqRuntime(PeerLinks):
                     self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
                 elif actor is not None:
                     self._send_all(actor.deliver(env, time.monotonic() - mono0))
-            received = MAX_BATCH
             return False
         finally:
             self.stats["received"] += received
