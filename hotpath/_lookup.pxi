@@ -423,8 +423,9 @@ cdef uint64_t batch_loop(State *s, Dev *d, uint32_t dv, Py_ssize_t n, const uint
         memo[k].epoch = 0
     for k in range(n):
         # Software prefetch: start loading the IOTLB set of request k + D now (the set
-        # does not depend on the domain, so no PASID-cache lookup is needed).
-        if k + PREFETCH_AHEAD < n:
+        # does not depend on the domain, so no PASID-cache lookup is needed); not in a run
+        # of misses, where the group walks look the sets up several at a time.
+        if not last_slow and k + PREFETCH_AHEAD < n:
             prefetch_set(tlb, request_key(k + PREFETCH_AHEAD, v, pv, pscalar))
         pasid = pv[k] if pasid_arr else pscalar
         acc = av[k] if acc_arr else ascalar

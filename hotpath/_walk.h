@@ -201,43 +201,86 @@ typedef struct {
     uint32_t perms, refs;       /* out; refs 0 = no result */
 } vs_spec_t;
 
-/* Second-level walks of g[r] for every r in lockstep: hpa[r], the AND of the entries read
-   in pand[r]. Per-request flags are bits of one word, the entries read are counted in one
-   word too (8 bits per request), so that the state of all the walks stays in registers. */
+/* The second-level walk of GPA g from table t for request r (4 levels, written out so that
+   every shift and mask is a constant): returns the HPA (for a 4 KiB leaf without the page
+   offset, which only the frame number of the final walk uses), the entries ANDed into
+   *pand, and their count in request r's byte of *refs, added once at the leaf. A table
+   entry's address bits are taken as all its bits above 11: an entry with any bit above the
+   address set then points outside memory, so the walk is discarded (the checked walk, which
+   ignores those bits, gives the result) at the price of one AND with a short immediate. */
+static inline __attribute__((always_inline)) uint64_t
+vs_sl_lane(const unsigned char *mem, uint64_t mem_last, uint64_t t, uint64_t g,
+           uint64_t *pand, uint32_t *bad, uint64_t *refs, const int r) {
+    uint64_t ea, e, p = *pand, i = g >> 39;
+    if (__builtin_expect(i > 511, 0)) { *bad |= 1u << r; i = 0; }  /* g >= VS_GPA_LIMIT */
+    ea = t + i * 8;
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    p &= e;
+    ea = (e & ~0xFFFULL) + ((g >> 27) & 0xFF8);
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    p &= e;
+    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) {  /* 1 GiB */
+        *pand = p;
+        *refs += 2ULL << (8 * r);
+        return (e & VS_ADDR_MASK & ~((1ULL << 30) - 1)) | (g & ((1ULL << 30) - 1));
+    }
+    ea = (e & ~0xFFFULL) + ((g >> 18) & 0xFF8);
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    p &= e;
+    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) {  /* 2 MiB */
+        *pand = p;
+        *refs += 3ULL << (8 * r);
+        return (e & VS_ADDR_MASK & ~((1ULL << 21) - 1)) | (g & ((1ULL << 21) - 1));
+    }
+    ea = (e & ~0xFFFULL) + ((g >> 9) & 0xFF8);
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    *pand = p & e;
+    *refs += 4ULL << (8 * r);
+    return e & VS_ADDR_MASK;
+}
+
+/* Second-level walks of g[r] for every r, one after the other (each walk's state then
+   stays in registers; the out-of-order core overlaps the walks of different requests, as
+   the several page-walk engines of an IOMMU do): hpa[r], the AND of the entries read in
+   pand[r]. Per-request flags are bits of one word, the entries read are counted in one
+   word too (8 bits per request). */
 static inline __attribute__((always_inline)) void
 vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
             const uint64_t *g, uint64_t *hpa, uint64_t *pand, uint32_t *bad, uint64_t *refs,
             const int N) {
-    uint64_t t[VS_GROUP], e, ea, mask;
-    uint32_t done = 0;
-    int level, r;
+    int r;
     #pragma GCC unroll 8
-    for (r = 0; r < N; r++) {
-        t[r] = q[r].slptr;
-        if (__builtin_expect(g[r] >= VS_GPA_LIMIT, 0)) *bad |= 1u << r;
+    for (r = 0; r < N; r++)
+        hpa[r] = vs_sl_lane(mem, mem_last, q[r].slptr, g[r], &pand[r], bad, refs, r);
+}
+
+/* One first-level entry of the lockstep walk of request r at `level`, table HPA hr. */
+static inline __attribute__((always_inline)) void
+vs_fl_step(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *qr, uint64_t hr,
+           uint64_t *gr, uint64_t *acc, uint64_t *leafe, uint64_t *at_leaf, uint32_t *bad,
+           uint64_t *refs, uint32_t *fdone, const int level, const int r) {
+    unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
+    uint64_t ea = hr + ((qr->va >> sh) & 511) * 8, e, mask;
+    int leaf;
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    leaf = level == 1 || (level <= 3 && (e & VS_FL_PS));
+    if (__builtin_expect((e & vs_fl_reserved(level, leaf)) != 0, 0)) *bad |= 1u << r;
+    *acc &= e ^ VS_FL_XD;  /* AND of P, R/W, U/S, A; bit 63 = no XD on the path */
+    if (leaf) {
+        mask = (1ULL << sh) - 1;
+        *gr = (e & VS_ADDR_MASK & ~mask) | (qr->va & mask);
+        *leafe = e;
+        *refs += (uint64_t)(5 - level) << (8 * r);  /* the first-level entries read */
+        *at_leaf = *refs;  /* the table walks after a large page read in vain */
+        *fdone |= 1u << r;
+    } else {
+        *gr = e & VS_ADDR_MASK;
     }
-    #pragma GCC unroll 4
-    for (level = 4; level >= 1; level--) {
-        unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
-        #pragma GCC unroll 8
-        for (r = 0; r < N; r++) {
-            if (level <= 2 && (done & (1u << r))) continue;  /* a large page above */
-            ea = t[r] + ((g[r] >> sh) & 511) * 8;
-            if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
-            e = vs_load64(mem + ea);
-            *refs += 1ULL << (8 * r);
-            pand[r] &= e;
-            if (level == 1 || (level <= 3 && (e & VS_SL_PS))) {
-                mask = (1ULL << sh) - 1;
-                t[r] = (e & VS_ADDR_MASK & ~mask) | (g[r] & mask);
-                done |= 1u << r;
-            } else {
-                t[r] = e & VS_ADDR_MASK;
-            }
-        }
-    }
-    #pragma GCC unroll 8
-    for (r = 0; r < N; r++) hpa[r] = t[r];
 }
 
 /* The walks of q[0 .. N-1] (N a constant: the loops over r unroll, the state of every
@@ -245,9 +288,9 @@ vs_sl_group(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *q,
 static inline __attribute__((always_inline)) void
 vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, const int N) {
     uint64_t g[VS_GROUP], h[VS_GROUP], acc[VS_GROUP], tand[VS_GROUP], fand[VS_GROUP], leafe[VS_GROUP];
-    uint64_t at_leaf[VS_GROUP], e, ea, mem_last, mask, ad, sneed, need_and, refs = 0, before;
-    uint32_t acc_, user, write, exec, ok, bad = 0, fdone = 0;
-    int level, r, leaf;
+    uint64_t at_leaf[VS_GROUP], mem_last, ad, sneed, need_and, refs = 0, before;
+    uint32_t acc_, user, write, exec, ok, bad = 0, fdone = 0, skip;
+    int level, r;
     for (r = 0; r < N; r++) q[r].refs = 0;
     if (mem_size < 8) return;
     mem_last = mem_size - 8;
@@ -259,27 +302,19 @@ vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, cons
     }
     #pragma GCC unroll 4
     for (level = 4; level >= 1; level--) {
-        unsigned sh = VS_PAGE_SHIFT + 9 * (unsigned)(level - 1);
         vs_sl_group(mem, mem_last, q, g, h, tand, &bad, &refs, N);
-        #pragma GCC unroll 8
-        for (r = 0; r < N; r++) {
-            if (level <= 2 && (fdone & (1u << r))) continue;  /* a large page above */
-            ea = h[r] + ((q[r].va >> sh) & 511) * 8;
-            if (__builtin_expect(ea > mem_last, 0)) { bad |= 1u << r; ea = 0; }
-            e = vs_load64(mem + ea);
-            refs += 1ULL << (8 * r);
-            leaf = level == 1 || (level <= 3 && (e & VS_FL_PS));
-            if (__builtin_expect((e & vs_fl_reserved(level, leaf)) != 0, 0)) bad |= 1u << r;
-            acc[r] &= e ^ VS_FL_XD;  /* AND of P, R/W, U/S, A; bit 63 = no XD on the path */
-            if (leaf) {
-                mask = (1ULL << sh) - 1;
-                g[r] = (e & VS_ADDR_MASK & ~mask) | (q[r].va & mask);
-                leafe[r] = e;
-                at_leaf[r] = refs;  /* the table walks after a large page read in vain */
-                fdone |= 1u << r;
-            } else {
-                g[r] = e & VS_ADDR_MASK;
-            }
+        skip = level <= 2 ? fdone : 0;  /* the walks that ended in a large page above */
+        if (__builtin_expect(!skip, 1)) {
+            #pragma GCC unroll 8
+            for (r = 0; r < N; r++)
+                vs_fl_step(mem, mem_last, &q[r], h[r], &g[r], &acc[r], &leafe[r], &at_leaf[r],
+                           &bad, &refs, &fdone, level, r);
+        } else {
+            #pragma GCC unroll 8
+            for (r = 0; r < N; r++)
+                if (!(skip & (1u << r)))
+                    vs_fl_step(mem, mem_last, &q[r], h[r], &g[r], &acc[r], &leafe[r],
+                               &at_leaf[r], &bad, &refs, &fdone, level, r);
         }
     }
     before = refs;
