@@ -201,6 +201,29 @@ typedef struct {
     uint32_t perms, refs;       /* out; refs 0 = no result */
 } vs_spec_t;
 
+/* A second-level entry of GPA g at shift sh, in the table entry e points to (address bits
+   taken as all the bits of e above 11: see vs_sl_lane); ANDed into *p. */
+static inline __attribute__((always_inline)) uint64_t
+vs_sl_next(const unsigned char *mem, uint64_t mem_last, uint64_t e, uint64_t g, const int sh,
+           uint64_t *p, uint32_t *bad, const int r) {
+    uint64_t ea = (e & ~0xFFFULL) + ((g >> (sh - 3)) & 0xFF8);  /* the next entry after e */
+    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
+    e = vs_load64(mem + ea);
+    *p &= e;
+    return e;
+}
+
+/* The end of vs_sl_lane at a leaf of `level`. */
+static inline __attribute__((always_inline)) uint64_t
+vs_sl_leaf(uint64_t e, uint64_t g, const int level, uint64_t p, uint64_t *pand, uint64_t *refs,
+           const int r) {
+    uint64_t mask = (1ULL << (VS_PAGE_SHIFT + 9 * (level - 1))) - 1;
+    *pand = p;
+    *refs += (uint64_t)(5 - level) << (8 * r);
+    if (level == 1) return e & VS_ADDR_MASK;
+    return (e & VS_ADDR_MASK & ~mask) | (g & mask);
+}
+
 /* The second-level walk of GPA g from table t for request r (4 levels, written out so that
    every shift and mask is a constant): returns the HPA (for a 4 KiB leaf without the page
    offset, which only the frame number of the final walk uses), the entries ANDed into
@@ -217,30 +240,12 @@ vs_sl_lane(const unsigned char *mem, uint64_t mem_last, uint64_t t, uint64_t g,
     if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
     e = vs_load64(mem + ea);
     p &= e;
-    ea = (e & ~0xFFFULL) + ((g >> 27) & 0xFF8);
-    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
-    e = vs_load64(mem + ea);
-    p &= e;
-    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) {  /* 1 GiB */
-        *pand = p;
-        *refs += 2ULL << (8 * r);
-        return (e & VS_ADDR_MASK & ~((1ULL << 30) - 1)) | (g & ((1ULL << 30) - 1));
-    }
-    ea = (e & ~0xFFFULL) + ((g >> 18) & 0xFF8);
-    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
-    e = vs_load64(mem + ea);
-    p &= e;
-    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) {  /* 2 MiB */
-        *pand = p;
-        *refs += 3ULL << (8 * r);
-        return (e & VS_ADDR_MASK & ~((1ULL << 21) - 1)) | (g & ((1ULL << 21) - 1));
-    }
-    ea = (e & ~0xFFFULL) + ((g >> 9) & 0xFF8);
-    if (__builtin_expect(ea > mem_last, 0)) { *bad |= 1u << r; ea = 0; }
-    e = vs_load64(mem + ea);
-    *pand = p & e;
-    *refs += 4ULL << (8 * r);
-    return e & VS_ADDR_MASK;
+    e = vs_sl_next(mem, mem_last, e, g, 30, &p, bad, r);
+    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) return vs_sl_leaf(e, g, 3, p, pand, refs, r);
+    e = vs_sl_next(mem, mem_last, e, g, 21, &p, bad, r);
+    if (__builtin_expect((e & VS_SL_PS) != 0, 0)) return vs_sl_leaf(e, g, 2, p, pand, refs, r);
+    e = vs_sl_next(mem, mem_last, e, g, 12, &p, bad, r);
+    return vs_sl_leaf(e, g, 1, p, pand, refs, r);
 }
 
 /* Second-level walks of g[r] for every r, one after the other (each walk's state then
