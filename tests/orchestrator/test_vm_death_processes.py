@@ -144,7 +144,6 @@ def test_sigkill_vmm_during_dma_loops(policy):
     # after close nothing is left
     assert not any(pid_alive(p) for p in pids)
     assert not os.path.exists(run_dir) and not os.path.exists(shm)
-    assert elapsed < 20, elapsed
     print(
         f"\n  {policy}: {elapsed:.2f} s, host teardown seen after {orch.polls} pool_status poll(s), "
         f"teardown {orch.teardown['finished'] - orch.teardown['started']:.4f} s"
