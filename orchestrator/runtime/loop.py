@@ -188,6 +188,7 @@ class ZmqRuntime(PeerLinks):
         self._watch: dict[int, Callable[[], Iterable[str]]] = {}
         self._down_reported: set[str] = set()
         self._dying: list[tuple[float, str]] = []  # (report time, peer): see _peer_gone
+        self._draining: dict[str, tuple[float, list[bytes]]] = {}  # see peer_exited
         self._trace = TraceBuffer(run_dir, name) if trace else None
         self._queued: set[str] = set()  # peers with a non-empty send queue
         self._pinned: set[str] = set()  # peers named by `expect`: never evicted
@@ -377,6 +378,8 @@ class ZmqRuntime(PeerLinks):
             wait = deadline - now
         if self._dying:
             wait = min(wait, self._dying[0][0] - now)
+        for end, _ in self._draining.values():
+            wait = min(wait, end - now)
         for name in self._queued:
             wait = min(wait, self.peers[name].queue[0][2] - now)
         trace = self._trace
@@ -410,7 +413,7 @@ class ZmqRuntime(PeerLinks):
             if monitors is not None:  # then connection events
                 for peer in monitors:
                     self._on_monitor(peer)
-        if self._dying:
+        if self._dying or self._draining:
             self._report_exits()
         for fd in fds:  # then process deaths and signals
             self._on_fd(fd)

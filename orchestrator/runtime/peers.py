@@ -34,6 +34,7 @@ from vsva.runtime.endpoints import endpoint, presence_path, read_endpoint_file, 
 LINGER_MS = 100
 RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
 SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
+EXIT_DRAIN = 2.0  # seconds a dead process's last frames are waited for, at most (peer_exited)
 MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
 MAX_UNPINNED = 32  # peers beyond those `expect`ed (3 sockets each): the least recently used
 # idle one is closed to make room, so senders with ever new names cannot exhaust the fds
@@ -112,6 +113,9 @@ class PeerLinks:
     _dirty: set[Any]
     _down_reported: set[str]
     _dying: list[tuple[float, str]]
+    _draining: dict[str, tuple[float, list[bytes]]]
+    _verified: dict[bytes, str]
+    router: zmq.Socket[bytes]
     _pinned: set[str]
     _queued: set[str]
 
@@ -126,14 +130,23 @@ class PeerLinks:
         def _remember_incarnation(self, name: str) -> None: ...
         def _send_all(self, envs: Any) -> None: ...
         def _fail_queue(self, peer: Peer, why: str) -> None: ...
+        def _drain_router(self) -> bool: ...
         def _send_held(self, holding: bool = True) -> None: ...
 
     # ---- what the launcher tells us ------------------------------------------------------
     def peer_exited(self, name: str) -> None:
         """The launcher saw process `name` die: its connection is down now, and the actor
-        hears `peer_down` once (even if the socket says so too), `SETTLE` s later."""
+        hears `peer_down` once (even if the socket says so too), after the frames the process
+        sent before it died: the pidfd fires at once, but they reach our ROUTER only when
+        ZeroMQ's I/O thread has read them, which a loaded machine may delay beyond any fixed
+        wait. So the death waits for our ROUTER to give up the process's connection
+        (`_routed`; at most `EXIT_DRAIN` s), or `SETTLE` s if it never connected to us."""
         self._send_held()
         self._peer_gone(name, f"{name} exited")
+        rids = [rid for rid, n in self._verified.items() if n == name]
+        if rids:
+            self._dying = [(t, n) for t, n in self._dying if n != name]
+            self._draining[name] = (self.now() + EXIT_DRAIN, rids)
 
     def peer_restarted(self, name: str) -> None:
         """Process `name` runs again (bound and ready): a later death is news again, and
@@ -190,11 +203,34 @@ class PeerLinks:
         if any(n == name for _, n in self._dying):
             self._dying = [(t, n) for t, n in self._dying if n != name]
             self._report_down(name)
+        if self._draining.pop(name, None) is not None:
+            self._report_down(name)
 
     def _report_exits(self) -> None:
         now = self.now()
+        for name, (end, rids) in list(self._draining.items()):
+            if now < end and any(self._routed(rid) for rid in rids):
+                continue
+            del self._draining[name]
+            for _ in range(8):  # what came on that connection is readable now: take it first
+                if self._drain_router():
+                    break
+            self._report_down(name)
         while self._dying and self._dying[0][0] <= now:
             self._report_down(self._dying.pop(0)[1])
+
+    def _routed(self, rid: bytes) -> bool:
+        """Whether our ROUTER still takes frames for the connection of routing id `rid`
+        (ROUTER_MANDATORY). It stops (EHOSTUNREACH) once it has taken in the end of that
+        connection, which the I/O thread hands over after every frame that came on it, so
+        from then on those frames are readable. Only asked about a dead process's
+        connection: the empty frame goes nowhere."""
+        self._dirty.add(self.router)
+        try:
+            self.router.send_multipart([rid, b""], NOBLOCK)
+        except zmq.ZMQError as exc:
+            return exc.errno != zmq.EHOSTUNREACH
+        return True
 
     def _report_down(self, name: str) -> None:
         if name in self._down_reported:
