@@ -90,7 +90,7 @@ from vsva.runtime.endpoints import (
     socket_path,
     valid_name,
 )
-from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, Peer, PeerLinks, events
+from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, SETTLE_TICK, Peer, PeerLinks, events
 from vsva.runtime.peers import NOBLOCK as _NOBLOCK
 from vsva.runtime.peers import POLLIN as _POLLIN
 from vsva.runtime.peers import POLLOUT as _POLLOUT
@@ -187,8 +187,7 @@ class ZmqRuntime(PeerLinks):
         self._by_sock: dict[Any, Peer] = {}
         self._watch: dict[int, Callable[[], Iterable[str]]] = {}
         self._down_reported: set[str] = set()
-        self._dying: list[tuple[float, str]] = []  # (report time, peer): see _peer_gone
-        self._draining: dict[str, tuple[float, list[bytes]]] = {}  # see peer_exited
+        self._dying: list[tuple[float, str, list[bytes]]] = []  # see _peer_gone
         self._trace = TraceBuffer(run_dir, name) if trace else None
         self._queued: set[str] = set()  # peers with a non-empty send queue
         self._pinned: set[str] = set()  # peers named by `expect`: never evicted
@@ -376,10 +375,8 @@ class ZmqRuntime(PeerLinks):
         wait = cap
         if deadline is not None and deadline - now < wait:
             wait = deadline - now
-        if self._dying:
-            wait = min(wait, self._dying[0][0] - now)
-        for end, _ in self._draining.values():
-            wait = min(wait, end - now)
+        if self._dying:  # look for the proof again soon (the last step may not wake us)
+            wait = min(wait, self._dying[0][0] - now, SETTLE_TICK)
         for name in self._queued:
             wait = min(wait, self.peers[name].queue[0][2] - now)
         trace = self._trace
@@ -413,7 +410,7 @@ class ZmqRuntime(PeerLinks):
             if monitors is not None:  # then connection events
                 for peer in monitors:
                     self._on_monitor(peer)
-        if self._dying or self._draining:
+        if self._dying:
             self._report_exits()
         for fd in fds:  # then process deaths and signals
             self._on_fd(fd)
@@ -571,6 +568,28 @@ class ZmqRuntime(PeerLinks):
                 int(pid) in self.run_pids or descends_from(int(pid), self._run_root)
             )
         return verdict
+
+    def _inbound_closed(self, rids: list[bytes]) -> bool:
+        """Whether our ROUTER holds no pipe for any of `rids` (a dead peer's routing ids):
+        libzmq's ROUTER drops a connection's pipe only after the reader has taken every frame
+        it carried (up to its delimiter: the drain delivered them all), and refuses a send
+        to a routing id without a pipe (ROUTER_MANDATORY: EHOSTUNREACH). The probe is an
+        empty frame: a pipe still there belongs to the dead connection (dropped with it), or,
+        past the proof, to whoever took the id (it gets an empty frame, refused there).
+        The ROUTER first takes in its pending commands (the EVENTS read): a connection made
+        while it was not looked at is attached only then (unattached, its routing id would
+        be unknown to it too), and frames it holds are read first (next round's drain)."""
+        self._dirty.add(self.router)  # the EVENTS read and the probe take in its commands
+        if events(self.router) & _POLLIN:
+            return False
+        for rid in rids:
+            try:
+                self.router.send_multipart([rid, b""], _NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    continue
+            return False
+        return True
 
     def _remember_incarnation(self, name: str) -> None:
         """Our DEALER reached `name`: remember its incarnation's routing id now, while its

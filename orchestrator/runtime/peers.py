@@ -8,7 +8,8 @@ a socket monitor: *connecting* (fresh DEALER) -> *up* (ZMTP handshake done) -> *
 queued message whose grace expired goes to `actor.send_failed(env, now)` at once. When a
 connection that was up drops, the queued messages fail (definite: never sent) and the actor
 gets `peer_down(peer, now, sent=True)` (requests already handed over become indefinite)
-`SETTLE` s later, after what the peer sent before dying has been delivered. The launcher
+once what the peer sent before dying has been delivered: when none of its connections to our
+ROUTER is left (see `_peer_gone`), at the latest `SETTLE` s later. The launcher
 also feeds process deaths (pidfds: `peer_exited`); a peer reported down by both sources is
 reported once until it connects again (or the launcher restarts it: `peer_restarted`).
 
@@ -29,12 +30,20 @@ import zmq
 
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope
-from vsva.runtime.endpoints import endpoint, presence_path, read_endpoint_file, socket_path, valid_name
+from vsva.runtime.endpoints import (
+    endpoint,
+    incarnation,
+    presence_path,
+    read_endpoint_file,
+    routing_id,
+    socket_path,
+    valid_name,
+)
 
 LINGER_MS = 100
 RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
-SETTLE = 0.03  # seconds between seeing a peer die and telling the actor (see _peer_gone)
-EXIT_DRAIN = 2.0  # seconds a dead process's last frames are waited for, at most (peer_exited)
+SETTLE = 2.0  # seconds: the longest a death waits for the proof that its frames are in
+SETTLE_TICK = 0.002  # seconds: how often a pending death's proof is looked for (see _round)
 MAX_WIRE = 4 * MAX_FRAME  # larger frames make libzmq drop the connection (memory bound)
 MAX_UNPINNED = 32  # peers beyond those `expect`ed (3 sockets each): the least recently used
 # idle one is closed to make room, so senders with ever new names cannot exhaust the fds
@@ -112,10 +121,8 @@ class PeerLinks:
     _by_sock: dict[Any, Peer]
     _dirty: set[Any]
     _down_reported: set[str]
-    _dying: list[tuple[float, str]]
-    _draining: dict[str, tuple[float, list[bytes]]]
+    _dying: list[tuple[float, str, list[bytes]]]
     _verified: dict[bytes, str]
-    router: zmq.Socket[bytes]
     _pinned: set[str]
     _queued: set[str]
 
@@ -130,23 +137,15 @@ class PeerLinks:
         def _remember_incarnation(self, name: str) -> None: ...
         def _send_all(self, envs: Any) -> None: ...
         def _fail_queue(self, peer: Peer, why: str) -> None: ...
-        def _drain_router(self) -> bool: ...
         def _send_held(self, holding: bool = True) -> None: ...
+        def _inbound_closed(self, rids: list[bytes]) -> bool: ...
 
     # ---- what the launcher tells us ------------------------------------------------------
     def peer_exited(self, name: str) -> None:
         """The launcher saw process `name` die: its connection is down now, and the actor
-        hears `peer_down` once (even if the socket says so too), after the frames the process
-        sent before it died: the pidfd fires at once, but they reach our ROUTER only when
-        ZeroMQ's I/O thread has read them, which a loaded machine may delay beyond any fixed
-        wait. So the death waits for our ROUTER to give up the process's connection
-        (`_routed`; at most `EXIT_DRAIN` s), or `SETTLE` s if it never connected to us."""
+        hears `peer_down` once (even if the socket says so too), after its last frames."""
         self._send_held()
         self._peer_gone(name, f"{name} exited")
-        rids = [rid for rid, n in self._verified.items() if n == name]
-        if rids:
-            self._dying = [(t, n) for t, n in self._dying if n != name]
-            self._draining[name] = (self.now() + EXIT_DRAIN, rids)
 
     def peer_restarted(self, name: str) -> None:
         """Process `name` runs again (bound and ready): a later death is news again, and
@@ -186,51 +185,41 @@ class PeerLinks:
     # ---- deaths, reported once -------------------------------------------------------------
     def _peer_gone(self, name: str, why: str) -> None:
         """Peer `name` died or dropped its connection: new sends fail from now on, queued
-        ones fail now (never sent: definite), and the actor hears `peer_down` after
-        `SETTLE` s, so messages the peer sent before dying (already in our socket buffers)
-        are delivered first: a reply that made it is not turned into an indefinite outcome."""
+        ones fail now (never sent: definite), and the actor hears `peer_down` once the
+        messages the peer sent before dying are delivered: a reply that made it is not
+        turned into an indefinite outcome. They travel on another connection than the one
+        that dropped (the peer's DEALER to our ROUTER), whose end libzmq may see later: the
+        proof is that the ROUTER holds no pipe for the peer's routing ids any more, which
+        libzmq's ROUTER only drops once every frame the pipe carried has been read
+        (`_inbound_closed`). `SETTLE` bounds the wait (e.g. a live process that dropped one
+        connection, or a squatter that took the routing id once the pipe was gone)."""
         peer = self.peers.get(name)
         if peer is not None:
             peer.state = DOWN
             peer.dead_inode = self._inode(name)
             self._fail_queue(peer, why)
             self._disconnect(peer)
-        self._dying.append((self.now() + SETTLE, name))
+        rids = [rid for rid, n in self._verified.items() if n == name]
+        token = incarnation(self.run_dir, name, self.transport)  # a SIGKILL leaves the file
+        if token is not None and routing_id(name, token) not in rids:
+            rids.append(routing_id(name, token))
+        self._dying.append((self.now() + SETTLE, name, rids))
 
     def _report_now(self, name: str) -> None:
         """Report a pending death of `name` at once (it is back: what is sent from now on
         goes to a new incarnation and must not be failed by the old one's death)."""
-        if any(n == name for _, n in self._dying):
-            self._dying = [(t, n) for t, n in self._dying if n != name]
-            self._report_down(name)
-        if self._draining.pop(name, None) is not None:
+        if any(d[1] == name for d in self._dying):
+            self._dying = [d for d in self._dying if d[1] != name]
             self._report_down(name)
 
     def _report_exits(self) -> None:
+        """Report the deaths whose frames are all in (`_peer_gone`) or that waited `SETTLE`."""
         now = self.now()
-        for name, (end, rids) in list(self._draining.items()):
-            if now < end and any(self._routed(rid) for rid in rids):
-                continue
-            del self._draining[name]
-            for _ in range(8):  # what came on that connection is readable now: take it first
-                if self._drain_router():
-                    break
-            self._report_down(name)
-        while self._dying and self._dying[0][0] <= now:
-            self._report_down(self._dying.pop(0)[1])
-
-    def _routed(self, rid: bytes) -> bool:
-        """Whether our ROUTER still takes frames for the connection of routing id `rid`
-        (ROUTER_MANDATORY). It stops (EHOSTUNREACH) once it has taken in the end of that
-        connection, which the I/O thread hands over after every frame that came on it, so
-        from then on those frames are readable. Only asked about a dead process's
-        connection: the empty frame goes nowhere."""
-        self._dirty.add(self.router)
-        try:
-            self.router.send_multipart([rid, b""], NOBLOCK)
-        except zmq.ZMQError as exc:
-            return exc.errno != zmq.EHOSTUNREACH
-        return True
+        due = [d for d in self._dying if d[0] <= now or self._inbound_closed(d[2])]
+        if due:
+            self._dying = [d for d in self._dying if d not in due]
+            for _, name, _ in due:  # taken out first: a report's sends may change _dying
+                self._report_down(name)
 
     def _report_down(self, name: str) -> None:
         if name in self._down_reported:

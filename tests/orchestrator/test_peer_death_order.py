@@ -1,0 +1,144 @@
+"""A peer's death is reported after the frames it sent before dying, however late they come
+in: the proof is its connection to our ROUTER closed and drained (vsva.runtime.peers
+`_peer_gone`), not a fixed wait.
+
+The dying peer is played by the test: a real ZeroMQ ROUTER bound at its socket file (its
+presence file, which our DEALER connects to) and, towards our ROUTER, a raw unix socket that
+speaks ZMTP 3.1 by hand, so that a frame can be left half-written on the wire while the peer's
+other connection is already gone (the greeting, a READY command, then long message frames)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+import zmq
+
+from vsva.actors.base import Actor, ActorEnv
+from vsva.actors.messages import Envelope, encode
+from vsva.runtime import peers
+from vsva.runtime.endpoints import endpoint, incarnation, routing_id, socket_path
+from vsva.runtime.loop import ZmqRuntime
+from vsva.runtime.peers import DOWN, SETTLE, UP
+
+LATE = 0.06  # s: how long the last frame stays half-written after the death is seen
+
+
+class Recorder(Actor):
+    """Keeps what reaches it, in order: ("msg", id) and ("down", peer)."""
+
+    def __init__(self) -> None:
+        super().__init__("host", ActorEnv())
+        self.seen: list[tuple[str, object]] = []
+
+    def deliver(self, msg: Envelope, now: float) -> list[Envelope]:
+        self.seen.append(("msg", msg.id))
+        return []
+
+    def peer_down(self, peer: str, now: float, sent: bool = True) -> list[Envelope]:
+        self.seen.append(("down", peer))
+        return []
+
+
+def _greeting() -> bytes:
+    # signature, version 3.1, mechanism NULL, as-server 0, filler
+    return b"\xff" + bytes(8) + b"\x7f" + bytes([3, 1]) + b"NULL".ljust(20, b"\0") + bytes(32)
+
+
+def _ready(rid: bytes) -> bytes:
+    def prop(name: bytes, value: bytes) -> bytes:
+        return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+
+    body = b"\x05READY" + prop(b"Socket-Type", b"DEALER") + prop(b"Identity", rid)
+    return bytes([0x04, len(body)]) + body  # a short command frame
+
+
+def _recv_exactly(raw: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = raw.recv(n - len(data))
+        assert chunk, "the ROUTER closed the connection during the handshake"
+        data += chunk
+    return data
+
+
+def _connect(run_dir: str, rid: bytes) -> socket.socket:
+    """A connection to the host's ROUTER under `rid`, handshake done (its greeting and
+    READY read back before any message goes: libzmq wants the message after the handshake)."""
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(5)
+    raw.connect(socket_path(run_dir, "host"))
+    raw.sendall(_greeting() + _ready(rid))
+    _recv_exactly(raw, 64)
+    flags, size = _recv_exactly(raw, 2)
+    assert flags == 0x04
+    assert _recv_exactly(raw, size).startswith(b"\x05READY")
+    return raw
+
+
+def _message(frame: bytes) -> bytes:
+    return struct.pack(">BQ", 0x02, len(frame)) + frame  # a long, last message frame
+
+
+class Link:
+    """The host runtime with its Recorder, and the test's peer "peer": its ROUTER (which the
+    host's DEALER reached) and `raw`, its handshaken connection to the host's ROUTER."""
+
+    def __init__(self, run_dir: str, ctx: zmq.Context) -> None:
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.bind(endpoint(run_dir, "peer"))
+        self.host = ZmqRuntime("host", run_dir, trace=False, run_root=os.getpid())
+        self.actor = Recorder()
+        self.host.expect(["peer"])
+        assert self.run(lambda: self.host.peers["peer"].state == UP)
+        self.raw = _connect(run_dir, routing_id("peer", incarnation(run_dir, "peer") or ""))
+        self.raw.sendall(_message(_ping(1)))
+        assert self.run(lambda: self.actor.seen == [("msg", 1)])
+
+    def run(self, cond, timeout: float = 5.0) -> bool:
+        return self.host.run_actor(self.actor, timeout=timeout, until=lambda a: cond())
+
+
+def _ping(n: int) -> bytes:
+    return encode(Envelope("peer", "host", "ping", {"n": n}, id=n))
+
+
+@pytest.fixture
+def link(tmp_path):
+    os.chmod(tmp_path, 0o700)
+    ctx = zmq.Context()
+    made = None
+    try:
+        made = Link(str(tmp_path), ctx)
+        yield made
+    finally:
+        if made is not None:
+            made.raw.close()
+            made.host.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_frame_half_on_the_wire_when_the_peer_dies_is_delivered_before_its_death(link):
+    assert LATE > 0.03 and SETTLE > 4 * LATE  # later than the old fixed wait; inside the bound
+    wire = _message(_ping(2))
+    link.raw.sendall(wire[: len(wire) // 2])
+    link.router.close(0)  # the peer's ROUTER is gone: the host's DEALER sees it die
+    assert link.run(lambda: link.host.peers["peer"].state == DOWN)
+    assert not link.run(lambda: len(link.actor.seen) > 1, timeout=LATE)
+    assert link.actor.seen == [("msg", 1)]  # its connection to us is still open: no report
+    link.raw.sendall(wire[len(wire) // 2 :])
+    link.raw.close()  # the peer's last connection closes: now its death can be reported
+    assert link.run(lambda: len(link.actor.seen) == 3)
+    assert link.actor.seen == [("msg", 1), ("msg", 2), ("down", "peer")]
+
+
+def test_a_death_with_nothing_left_on_the_wire_is_reported_by_the_proof(link, monkeypatch):
+    """Once the peer's connection to us has closed and been drained the death is reported,
+    without the bound: `SETTLE` is out of reach here (a minute), the run lasts 5 s at most."""
+    monkeypatch.setattr(peers, "SETTLE", 60.0)
+    link.raw.close()
+    link.router.close(0)
+    assert link.run(lambda: len(link.actor.seen) == 2)
+    assert link.actor.seen == [("msg", 1), ("down", "peer")]
