@@ -178,6 +178,40 @@ vs_nested_walk_checked(unsigned char *mem, uint64_t mem_size, int atomic_ok, uin
     return 0;
 }
 
+/* What the walk of the common case must find, per (access, WPE, EAFE) (the checks of
+   vs_nested_walk_checked for a walk that passes them, made once at import by vs_judge_init):
+   bits the AND of the first-level entries must hold (need: P, A (and EA), U/S for a user
+   request, R/W for a write that needs it, bit 63 = no XD for an execute) and must not
+   (forbid: U/S for a supervisor execute), the rights of the final second-level walk
+   (sneed), D in the leaf (dneed). */
+typedef struct { uint64_t need, forbid, sneed, dneed; } vs_judge_t;
+static vs_judge_t vs_judge_tab[64] __attribute__((unused));
+static inline __attribute__((always_inline)) const vs_judge_t *
+vs_judge_of(uint32_t access, uint32_t flags) {
+    return &vs_judge_tab[(access & 15) | ((flags & VS_PE_WPE) ? 16 : 0)
+                         | ((flags & VS_PE_EAFE) ? 32 : 0)];
+}
+static __attribute__((unused)) void vs_judge_init(void) {
+    uint32_t i, a, flags, user, write, exec;
+    vs_judge_t *j;
+    for (i = 0; i < 64; i++) {
+        a = i & 15;
+        flags = ((i & 16) ? VS_PE_WPE : 0) | ((i & 32) ? VS_PE_EAFE : 0);
+        user = !(a & VS_ACCESS_PRIV);
+        write = (a & VS_ACCESS_WRITE) != 0;
+        exec = (a & VS_ACCESS_EXEC) != 0;
+        j = &vs_judge_tab[i];
+        j->need = VS_FL_P | ((flags & VS_PE_EAFE) ? (VS_FL_A | VS_FL_EA) : VS_FL_A)
+                  | (user ? VS_FL_US : 0)
+                  | ((write && (user || (flags & VS_PE_WPE))) ? VS_FL_RW : 0)
+                  | (exec ? VS_FL_XD : 0);
+        j->forbid = (exec && !user) ? VS_FL_US : 0;
+        j->sneed = (write ? VS_SL_W : 0)
+                   | (((a & (VS_ACCESS_READ | VS_ACCESS_EXEC)) || !write) ? VS_SL_R : 0);
+        j->dneed = write ? VS_FL_D : 0;
+    }
+}
+
 /* The walk of the common case, for speed only: the walk of vs_nested_walk_checked, reading
    the same entries in the same order, but without side effects and without decoding
    faults. For a request whose every entry is present, permits the access, has no reserved
@@ -293,8 +327,9 @@ vs_fl_step(const unsigned char *mem, uint64_t mem_last, const vs_spec_t *qr, uin
 static inline __attribute__((always_inline)) void
 vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, const int N) {
     uint64_t g[VS_GROUP], h[VS_GROUP], acc[VS_GROUP], tand[VS_GROUP], fand[VS_GROUP], leafe[VS_GROUP];
-    uint64_t at_leaf[VS_GROUP], mem_last, ad, sneed, need_and, refs = 0, before;
-    uint32_t acc_, user, write, exec, ok, bad = 0, fdone = 0, skip;
+    uint64_t at_leaf[VS_GROUP], mem_last, refs = 0, before;
+    uint32_t ok, bad = 0, fdone = 0, skip;
+    const vs_judge_t *j;
     int level, r;
     for (r = 0; r < N; r++) q[r].refs = 0;
     if (mem_size < 8) return;
@@ -325,19 +360,10 @@ vs_walk_lockstep(const unsigned char *mem, uint64_t mem_size, vs_spec_t *q, cons
     before = refs;
     vs_sl_group(mem, mem_last, q, g, h, fand, &bad, &refs, N);
     for (r = 0; r < N; r++) {
-        acc_ = q[r].access;
-        user = !(acc_ & VS_ACCESS_PRIV);
-        write = (acc_ & VS_ACCESS_WRITE) != 0;
-        exec = (acc_ & VS_ACCESS_EXEC) != 0;
-        ad = (q[r].flags & VS_PE_EAFE) ? (VS_FL_A | VS_FL_EA) : VS_FL_A;
-        need_and = VS_FL_P | ad | (user ? VS_FL_US : 0)
-                   | ((write && (user || (q[r].flags & VS_PE_WPE))) ? VS_FL_RW : 0);
-        sneed = (write ? VS_SL_W : 0)
-                | (((acc_ & (VS_ACCESS_READ | VS_ACCESS_EXEC)) || !write) ? VS_SL_R : 0);
-        ok = !(bad & (1u << r)) && (tand[r] & VS_SL_R) && (fand[r] & sneed) == sneed
-             && (acc[r] & need_and) == need_and
-             && !(exec && !(acc[r] & VS_FL_XD)) && !(exec && !user && (acc[r] & VS_FL_US))
-             && !(write && !(leafe[r] & VS_FL_D));
+        j = vs_judge_of(q[r].access, q[r].flags);
+        ok = !(bad & (1u << r)) && (tand[r] & VS_SL_R) && (fand[r] & j->sneed) == j->sneed
+             && (acc[r] & j->need) == j->need && !(acc[r] & j->forbid)
+             && (leafe[r] & j->dneed) == j->dneed;
         if (!ok) continue;
         q[r].frame = h[r] >> VS_PAGE_SHIFT;
         q[r].perms = (uint32_t)(fand[r] & (VS_SL_R | VS_SL_W))  /* == PERM_SL_R | PERM_SL_W */

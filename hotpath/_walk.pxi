@@ -5,6 +5,7 @@ cdef extern from "_walk.h" nogil:
     uint32_t vs_need_fast(uint32_t access, uint32_t flags) noexcept
     const uint32_t *vs_need_row(uint32_t flags) noexcept
     void vs_need_init() noexcept
+    void vs_judge_init() noexcept
     int vs_canonical(uint64_t va) noexcept
     int32_t vs_nested_walk(unsigned char *mem, uint64_t mem_size, int atomic_ok,
                            uint64_t flptr, uint64_t slptr, uint32_t flags, uint64_t va,
@@ -21,6 +22,7 @@ cdef extern from "_walk.h" nogil:
                        vs_spec_t *q) noexcept
 
 vs_need_init()  # the table of required permissions, before any translation
+vs_judge_init()  # and what a walk of the common case must find
 
 cdef inline int32_t fault(State *s, int32_t code) noexcept nogil:
     s.cnt[VS_C_FAULTS] += 1
