@@ -91,19 +91,24 @@ class SimRuntime:
         if actor is not None:
             self.delivered += 1
             self._post(actor, actor.deliver(env, self.now))
+        self._fire_due()
         return True
 
-    def _expire_due(self) -> bool:
-        """Advance virtual time to the earliest deadline and fire it; False if there is none."""
-        deadlines = [(d, n) for n, a in self.actors.items() if (d := a.next_deadline()) is not None]
-        if not deadlines:
-            return False
-        deadline, _ = min(deadlines)
-        self.now = max(self.now, deadline)
+    def _fire_due(self) -> None:
+        """Fire every deadline virtual time has reached: a timer is due whether or not other
+        messages are in flight (one VM's busy loop must not hold back another's lease)."""
         for actor in list(self.actors.values()):
             d = actor.next_deadline()
             if d is not None and d <= self.now:
                 self._post(actor, actor.expire(self.now))
+
+    def _expire_due(self) -> bool:
+        """Advance virtual time to the earliest deadline and fire it; False if there is none."""
+        deadlines = [d for a in self.actors.values() if (d := a.next_deadline()) is not None]
+        if not deadlines:
+            return False
+        self.now = max(self.now, min(deadlines))
+        self._fire_due()
         return True
 
     def run(self, until: Callable[[], bool] | None = None, max_steps: int = 2_000_000) -> int:

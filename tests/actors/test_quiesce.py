@@ -58,6 +58,19 @@ def test_the_lease_ends_the_hold_without_resume(vsva):
     assert w.rt.now >= at + 0.5
 
 
+def test_the_lease_ends_while_another_vm_keeps_the_system_busy(vsva):
+    """A deadline fires when virtual time reaches it, not only once nothing is in flight:
+    VM 2 churns on without a pause while VM 1's lease runs out (the runtime's timers,
+    orchestrator/runtime/sim.py `_fire_due`)."""
+    w, wire = churning(vsva)
+    at = w.rt.now
+    assert wire.call("orch", GUESTS[0], Quiesce(hold=0.05, drain=1.5))["ret"] == 0
+    since = len(w.rt.trace)
+    w.rt.run(until=lambda: requests_from(w.rt.trace, since, GUESTS[0]), max_steps=20_000)
+    assert requests_from(w.rt.trace, since, GUESTS[0]) and w.rt.now >= at + 0.05
+    assert requests_from(w.rt.trace, since, GUESTS[1])  # VM 2 was never held
+
+
 def test_churn_audited_without_the_cut_is_not_clean(vsva):
     """The hazard the cut removes: snapshots taken while binds are in flight disagree."""
     found = []
