@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from test_vm_death_processes import DEADLINE, ITERATIONS, DeathRun
+from test_vm_death_processes import DEADLINE, ITERATIONS, WORKLOAD_DEADLINE, DeathRun
 from zmqrt_toys import TOYS, pid_alive
 
 from vsva.ops.control import Controller
@@ -122,7 +122,7 @@ def test_demo_two_vms_over_tcp_loopback_only():
     assert not os.path.exists(run_dir) and not os.path.exists(shm)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_sigkill_vmm_detected_by_host_over_tcp():
     topology = default_topology(2, workload="dma_loop", iterations=ITERATIONS, policy="reclaim")
     topology.transport = "tcp"
@@ -136,8 +136,9 @@ def test_sigkill_vmm_detected_by_host_over_tcp():
         assert orch.under_way, orch.result
         assert launcher.kill("vm2.vmm")
         assert launcher.kill("vm2.guest")
-        # DeathRun polls the host's pool_status (bounded by DEADLINE) until VM 2 is torn down
-        assert launcher.run_actor(orch, timeout=DEADLINE + 5), (orch.teardown, orch.workloads.keys())
+        # DeathRun polls the host's pool_status (bounded by DEADLINE) until VM 2 is torn down,
+        # then waits for VM 1's loop to end
+        assert launcher.run_actor(orch, timeout=WORKLOAD_DEADLINE + 5), (orch.teardown, orch.workloads.keys())
     assert "vm2.vmm" in orch.downs
     assert orch.teardown.get("why") == "vm2.vmm died", orch.teardown
     vm1 = orch.workloads["vm1.guest"]

@@ -26,6 +26,7 @@ from vsva.ops.topology import ORCH, default_topology
 ITERATIONS = 2000  # rounds of VM 1's loop (2 DMAs each): long enough to still run at the kill
 KILL_AFTER = 5  # DMAs each guest has completed before VM 2 dies
 DEADLINE = 10.0  # seconds any one wait may take
+WORKLOAD_DEADLINE = 60.0  # seconds VM 1's whole loop may take (loaded CI runs need ~15)
 
 
 class DeathRun(Actor):
@@ -65,7 +66,7 @@ class DeathRun(Actor):
         self.result = {"error": f"DMA loops did not get going: {self.progress}"}
 
     def _workload(self, guest: str):
-        self.workloads[guest] = yield Call(guest, "start_workload", {}, timeout=60.0)
+        self.workloads[guest] = yield Call(guest, "start_workload", {}, timeout=WORKLOAD_DEADLINE)
         yield from self._maybe_finish()
 
     def on_peer_down(self, peer: str):
@@ -94,7 +95,7 @@ class DeathRun(Actor):
         self.result = {"snapshots": snaps, "violations": audit(snaps, self.topology)}
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("policy", ["naive", "ordered", "reclaim"])
 def test_sigkill_vmm_during_dma_loops(policy):
     topology = default_topology(2, workload="dma_loop", iterations=ITERATIONS, policy=policy)
@@ -109,7 +110,8 @@ def test_sigkill_vmm_during_dma_loops(policy):
         assert "vm1.guest" not in orch.workloads  # VM 1's loop is still running at the kill
         assert launcher.kill("vm2.vmm")
         assert launcher.kill("vm2.guest")
-        assert launcher.run_actor(orch, timeout=DEADLINE + 5), (orch.teardown, orch.workloads.keys())
+        # VM 2 torn down (each poll bounded by DEADLINE), then VM 1's loop to its end
+        assert launcher.run_actor(orch, timeout=WORKLOAD_DEADLINE + 5), (orch.teardown, orch.workloads.keys())
         deaths = dict(launcher.poll_deaths(timeout=2.0))
         rows = {r["name"]: r for r in launcher.processes()}
     elapsed = time.monotonic() - t0
