@@ -70,6 +70,9 @@ class Raw:
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.ROUTING_ID, routing_id or incarnation_id(run_dir, name))
         self.dealer.setsockopt(zmq.LINGER, 500)
+        # every send is bounded: over tcp without the run's key the CURVE handshake fails and
+        # libzmq drops the pipe, after which a blocking send would wait for ever
+        self.dealer.setsockopt(zmq.SNDTIMEO, 2000)
         if curve is not None:
             self.dealer.curve_publickey, self.dealer.curve_secretkey, self.dealer.curve_serverkey = curve
         self.dealer.connect(target_endpoint(run_dir, target))
@@ -96,9 +99,13 @@ class Raw:
         self.dealer.send_multipart(frame if isinstance(frame, list) else [frame])
 
     def request(self, kind: str, body: dict | None = None, timeout: float = 3.0, **over) -> dict | None:
-        """Send one request; the answer's body (from the runtime or the actor), or None."""
+        """Send one request; the answer's body (from the runtime or the actor), or None (also
+        when no peer would take the frame at all)."""
         env = self.envelope(kind, body, **over)
-        self.send(env)
+        try:
+            self.send(env)
+        except zmq.Again:
+            return None
         return self.answer(timeout, env["id"])
 
     def answer(self, timeout: float = 3.0, corr: int | None = None) -> dict | None:
