@@ -152,11 +152,16 @@ def print_figures(figures: dict[str, Any], as_json: bool) -> None:
             print(f"{key:>32}: {value}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def iterations_args(doc: str) -> argparse.Namespace:
+    """`--iterations N` (binds, default 300) and `--json`, for the bind benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = iterations_args(__doc__)
     size = bind_frame_size()
     rtt = raw_rtt(size)
     latencies, ready = bind_latencies(args.iterations)
