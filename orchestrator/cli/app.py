@@ -82,10 +82,9 @@ def main() -> int:
         message = " ".join(exc.format_message().split())
         typer.echo(f"{ctx.command_path if ctx else 'vsva'}: {message}", err=True)
         return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        code = EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:
-        typer.echo("vsva: interrupted; the run was taken down", err=True)
+    except (typer.Abort, KeyboardInterrupt):  # a Ctrl-C before a command took the signals over
+        typer.echo("vsva: interrupted", err=True)
+        return EXIT_INTERRUPTED
     return code
 
 

@@ -1,9 +1,10 @@
 """How a `vsva` command ends: the exit codes, the one-line error, and the signals that
-interrupt a run as Ctrl-C does."""
+stop a run as Ctrl-C does."""
 
 from __future__ import annotations
 
 import os
+import signal
 from types import FrameType
 from typing import NoReturn
 
@@ -15,9 +16,11 @@ EXIT_CODES = {
     2: "bad input: an option, a topology or scenario file, an unwritable --trace-out or --state-dir",
     3: "no topology to talk to: none running, its supervisor dead or not answering, a corrupt state file",
     4: "the host was lost: every VM of the topology is gone",
-    130: "interrupted (SIGINT, SIGTERM or SIGHUP); the run was cleaned up",
+    130: "interrupted by SIGINT (Ctrl-C); 143 by SIGTERM, 129 by SIGHUP (128 + the signal's number); "
+    "the run was taken down",
 }
 EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def fail(code: int, message: str, quiet: bool = False) -> NoReturn:
@@ -30,41 +33,53 @@ def fail(code: int, message: str, quiet: bool = False) -> NoReturn:
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP (a closed terminal) stop a run, Ctrl-C and the others alike.
 
-    The first one is the request to stop: `signum` records it and, with `interrupt`, a
-    KeyboardInterrupt unwinds the run (an in-process launcher takes its processes and files
-    down as it unwinds). Later ones are already handled: they are ignored, so a second signal
-    cannot cut the cleanup short. Without `interrupt` nothing is raised at all; the caller
-    checks `requested` where it waits, and `fd` (the signal wakeup descriptor) turns readable
-    on a signal so that a select() on it returns at once. That is the safer form: an exception
-    raised wherever a signal lands may land inside code the interpreter runs from a string
-    (the methods a dataclass generates while a module is imported), and then `python -m`
-    ends by SIGINT after the cleanup instead of with its exit code."""
+    The first one is the request to stop: the handler only records it (`signum`); nothing is
+    raised. The code that waits checks `requested` (or `check`) and stops the run itself;
+    `fd` (the signal wakeup descriptor) turns readable on a signal, so that a poll on it
+    returns at once. Later signals are already handled: they are ignored, so a second one
+    cannot cut the stop short. An exception raised wherever a signal lands could land inside
+    code the interpreter runs from a string (the methods a dataclass generates while a module
+    is imported), and then `python -m` ends by SIGINT after the cleanup instead of with its
+    exit code."""
 
-    def __init__(self, interrupt: bool) -> None:
-        import signal
-
-        self.interrupt = interrupt
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self.fd = -1
-        if not interrupt:
-            self.fd, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        self._announced = False
+        self.fd, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            return
-        self.signum = signum
-        if self.interrupt:
-            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
 
+    def check(self) -> bool:
+        """Whether a stop is requested, emptying `fd` (a level-triggered poll on it would
+        return at once again). Called where a run acts on the request, so the first time it
+        is true it says on stderr that the run is stopping (not from the handler: a write
+        there could interrupt another write to the same stream)."""
+        try:
+            while os.read(self.fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self.requested and not self._announced:
+            self._announced = True
+            typer.echo(f"vsva: {self.name}: stopping ...", err=True)
+        return self.requested
 
-def interrupt_on_signals() -> StopSignals:
-    """The first of SIGINT, SIGTERM and SIGHUP raises KeyboardInterrupt; later ones are
-    ignored while the run unwinds."""
-    return StopSignals(interrupt=True)
+    def exit(self) -> NoReturn:
+        """End the command as the signal asked: one line naming it, and the shell's code for
+        it, 128 + its number (130 for SIGINT)."""
+        assert self.signum is not None, "no stop was requested"
+        typer.echo(f"vsva: interrupted by {self.name}; the run was taken down", err=True)
+        raise typer.Exit(128 + self.signum)

@@ -14,7 +14,6 @@ from vsva.cli.client import ctl, wait_exit
 from vsva.cli.exits import (
     EXIT_FAIL,
     EXIT_HOST_LOST,
-    EXIT_INTERRUPTED,
     EXIT_NO_TOPOLOGY,
     StopSignals,
     fail,
@@ -53,14 +52,14 @@ def up(
 
     One topology per state directory (a lock). In the foreground, Ctrl-C, SIGTERM and SIGHUP
     (the terminal closed) stop it; detached, it runs until `vsva down`."""
-    stop = StopSignals(interrupt=False)
+    stop = StopSignals()
     load_run(topology)  # validate here: errors go to this terminal
     path = state_file(state_dir)
     lock = _take_lock(path)
     _clear_old_state(path)
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
-    if stop.requested:
-        raise typer.Exit(EXIT_INTERRUPTED)  # nothing was started
+    if stop.check():
+        stop.exit()  # nothing was started
     proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
     state = _await_state(proc, path, ready_timeout, log_path, stop)
     if detach and state is not None:
@@ -71,10 +70,9 @@ def up(
         return
     if state is not None:
         _watch(proc, state, stop)
-    if stop.requested:
-        typer.echo("vsva: stopping ...", err=True)
+    if stop.check():
         _stop_supervisor(proc, path)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        stop.exit()
     if proc.returncode == EXIT_HOST_LOST:
         fail(EXIT_HOST_LOST, host_lost_line(parse_state(path)))
     if proc.returncode != 0:

@@ -1,5 +1,9 @@
 """Commands that run a topology to completion in this process: `vsva demo` (every flow, a
-timeline) and `vsva run` (a scenario with its faults, a report)."""
+timeline) and `vsva run` (a scenario with its faults, a report).
+
+SIGINT, SIGTERM and SIGHUP stop either the way they stop `vsva up` (StopSignals): the wait
+loops of the run see the request, the run's processes and files are taken down, one line
+names the signal and the exit code is 128 + its number."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import typer
 
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.cli.exits import EXIT_USAGE, fail, interrupt_on_signals
+from vsva.cli.exits import EXIT_USAGE, StopSignals, fail
 from vsva.cli.options import ITERATIONS, KERNEL, Workload, load_run, writable_dir
 from vsva.ops.config import RUN, VM, Runtime
 from vsva.runtime.endpoints import Transport
@@ -55,14 +59,19 @@ def demo(
     from vsva.ops.capacity import CapacityError
     from vsva.ops.demo import demo as run_demo
     from vsva.ops.demo import render
+    from vsva.ops.launcher import LaunchStopped
 
-    interrupt_on_signals()
+    stop = StopSignals()
     try:
         session, rep = run_demo(
-            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel
+            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel, stop
         )
     except CapacityError as exc:
         fail(EXIT_USAGE, f"--vms {vms}: {exc}")
+    except LaunchStopped:
+        stop.exit()
+    if stop.check():
+        stop.exit()
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
     else:
@@ -84,14 +93,20 @@ def run(
     ),
 ) -> None:
     """Run a scenario to completion: workloads, scheduled kills, recovery, audit; print a report."""
+    from vsva.ops.launcher import LaunchStopped
     from vsva.ops.scenario import render, run_scenario
 
     run_file = load_run(scenario)
     for spec in run_file.topology.actors if kernel is not None else ():
         if spec.kind == "host":
             spec.config["kernel"] = kernel
-    interrupt_on_signals()
-    rep = run_scenario(run_file, trace_out=trace_out)
+    stop = StopSignals()
+    try:
+        rep = run_scenario(run_file, trace_out=trace_out, stop=stop)
+    except LaunchStopped:
+        stop.exit()
+    if stop.check():
+        stop.exit()
     if as_json:
         typer.echo(json.dumps(rep, indent=1, default=str))
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva import hotpath
 from vsva.actors.policy import Policy
@@ -18,6 +18,9 @@ from vsva.ops.topology import Topology, default_topology
 from vsva.runtime.endpoints import Transport
 from vsva.runtime.sim import SimRuntime
 
+if TYPE_CHECKING:  # the launcher (zmq) is imported only for the processes runtime
+    from vsva.ops.launcher import StopRequest
+
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
 
@@ -26,16 +29,20 @@ def run_session(
     runtime: Runtime | str = Runtime.PROCESSES,
     timeout: float = 120.0,
     trace_out: str | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run one Controller session; returns its result plus trace, processes and timings.
-    With `trace_out` the trace's exports are written there, also if the run is interrupted."""
+    With `trace_out` the trace's exports are written there, also if the run is interrupted.
+    A `stop` request ends it early (the launcher's LaunchStopped when it comes during the
+    launch); the result is then incomplete: the caller asks `stop` before using it."""
     started = time.monotonic()
     if Runtime(runtime) == Runtime.SIM:
         rt = SimRuntime(topology)
         ctl = rt.add(Controller(topology, env=rt.env({})))
         rt.start()
-        rt.run(until=lambda: ctl.result is not None)
-        rt.run()  # let the shutdown replies land
+        rt.run(until=lambda: ctl.result is not None or (stop is not None and stop.check()))
+        if ctl.result is not None:
+            rt.run()  # let the shutdown replies land
         trace = merge(rt.trace)
         return {
             **(ctl.result or _no_result("the deterministic run went quiescent without a result")),
@@ -49,7 +56,7 @@ def run_session(
         }
     from vsva.ops.launcher import Launcher
 
-    with Launcher(topology, trace_out=trace_out) as launcher:
+    with Launcher(topology, trace_out=trace_out, stop=stop) as launcher:
         ready = time.monotonic() - started
         ctl = Controller(topology)
         launcher.run_actor(ctl, timeout=timeout)
@@ -179,6 +186,7 @@ def demo(
     iterations: int = DEMO_ITERATIONS,
     trace_out: str | None = None,
     kernel: Kernel | str = RUN.kernel,
+    stop: StopRequest | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
     topology = default_topology(
@@ -190,5 +198,5 @@ def demo(
         iterations=iterations,
         transport=transport,
     )
-    session = run_session(topology, runtime, trace_out=trace_out)
+    session = run_session(topology, runtime, trace_out=trace_out, stop=stop)
     return session, report(session, topology, runtime)

@@ -28,6 +28,11 @@ run `actor.start`. Waiting is bounded (`ready_timeout`); a child that exits firs
 timeout, aborts the launch with `LaunchError` (the child's log tail in the message) after
 tearing everything down.
 
+Stopping on a signal (`stop`, vsva.cli.exits.StopSignals): nothing is raised where the signal
+lands; its wakeup descriptor is polled with the rest, a request during the launch aborts it
+(`LaunchStopped`, everything torn down) and one during `run_actor` makes it return at once;
+the caller then closes the launcher.
+
 Children die with the launcher: each child sets `PR_SET_PDEATHSIG = SIGKILL` as its first
 act and exits if the launcher is already gone; children run in their own session so a
 terminal Ctrl-C reaches only the launcher, which then shuts them down in order. (PDEATHSIG
@@ -56,7 +61,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import zmq
@@ -79,6 +84,19 @@ RESERVED = {ORCH, "orch-ctl"}
 
 class LaunchError(RuntimeError):
     """A child died or did not report ready during launch."""
+
+
+class LaunchStopped(LaunchError):
+    """A stop was requested (the launcher's `stop`) while the actors were starting."""
+
+
+class StopRequest(Protocol):
+    """What asks a run to stop (vsva.cli.exits.StopSignals): `fd` turns readable when it
+    may have, and `check()` says whether it has (emptying `fd`)."""
+
+    fd: int
+
+    def check(self) -> bool: ...
 
 
 @dataclass
@@ -115,8 +133,10 @@ class Launcher:
         python: str = sys.executable,
         fork: bool | None = None,
         trace_out: str | None = None,
+        stop: StopRequest | None = None,
     ):
         self.topology = topology
+        self.stop = stop  # a stop request ends the launch (LaunchStopped) or run_actor
         self.keep = keep
         self.trace_out = os.path.abspath(trace_out) if trace_out else None
         self.trace_files: dict[str, Any] | None = None  # what close wrote into trace_out
@@ -233,6 +253,8 @@ class Launcher:
             run_root=os.getpid(),  # a frame counts only from us or a process we started (ipc)
         )
         self._endpoints[ORCH] = self.runtime.endpoint
+        if self.stop is not None:
+            self.runtime.watch(self.stop.fd, self._on_stop_fd)
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -260,6 +282,18 @@ class Launcher:
             self.runtime.run_pids.add(child.pid)
             self.runtime.watch(pidfd, partial(self._on_pidfd, spec.name))
             self.runtime.peer_restarted(spec.name)
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested: `run_actor` returns at once, the caller takes the run down."""
+        return self.stop is not None and self.stop.check()
+
+    def _on_stop_fd(self) -> list[str]:
+        """The runtime's callback when the stop request's descriptor turns readable."""
+        if self.stopping:
+            assert self.runtime is not None  # watched once made
+            self.runtime.request_stop()
+        return []
 
     def _on_pidfd(self, name: str) -> list[str]:
         """The runtime's callback when a child's pidfd turns readable: reap it (the death
@@ -301,9 +335,13 @@ class Launcher:
         end = time.monotonic() + timeout
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
+        if self.stop is not None:
+            poller.register(self.stop.fd, zmq.POLLIN)
         for name in names:
             poller.register(self.procs[name].pidfd, zmq.POLLIN)
         while waiting:
+            if self.stopping:
+                raise LaunchStopped(f"stopped while {len(waiting)} actors were starting")
             left = end - time.monotonic()
             if left <= 0:
                 raise LaunchError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.actors import errno as E
 from vsva.ops.pacing import render_timeouts, timeouts_in
@@ -22,13 +22,21 @@ from vsva.ops.supervisor import Supervisor, exit_words
 from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import RunFile
 
+if TYPE_CHECKING:
+    from vsva.ops.launcher import StopRequest
+
 
 def run_scenario(
-    run: RunFile, log: Callable[[str], None] | None = None, trace_out: str | None = None
+    run: RunFile,
+    log: Callable[[str], None] | None = None,
+    trace_out: str | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run the scenario; with `trace_out` its trace files are written there when the run ends,
-    however it ends (an interrupt included)."""
-    return supervise(Supervisor(run, log=log, launcher_kw={"trace_out": trace_out}))
+    however it ends (an interrupt included). A `stop` request ends it early: everything is
+    taken down without the final audit, and the report is incomplete (the caller asks `stop`),
+    or, during the launch, the launcher's LaunchStopped."""
+    return supervise(Supervisor(run, log=log, launcher_kw={"trace_out": trace_out, "stop": stop}))
 
 
 def supervise(sup: Supervisor) -> dict[str, Any]:
@@ -47,12 +55,14 @@ def supervise(sup: Supervisor) -> dict[str, Any]:
         report["ready_s"] = round(sup.ready_s, 3)
         report["run_files"] = [sup.launcher.run_dir, sup.launcher.shm_path]
         end = time.monotonic() + run.timeout
-        while time.monotonic() < end and not sup.stop_requested:
+        while time.monotonic() < end and not sup.stop_requested and not sup.launcher.stopping:
             sup.step(0.01)
             if sup.workloads_done() and all(p["done"] for p in sup.faults.plans) and _recovered(sup):
                 break
         report["timed_out"] = time.monotonic() >= end
         final_audit = None
+        if sup.launcher.stopping:
+            return report  # the caller says why; `finally` takes the run down
         if not sup.host_lost:
             # let restarts and their resyncs settle, then audit the live topology
             settle = time.monotonic() + 5.0

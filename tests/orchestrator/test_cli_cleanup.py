@@ -98,15 +98,75 @@ def running_demo(cli: Cli, *extra: str) -> subprocess.Popen:
     return proc
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` now (the fork server and the actors it forked)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[-1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.split("/")[2]))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def assert_stopped(cli: Cli, proc: subprocess.Popen, sig: int, err: str, pids: set[int]) -> None:
+    """The command exited by itself with the shell's code for `sig` (128 + its number), said
+    in one line which signal stopped it, and left nothing: no process of the run (`pids`), no
+    run directory (its sockets), no shared memory."""
+    assert proc.returncode == 128 + sig, err[-2000:]
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert said == [f"vsva: interrupted by {signal.Signals(sig).name}; the run was taken down"], err[-2000:]
+    assert not [p for p in pids if pid_alive(p)]
+    assert cli.run_dirs() == [] and shm_of(proc.pid) == []
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read the process's stderr (bounded) until `text` appears; returns what was read."""
+    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = end - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], f"no {text!r} in {seen[-1500:]!r}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"stderr closed without {text!r}: {seen[-1500:]!r}"
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def stop_twice(proc: subprocess.Popen, first: int, second: int) -> str:
+    """`first`, then `second` once the command says it is stopping; all it wrote on stderr."""
+    proc.send_signal(first)
+    seen = read_until(proc, "stopping", 60)
+    proc.send_signal(second)
+    return seen + proc.communicate(timeout=60)[1]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_demo_signal_cleans_up(cli, sig):
     proc = running_demo(cli)
+    pids = descendants(proc.pid)
+    assert len(pids) >= 7  # the actors of two VMs and the host side
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err
-    assert cli.run_dirs() == [] and shm_of(proc.pid) == []
+    _, err = proc.communicate(timeout=60)
+    assert_stopped(cli, proc, sig, err, pids)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGHUP])
+def test_demo_second_signal_while_stopping_is_ignored(cli, second):
+    """Ctrl-C again (or the closing terminal's SIGHUP) while the demo takes its run down does
+    not cut the stop short: it ends as the first signal asked, with nothing left."""
+    proc = running_demo(cli)
+    pids = descendants(proc.pid)
+    err = stop_twice(proc, signal.SIGTERM, second)
+    assert_stopped(cli, proc, signal.SIGTERM, err, pids)
 
 
 @pytest.mark.timeout(120)
@@ -192,12 +252,11 @@ def test_host_lost_foreground_up_exits_non_zero_with_a_line(cli):
     assert cli("down").returncode == 0
 
 
-def assert_up_stopped(cli: Cli, up: subprocess.Popen, state: dict, err: str) -> None:
+def assert_up_stopped(cli: Cli, up: subprocess.Popen, sig: int, state: dict, err: str) -> None:
     """`vsva up` exited with its documented code (not by a signal) and left nothing behind."""
-    assert up.returncode == 130, err[-2000:]
-    assert "stopping" in err and "interrupted" in err, err[-2000:]
-    assert not pid_alive(state["pid"]) and not any(pid_alive(p) for p in state["actors"].values())
-    assert cli.state_file() is None and cli.run_dirs() == [] and shm_of(state["pid"]) == []
+    assert "stopping" in err, err[-2000:]
+    assert not pid_alive(state["pid"]) and cli.state_file() is None and shm_of(state["pid"]) == []
+    assert_stopped(cli, up, sig, err, set(state["actors"].values()))
 
 
 @pytest.mark.timeout(180)
@@ -206,19 +265,7 @@ def test_foreground_up_stops_on_sighup(cli):
     state = wait_for(cli.state_file, 60, "the state file")
     up.send_signal(signal.SIGHUP)
     _, err = up.communicate(timeout=60)
-    assert_up_stopped(cli, up, state, err)
-
-
-def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
-    """Read the process's stderr (bounded) until `text` appears; returns what was read."""
-    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while text.encode() not in seen:
-        left = end - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], f"no {text!r} in {seen[-1500:]!r}"
-        chunk = os.read(fd, 65536)
-        assert chunk, f"stderr closed without {text!r}: {seen[-1500:]!r}"
-        seen += chunk
-    return seen.decode(errors="replace")
+    assert_up_stopped(cli, up, signal.SIGHUP, state, err)
 
 
 @pytest.mark.timeout(180)
@@ -226,14 +273,12 @@ def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
 def test_foreground_up_second_signal_while_stopping_is_already_handled(cli, second):
     """An impatient second signal while `up` stops its topology (Ctrl-C again, the SIGHUP of
     the closing terminal after a SIGTERM) does not cut the stop short: the supervisor is
-    waited for and the state file and run files are gone when `up` exits, with 130."""
+    waited for and the state file and run files are gone when `up` exits, with the code
+    of the first signal (143)."""
     up = cli.start("up")
     state = wait_for(cli.state_file, 60, "the state file")
-    up.send_signal(signal.SIGTERM)
-    seen = read_until(up, "stopping", 60)
-    up.send_signal(second)
-    _, err = up.communicate(timeout=60)
-    assert_up_stopped(cli, up, state, seen + err)
+    err = stop_twice(up, signal.SIGTERM, second)
+    assert_up_stopped(cli, up, signal.SIGTERM, state, err)
 
 
 LANDING = """
@@ -243,7 +288,7 @@ from vsva.cli.exits import StopSignals
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
-stop = StopSignals(interrupt=False)
+stop = StopSignals()
 if sys.argv[1] == "raise":
     signal.signal(signal.SIGHUP, interrupt)
 try:  # the signal is handled inside code run from a string, as a dataclass's methods are built
@@ -259,7 +304,7 @@ def test_a_signal_landing_in_string_code_keeps_the_exit_code(tmp_path):
     string (exec or eval of source text), the process ends by SIGINT after its cleanup, even
     when the exception was caught and an exit code was chosen. A signal to `vsva up` lands
     wherever it lands, inside an import building a dataclass too; the signals `up` installs
-    (StopSignals without interrupt) raise nothing, so its exit code stands."""
+    (StopSignals) raise nothing, so its exit code stands."""
     (tmp_path / "landing.py").write_text(LANDING)
 
     def run(mode: str) -> int:
