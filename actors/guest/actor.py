@@ -168,7 +168,8 @@ class Guest(Actor):
     def step(
         self, flow: str, what: str, reply: dict[str, Any], ok: bool | None = None, **detail: Any
     ) -> bool:
-        """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'."""
+        """Record the outcome of one flow instance; `ok` defaults to 'ret == 0'. A request
+        that timed out keeps its record (kind, peer, how long), which the reports list."""
         ok = reply.get("ret", 0) == 0 if ok is None else ok
         self.steps.append(
             {
@@ -177,6 +178,7 @@ class Guest(Actor):
                 "ok": ok,
                 "ret": reply.get("ret", 0),
                 "error": reply.get("error", ""),
+                **{key: reply[key] for key in ("timed_out",) if key in reply},
                 **detail,
             }
         )

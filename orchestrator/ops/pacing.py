@@ -6,9 +6,17 @@ one actor: the base timeout (`request_timeout`, 5 s). The host serves every VM o
 at a time, so a request it handles waits behind whatever the other VMs have queued there:
 `vfio_open` (a VM's RAM and second level: the host's longest handler) and `vfio_close`
 (the F8 teardown) get `HOST_S_PER_VM` per VM of the topology on top, and the vmm's
-`vm_start` / `vm_stop`, which wait for those, a base timeout more. A snapshot of every actor
-grows with the topology too. Powering VMs on goes `POWER_ON_WINDOW` at a time
-(`gather_bounded`), so the host's queue stays short and nobody waits for all of them.
+`vm_start` / `vm_stop`, which wait for those, a base timeout more. A work descriptor
+(`dev_submit`: a guest's or vdcm's wait on the host's DMA engine) gets the same as
+`vfio_open`: each of its page faults is a page request in the host's one queue (`prq_depth`
+entries for all VMs; while it is full the device retries until an entry frees) and a round
+trip through the vmm and the guest, so when every VM faults at once it waits behind all
+their requests (128 VMs demand-paging 4 pages each: up to 3.1 s at the host on a loaded
+2-core machine; a guest that gives up first has an indefinite outcome, which the audit
+reports as I6). An mdev's descriptor (`mdev_submit` to vdcm) waits for vdcm's
+`dev_submit`: a base timeout more. A snapshot of every actor grows with the topology too.
+Powering VMs on goes `POWER_ON_WINDOW` at a time (`gather_bounded`), so the host's queue
+stays short and nobody waits for all of them.
 
 A timeout that happens anyway is recorded by the actor that waited (the kind, the peer, how
 long it waited: `Actor.timeouts`, and in the failed reply's body under "timed_out");
@@ -35,6 +43,8 @@ def request_timeouts(vms: int, base: float) -> dict[str, float]:
     return {
         "vfio_open": base + host_queue,
         "vfio_close": base + host_queue,
+        "dev_submit": base + host_queue,
+        "mdev_submit": 2 * base + host_queue,
         "vm_start": 2 * base + host_queue,
         "vm_stop": 2 * base + host_queue,
         "snapshot": snapshot,
