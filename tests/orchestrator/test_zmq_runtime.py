@@ -223,3 +223,60 @@ def test_rtt_between_two_actor_processes(run, capsys):
             f"{reply['median_us']:.0f} us, p90 {reply['p90_us']:.0f} us (n=1000)"
         )
     assert reply["median_us"] < 20_000
+
+
+def io_threads(pid: int) -> dict[int, tuple[int, int]]:
+    """libzmq's I/O threads of process `pid`: tid -> (scheduling policy, nice value)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().startswith("ZMQbg/IO"):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                nice = int(f.read().rsplit(")", 1)[1].split()[16])
+            out[int(tid)] = (os.sched_getscheduler(int(tid)), nice)
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this OS")
+def test_every_actor_process_runs_its_io_thread_without_wakeup_preemption(run):
+    """Each actor process's libzmq I/O thread is SCHED_BATCH (vsva.runtime.loop.new_context),
+    so a send does not hand the CPU from the actor's own thread to it."""
+    for proc in run.processes():
+        threads = io_threads(proc["pid"])
+        assert threads, f"{proc['name']}: no libzmq I/O thread found"
+        assert {policy for policy, _ in threads.values()} == {os.SCHED_BATCH}, proc["name"]
+
+
+_NICED_CONTEXT = """
+import os, sys, zmq
+os.nice(7)
+from vsva.runtime.loop import new_context
+ctx = new_context()
+sock = ctx.socket(zmq.PAIR)  # the I/O threads start with the first socket
+sock.bind("inproc://x")
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this OS")
+def test_the_io_thread_policy_leaves_the_nice_value_alone():
+    """Only the policy is set: a positive ZMQ_THREAD_PRIORITY would make libzmq renice the I/O
+    thread to -20 (and abort the process where that is not allowed)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _NICED_CONTEXT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline() == "ready\n"
+        threads = io_threads(child.pid)
+        assert threads and set(threads.values()) == {(os.SCHED_BATCH, os.getpriority(os.PRIO_PROCESS, 0) + 7)}
+    finally:
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0
