@@ -6,7 +6,7 @@ median and p99 of the guest-observed bind latency, the median raw DEALER/ROUTER 
 of a message of the same size between two processes, their ratio, and the time from launch
 to all processes ready for the default two-VM topology.
 
-    python benchmarks/bench_bind.py [--iterations 300] [--json]
+    python benchmarks/bench_bind.py [--iterations 300] [--awake] [--json]
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from vsva.actors.messages import Envelope, encode
 from vsva.ops.control import Controller
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import default_topology
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from awake import cpus_awake
 
 _ECHO = """
 import sys, zmq
@@ -153,9 +156,11 @@ def print_figures(figures: dict[str, Any], as_json: bool) -> None:
 
 
 def iterations_args(doc: str) -> argparse.Namespace:
-    """`--iterations N` (binds, default 300) and `--json`, for the bind benchmarks."""
+    """`--iterations N` (binds, default 300), `--awake` (benchmarks/awake.py) and `--json`,
+    for the bind benchmarks."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--awake", action="store_true", help="keep every CPU busy with SCHED_IDLE spinners")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 
@@ -163,8 +168,9 @@ def iterations_args(doc: str) -> argparse.Namespace:
 def main() -> None:
     args = iterations_args(__doc__)
     size = bind_frame_size()
-    rtt = raw_rtt(size)
-    latencies, ready = bind_latencies(args.iterations)
+    with cpus_awake(args.awake):
+        rtt = raw_rtt(size)
+        latencies, ready = bind_latencies(args.iterations)
     if not latencies:
         sys.exit("no bind latencies were reported")
     figures = {
@@ -175,6 +181,7 @@ def main() -> None:
         "binds": len(latencies),
         "ratio_bind_median_to_raw_rtt": round(statistics.median(latencies) / statistics.median(rtt), 2),
         "demo_ready_s": round(ready, 3),
+        "cpus_kept_awake": args.awake,
     }
     print_figures(figures, args.json)
 

@@ -20,7 +20,9 @@ guest's own latency: its work before the first send, the last hop and reading th
 and says what 4x the raw round trip leaves to vsva's code per hop. Each process's CPU per
 message shows how much of a hop is work and how much is waiting for a core.
 
-    python benchmarks/bench_bind_path.py [--iterations 300] [--json]
+`--awake` keeps every CPU busy with SCHED_IDLE spinners meanwhile (benchmarks/awake.py).
+
+    python benchmarks/bench_bind_path.py [--iterations 300] [--awake] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from vsva.ops.launcher import Launcher
 from vsva.ops.topology import HOST, KVM, VDCM, default_topology, guest_name, vmm_name
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from awake import cpus_awake
 from bench_bind import bind_frame_size, iterations_args, print_figures, raw_rtt, thread_cpu_s
 from bench_scale_bind import BindRun
 
@@ -225,12 +228,12 @@ def main() -> None:
     args = iterations_args(__doc__)
     size = bind_frame_size()
     load0 = os.getloadavg()[0]
-    # the baselines before and after vsva's run, pooled: the machine's state drifts
-    rtts = raw_rtt(size)
-    relay_lat, relay_sends, relay_cpu = relay_chain(size, args.iterations)
-    vsva_lat, vsva_sends, vsva_cpu = vsva_chain(args.iterations)
-    lat2, sends2, cpu2 = relay_chain(size, args.iterations)
-    rtts += raw_rtt(size)
+    with cpus_awake(args.awake):  # the baselines before and after vsva's run, pooled
+        rtts = raw_rtt(size)
+        relay_lat, relay_sends, relay_cpu = relay_chain(size, args.iterations)
+        vsva_lat, vsva_sends, vsva_cpu = vsva_chain(args.iterations)
+        lat2, sends2, cpu2 = relay_chain(size, args.iterations)
+        rtts += raw_rtt(size)
     rtt = 1e6 * statistics.median(rtts)
     relay_lat += lat2
     relay_sends += [{**s, "bind": s["bind"] + args.iterations} for s in sends2]
@@ -245,7 +248,8 @@ def main() -> None:
     relay_hops["guest ends"] = relay_bind - relay_hops["chain"]
     vsva_hops["guest ends"] = vsva_bind - vsva_hops["chain"]
     figures: dict[str, Any] = {
-        "load_average_1min": f"{load0} -> {os.getloadavg()[0]}",
+        "load_average_1min": f"{load0:.2f} -> {os.getloadavg()[0]:.2f}",
+        "cpus_kept_awake": args.awake,
         "raw_rtt_us": round(rtt, 1),
         "relay_bind_us": round(relay_bind, 1),
         "relay_over_raw_rtt": round(relay_bind / rtt, 2),
