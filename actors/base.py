@@ -19,6 +19,9 @@ import random
 import time
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
+from heapq import heapify, heappop, heappush
+from itertools import count
+from operator import itemgetter
 from types import GeneratorType
 from typing import Any, TypeVar
 
@@ -29,6 +32,8 @@ from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 
 DEFAULT_TIMEOUT = 5.0
 _NO_TIMEOUTS: dict[str, float] = {}  # (read only: no per-kind timeouts configured)
+_ADDED = itemgetter(1)  # a timer's place in the order the requests were added
+TIMER_SLACK = 64  # deadlines of answered requests an actor keeps beyond 2 per pending one
 
 
 @dataclass(slots=True)
@@ -124,7 +129,14 @@ class Actor:
         self.dropped_replies = 0
         self._next_id = 0
         self._out: list[Envelope] = []
-        self._tasks: dict[int, tuple[_Task, float]] = {}  # request id -> (task, deadline)
+        self._tasks: dict[int, _Task] = {}  # request id -> the task waiting for it
+        # One (deadline, order added, request id) per request of _tasks, earliest first. A request
+        # that is answered stays in the heap until it comes to the top (or the heap is compacted):
+        # an entry counts only while its id is in _tasks (ids are never reused)
+        self._timers: list[tuple[float, int, int]] = []
+        self._added = count()
+        # Told every new deadline (the deterministic runtime keeps one heap over all its actors)
+        self.timer_added: Callable[[float], None] | None = None
         self._dst_of: dict[int, str] = {}  # request id -> peer it went to
         # request id -> its kind (to check the reply's schema), when it was sent, its timeout
         self._sent: dict[int, tuple[str, float, float]] = {}
@@ -168,9 +180,18 @@ class Actor:
         return out
 
     def expire(self, now: float) -> list[Envelope]:
-        """Fail every request whose deadline has passed with an indefinite -ETIMEDOUT."""
+        """Fail every request whose deadline has passed with an indefinite -ETIMEDOUT, in the
+        order the requests were made (the ones that come due while these resume wait for the
+        next call)."""
         self.now = now
-        for req_id in [r for r, (_, deadline) in self._tasks.items() if deadline <= now]:
+        timers, tasks = self._timers, self._tasks
+        due = []
+        while timers and timers[0][0] <= now:
+            timer = heappop(timers)
+            if timer[2] in tasks:
+                due.append(timer)
+        due.sort(key=_ADDED)
+        for _, _, req_id in due:
             self._resume_with(req_id, self._timed_out(req_id))
         return self._drain()
 
@@ -198,7 +219,7 @@ class Actor:
     def peer_down(self, peer: str, now: float, sent: bool = True) -> list[Envelope]:
         """Fail requests in flight to a dead peer: indefinite if they were sent, else definite."""
         self.now = now
-        for req_id in [r for r, (task, _) in self._tasks.items() if self._dst_of.get(r) == peer]:
+        for req_id in [r for r in self._tasks if self._dst_of.get(r) == peer]:
             self._resume_with(req_id, failed(-E.EHOSTDOWN, indefinite=sent))
         on_down = getattr(self, "on_peer_down", None)
         if on_down is not None:
@@ -221,7 +242,11 @@ class Actor:
         return self._drain()
 
     def next_deadline(self) -> float | None:
-        return min((d for _, d in self._tasks.values()), default=None)
+        """The earliest deadline of a request or Wait still pending (None: none is)."""
+        timers, tasks = self._timers, self._tasks
+        while timers and timers[0][2] not in tasks:
+            heappop(timers)
+        return timers[0][0] if timers else None
 
     @property
     def busy(self) -> bool:
@@ -364,7 +389,7 @@ class Actor:
             req_id = self._emit(dst, kind, body, rr=True, flow=task.flow if call.flow is None else call.flow)
             waiting[req_id] = slot
             timeout = by_kind.get(kind, base) if call.timeout is None else call.timeout
-            self._tasks[req_id] = (task, now + timeout)
+            self._pend(req_id, task, now + timeout)
             self._sent[req_id] = (kind, now, timeout)
             self._dst_of[req_id] = dst
 
@@ -377,11 +402,23 @@ class Actor:
         req_id = self._wait_ids
         task.gather, task.results, task.waiting = False, [None], {req_id: 0}
         self._waits[wait.key] = req_id
-        self._tasks[req_id] = (task, self.now + wait.timeout)
+        self._pend(req_id, task, self.now + wait.timeout)
+
+    def _pend(self, req_id: int, task: _Task, deadline: float) -> None:
+        """`task` waits for `req_id` until `deadline`."""
+        self._tasks[req_id] = task
+        timers = self._timers
+        heappush(timers, (deadline, next(self._added), req_id))
+        if len(timers) > 2 * len(self._tasks) + TIMER_SLACK:  # mostly answered requests: drop those
+            tasks = self._tasks
+            timers[:] = [timer for timer in timers if timer[2] in tasks]
+            heapify(timers)
+        if self.timer_added is not None:
+            self.timer_added(deadline)
 
     def _resume_with(self, req_id: int, body: dict[str, Any]) -> None:
-        entry = self._tasks.pop(req_id, None)
-        if entry is None:
+        task = self._tasks.pop(req_id, None)
+        if task is None:
             self.dropped_replies += 1  # a reply after its timeout, or a forged correlation id
             return
         self._dst_of.pop(req_id, None)
@@ -389,7 +426,6 @@ class Actor:
         if req_id < 0:  # a Wait that timed out: forget its key
             for key in [k for k, r in self._waits.items() if r == req_id]:
                 del self._waits[key]
-        task, _ = entry
         task.results[task.waiting.pop(req_id)] = body if isinstance(body, dict) else failed(-E.EBADMSG)
         if not task.waiting:
             self._step(task, task.results if task.gather else task.results[0])

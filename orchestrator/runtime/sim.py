@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
+from heapq import heapify, heappop, heappush
+from itertools import count
 from typing import Any, TypeVar
 
 from vsva.actors import actor_class
@@ -21,6 +23,7 @@ from vsva.analysis.trace import record
 from vsva.ops.topology import Topology
 
 STEP = 20e-6  # virtual seconds per delivery (about one same-CPU ZeroMQ hop)
+TIMER_SLACK = 1024  # deadlines of answered requests the runtime keeps beyond 2 per actor
 A = TypeVar("A", bound=Actor)
 
 
@@ -49,6 +52,15 @@ class SimRuntime:
         self.delivered = 0
         self.dead: set[str] = set()
         self.held: set[tuple[str, str]] = set()
+        # The actors' deadlines in one heap, as (deadline, the actor's place in `actors`): for
+        # every actor with a request pending there is an entry no later than its next deadline
+        # (each new deadline is pushed; an entry taken out is put back as the actor's next one).
+        # What an entry says is checked against the actor before it counts.
+        self._timers: list[tuple[float, int]] = []
+        self._compact_at = TIMER_SLACK
+        self._places = count()
+        self._place_of: dict[str, int] = {}  # actor name -> its place (the order `actors` keeps)
+        self._at: dict[int, str] = {}  # place -> actor name
         for spec in topology.actors:
             self.add(actor_class(spec.kind)(spec.name, self.env(spec.config)))
 
@@ -56,8 +68,27 @@ class SimRuntime:
         return ActorEnv(config=config, mem=self.mem, seed=self.seed, log=self._log)
 
     def add(self, actor: A) -> A:
-        self.actors[actor.name] = actor
+        """Make `actor` part of the run (one of the same name is replaced, in its place)."""
+        name = actor.name
+        replaced = self.actors.get(name)
+        if replaced is not None:
+            replaced.timer_added = None
+            place = self._place_of[name]
+        else:
+            place = next(self._places)
+            self._place_of[name], self._at[place] = place, name
+        self.actors[name] = actor
+        timers = self._timers
+        actor.timer_added = lambda deadline: heappush(timers, (deadline, place))
+        deadline = actor.next_deadline()
+        if deadline is not None:
+            heappush(timers, (deadline, place))
         return actor
+
+    def _actor_at(self, place: int) -> Actor | None:
+        """The actor in `place`, if it is still part of the run."""
+        name = self._at.get(place)
+        return self.actors.get(name) if name is not None and self._place_of.get(name) == place else None
 
     def start(self) -> None:
         for actor in list(self.actors.values()):
@@ -96,20 +127,56 @@ class SimRuntime:
 
     def _fire_due(self) -> None:
         """Fire every deadline virtual time has reached: a timer is due whether or not other
-        messages are in flight (one VM's busy loop must not hold back another's lease)."""
-        for actor in list(self.actors.values()):
-            d = actor.next_deadline()
-            if d is not None and d <= self.now:
-                self._post(actor, actor.expire(self.now))
+        messages are in flight (one VM's busy loop must not hold back another's lease). The
+        actors due fire in the order of `actors`, each once."""
+        timers, now = self._timers, self.now
+        if len(timers) > self._compact_at:
+            self._compact()
+        if not timers or timers[0][0] > now:
+            return
+        places = set()
+        while timers and timers[0][0] <= now:
+            places.add(heappop(timers)[1])
+        for place in sorted(places):
+            actor = self._actor_at(place)
+            if actor is None:
+                continue
+            deadline = actor.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._post(actor, actor.expire(now))
+                deadline = actor.next_deadline()
+            if deadline is not None:
+                heappush(timers, (deadline, place))
 
     def _expire_due(self) -> bool:
         """Advance virtual time to the earliest deadline and fire it; False if there is none."""
-        deadlines = [d for a in self.actors.values() if (d := a.next_deadline()) is not None]
-        if not deadlines:
+        timers = self._timers
+        while timers:
+            deadline, place = timers[0]
+            actor = self._actor_at(place)
+            current = actor.next_deadline() if actor is not None else None
+            if current == deadline:
+                break
+            heappop(timers)  # answered since (or its actor is gone): put back its next deadline
+            if current is not None:
+                heappush(timers, (current, place))
+        else:
             return False
-        self.now = max(self.now, min(deadlines))
+        self.now = max(self.now, deadline)
         self._fire_due()
         return True
+
+    def _compact(self) -> None:
+        """Keep one entry per actor with a deadline (the heap grows by one per request)."""
+        self._at = {place: name for place, name in self._at.items() if self._place_of.get(name) == place}
+        timers = self._timers
+        timers[:] = [
+            (deadline, place)
+            for place, name in self._at.items()
+            if name in self.actors and (deadline := self.actors[name].next_deadline()) is not None
+        ]
+        heapify(timers)
+        self._compact_at = 2 * len(self.actors) + TIMER_SLACK
 
     def run(self, until: Callable[[], bool] | None = None, max_steps: int = 2_000_000) -> int:
         """Deliver until `until()` holds or the system is quiescent; returns deliveries made."""
@@ -134,6 +201,7 @@ class SimRuntime:
     def kill(self, name: str) -> None:
         """The actor's process dies: its queues vanish, its peers see it go."""
         self.actors.pop(name, None)
+        self._place_of.pop(name, None)
         self.dead.add(name)
         for link in [k for k in self.links if name in k]:
             del self.links[link]
