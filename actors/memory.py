@@ -320,15 +320,21 @@ class PasidDirectory:
         return was_present
 
     def present_pasids(self) -> list[int]:
-        """Every PASID with a present entry (the audit walks the real bytes)."""
+        """Every PASID with a present entry (the audit walks the real bytes). One read per
+        directory frame and per present table, not per entry: the host's snapshot scans every
+        device's whole directory, at 128 VMs 129 x 16,384 entries (a read per entry took the
+        snapshot ~1 s, 2 s on a loaded machine: the live audit's answer bound)."""
         found = []
-        for d in range(PASID_DIR_FRAMES * PAGE_SIZE // 8):
-            pde = self.space.read_u64(self.base + 8 * d)
-            if pde & PDE_PRESENT:
-                table = pde & ADDR_MASK
-                found += [
-                    d * 64 + i for i in range(64) if self.space.read_u64(table + PASID_ENTRY_SIZE * i) & 1
-                ]
+        per_frame = PAGE_SIZE // 8
+        for f in range(PASID_DIR_FRAMES):
+            pdes = self.space.read_words(self.base + f * PAGE_SIZE, per_frame)
+            if not any(pdes):
+                continue
+            for i, pde in enumerate(pdes):
+                if pde & PDE_PRESENT:
+                    table = self.space.read_words(pde & ADDR_MASK, per_frame)
+                    first = (f * per_frame + i) * 64
+                    found += [first + e for e in range(64) if table[e * PASID_ENTRY_SIZE // 8] & 1]
         return found
 
     def tables(self) -> list[int]:
