@@ -82,4 +82,12 @@ class StopSignals:
         it, 128 + its number (130 for SIGINT)."""
         assert self.signum is not None, "no stop was requested"
         typer.echo(f"vsva: interrupted by {self.name}; the run was taken down", err=True)
+        self.ignore()
         raise typer.Exit(128 + self.signum)
+
+    def ignore(self) -> None:
+        """The stop is done: from now on the signals are ignored outright. The interpreter
+        gives a handled signal its default action back as it exits, so one arriving then
+        would still end the process by that signal instead of with its exit code."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)

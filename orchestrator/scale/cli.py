@@ -62,6 +62,7 @@ def run(
     ),
 ) -> None:
     """Run an experiment: every point and repeat from a clean state to its audit."""
+    from vsva.cli.exits import StopSignals
     from vsva.scale import runner
     from vsva.scale.cluster import ClusterError, connect
     from vsva.scale.results import ResultsDir, ResultsError
@@ -113,12 +114,13 @@ def run(
                     "cluster": cluster,
                 },
             )
-        summary = runner.execute(sweep, rd, cluster=cluster)
+        summary = runner.execute(sweep, rd, cluster=cluster, stop=StopSignals())
     except (SweepError, ResultsError) as exc:
         _fail(str(exc))
     except runner.Interrupted as exc:
         typer.echo(f"vsva scale: {exc}", err=True)
-        raise typer.Exit(130) from None
+        exc.stop.ignore()
+        raise typer.Exit(128 + (exc.stop.signum or 0)) from None
     except ClusterError as exc:
         _fail(str(exc), 1)
     if summary.get("plots_note"):

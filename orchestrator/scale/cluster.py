@@ -6,17 +6,24 @@ never share a node and disturb each other's figures. Stacks are handed out as no
 free; a run's row is written to the caller's results directory as soon as its last stack
 has returned, so results stream back while the sweep goes on. In the task the stack runs as
 it does locally (its own run directories under a fresh base directory on that node), and the
-residue check runs there too. On Ctrl-C the outstanding tasks are cancelled (KeyboardInterrupt
-in the task: the stack's launcher cleans up on that node).
+residue check runs there too. On a stop request (SIGINT, SIGTERM, SIGHUP to `vsva scale run`)
+the outstanding tasks are cancelled (KeyboardInterrupt in the task: the stack's launcher
+cleans up on that node).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-POLL_S = 1.0  # ray.wait slice, so Ctrl-C is seen between completions
+from vsva.scale.experiments import PointStopped
+
+if TYPE_CHECKING:
+    from vsva.ops.launcher import StopRequest
+
+POLL_S = 1.0  # ray.wait slice, so a stop request is seen between completions
 
 
 class ClusterError(RuntimeError):
@@ -31,14 +38,18 @@ def check_available() -> None:
 
 
 def connect(address: str) -> Any:
-    """ray.init on `address` (idempotent); returns the ray module."""
+    """ray.init on `address` (idempotent); returns the ray module. ray.init takes SIGTERM over
+    (it exits at once); it is given back to the handler it had (the sweep's stop request)."""
     check_available()
     import ray
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, ignore_reinit_error=True)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own wording
         raise ClusterError(f"--cluster {address}: cannot connect: {str(exc).splitlines()[0]}") from None
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return ray
 
 
@@ -72,7 +83,9 @@ def _nodes(ray: Any) -> list[dict[str, Any]]:
     return nodes
 
 
-def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress: Any) -> None:
+def run_on_cluster(
+    sweep: Any, todo: list[Any], address: str, rd: Any, progress: Any, stop: StopRequest | None = None
+) -> None:
     ray = connect(address)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -103,6 +116,8 @@ def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress:
     pending: dict[Any, tuple[int, int, dict[str, Any]]] = {}
     try:
         while queue or pending:
+            if stop is not None and stop.check():
+                raise PointStopped("stopped while the cluster ran the sweep")
             while queue and free:
                 i, h, spec = queue.pop(0)
                 node = free.pop(0)
@@ -122,7 +137,7 @@ def run_on_cluster(sweep: Any, todo: list[Any], address: str, rd: Any, progress:
                 state[i]["results"][h] = result
                 if all(r is not None for r in state[i]["results"]):
                     _record(sweep, state.pop(i), rd, progress, make_row)
-    except KeyboardInterrupt:
+    except PointStopped:
         for ref in pending:
             ray.cancel(ref)
         ray.wait(list(pending), num_returns=len(pending), timeout=30)

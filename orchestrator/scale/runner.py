@@ -2,30 +2,34 @@
 
 Points run one after another (locally) or as many at once as a Ray cluster has nodes
 (`--cluster`); each finished run is appended to points.jsonl at once, so an interrupted or
-killed sweep keeps what finished and `--resume DIR` runs only the rest. Ctrl-C (SIGINT) stops
-the running point: its stacks clean up (processes, sockets, shared memory), further SIGINTs
-are ignored until they have, and the derived files are written for the finished runs.
+killed sweep keeps what finished and `--resume DIR` runs only the rest. SIGINT (Ctrl-C),
+SIGTERM and SIGHUP are a stop request (StopSignals, given by the command): the running point
+stops, its stacks clean up (processes, sockets, shared memory), further signals are ignored,
+and the derived files are written for the finished runs.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsva.scale import plots as plotting
 from vsva.scale.environment import environment, sample
-from vsva.scale.experiments import StackResult, runner
+from vsva.scale.experiments import PointStopped, StackResult, runner
 from vsva.scale.progress import Progress
 from vsva.scale.results import ResultsDir, utc_iso
 from vsva.scale.stacks import residue, result_of, run_local
 from vsva.scale.sweep import Sweep, fix, loads, narrow, run_seed
+
+if TYPE_CHECKING:
+    from vsva.cli.exits import StopSignals
+    from vsva.ops.launcher import StopRequest
 
 
 @dataclass
@@ -40,13 +44,16 @@ class Run:
 
 
 class Interrupted(Exception):
-    """The sweep stopped on SIGINT; `path` is the results directory to resume."""
+    """The sweep stopped on a stop request (`stop`, which names the signal); `path` is the
+    results directory to resume."""
 
-    def __init__(self, path: str, done: int, total: int):
+    def __init__(self, path: str, done: int, total: int, stop: StopSignals):
         super().__init__(
-            f"interrupted: {done} of {total} runs recorded; resume with `vsva scale run --resume {path}`"
+            f"interrupted by {stop.name}: {done} of {total} runs recorded; "
+            f"resume with `vsva scale run --resume {path}`"
         )
         self.path = path
+        self.stop = stop
 
 
 def plan(sweep: Sweep, done: Set[tuple[str, int]] = frozenset()) -> list[Run]:
@@ -215,7 +222,11 @@ def refused_row(sweep: Sweep, run: Run, why: str, env: dict[str, Any]) -> dict[s
 
 
 def run_one(
-    sweep: Sweep, run: Run, env: dict[str, Any], on_phase: Callable[[str], None]
+    sweep: Sweep,
+    run: Run,
+    env: dict[str, Any],
+    on_phase: Callable[[str], None],
+    stop: StopRequest | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One run on this machine, from a clean state; what it leaves behind is found and removed."""
     why = runner(sweep.runner).refuse(run.params)
@@ -227,29 +238,11 @@ def run_one(
         os.makedirs(spec["base_dir"])
     started, t0 = time.time(), time.monotonic()
     try:
-        outcomes = run_local(specs, on_phase)
+        outcomes = run_local(specs, on_phase, stop)
     finally:
         left = [x for spec in specs for x in residue(spec["base_dir"])]
         shutil.rmtree(base, ignore_errors=True)
     return make_row(sweep, run, outcomes, left, started, time.monotonic() - t0, {**env, **sample()})
-
-
-class _SigintOnce:
-    """The first SIGINT raises KeyboardInterrupt; later ones are ignored while cleanup runs."""
-
-    def __enter__(self) -> _SigintOnce:
-        self.previous = signal.getsignal(signal.SIGINT)
-        self.count = 0
-        signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.count += 1
-        if self.count == 1:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self.previous)
 
 
 def execute(
@@ -258,31 +251,38 @@ def execute(
     *,
     cluster: str | None = None,
     progress: Progress | None = None,
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
-    """Run every run of `sweep` not yet in `rd`; write the derived files; return a summary."""
+    """Run every run of `sweep` not yet in `rd`; write the derived files; return a summary.
+    A `stop` request ends it after the running point has cleaned up (Interrupted, once the
+    derived files of the finished runs are written)."""
     todo = plan(sweep, rd.done())
     total = len(plan(sweep))
     env = environment()
     progress = progress or Progress(total, total - len(todo))
     interrupted = False
-    with _SigintOnce(), progress:
+    with progress:
         try:
             if cluster:
                 from vsva.scale.cluster import run_on_cluster
 
-                run_on_cluster(sweep, todo, cluster, rd, progress)
+                run_on_cluster(sweep, todo, cluster, rd, progress, stop)
             else:
                 for run in todo:
+                    if stop is not None and stop.check():  # it came between two runs
+                        raise PointStopped("stopped between runs")
                     progress.start(run)
-                    row, series = run_one(sweep, run, env, progress.phase)
+                    row, series = run_one(sweep, run, env, progress.phase, stop)
                     rd.append(row, series)
                     progress.finish(run, row)
-        except KeyboardInterrupt:
+        except PointStopped:
             interrupted = True
+    interrupted = interrupted or (stop is not None and stop.check())  # it came after the last one
     rd.update_meta(state="interrupted" if interrupted else "done", finished=utc_iso())
     summary = finish(rd, sweep)
     if interrupted:
-        raise Interrupted(rd.path, len(rd.rows()), total)
+        assert stop is not None  # only a stop request raises PointStopped
+        raise Interrupted(rd.path, len(rd.rows()), total, stop)
     return summary
 
 

@@ -4,8 +4,8 @@ that a stack left nothing behind.
 A point with `hosts = H` is H independent host stacks (host, kvm, vdcm and their VMs), each
 with its own run directory and shared memory, started together. Locally each stack is a
 child process (`python -m vsva.scale.stacks SPEC.json`) in its own session, so a Ctrl-C
-reaches only the runner, which forwards SIGINT to every stack and waits for them to clean
-up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
+reaches only the runner, which on a stop request (StopSignals) forwards SIGINT to every stack
+and waits for them to clean up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
 
 Residue: every stack's launchers put their run directories under the stack's own base
 directory, so after the stack the runner knows exactly what could be left: a process below
@@ -24,37 +24,50 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vsva.scale.experiments import PointContext, PointTimeout, StackResult, runner
+from vsva.cli.client import wait_exit
+from vsva.ops.launcher import LaunchStopped
+from vsva.scale.experiments import PointContext, PointStopped, PointTimeout, StackResult, runner
+
+if TYPE_CHECKING:
+    from vsva.ops.launcher import StopRequest
 
 GRACE_S = 10.0  # after the deadline, before a stack process is killed
 
 
-def run_stack_spec(spec: dict[str, Any], on_phase: Callable[[str], None] = lambda p: None) -> dict[str, Any]:
+def run_stack_spec(
+    spec: dict[str, Any], on_phase: Callable[[str], None] = lambda p: None, stop: StopRequest | None = None
+) -> dict[str, Any]:
     """Run one stack described by `spec` (runner, params, seed, timeout, base_dir, host);
-    returns {"result": StackResult as JSON} or {"timeout": why} or {"error": why}."""
+    returns {"result": StackResult as JSON} or {"timeout": why} or {"error": why}, and
+    raises PointStopped on a `stop` request."""
     mod = runner(spec["runner"])
     ctx = PointContext(
         deadline=time.monotonic() + spec["timeout"],
         base_dir=spec.get("base_dir"),
         host=spec.get("host", 0),
         on_phase=on_phase,
+        stop=stop,
     )
     try:
         return {"result": mod.run_stack(spec["params"], spec["seed"], ctx).to_json()}
     except PointTimeout as exc:
         return {"timeout": str(exc)}
-    except KeyboardInterrupt:
+    except LaunchStopped as exc:
+        raise PointStopped(str(exc)) from None
+    except (PointStopped, KeyboardInterrupt):  # KeyboardInterrupt: a cancelled Ray task
         raise
     except Exception as exc:  # a runner bug or a launch failure: recorded, never fatal to the sweep
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}
 
 
-def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_local(
+    specs: list[dict[str, Any]], on_phase: Callable[[str], None], stop: StopRequest | None = None
+) -> list[dict[str, Any]]:
     """Run the stacks of one point: one in this process, several as child processes at once."""
     if len(specs) == 1:
-        return [run_stack_spec(specs[0], on_phase)]
+        return [run_stack_spec(specs[0], on_phase, stop)]
     procs = []
     tmp = tempfile.mkdtemp(prefix="vsva-stacks-")
     try:
@@ -70,7 +83,7 @@ def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> l
                 )
             )
         on_phase(f"{len(specs)} host stacks running")
-        _wait_all(procs, specs[0]["timeout"] + GRACE_S)
+        _wait_all(procs, specs[0]["timeout"] + GRACE_S, stop)
         out = []
         for i, proc in enumerate(procs):
             try:
@@ -86,18 +99,22 @@ def run_local(specs: list[dict[str, Any]], on_phase: Callable[[str], None]) -> l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, stop: StopRequest | None = None) -> None:
+    """Wait (bounded) for every stack process; those still running at the end are killed. A
+    `stop` request raises PointStopped (the caller interrupts the stacks)."""
     end = time.monotonic() + timeout
     for proc in procs:
-        try:
-            proc.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None and time.monotonic() < end:
+            if stop is not None and stop.check():
+                raise PointStopped("stopped while the host stacks ran")
+            wait_exit(proc.pid, end - time.monotonic(), stop.fd if stop is not None else -1)
+        if proc.poll() is None:
             proc.kill()
             proc.wait(5.0)
 
 
 def _interrupt_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Ctrl-C: every stack cleans itself up on SIGINT; one that does not in time is killed."""
+    """A stop: every stack cleans itself up on SIGINT; one that does not in time is killed."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -166,14 +183,18 @@ def result_of(outcome: dict[str, Any]) -> StackResult | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A host stack in a child process: read the spec file, write `<spec>.out`."""
+    """A host stack in a child process: read the spec file, write `<spec>.out`. The runner's
+    SIGINT (or any stop signal) is a stop request: the stack takes itself down."""
+    from vsva.cli.exits import StopSignals
+
+    stop = StopSignals()
     path = (argv or sys.argv[1:])[0]
     with open(path) as f:
         spec = json.load(f)
     try:
-        outcome = run_stack_spec(spec)
-    except KeyboardInterrupt:
-        return 130
+        outcome = run_stack_spec(spec, stop=stop)
+    except PointStopped:
+        return 128 + (stop.signum or 0)
     with open(path + ".out", "w") as f:
         json.dump(outcome, f, default=repr)
     return 0

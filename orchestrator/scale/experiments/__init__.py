@@ -17,7 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vsva.ops.launcher import StopRequest
 
 RUNNERS = {
     "vms": "vsva.scale.experiments.vms",
@@ -73,21 +76,31 @@ class PointTimeout(Exception):
     """The point's time ran out; the runner records it as `timeout`."""
 
 
+class PointStopped(Exception):
+    """A stop was requested (a signal to `vsva scale run`): the sweep ends, the point is not
+    recorded."""
+
+
 @dataclass
 class PointContext:
-    """What the runner gives a stack: its deadline, where its run directories go, and a way
-    to say which phase it is in (the progress display and the Ctrl-C test watch it)."""
+    """What the runner gives a stack: its deadline, where its run directories go, a way to
+    say which phase it is in (the progress display and the Ctrl-C test watch it), and the
+    stop request its launchers poll (StopSignals; None: nothing stops it but its deadline)."""
 
     deadline: float  # time.monotonic() value
     base_dir: str | None = None
     host: int = 0
     on_phase: Callable[[str], None] = lambda phase: None
+    stop: StopRequest | None = None
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def check(self, what: str) -> float:
-        """Seconds left; raises PointTimeout (naming `what`) when none are."""
+        """Seconds left; raises PointStopped when a stop was requested, PointTimeout (naming
+        `what`) when no time is left."""
+        if self.stop is not None and self.stop.check():
+            raise PointStopped(f"stopped during {what}")
         left = self.left()
         if left <= 0:
             raise PointTimeout(f"timed out during {what}")

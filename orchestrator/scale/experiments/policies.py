@@ -202,7 +202,7 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
     from vsva.ops.launcher import Launcher
 
     topo = topology(params, seed)
-    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx))
+    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx), stop=ctx.stop)
     with launcher:
         ctx.phase(f"launched {len(topo.actors)} processes")
 
@@ -217,6 +217,7 @@ def run_stack(params: dict[str, Any], seed: int, ctx: PointContext) -> StackResu
         p = PolicyProbe(topo, params, kill_vm, ctx.phase, ctx.check("the session"))
         finished = launcher.run_actor(p, timeout=ctx.check("the session"))
         if not finished or p.result is None:
+            ctx.check("the session")  # a stop request ended it: PointStopped
             raise PointTimeout(f"timed out after phase {last_phase(p.marks)}")
         t0 = launcher.t0
         assert t0 is not None, "a started launcher has its epoch"

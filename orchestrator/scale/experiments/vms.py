@@ -160,7 +160,7 @@ def run_session(
     from vsva.ops.launcher import Launcher
 
     t0 = time.monotonic()
-    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx))
+    launcher = Launcher(topo, base_dir=ctx.base_dir, ready_timeout=launch_timeout(ctx), stop=ctx.stop)
     with launcher:
         ctx.phase(f"launched {len(topo.actors)} processes")
         sampler = Sampler(launcher, ctx)
@@ -169,6 +169,7 @@ def run_session(
             on_launch(launcher, ctl)
         finished = launcher.run_actor(ctl, timeout=ctx.check("the session"))
         if not finished or ctl.result is None:
+            ctx.check("the session")  # a stop request ended it: PointStopped
             raise PointTimeout(f"timed out after phase {last_phase(ctl.marks)}")
         t_close = time.monotonic()
         launcher.close()

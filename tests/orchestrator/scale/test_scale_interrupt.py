@@ -1,5 +1,6 @@
-"""Ctrl-C in the middle of a point: the running point's processes, sockets and shared memory
-are gone, the finished point is kept, and the run says how to resume."""
+"""A stop signal in the middle of a point: the running point's processes, sockets and shared
+memory are gone, the finished point is kept, and the run says how to resume; a second signal
+while it stops changes nothing."""
 
 from __future__ import annotations
 
@@ -13,24 +14,23 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 from vsva.scale.results import ResultsDir
 from vsva.scale.stacks import descendants
 
 
-def _lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> list[str]:
-    """stderr lines of `proc` up to the first containing `needle` (bounded)."""
-    seen, end = [], time.monotonic() + timeout
-    while time.monotonic() < end:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, end - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"no {needle!r} within {timeout} s; stderr so far:\n{''.join(seen)}")
+def _lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    """What `proc` wrote on stderr until `needle` (bounded). Read from the descriptor: a
+    buffered readline could hold the line in its buffer while select() waits for more."""
+    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
+    while needle.encode() not in seen:
+        left = end - time.monotonic()
+        chunk = os.read(fd, 65536) if left > 0 and select.select([fd], [], [], left)[0] else b""
+        if not chunk:
+            raise AssertionError(f"no {needle!r} within {timeout} s; stderr so far:\n{seen.decode()}")
+        seen += chunk
+    return seen.decode(errors="replace")
 
 
 def _start_time(pid: int) -> str | None:
@@ -44,7 +44,8 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
-def test_sigint_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path):
+@pytest.mark.timeout(300)
+def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path):
     tmpdir = tempfile.mkdtemp(prefix="vsva-t", dir="/tmp")  # short: ipc paths live under it
     try:
         check_interrupt(tmp_path, tmpdir)
@@ -79,14 +80,16 @@ def check_interrupt(tmp_path, tmpdir: str) -> None:
         assert os.path.exists(shm)
         below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
         assert len(below) >= 7  # host, kvm, vdcm, two guests and two vmms (and a fork server)
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        _lines_until(proc, "stopping", timeout=60)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while it stops: ignored
+        _out, err = proc.communicate(timeout=150)  # the plots of the finished run are drawn
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
-    assert "interrupted: 1 of 2 runs recorded; resume with `vsva scale run --resume" in err
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM: 1 of 2 runs recorded; resume with `vsva scale run --resume" in err
     assert [pid for pid, t in below.items() if _start_time(pid) == t] == []
     assert os.listdir(tmpdir) == []  # run directories, sockets, the runner's own directories
     assert not os.path.exists(shm)
