@@ -118,12 +118,12 @@ def descendants(pid: int) -> set[int]:
 
 def assert_stopped(cli: Cli, proc: subprocess.Popen, sig: int, err: str, pids: set[int]) -> None:
     """The command exited by itself with the shell's code for `sig` (128 + its number), said
-    in one line which signal stopped it, and left nothing: no process of the run (`pids`), no
-    run directory (its sockets), no shared memory."""
+    in one line which signal stopped it, and left nothing: no process of the run (`pids`, and
+    any started for it later), no run directory (its sockets), no shared memory."""
     assert proc.returncode == 128 + sig, err[-2000:]
     said = [line for line in err.splitlines() if "interrupted" in line]
     assert said == [f"vsva: interrupted by {signal.Signals(sig).name}; the run was taken down"], err[-2000:]
-    assert not [p for p in pids if pid_alive(p)]
+    assert not [p for p in pids if pid_alive(p)] and launched_by(proc.pid) == []
     assert cli.run_dirs() == [] and shm_of(proc.pid) == []
 
 
@@ -156,6 +156,33 @@ def test_demo_signal_cleans_up(cli, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert_stopped(cli, proc, sig, err, pids)
+
+
+def launched_by(pid: int) -> list[int]:
+    """Processes started for `pid`'s run, wherever they are now: the fork server and the
+    actors it forks carry `--parent-pid PID` on their command line."""
+    found = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in args and args[args.index(b"--parent-pid") + 1 :][:1] == [str(pid).encode()]:
+            found.append(int(cmdline.split("/")[2]))
+    return [p for p in found if pid_alive(p)]
+
+
+@pytest.mark.timeout(120)
+def test_demo_signal_during_the_launch_cleans_up(cli):
+    """A signal while the actors are still starting (the run directory is there, the trace
+    is not): the launch is abandoned and taken down like a running demo."""
+    proc = cli.start("demo", "--vms", "8", "--workload", "dma_loop", "--iterations", "1000000")
+    wait_for(cli.run_dirs, 90, "the demo's run directory")
+    pids = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert_stopped(cli, proc, signal.SIGTERM, err, pids)
 
 
 @pytest.mark.timeout(120)
