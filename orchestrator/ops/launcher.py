@@ -92,9 +92,10 @@ class LaunchStopped(LaunchError):
 
 class StopRequest(Protocol):
     """What asks a run to stop (vsva.cli.exits.StopSignals): `fd` turns readable when it
-    may have, and `check()` says whether it has (emptying `fd`)."""
+    may have, `check()` says whether it has (emptying `fd`), `signum` is the signal that did."""
 
     fd: int
+    signum: int | None
 
     def check(self) -> bool: ...
 

@@ -4,8 +4,8 @@ that a stack left nothing behind.
 A point with `hosts = H` is H independent host stacks (host, kvm, vdcm and their VMs), each
 with its own run directory and shared memory, started together. Locally each stack is a
 child process (`python -m vsva.scale.stacks SPEC.json`) in its own session, so a Ctrl-C
-reaches only the runner, which on a stop request (StopSignals) forwards SIGINT to every stack
-and waits for them to clean up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
+reaches only the runner, which on a stop request (StopSignals) forwards its signal to every
+stack and waits for them to clean up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
 
 Residue: every stack's launchers put their run directories under the stack's own base
 directory, so after the stack the runner knows exactly what could be left: a process below
@@ -93,7 +93,7 @@ def run_local(
                 out.append({"error": f"host stack {i} exited with {proc.returncode} and no result"})
         return out
     except BaseException:
-        _interrupt_all(procs)
+        _interrupt_all(procs, (stop.signum if stop is not None else None) or signal.SIGINT)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,11 +113,12 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, stop: StopRe
             proc.wait(5.0)
 
 
-def _interrupt_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """A stop: every stack cleans itself up on SIGINT; one that does not in time is killed."""
+def _interrupt_all(procs: list[subprocess.Popen[bytes]], sig: int) -> None:
+    """A stop: every stack cleans itself up on `sig` (the signal that stopped the runner, or
+    SIGINT); one that does not in time is killed."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
     _wait_all(procs, GRACE_S)
 
 

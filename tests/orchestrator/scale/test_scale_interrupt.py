@@ -4,6 +4,7 @@ while it stops changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import select
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -44,37 +46,36 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
-@pytest.mark.timeout(300)
-def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path):
-    tmpdir = tempfile.mkdtemp(prefix="vsva-t", dir="/tmp")  # short: ipc paths live under it
-    try:
-        check_interrupt(tmp_path, tmpdir)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+@pytest.fixture
+def short_tmp():
+    """A short TMPDIR for the sweep (ipc socket paths live under it), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="vsva-t", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def check_interrupt(tmp_path, tmpdir: str) -> None:
-    env = {**os.environ, "TMPDIR": tmpdir}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vsva",
-        "scale",
-        "run",
-        "vms",
-        "--points",
-        "1,2",
-        "--set",
-        "binds=3",
-        "--set",
-        "dma_rounds=2",
-        "--out",
-        str(tmp_path / "results"),
-    ]
+@contextlib.contextmanager
+def scale_run(short_tmp: str, *args: str) -> Iterator[subprocess.Popen]:
+    """`vsva scale run vms ARGS` with TMPDIR=`short_tmp`; killed if the test leaves it running."""
+    cmd = [sys.executable, "-m", "vsva", "scale", "run", "vms", *args]
+    env = {**os.environ, "TMPDIR": short_tmp}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path, short_tmp):
+    out = str(tmp_path / "results")
+    with scale_run(
+        short_tmp, "--points", "1,2", "--set", "binds=3", "--set", "dma_rounds=2", "--out", out
+    ) as proc:
         _lines_until(proc, "run 2/2 vms=2 #0: launched", timeout=120)
-        run_dirs = glob.glob(os.path.join(tmpdir, "vsva-s*", "0", "vsva-*"))
+        run_dirs = glob.glob(os.path.join(short_tmp, "vsva-s*", "0", "vsva-*"))
         assert len(run_dirs) == 1 and len(glob.glob(os.path.join(run_dirs[0], "*.sock"))) >= 7  # live
         shm = f"/dev/shm/{os.path.basename(run_dirs[0])}.mem"
         assert os.path.exists(shm)
@@ -84,15 +85,36 @@ def check_interrupt(tmp_path, tmpdir: str) -> None:
         _lines_until(proc, "stopping", timeout=60)
         proc.send_signal(signal.SIGINT)  # Ctrl-C while it stops: ignored
         _out, err = proc.communicate(timeout=150)  # the plots of the finished run are drawn
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM: 1 of 2 runs recorded; resume with `vsva scale run --resume" in err
     assert [pid for pid, t in below.items() if _start_time(pid) == t] == []
-    assert os.listdir(tmpdir) == []  # run directories, sockets, the runner's own directories
+    assert os.listdir(short_tmp) == []  # run directories, sockets, the runner's own directories
     assert not os.path.exists(shm)
     rd = ResultsDir.open(str(tmp_path / "results" / "vms" / "latest"))
     assert [r["params"]["vms"] for r in rd.rows()] == [1] and rd.meta()["state"] == "interrupted"
     assert os.path.isfile(os.path.join(rd.path, "summary.md"))
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_while_two_host_stacks_run_leaves_nothing(tmp_path, short_tmp):
+    """`hosts = 2`: each stack is a child process in its own session, which the terminal's
+    signal does not reach. The runner passes its stop on to both and waits for them; their
+    actors, fork servers, run directories and shared memory are all gone when it exits."""
+    args = ["--points", "1", "--set", "hosts=2", "--set", "binds=3", "--set", "dma_rounds=100000"]
+    with scale_run(short_tmp, *args, "--out", str(tmp_path / "results")) as proc:
+        _lines_until(proc, "2 host stacks running", timeout=120)
+        end = time.monotonic() + 120
+        while len(glob.glob(os.path.join(short_tmp, "vsva-s*", "*", "vsva-*", "trace-*.frames"))) < 10:
+            assert time.monotonic() < end, "the two stacks' actors did not start"
+            time.sleep(0.05)  # files appear with no event to wait on
+        below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
+        assert len(below) >= 12  # two stack processes, their fork servers and 5 actors each
+        run_dirs = glob.glob(os.path.join(short_tmp, "vsva-s*", "*", "vsva-*"))
+        shms = [f"/dev/shm/{os.path.basename(d)}.mem" for d in run_dirs]
+        assert len(run_dirs) == 2 and all(os.path.exists(m) for m in shms)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM: 0 of 1 runs recorded" in err
+    assert [pid for pid, t in below.items() if _start_time(pid) == t] == []
+    assert os.listdir(short_tmp) == [] and not [m for m in shms if os.path.exists(m)]
