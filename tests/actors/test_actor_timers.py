@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vsva.actors import base
@@ -134,14 +134,14 @@ def play(actor: Toy, schedule: list[tuple[Any, ...]]) -> list[Any]:
     return record
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # loaded machines
 @given(ops)
 @example([("spawn", [("call", "p1", 1.0)]), ("spawn", [("wait", 0, 1.0)]), ("tick", 1.0)])  # a tie
 def test_deadlines_and_the_order_they_fire_in_are_the_scans(schedule):
     assert play(Toy(), schedule) == play(ScanSpec(), schedule)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # loaded machines
 @given(ops)
 def test_the_same_with_the_heap_compacted_at_every_request(schedule):
     slack, base.TIMER_SLACK = base.TIMER_SLACK, 0

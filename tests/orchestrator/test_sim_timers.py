@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zmqrt_toys import Echo, Mute, ToyPing
 
@@ -92,13 +92,13 @@ def run(runtime: type[SimRuntime], spec: dict[str, Any]) -> list[Any]:
     return [rt.trace, rt.now, rt.delivered, outcome, late]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # loaded machines
 @given(runs)
 def test_actors_fire_at_the_same_times_and_in_the_same_order_as_the_scan(spec):
     assert run(SimRuntime, spec) == run(ScanSim, spec)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # loaded machines
 @given(runs)
 def test_the_same_with_the_heap_compacted_at_every_delivery(spec):
     slack, sim.TIMER_SLACK = sim.TIMER_SLACK, 0
