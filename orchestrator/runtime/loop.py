@@ -105,26 +105,12 @@ MAX_HELD = 16  # sends held back during a drain before they go (bounds the first
 _send = zmq.backend.Socket.send
 
 MAX_SOCKETS = 8192  # libzmq's default (1023) is 340 peers: a DEALER, its monitor and its pair each
-# libzmq's I/O threads run under SCHED_BATCH where the OS has it (Linux): see new_context
-IO_THREAD_POLICY: int | None = getattr(os, "SCHED_BATCH", None)
 
 
 def new_context() -> zmq.Context[zmq.Socket[bytes]]:
-    """A ZeroMQ context that can hold a socket set for every actor of a 256-VM topology.
-
-    Its I/O thread is a SCHED_BATCH thread: same share of the CPU as any other, but its
-    wake-up does not preempt the thread running on that CPU. Every send wakes the sender's I/O
-    thread; under the default policy it took the CPU from our own main thread in the middle
-    of a burst (the host's second ioasid_notify went out ~35 us after the first instead of a
-    few us; benchmarks/bench_bind_path.py, hop "host: second notify"), and on a loaded machine
-    it preempted whichever actor was running. Only the policy is set: for a policy that is not
-    real-time, a positive ZMQ_THREAD_PRIORITY only makes libzmq call nice(-20), which needs a
-    privilege and aborts the process without it.
-    """
+    """A ZeroMQ context that can hold a socket set for every actor of a 256-VM topology."""
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
-    if IO_THREAD_POLICY is not None:
-        ctx.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_POLICY)
     return ctx
 
 
