@@ -178,7 +178,7 @@ class Guest(Actor):
                 "ok": ok,
                 "ret": reply.get("ret", 0),
                 "error": reply.get("error", ""),
-                **{key: reply[key] for key in ("timed_out",) if key in reply},
+                **({"timed_out": reply["timed_out"]} if "timed_out" in reply else {}),
                 **detail,
             }
         )

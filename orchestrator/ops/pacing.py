@@ -11,9 +11,9 @@ at a time, so a request it handles waits behind whatever the other VMs have queu
 `vfio_open`: each of its page faults is a page request in the host's one queue (`prq_depth`
 entries for all VMs; while it is full the device retries until an entry frees) and a round
 trip through the vmm and the guest, so when every VM faults at once it waits behind all
-their requests (128 VMs demand-paging 4 pages each: up to 3.1 s at the host on a loaded
-2-core machine; a guest that gives up first has an indefinite outcome, which the audit
-reports as I6). An mdev's descriptor (`mdev_submit` to vdcm) waits for vdcm's
+their requests (VMs demand-paging 4 pages each at once on a loaded 2-core machine: up to
+6.3 s at the host with 128 VMs, 11.1 s with 256; a guest that gives up first has an
+indefinite outcome, which the audit reports as I6). An mdev's descriptor (`mdev_submit` to vdcm) waits for vdcm's
 `dev_submit`: a base timeout more. A snapshot of every actor grows with the topology too.
 Powering VMs on goes `POWER_ON_WINDOW` at a time (`gather_bounded`), so the host's queue
 stays short and nobody waits for all of them.
