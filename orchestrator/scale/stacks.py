@@ -3,9 +3,12 @@ that a stack left nothing behind.
 
 A point with `hosts = H` is H independent host stacks (host, kvm, vdcm and their VMs), each
 with its own run directory and shared memory, started together. Locally each stack is a
-child process (`python -m vsva.scale.stacks SPEC.json`) in its own session, so a Ctrl-C
+child process (`python -m vsva.scale.stacks SPEC.json FD`) in its own session, so a Ctrl-C
 reaches only the runner, which on a stop request (StopSignals) forwards its signal to every
-stack and waits for them to clean up. The same spec and function serve a Ray task on a cluster (vsva.scale.cluster).
+stack and waits for them to clean up. Each stack writes its phases (launched, booted, ...)
+on a pipe (FD) to the runner, which shows them as "host H: PHASE" in its progress: what a
+user watches, and what a test that must act in a given phase waits on. The same spec and
+function serve a Ray task on a cluster (vsva.scale.cluster).
 
 Residue: every stack's launchers put their run directories under the stack's own base
 directory, so after the stack the runner knows exactly what could be left: a process below
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -26,7 +30,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vsva.cli.client import wait_exit
 from vsva.ops.launcher import LaunchStopped
 from vsva.scale.experiments import PointContext, PointStopped, PointTimeout, StackResult, runner
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from vsva.ops.launcher import StopRequest
 
 GRACE_S = 10.0  # after the deadline, before a stack process is killed
+PHASE_MAX = 200  # bytes of a phase line from a stack process
 
 
 def run_stack_spec(
@@ -65,61 +69,125 @@ def run_stack_spec(
 def run_local(
     specs: list[dict[str, Any]], on_phase: Callable[[str], None], stop: StopRequest | None = None
 ) -> list[dict[str, Any]]:
-    """Run the stacks of one point: one in this process, several as child processes at once."""
+    """Run the stacks of one point: one in this process, several as child processes at once,
+    whose phases are passed on as "host H: PHASE"."""
     if len(specs) == 1:
         return [run_stack_spec(specs[0], on_phase, stop)]
-    procs = []
+    stacks: list[StackProcess] = []
     tmp = tempfile.mkdtemp(prefix="vsva-stacks-")
     try:
         for i, spec in enumerate(specs):
             path = os.path.join(tmp, f"stack{i}.json")
             with open(path, "w") as f:
                 json.dump(spec, f)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "vsva.scale.stacks", path],
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
+            stacks.append(StackProcess(i, path))
         on_phase(f"{len(specs)} host stacks running")
-        _wait_all(procs, specs[0]["timeout"] + GRACE_S, stop)
+        _wait_all(stacks, specs[0]["timeout"] + GRACE_S, on_phase, stop)
         out = []
-        for i, proc in enumerate(procs):
+        for s in stacks:
             try:
-                with open(os.path.join(tmp, f"stack{i}.json.out")) as f:
+                with open(s.spec_path + ".out") as f:
                     out.append(json.load(f))
             except (OSError, ValueError):
-                out.append({"error": f"host stack {i} exited with {proc.returncode} and no result"})
+                out.append({"error": f"host stack {s.host} exited with {s.proc.returncode} and no result"})
         return out
     except BaseException:
-        _interrupt_all(procs, (stop.signum if stop is not None else None) or signal.SIGINT)
+        _interrupt_all(stacks, (stop.signum if stop is not None else None) or signal.SIGINT, on_phase)
         raise
     finally:
+        for s in stacks:
+            s.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, stop: StopRequest | None = None) -> None:
-    """Wait (bounded) for every stack process; those still running at the end are killed. A
-    `stop` request raises PointStopped (the caller interrupts the stacks)."""
+class StackProcess:
+    """One host stack as a child process (`python -m vsva.scale.stacks SPEC.json FD`) in its
+    own session, with the read end of the pipe on which it writes its phases, a line each, and
+    a pidfd that turns readable when it exits: the runner waits on both at once."""
+
+    def __init__(self, host: int, spec_path: str):
+        self.host, self.spec_path, self._partial = host, spec_path, b""
+        self.phases, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vsva.scale.stacks", spec_path, str(write_end)],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(write_end,),
+            )
+        except BaseException:
+            os.close(self.phases)
+            raise
+        finally:
+            os.close(write_end)  # the child holds it: end of file once the child is gone
+        self.pidfd = os.pidfd_open(self.proc.pid)  # not yet reaped (only poll/wait reap it)
+
+    def read_phases(self, on_phase: Callable[[str], None]) -> None:
+        """Pass on every whole line the stack has written; at end of file the pipe is closed."""
+        chunk = os.read(self.phases, 4096)
+        if not chunk:
+            os.close(self.phases)
+            self.phases = -1
+            return
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        self._partial = self._partial[-PHASE_MAX:]  # bounded, whatever the other end writes
+        for line in lines:
+            on_phase(f"host {self.host}: {line.decode(errors='replace')}")
+
+    def close(self) -> None:
+        for fd in (self.phases, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.phases = self.pidfd = -1
+
+
+def phase_writer(fd: int) -> Callable[[str], None]:
+    """A stack process's on_phase: one line per phase on the runner's pipe `fd`. A runner that
+    is gone has nobody to tell (the write fails): the stack goes on to its end or stop."""
+
+    def write(phase: str) -> None:
+        try:
+            os.write(fd, (" ".join(phase.split())[:PHASE_MAX] + "\n").encode())
+        except OSError:
+            pass
+
+    return write
+
+
+def _wait_all(
+    stacks: list[StackProcess],
+    timeout: float,
+    on_phase: Callable[[str], None],
+    stop: StopRequest | None = None,
+) -> None:
+    """Wait (bounded) for every stack process, passing on the phases they report as they come;
+    those still running at the end are killed. A `stop` request raises PointStopped (the
+    caller interrupts the stacks)."""
     end = time.monotonic() + timeout
-    for proc in procs:
-        while proc.poll() is None and time.monotonic() < end:
-            if stop is not None and stop.check():
-                raise PointStopped("stopped while the host stacks ran")
-            wait_exit(proc.pid, end - time.monotonic(), stop.fd if stop is not None else -1)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5.0)
+    while (running := [s for s in stacks if s.proc.poll() is None]) and (left := end - time.monotonic()) > 0:
+        if stop is not None and stop.check():
+            raise PointStopped("stopped while the host stacks ran")
+        poller = select.poll()
+        pipes = [s.phases for s in stacks if s.phases >= 0]
+        for fd in [s.pidfd for s in running] + pipes + ([stop.fd] if stop is not None else []):
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(left * 1000)}
+        for s in stacks:
+            if s.phases in ready:
+                s.read_phases(on_phase)
+    for s in stacks:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(5.0)
 
 
-def _interrupt_all(procs: list[subprocess.Popen[bytes]], sig: int) -> None:
+def _interrupt_all(stacks: list[StackProcess], sig: int, on_phase: Callable[[str], None]) -> None:
     """A stop: every stack cleans itself up on `sig` (the signal that stopped the runner, or
     SIGINT); one that does not in time is killed."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-    _wait_all(procs, GRACE_S)
+    for s in stacks:
+        if s.proc.poll() is None:
+            s.proc.send_signal(sig)
+    _wait_all(stacks, GRACE_S, on_phase)
 
 
 def residue(base_dir: str) -> list[str]:
@@ -184,16 +252,17 @@ def result_of(outcome: dict[str, Any]) -> StackResult | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A host stack in a child process: read the spec file, write `<spec>.out`. The runner's
+    """A host stack in a child process: read the spec file, write its phases on the pipe the
+    runner gave (its descriptor number is the second argument), write `<spec>.out`. The runner's
     SIGINT (or any stop signal) is a stop request: the stack takes itself down."""
     from vsva.cli.exits import StopSignals
 
     stop = StopSignals()
-    path = (argv or sys.argv[1:])[0]
+    path, phase_fd = argv or sys.argv[1:]
     with open(path) as f:
         spec = json.load(f)
     try:
-        outcome = run_stack_spec(spec, stop=stop)
+        outcome = run_stack_spec(spec, phase_writer(int(phase_fd)), stop)
     except PointStopped:
         return 128 + (stop.signum or 0)
     with open(path + ".out", "w") as f:

@@ -5,6 +5,7 @@ beyond the runtime's capacity refused."""
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -13,15 +14,19 @@ from vsva.scale.experiments import runner
 from vsva.scale.results import ResultsDir
 
 
-def run(tmp_path, *args: str) -> tuple[int, dict, list[dict]]:
+def run(tmp_path, *args: str) -> tuple[int, dict, list[dict], str]:
+    """`vsva scale run ARGS --json`: exit code, summary, the rows written, and the progress
+    lines (stderr)."""
     result = CliRunner().invoke(app, ["scale", "run", *args, "--out", str(tmp_path), "--json"])
     assert "{" in result.stdout, (result.output, result.exception)
     summary = json.loads(result.stdout[result.stdout.index("{") :])
-    return result.exit_code, summary, ResultsDir.open(summary["dir"]).rows()
+    return result.exit_code, summary, ResultsDir.open(summary["dir"]).rows(), result.stderr
 
 
 def test_vms_small(tmp_path):
-    code, summary, rows = run(tmp_path, "vms", "--points", "1,2", "--set", "binds=5", "--set", "dma_rounds=3")
+    code, summary, rows, _progress = run(
+        tmp_path, "vms", "--points", "1,2", "--set", "binds=5", "--set", "dma_rounds=3"
+    )
     assert code == 0, summary["summary"]
     assert [r["params"]["vms"] for r in rows] == [1, 2]
     for row in rows:
@@ -36,7 +41,9 @@ def test_vms_small(tmp_path):
 
 
 def test_vms_two_hosts_aggregate_and_keep_per_host_values(tmp_path):
-    code, _summary, rows = run(
+    """Two host stacks, each a child process: the point's metrics are aggregated per metric,
+    each host's kept, and every phase of each stack reaches the runner's progress in order."""
+    code, _summary, rows, progress = run(
         tmp_path, "vms", "--points", "1", "--set", "hosts=2", "--set", "binds=5", "--set", "dma_rounds=3"
     )
     assert code == 0
@@ -47,6 +54,9 @@ def test_vms_two_hosts_aggregate_and_keep_per_host_values(tmp_path):
     assert row["metrics"]["processes"] == sum(p["processes"] for p in per) == 10  # sum
     assert row["metrics"]["start_to_ready_s"] == max(p["start_to_ready_s"] for p in per)  # max
     assert row["metrics"]["binds_per_s"] == sum(p["binds_per_s"] for p in per)
+    for h in (0, 1):
+        said = re.findall(rf"^scale: run 1/1 vms=1 #0: host {h}: (.*)$", progress, re.M)
+        assert said == ["launched 5 processes", "started", "booted", "worked", "audited", "stopped"], progress
 
 
 def test_vms_beyond_the_runtime_capacity_is_refused_not_run():
@@ -65,14 +75,14 @@ def test_policies_small_and_a_leak_is_recorded_as_failed(tmp_path):
     """reclaim with a notifier subscriber dead before the VMM kill: no FREE is ever
     acknowledged, so VM 1's PASIDs are quarantined: a leak (I4), the run failed."""
     common = ["--points", "16", "--set", "churn_vms=0", "--set", "other_binds=30"]
-    code, _summary, rows = run(tmp_path, "policies", *common, "--set", "policy=reclaim")
+    code, _summary, rows, _progress = run(tmp_path, "policies", *common, "--set", "policy=reclaim")
     assert code == 0
     (ok,) = rows
     m = ok["metrics"]
     assert ok["status"] == "ok" and m["bound"] == 16 and m["reclaim_backlog_peak"] <= 16
     assert m["teardown_ms"] > 0 and m["pasids_quarantined"] == m["pasids_leaked"] == 0
     assert m["other_bind_p50_us_outside"] > 0
-    code, _summary, rows = run(
+    code, _summary, rows, _progress = run(
         tmp_path, "policies", *common, "--set", "policy=reclaim", "--set", "kill_subscriber=vdcm"
     )
     assert code == 1
@@ -82,7 +92,7 @@ def test_policies_small_and_a_leak_is_recorded_as_failed(tmp_path):
 
 
 def test_noisy_neighbour_small(tmp_path):
-    code, summary, rows = run(
+    code, summary, rows, _progress = run(
         tmp_path,
         "noisy-neighbour",
         "--points",
@@ -113,7 +123,7 @@ def test_a_point_out_of_time_is_recorded_as_timeout_and_cleaned_up(tmp_path):
         '[experiment]\nname = "slow"\nrunner = "vms"\ntimeout = 2.0\n'
         "[params]\nbinds = 100000\n[vary]\nvms = [1]\n"
     )
-    code, _summary, rows = run(tmp_path, str(sweep))
+    code, _summary, rows, _progress = run(tmp_path, str(sweep))
     assert code == 1
     (row,) = rows
     assert row["status"] == "timeout" and row["reason"].startswith("timed out"), row["reason"]

@@ -22,15 +22,16 @@ from vsva.scale.results import ResultsDir
 from vsva.scale.stacks import descendants
 
 
-def _lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """What `proc` wrote on stderr until `needle` (bounded). Read from the descriptor: a
-    buffered readline could hold the line in its buffer while select() waits for more."""
+def _lines_until(proc: subprocess.Popen, *needles: str, timeout: float) -> str:
+    """What `proc` wrote on stderr until it has written every one of `needles` (bounded). Read
+    from the descriptor: a buffered readline could hold the line in its buffer while select()
+    waits for more."""
     fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while needle.encode() not in seen:
+    while missing := [n for n in needles if n.encode() not in seen]:
         left = end - time.monotonic()
         chunk = os.read(fd, 65536) if left > 0 and select.select([fd], [], [], left)[0] else b""
         if not chunk:
-            raise AssertionError(f"no {needle!r} within {timeout} s; stderr so far:\n{seen.decode()}")
+            raise AssertionError(f"no {missing} within {timeout} s; stderr so far:\n{seen.decode()}")
         seen += chunk
     return seen.decode(errors="replace")
 
@@ -99,14 +100,14 @@ def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path, sh
 def test_sigterm_while_two_host_stacks_run_leaves_nothing(tmp_path, short_tmp):
     """`hosts = 2`: each stack is a child process in its own session, which the terminal's
     signal does not reach. The runner passes its stop on to both and waits for them; their
-    actors, fork servers, run directories and shared memory are all gone when it exits."""
+    actors, fork servers, run directories and shared memory are all gone when it exits. The
+    signal comes once both stacks have said (through the runner's progress) that every
+    actor of theirs is up."""
     args = ["--points", "1", "--set", "hosts=2", "--set", "binds=3", "--set", "dma_rounds=100000"]
     with scale_run(short_tmp, *args, "--out", str(tmp_path / "results")) as proc:
-        _lines_until(proc, "2 host stacks running", timeout=120)
-        end = time.monotonic() + 120
-        while len(glob.glob(os.path.join(short_tmp, "vsva-s*", "*", "vsva-*", "trace-*.frames"))) < 10:
-            assert time.monotonic() < end, "the two stacks' actors did not start"
-            time.sleep(0.05)  # files appear with no event to wait on
+        _lines_until(
+            proc, "#0: host 0: launched 5 processes", "#0: host 1: launched 5 processes", timeout=120
+        )
         below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
         assert len(below) >= 12  # two stack processes, their fork servers and 5 actors each
         run_dirs = glob.glob(os.path.join(short_tmp, "vsva-s*", "*", "vsva-*"))
