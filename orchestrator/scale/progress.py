@@ -54,6 +54,13 @@ class Progress:
     def line(self, text: str) -> None:
         print(f"scale: {text}", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line that stays, also under the bar (why the sweep stopped)."""
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            self.line(text)
+
     def _describe(self, text: str) -> None:
         if self._bar is not None:
             self._bar.update(self._task, description=text)
@@ -75,7 +82,7 @@ class Progress:
             self._bar.update(self._task, completed=self.done)
         mark = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
         if self._bar is not None and row["status"] != "ok":
-            self._bar.console.print(f"{run.point_id} #{run.repeat}: {mark}")
+            self.note(f"{run.point_id} #{run.repeat}: {mark}")
         if not self.live:
             elapsed = time.monotonic() - self.t0
             self.line(

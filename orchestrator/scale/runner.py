@@ -115,6 +115,11 @@ def aggregate(sweep: Sweep, results: list[StackResult]) -> dict[str, Any]:
     return out
 
 
+def left_behind(left: list[str]) -> str:
+    """The residue of a run in one line: what was found, and that it was removed."""
+    return f"left behind (removed): {', '.join(left[:5])}" + (" ..." if len(left) > 5 else "")
+
+
 def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, dict[str, Any]]:
     """(status, reason, audit) of a run from its stacks' outcomes and its residue."""
     results = [result_of(o) for o in outcomes]
@@ -137,11 +142,7 @@ def verdict(outcomes: list[dict[str, Any]], left: list[str]) -> tuple[str, str, 
     if timeouts:
         return "timeout", "; ".join(timeouts), audit
     if left:
-        return (
-            "leaked",
-            f"left behind (removed): {', '.join(left[:5])}" + (" ..." if len(left) > 5 else ""),
-            audit,
-        )
+        return "leaked", left_behind(left), audit
     if errors or failures or violations or not audit["ran"]:
         parts = errors + failures[:3]
         if violations:
@@ -228,7 +229,8 @@ def run_one(
     on_phase: Callable[[str], None],
     stop: StopRequest | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One run on this machine, from a clean state; what it leaves behind is found and removed."""
+    """One run on this machine, from a clean state; what it leaves behind is found and removed
+    (and named: in its row, or in the PointStopped that a stop request ends it with)."""
     why = runner(sweep.runner).refuse(run.params)
     if why:
         return refused_row(sweep, run, why, env), {}
@@ -237,11 +239,16 @@ def run_one(
     for spec in specs:
         os.makedirs(spec["base_dir"])
     started, t0 = time.time(), time.monotonic()
+    stopped: PointStopped | None = None
     try:
         outcomes = run_local(specs, on_phase, stop)
+    except PointStopped as exc:
+        stopped = exc
     finally:
         left = [x for spec in specs for x in residue(spec["base_dir"])]
         shutil.rmtree(base, ignore_errors=True)
+    if stopped is not None:  # a stopped run is not recorded: what it left is said here
+        raise PointStopped(f"{stopped}; {left_behind(left)}" if left else str(stopped))
     return make_row(sweep, run, outcomes, left, started, time.monotonic() - t0, {**env, **sample()})
 
 
@@ -275,8 +282,9 @@ def execute(
                     row, series = run_one(sweep, run, env, progress.phase, stop)
                     rd.append(row, series)
                     progress.finish(run, row)
-        except PointStopped:
+        except PointStopped as exc:
             interrupted = True
+            progress.note(str(exc))
     interrupted = interrupted or (stop is not None and stop.check())  # it came after the last one
     rd.update_meta(state="interrupted" if interrupted else "done", finished=utc_iso())
     summary = finish(rd, sweep)
