@@ -62,13 +62,13 @@ def up(
         stop.exit()  # nothing was started
     proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
     state = _await_state(proc, path, ready_timeout, log_path, stop)
-    if detach and state is not None:
+    if state is not None:  # the line a script (or a test) waits on, in the foreground too
         typer.echo(
             f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
-            f"{state['run_dir']}; `vsva ps`, `vsva down`"
+            f"{state['run_dir']}; " + ("`vsva ps`, `vsva down`" if detach else "Ctrl-C stops it")
         )
-        return
-    if state is not None:
+        if detach:
+            return
         _watch(proc, state, stop)
     if stop.check():
         _stop_supervisor(proc, path)

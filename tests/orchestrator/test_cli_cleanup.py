@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli_up import wait_for
+from test_cli_up import wait_for, wait_gone
 from zmqrt_toys import pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,14 +127,15 @@ def assert_stopped(cli: Cli, proc: subprocess.Popen, sig: int, err: str, pids: s
     assert cli.run_dirs() == [] and shm_of(proc.pid) == []
 
 
-def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
-    """Read the process's stderr (bounded) until `text` appears; returns what was read."""
-    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
+def read_until(proc: subprocess.Popen, text: str, timeout: float, stream=None) -> str:
+    """Read the process's stderr, or `stream` (bounded) until `text` appears; returns what was
+    read. From the descriptor: a buffered readline could hold the line while select() waits."""
+    fd, seen, end = (stream or proc.stderr).fileno(), b"", time.monotonic() + timeout
     while text.encode() not in seen:
         left = end - time.monotonic()
         assert left > 0 and select.select([fd], [], [], left)[0], f"no {text!r} in {seen[-1500:]!r}"
         chunk = os.read(fd, 65536)
-        assert chunk, f"stderr closed without {text!r}: {seen[-1500:]!r}"
+        assert chunk, f"closed without {text!r}: {seen[-1500:]!r}"
         seen += chunk
     return seen.decode(errors="replace")
 
@@ -254,7 +255,7 @@ def test_host_lost_detached_ps_reports_it_until_down(cli):
     assert cli("up", "-d").returncode == 0
     state = cli.state_file()
     os.kill(state["actors"]["host"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(state["pid"]), 30, "the supervisor to stop")
+    wait_gone([state["pid"]], 30, "the supervisor to stop")
     for _ in range(2):  # it stays reported
         ps = cli("ps")
         assert ps.returncode == 4, ps
@@ -269,14 +270,20 @@ def test_host_lost_detached_ps_reports_it_until_down(cli):
 
 @pytest.mark.timeout(180)
 def test_host_lost_foreground_up_exits_non_zero_with_a_line(cli):
-    up = cli.start("up")
-    state = wait_for(cli.state_file, 60, "the state file")
+    up, state = up_running(cli)
     os.kill(state["actors"]["host"], signal.SIGKILL)
     out, err = up.communicate(timeout=60)
     assert up.returncode == 4, (out[-1500:], err[-1500:])
     assert "host" in err and "lost" in err
     assert cli.run_dirs() == []
     assert cli("down").returncode == 0
+
+
+def up_running(cli: Cli) -> tuple[subprocess.Popen, dict]:
+    """A foreground `vsva up` once it says its actors are running; and its state file."""
+    up = cli.start("up")
+    read_until(up, "actors running", 60, up.stdout)
+    return up, cli.state_file()
 
 
 def assert_up_stopped(cli: Cli, up: subprocess.Popen, sig: int, state: dict, err: str) -> None:
@@ -288,8 +295,7 @@ def assert_up_stopped(cli: Cli, up: subprocess.Popen, sig: int, state: dict, err
 
 @pytest.mark.timeout(180)
 def test_foreground_up_stops_on_sighup(cli):
-    up = cli.start("up")
-    state = wait_for(cli.state_file, 60, "the state file")
+    up, state = up_running(cli)
     up.send_signal(signal.SIGHUP)
     _, err = up.communicate(timeout=60)
     assert_up_stopped(cli, up, signal.SIGHUP, state, err)
@@ -302,8 +308,7 @@ def test_foreground_up_second_signal_while_stopping_is_already_handled(cli, seco
     the closing terminal after a SIGTERM) does not cut the stop short: the supervisor is
     waited for and the state file and run files are gone when `up` exits, with the code
     of the first signal (143)."""
-    up = cli.start("up")
-    state = wait_for(cli.state_file, 60, "the state file")
+    up, state = up_running(cli)
     err = stop_twice(up, signal.SIGTERM, second)
     assert_up_stopped(cli, up, signal.SIGTERM, state, err)
 
@@ -348,7 +353,7 @@ def test_dead_supervisor_is_reported_at_once(cli):
     assert cli("up", "-d").returncode == 0
     state = cli.state_file()
     os.kill(state["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(state["pid"]), 10, "the supervisor to die")
+    wait_gone([state["pid"]], 10, "the supervisor to die")
     for command in ("ps", "audit", "kill"):
         args = (command, "vm1.vmm") if command == "kill" else (command,)
         done = cli(*args, timeout=10)  # the old wait on the socket was 20-30 s

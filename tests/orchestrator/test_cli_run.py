@@ -18,8 +18,8 @@ from test_cli_cleanup import (
     stop_twice,
     traced,
     wait_for,
+    wait_gone,
 )
-from zmqrt_toys import pid_alive
 
 from vsva.analysis.trace import read_frames
 
@@ -128,7 +128,7 @@ def test_up_trace_out_written_at_down_and_after_a_killed_supervisor(cli, tmp_pat
     state = cli.state_file()
     wait_for(lambda: booted(cli), 30, "the VMs' boot in the trace files")
     os.kill(state["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(state["pid"]), 10, "the supervisor's death")
+    wait_gone([state["pid"]], 10, "the supervisor's death")
     down = cli("down")
     assert down.returncode == 0 and state["run_dir"] in down.stdout
     assert any(r["kind"] == "vm_start" for r in trace_records(out))

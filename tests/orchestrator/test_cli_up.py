@@ -15,6 +15,8 @@ import time
 import pytest
 from zmqrt_toys import pid_alive
 
+from vsva.cli.client import wait_exit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,7 +43,16 @@ def vsva(tmp_path):
         run("down", check=False)
 
 
+def wait_gone(pids, timeout: float, what: str) -> None:
+    """Wait (bounded) until every process of `pids` has exited: a pidfd turns readable when its
+    process does, whoever its parent is (vsva.cli.client.wait_exit)."""
+    end = time.monotonic() + timeout
+    assert all(wait_exit(p, max(0.0, end - time.monotonic())) for p in pids), f"timed out waiting for {what}"
+
+
 def wait_for(cond, timeout=10.0, what=""):
+    """Poll `cond` (bounded) where nothing signals the change: the supervisor's view of its
+    actors is only seen by asking it (`vsva ps`, `vsva audit`)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = cond()
@@ -115,7 +126,7 @@ def test_up_ps_kill_audit_down(vsva):
 
     all_pids = set(first_pids.values()) | {r["pid"] for r in ps(vsva).values()} | {sup_pid}
     vsva("down")
-    wait_for(lambda: not any(pid_alive(p) for p in all_pids), timeout=10, what="every process gone")
+    wait_gone(all_pids, 10, "every process gone")
     assert not os.path.exists(run_dir) and not os.path.exists(shm)
     assert not vsva.state.exists()
     gone = vsva("ps", check=False)
@@ -134,7 +145,7 @@ def test_up_from_file_and_down_after_supervisor_death(vsva, tmp_path):
     # the supervisor itself dies: its children die with it (PDEATHSIG); down cleans the rest
     pids = list(state["actors"].values())
     os.kill(state["pid"], signal.SIGKILL)
-    wait_for(lambda: not any(pid_alive(p) for p in pids + [state["pid"]]), what="children gone")
+    wait_gone(pids + [state["pid"]], 10, "children gone")
     vsva("down")
     assert not os.path.exists(state["run_dir"]) and not os.path.exists(state["shm"])
     assert not vsva.state.exists()
