@@ -11,16 +11,15 @@ import glob
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from streams import read_until
 from test_cli_up import wait_for, wait_gone
 from zmqrt_toys import pid_alive
 
@@ -127,23 +126,10 @@ def assert_stopped(cli: Cli, proc: subprocess.Popen, sig: int, err: str, pids: s
     assert cli.run_dirs() == [] and shm_of(proc.pid) == []
 
 
-def read_until(proc: subprocess.Popen, text: str, timeout: float, stream=None) -> str:
-    """Read the process's stderr, or `stream` (bounded) until `text` appears; returns what was
-    read. From the descriptor: a buffered readline could hold the line while select() waits."""
-    fd, seen, end = (stream or proc.stderr).fileno(), b"", time.monotonic() + timeout
-    while text.encode() not in seen:
-        left = end - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], f"no {text!r} in {seen[-1500:]!r}"
-        chunk = os.read(fd, 65536)
-        assert chunk, f"closed without {text!r}: {seen[-1500:]!r}"
-        seen += chunk
-    return seen.decode(errors="replace")
-
-
 def stop_twice(proc: subprocess.Popen, first: int, second: int) -> str:
     """`first`, then `second` once the command says it is stopping; all it wrote on stderr."""
     proc.send_signal(first)
-    seen = read_until(proc, "stopping", 60)
+    seen = read_until(proc, "stopping", timeout=60)
     proc.send_signal(second)
     return seen + proc.communicate(timeout=60)[1]
 
@@ -282,7 +268,7 @@ def test_host_lost_foreground_up_exits_non_zero_with_a_line(cli):
 def up_running(cli: Cli) -> tuple[subprocess.Popen, dict]:
     """A foreground `vsva up` once it says its actors are running; and its state file."""
     up = cli.start("up")
-    read_until(up, "actors running", 60, up.stdout)
+    read_until(up, "actors running", timeout=60, stream=up.stdout)
     return up, cli.state_file()
 
 

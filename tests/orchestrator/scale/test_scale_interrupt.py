@@ -8,33 +8,18 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
+from streams import read_until
 
 from vsva.scale.results import ResultsDir
 from vsva.scale.stacks import descendants
-
-
-def _lines_until(proc: subprocess.Popen, *needles: str, timeout: float) -> str:
-    """What `proc` wrote on stderr until it has written every one of `needles` (bounded). Read
-    from the descriptor: a buffered readline could hold the line in its buffer while select()
-    waits for more."""
-    fd, seen, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while missing := [n for n in needles if n.encode() not in seen]:
-        left = end - time.monotonic()
-        chunk = os.read(fd, 65536) if left > 0 and select.select([fd], [], [], left)[0] else b""
-        if not chunk:
-            raise AssertionError(f"no {missing} within {timeout} s; stderr so far:\n{seen.decode()}")
-        seen += chunk
-    return seen.decode(errors="replace")
 
 
 def _start_time(pid: int) -> str | None:
@@ -76,7 +61,7 @@ def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path, sh
     with scale_run(
         short_tmp, "--points", "1,2", "--set", "binds=3", "--set", "dma_rounds=2", "--out", out
     ) as proc:
-        _lines_until(proc, "run 2/2 vms=2 #0: launched", timeout=120)
+        read_until(proc, "run 2/2 vms=2 #0: launched", timeout=120)
         run_dirs = glob.glob(os.path.join(short_tmp, "vsva-s*", "0", "vsva-*"))
         assert len(run_dirs) == 1 and len(glob.glob(os.path.join(run_dirs[0], "*.sock"))) >= 7  # live
         shm = f"/dev/shm/{os.path.basename(run_dirs[0])}.mem"
@@ -84,7 +69,7 @@ def test_sigterm_mid_point_leaves_nothing_and_keeps_finished_points(tmp_path, sh
         below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
         assert len(below) >= 7  # host, kvm, vdcm, two guests and two vmms (and a fork server)
         proc.send_signal(signal.SIGTERM)
-        _lines_until(proc, "stopping", timeout=60)
+        read_until(proc, "stopping", timeout=60)
         proc.send_signal(signal.SIGINT)  # Ctrl-C while it stops: ignored
         _out, err = proc.communicate(timeout=150)  # the plots of the finished run are drawn
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -107,9 +92,7 @@ def test_sigterm_while_two_host_stacks_run_leaves_nothing(tmp_path, short_tmp):
     actor of theirs is up."""
     args = ["--points", "1", "--set", "hosts=2", "--set", "binds=3", "--set", "dma_rounds=100000"]
     with scale_run(short_tmp, *args, "--out", str(tmp_path / "results")) as proc:
-        _lines_until(
-            proc, "#0: host 0: launched 5 processes", "#0: host 1: launched 5 processes", timeout=120
-        )
+        read_until(proc, "#0: host 0: launched 5 processes", "#0: host 1: launched 5 processes", timeout=120)
         below = {pid: _start_time(pid) for pid, _ in descendants(proc.pid)}
         assert len(below) >= 12  # two stack processes, their fork servers and 5 actors each
         run_dirs = glob.glob(os.path.join(short_tmp, "vsva-s*", "*", "vsva-*"))
