@@ -384,8 +384,12 @@ class Actor:
         # what that kind waits for: vsva.ops.pacing), else the actor's request_timeout.
         base: float = self.config.get("request_timeout", DEFAULT_TIMEOUT)
         by_kind: dict[str, float] = self.config.get("timeouts", _NO_TIMEOUTS)
+        msg: Message | str | None = None
+        wire: tuple[str, dict[str, Any]] = ("", {})
         for slot, call in enumerate(calls):
-            (kind, body), dst = call.wire(), call.dst
+            if call.msg is not msg or type(msg) is str:  # a message sent to several peers
+                msg, wire = call.msg, call.wire()  # (the notifier's) has one wire body
+            (kind, body), dst = wire, call.dst
             req_id = self._emit(dst, kind, body, rr=True, flow=task.flow if call.flow is None else call.flow)
             waiting[req_id] = slot
             timeout = by_kind.get(kind, base) if call.timeout is None else call.timeout

@@ -112,18 +112,16 @@ def decode(frame: bytes) -> Envelope:
     if type(raw) is not dict:
         raise ProtocolError(-E.EBADMSG, "frame is not a map")
     get = raw.get
-    if get("v") != PROTOCOL_VERSION:
+    try:
+        v, id_, src, dst, kind, clock, body = (
+            raw["v"], raw["id"], raw["src"], raw["dst"], raw["kind"], raw["clock"], raw["body"]
+        )  # fmt: skip
+    except KeyError:  # refused below, naming the first field missing
+        v, id_, src, dst, kind, clock, body = get("v"), None, None, None, None, None, None
+    if v != PROTOCOL_VERSION:
         raise ProtocolError(
             -E.EPROTONOSUPPORT, f"protocol version {get('v')!r}, want {PROTOCOL_VERSION}", raw
         )
-    id_, src, dst, kind, clock, body = (
-        get("id"),
-        get("src"),
-        get("dst"),
-        get("kind"),
-        get("clock"),
-        get("body"),
-    )
     if not (
         type(id_) is int and type(src) is str and type(dst) is str and type(kind) is str
         and type(clock) is int and type(body) is dict

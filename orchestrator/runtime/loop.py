@@ -100,6 +100,7 @@ MAX_POLL = 0.1  # seconds: the longest a loop iteration sleeps
 SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 MAX_HELD = 16  # sends held back during a drain before they go (bounds the first one's delay)
+DEALER_SWEEP = 0.005  # s: how often the DEALERs sent to have their EVENTS read (see _poll)
 
 # The socket's own send, without pyzmq's Python wrapper (it only adds DRAFT routing_id / group)
 _send = zmq.backend.Socket.send
@@ -182,6 +183,8 @@ class ZmqRuntime(PeerLinks):
         self._fd_owner: dict[int, Any] = {}  # fd -> its zmq socket, or the fd (an OS fd)
         self._interest: dict[Any, int] = {}  # zmq socket -> the events wanted from it
         self._dirty: set[Any] = set()  # zmq sockets whose EVENTS must be read before a wait
+        self._sent_to: set[Any] = set()  # DEALERs sent to since their last EVENTS read (_poll)
+        self._sweep_at = 0.0  # when `_sent_to` is read next (runtime clock)
         self._poll_socket(self.router, _POLLIN)
         self.peers: dict[str, Peer] = {}
         self._by_sock: dict[Any, Peer] = {}
@@ -302,6 +305,7 @@ class ZmqRuntime(PeerLinks):
             self._os_unpoll(fd)
             self._fd_owner.pop(fd, None)
         self._dirty.discard(sock)
+        self._sent_to.discard(sock)
 
     def _os_unpoll(self, fd: int) -> None:
         """Take `fd` out of the epoll set (one closed already has left it: EBADF / ENOENT;
@@ -326,6 +330,14 @@ class ZmqRuntime(PeerLinks):
         the fd's signal, so an event it made available would not fire the fd again). A wait
         that times out marks every socket dirty, so even a missed edge costs one `MAX_POLL`
         at most, never a hang.
+
+        A send is such a use too (libzmq's send takes in the socket's commands, at most once
+        a millisecond), but what it may hide on a DEALER is only a refusal answered by the
+        peer's runtime (our DEALERs receive nothing else) or, with a send queue, POLLOUT
+        (then the DEALER is polled for it anyway). So the DEALERs sent to are read together
+        once every `DEALER_SWEEP` (`_round` wakes for it), not before every wait: at 8 VMs
+        binding that was an EVENTS read (a poll(2) and a getpid(2) in libzmq) for most
+        messages the host sent, and a refusal now waits `DEALER_SWEEP` at most.
         """
         interest = self._interest
         found: dict[Any, int] = {}
@@ -377,6 +389,13 @@ class ZmqRuntime(PeerLinks):
             wait = deadline - now
         if self._dying:  # look for the proof again soon (the last step may not wake us)
             wait = min(wait, self._dying[0][0] - now, SETTLE_TICK)
+        if self._sent_to:  # the DEALERs sent to are read once every DEALER_SWEEP (see _poll)
+            if now >= self._sweep_at:
+                self._dirty.update(self._sent_to)
+                self._sent_to.clear()
+                self._sweep_at = now + DEALER_SWEEP
+            else:
+                wait = min(wait, self._sweep_at - now)
         for name in self._queued:
             wait = min(wait, self.peers[name].queue[0][2] - now)
         trace = self._trace
@@ -464,7 +483,7 @@ class ZmqRuntime(PeerLinks):
                 if curve and sender != part.get("User-Id"):  # the key's name (vsva.runtime.curve)
                     sender = None
                 if sender is not None and members is not None:
-                    peer = str(part.get("Peer-Address"))
+                    peer = part.get(b"Peer-Address")
                     verdict = members.get((rid, peer))
                     if peer and not (verdict or verdict is None and self._of_run(rid, peer)):
                         sender = None
@@ -685,10 +704,10 @@ class ZmqRuntime(PeerLinks):
                 peer = self._peer(env.dst)
                 if peer is None:
                     return self._failed(env, f"no endpoint for {env.dst!r}")
-            peer.used = self.now()
+            peer.used = time.monotonic()
             if peer.state == DOWN and not self._rebound(peer):
                 return self._failed(env, f"{env.dst} is down")
-            self._dirty.add(peer.sock)  # the send may take in its commands: see _poll
+            self._sent_to.add(peer.sock)  # the send may take in its commands: see _poll
             if peer.queue:
                 self._enqueue(peer, env, frame)
                 return []
@@ -809,6 +828,7 @@ class ZmqRuntime(PeerLinks):
         self._by_sock.clear()
         self._interest.clear()
         self._dirty.clear()
+        self._sent_to.clear()
         self._fd_owner.clear()
         self._os_poll.close()
         self.router.close(LINGER_MS)

@@ -24,7 +24,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -60,7 +60,8 @@ _get = zmq.backend.Socket.get  # without pyzmq's Python wrapper of getsockopt (p
 
 def events(sock: zmq.Socket[Any]) -> int:
     """The socket's ZMQ_EVENTS: which of POLLIN / POLLOUT it is ready for now."""
-    return cast(int, _get(sock, EVENTS))
+    ready: int = _get(sock, EVENTS)  # type: ignore[assignment]  # an int option: an int
+    return ready
 
 
 _MONITOR_EVENTS = (
@@ -99,7 +100,7 @@ class Peer:
     queue: deque[tuple[Envelope, bytes, float]] = field(
         default_factory=deque
     )  # (env, frame, deadline): not yet sent
-    used: float = 0.0  # last send (runtime clock): eviction picks the oldest idle peer
+    used: float = 0.0  # last send (time.monotonic()): eviction picks the oldest idle peer
 
 
 class PeerLinks:
