@@ -95,6 +95,7 @@ class Peer:
     state: str = CONNECTING
     hold_until: float = 0.0  # restarted: connect failures before this do not mean down
     dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
+    exited: bool = False  # its process died (`peer_exited`): only a new incarnation is back
     endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
     ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
     queue: deque[tuple[Envelope, bytes, float]] = field(
@@ -147,6 +148,9 @@ class PeerLinks:
         hears `peer_down` once (even if the socket says so too), after its last frames."""
         self._send_held()
         self._peer_gone(name, f"{name} exited")
+        peer = self.peers.get(name)
+        if peer is not None:
+            peer.exited = True
 
     def peer_restarted(self, name: str) -> None:
         """Process `name` runs again (bound and ready): a later death is news again, and
@@ -159,9 +163,11 @@ class PeerLinks:
             if self._tcp:
                 self._reconnect(peer)  # its new port, if it has published it yet
         self._report_now(name)  # the old incarnation's death, before anything reaches the new
-        if peer is not None and peer.state != UP:
-            peer.state = CONNECTING
-            peer.hold_until = self.now() + self.send_grace
+        if peer is not None:
+            peer.exited = False
+            if peer.state != UP:
+                peer.state = CONNECTING
+                peer.hold_until = self.now() + self.send_grace
         self._down_reported.discard(name)
 
     def expect(self, names: Iterable[str]) -> None:
@@ -336,16 +342,21 @@ class PeerLinks:
             self._on_monitor(peer)  # the old connection's last events first
             if not self._reconnect(peer):
                 return False
-        else:
-            inode = self._inode(peer.name)
-            if inode is None or inode == peer.dead_inode:
-                return False
+        elif not self._bound_anew(peer):
+            return False
         peer.dead_inode = None
+        peer.exited = False
         self._report_now(peer.name)
         self._down_reported.discard(peer.name)
         peer.state = CONNECTING
         peer.hold_until = self.now() + self.send_grace
         return True
+
+    def _bound_anew(self, peer: Peer) -> bool:
+        """Whether `peer`'s presence file is another one than when it died (a dead process
+        binds nothing: a new incarnation did)."""
+        inode = self._inode(peer.name)
+        return inode is not None and inode != peer.dead_inode
 
     def _reconnect(self, peer: Peer) -> bool:
         """tcp: if `peer` has published a new endpoint file (a restarted incarnation, most
@@ -386,6 +397,12 @@ class PeerLinks:
             if tcp and frames[1] != peer.endpoint.encode():
                 continue  # an old endpoint's connection (before a restart): not this one
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if peer.exited and not self._bound_anew(peer):
+                    # the dead process's own connection, its handshake read only now (libzmq
+                    # attaches the pipe, which a send may use at once, before it posts this):
+                    # it is not back, and its death waits for its frames (`_peer_gone`)
+                    continue
+                peer.exited = False
                 peer.state = UP
                 self._remember_incarnation(peer.name)
                 self._report_now(peer.name)

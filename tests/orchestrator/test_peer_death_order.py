@@ -47,11 +47,13 @@ def _greeting() -> bytes:
     return b"\xff" + bytes(8) + b"\x7f" + bytes([3, 1]) + b"NULL".ljust(20, b"\0") + bytes(32)
 
 
-def _ready(rid: bytes) -> bytes:
+def _ready(socket_type: bytes, rid: bytes = b"") -> bytes:
     def prop(name: bytes, value: bytes) -> bytes:
         return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
 
-    body = b"\x05READY" + prop(b"Socket-Type", b"DEALER") + prop(b"Identity", rid)
+    body = b"\x05READY" + prop(b"Socket-Type", socket_type)
+    if rid:
+        body += prop(b"Identity", rid)
     return bytes([0x04, len(body)]) + body  # a short command frame
 
 
@@ -64,17 +66,23 @@ def _recv_exactly(raw: socket.socket, n: int) -> bytes:
     return data
 
 
-def _connect(run_dir: str, rid: bytes) -> socket.socket:
-    """A connection to the host's ROUTER under `rid`, handshake done (its greeting and
-    READY read back before any message goes: libzmq wants the message after the handshake)."""
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _handshake(raw: socket.socket, ready: bytes) -> None:
+    """Our greeting and READY, then the other side's read back (libzmq wants messages only
+    after the handshake)."""
     raw.settimeout(5)
-    raw.connect(socket_path(run_dir, "host"))
-    raw.sendall(_greeting() + _ready(rid))
+    raw.sendall(_greeting() + ready)
     _recv_exactly(raw, 64)
     flags, size = _recv_exactly(raw, 2)
     assert flags == 0x04
     assert _recv_exactly(raw, size).startswith(b"\x05READY")
+
+
+def _connect(run_dir: str, rid: bytes) -> socket.socket:
+    """A connection to the host's ROUTER under `rid`, handshake done."""
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(5)
+    raw.connect(socket_path(run_dir, "host"))
+    _handshake(raw, _ready(b"DEALER", rid))
     return raw
 
 
@@ -142,3 +150,43 @@ def test_a_death_with_nothing_left_on_the_wire_is_reported_by_the_proof(link, mo
     link.router.close(0)
     assert link.run(lambda: len(link.actor.seen) == 2)
     assert link.actor.seen == [("msg", 1), ("down", "peer")]
+
+
+def test_a_handshake_read_after_the_peers_exit_is_not_the_peer_back(tmp_path):
+    """The launcher reports a process's exit (`peer_exited`) while the handshake of our
+    DEALER's connection to it is still unread on the DEALER's monitor: libzmq attaches the
+    pipe, so a request can go out, before it posts that event (src/stream_engine_base.cpp:
+    mechanism_ready), and no loop need read the monitor before the death. That event is the
+    dead connection's, not a new incarnation: the reply the peer sent before exiting is
+    delivered before its death, and the peer stays down.
+
+    The peer's socket file is a plain unix listener answering the handshake by hand, after
+    `expect` has returned (a real ROUTER could finish it while `expect` reads the monitor)."""
+    os.chmod(tmp_path, 0o700)
+    run_dir = str(tmp_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path(run_dir, "peer"))
+    listener.listen(1)
+    listener.settimeout(5)
+    host = ZmqRuntime("host", run_dir, trace=False, run_root=os.getpid())
+    actor = Recorder()
+    try:
+        host.expect(["peer"])  # our DEALER connects; no loop runs, so its monitor is not read
+        dealer_link, _ = listener.accept()
+        _handshake(dealer_link, _ready(b"ROUTER"))
+        up = zmq.Poller()
+        up.register(host.peers["peer"].sock, zmq.POLLOUT)
+        assert up.poll(5000)  # the DEALER's pipe is attached (IMMEDIATE): a send could go
+        # served by the host's one I/O thread after that handshake: its event is posted now
+        raw = _connect(run_dir, routing_id("peer", incarnation(run_dir, "peer") or ""))
+        raw.sendall(_message(_ping(1)))  # the peer's last reply
+        for sock in (raw, dealer_link, listener):  # and it exits: connections, socket file
+            sock.close()
+        os.unlink(socket_path(run_dir, "peer"))
+        host.peer_exited("peer")
+        assert host.run_actor(actor, timeout=5.0, until=lambda a: len(a.seen) >= 2)
+        assert actor.seen == [("msg", 1), ("down", "peer")]
+        assert host.peers["peer"].state == DOWN
+    finally:
+        listener.close()
+        host.close()
