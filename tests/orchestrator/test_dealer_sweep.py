@@ -1,6 +1,6 @@
-"""The DEALERs a runtime sent to have their EVENTS read once every `DEALER_SWEEP`, not before
-every wait (vsva.runtime.loop `_poll`): a frame that reached such a DEALER while its signal
-was taken in (as libzmq's send does with the socket's commands) is still delivered, even
+"""The DEALERs a runtime sent to have their EVENTS read once every `DEALER_SWEEP` (MAX_POLL),
+not before every wait (vsva.runtime.loop `_poll`): a frame that reached such a DEALER while its
+signal was taken in (as libzmq's send does with the socket's commands) is still delivered, even
 when the loop never goes idle (an idle wait would mark every socket for a read anyway)."""
 
 from __future__ import annotations
