@@ -3,11 +3,13 @@ timeline) and `vsva run` (a scenario with its faults, a report).
 
 SIGINT, SIGTERM and SIGHUP stop either the way they stop `vsva up` (StopSignals): the wait
 loops of the run see the request, the run's processes and files are taken down, one line
-names the signal and the exit code is 128 + its number."""
+names the signal and the exit code is 128 + its number. Once the actors are up, either says
+so on stderr, as `vsva up` does."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,6 +19,14 @@ from vsva.cli.exits import EXIT_USAGE, StopSignals, fail
 from vsva.cli.options import ITERATIONS, KERNEL, Workload, load_run, writable_dir
 from vsva.ops.config import RUN, VM, Runtime
 from vsva.runtime.endpoints import Transport
+
+if TYPE_CHECKING:
+    from vsva.ops.launcher import Launcher
+
+
+def say_running(launcher: Launcher) -> None:
+    """The line a user (or a script that acts on the running topology) waits for."""
+    typer.echo(f"vsva: {len(launcher.topology.actors)} actors running, run dir {launcher.run_dir}", err=True)
 
 
 def demo(
@@ -64,7 +74,7 @@ def demo(
     stop = StopSignals()
     try:
         session, rep = run_demo(
-            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel, stop
+            vms, seed, runtime, policy, transport, workload, iterations, trace_out, kernel, stop, say_running
         )
     except CapacityError as exc:
         fail(EXIT_USAGE, f"--vms {vms}: {exc}")
@@ -102,7 +112,7 @@ def run(
             spec.config["kernel"] = kernel
     stop = StopSignals()
     try:
-        rep = run_scenario(run_file, trace_out=trace_out, stop=stop)
+        rep = run_scenario(run_file, trace_out=trace_out, stop=stop, on_ready=say_running)
     except LaunchStopped:
         stop.exit()
     if stop.check():

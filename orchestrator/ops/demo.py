@@ -19,7 +19,7 @@ from vsva.runtime.endpoints import Transport
 from vsva.runtime.sim import SimRuntime
 
 if TYPE_CHECKING:  # the launcher (zmq) is imported only for the processes runtime
-    from vsva.ops.launcher import StopRequest
+    from vsva.ops.launcher import Launcher, StopRequest
 
 FLOWS = tuple(f"F{i}" for i in range(1, 9))
 
@@ -30,11 +30,13 @@ def run_session(
     timeout: float = 120.0,
     trace_out: str | None = None,
     stop: StopRequest | None = None,
+    on_ready: Callable[[Launcher], None] | None = None,
 ) -> dict[str, Any]:
     """Run one Controller session; returns its result plus trace, processes and timings.
     With `trace_out` the trace's exports are written there, also if the run is interrupted.
     A `stop` request ends it early (the launcher's LaunchStopped when it comes during the
-    launch); the result is then incomplete: the caller asks `stop` before using it."""
+    launch); the result is then incomplete: the caller asks `stop` before using it.
+    `on_ready` is told once every actor process is up (not on the deterministic runtime)."""
     started = time.monotonic()
     if Runtime(runtime) == Runtime.SIM:
         rt = SimRuntime(topology)
@@ -57,6 +59,8 @@ def run_session(
     from vsva.ops.launcher import Launcher
 
     with Launcher(topology, trace_out=trace_out, stop=stop) as launcher:
+        if on_ready is not None:
+            on_ready(launcher)
         ready = time.monotonic() - started
         ctl = Controller(topology)
         launcher.run_actor(ctl, timeout=timeout)
@@ -187,6 +191,7 @@ def demo(
     trace_out: str | None = None,
     kernel: Kernel | str = RUN.kernel,
     stop: StopRequest | None = None,
+    on_ready: Callable[[Launcher], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`vsva demo`: one session on `vms` identical VMs; returns (session, report)."""
     topology = default_topology(
@@ -198,5 +203,5 @@ def demo(
         iterations=iterations,
         transport=transport,
     )
-    session = run_session(topology, runtime, trace_out=trace_out, stop=stop)
+    session = run_session(topology, runtime, trace_out=trace_out, stop=stop, on_ready=on_ready)
     return session, report(session, topology, runtime)

@@ -23,7 +23,7 @@ from vsva.ops.topology import HOST, guest_name, vmm_name
 from vsva.ops.topology_file import RunFile
 
 if TYPE_CHECKING:
-    from vsva.ops.launcher import StopRequest
+    from vsva.ops.launcher import Launcher, StopRequest
 
 
 def run_scenario(
@@ -31,17 +31,20 @@ def run_scenario(
     log: Callable[[str], None] | None = None,
     trace_out: str | None = None,
     stop: StopRequest | None = None,
+    on_ready: Callable[[Launcher], None] | None = None,
 ) -> dict[str, Any]:
     """Run the scenario; with `trace_out` its trace files are written there when the run ends,
     however it ends (an interrupt included). A `stop` request ends it early: everything is
     taken down without the final audit, and the report is incomplete (the caller asks `stop`),
     or, during the launch, the launcher's LaunchStopped."""
-    return supervise(Supervisor(run, log=log, launcher_kw={"trace_out": trace_out, "stop": stop}))
+    sup = Supervisor(run, log=log, launcher_kw={"trace_out": trace_out, "stop": stop})
+    return supervise(sup, on_ready)
 
 
-def supervise(sup: Supervisor) -> dict[str, Any]:
+def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = None) -> dict[str, Any]:
     """Start `sup` and run its scenario (`sup.run`) to the end; returns the report. The
-    Supervisor is the caller's until then: it may watch the launcher (`launcher.on_death`)."""
+    Supervisor is the caller's until then: it may watch the launcher (`launcher.on_death`).
+    `on_ready` is told once every actor is up."""
     run = sup.run
     t0 = time.monotonic()
     report: dict[str, Any] = {
@@ -52,6 +55,8 @@ def supervise(sup: Supervisor) -> dict[str, Any]:
     }
     try:
         sup.start()
+        if on_ready is not None:
+            on_ready(sup.launcher)
         report["ready_s"] = round(sup.ready_s, 3)
         report["run_files"] = [sup.launcher.run_dir, sup.launcher.shm_path]
         end = time.monotonic() + run.timeout

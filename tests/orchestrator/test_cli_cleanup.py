@@ -91,8 +91,9 @@ def traced(cli: Cli) -> bool:
 
 
 def running_demo(cli: Cli, *extra: str) -> subprocess.Popen:
+    """A long `vsva demo` once it says its actors are running."""
     proc = cli.start(*LONG_DEMO, *extra)
-    wait_for(lambda: traced(cli), 90, "the demo's actors")
+    read_until(proc, "actors running", timeout=90)
     assert shm_of(proc.pid)
     return proc
 
@@ -187,6 +188,7 @@ def test_demo_second_signal_while_stopping_is_ignored(cli, second):
 def test_sigkilled_demo_is_swept_by_the_next_command(cli, tmp_path):
     trace_out = tmp_path / "report"
     proc = running_demo(cli, "--trace-out", str(trace_out))
+    wait_for(lambda: traced(cli), 90, "trace records")  # written in batches: nothing says when
     run_dir = cli.run_dirs()[0]
     proc.kill()
     proc.wait(10)

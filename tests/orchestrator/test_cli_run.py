@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from streams import read_until
 from test_cli_cleanup import (
     Cli,
     assert_stopped,
@@ -85,12 +86,12 @@ def test_run_says_why_each_vm_failed_and_writes_the_trace(cli, tmp_path):
 
 def long_run(cli: Cli, tmp_path: Path, *extra: str) -> tuple:
     """A `vsva run` whose workloads outlast the test (no fault: every actor stays up), once
-    its actors are under way; and its processes then."""
+    it says its actors are running; and its processes then."""
     scenario = tmp_path / "long.toml"
     no_faults = SCENARIO.format(iterations=1_000_000).split("[[faults]]")[0]
     scenario.write_text(no_faults + "[scenario]\ntimeout = 600\n")
     proc = cli.start("run", str(scenario), *extra)
-    wait_for(lambda: traced(cli), 60, "the run's actors")
+    read_until(proc, "actors running", timeout=60)
     assert shm_of(proc.pid)
     pids = descendants(proc.pid)
     assert len(pids) >= 7  # the actors of two VMs and the host side
@@ -102,6 +103,7 @@ def long_run(cli: Cli, tmp_path: Path, *extra: str) -> tuple:
 def test_interrupted_run_cleans_up_and_keeps_its_trace(cli, tmp_path, sig):
     out = tmp_path / "trace"
     proc, pids = long_run(cli, tmp_path, "--trace-out", str(out))
+    wait_for(lambda: traced(cli), 60, "trace records")  # written in batches: nothing says when
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert_stopped(cli, proc, sig, err, pids)
