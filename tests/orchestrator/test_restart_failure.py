@@ -23,13 +23,17 @@ from vsva.ops.scenario import render, supervise
 from vsva.ops.supervisor import Supervisor
 from vsva.ops.topology_file import loads
 
+# The kill lands when the supervisor has read the guest's event, which on a loaded machine can
+# be tens of milliseconds after the guest sent it; a bind takes ~2 ms, so 20 iterations could
+# end before the kill (the guest then answers its workload and the VM is not "off" for the
+# failed restart). 200 keep the workload running until the kill: the rest never runs.
 SCENARIO = """
 [run]
 seed = 5
 [[vms]]
 id = 1
 workload = "bind_latency"
-iterations = 20{restart}
+iterations = 200{restart}
 [[faults]]
 kill = "{target}"
 at_flow = "F2"
