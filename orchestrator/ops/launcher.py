@@ -204,8 +204,6 @@ class Launcher:
             t_spawn = time.monotonic()
             self._spawn(self.topology.actors)
             self._await_ready(names, self.ready_timeout)
-            assert self.runtime is not None  # made by _prepare
-            self.runtime.expect(names)
             self.ready_seconds = time.monotonic() - t_spawn
             self.log(
                 f"{len(names)} actors ready in {self.ready_seconds * 1000:.0f} ms (run dir {self.run_dir})"
@@ -330,8 +328,11 @@ class Launcher:
         return popen, os.pidfd_open(popen.pid)
 
     def _await_ready(self, names: list[str], timeout: float) -> None:
-        """Collect the ready messages of `names` (bounded), then send each its go."""
-        assert self.ctl is not None  # bound by _prepare
+        """Collect the ready messages of `names` (bounded), connect to them, then send each
+        its go. Connecting first: until their go the actors only wait, so the connections
+        are made on an otherwise quiet machine (after the go, N actors starting at once
+        would each take an equal share of the CPU from the launcher)."""
+        assert self.ctl is not None and self.runtime is not None  # made by _prepare
         waiting = set(names)
         end = time.monotonic() + timeout
         poller = zmq.Poller()
@@ -358,6 +359,7 @@ class Launcher:
                         raise LaunchError(
                             f"{name} exited with {proc.exitcode} before ready" + self._tails([name])
                         )
+        self.runtime.expect(names)
         for name in names:
             try:
                 go = [control_id(name, self.procs[name].pid), msgpack.packb({"go": True})]
@@ -519,8 +521,6 @@ class Launcher:
         self._reap(name)
         self._spawn([proc.spec])
         self._await_ready([name], self.ready_timeout if timeout is None else timeout)
-        assert self.runtime is not None  # made by start
-        self.runtime.expect([name])
         return self.procs[name].pid
 
     def run_actor(
