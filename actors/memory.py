@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol, overload
 
@@ -108,6 +109,16 @@ class PhysMem:
         base = frame << PAGE_SHIFT
         self.view[base : base + PAGE_SIZE] = bytes(PAGE_SIZE)
 
+    def zero_frames(self, frame: int, count: int) -> None:
+        """Zero `count` frames from `frame`. Shared memory gives the pages back instead
+        (MADV_REMOVE: they read as zeros, for every process that maps them, and cost
+        nothing until touched): the host's 32-frame PASID directories of 256 VMs were 8,224
+        page faults and 33 MB of writes at its start."""
+        if isinstance(self.buf, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
+            self.buf.madvise(mmap.MADV_REMOVE, frame << PAGE_SHIFT, count << PAGE_SHIFT)
+        else:
+            self.view[frame << PAGE_SHIFT : (frame + count) << PAGE_SHIFT] = bytes(count << PAGE_SHIFT)
+
     def close(self) -> None:
         """Release the mapping (views first: mmap refuses to close while exported)."""
         self.words.release()
@@ -174,7 +185,7 @@ class FrameAllocator:
     """Hands out frame numbers from a pool; `order` shuffles it so RAM is not contiguous."""
 
     def __init__(self, frames: Iterable[int]):
-        self.free = list(frames)
+        self.free = deque(frames)  # `alloc` takes from the right, `take_run` from the left
         self.used: set[int] = set()
 
     def alloc(self) -> int:
@@ -187,6 +198,18 @@ class FrameAllocator:
     def release(self, frame: int) -> None:
         self.used.discard(frame)
         self.free.append(frame)
+
+    def take_run(self, count: int) -> int:
+        """`count` consecutive frames from the far end of the pool (where `alloc` does not
+        take: a pool made in descending order has its highest frames there); returns the
+        lowest. MemoryError, and the pool unchanged, unless those frames are consecutive."""
+        free = self.free
+        run = [free.popleft() for _ in range(min(count, len(free)))]
+        if len(run) < count or run != list(range(run[0], run[0] - count, -1)):
+            free.extendleft(reversed(run))
+            raise MemoryError(f"no {count} consecutive frames")
+        self.used.update(run)
+        return run[-1]
 
     def __len__(self) -> int:
         return len(self.free)

@@ -69,19 +69,12 @@ class HostFrames:
         return frame << PAGE_SHIFT
 
     def contiguous(self, count: int) -> int:
-        """Frames for a PASID directory: taken from the top of the pool, contiguous. Devices
-        are probed at start, when the free list still begins with the highest frames in
-        descending order (allocations pop from its other end): its head is the run, taken
-        in O(count) (a sort of the whole pool per device made 256 VMs take seconds)."""
-        free = self.pool.free
-        run = free[:count][::-1]
-        if len(run) < count or run[-1] - run[0] != count - 1:
-            raise MemoryError("no contiguous frames for a PASID directory")
-        del free[:count]
-        for frame in run:
-            self.pool.used.add(frame)
-            self.mem.zero_frame(frame)
-        return run[0]
+        """Frames for a PASID directory, zeroed: taken from the top of the pool, contiguous.
+        Devices are probed at start, when the pool still holds the highest frames in
+        descending order at the end that allocations do not take from."""
+        frame = self.pool.take_run(count)
+        self.mem.zero_frames(frame, count)
+        return frame
 
     def release(self, frame: int) -> None:
         self.owners[frame] = 0

@@ -73,3 +73,41 @@ def test_the_scan_reads_a_directory_frame_or_a_table_at_once():
     counting.u64 = counting.words = 0
     assert pdir.present_pasids() == sorted(pasids)
     assert (counting.u64, counting.words) == (0, PASID_DIR_FRAMES + 4)
+
+
+@given(st.lists(st.integers(1, 64), unique=True, max_size=40), st.integers(1, 8))
+def test_a_run_is_taken_only_when_its_frames_are_consecutive(frames, count):
+    """take_run (the host's PASID directories): the `count` frames at the far end of the pool
+    when they descend one by one, the lowest returned and all marked used; otherwise
+    MemoryError and the pool exactly as it was."""
+    pool = FrameAllocator(frames)
+    head = frames[:count]
+    if len(head) == count and head == list(range(head[0], head[0] - count, -1)):
+        assert pool.take_run(count) == head[-1]
+        assert list(pool.free) == frames[count:] and pool.used == set(head)
+    else:
+        try:
+            pool.take_run(count)
+        except MemoryError:
+            pass
+        else:
+            raise AssertionError("took frames that are not consecutive")
+        assert list(pool.free) == frames and not pool.used
+
+
+def test_zero_frames_clears_shared_memory_for_every_process_mapping_it(tmp_path):
+    """zero_frames gives shared pages back (MADV_REMOVE): another mapping of the same file (as
+    each actor process has) reads zeros there at once, and the neighbours keep their bytes."""
+    path = str(tmp_path / "mem")
+    mine = PhysMem.create(path, 8)
+    other = PhysMem.open(path)
+    page = 1 << PAGE_SHIFT
+    mine.write(0, b"\xab" * (8 * page))
+    mine.zero_frames(2, 3)
+    assert other.read(2 * page, 3 * page) == bytes(3 * page)
+    assert other.read(page, page) == b"\xab" * page and other.read(5 * page, page) == b"\xab" * page
+    private = PhysMem(bytearray(b"\xcd" * (4 * page)))  # not shared memory: written instead
+    private.zero_frames(1, 2)
+    assert private.read(0, 4 * page) == b"\xcd" * page + bytes(2 * page) + b"\xcd" * page
+    other.close()
+    mine.close()
