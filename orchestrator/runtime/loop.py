@@ -71,14 +71,13 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
-from vsva.runtime.curve import ActorKeys, load_keys
 from vsva.runtime.endpoints import (
     TCP_PREFIX,
     TRANSPORTS,
@@ -96,10 +95,13 @@ from vsva.runtime.peers import POLLIN as _POLLIN
 from vsva.runtime.peers import POLLOUT as _POLLOUT
 from vsva.runtime.trace_buffer import TRACE_IDLE, TraceBuffer
 
+if TYPE_CHECKING:
+    from vsva.runtime.curve import ActorKeys
+
 # seconds: the longest a loop iteration sleeps. Every event that matters wakes the loop by
 # itself (a socket's fd, a watched fd, the signal wake-up fd, a deadline), so this is only
 # the safety net of `_poll`: an idle actor wakes once a second. At 0.1 s the 259 idle actors
-# of 128 VMs used ~0.2 of a core between them, 0.4 at 256 VMs (mostly the wake-ups).
+# of 128 VMs took ~0.4 of a core between them, mostly in the wake-ups themselves.
 MAX_POLL = 1.0
 SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
@@ -164,7 +166,9 @@ class ZmqRuntime(PeerLinks):
             self.router.setsockopt(opt, val)
         self.curve: ActorKeys | None = None  # tcp: see vsva.runtime.curve
         try:
-            if self._tcp:
+            if self._tcp:  # imported here: its ZAP thread brings asyncio, ~0.1 s (ipc needs none)
+                from vsva.runtime.curve import ActorKeys, load_keys
+
                 self.curve = ActorKeys(self.ctx, load_keys(run_dir))
                 self.curve.serve(self.router, name)
             self.router.bind(self.endpoint)

@@ -174,7 +174,9 @@ class _Server:
         if run_dir not in self.runs:
             from vsva.runtime.actor_process import load_run
 
-            self.runs[run_dir] = load_run(run_dir)
+            self.runs[run_dir] = run = load_run(run_dir)
+            if run[1].transport == "tcp":  # CURVE: its import is ~0.1 s
+                import vsva.runtime.curve  # noqa: F401  (once here, not in every child)
             gc.freeze()
         return self.runs[run_dir]
 
