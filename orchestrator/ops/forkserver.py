@@ -45,9 +45,10 @@ def available() -> tuple[bool, str]:
 class ForkedChild:
     """An actor process forked by the zygote (the launcher's handle on it)."""
 
-    def __init__(self, server: ForkServer, pid: int):
+    def __init__(self, server: ForkServer, pid: int, forker: int | None = None):
         self.server = server
         self.pid = pid
+        self.forker = forker  # the process that forked it: the zygote or one of its helpers
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -127,7 +128,8 @@ class ForkServer:
                 raise ForkServerError(str(msg["error"]))
             if len(fds) != 1 or not isinstance(msg.get("pid"), int):
                 raise ForkServerError(f"{name}: malformed reply from the fork server: {msg!r}")
-            child = ForkedChild(self, msg["pid"])
+            forker = msg.get("forker")
+            child = ForkedChild(self, msg["pid"], forker if isinstance(forker, int) else None)
             self.children[child.pid] = child
             self.pidfds[child.pid] = fds[0]
             out.append((child, fds[0]))

@@ -5,8 +5,9 @@
 imports zmq, msgpack, numpy, the hot path, every actor module and the runtime *once*, then
 serves requests, one packet each (JSON):
 
-    {"spawn": [name, ...], "run_dir": D}  ->  per name, in order: {"pid": pid} with the
-                                              child's pidfd attached (SCM_RIGHTS), or {"error": why}
+    {"spawn": [name, ...], "run_dir": D}  ->  per name, in order: {"pid": pid, "forker": p}
+                                              with the child's pidfd attached (SCM_RIGHTS), or
+                                              {"error": why}
     (nothing else: end of file on the socket)       ->  SIGKILL every child, reap, exit 0
 
 and reports each child's end, as it reaps it, with {"exit": pid, "code": c} (`code` as
@@ -22,6 +23,12 @@ OS thread (libzmq starts its reaper and I/O threads with a context's first socke
 live context with a socket shows up there) and no global zmq context. A request that
 arrives when the check fails is refused, not forked. Each child builds its own context
 after the fork (`vsva.runtime.actor_process`).
+
+A batch of at least 2 x MIN_PER_FORKER names is split in consecutive parts, one per usable
+CPU: the zygote forks a helper per part but the first (a copy of itself, so the same
+shared image), forks the first part itself while the helpers fork theirs, and passes their
+replies on in order. A helper exits when its part is forked; its children, still held,
+become the zygote's (it is their PR_SET_CHILD_SUBREAPER) before any of them runs.
 
 Each child: leaves the zygote's signal set-up, starts its own session, writes stdout and
 stderr to `<run_dir>/<name>.log`, and runs `actor_process.run_actor_process` with the run
@@ -58,6 +65,9 @@ PRELOAD = (
     "vsva.runtime.actor_process",
 )
 MAX_PACKET = 64 * 1024
+MIN_PER_FORKER = 16  # a batch is split between forking processes only with this many each
+FORWARD_TIMEOUT = 20.0  # s: a forking helper that sends nothing for this long is killed
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class ForkUnsafe(RuntimeError):
@@ -94,7 +104,10 @@ def preload() -> None:
 class _Server:
     def __init__(self, ctl: socket.socket):
         self.ctl = ctl
+        self.pid, self.launcher = os.getpid(), os.getppid()  # also in a forking helper
+        self.forkers = _forkers()
         self.children: set[int] = set()
+        self.links: list[socket.socket] = []  # our ends of the helpers' sockets (children close them)
         self.runs: dict[str, Any] = {}  # run_dir -> (run, topology), parsed once
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -140,33 +153,96 @@ class _Server:
                 self._send({"error": f"{name}: cannot fork: {exc}"})
             return True
         # The batch's children wait on this pipe until all are forked: forking goes at full
-        # speed instead of competing for the CPU with the children's start-up.
+        # speed instead of competing for the CPU with the children's start-up. With more
+        # than one CPU, helpers (forked from us: the same image) fork parts of it at once.
         hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
         try:
-            for name in names:
-                self._fork(name, run_dir, run, hold_r, hold_w)
+            count = max(1, min(self.forkers, len(names) // MIN_PER_FORKER))
+            size = -(-len(names) // count)
+            parts = [names[i : i + size] for i in range(0, len(names), size)]  # replies in order
+            helpers = [self._helper(part, run_dir, run, hold_r, hold_w) for part in parts[1:]]
+            for name in parts[0]:
+                self._fork(name, run_dir, run, hold_r, hold_w, self.ctl)
+            for (pid, link), part in zip(helpers, parts[1:]):
+                self._forward(pid, link, part)
         finally:
             os.close(hold_r)
             os.close(hold_w)
         return True
 
-    def _fork(self, name: str, run_dir: str, run: Any, hold_r: int, hold_w: int) -> None:
+    def _helper(
+        self, names: list[str], run_dir: str, run: Any, hold_r: int, hold_w: int
+    ) -> tuple[int | None, socket.socket]:
+        """Fork a process that forks `names` and sends us each reply; it exits when done,
+        its children become ours (PR_SET_CHILD_SUBREAPER) before the batch runs."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             check_forkable()
-            zygote, launcher = os.getpid(), os.getppid()
+            pid = os.fork()
+        except (ForkUnsafe, OSError):
+            theirs.close()
+            self.links.append(ours)
+            return None, ours  # no helper: _forward answers for its part
+        if pid == 0:
+            try:
+                ours.close()
+                for name in names:
+                    self._fork(name, run_dir, run, hold_r, hold_w, theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.links.append(ours)
+        return pid, ours
+
+    def _forward(self, helper: int | None, link: socket.socket, names: list[str]) -> None:
+        """Pass a helper's replies on to the launcher, in order (bounded: a helper that dies
+        or stalls leaves an error for each name it did not answer)."""
+        try:
+            for name in names:
+                data: bytes = b""
+                fds: list[int] = []
+                if helper is not None and _readable(link, FORWARD_TIMEOUT):
+                    data, fds, _, _ = socket.recv_fds(link, MAX_PACKET, 1)
+                if not data:
+                    self._send({"error": f"{name}: cannot fork: the forking helper failed"})
+                    continue
+                try:
+                    pid = json.loads(data).get("pid")
+                    if isinstance(pid, int):
+                        self.children.add(pid)
+                    socket.send_fds(self.ctl, [data], fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        finally:
+            link.close()
+            self.links.remove(link)
+            if helper is not None:
+                try:
+                    os.kill(helper, signal.SIGKILL)  # gone already, unless it stalled
+                except ProcessLookupError:
+                    pass
+                os.waitpid(helper, 0)
+
+    def _fork(self, name: str, run_dir: str, run: Any, hold_r: int, hold_w: int, out: socket.socket) -> None:
+        """Fork the actor `name`; its reply (pid and pidfd, or the error) goes to `out`."""
+        try:
+            check_forkable()
             pid = os.fork()
         except (ForkUnsafe, OSError) as exc:
-            self._send({"error": f"{name}: cannot fork: {exc}"})
+            _send(out, {"error": f"{name}: cannot fork: {exc}"})
             return
         if pid == 0:
             os.close(hold_w)
+            if out is not self.ctl:
+                out.close()
             os.read(hold_r, 1)  # end of file once the zygote has forked the whole batch
             os.close(hold_r)
-            self._child(name, run_dir, zygote, run, launcher)
+            self._child(name, run_dir, self.pid, run, self.launcher)
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
         try:
-            socket.send_fds(self.ctl, [json.dumps({"pid": pid}).encode()], [pidfd])
+            socket.send_fds(out, [json.dumps({"pid": pid, "forker": os.getpid()}).encode()], [pidfd])
         finally:
             os.close(pidfd)
 
@@ -187,6 +263,8 @@ class _Server:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.ctl.close()
+            for link in self.links:
+                link.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             os.setsid()
@@ -228,10 +306,7 @@ class _Server:
             self._send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
     def _send(self, msg: dict[str, Any]) -> None:
-        try:
-            self.ctl.send(json.dumps(msg).encode())
-        except OSError:  # the launcher is gone: its end of file ends the loop
-            pass
+        _send(self.ctl, msg)
 
     def _shutdown(self) -> None:
         for pid in list(self.children):
@@ -245,6 +320,32 @@ class _Server:
             except ChildProcessError:
                 pass
         self.children.clear()
+
+
+def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
+    try:
+        sock.send(json.dumps(msg).encode())
+    except OSError:  # the launcher is gone: its end of file ends the loop
+        pass
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def _forkers() -> int:
+    """How many processes may fork a batch at once: one per usable CPU, when this process can
+    adopt the orphans of its helpers (Linux's PR_SET_CHILD_SUBREAPER); else 1."""
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return 1
+        return len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return 1
 
 
 def serve(ctl: socket.socket) -> None:

@@ -118,6 +118,38 @@ def test_forked_actors_are_supervised_as_before():
     assert not os.path.exists(run_dir) and not os.path.exists(shm)
 
 
+def children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found.update(int(c) for c in f.read().split())
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: the zygote forks alone")
+def test_a_batch_forked_by_helpers_is_the_zygotes_and_in_order():
+    """A batch of at least 2 x MIN_PER_FORKER actors is forked by the zygote and a helper at
+    once (vsva.runtime.zygote). By the time the actors run, every one is the zygote's child
+    (the helper's adopted: PR_SET_CHILD_SUBREAPER) and the helper is gone; each pid is the
+    one its name got (the launcher checks every ready message's pid against it); an actor
+    the helper forked dies, is seen and reaped like any other."""
+    names = [f"echo{i}" for i in range(40)]
+    topo = Topology(actors=[ActorSpec(n, "zmqrt_toys:Echo") for n in names], mem_frames=8)
+    with Launcher(topo, extra_path=[TOYS], fork=True) as launcher:
+        zygote = launcher.forkserver.pid
+        pids = [launcher.pid(n) for n in names]
+        forkers = [launcher.procs[n].child.forker for n in names]
+        assert forkers[0] == zygote and len(set(forkers)) == 2  # the first half is the zygote's
+        assert children_of(zygote) == set(pids)  # the helper is gone, its children adopted
+        assert all(parent_of(pid) == zygote for pid in pids)
+        last = names[-1]  # in the helper's half of the batch
+        assert launcher.run_actor(Script(steps=[Call(last, "ping", {"x": 1})]), timeout=10)
+        os.kill(launcher.pid(last), signal.SIGKILL)
+        assert launcher.poll_deaths(timeout=5.0) == [(last, -signal.SIGKILL)]
+        assert state_of(pids[-1]) is None  # reaped by the zygote: no zombie
+    assert not any(pid_alive(pid) for pid in pids) and not pid_alive(zygote)
+
+
 def test_fallback_starts_interpreters_and_logs_once(monkeypatch):
     monkeypatch.setenv("VSVA_NO_FORKSERVER", "1")
     monkeypatch.setattr(launcher_mod, "_FALLBACK_LOGGED", False)
