@@ -106,7 +106,7 @@ MAX_POLL = 1.0
 SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connection
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 MAX_HELD = 16  # sends held back during a drain before they go (bounds the first one's delay)
-DEALER_SWEEP = MAX_POLL  # s: how often the DEALERs sent to have their EVENTS read (_poll)
+DEALER_SWEEP = 0.1  # s: how often the DEALERs sent to have their EVENTS read (_poll)
 
 # The socket's own send, without pyzmq's Python wrapper (it only adds DRAFT routing_id / group)
 _send = zmq.backend.Socket.send
@@ -346,7 +346,7 @@ class ZmqRuntime(PeerLinks):
         once every `DEALER_SWEEP` (`_round` wakes for it), not before every wait: at 8 VMs
         binding that was an EVENTS read (a poll(2) and a getpid(2) in libzmq) for most
         messages the host sent, and over 5 ms the host sends to nearly all of its ~17 peers.
-        A refusal now waits `DEALER_SWEEP` at most: MAX_POLL, the bound a missed edge has.
+        A refusal waits `DEALER_SWEEP` at most; an idle loop that has sent wakes once for it.
         """
         interest = self._interest
         found: dict[Any, int] = {}

@@ -1,4 +1,4 @@
-"""The DEALERs a runtime sent to have their EVENTS read once every `DEALER_SWEEP` (MAX_POLL),
+"""The DEALERs a runtime sent to have their EVENTS read once every `DEALER_SWEEP` (0.1 s),
 not before every wait (vsva.runtime.loop `_poll`): a frame that reached such a DEALER while its
 signal was taken in (as libzmq's send does with the socket's commands) is still delivered, even
 when the loop never goes idle (an idle wait would mark every socket for a read anyway)."""
