@@ -115,9 +115,12 @@ class PhysMem:
         nothing until touched): the host's 32-frame PASID directories of 256 VMs were 8,224
         page faults and 33 MB of writes at its start."""
         if isinstance(self.buf, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
-            self.buf.madvise(mmap.MADV_REMOVE, frame << PAGE_SHIFT, count << PAGE_SHIFT)
-        else:
-            self.view[frame << PAGE_SHIFT : (frame + count) << PAGE_SHIFT] = bytes(count << PAGE_SHIFT)
+            try:
+                self.buf.madvise(mmap.MADV_REMOVE, frame << PAGE_SHIFT, count << PAGE_SHIFT)
+                return
+            except OSError:  # a file system that cannot punch holes: write the zeros
+                pass
+        self.view[frame << PAGE_SHIFT : (frame + count) << PAGE_SHIFT] = bytes(count << PAGE_SHIFT)
 
     def close(self) -> None:
         """Release the mapping (views first: mmap refuses to close while exported)."""
