@@ -6,9 +6,16 @@ runtimes, launching, audit, trace and the CLI); the modelled components are moun
 (folder `hotpath/`). pyproject.toml maps the folders to the package names.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("vsva")
-except PackageNotFoundError:  # running from a checkout that was never installed
-    __version__ = "0+unknown"
+def __getattr__(name: str) -> str:
+    """`vsva.__version__`, read when asked: importlib.metadata costs every process that
+    imports vsva (the fork server, the CLI, an actor started without it) ~20 ms; only
+    `vsva --version` needs it."""
+    if name != "__version__":
+        raise AttributeError(f"module 'vsva' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vsva")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
