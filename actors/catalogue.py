@@ -87,13 +87,15 @@ def gpasid(doc: str = "guest PASID") -> Any:
     return f(int, PASID_RANGE, doc=doc)
 
 
+def _spec(name: str, made: Any) -> FieldSpec:
+    """The FieldSpec of a field made by `f`."""
+    meta = made.metadata
+    lo, hi = meta["range"] or (None, None)
+    return FieldSpec(name, meta["types"], lo, hi, meta["choices"], meta["doc"])
+
+
 def _specs(cls: type) -> tuple[FieldSpec, ...]:
-    out = []
-    for fl in fields(cls):
-        meta = fl.metadata
-        lo, hi = meta["range"] or (None, None)
-        out.append(FieldSpec(fl.name, meta["types"], lo, hi, meta["choices"], meta["doc"]))
-    return tuple(out)
+    return tuple(_spec(fl.name, fl) for fl in fields(cls))
 
 
 class Schema:
@@ -215,11 +217,11 @@ def message(
 
 
 def _reply_class(name: str, kind: str, success: dict[str, Any]) -> type[Reply]:
-    annotations = {"ret": "int", **{k: "Any" for k in success}}
-    ns = {"__annotations__": annotations, "ret": f(int, doc="0 or a negative errno"), **success}
-    cls: type[Reply] = dataclass(frozen=True, slots=True, kw_only=True)(type(f"{name}Reply", (Reply,), ns))
-    cls.KIND, cls.FIELDS = kind, _specs(cls)[1:]  # `ret` is checked on its own
-    cls.NAMES = tuple(spec.name for spec in cls.FIELDS)
+    """A reply's schema: its success fields (`ret` is checked on its own). Replies are only
+    checked, never built, so no dataclass is made for them (28 fewer at every import)."""
+    cls: type[Reply] = type(f"{name}Reply", (Reply,), {"__slots__": ()})
+    cls.KIND, cls.FIELDS = kind, tuple(_spec(n, made) for n, made in success.items())
+    cls.NAMES = tuple(success)
     return cls
 
 
