@@ -95,6 +95,7 @@ class Peer:
     state: str = CONNECTING
     hold_until: float = 0.0  # restarted: connect failures before this do not mean down
     dead_inode: tuple[int, int] | None = None  # ipc: the socket file when the peer died
+    up_inode: tuple[int, int] | None = None  # ipc: the socket file its connection reached
     exited: bool = False  # its process died (`peer_exited`): only a new incarnation is back
     endpoint: str = ""  # where the DEALER connects ("" when disconnected: tcp, peer down)
     ep_id: tuple[int, int] | None = None  # tcp: the endpoint file `endpoint` was read from
@@ -164,7 +165,7 @@ class PeerLinks:
                 self._reconnect(peer)  # its new port, if it has published it yet
         self._report_now(name)  # the old incarnation's death, before anything reaches the new
         if peer is not None:
-            peer.exited = False
+            peer.exited, peer.up_inode = False, None
             if peer.state != UP:
                 peer.state = CONNECTING
                 peer.hold_until = self.now() + self.send_grace
@@ -203,7 +204,9 @@ class PeerLinks:
         peer = self.peers.get(name)
         if peer is not None:
             peer.state = DOWN
-            peer.dead_inode = self._inode(name)
+            # the incarnation that died is the one the connection reached: the file there now
+            # may already be its restarted successor's (read late, the drop comes after it)
+            peer.dead_inode = peer.up_inode or self._inode(name)
             self._fail_queue(peer, why)
             self._disconnect(peer)
         rids = [rid for rid, n in self._verified.items() if n == name]
@@ -344,7 +347,7 @@ class PeerLinks:
                 return False
         elif not self._bound_anew(peer):
             return False
-        peer.dead_inode = None
+        peer.dead_inode = peer.up_inode = None
         peer.exited = False
         self._report_now(peer.name)
         self._down_reported.discard(peer.name)
@@ -404,6 +407,7 @@ class PeerLinks:
                     continue
                 peer.exited = False
                 peer.state = UP
+                peer.up_inode = self._inode(peer.name)
                 self._remember_incarnation(peer.name)
                 self._report_now(peer.name)
                 self._down_reported.discard(peer.name)

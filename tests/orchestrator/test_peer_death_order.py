@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 
 import pytest
 import zmq
 
 from vsva.actors.base import Actor, ActorEnv
-from vsva.actors.messages import Envelope, encode
+from vsva.actors.messages import Envelope, decode, encode
 from vsva.runtime import peers
 from vsva.runtime.endpoints import endpoint, incarnation, routing_id, socket_path
 from vsva.runtime.loop import ZmqRuntime
@@ -190,3 +191,74 @@ def test_a_handshake_read_after_the_peers_exit_is_not_the_peer_back(tmp_path):
     finally:
         listener.close()
         host.close()
+
+
+class Sender(Actor):
+    """Sends one ping to "peer" at its start."""
+
+    def __init__(self) -> None:
+        super().__init__("host", ActorEnv())
+
+    def start(self, now: float) -> list[Envelope]:
+        return [Envelope("host", "peer", "ping", {}, id=1)]
+
+
+def _read_message(raw: socket.socket) -> bytes:
+    """The body of the next ZMTP message frame (commands skipped)."""
+    while True:
+        flags = _recv_exactly(raw, 1)[0]
+        size = struct.unpack(">Q", _recv_exactly(raw, 8))[0] if flags & 0x02 else _recv_exactly(raw, 1)[0]
+        body = _recv_exactly(raw, size)
+        if not flags & 0x04:
+            return body
+
+
+def test_a_drop_read_after_the_peer_restarted_leaves_the_new_incarnation_reachable(tmp_path):
+    """Our DEALER's connection to a peer drops, and the peer's restarted incarnation binds a
+    new socket file before our loop reads that drop (a restart faster than a busy loop: the
+    kill matrix's vdcm at F1 lost the reply to its resync this way, about 1 run in 20). The
+    incarnation that died is the one the connection reached, not the file there when the drop
+    is read: a send to the peer waits for the new connection and reaches the new incarnation;
+    it is not failed at once as "down" (for ever: that file would count as dead).
+
+    The new incarnation is a plain unix listener answering the handshake by hand, so it
+    connects only once the test lets it."""
+    os.chmod(tmp_path, 0o700)
+    run_dir = str(tmp_path)
+    ctx = zmq.Context()
+    first = ctx.socket(zmq.ROUTER)
+    first.bind(endpoint(run_dir, "peer"))
+    host = ZmqRuntime("host", run_dir, trace=False, run_root=os.getpid())
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[bytes] = []
+    try:
+        host.expect(["peer"])
+        assert host.run_actor(Recorder(), timeout=5.0, until=lambda a: host.peers["peer"].state == UP)
+        old = incarnation(run_dir, "peer")
+        first.close(0)  # the first incarnation is gone; SIGKILL would leave its file
+        if os.path.exists(socket_path(run_dir, "peer")):
+            os.unlink(socket_path(run_dir, "peer"))
+        listener.bind(socket_path(run_dir, "peer"))  # the successor's file
+        listener.listen(4)
+        listener.settimeout(5)
+        assert incarnation(run_dir, "peer") != old
+        drop = zmq.Poller()
+        drop.register(host.peers["peer"].monitor, zmq.POLLIN)
+        assert drop.poll(5000)  # the drop is posted on the monitor, not read yet
+
+        def successor() -> None:
+            conn, _ = listener.accept()  # our DEALER reconnecting
+            with conn:
+                _handshake(conn, _ready(b"ROUTER"))
+                got.append(_read_message(conn))
+
+        serving = threading.Thread(target=successor, daemon=True)
+        serving.start()
+        host.run_actor(Sender(), timeout=5.0, until=lambda a: True)  # returns once it left
+        serving.join(5.0)
+        assert host.stats["send_failed"] == 0, "failed: the new incarnation was taken for the dead one"
+        assert [decode(frame).kind for frame in got] == ["ping"]
+    finally:
+        listener.close()
+        host.close()
+        ctx.destroy(0)
