@@ -66,7 +66,7 @@ PRELOAD = (
 )
 MAX_PACKET = 64 * 1024
 MIN_PER_FORKER = 16  # a batch is split between forking processes only with this many each
-FORWARD_TIMEOUT = 20.0  # s: a forking helper that sends nothing for this long is killed
+FORWARD_TIMEOUT = 10.0  # s: a helper silent this long is killed (the launcher waits 20 s)
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -197,13 +197,15 @@ class _Server:
     def _forward(self, helper: int | None, link: socket.socket, names: list[str]) -> None:
         """Pass a helper's replies on to the launcher, in order (bounded: a helper that dies
         or stalls leaves an error for each name it did not answer)."""
+        failed = helper is None
         try:
             for name in names:
                 data: bytes = b""
                 fds: list[int] = []
-                if helper is not None and _readable(link, FORWARD_TIMEOUT):
+                if not failed and _readable(link, FORWARD_TIMEOUT):
                     data, fds, _, _ = socket.recv_fds(link, MAX_PACKET, 1)
-                if not data:
+                if not data:  # gone or stalled: no more waiting for the rest of its part
+                    failed = True
                     self._send({"error": f"{name}: cannot fork: the forking helper failed"})
                     continue
                 try:

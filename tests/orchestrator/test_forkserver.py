@@ -199,3 +199,53 @@ def test_a_restart_that_reports_ready_before_the_launcher_looks_is_seen(monkeypa
             assert launcher.poll_deaths(timeout=5.0) == [("echo", -signal.SIGKILL)]
             assert launcher.restart("echo", timeout=5.0) != old
             assert launcher.run_actor(Script(steps=[Call("echo", "ping", {"x": 1})]), timeout=10)
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_a_helper_that_fails_leaves_an_error_for_each_name_it_did_not_answer(how, monkeypatch):
+    """The zygote passes a helper's replies on in order (`_forward`); a helper that dies or
+    stalls after its first reply costs one bounded wait at most, then each name it did not
+    answer gets an error (the launcher's spawn fails with it instead of timing out), and the
+    helper is killed and reaped."""
+    from vsva.runtime import zygote
+
+    monkeypatch.setattr(zygote, "_forkers", lambda: 1)  # no subreaper on the test's process
+    monkeypatch.setattr(zygote, "FORWARD_TIMEOUT", 0.5)
+    waits = []
+    readable = zygote._readable
+    monkeypatch.setattr(
+        zygote, "_readable", lambda sock, timeout: waits.append(timeout) or readable(sock, timeout)
+    )
+    launcher_end, ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = zygote._Server(ctl)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hold_r, hold_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # the helper: one reply (with an fd, as a pidfd would be), then its end
+        null = os.open(os.devnull, os.O_RDONLY)
+        socket.send_fds(theirs, [json.dumps({"pid": 4242, "forker": os.getpid()}).encode()], [null])
+        if how == "stalls":
+            os.read(hold_r, 1)
+        os._exit(0)
+    theirs.close()
+    server.links.append(ours)
+    try:
+        server._forward(helper, ours, ["a", "b", "c"])
+        replies = []
+        for _ in range(3):
+            data, fds, _, _ = socket.recv_fds(launcher_end, 4096, 1)
+            replies.append(json.loads(data))
+            for fd in fds:
+                os.close(fd)
+        assert replies[0] == {"pid": 4242, "forker": helper}
+        assert [r.get("error") for r in replies[1:]] == [
+            f"{n}: cannot fork: the forking helper failed" for n in ("b", "c")
+        ]
+        assert len(waits) == 2  # the reply, then the end (or the timeout): no wait per name after
+        assert 4242 in server.children and not server.links
+        assert state_of(helper) is None  # killed (if it stalled) and reaped
+    finally:
+        for fd in (hold_r, hold_w, server._wake_r, server._wake_w):
+            os.close(fd)
+        for sock in (launcher_end, ctl):
+            sock.close()
