@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+
+from vsva.runtime.zygote import readable
 
 REPORT_WAIT = 2.0  # s: how long a dead child's exit code may take to come from the zygote
 START_TIMEOUT = 30.0  # s: the zygote's imports, on a loaded machine
@@ -57,14 +58,14 @@ class ForkedChild:
         if self.returncode is None:
             self.server.collect(0)
             pidfd = self.server.pidfds.get(self.pid)
-            if self.returncode is None and pidfd is not None and _readable(pidfd, 0):
+            if self.returncode is None and pidfd is not None and readable(pidfd, 0):
                 self.server.collect_exit(self.pid, REPORT_WAIT)
         return self.returncode
 
     def wait(self, timeout: float) -> int:
         pidfd = self.server.pidfds.get(self.pid)
         if pidfd is not None:
-            _readable(pidfd, timeout)
+            readable(pidfd, timeout)
         code = self.poll()
         if code is None:
             raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
@@ -144,7 +145,7 @@ class ForkServer:
         end = time.monotonic() + timeout
         while True:
             left = max(0.0, end - time.monotonic())
-            if not _readable(self.sock.fileno(), left):
+            if not readable(self.sock.fileno(), left):
                 return
             msg, fds = self._recv()
             for fd in fds:
@@ -188,7 +189,7 @@ class ForkServer:
     def _recv_reply(self, name: str) -> tuple[dict[str, Any], list[int]]:
         end = time.monotonic() + self.timeout
         while time.monotonic() < end:
-            if not _readable(self.sock.fileno(), end - time.monotonic()):
+            if not readable(self.sock.fileno(), end - time.monotonic()):
                 break
             msg, fds = self._recv()
             if msg is None:
@@ -204,7 +205,7 @@ class ForkServer:
 
     def _exited(self, pid: int) -> bool:
         pidfd = self.pidfds.get(pid)
-        return pidfd is None or _readable(pidfd, REPORT_WAIT)
+        return pidfd is None or readable(pidfd, REPORT_WAIT)
 
     def close(self, timeout: float = 5.0) -> None:
         """End the zygote (it SIGKILLs and reaps any child left) and reap it."""
@@ -217,9 +218,3 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout)
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))

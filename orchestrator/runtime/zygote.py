@@ -66,7 +66,7 @@ PRELOAD = (
 )
 MAX_PACKET = 64 * 1024
 MIN_PER_FORKER = 16  # a batch is split between forking processes only with this many each
-FORWARD_TIMEOUT = 10.0  # s: a helper silent this long is killed (the launcher waits 20 s)
+FORWARD_TIMEOUT = 10.0  # s: a helper silent this long is killed (the launcher waits 30 s)
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -105,7 +105,7 @@ class _Server:
     def __init__(self, ctl: socket.socket):
         self.ctl = ctl
         self.pid, self.launcher = os.getpid(), os.getppid()  # also in a forking helper
-        self.forkers = _forkers()
+        self.forkers = len(os.sched_getaffinity(0)) if _adopt_orphans() else 1  # forking at once
         self.children: set[int] = set()
         self.links: list[socket.socket] = []  # our ends of the helpers' sockets (children close them)
         self.runs: dict[str, Any] = {}  # run_dir -> (run, topology), parsed once
@@ -202,7 +202,7 @@ class _Server:
             for name in names:
                 data: bytes = b""
                 fds: list[int] = []
-                if not failed and _readable(link, FORWARD_TIMEOUT):
+                if not failed and readable(link.fileno(), FORWARD_TIMEOUT):
                     data, fds, _, _ = socket.recv_fds(link, MAX_PACKET, 1)
                 if not data:  # gone or stalled: no more waiting for the rest of its part
                     failed = True
@@ -331,23 +331,24 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
         pass
 
 
-def _readable(sock: socket.socket, timeout: float) -> bool:
+def readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` turns readable within `timeout` seconds (both ends of the protocol wait
+    on it: the launcher for replies and exits, the zygote for its helpers)."""
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
 
 
-def _forkers() -> int:
-    """How many processes may fork a batch at once: one per usable CPU, when this process can
-    adopt the orphans of its helpers (Linux's PR_SET_CHILD_SUBREAPER); else 1."""
+def _adopt_orphans() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux's
+    PR_SET_CHILD_SUBREAPER): a helper's children are ours once it exits. False where that
+    is not possible (then the zygote forks every batch alone)."""
     try:
         import ctypes
 
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            return 1
-        return len(os.sched_getaffinity(0))
+        return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
-        return 1
+        return False
 
 
 def serve(ctl: socket.socket) -> None:

@@ -209,13 +209,14 @@ def test_a_helper_that_fails_leaves_an_error_for_each_name_it_did_not_answer(how
     helper is killed and reaped."""
     from vsva.runtime import zygote
 
-    monkeypatch.setattr(zygote, "_forkers", lambda: 1)  # no subreaper on the test's process
+    monkeypatch.setattr(zygote, "_adopt_orphans", lambda: False)  # the test's process stays as it is
     monkeypatch.setattr(zygote, "FORWARD_TIMEOUT", 0.5)
     waits = []
-    readable = zygote._readable
+    readable = zygote.readable
     monkeypatch.setattr(
-        zygote, "_readable", lambda sock, timeout: waits.append(timeout) or readable(sock, timeout)
+        zygote, "readable", lambda fd, timeout: waits.append(timeout) or readable(fd, timeout)
     )
+
     launcher_end, ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = zygote._Server(ctl)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
