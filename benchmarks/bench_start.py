@@ -15,7 +15,14 @@ the PSS of every actor process (/proc/PID/smaps_rollup: shared pages count divid
 the processes sharing them, so the fork server's pages are spread over all of them) is
 read: the median over the guest and vmm processes, and the host's.
 
-    python benchmarks/bench_start.py [--vms 32,128,256] [--repeats 3] [--json]
+Both sides import bytecode compiled beforehand, as an installed package's modules are: the
+baseline's modules come with theirs from pip, and vsva's (an editable install's sources) are
+compiled once into a private cache (PYTHONPYCACHEPREFIX, a temporary directory) by an untimed
+warm-up of each side, which also brings every file into the page cache. With
+PYTHONDONTWRITEBYTECODE set, as on this project's machines, the zygote would otherwise compile
+every vsva module from source at each start (~50 ms at 32 VMs); `--from-source` measures that.
+
+    python benchmarks/bench_start.py [--vms 32,128,256] [--repeats 3] [--from-source] [--json]
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -115,12 +124,34 @@ def main() -> None:
         default=POWER_ON_WINDOW,
         help="bare interpreters starting at a time (default: as many as the launcher powers on; 0: all)",
     )
+    parser.add_argument(
+        "--from-source",
+        action="store_true",
+        help="keep the environment's bytecode setting (with PYTHONDONTWRITEBYTECODE: compile vsva at each start)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    cache = None if args.from_source else tempfile.mkdtemp(prefix="vsva-bench-pyc-")
+    if cache is not None:  # inherited by the fork server and by the bare interpreters
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = cache
     figures: dict[str, Any] = {
         "fork_server": os.environ.get("VSVA_NO_FORKSERVER") != "1",
         "bare_window": args.bare_window,
+        "bytecode": "from source" if cache is None else "compiled once (warm-up)",
     }
+    try:
+        launch(1)  # the warm-up of each side: not counted
+        interpreters(1, 1)
+        measure(args, figures)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    print_figures(figures, args.json)
+
+
+def measure(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    """Each N of `--vms`, `--repeats` times: the launch, then the baseline."""
     for vms in [int(v) for v in args.vms.split(",")]:
         ours, bare, ratio, pss, host = [], [], [], [], []
         for _ in range(args.repeats):
@@ -139,7 +170,6 @@ def main() -> None:
         figures[f"vms{vms}_host_pss_mb"] = spread(host, 1)
         figures[f"vms{vms}_zygote_pss_mb"] = round(run["zygote_pss_mb"], 2)
         figures[f"vms{vms}_load_average_1min"] = round(os.getloadavg()[0], 1)
-    print_figures(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,15 @@ def _load_implementations() -> None:
     )
 
 
+def load() -> str:
+    """Load the implementations now rather than at their first use, and say which one
+    `Iommu` is. The fork server calls it once, so the host it forks does not import
+    numpy and the compiled module after the fork, on the start-up's critical path."""
+    if "IMPLEMENTATION" not in globals():
+        _load_implementations()
+    return str(globals()["IMPLEMENTATION"])
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         _load_implementations()
@@ -105,6 +114,7 @@ def compiled_available() -> bool:
 
 
 __all__ = [
+    "load",
     "Iommu",
     "PureIommu",
     "CompiledIommu",

@@ -97,6 +97,7 @@ def preload() -> None:
 
     for module in PRELOAD:
         importlib.import_module(module)
+    importlib.import_module("vsva.hotpath").load()  # it picks its implementation lazily
     gc.collect()
     gc.freeze()
 
