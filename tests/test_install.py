@@ -1,7 +1,9 @@
 """Installing without a C compiler works, as the README says: the extension is optional, the
 install goes on, and the pure-Python twin runs (vsva.hotpath.IMPLEMENTATION == "python").
-A throwaway venv over this checkout; pip works offline here (the build requirements come from
-the site packages, the dependencies are not fetched)."""
+A throwaway venv over this checkout; pip works offline here (the build requirements, Cython
+among them, come from the site packages of the environment running the tests, which the
+throwaway venv sees through a .pth file: the base interpreter's need not have them; the
+dependencies are not fetched)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,25 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def site_packages(venv: Path) -> Path:
+    (found,) = venv.glob("lib/python*/site-packages")
+    return found
+
+
 @pytest.mark.timeout(300)
 def test_install_without_a_compiler_falls_back_to_pure_python(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    ours = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    (site_packages(venv) / "testing-env.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
     src = tmp_path / "src"  # a copy: the checkout's own build products must not be picked up
     shutil.copytree(
         ROOT,
