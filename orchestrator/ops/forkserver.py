@@ -115,11 +115,12 @@ class ForkServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def spawn_many(self, names: Iterable[str], run_dir: str) -> list[tuple[ForkedChild, int]]:
-        """Fork one child per name (one request: the zygote forks them all, then lets them run);
-        returns [(child, pidfd)] in order. The pidfd belongs to the caller until `release`."""
+    def spawn_many(self, names: Iterable[str], run_dir: str, early: int = 0) -> list[tuple[ForkedChild, int]]:
+        """Fork one child per name (one request: the zygote forks them all, then lets them run,
+        the first `early` as soon as each is forked); returns [(child, pidfd)] in order. The
+        pidfd belongs to the caller until `release`."""
         names = list(names)
-        self._send({"spawn": names, "run_dir": run_dir})
+        self._send({"spawn": names, "run_dir": run_dir, "early": early})
         out = []
         for name in names:
             msg, fds = self._recv_reply(name)

@@ -72,7 +72,7 @@ from vsva.analysis import export
 from vsva.analysis import trace as tracefile
 from vsva.ops import capacity, forkserver, runfiles
 from vsva.ops.forkserver import ForkedChild, ForkServer, ForkServerError
-from vsva.ops.topology import ORCH, ActorSpec, Topology
+from vsva.ops.topology import ORCH, PER_VM_KINDS, ActorSpec, Topology
 from vsva.runtime.curve import create_keys
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, control_id, valid_name
 from vsva.runtime.loop import ZmqRuntime, new_context
@@ -270,8 +270,11 @@ class Launcher:
         started = time.monotonic()
         children: Sequence[tuple[subprocess.Popen[bytes] | ForkedChild, int]]
         if self.forkserver is not None:
+            # the actors that serve every VM first, running at once: they have the most to do
+            shared = [s for s in specs if s.kind not in PER_VM_KINDS]
+            specs = [*shared, *(s for s in specs if s.kind in PER_VM_KINDS)]
             try:
-                children = self.forkserver.spawn_many([s.name for s in specs], self.run_dir)
+                children = self.forkserver.spawn_many([s.name for s in specs], self.run_dir, len(shared))
             except ForkServerError as exc:
                 raise LaunchError(str(exc)) from None
         else:

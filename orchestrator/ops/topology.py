@@ -23,6 +23,7 @@ HOST = "host"
 KVM = "kvm"
 VDCM = "vdcm"
 ORCH = ORCHESTRATOR
+PER_VM_KINDS = ("guest", "vmm")  # one of each per VM; the other kinds serve every VM
 ACCEL = "dsa0"  # the SIOV-style accelerator whose mediated devices vdcm composes
 
 

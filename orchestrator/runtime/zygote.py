@@ -5,7 +5,8 @@
 imports zmq, msgpack, numpy, the hot path, every actor module and the runtime *once*, then
 serves requests, one packet each (JSON):
 
-    {"spawn": [name, ...], "run_dir": D}  ->  per name, in order: {"pid": pid, "forker": p}
+    {"spawn": [name, ...], "run_dir": D, "early": k}
+                                          ->  per name, in order: {"pid": pid, "forker": p}
                                               with the child's pidfd attached (SCM_RIGHTS), or
                                               {"error": why}
     (nothing else: end of file on the socket)       ->  SIGKILL every child, reap, exit 0
@@ -23,6 +24,12 @@ OS thread (libzmq starts its reaper and I/O threads with a context's first socke
 live context with a socket shows up there) and no global zmq context. A request that
 arrives when the check fails is refused, not forked. Each child builds its own context
 after the fork (`vsva.runtime.actor_process`).
+
+The children of a batch wait until all of it is forked, except its first `early` names
+(default 0) among those the zygote forks itself, which run at once: the actors every VM
+talks to (host, kvm, vdcm) have the most start-up work, and would otherwise be the last
+ones ready. (A helper's children always wait: until the helper exits, they are not yet the
+zygote's.)
 
 A batch of at least 2 x MIN_PER_FORKER names is split in consecutive parts, one per usable
 CPU: the zygote forks a helper per part but the first (a copy of itself, so the same
@@ -143,6 +150,7 @@ class _Server:
         try:
             req = json.loads(data)
             names, run_dir = [str(n) for n in req["spawn"]], str(req["run_dir"])
+            early = set(names[: max(0, int(req.get("early", 0)))])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._send({"error": f"bad request: {exc!r}"})
             return True
@@ -163,7 +171,7 @@ class _Server:
             parts = [names[i : i + size] for i in range(0, len(names), size)]  # replies in order
             helpers = [self._helper(part, run_dir, run, hold_r, hold_w) for part in parts[1:]]
             for name in parts[0]:
-                self._fork(name, run_dir, run, hold_r, hold_w, self.ctl)
+                self._fork(name, run_dir, run, hold_r, hold_w, self.ctl, held=name not in early)
             for (pid, link), part in zip(helpers, parts[1:]):
                 self._forward(pid, link, part)
         finally:
@@ -227,8 +235,18 @@ class _Server:
                     pass
                 os.waitpid(helper, 0)
 
-    def _fork(self, name: str, run_dir: str, run: Any, hold_r: int, hold_w: int, out: socket.socket) -> None:
-        """Fork the actor `name`; its reply (pid and pidfd, or the error) goes to `out`."""
+    def _fork(
+        self,
+        name: str,
+        run_dir: str,
+        run: Any,
+        hold_r: int,
+        hold_w: int,
+        out: socket.socket,
+        held: bool = True,
+    ) -> None:
+        """Fork the actor `name`; its reply (pid and pidfd, or the error) goes to `out`. A
+        held child waits for the end of the batch's forking before it starts."""
         try:
             check_forkable()
             pid = os.fork()
@@ -239,7 +257,8 @@ class _Server:
             os.close(hold_w)
             if out is not self.ctl:
                 out.close()
-            os.read(hold_r, 1)  # end of file once the zygote has forked the whole batch
+            if held:
+                os.read(hold_r, 1)  # end of file once the zygote has forked the whole batch
             os.close(hold_r)
             self._child(name, run_dir, self.pid, run, self.launcher)
         self.children.add(pid)

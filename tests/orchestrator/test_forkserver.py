@@ -252,6 +252,63 @@ def test_a_helper_that_fails_leaves_an_error_for_each_name_it_did_not_answer(how
             sock.close()
 
 
+def test_an_early_child_runs_while_the_batch_is_held(monkeypatch):
+    """The first `early` names of a batch run as soon as they are forked; the others wait
+    for the end of the batch's forking (the hold pipe's end of file). Forked here: a child
+    forked held, then one forked early; the early one runs while the hold is still open."""
+    from vsva.runtime import zygote
+
+    monkeypatch.setattr(zygote, "_adopt_orphans", lambda: False)
+    monkeypatch.setattr(
+        zygote, "check_forkable", lambda: None
+    )  # pytest-xdist's threads: the child only writes
+    ran_r, ran_w = os.pipe()
+    launcher_end, ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = zygote._Server(ctl)
+    monkeypatch.setattr(server, "_child", lambda name, *rest: (os.write(ran_w, name.encode()), os._exit(0)))
+    hold_r, hold_w = os.pipe()
+    try:
+        server._fork("h", "/nonexistent", None, hold_r, hold_w, ctl)
+        server._fork("e", "/nonexistent", None, hold_r, hold_w, ctl, held=False)
+        assert zygote.readable(ran_r, 10.0) and os.read(ran_r, 1) == b"e"  # the hold is still open
+        os.close(hold_w)
+        hold_w = -1
+        assert zygote.readable(ran_r, 10.0) and os.read(ran_r, 1) == b"h"
+        for pid in server.children:
+            assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        for fd in (hold_r, hold_w, ran_r, ran_w, server._wake_r, server._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        for sock in (launcher_end, ctl):
+            sock.close()
+
+
+def test_the_launcher_forks_the_shared_actors_first_and_early(monkeypatch):
+    """host, kvm and vdcm serve every VM and have the most start-up work: the launcher asks
+    for them first, to run at once, and each actor still gets its own pid (the launcher
+    checks every ready message's pid against its name's)."""
+    from vsva.ops.forkserver import ForkServer
+    from vsva.ops.topology import default_topology
+
+    asked = []
+    spawn_many = ForkServer.spawn_many
+    monkeypatch.setattr(
+        ForkServer,
+        "spawn_many",
+        lambda self, names, run_dir, early=0: (
+            asked.append((list(names), early)) or spawn_many(self, names, run_dir, early)
+        ),
+    )
+    topology = default_topology(2)
+    topology.actors.reverse()  # a topology file may list them in any order
+    with Launcher(topology, fork=True) as launcher:
+        pids = {name: launcher.pid(name) for name in topology.names()}
+    ((names, early),) = asked
+    assert names[:3] == ["vdcm", "kvm", "host"] and early == 3
+    assert sorted(names) == sorted(topology.names()) and len(set(pids.values())) == len(pids)
+
+
 def test_forked_actors_import_nothing_after_the_fork(monkeypatch):
     """What the zygote preloads is all an actor imports through a whole demo run: an import
     after the fork would be paid again by every child, on the start-up's critical path (the
