@@ -12,10 +12,31 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import Actor, ActorEnv, Body, Call, Handler, Steps, failed
+from vsva.actors.base import DEFAULT_TIMEOUT, Actor, ActorEnv, Body, Call, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import IoasidNotify, PasidBindings
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
+
+# The resync after a restart: a host that is slow to answer, or whose reply was lost with a
+# dead connection, is asked again, RESYNC_ATTEMPTS times in all, RESYNC_BACKOFF_S before the
+# second attempt and twice as long before each next one; a definite refusal is not retried.
+RESYNC_ATTEMPTS = 4
+RESYNC_BACKOFF_S = 0.1
+RESYNC_TRANSIENT = (-E.ETIMEDOUT, -E.EHOSTDOWN, -E.ECONNRESET, -E.EBUSY)
+
+
+def resync_timeout(config: dict[str, Any]) -> float:
+    """How long one resync attempt waits for the host (the actor's pasid_bindings timeout)."""
+    base = float(config.get("request_timeout", DEFAULT_TIMEOUT))
+    return float(config.get("timeouts", {}).get(PasidBindings.KIND, base))
+
+
+def resync_budget(config: dict[str, Any]) -> float:
+    """The longest a subscriber with `config` takes to end its resync (synced, or given up
+    with `resync_error`): every attempt timing out, plus the back-offs between them. The
+    supervisor waits that long for a restarted kvm or vdcm, and a little more."""
+    backoffs = sum(RESYNC_BACKOFF_S * 2**i for i in range(RESYNC_ATTEMPTS - 1))
+    return RESYNC_ATTEMPTS * resync_timeout(config) + backoffs
 
 
 class PasidMap:
@@ -100,6 +121,7 @@ class NotifierStats:
     refused: int = 0
     resyncs: int = 0
     resynced: int = 0
+    resync_failures: int = 0  # attempts the host did not answer with the bindings
 
 
 class Subscriber(Actor):
@@ -114,21 +136,48 @@ class Subscriber(Actor):
         self.host: str = self.config.get("host", "host")
         self.pasids = PasidMap()
         self.synced = not self.config.get("resync_on_start")
+        self.resync_error: str | None = None  # why the resync on start gave up (one line)
         self.notifier = NotifierStats()
 
     def on_start(self) -> Steps[None]:
         """First start or restart by the supervisor: rebuild the tables from the host's current
         bindings before serving (the notifier events sent while we were dead are lost)."""
         if self.config.get("resync_on_start"):  # set by the supervisor
-            yield from self.resync()
+            yield from self.resync_until_synced()
+
+    def resync_until_synced(self) -> Steps[None]:
+        """Resync, retrying what may pass (the host slow, its reply lost with a connection)
+        with a doubling back-off, RESYNC_ATTEMPTS times at most (bounded: resync_budget).
+        Giving up leaves one line in `resync_error` (the snapshot's), which the supervisor
+        reports; each failed attempt is counted, none is retried silently."""
+        backoff = RESYNC_BACKOFF_S
+        for attempt in range(1, RESYNC_ATTEMPTS + 1):
+            if self.synced:  # a submission's resync (vdcm) got there first
+                return
+            reply = yield from self.resync()
+            ret = reply.get("ret", 0)
+            if ret == 0:
+                return
+            if ret not in RESYNC_TRANSIENT or attempt == RESYNC_ATTEMPTS:
+                self.resync_error = (
+                    f"pasid_bindings to {self.host} failed {attempt} time(s), last {E.name(ret)}"
+                    + (f" ({reply['error']})" if reply.get("error") else "")
+                )
+                self.log("resync", f"gave up the resync: {self.resync_error}")
+                return
+            yield Wait(("resync backoff", attempt), backoff)
+            backoff *= 2
 
     def resync(self) -> Handler:
+        """One resync attempt: merge the host's current bindings into the tables."""
         reply: Body = yield Call(self.host, PasidBindings(), flow="resync")
         if reply.get("ret") == 0:
             self.notifier.resynced = self.pasids.load(reply["bindings"], self.tracked)
             self.notifier.resyncs += 1
             self.synced = True
+            self.resync_error = None
         else:
+            self.notifier.resync_failures += 1
             self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
         return reply
 
@@ -152,5 +201,6 @@ class Subscriber(Actor):
             **super().snapshot(),
             "tables": self.pasids.dump(),
             "synced": self.synced,
+            "resync_error": self.resync_error,
             "notifier": asdict(self.notifier),
         }

@@ -7,22 +7,42 @@ from __future__ import annotations
 import copy
 
 from vsva.actors import errno as E
+from vsva.actors.subscriber import RESYNC_ATTEMPTS, RESYNC_BACKOFF_S, resync_budget, resync_timeout
 
 
-def test_resync_counts_the_bindings_each_subscriber_tracks(vsva):
+def bound_world(vsva):
+    """Two VMs; VM 2's guest (by hand) has bound pf2 and its mdev: kvm tracks both bindings."""
     w = vsva.world(2, hand=(2,))
     g2 = vsva.HandGuest(w.rt, 2, devices=["pf2", "vm2.mdev0"])
     proc = g2.spawn(1)
     for dev in ("pf2", "vm2.mdev0"):
         assert g2.bind(proc, dev, g2.alloc(dev)["gpasid"])["ret"] == 0
+    w.rt.run()
+    return w
+
+
+def test_resync_counts_the_bindings_each_subscriber_tracks(vsva):
+    w = bound_world(vsva)
     tables = {name: copy.deepcopy(w.rt.actors[name].snapshot()["tables"]) for name in ("kvm", "vdcm")}
     for sub in (w.kvm, w.vdcm):
         w.rt.run_task(sub.name, sub.resync)
     w.rt.run()
     # kvm keeps every device's translation, vdcm only its mdevs'; the notifier had told both
     # the same, so the resync changes no table
-    assert w.kvm.snapshot()["notifier"] == {"events": 2, "refused": 0, "resyncs": 1, "resynced": 2}
-    assert w.vdcm.snapshot()["notifier"] == {"events": 2, "refused": 0, "resyncs": 1, "resynced": 1}
+    assert w.kvm.snapshot()["notifier"] == {
+        "events": 2,
+        "refused": 0,
+        "resyncs": 1,
+        "resynced": 2,
+        "resync_failures": 0,
+    }
+    assert w.vdcm.snapshot()["notifier"] == {
+        "events": 2,
+        "refused": 0,
+        "resyncs": 1,
+        "resynced": 1,
+        "resync_failures": 0,
+    }
     assert {name: w.rt.actors[name].snapshot()["tables"] for name in ("kvm", "vdcm")} == tables
 
 
@@ -37,3 +57,66 @@ def test_an_event_the_map_cannot_apply_is_refused_and_counted(vsva):
     assert bind(6) == -E.EEXIST  # guest PASID 5 is bound to another host PASID: the map refuses it
     assert w.kvm.notifier.events == 1 and w.kvm.notifier.refused == 1
     assert w.kvm.pasids.lookup(1, 5) == 5
+
+
+def restarted(w, name: str):
+    """`name` killed and started again the way the supervisor restarts it: a fresh
+    incarnation of the same config with `resync_on_start` (vsva.ops.supervisor.loop)."""
+    old = w.rt.actors[name]
+    w.rt.kill(name)
+    new = w.rt.add(type(old)(name, w.rt.env(dict(old.config, resync_on_start=True))))
+    w.rt.run_task(name, new.on_start)
+    return new
+
+
+def test_a_resync_the_host_never_answers_is_retried_with_backoff_then_given_up_in_the_snapshot(vsva):
+    w = bound_world(vsva)
+    since, t0 = len(w.rt.trace), w.rt.now
+    w.rt.hold("kvm", "host")  # every pasid_bindings of the new kvm stays unanswered
+    kvm = restarted(w, "kvm")
+    w.rt.run(until=lambda: kvm.resync_error is not None)
+    asked = [r["t"] for r in w.rt.trace[since:] if r["kind"] == "pasid_bindings" and r["src"] == "kvm"]
+    assert len(asked) == RESYNC_ATTEMPTS
+    timeout = resync_timeout(kvm.config)
+    gaps = [round(b - a, 3) for a, b in zip(asked, asked[1:])]
+    assert gaps == [round(timeout + RESYNC_BACKOFF_S * 2**i, 3) for i in range(RESYNC_ATTEMPTS - 1)]
+    assert w.rt.now - t0 <= resync_budget(kvm.config) + 0.01
+    snap = kvm.snapshot()
+    assert not snap["synced"] and snap["tables"] == {}
+    assert snap["resync_error"].startswith(
+        f"pasid_bindings to host failed {RESYNC_ATTEMPTS} time(s), last -ETIMEDOUT (pasid_bindings to host: no reply after"
+    )
+    assert snap["notifier"]["resync_failures"] == RESYNC_ATTEMPTS and snap["notifier"]["resyncs"] == 0
+    w.rt.release("kvm", "host")
+    w.rt.run()
+    assert len([r for r in w.rt.trace[since:] if r["kind"] == "pasid_bindings" and r["src"] == "kvm"]) == len(
+        asked
+    )  # given up is given up: no attempt after the bound
+
+
+def test_a_resync_whose_first_reply_is_lost_is_retried_and_rebuilds_the_tables(vsva):
+    w = bound_world(vsva)
+    tables = copy.deepcopy(w.kvm.snapshot()["tables"])
+    assert tables  # the binds above are what the resync must bring back
+    w.rt.hold("kvm", "host")
+    kvm = restarted(w, "kvm")
+    w.rt.run(until=lambda: kvm.notifier.resync_failures == 1)
+    assert not kvm.synced
+    w.rt.release("kvm", "host")
+    w.rt.run(until=lambda: kvm.synced)
+    snap = kvm.snapshot()
+    assert snap["tables"] == tables and snap["resync_error"] is None
+    assert snap["notifier"]["resync_failures"] == 1 and snap["notifier"]["resyncs"] >= 1
+
+
+def test_a_resync_the_host_refuses_is_not_retried(vsva):
+    w = bound_world(vsva)
+    since = len(w.rt.trace)
+    w.rt.actors["host"].subscribers.remove("kvm")  # the host no longer counts kvm a subscriber: EPERM
+    kvm = restarted(w, "kvm")
+    w.rt.run()
+    assert len([r for r in w.rt.trace[since:] if r["kind"] == "pasid_bindings" and r["src"] == "kvm"]) == 1
+    assert kvm.resync_error.startswith("pasid_bindings to host failed 1 time(s), last -EPERM"), (
+        kvm.resync_error
+    )
+    assert not kvm.snapshot()["synced"]
