@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vsva.actors import errno as E
-from vsva.actors.base import DEFAULT_TIMEOUT, Actor, ActorEnv, Body, Call, Handler, Steps, Wait, failed
+from vsva.actors.base import DEFAULT_TIMEOUT, Actor, ActorEnv, Body, Call, Steps, Wait, failed
 from vsva.actors.catalogue import IoasidNotify, PasidBindings
 from vsva.actors.messages import Envelope
 from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
@@ -35,7 +35,7 @@ def resync_budget(config: dict[str, Any]) -> float:
     """The longest a subscriber with `config` takes to end its resync (synced, or given up
     with `resync_error`): every attempt timing out, plus the back-offs between them. The
     supervisor waits that long for a restarted kvm or vdcm, and a little more."""
-    backoffs = sum(RESYNC_BACKOFF_S * 2**i for i in range(RESYNC_ATTEMPTS - 1))
+    backoffs = RESYNC_BACKOFF_S * (2.0 ** (RESYNC_ATTEMPTS - 1) - 1)  # 0.1 + 0.2 + 0.4
     return RESYNC_ATTEMPTS * resync_timeout(config) + backoffs
 
 
@@ -137,6 +137,7 @@ class Subscriber(Actor):
         self.pasids = PasidMap()
         self.synced = not self.config.get("resync_on_start")
         self.resync_error: str | None = None  # why the resync on start gave up (one line)
+        self.resync_timeouts: list[dict[str, Any]] = []  # the last attempts' timeout records
         self.notifier = NotifierStats()
 
     def on_start(self) -> Steps[None]:
@@ -168,7 +169,7 @@ class Subscriber(Actor):
             yield Wait(("resync backoff", attempt), backoff)
             backoff *= 2
 
-    def resync(self) -> Handler:
+    def resync(self) -> Steps[Body]:
         """One resync attempt: merge the host's current bindings into the tables."""
         reply: Body = yield Call(self.host, PasidBindings(), flow="resync")
         if reply.get("ret") == 0:
@@ -178,6 +179,8 @@ class Subscriber(Actor):
             self.resync_error = None
         else:
             self.notifier.resync_failures += 1
+            if isinstance(reply.get("timed_out"), dict):  # for the reports' timeouts
+                self.resync_timeouts = [*self.resync_timeouts, reply["timed_out"]][-RESYNC_ATTEMPTS:]
             self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
         return reply
 
@@ -202,5 +205,6 @@ class Subscriber(Actor):
             "tables": self.pasids.dump(),
             "synced": self.synced,
             "resync_error": self.resync_error,
+            "resync_timeouts": self.resync_timeouts,
             "notifier": asdict(self.notifier),
         }

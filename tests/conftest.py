@@ -230,6 +230,28 @@ def world(
     return w
 
 
+def bound_world() -> SimpleNamespace:
+    """`world(2)` whose VM 2's guest (by hand) has bound pf2 and its mdev: kvm tracks both
+    bindings, vdcm the mdev's."""
+    w = world(2, hand=(2,))
+    g2 = HandGuest(w.rt, 2, devices=["pf2", "vm2.mdev0"])
+    proc = g2.spawn(1)
+    for dev in ("pf2", "vm2.mdev0"):
+        assert g2.bind(proc, dev, g2.alloc(dev)["gpasid"])["ret"] == 0
+    w.rt.run()
+    return w
+
+
+def restarted(w: SimpleNamespace, name: str) -> Any:
+    """`name` killed and started again the way the supervisor restarts it: a fresh
+    incarnation of the same config with `resync_on_start` (vsva.ops.supervisor.loop)."""
+    old = w.rt.actors[name]
+    w.rt.kill(name)
+    new = w.rt.add(type(old)(name, w.rt.env(dict(old.config, resync_on_start=True))))
+    w.rt.run_task(name, new.on_start)
+    return new
+
+
 def session(vms: int = 2, *, seed: int = 1, shutdown: bool = True, stop_vms: bool | None = None, **topo: Any):
     """Run the Controller's whole session; returns (runtime, controller). With shutdown=False
     the VMs are left running too (unless stop_vms says otherwise)."""
@@ -268,6 +290,8 @@ def vsva() -> SimpleNamespace:
         Wire=Wire,
         snapshots=snapshots,
         world=world,
+        bound_world=bound_world,
+        restarted=restarted,
         session=session,
         run=run,
         HandGuest=HandGuest,

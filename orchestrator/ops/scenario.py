@@ -24,6 +24,7 @@ from vsva.ops.topology_file import RunFile
 
 if TYPE_CHECKING:
     from vsva.ops.launcher import Launcher, StopRequest
+    from vsva.ops.supervisor.recovery import Recovery
 
 
 def run_scenario(
@@ -78,6 +79,7 @@ def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = Non
             after = sup.run_step(sup.audit_task, timeout=15.0) or _unfinished("the audit after vm_stop")
             report["vm_stop"] = {str(vm): r.get("ret") for vm, r in stopped.items()}
         report["host_lost"] = sup.host_lost
+        sup.recovery.close_unfinished("when the host was lost" if sup.host_lost else "when the run ended")
         report["processes"] = sup.processes()
         report["injected"] = [
             {k: v for k, v in p.items() if k != "fault"} | {"fault": p["fault"]} for p in sup.faults.plans
@@ -104,7 +106,9 @@ def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = Non
                 v for v in after["violations"] if v not in final_audit["violations"]
             ]
         report["timeouts"] = timeouts_in(
-            report["workloads"], report.get("vm_stop"), records=sup.actor.timeouts
+            report["workloads"],
+            report.get("vm_stop"),
+            records=[*sup.actor.timeouts, *(t for r in sup.recovery.records for t in r.get("timeouts", []))],
         )
         report["audit"] = {
             "ran": final_audit is not None,
@@ -117,19 +121,27 @@ def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = Non
         survivors = [vm for vm in sup.vms if vm not in killed_vms or sup.vms[vm].runs > 1]
         report["surviving_vms"] = survivors if not sup.host_lost else []
         report["survivors_ok"] = all((sup.vms[vm].workload or {}).get("ok") for vm in report["surviving_vms"])
-        report["ok"] = (
-            not sup.host_lost
-            and report["audit"]["ok"]
-            and report["survivors_ok"]
-            and not report["timed_out"]
-            and not sup.recovery.given_up  # an actor whose restart failed stays down
-        )
+        report["ok"] = verdict(report, sup.recovery)
     finally:
         sup.close()
         report["trace_messages"] = len(sup.launcher.trace())
         report["trace_files"] = sup.launcher.trace_files
     report["elapsed_s"] = round(time.monotonic() - t0, 3)
     return report
+
+
+def verdict(report: dict[str, Any], recovery: Recovery) -> bool:
+    """Whether the run passed: the host kept, the audit clean, every surviving VM's workload
+    ok, no timeout of the run, and every recovery finished (none given up, none in error:
+    a resync not confirmed, a teardown not finished, a vm_stop that failed)."""
+    return bool(
+        not report["host_lost"]
+        and report["audit"]["ok"]
+        and report["survivors_ok"]
+        and not report["timed_out"]
+        and not recovery.given_up  # an actor whose restart failed stays down
+        and not recovery.failed()
+    )
 
 
 def _unfinished(what: str) -> dict[str, Any]:

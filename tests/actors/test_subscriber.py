@@ -10,19 +10,8 @@ from vsva.actors import errno as E
 from vsva.actors.subscriber import RESYNC_ATTEMPTS, RESYNC_BACKOFF_S, resync_budget, resync_timeout
 
 
-def bound_world(vsva):
-    """Two VMs; VM 2's guest (by hand) has bound pf2 and its mdev: kvm tracks both bindings."""
-    w = vsva.world(2, hand=(2,))
-    g2 = vsva.HandGuest(w.rt, 2, devices=["pf2", "vm2.mdev0"])
-    proc = g2.spawn(1)
-    for dev in ("pf2", "vm2.mdev0"):
-        assert g2.bind(proc, dev, g2.alloc(dev)["gpasid"])["ret"] == 0
-    w.rt.run()
-    return w
-
-
 def test_resync_counts_the_bindings_each_subscriber_tracks(vsva):
-    w = bound_world(vsva)
+    w = vsva.bound_world()
     tables = {name: copy.deepcopy(w.rt.actors[name].snapshot()["tables"]) for name in ("kvm", "vdcm")}
     for sub in (w.kvm, w.vdcm):
         w.rt.run_task(sub.name, sub.resync)
@@ -59,21 +48,11 @@ def test_an_event_the_map_cannot_apply_is_refused_and_counted(vsva):
     assert w.kvm.pasids.lookup(1, 5) == 5
 
 
-def restarted(w, name: str):
-    """`name` killed and started again the way the supervisor restarts it: a fresh
-    incarnation of the same config with `resync_on_start` (vsva.ops.supervisor.loop)."""
-    old = w.rt.actors[name]
-    w.rt.kill(name)
-    new = w.rt.add(type(old)(name, w.rt.env(dict(old.config, resync_on_start=True))))
-    w.rt.run_task(name, new.on_start)
-    return new
-
-
 def test_a_resync_the_host_never_answers_is_retried_with_backoff_then_given_up_in_the_snapshot(vsva):
-    w = bound_world(vsva)
+    w = vsva.bound_world()
     since, t0 = len(w.rt.trace), w.rt.now
     w.rt.hold("kvm", "host")  # every pasid_bindings of the new kvm stays unanswered
-    kvm = restarted(w, "kvm")
+    kvm = vsva.restarted(w, "kvm")
     w.rt.run(until=lambda: kvm.resync_error is not None)
     asked = [r["t"] for r in w.rt.trace[since:] if r["kind"] == "pasid_bindings" and r["src"] == "kvm"]
     assert len(asked) == RESYNC_ATTEMPTS
@@ -95,11 +74,11 @@ def test_a_resync_the_host_never_answers_is_retried_with_backoff_then_given_up_i
 
 
 def test_a_resync_whose_first_reply_is_lost_is_retried_and_rebuilds_the_tables(vsva):
-    w = bound_world(vsva)
+    w = vsva.bound_world()
     tables = copy.deepcopy(w.kvm.snapshot()["tables"])
     assert tables  # the binds above are what the resync must bring back
     w.rt.hold("kvm", "host")
-    kvm = restarted(w, "kvm")
+    kvm = vsva.restarted(w, "kvm")
     w.rt.run(until=lambda: kvm.notifier.resync_failures == 1)
     assert not kvm.synced
     w.rt.release("kvm", "host")
@@ -110,10 +89,10 @@ def test_a_resync_whose_first_reply_is_lost_is_retried_and_rebuilds_the_tables(v
 
 
 def test_a_resync_the_host_refuses_is_not_retried(vsva):
-    w = bound_world(vsva)
+    w = vsva.bound_world()
     since = len(w.rt.trace)
     w.rt.actors["host"].subscribers.remove("kvm")  # the host no longer counts kvm a subscriber: EPERM
-    kvm = restarted(w, "kvm")
+    kvm = vsva.restarted(w, "kvm")
     w.rt.run()
     assert len([r for r in w.rt.trace[since:] if r["kind"] == "pasid_bindings" and r["src"] == "kvm"]) == 1
     assert kvm.resync_error.startswith("pasid_bindings to host failed 1 time(s), last -EPERM"), (

@@ -227,7 +227,8 @@ class Supervisor:
         self.runtime.send(self.actor.run_task(gen_fn, self.runtime.now()))
 
     # ---- VMs and workloads -----------------------------------------------------------------
-    def boot_vms(self, actor: SupervisorActor, vms: list[int]) -> Steps[None]:
+    def boot_vms(self, actor: SupervisorActor, vms: list[int]) -> Steps[dict[int, Body]]:
+        """Power `vms` on (their workloads start as each runs); returns {vm: vm_start reply}."""
         for vm in vms:
             self.vms[vm].state = "booting"
         replies = yield from actor.boot(vms)
@@ -243,6 +244,7 @@ class Supervisor:
                 self.event("vm start failed", vmm_name(vm), ret=r.get("ret"), error=r.get("error", ""))
         if self.t_workloads is None:
             self.t_workloads = self.now()
+        return replies
 
     def _workload(self, vm: int) -> Steps[None]:
         st = self.vms[vm]

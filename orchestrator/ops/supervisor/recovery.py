@@ -16,6 +16,11 @@ Deaths come from the launcher (its pidfds: a kill through `vsva kill` and a plai
 - a restart that fails (the new incarnation dies or never reports ready): the actor stays
   down, its record says why in one line (`error`), and the run goes on without it; a later
   death of that incarnation is not recovered again.
+- every recovery ends in `t_recovered` or an `error` (one line: what was awaited, from whom,
+  how long): a resync the restarted actor gave up (its snapshot's `resync_error`) or did not
+  finish within its bound (`resync_budget` + RESYNC_SLACK_S), a snapshot, pool_status or
+  vm_stop that failed, a teardown the host did not finish within TEARDOWN_S, a restarted
+  guest whose VM did not power on again. `vsva run` fails a run with any such error.
 - host: the host and all its VMs are gone. The supervisor reports it, stops every other
   actor and cleans up (the run ends with `host_lost`).
 """
@@ -26,8 +31,10 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from vsva.actors.base import Call
+from vsva.actors import errno as E
+from vsva.actors.base import Call, Wait
 from vsva.actors.catalogue import PoolStatus, Snapshot, VmStop
+from vsva.actors.subscriber import resync_budget
 from vsva.ops.config import VM, GuestDeath
 from vsva.ops.topology import HOST, guest_name, vmm_name
 
@@ -36,6 +43,16 @@ if TYPE_CHECKING:
     from vsva.ops.supervisor.loop import Supervisor
 
 RESTARTED = ("kvm", "vdcm")
+RESYNC_SLACK_S = 2.0  # beyond the actor's own resync bound: its start and our last snapshot
+RESYNC_POLL_S = 0.01  # between snapshots of a restarted actor that is not synced yet
+SNAPSHOT_S = 2.0
+TEARDOWN_S = 15.0
+VM_STOP_S = 10.0
+
+
+def failure(reply: dict[str, Any]) -> str:
+    """A failed reply in words: '-ETIMEDOUT (snapshot to kvm: no reply after 2.0 s)'."""
+    return E.name(reply.get("ret", 0)) + (f" ({reply['error']})" if reply.get("error") else "")
 
 
 def exit_words(code: int) -> str:
@@ -122,11 +139,25 @@ class Recovery:
             rec["action"] = "none"
             rec["t_recovered"] = t
 
+    def close_unfinished(self, why: str) -> None:
+        """Give every recovery that has neither finished nor failed an error saying so (the
+        report is written now): none is left silent."""
+        for rec in self.records:
+            if rec["kind"] != "host" and "t_recovered" not in rec and "error" not in rec:
+                rec["error"] = f"{rec.get('action', 'recovery')}: unfinished {why}"
+
+    def failed(self) -> list[dict[str, Any]]:
+        """The recoveries that ended in an error."""
+        return [rec for rec in self.records if "error" in rec]
+
     def _do(self, action: tuple[Any, ...]) -> None:
         sup = self.sup
         if action[0] == "restart":
             _, name, rec = action
-            if sup.host_lost or sup.launcher.closed or not self._restart(name, rec):
+            if sup.host_lost or sup.launcher.closed:
+                rec["error"] = "not restarted: " + ("the host is lost" if sup.host_lost else "the run ended")
+                return
+            if not self._restart(name, rec):
                 return
             sup.event("restarted", name, pid=rec["new_pid"])
             sup.spawn(lambda: self._await_resync(rec, name))
@@ -136,7 +167,7 @@ class Recovery:
                 sup.vms[vm].state = "off"  # vm_stop has run: the VM is down, its guest too
                 return
             sup.vms[vm].workload = None
-            sup.spawn(lambda: sup.boot_vms(sup.actor, [vm]))
+            sup.spawn(lambda: self._reboot(rec, vm))
 
     def _restart(self, name: str, rec: dict[str, Any]) -> bool:
         """Start `name` again and note it in `rec`; False when that fails, the failure in
@@ -164,39 +195,99 @@ class Recovery:
         return True
 
     def _await_resync(self, rec: dict[str, Any], name: str) -> Steps[None]:
-        actor = self.sup.actor
-        end = actor.now + 10.0
-        while actor.now < end:
-            r = yield Call(name, Snapshot(), timeout=2.0)
-            if r.get("state", {}).get("synced"):
-                rec["t_recovered"] = self.sup.now()
-                rec["resynced_bindings"] = r["state"].get("notifier", {}).get("resynced", 0)
-                self.sup.event("resynced", name, bindings=rec["resynced_bindings"])
-                return
+        """Poll the restarted `name` until it reports synced; its own resync is bounded
+        (`resync_budget` of its config), so we wait that and RESYNC_SLACK_S more. Ends in
+        `t_recovered` or an `error` that says what was awaited, from whom and how long."""
+        sup, actor = self.sup, self.sup.actor
+        bound = resync_budget(sup.run.topology.spec(name).config) + RESYNC_SLACK_S
+        start = actor.now
+        polls = 0
+        while True:
+            r = yield Call(name, Snapshot(), timeout=SNAPSHOT_S)
+            polls += 1
+            state = r.get("state", {})
             if r.get("ret"):
-                rec["error"] = f"snapshot failed: {r.get('ret')}"
+                rec["error"] = f"resync not confirmed: snapshot of {name} failed: {failure(r)}"
                 return
+            if state.get("synced"):
+                rec["t_recovered"] = sup.now()
+                rec["resynced_bindings"] = state.get("notifier", {}).get("resynced", 0)
+                sup.event("resynced", name, bindings=rec["resynced_bindings"])
+                return
+            if state.get("resync_timeouts"):
+                rec["timeouts"] = state["resync_timeouts"]  # the actor's, for the reports
+            if state.get("resync_error"):
+                rec["error"] = f"resync of {name} given up: {state['resync_error']}"
+                return
+            waited = actor.now - start
+            if waited >= bound or sup.host_lost:
+                rec["error"] = (
+                    f"resync of {name} from the host: not synced after {waited:.1f} s "
+                    f"(bound {bound:.1f} s, {polls} snapshots)"
+                    + ("; the host is lost" if sup.host_lost else "")
+                )
+                return
+            yield Wait(("resync poll", name, polls), RESYNC_POLL_S)
 
     def _watch_teardown(self, rec: dict[str, Any], vm: int) -> Steps[None]:
+        """Poll the host until VM `vm`'s teardown (F8) has finished, TEARDOWN_S at most."""
         sup = self.sup
-        end = sup.actor.now + 15.0
-        while sup.actor.now < end and not sup.host_lost:
-            r = yield Call(HOST, PoolStatus(), timeout=2.0)
+        start = sup.actor.now
+        while True:
+            r = yield Call(HOST, PoolStatus(), timeout=SNAPSHOT_S)
             if r.get("ret"):
+                rec["error"] = (
+                    f"teardown of VM {vm} not confirmed: pool_status to {HOST} failed: {failure(r)}"
+                )
                 return
             done = [t for t in r.get("teardowns", []) if t["vm"] == vm and "finished" in t]
             if done:
                 rec["t_recovered"] = sup.now()
                 rec["teardown"] = done[-1]
                 return
+            waited = sup.actor.now - start
+            if waited >= TEARDOWN_S or sup.host_lost:
+                rec["error"] = (
+                    f"teardown of VM {vm}: {HOST} did not report it finished after {waited:.1f} s"
+                    + (" (the host is lost)" if sup.host_lost else f" (bound {TEARDOWN_S:g} s)")
+                )
+                return
+            yield Wait(("teardown poll", vm), RESYNC_POLL_S)
 
     def _guest_crashed(self, rec: dict[str, Any], vm: int, policy: GuestDeath) -> Steps[None]:
+        """vm_stop the crashed guest's VM (F8); with the restart policy, start its guest again
+        (`_reboot` then powers the VM on: that is its recovery)."""
         sup = self.sup
-        r = yield Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=10.0)
-        rec["vm_stop"] = r.get("ret")
-        rec["t_recovered"] = sup.now()
-        if policy == GuestDeath.RESTART and r.get("ret") in (0, -19):  # -ENODEV: it was not started
+        r = yield Call(vmm_name(vm), VmStop(), flow=f"F8:vm{vm}.1", timeout=VM_STOP_S)
+        ret = r.get("ret")
+        rec["vm_stop"] = ret
+        if ret == -E.EHOSTDOWN and not sup.launcher.alive(vmm_name(vm)):
+            # the vmm died too: its own record watches the host tear the VM down (F8)
+            rec["t_recovered"] = sup.now()
+            rec["action"] += f"; {vmm_name(vm)} gone too: its recovery tears the VM down"
+            sup.vms[vm].state = "gone"
+            return
+        if ret not in (0, -E.ENODEV):  # -ENODEV: the VM was not started
+            rec["error"] = f"vm_stop to {vmm_name(vm)} failed: {failure(r)}"
+            sup.vms[vm].state = "gone"
+            return
+        if policy == GuestDeath.RESTART:
+            rec["t_vm_stopped"] = sup.now()
             sup.vms[vm].state = "booting"
             self.actions.append(("restart_guest", vm, rec))
         else:
-            sup.vms[vm].state = "off" if r.get("ret") == 0 else "gone"
+            rec["t_recovered"] = sup.now()
+            sup.vms[vm].state = "off" if ret == 0 else "gone"
+
+    def _reboot(self, rec: dict[str, Any], vm: int) -> Steps[None]:
+        """Power VM `vm` on again after its guest's restart: recovered once it runs."""
+        sup = self.sup
+        replies = yield from sup.boot_vms(sup.actor, [vm])
+        if sup.vms[vm].state == "running":
+            rec["t_recovered"] = sup.now()
+            return
+        r = replies.get(vm, {})
+        answer = f"vm_start {failure(r)}" if r.get("ret") else "vm_start answered"
+        rec["error"] = (
+            f"VM {vm} not powered on again after its guest's restart: {answer}; VM {sup.vms[vm].state}"
+        )
