@@ -40,7 +40,7 @@ from typing import Any
 
 from vsva.ops.launcher import Launcher
 from vsva.ops.pacing import POWER_ON_WINDOW
-from vsva.ops.topology import default_topology
+from vsva.ops.topology import PER_VM_KINDS, default_topology
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bind import print_figures
@@ -60,7 +60,7 @@ def launch(vms: int) -> dict[str, Any]:
     started = time.monotonic()
     with Launcher(topology) as launcher:
         ready = time.monotonic() - started
-        vm_pss = [pss_kb(launcher.pid(a.name)) for a in topology.actors if a.kind in ("guest", "vmm")]
+        vm_pss = [pss_kb(launcher.pid(a.name)) for a in topology.actors if a.kind in PER_VM_KINDS]
         host_pss = pss_kb(launcher.pid("host"))
         zygote = pss_kb(launcher.forkserver.pid) if launcher.forkserver else 0
         processes = len(topology.actors)

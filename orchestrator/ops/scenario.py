@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from vsva.actors import errno as E
 from vsva.ops.pacing import render_timeouts, timeouts_in
 from vsva.ops.supervisor import Supervisor, exit_words
-from vsva.ops.topology import HOST, guest_name, vmm_name
+from vsva.ops.topology import HOST, PER_VM_KINDS, guest_name, vmm_name
 from vsva.ops.topology_file import RunFile
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = Non
             "violations": violations,
         }
         killed_vms = {
-            int(r["actor"][2:].split(".")[0]) for r in sup.recovery.records if r["kind"] in ("guest", "vmm")
+            int(r["actor"][2:].split(".")[0]) for r in sup.recovery.records if r["kind"] in PER_VM_KINDS
         }
         survivors = [vm for vm in sup.vms if vm not in killed_vms or sup.vms[vm].runs > 1]
         report["surviving_vms"] = survivors if not sup.host_lost else []
@@ -139,8 +139,7 @@ def verdict(report: dict[str, Any], recovery: Recovery) -> bool:
         and report["audit"]["ok"]
         and report["survivors_ok"]
         and not report["timed_out"]
-        and not recovery.given_up  # an actor whose restart failed stays down
-        and not recovery.failed()
+        and not recovery.failed()  # an actor whose restart failed (given up) has its error too
     )
 
 
