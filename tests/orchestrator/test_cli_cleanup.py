@@ -19,8 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from streams import read_until
-from test_cli_up import wait_for, wait_gone
+from streams import poll_until, read_until, wait_gone
 from zmqrt_toys import pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,7 +165,7 @@ def test_demo_signal_during_the_launch_cleans_up(cli):
     """A signal while the actors are still starting (the run directory is there, the trace
     is not): the launch is abandoned and taken down like a running demo."""
     proc = cli.start("demo", "--vms", "8", "--workload", "dma_loop", "--iterations", "1000000")
-    wait_for(cli.run_dirs, 90, "the demo's run directory")
+    poll_until(cli.run_dirs, 90, "the demo's run directory")
     pids = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -188,7 +187,7 @@ def test_demo_second_signal_while_stopping_is_ignored(cli, second):
 def test_sigkilled_demo_is_swept_by_the_next_command(cli, tmp_path):
     trace_out = tmp_path / "report"
     proc = running_demo(cli, "--trace-out", str(trace_out))
-    wait_for(lambda: traced(cli), 90, "trace records")  # written in batches: nothing says when
+    poll_until(lambda: traced(cli), 90, "trace records")  # written in batches: nothing says when
     run_dir = cli.run_dirs()[0]
     proc.kill()
     proc.wait(10)

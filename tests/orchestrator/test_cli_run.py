@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from streams import read_until
+from streams import poll_until, read_until, wait_gone
 from test_cli_cleanup import (
     Cli,
     assert_stopped,
@@ -18,8 +18,6 @@ from test_cli_cleanup import (
     shm_of,
     stop_twice,
     traced,
-    wait_for,
-    wait_gone,
 )
 
 from vsva.analysis.trace import read_frames
@@ -103,7 +101,7 @@ def long_run(cli: Cli, tmp_path: Path, *extra: str) -> tuple:
 def test_interrupted_run_cleans_up_and_keeps_its_trace(cli, tmp_path, sig):
     out = tmp_path / "trace"
     proc, pids = long_run(cli, tmp_path, "--trace-out", str(out))
-    wait_for(lambda: traced(cli), 60, "trace records")  # written in batches: nothing says when
+    poll_until(lambda: traced(cli), 60, "trace records")  # written in batches: nothing says when
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert_stopped(cli, proc, sig, err, pids)
@@ -121,14 +119,14 @@ def test_run_second_signal_while_stopping_is_ignored(cli, tmp_path):
 def test_up_trace_out_written_at_down_and_after_a_killed_supervisor(cli, tmp_path):
     out = tmp_path / "trace-down"
     assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
-    wait_for(lambda: traced(cli), 30, "the topology's trace")
+    poll_until(lambda: traced(cli), 30, "the topology's trace")
     assert cli("down").returncode == 0
     assert any(r["kind"] == "vm_start" for r in trace_records(out))
 
     out = tmp_path / "trace-killed"
     assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
     state = cli.state_file()
-    wait_for(lambda: booted(cli), 30, "the VMs' boot in the trace files")
+    poll_until(lambda: booted(cli), 30, "the VMs' boot in the trace files")
     os.kill(state["pid"], signal.SIGKILL)
     wait_gone([state["pid"]], 10, "the supervisor's death")
     down = cli("down")
@@ -150,4 +148,4 @@ def test_up_injects_the_fault_schedule(cli, tmp_path):
         rows = {r["name"]: r for r in json.loads(cli("ps", "--json").stdout)}
         return rows["kvm"]["restarts"] >= 1 and rows["kvm"]["state"] == "running"
 
-    wait_for(kvm_restarted, 60, "the scheduled kill of kvm and its restart")
+    poll_until(kvm_restarted, 60, "the scheduled kill of kvm and its restart")

@@ -10,12 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from streams import poll_until, wait_gone
 from zmqrt_toys import pid_alive
-
-from vsva.cli.client import wait_exit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,25 +39,6 @@ def vsva(tmp_path):
     yield run
     if run.state.exists():  # a failed test: take it down anyway
         run("down", check=False)
-
-
-def wait_gone(pids, timeout: float, what: str) -> None:
-    """Wait (bounded) until every process of `pids` has exited: a pidfd turns readable when its
-    process does, whoever its parent is (vsva.cli.client.wait_exit)."""
-    end = time.monotonic() + timeout
-    assert all(wait_exit(p, max(0.0, end - time.monotonic())) for p in pids), f"timed out waiting for {what}"
-
-
-def wait_for(cond, timeout=10.0, what=""):
-    """Poll `cond` (bounded) where nothing signals the change: the supervisor's view of its
-    actors is only seen by asking it (`vsva ps`, `vsva audit`)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ps(vsva) -> dict[str, dict]:
@@ -92,30 +71,32 @@ def test_up_ps_kill_audit_down(vsva):
     # an actor that is alive but does not answer: the heartbeat (dead_peer_interval) flags it
     os.kill(first_pids["vdcm"], signal.SIGSTOP)
     try:
-        wait_for(lambda: ps(vsva)["vdcm"]["state"] == "unresponsive", what="vdcm unresponsive")
+        poll_until(lambda: ps(vsva)["vdcm"]["state"] == "unresponsive", 10.0, "vdcm unresponsive")
     finally:
         os.kill(first_pids["vdcm"], signal.SIGCONT)
-    wait_for(lambda: ps(vsva)["vdcm"]["state"] == "running", what="vdcm answering again")
+    poll_until(lambda: ps(vsva)["vdcm"]["state"] == "running", 10.0, "vdcm answering again")
 
     # vsva kill of a VMM: the VM is gone (host teardown), its guest is killed by the supervisor
     out = vsva("kill", "vm1.vmm").stdout
     assert f"pid {first_pids['vm1.vmm']}" in out
-    rows = wait_for(lambda: (r := ps(vsva))["vm1.guest"]["state"] == "killed" and r, what="guest killed")
+    rows = poll_until(lambda: (r := ps(vsva))["vm1.guest"]["state"] == "killed" and r, 10.0, "guest killed")
     assert rows["vm1.vmm"]["state"] == "killed" and rows["vm2.vmm"]["state"] == "running"
 
     # an outside kill -9 of kvm is handled the same way: restarted with a new pid
     os.kill(first_pids["kvm"], signal.SIGKILL)
-    rows = wait_for(
+    rows = poll_until(
         lambda: (r := ps(vsva))["kvm"]["pid"] != first_pids["kvm"] and r["kvm"]["state"] == "running" and r,
-        what="kvm restarted",
+        10.0,
+        "kvm restarted",
     )
     assert rows["kvm"]["restarts"] == 1 and pid_alive(rows["kvm"]["pid"])
     # ... and an outside kill -9 of the other VM's guest: VM 2 stopped through its vmm (F8)
     os.kill(first_pids["vm2.guest"], signal.SIGKILL)
-    wait_for(lambda: ps(vsva)["vm2.guest"]["state"] == "killed", what="guest death seen")
-    audit = wait_for(
+    poll_until(lambda: ps(vsva)["vm2.guest"]["state"] == "killed", 10.0, "guest death seen")
+    audit = poll_until(
         lambda: (a := json.loads(vsva("audit", "--json", check=False).stdout))["ok"] and a,
-        what="clean audit after recovery",
+        10.0,
+        "clean audit after recovery",
     )
     assert audit["violations"] == []
     status = vsva("ps").stdout
