@@ -13,15 +13,14 @@ import textwrap
 import time
 
 import pytest
+from streams import wait_gone
 from zmqrt_toys import TOYS, Script, pid_alive
 
 from vsva.actors import errno as E
 from vsva.actors.base import Call, Gather
-from vsva.analysis.trace import read_frames
 from vsva.ops.launcher import Launcher, LaunchError
 from vsva.ops.topology import ActorSpec, Topology
 from vsva.runtime.endpoints import socket_path
-from vsva.runtime.trace_buffer import trace_path
 
 ROOT = os.path.dirname(os.path.dirname(TOYS))
 
@@ -110,15 +109,21 @@ def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
                 Call("mute", "ping", {}, timeout=10.0),
             ]
         )
-        assert not launcher.run_actor(actor, timeout=0.3)  # both requests now in flight
-        assert actor.busy
-        proxy_trace = trace_path(launcher.run_dir, "proxy_m")
-        end = time.monotonic() + 5
-        while time.monotonic() < end:  # wait until the proxy has forwarded to mute
-            if os.path.exists(proxy_trace) and any(r["dst"] == "mute" for r in read_frames(proxy_trace)):
-                break
-            time.sleep(0.01)
-        t_kill = time.monotonic()
+        # both requests in flight; then wait until the proxy has forwarded to mute: its answer
+        # to a snapshot sent after the relay on the same connection (it reads them in order,
+        # and what a handler sends leaves before the replies to what it reads next)
+        forwarded = []
+
+        def proxy_snapshot():
+            forwarded.append((yield Call("proxy_m", "snapshot", {})))
+
+        assert launcher.run_actor(actor, timeout=5.0, until=lambda a: a.busy)
+        launcher.runtime.send(actor.run_task(proxy_snapshot, launcher.runtime.now()))
+        assert launcher.run_actor(actor, timeout=5.0, until=lambda a: bool(forwarded)), (
+            "no snapshot of proxy_m"
+        )
+        assert forwarded[0]["state"]["pending"] == 1, forwarded  # the relay waits for mute
+        t_kill, t_kill_trace = time.monotonic(), time.time() - launcher.t0
         assert launcher.kill("mute")
         assert launcher.poll_deaths(timeout=2.0) == [("mute", -signal.SIGKILL)]
         detected = time.monotonic() - t_kill  # printed; speed is the benchmarks' business
@@ -145,6 +150,9 @@ def test_kill9_detected_inflight_becomes_indefinite_and_new_send_fails(capsys):
         # the survivors still serve
         ok = Script(steps=[Call("proxy_m", "ping", {"x": 2})])
         assert launcher.run_actor(ok, timeout=5.0) and ok.result[0]["ret"] == 0
+    # both requests were handed to ZeroMQ before the kill (traced as they are): in flight
+    sent = {r["src"]: r["t"] for r in launcher.trace() if r["dst"] == "mute" and r["corr"] is None}
+    assert sent.keys() == {"orch", "proxy_m"} and max(sent.values()) < t_kill_trace, (sent, t_kill_trace)
 
 
 def test_restart_after_kill_serves_again():
@@ -162,10 +170,14 @@ def test_restart_after_kill_serves_again():
         assert [d for d in launcher.deaths] == [("echo", -9)]
 
 
-def _downs(launcher, name):
-    actor = Script(steps=[Call(name, "snapshot", {})])
-    assert launcher.run_actor(actor, timeout=5.0)
-    return actor.result[0]["state"]["downs"]
+def _downs(launcher, seen: int, wait: float) -> dict[str, dict]:
+    """Each watcher's reply to toy_downs: its reports as soon as it has more than `seen`, or
+    -ETIMEDOUT with those it has after `wait` s (asked of both at once: one bound for both)."""
+    names = ("w1", "w2")
+    body, bound = {"seen": seen, "wait": wait}, wait + 5.0
+    actor = Script(steps=[Gather([Call(w, "toy_downs", body, timeout=bound) for w in names])])
+    assert launcher.run_actor(actor, timeout=bound), f"no answer to toy_downs within {bound} s"
+    return dict(zip(names, actor.result[0]))
 
 
 @pytest.mark.parametrize("transport, kills", [("ipc", 10), ("tcp", 4)])
@@ -185,7 +197,8 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, tran
     )
     latencies = []
     with Launcher(topo, extra_path=[TOYS]) as launcher:
-        assert _downs(launcher, "w1") == [] and _downs(launcher, "w2") == []  # not at start-up
+        quiet = {"ret": -E.ETIMEDOUT, "indefinite": True, "downs": []}
+        assert _downs(launcher, seen=0, wait=0.2) == {"w1": quiet, "w2": quiet}  # not at start-up
         for i in range(kills):
             # both talk to the victim (after a restart: to its new incarnation), so both
             # surely have a connection to it when it dies: a child that never connected
@@ -198,20 +211,17 @@ def test_peer_death_seen_by_every_child_once_and_restart_reconnects(capsys, tran
             t_kill = time.monotonic()
             assert launcher.kill("victim")
             assert launcher.wait_exit("victim", 2.0) == -signal.SIGKILL
-            for watcher in ("w1", "w2"):
-                end = time.monotonic() + 10.0  # a bound, not a speed: returns on the report
-                while True:
-                    downs = _downs(launcher, watcher)
-                    if len(downs) > i or time.monotonic() > end:
-                        break
-                    time.sleep(0.005)
-                assert [d[0] for d in downs] == ["victim"] * (i + 1), (watcher, downs)
-                latencies.append(downs[-1][1] - t_kill)
+            # a bound, not a speed: each watcher answers on its report
+            for watcher, reply in _downs(launcher, seen=i, wait=10.0).items():
+                assert reply["ret"] == 0, f"{watcher} heard of no death {i + 1} in 10 s: {reply}"
+                assert [d[0] for d in reply["downs"]] == ["victim"] * (i + 1), (watcher, reply)
+                latencies.append(reply["downs"][-1][1] - t_kill)
                 assert latencies[-1] > 0  # reported after the kill
             launcher.restart("victim")
-        time.sleep(0.2)  # nothing more arrives late: once per death
-        assert [d[0] for d in _downs(launcher, "w1")] == ["victim"] * kills
-        assert [d[0] for d in _downs(launcher, "w2")] == ["victim"] * kills
+        # nothing more arrives late (once per death): no report within the bound
+        for watcher, reply in _downs(launcher, seen=kills, wait=0.2).items():
+            assert reply["ret"] == -E.ETIMEDOUT, (watcher, reply)
+            assert [d[0] for d in reply["downs"]] == ["victim"] * kills, (watcher, reply)
         last = Script(steps=[Call("w2", "toy_relay", {"x": 99})])
         assert launcher.run_actor(last, timeout=5.0) and last.result[0]["echo"] == 99
         assert last.result[0]["pid"] == launcher.pid("victim")
@@ -262,9 +272,7 @@ def test_children_die_with_the_launcher():
         assert all(pid_alive(p) for p in info["pids"])
         parent.kill()
         parent.wait(5)
-        end = time.monotonic() + 3
-        while any(pid_alive(p) for p in info["pids"]) and time.monotonic() < end:
-            time.sleep(0.02)
+        wait_gone(info["pids"], 3, "the children of a SIGKILLed launcher to die (PDEATHSIG)")
         assert not any(pid_alive(p) for p in info["pids"])
     finally:
         if parent.poll() is None:

@@ -2,9 +2,10 @@
 
 They run in real actor processes: a topology names them by kind "zmqrt_toys:Class" and the
 launcher puts this directory on the children's PYTHONPATH (`extra_path`). They speak the
-catalogue's control messages plus two toy requests, `toy_relay` and `toy_ping` (a ping
-between toys: `ping` itself only the orchestrator may send), registered in the catalogue
-here like any message (the receiving actor checks bodies against them).
+catalogue's control messages plus three toy requests, `toy_relay`, `toy_ping` (a ping
+between toys: `ping` itself only the orchestrator may send) and `toy_downs` (a Watcher's
+reports, answered when one comes), registered in the catalogue here like any message (the
+receiving actor checks bodies against them).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 import statistics
 import time
 
-from vsva.actors.base import Actor, Call, Gather
-from vsva.actors.catalogue import U64, Message, f, message
+from vsva.actors.base import Actor, Call, Gather, Wait
+from vsva.actors.catalogue import U32, U64, Message, f, message
 
 
 @message("toy_relay", flows=("control",), hop="orch -> proxy", kernel="(none: a runtime test's toy)")
@@ -27,6 +28,14 @@ class Relay(Message):
 @message("toy_ping", flows=("control",), hop="toy -> toy", kernel="(none: a runtime test's toy)")
 class ToyPing(Message):
     """What a Proxy sends its targets (any toy may); Echo answers it as it answers ping."""
+
+
+@message("toy_downs", flows=("control",), hop="orch -> watcher", kernel="(none: a runtime test's toy)")
+class Downs(Message):
+    """Ask a Watcher for its reports once it has more than `seen`, waiting `wait` s at most."""
+
+    seen: int = f(int, U32)
+    wait: float = f((float, int), (0, 60))
 
 
 TOYS = os.path.dirname(os.path.abspath(__file__))
@@ -119,17 +128,30 @@ class Script(Actor):
 class Watcher(Proxy):
     """A Proxy that records every `peer_down` it hears as [peer, time.monotonic()] (the
     monotonic clock is system-wide on Linux: a test compares it with when it killed the
-    peer); `snapshot` returns them under "downs"."""
+    peer); `toy_downs` returns them."""
 
     def __init__(self, name, env):
         super().__init__(name, env)
         self.downs = []
+        self.waiting = set()  # the Wait keys of the toy_downs requests not answered yet
 
     def on_peer_down(self, peer):
         self.downs.append([peer, time.monotonic()])
+        for key in list(self.waiting):
+            self.wake(key, {"ret": 0})
 
-    def snapshot(self):
-        return {**super().snapshot(), "downs": self.downs}
+    def on_toy_downs(self, msg, req: Downs):
+        """{"ret": 0, "downs": ...} as soon as there are more than `seen` reports: a test awaits
+        a report by this reply instead of asking again and again; with none in `wait` s, the
+        Wait's -ETIMEDOUT (and the reports so far): a bounded check that no more came."""
+        key, end = (msg.src, msg.id), self.now + req.wait
+        while len(self.downs) <= req.seen:
+            self.waiting.add(key)
+            woke = yield Wait(key, max(0.0, end - self.now))
+            self.waiting.discard(key)
+            if woke.get("ret") != 0:
+                return {**woke, "downs": self.downs}
+        return {"ret": 0, "downs": self.downs}
 
 
 def pid_alive(pid: int) -> bool:
