@@ -11,9 +11,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 from zmqrt_toys import TOYS, Script, pid_alive
 
 from vsva.actors.base import Call
@@ -166,34 +167,33 @@ def test_fallback_starts_interpreters_and_logs_once(monkeypatch):
         assert parent_of(first.restart("echo")) == os.getpid()
 
 
-def ctl_connected(run_dir: str) -> bool:
-    """Some process holds a connection to the launcher's control socket (/proc/net/unix: an
-    entry at that path in state 03, connected: the accepted end of a child's DEALER)."""
-    path = os.path.join(run_dir, "orch-ctl.sock")
-    with open("/proc/net/unix") as f:
-        return any(line.split()[5] == "03" and line.rstrip().endswith(" " + path) for line in f)
-
-
 def test_a_restart_that_reports_ready_before_the_launcher_looks_is_seen(monkeypatch):
     """The restarted incarnation connects and reports ready while the launcher has not touched
     its control socket since the launch (a launcher descheduled between the fork and its
     wait: a loaded machine). Its ready must be seen: the control ROUTER still held the dead
     incarnation's routing id, and with one id per actor it dropped the new one's ready
-    (the child waited for a go that never came: "not ready within ..." with an empty log)."""
-    await_ready = Launcher._await_ready
+    (the child waited for a go that never came: "not ready within ..." with an empty log).
 
-    def after_the_child_reported(self, names, timeout):
-        pid = self.procs[names[0]].pid
-        line = f"pid {pid} bound at"
-        end = time.monotonic() + 10
-        while not (line in self._read_log(names[0]) and ctl_connected(self.run_dir)):
-            assert time.monotonic() < end, "the restarted child never reported ready"
-            time.sleep(0.005)
+    The wait for the child is on a monitor of the control socket: libzmq's I/O thread posts
+    each handshake there itself, so the ROUTER is not touched (it would take in the dead
+    incarnation's teardown first, and the race would be gone)."""
+    prepare, await_ready = Launcher._prepare, Launcher._await_ready
+    monitors = []
+
+    def with_a_monitor(self):
+        prepare(self)
+        monitors.append(self.ctl.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+
+    def after_the_children_reported(self, names, timeout):
+        for n in range(len(names)):
+            assert monitors[0].poll(10_000), f"{len(names) - n} of {names} never connected to report ready"
+            assert recv_monitor_message(monitors[0])["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
         return await_ready(self, names, timeout)
 
-    monkeypatch.setattr(Launcher, "_await_ready", after_the_child_reported)
+    monkeypatch.setattr(Launcher, "_prepare", with_a_monitor)
+    monkeypatch.setattr(Launcher, "_await_ready", after_the_children_reported)
     with Launcher(topology(), extra_path=[TOYS], fork=True, ready_timeout=5.0) as launcher:
-        for _ in range(3):
+        for _ in range(3):  # (the monitor closes with the launcher's context)
             old = launcher.pid("echo")
             assert launcher.kill("echo")
             assert launcher.poll_deaths(timeout=5.0) == [("echo", -signal.SIGKILL)]
