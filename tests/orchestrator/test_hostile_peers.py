@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import zmq
 from hostile import Raw
+from supervised import step_until
 from zmqrt_toys import Script
 
 from vsva.actors import errno as E
@@ -129,11 +130,8 @@ def test_supervisor_control_fields_are_validated(tmp_path):
 
         def ask(req):
             client.send(req if isinstance(req, bytes) else msgpack.packb(req))
-            for _ in range(500):
-                sup.step(0.01)
-                if client.poll(0):
-                    return msgpack.unpackb(client.recv(), raw=False)
-            raise AssertionError(f"no answer to {req!r}")
+            step_until(sup, lambda: client.poll(0), 5.0, f"an answer to {req!r}")
+            return msgpack.unpackb(client.recv(), raw=False)
 
         bad = [
             {"op": "kill", "name": ["x"]},
