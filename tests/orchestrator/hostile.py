@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 import msgpack
 import zmq
@@ -109,13 +110,16 @@ class Raw:
         return self.answer(timeout, env["id"])
 
     def answer(self, timeout: float = 3.0, corr: int | None = None) -> dict | None:
+        """The body of the next answer (to `corr`, when given) within `timeout` s in all: other
+        frames do not restart the wait; None when none came."""
         poller = zmq.Poller()
         poller.register(self.dealer, zmq.POLLIN)
         if self.router is not None:
             poller.register(self.router, zmq.POLLIN)
-        end_ms = int(timeout * 1000)
+        end = time.monotonic() + timeout
         while True:
-            events = dict(poller.poll(end_ms))
+            left_ms = int((end - time.monotonic()) * 1000)
+            events = dict(poller.poll(left_ms)) if left_ms > 0 else {}
             if not events:
                 return None
             for sock in events:
