@@ -19,8 +19,9 @@ or by the actor), and it is a refusal. At checkpoints (every `every` inputs, and
 every actor process is alive (none restarted) and answers its snapshot; no snapshot differs
 from the one taken before the first input except in the counters of refused input
 (DIAGNOSTIC); no actor holds more file descriptors than at the first checkpoint. A checkpoint
-first waits for a barrier per target (a request behind everything sent, answered last on the
-same connections), so the snapshots are never queued behind a burst.
+first waits for a barrier per target and way back (a request behind everything sent, answered
+last by the actor, and a frame the runtime refuses, answered last by the runtime), so the
+snapshots are never queued behind a burst and every answer is counted.
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ class Fuzzer:
             self.refusals["supervisor"] += 1
         else:
             if str(msg.get("flow", "")).startswith("barrier-"):
-                return {f"{target}:barrier"}
+                return {f"{target}:barrier by {by}"}
             ret = msg.get("body", {}).get("ret", 0)
             refused = ret < 0
             self.refusals[f"{by} {E.name(ret)}"] += 1
@@ -407,17 +408,19 @@ class Fuzzer:
         answered after all of it (same connections, in order)."""
         self.barriers += 1
         flow = f"barrier-{self.barriers}"
-        for c in self.clients.values():
+        for c in self.clients.values():  # one for each way answers come back: the actor's
+            # reply (to our ROUTER) and the runtime's refusal (to our DEALER), here of a frame
+            # addressed to another actor; each comes after the earlier answers on its way
             c.dealer.send(msgpack.packb(c.envelope("ping", flow=flow, id=-self.barriers)))
+            c.dealer.send(msgpack.packb(c.envelope("ping", flow=flow, id=-self.barriers, dst="nobody")))
         self.ctl.send(msgpack.packb({"op": "kill", "name": flow}))  # refused: no such actor
-        want = {f"{t}:barrier" for t in self.tally}
+        want = {f"{t}:barrier by {by}" for t in TARGETS for by in ("actor", "runtime")} | {f"{CTL}:barrier"}
         end = time.monotonic() + timeout
         while want and time.monotonic() < end:
             self.sup.step(0.0)
             want -= self.collect(20)
         if want:
             raise AssertionError(f"no answer to the barrier from {sorted(want)} within {timeout} s")
-        self.collect(50)  # the runtime's refusals travel another connection: let them land
 
     # ---- the oracle ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
