@@ -14,7 +14,12 @@ trip through the vmm and the guest, so when every VM faults at once it waits beh
 their requests (VMs demand-paging 4 pages each at once on a loaded 2-core machine: up to
 6.3 s at the host with 128 VMs, 11.1 s with 256; a guest that gives up first has an
 indefinite outcome, which the audit reports as I6). An mdev's descriptor (`mdev_submit` to vdcm) waits for vdcm's
-`dev_submit`: a base timeout more. A snapshot of every actor grows with the topology too.
+`dev_submit`: a base timeout more. A restarted kvm's or vdcm's resync (`pasid_bindings`)
+waits behind the host's queue like `vfio_open`, and the answer lists every (PASID, device)
+binding the host holds, at most each VM's quota times its devices: `HOST_S_PER_BINDING`
+each on top (about 3 us each on an idle machine to build, encode, decode and load them;
+49,152 at 256 VMs of quota 64 and 3 devices). A snapshot of every actor grows with the
+topology too.
 Powering VMs on goes `POWER_ON_WINDOW` at a time (`gather_bounded`), so the host's queue
 stays short and nobody waits for all of them.
 
@@ -31,13 +36,14 @@ from typing import Any
 from vsva.actors.base import Call, Gather, Steps
 
 HOST_S_PER_VM = 0.05  # s a host handler may wait per VM queued there (a loaded 2-core machine)
+HOST_S_PER_BINDING = 50e-6  # s per binding a resync lists (about 15x the idle cost: a loaded machine)
 SNAPSHOT_S_PER_ACTOR = 0.01
 POWER_ON_WINDOW = 16  # vm_start requests in flight at once
 
 
-def request_timeouts(vms: int, base: float) -> dict[str, float]:
+def request_timeouts(vms: int, base: float, bindings: int) -> dict[str, float]:
     """Per message kind: how long a request of that kind may take in a topology of `vms`
-    VMs (kinds not listed: `base`)."""
+    VMs whose host may hold `bindings` (PASID, device) bindings (kinds not listed: `base`)."""
     host_queue = HOST_S_PER_VM * vms
     snapshot = base + SNAPSHOT_S_PER_ACTOR * (2 * vms + 3)
     return {
@@ -47,6 +53,7 @@ def request_timeouts(vms: int, base: float) -> dict[str, float]:
         "mdev_submit": 2 * base + host_queue,
         "vm_start": 2 * base + host_queue,
         "vm_stop": 2 * base + host_queue,
+        "pasid_bindings": base + host_queue + HOST_S_PER_BINDING * bindings,
         "snapshot": snapshot,
         "pool_status": snapshot,
     }
@@ -63,11 +70,8 @@ def gather_bounded(calls: list[Call], window: int = POWER_ON_WINDOW) -> Steps[li
 
 def orch_config(topology: Any) -> dict[str, Any]:
     """The configuration of the orchestrator's own actor (it powers on, snapshots and stops
-    every VM: the same per-kind timeouts as the actors)."""
-    return {
-        "request_timeout": topology.request_timeout,
-        "timeouts": request_timeouts(len(topology.vms), topology.request_timeout),
-    }
+    every VM: the same per-kind timeouts as the actors, `topology.timeouts`)."""
+    return {"request_timeout": topology.request_timeout, "timeouts": topology.timeouts}
 
 
 def timeouts_in(*results: Any, records: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:

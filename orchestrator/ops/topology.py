@@ -55,6 +55,7 @@ class Topology:
     seed: int = RUN.seed
     request_timeout: float = RUN.request_timeout
     transport: str = RUN.transport  # see vsva.runtime.endpoints.Transport
+    timeouts: dict[str, float] = field(default_factory=dict)  # per kind, every actor's (pacing)
 
     def spec(self, name: str) -> ActorSpec:
         return next(a for a in self.actors if a.name == name)
@@ -125,10 +126,10 @@ def build_topology(
 ) -> Topology:
     """One host (host, kvm, vdcm) and these VMs (guest + vmm each)."""
     devices = host_devices(per_vm, extra_devices)
-    common = {
-        "request_timeout": run.request_timeout,
-        "timeouts": request_timeouts(len(per_vm), run.request_timeout),
-    }
+    # each PASID of a VM's quota bound at most once per device of the VM (a rebind counts users)
+    bindings = sum(v.quota * len(vm_devices(v.vm, devices)) for v in per_vm)
+    timeouts = request_timeouts(len(per_vm), run.request_timeout, bindings)
+    common = {"request_timeout": run.request_timeout, "timeouts": timeouts}
     vm_names = {v.vm: {"guest": guest_name(v.vm), "vmm": vmm_name(v.vm)} for v in per_vm}
     actors = [
         ActorSpec(
@@ -193,6 +194,7 @@ def build_topology(
         seed=run.seed,
         request_timeout=run.request_timeout,
         transport=run.transport,
+        timeouts=timeouts,
     )
 
 

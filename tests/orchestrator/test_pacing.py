@@ -3,13 +3,18 @@ and a timeout that happens is recorded (kind, peer, elapsed) and shown in the re
 
 from __future__ import annotations
 
+import pytest
+
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Call
 from vsva.actors.messages import Envelope
+from vsva.actors.subscriber import resync_timeout
 from vsva.ops import pacing
 from vsva.ops.control import Controller
 from vsva.ops.topology import HOST, default_topology
 from vsva.runtime.sim import SimRuntime
+
+BINDINGS_PER_VM = 64 * 3  # the default quota, each PASID bound once per device (pf, 2 mdevs)
 
 
 class Caller(Actor):
@@ -29,16 +34,33 @@ def reply_to(env: Envelope, body: dict) -> Envelope:
 
 
 def test_timeouts_grow_with_what_the_kind_waits_for():
-    small, large = pacing.request_timeouts(2, 5.0), pacing.request_timeouts(256, 5.0)
-    for kind in ("vfio_open", "vm_start", "vfio_close", "vm_stop", "snapshot", "dev_submit", "mdev_submit"):
+    small, large = (
+        pacing.request_timeouts(2, 5.0, 2 * BINDINGS_PER_VM),
+        pacing.request_timeouts(256, 5.0, 256 * BINDINGS_PER_VM),
+    )
+    kinds = ("vfio_open", "vm_start", "vfio_close", "vm_stop", "snapshot", "dev_submit", "mdev_submit")
+    for kind in (*kinds, "pasid_bindings"):
         assert large[kind] > small[kind] >= 5.0
     assert large["vm_start"] > large["vfio_open"]  # it waits for one
     assert large["mdev_submit"] > large["dev_submit"]  # vdcm's dev_submit runs inside it
     topo = default_topology(128)
-    for name in ("vm1.vmm", "vm1.guest", "vdcm"):  # who waits on the host's DMA engine
-        assert topo.spec(name).config["timeouts"] == pacing.request_timeouts(128, 5.0)
+    scaled = pacing.request_timeouts(128, 5.0, 128 * BINDINGS_PER_VM)
+    for name in ("vm1.vmm", "vm1.guest", "vdcm", "kvm"):  # who waits on the host
+        assert topo.spec(name).config["timeouts"] == scaled
+    assert pacing.orch_config(topo)["timeouts"] == scaled
     # 128 VMs demand-paging at once kept a 4-page copy 2.5-3.1 s at the host (loaded machine)
-    assert pacing.request_timeouts(128, 5.0)["dev_submit"] > 2 * 3.1
+    assert scaled["dev_submit"] > 2 * 3.1
+
+
+def test_a_resync_waits_for_the_host_queue_and_every_binding_it_lists():
+    """pasid_bindings had no entry: a restarted kvm or vdcm waited the base 5 s for a host
+    that serves every VM and lists every binding of theirs."""
+    few, many = (pacing.request_timeouts(128, 5.0, n)["pasid_bindings"] for n in (0, 128 * BINDINGS_PER_VM))
+    assert few == pacing.request_timeouts(128, 5.0, 0)["vfio_open"]  # the host's queue, as any host handler
+    assert many - few == pytest.approx(pacing.HOST_S_PER_BINDING * 128 * BINDINGS_PER_VM)
+    for name in ("kvm", "vdcm"):
+        config = default_topology(128, quota=1024).spec(name).config
+        assert resync_timeout(config) == pacing.request_timeouts(128, 5.0, 128 * 1024 * 3)["pasid_bindings"]
 
 
 def test_a_descriptor_the_host_never_answers_is_i6_and_its_timeout_is_reported():
@@ -58,7 +80,7 @@ def test_a_descriptor_the_host_never_answers_is_i6_and_its_timeout_is_reported()
     timed_out = [s for s in ctl.result["workloads"]["vm1.guest"]["steps"] if "timed_out" in s]
     assert i6[0]["what"] == f"{lost} descriptor(s) without a definite outcome" and lost == len(timed_out) > 0
     found = pacing.timeouts_in(ctl.result["workloads"])  # what the demo's report lists
-    limit = pacing.request_timeouts(2, topology.request_timeout)["dev_submit"]
+    limit = topology.timeouts["dev_submit"]
     assert found and all(
         (r["actor"], r["kind"], r["peer"], r["timeout_s"]) == ("vm1.guest", "dev_submit", HOST, limit)
         and r["elapsed_s"] >= limit
