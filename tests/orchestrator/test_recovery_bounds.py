@@ -10,11 +10,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from vsva.actors.base import Actor
+from vsva.actors.base import Actor, Wait
 from vsva.actors.catalogue import ORCHESTRATOR
 from vsva.actors.kvm import Kvm
 from vsva.actors.subscriber import RESYNC_ATTEMPTS, resync_budget
 from vsva.ops.config import GuestDeath
+from vsva.ops.pacing import orch_config
 from vsva.ops.scenario import verdict
 from vsva.ops.supervisor.loop import VmState
 from vsva.ops.supervisor.recovery import RESYNC_SLACK_S, TEARDOWN_S, Recovery
@@ -26,7 +27,7 @@ class SimSupervisor:
     def __init__(self, w: SimpleNamespace):
         self.rt = w.rt
         self.run = SimpleNamespace(topology=w.t)
-        self.actor = w.rt.add(Actor(ORCHESTRATOR, w.rt.env({})))
+        self.actor = w.rt.add(Actor(ORCHESTRATOR, w.rt.env(orch_config(w.t))))  # SupervisorActor's
         self.launcher = SimpleNamespace(alive=lambda name: name in w.rt.actors)
         self.vms = {vm: VmState(vm, "running") for vm in w.t.vms}
         self.host_lost = False
@@ -56,6 +57,17 @@ class MuteKvm(Kvm):
 
     def on_start(self) -> None:
         return None
+
+
+class BusyKvm(Kvm):
+    """A kvm whose snapshot waits BUSY_S behind the requests of the VMs it serves."""
+
+    def on_snapshot(self, msg, req):
+        yield Wait(("busy", msg.id), BUSY_S)
+        return super().on_snapshot(msg, req)
+
+
+BUSY_S = 3.0  # past the supervisor's old flat 2 s, within the topology's snapshot timeout
 
 
 def test_a_restarted_kvm_that_resyncs_is_recovered(vsva):
@@ -105,6 +117,19 @@ def test_a_snapshot_the_restarted_kvm_does_not_answer_is_an_error(vsva):
     w.rt.hold(ORCHESTRATOR, "kvm")
     rec = sup.await_resync("kvm")
     assert rec["error"].startswith("resync not confirmed: snapshot of kvm failed: -ETIMEDOUT"), rec["error"]
+    assert f"no reply after {w.t.timeouts['snapshot']} s" in rec["error"]  # pacing's, not a flat 2 s
+
+
+def test_a_restarted_kvm_whose_snapshot_is_slower_than_2_s_is_recovered(vsva):
+    """The snapshot waits as long as the topology's snapshot timeout; before, a flat 2 s
+    made a busy kvm's resync an error ('snapshot of kvm failed: -ETIMEDOUT')."""
+    w = vsva.bound_world()
+    sup = SimSupervisor(w)
+    w.rt.add(BusyKvm("kvm", w.rt.env(w.kvm.config)))  # kvm's class swapped: the restart keeps it
+    vsva.restarted(w, "kvm")
+    rec = sup.await_resync("kvm")
+    assert "error" not in rec and rec["resynced_bindings"] == 2, rec
+    assert BUSY_S < w.t.timeouts["snapshot"]
 
 
 def test_a_teardown_the_host_never_finishes_is_an_error_after_its_bound(vsva):

@@ -21,6 +21,9 @@ Deaths come from the launcher (its pidfds: a kill through `vsva kill` and a plai
   finish within its bound (`resync_budget` + RESYNC_SLACK_S), a snapshot, pool_status or
   vm_stop that failed, a teardown the host did not finish within TEARDOWN_S, a restarted
   guest whose VM did not power on again. `vsva run` fails a run with any such error.
+  The snapshots and pool_status polls wait as long as the kind's timeout in the topology
+  (vsva.ops.pacing: it grows with the VMs); a flat 2 s failed a recovery whose kvm or host,
+  busy with every VM, answered later.
 - host: the host and all its VMs are gone. The supervisor reports it, stops every other
   actor and cleans up (the run ends with `host_lost`).
 """
@@ -45,13 +48,12 @@ if TYPE_CHECKING:
 RESTARTED = ("kvm", "vdcm")
 RESYNC_SLACK_S = 2.0  # beyond the actor's own resync bound: its start and our last snapshot
 RESYNC_POLL_S = 0.01  # between snapshots of a restarted actor that is not synced yet
-SNAPSHOT_S = 2.0
 TEARDOWN_S = 15.0
 VM_STOP_S = 10.0
 
 
 def failure(reply: dict[str, Any]) -> str:
-    """A failed reply in words: '-ETIMEDOUT (snapshot to kvm: no reply after 2.0 s)'."""
+    """A failed reply in words: '-ETIMEDOUT (snapshot to kvm: no reply after 5.1 s)'."""
     return E.name(reply.get("ret", 0)) + (f" ({reply['error']})" if reply.get("error") else "")
 
 
@@ -203,7 +205,7 @@ class Recovery:
         start = actor.now
         polls = 0
         while True:
-            r = yield Call(name, Snapshot(), timeout=SNAPSHOT_S)
+            r = yield Call(name, Snapshot())  # the topology's snapshot timeout (pacing)
             polls += 1
             state = r.get("state", {})
             if r.get("ret"):
@@ -234,7 +236,7 @@ class Recovery:
         sup = self.sup
         start = sup.actor.now
         while True:
-            r = yield Call(HOST, PoolStatus(), timeout=SNAPSHOT_S)
+            r = yield Call(HOST, PoolStatus())
             if r.get("ret"):
                 rec["error"] = (
                     f"teardown of VM {vm} not confirmed: pool_status to {HOST} failed: {failure(r)}"
