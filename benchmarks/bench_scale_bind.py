@@ -122,8 +122,12 @@ def main() -> None:
             run = measure(vms, args.iterations)
             run.update(floor(vms, args.iterations, c_echo))
             host = run["host_main_thread_us_per_msg"]
-            run["runtime_us_per_msg"] = round(host - run["handlers_us_per_msg"] - run["pyzmq_echo_us_per_msg"], 1)
-            run["host_main_thread_per_msg_over_pyzmq_echo"] = round(host / max(run["pyzmq_echo_us_per_msg"], 1e-3), 2)
+            run["runtime_us_per_msg"] = round(
+                host - run["handlers_us_per_msg"] - run["pyzmq_echo_us_per_msg"], 1
+            )
+            run["host_main_thread_per_msg_over_pyzmq_echo"] = round(
+                host / max(run["pyzmq_echo_us_per_msg"], 1e-3), 2
+            )
             run["load_average_1min"] = os.getloadavg()[0]
             figures.update({f"vms{vms}_{key}": value for key, value in run.items()})
     print_figures(figures, args.json)

@@ -89,7 +89,16 @@ from vsva.runtime.endpoints import (
     socket_path,
     valid_name,
 )
-from vsva.runtime.peers import DOWN, LINGER_MS, MAX_WIRE, SETTLE_TICK, Peer, PeerLinks, events
+from vsva.runtime.peers import (
+    DOWN,
+    LINGER_MS,
+    MAX_WIRE,
+    SETTLE_TICK,
+    Peer,
+    PeerLinks,
+    events,
+    monitor_events,
+)
 from vsva.runtime.peers import NOBLOCK as _NOBLOCK
 from vsva.runtime.peers import POLLIN as _POLLIN
 from vsva.runtime.peers import POLLOUT as _POLLOUT
@@ -111,6 +120,15 @@ DEALER_SWEEP = 0.1  # s: how often the DEALERs sent to have their EVENTS read (_
 # The socket's own send, without pyzmq's Python wrapper (it only adds DRAFT routing_id / group)
 _send = zmq.backend.Socket.send
 
+# What the ROUTER's monitor reports: the connections it accepted and how their handshakes
+# ended (see _inbound_closed)
+_HANDSHAKE_ENDED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_ROUTER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_ENDED
 MAX_SOCKETS = 8192  # libzmq's default (1023) is 340 peers: a DEALER, its monitor and its pair each
 
 
@@ -194,6 +212,11 @@ class ZmqRuntime(PeerLinks):
         self._sent_to: set[Any] = set()  # DEALERs sent to since their last EVENTS read (_poll)
         self._sweep_at = 0.0  # when `_sent_to` is read next (runtime clock)
         self._poll_socket(self.router, _POLLIN)
+        # accepted connections (their fds) and how many are still in their handshake
+        self._router_monitor = self.router.get_monitor_socket(_ROUTER_EVENTS)
+        self._poll_socket(self._router_monitor, _POLLIN)
+        self._accepted: set[int] = set()
+        self._handshaking = 0
         self.peers: dict[str, Peer] = {}
         self._by_sock: dict[Any, Peer] = {}
         self._watch: dict[int, Callable[[], Iterable[str]]] = {}
@@ -375,6 +398,7 @@ class ZmqRuntime(PeerLinks):
     def _sync(self) -> None:
         """Take in what happened while no loop ran: connection events, process deaths."""
         self._dirty.update(self._interest)
+        self._on_router_monitor()
         for peer in list(self.peers.values()):
             if events(peer.monitor) & _POLLIN:
                 self._on_monitor(peer)
@@ -435,6 +459,8 @@ class ZmqRuntime(PeerLinks):
                     if monitors is None:
                         monitors = []
                     monitors.append(peer)
+                elif sock is self._router_monitor:
+                    self._on_router_monitor()
             if monitors is not None:  # then connection events
                 for peer in monitors:
                     self._on_monitor(peer)
@@ -608,18 +634,17 @@ class ZmqRuntime(PeerLinks):
         while it was not looked at is attached only then (unattached, its routing id would
         be unknown to it too), and frames it holds are read first (next round's drain).
 
-        Not proven: frames behind a handshake our I/O thread has not read yet. libzmq makes
-        an accepted connection's pipe only once it has read the peer's READY (libzmq 4.3.5
-        src/session_base.cpp `engine_ready`, from src/stream_engine_base.cpp
-        `mechanism_ready`; before that, EHOSTUNREACH here), but the peer may send as soon as
-        it has read ours, which src/null_mechanism.cpp `next_handshake_command` sends
-        without waiting for the peer's. So a peer that connected (first use, a reconnection),
-        sent and died before our I/O thread was scheduled to read its READY passes for
-        drained, and its frames come after its death is reported (a probe right after such
-        a peer's close said drained in 5 runs of 30 here, 17 of 20 with the I/O thread
-        held off the CPU: branch bounds-inbound-closed). Seeing those needs a monitor on
-        the ROUTER (accepted, less handshakes ended: src/stream_listener_base.cpp
-        `create_engine` posts ACCEPTED before the engine sends anything), set up with it."""
+        Frames behind a handshake our I/O thread has not read yet have no pipe to probe:
+        libzmq makes an accepted connection's pipe only once it has read the peer's READY
+        (libzmq 4.3.5 src/session_base.cpp `engine_ready`, from src/stream_engine_base.cpp
+        `mechanism_ready`), while the peer may send as soon as it has read ours, which
+        src/null_mechanism.cpp `next_handshake_command` sends without waiting for the
+        peer's. So a peer that connected (first use, a reconnection), sent and died just then
+        would pass for drained. The proof therefore also wants no accepted connection still
+        in its handshake (`_on_router_monitor`: src/stream_listener_base.cpp `create_engine`
+        posts ACCEPTED before the engine sends anything, so before such a peer can send)."""
+        if self._handshakes_open():
+            return False
         self._dirty.add(self.router)  # the EVENTS read and the probe take in its commands
         if events(self.router) & _POLLIN:
             return False
@@ -631,6 +656,30 @@ class ZmqRuntime(PeerLinks):
                     continue
             return False
         return True
+
+    def _handshakes_open(self) -> int:
+        """How many accepted connections may still be in their handshake (events read now:
+        the monitor's fd may not have fired yet)."""
+        self._on_router_monitor()
+        return min(self._handshaking, len(self._accepted))
+
+    def _on_router_monitor(self) -> None:
+        """Count what the ROUTER's monitor reports: ACCEPTED opens a handshake (and names the
+        connection's fd), a handshake's success or failure ends one (libzmq gives no fd
+        for those), DISCONNECTED drops the fd. A handshake cannot outlive its connection, so
+        none is open once no accepted connection is left: a ZMTP 1.0/2.0 peer ends its
+        handshake without an event (src/stream_engine_base.cpp `in_event_internal`), and
+        only while such a connection is open does the proof wait its full bound (SETTLE)."""
+        for event, fd, _ in monitor_events(self._router_monitor):
+            if event == zmq.EVENT_ACCEPTED:
+                self._accepted.add(fd)
+                self._handshaking += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._accepted.discard(fd)
+                if not self._accepted:
+                    self._handshaking = 0
+            elif event & _HANDSHAKE_ENDED and self._handshaking:
+                self._handshaking -= 1
 
     def _remember_incarnation(self, name: str) -> None:
         """Our DEALER reached `name`: remember its incarnation's routing id now, while its
@@ -853,6 +902,8 @@ class ZmqRuntime(PeerLinks):
         self._sent_to.clear()
         self._fd_owner.clear()
         self._os_poll.close()
+        self.router.disable_monitor()
+        self._router_monitor.close(0)
         self.router.close(LINGER_MS)
         if self.curve is not None:
             self.curve.stop()

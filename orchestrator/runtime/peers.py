@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +75,19 @@ _MONITOR_EVENTS = (
 )
 
 
-def _monitor_event(frames: list[bytes]) -> int | None:
-    """The event id of a socket-monitor message (16-bit id, 32-bit value; then the
-    endpoint). Parsed here: zmq.utils.monitor imports asyncio (~20 ms per process start)."""
-    if len(frames) != 2 or len(frames[0]) != 6:
-        return None
-    event: int = struct.unpack("=Hi", frames[0])[0]
-    return event
+def monitor_events(monitor: zmq.Socket[bytes]) -> Iterator[tuple[int, int, bytes]]:
+    """Every event `monitor` holds now: (event id, value, endpoint); the value is a file
+    descriptor for ACCEPTED and DISCONNECTED. A message is a 16-bit id and a 32-bit value,
+    then the endpoint; parsed here, as zmq.utils.monitor imports asyncio (~20 ms per process
+    start). A malformed message is skipped."""
+    while True:
+        try:
+            frames = monitor.recv_multipart(NOBLOCK)
+        except zmq.ZMQError:  # Again: no more events
+            return
+        if len(frames) == 2 and len(frames[0]) == 6:
+            event, value = struct.unpack("=Hi", frames[0])
+            yield event, value, frames[1]
 
 
 UP, CONNECTING, DOWN = "up", "connecting", "down"
@@ -389,15 +395,8 @@ class PeerLinks:
 
     def _on_monitor(self, peer: Peer) -> None:
         tcp = self._tcp and self._own_eps
-        while True:
-            try:
-                frames = peer.monitor.recv_multipart(NOBLOCK)
-            except zmq.ZMQError:  # Again: no more events
-                return
-            event = _monitor_event(frames)
-            if event is None:
-                continue
-            if tcp and frames[1] != peer.endpoint.encode():
+        for event, _, where in monitor_events(peer.monitor):
+            if tcp and where != peer.endpoint.encode():
                 continue  # an old endpoint's connection (before a restart): not this one
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if peer.exited and not self._bound_anew(peer):

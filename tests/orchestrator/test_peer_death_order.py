@@ -262,3 +262,87 @@ def test_a_drop_read_after_the_peer_restarted_leaves_the_new_incarnation_reachab
         listener.close()
         host.close()
         ctx.destroy(0)
+
+
+def _threads() -> set[int]:
+    """This process's threads (native ids)."""
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+class StalledIo:
+    """The runtime's libzmq threads (its I/O thread and reaper) held off the CPU while the
+    test thread runs: all on one CPU, libzmq's SCHED_IDLE (they run only when the test
+    thread waits). So a frame on the wire stays unread by libzmq exactly as long as the
+    test wants, as when a loaded machine does not schedule that thread."""
+
+    def __init__(self, zmq_tids: set[int]) -> None:
+        self.zmq_tids, self.me = zmq_tids, threading.get_native_id()
+        self.cpus = os.sched_getaffinity(self.me)
+
+    def __enter__(self) -> StalledIo:
+        cpu = {min(self.cpus)}
+        os.sched_setaffinity(self.me, cpu)
+        for tid in self.zmq_tids:
+            os.sched_setaffinity(tid, cpu)
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tid in self.zmq_tids:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setaffinity(tid, self.cpus)
+        os.sched_setaffinity(self.me, self.cpus)
+
+
+def test_a_frame_behind_a_handshake_libzmq_has_not_read_keeps_the_inbound_open(tmp_path):
+    """A peer that connected to our ROUTER sends its READY and, once it has read ours (as a
+    libzmq DEALER does: messages only after the handshake), a message, and dies; our I/O
+    thread has not read that READY yet (it is not scheduled). libzmq makes the connection's
+    pipe only once it has (src/session_base.cpp: engine_ready, from stream_engine_base.cpp:
+    mechanism_ready), so the probe is refused (EHOSTUNREACH) and the proof says the peer's
+    frames are all in, while its message is still to come."""
+    os.chmod(tmp_path, 0o700)
+    run_dir = str(tmp_path)
+    presence = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    presence.bind(socket_path(run_dir, "peer"))  # the peer's incarnation: its socket file
+    before = _threads()
+    host = ZmqRuntime("host", run_dir, trace=False, run_root=os.getpid())
+    actor = Recorder()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        zmq_tids = _threads() - before  # the context's threads, started with its first socket
+        rid = routing_id("peer", incarnation(run_dir, "peer") or "")
+        raw.settimeout(5)
+        raw.connect(socket_path(run_dir, "host"))
+        with StalledIo(zmq_tids):
+            raw.sendall(_greeting())
+            _recv_exactly(raw, 64)  # the test waits here: the I/O thread runs, answers
+            flags, size = _recv_exactly(raw, 2)
+            assert flags == 0x04 and _recv_exactly(raw, size).startswith(b"\x05READY")
+            raw.sendall(_ready(b"DEALER", rid) + _message(_ping(1)))  # the peer's last reply
+            raw.close()  # and it dies
+            closed = host._inbound_closed([rid])
+        assert host.run_actor(actor, timeout=5.0, until=lambda a: bool(a.seen))
+        assert actor.seen == [("msg", 1)]  # the frame was still to come
+        assert not closed, "the proof said every frame of the dead peer was in"
+    finally:
+        raw.close()
+        presence.close()
+        host.close()
+
+
+def test_a_connection_closed_in_its_handshake_leaves_the_proof_free(link):
+    """A connection that closes before its handshake ends (a peer dying while it connects)
+    no longer counts as a handshake in progress once libzmq reports it gone, so the next
+    death's proof is not held to its full bound (SETTLE) by a connection that is no more."""
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.settimeout(5)
+    half.connect(socket_path(link.host.run_dir, "host"))
+    half.sendall(_greeting())
+    _recv_exactly(half, 64)  # its engine exists: ACCEPTED was posted before this greeting
+    assert link.run(lambda: link.host._handshakes_open() == 1)
+    half.close()
+    assert link.run(lambda: link.host._handshakes_open() == 0)
+    link.raw.close()  # the handshaken peer dies: its proof is not held by the closed one
+    rid = routing_id("peer", incarnation(link.host.run_dir, "peer") or "")
+    assert link.run(lambda: link.host._inbound_closed([rid]))
