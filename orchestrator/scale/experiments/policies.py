@@ -167,7 +167,7 @@ class PolicyProbe(Orchestrator):
         self.kill_vm(KILLED)
         end = self.now + self.teardown_timeout
         while self.now < end:
-            status = yield Call("host", PoolStatus(), timeout=2.0)
+            status = yield Call("host", PoolStatus())  # its kind's timeout (pacing)
             self.backlog = max(self.backlog, status.get("reclaiming", 0))
             done = [t for t in status.get("teardowns", []) if t["vm"] == KILLED and "finished" in t]
             if done and status.get("reclaiming", 0) == 0:
