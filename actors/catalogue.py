@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Any, ClassVar, Self, TypeVar, dataclass_transform
 
+import msgpack
+
+from vsva.actors.messages import MAX_FRAME
 from vsva.actors.uapi import NOTIFY_EVENTS, PAGE_RESP_CODES, PRQ_GRPID_MAX
 from vsva.hotpath.layout import PASID_MAX
 
@@ -442,10 +446,45 @@ class PoolStatus(Message):
     flows=("control",),
     hop="kvm, vdcm -> host",
     kernel="(resync after a restart)",
-    reply={"bindings": f(list, doc="every bound (vm, gpasid, hpasid, dev, users)")},
+    reply={
+        "bindings": f(list, doc="the next bound (vm, gpasid, hpasid, dev, users), in (hpasid, dev) order"),
+        "more": f(bool, doc="bindings follow this page: ask again after its last one"),
+        "gen": f(
+            int, U64, doc="bumped by every bind, unbind and free: pages of two generations are no one table"
+        ),
+    },
 )
 class PasidBindings(Message):
-    """A restarted notifier subscriber rebuilds its tables from the host's current bindings."""
+    """A restarted notifier subscriber rebuilds its tables from the host's bindings, by pages.
+
+    They need not fit in one frame: each page lists the bindings after the cursor, in the
+    host's (hpasid, dev) order, as many as fit BINDINGS_PAGE_BYTES, with the generation of
+    the bindings it was taken from."""
+
+    after_hpasid: int = f(
+        int, (0, PASID_MAX - 1), doc="cursor: after this host PASID's binding (0, reserved: from the first)"
+    )
+    after_dev: str = f(str, doc="cursor: after this (virtual) device of after_hpasid's")
+
+
+# Half a frame for a page's bindings; the other half is room for the envelope and the reply's
+# other fields (actor names, flow tag, generation: well under a kilobyte in every topology).
+BINDINGS_PAGE_BYTES = MAX_FRAME // 2
+
+
+def binding_entry(vm: int, gpasid: int, hpasid: int, dev: str, users: int) -> dict[str, Any]:
+    """One binding as a pasid_bindings page lists it (the one place its keys are spelt)."""
+    return {"vm": vm, "gpasid": gpasid, "hpasid": hpasid, "dev": dev, "users": users}
+
+
+# A listed binding's encoded size but its device's name, with every integer at msgpack's widest
+_BINDING_FIXED = len(msgpack.packb(binding_entry(*(U64[1],) * 3, "", U64[1]))) - len(msgpack.packb(""))
+
+
+@cache
+def binding_bytes(dev: str) -> int:
+    """The most bytes a binding of `dev` takes in a page (cached: a host has few devices)."""
+    return _BINDING_FIXED + len(msgpack.packb(dev))
 
 
 @message("ping", flows=("control",), control=True, hop="any -> any", kernel="(liveness)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as _errno
 
 EPERM = _errno.EPERM
+EAGAIN = _errno.EAGAIN
 EACCES = _errno.EACCES
 ENOENT = _errno.ENOENT
 EIO = _errno.EIO

@@ -3,7 +3,8 @@ the resync from the host after a restart.
 
 Both learn guest PASID -> host PASID translations from the host's notifier (BIND, UNBIND,
 FREE, FREE_SET) and, after a restart by the supervisor, rebuild them from the host's
-current bindings (the events sent while they were dead are lost).
+current bindings (the events sent while they were dead are lost), page after page, loaded
+only once the last page is in and every page was of one generation of the host's bindings.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from vsva.actors.uapi import EV_BIND, EV_FREE, EV_FREE_SET, EV_UNBIND
 
 # The resync after a restart: a host that is slow to answer, or whose reply was lost with a
 # dead connection, is asked again, RESYNC_ATTEMPTS times in all, RESYNC_BACKOFF_S before the
-# second attempt and twice as long before each next one; a definite refusal is not retried.
+# second attempt and twice as long before each next one; a definite refusal is not retried,
+# bindings that changed between the pages of an attempt (-EAGAIN) are.
 RESYNC_ATTEMPTS = 4
 RESYNC_BACKOFF_S = 0.1
-RESYNC_TRANSIENT = (-E.ETIMEDOUT, -E.EHOSTDOWN, -E.ECONNRESET, -E.EBUSY)
+RESYNC_TRANSIENT = (-E.ETIMEDOUT, -E.EHOSTDOWN, -E.ECONNRESET, -E.EBUSY, -E.EAGAIN)
 
 
 def resync_timeout(config: dict[str, Any]) -> float:
-    """How long one resync attempt waits for the host (the actor's pasid_bindings timeout)."""
+    """How long one resync attempt waits for the host, all its pages (the actor's
+    pasid_bindings timeout)."""
     base = float(config.get("request_timeout", DEFAULT_TIMEOUT))
     return float(config.get("timeouts", {}).get(PasidBindings.KIND, base))
 
@@ -171,7 +174,7 @@ class Subscriber(Actor):
 
     def resync(self) -> Steps[Body]:
         """One resync attempt: merge the host's current bindings into the tables."""
-        reply: Body = yield Call(self.host, PasidBindings(), flow="resync")
+        reply = yield from self.list_bindings()
         if reply.get("ret") == 0:
             self.notifier.resynced = self.pasids.load(reply["bindings"], self.tracked)
             self.notifier.resyncs += 1
@@ -183,6 +186,29 @@ class Subscriber(Actor):
                 self.resync_timeouts = [*self.resync_timeouts, reply["timed_out"]][-RESYNC_ATTEMPTS:]
             self.log("resync", f"resync from {self.host} failed: {E.name(reply.get('ret', 0))}")
         return reply
+
+    def list_bindings(self) -> Steps[Body]:
+        """Every page of the host's bindings, as one reply: its bindings, or the first failed
+        page's reply. The pages share one attempt's timeout, so that `resync_budget` bounds
+        the whole resync. Pages of two generations would make a table that never was (a
+        binding gone before its page, listed on an earlier one, would come back): that fails
+        the attempt with -EAGAIN, and the next attempt lists them again."""
+        deadline = self.now + resync_timeout(self.config)
+        bindings: list[dict[str, Any]] = []
+        gen: int | None = None
+        while True:
+            last: dict[str, Any] = bindings[-1] if bindings else {"hpasid": 0, "dev": ""}
+            page = PasidBindings(after_hpasid=last["hpasid"], after_dev=last["dev"])
+            reply: Body = yield Call(self.host, page, flow="resync", timeout=max(0.0, deadline - self.now))
+            if reply.get("ret") != 0:
+                return reply
+            if gen is not None and reply["gen"] != gen:
+                why = f"the host's bindings changed during the resync (generation {gen}, then {reply['gen']})"
+                return failed(-E.EAGAIN, error=why)
+            gen = reply["gen"]
+            bindings += reply["bindings"]
+            if not reply["more"]:
+                return {"ret": 0, "bindings": bindings}
 
     def on_ioasid_notify(self, msg: Envelope, req: IoasidNotify) -> dict[str, Any]:
         if msg.src != self.host:

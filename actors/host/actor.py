@@ -56,6 +56,7 @@ At most `prq_max_faults` (1024) requests per descriptor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, NotRequired, TypedDict
 
@@ -65,6 +66,7 @@ from vsva import hotpath
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Handler, Steps, Wait, failed
 from vsva.actors.catalogue import (
+    BINDINGS_PAGE_BYTES,
     BindGpasid,
     CacheInvalidate,
     DevSubmit,
@@ -80,6 +82,8 @@ from vsva.actors.catalogue import (
     UnbindGpasid,
     VfioClose,
     VfioOpen,
+    binding_bytes,
+    binding_entry,
 )
 from vsva.actors.host import invalidate
 from vsva.actors.host.dma import DmaStats, pri_recoverable, run_descriptor
@@ -143,6 +147,9 @@ class Host(Actor):
         self.dma = DmaStats()
         self.teardowns: list[TeardownRecord] = []
         self.notify_failures = 0
+        # bumped by every change of the bindings (each one notified): a pasid_bindings page of
+        # an older generation is not consistent with the pages after it
+        self.bindings_gen = 0
 
     # ---- boot: the VFIO container -------------------------------------------------------
     def on_vfio_open(self, msg: Envelope, req: VfioOpen) -> dict[str, Any]:
@@ -230,6 +237,7 @@ class Host(Actor):
         if not bound and event == EV_FREE:
             return
         events = self._free_events(dom.vm, bound, event)
+        self.bindings_gen += 1  # the bound ones have left the listing (forgotten above)
         devs = {ioasid.pasid: sorted(svm.devs) for ioasid, svm in bound}
         if self.policy is Policy.NAIVE:
             for ioasid, _ in bound:
@@ -310,22 +318,38 @@ class Host(Actor):
         }
 
     def on_pasid_bindings(self, msg: Envelope, req: PasidBindings) -> dict[str, Any]:
-        """Every bound (vm, gpasid, hpasid, dev, users): what a restarted subscriber (kvm, vdcm)
-        rebuilds its translation tables from before it serves (the notifier's current state)."""
+        """A page of the current bindings after the cursor, what a restarted subscriber (kvm,
+        vdcm) rebuilds its translation tables from before it serves (the notifier's current
+        state). A page takes bindings while they fit BINDINGS_PAGE_BYTES (at least one, so that
+        the listing goes on); `gen` lets the subscriber see that the bindings changed between
+        two of its pages."""
         if msg.src not in self.subscribers:
             return failed(-E.EPERM, error="only notifier subscribers may list PASID bindings")
-        # A subscriber rebuilding its tables from the current bindings has dropped whatever it
-        # held for PASIDs freed while it was gone: that is its FREE acknowledgement.
-        for pasid in self.ioasid.resynced(msg.src):
-            self.iommu.set_defunct(pasid, False)
-        out = [
-            {"vm": note.vm, "gpasid": note.gpasid, "hpasid": note.hpasid, "dev": dev, "users": users}
-            for a in self.ioasid.allocated.values()
-            if a.svm is not None
-            for dev, users in sorted(a.svm.vdevs.items())
-            for note in [a.svm.notice(EV_BIND, dev)]
-        ]
-        return {"ret": 0, "bindings": out}
+        page: list[dict[str, Any]] = []
+        size, more = 0, False
+        for svm, dev, users in self.bindings_after(req.after_hpasid, req.after_dev):
+            size += binding_bytes(dev)
+            if page and size > BINDINGS_PAGE_BYTES:
+                more = True
+                break
+            note = svm.notice(EV_BIND, dev)
+            page.append(binding_entry(note.vm, note.gpasid, note.hpasid, dev, users))
+        if not more:
+            # A subscriber rebuilding its tables from the current bindings has dropped whatever
+            # it held for PASIDs freed while it was gone: that is its FREE acknowledgement.
+            for pasid in self.ioasid.resynced(msg.src):
+                self.iommu.set_defunct(pasid, False)
+        return {"ret": 0, "bindings": page, "more": more, "gen": self.bindings_gen}
+
+    def bindings_after(self, hpasid: int, dev: str) -> Iterator[tuple[Svm, str, int]]:
+        """Every (svm, device, bind count) after the cursor, in (host PASID, device) order:
+        an order that does not depend on when the PASIDs were allocated or bound."""
+        bound = {p: a.svm for p, a in self.ioasid.allocated.items() if a.svm is not None and p >= hpasid}
+        for pasid in sorted(bound):
+            svm = bound[pasid]
+            for vdev, users in sorted(svm.vdevs.items()):
+                if (pasid, vdev) > (hpasid, dev):
+                    yield svm, vdev, users
 
     # ---- F8: the VFIO fd closes -------------------------------------------------------------
     def on_vfio_close(self, msg: Envelope, req: VfioClose) -> Handler:
@@ -414,6 +438,7 @@ class Host(Actor):
         FREE goes out once per PASID, with no device.
         """
         note = svm.notice(event, dev)
+        self.bindings_gen += 1
         replies: list[Body] = yield Gather([Call(s, note) for s in self.subscribers])
         for sub, reply in zip(self.subscribers, replies):
             if reply.get("ret", 0):

@@ -15,11 +15,12 @@ their requests (VMs demand-paging 4 pages each at once on a loaded 2-core machin
 6.3 s at the host with 128 VMs, 11.1 s with 256; a guest that gives up first has an
 indefinite outcome, which the audit reports as I6). An mdev's descriptor (`mdev_submit` to vdcm) waits for vdcm's
 `dev_submit`: a base timeout more. A restarted kvm's or vdcm's resync (`pasid_bindings`)
-waits behind the host's queue like `vfio_open`, and the answer lists every (PASID, device)
-binding the host holds, at most each VM's quota times its devices: `HOST_S_PER_BINDING`
-each on top (about 3 us each on an idle machine to build, encode, decode and load them;
-49,152 at 256 VMs of quota 64 and 3 devices). A snapshot of every actor grows with the
-topology too.
+waits behind the host's queue like `vfio_open`, and its pages (at most half a frame each)
+list every (PASID, device) binding the host holds, at most each VM's quota times its
+devices: `HOST_S_PER_BINDING` each on top (about 3 us each on an idle machine to build,
+encode, decode and load them; 49,152 at 256 VMs of quota 64 and 3 devices, in 7 pages).
+This timeout is the whole resync's, all its pages (vsva.actors.subscriber); it counts the
+host's queue once. A snapshot of every actor grows with the topology too.
 Powering VMs on goes `POWER_ON_WINDOW` at a time (`gather_bounded`), so the host's queue
 stays short and nobody waits for all of them.
 
