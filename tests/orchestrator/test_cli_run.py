@@ -63,6 +63,15 @@ def trace_records(out: Path) -> list[dict]:
 
 @pytest.mark.timeout(180)
 def test_run_says_why_each_vm_failed_and_writes_the_trace(cli, tmp_path):
+    """The trace of a run whose vm2.vmm is SIGKILLed at F7 instance 3 holds vm2's part of the
+    run up to the fault, as the actors that outlive it sent it: the orchestrator's boot of
+    vm2.vmm, the host's F1 and F2 replies to vm2.vmm for both devices, the F7 replies of
+    instances 1 and 2 to vm2.guest. All of these were sent before the kill (the guest starts F7
+    instance 3 only once they came back) by actors that exit cleanly, which loses no record.
+    The records of vm2's own actors (vm2.vmm, and vm2.guest that the supervisor then kills) are
+    not asserted: a SIGKILL takes those not yet written, up to TRACE_MAX_AGE of them
+    (vsva.runtime.trace_buffer), and the fault comes some 40 ms after vm2.vmm's first send, so
+    a run on a busy machine can have none of them."""
     scenario = tmp_path / "kill-vmm.toml"
     scenario.write_text(SCENARIO.format(iterations=400))
     out = tmp_path / "trace"
@@ -78,8 +87,11 @@ def test_run_says_why_each_vm_failed_and_writes_the_trace(cli, tmp_path):
     rep = json.loads(cli("run", str(scenario), "--json", timeout=150).stdout)
     assert rep["workloads"]["1"]["why"] is None
     assert "vm2.vmm killed by SIGKILL" in rep["workloads"]["2"]["why"]
-    records = trace_records(out)
-    assert any(r["src"] == "vm2.vmm" for r in records) and (out / "trace.perfetto.json").exists()
+    to_vm2 = {(r["dst"], r["flow"]) for r in trace_records(out) if not r["src"].startswith("vm2.")}
+    before_fault = {("vm2.vmm", "boot"), ("vm2.guest", "F7:vm2.1"), ("vm2.guest", "F7:vm2.2")}
+    before_fault |= {("vm2.vmm", f"{flow}:vm2.{n}") for flow in ("F1", "F2") for n in (1, 2)}
+    assert before_fault <= to_vm2, sorted(before_fault - to_vm2)
+    assert (out / "trace.perfetto.json").exists()
 
 
 def long_run(cli: Cli, tmp_path: Path, *extra: str) -> tuple:
