@@ -69,12 +69,12 @@ def _recv(router: zmq.Socket, curve: bool) -> dict:
     return msgpack.unpackb(part)
 
 
-def _server(mode: str, run_dir: str, ports, ready) -> None:
+def _server(mode: str, run_dir: str, ports, ready, client_bound) -> None:
     ctx = zmq.Context()
     router, auth = _sockets(ctx, "b", "a", mode, run_dir, ports)
     ready.set()
-    while "a" not in ports:
-        time.sleep(0.01)
+    if not client_bound.wait(10):
+        raise SystemExit("bench_curve: the client's ROUTER was not bound within 10 s")
     dealer = _connect(ctx, "b", ports["a"], "a", auth)
     while True:
         msg = _recv(router, mode == "curve")
@@ -96,12 +96,16 @@ def measure(mode: str, seconds: float) -> float:
         if mode == "curve":
             create_keys(run_dir, ["a", "b"])
         mgr = mp.Manager()
-        ports, ready = mgr.dict(), mgr.Event()
-        proc = mp.get_context("fork").Process(target=_server, args=(mode, run_dir, ports, ready))
+        ports, ready, client_bound = mgr.dict(), mgr.Event(), mgr.Event()
+        proc = mp.get_context("fork").Process(
+            target=_server, args=(mode, run_dir, ports, ready, client_bound)
+        )
         proc.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            raise SystemExit("bench_curve: the server's ROUTER was not bound within 10 s")
         ctx = zmq.Context()
         router, auth = _sockets(ctx, "a", "b", mode, run_dir, ports)
+        client_bound.set()
         dealer = _connect(ctx, "a", ports["b"], "b", auth)
         frame = msgpack.packb(BODY)
         for _ in range(500):  # warm-up (and the handshakes)

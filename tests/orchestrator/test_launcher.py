@@ -255,7 +255,7 @@ def test_cleanup_on_exception_and_ctrl_c(exc):
 
 def test_children_die_with_the_launcher():
     code = textwrap.dedent(f"""
-        import json, sys, time
+        import json, sys
         sys.path[:0] = [{ROOT!r}, {TOYS!r}]
         from vsva.ops.launcher import Launcher
         from vsva.ops.topology import ActorSpec, Topology
@@ -264,9 +264,11 @@ def test_children_die_with_the_launcher():
         launcher = Launcher(topo, extra_path=[{TOYS!r}]).start()
         print(json.dumps({{"pids": [r["pid"] for r in launcher.processes()],
                           "run_dir": launcher.run_dir, "shm": launcher.shm_path}}), flush=True)
-        time.sleep(60)
+        sys.stdin.read()  # until killed, or until this test ends and its end of the pipe closes
     """)
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         info = json.loads(parent.stdout.readline())
         assert all(pid_alive(p) for p in info["pids"])
