@@ -19,8 +19,10 @@ waits behind the host's queue like `vfio_open`, and its pages (at most half a fr
 list every (PASID, device) binding the host holds, at most each VM's quota times its
 devices: `HOST_S_PER_BINDING` each on top (about 3 us each on an idle machine to build,
 encode, decode and load them; 49,152 at 256 VMs of quota 64 and 3 devices, in 7 pages).
-This timeout is the whole resync's, all its pages (vsva.actors.subscriber); it counts the
-host's queue once. A snapshot of every actor grows with the topology too.
+This timeout is the whole resync's, all its pages (vsva.actors.subscriber), so it counts
+the host's queue once per page the listing may take (`resync_pages`: each page is a request
+of its own, queued again behind the other VMs'). A snapshot of every actor grows with the
+topology too.
 Powering VMs on goes `POWER_ON_WINDOW` at a time (`gather_bounded`), so the host's queue
 stays short and nobody waits for all of them.
 
@@ -35,6 +37,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vsva.actors.base import Call, Gather, Steps
+from vsva.actors.catalogue import BINDINGS_PAGE_BYTES
 
 HOST_S_PER_VM = 0.05  # s a host handler may wait per VM queued there (a loaded 2-core machine)
 HOST_S_PER_BINDING = 50e-6  # s per binding a resync lists (about 15x the idle cost: a loaded machine)
@@ -42,9 +45,18 @@ SNAPSHOT_S_PER_ACTOR = 0.01
 POWER_ON_WINDOW = 16  # vm_start requests in flight at once
 
 
-def request_timeouts(vms: int, base: float, bindings: int) -> dict[str, float]:
+def resync_pages(bindings: int, widest: int) -> int:
+    """The most pages a resync's listing of `bindings` takes when none is wider than `widest`
+    bytes (catalogue.binding_bytes): a page holds at least as many as fit at that width, and
+    even an empty listing is one page."""
+    per_page = max(1, BINDINGS_PAGE_BYTES // max(1, widest))
+    return max(1, -(-bindings // per_page))
+
+
+def request_timeouts(vms: int, base: float, bindings: int, pages: int = 1) -> dict[str, float]:
     """Per message kind: how long a request of that kind may take in a topology of `vms`
-    VMs whose host may hold `bindings` (PASID, device) bindings (kinds not listed: `base`)."""
+    VMs whose host may hold `bindings` (PASID, device) bindings, listed in at most `pages`
+    resync pages (kinds not listed: `base`)."""
     host_queue = HOST_S_PER_VM * vms
     snapshot = base + SNAPSHOT_S_PER_ACTOR * (2 * vms + 3)
     return {
@@ -54,7 +66,7 @@ def request_timeouts(vms: int, base: float, bindings: int) -> dict[str, float]:
         "mdev_submit": 2 * base + host_queue,
         "vm_start": 2 * base + host_queue,
         "vm_stop": 2 * base + host_queue,
-        "pasid_bindings": base + host_queue + HOST_S_PER_BINDING * bindings,
+        "pasid_bindings": base + host_queue * pages + HOST_S_PER_BINDING * bindings,
         "snapshot": snapshot,
         "pool_status": snapshot,
     }

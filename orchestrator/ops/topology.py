@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vsva.actors.catalogue import ORCHESTRATOR
+from vsva.actors.catalogue import ORCHESTRATOR, binding_bytes
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
-from vsva.ops.pacing import request_timeouts
+from vsva.ops.pacing import request_timeouts, resync_pages
 from vsva.runtime.endpoints import Transport
 
 POLICIES = tuple(p.value for p in Policy)
@@ -128,7 +128,8 @@ def build_topology(
     devices = host_devices(per_vm, extra_devices)
     # each PASID of a VM's quota bound at most once per device of the VM (a rebind counts users)
     bindings = sum(v.quota * len(vm_devices(v.vm, devices)) for v in per_vm)
-    timeouts = request_timeouts(len(per_vm), run.request_timeout, bindings)
+    pages = resync_pages(bindings, max((binding_bytes(dev) for dev in devices), default=1))
+    timeouts = request_timeouts(len(per_vm), run.request_timeout, bindings, pages)
     common = {"request_timeout": run.request_timeout, "timeouts": timeouts}
     vm_names = {v.vm: {"guest": guest_name(v.vm), "vmm": vmm_name(v.vm)} for v in per_vm}
     actors = [

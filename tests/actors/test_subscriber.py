@@ -18,6 +18,7 @@ from vsva.actors.host.svm import Svm
 from vsva.actors.messages import MAX_FRAME, Envelope, encode
 from vsva.actors.subscriber import RESYNC_ATTEMPTS, RESYNC_BACKOFF_S, resync_budget, resync_timeout
 from vsva.hotpath.layout import PASID_MAX
+from vsva.ops.pacing import HOST_S_PER_VM
 from vsva.ops.topology import HOST, default_topology
 from vsva.runtime.sim import SimRuntime
 
@@ -136,6 +137,23 @@ def test_a_resync_behind_128_vms_at_the_host_is_answered_within_one_attempt(vsva
     assert kvm.synced and kvm.resync_error is None, kvm.resync_error
     assert kvm.notifier.resync_failures == 0 and kvm.notifier.resyncs == 1
     assert QUEUED_S < resync_timeout(kvm.config)
+
+
+def test_a_paged_resync_behind_128_vms_gets_the_host_queue_at_every_page(vsva):
+    """128 VMs of full quotas list in 4 pages, each queued QUEUED_S behind the other VMs'
+    requests at the host. The attempt's timeout counted that queue once (12.6 s for 25.6 s
+    of queueing): every attempt timed out and kvm gave up unsynced. It counts it per page."""
+    t = default_topology(128)
+    rt = SimRuntime(t)
+    host = rt.add(QueuedHost(HOST, rt.env(t.spec(HOST).config)))
+    rt.start()
+    added = hold_bindings(host, range(1, 1 + 128), 64, topology_devices)
+    since = len(rt.trace)
+    kvm = vsva.restarted(SimpleNamespace(rt=rt), "kvm")
+    rt.run(until=lambda: kvm.synced or kvm.resync_error is not None)
+    assert kvm.synced and kvm.resync_error is None, kvm.resync_error
+    assert kvm.notifier.resynced == added and kvm.notifier.resync_failures == 0
+    assert len(listed(rt, since)) * QUEUED_S > HOST_S_PER_VM * 128 + 5.0  # more than one queue's worth
 
 
 def hold_bindings(host, vms: range, quota: int, devices) -> int:

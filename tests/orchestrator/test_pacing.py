@@ -7,6 +7,7 @@ import pytest
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor, ActorEnv, Call
+from vsva.actors.catalogue import BINDINGS_PAGE_BYTES, binding_bytes
 from vsva.actors.messages import Envelope
 from vsva.actors.subscriber import resync_timeout
 from vsva.ops import pacing
@@ -44,7 +45,8 @@ def test_timeouts_grow_with_what_the_kind_waits_for():
     assert large["vm_start"] > large["vfio_open"]  # it waits for one
     assert large["mdev_submit"] > large["dev_submit"]  # vdcm's dev_submit runs inside it
     topo = default_topology(128)
-    scaled = pacing.request_timeouts(128, 5.0, 128 * BINDINGS_PER_VM)
+    pages = pacing.resync_pages(128 * BINDINGS_PER_VM, binding_bytes("vm128.mdev1"))
+    scaled = pacing.request_timeouts(128, 5.0, 128 * BINDINGS_PER_VM, pages)
     for name in ("vm1.vmm", "vm1.guest", "vdcm", "kvm"):  # who waits on the host
         assert topo.spec(name).config["timeouts"] == scaled
     assert pacing.orch_config(topo)["timeouts"] == scaled
@@ -58,9 +60,31 @@ def test_a_resync_waits_for_the_host_queue_and_every_binding_it_lists():
     few, many = (pacing.request_timeouts(128, 5.0, n)["pasid_bindings"] for n in (0, 128 * BINDINGS_PER_VM))
     assert few == pacing.request_timeouts(128, 5.0, 0)["vfio_open"]  # the host's queue, as any host handler
     assert many - few == pytest.approx(pacing.HOST_S_PER_BINDING * 128 * BINDINGS_PER_VM)
+    queue = pacing.HOST_S_PER_VM * 128
+    paged = pacing.request_timeouts(128, 5.0, 0, pages=4)["pasid_bindings"]
+    assert paged - few == pytest.approx(3 * queue)  # each page queues at the host again
     for name in ("kvm", "vdcm"):
         config = default_topology(128, quota=1024).spec(name).config
-        assert resync_timeout(config) == pacing.request_timeouts(128, 5.0, 128 * 1024 * 3)["pasid_bindings"]
+        pages = pacing.resync_pages(128 * 1024 * 3, binding_bytes("vm128.mdev1"))
+        assert pages > 1
+        assert (
+            resync_timeout(config)
+            == pacing.request_timeouts(128, 5.0, 128 * 1024 * 3, pages)["pasid_bindings"]
+        )
+
+
+@pytest.mark.parametrize(
+    "bindings, widest, pages",
+    [
+        (0, 80, 1),  # an empty listing is still one page
+        (1, 80, 1),
+        (BINDINGS_PAGE_BYTES // 80, 80, 1),
+        (BINDINGS_PAGE_BYTES // 80 + 1, 80, 2),
+        (3, BINDINGS_PAGE_BYTES + 1, 3),  # wider than a page: one binding a page (the host's rule)
+    ],
+)
+def test_resync_pages_bounds_the_pages_the_host_lists(bindings, widest, pages):
+    assert pacing.resync_pages(bindings, widest) == pages
 
 
 def test_a_descriptor_the_host_never_answers_is_i6_and_its_timeout_is_reported():
