@@ -4,12 +4,49 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from types import FrameType
 
 from vsva.ops.supervisor.loop import Supervisor
 
-EXIT_HOST_LOST = 4  # vsva.cli.exits.EXIT_CODES
+EXIT_USAGE, EXIT_HOST_LOST = 2, 4  # vsva.cli.exits.EXIT_CODES
+
+
+class BadReadyFd(ValueError):
+    """A --ready-fd that does not name the write end of an open pipe."""
+
+
+def ready_pipe(value: str) -> int:
+    """The descriptor `--ready-fd` names, checked before anything starts: the write end of a
+    pipe (`vsva up` waits on the other end). Anything else (a log, /dev/null, a read end, a
+    closed or made-up number) would take the ready line elsewhere, or fail only once the
+    topology runs."""
+    import fcntl
+
+    try:
+        fd = int(value)
+    except ValueError:
+        raise BadReadyFd(f"--ready-fd {value!r}: not a descriptor number") from None
+    try:
+        mode, flags = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL)
+    except (OSError, OverflowError):  # EBADF; a number beyond any descriptor's
+        raise BadReadyFd(f"--ready-fd {value}: not an open descriptor") from None
+    if not stat.S_ISFIFO(mode) or flags & os.O_ACCMODE == os.O_RDONLY:
+        raise BadReadyFd(f"--ready-fd {value}: not the write end of a pipe")
+    return fd
+
+
+def say_ready(fd: int) -> None:
+    """One line on the readiness pipe once the state file is complete, then the pipe closed:
+    its EOF without the line (this process's exit) tells `vsva up` the start failed. A reader
+    that is gone (the `vsva up` that waited was killed) is no reason to stop the topology."""
+    try:
+        os.write(fd, b"ready\n")
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def detach_main(argv: list[str] | None = None) -> int:
@@ -18,7 +55,8 @@ def detach_main(argv: list[str] | None = None) -> int:
     It holds the state directory's lock (the descriptor `vsva up` passed down) until it exits.
     A SIGTERM while it is still starting unwinds the launch and removes its files. When the
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
-    until `vsva down`) and exits with EXIT_HOST_LOST."""
+    until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
+    passes) it writes a line on that pipe once its state file is complete (say_ready)."""
     import argparse
 
     from vsva.ops.topology_file import TopologyError, default_run, load
@@ -31,7 +69,13 @@ def detach_main(argv: list[str] | None = None) -> int:
     p.add_argument("topology", nargs="?")
     p.add_argument("--state-file", required=True)
     p.add_argument("--trace-out")
+    p.add_argument("--ready-fd", help="the write end of a pipe: a line there once the state file is complete")
     args = p.parse_args(argv)
+    try:
+        ready = None if args.ready_fd is None else ready_pipe(args.ready_fd)
+    except BadReadyFd as exc:
+        print(f"vsva up: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     try:
         run = load(args.topology) if args.topology else default_run()
     except TopologyError as exc:
@@ -44,6 +88,8 @@ def detach_main(argv: list[str] | None = None) -> int:
     )
     try:
         sup.start(state_file=args.state_file)
+        if ready is not None:
+            say_ready(ready)
     except KeyboardInterrupt:
         sup.close()
         return 130
