@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -60,8 +60,11 @@ def up(
     log_path = os.path.join(os.path.dirname(path), "supervisor.log")
     if stop.check():
         stop.exit()  # nothing was started
-    proc = _spawn_supervisor(path, topology, trace_out, log_path, lock)
-    state = _await_state(proc, path, ready_timeout, log_path, stop)
+    proc, ready = _spawn_supervisor(_supervisor_cmd(path, topology, trace_out), log_path, lock)
+    try:
+        state = _await_state(proc, path, ready_timeout, log_path, stop, ready)
+    finally:
+        os.close(ready)
     if state is not None:  # the line a script (or a test) waits on, in the foreground too
         typer.echo(
             f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
@@ -132,59 +135,108 @@ def _clear_old_state(path: str) -> None:
     cleanup_stale(old, path)
 
 
-def _spawn_supervisor(
-    path: str, topology: str | None, trace_out: str | None, log_path: str, lock: int
-) -> subprocess.Popen[bytes]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+def _supervisor_cmd(path: str, topology: str | None, trace_out: str | None) -> list[str]:
+    """The supervisor's command line; `--ready-fd` is added by _spawn_supervisor, which makes
+    the pipe."""
     cmd = [sys.executable, "-m", "vsva.ops.supervisor", "--state-file", path]
     if trace_out:
         cmd += ["--trace-out", os.path.abspath(trace_out)]
     if topology:
         cmd.append(os.path.abspath(topology))
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            pass_fds=(lock,),
-        )
+    return cmd
+
+
+def _spawn_supervisor(cmd: list[str], log_path: str, lock: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the supervisor in a session of its own, holding the lock; returns it and the read
+    end of its readiness pipe (`--ready-fd`: it writes a line there once its state file is
+    complete). Our copy of the write end is closed here, so that the pipe's EOF means the
+    supervisor exited (or closed it) without being ready."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    ready, theirs = os.pipe2(os.O_CLOEXEC)
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd + ["--ready-fd", str(theirs)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                pass_fds=(lock, theirs),
+            )
+    except BaseException:
+        os.close(ready)
+        raise
+    finally:
+        os.close(theirs)
+    return proc, ready
 
 
 def _await_state(
-    proc: subprocess.Popen[bytes], path: str, ready_timeout: float, log_path: str, stop: StopSignals
+    proc: subprocess.Popen[bytes],
+    path: str,
+    ready_timeout: float,
+    log_path: str,
+    stop: StopSignals,
+    ready: int,
 ) -> dict[str, Any] | None:
-    """Wait (bounded) for the supervisor's state file; None when a signal asks us to stop
-    first. On a timeout the supervisor is stopped (SIGTERM, then SIGKILL) and whatever it
-    left is swept."""
+    """Wait (bounded) for the supervisor's line on its readiness pipe `ready`, then check its
+    state file; None when a signal asks us to stop first. Nothing is polled: the wait wakes on
+    the pipe and on the signals' descriptor (StopSignals.fd); the pipe's EOF before the line
+    means the supervisor is exiting unready, and its exit is then awaited on its pidfd. On a
+    timeout the supervisor is stopped (SIGTERM, then SIGKILL) and whatever it left is swept."""
+    import select
     import time
 
     end = time.monotonic() + ready_timeout
-    while time.monotonic() < end:
-        if stop.requested:
-            return None
+    pipe_open = True
+    while (left := end - time.monotonic()) > 0 and not stop.check():
         if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                tail = f.read().splitlines()[-15:]
-            typer.echo(f"vsva up: the supervisor exited with {proc.returncode}\n" + "\n".join(tail), err=True)
-            raise typer.Exit(EXIT_FAIL)
-        try:
-            state = parse_state(path)
-            if state["pid"] == proc.pid:
-                return state
-        except (FileNotFoundError, CorruptState):
-            pass
-        time.sleep(0.02)
+            _report_exit(proc, log_path)
+        if not pipe_open:
+            wait_exit(proc.pid, left, stop.fd)
+        elif ready in select.select([ready, stop.fd], [], [], left)[0]:
+            if os.read(ready, 64):
+                return _ready_state(proc, path, log_path)
+            pipe_open = False
+    if stop.requested:
+        return None
+    fail(EXIT_FAIL, f"not ready within {ready_timeout:g} s: " + _stopped(proc, path, log_path))
+
+
+def _report_exit(proc: subprocess.Popen[bytes], log_path: str) -> NoReturn:
+    """A supervisor that exited before it was ready: its exit code and the end of its log."""
+    with open(log_path, errors="replace") as f:
+        tail = f.read().splitlines()[-15:]
+    typer.echo(f"vsva up: the supervisor exited with {proc.returncode}\n" + "\n".join(tail), err=True)
+    raise typer.Exit(EXIT_FAIL)
+
+
+def _ready_state(proc: subprocess.Popen[bytes], path: str, log_path: str) -> dict[str, Any]:
+    """The state file of a supervisor that said it is ready. One that is missing, corrupt or
+    names another pid is not a topology the other commands could reach: it is stopped."""
+    try:
+        state = parse_state(path)
+    except FileNotFoundError:
+        why = "there is no state file"
+    except CorruptState as exc:
+        why = f"the state file is corrupt ({exc})"
+    else:
+        if state["pid"] == proc.pid:
+            return state
+        why = f"the state file names pid {state['pid']}"
+    fail(EXIT_FAIL, f"the supervisor said it was ready but {why} ({path}): " + _stopped(proc, path, log_path))
+
+
+def _stopped(proc: subprocess.Popen[bytes], path: str, log_path: str) -> str:
+    """Stop a supervisor that is not ready (_stop_supervisor); what was done, for the error line."""
     left = _stop_supervisor(proc, path)
-    fail(
-        EXIT_FAIL,
-        f"not ready within {ready_timeout:g} s: supervisor pid {proc.pid} stopped"
+    return (
+        f"supervisor pid {proc.pid} stopped"
         + (f", its leftovers removed ({len(left)})" if left else "")
-        + f" (log: {log_path})",
+        + f" (log: {log_path})"
     )
 
 

@@ -120,6 +120,8 @@ def test_up_from_file_and_down_after_supervisor_death(vsva, tmp_path):
     topo.write_text('[run]\nseed = 5\n[[vms]]\nworkload = "bind_many"\niterations = 4\n')
     vsva("up", "--detach", str(topo))
     state = json.loads(vsva.state.read_text())
+    with open(f"/proc/{state['pid']}/cmdline", "rb") as f:  # `up` awaited its readiness pipe
+        assert b"--ready-fd" in f.read().split(b"\0")
     assert set(ps(vsva)) == {"host", "kvm", "vdcm", "vm1.vmm", "vm1.guest"}
     again = vsva("up", "--detach", check=False)
     assert again.returncode == 1 and "already running" in again.stderr
