@@ -26,7 +26,7 @@ from types import GeneratorType
 from typing import Any, TypeVar
 
 from vsva.actors import errno as E
-from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, lookup
+from vsva.actors.catalogue import ORCHESTRATOR, Message, Ping, Shutdown, Snapshot, TraceSync, lookup
 from vsva.actors.memory import PhysMem
 from vsva.actors.messages import ADOPTED_CLOCK_MAX, Envelope
 
@@ -288,6 +288,10 @@ class Actor:
         return {"ret": 0, "state": self.snapshot()}
 
     def on_ping(self, msg: Envelope, req: Ping) -> dict[str, Any]:
+        return {"ret": 0}
+
+    def on_trace_sync(self, msg: Envelope, req: TraceSync) -> dict[str, Any]:
+        """Only the answer: writing the trace before it leaves is the process runtime's."""
         return {"ret": 0}
 
     def on_shutdown(self, msg: Envelope, req: Shutdown) -> dict[str, Any]:

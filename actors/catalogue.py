@@ -492,6 +492,15 @@ class Ping(Message):
     """Liveness probe; also the host's bounded back-off tick under PRQ overflow."""
 
 
+@message("trace_sync", flows=("control",), control=True, hop="orch -> any", kernel="(a live trace read)")
+class TraceSync(Message):
+    """Put every trace record the actor's process holds on disk, then answer (like ping).
+
+    The actor only answers; the process runtime writes its trace buffer, this reply's record
+    included, before the reply leaves (vsva.runtime.loop), so the orchestrator that has the
+    reply reads them all (vsva.ops.launcher `Launcher.trace`)."""
+
+
 @message("shutdown", flows=("control",), control=True, hop="orch -> any", kernel="(process exit)")
 class Shutdown(Message):
     """Stop the actor's process after the reply."""

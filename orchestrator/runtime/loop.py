@@ -77,6 +77,7 @@ import zmq
 
 from vsva.actors import errno as E
 from vsva.actors.base import Actor
+from vsva.actors.catalogue import TraceSync
 from vsva.actors.messages import MAX_FRAME, Envelope, ProtocolError, decode, encode
 from vsva.runtime.endpoints import (
     TCP_PREFIX,
@@ -116,6 +117,7 @@ SEND_GRACE = 0.5  # seconds a message may wait for a fresh / congested connectio
 MAX_BATCH = 256  # frames taken from one socket per poll round (fairness)
 MAX_HELD = 16  # sends held back during a drain before they go (bounds the first one's delay)
 DEALER_SWEEP = 0.1  # s: how often the DEALERs sent to have their EVENTS read (_poll)
+_TRACE_SYNC = TraceSync.KIND  # its answer leaves once the trace is written (_write_ahead)
 
 # The socket's own send, without pyzmq's Python wrapper (it only adds DRAFT routing_id / group)
 _send = zmq.backend.Socket.send
@@ -232,6 +234,7 @@ class ZmqRuntime(PeerLinks):
         self.run_pids: set[int] = set()  # the launcher's: the pids it started (see _of_run)
         self._runtime_id = 0
         self._held: list[tuple[Peer, Envelope, bytes]] | None = None  # see _drain_router
+        self._written_ahead: bytes | None = None  # the last trace_sync answer recorded (_write_ahead)
         self._stop = False
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -812,6 +815,10 @@ class ZmqRuntime(PeerLinks):
     def _transmit(self, peer: Peer, env: Envelope, frame: bytes) -> list[Envelope] | None:
         """Hand one frame to ZeroMQ and trace it. None: it must wait (queue full again)."""
         t = time.time() - self.t0  # before the send: the peer may answer before it returns
+        trace = self._trace
+        if trace is not None and env.kind == _TRACE_SYNC and env.corr is not None:
+            self._write_ahead(trace, t, frame)
+            trace = None  # recorded already
         try:
             _send(peer.sock, frame, _NOBLOCK)
         except zmq.Again:  # no connection yet (IMMEDIATE), or its queue is full: wait
@@ -819,10 +826,21 @@ class ZmqRuntime(PeerLinks):
             return None
         except zmq.ZMQError as exc:
             return self._failed(env, f"send error {exc}")
-        if self._trace is not None:
-            self._trace.add(t, frame)
+        if trace is not None:
+            trace.add(t, frame)
         self.stats["sent"] += 1
         return []
+
+    def _write_ahead(self, trace: TraceBuffer, t: float, frame: bytes) -> None:
+        """An answer to trace_sync: record it and write every record kept, before it leaves,
+        so the orchestrator that has it reads them all (vsva.ops.launcher `Launcher.trace`).
+        Recorded at its first try only: one that must wait in the queue (EAGAIN) is not
+        recorded again when it goes. (One that then never leaves stays recorded; the read
+        that asked gives up on us at its bound.)"""
+        if frame is not self._written_ahead:
+            trace.add(t, frame)
+            trace.write()
+            self._written_ahead = frame
 
     def _failed(self, env: Envelope, why: str) -> list[Envelope]:
         self.stats["send_failed"] += 1

@@ -11,12 +11,15 @@ frames into the JSON-shaped records the analysis works on is the reader's job
 cost the host ~9 us of CPU per message (unpack, record, JSON), a sixth of its loop.
 
 The records are written with one `write` when the loop has been idle for `TRACE_IDLE`, when
-the oldest unwritten one is `TRACE_MAX_AGE` old or `TRACE_MAX_BYTES` have piled up, and
-whenever `run_actor` returns or the runtime closes. So a clean exit (SIGTERM, shutdown, an
-exception in the loop) loses nothing, and a reader of a live child's trace sees every record
-of a child that has been quiet for `TRACE_IDLE`; a SIGKILLed process loses its unwritten
-records (at most `TRACE_MAX_AGE` s / `TRACE_MAX_BYTES` of them), and a record it was cut in
-the middle of is dropped by the reader. A send that fails is logged, not traced.
+the oldest unwritten one is `TRACE_MAX_AGE` old or `TRACE_MAX_BYTES` have piled up,
+whenever `run_actor` returns or the runtime closes, and before an answer to `trace_sync`
+leaves (that answer recorded first: vsva.runtime.loop `_write_ahead`). So a clean exit
+(SIGTERM, shutdown, an exception in the loop) loses nothing, and a reader of a live child's
+trace asks for it (trace_sync: vsva.ops.launcher `Launcher.trace`) and has, with the answer,
+every record the child sent up to it; a SIGKILLed process loses its unwritten records (at
+most `TRACE_MAX_AGE` s / `TRACE_MAX_BYTES` of them), and a record it was cut in the middle of
+is dropped by the reader. A send that fails is logged, not traced (but for a trace_sync
+answer that never leaves after all: it was recorded before its first try).
 """
 
 from __future__ import annotations

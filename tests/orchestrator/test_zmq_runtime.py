@@ -1,5 +1,6 @@
 """The ZeroMQ runtime over real processes and sockets: request/reply, Gather, timeouts, bad
-input on the wire, and the RTT through the runtime."""
+input on the wire, the RTT through the runtime, and the trace written before a trace_sync's
+answer leaves (two runtimes in this process)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import zmq
 from zmqrt_toys import TOYS, Script
 
 from vsva.actors import errno as E
-from vsva.actors.base import Call, Gather
-from vsva.actors.messages import MAX_FRAME, PROTOCOL_VERSION
+from vsva.actors.base import Actor, ActorEnv, Call, Gather
+from vsva.actors.messages import MAX_FRAME, PROTOCOL_VERSION, Envelope, decode
+from vsva.analysis.trace import read_frames
 from vsva.ops.launcher import Launcher
 from vsva.ops.topology import ActorSpec, Topology
+from vsva.runtime import loop
 from vsva.runtime.endpoints import endpoint
+from vsva.runtime.loop import ZmqRuntime
+from vsva.runtime.trace_buffer import trace_path
 
 
 def toy(name, cls, **config):
@@ -223,3 +228,49 @@ def test_rtt_between_two_actor_processes(run, capsys):
             f"{reply['median_us']:.0f} us, p90 {reply['p90_us']:.0f} us (n=1000)"
         )
     assert reply["median_us"] < 20_000
+
+
+class Inbox(Actor):
+    """The orchestrator's side: keeps every envelope that reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__("orch", ActorEnv())
+        self.seen: list[Envelope] = []
+
+    def deliver(self, msg: Envelope, now: float) -> list[Envelope]:
+        self.seen.append(msg)
+        return []
+
+
+def test_trace_sync_answer_leaves_after_its_record_is_written_once(tmp_path, monkeypatch):
+    """The answer to trace_sync is handed to ZeroMQ only once the child's trace file holds
+    it: each try finds its record there, exactly once, also the try after one that found
+    the queue full (EAGAIN: it waits in the peer's queue and goes later, not recorded again)."""
+    os.chmod(tmp_path, 0o700)
+    orch = ZmqRuntime("orch", str(tmp_path), trace=False, run_root=os.getpid())
+    kid = ZmqRuntime("kid", str(tmp_path), run_root=os.getpid())
+    orch.actor, kid.actor = Inbox(), Actor("kid", ActorEnv())
+    send, tries = loop._send, []
+
+    def spy(sock, frame, flags):
+        env = decode(frame)
+        if env.kind == "trace_sync" and env.corr is not None:
+            tries.append([r["kind"] for r in read_frames(trace_path(str(tmp_path), "kid"))])
+            if len(tries) == 1:
+                raise zmq.Again()
+        return send(sock, frame, flags)
+
+    monkeypatch.setattr(loop, "_send", spy)
+    try:
+        orch.send([Envelope("orch", "kid", "trace_sync", {}, id=1, rr=True)])
+        end = time.monotonic() + 10.0
+        while not orch.actor.seen:
+            assert time.monotonic() < end, f"no answer to trace_sync within 10 s (tries: {tries})"
+            kid._round(0.01)
+            orch._round(0.01)
+        assert [(e.kind, e.corr, e.body) for e in orch.actor.seen] == [("trace_sync", 1, {"ret": 0})]
+        assert tries == [["trace_sync"], ["trace_sync"]]
+    finally:
+        kid.close()
+        orch.close()
+    assert [r["kind"] for r in read_frames(trace_path(str(tmp_path), "kid"))] == ["trace_sync"]
