@@ -5,7 +5,7 @@
         launcher.run_actor(controller, timeout=60)  # the orchestrator's actor, named "orch"
         launcher.kill("kvm")                      # SIGKILL; death seen through a pidfd
         launcher.poll_deaths(timeout=1.0)         # [("kvm", -9)]
-        records = launcher.trace()
+        records = launcher.trace()                # live: each child writes its trace first
     # here: no child process, socket file, shared-memory file or run directory remains
 
 Run directory (`<tmp>/vsva-<owner>-<random>`, mode 0700, named after this process: see
@@ -66,7 +66,9 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
-from vsva.actors.base import Actor
+from vsva.actors import errno as E
+from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Steps
+from vsva.actors.catalogue import TraceSync
 from vsva.actors.memory import PhysMem
 from vsva.analysis import export
 from vsva.analysis import trace as tracefile
@@ -76,7 +78,6 @@ from vsva.ops.topology import ORCH, PER_VM_KINDS, ActorSpec, Topology
 from vsva.runtime.curve import create_keys
 from vsva.runtime.endpoints import TRANSPORTS, control_endpoint, control_id, valid_name
 from vsva.runtime.loop import ZmqRuntime, new_context
-from vsva.runtime.trace_buffer import TRACE_IDLE
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESERVED = {ORCH, "orch-ctl"}
@@ -539,10 +540,14 @@ class Launcher:
     def trace(self) -> list[dict[str, Any]]:
         """Every actor's trace merged by logical clock (kept after close).
 
-        While the run is live, children write their trace records in batches: once idle for
-        `TRACE_IDLE` (and at the latest every `TRACE_MAX_AGE` s), so a live read first
-        writes the orchestrator's own records and waits a little longer than `TRACE_IDLE`;
-        it then has every record of the children that are quiet. After `close` it has all.
+        While the run is live, a child keeps its trace records in memory and writes them in
+        batches (vsva.runtime.trace_buffer), so a live read first asks every live child to
+        write them (`trace_sync`; the child's runtime answers only once its records, the
+        answer's included, are on disk) and waits for the answers, up to the topology's
+        `request_timeout`; then it writes the orchestrator's own records and reads the
+        files. A child that is dead, dies meanwhile or has not answered by then is read
+        without waiting: its records are whatever it wrote (a SIGKILL takes the batch it had
+        not written), and the log names it. After `close` it has all.
         """
         if self._trace is None and self._trace_bytes is not None:
             self._trace, self._trace_bytes = tracefile.from_files(self._trace_bytes), None
@@ -551,9 +556,33 @@ class Launcher:
         if not self.run_dir:
             return []
         if not self.closed and self.runtime is not None and not self.runtime.closed:
-            self.runtime.write_trace()
-            time.sleep(TRACE_IDLE + 0.02)
+            self._sync_trace(self.runtime)
         return tracefile.load(self.run_dir)
+
+    def _sync_trace(self, runtime: ZmqRuntime) -> None:
+        """Have every live child write its trace (see `trace`) and wait for their answers, on
+        the actor this runtime runs: the replies, deaths and failed sends reach that one (a
+        plain one is made the runtime's actor if none has run yet)."""
+        names = [name for name in self.procs if self.alive(name)]
+        bound = self.topology.request_timeout
+        answers: list[list[Body]] = []
+
+        def sync() -> Steps[None]:
+            answers.append((yield Gather([Call(n, TraceSync(), timeout=bound) for n in names])))
+
+        actor = runtime.actor
+        if actor is None:
+            actor = Actor(ORCH, ActorEnv(log=self.log))
+            runtime.run_actor(actor, timeout=0)  # makes it the runtime's actor, nothing more
+        runtime.send(actor.run_task(sync, runtime.now()))
+        # the calls' own timeouts end the wait first; a stop request ends it at once
+        runtime.run_actor(actor, timeout=2 * bound, until=lambda a: bool(answers))
+        replies = answers[0] if answers else [{"ret": -E.ECANCELED}] * len(names)  # stopped waiting
+        for name, reply in zip(names, replies):
+            if reply.get("ret") != 0:
+                self.log(
+                    f"trace read: no answer from {name} ({E.name(reply['ret'])}): its records as written"
+                )
 
     def logs(self) -> dict[str, str]:
         """Each child's log text (kept after close)."""

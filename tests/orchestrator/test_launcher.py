@@ -315,3 +315,78 @@ def test_seven_actor_start_to_all_ready(capsys):
             f"{launcher.ready_seconds * 1000:.0f} ms), up+down {total * 1000:.0f} ms"
         )
     assert ready < 15.0
+
+
+def hoarders(*names, **settings):
+    """Echo actors whose processes write their trace only when asked (zmqrt_toys.Hoarder)."""
+    return Topology(actors=[toy(n, "Hoarder") for n in names], mem_frames=16, **settings)
+
+
+def _pinged(launcher, names):
+    """Ping each of `names` at once, to the end; the Script that did (its `timeouts` will
+    hold any request of its that timed out, a trace read's included)."""
+    actor = Script(steps=[Gather([Call(n, "ping", {"x": i}) for i, n in enumerate(names)])])
+    assert launcher.run_actor(actor, timeout=10.0) and all(r["ret"] == 0 for r in actor.result[0])
+    return actor
+
+
+def _echoes(records):
+    """(child, x) of every ping reply a trace read holds."""
+    return {(r["src"], r["body"]["echo"]) for r in records if r["kind"] == "ping" and r["corr"] is not None}
+
+
+def _acks(records):
+    """Who the trace_sync replies in a trace read are from."""
+    return sorted(r["src"] for r in records if r["kind"] == "trace_sync" and r["corr"] is not None)
+
+
+def test_live_trace_has_the_replies_the_children_sent_just_before():
+    """A live read holds what the children sent just before it: it asks every live child to
+    write its trace (trace_sync) and reads once each has answered, and a child's answer
+    leaves only once its records, the answer's included, are on disk. These children would
+    not write on their own for a minute (Hoarder): a read that waits for the children's idle
+    write (TRACE_IDLE) instead has none of their replies. A read before any actor of ours
+    ran asks too (a plain actor of the launcher's does)."""
+    with Launcher(hoarders("h1", "h2"), extra_path=[TOYS]) as launcher:
+        assert _acks(launcher.trace()) == ["h1", "h2"]
+        actor = _pinged(launcher, ["h1", "h2"])
+        records = launcher.trace()
+        assert _echoes(records) == {("h1", 0), ("h2", 1)}
+        assert _acks(records) == ["h1", "h1", "h2", "h2"]
+        assert actor.timeouts == []
+
+
+def test_live_trace_with_a_child_just_killed_has_the_others_records(capsys):
+    """A child SIGKILLed just before a live read does not hold it up: the request to it
+    fails once its death is seen (-EHOSTDOWN, no timeout, within the bound), and the read has
+    the others' records. The killed one's are what it wrote: none, as it wrote on request only."""
+    with Launcher(hoarders("h1", "victim", "h2"), extra_path=[TOYS]) as launcher:
+        actor = _pinged(launcher, ["h1", "victim", "h2"])
+        assert launcher.kill("victim")
+        t = time.monotonic()
+        records = launcher.trace()
+        took = time.monotonic() - t
+        assert _echoes(records) == {("h1", 0), ("h2", 2)}
+        assert _acks(records) == ["h1", "h2"]
+        assert actor.timeouts == []  # the victim's trace_sync failed on its death, not by the bound
+        assert took < launcher.topology.request_timeout  # the bound (a contract, not a speed)
+    with capsys.disabled():
+        print(f"\n  live trace read with a child just killed: {took * 1000:.0f} ms")
+
+
+def test_live_trace_gives_up_on_a_silent_child_at_the_bound():
+    """A child that does not answer (SIGSTOPped) holds a live read up to the bound (the
+    topology's request_timeout) only: the read then has the others' records, and the
+    launcher's log names the child it read without."""
+    topo = hoarders("h1", "frozen", request_timeout=1.0)
+    with Launcher(topo, extra_path=[TOYS]) as launcher:
+        actor = _pinged(launcher, ["h1", "frozen"])
+        assert launcher.kill("frozen", signal.SIGSTOP)
+        try:
+            records = launcher.trace()
+        finally:
+            launcher.kill("frozen", signal.SIGCONT)
+        assert _echoes(records) == {("h1", 0)}
+        assert _acks(records) == ["h1"]
+        assert [(t["kind"], t["peer"]) for t in actor.timeouts] == [("trace_sync", "frozen")]
+        assert any("frozen" in line and "ETIMEDOUT" in line for line in launcher.messages)

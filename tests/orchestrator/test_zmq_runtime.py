@@ -39,6 +39,7 @@ def run():
             toy("proxy_m", "Proxy", target="mute", targets=[]),
         ],
         mem_frames=16,
+        request_timeout=1.0,  # how long a live trace read waits for mute, which never answers
     )
     with Launcher(topo, extra_path=[TOYS]) as launcher:
         yield launcher

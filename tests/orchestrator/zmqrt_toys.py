@@ -64,6 +64,21 @@ class Echo(Actor):
         return {**super().snapshot(), "count": self.count}
 
 
+class Hoarder(Echo):
+    """An Echo whose process writes its trace only when made to (a trace_sync, or its exit):
+    its loop's idle write, its records' age limit and its loop's safety-net wake-up are put
+    `hold` s away (default 60), as module settings of its own process, set as it is built.
+    A reader that waits for a child's idle write instead of asking for it misses what this
+    one sent."""
+
+    def __init__(self, name, env):
+        super().__init__(name, env)
+        from vsva.runtime import loop, trace_buffer
+
+        hold = float(self.config.get("hold", 60.0))
+        loop.TRACE_IDLE = loop.MAX_POLL = trace_buffer.TRACE_MAX_AGE = hold
+
+
 class Mute(Actor):
     """Swallows everything: requests to it can only time out (or fail when it dies)."""
 
