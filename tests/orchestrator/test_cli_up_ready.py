@@ -28,7 +28,8 @@ from vsva.cli.exits import StopSignals
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # What every stand-in can do: write its state file (the path is its first argument), say
-# ready on its pipe (the descriptor after --ready-fd), and stay until SIGTERM (sigwait).
+# ready on its pipe (the descriptor after --ready-fd), and stay until SIGTERM (sigtimedwait:
+# bounded, so that one outliving a killed test run, in a session of its own, still ends).
 STAND_IN = """
 import json, os, signal, sys
 PATH, FD = sys.argv[1], int(sys.argv[sys.argv.index("--ready-fd") + 1])
@@ -39,7 +40,7 @@ def state(pid):
 def ready():
     os.write(FD, b"ready\\n")
 def hold():
-    signal.sigwait({signal.SIGTERM})
+    signal.sigtimedwait({signal.SIGTERM}, 300)
 """
 
 
