@@ -10,7 +10,32 @@ from types import FrameType
 
 from vsva.ops.supervisor.loop import Supervisor
 
-EXIT_USAGE, EXIT_HOST_LOST = 2, 4  # vsva.cli.exits.EXIT_CODES
+EXIT_USAGE, EXIT_HOST_LOST, EXIT_INTERRUPTED = 2, 4, 130  # vsva.cli.exits.EXIT_CODES
+
+
+class StopSignals:
+    """The SIGTERM/SIGINT handler for the supervisor's whole life, so that no moment is left
+    in which a signal escapes both the launch's unwinding and the loop's stop.
+
+    While the topology starts (`unwind`), a signal raises KeyboardInterrupt once, which
+    unwinds the launch (the caller closes what started). The caller clears `unwind` in a
+    `finally` after `Supervisor.start`, so a signal that lands between start's return and
+    that line still unwinds. From then on a signal only sets `stop_requested`, which
+    `Supervisor.serve` reads before its first step: one that arrives while the ready line
+    is written, or while the loop's own handlers are not yet installed, stops the topology
+    cleanly instead of raising through code that does not expect it (and leaving it run).
+    A second signal while the launch unwinds does not cut its cleanup short either."""
+
+    def __init__(self) -> None:
+        self.sup: Supervisor | None = None
+        self.unwind = True
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.sup is not None:
+            self.sup.stop_requested = True
+        if self.unwind:
+            self.unwind = False
+            raise KeyboardInterrupt
 
 
 class BadReadyFd(ValueError):
@@ -57,14 +82,20 @@ def detach_main(argv: list[str] | None = None) -> int:
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
     until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
     passes) it writes a line on that pipe once its state file is complete (say_ready)."""
+    signals = StopSignals()
+    signal.signal(signal.SIGTERM, signals)
+    signal.signal(signal.SIGINT, signals)
+    try:
+        return _detached(signals, argv)
+    except KeyboardInterrupt:  # before the supervisor existed: nothing to unwind
+        return EXIT_INTERRUPTED
+
+
+def _detached(signals: StopSignals, argv: list[str] | None) -> int:
     import argparse
 
     from vsva.ops.topology_file import TopologyError, default_run, load
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
     p = argparse.ArgumentParser(prog="vsva.ops.supervisor")
     p.add_argument("topology", nargs="?")
     p.add_argument("--state-file", required=True)
@@ -86,17 +117,21 @@ def detach_main(argv: list[str] | None = None) -> int:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         launcher_kw={"trace_out": args.trace_out},
     )
+    signals.sup = sup
     try:
-        sup.start(state_file=args.state_file)
-        if ready is not None:
-            say_ready(ready)
+        try:
+            sup.start(state_file=args.state_file)
+        finally:
+            signals.unwind = False  # from here a signal asks the loop to stop (StopSignals)
     except KeyboardInterrupt:
         sup.close()
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         print(f"vsva up: launch failed: {exc}", file=sys.stderr, flush=True)
         sup.close()
         return 1
+    if ready is not None:
+        say_ready(ready)
     print(
         f"vsva: supervisor {os.getpid()} running {len(run.topology.actors)} actors in {sup.launcher.run_dir}",
         file=sys.stderr,
