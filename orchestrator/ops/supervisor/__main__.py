@@ -10,7 +10,7 @@ from types import FrameType
 
 from vsva.ops.supervisor.loop import Supervisor
 
-EXIT_USAGE, EXIT_HOST_LOST, EXIT_INTERRUPTED = 2, 4, 130  # vsva.cli.exits.EXIT_CODES
+EXIT_USAGE, EXIT_HOST_LOST = 2, 4  # vsva.cli.exits.EXIT_CODES
 
 
 class StopSignals:
@@ -24,17 +24,20 @@ class StopSignals:
     `Supervisor.serve` reads before its first step: one that arrives while the ready line
     is written, or while the loop's own handlers are not yet installed, stops the topology
     cleanly instead of raising through code that does not expect it (and leaving it run).
-    A second signal while the launch unwinds does not cut its cleanup short either."""
+    A second signal while the launch unwinds does not cut its cleanup short either.
+    `exit_code` is the CLI's for the first signal: 128 + its number (vsva.cli.exits)."""
 
     def __init__(self) -> None:
         self.sup: Supervisor | None = None
         self.unwind = True
+        self.exit_code = 128 + signal.SIGINT
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if self.sup is not None:
             self.sup.stop_requested = True
         if self.unwind:
             self.unwind = False
+            self.exit_code = 128 + signum
             raise KeyboardInterrupt
 
 
@@ -78,7 +81,8 @@ def detach_main(argv: list[str] | None = None) -> int:
     """Run one topology until `vsva down`.
 
     It holds the state directory's lock (the descriptor `vsva up` passed down) until it exits.
-    A SIGTERM while it is still starting unwinds the launch and removes its files. When the
+    A SIGTERM while it is still starting unwinds the launch and removes its files (exit 143,
+    130 for SIGINT); one after the start stops the topology as `vsva down` does (exit 0). When the
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
     until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
     passes) it writes a line on that pipe once its state file is complete (say_ready)."""
@@ -88,7 +92,7 @@ def detach_main(argv: list[str] | None = None) -> int:
     try:
         return _detached(signals, argv)
     except KeyboardInterrupt:  # before the supervisor existed: nothing to unwind
-        return EXIT_INTERRUPTED
+        return signals.exit_code
 
 
 def _detached(signals: StopSignals, argv: list[str] | None) -> int:
@@ -125,7 +129,7 @@ def _detached(signals: StopSignals, argv: list[str] | None) -> int:
             signals.unwind = False  # from here a signal asks the loop to stop (StopSignals)
     except KeyboardInterrupt:
         sup.close()
-        return EXIT_INTERRUPTED
+        return signals.exit_code
     except Exception as exc:
         print(f"vsva up: launch failed: {exc}", file=sys.stderr, flush=True)
         sup.close()
