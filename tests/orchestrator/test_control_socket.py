@@ -1,5 +1,5 @@
 """The supervisor's control socket under many requests: a flood is answered CTL_BATCH a step
-while the rest of the loop goes on.
+while the rest of the loop goes on, and concurrent `audit` requests share one live audit.
 
 A real supervisor (one process per actor) whose loop the test steps. The client is a raw
 DEALER on an inproc endpoint that the test binds on the supervisor's own control ROUTER:
@@ -18,7 +18,7 @@ import pytest
 import zmq
 from supervised import step_until, supervised
 
-from vsva.ops.supervisor.control import CTL_BATCH
+from vsva.ops.supervisor.control import AUDIT_WAITERS, CTL_BATCH
 from vsva.ops.topology_file import default_run
 
 ENDPOINT = "inproc://ctl-flood"
@@ -40,6 +40,20 @@ def client(sup):
     sock.connect(ENDPOINT)
     yield sock
     sock.close(0)
+
+
+@pytest.fixture
+def audit_runs(sup, monkeypatch) -> list[int]:
+    """Counts the supervisor's live audits: one entry per audit_task started."""
+    runs: list[int] = []
+    real = sup.audit_task
+
+    def counted():
+        runs.append(len(runs))
+        return (yield from real())
+
+    monkeypatch.setattr(sup, "audit_task", counted)
+    return runs
 
 
 def send(client, **req) -> None:
@@ -124,3 +138,55 @@ def test_a_steady_flood_does_not_hold_back_the_recovery_of_a_killed_actor(sup, c
     assert sent - len(replies) >= 2 * CTL_BATCH, "the flood was over before the recovery"
     replies += collect(sup, client, sent - len(replies), "the rest of the flood")
     assert all(refused_for(r, i) for i, r in enumerate(replies)), "answered out of order"
+
+
+def test_ten_audits_at_once_share_at_most_two_live_audits(sup, client, audit_runs):
+    send(client, op="audit")
+    (single,) = collect(sup, client, 1, "a single audit")
+    assert single["ok"] is True and single["audit"]["ok"] is True, single
+    del audit_runs[:]
+    for _ in range(10):
+        send(client, op="audit")
+    replies = collect(sup, client, 10, "ten audits")
+    assert len(audit_runs) <= 2, f"{len(audit_runs)} live audits for ten requests"
+    for r in replies:
+        assert r["ok"] is True and set(r["audit"]) == set(single["audit"]), r
+        assert r["audit"]["ok"] is True and r["audit"]["violations"] == [] == r["audit"]["incomplete"]
+
+
+def test_audits_beyond_the_waiters_bound_are_refused_at_once(sup, client, audit_runs):
+    pids = {p["name"]: (p["pid"], p["state"]) for p in sup.processes()}
+    extra = 3
+    for _ in range(1 + AUDIT_WAITERS + extra):  # one starts, AUDIT_WAITERS wait, the rest
+        send(client, op="audit")
+    send(client, op="ps")
+    sup.control.serve()
+    now = received(client)  # before the actor ran: the refusals and ps only
+    assert len(now) == extra + 1, now
+    for r in now[:extra]:
+        assert r["ok"] is False and "\n" not in r["error"], r
+        assert "running" in r["error"] and f"{AUDIT_WAITERS} requests wait" in r["error"], r
+    assert now[-1]["ok"] is True and "processes" in now[-1]
+    replies = collect(sup, client, 1 + AUDIT_WAITERS, "the queued audits")
+    assert all(r["ok"] is True and r["audit"]["ok"] is True for r in replies), replies
+    assert len(audit_runs) == 2
+    assert {p["name"]: (p["pid"], p["state"]) for p in sup.processes()} == pids
+    assert not sup.control.audits.running and sup.control.audits.waiting == []
+
+
+def test_an_audit_that_raises_answers_in_one_line_and_the_next_one_runs(sup, client, monkeypatch):
+    real = sup.audit_task
+
+    def broken():
+        monkeypatch.setattr(sup, "audit_task", real)
+        raise RuntimeError("snapshot decoder bug\nsecond line")
+        yield
+
+    monkeypatch.setattr(sup, "audit_task", broken)
+    send(client, op="audit")
+    (failed,) = collect(sup, client, 1, "the broken audit's answer")
+    assert failed["ok"] is False and "\n" not in failed["error"], failed
+    assert failed["error"].startswith("audit failed: RuntimeError(")
+    send(client, op="audit")
+    (ok,) = collect(sup, client, 1, "the next audit")
+    assert ok["ok"] is True and ok["audit"]["ok"] is True, ok

@@ -3,11 +3,13 @@ directory). A client sends one msgpack map {"op": "ps" | "kill" | "audit" | "dow
 "status", ...} and gets one map back; a request is checked like a message body before it is
 acted on, since any local process may send one. Any local process may also send many: a step
 of the supervisor's loop answers CTL_BATCH at most (the rest wait for the next step, after
-the orchestrator's actor has had its turn)."""
+the orchestrator's actor has had its turn), and `audit` requests share live audits, one
+running at a time (AuditQueue)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -30,6 +32,10 @@ CONTROL_OPS: dict[str, dict[str, type]] = {
 # (50 ms) at the largest topologies and a few ms at the usual ones; each CLI command sends one
 # request, so 32 at once is far beyond people and scripts, and only a flood waits a step.
 CTL_BATCH = 32
+# `audit` requests waiting for the next live audit at most (each keeps its routing id). A handful
+# of `vsva audit` at once is usual; more than 16 behind one audit is a flood, told so at once
+# rather than waiting up to two audits.
+AUDIT_WAITERS = 16
 
 
 def control_request(payload: bytes) -> tuple[dict[str, Any], str | None]:
@@ -54,6 +60,56 @@ def control_request(payload: bytes) -> tuple[dict[str, Any], str | None]:
     return req, None
 
 
+class AuditQueue:
+    """The control socket's live audits, one at a time (each asks every actor for a snapshot:
+    N at once would be N cuts on every actor). A request finds none running: an audit starts
+    for it. One is running: the request waits for the next one (AUDIT_WAITERS at most, beyond
+    that it is refused at once), not for the running one, whose cut predates it. The next
+    audit starts when the running one ends and answers all its waiters with its one result."""
+
+    def __init__(self, sup: Supervisor, reply: Callable[[bytes, dict[str, Any]], None]):
+        self.sup = sup
+        self.reply = reply
+        self.running = False
+        self.waiting: list[bytes] = []  # routing ids of the requests for the next audit
+
+    def request(self, rid: bytes) -> None:
+        if not self.running:
+            self.running = True
+            self.sup.spawn(lambda: self._run([rid]))
+        elif len(self.waiting) >= AUDIT_WAITERS:
+            self.reply(
+                rid,
+                {
+                    "ok": False,
+                    "error": f"audit: busy: one is running and {len(self.waiting)} requests wait "
+                    f"for the next (at most {AUDIT_WAITERS}); ask again once it has answered",
+                },
+            )
+        else:
+            self.waiting.append(rid)
+
+    def _run(self, rids: list[bytes]) -> Steps[None]:
+        """Audit, answer `rids`, then the requests that came meanwhile, until none waits."""
+        while rids:
+            body = yield from self._audit()
+            for rid in rids:
+                self.reply(rid, body)
+            rids, self.waiting = self.waiting, []
+        self.running = False
+
+    def _audit(self) -> Steps[dict[str, Any]]:
+        """One live audit as its reply; an audit that raised is an error reply (one line), so
+        that no later audit waits for it for good."""
+        try:
+            res = yield from self.sup.audit_task()
+        except Exception as exc:
+            why = f"audit failed: {exc!r}"[:200]  # repr: one line
+            self.sup.event("audit failed", error=why)
+            return {"ok": False, "error": why}
+        return {"ok": True, "audit": {k: res.get(k, []) for k in ("ok", "violations", "incomplete", "cut")}}
+
+
 class ControlServer:
     """Serves the control socket from the supervisor's main loop, CTL_BATCH requests a step."""
 
@@ -63,6 +119,7 @@ class ControlServer:
         self.ctl.setsockopt(zmq.LINGER, 0)
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 65536)
         self.ctl.bind(endpoint)
+        self.audits = AuditQueue(sup, self.reply)
         self.actor_first = False  # the last serve stopped at CTL_BATCH: the actor's turn first
 
     def readable(self) -> bool:
@@ -107,18 +164,7 @@ class ControlServer:
         elif op == "kill":
             self._kill(rid, req["name"])
         elif op == "audit":
-
-            def run_audit() -> Steps[None]:
-                res = yield from self.sup.audit_task()
-                self.reply(
-                    rid,
-                    {
-                        "ok": True,
-                        "audit": {k: res.get(k, []) for k in ("ok", "violations", "incomplete", "cut")},
-                    },
-                )
-
-            self.sup.spawn(run_audit)
+            self.audits.request(rid)
         else:  # down
             self.sup.stop_requested = True
             self.reply(rid, {"ok": True, "pid": os.getpid()})
