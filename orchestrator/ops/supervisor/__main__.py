@@ -13,7 +13,7 @@ from vsva.ops.supervisor.loop import Supervisor
 EXIT_USAGE, EXIT_HOST_LOST = 2, 4  # vsva.cli.exits.EXIT_CODES
 
 
-class StopSignals:
+class LaunchSignals:
     """The SIGTERM/SIGINT handler for the supervisor's whole life, so that no moment is left
     in which a signal escapes both the launch's unwinding and the loop's stop.
 
@@ -86,7 +86,7 @@ def detach_main(argv: list[str] | None = None) -> int:
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
     until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
     passes) it writes a line on that pipe once its state file is complete (say_ready)."""
-    signals = StopSignals()
+    signals = LaunchSignals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
     try:
@@ -95,7 +95,7 @@ def detach_main(argv: list[str] | None = None) -> int:
         return signals.exit_code
 
 
-def _detached(signals: StopSignals, argv: list[str] | None) -> int:
+def _detached(signals: LaunchSignals, argv: list[str] | None) -> int:
     import argparse
 
     from vsva.ops.topology_file import TopologyError, default_run, load
@@ -126,7 +126,7 @@ def _detached(signals: StopSignals, argv: list[str] | None) -> int:
         try:
             sup.start(state_file=args.state_file)
         finally:
-            signals.unwind = False  # from here a signal asks the loop to stop (StopSignals)
+            signals.unwind = False  # from here a signal asks the loop to stop (LaunchSignals)
     except KeyboardInterrupt:
         sup.close()
         return signals.exit_code
