@@ -86,7 +86,12 @@ class CutTaker:
         silent = {g for g, r in zip(guests, held) if r.get("ret") == -E.ETIMEDOUT}
         cut.incomplete += [_why(g, r, answer_s) for g, r in zip(guests, held) if r.get("ret")]
         t_drained = actor.now
-        yield from settle(actor)
+        reclaiming = yield from settle(actor, answer_s)
+        if reclaiming:
+            cut.incomplete.append(
+                f"{HOST}: {reclaiming} PASID(s) still waited for FREE acknowledgements after "
+                f"{SETTLE_LIMIT_S} s (the snapshots may show a teardown in progress)"
+            )
         t_settled = actor.now
         asked = [n for n in names if n not in silent]
         replies = yield Gather([Call(n, Snapshot(), timeout=answer_s) for n in asked])
@@ -113,12 +118,24 @@ def _why(name: str, reply: Body, answer_s: float) -> str:
     return f"{name} refused its part of the cut ({E.name(ret)})"
 
 
-def settle(actor: Actor, limit: float = SETTLE_LIMIT_S, tick: float = SETTLE_TICK_S) -> Steps[None]:
-    """Wait (bounded) until the host has no PASID waiting for FREE acknowledgements (step 2)."""
-    waited = 0.0
-    while waited < limit:
-        status = yield Call(HOST, PoolStatus())
-        if status.get("ret") != 0 or not status.get("reclaiming"):
-            return
-        yield Wait(("settle", waited), timeout=tick)
-        waited += tick
+def settle(
+    actor: Actor, answer_s: float, limit: float = SETTLE_LIMIT_S, tick: float = SETTLE_TICK_S
+) -> Steps[int]:
+    """Wait until the host has no PASID waiting for FREE acknowledgements (step 2), for
+    `limit` seconds of the actor's clock at most (each poll answered within `answer_s`, so a
+    slow host stretches the wait by one poll, not by one per tick); returns how many PASIDs
+    were still reclaiming when it gave up (0: settled, or the host could not say)."""
+    end = actor.now + limit
+    while True:
+        status = yield Call(HOST, PoolStatus(), timeout=answer_s)
+        reclaiming = int(status.get("reclaiming", 0)) if status.get("ret") == 0 else 0
+        if not reclaiming or actor.now >= end:
+            return reclaiming
+        yield Wait(("settle", actor.now), timeout=tick)
+
+
+def cut_limit_s(answer_s: float) -> float:
+    """The longest a cut takes once it has its turn: the quiesce, the last poll of the settle
+    past its limit, the snapshots and the resume each answer within `answer_s` (one Gather
+    each), the settle polls for SETTLE_LIMIT_S plus one tick."""
+    return 4 * answer_s + SETTLE_LIMIT_S + SETTLE_TICK_S

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vsva.cli.client import ctl
-from vsva.cli.exits import EXIT_HOST_LOST
+from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_NO_TOPOLOGY, fail
 from vsva.cli.options import STATE_DIR
 from vsva.cli.state import read_state
 
@@ -76,24 +76,51 @@ def audit(
     state_dir: str | None = STATE_DIR,
 ) -> None:
     """Snapshot every live actor and run the full audit (I1, I3-I7) on the live topology."""
-    reply = ctl(read_state(state_dir), "audit", timeout=30.0)
-    result = reply.get(
-        "audit", {"ok": False, "violations": [{"invariant": "run", "what": reply.get("error")}]}
-    )
+    from vsva.ops.control import AUDIT_REPLY_S
+
+    state = read_state(state_dir)
+    reply = ctl(state, "audit", timeout=AUDIT_REPLY_S)
+    if "audit" not in reply:  # refused (busy) or failed: no verdict, so no violation to show
+        why = str(reply.get("error") or "no audit in the reply")
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": why}, indent=1))
+        typer.echo(f"vsva audit: {why}", err=True)
+        raise typer.Exit(EXIT_FAIL)
+    result = audit_result(reply["audit"])
+    if result is None:
+        fail(EXIT_NO_TOPOLOGY, f"the supervisor (pid {state['pid']}) answered 'audit' with no audit verdict")
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:
-        silent = result.get("incomplete", [])
-        typer.echo(
-            "audit: clean"
-            if result["ok"]
-            else f"audit: {len(result['violations'])} violation(s)" + (", incomplete" if silent else "")
-        )
-        for line in silent:
-            typer.echo(f"  incomplete: {line}")
-        for v in result["violations"]:
-            typer.echo(
-                f"  {v['invariant']}: {v['what']} (actors {v.get('actors')}, vm {v.get('vm')}, "
-                f"pasid {v.get('pasid')})"
-            )
-    raise typer.Exit(0 if result["ok"] else 1)
+        typer.echo(audit_lines(result))
+    raise typer.Exit(0 if result["ok"] else EXIT_FAIL)
+
+
+def audit_result(result: Any) -> dict[str, Any] | None:
+    """The audit verdict of a reply if it has the shape the supervisor sends (a local process
+    that is not our supervisor may answer on its socket), else None."""
+    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+        return None
+    violations, incomplete = result.get("violations"), result.get("incomplete", [])
+    if not isinstance(violations, list) or not all(isinstance(v, dict) for v in violations):
+        return None
+    if not isinstance(incomplete, list):
+        return None
+    return result
+
+
+def audit_lines(result: dict[str, Any]) -> str:
+    """The verdict as text: one line, then one per part missing and one per violation."""
+    silent = result.get("incomplete", [])
+    lines = [
+        "audit: clean"
+        if result["ok"]
+        else f"audit: {len(result['violations'])} violation(s)" + (", incomplete" if silent else "")
+    ]
+    lines += [f"  incomplete: {line}" for line in silent]
+    lines += [
+        f"  {v.get('invariant')}: {v.get('what')} (actors {v.get('actors')}, vm {v.get('vm')}, "
+        f"pasid {v.get('pasid')})"
+        for v in result["violations"]
+    ]
+    return "\n".join(lines)

@@ -24,12 +24,16 @@ from typing import Any
 from vsva.actors.base import Actor, ActorEnv, Body, Call, Gather, Steps
 from vsva.actors.catalogue import Shutdown, StartWorkload, VmStart, VmStop
 from vsva.analysis.audit import audit
-from vsva.analysis.cut import CutTaker
+from vsva.analysis.cut import CutTaker, cut_limit_s
 from vsva.ops.pacing import gather_bounded, orch_config
 from vsva.ops.topology import HOST, ORCH, Topology, guest_name, vmm_name
 
 WORKLOAD_TIMEOUT = 120.0
 AUDIT_ANSWER_S = 2.0  # an actor that has not answered its snapshot by then fails the audit
+AUDIT_VERDICT_S = 5.0  # the invariants over every snapshot (256 VMs) and the reply's way back
+# How long `vsva audit` waits: a request that comes while an audit runs waits for the rest of
+# that one, then its own (vsva.ops.supervisor.control.AuditQueue), each a cut and a verdict.
+AUDIT_REPLY_S = 2 * (cut_limit_s(AUDIT_ANSWER_S) + AUDIT_VERDICT_S)
 VM_STOP_TIMEOUT = 60.0
 
 
