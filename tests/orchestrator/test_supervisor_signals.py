@@ -21,6 +21,7 @@ from streams import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+AT_EXIT = "signals ignored as the supervisor exits:"
 # argv: the file for the actors' pids, then the supervisor's own arguments. HOOK wraps the
 # moment its case is about.
 SCRIPT = """
@@ -36,7 +37,9 @@ def record(sup):
     with open(PIDS, "w") as f:
         json.dump([p["pid"] for p in sup.launcher.processes()], f)
 {hook}
-sys.exit(main.detach_main(sys.argv[2:]))
+code = main.detach_main(sys.argv[2:])
+print({at_exit!r}, [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)], file=sys.stderr)
+sys.exit(code)
 """
 
 BEFORE_THE_SUPERVISOR = """
@@ -86,7 +89,7 @@ def supervise(tmp_path, hook: str, with_file: bool = True) -> tuple[subprocess.C
     args = ["--state-file", str(state)] + ([str(topo)] if with_file else [])
     try:
         done = subprocess.run(
-            [sys.executable, "-c", SCRIPT.format(hook=hook), str(pids), *args],
+            [sys.executable, "-c", SCRIPT.format(hook=hook, at_exit=AT_EXIT), str(pids), *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -101,6 +104,9 @@ def supervise(tmp_path, hook: str, with_file: bool = True) -> tuple[subprocess.C
         shutil.rmtree(short_tmp, ignore_errors=True)
     assert "Traceback" not in done.stderr, done.stderr
     assert not state.exists() and left == [], (state.exists(), left)
+    # detach_main returned with both ignored: a signal as the interpreter exits (which gives a
+    # handled signal its default action back) cannot replace the exit code with a death by it
+    assert f"{AT_EXIT} [True, True]\n" in done.stderr, done.stderr
     return done, actors
 
 

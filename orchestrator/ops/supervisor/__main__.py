@@ -85,7 +85,8 @@ def detach_main(argv: list[str] | None = None) -> int:
     130 for SIGINT); one after the start stops the topology as `vsva down` does (exit 0). When the
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
     until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
-    passes) it writes a line on that pipe once its state file is complete (say_ready)."""
+    passes) it writes a line on that pipe once its state file is complete (say_ready). It
+    returns with SIGTERM and SIGINT ignored, so that its exit code is the one its caller sees."""
     signals = LaunchSignals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -93,6 +94,11 @@ def detach_main(argv: list[str] | None = None) -> int:
         return _detached(signals, argv)
     except KeyboardInterrupt:  # before the supervisor existed: nothing to unwind
         return signals.exit_code
+    finally:
+        # Done: the interpreter's exit gives a handled signal its default action back, so one
+        # arriving then would end the process by that signal instead of with this exit code.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _detached(signals: LaunchSignals, argv: list[str] | None) -> int:
