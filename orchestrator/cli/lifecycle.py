@@ -20,6 +20,7 @@ from vsva.cli.exits import (
 )
 from vsva.cli.live import ps_table
 from vsva.cli.options import STATE_DIR, load_run, writable_dir
+from vsva.cli.replies import PS, checked
 from vsva.cli.state import (
     SWEPT,
     CorruptState,
@@ -90,7 +91,8 @@ def _watch(proc: subprocess.Popen[bytes], state: dict[str, Any], stop: StopSigna
     with Live(Text("starting ..."), refresh_per_second=4) as live:
         while proc.poll() is None and not stop.requested:
             try:
-                live.update(ps_table(ctl(state, "ps", timeout=5.0, quiet=True)))
+                status = ctl(state, "ps", timeout=5.0, quiet=True)
+                live.update(ps_table(checked(state, "ps", status, PS, quiet=True)))
             except typer.Exit:
                 pass
             wait_exit(proc.pid, 0.5, stop.fd)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vsva.cli.client import ctl
-from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_NO_TOPOLOGY, fail
+from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST
 from vsva.cli.options import STATE_DIR
+from vsva.cli.replies import AUDIT, KILLED, PS, REFUSED, checked
 from vsva.cli.state import read_state
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def ps(
     if as_json and state.get("host_lost"):
         typer.echo(json.dumps({"host_lost": state["host_lost"], "processes": []}, indent=1))
         raise typer.Exit(EXIT_HOST_LOST)
-    status = ctl(state, "ps")
+    status = checked(state, "ps", ctl(state, "ps"), PS)
     if as_json:
         typer.echo(json.dumps(status["processes"], indent=1))
         return
@@ -64,9 +65,11 @@ def kill(
     state_dir: str | None = STATE_DIR,
 ) -> None:
     """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
-    reply = ctl(read_state(state_dir), "kill", name=actor)
-    if not reply.get("ok"):
-        typer.echo(f"vsva kill: {reply.get('error')}", err=True)
+    state = read_state(state_dir)
+    reply = ctl(state, "kill", name=actor)
+    reply = checked(state, "kill", reply, KILLED if reply.get("ok") else REFUSED)
+    if not reply["ok"]:
+        typer.echo(f"vsva kill: {reply['error']}", err=True)
         raise typer.Exit(2)
     typer.echo(f"killed {reply['name']} (pid {reply['pid']})")
 
@@ -81,32 +84,17 @@ def audit(
     state = read_state(state_dir)
     reply = ctl(state, "audit", timeout=AUDIT_REPLY_S)
     if "audit" not in reply:  # refused (busy) or failed: no verdict, so no violation to show
-        why = str(reply.get("error") or "no audit in the reply")
+        why = checked(state, "audit", reply, REFUSED)["error"]
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": why}, indent=1))
         typer.echo(f"vsva audit: {why}", err=True)
         raise typer.Exit(EXIT_FAIL)
-    result = audit_result(reply["audit"])
-    if result is None:
-        fail(EXIT_NO_TOPOLOGY, f"the supervisor (pid {state['pid']}) answered 'audit' with no audit verdict")
+    result = checked(state, "audit", reply, AUDIT)["audit"]
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:
         typer.echo(audit_lines(result))
     raise typer.Exit(0 if result["ok"] else EXIT_FAIL)
-
-
-def audit_result(result: Any) -> dict[str, Any] | None:
-    """The audit verdict of a reply if it has the shape the supervisor sends (a local process
-    that is not our supervisor may answer on its socket), else None."""
-    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
-        return None
-    violations, incomplete = result.get("violations"), result.get("incomplete", [])
-    if not isinstance(violations, list) or not all(isinstance(v, dict) for v in violations):
-        return None
-    if not isinstance(incomplete, list):
-        return None
-    return result
 
 
 def audit_lines(result: dict[str, Any]) -> str:
