@@ -173,6 +173,42 @@ JSON = st.recursive(
 )
 
 
+VMS = {"1": {"state": "running", "workload": {"ok": True, "ret": 0}}, "2": {"state": "off", "workload": None}}
+ANSWERS = [  # (shape, an answer of that shape as the real supervisor sends it)
+    (PS, {"processes": [ROW, dict(ROW, name="kvm", uptime_s=None)], "run_dir": "/r", "vms": VMS}),
+    (KILLED, {"ok": True, "name": "kvm", "pid": 8}),
+    (REFUSED, {"ok": False, "error": BUSY}),
+    (AUDIT, {"ok": True, "audit": dict(CLEAN, ok=False, violations=[VIOLATION], incomplete=["vm1.guest"])}),
+]
+
+
+def places(value: Any, path: tuple = ()) -> list[tuple]:
+    """Every place in `value` (the paths to it and to each of its parts)."""
+    inner = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [path] + [p for k, v in inner for p in places(v, (*path, k))]
+
+
+def replaced(value: Any, path: tuple, new: Any) -> Any:
+    """`value` with the part at `path` replaced by `new` (copies; `value` is unchanged)."""
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fits_judges_any_part_of_an_answer_replaced_without_raising(data):
+    """An answer the supervisor sends fits its shape; with any one part of it replaced by any
+    value (deep ones included, where the shape has lists, maps and alternatives), `fits` says
+    yes or no and never raises."""
+    shape, answer = data.draw(st.sampled_from(ANSWERS))
+    assert fits(answer, shape)
+    where = data.draw(st.sampled_from(places(answer)))
+    assert fits(replaced(answer, where, data.draw(JSON)), shape) in (True, False)
+
+
 @settings(max_examples=300, deadline=None)
 @given(value=JSON, shape=st.sampled_from([PS, KILLED, REFUSED, AUDIT]))
 def test_fits_judges_any_answer_without_raising(value, shape):
