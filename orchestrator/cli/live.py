@@ -87,7 +87,7 @@ def audit(
         why = checked(state, "audit", reply, REFUSED)["error"]
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": why}, indent=1))
-        typer.echo(f"vsva audit: {why}", err=True)
+        typer.echo(f"vsva: {why}", err=True)  # "audit: busy: ...", "audit failed: ..."
         raise typer.Exit(EXIT_FAIL)
     result = checked(state, "audit", reply, AUDIT)["audit"]
     if as_json:
