@@ -22,27 +22,19 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bind import _ECHO, bind_frame_size, thread_cpu_s
 
+from vsva.runtime.frames import libzmq_path
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zmq_echo.c")
 WARMUP = 200
 POLL_MS = 5000  # a reply lost for this long is an error, not a wait
-
-
-def libzmq_path() -> str:
-    """The shared libzmq this process loaded through pyzmq (bundled in its wheel, or the
-    system's)."""
-    zmq.Context.instance()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if "libzmq" in os.path.basename(path):
-                return path
-    raise RuntimeError("pyzmq's libzmq is not in /proc/self/maps")
 
 
 def build_c_echo(directory: str) -> str:
     """Compile zmq_echo.c into `directory`; the executable's path. RuntimeError with the
     compiler's first line when it cannot be built."""
     lib = libzmq_path()
+    if lib is None:
+        raise RuntimeError("pyzmq's libzmq is not in /proc/self/maps")
     exe = os.path.join(directory, "zmq_echo")
     cc = (sysconfig.get_config_var("CC") or "cc").split()
     cmd = [*cc, "-O2", "-o", exe, SOURCE, lib, f"-Wl,-rpath,{os.path.dirname(lib)}"]

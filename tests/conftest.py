@@ -307,9 +307,13 @@ def pytest_configure(config: pytest.Config) -> None:
     import os
 
     from vsva import hotpath
+    from vsva.runtime import frames
 
-    if os.environ.get("VSVA_REQUIRE_COMPILED") == "1" and hotpath.IMPLEMENTATION != "compiled":
-        raise pytest.UsageError(
-            "VSVA_REQUIRE_COMPILED=1 but the compiled hot path is not in use "
-            f"(implementation {hotpath.IMPLEMENTATION!r}): was it built?"
-        )
+    if os.environ.get("VSVA_REQUIRE_COMPILED") != "1":
+        return
+    for what, module in (("hot path", hotpath), ("runtime's frames", frames)):
+        if module.IMPLEMENTATION != "compiled":
+            raise pytest.UsageError(
+                f"VSVA_REQUIRE_COMPILED=1 but the compiled {what} is not in use "
+                f"(implementation {module.IMPLEMENTATION!r}): was it built?"
+            )

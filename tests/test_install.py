@@ -1,5 +1,6 @@
-"""Installing without a C compiler works, as the README says: the extension is optional, the
-install goes on, and the pure-Python twin runs (vsva.hotpath.IMPLEMENTATION == "python").
+"""Installing without a C compiler works, as the README says: the extensions are optional, the
+install goes on, and the pure-Python twins run (vsva.hotpath.IMPLEMENTATION and
+vsva.runtime.frames.IMPLEMENTATION == "python").
 A throwaway venv over this checkout; pip works offline here (the build requirements, Cython
 among them, come from the site packages of the environment running the tests, which the
 throwaway venv sees through a .pth file: the base interpreter's need not have them; the
@@ -53,7 +54,8 @@ def test_install_without_a_compiler_falls_back_to_pure_python(tmp_path):
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import vsva, vsva.hotpath as h; print(vsva.__file__); print(h.IMPLEMENTATION)",
+            "import vsva, vsva.hotpath as h, vsva.runtime.frames as f; "
+            "print(vsva.__file__, h.IMPLEMENTATION, f.IMPLEMENTATION)",
         ],
         capture_output=True,
         text=True,
@@ -61,5 +63,5 @@ def test_install_without_a_compiler_falls_back_to_pure_python(tmp_path):
         cwd=tmp_path,
         check=True,
     )
-    where, implementation = probe.stdout.split()
-    assert where.startswith(str(venv)) and implementation == "python"
+    where, hotpath, frames = probe.stdout.split()
+    assert where.startswith(str(venv)) and hotpath == frames == "python"

@@ -107,6 +107,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "runtime": str(runtime),
         "transport": str(topology.transport) if runtime != Runtime.SIM else None,
         "hotpath": hotpath.IMPLEMENTATION,
+        "frames": _frames() if runtime != Runtime.SIM else None,
         "flows": flows,
         "policy": str(topology.spec("host").config.get("policy")),
         "kernel": str(topology.spec("host").config.get("kernel", RUN.kernel)),
@@ -142,12 +143,21 @@ def hazards(rep: dict[str, Any]) -> list[str]:
     return sorted(found)
 
 
+def _frames() -> str:
+    """Which per-message socket calls the processes ran (vsva.runtime.frames: it imports zmq,
+    which the deterministic runtime never loads)."""
+    from vsva.runtime import frames
+
+    return frames.IMPLEMENTATION
+
+
 def render(session: dict[str, Any], rep: dict[str, Any], echo: Callable[[str], None]) -> None:
     """The human view: the timeline grouped by flow, each VM's steps, then the audit verdict."""
     echo(
         f"vsva demo: {rep['vms']} VMs, seed {rep['seed']}, policy {rep['policy']}, kernel {rep['kernel']}, "
         f"{rep['runtime']} runtime" + (f" over {rep['transport']}" if rep.get("transport") else "") + ", "
-        f"hot path {rep['hotpath']}, {rep['messages']} messages"
+        f"hot path {rep['hotpath']}" + (f", frames {rep['frames']}" if rep.get("frames") else "") + ", "
+        f"{rep['messages']} messages"
     )
     for title, lines in timeline(session["trace"]):
         echo(f"\n== {title}")

@@ -54,7 +54,8 @@ returns as soon as any polled socket or fd is readable (no sleep, no polling int
 Cost per message (the hot path): sends and receives use plain-int flags (pyzmq's enum
 flags cost an enum construction per operation); the ROUTER is drained of every ready frame
 per wake-up with two receives per frame and one that fails at the end (no EVENTS read and
-no RCVMORE getsockopt per frame, see `_drain_router`); a send goes straight to the DEALER
+no RCVMORE getsockopt per frame), all in one call that is compiled where it was built
+(`vsva.runtime.frames`, see `_drain_router`); a send goes straight to the DEALER
 (a peer not connected yet answers EAGAIN, IMMEDIATE=1, and the frame waits in its queue),
 its state being what the last poll round learnt from the monitor: a peer that died within
 the current round is seen in the next (its requests then fail as indefinite, as for any
@@ -90,6 +91,7 @@ from vsva.runtime.endpoints import (
     socket_path,
     valid_name,
 )
+from vsva.runtime.frames import recv_batch, send_frame
 from vsva.runtime.peers import (
     DOWN,
     LINGER_MS,
@@ -119,8 +121,7 @@ MAX_HELD = 16  # sends held back during a drain before they go (bounds the first
 DEALER_SWEEP = 0.1  # s: how often the DEALERs sent to have their EVENTS read (_poll)
 _TRACE_SYNC = TraceSync.KIND  # its answer leaves once the trace is written (_write_ahead)
 
-# The socket's own send, without pyzmq's Python wrapper (it only adds DRAFT routing_id / group)
-_send = zmq.backend.Socket.send
+_EAGAIN = zmq.EAGAIN
 
 # What the ROUTER's monitor reports: the connections it accepted and how their handshakes
 # ended (see _inbound_closed)
@@ -490,10 +491,10 @@ class ZmqRuntime(PeerLinks):
         """Take in up to MAX_BATCH frames; True when the ROUTER is drained (a receive found
         nothing: its commands are processed then, so it is not dirty).
 
-        Every ready frame is taken in one wake-up, and the only per-frame ZeroMQ calls are
-        the two receives: the payload comes as a `Frame`, whose `more` pyzmq reads in C (no
-        RCVMORE getsockopt), and the end of the batch is the receive that fails (no EVENTS
-        read per frame). A ROUTER always has a routing-id frame before at least one more.
+        Every ready frame is taken in one wake-up, by one call (`recv_batch`, compiled where
+        it was built: vsva.runtime.frames), then checked and delivered in order. The
+        only ZeroMQ calls are the receives: the end of the batch is the receive that finds
+        nothing (no EVENTS read per frame, no RCVMORE getsockopt).
 
         What the actor sends while the batch is handled is held (`_held`, at most MAX_HELD)
         and handed to ZeroMQ in one burst, in the order it was made: ZeroMQ's I/O thread
@@ -501,36 +502,24 @@ class ZmqRuntime(PeerLinks):
         with the handlers for the CPU meanwhile. Per peer and overall the order is the one
         of the sends; anything that changes a peer's state (a new peer, a death or restart
         reported by the launcher) sends what is held first."""
-        recv = self.router.recv
         curve = self.curve is not None
         verified = self._verified
         members = self._members if self._run_root is not None else None
         actor = self.actor
         mono0 = self.mono0
-        received = 0
+        batch, drained = recv_batch(self.router, MAX_BATCH, members is not None, curve)
+        self.stats["received"] += len(batch)
         self._held = []
         try:
-            while received < MAX_BATCH:
-                try:
-                    rid = recv(_NOBLOCK)
-                except zmq.Again:
-                    return True
-                received += 1
-                part = recv(_NOBLOCK, copy=False)
+            for rid, frame, address, user, extra in batch:
                 sender = verified.get(rid) or self._claimed(rid)
-                if curve and sender != part.get("User-Id"):  # the key's name (vsva.runtime.curve)
+                if curve and sender != user:  # the key's name (vsva.runtime.curve)
                     sender = None
-                if sender is not None and members is not None:
-                    peer = part.get(b"Peer-Address")
-                    verdict = members.get((rid, peer))
-                    if peer and not (verdict or verdict is None and self._of_run(rid, peer)):
+                if sender is not None and members is not None:  # ipc: from a process of the run?
+                    # (no address: a ZMTP 1.0 / 2.0 peer, whose frames carry no metadata: no)
+                    if not (address and (members.get((rid, address)) or self._of_run(rid, address))):
                         sender = None
-                frame = part.bytes
-                extra = 0
-                while part.more:  # a malformed message: take in the rest of it
-                    part = recv(_NOBLOCK, copy=False)
-                    extra += 1
-                if extra:
+                if extra:  # a malformed message
                     err = ProtocolError(-E.EBADMSG, f"{extra + 1} payload frames, want 1")
                     self._reject(rid, sender, err, frame)
                     continue
@@ -544,9 +533,8 @@ class ZmqRuntime(PeerLinks):
                     self._reject(rid, sender, ProtocolError(why[0], why[1], env.to_wire()), b"")
                 elif actor is not None:
                     self._send_all(actor.deliver(env, time.monotonic() - mono0))
-            return False
+            return drained
         finally:
-            self.stats["received"] += received
             self._send_held(holding=False)
 
     def _send_held(self, holding: bool = True) -> None:
@@ -819,13 +807,12 @@ class ZmqRuntime(PeerLinks):
         if trace is not None and env.kind == _TRACE_SYNC and env.corr is not None:
             self._write_ahead(trace, t, frame)
             trace = None  # recorded already
-        try:
-            _send(peer.sock, frame, _NOBLOCK)
-        except zmq.Again:  # no connection yet (IMMEDIATE), or its queue is full: wait
+        err = send_frame(peer.sock, frame)
+        if err == _EAGAIN:  # no connection yet (IMMEDIATE), or its queue is full: wait
             self._enqueue(peer, env, frame, first=True)
             return None
-        except zmq.ZMQError as exc:
-            return self._failed(env, f"send error {exc}")
+        if err:
+            return self._failed(env, f"send error {zmq.strerror(err)}")
         if trace is not None:
             trace.add(t, frame)
         self.stats["sent"] += 1

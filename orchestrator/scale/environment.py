@@ -42,11 +42,13 @@ def git_commit(repo: str = REPO) -> str:
 
 @lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
-    """CPU model, core count, Python, pyzmq, libzmq, msgpack, hot-path implementation, commit."""
+    """CPU model, core count, Python, pyzmq, libzmq, msgpack, the hot path's and the runtime's
+    frames' implementations, commit."""
     import msgpack
     import zmq
 
     from vsva import hotpath
+    from vsva.runtime import frames
 
     return {
         "cpu": cpu_model(),
@@ -56,6 +58,7 @@ def environment() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "msgpack": ".".join(map(str, msgpack.version)),
         "hotpath": hotpath.IMPLEMENTATION,
+        "frames": frames.IMPLEMENTATION,
         "git": git_commit(),
         "node": platform.node(),
         "executable": sys.executable,

@@ -48,7 +48,19 @@ ROW_KEYS = (
     "env",
 )
 AUDIT_KEYS = ("ran", "ok", "violations", "invariants", "first")
-ENV_KEYS = ("cpu", "cores", "python", "pyzmq", "libzmq", "msgpack", "hotpath", "git", "node", "load1")
+ENV_KEYS = (
+    "cpu",
+    "cores",
+    "python",
+    "pyzmq",
+    "libzmq",
+    "msgpack",
+    "hotpath",
+    "frames",
+    "git",
+    "node",
+    "load1",
+)
 STATUSES = ("ok", "failed", "timeout", "leaked", "refused")
 FIXED_COLUMNS = ("experiment", "point", "point_id", "repeat", "seed")
 TAIL_COLUMNS = (
@@ -291,7 +303,7 @@ def summary_markdown(
         f"state {meta.get('state', '?')}; {len(rows)} runs ({status_text(rows) or 'none'})",
         f"- {env.get('cpu', '?')}, {env.get('cores', '?')} cores; Python {env.get('python', '?')}, "
         f"pyzmq {env.get('pyzmq', '?')} (libzmq {env.get('libzmq', '?')}), msgpack "
-        f"{env.get('msgpack', '?')}; hot path {env.get('hotpath', '?')}; commit {env.get('git', '?')}",
+        f"{env.get('msgpack', '?')}; hot path {env.get('hotpath', '?')}, frames {env.get('frames', '?')}; commit {env.get('git', '?')}",
         "- cells: median [min-max] over the repeats",
         "",
     ]

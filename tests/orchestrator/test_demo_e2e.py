@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from vsva.runtime import frames
+
 VSVA = [sys.executable, "-m", "vsva"]
 
 
@@ -31,6 +33,7 @@ def test_demo_json_passes_and_leaves_nothing(vms: int) -> None:
     assert report["vms"] == vms
     assert report["audit"]["violations"] == []
     assert report["hotpath"] in ("compiled", "python")
+    assert report["frames"] == frames.IMPLEMENTATION  # the processes' (same environment)
     for flow in ("F1", "F2", "F3", "F4", "F5", "F6", "F7"):
         assert report["flows"][flow] > 0, flow
     assert report["flows"]["F2"] == 5 * vms  # three pf binds (one demand-paged) and two mdev binds per VM
