@@ -38,7 +38,12 @@ def ps_table(status: dict[str, Any]) -> Table:
         )
         for vm, v in status.get("vms", {}).items()
     )
-    table.caption = vms + ("  HOST LOST" if status.get("host_lost") else "")
+    failed = [
+        f"[red]{p['name']}: {p['recovery_error']}[/red]"
+        for p in status["processes"]
+        if p.get("recovery_error")
+    ]
+    table.caption = "\n".join([vms + ("  HOST LOST" if status.get("host_lost") else ""), *failed])
     return table
 
 

@@ -53,7 +53,15 @@ def fits(value: Any, shape: Any) -> bool:
 REFUSED = {"ok": bool, "error": str}
 PS = {
     "processes": [
-        {"name": str, "kind": str, "pid": int, "state": str, "restarts": int, "uptime_s": (*NUMBER, NONE)}
+        {
+            "name": str,
+            "kind": str,
+            "pid": int,
+            "state": str,
+            "restarts": int,
+            "uptime_s": (*NUMBER, NONE),
+            "recovery_error?": (str, NONE),
+        }
     ],
     "run_dir?": str,
     "vms?": Each({"state": str, "workload": (NONE, {"ok": object, "ret": object})}),

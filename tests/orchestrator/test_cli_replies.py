@@ -166,6 +166,15 @@ def test_ps_and_kill_read_what_the_supervisor_sends(supervisor):
     assert supervisor.asked == [{"op": "ps"}, {"op": "kill", "name": "kvm"}, {"op": "kill", "name": "nobody"}]
 
 
+def test_ps_shows_a_recovery_that_failed(supervisor):
+    """A restarted kvm that gave its resync up runs, but the recovery failed: the table says so."""
+    error = "resync of kvm given up: pasid_bindings to host failed 4 time(s), last -EHOSTDOWN [0]"
+    supervisor.answer({"processes": [ROW, dict(ROW, name="kvm", recovery_error=error)], "vms": VMS})
+    done = supervisor("ps")
+    assert done.returncode == 0, done
+    assert f"kvm: {error}" in " ".join(done.stdout.split()), done.stdout  # (rich wraps the caption)
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -175,7 +184,17 @@ JSON = st.recursive(
 
 VMS = {"1": {"state": "running", "workload": {"ok": True, "ret": 0}}, "2": {"state": "off", "workload": None}}
 ANSWERS = [  # (shape, an answer of that shape as the real supervisor sends it)
-    (PS, {"processes": [ROW, dict(ROW, name="kvm", uptime_s=None)], "run_dir": "/r", "vms": VMS}),
+    (
+        PS,
+        {
+            "processes": [
+                ROW,
+                dict(ROW, name="kvm", uptime_s=None, recovery_error="resync of kvm given up: ..."),
+            ],
+            "run_dir": "/r",
+            "vms": VMS,
+        },
+    ),
     (KILLED, {"ok": True, "name": "kvm", "pid": 8}),
     (REFUSED, {"ok": False, "error": BUSY}),
     (AUDIT, {"ok": True, "audit": dict(CLEAN, ok=False, violations=[VIOLATION], incomplete=["vm1.guest"])}),

@@ -90,6 +90,9 @@ def test_a_resync_the_restarted_kvm_gave_up_is_the_records_error_with_its_timeou
         f"resync of kvm given up: pasid_bindings to host failed {RESYNC_ATTEMPTS} time(s), last -ETIMEDOUT"
     ), rec["error"]
     assert "\n" not in rec["error"]
+    assert ("recovery failed", "kvm") in sup.events  # a live `vsva ps` shows it (its last_error)
+    sup.recovery.records.append(rec)
+    assert sup.recovery.last_error("kvm") == rec["error"]
     # the actor's own timeouts travel with the record, for the reports' timeouts section
     assert [(t["actor"], t["kind"], t["peer"]) for t in rec["timeouts"]] == [
         ("kvm", "pasid_bindings", "host")

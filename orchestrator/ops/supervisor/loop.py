@@ -332,6 +332,7 @@ class Supervisor:
                     "state": state,
                     "exitcode": r["exitcode"],
                     "restarts": self.recovery.restarts.get(r["name"], 0),
+                    "recovery_error": self.recovery.last_error(r["name"]),
                     "uptime_s": round(mono - proc.started, 2) if r["exitcode"] is None else None,
                 }
             )

@@ -152,12 +152,25 @@ class Recovery:
         """The recoveries that ended in an error."""
         return [rec for rec in self.records if "error" in rec]
 
+    def last_error(self, name: str) -> str | None:
+        """The error of `name`'s latest recovery, if that one failed (what `vsva ps` shows)."""
+        mine = [rec for rec in self.records if rec["actor"] == name]
+        return mine[-1].get("error") if mine else None
+
+    def _fail(self, rec: dict[str, Any], error: str) -> None:
+        """End the recovery `rec` in `error` (one line), and say so among the events, as a
+        restart that failed does: a live topology's `vsva ps` shows it, not only a report."""
+        rec["error"] = error
+        self.sup.event("recovery failed", rec["actor"], error=error)
+
     def _do(self, action: tuple[Any, ...]) -> None:
         sup = self.sup
         if action[0] == "restart":
             _, name, rec = action
             if sup.host_lost or sup.launcher.closed:
-                rec["error"] = "not restarted: " + ("the host is lost" if sup.host_lost else "the run ended")
+                self._fail(
+                    rec, "not restarted: " + ("the host is lost" if sup.host_lost else "the run ended")
+                )
                 return
             if not self._restart(name, rec):
                 return
@@ -209,7 +222,7 @@ class Recovery:
             polls += 1
             state = r.get("state", {})
             if r.get("ret"):
-                rec["error"] = f"resync not confirmed: snapshot of {name} failed: {failure(r)}"
+                self._fail(rec, f"resync not confirmed: snapshot of {name} failed: {failure(r)}")
                 return
             if state.get("synced"):
                 rec["t_recovered"] = sup.now()
@@ -219,14 +232,15 @@ class Recovery:
             if state.get("resync_timeouts"):
                 rec["timeouts"] = state["resync_timeouts"]  # the actor's, for the reports
             if state.get("resync_error"):
-                rec["error"] = f"resync of {name} given up: {state['resync_error']}"
+                self._fail(rec, f"resync of {name} given up: {state['resync_error']}")
                 return
             waited = actor.now - start
             if waited >= bound or sup.host_lost:
-                rec["error"] = (
+                self._fail(
+                    rec,
                     f"resync of {name} from the host: not synced after {waited:.1f} s "
                     f"(bound {bound:.1f} s, {polls} snapshots)"
-                    + ("; the host is lost" if sup.host_lost else "")
+                    + ("; the host is lost" if sup.host_lost else ""),
                 )
                 return
             yield Wait(("resync poll", name, polls), RESYNC_POLL_S)
@@ -238,8 +252,8 @@ class Recovery:
         while True:
             r = yield Call(HOST, PoolStatus())
             if r.get("ret"):
-                rec["error"] = (
-                    f"teardown of VM {vm} not confirmed: pool_status to {HOST} failed: {failure(r)}"
+                self._fail(
+                    rec, f"teardown of VM {vm} not confirmed: pool_status to {HOST} failed: {failure(r)}"
                 )
                 return
             done = [t for t in r.get("teardowns", []) if t["vm"] == vm and "finished" in t]
@@ -249,9 +263,10 @@ class Recovery:
                 return
             waited = sup.actor.now - start
             if waited >= TEARDOWN_S or sup.host_lost:
-                rec["error"] = (
+                self._fail(
+                    rec,
                     f"teardown of VM {vm}: {HOST} did not report it finished after {waited:.1f} s"
-                    + (" (the host is lost)" if sup.host_lost else f" (bound {TEARDOWN_S:g} s)")
+                    + (" (the host is lost)" if sup.host_lost else f" (bound {TEARDOWN_S:g} s)"),
                 )
                 return
             yield Wait(("teardown poll", vm), RESYNC_POLL_S)
@@ -270,7 +285,7 @@ class Recovery:
             sup.vms[vm].state = "gone"
             return
         if ret not in (0, -E.ENODEV):  # -ENODEV: the VM was not started
-            rec["error"] = f"vm_stop to {vmm_name(vm)} failed: {failure(r)}"
+            self._fail(rec, f"vm_stop to {vmm_name(vm)} failed: {failure(r)}")
             sup.vms[vm].state = "gone"
             return
         if policy == GuestDeath.RESTART:
@@ -290,6 +305,6 @@ class Recovery:
             return
         r = replies.get(vm, {})
         answer = f"vm_start {failure(r)}" if r.get("ret") else "vm_start answered"
-        rec["error"] = (
-            f"VM {vm} not powered on again after its guest's restart: {answer}; VM {sup.vms[vm].state}"
+        self._fail(
+            rec, f"VM {vm} not powered on again after its guest's restart: {answer}; VM {sup.vms[vm].state}"
         )
