@@ -60,12 +60,14 @@ def pid_alive(pid: int) -> bool:
 
 
 def supervisor_alive(state: dict[str, Any]) -> bool:
-    """The state's supervisor still runs (its pid and start time, so a reused pid is not it)."""
+    """The state's supervisor still runs: its pid and its start time (`owner`, which every
+    supervisor writes), so neither a reused pid nor a state file naming some other live
+    process (which `vsva down` would signal) passes for it."""
     from vsva.ops.runfiles import owner_tag
 
     if not pid_alive(state["pid"]):
         return False
-    return state.get("owner") in (None, owner_tag(state["pid"]))
+    return state.get("owner") == owner_tag(state["pid"])
 
 
 def host_lost_line(state: dict[str, Any]) -> str:

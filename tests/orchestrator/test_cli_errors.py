@@ -101,6 +101,23 @@ def test_corrupt_state_file_is_reported_and_does_not_block_up(cli):
     assert not state.exists()
 
 
+def test_a_state_file_naming_another_live_process_is_no_supervisor(cli):
+    """Without the start time every supervisor writes (`owner`), a live pid in a state file
+    is some other process: `vsva down` must not signal it, nor ps ask it anything."""
+    cli.state_dir.mkdir(mode=0o700)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = {"pid": bystander.pid, "run_dir": str(cli.tmp / "nowhere"), "ctl": "ipc:///nope"}
+        (cli.state_dir / "current.json").write_text(json.dumps(state))
+        one_line_error(cli("ps"), 3, "not running")
+        down = cli("down")
+        assert down.returncode == 0 and f"pid {bystander.pid}) was dead" in down.stdout, down
+        assert bystander.poll() is None, "vsva down signalled a process that is no supervisor"
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
 def test_corrupt_state_file_does_not_block_up(cli):
     cli.state_dir.mkdir(mode=0o700)
     state = cli.state_dir / "current.json"

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from test_cli_errors import one_line_error
 
 from vsva.cli.replies import AUDIT, KILLED, PS, REFUSED, fits
+from vsva.ops.runfiles import owner_tag
 
 BUSY = "audit: busy: one is running and 16 requests wait for the next (at most 16); ask again"
 CLEAN = {"ok": True, "violations": [], "incomplete": [], "cut": {"held_s": 0.01}}
@@ -45,7 +46,14 @@ def supervisor(tmp_path) -> Iterator[Any]:
     state_dir.mkdir(mode=0o700)
     endpoint = f"ipc://{tmp_path}/ctl.sock"
     with open(state_dir / "current.json", "w") as f:
-        json.dump({"pid": os.getpid(), "run_dir": str(tmp_path), "ctl": endpoint, "actors": {}}, f)
+        state = {
+            "pid": os.getpid(),
+            "owner": owner_tag(),
+            "run_dir": str(tmp_path),
+            "ctl": endpoint,
+            "actors": {},
+        }
+        json.dump(state, f)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
