@@ -14,6 +14,7 @@ import glob
 import heapq
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import IO, Any
@@ -178,16 +179,40 @@ def trace_files(run_dir: str) -> dict[str, bytes]:
     return out
 
 
+# A record's fields and what each must be (what `record` writes; `rr` any value, read as a flag)
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "t": (int, float), "clock": int, "id": int, "src": str, "dst": str, "kind": str,
+    "corr": (int, type(None)), "flow": str, "body": dict,
+}  # fmt: skip
+
+
+def well_formed(rec: Any) -> bool:
+    """Whether `rec` is a record the merge and the exports can order and draw: each field
+    of the type `record` gives it, a finite time. The run directory is the run's user's to
+    write, so a trace file may hold anything; one record of another shape used to stop the
+    whole export (a TypeError in the merge's sort)."""
+    if not isinstance(rec, dict):
+        return False
+    for key, kind in _FIELDS.items():
+        value = rec.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+    return math.isfinite(rec["t"])
+
+
 def from_files(files: dict[str, bytes]) -> list[dict[str, Any]]:
-    """The merged records of trace files given as bytes (see `trace_files`)."""
+    """The merged records of trace files given as bytes (see `trace_files`); a line or frame
+    that is no record (`well_formed`) is skipped."""
     records: list[dict[str, Any]] = []
     for name, data in files.items():
         if name.endswith(".jsonl"):
             for line in data.decode(errors="replace").splitlines():
                 try:
-                    records.append(json.loads(line))
+                    rec = json.loads(line)
                 except ValueError:  # the torn last line of a writer that was SIGKILLed
                     continue
+                if well_formed(rec):
+                    records.append(rec)
         else:
             records.extend(frame_records(data))
     return merge(records)
@@ -196,7 +221,7 @@ def from_files(files: dict[str, bytes]) -> list[dict[str, Any]]:
 def read_frames(path: str) -> list[dict[str, Any]]:
     """The records of one runtime's trace file (see vsva.runtime.trace_buffer), in file order;
     the last record of a writer that was SIGKILLed in the middle of it is dropped, and so is
-    a frame that does not decode."""
+    a frame that does not decode into a record (`well_formed`)."""
     with open(path, "rb") as f:
         return frame_records(f.read())
 
@@ -217,5 +242,7 @@ def frame_records(data: bytes) -> list[dict[str, Any]]:
         pos += size
         if isinstance(w, dict):
             rec = {k: w.get(k) for k in ("clock", "id", "src", "dst", "kind", "corr", "rr", "flow", "body")}
-            out.append(json.loads(_JSON.encode({"t": round(t, 6), **rec})))
+            rec = json.loads(_JSON.encode({"t": round(t, 6), **rec}))
+            if well_formed(rec):
+                out.append(rec)
     return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import msgpack
+
 from vsva.actors.messages import Envelope, encode
-from vsva.analysis.trace import read_frames, record
+from vsva.analysis.trace import from_files, read_frames, record, trace_files
 from vsva.runtime.trace_buffer import HEAD, TraceBuffer
 
 
@@ -41,6 +43,32 @@ def test_a_torn_last_record_and_a_garbage_frame_are_dropped(tmp_path):
     with open(buf.path, "ab") as f:
         f.write(HEAD.pack(3.0, len(second)) + second[:-1])
     assert [r["id"] for r in read_frames(buf.path)] == [1]
+
+
+def test_records_of_another_shape_are_skipped_and_the_rest_merged(tmp_path):
+    """The run directory is the run's user's to write: a map with fields of other types, or a
+    time that is no number, costs that record only, in a frames file and in a JSON lines file
+    alike; the merge (which sorts on those fields) still orders the rest."""
+    buf = TraceBuffer(str(tmp_path), "host")
+    first, second = (encode(env) for env in envelopes())
+    buf.add(1.0, first)
+    hostile = {"v": 1, "id": "a", "src": 5, "dst": None, "kind": [], "body": 7, "clock": "z"}
+    buf.add(1.5, msgpack.packb(hostile))
+    buf.add(float("nan"), second)
+    buf.add(2.0, second)
+    buf.close()
+    lines = [
+        json.dumps(record(envelopes()[0], 0.7)),
+        json.dumps(dict(record(envelopes()[1], 0.8), corr="x")),
+        "[]",
+    ]
+    files = trace_files(str(tmp_path)) | {"trace-kvm.jsonl": "\n".join(lines).encode()}
+    assert [(r["t"], r["id"]) for r in read_frames(buf.path)] == [(1.0, 1), (2.0, 2)]
+    assert [(r["t"], r["src"], r["id"]) for r in from_files(files)] == [
+        (0.7, "host", 1),
+        (1.0, "host", 1),
+        (2.0, "host", 2),
+    ]
 
 
 def test_due_after_enough_bytes_and_nothing_kept_after_write(tmp_path):
