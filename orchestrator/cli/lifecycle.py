@@ -3,9 +3,11 @@ state directory's lock, the bounded wait for it to be ready) and `vsva down`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
@@ -29,6 +31,7 @@ from vsva.cli.state import (
     parse_state,
     state_file,
     supervisor_alive,
+    unnamed_supervisor,
 )
 
 
@@ -264,6 +267,27 @@ def _stop_supervisor(proc: subprocess.Popen[bytes], path: str) -> list[str]:
     return sweep()
 
 
+def _ask_down(state: dict[str, Any]) -> None:
+    """Ask the supervisor to stop over its control socket; SIGTERM when it does not answer."""
+    import signal
+
+    try:
+        ctl(state, "down", timeout=5.0)
+    except typer.Exit:
+        os.kill(state["pid"], signal.SIGTERM)
+
+
+def _end_supervisor(pid: int, timeout: float, ask: Callable[[], None]) -> None:
+    """`ask` the supervisor `pid` to stop, wait `timeout` for it, then SIGKILL it (bounded)."""
+    import signal
+
+    ask()
+    if not wait_exit(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_exit(pid, 2.0)
+
+
 def down(
     state_dir: str | None = STATE_DIR,
     timeout: float = typer.Option(
@@ -278,26 +302,30 @@ def down(
     swept = f"; removed leftovers of dead runs: {', '.join(SWEPT)}" if SWEPT else ""
     try:
         state = parse_state(path)
-    except CorruptState as exc:
-        os.unlink(path)
-        typer.echo(f"vsva: removed the corrupt state file {path} ({exc}){swept}")
-        return
-    except FileNotFoundError:
-        if not SWEPT:
+    except (CorruptState, FileNotFoundError) as exc:
+        unnamed = unnamed_supervisor(path)
+        if unnamed is not None:  # SIGTERM: it stops its topology as `vsva down` asks it to
+            _end_supervisor(unnamed, timeout, lambda: os.kill(unnamed, signal.SIGTERM))
+        if isinstance(exc, CorruptState):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        stopped = f"stopped the supervisor (pid {unnamed}) its state file did not name" if unnamed else ""
+        if isinstance(exc, CorruptState):
+            typer.echo(
+                f"vsva: removed the corrupt state file {path} ({exc})"
+                + (f"; {stopped}" if stopped else "")
+                + swept
+            )
+        elif stopped or SWEPT:
+            typer.echo(f"vsva: {stopped or 'no topology was running'}{swept}")
+        else:
             fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path})")
-        typer.echo(f"vsva: no topology was running{swept}")
         return
     pid = state["pid"]
     if state.get("host_lost"):
         what = f"cleared the record of the lost topology ({state['host_lost']['why']})"
     elif supervisor_alive(state):
-        try:
-            ctl(state, "down", timeout=5.0)
-        except typer.Exit:
-            os.kill(pid, signal.SIGTERM)
-        if not wait_exit(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 2.0)
+        _end_supervisor(pid, timeout, lambda: _ask_down(state))
         what = f"stopped (supervisor pid {pid})"
     else:
         what = f"the supervisor (pid {pid}) was dead"

@@ -70,6 +70,26 @@ def supervisor_alive(state: dict[str, Any]) -> bool:
     return state.get("owner") == owner_tag(state["pid"])
 
 
+def unnamed_supervisor(path: str) -> int | None:
+    """A supervisor of this user still running for the state file `path` (its command line
+    names the file) when the file no longer names it: corrupt, or removed. It still holds the
+    state directory's lock and every process of its topology, which only it can stop."""
+    want = ["-m", "vsva.ops.supervisor", "--state-file", path]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                argv = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        if argv[1:5] == want and pid_alive(int(entry.name)):
+            return int(entry.name)
+    return None
+
+
 def host_lost_line(state: dict[str, Any]) -> str:
     import time
 

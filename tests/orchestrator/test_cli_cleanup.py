@@ -238,6 +238,27 @@ def test_two_ups_at_once_one_wins_the_other_says_so(cli):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("damage", ["corrupt", "removed"])
+def test_down_stops_a_supervisor_its_state_file_no_longer_names(cli, damage):
+    """The state file corrupt or gone while the topology runs: `vsva down` finds its
+    supervisor by the command line naming that file, stops it and everything it started
+    (before: the topology ran on, orphaned, and `vsva up` was refused: the lock is held)."""
+    assert cli("up", "-d").returncode == 0
+    state = cli.state_file()
+    path = cli.state / "current.json"
+    if damage == "corrupt":
+        path.write_text('{"pid": "x"}')
+    else:
+        path.unlink()
+    down = cli("down")
+    assert down.returncode == 0 and f"stopped the supervisor (pid {state['pid']})" in down.stdout, down
+    wait_gone([state["pid"], *state["actors"].values()], 30, "the topology to stop")
+    assert cli.run_dirs() == [] and shm_of(state["pid"]) == [] and not path.exists()
+    assert cli("up", "-d").returncode == 0  # the lock is free again
+    assert cli("down").returncode == 0
+
+
+@pytest.mark.timeout(180)
 def test_host_lost_detached_ps_reports_it_until_down(cli):
     assert cli("up", "-d").returncode == 0
     state = cli.state_file()
