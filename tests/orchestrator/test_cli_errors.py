@@ -163,3 +163,9 @@ def test_help_lists_choices_and_exit_codes(cli, args, listed):
 )
 def test_bad_option_values(cli, args, option):
     one_line_error(cli(*args), 2, option)
+
+
+@pytest.mark.parametrize("name", ["a" * 100_000, "a" * 65, "vm1/../host", ""])
+def test_kill_refuses_a_name_no_actor_can_have(cli, name):
+    """Refused before any topology is asked (a long name never reached the supervisor)."""
+    one_line_error(cli("kill", name), 2, "cannot be an actor name")
