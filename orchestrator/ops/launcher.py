@@ -198,7 +198,7 @@ class Launcher:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {self.transport!r}; valid: {', '.join(TRANSPORTS)}")
         capacity.raise_fd_limit()
-        capacity.check(self.topology)  # CapacityError (a ValueError) naming the limit
+        capacity.check(self.topology, self.base_dir)  # CapacityError (a ValueError) naming the limit
         atexit.register(self.close)
         try:
             self._prepare()

@@ -169,3 +169,19 @@ def test_bad_option_values(cli, args, option):
 def test_kill_refuses_a_name_no_actor_can_have(cli, name):
     """Refused before any topology is asked (a long name never reached the supervisor)."""
     one_line_error(cli("kill", name), 2, "cannot be an actor name")
+
+
+@pytest.mark.parametrize(
+    "args", [("demo", "--vms", "1"), ("run", "examples/two-vms.toml"), ("up", "-d"), ("up",)]
+)
+def test_tmpdir_too_long_for_ipc_socket_paths(tmp_path, args):
+    """The run directory (and its ipc sockets) is made under TMPDIR: one whose socket paths
+    cannot be bound is refused before anything starts, naming the limit and TMPDIR."""
+    long_tmp = tmp_path / ("d" * 80)
+    long_tmp.mkdir()
+    env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(long_tmp)}
+    done = subprocess.run(
+        [sys.executable, "-m", "vsva", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    one_line_error(done, 2, "TMPDIR", "107")
+    assert os.listdir(long_tmp) == []  # no run directory was made
