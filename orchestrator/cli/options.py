@@ -37,6 +37,9 @@ def writable_dir(value: str | None) -> str | None:
             pass
     except OSError as exc:
         raise typer.BadParameter(f"cannot write into {value!r}: {exc.strerror}") from None
+    for name in ("trace.jsonl", "trace.perfetto.json"):  # what the export writes, whatever the run
+        if os.path.isdir(os.path.join(value, name)):
+            raise typer.BadParameter(f"cannot write {name} into {value!r}: a directory of that name is there")
     return value
 
 

@@ -185,3 +185,44 @@ def test_tmpdir_too_long_for_ipc_socket_paths(tmp_path, args):
     )
     one_line_error(done, 2, "TMPDIR", "107")
     assert os.listdir(long_tmp) == []  # no run directory was made
+
+
+def _full_trace_dir(cli):
+    """A --trace-out whose trace.jsonl cannot be written once the run ends (a full disk)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    out = cli.tmp / "tr"
+    out.mkdir()
+    (out / "trace.jsonl").symlink_to("/dev/full")
+    return out
+
+
+@pytest.mark.parametrize(
+    "args", [("demo", "--runtime", "sim", "--vms", "1"), ("run", "examples/two-vms.toml", "--json")]
+)
+def test_trace_unwritable_at_the_end_keeps_the_report(cli, args):
+    """The report is printed, the trace's failure is one line naming the file, exit 2, and the
+    other trace files are still written."""
+    out = _full_trace_dir(cli)
+    done = cli(*args, "--trace-out", str(out))
+    assert "verdict: PASS" in done.stdout or '"ok": true' in done.stdout, done.stdout[-500:]
+    err = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert err.startswith("vsva: --trace-out: cannot write") and "trace.jsonl" in err and "space" in err, err
+    assert (out / "trace.perfetto.json").stat().st_size > 0
+
+
+def test_trace_unwritable_when_a_detached_topology_stops_is_said_by_down(cli):
+    out = _full_trace_dir(cli)
+    assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
+    done = cli("down")
+    assert "stopped" in done.stdout, done.stdout
+    one_line_error(done, 2, "trace.jsonl", "space")
+    assert not (cli.state_dir / "current.json").exists()
+
+
+def test_trace_out_with_a_directory_in_a_trace_file_place_is_refused_before_the_run(cli):
+    (cli.tmp / "tr" / "trace.jsonl").mkdir(parents=True)
+    done = cli("demo", "--runtime", "sim", "--trace-out", str(cli.tmp / "tr"))
+    one_line_error(done, 2, "trace.jsonl", "directory")
+    assert done.stdout == ""
