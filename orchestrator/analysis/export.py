@@ -281,24 +281,53 @@ def _mm(name: str) -> str:
     return name.replace(".", "_")
 
 
+class TraceWriteError(OSError):
+    """A trace file that could not be written; the message names it and the OS error."""
+
+
 def write_all(records: list[Record], out_dir: str) -> dict[str, Any]:
     """Write trace.jsonl, trace.perfetto.json and sequence-<diagram>.mmd (mermaid_diagrams)
-    into out_dir; return the paths ("sequence": a list)."""
+    into out_dir; return the paths ("sequence": a list). A file that cannot be written does
+    not keep the others from being written: then TraceWriteError names the first one."""
     import os
 
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise TraceWriteError(f"--trace-out: cannot write into {out_dir}: {exc.strerror or exc}") from None
     paths: dict[str, Any] = {
         "trace": os.path.join(out_dir, "trace.jsonl"),
         "perfetto": os.path.join(out_dir, "trace.perfetto.json"),
         "sequence": [],
     }
-    with open(paths["trace"], "w") as f:
-        f.writelines(json.dumps(r, default=repr) + "\n" for r in records)
-    with open(paths["perfetto"], "w") as f:
-        json.dump(perfetto(records), f)
+    files = {
+        paths["trace"]: "".join(json.dumps(r, default=repr) + "\n" for r in records),
+        paths["perfetto"]: json.dumps(perfetto(records)),
+    }
     for name, text in mermaid_diagrams(records).items():
-        path = os.path.join(out_dir, f"sequence-{name}.mmd")
+        paths["sequence"].append(os.path.join(out_dir, f"sequence-{name}.mmd"))
+        files[paths["sequence"][-1]] = text
+    errors = [why for path, text in files.items() if (why := _write(path, text))]
+    if errors:
+        raise TraceWriteError(errors[0] + (f" (and {len(errors) - 1} more files)" if len(errors) > 1 else ""))
+    return paths
+
+
+def write_or_say(records: list[Record], out_dir: str) -> tuple[dict[str, Any] | None, str | None]:
+    """write_all for a run whose report must not be lost to its trace: (the paths, None), or
+    (None, the one line that says which file could not be written and why)."""
+    try:
+        return write_all(records, out_dir), None
+    except TraceWriteError as exc:
+        return None, str(exc)
+
+
+def _write(path: str, text: str) -> str | None:
+    """Write one export file; None, or why it could not be (a directory in its place, a full
+    disk: that error may come only as the file is closed), naming the file."""
+    try:
         with open(path, "w") as f:
             f.write(text)
-        paths["sequence"].append(path)
-    return paths
+    except OSError as exc:
+        return f"--trace-out: cannot write {path}: {exc.strerror or exc}"
+    return None

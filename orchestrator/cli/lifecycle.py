@@ -17,6 +17,7 @@ from vsva.cli.exits import (
     EXIT_FAIL,
     EXIT_HOST_LOST,
     EXIT_NO_TOPOLOGY,
+    EXIT_USAGE,
     StopSignals,
     fail,
 )
@@ -288,6 +289,16 @@ def _end_supervisor(pid: int, timeout: float, ask: Callable[[], None]) -> None:
         wait_exit(pid, 2.0)
 
 
+def _trace_error(path: str) -> str | None:
+    """Why the stopped supervisor could not write its trace, as it recorded in its state file
+    on the way out (vsva.ops.supervisor's detach_main); None if it wrote it or was not asked."""
+    try:
+        why = parse_state(path).get("trace_error")
+    except (OSError, CorruptState):
+        return None
+    return why if isinstance(why, str) else None
+
+
 def down(
     state_dir: str | None = STATE_DIR,
     timeout: float = typer.Option(
@@ -331,5 +342,8 @@ def down(
         what = f"the supervisor (pid {pid}) was dead"
     from vsva.ops.runfiles import sweep
 
+    trace_error = _trace_error(path)
     left = cleanup_stale(state, path) + [p for p in sweep() if p not in SWEPT]
     typer.echo(f"vsva: {what}" + (f"; removed leftovers {left}" if left else "") + swept)
+    if trace_error:
+        fail(EXIT_USAGE, trace_error)

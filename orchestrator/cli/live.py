@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vsva.cli.client import ctl
-from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST
+from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_USAGE, fail
 from vsva.cli.options import STATE_DIR
 from vsva.cli.replies import AUDIT, KILLED, PS, REFUSED, checked
 from vsva.cli.state import read_state
@@ -70,6 +70,7 @@ def kill(
     state_dir: str | None = STATE_DIR,
 ) -> None:
     """SIGKILL one actor; the supervisor then recovers as that actor's contract says."""
+    _check_actor_name(actor)
     state = read_state(state_dir)
     reply = ctl(state, "kill", name=actor)
     reply = checked(state, "kill", reply, KILLED if reply.get("ok") else REFUSED)
@@ -77,6 +78,19 @@ def kill(
         typer.echo(f"vsva kill: {reply['error']}", err=True)
         raise typer.Exit(2)
     typer.echo(f"killed {reply['name']} (pid {reply['pid']})")
+
+
+def _check_actor_name(name: str) -> None:
+    """Refuse at once a name no actor can have (vsva.runtime.endpoints.valid_name): a long
+    one would exceed the control socket's message size, and the supervisor, which never sees
+    the request, would be taken for one that does not answer."""
+    from vsva.runtime.endpoints import valid_name
+
+    if not valid_name(name):
+        shown = repr(name[:40]) + (f"... ({len(name)} characters)" if len(name) > 40 else "")
+        fail(
+            EXIT_USAGE, f"kill: {shown} cannot be an actor name (letters, digits, '_', '.', '-'; 64 at most)"
+        )
 
 
 def audit(

@@ -37,6 +37,9 @@ def writable_dir(value: str | None) -> str | None:
             pass
     except OSError as exc:
         raise typer.BadParameter(f"cannot write into {value!r}: {exc.strerror}") from None
+    for name in ("trace.jsonl", "trace.perfetto.json"):  # what the export writes, whatever the run
+        if os.path.isdir(os.path.join(value, name)):
+            raise typer.BadParameter(f"cannot write {name} into {value!r}: a directory of that name is there")
     return value
 
 
@@ -63,11 +66,18 @@ STATE_DIR = typer.Option(
 
 
 def load_run(topology: str | None) -> RunFile:
-    """The topology or scenario file (default: the two-VM demo topology), or exit 2 with its error."""
+    """The topology or scenario file (default: the two-VM demo topology), or exit 2 with its
+    error: the default topology is held to this machine's capacity here, as a file's is when
+    it loads, so that `vsva up` refuses it in this terminal rather than in the supervisor's log."""
+    from vsva.ops.capacity import CapacityError, check
     from vsva.ops.topology_file import TopologyError, default_run, load
 
     try:
-        return load(topology) if topology else default_run()
-    except TopologyError as exc:
+        if topology:
+            return load(topology)
+        run = default_run()
+        check(run.topology)
+        return run
+    except (TopologyError, CapacityError) as exc:
         typer.echo(f"vsva: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -9,7 +9,7 @@ so on stderr, as `vsva up` does."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 def say_running(launcher: Launcher) -> None:
     """The line a user (or a script that acts on the running topology) waits for."""
     typer.echo(f"vsva: {len(launcher.topology.actors)} actors running, run dir {launcher.run_dir}", err=True)
+
+
+def finish(rep: dict[str, Any]) -> NoReturn:
+    """End a run whose report is printed: a trace that could not be written is one line and
+    exit 2 (the unwritable --trace-out the exit codes name, found only as the run ended: a
+    script learns its input was bad, the report above says the verdict), else the verdict's."""
+    if rep.get("trace_error"):
+        fail(EXIT_USAGE, rep["trace_error"])
+    raise typer.Exit(0 if rep["ok"] else 1)
 
 
 def demo(
@@ -86,7 +95,7 @@ def demo(
         typer.echo(json.dumps(rep, indent=2))
     else:
         render(session, rep, typer.echo)
-    raise typer.Exit(0 if rep["ok"] else 1)
+    finish(rep)
 
 
 def run(
@@ -121,4 +130,4 @@ def run(
         typer.echo(json.dumps(rep, indent=1, default=str))
     else:
         render(rep, typer.echo)
-    raise typer.Exit(0 if rep["ok"] else 1)
+    finish(rep)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from vsva import hotpath
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.analysis.export import timeline, write_all
+from vsva.analysis.export import timeline, write_or_say
 from vsva.analysis.trace import merge
 from vsva.ops.config import DEMO_ITERATIONS, RUN, VM, Runtime
 from vsva.ops.control import Controller
@@ -46,6 +46,7 @@ def run_session(
         if ctl.result is not None:
             rt.run()  # let the shutdown replies land
         trace = merge(rt.trace)
+        trace_files, trace_error = write_or_say(trace, trace_out) if trace_out else (None, None)
         return {
             **(ctl.result or _no_result("the deterministic run went quiescent without a result")),
             "trace": trace,
@@ -53,7 +54,8 @@ def run_session(
             "ready_s": 0.0,
             "files": [],
             "timeouts": ctl.timeouts,
-            "trace_files": write_all(trace, trace_out) if trace_out else None,
+            "trace_files": trace_files,
+            "trace_error": trace_error,
             "elapsed_s": time.monotonic() - started,
         }
     from vsva.ops.launcher import Launcher
@@ -74,6 +76,7 @@ def run_session(
             "endpoints": launcher.endpoints(),
             "timeouts": ctl.timeouts,
             "trace_files": launcher.trace_files,
+            "trace_error": launcher.trace_error,
             "elapsed_s": time.monotonic() - started,
         }
 
@@ -116,6 +119,7 @@ def report(session: dict[str, Any], topology: Topology, runtime: Runtime | str) 
         "processes": session["processes"],
         "run_files": session["files"],
         "trace_files": session.get("trace_files"),
+        "trace_error": session.get("trace_error"),
         "messages": len(session["trace"]),
         "timeouts": timeouts_in(
             session["vm_start"], session["workloads"], session["vm_stop"], records=session.get("timeouts", ())

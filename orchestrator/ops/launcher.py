@@ -18,7 +18,8 @@ the launcher before any child starts so early messages to "orch" queue there; wi
 `orch-ctl.sock` (control ROUTER for the readiness handshake), `<name>.log` (the child's
 stdout/stderr), `trace-<name>.frames` (vsva.runtime.trace_buffer). Shared memory: `/dev/shm/vsva-<runid>.mem`. With
 `trace_out`, `close` writes the merged trace's exports there (vsva.analysis.export.write_all),
-also when the run ends by an exception or a signal turned into one.
+also when the run ends by an exception or a signal turned into one; when it cannot,
+`trace_error` says which file and why.
 
 Readiness: every child, once its ROUTER is bound and its actor built, sends {"ready": name,
 "pid": pid, "endpoint": its ROUTER's endpoint} on a DEALER (routing id "name/pid",
@@ -142,6 +143,7 @@ class Launcher:
         self.keep = keep
         self.trace_out = os.path.abspath(trace_out) if trace_out else None
         self.trace_files: dict[str, Any] | None = None  # what close wrote into trace_out
+        self.trace_error: str | None = None  # or why it could not (one line, naming the file)
         self.ready_timeout = ready_timeout
         self.term_timeout = term_timeout
         self.extra_path = list(extra_path)
@@ -198,7 +200,7 @@ class Launcher:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {self.transport!r}; valid: {', '.join(TRANSPORTS)}")
         capacity.raise_fd_limit()
-        capacity.check(self.topology)  # CapacityError (a ValueError) naming the limit
+        capacity.check(self.topology, self.base_dir)  # CapacityError (a ValueError) naming the limit
         atexit.register(self.close)
         try:
             self._prepare()
@@ -665,8 +667,11 @@ class Launcher:
         if self.run_dir and os.path.isdir(self.run_dir):
             self._logs = {name: self._read_log(name) for name in self.procs}
             self._trace_bytes = tracefile.trace_files(self.run_dir)  # parsed when asked for
-            if self.trace_out:
-                self.trace_files = export.write_all(self.trace(), self.trace_out)
+            if self.trace_out:  # a trace that cannot be written is said, not raised: the run's
+                # report (and the rest of the cleanup) must not be lost to it
+                self.trace_files, self.trace_error = export.write_or_say(self.trace(), self.trace_out)
+                if self.trace_error:
+                    self.log(self.trace_error)
 
     def _drop_memory(self) -> None:
         if self.mem is not None:

@@ -126,6 +126,7 @@ def supervise(sup: Supervisor, on_ready: Callable[[Launcher], None] | None = Non
         sup.close()
         report["trace_messages"] = len(sup.launcher.trace())
         report["trace_files"] = sup.launcher.trace_files
+        report["trace_error"] = sup.launcher.trace_error
     report["elapsed_s"] = round(time.monotonic() - t0, 3)
     return report
 

@@ -163,3 +163,66 @@ def test_help_lists_choices_and_exit_codes(cli, args, listed):
 )
 def test_bad_option_values(cli, args, option):
     one_line_error(cli(*args), 2, option)
+
+
+@pytest.mark.parametrize("name", ["a" * 100_000, "a" * 65, "vm1/../host", ""])
+def test_kill_refuses_a_name_no_actor_can_have(cli, name):
+    """Refused before any topology is asked (a long name never reached the supervisor)."""
+    one_line_error(cli("kill", name), 2, "cannot be an actor name")
+
+
+@pytest.mark.parametrize(
+    "args", [("demo", "--vms", "1"), ("run", "examples/two-vms.toml"), ("up", "-d"), ("up",)]
+)
+def test_tmpdir_too_long_for_ipc_socket_paths(tmp_path, args):
+    """The run directory (and its ipc sockets) is made under TMPDIR: one whose socket paths
+    cannot be bound is refused before anything starts, naming the limit and TMPDIR."""
+    long_tmp = tmp_path / ("d" * 80)
+    long_tmp.mkdir()
+    env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(long_tmp)}
+    done = subprocess.run(
+        [sys.executable, "-m", "vsva", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    one_line_error(done, 2, "TMPDIR", "107")
+    assert os.listdir(long_tmp) == []  # no run directory was made
+
+
+def _full_trace_dir(cli):
+    """A --trace-out whose trace.jsonl cannot be written once the run ends (a full disk)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    out = cli.tmp / "tr"
+    out.mkdir()
+    (out / "trace.jsonl").symlink_to("/dev/full")
+    return out
+
+
+@pytest.mark.parametrize(
+    "args", [("demo", "--runtime", "sim", "--vms", "1"), ("run", "examples/two-vms.toml", "--json")]
+)
+def test_trace_unwritable_at_the_end_keeps_the_report(cli, args):
+    """The report is printed, the trace's failure is one line naming the file, exit 2, and the
+    other trace files are still written."""
+    out = _full_trace_dir(cli)
+    done = cli(*args, "--trace-out", str(out))
+    assert "verdict: PASS" in done.stdout or '"ok": true' in done.stdout, done.stdout[-500:]
+    err = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert err.startswith("vsva: --trace-out: cannot write") and "trace.jsonl" in err and "space" in err, err
+    assert (out / "trace.perfetto.json").stat().st_size > 0
+
+
+def test_trace_unwritable_when_a_detached_topology_stops_is_said_by_down(cli):
+    out = _full_trace_dir(cli)
+    assert cli("up", "-d", "--trace-out", str(out)).returncode == 0
+    done = cli("down")
+    assert "stopped" in done.stdout, done.stdout
+    one_line_error(done, 2, "trace.jsonl", "space")
+    assert not (cli.state_dir / "current.json").exists()
+
+
+def test_trace_out_with_a_directory_in_a_trace_file_place_is_refused_before_the_run(cli):
+    (cli.tmp / "tr" / "trace.jsonl").mkdir(parents=True)
+    done = cli("demo", "--runtime", "sim", "--trace-out", str(cli.tmp / "tr"))
+    one_line_error(done, 2, "trace.jsonl", "directory")
+    assert done.stdout == ""

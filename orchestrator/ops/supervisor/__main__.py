@@ -151,11 +151,15 @@ def _detached(signals: LaunchSignals, argv: list[str] | None) -> int:
         sup.serve()
     finally:
         sup.close()
-    if sup.host_lost_info is not None:
-        sup.write_state(host_lost=sup.host_lost_info)
-        print(f"vsva up: the host was lost: {sup.host_lost_info['why']}", file=sys.stderr, flush=True)
+    lost, trace_error = sup.host_lost_info, sup.launcher.trace_error
+    if lost is not None or trace_error:
+        sup.write_state(host_lost=lost, trace_error=trace_error)
+    if trace_error:
+        print(f"vsva up: {trace_error}", file=sys.stderr, flush=True)
+    if lost is not None:
+        print(f"vsva up: the host was lost: {lost['why']}", file=sys.stderr, flush=True)
         return EXIT_HOST_LOST
-    return 0
+    return EXIT_USAGE if trace_error else 0
 
 
 if __name__ == "__main__":

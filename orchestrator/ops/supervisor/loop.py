@@ -121,9 +121,11 @@ class Supervisor:
         self.write_state()
         self.faults.plan(self.run.faults)
 
-    def write_state(self, host_lost: dict[str, Any] | None = None) -> None:
+    def write_state(self, host_lost: dict[str, Any] | None = None, trace_error: str | None = None) -> None:
         """The state file `vsva ps/kill/audit/down` read; with `host_lost`, the record of a
-        topology that lost its host (nothing runs any more)."""
+        topology that lost its host (nothing runs any more); with `trace_error`, of one whose
+        trace could not be written when it stopped (`vsva down`, which waits for this
+        process's exit and cannot see its exit code, reads it there)."""
         if not self.state_file:
             return
         write_state(
@@ -136,8 +138,11 @@ class Supervisor:
                 "ctl": ctl_endpoint(self.run_dir),
                 "source": self.run.source,
                 "started": self.launcher.t0,
-                "actors": {} if host_lost else {r["name"]: r["pid"] for r in self.launcher.processes()},
+                "actors": {}
+                if host_lost or trace_error
+                else {r["name"]: r["pid"] for r in self.launcher.processes()},
                 "host_lost": host_lost,
+                "trace_error": trace_error,
             },
         )
 
