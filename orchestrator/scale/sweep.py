@@ -68,6 +68,7 @@ PLOT_KEYS = {
 PLOT_KINDS = ("lines", "timeline")
 TOP_KEYS = {"experiment", "params", "vary", "plots"}
 MAX_POINTS = 10_000
+MAX_REPEAT = 1000
 
 
 class SweepError(ValueError):
@@ -205,8 +206,8 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
         source=source,
         text=text,
     )
-    if not 1 <= sweep.repeat <= 1000:
-        raise SweepError(f"experiment.repeat: {sweep.repeat} out of range [1, 1000]")
+    if not 1 <= sweep.repeat <= MAX_REPEAT:
+        raise SweepError(f"experiment.repeat: {sweep.repeat} out of range [1, {MAX_REPEAT}]")
     if not 0.1 <= sweep.timeout <= 86400:
         raise SweepError(f"experiment.timeout: {sweep.timeout} out of range [0.1, 86400]")
     params = _table("params", data.get("params", {}), {k: object for k in mod.PARAMS})
