@@ -163,6 +163,35 @@ def run_key(row: dict[str, Any]) -> tuple[str, int]:
     return row["point_id"], row["repeat"]
 
 
+def check_out(out: str, base: str) -> None:
+    """Refuse an --out that cannot take a run's results, before it runs: an empty path (it
+    would write into the current directory), a file where a directory goes, and a `latest`
+    that is not a link (a directory of someone's; replacing it would fail after the run)."""
+    if not out:
+        raise ResultsError("--out: an empty path; give a directory (the default is results)")
+    for path in (out, base):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ResultsError(f"--out {out}: {path} is not a directory")
+    latest = os.path.join(base, "latest")
+    if os.path.lexists(latest) and not os.path.islink(latest):
+        raise ResultsError(
+            f"--out {out}: {latest} is not a symbolic link; a run points it at its results, so move it away"
+        )
+
+
+def point_latest(base: str, path: str) -> None:
+    """Point base/latest at `path` atomically (a link beside it renamed over it); the link is
+    removed if the rename fails."""
+    link = os.path.join(base, "latest")
+    tmp = f"{link}.{os.getpid()}.tmp"
+    os.symlink(os.path.basename(path), tmp)
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        os.unlink(tmp)
+        raise
+
+
 def rerun_command(argv: list[str]) -> str:
     """The shell line that runs the same experiment again (`argv`: what follows `vsva scale`)."""
     return shlex.join(["vsva", "scale", *argv])
@@ -175,7 +204,28 @@ class ResultsDir:
     # ---- create / open ------------------------------------------------------------------------
     @classmethod
     def create(cls, out: str, experiment: str, meta: dict[str, Any], sweep_text: str) -> ResultsDir:
+        """A new results directory under OUT/<experiment>/, and `latest` pointing at it; an OUT
+        that cannot hold one is a ResultsError before anything is run."""
         base = os.path.join(out, experiment)
+        check_out(out, base)
+        try:
+            path = cls._mkdir(base)
+        except OSError as exc:
+            raise ResultsError(f"--out {out}: cannot make a results directory there: {exc.strerror}") from None
+        rd = cls(path)
+        rd.write_meta({**meta, "state": "running", "started": utc_iso()})
+        with open(os.path.join(path, "sweep.toml"), "w", encoding="utf-8") as f:
+            f.write(sweep_text)
+        with open(os.path.join(path, "command.txt"), "w") as f:
+            f.write(meta.get("command", "") + "\n")
+        for name in ("points.jsonl", "series.jsonl"):
+            open(os.path.join(path, name), "a").close()
+        point_latest(base, path)
+        return rd
+
+    @staticmethod
+    def _mkdir(base: str) -> str:
+        """base/<UTC time>, made (with a -N suffix when two runs start in the same second)."""
         os.makedirs(base, exist_ok=True)
         stamp = utc_stamp()
         path, n = os.path.join(base, stamp), 1
@@ -186,19 +236,7 @@ class ResultsDir:
             except FileExistsError:
                 n += 1
                 path = os.path.join(base, f"{stamp}-{n}")
-        rd = cls(path)
-        rd.write_meta({**meta, "state": "running", "started": utc_iso()})
-        with open(os.path.join(path, "sweep.toml"), "w", encoding="utf-8") as f:
-            f.write(sweep_text)
-        with open(os.path.join(path, "command.txt"), "w") as f:
-            f.write(meta.get("command", "") + "\n")
-        for name in ("points.jsonl", "series.jsonl"):
-            open(os.path.join(path, name), "a").close()
-        link = os.path.join(base, "latest")
-        tmp = f"{link}.{os.getpid()}.tmp"
-        os.symlink(os.path.basename(path), tmp)
-        os.replace(tmp, link)
-        return rd
+        return path
 
     @classmethod
     def open(cls, path: str) -> ResultsDir:

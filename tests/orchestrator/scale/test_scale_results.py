@@ -288,3 +288,35 @@ def test_a_duplicated_row_counts_once_and_is_said(copy_dir):
         "each run counts once (its last row)\n"
     )
     assert len(ResultsDir.open(path).rows()) == 12
+
+
+def _latest_a_directory(tmp_path) -> str:
+    (tmp_path / "out" / "iotlb" / "latest").mkdir(parents=True)
+    (tmp_path / "out" / "iotlb" / "latest" / "mine.txt").write_text("kept\n")
+    return str(tmp_path / "out")
+
+
+def _a_file(tmp_path) -> str:
+    (tmp_path / "out").write_text("kept\n")
+    return str(tmp_path / "out")
+
+
+OUTS = {
+    "a file": (_a_file, "is not a directory"),
+    "under a file": (lambda t: os.path.join(_a_file(t), "sub"), "cannot make a results directory there"),
+    "/proc/x": (lambda t: "/proc/x", "cannot make a results directory there"),
+    "empty": (lambda t: "", "--out: an empty path"),
+    "latest a directory": (_latest_a_directory, "latest is not a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("kind", OUTS)
+def test_an_out_that_cannot_hold_results_is_refused_before_the_run(tmp_path, monkeypatch, kind):
+    make, fragment = OUTS[kind]
+    out = make(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = run_cli(["iotlb", *SMALL, "--out", out])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("vsva scale: ") and fragment in result.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing run, written or left
