@@ -25,6 +25,23 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _opened(directory: str) -> tuple[ResultsDir, Sweep]:
+    """A results directory and its sweep (or a ResultsError/SweepError); rows recording the
+    same run twice are counted once, and one line says so."""
+    from vsva.scale import runner
+    from vsva.scale.results import ResultsDir
+
+    rd = ResultsDir.open(directory)
+    sweep = runner.sweep_of(rd)
+    if n := rd.duplicates():
+        typer.echo(
+            f"vsva scale: {rd.path}/points.jsonl: {n} row(s) record a run that a later row records "
+            "again; each run counts once (its last row)",
+            err=True,
+        )
+    return rd, sweep
+
+
 @app.command("list")
 def list_() -> None:
     """The built-in experiments, one line each (their TOML files ship with the package)."""
@@ -65,7 +82,7 @@ def run(
     from vsva.cli.exits import StopSignals
     from vsva.scale import runner
     from vsva.scale.cluster import ClusterError, connect
-    from vsva.scale.results import ResultsDir, ResultsError
+    from vsva.scale.results import ResultsError
     from vsva.scale.sweep import SweepError, fix, narrow, resolve
 
     argv = [
@@ -79,8 +96,7 @@ def run(
     ]
     try:
         if resume:
-            rd = ResultsDir.open(resume)
-            sweep = runner.sweep_of(rd)
+            rd, sweep = _opened(resume)
             if experiment and experiment not in (sweep.name, sweep.source):
                 _fail(
                     f"--resume {resume}: that directory holds experiment {sweep.name!r}, not {experiment!r}"
@@ -142,13 +158,11 @@ def run(
 
 
 def _open(directory: str) -> tuple[ResultsDir, Sweep]:
-    from vsva.scale import runner
-    from vsva.scale.results import ResultsDir, ResultsError
+    from vsva.scale.results import ResultsError
     from vsva.scale.sweep import SweepError
 
     try:
-        rd = ResultsDir.open(directory)
-        return rd, runner.sweep_of(rd)
+        return _opened(directory)
     except (ResultsError, SweepError) as exc:
         _fail(str(exc))
 

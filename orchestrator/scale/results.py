@@ -22,12 +22,15 @@ import csv
 import json
 import os
 import shlex
+import stat
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from vsva.scale.sweep import MAX_REPEAT
 
 ROW_KEYS = (
     "experiment",
@@ -62,6 +65,21 @@ ENV_KEYS = (
     "load1",
 )
 STATUSES = ("ok", "failed", "timeout", "leaked", "refused")
+# What a row must hold (and may hold) for the summary, the CSV, the plots and a resume to read it.
+ROW_TYPES: dict[str, type] = {
+    "point": int,
+    "point_id": str,
+    "repeat": int,
+    "status": str,
+    "params": dict,
+    "metrics": dict,
+}
+ROW_OPTIONAL: dict[str, type] = {"reason": str, "audit": dict, "env": dict}
+SERIES_TYPES: dict[str, type] = {"point_id": str, "repeat": int, "series": dict}
+OPTION_TYPES: dict[str, type] = {"points": str, "set": list, "repeat": int, "seed": int, "cluster": str}
+JSON_TYPES = {int: "an integer", str: "a string", dict: "an object", list: "an array"}
+# Far above what a run writes (10,000 runs of a few KiB): a bound on what is read into memory.
+MAX_FILE_BYTES = 256 << 20
 FIXED_COLUMNS = ("experiment", "point", "point_id", "repeat", "seed")
 TAIL_COLUMNS = (
     "status",
@@ -88,6 +106,92 @@ def utc_iso(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def read_file(path: str, missing_ok: bool = False) -> bytes:
+    """A results file's bytes (b"" for a missing one if `missing_ok`). The directory is its
+    user's to edit: a FIFO would block, a device (a link to /dev/zero) never ends, a file past
+    MAX_FILE_BYTES would fill the memory; each is refused, as a ResultsError naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return b""
+        raise ResultsError(f"{path}: missing") from None
+    except OSError as exc:
+        raise ResultsError(f"{path}: unreadable: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ResultsError(f"{path}: not a regular file")
+        too_big = ResultsError(f"{path}: larger than a results file can be ({MAX_FILE_BYTES >> 20} MiB)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise too_big
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:  # it grew while read
+        raise too_big
+    return data
+
+
+def shape_error(obj: Any, required: dict[str, type], optional: dict[str, type]) -> str | None:
+    """What keeps `obj` from being a JSON object with the `required` keys, and the `optional`
+    ones if present, of these types (a boolean is no integer here); None if nothing does."""
+    if not isinstance(obj, dict):
+        return f"expected an object, got {json.dumps(obj)[:40]}"
+    for key, want in {**required, **optional}.items():
+        if key not in obj:
+            if key in required:
+                return f"no {key!r}"
+        elif not isinstance(obj[key], want) or isinstance(obj[key], bool):
+            return f"{key}: expected {JSON_TYPES[want]}, got {json.dumps(obj[key])[:40]}"
+    return None
+
+
+def row_error(row: Any) -> str | None:
+    """What keeps `row` from being a points.jsonl row; None if nothing does."""
+    what = shape_error(row, ROW_TYPES, ROW_OPTIONAL)
+    if what is None and row["status"] not in STATUSES:
+        what = f"status: {row['status']!r} is not one of {', '.join(STATUSES)}"
+    return what
+
+
+def series_error(row: Any) -> str | None:
+    """What keeps `row` from being a series.jsonl row; None if nothing does."""
+    return shape_error(row, SERIES_TYPES, {})
+
+
+def run_key(row: dict[str, Any]) -> tuple[str, int]:
+    """The run a row records: its point and repeat."""
+    return row["point_id"], row["repeat"]
+
+
+def check_out(out: str, base: str) -> None:
+    """Refuse an --out that cannot take a run's results, before it runs: an empty path (it
+    would write into the current directory), a file where a directory goes, and a `latest`
+    that is not a link (a directory of someone's; replacing it would fail after the run)."""
+    if not out:
+        raise ResultsError("--out: an empty path; give a directory (the default is results)")
+    for path in (out, base):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ResultsError(f"--out {out}: {path} is not a directory")
+    latest = os.path.join(base, "latest")
+    if os.path.lexists(latest) and not os.path.islink(latest):
+        raise ResultsError(
+            f"--out {out}: {latest} is not a symbolic link; a run points it at its results, so move it away"
+        )
+
+
+def point_latest(base: str, path: str) -> None:
+    """Point base/latest at `path` atomically (a link beside it renamed over it); the link is
+    removed if the rename fails."""
+    link = os.path.join(base, "latest")
+    tmp = f"{link}.{os.getpid()}.tmp"
+    os.symlink(os.path.basename(path), tmp)
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        os.unlink(tmp)
+        raise
+
+
 def rerun_command(argv: list[str]) -> str:
     """The shell line that runs the same experiment again (`argv`: what follows `vsva scale`)."""
     return shlex.join(["vsva", "scale", *argv])
@@ -100,7 +204,28 @@ class ResultsDir:
     # ---- create / open ------------------------------------------------------------------------
     @classmethod
     def create(cls, out: str, experiment: str, meta: dict[str, Any], sweep_text: str) -> ResultsDir:
+        """A new results directory under OUT/<experiment>/, and `latest` pointing at it; an OUT
+        that cannot hold one is a ResultsError before anything is run."""
         base = os.path.join(out, experiment)
+        check_out(out, base)
+        try:
+            path = cls._mkdir(base)
+        except OSError as exc:
+            raise ResultsError(f"--out {out}: cannot make a results directory there: {exc.strerror}") from None
+        rd = cls(path)
+        rd.write_meta({**meta, "state": "running", "started": utc_iso()})
+        with open(os.path.join(path, "sweep.toml"), "w", encoding="utf-8") as f:
+            f.write(sweep_text)
+        with open(os.path.join(path, "command.txt"), "w") as f:
+            f.write(meta.get("command", "") + "\n")
+        for name in ("points.jsonl", "series.jsonl"):
+            open(os.path.join(path, name), "a").close()
+        point_latest(base, path)
+        return rd
+
+    @staticmethod
+    def _mkdir(base: str) -> str:
+        """base/<UTC time>, made (with a -N suffix when two runs start in the same second)."""
         os.makedirs(base, exist_ok=True)
         stamp = utc_stamp()
         path, n = os.path.join(base, stamp), 1
@@ -111,26 +236,18 @@ class ResultsDir:
             except FileExistsError:
                 n += 1
                 path = os.path.join(base, f"{stamp}-{n}")
-        rd = cls(path)
-        rd.write_meta({**meta, "state": "running", "started": utc_iso()})
-        with open(os.path.join(path, "sweep.toml"), "w", encoding="utf-8") as f:
-            f.write(sweep_text)
-        with open(os.path.join(path, "command.txt"), "w") as f:
-            f.write(meta.get("command", "") + "\n")
-        for name in ("points.jsonl", "series.jsonl"):
-            open(os.path.join(path, name), "a").close()
-        link = os.path.join(base, "latest")
-        tmp = f"{link}.{os.getpid()}.tmp"
-        os.symlink(os.path.basename(path), tmp)
-        os.replace(tmp, link)
-        return rd
+        return path
 
     @classmethod
     def open(cls, path: str) -> ResultsDir:
+        """A results directory whose run.json and rows all read (or a ResultsError naming the
+        file, and the line, that does not): checked before anything is shown or run again."""
         rd = cls(path)
-        if not os.path.isfile(os.path.join(path, "run.json")):
+        if not os.path.lexists(os.path.join(path, "run.json")):
             raise ResultsError(f"{path}: not a results directory (no run.json)")
-        rd.meta()  # parses, or raises
+        rd.meta()
+        rd.series()
+        rd.rows()
         return rd
 
     def repair(self) -> None:
@@ -146,14 +263,29 @@ class ResultsDir:
                 pass
 
     def meta(self) -> dict[str, Any]:
+        path = os.path.join(self.path, "run.json")
         try:
-            with open(os.path.join(self.path, "run.json")) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ResultsError(f"{self.path}/run.json: unreadable: {exc}") from None
-        if not isinstance(meta, dict) or "experiment" not in meta:
-            raise ResultsError(f"{self.path}/run.json: not a run description")
-        return meta
+            meta = json.loads(read_file(path).decode("utf-8"))
+        except ValueError as exc:
+            raise ResultsError(f"{path}: unreadable: {exc}") from None
+        what = shape_error(meta, {"experiment": str}, {"options": dict, "env": dict})
+        if what:
+            raise ResultsError(f"{path}: not a run description: {what}")
+        return meta  # type: ignore[no-any-return]
+
+    def options(self) -> dict[str, Any]:
+        """The options the run started with (run.json's `options`, those not None), checked:
+        a resume applies them again."""
+        opts = self.meta().get("options", {})
+        given = {k: v for k, v in opts.items() if v is not None}
+        what = shape_error(given, {}, OPTION_TYPES)
+        if what is None and not all(isinstance(item, str) for item in given.get("set", [])):
+            what = "set: expected an array of KEY=VALUE strings"
+        if what is None and not 1 <= given.get("repeat", 1) <= MAX_REPEAT:
+            what = f"repeat: {given['repeat']} out of range [1, {MAX_REPEAT}]"
+        if what:
+            raise ResultsError(f"{self.path}/run.json: options.{what}")
+        return given
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         tmp = os.path.join(self.path, f"run.json.{os.getpid()}.tmp")
@@ -165,8 +297,12 @@ class ResultsDir:
         self.write_meta({**self.meta(), **changes})
 
     def sweep_text(self) -> str:
-        with open(os.path.join(self.path, "sweep.toml"), encoding="utf-8") as f:
-            return f.read()
+        """The sweep file the run read (a resume and `show` need it to know the grid)."""
+        path = os.path.join(self.path, "sweep.toml")
+        try:
+            return read_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ResultsError(f"{path}: not UTF-8 text") from None
 
     # ---- rows ---------------------------------------------------------------------------------
     def append(self, row: dict[str, Any], series: dict[str, Any] | None = None) -> None:
@@ -183,33 +319,48 @@ class ResultsDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+    def _read_jsonl(self, name: str, error: Callable[[Any], str | None]) -> list[dict[str, Any]]:
+        """The rows of a JSON-lines file. A line that is not a row (not JSON, not UTF-8, or
+        `error` finds it of another shape) refuses the directory, naming the line: the rows
+        are the results, and one skipped would be run again on resume or missing from the
+        summary. Only an unterminated last line is dropped: a row cut short by a kill."""
+        path = os.path.join(self.path, name)
+        lines = read_file(path, missing_ok=True).split(b"\n")
         rows = []
-        try:
-            with open(os.path.join(self.path, name)) as f:
-                lines = f.readlines()
-        except FileNotFoundError:
-            return []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line.decode("utf-8"))
             except ValueError:
-                if n == len(lines):  # a row cut short by a kill: the run is not finished
+                if n == len(lines):
                     continue
-                raise ResultsError(f"{self.path}/{name}:{n}: not a JSON row") from None
+                raise ResultsError(f"{path}:{n}: not a JSON row") from None
+            what = error(row)
+            if what:
+                raise ResultsError(f"{path}:{n}: not a row of this file: {what}")
+            rows.append(row)
         return rows
 
+    def _points(self) -> list[dict[str, Any]]:
+        return self._read_jsonl("points.jsonl", row_error)
+
     def rows(self) -> list[dict[str, Any]]:
-        return self._read_jsonl("points.jsonl")
+        """One row per run: of rows recording the same point and repeat (a line copied by
+        hand), the last one counts (`duplicates` says how many were set aside)."""
+        return list({run_key(r): r for r in self._points()}.values())
+
+    def duplicates(self) -> int:
+        """Rows of points.jsonl that record a run that another row records too."""
+        rows = self._points()
+        return len(rows) - len({run_key(r) for r in rows})
 
     def series(self) -> list[dict[str, Any]]:
-        return self._read_jsonl("series.jsonl")
+        return self._read_jsonl("series.jsonl", series_error)
 
     def done(self) -> set[tuple[str, int]]:
         """(point_id, repeat) of every run already recorded (any status: it was measured)."""
-        return {(r["point_id"], r["repeat"]) for r in self.rows()}
+        return {run_key(r) for r in self.rows()}
 
     # ---- derived files ------------------------------------------------------------------------
     def write_csv(self, params: list[str], metrics: list[str]) -> str:

@@ -23,9 +23,9 @@ from vsva.scale import plots as plotting
 from vsva.scale.environment import environment, sample
 from vsva.scale.experiments import PointStopped, StackResult, runner
 from vsva.scale.progress import Progress
-from vsva.scale.results import ResultsDir, utc_iso
+from vsva.scale.results import ResultsDir, ResultsError, utc_iso
 from vsva.scale.stacks import residue, result_of, run_local
-from vsva.scale.sweep import Sweep, fix, loads, narrow, run_seed
+from vsva.scale.sweep import Sweep, SweepError, fix, loads, narrow, run_seed
 
 if TYPE_CHECKING:
     from vsva.cli.exits import StopSignals
@@ -329,13 +329,14 @@ def finish(rd: ResultsDir, sweep: Sweep) -> dict[str, Any]:
 
 def sweep_of(rd: ResultsDir) -> Sweep:
     """The sweep a results directory was run with (its sweep.toml and recorded options)."""
-    meta = rd.meta()
+    opts = rd.options()
     sweep = loads(rd.sweep_text(), os.path.join(rd.path, "sweep.toml"))
-    opts = meta.get("options", {})
-    fix(narrow(sweep, opts.get("points")), opts.get("set"))
-    sweep.repeat = opts.get("repeat") or sweep.repeat
-    if opts.get("seed") is not None:
-        sweep.seed = opts["seed"]
+    try:
+        fix(narrow(sweep, opts.get("points")), opts.get("set"))
+    except SweepError as exc:  # the recorded --points or --set no longer fit the sweep file
+        raise ResultsError(f"{rd.path}/run.json: options: {exc}") from None
+    sweep.repeat = opts.get("repeat", sweep.repeat)
+    sweep.seed = opts.get("seed", sweep.seed)
     return sweep
 
 

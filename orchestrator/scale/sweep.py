@@ -68,6 +68,7 @@ PLOT_KEYS = {
 PLOT_KINDS = ("lines", "timeline")
 TOP_KEYS = {"experiment", "params", "vary", "plots"}
 MAX_POINTS = 10_000
+MAX_REPEAT = 1000
 
 
 class SweepError(ValueError):
@@ -205,8 +206,8 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
         source=source,
         text=text,
     )
-    if not 1 <= sweep.repeat <= 1000:
-        raise SweepError(f"experiment.repeat: {sweep.repeat} out of range [1, 1000]")
+    if not 1 <= sweep.repeat <= MAX_REPEAT:
+        raise SweepError(f"experiment.repeat: {sweep.repeat} out of range [1, {MAX_REPEAT}]")
     if not 0.1 <= sweep.timeout <= 86400:
         raise SweepError(f"experiment.timeout: {sweep.timeout} out of range [0.1, 86400]")
     params = _table("params", data.get("params", {}), {k: object for k in mod.PARAMS})
@@ -218,9 +219,9 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
             raise SweepError(f"vary.{key}: also fixed in [params]; give it in one place")
         if not values:
             raise SweepError(f"vary.{key}: an empty list")
-        sweep.vary[key] = [check_value(f"vary.{key}[{i}]", mod.PARAMS[key], v) for i, v in enumerate(values)]
-        if len(set(map(repr, sweep.vary[key]))) != len(values):
-            raise SweepError(f"vary.{key}: a value appears twice")
+        sweep.vary[key] = _distinct(
+            f"vary.{key}", [check_value(f"vary.{key}[{i}]", mod.PARAMS[key], v) for i, v in enumerate(values)]
+        )
     sweep.points = exp.get("points", next(iter(sweep.vary), ""))
     if sweep.points and sweep.points not in sweep.vary:
         raise SweepError(f"experiment.points: {sweep.points!r} is not a parameter in [vary]")
@@ -241,6 +242,17 @@ def parse(data: dict[str, Any], source: str = "<text>", text: str = "") -> Sweep
         raise SweepError("plots: two plots have the same name")
     _check_size(sweep)
     return sweep
+
+
+def _distinct(where: str, values: list[Any]) -> list[Any]:
+    """`values`, refused if one appears twice: that point would run twice and count as two
+    (in [vary] and in `--points` alike)."""
+    seen: set[str] = set()
+    for value in values:
+        if repr(value) in seen:
+            raise SweepError(f"{where}: a value appears twice: {value!r}")
+        seen.add(repr(value))
+    return values
 
 
 def _plot(where: str, raw: Any, sweep: Sweep, mod: Any) -> Plot:
@@ -332,7 +344,8 @@ def narrow(sweep: Sweep, points: str | None) -> Sweep:
     values = [parse_value(param, t) for t in points.split(",") if t.strip()]
     if not values:
         raise SweepError("--points: no values given")
-    sweep.vary[sweep.points] = [check_value(f"--points ({sweep.points})", param, v) for v in values]
+    where = f"--points ({sweep.points})"
+    sweep.vary[sweep.points] = _distinct(where, [check_value(where, param, v) for v in values])
     _check_size(sweep)
     return sweep
 

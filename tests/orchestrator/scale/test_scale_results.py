@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vsva.cli.app import app
-from vsva.scale import plots
+from vsva.scale import plots, results
 from vsva.scale.experiments import runner
 from vsva.scale.results import AUDIT_KEYS, ENV_KEYS, ROW_KEYS, STATUSES, ResultsDir, csv_columns
 from vsva.scale.runner import sweep_of
@@ -183,3 +184,139 @@ def test_resume_runs_only_what_is_missing(tmp_path):
     assert ResultsDir.open(path).meta()["state"] == "done"
     bad = CliRunner().invoke(app, ["scale", "run", "--resume", path, "--repeat", "3"])
     assert bad.exit_code == 2 and "give no --points" in bad.output
+
+
+@pytest.fixture
+def copy_dir(iotlb_dir, tmp_path):
+    """A copy of the iotlb results directory, to edit by hand."""
+    path = str(tmp_path / "copy")
+    shutil.copytree(iotlb_dir[1]["dir"], path)
+    return path
+
+
+def _edit_row(path: str, **changes) -> None:
+    """Append a copy of the first row of points.jsonl with `changes` (None: the key removed)."""
+    with open(os.path.join(path, "points.jsonl")) as f:
+        row = json.loads(f.readline())
+    row.update(changes)
+    row = {k: v for k, v in row.items() if v is not None}
+    with open(os.path.join(path, "points.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _edit_options(path: str, options) -> None:
+    with open(os.path.join(path, "run.json")) as f:
+        meta = json.load(f)
+    meta["options"] = options(meta["options"])
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def _append(path: str, name: str, data: bytes) -> None:
+    with open(os.path.join(path, name), "ab") as f:
+        f.write(data)
+
+
+def _to_dev_zero(path: str) -> None:
+    os.unlink(os.path.join(path, "points.jsonl"))
+    os.symlink("/dev/zero", os.path.join(path, "points.jsonl"))
+
+
+def _snapshot(path: str) -> dict[str, bytes | str]:
+    """Every file's bytes (a link's target): what must stay as it was."""
+    names = (os.path.join(path, n) for n in os.listdir(path))
+    return {n: os.readlink(n) if os.path.islink(n) else open(n, "rb").read() for n in names}
+
+
+HAND_EDITS = {
+    "random bytes": (
+        lambda p: _append(p, "points.jsonl", b"\xff\xfe\x00\x9c\n"),
+        "points.jsonl:13: not a JSON row",
+    ),
+    "no sweep.toml": (lambda p: os.unlink(os.path.join(p, "sweep.toml")), "sweep.toml: missing"),
+    "no status": (
+        lambda p: _edit_row(p, status=None, metrics=None),
+        "points.jsonl:13: not a row of this file: no",
+    ),
+    "an array": (lambda p: _append(p, "points.jsonl", b"[1,2,3]\n"), "expected an object, got [1, 2, 3]"),
+    "point x": (lambda p: _edit_row(p, point="x"), 'point: expected an integer, got "x"'),
+    "bad status": (lambda p: _edit_row(p, status="OK"), "status: 'OK' is not one of ok,"),
+    "options x": (
+        lambda p: _edit_options(p, lambda o: "x"),
+        "run.json: not a run description: options: expected",
+    ),
+    "repeat x": (
+        lambda p: _edit_options(p, lambda o: {**o, "repeat": "x"}),
+        "run.json: options.repeat: expected",
+    ),
+    "points 0": (lambda p: _edit_options(p, lambda o: {**o, "points": "0"}), "run.json: options: --points"),
+    "/dev/zero": (_to_dev_zero, "points.jsonl: not a regular file"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("edit", HAND_EDITS)
+def test_a_hand_edited_results_directory_is_refused_in_one_line_and_left_as_it_is(copy_dir, edit):
+    """Rows are the results: a line of another shape refuses the directory, naming the file
+    and line, before anything is shown or run again (a skipped row would be run again)."""
+    damage, fragment = HAND_EDITS[edit]
+    path = copy_dir
+    damage(path)
+    before = _snapshot(path)
+    for args in (["show", path], ["show", path, "--json"], ["plot", path], ["run", "--resume", path]):
+        result = CliRunner().invoke(app, ["scale", *args])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.output.count("\n") == 1 and result.output.startswith(f"vsva scale: {path}/")
+        assert fragment in result.output, result.output
+    assert _snapshot(path) == before
+
+
+def test_a_file_too_large_for_results_is_refused(copy_dir, monkeypatch):
+    path = copy_dir
+    monkeypatch.setattr(results, "MAX_FILE_BYTES", os.path.getsize(os.path.join(path, "points.jsonl")) - 1)
+    result = CliRunner().invoke(app, ["scale", "show", path])
+    assert result.exit_code == 2 and "points.jsonl: larger than a results file can be" in result.output
+
+
+def test_a_duplicated_row_counts_once_and_is_said(copy_dir):
+    path = copy_dir
+    _edit_row(path)  # the first run's row, once more
+    shown = CliRunner().invoke(app, ["scale", "show", path])
+    assert shown.exit_code == 0 and "12 runs (ok 12)" in shown.stdout
+    assert shown.stderr == (
+        f"vsva scale: {path}/points.jsonl: 1 row(s) record a run that a later row records again; "
+        "each run counts once (its last row)\n"
+    )
+    assert len(ResultsDir.open(path).rows()) == 12
+
+
+def _latest_a_directory(tmp_path) -> str:
+    (tmp_path / "out" / "iotlb" / "latest").mkdir(parents=True)
+    (tmp_path / "out" / "iotlb" / "latest" / "mine.txt").write_text("kept\n")
+    return str(tmp_path / "out")
+
+
+def _a_file(tmp_path) -> str:
+    (tmp_path / "out").write_text("kept\n")
+    return str(tmp_path / "out")
+
+
+OUTS = {
+    "a file": (_a_file, "is not a directory"),
+    "under a file": (lambda t: os.path.join(_a_file(t), "sub"), "cannot make a results directory there"),
+    "/proc/x": (lambda t: "/proc/x", "cannot make a results directory there"),
+    "empty": (lambda t: "", "--out: an empty path"),
+    "latest a directory": (_latest_a_directory, "latest is not a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("kind", OUTS)
+def test_an_out_that_cannot_hold_results_is_refused_before_the_run(tmp_path, monkeypatch, kind):
+    make, fragment = OUTS[kind]
+    out = make(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = run_cli(["iotlb", *SMALL, "--out", out])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("vsva scale: ") and fragment in result.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing run, written or left

@@ -106,7 +106,12 @@ def test_points_and_set_narrow_the_grid():
     assert "sets" not in sweep.vary and sweep.params["sets"] == 64
     grid = sweep.grid()
     assert len(grid) == 2 * 3 and all(p["sets"] == 64 and p["page_size"] == "2m" for p in grid)
-    for bad, fragment in [("x", "'x' is not an integer"), ("0", "0 out of range"), ("", "no values")]:
+    for bad, fragment in [
+        ("x", "'x' is not an integer"),
+        ("0", "0 out of range"),
+        ("", "no values"),
+        ("64,4096, 64", r"--points \(working_set\): a value appears twice: 64"),  # as in [vary]
+    ]:
         with pytest.raises(SweepError, match=fragment):
             narrow(builtin("iotlb"), bad)
     for bad, fragment in [
