@@ -52,6 +52,7 @@ from vsva.hotpath.layout import PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
 from vsva.ops.topology import HOST, Topology, build_topology
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, read_limited
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
@@ -162,14 +163,11 @@ def _range(where: str, value: float, lo: float, hi: float) -> None:
 
 
 def load(path: str) -> RunFile:
-    """Read and validate a topology or scenario file."""
+    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
         raise TopologyError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TopologyError(f"{path}: is a directory, not a TOML file") from None
     except OSError as exc:
         raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -177,10 +175,10 @@ def load(path: str) -> RunFile:
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
             f"{exc.start}); TOML files are UTF-8"
         ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: not valid TOML: {exc}") from None
+    except UserFileError as exc:
+        raise TopologyError(f"{path}: {exc}") from None
     try:
-        run = parse(data)
+        run = loads(text)
     except TopologyError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     run.source = path

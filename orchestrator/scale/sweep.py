@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, read_limited
 from vsva.scale.experiments import RUNNERS, Param, runner
 
 EXPERIMENT_KEYS = {
@@ -292,12 +293,12 @@ def loads(text: str, source: str = "<text>") -> Sweep:
 
 
 def load(path: str) -> Sweep:
+    """Read and check a sweep file (a regular file of at most TOML_LIMIT)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
         raise SweepError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, UserFileError) as exc:
         raise SweepError(f"{path}: cannot read: {exc}") from None
     return loads(text, path)
 
