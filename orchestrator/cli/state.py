@@ -29,12 +29,13 @@ def state_file(state_dir: str | None) -> str:
 
 def parse_state(path: str) -> dict[str, Any]:
     """The state file's content; FileNotFoundError if none, CorruptState if unreadable: not a
-    regular file (a directory, a link to /dev/zero), larger than STATE_LIMIT, not JSON."""
+    regular file (a directory, a link to /dev/zero), larger than STATE_LIMIT, not JSON
+    (arrays nested too deeply for json's recursion)."""
     try:
         state = json.loads(read_limited(path, STATE_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:  # UserFileError and UnicodeDecodeError too
+    except (OSError, ValueError, RecursionError) as exc:  # UserFileError, UnicodeDecodeError too
         raise CorruptState(f"{exc}".splitlines()[0]) from None
     if (
         not isinstance(state, dict)

@@ -41,7 +41,6 @@ directory; see vsva.runtime.loop); nothing listens beyond loopback.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -52,7 +51,7 @@ from vsva.hotpath.layout import PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
 from vsva.ops.topology import HOST, Topology, build_topology
-from vsva.ops.userfiles import TOML_LIMIT, UserFileError, read_limited
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
@@ -187,9 +186,10 @@ def load(path: str) -> RunFile:
 
 def loads(text: str) -> RunFile:
     try:
-        return parse(tomllib.loads(text))
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"not valid TOML: {exc}") from None
+        data = parse_toml(text)
+    except UserFileError as exc:
+        raise TopologyError(str(exc)) from None
+    return parse(data)
 
 
 def parse(data: dict[str, Any]) -> RunFile:

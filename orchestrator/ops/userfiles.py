@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
+from typing import Any
 
 MIB = 1 << 20
 TOML_LIMIT = 16 * MIB  # topology, scenario and sweep files: 256 full VMs take under 100 KB
@@ -20,7 +22,7 @@ _KINDS = (
 
 
 class UserFileError(ValueError):
-    """A file that cannot be used as it is: not a regular file, or too large."""
+    """A file that cannot be used as it is: not a regular file, too large, or no TOML to read."""
 
 
 def _kind(mode: int) -> str:
@@ -44,3 +46,14 @@ def read_limited(path: str, limit: int) -> bytes:
     if len(data) > limit:
         raise UserFileError(f"larger than the {limit // MIB} MiB limit")
     return data
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """`text` as a TOML document, or UserFileError with one line. tomllib recurses once per
+    level of nested arrays and inline tables: a few hundred levels raise RecursionError."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserFileError(f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UserFileError("not usable TOML: arrays or inline tables nested too deeply") from None

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import tomllib
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from vsva.ops.userfiles import TOML_LIMIT, UserFileError, read_limited
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.scale.experiments import RUNNERS, Param, runner
 
 EXPERIMENT_KEYS = {
@@ -283,9 +282,9 @@ def _check_size(sweep: Sweep) -> None:
 
 def loads(text: str, source: str = "<text>") -> Sweep:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SweepError(f"{source}: not valid TOML: {exc}") from None
+        data = parse_toml(text)
+    except UserFileError as exc:
+        raise SweepError(f"{source}: {exc}") from None
     try:
         return parse(data, source, text)
     except SweepError as exc:

@@ -107,6 +107,19 @@ def test_a_state_file_is_read_only_if_regular_and_small_enough(cli, kind):
     )
 
 
+@pytest.mark.parametrize("command", [["run"], ["up", "-d"], ["scale", "run"]])
+def test_a_file_nested_too_deeply_is_one_line(cli, command):
+    deep = cli.tmp / "deep.toml"
+    deep.write_text("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500 + "\n")
+    one_line_error(cli(*command, str(deep)), 2, str(deep), "nested too deeply")
+
+
+def test_a_state_file_nested_too_deeply_is_corrupt(cli):
+    cli.state_dir.mkdir(mode=0o700)
+    (cli.state_dir / "current.json").write_text("[" * 100_000)
+    one_line_error(cli("ps"), 3, "corrupt state file", "recursion")
+
+
 @pytest.mark.parametrize("timeout", ["-1", "0"])
 def test_scenario_timeout_out_of_range(cli, timeout):
     bad = cli.tmp / "neg.toml"

@@ -83,6 +83,8 @@ def test_examples_parse():
         ("vms = 3", "vms: expected a non-empty array"),
         ("[[vms]]\niterations = 10000000", "vms[0].iterations: 10000000 out of range [1, 1000000]"),
         ("[run\n", "not valid TOML"),
+        ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
+        ("x = " + "{a = " * 500 + "1" + "}" * 500, "nested too deeply"),
     ],
 )
 def test_validation_errors(text, needle):
