@@ -286,7 +286,8 @@ def parse(data: dict[str, Any]) -> RunFile:
     for i, fl in enumerate(raw_faults):
         where = f"faults[{i}]"
         _check_table(where, fl, FAULT_KEYS)
-        triggers = [k for k in ("at_flow", "at_time", "random") if fl.get(k) not in (None, False)]
+        # a key given is a trigger (at_time = 0 is one: 0 == False), but random only when true
+        triggers = [k for k in ("at_flow", "at_time") if k in fl] + (["random"] if fl.get("random") else [])
         if len(triggers) != 1:
             raise TopologyError(
                 f"{where}: give exactly one trigger of at_flow, at_time, random = true"
