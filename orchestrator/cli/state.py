@@ -8,7 +8,9 @@ import os
 from typing import Any
 
 from vsva.cli.exits import EXIT_NO_TOPOLOGY, EXIT_USAGE, fail
+from vsva.ops.userfiles import MIB, read_limited
 
+STATE_LIMIT = MIB  # a supervisor's state: its actors' pids, under 100 KB for 256 VMs
 SWEPT: list[str] = []  # leftovers of dead runs this command removed (`vsva down` reports them)
 
 
@@ -26,11 +28,14 @@ def state_file(state_dir: str | None) -> str:
 
 
 def parse_state(path: str) -> dict[str, Any]:
-    """The state file's content; FileNotFoundError if none, CorruptState if unreadable."""
+    """The state file's content; FileNotFoundError if none, CorruptState if unreadable: not a
+    regular file (a directory, a link to /dev/zero), larger than STATE_LIMIT, not JSON
+    (arrays nested too deeply for json's recursion)."""
     try:
-        with open(path, "rb") as f:
-            state = json.loads(f.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        state = json.loads(read_limited(path, STATE_LIMIT).decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:  # UserFileError, UnicodeDecodeError too
         raise CorruptState(f"{exc}".splitlines()[0]) from None
     if (
         not isinstance(state, dict)

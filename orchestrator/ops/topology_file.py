@@ -41,7 +41,6 @@ directory; see vsva.runtime.loop); nothing listens beyond loopback.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -52,6 +51,7 @@ from vsva.hotpath.layout import PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
 from vsva.ops.topology import HOST, Topology, build_topology
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
@@ -162,14 +162,11 @@ def _range(where: str, value: float, lo: float, hi: float) -> None:
 
 
 def load(path: str) -> RunFile:
-    """Read and validate a topology or scenario file."""
+    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
         raise TopologyError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TopologyError(f"{path}: is a directory, not a TOML file") from None
     except OSError as exc:
         raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -177,10 +174,10 @@ def load(path: str) -> RunFile:
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
             f"{exc.start}); TOML files are UTF-8"
         ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: not valid TOML: {exc}") from None
+    except UserFileError as exc:
+        raise TopologyError(f"{path}: {exc}") from None
     try:
-        run = parse(data)
+        run = loads(text)
     except TopologyError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     run.source = path
@@ -189,9 +186,10 @@ def load(path: str) -> RunFile:
 
 def loads(text: str) -> RunFile:
     try:
-        return parse(tomllib.loads(text))
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"not valid TOML: {exc}") from None
+        data = parse_toml(text)
+    except UserFileError as exc:
+        raise TopologyError(str(exc)) from None
+    return parse(data)
 
 
 def parse(data: dict[str, Any]) -> RunFile:
@@ -288,7 +286,8 @@ def parse(data: dict[str, Any]) -> RunFile:
     for i, fl in enumerate(raw_faults):
         where = f"faults[{i}]"
         _check_table(where, fl, FAULT_KEYS)
-        triggers = [k for k in ("at_flow", "at_time", "random") if fl.get(k) not in (None, False)]
+        # a key given is a trigger (at_time = 0 is one: 0 == False), but random only when true
+        triggers = [k for k in ("at_flow", "at_time") if k in fl] + (["random"] if fl.get("random") else [])
         if len(triggers) != 1:
             raise TopologyError(
                 f"{where}: give exactly one trigger of at_flow, at_time, random = true"

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import tomllib
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.scale.experiments import RUNNERS, Param, runner
 
 EXPERIMENT_KEYS = {
@@ -294,9 +294,9 @@ def _check_size(sweep: Sweep) -> None:
 
 def loads(text: str, source: str = "<text>") -> Sweep:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SweepError(f"{source}: not valid TOML: {exc}") from None
+        data = parse_toml(text)
+    except UserFileError as exc:
+        raise SweepError(f"{source}: {exc}") from None
     try:
         return parse(data, source, text)
     except SweepError as exc:
@@ -304,12 +304,12 @@ def loads(text: str, source: str = "<text>") -> Sweep:
 
 
 def load(path: str) -> Sweep:
+    """Read and check a sweep file (a regular file of at most TOML_LIMIT)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
         raise SweepError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, UserFileError) as exc:
         raise SweepError(f"{path}: cannot read: {exc}") from None
     return loads(text, path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -20,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def cli(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
-    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(*args: str, timeout: float = 60, memory: int | None = None) -> subprocess.CompletedProcess:
+        """`memory`: the command's address-space limit (RLIMIT_AS), so that one reading a file
+        without bound fails (MemoryError) before the machine's OOM killer steps in."""
         return subprocess.run(
             [sys.executable, "-m", "vsva", *args],
             capture_output=True,
@@ -28,6 +31,9 @@ def cli(tmp_path):
             cwd=ROOT,
             env=env,
             timeout=timeout,
+            preexec_fn=None
+            if memory is None
+            else lambda: resource.setrlimit(resource.RLIMIT_AS, (memory, memory)),
         )
 
     run.tmp = tmp_path
@@ -56,6 +62,62 @@ def test_topology_file_not_utf8(cli):
     bad.write_bytes(b"[run]\nseed = 3\n# caf\xe9\n")
     one_line_error(cli("run", str(bad)), 2, "UTF-8")
     one_line_error(cli("up", "-d", str(bad)), 2, "UTF-8")
+
+
+GIB = 1 << 30
+
+
+def no_regular_file(path, kind: str, limit: int, text: str = "") -> None:
+    """`path` made a file of `kind` that no command reads whole: a FIFO (nobody writes to it),
+    a link to /dev/zero (endless), or a regular file of `text` padded past `limit` bytes."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", path)
+    else:
+        path.write_text(text + " " * limit + "\n")
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("fifo", ["not a regular file", "FIFO"]),
+        ("dev-zero", ["not a regular file"]),
+        ("too-large", ["16 MiB limit"]),
+    ],
+)
+@pytest.mark.parametrize("command", [["run"], ["up", "-d"], ["scale", "run"]])
+def test_a_named_file_is_read_only_if_regular_and_small_enough(cli, command, kind, words):
+    bad = cli.tmp / "bad.toml"
+    no_regular_file(bad, kind, 16 << 20, "[bogus]\n")  # too large, else an unknown section
+    one_line_error(cli(*command, str(bad), timeout=20, memory=2 * GIB), 2, str(bad), *words)
+    assert not (cli.state_dir / "current.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "too-large"])
+def test_a_state_file_is_read_only_if_regular_and_small_enough(cli, kind):
+    cli.state_dir.mkdir(mode=0o700)
+    state = cli.state_dir / "current.json"
+    no_regular_file(state, kind, 1 << 20, json.dumps({"pid": 1, "run_dir": "/nowhere", "ctl": "ipc:///nope"}))
+    one_line_error(
+        cli("ps", timeout=20, memory=2 * GIB),
+        3,
+        "corrupt state file",
+        "1 MiB limit" if kind == "too-large" else "not a regular file",
+    )
+
+
+@pytest.mark.parametrize("command", [["run"], ["up", "-d"], ["scale", "run"]])
+def test_a_file_nested_too_deeply_is_one_line(cli, command):
+    deep = cli.tmp / "deep.toml"
+    deep.write_text("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500 + "\n")
+    one_line_error(cli(*command, str(deep)), 2, str(deep), "nested too deeply")
+
+
+def test_a_state_file_nested_too_deeply_is_corrupt(cli):
+    cli.state_dir.mkdir(mode=0o700)
+    (cli.state_dir / "current.json").write_text("[" * 100_000)
+    one_line_error(cli("ps"), 3, "corrupt state file", "recursion")
 
 
 @pytest.mark.parametrize("timeout", ["-1", "0"])

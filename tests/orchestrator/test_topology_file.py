@@ -78,17 +78,28 @@ def test_examples_parse():
         ('[[faults]]\nkill = "vm9.vmm"\nat_time = 1.0', "faults[0].kill: no actor 'vm9.vmm'"),
         ('[[faults]]\nkill = "kvm"', "exactly one trigger"),
         ('[[faults]]\nkill = "kvm"\nat_time = 1.0\nat_flow = "F2"\nvm = 1', "exactly one trigger"),
+        ('[[faults]]\nkill = "kvm"\nat_time = 0\nat_flow = "F7"\nvm = 1\nnth = 1', "exactly one trigger"),
+        ('[[faults]]\nkill = "kvm"\nat_time = 0\nrandom = true', "exactly one trigger"),
         ('[[faults]]\nkill = "kvm"\nat_flow = "F9"\nvm = 1', "unknown flow step 'F9'"),
         ('[[faults]]\nkill = "kvm"\nat_flow = "F2"', "at_flow needs the VM"),
         ("vms = 3", "vms: expected a non-empty array"),
         ("[[vms]]\niterations = 10000000", "vms[0].iterations: 10000000 out of range [1, 1000000]"),
         ("[run\n", "not valid TOML"),
+        ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
+        ("x = " + "{a = " * 500 + "1" + "}" * 500, "nested too deeply"),
     ],
 )
 def test_validation_errors(text, needle):
     with pytest.raises(TopologyError) as err:
         loads(text)
     assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("at_time", ["0", "0.0"])
+def test_a_fault_at_time_zero_is_a_trigger(at_time):
+    """0 is in at_time's range [0, 3600]: the moment the workloads start."""
+    (fault,) = loads(f'[[faults]]\nkill = "kvm"\nat_time = {at_time}\nrandom = false').faults
+    assert (fault.kill, fault.at_time, fault.at_flow, fault.random) == ("kvm", 0.0, None, False)
 
 
 def test_file_errors_name_the_file(tmp_path):

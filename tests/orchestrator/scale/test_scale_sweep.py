@@ -90,6 +90,7 @@ def test_list_shows_one_line_per_builtin():
         ),
         ("experiment = 3\n", "experiment: expected a table"),
         ("[experiment\n", "not valid TOML"),
+        (MINIMAL + "x = " + "[" * 500 + "]" * 500, "nested too deeply"),
     ],
 )
 def test_bad_sweeps_are_one_line_errors(text, fragment):

@@ -1,0 +1,59 @@
+"""Reading a file the user names (a topology, scenario or sweep file, the state file): only a
+regular file, and only up to a limit. A plain open() and read() of a symlink to /dev/zero
+reads until the memory runs out, and an open() of a FIFO waits for a writer, deaf to Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from typing import Any
+
+MIB = 1 << 20
+TOML_LIMIT = 16 * MIB  # topology, scenario and sweep files: 256 full VMs take under 100 KB
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class UserFileError(ValueError):
+    """A file that cannot be used as it is: not a regular file, too large, or no TOML to read."""
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, in the words of the error line."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def read_limited(path: str, limit: int) -> bytes:
+    """The content of the regular file `path`, of at most `limit` bytes (a multiple of a MiB).
+
+    OSError as open() raises it (FileNotFoundError, PermissionError, ...); UserFileError for a
+    file of another kind (refused after the open: O_NONBLOCK opens a FIFO without waiting for
+    a writer) or a larger one (at most `limit` + 1 bytes are read to tell)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before open(fd): that raises IsADirectoryError on a directory
+        os.close(fd)
+        raise UserFileError(f"not a regular file ({_kind(mode)})")
+    with open(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserFileError(f"larger than the {limit // MIB} MiB limit")
+    return data
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """`text` as a TOML document, or UserFileError with one line. tomllib recurses once per
+    level of nested arrays and inline tables: a few hundred levels raise RecursionError."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserFileError(f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UserFileError("not usable TOML: arrays or inline tables nested too deeply") from None
