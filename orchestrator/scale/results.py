@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import shlex
-import stat
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from vsva.ops.userfiles import UserFileError, read_limited
 from vsva.scale.sweep import MAX_REPEAT
 
 ROW_KEYS = (
@@ -109,26 +109,18 @@ def utc_iso(t: float | None = None) -> str:
 def read_file(path: str, missing_ok: bool = False) -> bytes:
     """A results file's bytes (b"" for a missing one if `missing_ok`). The directory is its
     user's to edit: a FIFO would block, a device (a link to /dev/zero) never ends, a file past
-    MAX_FILE_BYTES would fill the memory; each is refused, as a ResultsError naming it."""
+    MAX_FILE_BYTES would fill the memory; each is refused (vsva.ops.userfiles), as a
+    ResultsError naming it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_limited(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         if missing_ok:
             return b""
         raise ResultsError(f"{path}: missing") from None
+    except UserFileError as exc:
+        raise ResultsError(f"{path}: {exc}") from None
     except OSError as exc:
         raise ResultsError(f"{path}: unreadable: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ResultsError(f"{path}: not a regular file")
-        too_big = ResultsError(f"{path}: larger than a results file can be ({MAX_FILE_BYTES >> 20} MiB)")
-        if info.st_size > MAX_FILE_BYTES:
-            raise too_big
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:  # it grew while read
-        raise too_big
-    return data
 
 
 def shape_error(obj: Any, required: dict[str, type], optional: dict[str, type]) -> str | None:
@@ -211,7 +203,9 @@ class ResultsDir:
         try:
             path = cls._mkdir(base)
         except OSError as exc:
-            raise ResultsError(f"--out {out}: cannot make a results directory there: {exc.strerror}") from None
+            raise ResultsError(
+                f"--out {out}: cannot make a results directory there: {exc.strerror}"
+            ) from None
         rd = cls(path)
         rd.write_meta({**meta, "state": "running", "started": utc_iso()})
         with open(os.path.join(path, "sweep.toml"), "w", encoding="utf-8") as f:

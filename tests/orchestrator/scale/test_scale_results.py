@@ -275,7 +275,7 @@ def test_a_file_too_large_for_results_is_refused(copy_dir, monkeypatch):
     path = copy_dir
     monkeypatch.setattr(results, "MAX_FILE_BYTES", os.path.getsize(os.path.join(path, "points.jsonl")) - 1)
     result = CliRunner().invoke(app, ["scale", "show", path])
-    assert result.exit_code == 2 and "points.jsonl: larger than a results file can be" in result.output
+    assert result.exit_code == 2 and "points.jsonl: larger than the" in result.output
 
 
 def test_a_duplicated_row_counts_once_and_is_said(copy_dir):
