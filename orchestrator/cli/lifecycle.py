@@ -30,6 +30,7 @@ from vsva.cli.state import (
     cleanup_stale,
     host_lost_line,
     parse_state,
+    remove_corrupt,
     state_file,
     supervisor_alive,
     unnamed_supervisor,
@@ -107,9 +108,11 @@ def _take_lock(state_path: str) -> int:
     whole life, so a second `vsva up` on the same directory is refused, never invisible."""
     import fcntl
 
-    fd = os.open(
-        os.path.join(os.path.dirname(state_path), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
+    lock = os.path.join(os.path.dirname(state_path), "lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a directory, say: the state directory is unusable as it is
+        fail(EXIT_USAGE, f"state directory: cannot open its lock {lock}: {exc.strerror}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -133,8 +136,8 @@ def _clear_old_state(path: str) -> None:
     except FileNotFoundError:
         return
     except CorruptState as exc:
+        remove_corrupt(path)
         typer.echo(f"vsva up: removed a corrupt state file {path} ({exc})", err=True)
-        os.unlink(path)
         return
     if old.get("host_lost"):
         typer.echo(f"vsva up: replacing the record of the earlier run: {host_lost_line(old)}", err=True)
@@ -318,8 +321,7 @@ def down(
         if unnamed is not None:  # SIGTERM: it stops its topology as `vsva down` asks it to
             _end_supervisor(unnamed, timeout, lambda: os.kill(unnamed, signal.SIGTERM))
         if isinstance(exc, CorruptState):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            remove_corrupt(path)
         stopped = f"stopped the supervisor (pid {unnamed}) its state file did not name" if unnamed else ""
         if isinstance(exc, CorruptState):
             typer.echo(

@@ -43,7 +43,37 @@ def parse_state(path: str) -> dict[str, Any]:
         or not all(isinstance(state.get(k), str) for k in ("run_dir", "ctl"))
     ):
         raise CorruptState("not a supervisor's state (pid, run_dir, ctl)")
+    if not _ipc_endpoint(state["ctl"]):
+        raise CorruptState("ctl is not ipc:// and an absolute path of at most 107 bytes")
+    if not _host_lost_record(state.get("host_lost")):
+        raise CorruptState("host_lost is neither null nor a lost host's record (at, after_s, why)")
     return state
+
+
+def _ipc_endpoint(ctl: str) -> bool:
+    """`ctl` is an endpoint as a supervisor writes it (statefile.ctl_endpoint): anything else
+    makes zmq's connect raise (an unknown scheme, a path too long for a unix socket)."""
+    path = ctl.removeprefix("ipc://")
+    return ctl.startswith("ipc:///") and "\0" not in path and len(path.encode()) <= 107
+
+
+def _host_lost_record(lost: Any) -> bool:
+    """`lost` is None or the record ops/supervisor/recovery.py writes, which host_lost_line
+    formats: a time localtime() takes, a number of seconds and a reason."""
+    import math
+    import time
+
+    if lost is None:
+        return True
+    if not isinstance(lost, dict) or not isinstance(lost.get("why"), str):
+        return False
+    if not all(isinstance(lost.get(k), (int, float)) and math.isfinite(lost[k]) for k in ("at", "after_s")):
+        return False
+    try:
+        time.localtime(lost["at"])
+    except (OverflowError, OSError):
+        return False
+    return True
 
 
 def read_state(state_dir: str | None) -> dict[str, Any]:
@@ -54,6 +84,20 @@ def read_state(state_dir: str | None) -> dict[str, Any]:
         fail(EXIT_NO_TOPOLOGY, f"no topology is running (no state file {path}); start one with `vsva up`")
     except CorruptState as exc:
         fail(EXIT_NO_TOPOLOGY, f"corrupt state file {path} ({exc}); `vsva down` removes it")
+
+
+def remove_corrupt(path: str) -> None:
+    """Remove a corrupt state file. One that unlink() refuses (a directory) is no file a
+    supervisor wrote: left as it is, and the command ends saying so (exit 3)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        fail(
+            EXIT_NO_TOPOLOGY,
+            f"corrupt state file {path} cannot be removed ({exc.strerror}); remove it yourself",
+        )
 
 
 def pid_alive(pid: int) -> bool:

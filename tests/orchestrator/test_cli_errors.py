@@ -180,6 +180,50 @@ def test_a_state_file_naming_another_live_process_is_no_supervisor(cli):
         bystander.wait(10)
 
 
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        ({"ctl": "garbage://x"}, "ctl is not ipc://"),
+        ({"ctl": "ipc:///" + "x" * 107}, "ctl is not ipc://"),
+        ({"host_lost": "yes"}, "host_lost"),
+        ({"host_lost": {"at": 1e300, "after_s": 1, "why": "x"}}, "host_lost"),
+    ],
+)
+def test_a_hand_edited_state_file_is_corrupt(cli, edit, words):
+    """A state file naming a live process as its supervisor (pid and owner), with a field no
+    supervisor writes: before, zmq's connect raised ZMQError and host_lost_line TypeError."""
+    from vsva.ops.runfiles import owner_tag
+
+    cli.state_dir.mkdir(mode=0o700)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = {"pid": bystander.pid, "owner": owner_tag(bystander.pid), "run_dir": str(cli.tmp)}
+        (cli.state_dir / "current.json").write_text(json.dumps({**state, "ctl": "ipc:///nope", **edit}))
+        for args in (["ps"], ["audit"], ["kill", "host"]):
+            one_line_error(cli(*args), 3, "corrupt state file", words)
+        down = cli("down")
+        assert down.returncode == 0 and "removed the corrupt state file" in down.stdout, down
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
+def test_a_state_file_that_is_a_directory_is_corrupt_and_left_alone(cli):
+    state = cli.state_dir / "current.json"
+    state.mkdir(parents=True)
+    one_line_error(cli("ps"), 3, "corrupt state file", "not a regular file (a directory)")
+    one_line_error(cli("down"), 3, "cannot be removed", "remove it yourself")
+    one_line_error(cli("up", "-d"), 3, "cannot be removed")
+    assert state.is_dir()
+
+
+def test_a_lock_that_is_a_directory_is_a_bad_state_directory(cli):
+    (cli.state_dir / "lock").mkdir(parents=True)
+    one_line_error(cli("up", "-d"), 2, "state directory", "lock", "is a directory")
+    assert not (cli.state_dir / "current.json").exists()
+
+
 def test_corrupt_state_file_does_not_block_up(cli):
     cli.state_dir.mkdir(mode=0o700)
     state = cli.state_dir / "current.json"
