@@ -40,11 +40,12 @@ WAIT_S = 60.0  # a round that has not ended by then is an error, not a wait
 def serve(run_dir: str, root: int, implementation: str) -> None:
     """The server: one actor answering ping until shutdown, on the frames asked for."""
     import vsva.runtime.loop as loop
+    import vsva.runtime.peers as peers
 
-    if implementation == "python":
-        loop.recv_batch, loop.send_frame = frames.pure_recv_batch, frames.pure_send_frame
-    elif frames.COMPILED is not None:  # whatever VSVA_PUREPYTHON says
-        loop.recv_batch, loop.send_frame = frames.COMPILED
+    chosen = frames.PURE if implementation == "python" else frames.COMPILED
+    if chosen is not None:  # (compiled and not built: whatever VSVA_PUREPYTHON says)
+        loop.recv_batch, loop.send_frame, loop.events = chosen
+        peers.events = chosen.socket_events
     runtime = ZmqRuntime("srv", run_dir, run_root=root)
     print("ready", flush=True)
     try:

@@ -1,13 +1,15 @@
 # cython: language_level=3
 """The runtime's per-message socket calls in C: vsva.runtime.frames's compiled
-`recv_batch` (the ROUTER's drain) and `send_frame` (a DEALER's send).
+`recv_batch` (the ROUTER's drain), `send_frame` (a DEALER's send) and `socket_events` (a
+socket's ZMQ_EVENTS, read before each wait for the sockets that fired).
 
 They call the libzmq that pyzmq loaded, on the socket's own handle, through function pointers
 that vsva.runtime.frames looks up in that library (`bind`): linking a second copy of libzmq
 would hand pyzmq's socket to code that does not own it. The only difference from the pure
 twins is cost: no Python exception ends a drain (libzmq's EAGAIN is a return value here, where
 pyzmq raises zmq.Again, whose construction cost more than the two receives of a message
-together), no Frame object is made per message, and the GIL is kept (no call here waits).
+together), no Frame object is made per message, no option enum is built per EVENTS read
+(pyzmq's getsockopt makes a SocketOption for each), and the GIL is kept (no call here waits).
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -33,6 +35,7 @@ ctypedef int (*msg_more_t)(vsva_zmq_msg_t *) noexcept nogil
 ctypedef const char *(*msg_gets_t)(vsva_zmq_msg_t *, const char *) noexcept nogil
 ctypedef int (*errno_t)() noexcept nogil
 ctypedef int (*send_t)(void *, const void *, size_t, int) noexcept nogil
+ctypedef int (*getsockopt_t)(void *, int, void *, size_t *) noexcept nogil
 
 cdef msg_init_t _init = NULL
 cdef msg_recv_t _recv = NULL
@@ -43,21 +46,24 @@ cdef msg_more_t _more = NULL
 cdef msg_gets_t _gets = NULL
 cdef errno_t _errno = NULL
 cdef send_t _send = NULL
+cdef getsockopt_t _getsockopt = NULL
 
 cdef int DONTWAIT = zmq.DONTWAIT
+cdef int EVENTS = zmq.EVENTS
 
 # The functions `bind` wants, in its arguments' order
 SYMBOLS = (
     "zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
-    "zmq_msg_more", "zmq_msg_gets", "zmq_errno", "zmq_send",
+    "zmq_msg_more", "zmq_msg_gets", "zmq_errno", "zmq_send", "zmq_getsockopt",
 )
 
 
 def bind(uintptr_t init, uintptr_t recv, uintptr_t close, uintptr_t data, uintptr_t size,
-         uintptr_t more, uintptr_t gets, uintptr_t errno, uintptr_t send):
+         uintptr_t more, uintptr_t gets, uintptr_t errno, uintptr_t send, uintptr_t getsockopt):
     """Take the addresses of SYMBOLS in pyzmq's libzmq (none may be 0)."""
-    global _init, _recv, _close, _data, _size, _more, _gets, _errno, _send
-    if not (init and recv and close and data and size and more and gets and errno and send):
+    global _init, _recv, _close, _data, _size, _more, _gets, _errno, _send, _getsockopt
+    if not (init and recv and close and data and size and more and gets and errno and send
+            and getsockopt):
         raise ValueError("a libzmq function address is 0")
     _init = <msg_init_t>init
     _recv = <msg_recv_t>recv
@@ -68,6 +74,7 @@ def bind(uintptr_t init, uintptr_t recv, uintptr_t close, uintptr_t data, uintpt
     _gets = <msg_gets_t>gets
     _errno = <errno_t>errno
     _send = <send_t>send
+    _getsockopt = <getsockopt_t>getsockopt
 
 
 def send_frame(sock, bytes frame):
@@ -83,6 +90,22 @@ def send_frame(sock, bytes frame):
         err = _errno()
         if err != EINTR:
             return err
+
+
+def socket_events(sock):
+    """The socket's ZMQ_EVENTS (POLLIN | POLLOUT as it is ready now); a failure raises
+    zmq.ZMQError with libzmq's errno, as pyzmq's getsockopt does."""
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    cdef void *handle = <void *><uintptr_t>sock.underlying
+    cdef int ready = 0, err
+    cdef size_t size = sizeof(int)
+    while _getsockopt(handle, EVENTS, &ready, &size) != 0:
+        err = _errno()
+        if err != EINTR:
+            raise zmq.ZMQError(err)
+        size = sizeof(int)
+    return ready
 
 
 cdef int _take(vsva_zmq_msg_t *msg, void *sock) noexcept:

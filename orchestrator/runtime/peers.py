@@ -39,6 +39,7 @@ from vsva.runtime.endpoints import (
     socket_path,
     valid_name,
 )
+from vsva.runtime.frames import socket_events
 
 LINGER_MS = 100
 RECONNECT_IVL_MS = 20  # a restarted peer is reconnected within this
@@ -52,16 +53,7 @@ MAX_UNPINNED = 32  # peers beyond those `expect`ed (3 sockets each): the least r
 POLLIN = int(zmq.POLLIN)
 POLLOUT = int(zmq.POLLOUT)
 NOBLOCK = int(zmq.NOBLOCK)
-EVENTS = int(zmq.EVENTS)
-
-
-_get = zmq.backend.Socket.get  # without pyzmq's Python wrapper of getsockopt (per message)
-
-
-def events(sock: zmq.Socket[Any]) -> int:
-    """The socket's ZMQ_EVENTS: which of POLLIN / POLLOUT it is ready for now."""
-    ready: int = _get(sock, EVENTS)  # type: ignore[assignment]  # an int option: an int
-    return ready
+events = socket_events  # a socket's ZMQ_EVENTS, compiled where it was built (vsva.runtime.frames)
 
 
 _MONITOR_EVENTS = (

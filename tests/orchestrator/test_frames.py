@@ -1,6 +1,6 @@
-"""vsva.runtime.frames: the compiled drain and send against their pure twins, which are plain
-pyzmq (recv, Frame.get, Frame.more, send): the same traffic on real sockets must give the same
-batches and the same errnos. Then the runtime's use of a missing property: a ZMTP 1.0 peer's
+"""vsva.runtime.frames: the compiled drain, send and EVENTS read against their pure twins,
+which are plain pyzmq (recv, Frame.get, Frame.more, send, get): the same traffic on real
+sockets must give the same batches, the same readiness and the same errnos. Then the runtime's use of a missing property: a ZMTP 1.0 peer's
 frames carry no metadata, so over ipc they cannot prove a process of the run (it once crashed
 the loop: pyzmq's Frame.get raised)."""
 
@@ -73,7 +73,7 @@ def test_the_compiled_drain_reads_what_pyzmq_reads(pair, sent, limit):
     for message in sent:
         compiled_dealer.send_multipart(message)
         pure_dealer.send_multipart(message)
-    compiled_recv, _ = frames.COMPILED
+    compiled_recv = frames.COMPILED.recv_batch
     ours = [m for b in _drain(compiled_recv, compiled_router, len(sent), limit) for m in b]
     theirs = [m for b in _drain(frames.pure_recv_batch, pure_router, len(sent), limit) for m in b]
     assert ours == theirs
@@ -86,13 +86,13 @@ def test_the_properties_asked_for_only(pair):
     compiled_router, compiled_dealer, _, _ = pair
     compiled_dealer.send(b"x")
     assert compiled_router.poll(POLL_MS, zmq.POLLIN)
-    compiled_recv, _ = frames.COMPILED
+    compiled_recv = frames.COMPILED.recv_batch
     batch, drained = compiled_recv(compiled_router, 4, False, False)
     assert batch == [(b"peer/1.2", b"x", None, None, 0)] and drained
 
 
 def test_send_gives_the_errno_pyzmq_raises():
-    _, compiled_send = frames.COMPILED
+    compiled_send = frames.COMPILED.send_frame
     ctx = zmq.Context()
     try:
         with tempfile.TemporaryDirectory(prefix="vsva-frames-") as tmp:
@@ -114,6 +114,34 @@ def test_send_gives_the_errno_pyzmq_raises():
             router.close(0)
     finally:
         ctx.term()
+
+
+def test_events_read_what_pyzmq_reads():
+    """ZMQ_EVENTS of a socket in each state the loop meets: nothing to read, a message to
+    read, a DEALER with room and one with none (IMMEDIATE, no connection), a closed one."""
+    events = frames.COMPILED.socket_events
+    ctx = zmq.Context()
+    try:
+        with tempfile.TemporaryDirectory(prefix="vsva-frames-") as tmp:
+            router = ctx.socket(zmq.ROUTER)  # a ROUTER always has room (it drops, never blocks)
+            router.bind(f"ipc://{tmp}/r.sock")
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(f"ipc://{tmp}/r.sock")
+            lonely = ctx.socket(zmq.DEALER)
+            lonely.setsockopt(zmq.IMMEDIATE, 1)
+            lonely.connect(f"ipc://{tmp}/nobody.sock")
+            seen = [(events(s), frames.pure_socket_events(s)) for s in (router, dealer, lonely)]
+            assert seen == [(zmq.POLLOUT, zmq.POLLOUT), (zmq.POLLOUT, zmq.POLLOUT), (0, 0)]
+            dealer.send(b"x")
+            assert router.poll(POLL_MS, zmq.POLLIN)
+            assert events(router) == frames.pure_socket_events(router) == zmq.POLLIN | zmq.POLLOUT
+            lonely.close(0)
+            for read in (events, frames.pure_socket_events):
+                with pytest.raises(zmq.ZMQError) as raised:
+                    read(lonely)
+                assert raised.value.errno == zmq.ENOTSOCK
+    finally:
+        ctx.destroy(0)
 
 
 def _zmtp10(body: bytes) -> bytes:
@@ -147,7 +175,7 @@ def test_a_zmtp10_peer_claiming_a_name_of_the_run_is_refused(monkeypatch, implem
     the loop goes on."""
     import vsva.runtime.loop as loop
 
-    recv = frames.COMPILED[0] if implementation == "compiled" else frames.pure_recv_batch
+    recv = frames.COMPILED.recv_batch if implementation == "compiled" else frames.pure_recv_batch
     monkeypatch.setattr(loop, "recv_batch", recv)
     with tempfile.TemporaryDirectory(prefix="vsva-zmtp10-") as run_dir:
         os.chmod(run_dir, 0o700)
