@@ -47,10 +47,10 @@ from typing import Any, TypeVar
 
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.hotpath.layout import PASID_MAX
+from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
-from vsva.ops.topology import HOST, Topology, build_topology
+from vsva.ops.topology import HOST, WORKLOAD_PAGES, Topology, build_topology, min_ram_pages
 from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.runtime.endpoints import Transport
 
@@ -156,9 +156,19 @@ def _member(where: str, value: str, enum: type[E], what: str) -> E:
     return enum(_choice(where, value, tuple(e.value for e in enum), what))
 
 
-def _range(where: str, value: float, lo: float, hi: float) -> None:
+def _range(where: str, value: float, lo: float, hi: float, why: str = "") -> None:
+    """TopologyError unless lo <= value <= hi; `why` (e.g. "; at least ... because ...")
+    ends the message where a bound is not self-evident."""
     if not lo <= value <= hi:
-        raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]")
+        raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]{why}")
+
+
+def _ram_floor_why(mediated: int) -> str:
+    """Why a VM with `mediated` mediated devices needs min_ram_pages of RAM."""
+    return (
+        f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
+        f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
+    )
 
 
 def load(path: str) -> RunFile:
@@ -251,7 +261,7 @@ def parse(data: dict[str, Any]) -> RunFile:
         iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
         ram = vm.get("ram_pages", VM.ram_pages)
-        _range(f"{where}.ram_pages", ram, 128, 1 << 20)
+        _range(f"{where}.ram_pages", ram, min_ram_pages(1 + mediated), 1 << 20, _ram_floor_why(mediated))
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
         guest_death[vid] = _member(

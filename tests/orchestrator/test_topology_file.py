@@ -84,6 +84,12 @@ def test_examples_parse():
         ('[[faults]]\nkill = "kvm"\nat_flow = "F2"', "at_flow needs the VM"),
         ("vms = 3", "vms: expected a non-empty array"),
         ("[[vms]]\niterations = 10000000", "vms[0].iterations: 10000000 out of range [1, 1000000]"),
+        (
+            "[[vms]]\nram_pages = 128",
+            "vms[0].ram_pages: 128 out of range [161, 1048576]; the guest keeps a PASID directory (32 pages)"
+            " per device (1 passthrough + 2 mediated)",
+        ),
+        ("[[vms]]\nram_pages = 352\ndevices = { mediated = 8 }", "vms[0].ram_pages: 352 out of range [353,"),
         ("[run\n", "not valid TOML"),
         ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
         ("x = " + "{a = " * 500 + "1" + "}" * 500, "nested too deeply"),
@@ -93,6 +99,18 @@ def test_validation_errors(text, needle):
     with pytest.raises(TopologyError) as err:
         loads(text)
     assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("mediated,ram_pages", [(3, 1024), (8, 353)])
+def test_every_accepted_mediated_count_runs(mediated, ram_pages):
+    """The guest keeps room for one PASID directory per device of its VM, however many the
+    file gives (it had room for 3: a 4th device's boot failed 'no room for another PASID
+    directory'); the smallest RAM the file accepts for them is enough."""
+    from vsva.ops.demo import report, run_session
+
+    topology = loads(f"[[vms]]\nram_pages = {ram_pages}\ndevices = {{ mediated = {mediated} }}").topology
+    rep = report(run_session(topology, runtime="sim"), topology, "sim")
+    assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
 
 
 @pytest.mark.parametrize("at_time", ["0", "0.0"])
