@@ -12,9 +12,10 @@ from typing import Any
 
 from vsva.actors.catalogue import ORCHESTRATOR, binding_bytes
 from vsva.actors.guest.kernel import reserved_frames
+from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
+from vsva.hotpath.layout import ENTRIES_PER_TABLE, LEVELS, PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
 from vsva.ops.pacing import request_timeouts, resync_pages
 from vsva.runtime.endpoints import Transport
@@ -29,6 +30,10 @@ ACCEL = "dsa0"  # the SIOV-style accelerator whose mediated devices vdcm compose
 # The most guest pages a workload maps beyond the PASID directories (measured on the
 # deterministic runtime at the default iterations: demo 47, fault_loop 47, churn 10).
 WORKLOAD_PAGES = 64
+# The guest's RAM is a list of host frames that travels whole in one message (vm_start's
+# reply, vm_info), each frame number up to 5 bytes of msgpack, and no frame exceeds
+# MAX_FRAME (1 MiB): 131072 pages (512 MiB) take at most 640 KiB, leaving room for the rest.
+MAX_RAM_PAGES = MAX_FRAME // 8
 
 
 def min_ram_pages(devices: int) -> int:
@@ -37,6 +42,18 @@ def min_ram_pages(devices: int) -> int:
     per device at the bottom of its RAM (vsva.actors.guest.kernel.reserved_frames), and the
     workload's processes map the rest."""
     return reserved_frames(devices) + WORKLOAD_PAGES
+
+
+def sl_tables(pages: int) -> int:
+    """The second-level tables the host builds to map `pages` guest pages from GPA 0: at each
+    of the LEVELS levels one table per ENTRIES_PER_TABLE entries of the level below (the
+    root included). A fixed 16 a VM held a RAM of up to ~8 MiB; a larger RAM's tables ate
+    the next VM's frames (its vfio_open failed: 'ram_pages or quota out of range')."""
+    tables = 0
+    for _ in range(LEVELS):
+        pages = -(-pages // ENTRIES_PER_TABLE)
+        tables += pages
+    return tables
 
 
 def guest_name(vm: int) -> str:
@@ -199,8 +216,10 @@ def build_topology(
             )
         )
     physical = sum(1 for d in devices.values() if "parent" not in d)
-    # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
-    frames = 1 + sum(v.ram_pages + 16 for v in per_vm) + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
+    # RAM, its second-level tables and 16 spare per VM; a PASID directory plus its tables per
+    # physical device.
+    ram = sum(v.ram_pages + sl_tables(v.ram_pages) + 16 for v in per_vm)
+    frames = 1 + ram + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
     return Topology(
         actors=actors,
         mem_frames=frames,

@@ -45,12 +45,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
-from vsva.ops.topology import HOST, WORKLOAD_PAGES, Topology, build_topology, min_ram_pages
+from vsva.ops.topology import HOST, MAX_RAM_PAGES, WORKLOAD_PAGES, Topology, build_topology, min_ram_pages
 from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.runtime.endpoints import Transport
 
@@ -163,12 +164,19 @@ def _range(where: str, value: float, lo: float, hi: float, why: str = "") -> Non
         raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]{why}")
 
 
-def _ram_floor_why(mediated: int) -> str:
-    """Why a VM with `mediated` mediated devices needs min_ram_pages of RAM."""
-    return (
-        f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
-        f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
-    )
+def _ram_pages(where: str, ram: int, mediated: int) -> int:
+    """`ram` if a VM with `mediated` mediated devices runs in that many guest pages; else the
+    error says which bound and why (neither is visible from the file)."""
+    lo = min_ram_pages(1 + mediated)
+    if ram < lo:
+        why = (
+            f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
+            f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
+        )
+    else:
+        why = f"; the guest's RAM frame list (up to 5 bytes a page) travels in one message of at most {MAX_FRAME} bytes"
+    _range(where, ram, lo, MAX_RAM_PAGES, why)
+    return ram
 
 
 def load(path: str) -> RunFile:
@@ -260,8 +268,7 @@ def parse(data: dict[str, Any]) -> RunFile:
             raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
         iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
-        ram = vm.get("ram_pages", VM.ram_pages)
-        _range(f"{where}.ram_pages", ram, min_ram_pages(1 + mediated), 1 << 20, _ram_floor_why(mediated))
+        ram = _ram_pages(f"{where}.ram_pages", vm.get("ram_pages", VM.ram_pages), mediated)
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
         guest_death[vid] = _member(

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
-from vsva.ops.topology import default_topology
+from vsva.ops.topology import MAX_RAM_PAGES, default_topology
 from vsva.ops.topology_file import TopologyError, load, loads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,7 +91,7 @@ def test_examples_parse():
         ("[[vms]]\niterations = 10000000", "vms[0].iterations: 10000000 out of range [1, 1000000]"),
         (
             "[[vms]]\nram_pages = 128",
-            "vms[0].ram_pages: 128 out of range [161, 1048576]; the guest keeps a PASID directory (32 pages)"
+            "vms[0].ram_pages: 128 out of range [161, 131072]; the guest keeps a PASID directory (32 pages)"
             " per device (1 passthrough + 2 mediated)",
         ),
         ("[[vms]]\nram_pages = 352\ndevices = { mediated = 8 }", "vms[0].ram_pages: 352 out of range [353,"),
@@ -109,6 +114,18 @@ def test_every_accepted_mediated_count_runs(mediated, ram_pages):
     from vsva.ops.demo import report, run_session
 
     topology = loads(f"[[vms]]\nram_pages = {ram_pages}\ndevices = {{ mediated = {mediated} }}").topology
+    rep = report(run_session(topology, runtime="sim"), topology, "sim")
+    assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
+
+
+def test_two_vms_of_the_largest_accepted_ram_run():
+    """The shared memory holds each VM's second-level tables, however large its RAM: 16
+    frames a VM held ~8 MiB of RAM's tables, so the second of two VMs of 131072 pages found
+    too few frames left (vfio_open: 'ram_pages or quota out of range')."""
+    from vsva.ops.demo import report, run_session
+
+    vm = f'[[vms]]\nram_pages = {MAX_RAM_PAGES}\nworkload = "dma_loop"\niterations = 1\n'
+    topology = loads(vm + vm).topology
     rep = report(run_session(topology, runtime="sim"), topology, "sim")
     assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
 
@@ -145,3 +162,43 @@ def test_cli_up_refuses_a_bad_file(tmp_path):
     )
     assert done.returncode == 2
     assert "unknown policy 'fifo'; valid: naive, ordered, reclaim" in done.stderr
+
+
+def assert_refused(tmp_path, command: str, text: str, line: str) -> None:
+    """`vsva <command> FILE` with this text exits 2 with exactly `line` on stderr (after
+    'vsva: FILE: ') and leaves nothing: no shared-memory file of its pid, no run directory
+    in its TMPDIR (a short one: socket paths), no state file. A run it did start is taken down."""
+    path, state = tmp_path / "t.toml", tmp_path / "state"
+    path.write_text(text)
+    tmp = tempfile.mkdtemp(prefix="vt", dir="/tmp")
+    env = {**os.environ, "VSVA_STATE_DIR": str(state), "TMPDIR": tmp}
+    detach = ["--detach"] if command == "up" else []
+    argv = [sys.executable, "-m", "vsva", command, *detach, str(path)]
+    try:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, err.splitlines(), out) == (2, [f"vsva: {path}: {line}"], "")
+        assert glob.glob(f"/dev/shm/vsva-{proc.pid}.*") == [] and os.listdir(tmp) == []
+        assert not os.path.exists(state / "current.json")
+    finally:
+        if os.path.exists(state / "current.json"):
+            subprocess.run([sys.executable, "-m", "vsva", "down"], cwd=ROOT, env=env, timeout=60, check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["up", "run"])
+def test_ram_larger_than_one_message_holds_is_refused(tmp_path, command):
+    """A guest's RAM frame list travels whole in one message (vm_start's reply, vm_info) of
+    at most MAX_FRAME bytes. Up to 1 << 20 pages were accepted; from about 209000 (5 bytes a
+    frame number) the reply did not fit and the run failed ('no workload result') after
+    making a shared-memory file of the full size (4.3 GB at 1 << 20 pages). The limit keeps
+    a margin below that: 131072 pages (512 MiB)."""
+    assert_refused(
+        tmp_path,
+        command,
+        "[[vms]]\nram_pages = 131073\n",
+        "vms[0].ram_pages: 131073 out of range [161, 131072]; the guest's RAM frame list "
+        "(up to 5 bytes a page) travels in one message of at most 1048576 bytes",
+    )
