@@ -33,7 +33,8 @@
     [scenario]                 # scenarios only
     timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this
 
-Every unknown key, wrong type or out-of-range value is an error naming its place in the
+A file that defines nothing (empty, or only comments) is refused: the defaults are what no
+file gives. Every unknown key, wrong type or out-of-range value is an error naming its place in the
 file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` binds every
 actor's ROUTER at `tcp://127.0.0.1:<port>` (a kernel-chosen free port, published in the run
 directory; see vsva.runtime.loop); nothing listens beyond loopback.
@@ -213,6 +214,10 @@ def loads(text: str) -> RunFile:
 def parse(data: dict[str, Any]) -> RunFile:
     from vsva.actors.guest import WORKLOADS
 
+    if not data:  # the defaults are what no file gives: a file has to say something
+        raise TopologyError(
+            f"defines nothing (no {', '.join(sorted(TOP_KEYS))}); omit the file for the default topology"
+        )
     for key in data:
         if key not in TOP_KEYS:
             raise TopologyError(f"unknown section {key!r}; valid: {', '.join(sorted(TOP_KEYS))}")

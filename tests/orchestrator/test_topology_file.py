@@ -29,11 +29,26 @@ def test_kernel_key_reaches_the_host():
     from vsva.ops.topology_file import loads
 
     assert loads('[run]\nkernel = "v5.9"\n').topology.spec("host").config["kernel"] == "v5.9"
-    assert loads("").topology.spec("host").config["kernel"] == "v11"
+    assert loads("[run]\n").topology.spec("host").config["kernel"] == "v11"
 
 
-def test_empty_file_is_the_default_topology():
-    assert dataclasses.asdict(loads("").topology) == dataclasses.asdict(default_topology(2))
+def test_a_file_of_empty_sections_is_the_default_topology():
+    assert dataclasses.asdict(loads("[run]\n[scenario]\n").topology) == dataclasses.asdict(
+        default_topology(2)
+    )
+
+
+@pytest.mark.parametrize("command", ["up", "run"])
+@pytest.mark.parametrize("text", ["", "\n  \n", "# a topology, one day\n\n# seed = 3\n"])
+def test_a_file_that_defines_nothing_is_refused(tmp_path, command, text):
+    """An empty file (or one of comments) silently ran the default topology: most likely the
+    wrong file, or one not written yet; the default topology is had by giving no file."""
+    assert_refused(
+        tmp_path,
+        command,
+        text,
+        "defines nothing (no faults, hosts, run, scenario, vms); omit the file for the default topology",
+    )
 
 
 @pytest.mark.parametrize("vms,policy,seed", [(1, "naive", 3), (4, "ordered", 9), (8, "reclaim", 1)])
