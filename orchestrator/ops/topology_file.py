@@ -27,11 +27,12 @@
     at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (the guest reports it)
     vm = 2
     nth = 3
-    # or: at_time = 1.5        # s after the workloads started
+    # or: at_time = 1.5        # s (0 to 3600) after the workloads started
     # or: random = true        # a random actor at a random time in [0, window), from `seed`
 
     [scenario]                 # scenarios only
-    timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this
+    timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this; `vsva
+                               # run` refuses an at_time not before it, a window past it
 
 A file that defines nothing (empty, or only comments) is refused: the defaults are what no
 file gives. Every unknown key, wrong type or out-of-range value is an error naming its place in the
@@ -165,6 +166,25 @@ def _range(where: str, value: float, lo: float, hi: float, why: str = "") -> Non
         raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]{why}")
 
 
+def _seconds(where: str, value: float) -> float:
+    """A fault's time (at_time, window): seconds after the workloads started, up to an hour."""
+    _range(where, value, 0, 3600)
+    return float(value)
+
+
+def _fire_before(faults: list[Fault], timeout: float) -> None:
+    """Every timed fault can fire before the run ends at `timeout`: an at_time at or after
+    it, or a random one's window reaching past it, would be reported 'not fired' at the end."""
+    ends = f"scenario.timeout ({timeout:g} s), when the run has ended"
+    for i, f in enumerate(faults):
+        if f.random and f.window > timeout:
+            raise TopologyError(
+                f"faults[{i}].window: the random time in [0, {f.window:g}) s may fall after {ends}"
+            )
+        if f.at_time is not None and f.at_time >= timeout:
+            raise TopologyError(f"faults[{i}].at_time: {f.at_time:g} s is not before {ends}")
+
+
 def _ram_pages(where: str, ram: int, mediated: int) -> int:
     """`ram` if a VM with `mediated` mediated devices runs in that many guest pages; else the
     error says which bound and why (neither is visible from the file)."""
@@ -180,8 +200,9 @@ def _ram_pages(where: str, ram: int, mediated: int) -> int:
     return ram
 
 
-def load(path: str) -> RunFile:
-    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT)."""
+def load(path: str, timed: bool = False) -> RunFile:
+    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT);
+    `timed`: it runs until its scenario.timeout (`vsva run`; see parse)."""
     try:
         text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
@@ -196,22 +217,25 @@ def load(path: str) -> RunFile:
     except UserFileError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     try:
-        run = loads(text)
+        run = loads(text, timed)
     except TopologyError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     run.source = path
     return run
 
 
-def loads(text: str) -> RunFile:
+def loads(text: str, timed: bool = False) -> RunFile:
     try:
         data = parse_toml(text)
     except UserFileError as exc:
         raise TopologyError(str(exc)) from None
-    return parse(data)
+    return parse(data, timed)
 
 
-def parse(data: dict[str, Any]) -> RunFile:
+def parse(data: dict[str, Any], timed: bool = False) -> RunFile:
+    """The RunFile the data describes. `timed`: the run ends at its scenario.timeout (`vsva
+    run`), so a fault timed at or after it could never fire and is refused; a live topology
+    (`vsva up`) runs until `down`, and any time of a fault is reachable."""
     from vsva.actors.guest import WORKLOADS
 
     if not data:  # the defaults are what no file gives: a file has to say something
@@ -325,7 +349,7 @@ def parse(data: dict[str, Any]) -> RunFile:
             nth=fl.get("nth", 1),
             random=fl.get("random", False),
             seed=fl.get("seed", seed),
-            window=float(fl.get("window", 1.0)),
+            window=_seconds(f"{where}.window", fl.get("window", 1.0)),
             signal=_choice(f"{where}.signal", fl.get("signal", "KILL"), ("KILL", "TERM"), "signal"),
         )
         if "at_flow" in fl:
@@ -336,11 +360,12 @@ def parse(data: dict[str, Any]) -> RunFile:
             fault.vm = vm
             _range(f"{where}.nth", fault.nth, 1, 1_000_000)
         if "at_time" in fl:
-            fault.at_time = float(fl["at_time"])
-            _range(f"{where}.at_time", fault.at_time, 0, 3600)
+            fault.at_time = _seconds(f"{where}.at_time", fl["at_time"])
         faults.append(fault)
     scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
     _range("scenario.timeout", scen.get("timeout", 60.0), 0.1, 86400)
+    if timed:
+        _fire_before(faults, float(scen.get("timeout", 60.0)))
     return RunFile(
         topology=topology,
         name=run.get("name", "vsva"),

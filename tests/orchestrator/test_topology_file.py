@@ -110,6 +110,7 @@ def test_examples_parse():
             " per device (1 passthrough + 2 mediated)",
         ),
         ("[[vms]]\nram_pages = 352\ndevices = { mediated = 8 }", "vms[0].ram_pages: 352 out of range [353,"),
+        ("[[faults]]\nrandom = true\nwindow = -1", "faults[0].window: -1 out of range [0, 3600]"),
         ("[run\n", "not valid TOML"),
         ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
         ("x = " + "{a = " * 500 + "1" + "}" * 500, "nested too deeply"),
@@ -217,3 +218,29 @@ def test_ram_larger_than_one_message_holds_is_refused(tmp_path, command):
         "vms[0].ram_pages: 131073 out of range [161, 131072]; the guest's RAM frame list "
         "(up to 5 bytes a page) travels in one message of at most 1048576 bytes",
     )
+
+
+@pytest.mark.parametrize(
+    "fault,line",
+    [
+        (
+            'kill = "kvm"\nat_time = 30',
+            "faults[0].at_time: 30 s is not before scenario.timeout (30 s), when the run has ended",
+        ),
+        (
+            "random = true\nwindow = 45.5",
+            "faults[0].window: the random time in [0, 45.5) s may fall after scenario.timeout (30 s), "
+            "when the run has ended",
+        ),
+    ],
+)
+def test_run_refuses_a_fault_timed_after_its_timeout(tmp_path, fault, line):
+    """vsva run ends at scenario.timeout: such a fault was accepted and only reported 'not
+    fired' at the end of a run that had waited for it until the timeout."""
+    assert_refused(tmp_path, "run", f"[[faults]]\n{fault}\n[scenario]\ntimeout = 30\n", line)
+
+
+def test_a_live_topology_takes_a_fault_at_any_time():
+    """vsva up runs until down: scenario.timeout is not its end, an at_time past it fires."""
+    (fault,) = loads('[[faults]]\nkill = "kvm"\nat_time = 90\n[scenario]\ntimeout = 30\n').faults
+    assert fault.at_time == 90.0
