@@ -346,6 +346,12 @@ WORKLOADS = {
     "churn": churn,
 }
 
+# What a workload needs of its VM that the topology file cannot leave to chance: the mediated
+# devices it runs on (demo binds one PASID to two mdevs, churn runs on one), and whether it
+# keeps every PASID it allocates (bind_many: one a round, so its iterations fit its quota).
+MEDIATED_NEEDED = {"demo": 2, "churn": 1}
+KEEPS_PASIDS = frozenset({"bind_many"})
+
 from vsva.actors.scale_workloads import SCALE_WORKLOADS  # noqa: E402 (they compose the above)
 
 WORKLOADS.update(SCALE_WORKLOADS)

@@ -166,6 +166,21 @@ def _range(where: str, value: float, lo: float, hi: float, why: str = "") -> Non
         raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]{why}")
 
 
+def _workload_fits(where: str, workload: str, mediated: int, iterations: int, quota: int) -> None:
+    """The VM gives its workload what it needs (vsva.actors.guest.workloads: MEDIATED_NEEDED,
+    KEEPS_PASIDS); else the workload would fail at its first step that lacks it."""
+    from vsva.actors.guest.workloads import KEEPS_PASIDS, MEDIATED_NEEDED
+
+    need = MEDIATED_NEEDED.get(workload, 0)
+    if mediated < need:
+        raise TopologyError(f"{where}: workload {workload!r} needs devices.mediated >= {need}")
+    if workload in KEEPS_PASIDS and iterations > quota:
+        raise TopologyError(
+            f"{where}: workload {workload!r} keeps the PASID of every round: iterations ({iterations}) "
+            f"must be at most quota ({quota})"
+        )
+
+
 def _seconds(where: str, value: float) -> float:
     """A fault's time (at_time, window): seconds after the workloads started, up to an hour."""
     _range(where, value, 0, 3600)
@@ -293,13 +308,12 @@ def parse(data: dict[str, Any], timed: bool = False) -> RunFile:
         mediated = devs.get("mediated", VM.mediated)
         _range(f"{where}.devices.mediated", mediated, 0, 8)
         workload = _choice(f"{where}.workload", vm.get("workload", VM.workload), tuple(WORKLOADS), "workload")
-        if workload == "demo" and mediated < 2:
-            raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
         iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
         ram = _ram_pages(f"{where}.ram_pages", vm.get("ram_pages", VM.ram_pages), mediated)
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
+        _workload_fits(where, workload, mediated, iterations, quota)
         guest_death[vid] = _member(
             f"{where}.on_guest_death",
             vm.get("on_guest_death", VM.on_guest_death),

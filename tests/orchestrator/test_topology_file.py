@@ -93,6 +93,14 @@ def test_examples_parse():
         ("[[vms]]\ndevices = { passthrough = 2 }", "exactly 1 passthrough"),
         ("[[vms]]\ndevices = { mediated = 1 }", "workload 'demo' needs devices.mediated >= 2"),
         ("[[vms]]\ndevices = { gpu = 1 }", "vms[0].devices: unknown key 'gpu'"),
+        (
+            '[[vms]]\nworkload = "churn"\ndevices = { mediated = 0 }',
+            "vms[0]: workload 'churn' needs devices.mediated >= 1",
+        ),
+        (
+            '[[vms]]\nworkload = "bind_many"\nquota = 8\niterations = 9',
+            "vms[0]: workload 'bind_many' keeps the PASID of every round: iterations (9) must be at most quota (8)",
+        ),
         ('[[vms]]\non_guest_death = "reboot"', "unknown on_guest_death 'reboot'; valid: stop, restart"),
         ('[[hosts]]\nname = "h1"\n[[hosts]]\nname = "h2"', "2 hosts given"),
         ('[[faults]]\nkill = "vm9.vmm"\nat_time = 1.0', "faults[0].kill: no actor 'vm9.vmm'"),
