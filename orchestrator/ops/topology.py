@@ -12,10 +12,12 @@ from typing import Any
 
 from vsva.actors.catalogue import ORCHESTRATOR, binding_bytes
 from vsva.actors.guest.kernel import reserved_frames
+from vsva.actors.guest.workloads import tables_kept
+from vsva.actors.memory import radix_tables
 from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.hotpath.layout import ENTRIES_PER_TABLE, LEVELS, PASID_DIR_FRAMES, PASID_MAX
+from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.config import RUN, VM, Allocator, RunConfig, VmConfig
 from vsva.ops.pacing import request_timeouts, resync_pages
 from vsva.runtime.endpoints import Transport
@@ -36,24 +38,12 @@ WORKLOAD_PAGES = 64
 MAX_RAM_PAGES = MAX_FRAME // 8
 
 
-def min_ram_pages(devices: int) -> int:
+def min_ram_pages(devices: int, workload: str = "", iterations: int = 0) -> int:
     """The fewest guest RAM pages a VM with `devices` devices (its passthrough function and
-    mediated devices) boots and runs its workload in: the guest keeps one PASID directory
-    per device at the bottom of its RAM (vsva.actors.guest.kernel.reserved_frames), and the
-    workload's processes map the rest."""
-    return reserved_frames(devices) + WORKLOAD_PAGES
-
-
-def sl_tables(pages: int) -> int:
-    """The second-level tables the host builds to map `pages` guest pages from GPA 0: at each
-    of the LEVELS levels one table per ENTRIES_PER_TABLE entries of the level below (the
-    root included). A fixed 16 a VM held a RAM of up to ~8 MiB; a larger RAM's tables ate
-    the next VM's frames (its vfio_open failed: 'ram_pages or quota out of range')."""
-    tables = 0
-    for _ in range(LEVELS):
-        pages = -(-pages // ENTRIES_PER_TABLE)
-        tables += pages
-    return tables
+    mediated devices) boots and runs `iterations` rounds of `workload` in: the guest keeps
+    one PASID directory per device at the bottom of its RAM (reserved_frames), the workload's
+    processes map the rest, and some keep page tables that grow with the rounds (tables_kept)."""
+    return reserved_frames(devices) + WORKLOAD_PAGES + tables_kept(workload, iterations)
 
 
 def guest_name(vm: int) -> str:
@@ -216,9 +206,10 @@ def build_topology(
             )
         )
     physical = sum(1 for d in devices.values() if "parent" not in d)
-    # RAM, its second-level tables and 16 spare per VM; a PASID directory plus its tables per
-    # physical device.
-    ram = sum(v.ram_pages + sl_tables(v.ram_pages) + 16 for v in per_vm)
+    # RAM, the second-level tables mapping it and 16 spare per VM (a fixed 16 held ~8 MiB of
+    # RAM's tables; a larger RAM's ate the next VM's frames: its vfio_open failed); a PASID
+    # directory plus its tables per physical device.
+    ram = sum(v.ram_pages + radix_tables(v.ram_pages) + 16 for v in per_vm)
     frames = 1 + ram + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
     return Topology(
         actors=actors,

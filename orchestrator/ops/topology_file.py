@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from vsva.actors.guest.workloads import tables_kept
 from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
@@ -200,15 +201,17 @@ def _fire_before(faults: list[Fault], timeout: float) -> None:
             raise TopologyError(f"faults[{i}].at_time: {f.at_time:g} s is not before {ends}")
 
 
-def _ram_pages(where: str, ram: int, mediated: int) -> int:
-    """`ram` if a VM with `mediated` mediated devices runs in that many guest pages; else the
-    error says which bound and why (neither is visible from the file)."""
-    lo = min_ram_pages(1 + mediated)
+def _ram_pages(where: str, ram: int, mediated: int, workload: str, iterations: int) -> int:
+    """`ram` if a VM with `mediated` mediated devices runs `iterations` rounds of `workload`
+    in that many guest pages; else the error says which bound and why (neither is visible
+    from the file)."""
+    lo = min_ram_pages(1 + mediated, workload, iterations)
     if ram < lo:
+        kept = tables_kept(workload, iterations)
         why = (
             f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
             f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
-        )
+        ) + (f", and {workload!r} keeps {kept} page tables for {iterations} iterations" if kept else "")
     else:
         why = f"; the guest's RAM frame list (up to 5 bytes a page) travels in one message of at most {MAX_FRAME} bytes"
     _range(where, ram, lo, MAX_RAM_PAGES, why)
@@ -310,7 +313,9 @@ def parse(data: dict[str, Any], timed: bool = False) -> RunFile:
         workload = _choice(f"{where}.workload", vm.get("workload", VM.workload), tuple(WORKLOADS), "workload")
         iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
-        ram = _ram_pages(f"{where}.ram_pages", vm.get("ram_pages", VM.ram_pages), mediated)
+        ram = _ram_pages(
+            f"{where}.ram_pages", vm.get("ram_pages", VM.ram_pages), mediated, workload, iterations
+        )
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
         _workload_fits(where, workload, mediated, iterations, quota)

@@ -119,6 +119,12 @@ def test_examples_parse():
         ),
         ("[[vms]]\nram_pages = 352\ndevices = { mediated = 8 }", "vms[0].ram_pages: 352 out of range [353,"),
         ("[[faults]]\nrandom = true\nwindow = -1", "faults[0].window: -1 out of range [0, 3600]"),
+        (
+            '[[vms]]\nworkload = "fault_loop"\niterations = 4000\nram_pages = 226',
+            "vms[0].ram_pages: 226 out of range [227, 131072]; the guest keeps a PASID directory (32 pages) per "
+            "device (1 passthrough + 2 mediated) and a workload maps up to 64 pages, and 'fault_loop' keeps 66 "
+            "page tables for 4000 iterations",
+        ),
         ("[run\n", "not valid TOML"),
         ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
         ("x = " + "{a = " * 500 + "1" + "}" * 500, "nested too deeply"),
@@ -138,6 +144,16 @@ def test_every_accepted_mediated_count_runs(mediated, ram_pages):
     from vsva.ops.demo import report, run_session
 
     topology = loads(f"[[vms]]\nram_pages = {ram_pages}\ndevices = {{ mediated = {mediated} }}").topology
+    rep = report(run_session(topology, runtime="sim"), topology, "sim")
+    assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
+
+
+def test_fault_loop_runs_in_the_least_ram_accepted_for_its_iterations():
+    """fault_loop keeps a page table a 64 rounds: 4000 rounds outgrew the RAM accepted for
+    any workload (161 pages: the F7 fill's page request failed, 'page response 2')."""
+    from vsva.ops.demo import report, run_session
+
+    topology = loads('[[vms]]\nworkload = "fault_loop"\niterations = 4000\nram_pages = 227').topology
     rep = report(run_session(topology, runtime="sim"), topology, "sim")
     assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
 
