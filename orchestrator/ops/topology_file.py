@@ -60,6 +60,10 @@ from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
 MAX_ITERATIONS = 1_000_000  # a guest keeps every step of its workload (~1 KB a round)
+# PASIDs the VMs' workloads keep bound (KEEPS_PASIDS) in all: the host's snapshot of every
+# binding (what the audit checks) travels in one message of at most MAX_FRAME, ~60 bytes a
+# binding (measured: 482 KB for 8192); beyond ~17000 the audit had no snapshot.
+MAX_KEPT_PASIDS = MAX_FRAME // 128
 
 RUN_KEYS = {
     "seed": int,
@@ -182,6 +186,19 @@ def _workload_fits(where: str, workload: str, mediated: int, iterations: int, qu
         )
 
 
+def _kept_pasids_fit(per_vm: list[VmConfig]) -> None:
+    """The PASIDs the workloads keep bound fit the host's snapshot (MAX_KEPT_PASIDS)."""
+    from vsva.actors.guest.workloads import KEEPS_PASIDS
+
+    kept = sum(v.iterations for v in per_vm if v.workload in KEEPS_PASIDS)
+    if kept > MAX_KEPT_PASIDS:
+        raise TopologyError(
+            f"vms: the workloads keep {kept} PASIDs bound in all (iterations of {', '.join(sorted(KEEPS_PASIDS))}); "
+            f"at most {MAX_KEPT_PASIDS}: the host's snapshot of every binding (the audit's) travels in one "
+            f"message of at most {MAX_FRAME} bytes"
+        )
+
+
 def _seconds(where: str, value: float) -> float:
     """A fault's time (at_time, window): seconds after the workloads started, up to an hour."""
     _range(where, value, 0, 3600)
@@ -211,7 +228,7 @@ def _ram_pages(where: str, ram: int, mediated: int, workload: str, iterations: i
         why = (
             f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
             f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
-        ) + (f", and {workload!r} keeps {kept} page tables for {iterations} iterations" if kept else "")
+        ) + (f", and {workload!r} keeps {kept} table pages for {iterations} iterations" if kept else "")
     else:
         why = f"; the guest's RAM frame list (up to 5 bytes a page) travels in one message of at most {MAX_FRAME} bytes"
     _range(where, ram, lo, MAX_RAM_PAGES, why)
@@ -337,6 +354,7 @@ def parse(data: dict[str, Any], timed: bool = False) -> RunFile:
                 on_guest_death=guest_death[vid],
             )
         )
+    _kept_pasids_fit(per_vm)
     topology = build_topology(per_vm, config)
     try:
         check(topology)

@@ -123,7 +123,12 @@ def test_examples_parse():
             '[[vms]]\nworkload = "fault_loop"\niterations = 4000\nram_pages = 226',
             "vms[0].ram_pages: 226 out of range [227, 131072]; the guest keeps a PASID directory (32 pages) per "
             "device (1 passthrough + 2 mediated) and a workload maps up to 64 pages, and 'fault_loop' keeps 66 "
-            "page tables for 4000 iterations",
+            "table pages for 4000 iterations",
+        ),
+        (
+            '[[vms]]\nworkload = "bind_many"\niterations = 4097\nquota = 4097\n' * 2,
+            "vms: the workloads keep 8194 PASIDs bound in all (iterations of bind_many); at most 8192: the host's "
+            "snapshot of every binding (the audit's) travels in one message of at most 1048576 bytes",
         ),
         ("[run\n", "not valid TOML"),
         ("[[vms]]\nid = 1\nx = " + "[" * 500 + "]" * 500, "nested too deeply"),
@@ -154,6 +159,17 @@ def test_fault_loop_runs_in_the_least_ram_accepted_for_its_iterations():
     from vsva.ops.demo import report, run_session
 
     topology = loads('[[vms]]\nworkload = "fault_loop"\niterations = 4000\nram_pages = 227').topology
+    rep = report(run_session(topology, runtime="sim"), topology, "sim")
+    assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
+
+
+def test_bind_many_keeping_the_most_pasids_accepted_runs():
+    """2 x 4096 PASIDs kept bound, the most accepted: the host's snapshot of 20000 was 1.19 MB,
+    more than a message holds, and the audit had none (the deterministic runtime raised)."""
+    from vsva.ops.demo import report, run_session
+
+    vm = '[[vms]]\nworkload = "bind_many"\niterations = 4096\nquota = 4096\n'
+    topology = loads(vm * 2).topology
     rep = report(run_session(topology, runtime="sim"), topology, "sim")
     assert rep["ok"], (rep["steps"]["failed"], rep["audit"])
 
