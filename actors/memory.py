@@ -218,6 +218,17 @@ class FrameAllocator:
         return len(self.free)
 
 
+def radix_tables(pages: int) -> int:
+    """The tables a RadixTable builds to map `pages` contiguous, aligned pages: at each of the
+    LEVELS levels one table per ENTRIES_PER_TABLE entries of the level below (the root
+    included)."""
+    tables = 0
+    for _ in range(LEVELS):
+        pages = -(-pages // ENTRIES_PER_TABLE)
+        tables += pages
+    return tables
+
+
 class RadixTable:
     """A 4-level radix page table in some address space (x86-64 first level or VT-d second level).
 

@@ -147,7 +147,7 @@ class HandGuest:
         self.name, self.vmm = guest_name(vm), vmm_name(vm)
         info = self.ask(self.vmm, VmInfo())
         assert info["ret"] == 0, info
-        self.kernel = GuestKernel(GuestRam(rt.mem, info["ram_frames"]))
+        self.kernel = GuestKernel(GuestRam(rt.mem, info["ram_frames"]), len(info["devices"]))
         self.devices, self.mdevs = info["devices"], set(info["mdevs"])
         self.dirs: dict[str, PasidDirectory] = {}
         for dev in devices if devices is not None else self.devices:

@@ -191,7 +191,7 @@ class Guest(Actor):
         ret: int = info["ret"]
         if ret:
             return ret
-        self.kernel = GuestKernel(GuestRam(self.memory, info["ram_frames"]))
+        self.kernel = GuestKernel(GuestRam(self.memory, info["ram_frames"]), len(info["devices"]))
         for dev in info["devices"]:
             pdir = self.kernel.alloc_contiguous(PASID_DIR_FRAMES)
             self.pasid_dirs[dev] = PasidDirectory(self.kernel.ram, pdir, self.kernel.alloc_page)

@@ -11,6 +11,12 @@ from vsva.actors.uapi import IOMMU_PAGE_RESP_FAILURE, IOMMU_PAGE_RESP_INVALID, I
 from vsva.hotpath.layout import ADDR_MASK, FL_P, FL_RW, FL_US, PAGE_SHIFT, PAGE_SIZE, PASID_DIR_FRAMES
 
 
+def reserved_frames(directories: int) -> int:
+    """The low guest frames kept for `directories` PASID directories: frame 0 (unused) and
+    PASID_DIR_FRAMES contiguous frames for each."""
+    return 1 + directories * PASID_DIR_FRAMES
+
+
 @dataclass
 class Process:
     """A guest process: its mm (CR3 and first-level tables) and what it holds."""
@@ -31,9 +37,14 @@ class Process:
 class GuestKernel:
     """Guest memory management: the page allocator, process address spaces, CPU accesses."""
 
-    def __init__(self, ram: GuestRam):
+    def __init__(self, ram: GuestRam, directories: int):
+        """`directories`: how many PASID directories the guest will program (one per device
+        of the VM). Their guest-contiguous frames are kept at the bottom of RAM (frame 0
+        left unused), sized for exactly that many, so any number of devices fits a RAM of
+        reserved_frames(directories) plus what the workload maps."""
         self.ram = ram
-        self.pages = FrameAllocator(range(len(ram.frames) - 1, PASID_DIR_FRAMES * 4, -1))
+        self.contiguous_end = reserved_frames(directories)
+        self.pages = FrameAllocator(range(len(ram.frames) - 1, self.contiguous_end - 1, -1))
         self.contiguous_next = 1  # low GPA frames are kept for PASID directories
         self.procs: dict[int, Process] = {}
 
@@ -46,7 +57,7 @@ class GuestKernel:
     def alloc_contiguous(self, count: int) -> int:
         """`count` guest-contiguous pages (a PASID directory); returns the GPA of the first."""
         first = self.contiguous_next
-        if first + count > PASID_DIR_FRAMES * 4:
+        if first + count > self.contiguous_end:
             raise MemoryError("no room for another PASID directory")
         self.contiguous_next += count
         for gfn in range(first, first + count):

@@ -13,6 +13,7 @@ from vsva.actors import errno as E
 from vsva.actors.base import Steps
 from vsva.actors.catalogue import VcmdFree
 from vsva.actors.guest.kernel import Process
+from vsva.actors.memory import radix_tables
 from vsva.actors.uapi import IOMMU_PAGE_RESP_INVALID
 from vsva.hotpath.layout import ADDR_MASK, FL_P, PAGE_SHIFT, PAGE_SIZE
 
@@ -260,6 +261,16 @@ def bind_many(g: Guest) -> Steps[None]:
         yield from g.bind(proc, dev, pasid)
 
 
+FAULT_PAGES = 8  # fault_loop's pages a round (config fault_pages)
+
+
+def tables_kept(workload: str, iterations: int) -> int:
+    """Page-table pages `workload` allocates over `iterations` rounds and never frees:
+    fault_loop maps FAULT_PAGES fresh pages a round at ever higher addresses and gives the
+    pages back, not the tables that mapped them (~1 a 64 rounds)."""
+    return radix_tables(FAULT_PAGES * iterations) if workload == "fault_loop" else 0
+
+
 def fault_loop(g: Guest) -> Steps[None]:
     """Bind one PASID, then for `iterations` rounds map `fault_pages` fresh untouched pages and
     fill them by DMA (one page request each), data checked; the round times are recorded
@@ -269,7 +280,7 @@ def fault_loop(g: Guest) -> Steps[None]:
     pasid = yield from g.alloc_pasid(proc, pf)
     if not pasid or (yield from g.bind(proc, pf, pasid))["ret"]:
         return
-    pages, rounds, faults, started = int(g.config.get("fault_pages", 8)), [], 0, g.now
+    pages, rounds, faults, started = int(g.config.get("fault_pages", FAULT_PAGES)), [], 0, g.now
     order = max(0, (pages - 1).bit_length())
     for n in range(int(g.config.get("iterations", 100))):
         base = 0x1_0000_0000 + n * (PAGE_SIZE << order)  # aligned: one flush covers the range
@@ -345,6 +356,12 @@ WORKLOADS = {
     "bind_many": bind_many,
     "churn": churn,
 }
+
+# What a workload needs of its VM that the topology file cannot leave to chance: the mediated
+# devices it runs on (demo binds one PASID to two mdevs, churn runs on one), and whether it
+# keeps every PASID it allocates (bind_many: one a round, so its iterations fit its quota).
+MEDIATED_NEEDED = {"demo": 2, "churn": 1}
+KEEPS_PASIDS = frozenset({"bind_many"})
 
 from vsva.actors.scale_workloads import SCALE_WORKLOADS  # noqa: E402 (they compose the above)
 

@@ -65,16 +65,17 @@ STATE_DIR = typer.Option(
 )
 
 
-def load_run(topology: str | None) -> RunFile:
+def load_run(topology: str | None, timed: bool = False) -> RunFile:
     """The topology or scenario file (default: the two-VM demo topology), or exit 2 with its
     error: the default topology is held to this machine's capacity here, as a file's is when
-    it loads, so that `vsva up` refuses it in this terminal rather than in the supervisor's log."""
+    it loads, so that `vsva up` refuses it in this terminal rather than in the supervisor's log.
+    `timed`: the run ends at the file's scenario.timeout (`vsva run`; topology_file.parse)."""
     from vsva.ops.capacity import CapacityError, check
     from vsva.ops.topology_file import TopologyError, default_run, load
 
     try:
         if topology:
-            return load(topology)
+            return load(topology, timed)
         run = default_run()
         check(run.topology)
         return run

@@ -115,7 +115,7 @@ def run(
     from vsva.ops.launcher import LaunchStopped
     from vsva.ops.scenario import render, run_scenario
 
-    run_file = load_run(scenario)
+    run_file = load_run(scenario, timed=True)
     for spec in run_file.topology.actors if kernel is not None else ():
         if spec.kind == "host":
             spec.config["kernel"] = kernel

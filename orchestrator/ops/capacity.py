@@ -57,13 +57,17 @@ def raise_fd_limit() -> int:
 
 def needs(topology: Topology) -> dict[str, int]:
     """What the topology needs: descriptors of the busiest process (the launcher and the
-    host talk to every actor), memory in MB, shared memory in bytes, processes."""
+    host talk to every actor), memory in MB, shared memory in bytes, processes. The shared
+    memory counts in the memory too: the host zeroes every frame of a VM's RAM as it opens
+    the VM, so the whole file becomes resident, and tmpfs pages are RAM (a /dev/shm as large
+    as RAM took a topology that did not fit it)."""
     actors = len(topology.actors)
     vms = len(topology.vms)
+    shm = topology.mem_frames * PAGE_SIZE
     return {
         "fds": FDS_BASE + FDS_PER_PEER * (actors + 1),
-        "memory_mb": MB_BASE + MB_PER_ACTOR * actors + MB_PER_VM_SHARED * 3 * vms,
-        "shm_bytes": topology.mem_frames * PAGE_SIZE,
+        "memory_mb": MB_BASE + MB_PER_ACTOR * actors + MB_PER_VM_SHARED * 3 * vms + (shm >> 20),
+        "shm_bytes": shm,
         "processes": actors + 1,
     }
 
@@ -88,10 +92,10 @@ def check(topology: Topology, base_dir: str | None = None) -> None:
         raise CapacityError(f"{vms} VMs; at most {MAX_VMS}")
     _check_socket_paths(topology, base_dir)
     need, have = needs(topology), limits()
-    why = {
+    why = {  # /dev/shm before memory, which includes it: the narrower limit is named
         "fds": "file descriptors per process (RLIMIT_NOFILE, hard limit)",
-        "memory_mb": "MB of available memory (MemAvailable)",
         "shm_bytes": f"bytes free in {SHM_DIR} for the shared-memory file",
+        "memory_mb": "MB of available memory (MemAvailable)",
         "processes": "processes (RLIMIT_NPROC)",
     }
     for key, what in why.items():

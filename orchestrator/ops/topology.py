@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsva.actors.catalogue import ORCHESTRATOR, binding_bytes
+from vsva.actors.guest.kernel import reserved_frames
+from vsva.actors.guest.workloads import tables_kept
+from vsva.actors.memory import radix_tables
+from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
 from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
@@ -25,6 +29,21 @@ VDCM = "vdcm"
 ORCH = ORCHESTRATOR
 PER_VM_KINDS = ("guest", "vmm")  # one of each per VM; the other kinds serve every VM
 ACCEL = "dsa0"  # the SIOV-style accelerator whose mediated devices vdcm composes
+# The most guest pages a workload maps beyond the PASID directories (measured on the
+# deterministic runtime at the default iterations: demo 47, fault_loop 47, churn 10).
+WORKLOAD_PAGES = 64
+# The guest's RAM is a list of host frames that travels whole in one message (vm_start's
+# reply, vm_info), each frame number up to 5 bytes of msgpack, and no frame exceeds
+# MAX_FRAME (1 MiB): 131072 pages (512 MiB) take at most 640 KiB, leaving room for the rest.
+MAX_RAM_PAGES = MAX_FRAME // 8
+
+
+def min_ram_pages(devices: int, workload: str = "", iterations: int = 0) -> int:
+    """The fewest guest RAM pages a VM with `devices` devices (its passthrough function and
+    mediated devices) boots and runs `iterations` rounds of `workload` in: the guest keeps
+    one PASID directory per device at the bottom of its RAM (reserved_frames), the workload's
+    processes map the rest, and some keep page tables that grow with the rounds (tables_kept)."""
+    return reserved_frames(devices) + WORKLOAD_PAGES + tables_kept(workload, iterations)
 
 
 def guest_name(vm: int) -> str:
@@ -187,8 +206,11 @@ def build_topology(
             )
         )
     physical = sum(1 for d in devices.values() if "parent" not in d)
-    # RAM and second-level tables per VM; a PASID directory plus its tables per physical device.
-    frames = 1 + sum(v.ram_pages + 16 for v in per_vm) + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
+    # RAM, the second-level tables mapping it and 16 spare per VM (a fixed 16 held ~8 MiB of
+    # RAM's tables; a larger RAM's ate the next VM's frames: its vfio_open failed); a PASID
+    # directory plus its tables per physical device.
+    ram = sum(v.ram_pages + radix_tables(v.ram_pages) + 16 for v in per_vm)
+    frames = 1 + ram + physical * (PASID_DIR_FRAMES + len(per_vm) + 8) + 256
     return Topology(
         actors=actors,
         mem_frames=frames,

@@ -27,13 +27,15 @@
     at_flow = "F7"             # ... the nth time VM `vm`'s flow step starts (the guest reports it)
     vm = 2
     nth = 3
-    # or: at_time = 1.5        # s after the workloads started
+    # or: at_time = 1.5        # s (0 to 3600) after the workloads started
     # or: random = true        # a random actor at a random time in [0, window), from `seed`
 
     [scenario]                 # scenarios only
-    timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this
+    timeout = 60.0             # s (0.1 to 86400): the run ends, and fails, after this; `vsva
+                               # run` refuses an at_time not before it, a window past it
 
-Every unknown key, wrong type or out-of-range value is an error naming its place in the
+A file that defines nothing (empty, or only comments) is refused: the defaults are what no
+file gives. Every unknown key, wrong type or out-of-range value is an error naming its place in the
 file (`vms[2].workload: unknown workload 'x'; valid: ...`). `transport = "tcp"` binds every
 actor's ROUTER at `tcp://127.0.0.1:<port>` (a kernel-chosen free port, published in the run
 directory; see vsva.runtime.loop); nothing listens beyond loopback.
@@ -45,17 +47,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from vsva.actors.guest.workloads import tables_kept
+from vsva.actors.messages import MAX_FRAME
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.hotpath.layout import PASID_MAX
+from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
-from vsva.ops.topology import HOST, Topology, build_topology
+from vsva.ops.topology import HOST, MAX_RAM_PAGES, WORKLOAD_PAGES, Topology, build_topology, min_ram_pages
 from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
 MAX_ITERATIONS = 1_000_000  # a guest keeps every step of its workload (~1 KB a round)
+# PASIDs the VMs' workloads keep bound (KEEPS_PASIDS) in all: the host's snapshot of every
+# binding (what the audit checks) travels in one message of at most MAX_FRAME, ~60 bytes a
+# binding (measured: 482 KB for 8192); beyond ~17000 the audit had no snapshot.
+MAX_KEPT_PASIDS = MAX_FRAME // 128
 
 RUN_KEYS = {
     "seed": int,
@@ -156,13 +164,80 @@ def _member(where: str, value: str, enum: type[E], what: str) -> E:
     return enum(_choice(where, value, tuple(e.value for e in enum), what))
 
 
-def _range(where: str, value: float, lo: float, hi: float) -> None:
+def _range(where: str, value: float, lo: float, hi: float, why: str = "") -> None:
+    """TopologyError unless lo <= value <= hi; `why` (e.g. "; at least ... because ...")
+    ends the message where a bound is not self-evident."""
     if not lo <= value <= hi:
-        raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]")
+        raise TopologyError(f"{where}: {value} out of range [{lo}, {hi}]{why}")
 
 
-def load(path: str) -> RunFile:
-    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT)."""
+def _workload_fits(where: str, workload: str, mediated: int, iterations: int, quota: int) -> None:
+    """The VM gives its workload what it needs (vsva.actors.guest.workloads: MEDIATED_NEEDED,
+    KEEPS_PASIDS); else the workload would fail at its first step that lacks it."""
+    from vsva.actors.guest.workloads import KEEPS_PASIDS, MEDIATED_NEEDED
+
+    need = MEDIATED_NEEDED.get(workload, 0)
+    if mediated < need:
+        raise TopologyError(f"{where}: workload {workload!r} needs devices.mediated >= {need}")
+    if workload in KEEPS_PASIDS and iterations > quota:
+        raise TopologyError(
+            f"{where}: workload {workload!r} keeps the PASID of every round: iterations ({iterations}) "
+            f"must be at most quota ({quota})"
+        )
+
+
+def _kept_pasids_fit(per_vm: list[VmConfig]) -> None:
+    """The PASIDs the workloads keep bound fit the host's snapshot (MAX_KEPT_PASIDS)."""
+    from vsva.actors.guest.workloads import KEEPS_PASIDS
+
+    kept = sum(v.iterations for v in per_vm if v.workload in KEEPS_PASIDS)
+    if kept > MAX_KEPT_PASIDS:
+        raise TopologyError(
+            f"vms: the workloads keep {kept} PASIDs bound in all (iterations of {', '.join(sorted(KEEPS_PASIDS))}); "
+            f"at most {MAX_KEPT_PASIDS}: the host's snapshot of every binding (the audit's) travels in one "
+            f"message of at most {MAX_FRAME} bytes"
+        )
+
+
+def _seconds(where: str, value: float) -> float:
+    """A fault's time (at_time, window): seconds after the workloads started, up to an hour."""
+    _range(where, value, 0, 3600)
+    return float(value)
+
+
+def _fire_before(faults: list[Fault], timeout: float) -> None:
+    """Every timed fault can fire before the run ends at `timeout`: an at_time at or after
+    it, or a random one's window reaching past it, would be reported 'not fired' at the end."""
+    ends = f"scenario.timeout ({timeout:g} s), when the run has ended"
+    for i, f in enumerate(faults):
+        if f.random and f.window > timeout:
+            raise TopologyError(
+                f"faults[{i}].window: the random time in [0, {f.window:g}) s may fall after {ends}"
+            )
+        if f.at_time is not None and f.at_time >= timeout:
+            raise TopologyError(f"faults[{i}].at_time: {f.at_time:g} s is not before {ends}")
+
+
+def _ram_pages(where: str, ram: int, mediated: int, workload: str, iterations: int) -> int:
+    """`ram` if a VM with `mediated` mediated devices runs `iterations` rounds of `workload`
+    in that many guest pages; else the error says which bound and why (neither is visible
+    from the file)."""
+    lo = min_ram_pages(1 + mediated, workload, iterations)
+    if ram < lo:
+        kept = tables_kept(workload, iterations)
+        why = (
+            f"; the guest keeps a PASID directory ({PASID_DIR_FRAMES} pages) per device "
+            f"(1 passthrough + {mediated} mediated) and a workload maps up to {WORKLOAD_PAGES} pages"
+        ) + (f", and {workload!r} keeps {kept} table pages for {iterations} iterations" if kept else "")
+    else:
+        why = f"; the guest's RAM frame list (up to 5 bytes a page) travels in one message of at most {MAX_FRAME} bytes"
+    _range(where, ram, lo, MAX_RAM_PAGES, why)
+    return ram
+
+
+def load(path: str, timed: bool = False) -> RunFile:
+    """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT);
+    `timed`: it runs until its scenario.timeout (`vsva run`; see parse)."""
     try:
         text = read_limited(path, TOML_LIMIT).decode("utf-8")
     except FileNotFoundError:
@@ -177,24 +252,31 @@ def load(path: str) -> RunFile:
     except UserFileError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     try:
-        run = loads(text)
+        run = loads(text, timed)
     except TopologyError as exc:
         raise TopologyError(f"{path}: {exc}") from None
     run.source = path
     return run
 
 
-def loads(text: str) -> RunFile:
+def loads(text: str, timed: bool = False) -> RunFile:
     try:
         data = parse_toml(text)
     except UserFileError as exc:
         raise TopologyError(str(exc)) from None
-    return parse(data)
+    return parse(data, timed)
 
 
-def parse(data: dict[str, Any]) -> RunFile:
+def parse(data: dict[str, Any], timed: bool = False) -> RunFile:
+    """The RunFile the data describes. `timed`: the run ends at its scenario.timeout (`vsva
+    run`), so a fault timed at or after it could never fire and is refused; a live topology
+    (`vsva up`) runs until `down`, and any time of a fault is reachable."""
     from vsva.actors.guest import WORKLOADS
 
+    if not data:  # the defaults are what no file gives: a file has to say something
+        raise TopologyError(
+            f"defines nothing (no {', '.join(sorted(TOP_KEYS))}); omit the file for the default topology"
+        )
     for key in data:
         if key not in TOP_KEYS:
             raise TopologyError(f"unknown section {key!r}; valid: {', '.join(sorted(TOP_KEYS))}")
@@ -246,14 +328,14 @@ def parse(data: dict[str, Any]) -> RunFile:
         mediated = devs.get("mediated", VM.mediated)
         _range(f"{where}.devices.mediated", mediated, 0, 8)
         workload = _choice(f"{where}.workload", vm.get("workload", VM.workload), tuple(WORKLOADS), "workload")
-        if workload == "demo" and mediated < 2:
-            raise TopologyError(f"{where}: workload 'demo' needs devices.mediated >= 2")
         iterations = vm.get("iterations", VM.iterations)
         _range(f"{where}.iterations", iterations, 1, MAX_ITERATIONS)
-        ram = vm.get("ram_pages", VM.ram_pages)
-        _range(f"{where}.ram_pages", ram, 128, 1 << 20)
+        ram = _ram_pages(
+            f"{where}.ram_pages", vm.get("ram_pages", VM.ram_pages), mediated, workload, iterations
+        )
         quota = vm.get("quota", VM.quota)
         _range(f"{where}.quota", quota, 1, PASID_MAX - 1)
+        _workload_fits(where, workload, mediated, iterations, quota)
         guest_death[vid] = _member(
             f"{where}.on_guest_death",
             vm.get("on_guest_death", VM.on_guest_death),
@@ -272,6 +354,7 @@ def parse(data: dict[str, Any]) -> RunFile:
                 on_guest_death=guest_death[vid],
             )
         )
+    _kept_pasids_fit(per_vm)
     topology = build_topology(per_vm, config)
     try:
         check(topology)
@@ -303,7 +386,7 @@ def parse(data: dict[str, Any]) -> RunFile:
             nth=fl.get("nth", 1),
             random=fl.get("random", False),
             seed=fl.get("seed", seed),
-            window=float(fl.get("window", 1.0)),
+            window=_seconds(f"{where}.window", fl.get("window", 1.0)),
             signal=_choice(f"{where}.signal", fl.get("signal", "KILL"), ("KILL", "TERM"), "signal"),
         )
         if "at_flow" in fl:
@@ -314,11 +397,12 @@ def parse(data: dict[str, Any]) -> RunFile:
             fault.vm = vm
             _range(f"{where}.nth", fault.nth, 1, 1_000_000)
         if "at_time" in fl:
-            fault.at_time = float(fl["at_time"])
-            _range(f"{where}.at_time", fault.at_time, 0, 3600)
+            fault.at_time = _seconds(f"{where}.at_time", fl["at_time"])
         faults.append(fault)
     scen = _check_table("scenario", data.get("scenario", {}), SCENARIO_KEYS)
     _range("scenario.timeout", scen.get("timeout", 60.0), 0.1, 86400)
+    if timed:
+        _fire_before(faults, float(scen.get("timeout", 60.0)))
     return RunFile(
         topology=topology,
         name=run.get("name", "vsva"),

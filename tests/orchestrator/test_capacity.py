@@ -38,6 +38,18 @@ def test_shared_memory_larger_than_dev_shm_is_refused_by_name():
     capacity.check(default_topology(256))  # the default 256-VM topology fits this machine
 
 
+def test_shared_memory_counts_in_the_memory_needed(monkeypatch):
+    """The host zeroes all of every VM's RAM: the shared-memory file becomes resident, so a
+    topology whose file fits /dev/shm but not the available memory is refused by the latter."""
+    topo = build_topology([VmConfig(vm=vm, ram_pages=131072) for vm in (1, 2)])
+    need = capacity.needs(topo)
+    assert need["memory_mb"] > need["shm_bytes"] >> 20
+    have = {"fds": 1 << 20, "memory_mb": need["memory_mb"] - 1, "shm_bytes": 1 << 40, "processes": 1 << 20}
+    monkeypatch.setattr(capacity, "limits", lambda: have)
+    with pytest.raises(CapacityError, match=f"2 VMs need about {need['memory_mb']} MB of available memory"):
+        capacity.check(topo)
+
+
 def test_demo_refuses_what_the_descriptor_limit_cannot_hold():
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))

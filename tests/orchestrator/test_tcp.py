@@ -72,7 +72,7 @@ def ports(launcher: Launcher) -> dict[str, int]:
 def test_topology_file_accepts_tcp():
     run = parse({"run": {"transport": "tcp"}})
     assert run.transport == "tcp" and run.topology.transport == "tcp"
-    assert parse({}).topology.transport == "ipc"
+    assert parse({"run": {}}).topology.transport == "ipc"
     example = load(os.path.join(os.path.dirname(os.path.dirname(TOYS)), "examples", "two-vms-tcp.toml"))
     assert example.topology.transport == "tcp" and example.topology.vms == [1, 2]
 

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vsva.ops.config import VM
+from vsva.ops.topology import MAX_RAM_PAGES, min_ram_pages
 from vsva.scale.experiments import Metric, Param, PointContext, PointTimeout, StackResult
 from vsva.scale.experiments.measure import (
     bench_steps,
@@ -50,7 +52,9 @@ PARAMS = {
     "vms": Param(int, 2, "VMs on the host (guest + vmm processes each)", range=(1, 1024)),
     "binds": Param(int, 50, "bind/unbind cycles per VM in the bind phase", range=(1, 100_000)),
     "dma_rounds": Param(int, 20, "DMA rounds per VM (2 fills of 8 KiB each)", range=(1, 100_000)),
-    "ram_pages": Param(int, 512, "guest RAM per VM (4 KiB pages)", range=(128, 1 << 20)),
+    "ram_pages": Param(
+        int, 512, "guest RAM per VM (4 KiB pages)", range=(min_ram_pages(1 + VM.mediated), MAX_RAM_PAGES)
+    ),
     "hosts": Param(int, 1, "independent host stacks run at once", range=(1, 64)),
 }
 METRICS = {
