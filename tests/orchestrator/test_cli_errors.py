@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
 import pytest
+from streams import read_until
 
 import vsva
 
@@ -324,6 +326,41 @@ def test_trace_unwritable_when_a_detached_topology_stops_is_said_by_down(cli):
     done = cli("down")
     assert "stopped" in done.stdout, done.stdout
     one_line_error(done, 2, "trace.jsonl", "space")
+    assert not (cli.state_dir / "current.json").exists()
+
+
+@pytest.mark.parametrize("stop", ["down", "SIGINT"])
+def test_trace_unwritable_when_a_foreground_topology_stops_is_said_by_up(cli, stop):
+    """A foreground `vsva up` says why as `vsva down` does (before: "the supervisor exited with
+    2", exit 1; nothing on Ctrl-C): stopped by a `vsva down` elsewhere, exit 2; by Ctrl-C, the
+    line before the interrupt's, exit 130. Its state file is gone either way."""
+    out = _full_trace_dir(cli)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "vsva", "up", "--trace-out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "VSVA_STATE_DIR": str(cli.state_dir)},
+    )
+    try:
+        read_until(up, "Ctrl-C stops it", timeout=60, stream=up.stdout)
+        if stop == "down":
+            one_line_error(cli("down"), 2, "trace.jsonl", "space")
+        else:
+            up.send_signal(signal.SIGINT)
+        err = up.communicate(timeout=60)[1].decode()
+    finally:
+        up.kill()
+        up.wait(10)
+        cli("down")
+    reason = f"vsva: --trace-out: cannot write {out / 'trace.jsonl'}: No space left on device"
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    if stop == "down":
+        assert (up.returncode, lines) == (2, [reason]), (up.returncode, err)
+    else:
+        assert up.returncode == 130 and lines[-2:] == [reason, lines[-1]], (up.returncode, err)
+        assert lines[-1].startswith("vsva: interrupted by SIGINT"), err
     assert not (cli.state_dir / "current.json").exists()
 
 
