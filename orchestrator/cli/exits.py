@@ -23,6 +23,12 @@ EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A value the user typed, as an error line quotes it: repr (a newline or an escape cannot
+    break the line) and no longer than `limit` characters, with the length of a longer one."""
+    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
+
+
 def fail(code: int, message: str, quiet: bool = False) -> NoReturn:
     """One line on stderr (unless `quiet`) and the exit code."""
     if not quiet:

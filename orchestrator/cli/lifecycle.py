@@ -22,7 +22,7 @@ from vsva.cli.exits import (
     fail,
 )
 from vsva.cli.live import ps_table
-from vsva.cli.options import STATE_DIR, load_run, writable_dir
+from vsva.cli.options import SECONDS, STATE_DIR, load_run, number_option, writable_dir
 from vsva.cli.replies import PS, checked
 from vsva.cli.state import (
     SWEPT,
@@ -43,8 +43,8 @@ def up(
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
     state_dir: str | None = STATE_DIR,
-    ready_timeout: float = typer.Option(
-        30.0, "--ready-timeout", min=0.01, max=3600, help="Seconds to wait for the topology to start."
+    ready_timeout: float = number_option(
+        30.0, "--ready-timeout", float, 0.01, 3600, "Seconds to wait for the topology to start.", SECONDS
     ),
     trace_out: str | None = typer.Option(
         None,
@@ -342,8 +342,8 @@ def _trace_error(path: str) -> str | None:
 
 def down(
     state_dir: str | None = STATE_DIR,
-    timeout: float = typer.Option(
-        30.0, "--timeout", min=0, max=3600, help="Seconds to wait for the supervisor to finish."
+    timeout: float = number_option(
+        30.0, "--timeout", float, 0, 3600, "Seconds to wait for the supervisor to finish.", SECONDS
     ),
 ) -> None:
     """Stop the running topology (VMs stopped through F8, then every process) and clean up;

@@ -273,6 +273,40 @@ def test_bad_option_values(cli, args, option):
     one_line_error(cli(*args), 2, option)
 
 
+SEED_RANGE = "from -9223372036854775808 to 9223372036854775807"
+
+
+@pytest.mark.parametrize(
+    "args,value,range_",
+    [
+        *[
+            (["up", "-d", "--ready-timeout"], v, "from 0.01 to 3600")
+            for v in ("nan", "inf", "-inf", "0", "1e400", "")
+        ],
+        (["down", "--timeout"], "nan", "from 0 to 3600"),
+        (["down", "--timeout"], "-1e-9", "from 0 to 3600"),
+        (["demo", "--vms"], "1e3", "from 1 to 256"),
+        (["demo", "--vms"], "9" * 5000, "from 1 to 256"),
+        (["demo", "--seed"], str(1 << 64), SEED_RANGE),
+        (["demo", "--iterations"], "inf", "from 1 to 10000000"),
+        (["explore", "--vms"], "9", "from 1 to 8"),
+        (["explore", "--seeds"], "nan", "from 1 to 1000000"),
+        (["explore", "--first"], "1.5", SEED_RANGE),
+        (["scale", "run", "vms", "--repeat"], "inf", "from 1 to 1000"),
+        (["scale", "run", "vms", "--seed"], "x", SEED_RANGE),
+        (["bench", "--batches"], "1,\u00b2", "from 1 to 65536"),
+    ],
+)
+def test_a_number_out_of_range_names_the_option_and_its_range(cli, args, value, range_):
+    """Every numeric option, one check (options.in_range): nan and inf were "less than or equal
+    to 3600", a superscript digit in --batches a traceback; nothing starts."""
+    out = cli.tmp / "results"
+    extra = ["--out", str(out)] if args[0] == "scale" else []
+    err = one_line_error(cli(*args, value, *extra), 2, args[-1], range_)
+    assert len(err) < 250, err  # a 5000-digit value is not echoed whole
+    assert not (cli.state_dir / "current.json").exists() and not out.exists()
+
+
 @pytest.mark.parametrize("name", ["a" * 100_000, "a" * 65, "vm1/../host", ""])
 def test_kill_refuses_a_name_no_actor_can_have(cli, name):
     """Refused before any topology is asked (a long name never reached the supervisor)."""
