@@ -13,7 +13,7 @@ import typer
 EXIT_CODES = {
     0: "success (every step and the audit passed)",
     1: "the run or command failed (a FAIL verdict, audit violations, an actor that could not be killed)",
-    2: "bad input: an option, a topology or scenario file, an unwritable --trace-out or --state-dir",
+    2: "bad input: an option, a topology or scenario file, an unwritable --trace-out, an unusable --state-dir",
     3: "no topology to talk to: none running, its supervisor dead or not answering, a corrupt state file",
     4: "the host was lost: every VM of the topology is gone",
     130: "interrupted by SIGINT (Ctrl-C); 143 by SIGTERM, 129 by SIGHUP (128 + the signal's number); "

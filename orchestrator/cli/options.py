@@ -89,16 +89,14 @@ def writable_dir(value: str | None) -> str | None:
 
 
 def state_dir_option(value: str | None) -> str | None:
-    """--state-dir (or $VSVA_STATE_DIR): a directory this user can write, created 0700."""
-    if value is None:
-        return None
+    """--state-dir (or $VSVA_STATE_DIR): a directory of this user's only (usable_state_dir),
+    created 0700."""
+    from vsva.cli.state import BadStateDir, usable_state_dir
+
     try:
-        os.makedirs(value, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise typer.BadParameter(f"{value!r}: {exc.strerror}") from None
-    if not os.access(value, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"{value!r}: not writable")
-    return value
+        return None if value is None else usable_state_dir(value)
+    except BadStateDir as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 STATE_DIR = typer.Option(

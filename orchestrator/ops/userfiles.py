@@ -13,6 +13,7 @@ MIB = 1 << 20
 TOML_LIMIT = 16 * MIB  # topology, scenario and sweep files: 256 full VMs take under 100 KB
 
 _KINDS = (
+    (stat.S_ISREG, "a regular file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISCHR, "a character device"),
@@ -25,8 +26,8 @@ class UserFileError(ValueError):
     """A file that cannot be used as it is: not a regular file, too large, or no TOML to read."""
 
 
-def _kind(mode: int) -> str:
-    """What a file that is not a regular one is, in the words of the error line."""
+def file_kind(mode: int) -> str:
+    """What a file of `mode` is (a FIFO, a directory, ...), in the words of an error line."""
     return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
@@ -40,7 +41,7 @@ def read_limited(path: str, limit: int) -> bytes:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # before open(fd): that raises IsADirectoryError on a directory
         os.close(fd)
-        raise UserFileError(f"not a regular file ({_kind(mode)})")
+        raise UserFileError(f"not a regular file ({file_kind(mode)})")
     with open(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -23,15 +23,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def cli(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
-    def run(*args: str, timeout: float = 60, memory: int | None = None) -> subprocess.CompletedProcess:
+    def run(
+        *args: str,
+        timeout: float = 60,
+        memory: int | None = None,
+        environ: dict[str, str | None] | None = None,
+    ) -> subprocess.CompletedProcess:
         """`memory`: the command's address-space limit (RLIMIT_AS), so that one reading a file
-        without bound fails (MemoryError) before the machine's OOM killer steps in."""
+        without bound fails (MemoryError) before the machine's OOM killer steps in. `environ`:
+        variables set for this command (None: unset)."""
+        changed = {**env, **(environ or {})}
         return subprocess.run(
             [sys.executable, "-m", "vsva", *args],
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env=env,
+            env={k: v for k, v in changed.items() if v is not None},
             timeout=timeout,
             preexec_fn=None
             if memory is None
@@ -149,6 +156,74 @@ def test_bad_state_dir(cli, command):
     afile = cli.tmp / "afile"
     afile.write_text("")
     one_line_error(cli(command, "--state-dir", str(afile)), 2, "--state-dir")
+
+
+def _unusable_state_dir(tmp, kind: str) -> str:
+    """A --state-dir of `kind` that no command can use as it is."""
+    path = tmp / kind
+    if kind == "loop":
+        path.symlink_to(path)
+    elif kind == "dangling":
+        path.symlink_to(tmp / "nowhere")
+    elif kind == "file":
+        path.write_text("")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "mode-0777":
+        path.mkdir()
+        path.chmod(0o777)
+    elif kind == "another-user":
+        if os.getuid() != 0:
+            return "/"  # root's
+        path.mkdir(mode=0o700)
+        os.chown(path, 65534, 65534)
+    elif kind == "too-long":
+        return str(tmp / ("x" * 300))
+    return str(path)
+
+
+UNUSABLE_STATE_DIRS = {
+    "loop": ["too many levels of symbolic links"],
+    "dangling": ["a symbolic link to", "which does not exist"],
+    "file": ["not a directory (a regular file)"],
+    "fifo": ["not a directory (a FIFO)"],
+    "mode-0777": ["other users can write in it", "mode 0777"],
+    "another-user": ["owned by uid", "not by this user"],
+    "too-long": ["file name too long", "characters)"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNUSABLE_STATE_DIRS))
+@pytest.mark.parametrize("command", [["ps"], ["up", "-d"], ["down"]])
+def test_an_unusable_state_dir_says_why(cli, command, kind):
+    """Before, a loop of links, a link to nothing, a file, a FIFO were all "File exists", and
+    a directory another user owns or can write was used as it was."""
+    path = _unusable_state_dir(cli.tmp, kind)
+    before = os.lstat(path) if os.path.lexists(path) else None
+    done = cli(*command, "--state-dir", path)
+    if done.returncode == 0 and command[0] == "up":  # a regression started a topology: stop it
+        from vsva.cli.client import wait_exit
+
+        pid = int(done.stdout.split("supervisor pid ")[1].split(",")[0])
+        os.kill(pid, signal.SIGTERM)
+        wait_exit(pid, 30)
+    err = one_line_error(done, 2, "--state-dir", *UNUSABLE_STATE_DIRS[kind])
+    assert len(err) < 400, err
+    after = os.lstat(path) if os.path.lexists(path) else None
+    assert (before and (before.st_mode, before.st_uid, before.st_ino)) == (
+        after and (after.st_mode, after.st_uid, after.st_ino)
+    )
+    assert not os.path.lexists(os.path.join(path, "current.json"))
+
+
+def test_an_unusable_default_state_dir_says_why(cli):
+    """$XDG_RUNTIME_DIR/vsva, the default without --state-dir, is held to the same checks."""
+    default = cli.tmp / "vsva"
+    default.symlink_to(default)
+    for args in (["ps"], ["up", "-d"], ["down"]):
+        done = cli(*args, environ={"VSVA_STATE_DIR": None, "XDG_RUNTIME_DIR": str(cli.tmp)})
+        one_line_error(done, 2, f"state directory '{default}'", "too many levels of symbolic links")
+    assert default.is_symlink()
 
 
 def test_corrupt_state_file_is_reported_and_does_not_block_up(cli):
