@@ -74,12 +74,18 @@ def writable_dir(value: str | None) -> str | None:
     """--trace-out: create the directory now and prove it takes a file, before any run."""
     import tempfile
 
+    from vsva.ops.userfiles import in_the_way
+
     if value is None:
         return None
+    if not value:
+        raise typer.BadParameter("'': an empty path")
     try:
         os.makedirs(value, exist_ok=True)
         with tempfile.TemporaryFile(dir=value):
             pass
+    except FileExistsError:
+        raise typer.BadParameter(f"cannot write into {value!r}: {in_the_way(value)}") from None
     except OSError as exc:
         raise typer.BadParameter(f"cannot write into {value!r}: {exc.strerror}") from None
     for name in ("trace.jsonl", "trace.perfetto.json"):  # what the export writes, whatever the run

@@ -9,7 +9,7 @@ import stat
 from typing import Any
 
 from vsva.cli.exits import EXIT_NO_TOPOLOGY, EXIT_USAGE, fail, shown
-from vsva.ops.userfiles import MIB, read_limited
+from vsva.ops.userfiles import MIB, in_the_way, read_limited
 
 STATE_LIMIT = MIB  # a supervisor's state: its actors' pids, under 100 KB for 256 VMs
 SWEPT: list[str] = []  # leftovers of dead runs this command removed (`vsva down` reports them)
@@ -34,7 +34,7 @@ def usable_state_dir(path: str) -> str:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
     except FileExistsError:  # something that is no directory, or a link to none
-        raise BadStateDir(f"{where}: {_not_a_directory(path)}") from None
+        raise BadStateDir(f"{where}: {in_the_way(path)}") from None
     except OSError as exc:
         raise BadStateDir(f"{where}: {exc.strerror}") from None
     if st.st_uid != os.getuid():
@@ -46,19 +46,6 @@ def usable_state_dir(path: str) -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise BadStateDir(f"{where}: not writable")
     return path
-
-
-def _not_a_directory(path: str) -> str:
-    """Why makedirs found `path` in the way: a loop of symbolic links, a link to nothing, or
-    a file of another kind (os.makedirs says only "File exists" of each)."""
-    from vsva.ops.userfiles import file_kind
-
-    try:
-        return f"not a directory ({file_kind(os.stat(path).st_mode)})"
-    except FileNotFoundError:
-        return f"a symbolic link to {shown(os.readlink(path), 200)}, which does not exist"
-    except OSError as exc:  # ELOOP: "Too many levels of symbolic links"
-        return exc.strerror or str(exc)
 
 
 def state_file(state_dir: str | None) -> str:

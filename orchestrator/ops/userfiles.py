@@ -31,6 +31,18 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
+def in_the_way(path: str) -> str:
+    """Why os.makedirs(path, exist_ok=True) found `path` in the way, which it says only as
+    "File exists": a file of another kind, a loop of symbolic links, a link to nothing."""
+    try:
+        return f"not a directory ({file_kind(os.stat(path).st_mode)})"
+    except FileNotFoundError:
+        target = os.readlink(path)
+        return f"a symbolic link to {target[:200]!r}, which does not exist"
+    except OSError as exc:  # ELOOP: "Too many levels of symbolic links"
+        return exc.strerror or str(exc)
+
+
 def read_limited(path: str, limit: int) -> bytes:
     """The content of the regular file `path`, of at most `limit` bytes (a multiple of a MiB).
 

@@ -158,8 +158,8 @@ def test_bad_state_dir(cli, command):
     one_line_error(cli(command, "--state-dir", str(afile)), 2, "--state-dir")
 
 
-def _unusable_state_dir(tmp, kind: str) -> str:
-    """A --state-dir of `kind` that no command can use as it is."""
+def _unusable_dir(tmp, kind: str) -> str:
+    """A --state-dir or --trace-out of `kind` that no command can use as it is."""
     path = tmp / kind
     if kind == "loop":
         path.symlink_to(path)
@@ -198,7 +198,7 @@ UNUSABLE_STATE_DIRS = {
 def test_an_unusable_state_dir_says_why(cli, command, kind):
     """Before, a loop of links, a link to nothing, a file, a FIFO were all "File exists", and
     a directory another user owns or can write was used as it was."""
-    path = _unusable_state_dir(cli.tmp, kind)
+    path = _unusable_dir(cli.tmp, kind)
     before = os.lstat(path) if os.path.lexists(path) else None
     done = cli(*command, "--state-dir", path)
     if done.returncode == 0 and command[0] == "up":  # a regression started a topology: stop it
@@ -471,6 +471,28 @@ def test_trace_unwritable_when_a_foreground_topology_stops_is_said_by_up(cli, st
         assert up.returncode == 130 and lines[-2:] == [reason, lines[-1]], (up.returncode, err)
         assert lines[-1].startswith("vsva: interrupted by SIGINT"), err
     assert not (cli.state_dir / "current.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("loop", ["too many levels of symbolic links"]),
+        ("fifo", ["not a directory (a FIFO)"]),
+        ("dangling", ["a symbolic link to", "which does not exist"]),
+        ("empty", ["'': an empty path"]),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["demo", "--runtime", "sim"], ["run", "examples/two-vms.toml"], ["up", "-d"]]
+)
+def test_trace_out_in_the_way_says_what_is_there(cli, command, kind, words):
+    """Before: "File exists" for each but the empty path ("No such file or directory")."""
+    path = "" if kind == "empty" else _unusable_dir(cli.tmp, kind)
+    before = os.lstat(path) if path else None
+    done = cli(*command, "--trace-out", path)
+    one_line_error(done, 2, "--trace-out", *words)
+    assert done.stdout == "" and not (cli.state_dir / "current.json").exists()
+    assert not path or os.lstat(path).st_ino == before.st_ino
 
 
 def test_trace_out_with_a_directory_in_a_trace_file_place_is_refused_before_the_run(cli):
