@@ -12,7 +12,7 @@ import typer
 
 from vsva.actors.guest import WORKLOADS
 from vsva.actors.semantics import Kernel
-from vsva.cli.exits import shown
+from vsva.cli.exits import EXIT_USAGE, fail, shown
 from vsva.ops.config import DEMO_ITERATIONS, RUN
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ def load_run(topology: str | None) -> RunFile:
     from vsva.ops.capacity import CapacityError, check
     from vsva.ops.topology_file import TopologyError, default_run, load
 
+    if topology == "":  # else taken for no file at all: the default topology would run
+        fail(EXIT_USAGE, "'': an empty path (name a topology or scenario file)")
     try:
         if topology:
             return load(topology)

@@ -89,6 +89,9 @@ def run(
     from vsva.scale.results import ResultsError
     from vsva.scale.sweep import SweepError, fix, narrow, resolve
 
+    for option, value, what in (("--resume", resume, "path"), ("--cluster", cluster, "address")):
+        if value == "":  # else taken for no option at all: a whole new run, or one on this machine
+            _fail(f"{option} '': an empty {what}")
     argv = [
         "run",
         experiment or "",

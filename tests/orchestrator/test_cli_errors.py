@@ -47,7 +47,9 @@ def cli(tmp_path):
 
     run.tmp = tmp_path
     run.state_dir = tmp_path / "state"
-    return run
+    yield run
+    if (run.state_dir / "current.json").exists():  # a refusal that started a topology after all
+        run("down")
 
 
 def one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -64,6 +66,25 @@ def one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) ->
 
 def test_run_on_a_directory(cli):
     one_line_error(cli("run", str(cli.tmp)), 2, "directory")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", ""],
+        ["up", "-d", ""],
+        ["up", ""],
+        ["scale", "run", "vms", "--resume", ""],
+        ["scale", "run", "vms", "--cluster", ""],
+    ],
+)
+def test_an_empty_path_is_no_default(cli, args):
+    """An empty file or directory named on purpose was taken for none: `vsva run ''` and `vsva
+    up ''` ran the default topology, --resume '' and --cluster '' a whole new sweep here."""
+    out = cli.tmp / "results"
+    done = cli(*args, *(["--out", str(out)] if args[0] == "scale" else []), timeout=30)
+    one_line_error(done, 2, "'': an empty")
+    assert not (cli.state_dir / "current.json").exists() and not out.exists()
 
 
 def test_topology_file_not_utf8(cli):
