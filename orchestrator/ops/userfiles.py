@@ -61,6 +61,25 @@ def read_limited(path: str, limit: int) -> bytes:
     return data
 
 
+def read_toml_text(path: str) -> str:
+    """The text of the TOML file `path` (a topology, scenario or sweep file), or UserFileError
+    with one line that starts with the path: no such file, why it cannot be read (strerror,
+    never "[Errno 5] ..."), not a regular file or too large, not UTF-8 (which byte, where)."""
+    try:
+        return read_limited(path, TOML_LIMIT).decode("utf-8")
+    except FileNotFoundError:
+        raise UserFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserFileError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); TOML files are UTF-8"
+        ) from None
+    except UserFileError as exc:
+        raise UserFileError(f"{path}: {exc}") from None
+
+
 def parse_toml(text: str) -> dict[str, Any]:
     """`text` as a TOML document, or UserFileError with one line. tomllib recurses once per
     level of nested arrays and inline tables: a few hundred levels raise RecursionError."""

@@ -94,6 +94,20 @@ def test_topology_file_not_utf8(cli):
     one_line_error(cli("up", "-d", str(bad)), 2, "UTF-8")
 
 
+@pytest.mark.parametrize("command", [["run"], ["scale", "run"]])
+def test_a_file_that_cannot_be_read_is_the_same_line_for_every_loader(cli, command):
+    """Topology, scenario and sweep files share one reader (userfiles.read_toml_text): before,
+    a sweep file said "cannot read: [Errno 5] Input/output error: '/proc/self/mem'" and "cannot
+    read: 'utf-8' codec can't decode byte ..." where a topology file says what is below."""
+    err = one_line_error(
+        cli(*command, "/proc/self/mem"), 2, "/proc/self/mem: cannot read: Input/output error"
+    )
+    assert "Errno" not in err, err
+    latin1 = cli.tmp / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    one_line_error(cli(*command, str(latin1)), 2, "not UTF-8 text (byte 0xe9 at offset 5)")
+
+
 GIB = 1 << 30
 
 
