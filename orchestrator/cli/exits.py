@@ -13,7 +13,7 @@ import typer
 EXIT_CODES = {
     0: "success (every step and the audit passed)",
     1: "the run or command failed (a FAIL verdict, audit violations, an actor that could not be killed)",
-    2: "bad input: an option, a topology or scenario file, an unwritable --trace-out or --state-dir",
+    2: "bad input: an option, a topology or scenario file, an unwritable --trace-out, an unusable --state-dir",
     3: "no topology to talk to: none running, its supervisor dead or not answering, a corrupt state file",
     4: "the host was lost: every VM of the topology is gone",
     130: "interrupted by SIGINT (Ctrl-C); 143 by SIGTERM, 129 by SIGHUP (128 + the signal's number); "
@@ -21,6 +21,12 @@ EXIT_CODES = {
 }
 EXIT_FAIL, EXIT_USAGE, EXIT_NO_TOPOLOGY, EXIT_HOST_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A value the user typed, as an error line quotes it: repr (a newline or an escape cannot
+    break the line) and no longer than `limit` characters, with the length of a longer one."""
+    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def fail(code: int, message: str, quiet: bool = False) -> NoReturn:

@@ -9,14 +9,14 @@ import typer
 
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
-from vsva.cli.options import ITERATIONS, KERNEL, Workload
+from vsva.cli.options import ITERATIONS, KERNEL, SEEDS, Workload, number_option
 from vsva.ops.config import RUN, VM
 
 
 def explore(
-    seeds: int = typer.Option(50, "--seeds", min=1, max=1_000_000, help="How many seeds to try."),
-    first: int = typer.Option(1, "--first", help="The first seed."),
-    vms: int = typer.Option(2, "--vms", min=1, max=8),
+    seeds: int = number_option(50, "--seeds", int, 1, 1_000_000, "How many seeds to try."),
+    first: int = number_option(1, "--first", int, *SEEDS, "The first seed."),
+    vms: int = number_option(2, "--vms", int, 1, 8, "How many VMs."),
     policy: Policy = typer.Option(RUN.policy, "--policy", help="Cleanup policy."),
     workload: Workload = typer.Option(
         VM.workload, "--workload", help="Guest workload; 'churn' frees bound PASIDs over and over."

@@ -22,7 +22,7 @@ from vsva.cli.exits import (
     fail,
 )
 from vsva.cli.live import ps_table
-from vsva.cli.options import STATE_DIR, load_run, writable_dir
+from vsva.cli.options import SECONDS, STATE_DIR, load_run, number_option, writable_dir
 from vsva.cli.replies import PS, checked
 from vsva.cli.state import (
     SWEPT,
@@ -43,8 +43,8 @@ def up(
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start in the background and return."),
     state_dir: str | None = STATE_DIR,
-    ready_timeout: float = typer.Option(
-        30.0, "--ready-timeout", min=0.01, max=3600, help="Seconds to wait for the topology to start."
+    ready_timeout: float = number_option(
+        30.0, "--ready-timeout", float, 0.01, 3600, "Seconds to wait for the topology to start.", SECONDS
     ),
     trace_out: str | None = typer.Option(
         None,
@@ -69,23 +69,55 @@ def up(
     proc, ready = _spawn_supervisor(_supervisor_cmd(path, topology, trace_out), log_path, lock)
     try:
         state = _await_state(proc, path, ready_timeout, log_path, stop, ready)
+        if state is not None:  # the line a script (or a test) waits on, in the foreground too
+            typer.echo(
+                f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
+                f"{state['run_dir']}; " + ("`vsva ps`, `vsva down`" if detach else "Ctrl-C stops it")
+            )
+            if detach:
+                return
+            _watch(proc, state, stop)
+        _ended(proc, path, log_path, stop, ready)
     finally:
         os.close(ready)
-    if state is not None:  # the line a script (or a test) waits on, in the foreground too
-        typer.echo(
-            f"vsva: {len(state['actors'])} actors running, supervisor pid {proc.pid}, run dir "
-            f"{state['run_dir']}; " + ("`vsva ps`, `vsva down`" if detach else "Ctrl-C stops it")
-        )
-        if detach:
-            return
-        _watch(proc, state, stop)
+
+
+def _ended(
+    proc: subprocess.Popen[bytes], path: str, log_path: str, stop: StopSignals, ready: int
+) -> NoReturn:
+    """End a foreground `vsva up` once its supervisor exited (or was stopped here, on a
+    signal), saying what `vsva down` would: a trace it could not write is one line and exit 2
+    (its last line on the readiness pipe `ready`: the state file that records it too may be
+    gone already, removed by a `vsva down` elsewhere); a lost host, exit 4; any other failure
+    names the log."""
     if stop.check():
         _stop_supervisor(proc, path)
+    trace_error = _last_word(ready)
+    if stop.requested:
+        if trace_error:
+            typer.echo(f"vsva: {trace_error}", err=True)
         stop.exit()
     if proc.returncode == EXIT_HOST_LOST:
         fail(EXIT_HOST_LOST, host_lost_line(parse_state(path)))
+    if trace_error:
+        _remove_state(proc, path)
+        fail(EXIT_USAGE, trace_error)
     if proc.returncode != 0:
         fail(EXIT_FAIL, f"the supervisor exited with {proc.returncode} (log: {log_path})")
+    raise typer.Exit(0)
+
+
+def _last_word(ready: int) -> str | None:
+    """What an exited supervisor wrote on its readiness pipe after "ready": why its trace
+    could not be written (vsva.ops.supervisor's `say`), or None. Read without waiting: its
+    writer is gone (and no process it started ever held it)."""
+    os.set_blocking(ready, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(ready, 4096):
+            data += chunk
+    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line and line != "ready"]
+    return lines[-1] if lines else None
 
 
 def _watch(proc: subprocess.Popen[bytes], state: dict[str, Any], stop: StopSignals) -> None:
@@ -263,12 +295,18 @@ def _stop_supervisor(proc: subprocess.Popen[bytes], path: str) -> list[str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+    _remove_state(proc, path)
+    return sweep()
+
+
+def _remove_state(proc: subprocess.Popen[bytes], path: str) -> None:
+    """Remove the state file if it is still our exited supervisor's (a corrupt one, or one
+    naming another pid, is not ours to judge here)."""
     try:
         if parse_state(path)["pid"] == proc.pid:
             os.unlink(path)
     except (FileNotFoundError, CorruptState):
         pass
-    return sweep()
 
 
 def _ask_down(state: dict[str, Any]) -> None:
@@ -304,8 +342,8 @@ def _trace_error(path: str) -> str | None:
 
 def down(
     state_dir: str | None = STATE_DIR,
-    timeout: float = typer.Option(
-        30.0, "--timeout", min=0, max=3600, help="Seconds to wait for the supervisor to finish."
+    timeout: float = number_option(
+        30.0, "--timeout", float, 0, 3600, "Seconds to wait for the supervisor to finish.", SECONDS
     ),
 ) -> None:
     """Stop the running topology (VMs stopped through F8, then every process) and clean up;

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vsva.cli.client import ctl
-from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_USAGE, fail
+from vsva.cli.exits import EXIT_FAIL, EXIT_HOST_LOST, EXIT_USAGE, fail, shown
 from vsva.cli.options import STATE_DIR
 from vsva.cli.replies import AUDIT, KILLED, PS, REFUSED, checked
 from vsva.cli.state import read_state
@@ -87,9 +87,9 @@ def _check_actor_name(name: str) -> None:
     from vsva.runtime.endpoints import valid_name
 
     if not valid_name(name):
-        shown = repr(name[:40]) + (f"... ({len(name)} characters)" if len(name) > 40 else "")
         fail(
-            EXIT_USAGE, f"kill: {shown} cannot be an actor name (letters, digits, '_', '.', '-'; 64 at most)"
+            EXIT_USAGE,
+            f"kill: {shown(name)} cannot be an actor name (letters, digits, '_', '.', '-'; 64 at most)",
         )
 
 

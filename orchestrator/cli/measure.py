@@ -8,19 +8,17 @@ import typer
 
 
 def batch_sizes(value: str) -> list[int]:
+    """--batches: each size an integer in [1, the largest bench batch] (options.in_range)."""
     from vsva.cli.bench import ALL_BATCHES
+    from vsva.cli.options import in_range
 
-    top = max(ALL_BATCHES)
-    sizes = []
-    for item in value.split(","):
-        item = item.strip()
-        if not item.isdigit() or not 1 <= int(item) <= top:
-            raise typer.BadParameter(
-                f"{item!r} is not a batch size in [1, {top}] (comma-separated, e.g. 1,64,1024)",
-                param_hint="'--batches'",
-            )
-        sizes.append(int(item))
-    return sizes
+    size = in_range(int, 1, max(ALL_BATCHES), "a batch size")
+    try:
+        return [size(item) for item in value.split(",")]
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(
+            f"{exc.message} (comma-separated, e.g. 1,64,1024)", param_hint="'--batches'"
+        ) from None
 
 
 def bench(

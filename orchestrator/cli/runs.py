@@ -16,7 +16,7 @@ import typer
 from vsva.actors.policy import Policy
 from vsva.actors.semantics import Kernel
 from vsva.cli.exits import EXIT_USAGE, StopSignals, fail
-from vsva.cli.options import ITERATIONS, KERNEL, Workload, load_run, writable_dir
+from vsva.cli.options import ITERATIONS, KERNEL, SEEDS, Workload, load_run, number_option, writable_dir
 from vsva.ops.config import RUN, VM, Runtime
 from vsva.runtime.endpoints import Transport
 
@@ -39,16 +39,16 @@ def finish(rep: dict[str, Any]) -> NoReturn:
 
 
 def demo(
-    vms: int = typer.Option(
+    vms: int = number_option(
         2,
         "--vms",
-        min=1,
-        max=256,
-        help="How many VMs (guest + vmm each); "
-        "refused when this machine cannot hold them (the limit is named).",
+        int,
+        1,
+        256,
+        "How many VMs (guest + vmm each); refused when this machine cannot hold them (the limit is named).",
     ),
-    seed: int = typer.Option(
-        RUN.seed, "--seed", help="The run's seed (workload, frame placement, interleaving)."
+    seed: int = number_option(
+        RUN.seed, "--seed", int, *SEEDS, "The run's seed (workload, frame placement, interleaving)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the timeline."),
     runtime: Runtime = typer.Option(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
-from vsva.cli.exits import EXIT_NO_TOPOLOGY, EXIT_USAGE, fail
-from vsva.ops.userfiles import MIB, read_limited
+from vsva.cli.exits import EXIT_NO_TOPOLOGY, EXIT_USAGE, fail, shown
+from vsva.ops.userfiles import MIB, in_the_way, read_limited
 
 STATE_LIMIT = MIB  # a supervisor's state: its actors' pids, under 100 KB for 256 VMs
 SWEPT: list[str] = []  # leftovers of dead runs this command removed (`vsva down` reports them)
@@ -18,13 +19,46 @@ class CorruptState(ValueError):
     """A state file that is not what a supervisor writes."""
 
 
-def state_file(state_dir: str | None) -> str:
-    from vsva.ops.supervisor import state_path
+class BadStateDir(ValueError):
+    """A state directory that cannot be used as it is; the message names it and says why."""
 
+
+def usable_state_dir(path: str) -> str:
+    """`path`, made 0700 if missing, once it is a directory this user owns and can write that
+    no other user can: another could put a state file there naming its own control socket and
+    run directory (which `vsva down` removes), or take the lock."""
+    where = shown(path, 200)
+    if not path:
+        raise BadStateDir("'': an empty path")
     try:
-        return state_path(state_dir)
-    except OSError as exc:  # the default state directory cannot be made
-        fail(EXIT_USAGE, f"state directory: {exc}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except FileExistsError:  # something that is no directory, or a link to none
+        raise BadStateDir(f"{where}: {in_the_way(path)}") from None
+    except OSError as exc:
+        raise BadStateDir(f"{where}: {exc.strerror}") from None
+    if st.st_uid != os.getuid():
+        raise BadStateDir(f"{where}: owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise BadStateDir(
+            f"{where}: other users can write in it (mode {stat.S_IMODE(st.st_mode):04o}); `chmod go-w` it"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadStateDir(f"{where}: not writable")
+    return path
+
+
+def state_file(state_dir: str | None) -> str:
+    """The state file's path in `state_dir` (checked by --state-dir's callback), or in the
+    default directory, checked here."""
+    from vsva.ops.supervisor.statefile import default_state_dir, state_path
+
+    if state_dir is None:
+        try:
+            state_dir = usable_state_dir(default_state_dir())
+        except BadStateDir as exc:
+            fail(EXIT_USAGE, f"state directory {exc}")
+    return state_path(state_dir)
 
 
 def parse_state(path: str) -> dict[str, Any]:

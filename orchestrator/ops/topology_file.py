@@ -55,7 +55,7 @@ from vsva.hotpath.layout import PASID_DIR_FRAMES, PASID_MAX
 from vsva.ops.capacity import MAX_VMS, CapacityError, check
 from vsva.ops.config import RUN, VM, Allocator, GuestDeath, RunConfig, VmConfig
 from vsva.ops.topology import HOST, MAX_RAM_PAGES, WORKLOAD_PAGES, Topology, build_topology, min_ram_pages
-from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
+from vsva.ops.userfiles import UserFileError, parse_toml, read_toml_text
 from vsva.runtime.endpoints import Transport
 
 E = TypeVar("E", bound=StrEnum)
@@ -239,18 +239,9 @@ def load(path: str, timed: bool = False) -> RunFile:
     """Read and validate a topology or scenario file (a regular file of at most TOML_LIMIT);
     `timed`: it runs until its scenario.timeout (`vsva run`; see parse)."""
     try:
-        text = read_limited(path, TOML_LIMIT).decode("utf-8")
-    except FileNotFoundError:
-        raise TopologyError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise TopologyError(
-            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-            f"{exc.start}); TOML files are UTF-8"
-        ) from None
+        text = read_toml_text(path)
     except UserFileError as exc:
-        raise TopologyError(f"{path}: {exc}") from None
+        raise TopologyError(str(exc)) from None
     try:
         run = loads(text, timed)
     except TopologyError as exc:

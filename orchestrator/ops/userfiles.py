@@ -13,6 +13,7 @@ MIB = 1 << 20
 TOML_LIMIT = 16 * MIB  # topology, scenario and sweep files: 256 full VMs take under 100 KB
 
 _KINDS = (
+    (stat.S_ISREG, "a regular file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISCHR, "a character device"),
@@ -25,9 +26,21 @@ class UserFileError(ValueError):
     """A file that cannot be used as it is: not a regular file, too large, or no TOML to read."""
 
 
-def _kind(mode: int) -> str:
-    """What a file that is not a regular one is, in the words of the error line."""
+def file_kind(mode: int) -> str:
+    """What a file of `mode` is (a FIFO, a directory, ...), in the words of an error line."""
     return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def in_the_way(path: str) -> str:
+    """Why os.makedirs(path, exist_ok=True) found `path` in the way, which it says only as
+    "File exists": a file of another kind, a loop of symbolic links, a link to nothing."""
+    try:
+        return f"not a directory ({file_kind(os.stat(path).st_mode)})"
+    except FileNotFoundError:
+        target = os.readlink(path)
+        return f"a symbolic link to {target[:200]!r}, which does not exist"
+    except OSError as exc:  # ELOOP: "Too many levels of symbolic links"
+        return exc.strerror or str(exc)
 
 
 def read_limited(path: str, limit: int) -> bytes:
@@ -40,12 +53,31 @@ def read_limited(path: str, limit: int) -> bytes:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # before open(fd): that raises IsADirectoryError on a directory
         os.close(fd)
-        raise UserFileError(f"not a regular file ({_kind(mode)})")
+        raise UserFileError(f"not a regular file ({file_kind(mode)})")
     with open(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UserFileError(f"larger than the {limit // MIB} MiB limit")
     return data
+
+
+def read_toml_text(path: str) -> str:
+    """The text of the TOML file `path` (a topology, scenario or sweep file), or UserFileError
+    with one line that starts with the path: no such file, why it cannot be read (strerror,
+    never "[Errno 5] ..."), not a regular file or too large, not UTF-8 (which byte, where)."""
+    try:
+        return read_limited(path, TOML_LIMIT).decode("utf-8")
+    except FileNotFoundError:
+        raise UserFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserFileError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); TOML files are UTF-8"
+        ) from None
+    except UserFileError as exc:
+        raise UserFileError(f"{path}: {exc}") from None
 
 
 def parse_toml(text: str) -> dict[str, Any]:

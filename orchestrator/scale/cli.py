@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
+from vsva.cli.options import SEEDS, number_option
+
 if TYPE_CHECKING:
     from vsva.scale.results import ResultsDir
     from vsva.scale.sweep import Sweep
@@ -67,8 +69,10 @@ def run(
     settings: list[str] | None = typer.Option(
         None, "--set", help="KEY=VALUE: fix a parameter for every point (repeatable)."
     ),
-    repeat: int | None = typer.Option(None, "--repeat", min=1, max=1000, help="Runs of every point."),
-    seed: int | None = typer.Option(None, "--seed", help="Base seed (each run's seed derives from it)."),
+    repeat: int | None = number_option(None, "--repeat", int, 1, 1000, "Runs of every point."),
+    seed: int | None = number_option(
+        None, "--seed", int, *SEEDS, "Base seed (each run's seed derives from it)."
+    ),
     out: str = typer.Option("results", "--out", help="Results go to OUT/<experiment>/<UTC time>/."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (paths, summary) at the end."),
     resume: str | None = typer.Option(None, "--resume", help="Finish an interrupted run in DIR."),
@@ -85,6 +89,9 @@ def run(
     from vsva.scale.results import ResultsError
     from vsva.scale.sweep import SweepError, fix, narrow, resolve
 
+    for option, value, what in (("--resume", resume, "path"), ("--cluster", cluster, "address")):
+        if value == "":  # else taken for no option at all: a whole new run, or one on this machine
+            _fail(f"{option} '': an empty {what}")
     argv = [
         "run",
         experiment or "",

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from vsva.ops.userfiles import TOML_LIMIT, UserFileError, parse_toml, read_limited
+from vsva.ops.userfiles import UserFileError, parse_toml, read_toml_text
 from vsva.scale.experiments import RUNNERS, Param, runner
 
 EXPERIMENT_KEYS = {
@@ -306,11 +306,9 @@ def loads(text: str, source: str = "<text>") -> Sweep:
 def load(path: str) -> Sweep:
     """Read and check a sweep file (a regular file of at most TOML_LIMIT)."""
     try:
-        text = read_limited(path, TOML_LIMIT).decode("utf-8")
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, UserFileError) as exc:
-        raise SweepError(f"{path}: cannot read: {exc}") from None
+        text = read_toml_text(path)
+    except UserFileError as exc:
+        raise SweepError(str(exc)) from None
     return loads(text, path)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
 import pytest
+from streams import read_until
 
 import vsva
 
@@ -21,15 +23,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def cli(tmp_path):
     env = {**os.environ, "VSVA_STATE_DIR": str(tmp_path / "state")}
 
-    def run(*args: str, timeout: float = 60, memory: int | None = None) -> subprocess.CompletedProcess:
+    def run(
+        *args: str,
+        timeout: float = 60,
+        memory: int | None = None,
+        environ: dict[str, str | None] | None = None,
+    ) -> subprocess.CompletedProcess:
         """`memory`: the command's address-space limit (RLIMIT_AS), so that one reading a file
-        without bound fails (MemoryError) before the machine's OOM killer steps in."""
+        without bound fails (MemoryError) before the machine's OOM killer steps in. `environ`:
+        variables set for this command (None: unset)."""
+        changed = {**env, **(environ or {})}
         return subprocess.run(
             [sys.executable, "-m", "vsva", *args],
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env=env,
+            env={k: v for k, v in changed.items() if v is not None},
             timeout=timeout,
             preexec_fn=None
             if memory is None
@@ -38,7 +47,9 @@ def cli(tmp_path):
 
     run.tmp = tmp_path
     run.state_dir = tmp_path / "state"
-    return run
+    yield run
+    if (run.state_dir / "current.json").exists():  # a refusal that started a topology after all
+        run("down")
 
 
 def one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -57,11 +68,44 @@ def test_run_on_a_directory(cli):
     one_line_error(cli("run", str(cli.tmp)), 2, "directory")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", ""],
+        ["up", "-d", ""],
+        ["up", ""],
+        ["scale", "run", "vms", "--resume", ""],
+        ["scale", "run", "vms", "--cluster", ""],
+    ],
+)
+def test_an_empty_path_is_no_default(cli, args):
+    """An empty file or directory named on purpose was taken for none: `vsva run ''` and `vsva
+    up ''` ran the default topology, --resume '' and --cluster '' a whole new sweep here."""
+    out = cli.tmp / "results"
+    done = cli(*args, *(["--out", str(out)] if args[0] == "scale" else []), timeout=30)
+    one_line_error(done, 2, "'': an empty")
+    assert not (cli.state_dir / "current.json").exists() and not out.exists()
+
+
 def test_topology_file_not_utf8(cli):
     bad = cli.tmp / "latin1.toml"
     bad.write_bytes(b"[run]\nseed = 3\n# caf\xe9\n")
     one_line_error(cli("run", str(bad)), 2, "UTF-8")
     one_line_error(cli("up", "-d", str(bad)), 2, "UTF-8")
+
+
+@pytest.mark.parametrize("command", [["run"], ["scale", "run"]])
+def test_a_file_that_cannot_be_read_is_the_same_line_for_every_loader(cli, command):
+    """Topology, scenario and sweep files share one reader (userfiles.read_toml_text): before,
+    a sweep file said "cannot read: [Errno 5] Input/output error: '/proc/self/mem'" and "cannot
+    read: 'utf-8' codec can't decode byte ..." where a topology file says what is below."""
+    err = one_line_error(
+        cli(*command, "/proc/self/mem"), 2, "/proc/self/mem: cannot read: Input/output error"
+    )
+    assert "Errno" not in err, err
+    latin1 = cli.tmp / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    one_line_error(cli(*command, str(latin1)), 2, "not UTF-8 text (byte 0xe9 at offset 5)")
 
 
 GIB = 1 << 30
@@ -147,6 +191,74 @@ def test_bad_state_dir(cli, command):
     afile = cli.tmp / "afile"
     afile.write_text("")
     one_line_error(cli(command, "--state-dir", str(afile)), 2, "--state-dir")
+
+
+def _unusable_dir(tmp, kind: str) -> str:
+    """A --state-dir or --trace-out of `kind` that no command can use as it is."""
+    path = tmp / kind
+    if kind == "loop":
+        path.symlink_to(path)
+    elif kind == "dangling":
+        path.symlink_to(tmp / "nowhere")
+    elif kind == "file":
+        path.write_text("")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "mode-0777":
+        path.mkdir()
+        path.chmod(0o777)
+    elif kind == "another-user":
+        if os.getuid() != 0:
+            return "/"  # root's
+        path.mkdir(mode=0o700)
+        os.chown(path, 65534, 65534)
+    elif kind == "too-long":
+        return str(tmp / ("x" * 300))
+    return str(path)
+
+
+UNUSABLE_STATE_DIRS = {
+    "loop": ["too many levels of symbolic links"],
+    "dangling": ["a symbolic link to", "which does not exist"],
+    "file": ["not a directory (a regular file)"],
+    "fifo": ["not a directory (a FIFO)"],
+    "mode-0777": ["other users can write in it", "mode 0777"],
+    "another-user": ["owned by uid", "not by this user"],
+    "too-long": ["file name too long", "characters)"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNUSABLE_STATE_DIRS))
+@pytest.mark.parametrize("command", [["ps"], ["up", "-d"], ["down"]])
+def test_an_unusable_state_dir_says_why(cli, command, kind):
+    """Before, a loop of links, a link to nothing, a file, a FIFO were all "File exists", and
+    a directory another user owns or can write was used as it was."""
+    path = _unusable_dir(cli.tmp, kind)
+    before = os.lstat(path) if os.path.lexists(path) else None
+    done = cli(*command, "--state-dir", path)
+    if done.returncode == 0 and command[0] == "up":  # a regression started a topology: stop it
+        from vsva.cli.client import wait_exit
+
+        pid = int(done.stdout.split("supervisor pid ")[1].split(",")[0])
+        os.kill(pid, signal.SIGTERM)
+        wait_exit(pid, 30)
+    err = one_line_error(done, 2, "--state-dir", *UNUSABLE_STATE_DIRS[kind])
+    assert len(err) < 400, err
+    after = os.lstat(path) if os.path.lexists(path) else None
+    assert (before and (before.st_mode, before.st_uid, before.st_ino)) == (
+        after and (after.st_mode, after.st_uid, after.st_ino)
+    )
+    assert not os.path.lexists(os.path.join(path, "current.json"))
+
+
+def test_an_unusable_default_state_dir_says_why(cli):
+    """$XDG_RUNTIME_DIR/vsva, the default without --state-dir, is held to the same checks."""
+    default = cli.tmp / "vsva"
+    default.symlink_to(default)
+    for args in (["ps"], ["up", "-d"], ["down"]):
+        done = cli(*args, environ={"VSVA_STATE_DIR": None, "XDG_RUNTIME_DIR": str(cli.tmp)})
+        one_line_error(done, 2, f"state directory '{default}'", "too many levels of symbolic links")
+    assert default.is_symlink()
 
 
 def test_corrupt_state_file_is_reported_and_does_not_block_up(cli):
@@ -271,6 +383,40 @@ def test_bad_option_values(cli, args, option):
     one_line_error(cli(*args), 2, option)
 
 
+SEED_RANGE = "from -9223372036854775808 to 9223372036854775807"
+
+
+@pytest.mark.parametrize(
+    "args,value,range_",
+    [
+        *[
+            (["up", "-d", "--ready-timeout"], v, "from 0.01 to 3600")
+            for v in ("nan", "inf", "-inf", "0", "1e400", "")
+        ],
+        (["down", "--timeout"], "nan", "from 0 to 3600"),
+        (["down", "--timeout"], "-1e-9", "from 0 to 3600"),
+        (["demo", "--vms"], "1e3", "from 1 to 256"),
+        (["demo", "--vms"], "9" * 5000, "from 1 to 256"),
+        (["demo", "--seed"], str(1 << 64), SEED_RANGE),
+        (["demo", "--iterations"], "inf", "from 1 to 10000000"),
+        (["explore", "--vms"], "9", "from 1 to 8"),
+        (["explore", "--seeds"], "nan", "from 1 to 1000000"),
+        (["explore", "--first"], "1.5", SEED_RANGE),
+        (["scale", "run", "vms", "--repeat"], "inf", "from 1 to 1000"),
+        (["scale", "run", "vms", "--seed"], "x", SEED_RANGE),
+        (["bench", "--batches"], "1,\u00b2", "from 1 to 65536"),
+    ],
+)
+def test_a_number_out_of_range_names_the_option_and_its_range(cli, args, value, range_):
+    """Every numeric option, one check (options.in_range): nan and inf were "less than or equal
+    to 3600", a superscript digit in --batches a traceback; nothing starts."""
+    out = cli.tmp / "results"
+    extra = ["--out", str(out)] if args[0] == "scale" else []
+    err = one_line_error(cli(*args, value, *extra), 2, args[-1], range_)
+    assert len(err) < 250, err  # a 5000-digit value is not echoed whole
+    assert not (cli.state_dir / "current.json").exists() and not out.exists()
+
+
 @pytest.mark.parametrize("name", ["a" * 100_000, "a" * 65, "vm1/../host", ""])
 def test_kill_refuses_a_name_no_actor_can_have(cli, name):
     """Refused before any topology is asked (a long name never reached the supervisor)."""
@@ -325,6 +471,63 @@ def test_trace_unwritable_when_a_detached_topology_stops_is_said_by_down(cli):
     assert "stopped" in done.stdout, done.stdout
     one_line_error(done, 2, "trace.jsonl", "space")
     assert not (cli.state_dir / "current.json").exists()
+
+
+@pytest.mark.parametrize("stop", ["down", "SIGINT"])
+def test_trace_unwritable_when_a_foreground_topology_stops_is_said_by_up(cli, stop):
+    """A foreground `vsva up` says why as `vsva down` does (before: "the supervisor exited with
+    2", exit 1; nothing on Ctrl-C): stopped by a `vsva down` elsewhere, exit 2; by Ctrl-C, the
+    line before the interrupt's, exit 130. Its state file is gone either way."""
+    out = _full_trace_dir(cli)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "vsva", "up", "--trace-out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "VSVA_STATE_DIR": str(cli.state_dir)},
+    )
+    try:
+        read_until(up, "Ctrl-C stops it", timeout=60, stream=up.stdout)
+        if stop == "down":
+            one_line_error(cli("down"), 2, "trace.jsonl", "space")
+        else:
+            up.send_signal(signal.SIGINT)
+        err = up.communicate(timeout=60)[1].decode()
+    finally:
+        up.kill()
+        up.wait(10)
+        cli("down")
+    reason = f"vsva: --trace-out: cannot write {out / 'trace.jsonl'}: No space left on device"
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    if stop == "down":
+        assert (up.returncode, lines) == (2, [reason]), (up.returncode, err)
+    else:
+        assert up.returncode == 130 and lines[-2:] == [reason, lines[-1]], (up.returncode, err)
+        assert lines[-1].startswith("vsva: interrupted by SIGINT"), err
+    assert not (cli.state_dir / "current.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("loop", ["too many levels of symbolic links"]),
+        ("fifo", ["not a directory (a FIFO)"]),
+        ("dangling", ["a symbolic link to", "which does not exist"]),
+        ("empty", ["'': an empty path"]),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["demo", "--runtime", "sim"], ["run", "examples/two-vms.toml"], ["up", "-d"]]
+)
+def test_trace_out_in_the_way_says_what_is_there(cli, command, kind, words):
+    """Before: "File exists" for each but the empty path ("No such file or directory")."""
+    path = "" if kind == "empty" else _unusable_dir(cli.tmp, kind)
+    before = os.lstat(path) if path else None
+    done = cli(*command, "--trace-out", path)
+    one_line_error(done, 2, "--trace-out", *words)
+    assert done.stdout == "" and not (cli.state_dir / "current.json").exists()
+    assert not path or os.lstat(path).st_ino == before.st_ino
 
 
 def test_trace_out_with_a_directory_in_a_trace_file_place_is_refused_before_the_run(cli):

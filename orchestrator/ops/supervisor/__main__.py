@@ -62,19 +62,22 @@ def ready_pipe(value: str) -> int:
         raise BadReadyFd(f"--ready-fd {value}: not an open descriptor") from None
     if not stat.S_ISFIFO(mode) or flags & os.O_ACCMODE == os.O_RDONLY:
         raise BadReadyFd(f"--ready-fd {value}: not the write end of a pipe")
+    os.set_inheritable(fd, False)  # held until this process exits (say), never by what it starts
     return fd
 
 
-def say_ready(fd: int) -> None:
-    """One line on the readiness pipe once the state file is complete, then the pipe closed:
-    its EOF without the line (this process's exit) tells `vsva up` the start failed. A reader
-    that is gone (the `vsva up` that waited was killed) is no reason to stop the topology."""
+def say(fd: int | None, line: str) -> None:
+    """One line on the readiness pipe (`--ready-fd`), if there is one: "ready" once the state
+    file is complete; at the exit, why the trace could not be written, which a foreground `vsva
+    up` (it holds the other end for this process's whole life) says as `vsva down` does. The
+    pipe's EOF without "ready" (this process's exit) tells `vsva up` the start failed. A reader
+    that is gone (a detached `vsva up`, or one that was killed) is no reason to stop."""
+    if fd is None:
+        return
     try:
-        os.write(fd, b"ready\n")
+        os.write(fd, line.encode() + b"\n")
     except BrokenPipeError:
         pass
-    finally:
-        os.close(fd)
 
 
 def detach_main(argv: list[str] | None = None) -> int:
@@ -85,8 +88,9 @@ def detach_main(argv: list[str] | None = None) -> int:
     130 for SIGINT); one after the start stops the topology as `vsva down` does (exit 0). When the
     host is lost it stops, leaves a state file that records when and why (`vsva ps` shows it
     until `vsva down`) and exits with EXIT_HOST_LOST. With `--ready-fd N` (what `vsva up`
-    passes) it writes a line on that pipe once its state file is complete (say_ready). It
-    returns with SIGTERM and SIGINT ignored, so that its exit code is the one its caller sees."""
+    passes) it writes a line on that pipe once its state file is complete (say), and one as
+    it exits if its trace could not be written. It returns with SIGTERM and SIGINT ignored,
+    so that its exit code is the one its caller sees."""
     signals = LaunchSignals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -140,8 +144,7 @@ def _detached(signals: LaunchSignals, argv: list[str] | None) -> int:
         print(f"vsva up: launch failed: {exc}", file=sys.stderr, flush=True)
         sup.close()
         return 1
-    if ready is not None:
-        say_ready(ready)
+    say(ready, "ready")
     print(
         f"vsva: supervisor {os.getpid()} running {len(run.topology.actors)} actors in {sup.launcher.run_dir}",
         file=sys.stderr,
@@ -156,6 +159,7 @@ def _detached(signals: LaunchSignals, argv: list[str] | None) -> int:
         sup.write_state(host_lost=lost, trace_error=trace_error)
     if trace_error:
         print(f"vsva up: {trace_error}", file=sys.stderr, flush=True)
+        say(ready, trace_error)
     if lost is not None:
         print(f"vsva up: the host was lost: {lost['why']}", file=sys.stderr, flush=True)
         return EXIT_HOST_LOST

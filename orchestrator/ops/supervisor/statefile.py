@@ -8,13 +8,19 @@ import os
 from typing import Any
 
 
-def state_dir() -> str:
+def default_state_dir() -> str:
     """Where the state file lives: $VSVA_STATE_DIR, else $XDG_RUNTIME_DIR/vsva, else
-    /tmp/vsva-<uid> (created 0700)."""
+    /tmp/vsva-<uid> (not created here: see state_dir)."""
     d = os.environ.get("VSVA_STATE_DIR")
     if not d:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         d = os.path.join(xdg, "vsva") if xdg else f"/tmp/vsva-{os.getuid()}"
+    return d
+
+
+def state_dir() -> str:
+    """default_state_dir, created 0700."""
+    d = default_state_dir()
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
 
